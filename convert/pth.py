@@ -1,0 +1,523 @@
+"""A safe, lazy reader for PyTorch's zip-format checkpoints (`torch.save` since PyTorch 1.6).
+
+Such a file is a zip archive holding `<archive>/data.pkl` (a pickle describing the saved object) and one
+entry `<archive>/data/<key>` per tensor storage with its raw bytes. A normal pickle load can run any
+code the file names, so it is never done here: `data.pkl` goes through an unpickler that resolves only
+a short allowlist of globals -- the functions PyTorch uses to rebuild tensors and parameters, the typed
+storage classes, dtype objects, `collections.OrderedDict`, `torch.Size` and the `_codecs.encode` that
+protocol 2 uses for `bytes` -- and each is replaced by our own stand-in. The real functions are never
+imported, torch is not needed, and any other global stops the load with an `MlxVideoError` naming it.
+
+The pickle yields tensor *references* (storage key, dtype, size, stride, storage offset). Bytes are
+read only when a tensor is asked for, and only the span of its storage that it covers, so opening a
+10 GB checkpoint costs the zip directory and the pickle.
+
+What `get(key)` returns (an `mx.array`, always a fresh copy laid out contiguously):
+
+* floating and integer tensors keep their dtype, bfloat16 included (`mx.bfloat16`);
+* float64 is narrowed to float32 (MLX has no float64 on the GPU), as our safetensors reader does;
+* float8 tensors (`float8_e4m3fn`, `float8_e5m2`) come back as their raw uint8 codes: decode them with
+  `mlx_video.convert.fp8`. `info(key).dtype` tells which format they are.
+
+`get_numpy(key)` returns the same data as numpy, with float64 kept, bfloat16 as raw uint16 bit
+patterns and float8 as uint8 codes (numpy has neither type).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import io
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_video.errors import MlxVideoError
+
+# torch dtype name -> (bytes per element, numpy dtype holding the raw elements)
+_DTYPES: dict[str, tuple[int, type]] = {
+    "float32": (4, np.float32),
+    "float64": (8, np.float64),
+    "float16": (2, np.float16),
+    "bfloat16": (2, np.uint16),
+    "int64": (8, np.int64),
+    "int32": (4, np.int32),
+    "int16": (2, np.int16),
+    "int8": (1, np.int8),
+    "uint8": (1, np.uint8),
+    "bool": (1, np.bool_),
+    "float8_e4m3fn": (1, np.uint8),
+    "float8_e5m2": (1, np.uint8),
+}
+
+# names under which `torch.<name>` denotes a dtype we can read (aliases included)
+_TORCH_DTYPE_NAMES = {
+    **{name: name for name in _DTYPES},
+    "float": "float32",
+    "double": "float64",
+    "half": "float16",
+    "long": "int64",
+    "int": "int32",
+    "short": "int16",
+}
+
+# the legacy typed storage classes `torch.<Name>Storage` and the dtype each holds
+_TYPED_STORAGES = {
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}
+
+DEFAULT_NESTED_KEYS = ("state_dict", "module", "model")
+
+
+@dataclass(frozen=True)
+class PthTensorInfo:
+    dtype: str  # torch dtype name, e.g. "bfloat16", "float8_e4m3fn"
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]  # in elements, as torch stores it
+    storage_offset: int  # in elements
+    storage_key: str  # the `data/<key>` entry that holds the bytes
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return _DTYPES[self.dtype][0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+# ---------------------------------------------------------------------------------------------------
+# stand-ins for the objects the pickle may name. None of them is callable by the pickle except through
+# the functions the unpickler hands out, and none accepts BUILD (`__setstate__` refuses).
+
+
+class _Inert:
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError(f"the pickle tries to set state on a {type(self).__name__}")
+
+
+class _Callable(_Inert):
+    """Wraps each function the pickle may call, so that BUILD cannot reach the function object."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+class _DtypeRef(_Inert):
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+class _StorageType(_Inert):
+    __slots__ = ("dtype",)  # None for UntypedStorage (bytes)
+
+    def __init__(self, dtype: str | None):
+        self.dtype = dtype
+
+
+class _StorageRef(_Inert):
+    __slots__ = ("key", "nbytes", "dtype")
+
+    def __init__(self, key: str, nbytes: int, dtype: str | None):
+        self.key = key
+        self.nbytes = nbytes
+        self.dtype = dtype  # the element type of a typed storage; None for an untyped (byte) storage
+
+
+class _TensorRef(_Inert):
+    __slots__ = ("info",)
+
+    def __init__(self, info: PthTensorInfo):
+        self.info = info
+
+
+def _is_int(x) -> bool:
+    return type(x) is int
+
+
+def _latin1_encode(text, encoding="latin1", errors="strict"):
+    """Stand-in for `_codecs.encode`, which protocol-2 pickles use to rebuild `bytes` objects."""
+    if type(text) is not str or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError("unexpected use of _codecs.encode")
+    return text.encode("latin1")
+
+
+def _torch_size(dims=()):
+    if not isinstance(dims, (tuple, list)) or not all(_is_int(d) for d in dims):
+        raise pickle.UnpicklingError("malformed torch.Size")
+    return tuple(dims)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the archive
+
+
+@dataclass
+class _Entry:
+    info: zipfile.ZipInfo
+    data_offset: int | None = None  # absolute file offset of a stored entry's bytes, once located
+
+
+class _Archive:
+    """The zip container: its entry table, and byte-range reads from the storage entries."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.is_file():
+            raise MlxVideoError(f"missing checkpoint file: {path}")
+        self.size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+        if not head.startswith(b"PK"):
+            if head.startswith(b"\x80"):
+                raise MlxVideoError(
+                    f"{path} is in PyTorch's legacy (pre-1.6) pickle format, which cannot be read without "
+                    "running code from the file. Re-save it with a recent PyTorch "
+                    "(torch.save(torch.load(old, weights_only=True), new)) or use a .safetensors release."
+                )
+            raise MlxVideoError(f"{path} is not a PyTorch checkpoint: it is not a zip archive")
+        try:
+            with zipfile.ZipFile(path) as z:
+                infos = z.infolist()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+            raise MlxVideoError(f"{path} is truncated or corrupt: it is not a complete zip archive ({e})") from None
+        self.entries = {i.filename: _Entry(i) for i in infos}
+        roots = sorted(n[: -len("/data.pkl")] for n in self.entries if n.endswith("/data.pkl") and n.count("/") == 1)
+        if not roots:
+            if any(n.endswith("constants.pkl") or "/code/" in n for n in self.entries):
+                raise MlxVideoError(f"{path} is a TorchScript archive, not a saved state dict")
+            raise MlxVideoError(f"{path} is a zip archive but not a PyTorch checkpoint: it has no <name>/data.pkl")
+        if len(roots) > 1:
+            raise MlxVideoError(f"{path} holds several pickles ({', '.join(roots)}); expected one torch.save archive")
+        self.prefix = roots[0]
+        byteorder = self.entries.get(f"{self.prefix}/byteorder")
+        self.byteorder = "little"
+        if byteorder is not None:
+            value = self.read_entry(f"{self.prefix}/byteorder").decode("ascii", "replace").strip()
+            if value not in ("little", "big"):
+                raise MlxVideoError(f"{path}: unknown byte order {value!r}")
+            self.byteorder = value
+
+    def data_name(self, key: str) -> str:
+        return f"{self.prefix}/data/{key}"
+
+    def read_entry(self, name: str) -> bytes:
+        info = self.entries[name].info
+        return self.read_range(name, 0, info.file_size).tobytes()
+
+    def _locate(self, entry: _Entry) -> int:
+        if entry.data_offset is None:
+            info = entry.info
+            with open(self.path, "rb") as f:
+                f.seek(info.header_offset)
+                local = f.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise MlxVideoError(f"{self.path} is truncated or corrupt: bad local header for {info.filename}")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            entry.data_offset = info.header_offset + 30 + name_len + extra_len
+        return entry.data_offset
+
+    def read_range(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Bytes [lo, hi) of the uncompressed entry `name`, as a fresh, writable uint8 array."""
+        entry = self.entries[name]
+        info = entry.info
+        if info.flag_bits & 0x1:
+            raise MlxVideoError(f"{self.path}: entry {name} is encrypted")
+        if not 0 <= lo <= hi <= info.file_size:
+            raise MlxVideoError(f"{self.path}: read of bytes {lo}..{hi} outside entry {name} ({info.file_size} bytes)")
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.compress_size != info.file_size:
+                raise MlxVideoError(f"{self.path} is corrupt: stored entry {name} has inconsistent sizes")
+            start = self._locate(entry)
+            if start + info.file_size > self.size:
+                raise MlxVideoError(f"{self.path} is truncated: entry {name} runs past the end of the file")
+            with open(self.path, "rb") as f:
+                f.seek(start + lo)
+                out = np.empty(hi - lo, dtype=np.uint8)
+                got = f.readinto(memoryview(out))
+            if got != hi - lo:
+                raise MlxVideoError(f"{self.path} is truncated: entry {name} is incomplete")
+            return out
+        # PyTorch always stores entries uncompressed; a re-zipped file is read entry by entry.
+        try:
+            with zipfile.ZipFile(self.path) as z, z.open(info) as f:
+                data = f.read()
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError) as e:
+            raise MlxVideoError(f"{self.path}: cannot read entry {name} ({e})") from None
+        return np.frombuffer(data, dtype=np.uint8, count=hi - lo, offset=lo).copy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the restricted unpickler
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, archive: _Archive):
+        super().__init__(io.BytesIO(data))
+        self.archive = archive
+        self._allowed = {
+            ("collections", "OrderedDict"): collections.OrderedDict,
+            ("torch._utils", "_rebuild_tensor_v2"): _Callable(self._rebuild_tensor_v2),
+            ("torch._utils", "_rebuild_tensor_v3"): _Callable(self._rebuild_tensor_v3),
+            ("torch._utils", "_rebuild_parameter"): _Callable(self._rebuild_parameter),
+            ("torch._utils", "_rebuild_parameter_with_state"): _Callable(self._rebuild_parameter),
+            ("torch", "Size"): _Callable(_torch_size),
+            ("_codecs", "encode"): _Callable(_latin1_encode),
+            ("torch", "UntypedStorage"): _StorageType(None),
+            ("torch.storage", "UntypedStorage"): _StorageType(None),
+        }
+        for name, dtype in _TYPED_STORAGES.items():
+            self._allowed[("torch", name)] = _StorageType(dtype)
+        for name, dtype in _TORCH_DTYPE_NAMES.items():
+            self._allowed[("torch", name)] = _DtypeRef(dtype)
+
+    def _fail(self, why: str) -> MlxVideoError:
+        return MlxVideoError(f"{self.archive.path} is corrupt: {why}")
+
+    def find_class(self, module, name):
+        # Names are matched exactly as written in the stream: Python 2 spellings are not translated.
+        found = self._allowed.get((module, name))
+        if found is None:
+            shown = f"{module}.{name}"
+            py3 = _compat_pickle.NAME_MAPPING.get((module, name)) or (
+                _compat_pickle.IMPORT_MAPPING.get(module, module),
+                name,
+            )
+            if py3 != (module, name):
+                shown += f" (that is, {py3[0]}.{py3[1]})"
+            raise MlxVideoError(
+                f"refusing to load {self.archive.path}: it references {shown}, "
+                "which is not a tensor or a plain container"
+            )
+        return found
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise self._fail(f"unexpected persistent record {pid!r:.200}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType) or type(key) is not str or not _is_int(numel) or numel < 0:
+            raise self._fail(f"malformed storage record {pid!r:.200}")
+        nbytes = numel * (_DTYPES[storage_type.dtype][0] if storage_type.dtype else 1)
+        name = self.archive.data_name(key)
+        entry = self.archive.entries.get(name)
+        if entry is None:
+            raise MlxVideoError(f"{self.archive.path} is incomplete: storage {key!r} has no entry {name}")
+        if entry.info.file_size != nbytes:
+            raise self._fail(f"entry {name} holds {entry.info.file_size} bytes, its record says {nbytes}")
+        return _StorageRef(key, nbytes, storage_type.dtype)
+
+    def _make_tensor(self, storage, offset, size, stride, dtype: str) -> _TensorRef:
+        if not isinstance(storage, _StorageRef):
+            raise self._fail("a tensor is rebuilt from something that is not a storage")
+        if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)):
+            raise self._fail("a tensor has malformed size or stride")
+        if not all(_is_int(v) and v >= 0 for v in (offset, *size, *stride)):
+            raise self._fail("a tensor has a negative or non-integer size, stride or offset")
+        itemsize = _DTYPES[dtype][0]
+        if all(size):  # non-empty: the last element it reaches must lie inside the storage
+            last = offset + sum((s - 1) * st for s, st in zip(size, stride))
+            if (last + 1) * itemsize > storage.nbytes:
+                raise self._fail(
+                    f"a tensor of shape {list(size)} reaches byte {(last + 1) * itemsize} of storage "
+                    f"{storage.key!r}, which has {storage.nbytes}"
+                )
+        return _TensorRef(PthTensorInfo(dtype, size, stride, offset, storage.key))
+
+    def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+        if not isinstance(storage, _StorageRef):
+            raise self._fail("a tensor is rebuilt from something that is not a storage")
+        if storage.dtype is None:
+            raise self._fail("an untyped storage is used without a dtype")
+        return self._make_tensor(storage, storage_offset, size, stride, storage.dtype)
+
+    def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+        if not isinstance(dtype, _DtypeRef):
+            raise self._fail("a tensor names something that is not a supported dtype")
+        return self._make_tensor(storage, storage_offset, size, stride, dtype.name)
+
+    def _rebuild_parameter(self, data, requires_grad=False, hooks=None, state=None):
+        if not isinstance(data, _TensorRef):
+            raise self._fail("a parameter wraps something that is not a tensor")
+        return data
+
+
+
+def _load_pickle(archive: _Archive):
+    data = archive.read_entry(f"{archive.prefix}/data.pkl")
+    try:
+        return _SafeUnpickler(data, archive).load()
+    except MlxVideoError:
+        raise
+    except RecursionError:
+        raise MlxVideoError(f"{archive.path} is corrupt: its pickle nests too deeply") from None
+    except Exception as e:  # whatever the pickle machine raises on a malformed or hostile stream
+        raise MlxVideoError(f"{archive.path} is corrupt: cannot parse its data.pkl ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the public reader
+
+
+def _flatten(node, prefix: str, tensors: dict, extras: dict, path: Path, active: set, depth: int = 0) -> None:
+    if isinstance(node, _TensorRef):
+        tensors[prefix] = node.info
+        return
+    if isinstance(node, dict):
+        items = [(str(k), v) for k, v in node.items()]
+    elif isinstance(node, (list, tuple)) and node and any(isinstance(v, (dict, list, tuple, _TensorRef)) for v in node):
+        items = [(str(i), v) for i, v in enumerate(node)]
+    else:
+        extras[prefix] = node
+        return
+    if id(node) in active or depth > 64:
+        raise MlxVideoError(f"{path} is corrupt: its saved object nests too deeply or contains itself")
+    active.add(id(node))
+    for k, v in items:
+        name = f"{prefix}.{k}" if prefix else k
+        if name in tensors or name in extras:
+            raise MlxVideoError(f"{path}: two entries flatten to the same key {name!r}")
+        _flatten(v, name, tensors, extras, path, active, depth + 1)
+    active.discard(id(node))
+
+
+class PthCheckpoint:
+    """The tensors of one `torch.save` checkpoint, read on demand.
+
+    `nested` picks a sub-dictionary as the state dict: a key of the saved dict ("module" for the
+    official HunyuanVideo files), or a sequence of keys for deeper nesting; None takes the saved object
+    as it is. `open_state_dict` picks it automatically.
+
+    Keys are the dotted paths of all tensors under the chosen dict (nested dicts and lists are joined
+    with "."). Values that are not tensors (ints, strings, None, ...) are kept in `extras`.
+    """
+
+    def __init__(self, path: str | Path, nested: str | Sequence[str] | None = None):
+        self.path = Path(path)
+        self._archive = _Archive(self.path)
+        self._root = _load_pickle(self._archive)
+        self._select(nested)
+
+    def _select(self, nested) -> None:
+        chain = () if nested is None else ((nested,) if isinstance(nested, str) else tuple(nested))
+        node = self._root
+        for i, key in enumerate(chain):
+            if not isinstance(node, dict) or key not in node:
+                where = "the saved object" if i == 0 else f"{'/'.join(chain[:i])!r}"
+                have = ", ".join(repr(str(k)) for k in node) if isinstance(node, dict) else type(node).__name__
+                raise MlxVideoError(f"{self.path}: {where} has no key {key!r} (it has: {have:.500})")
+            node = node[key]
+        if chain and not isinstance(node, dict):
+            raise MlxVideoError(f"{self.path}: {'/'.join(chain)!r} is a {type(node).__name__}, not a dict of tensors")
+        self.nested: tuple[str, ...] = chain
+        self._tensors: dict[str, PthTensorInfo] = {}
+        self.extras: dict[str, Any] = {}
+        _flatten(node, "", self._tensors, self.extras, self.path, set())
+
+    def top_level_keys(self) -> list[str]:
+        """The keys of the saved object itself (before `nested` is applied), if it is a dict."""
+        return [str(k) for k in self._root] if isinstance(self._root, dict) else []
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def info(self, key: str) -> PthTensorInfo:
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise MlxVideoError(f"{self.path} has no tensor {key!r}") from None
+
+    def get_numpy(self, key: str) -> np.ndarray:
+        """The tensor as a contiguous numpy array (bfloat16 as uint16 bits, float8 as uint8 codes)."""
+        info = self.info(key)
+        itemsize, np_dtype = _DTYPES[info.dtype]
+        if info.numel == 0:
+            return np.zeros(info.shape, dtype=np_dtype)
+        extent = sum((s - 1) * st for s, st in zip(info.shape, info.stride))
+        lo, hi = info.storage_offset * itemsize, (info.storage_offset + extent + 1) * itemsize
+        raw = self._archive.read_range(self._archive.data_name(info.storage_key), lo, hi)
+        dtype = np.dtype(np_dtype).newbyteorder("<" if self._archive.byteorder == "little" else ">")
+        flat = raw.view(dtype)
+        contiguous_strides, step = [], 1
+        for size in reversed(info.shape):
+            contiguous_strides.insert(0, step)
+            step *= size
+        if list(info.stride) == contiguous_strides or info.numel == 1:
+            host = flat.reshape(info.shape)  # the common case: the bytes just read, no further copy
+        else:
+            host = np.lib.stride_tricks.as_strided(
+                flat, shape=info.shape, strides=tuple(st * itemsize for st in info.stride), writeable=False
+            )
+        return host.astype(np.dtype(np_dtype), order="C", copy=not host.flags.c_contiguous or not host.flags.writeable)
+
+    def get(self, key: str) -> mx.array:
+        """The tensor as an MLX array: see the module docstring for the dtypes."""
+        info = self.info(key)
+        host = self.get_numpy(key)
+        if info.dtype == "float64":
+            host = host.astype(np.float32)
+        arr = mx.array(host)
+        return arr.view(mx.bfloat16) if info.dtype == "bfloat16" else arr
+
+    def items(self) -> Iterator[tuple[str, mx.array]]:
+        for key in self._tensors:
+            yield key, self.get(key)
+
+
+def open_state_dict(path: str | Path, candidates: Sequence[str] = DEFAULT_NESTED_KEYS) -> PthCheckpoint:
+    """Open a checkpoint and descend into the state dict if it is wrapped (e.g. {"module": {...}}).
+
+    The saved dict itself is used when any of its values is a tensor; otherwise the first key of
+    `candidates` that holds a dict with tensors is used.
+    """
+    ckpt = PthCheckpoint(path)
+    root = ckpt._root
+    if not isinstance(root, dict) or any(isinstance(v, _TensorRef) for v in root.values()):
+        return ckpt
+    for key in candidates:
+        sub = root.get(key)
+        if isinstance(sub, dict):
+            ckpt._select(key)
+            if len(ckpt):
+                return ckpt
+    ckpt._select(None)
+    return ckpt

@@ -1,0 +1,195 @@
+"""`mlxvid`: the command line. A thin layer over the Python API; every check happens before heavy work."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import MlxVideoError
+from .registry import MODELS
+
+
+def _parse_size(value: str | None) -> tuple[int | None, int | None]:
+    if value is None:
+        return None, None
+    try:
+        w, h = value.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise MlxVideoError(f"--size takes WIDTHxHEIGHT, e.g. 1280x720, not {value!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mlxvid")
+def cli():
+    """Generate videos locally with MLX: Wan 2.2 text-to-video.
+
+    \b
+    First convert a downloaded checkpoint once, then generate from it:
+      mlxvid convert ~/Downloads/Wan2.2-TI2V-5B-Diffusers ~/models/wan5b
+      mlxvid generate --model ~/models/wan5b --prompt "a corgi surfing" --output corgi.mp4
+    `mlxvid models` lists the known models and their published defaults.
+    """
+
+
+@cli.command()
+def models():
+    """List the known models and their published defaults."""
+    for spec in MODELS.values():
+        sizes = ", ".join(f"{w}x{h}" for w, h in spec.sizes)
+        guidance = f"{spec.guidance}" + (f" / {spec.guidance_2} (low-noise expert)" if spec.two_experts else "")
+        click.echo(
+            f"{spec.id}\n  task {spec.task}, {'two experts, boundary ' + str(spec.boundary) if spec.two_experts else 'one model'}"
+            f"\n  steps {spec.steps}, shift {spec.shift}, guidance {guidance}, sampler {spec.sampler}"
+            f"\n  {spec.frames} frames at {spec.fps} fps; sizes {sizes}\n  weights: huggingface.co/{spec.hf_repo}"
+        )
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="Precision of the written weights; the pipeline computes in it. fp32 is for parity checks.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+def convert(src: Path, dst: Path, dtype: str, overwrite: bool):
+    """Convert a checkpoint folder SRC into an MLX-native model folder DST.
+
+    SRC is a diffusers Wan 2.2 folder (model_index.json, transformer/, transformer_2/, text_encoder/,
+    tokenizer/, vae/). DST receives safetensors shards and configs, written into DST.part and renamed at the
+    end; re-running an interrupted conversion keeps the shards already written.
+    """
+    from tqdm.auto import tqdm
+
+    from .convert.convert import convert_model
+
+    bar = tqdm(desc="converting", unit="tensor")
+
+    def progress(component: str, done: int, total: int) -> None:
+        bar.total = total
+        bar.set_postfix_str(component)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        convert_model(src, dst, dtype=dtype, overwrite=overwrite, progress=progress, log=click.echo)
+    finally:
+        bar.close()
+    click.echo(f"wrote {dst}")
+
+
+@cli.command()
+@click.option("--model", "-m", required=True, help="A converted model folder, or a registry id (see `mlxvid models`).")
+@click.option("--prompt", "-p", required=True, help="What the video shows.")
+@click.option("--negative-prompt", default=None, help="What to steer away from. Default: the official release's.")
+@click.option("--size", default=None, metavar="WxH", help="Video size, e.g. 1280x720. Default: the model's first published size.")
+@click.option("--frames", type=int, default=None, help="Number of frames, of the form 4n+1. Default: the model's (81 or 121).")
+@click.option("--fps", type=int, default=None, help="Frame rate of the written video. Default: the model's (16 or 24).")
+@click.option("--steps", type=int, default=None, help="Denoising steps. Default: the model's (40 or 50).")
+@click.option("--guidance", type=float, default=None, help="Guidance scale (of the high-noise expert on A14B).")
+@click.option("--guidance-2", type=float, default=None, help="Guidance scale of the low-noise expert (A14B only).")
+@click.option("--shift", type=float, default=None, help="Noise schedule shift. Default: the model's (12 or 5).")
+@click.option("--sampler", type=click.Choice(["unipc", "euler"]), default=None, help="Default: unipc, as the official release.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise.")
+@click.option("--init-latents", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Start from these latents instead of noise: a float32 .npy of shape (1, C, T, H, W).")
+@click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the final latents (before decoding) to this .npy, same layout; a .json sidecar goes beside it.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Video to write: a .mp4/.mov file (H.264), or a folder for lossless PNG frames. A .json sidecar goes beside it.")
+@click.option("--vae-tiling", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Decode in overlapping spatial tiles to bound memory; auto tiles when one frame chunk would not fit.")
+@click.option("--overwrite", is_flag=True, help="Replace output files that exist.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def generate(model, prompt, negative_prompt, size, frames, fps, steps, guidance, guidance_2, shift, sampler, seed,
+             init_latents, save_latents, output, vae_tiling, overwrite, quiet):
+    """Generate a video from a text prompt.
+
+    Every setting left out takes the published default of the model. The run stops at the first step that
+    produces NaN or infinite latents, with a message, rather than finishing as noise.
+    """
+    import numpy as np
+
+    from .io.atomic import atomic_file, check_writable
+    from .io.sidecar import sidecar_path, write_sidecar
+    from .io.video import write_frames_png, write_video
+    from .pipelines.wan import WanPipeline, WanSettings
+
+    if output is None and save_latents is None:
+        raise MlxVideoError("nothing would be written: pass --output VIDEO.mp4 (or a folder for PNG frames) and/or --save-latents FILE.npy")
+    outputs = []
+    if save_latents is not None:
+        if save_latents.suffix != ".npy":
+            raise MlxVideoError(f"--save-latents writes a .npy file, not {save_latents.name}")
+        outputs += [save_latents, sidecar_path(save_latents)]
+    if output is not None:
+        if output.suffix.lower() not in ("", ".mp4", ".mov"):
+            raise MlxVideoError(f"--output takes a .mp4 or .mov file, or a folder for PNG frames, not {output.name}")
+        outputs += [output, sidecar_path(output)]
+    for path in outputs:
+        check_writable(path, overwrite)
+
+    width, height = _parse_size(size)
+    pipe = WanPipeline.from_pretrained(model)
+    settings = pipe.resolve(WanSettings(
+        prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, frames=frames, steps=steps,
+        guidance=guidance, guidance_2=guidance_2, shift=shift, sampler=sampler, seed=seed, fps=fps,
+    ))
+    if output is not None and not pipe.can_decode:
+        raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
+    pipe.vae_tile(vae_tiling, (1, 1))  # validates the option before the long work
+    latents = None
+    if init_latents is not None:
+        try:
+            latents = np.load(init_latents, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise MlxVideoError(f"cannot read --init-latents {init_latents}: {e}") from None
+        latents = pipe.check_init_latents(settings, latents)
+
+    result = pipe.generate(settings, init_latents=latents, progress=not quiet)
+    record = settings.to_dict()
+    record.update(model=pipe.spec.id, model_folder=str(pipe.folder.path), dtype=pipe.folder.manifest["dtype"],
+                  init_latents=str(init_latents) if init_latents else None, experts=result.experts)
+    if save_latents is not None:
+        with atomic_file(save_latents, overwrite=overwrite) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, result.latents)
+        write_sidecar(save_latents, record, result.timings, overwrite=overwrite)
+        click.echo(f"wrote latents {tuple(result.latents.shape)} to {save_latents}")
+    if output is not None:
+        start = time.perf_counter()
+        video, stats = pipe.decode(result.latents, tiling=vae_tiling, progress=not quiet)
+        result.timings["decoding"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if output.suffix:
+            write_video(video, output, fps=settings.fps, overwrite=overwrite)
+        else:
+            write_frames_png(video, output, overwrite=overwrite)
+        result.timings["writing"] = time.perf_counter() - start
+        record.update(stats, vae_tiling=vae_tiling)
+        write_sidecar(output, record, result.timings, overwrite=overwrite)
+        click.echo(f"wrote {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} to {output}")
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="mlxvid", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except MlxVideoError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The MLX-native model folder that `mlxvid convert` writes and the runtime loads.
+
+Layout:
+    mlxvid.json                     what the folder holds (family, registry model, dtype, pipeline settings)
+    transformer/config.json         our config dataclass, as JSON
+    transformer/model-00001-of-0000N.safetensors, model.safetensors.index.json
+    transformer_2/ ...              (A14B: the low-noise expert)
+    text_encoder/ ...               (UMT5 encoder)
+    tokenizer/spiece.model and/or tokenizer/tokenizer.json
+Weights are loaded lazily (MLX reads a tensor when it is first used), one component at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .errors import MlxVideoError
+from .registry import ModelSpec, get_spec, models_home
+
+MANIFEST = "mlxvid.json"
+FORMAT_VERSION = 1
+INDEX = "model.safetensors.index.json"
+
+LAYOUT_HELP = (
+    "an mlxvid model folder holds mlxvid.json, transformer/ (and transformer_2/ for A14B), text_encoder/ and "
+    "tokenizer/, as written by `mlxvid convert SRC DST`"
+)
+
+DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
+DTYPE_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
+
+
+def dtype_from_name(name: str) -> mx.Dtype:
+    for d, n in DTYPE_NAMES.items():
+        if n == name:
+            return d
+    raise MlxVideoError(f"unknown dtype {name!r} in {MANIFEST}")
+
+
+@dataclass
+class ModelFolder:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelFolder":
+        path = Path(path)
+        if not path.is_dir():
+            raise MlxVideoError(f"model folder {path} does not exist; {LAYOUT_HELP}")
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            if (path / "model_index.json").is_file():
+                raise MlxVideoError(
+                    f"{path} is a diffusers folder; convert it once with `mlxvid convert {path} DST` and pass DST"
+                )
+            raise MlxVideoError(f"{path} has no {MANIFEST}; {LAYOUT_HELP}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise MlxVideoError(f"{manifest_path} is not valid JSON ({e})") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise MlxVideoError(
+                f"{manifest_path} has format version {manifest.get('format_version')}; this mlxvid reads version "
+                f"{FORMAT_VERSION}: re-run `mlxvid convert`"
+            )
+        folder = cls(path, manifest)
+        for component in folder.components:
+            folder._check_component(component)
+        return folder
+
+    @property
+    def spec(self) -> ModelSpec:
+        return get_spec(self.manifest["model"])
+
+    @property
+    def components(self) -> list[str]:
+        return list(self.manifest["components"])
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return dtype_from_name(self.manifest["dtype"])
+
+    def has(self, component: str) -> bool:
+        return component in self.manifest["components"]
+
+    def _check_component(self, component: str) -> None:
+        d = self.path / component
+        if component == "tokenizer":
+            if not ((d / "spiece.model").is_file() or (d / "tokenizer.json").is_file()):
+                raise MlxVideoError(f"missing {d}/spiece.model or {d}/tokenizer.json; {LAYOUT_HELP}")
+            return
+        for name in ("config.json", INDEX):
+            if not (d / name).is_file():
+                raise MlxVideoError(f"missing {d / name}; {LAYOUT_HELP}")
+        index = json.loads((d / INDEX).read_text())
+        for shard in sorted(set(index["weight_map"].values())):
+            if not (d / shard).is_file():
+                raise MlxVideoError(f"missing weight shard {d / shard} (listed in {d / INDEX}); re-run `mlxvid convert`")
+
+    def config(self, component: str) -> dict:
+        return json.loads((self.path / component / "config.json").read_text())
+
+    def weights(self, component: str) -> dict[str, mx.array]:
+        """All tensors of a component, lazily: nothing is read from disk until an array is used."""
+        d = self.path / component
+        index = json.loads((d / INDEX).read_text())
+        weights: dict[str, mx.array] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            weights.update(mx.load(str(d / shard)))
+        return weights
+
+    def load_module(self, component: str, module) -> None:
+        """Load a component's weights into `module`, refusing missing or unexpected tensors."""
+        from mlx.utils import tree_flatten
+
+        weights = self.weights(component)
+        expected = dict(tree_flatten(module.parameters()))
+        missing = sorted(set(expected) - set(weights))
+        unknown = sorted(set(weights) - set(expected))
+        if missing or unknown:
+            raise MlxVideoError(
+                f"{self.path / component} does not match the model: "
+                + (f"missing {len(missing)} tensors (first: {missing[0]}) " if missing else "")
+                + (f"unexpected {len(unknown)} tensors (first: {unknown[0]})" if unknown else "")
+            )
+        for k, w in weights.items():
+            if tuple(w.shape) != tuple(expected[k].shape):
+                raise MlxVideoError(
+                    f"{self.path / component}: tensor {k} has shape {tuple(w.shape)}, the model expects "
+                    f"{tuple(expected[k].shape)}"
+                )
+        module.load_weights(list(weights.items()), strict=True)
+
+
+def resolve_model(model: str) -> ModelFolder:
+    """`--model` takes a folder or a registry id (looked up under the models home)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return ModelFolder.open(path)
+    spec = get_spec(model)  # raises, listing the known ids, for anything else
+    home = models_home() / spec.id
+    if not (home / MANIFEST).is_file():
+        raise MlxVideoError(
+            f"model {spec.id} is not converted yet (looked in {home}). Download the diffusers weights "
+            f"(huggingface.co/{spec.hf_repo}), then run: mlxvid convert PATH/TO/{spec.hf_repo.split('/')[-1]} {home}"
+        )
+    return ModelFolder.open(home)

@@ -1,0 +1,42 @@
+"""Wan 2.2 transformer configuration, with the published numbers of each size."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class WanTransformerConfig:
+    dim: int = 5120
+    ffn_dim: int = 13824
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    num_heads: int = 40
+    num_layers: int = 40
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    rope_max_positions: int = 1024
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WanTransformerConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: v for k, v in d.items() if k in known}
+        if "patch_size" in d:
+            d["patch_size"] = tuple(d["patch_size"])
+        return cls(**d)
+
+
+# Published sizes (Wan2.2 wan/configs): the A14B experts (T2V: 16 channels in, I2V: 36) and TI2V-5B.
+WAN_A14B_T2V = WanTransformerConfig()
+WAN_A14B_I2V = WanTransformerConfig(in_channels=36)
+WAN_TI2V_5B = WanTransformerConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_channels=48, out_channels=48)

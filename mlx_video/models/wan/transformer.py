@@ -1,0 +1,243 @@
+"""Wan 2.2 diffusion transformer (the official `WanModel`), channels-last.
+
+Precision follows the official model run in bf16: the residual stream, the time embedding, all modulation
+arithmetic, the norms and the output head are float32; the linear layers inside the blocks and the text
+embedding run in the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_video.models.wan.config import WanTransformerConfig
+from mlx_video.nn.attention import attention
+from mlx_video.nn.norms import FP32LayerNorm, layer_norm_fp32
+from mlx_video.nn.rope import apply_rope_interleaved, rope_tables_3d
+
+# 2*pi as a short head (8 significant bits) plus a float32 tail: turns * _TWO_PI_HI is exact for any turns
+# count a timestep below 4096 can produce.
+_TWO_PI_HI = 6.28125
+_TWO_PI_LO = float(np.float32(2 * np.pi - _TWO_PI_HI))
+
+
+def _keep_high_bits(values: np.ndarray, bits: int = 12) -> np.ndarray:
+    mantissa, exponent = np.frexp(values)
+    return np.ldexp(np.round(mantissa * 2**bits) / 2**bits, exponent)
+
+
+def sinusoid_frequencies(freq_dim: int) -> tuple[mx.array, mx.array]:
+    """The timestep frequencies 10000^(-i/half) split as head (12 significant bits) + float32 tail."""
+    half = freq_dim // 2
+    freqs = 10000.0 ** (-np.arange(half, dtype=np.float64) / half)
+    head = _keep_high_bits(freqs)
+    return mx.array(head.astype(np.float32)), mx.array((freqs - head).astype(np.float32))
+
+
+def sinusoidal_embedding(t: mx.array, freq_head: mx.array, freq_tail: mx.array) -> mx.array:
+    """[cos, sin] timestep embedding, shape t.shape + (freq_dim,), float32.
+
+    The reference computes it in float64. Here the angle is carried as an exact product (integer timesteps
+    below 4096 times a 12-bit frequency head) plus a small tail, and reduced modulo 2*pi before cos/sin, which
+    keeps integer timesteps within ~3e-7 of float64 (a plain float32 product is off by up to ~6e-5 at t=1000).
+    """
+    t = t.astype(mx.float32)[..., None]
+    angle_head = t * freq_head
+    turns = mx.round(angle_head * (1 / (2 * math.pi)))
+    angle = (angle_head - turns * _TWO_PI_HI) - turns * _TWO_PI_LO + t * freq_tail
+    return mx.concatenate([mx.cos(angle), mx.sin(angle)], axis=-1)
+
+
+def _compute_dtype(linear: nn.Module) -> mx.Dtype:
+    # The bias, not the weight: a quantized layer's weight is packed integers.
+    return linear.bias.dtype
+
+
+class TextEmbedding(nn.Module):
+    def __init__(self, text_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(text_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, context: mx.array) -> mx.array:
+        context = context.astype(_compute_dtype(self.linear_1))
+        return self.linear_2(nn.gelu_approx(self.linear_1(context)))
+
+
+class TimeEmbedding(nn.Module):
+    """Linear-SiLU-Linear on the sinusoid; given float32 input it computes in float32 whatever the weights."""
+
+    def __init__(self, freq_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(freq_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, sinusoid: mx.array) -> mx.array:
+        return self.linear_2(nn.silu(self.linear_1(sinusoid)))
+
+
+class WanAttention(nn.Module):
+    """Biased q/k/v/o projections with RMSNorm of q and k across all heads; self- or cross-attention."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def __call__(
+        self,
+        x: mx.array,
+        context: mx.array | None = None,
+        rope: tuple[mx.array, mx.array] | None = None,
+    ) -> mx.array:
+        dtype = _compute_dtype(self.q)
+        x = x.astype(dtype)
+        source = x if context is None else context.astype(dtype)
+        batch, q_len, _ = x.shape
+        kv_len = source.shape[1]
+        q = self.norm_q(self.q(x)).reshape(batch, q_len, self.num_heads, -1)
+        k = self.norm_k(self.k(source)).reshape(batch, kv_len, self.num_heads, -1)
+        v = self.v(source).reshape(batch, kv_len, self.num_heads, -1)
+        if rope is not None:
+            q = apply_rope_interleaved(q, *rope)
+            k = apply_rope_interleaved(k, *rope)
+        return self.o(attention(q, k, v))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x.astype(_compute_dtype(self.fc1))
+        return self.fc2(nn.gelu_approx(self.fc1(x)))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, config: WanTransformerConfig):
+        super().__init__()
+        dim = config.dim
+        self.eps = config.eps
+        self.modulation = mx.zeros((6, dim))
+        self.self_attn = WanAttention(dim, config.num_heads, config.eps)
+        self.norm_cross = FP32LayerNorm(dim, eps=config.eps, affine=True)
+        self.cross_attn = WanAttention(dim, config.num_heads, config.eps)
+        self.ffn = FeedForward(dim, config.ffn_dim)
+
+    def __call__(
+        self,
+        x: mx.array,
+        time: mx.array,
+        context: mx.array,
+        rope: tuple[mx.array, mx.array],
+    ) -> mx.array:
+        """x: (B, G, N, dim) float32 tokens in G timestep groups; time: (B, G, 6, dim) float32."""
+        batch, groups, per_group, dim = x.shape
+        tokens = (batch, groups * per_group, dim)
+        grouped = (batch, groups, per_group, dim)
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mx.split(
+            self.modulation.astype(mx.float32) + time, 6, axis=2
+        )
+
+        h = layer_norm_fp32(x, eps=self.eps) * (1 + scale_msa) + shift_msa
+        y = self.self_attn(h.reshape(tokens), rope=rope)
+        x = x + y.reshape(grouped) * gate_msa
+
+        y = self.cross_attn(self.norm_cross(x).reshape(tokens), context=context)
+        x = x + y.reshape(grouped)
+
+        h = layer_norm_fp32(x, eps=self.eps) * (1 + scale_ffn) + shift_ffn
+        y = self.ffn(h.reshape(tokens))
+        return x + y.reshape(grouped) * gate_ffn
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.modulation = mx.zeros((2, dim))
+        self.linear = nn.Linear(dim, out_features)
+
+    def __call__(self, x: mx.array, time_embedding: mx.array) -> mx.array:
+        """x: (B, G, N, dim) float32; time_embedding: (B, G, dim) float32. Computed in float32."""
+        shift, scale = mx.split(self.modulation.astype(mx.float32) + time_embedding[:, :, None, :], 2, axis=2)
+        h = layer_norm_fp32(x, eps=self.eps) * (1 + scale) + shift
+        return self.linear(h).astype(mx.float32)
+
+
+class WanTransformer(nn.Module):
+    def __init__(self, config: WanTransformerConfig):
+        super().__init__()
+        if config.dim % config.num_heads or config.head_dim % 2:
+            raise ValueError(f"dim {config.dim} must split into {config.num_heads} heads of even size")
+        self.config = config
+        patch_volume = math.prod(config.patch_size)
+        self.patch_embedding = nn.Linear(patch_volume * config.in_channels, config.dim)
+        self.text_embedding = TextEmbedding(config.text_dim, config.dim)
+        self.time_embedding = TimeEmbedding(config.freq_dim, config.dim)
+        self.time_projection = nn.Linear(config.dim, 6 * config.dim)
+        self.blocks = [WanBlock(config) for _ in range(config.num_layers)]
+        self.head = Head(config.dim, patch_volume * config.out_channels, config.eps)
+        # Leading underscores keep these out of parameters(), so set_dtype and weight loading ignore them.
+        self._freq_head, self._freq_tail = sinusoid_frequencies(config.freq_dim)
+        self._rope_cache = {}
+
+    def rope_tables(self, grid: tuple[int, int, int]) -> tuple[mx.array, mx.array]:
+        if grid not in self._rope_cache:
+            if max(grid) > self.config.rope_max_positions:
+                raise ValueError(
+                    f"latent grid {grid} (after patching) exceeds the {self.config.rope_max_positions} "
+                    "RoPE positions per axis the model was trained with"
+                )
+            self._rope_cache[grid] = rope_tables_3d(grid, self.config.head_dim)
+        return self._rope_cache[grid]
+
+    def __call__(self, x: mx.array, timestep: mx.array, context: mx.array) -> mx.array:
+        """Flow velocity for latents x.
+
+        x: (B, T, H, W, C_in) latents. timestep: (B,) one per sample, or (B, T // pt) one per latent frame
+        (TI2V-5B). context: (B, L_text, text_dim), already zero-padded; every row is attended to.
+        Returns (B, T, H, W, C_out) float32.
+        """
+        cfg = self.config
+        batch, frames, height, width, channels = x.shape
+        pt, ph, pw = cfg.patch_size
+        if frames % pt or height % ph or width % pw:
+            raise ValueError(f"latent size {(frames, height, width)} is not a multiple of the patch {cfg.patch_size}")
+        if channels != cfg.in_channels:
+            raise ValueError(f"expected {cfg.in_channels} latent channels, got {channels}")
+        f, h, w = frames // pt, height // ph, width // pw
+
+        if timestep.ndim == 1:
+            timestep = timestep[:, None]
+        if timestep.ndim != 2 or timestep.shape[0] != batch or timestep.shape[1] not in (1, f):
+            raise ValueError(f"timestep shape {timestep.shape} is neither ({batch},) nor ({batch}, {f})")
+        groups = timestep.shape[1]
+
+        patches = x.reshape(batch, f, pt, h, ph, w, pw, channels)
+        patches = patches.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(batch, f * h * w, -1)
+        patches = patches.astype(_compute_dtype(self.patch_embedding))
+        hidden = self.patch_embedding(patches).astype(mx.float32).reshape(batch, groups, -1, cfg.dim)
+
+        # One time embedding per timestep group, broadcast over the group's tokens.
+        time_embedding = self.time_embedding(sinusoidal_embedding(timestep, self._freq_head, self._freq_tail))
+        block_time = self.time_projection(nn.silu(time_embedding)).reshape(batch, groups, 6, cfg.dim)
+
+        context = self.text_embedding(context)
+        rope = self.rope_tables((f, h, w))
+        for block in self.blocks:
+            hidden = block(hidden, block_time, context, rope)
+
+        out = self.head(hidden, time_embedding)
+        out = out.reshape(batch, f, h, w, pt, ph, pw, cfg.out_channels)
+        return out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, frames, height, width, cfg.out_channels)

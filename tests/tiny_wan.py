@@ -1,0 +1,103 @@
+"""Tiny random Wan 2.2 reference pipelines, built offline with diffusers and transformers, for parity tests."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+SENTENCES = [
+    "a cat walks on the grass in the morning light",
+    "a corgi surfs a wave at sunset, cinematic",
+    "slow motion of rain falling on a quiet street",
+    "the camera pans over snowy mountains and a frozen lake",
+    "two people dance in a kitchen, warm colours",
+]
+
+
+def train_spiece(path: Path, vocab_size: int = 64) -> Path:
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 20), model_writer=buf, vocab_size=vocab_size,
+        hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, model_type="unigram",
+    )
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def randomize_(module, seed: int, scale: float = 0.2) -> None:
+    """Replace every parameter with random values, so that no term of the reference is a no-op."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if p.ndim == 1 and ("norm" in name and "weight" in name):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                fan_in = p.shape[-1] if p.ndim > 1 else 1
+                p.copy_(noise * (scale if p.ndim == 1 else 1.0 / np.sqrt(fan_in)))
+
+
+def tiny_transformer_config(in_channels: int = 4, out_channels: int = 4, text_dim: int = 32) -> dict:
+    return dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels,
+        out_channels=out_channels, text_dim=text_dim, freq_dim=16, ffn_dim=40, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    )
+
+
+def build_tiny_wan_pipeline(folder: Path, two_experts: bool = True, shift: float = 12.0, seed: int = 0):
+    """Save a tiny random `diffusers.WanPipeline` at `folder` (the real diffusers layout) and return it."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    (folder / "spiece").mkdir(parents=True, exist_ok=True)
+    spiece = train_spiece(folder / "spiece" / "spiece.model")
+    # transformers 5: T5Tokenizer(vocab_file=...) silently builds a 4-token vocabulary; from_pretrained reads it.
+    tokenizer = T5Tokenizer.from_pretrained(str(folder / "spiece"), extra_ids=0)
+    assert 8 < tokenizer.vocab_size <= 64
+
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+        relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+    )).eval()
+    randomize_(text_encoder, seed + 1, scale=0.5)
+    z = 4
+    vae = AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           latents_mean=[0.0] * z, latents_std=[1.0] * z).eval()
+    transformer = WanTransformer3DModel(**tiny_transformer_config(z, z)).eval()
+    randomize_(transformer, seed + 2)
+    transformer_2 = None
+    if two_experts:
+        transformer_2 = WanTransformer3DModel(**tiny_transformer_config(z, z)).eval()
+        randomize_(transformer_2, seed + 3)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
+        transformer_2=transformer_2, boundary_ratio=0.875 if two_experts else None,
+    )
+    pipe.save_pretrained(folder)
+    # Real hub repos ship spiece.model beside tokenizer.json; transformers 5 saves only the latter.
+    spiece.rename(folder / "tokenizer" / "spiece.model")
+    (folder / "spiece").rmdir()
+    return pipe
+
+
+def use_official_sigmas(pipe) -> None:
+    """Make the reference scheduler use the official Wan grid linspace(0.999, 0, n+1)[:-1] (before the shift)."""
+    scheduler = pipe.scheduler
+    original = getattr(scheduler, "_unpatched_set_timesteps", scheduler.set_timesteps)
+    scheduler._unpatched_set_timesteps = original
+
+    def set_timesteps(num_inference_steps=None, device=None, sigmas=None, **kw):
+        grid = np.linspace(1 - 1 / scheduler.config.num_train_timesteps, 0, num_inference_steps + 1)[:-1]
+        return original(device=device, sigmas=grid, **kw)
+
+    scheduler.set_timesteps = set_timesteps
