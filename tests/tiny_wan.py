@@ -51,8 +51,15 @@ def tiny_transformer_config(in_channels: int = 4, out_channels: int = 4, text_di
     )
 
 
-def build_tiny_wan_pipeline(folder: Path, two_experts: bool = True, shift: float = 12.0, seed: int = 0):
-    """Save a tiny random `diffusers.WanPipeline` at `folder` (the real diffusers layout) and return it."""
+def build_tiny_wan_pipeline(
+    folder: Path, two_experts: bool = True, shift: float = 12.0, seed: int = 0, wan22_vae: bool = False
+):
+    """Save a tiny random `diffusers.WanPipeline` at `folder` (the real diffusers layout) and return it.
+
+    `two_experts=True` gives an A14B-style pipeline (transformer_2, boundary_ratio 0.875) with a Wan 2.1-style
+    VAE; `two_experts=False, wan22_vae=True` a TI2V-5B-style one (expand_timesteps, a Wan 2.2-style VAE with
+    2x2 patchify and 16x spatial compression).
+    """
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
@@ -69,9 +76,20 @@ def build_tiny_wan_pipeline(folder: Path, two_experts: bool = True, shift: float
         relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dropout_rate=0.0,
     )).eval()
     randomize_(text_encoder, seed + 1, scale=0.5)
-    z = 4
-    vae = AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                           latents_mean=[0.0] * z, latents_std=[1.0] * z).eval()
+    rng = np.random.default_rng(seed)
+    if wan22_vae:
+        z = 6
+        vae = AutoencoderKLWan(
+            base_dim=8, decoder_base_dim=12, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1, is_residual=True,
+            patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16,
+            latents_mean=rng.normal(0, 0.5, z).tolist(), latents_std=rng.uniform(0.5, 2.0, z).tolist(),
+        ).eval()
+    else:
+        z = 4
+        vae = AutoencoderKLWan(
+            base_dim=8, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+            latents_mean=rng.normal(0, 0.5, z).tolist(), latents_std=rng.uniform(0.5, 2.0, z).tolist(),
+        ).eval()
     transformer = WanTransformer3DModel(**tiny_transformer_config(z, z)).eval()
     randomize_(transformer, seed + 2)
     transformer_2 = None
@@ -82,6 +100,7 @@ def build_tiny_wan_pipeline(folder: Path, two_experts: bool = True, shift: float
     pipe = WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
         transformer_2=transformer_2, boundary_ratio=0.875 if two_experts else None,
+        expand_timesteps=not two_experts,
     )
     pipe.save_pretrained(folder)
     # Real hub repos ship spiece.model beside tokenizer.json; transformers 5 saves only the latter.

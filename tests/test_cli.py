@@ -1,0 +1,152 @@
+"""`mlxvid generate` on bad input: a clear message, exit code 1, no traceback, nothing written, no heavy work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_video.cli import main
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+
+def run_error(capsys, args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def gen(model, *extra):
+    return ["generate", "--model", str(model), "--prompt", "a cat", "--quiet", *extra]
+
+
+@pytest.fixture
+def heavy_work_forbidden(monkeypatch):
+    """Fail the test if any weights are loaded: the errors must come before."""
+    from mlx_video import model_folder
+
+    def boom(*a, **k):
+        raise AssertionError("weights were loaded before the input was validated")
+
+    monkeypatch.setattr(model_folder.ModelFolder, "weights", boom)
+
+
+def test_unknown_model_lists_known_ones(capsys):
+    err = run_error(capsys, gen("wan9-unknown", "--save-latents", "x.npy"))
+    assert "wan9-unknown" in err and "wan2.2-t2v-a14b" in err and "wan2.2-ti2v-5b" in err
+
+
+def test_registry_model_not_converted_says_what_to_do(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXVID_HOME", str(tmp_path))
+    err = run_error(capsys, gen("wan2.2-ti2v-5b", "--save-latents", str(tmp_path / "x.npy")))
+    assert "not converted" in err and "mlxvid convert" in err and "Wan-AI/Wan2.2-TI2V-5B-Diffusers" in err
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--size", "50x32"], "multiples of 16"),
+        (["--size", "48"], "WIDTHxHEIGHT"),
+        (["--frames", "8"], "4n+1"),
+        (["--steps", "0"], "at least 1"),
+        (["--shift", "-1"], "positive"),
+    ],
+)
+def test_bad_settings(capsys, a14b, heavy_work_forbidden, tmp_path, args, needle):
+    root, _ = a14b
+    err = run_error(capsys, gen(root / "mlx", "--save-latents", str(tmp_path / "x.npy"), *args))
+    assert needle in err
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_init_latents_of_wrong_shape(capsys, a14b, heavy_work_forbidden, tmp_path):
+    root, _ = a14b
+    np.save(tmp_path / "bad.npy", np.zeros((1, 4, 3, 4, 5), np.float32))
+    err = run_error(capsys, gen(root / "mlx", "--size", "48x32", "--frames", "9", "--init-latents",
+                                str(tmp_path / "bad.npy"), "--save-latents", str(tmp_path / "x.npy")))
+    assert "(1, 4, 3, 4, 6)" in err and "(1, 4, 3, 4, 5)" in err
+
+
+def test_init_latents_not_finite(capsys, a14b, heavy_work_forbidden, tmp_path):
+    root, _ = a14b
+    bad = np.zeros((1, 4, 3, 4, 6), np.float32)
+    bad[0, 0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    err = run_error(capsys, gen(root / "mlx", "--size", "48x32", "--frames", "9", "--init-latents",
+                                str(tmp_path / "nan.npy"), "--save-latents", str(tmp_path / "x.npy")))
+    assert "NaN" in err
+
+
+def test_existing_output_is_not_clobbered(capsys, a14b, heavy_work_forbidden, tmp_path):
+    root, _ = a14b
+    (tmp_path / "x.npy").write_bytes(b"precious")
+    err = run_error(capsys, gen(root / "mlx", "--save-latents", str(tmp_path / "x.npy")))
+    assert "--overwrite" in err
+    assert (tmp_path / "x.npy").read_bytes() == b"precious"
+
+
+def test_output_suffix_and_nothing_to_write(capsys, a14b, heavy_work_forbidden, tmp_path):
+    root, _ = a14b
+    assert ".mp4" in run_error(capsys, gen(root / "mlx", "--output", str(tmp_path / "x.avi")))
+    assert "--output" in run_error(capsys, gen(root / "mlx"))
+
+
+def test_diffusers_folder_is_sent_to_convert(capsys, a14b, tmp_path):
+    root, _ = a14b
+    err = run_error(capsys, gen(root / "diffusers", "--save-latents", str(tmp_path / "x.npy")))
+    assert "mlxvid convert" in err
+
+
+def test_folder_missing_a_component_names_the_file(capsys, a14b, tmp_path):
+    root, _ = a14b
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "mlx", broken)
+    (broken / "transformer_2" / "model.safetensors.index.json").unlink()
+    err = run_error(capsys, gen(broken, "--save-latents", str(tmp_path / "x.npy")))
+    assert "transformer_2/model.safetensors.index.json" in err and "mlxvid convert" in err
+
+
+def test_non_finite_latents_stop_the_run_at_the_first_step(capsys, a14b, tmp_path):
+    root, _ = a14b
+    broken = tmp_path / "nan-weights"
+    shutil.copytree(root / "mlx", broken)
+    shard = next((broken / "transformer").glob("model-*.safetensors"))
+    weights = mx.load(str(shard))
+    weights["time_projection.bias"] = mx.full(weights["time_projection.bias"].shape, float("nan"))
+    mx.save_safetensors(str(shard), weights)
+    out = tmp_path / "x.npy"
+    err = run_error(capsys, gen(broken, "--size", "48x32", "--frames", "9", "--steps", "5",
+                                "--save-latents", str(out)))
+    assert "step 1/5" in err and "NaN" in err and "high-noise expert" in err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_models_lists_registry(capsys):
+    main(["models"])
+    out = capsys.readouterr().out
+    for model_id in ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"):
+        assert model_id in out
+    assert "steps 40, shift 12.0" in out
+
+
+def test_sidecar_records_settings(a14b, tmp_path):
+    root, _ = a14b
+    out = tmp_path / "lat.npy"
+    main(gen(root / "mlx", "--size", "48x32", "--frames", "5", "--steps", "2", "--seed", "3", "--save-latents", str(out)))
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    s = sidecar["settings"]
+    assert (s["seed"], s["steps"], s["width"], s["height"], s["frames"]) == (3, 2, 48, 32, 5)
+    assert s["guidance"] == 4.0 and s["guidance_2"] == 3.0 and s["shift"] == 12.0  # the registry's defaults
+    assert "denoising" in sidecar["timings"] and sidecar["versions"]["mlx"] == mx.__version__
+    # the same seed gives the same latents
+    out2 = tmp_path / "lat2.npy"
+    main(gen(root / "mlx", "--size", "48x32", "--frames", "5", "--steps", "2", "--seed", "3", "--save-latents", str(out2)))
+    np.testing.assert_array_equal(np.load(out), np.load(out2))
