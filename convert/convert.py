@@ -136,7 +136,7 @@ def plan_diffusers_wan(src: Path) -> ConversionPlan:
         raise MlxVideoError(f"{src / 'tokenizer'} has neither spiece.model nor tokenizer.json")
 
     cfg = configs["transformer"]
-    if two_experts and cfg.in_channels == 36:
+    if two_experts and (cfg.in_channels == 36 or pipeline_class == "WanImageToVideoPipeline"):
         model_id = "wan2.2-i2v-a14b"
     elif two_experts:
         model_id = "wan2.2-t2v-a14b"

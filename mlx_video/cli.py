@@ -84,6 +84,9 @@ def convert(src: Path, dst: Path, dtype: str, overwrite: bool):
 @cli.command()
 @click.option("--model", "-m", required=True, help="A converted model folder, or a registry id (see `mlxvid models`).")
 @click.option("--prompt", "-p", required=True, help="What the video shows.")
+@click.option("--image", "-i", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Image to animate (I2V-A14B needs one; TI2V-5B takes one optionally). Resized to cover the video "
+                   "size, then centre-cropped.")
 @click.option("--negative-prompt", default=None, help="What to steer away from. Default: the official release's.")
 @click.option("--size", default=None, metavar="WxH", help="Video size, e.g. 1280x720. Default: the model's first published size.")
 @click.option("--frames", type=int, default=None, help="Number of frames, of the form 4n+1. Default: the model's (81 or 121).")
@@ -104,9 +107,9 @@ def convert(src: Path, dst: Path, dtype: str, overwrite: bool):
               help="Decode in overlapping spatial tiles to bound memory; auto tiles when one frame chunk would not fit.")
 @click.option("--overwrite", is_flag=True, help="Replace output files that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def generate(model, prompt, negative_prompt, size, frames, fps, steps, guidance, guidance_2, shift, sampler, seed,
+def generate(model, prompt, image, negative_prompt, size, frames, fps, steps, guidance, guidance_2, shift, sampler, seed,
              init_latents, save_latents, output, vae_tiling, overwrite, quiet):
-    """Generate a video from a text prompt.
+    """Generate a video from a text prompt (and, for image-to-video models, an image).
 
     Every setting left out takes the published default of the model. The run stops at the first step that
     produces NaN or infinite latents, with a message, rather than finishing as noise.
@@ -137,7 +140,13 @@ def generate(model, prompt, negative_prompt, size, frames, fps, steps, guidance,
     settings = pipe.resolve(WanSettings(
         prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, frames=frames, steps=steps,
         guidance=guidance, guidance_2=guidance_2, shift=shift, sampler=sampler, seed=seed, fps=fps,
+        image=str(image) if image is not None else None,
     ))
+    pixels = None
+    if image is not None:
+        from .io.image import fit_image, load_image
+
+        pixels = fit_image(load_image(image), settings.width, settings.height)
     if output is not None and not pipe.can_decode:
         raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
     pipe.vae_tile(vae_tiling, (1, 1))  # validates the option before the long work
@@ -149,7 +158,7 @@ def generate(model, prompt, negative_prompt, size, frames, fps, steps, guidance,
             raise MlxVideoError(f"cannot read --init-latents {init_latents}: {e}") from None
         latents = pipe.check_init_latents(settings, latents)
 
-    result = pipe.generate(settings, init_latents=latents, progress=not quiet)
+    result = pipe.generate(settings, init_latents=latents, progress=not quiet, image=pixels)
     record = settings.to_dict()
     record.update(model=pipe.spec.id, model_folder=str(pipe.folder.path), dtype=pipe.folder.manifest["dtype"],
                   init_latents=str(init_latents) if init_latents else None, experts=result.experts)

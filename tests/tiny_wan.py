@@ -52,16 +52,21 @@ def tiny_transformer_config(in_channels: int = 4, out_channels: int = 4, text_di
 
 
 def build_tiny_wan_pipeline(
-    folder: Path, two_experts: bool = True, shift: float = 12.0, seed: int = 0, wan22_vae: bool = False
+    folder: Path, two_experts: bool = True, shift: float = 12.0, seed: int = 0, wan22_vae: bool = False,
+    image_to_video: bool = False,
 ):
     """Save a tiny random `diffusers.WanPipeline` at `folder` (the real diffusers layout) and return it.
 
     `two_experts=True` gives an A14B-style pipeline (transformer_2, boundary_ratio 0.875) with a Wan 2.1-style
     VAE; `two_experts=False, wan22_vae=True` a TI2V-5B-style one (expand_timesteps, a Wan 2.2-style VAE with
-    2x2 patchify and 16x spatial compression).
+    2x2 patchify and 16x spatial compression). `image_to_video=True` builds a `WanImageToVideoPipeline` instead:
+    with two experts I2V-A14B-style (noise, mask and image latent channels in; boundary 0.9), with one the
+    TI2V-5B image mode.
     """
     import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel,
+    )
     from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
     (folder / "spiece").mkdir(parents=True, exist_ok=True)
@@ -90,18 +95,26 @@ def build_tiny_wan_pipeline(
             base_dim=8, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
             latents_mean=rng.normal(0, 0.5, z).tolist(), latents_std=rng.uniform(0.5, 2.0, z).tolist(),
         ).eval()
-    transformer = WanTransformer3DModel(**tiny_transformer_config(z, z)).eval()
+    in_channels = 2 * z + 4 if image_to_video and two_experts else z
+    transformer = WanTransformer3DModel(**tiny_transformer_config(in_channels, z)).eval()
     randomize_(transformer, seed + 2)
     transformer_2 = None
     if two_experts:
-        transformer_2 = WanTransformer3DModel(**tiny_transformer_config(z, z)).eval()
+        transformer_2 = WanTransformer3DModel(**tiny_transformer_config(in_channels, z)).eval()
         randomize_(transformer_2, seed + 3)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
-    pipe = WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
-        transformer_2=transformer_2, boundary_ratio=0.875 if two_experts else None,
-        expand_timesteps=not two_experts,
-    )
+    if image_to_video:
+        pipe = WanImageToVideoPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, image_processor=None,
+            image_encoder=None, transformer=transformer, transformer_2=transformer_2,
+            boundary_ratio=0.9 if two_experts else None, expand_timesteps=not two_experts,
+        )
+    else:
+        pipe = WanPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
+            transformer_2=transformer_2, boundary_ratio=0.875 if two_experts else None,
+            expand_timesteps=not two_experts,
+        )
     pipe.save_pretrained(folder)
     # Real hub repos ship spiece.model beside tokenizer.json; transformers 5 saves only the latter.
     spiece.rename(folder / "tokenizer" / "spiece.model")

@@ -40,6 +40,7 @@ class WanSettings:
     sampler: str | None = None
     seed: int = 0
     fps: int | None = None
+    image: str | None = None  # the conditioning image's path, for the record; its pixels are passed to generate()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +115,26 @@ class WanPipeline:
             raise MlxVideoError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if s.fps <= 0:
             raise MlxVideoError(f"--fps must be positive, got {s.fps}")
+        self.check_image_use(s.image is not None)
         return s
+
+    @property
+    def image_mode(self) -> str | None:
+        """How the model takes an image: "channels" (I2V-A14B: mask and image latent beside the noise), "first_frame"
+        (TI2V-5B: the first latent frame replaced by the image's), or None (text only)."""
+        if self.spec.task == "i2v":
+            return "channels"
+        if self.spec.task == "ti2v":
+            return "first_frame"
+        return None
+
+    def check_image_use(self, has_image: bool) -> None:
+        if has_image and self.image_mode is None:
+            raise MlxVideoError(f"{self.spec.id} is a text-to-video model: it takes no --image (try wan2.2-i2v-a14b or wan2.2-ti2v-5b)")
+        if not has_image and self.spec.task == "i2v":
+            raise MlxVideoError(f"{self.spec.id} animates an image: pass --image PATH")
+        if has_image and not self.can_decode:
+            raise MlxVideoError(f"{self.folder.path} has no VAE (vae/), which encoding the --image needs")
 
     def latent_shape(self, s: WanSettings) -> tuple[int, int, int, int, int]:
         """(1, C, T, H, W): the reference pipelines' layout."""
@@ -157,6 +177,32 @@ class WanPipeline:
         _release()
         return hidden
 
+    def encode_image(self, image: np.ndarray, s: WanSettings, progress: bool = False) -> mx.array:
+        """The image conditioning, channels-last: (1, T, h, w, 4 + z) mask and latents for I2V-A14B, (1, 1, h, w, z)
+        for TI2V-5B. `image` is (height, width, 3) float in [-1, 1], already fitted to the video size."""
+        from ..models.wan.vae import WanVAE, WanVAEConfig
+
+        if image.shape != (s.height, s.width, 3):
+            raise MlxVideoError(f"the conditioning image is {image.shape}, expected ({s.height}, {s.width}, 3)")
+        vae = WanVAE(WanVAEConfig.from_dict(self.folder.config("vae")))
+        self.folder.load_module("vae", vae)
+        with tqdm(total=1, desc="image encoding", disable=not progress, leave=False) as bar:
+            first = mx.array(image, dtype=mx.float32)[None, None]
+            if self.image_mode == "first_frame":
+                cond = vae.encode(first)
+            else:
+                # the reference encodes the image followed by black (zero) frames for the whole clip
+                video = mx.concatenate([first, mx.zeros((1, s.frames - 1, s.height, s.width, 3))], axis=1)
+                latents = vae.encode(video)
+                mask = mx.zeros(latents.shape[:-1] + (self.vae_stride[0],))
+                mask[:, 0] = 1.0  # latent frame 0 stands for pixel frames that all show the image
+                cond = mx.concatenate([mask, latents], axis=-1)
+            mx.eval(cond)
+            bar.update()
+        del vae
+        _release()
+        return cond
+
     def load_transformer(self, name: str):
         from ..models.wan.transformer import WanTransformer
 
@@ -176,8 +222,12 @@ class WanPipeline:
         settings: WanSettings,
         init_latents: np.ndarray | None = None,
         progress: bool = False,
+        image: np.ndarray | None = None,
     ) -> WanResult:
+        """Run text (and image) encoding and the denoising loop. `image`: (height, width, 3) float in [-1, 1] at
+        the video size (see `mlx_video.io.image.fit_image`); required by I2V-A14B, optional for TI2V-5B."""
         s = self.resolve(settings)
+        self.check_image_use(image is not None)
         if init_latents is not None:
             init_latents = self.check_init_latents(s, init_latents)
         timings: dict[str, float] = {}
@@ -186,6 +236,11 @@ class WanPipeline:
         uses_cfg = s.guidance != 1.0 or (self.two_experts and s.guidance_2 != 1.0)
         context = self.encode_text([s.prompt, s.negative_prompt] if uses_cfg else [s.prompt], progress)
         timings["text_encoding"] = time.perf_counter() - start
+        cond = None
+        if image is not None:
+            start = time.perf_counter()
+            cond = self.encode_image(image, s, progress)
+            timings["image_encoding"] = time.perf_counter() - start
 
         shape = self.latent_shape(s)
         if init_latents is None:
@@ -193,6 +248,11 @@ class WanPipeline:
         else:
             latents = mx.array(init_latents)
         latents = latents.transpose(0, 2, 3, 4, 1)  # channels-last inside
+        first_frame = cond is not None and self.image_mode == "first_frame"
+        if first_frame:
+            # TI2V-5B image mode: the first latent frame is the image's, at timestep 0
+            keep = mx.zeros((1, latents.shape[1], 1, 1, 1)).at[:, 0].add(1.0)
+            frame_timestep = 1.0 - keep.reshape(1, -1)
 
         sampler = make_sampler(s.sampler, s.steps, s.shift)
         sampler.reset()
@@ -209,7 +269,13 @@ class WanPipeline:
                     model = self.load_transformer(name)
                     active = name
                 guidance = s.guidance if name == HIGH_NOISE else s.guidance_2
-                velocity = self._velocity(model, latents, float(t), context, guidance)
+                x, timestep = latents, mx.array([float(t)], dtype=mx.float32)
+                if cond is not None and self.image_mode == "channels":
+                    x = mx.concatenate([latents, cond], axis=-1)
+                elif first_frame:
+                    x = keep * cond + (1.0 - keep) * latents
+                    timestep = frame_timestep * float(t)
+                velocity = self._velocity(model, x, timestep, context, guidance)
                 latents = sampler.step(velocity, i, latents)
                 mx.eval(latents)
                 if not mx.all(mx.isfinite(latents)).item():
@@ -225,6 +291,8 @@ class WanPipeline:
             model = None
             _release()
         timings["denoising"] = time.perf_counter() - start
+        if first_frame:
+            latents = keep * cond + (1.0 - keep) * latents
         out = np.array(latents.transpose(0, 4, 1, 2, 3).astype(mx.float32))
         return WanResult(out, s, timings, schedule)
 
@@ -279,13 +347,13 @@ class WanPipeline:
         _release()
         return np.concatenate(frames, axis=0), stats
 
-    def _velocity(self, model, latents: mx.array, t: float, context: mx.array, guidance: float) -> mx.array:
-        x = latents.astype(self.dtype)
+    def _velocity(self, model, x: mx.array, timestep: mx.array, context: mx.array, guidance: float) -> mx.array:
+        x = x.astype(self.dtype)
         if context.shape[0] == 1 or guidance == 1.0:
             # no guidance: the conditional pass alone
-            return model(x, mx.array([t], dtype=mx.float32), context[:1])
+            return model(x, timestep, context[:1])
         # conditional and unconditional passes batched into one forward
-        out = model(mx.concatenate([x, x]), mx.array([t, t], dtype=mx.float32), context)
+        out = model(mx.concatenate([x, x]), mx.concatenate([timestep, timestep]), context)
         cond, uncond = out[:1], out[1:]
         return uncond + guidance * (cond - uncond)
 
