@@ -81,6 +81,45 @@ def convert(src: Path, dst: Path, dtype: str, overwrite: bool):
     click.echo(f"wrote {dst}")
 
 
+DIFFUSERS_FILES = ["model_index.json", "transformer/*", "transformer_2/*", "text_encoder/*", "tokenizer/*", "vae/*",
+                   "scheduler/*"]
+
+
+@cli.command()
+@click.argument("model_id")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="Precision of the converted weights.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing converted folder.")
+def download(model_id: str, dtype: str, overwrite: bool):
+    """Download a registry model's diffusers weights and convert them for mlxvid.
+
+    Only the files the pipeline needs are fetched, into the Hugging Face cache (set HF_HOME to move it;
+    HF_HUB_OFFLINE=1 uses the cache alone). The converted folder goes to the models home
+    (~/.cache/mlxvid/models/MODEL_ID, or $MLXVID_HOME/models/MODEL_ID), where `generate --model MODEL_ID`
+    finds it.
+    """
+    from .convert.convert import convert_model
+    from .registry import get_spec, models_home
+
+    spec = get_spec(model_id)
+    dst = models_home() / spec.id
+    if dst.exists() and not overwrite:
+        raise MlxVideoError(f"{spec.id} is already converted at {dst}; pass --overwrite to redo it")
+    try:
+        from huggingface_hub import snapshot_download
+
+        click.echo(f"fetching {spec.hf_repo} (only the pipeline's files) into the Hugging Face cache")
+        src = snapshot_download(repo_id=spec.hf_repo, allow_patterns=DIFFUSERS_FILES)
+    except Exception as e:  # the hub library raises many kinds; all mean the same to the user
+        raise MlxVideoError(
+            f"could not fetch {spec.hf_repo}: {e}. Download it by other means (huggingface.co/{spec.hf_repo}) and run "
+            f"`mlxvid convert PATH {dst}`"
+        ) from None
+    click.echo(f"converting to {dst}")
+    convert_model(src, dst, dtype=dtype, overwrite=overwrite, log=click.echo)
+    click.echo(f"ready: mlxvid generate --model {spec.id} --prompt ...")
+
+
 @cli.command()
 @click.option("--model", "-m", required=True, help="A converted model folder, or a registry id (see `mlxvid models`).")
 @click.option("--prompt", "-p", required=True, help="What the video shows.")

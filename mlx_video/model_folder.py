@@ -145,7 +145,7 @@ def resolve_model(model: str) -> ModelFolder:
     home = models_home() / spec.id
     if not (home / MANIFEST).is_file():
         raise MlxVideoError(
-            f"model {spec.id} is not converted yet (looked in {home}). Download the diffusers weights "
-            f"(huggingface.co/{spec.hf_repo}), then run: mlxvid convert PATH/TO/{spec.hf_repo.split('/')[-1]} {home}"
+            f"model {spec.id} is not converted yet (looked in {home}). Run `mlxvid download {spec.id}`, or download "
+            f"huggingface.co/{spec.hf_repo} yourself and run: mlxvid convert PATH/TO/{spec.hf_repo.split('/')[-1]} {home}"
         )
     return ModelFolder.open(home)

@@ -150,3 +150,39 @@ def test_sidecar_records_settings(a14b, tmp_path):
     out2 = tmp_path / "lat2.npy"
     main(gen(root / "mlx", "--size", "48x32", "--frames", "5", "--steps", "2", "--seed", "3", "--save-latents", str(out2)))
     np.testing.assert_array_equal(np.load(out), np.load(out2))
+
+
+def test_download_fetches_only_pipeline_files_and_converts(a14b, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    root, _ = a14b
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(root / "diffusers")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("MLXVID_HOME", str(tmp_path))
+    main(["download", "wan2.2-t2v-a14b", "--dtype", "fp32"])
+    assert calls[0][0] == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    assert "transformer_2/*" in calls[0][1] and "image_encoder/*" not in calls[0][1]
+    assert (tmp_path / "models" / "wan2.2-t2v-a14b" / "mlxvid.json").is_file()
+    # generate now finds it by id
+    main(gen("wan2.2-t2v-a14b", "--size", "48x32", "--frames", "5", "--steps", "1",
+             "--save-latents", str(tmp_path / "x.npy")))
+    assert (tmp_path / "x.npy").is_file()
+    # a second download refuses to clobber
+    assert "already converted" in run_error(capsys, ["download", "wan2.2-t2v-a14b"])
+
+
+def test_download_failure_says_what_to_do(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def offline(repo_id, **kw):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setenv("MLXVID_HOME", str(tmp_path))
+    err = run_error(capsys, ["download", "wan2.2-ti2v-5b"])
+    assert "network unreachable" in err and "mlxvid convert" in err
