@@ -1,0 +1,44 @@
+"""The wheel ships the runtime (with the converter inside it) and adds no generic top-level module."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0 and "No module named" in proc.stderr and "setuptools" in proc.stderr:
+        pytest.skip("setuptools is not installed, so the wheel cannot be built offline")
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = out.glob("mlxvid-*.whl")
+    return zipfile.ZipFile(wheel)
+
+
+def test_only_mlx_video_at_the_top(wheel):
+    top = {n.split("/")[0] for n in wheel.namelist()}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"mlx_video"}
+
+
+def test_every_runtime_package_is_shipped(wheel):
+    sources = {
+        f"mlx_video/{p.relative_to(ROOT / 'mlx_video').as_posix()}" for p in (ROOT / "mlx_video").rglob("*.py")
+    } | {f"mlx_video/convert/{p.name}" for p in (ROOT / "convert").glob("*.py")}
+    missing = sorted(sources - set(wheel.namelist()))
+    assert not missing, f"not in the wheel (add the package to pyproject.toml): {missing}"
+
+
+def test_console_script(wheel):
+    (entry_points,) = [n for n in wheel.namelist() if n.endswith("entry_points.txt")]
+    assert "mlxvid = mlx_video.cli:main" in wheel.read(entry_points).decode()
