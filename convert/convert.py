@@ -1,9 +1,27 @@
-"""`mlxvid convert`: a published checkpoint folder in, an MLX-native model folder out.
+"""`mlxvid convert`: published checkpoints in, an MLX-native model folder out.
 
-The work is planned before anything is written: every source key is mapped (unknown keys stop the run),
-the mapped names and shapes are checked against the model we will load, and the tensors are assigned to
-shards. Then the shards are written one at a time into `DST.part/`, each shard atomically, and the folder
-is renamed to DST at the end. Re-running an interrupted conversion keeps the shards already complete.
+Sources, told apart by their files and keys (`detect_format`):
+
+* a diffusers folder (model_index.json, transformer/, transformer_2/, text_encoder/, tokenizer/, vae/);
+* the official release layout (high_noise_model/ and low_noise_model/, or the TI2V-5B shards at the top,
+  each a sharded safetensors model with a WanModel config.json; models_t5_umt5-xxl-enc-bf16.pth;
+  Wan2.1_VAE.pth or Wan2.2_VAE.pth; the tokenizer folder google/umt5-xxl/);
+* a folder of single-file checkpoints (ComfyUI's diffusion model, text encoder and VAE files), each
+  classified by its keys;
+* per-component files or folders that supply or replace a component (`components`: transformer,
+  transformer_2, text_encoder, vae; `tokenizer`), with `base` naming the registry model when there is no
+  folder to say it.
+
+Weights may be fp32, fp16, bf16 or fp8 (ComfyUI's scaled layouts or plain casts; see `formats.py`), under a
+wrapper prefix or not. Single files carry no config: dimensions are read from the shapes and checked against
+the registry model, and a checkpoint of another family or size is named as what it looks like.
+
+The work is planned before anything is written: every source key is mapped (unknown keys stop the run unless
+allowed), mapped names and shapes are checked against the module we will load, each output tensor's
+precision is decided (`quantize.py`) and tensors are assigned to shards. Then each shard is written slice by
+slice into `DST.part/` (`shards.py`), under a temporary name renamed when complete, and the folder is renamed
+to DST at the end. Re-running an interrupted conversion keeps the shards already complete. A failure before
+writing leaves nothing; a failure while writing leaves only `DST.part/`, which a re-run resumes.
 """
 
 from __future__ import annotations
@@ -12,7 +30,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,15 +39,48 @@ from mlx.utils import tree_flatten
 
 from mlx_video import __version__
 from mlx_video.errors import MlxVideoError
-from mlx_video.io.safetensors import TensorSource
-from mlx_video.model_folder import DTYPE_NAMES, DTYPES, FORMAT_VERSION, INDEX, MANIFEST, ModelFolder
+from mlx_video.model_folder import DTYPE_NAMES, DTYPES, FORMAT_VERSION, INDEX, MANIFEST, QUANTIZATION, ModelFolder
 from mlx_video.registry import MODELS
 
+from .formats import ComponentSource, classify, lookalike, open_tensors
+from .quantize import (
+    DEFAULT_GROUP_SIZE,
+    MODES,
+    Item,
+    check_options,
+    item_nbytes,
+    plan_item,
+    produce,
+)
 from .rules import KeyMap
+from .shards import ShardWriter, shard_is_complete
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+QUANTIZATION_FILE = QUANTIZATION
+COMPONENTS = ("transformer", "transformer_2", "text_encoder", "vae")
+KIND_OF = {"transformer": "transformer", "transformer_2": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
+KIND_WORDS = {"transformer": "a diffusion transformer", "text_encoder": "a text encoder", "vae": "a VAE"}
+OPTION_OF = {"transformer": "--transformer", "transformer_2": "--transformer-2", "text_encoder": "--text-encoder", "vae": "--vae"}
 
-_SOURCE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+OFFICIAL_VAES = ("Wan2.2_VAE.pth", "Wan2.1_VAE.pth")
+OFFICIAL_TOKENIZER = Path("google") / "umt5-xxl"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
+# transformers' UMT5 stores its tied token embedding under both names; either may be present, or both.
+TIED = {"shared.weight", "encoder.embed_tokens.weight"}
+# Working-memory cap for MLX's buffer cache while converting (freed buffers beyond it go back to the OS).
+CONVERT_CACHE_BYTES = 64 * 1024**2
+
+
+@dataclass
+class ComponentInput:
+    """Where one component's weights come from, before they are read."""
+
+    name: str
+    path: Path
+    origin: str  # how the user supplied it, for messages
+    config_json: dict | None = None
 
 
 @dataclass
@@ -37,13 +88,17 @@ class ComponentPlan:
     """How one component (e.g. `transformer`) is converted."""
 
     name: str
-    source: TensorSource
+    source: ComponentSource
     keymap: KeyMap
     config: dict  # our config dataclass as a dict, written to config.json
     module: object  # our module, built lazily, whose parameter names and shapes the output must match
     dtype: str | None = None  # overrides the conversion's --dtype (the VAE stays fp32, as the official code runs it)
-    # target key -> (source key, target shape); filled by `plan()`
-    tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    origin: str = ""
+    size_hint: Callable[[], str] | None = None  # what the checkpoint's shapes look like, for shape errors
+    # target key -> (source key, target shape, transform); filled by `_plan_component`
+    tensors: dict[str, tuple[str, tuple[int, ...], str | None]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # unknown keys left out (--allow-unknown-keys)
+    items: list[Item] = field(default_factory=list)
 
 
 @dataclass
@@ -51,253 +106,691 @@ class ConversionPlan:
     source_format: str
     manifest: dict
     components: list[ComponentPlan]
-    copy_files: dict[str, list[Path]]  # component folder -> files copied as they are (tokenizer)
+    copy_files: dict[str, list[tuple[Path | bytes, str]]]  # component folder -> (file or bytes, name) copied as is
+    source_files: list[Path] = field(default_factory=list)
 
 
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise MlxVideoError(f"missing {path} ({what})")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MlxVideoError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MlxVideoError(f"{path} is not a JSON object ({what})")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# layouts
+
+
+def _is_official_model_dir(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    if not cfg.is_file() or not any(folder.glob("*.safetensors")):
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and (data.get("_class_name") == "WanModel" or "in_dim" in data)
+
+
+def _official_parts(src: Path) -> bool:
+    return (src / OFFICIAL_T5).is_file() or any((src / v).is_file() for v in OFFICIAL_VAES) or (src / OFFICIAL_TOKENIZER).is_dir()
 
 
 def detect_format(src: Path) -> str:
+    """"diffusers", "official", "files" (a folder of single-file checkpoints) or "file" (one checkpoint file)."""
+    src = Path(src)
     if not src.exists():
         raise MlxVideoError(f"source {src} does not exist")
-    if (src / "model_index.json").is_file():
-        return "diffusers"
+    if src.is_file():
+        return "file"
     if (src / MANIFEST).is_file():
         raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
+    if (src / "model_index.json").is_file():
+        return "diffusers"
+    if (src / "high_noise_model").is_dir() or (src / "low_noise_model").is_dir() or _is_official_model_dir(src):
+        return "official"
+    if _official_parts(src) or any(p.suffix in WEIGHT_SUFFIXES for p in src.iterdir() if p.is_file()):
+        return "files"
     raise MlxVideoError(
-        f"cannot tell what {src} holds: expected a diffusers folder (model_index.json, transformer/, "
-        "text_encoder/, tokenizer/, vae/)"
+        f"cannot tell what {src} holds: expected a diffusers folder (model_index.json, transformer/, text_encoder/, "
+        "tokenizer/, vae/), the official release layout (high_noise_model/, low_noise_model/ or the TI2V-5B shards, "
+        f"{OFFICIAL_T5}, Wan2.x_VAE.pth, google/umt5-xxl/) or single-file checkpoints"
     )
 
 
-def plan_diffusers_wan(src: Path) -> ConversionPlan:
+def _tokenizer_files(path: Path, what: str) -> list[tuple[Path, str]]:
+    if path.is_file():
+        if path.name == "tokenizer.json":
+            return [(path, "tokenizer.json")]
+        if path.suffix == ".model":
+            return [(path, "spiece.model")]
+        raise MlxVideoError(f"{what}: {path} is neither a SentencePiece model (.model) nor a tokenizer.json")
+    if not path.is_dir():
+        raise MlxVideoError(f"{what}: {path} does not exist")
+    found = [(path / n, n) for n in TOKENIZER_FILES if (path / n).is_file()]
+    if not found and (path / OFFICIAL_TOKENIZER).is_dir():
+        found = [(path / OFFICIAL_TOKENIZER / n, n) for n in TOKENIZER_FILES if (path / OFFICIAL_TOKENIZER / n).is_file()]
+    if not found:
+        raise MlxVideoError(f"{what}: {path} has neither spiece.model nor tokenizer.json")
+    return found
+
+
+def _component_input(name: str, path: Path, origin: str) -> ComponentInput:
+    path = Path(path)
+    if not path.exists():
+        raise MlxVideoError(f"{origin}: {path} does not exist")
+    config = None
+    if path.is_dir() and (path / "config.json").is_file():
+        config = _read_json(path / "config.json", f"the {name} config")
+    return ComponentInput(name, path, origin, config)
+
+
+def _layout_diffusers(src: Path) -> tuple[dict, list, dict]:
+    index = _read_json(src / "model_index.json", "the diffusers pipeline description")
+    pipeline_class = index.get("_class_name", "")
+    if not str(pipeline_class).startswith("Wan"):
+        raise MlxVideoError(f"{src} holds a {pipeline_class or 'unknown'} pipeline; mlxvid converts Wan 2.2 pipelines")
+    inputs = {}
+    two_experts = isinstance(index.get("transformer_2"), list) and index["transformer_2"][0] is not None
+    for name in ["transformer", "transformer_2", "text_encoder", "vae"]:
+        if name == "transformer_2" and not two_experts:
+            continue
+        folder = src / name
+        if folder.is_dir():
+            if not (folder / "config.json").is_file():
+                raise MlxVideoError(f"missing {folder / 'config.json'} (the {name} config)")
+            inputs[name] = _component_input(name, folder, f"{src.name}/{name}")
+        elif name != "vae":
+            inputs[name] = None  # required; may still come from an option
+    tokenizer = _tokenizer_files(src / "tokenizer", "tokenizer") if (src / "tokenizer").is_dir() else []
+    return inputs, tokenizer, {"index": index, "two_experts": two_experts}
+
+
+def _layout_official(src: Path) -> tuple[dict, list, dict]:
+    inputs: dict = {}
+    if (src / "high_noise_model").is_dir() or (src / "low_noise_model").is_dir():
+        for name, folder in (("transformer", "high_noise_model"), ("transformer_2", "low_noise_model")):
+            if not (src / folder).is_dir():
+                raise MlxVideoError(f"{src} has {'low' if folder == 'high_noise_model' else 'high'}_noise_model/ but no {folder}/")
+            inputs[name] = _component_input(name, src / folder, f"{src.name}/{folder}")
+        two_experts = True
+    else:
+        inputs["transformer"] = _component_input("transformer", src, f"{src.name}/ (the model shards)")
+        two_experts = False
+    inputs["text_encoder"] = _component_input("text_encoder", src / OFFICIAL_T5, OFFICIAL_T5) if (src / OFFICIAL_T5).is_file() else None
+    for vae in OFFICIAL_VAES:
+        if (src / vae).is_file():
+            inputs["vae"] = _component_input("vae", src / vae, vae)
+            break
+    tokenizer = _tokenizer_files(src / OFFICIAL_TOKENIZER, "tokenizer") if (src / OFFICIAL_TOKENIZER).is_dir() else []
+    return inputs, tokenizer, {"two_experts": two_experts}
+
+
+def _layout_files(src: Path, log) -> tuple[dict, list, dict]:
+    """A folder of single-file checkpoints: each is classified by its keys."""
+    found: dict[str, list[tuple[Path, str]]] = {"transformer": [], "text_encoder": [], "vae": []}
+    ignored = []
+    for path in sorted(p for p in src.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        tensors = open_tensors(path, path.name)
+        source = ComponentSource(tensors, path.name)
+        kind = classify(source.keys())
+        if kind.kind is None:
+            ignored.append(f"{path.name} ({kind.description})")
+            continue
+        found[kind.kind].append((path, kind.description))
+    if ignored:
+        log("ignored: " + "; ".join(ignored))
+    inputs: dict = {}
+    transformers = [p for p, _ in found["transformer"]]
+    if len(transformers) == 1:
+        inputs["transformer"] = _component_input("transformer", transformers[0], transformers[0].name)
+    elif len(transformers) == 2:
+        high = [p for p in transformers if "high" in p.name.lower()]
+        low = [p for p in transformers if "low" in p.name.lower()]
+        if len(high) != 1 or len(low) != 1 or high[0] == low[0]:
+            raise MlxVideoError(
+                f"{src} holds two transformers ({', '.join(p.name for p in transformers)}) whose names do not say which "
+                "is the high-noise expert; pass them as --transformer (high noise) and --transformer-2 (low noise)"
+            )
+        inputs["transformer"] = _component_input("transformer", high[0], high[0].name)
+        inputs["transformer_2"] = _component_input("transformer_2", low[0], low[0].name)
+    elif len(transformers) > 2:
+        raise MlxVideoError(f"{src} holds {len(transformers)} transformers; pass the ones to use with --transformer/--transformer-2")
+    for kind in ("text_encoder", "vae"):
+        if len(found[kind]) > 1:
+            raise MlxVideoError(f"{src} holds several {kind.replace('_', ' ')}s ({', '.join(p.name for p, _ in found[kind])}); pass one with {OPTION_OF[kind]}")
+        if found[kind]:
+            inputs[kind] = _component_input(kind, found[kind][0][0], found[kind][0][0].name)
+    if not any(inputs.values()):
+        raise MlxVideoError(f"{src} holds no checkpoint mlxvid knows" + (f": {'; '.join(ignored)}" if ignored else ""))
+    tokenizer = []
+    for candidate in (src / OFFICIAL_TOKENIZER, src / "tokenizer", src):
+        if candidate.is_dir() and any((candidate / n).is_file() for n in TOKENIZER_FILES):
+            tokenizer = _tokenizer_files(candidate, "tokenizer")
+            break
+    return inputs, tokenizer, {"two_experts": "transformer_2" in inputs}
+
+
+# ---------------------------------------------------------------------------------------------------
+# components
+
+
+def _open_component(inp: ComponentInput) -> ComponentSource:
+    what = f"{inp.origin}" if str(inp.path).endswith(inp.origin) else f"{inp.origin} ({inp.path})"
+    return ComponentSource(open_tensors(inp.path, what), what)
+
+
+def _check_kind(inp: ComponentInput, source: ComponentSource) -> str:
+    """The naming of a component's keys; refuses a checkpoint of another kind or family."""
+    kind = classify(source.keys())
+    want = KIND_OF[inp.name]
+    if kind.kind != want:
+        raise MlxVideoError(
+            f"{source.what} should be {KIND_WORDS[want]} for {inp.name}, but it looks like {kind.description}"
+        )
+    return kind.naming
+
+
+def _shapes(source: ComponentSource) -> dict[str, tuple[int, ...]]:
+    return {k: source.shape(k) for k in source.keys()}
+
+
+def _transformer_config(inp: ComponentInput, source: ComponentSource, naming: str, spec):
+    from .infer import infer_transformer_config, transformer_config_from_official
+    from .wan import transformer_config_from_diffusers
+
+    if inp.config_json is not None:
+        cls = inp.config_json.get("_class_name")
+        try:
+            if cls == "WanTransformer3DModel" or (cls is None and "num_attention_heads" in inp.config_json):
+                return transformer_config_from_diffusers(inp.config_json), "config.json"
+            return transformer_config_from_official(inp.config_json), "config.json"
+        except ValueError as e:
+            raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
+    # The head count is not in the shapes: the registry model's when the width matches, else dim / 128.
+    cfg = infer_transformer_config(_shapes(source), naming)
+    if spec is not None and cfg.dim == spec.transformer.dim:
+        cfg = replace(cfg, num_heads=spec.transformer.num_heads)
+    return cfg, "shapes"
+
+
+def _transformer_hint(source: ComponentSource, naming: str) -> Callable[[], str]:
+    def hint() -> str:
+        from .infer import describe_transformer, infer_transformer_config, which_wan
+
+        try:
+            cfg = infer_transformer_config(_shapes(source), naming, num_heads=1)
+        except MlxVideoError:
+            return ""
+        like = which_wan(cfg, MODELS)
+        return f". Its tensors are those of a transformer with {describe_transformer(cfg)}" + (f", the size of {like}" if like else "")
+
+    return hint
+
+
+def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict) -> tuple[object, bool]:
+    """The registry spec, and whether the checkpoint's size must equal the spec's."""
+    from mlx_video.registry import get_spec
+
+    from .infer import describe_transformer, same_size, which_wan
+
+    if base is not None:
+        return get_spec(base), True
+    if fmt in ("diffusers", "official"):
+        image_pipeline = hints.get("index", {}).get("_class_name") == "WanImageToVideoPipeline"
+        if two_experts and (cfg.in_channels == 36 or image_pipeline):
+            model_id = "wan2.2-i2v-a14b"
+        elif two_experts:
+            model_id = "wan2.2-t2v-a14b"
+        else:
+            model_id = "wan2.2-ti2v-5b"
+        return MODELS[model_id], False
+    matches = [s for s in MODELS.values() if s.family == "wan" and s.two_experts == two_experts and same_size(cfg, s.transformer)]
+    if len(matches) == 1:
+        return matches[0], True
+    like = which_wan(cfg, MODELS)
+    raise MlxVideoError(
+        f"the transformer ({describe_transformer(cfg)}{', two experts' if two_experts else ''}) matches no registry model"
+        + (f"; it looks like {like}" if like else "")
+        + f". Known models: {', '.join(MODELS)}; pass --base MODEL_ID to name the one it is"
+    )
+
+
+def plan(
+    src: str | Path | None,
+    components: dict[str, str | Path] | None = None,
+    tokenizer: str | Path | None = None,
+    base: str | None = None,
+    allow_unknown_keys: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> ConversionPlan:
     from mlx_video.models.wan.transformer import WanTransformer
     from mlx_video.text_encoders.umt5 import UMT5Config, UMT5Encoder
 
-    from .umt5 import TRANSFORMERS_UMT5
-    from .wan import DIFFUSERS_TRANSFORMER, transformer_config_from_diffusers
+    from .infer import describe_transformer, infer_umt5_config, same_size, size_differences, which_wan
+    from .umt5 import OFFICIAL_UMT5, TRANSFORMERS_UMT5
+    from .wan import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
 
-    index = _read_json(src / "model_index.json", "the diffusers pipeline description")
-    pipeline_class = index.get("_class_name", "")
-    if not pipeline_class.startswith("Wan"):
-        raise MlxVideoError(f"{src} holds a {pipeline_class or 'unknown'} pipeline; mlxvid converts Wan 2.2 pipelines")
-    expected = ["transformer", "text_encoder", "tokenizer"]
-    two_experts = bool(index.get("transformer_2")) and index["transformer_2"][0] is not None
-    if two_experts:
-        expected.append("transformer_2")
-    for name in expected:
-        if not (src / name).is_dir():
+    components = {k: v for k, v in (components or {}).items() if v is not None}
+    for name in components:
+        if name not in COMPONENTS:
+            raise MlxVideoError(f"unknown component {name!r}; components are {', '.join(COMPONENTS)}")
+    if src is None and not components:
+        raise MlxVideoError("nothing to convert: give a source folder SRC, or component files (--transformer ...) with --base")
+
+    # 1. where each component comes from
+    fmt, inputs, tokenizer_files, hints = "files", {}, [], {"two_experts": False}
+    if src is not None:
+        src = Path(src)
+        fmt = detect_format(src)
+        if fmt == "file":
+            components = {"transformer": src, **components}
+            fmt = "files"
+        elif fmt == "diffusers":
+            inputs, tokenizer_files, hints = _layout_diffusers(src)
+        elif fmt == "official":
+            inputs, tokenizer_files, hints = _layout_official(src)
+        else:
+            inputs, tokenizer_files, hints = _layout_files(src, log)
+    for name, path in components.items():
+        inputs[name] = _component_input(name, Path(path), OPTION_OF[name])
+    if tokenizer is not None:
+        tokenizer_files = _tokenizer_files(Path(tokenizer), "--tokenizer")
+    for name in ("transformer", "text_encoder"):
+        if inputs.get(name) is None:
+            where = {"diffusers": f"{name}/", "official": "high_noise_model/ or the model shards" if name == "transformer" else OFFICIAL_T5}.get(fmt, "")
             raise MlxVideoError(
-                f"{src} is missing the folder {name}/; a diffusers Wan folder holds model_index.json, transformer/ "
-                "(and transformer_2/ for A14B), text_encoder/, tokenizer/, vae/"
+                f"no {name.replace('_', ' ')}: {('SRC has no ' + where + '; ') if where and src is not None else ''}"
+                f"pass {OPTION_OF[name]} FILE"
             )
+    if fmt == "diffusers" and hints["two_experts"] and inputs.get("transformer_2") is None:
+        raise MlxVideoError(f"{src} is a two-expert pipeline but has no transformer_2/; pass --transformer-2 FILE")
+    two_experts = inputs.get("transformer_2") is not None
+    sources = {name: _open_component(inp) for name, inp in inputs.items() if inp is not None}
+    namings = {name: _check_kind(inputs[name], source) for name, source in sources.items()}
+    source_format = {"diffusers": "diffusers", "official": "official Wan release layout", "files": "single-file checkpoints"}[fmt]
+    if components and fmt != "files":
+        source_format += " + " + ", ".join(OPTION_OF[n] for n in components)
 
-    components = []
-    configs = {}
-    for name in ["transformer", "transformer_2"] if two_experts else ["transformer"]:
+    # 2. transformer(s) and the registry model
+    base_spec = None
+    if base is not None:
+        from mlx_video.registry import get_spec
+
+        base_spec = get_spec(base)
+    cfg, cfg_from = _transformer_config(inputs["transformer"], sources["transformer"], namings["transformer"], base_spec)
+    cfg2 = cfg2_from = None
+    if two_experts:
+        cfg2, cfg2_from = _transformer_config(inputs["transformer_2"], sources["transformer_2"], namings["transformer_2"], base_spec)
+        if cfg_from == "shapes" and cfg2_from == "config.json" and cfg2.dim == cfg.dim:
+            cfg = replace(cfg, num_heads=cfg2.num_heads)  # a replaced expert: its sibling's config tells the heads
+    spec, strict = _pick_model(fmt, base, cfg, two_experts, hints)
+    if not same_size(cfg, spec.transformer):
+        like = which_wan(cfg, MODELS)
+        message = (
+            f"{sources['transformer'].what} is a transformer with {describe_transformer(cfg)}"
+            + (f", the size of {like}" if like else "")
+            + f"; {spec.id} has {describe_transformer(spec.transformer)} ({size_differences(cfg, spec.transformer)})"
+        )
+        if strict:
+            raise MlxVideoError(message)
+        log(f"note: {message}; converting with the checkpoint's own configuration")
+    if spec.two_experts != two_experts:
+        if two_experts:
+            raise MlxVideoError(f"{spec.id} has one transformer, but a second one was given ({inputs['transformer_2'].origin})")
+        raise MlxVideoError(
+            f"{spec.id} has two experts: the high-noise one and the low-noise one; only one transformer was given. "
+            "Pass the low-noise expert with --transformer-2"
+        )
+    if cfg_from == "shapes" and cfg2_from != "config.json" and spec.transformer.dim == cfg.dim:
+        cfg = replace(cfg, num_heads=spec.transformer.num_heads)
+    if cfg.num_heads == 0 or cfg.dim % cfg.num_heads:
+        raise MlxVideoError(
+            f"cannot tell the number of attention heads of the {cfg.dim}-wide transformer {sources['transformer'].what}; "
+            "pass --base MODEL_ID or give it a config.json"
+        )
+    configs = {"transformer": cfg}
+    if two_experts:
+        if not same_size(cfg2, cfg):
+            raise MlxVideoError(
+                f"the two experts differ: {sources['transformer_2'].what} has {describe_transformer(cfg2)}, "
+                f"{sources['transformer'].what} has {describe_transformer(cfg)}"
+            )
+        # shapes do not tell the head count: a second expert without a config.json takes the first one's
+        configs["transformer_2"] = cfg2 if cfg2_from == "config.json" else cfg
+
+    planned: list[ComponentPlan] = []
+    for name in ("transformer", "transformer_2"):
+        if name not in configs:
+            continue
+        source = sources[name]
+        extra = lookalike(source.keys())
+        if extra:
+            log(f"warning: {source.what} looks like {extra}")
+        keymap = OFFICIAL_TRANSFORMER if namings[name] == "official" else DIFFUSERS_TRANSFORMER
+        planned.append(ComponentPlan(
+            name, source, keymap, configs[name].to_dict(), WanTransformer(configs[name]), origin=inputs[name].origin,
+            size_hint=_transformer_hint(source, namings[name]),
+        ))
+    for inp_name in ("transformer", "transformer_2"):
+        inp = inputs.get(inp_name)
+        if inp is not None and inp.path.is_file():
+            lower = inp.path.name.lower()
+            wrong = "low_noise" if inp_name == "transformer" else "high_noise"
+            if two_experts and wrong in lower:
+                log(f"warning: {inp.path.name} is named like the {wrong.split('_')[0]}-noise expert but is used as {inp_name} "
+                    f"({'high' if inp_name == 'transformer' else 'low'}-noise)")
+
+    # 3. text encoder
+    te_inp, te_source = inputs["text_encoder"], sources["text_encoder"]
+    if te_inp.config_json is not None:
         try:
-            cfg = transformer_config_from_diffusers(_read_json(src / name / "config.json", f"the {name} config"))
-        except ValueError as e:
-            raise MlxVideoError(f"{src / name / 'config.json'}: {e}") from None
-        configs[name] = cfg
-        components.append(
-            ComponentPlan(name, TensorSource.from_folder(src / name, name), DIFFUSERS_TRANSFORMER, cfg.to_dict(), WanTransformer(cfg))
+            te_cfg = UMT5Config.from_transformers(te_inp.config_json)
+        except (ValueError, KeyError) as e:
+            raise MlxVideoError(f"{te_inp.path / 'config.json'}: {e}") from None
+    else:
+        te_cfg = infer_umt5_config(_shapes(te_source), namings["text_encoder"])
+    if te_cfg.dim != cfg.text_dim:
+        raise MlxVideoError(
+            f"{te_source.what} produces {te_cfg.dim}-wide text embeddings but the transformer takes {cfg.text_dim}: "
+            "they do not belong to the same model"
         )
-    try:
-        te_cfg = UMT5Config.from_transformers(_read_json(src / "text_encoder" / "config.json", "the text encoder config"))
-    except ValueError as e:
-        raise MlxVideoError(f"{src / 'text_encoder' / 'config.json'}: {e}") from None
-    components.append(
-        ComponentPlan(
-            "text_encoder", TensorSource.from_folder(src / "text_encoder", "text_encoder"), TRANSFORMERS_UMT5,
-            te_cfg.to_dict(), UMT5Encoder(te_cfg),
-        )
-    )
-    if (src / "vae").is_dir():
+    te_map = OFFICIAL_UMT5 if namings["text_encoder"] == "official" else TRANSFORMERS_UMT5
+    planned.append(ComponentPlan("text_encoder", te_source, te_map, te_cfg.to_dict(), UMT5Encoder(te_cfg), origin=te_inp.origin))
+
+    # 4. VAE (optional: without it the pipeline stops at latents)
+    vae_cfg = None
+    if inputs.get("vae") is not None:
         from mlx_video.models.wan.vae import WanVAE, WanVAEConfig
 
+        from .official_vae import infer_official_vae_config, official_vae_keymap
         from .wan_vae import DIFFUSERS_VAE
 
-        try:
-            vae_cfg = WanVAEConfig.from_diffusers(_read_json(src / "vae" / "config.json", "the VAE config"))
-        except ValueError as e:
-            raise MlxVideoError(f"{src / 'vae' / 'config.json'}: {e}") from None
-        components.append(
-            ComponentPlan("vae", TensorSource.from_folder(src / "vae", "vae"), DIFFUSERS_VAE, vae_cfg.to_dict(), WanVAE(vae_cfg), "fp32")
-        )
-    tokenizer_files = [p for p in (src / "tokenizer" / "spiece.model", src / "tokenizer" / "tokenizer.json") if p.is_file()]
-    if not tokenizer_files:
-        raise MlxVideoError(f"{src / 'tokenizer'} has neither spiece.model nor tokenizer.json")
+        vae_inp, vae_source = inputs["vae"], sources["vae"]
+        if namings["vae"] == "official":
+            vae_cfg = infer_official_vae_config(_shapes(vae_source))
+            vae_map = official_vae_keymap(vae_source.keys())
+        else:
+            if vae_inp.config_json is None:
+                raise MlxVideoError(
+                    f"{vae_source.what} is a VAE in diffusers names without its config.json; pass the diffusers vae/ folder"
+                )
+            try:
+                vae_cfg = WanVAEConfig.from_diffusers(vae_inp.config_json)
+            except ValueError as e:
+                raise MlxVideoError(f"{vae_inp.path / 'config.json'}: {e}") from None
+            vae_map = DIFFUSERS_VAE
+        if vae_cfg.z_dim != cfg.out_channels:
+            which = {16: "the Wan 2.1 VAE", 48: "the Wan 2.2 VAE"}
+            raise MlxVideoError(
+                f"{vae_source.what} has {vae_cfg.z_dim} latent channels ({which.get(vae_cfg.z_dim, 'an unknown VAE')}), but "
+                f"the transformer works on {cfg.out_channels} ({which.get(cfg.out_channels, 'another VAE')})"
+            )
+        planned.append(ComponentPlan("vae", vae_source, vae_map, vae_cfg.to_dict(), WanVAE(vae_cfg), "fp32", origin=vae_inp.origin))
 
-    cfg = configs["transformer"]
-    if two_experts and (cfg.in_channels == 36 or pipeline_class == "WanImageToVideoPipeline"):
-        model_id = "wan2.2-i2v-a14b"
-    elif two_experts:
-        model_id = "wan2.2-t2v-a14b"
+    # 5. tokenizer
+    copy_files: dict[str, list] = {}
+    if tokenizer_files:
+        copy_files["tokenizer"] = tokenizer_files
     else:
-        model_id = "wan2.2-ti2v-5b"
-    spec = MODELS[model_id]
-    if two_experts and index.get("boundary_ratio") is None:
-        raise MlxVideoError(f"{src / 'model_index.json'} has two transformers but no boundary_ratio")
+        from .formats import embedded_spiece
+
+        embedded = embedded_spiece(te_source)
+        if embedded is None:
+            raise MlxVideoError(
+                "no tokenizer: pass --tokenizer PATH (the google/umt5-xxl folder, or its spiece.model or tokenizer.json)"
+            )
+        copy_files["tokenizer"] = [(embedded, "spiece.model")]
+        log(f"tokenizer: the SentencePiece model embedded in {te_source.what}")
+
+    # 6. manifest
+    boundary = None
+    if two_experts:
+        boundary = hints.get("index", {}).get("boundary_ratio") if fmt == "diffusers" else spec.boundary
+        if boundary is None:
+            raise MlxVideoError(f"{src / 'model_index.json'} has two transformers but no boundary_ratio")
+    per_frame = bool(hints["index"].get("expand_timesteps", False)) if fmt == "diffusers" else spec.per_frame_timesteps
     vae_stride = list(spec.vae_stride)
-    if (src / "vae").is_dir():
+    if vae_cfg is not None:
         vae_stride = [vae_cfg.scale_factor_temporal, vae_cfg.scale_factor_spatial, vae_cfg.scale_factor_spatial]
     manifest = {
         "format": "mlxvid-model",
         "format_version": FORMAT_VERSION,
         "family": "wan",
-        "model": model_id,
-        "boundary": index.get("boundary_ratio") if two_experts else None,
-        "per_frame_timesteps": bool(index.get("expand_timesteps", False)),
+        "model": spec.id,
+        "boundary": boundary,
+        "per_frame_timesteps": per_frame,
         "vae_stride": vae_stride,
         "text_len": spec.text_len,
     }
-    return ConversionPlan("diffusers", manifest, components, {"tokenizer": tokenizer_files})
+
+    for comp in planned:
+        _plan_component(comp, allow_unknown_keys, log)
+    files = []
+    for comp in planned:
+        files += comp.source.tensors.paths
+    for item in copy_files.get("tokenizer", []):
+        if isinstance(item[0], Path):
+            files.append(item[0])
+    return ConversionPlan(source_format, manifest, planned, copy_files, files)
 
 
-def plan(src: str | Path) -> ConversionPlan:
-    src = Path(src)
-    fmt = detect_format(src)
-    conversion = plan_diffusers_wan(src)
-    for comp in conversion.components:
-        _plan_component(comp)
-    return conversion
-
-
-def _plan_component(comp: ComponentPlan) -> None:
+def _plan_component(comp: ComponentPlan, allow_unknown_keys: bool = False, log: Callable[[str], None] = lambda s: None) -> None:
     keys = comp.source.keys()
-    unknown = comp.keymap.unknown_keys(keys)
+    unknown = comp.keymap.unknown_keys(keys) + comp.source.orphans
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise MlxVideoError(f"{comp.name}: {len(unknown)} keys that mlxvid does not know: {shown}")
+        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        extra = lookalike(keys)
+        if not allow_unknown_keys:
+            raise MlxVideoError(
+                f"{comp.name}: {comp.source.what} has {_count(len(unknown), 'key')} that mlxvid does not know: {shown}"
+                + (f"; the checkpoint looks like {extra}" if extra else "")
+                + ". Pass --allow-unknown-keys to leave them out"
+            )
+        log(f"{comp.name}: leaving out {_count(len(unknown), 'unknown key')}: {shown}")
+        comp.skipped = list(unknown)
+    skip = set(comp.skipped)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(comp.module.parameters())}
     for key in keys:
+        if key in skip:
+            continue
         hit = comp.keymap.target(key)
         if hit is None:
             continue  # deliberately ignored
         target, transform = hit
         if target in comp.tensors:
-            raise MlxVideoError(f"{comp.name}: {key} and {comp.tensors[target][0]} both map to {target}")
-        shape = comp.source.info(key).shape
+            other = comp.tensors[target][0]
+            if {key, other} == TIED:
+                comp.tensors[target] = ("shared.weight", *comp.tensors[target][1:])
+                continue
+            raise MlxVideoError(f"{comp.name}: {key} and {other} both map to {target}")
+        shape = comp.source.shape(key)
         if transform is not None:  # the transform on a lazy array gives the shape without computing anything
-            shape = tuple(comp.keymap.transforms[transform](mx.zeros(shape)).shape)
+            try:
+                shape = tuple(comp.keymap.transforms[transform](mx.zeros(shape)).shape)
+            except ValueError as e:
+                raise MlxVideoError(f"{comp.name}: {key} of shape {list(shape)} cannot be converted: {e}") from None
         if target not in expected:
             raise MlxVideoError(f"{comp.name}: {key} maps to {target}, which the model does not have")
         if shape != expected[target]:
+            hint = comp.size_hint() if comp.size_hint else ""
             raise MlxVideoError(
                 f"{comp.name}: {key} has shape {list(shape)} but the model expects {list(expected[target])} for "
-                f"{target}; is this checkpoint of another size than its config.json says?"
+                f"{target}: is the checkpoint of another size than its configuration says?{hint}"
             )
-        comp.tensors[target] = (key, shape)
+        comp.tensors[target] = (key, shape, transform)
     missing = sorted(set(expected) - set(comp.tensors))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise MlxVideoError(f"{comp.name}: the checkpoint lacks {len(missing)} tensors the model needs: {shown}")
+        raise MlxVideoError(
+            f"{comp.name}: {comp.source.what} lacks {_count(len(missing), 'tensor')} the model needs: {shown}"
+            + (comp.size_hint() if comp.size_hint else "")
+        )
 
 
-def _shards(comp: ComponentPlan, itemsize: int, shard_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+
+
+def _shards(items: list[Item], shard_bytes: int) -> list[list[Item]]:
+    shards: list[list[Item]] = [[]]
     size = 0
-    for target in sorted(comp.tensors):
-        shape = comp.tensors[target][1]
-        n = itemsize
-        for s in shape:
-            n *= s
+    for item in sorted(items, key=lambda i: i.target):
+        n = item_nbytes(item)
         if shards[-1] and size + n > shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(target)
+        shards[-1].append(item)
         size += n
     return shards
 
 
-def _shard_is_complete(path: Path, keys: list[str]) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        from mlx_video.io.safetensors import SafetensorsFile
+def _fingerprint(conversion: ConversionPlan, settings: dict) -> dict:
+    files = []
+    for p in conversion.source_files:
+        st = p.stat()
+        files.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return {**settings, "sources": files, "version": __version__}
 
-        return sorted(SafetensorsFile(path).keys()) == sorted(keys)
-    except MlxVideoError:
-        return False
+
+def _quantization_record(comp: ComponentPlan, quantize: str | None, group_size: int) -> dict | None:
+    low = [i for i in comp.items if i.mode in ("affine", "fp8_copy", "fp8_encode")]
+    if not low:
+        return None
+    layers = [i.target[: -len(".weight")] for i in low]
+    if MODES[quantize][0] == "affine":
+        return {"mode": "affine", "bits": MODES[quantize][1], "group_size": group_size, "layers": layers}
+    formats = {}
+    for i in low:
+        formats[i.target[: -len(".weight")]] = comp.source.fp8_format(i.source_key) if i.mode == "fp8_copy" else "e4m3fn"
+    return {"mode": "fp8", "layers": formats}
 
 
 def convert_model(
-    src: str | Path,
+    src: str | Path | None,
     dst: str | Path,
     dtype: str = "bf16",
     overwrite: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = lambda s: None,
+    *,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    base: str | None = None,
+    components: dict[str, str | Path] | None = None,
+    tokenizer: str | Path | None = None,
+    allow_unknown_keys: bool = False,
 ) -> Path:
-    """Convert `src` into an MLX-native folder at `dst`. Returns `dst`."""
+    """Convert `src` (and/or per-component files) into an MLX-native folder at `dst`. Returns `dst`."""
     if dtype not in DTYPES:
         raise MlxVideoError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    check_options(quantize, group_size)
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise MlxVideoError(f"{dst} already exists; pass --overwrite to replace it")
-    target_dtype = DTYPES[dtype]
-    conversion = plan(src)
+    if src is not None and Path(src).exists() and Path(src).resolve() in (dst.resolve(), *dst.resolve().parents):
+        raise MlxVideoError(f"the destination {dst} must not be the source {src} or inside it")
+    conversion = plan(src, components, tokenizer, base, allow_unknown_keys, log)
     log(f"source format: {conversion.source_format} ({conversion.manifest['model']}-style Wan pipeline)")
+    for comp in conversion.components:
+        prefix = f", prefix {comp.source.prefix!r} removed" if comp.source.prefix else ""
+        log(f"  {comp.name}: {comp.origin}: {comp.source.scheme()}{prefix}")
+
+    for comp in conversion.components:
+        comp_dtype = comp.dtype or dtype
+        comp.items = [
+            plan_item(comp.name, target, key, transform, shape, comp.source, comp_dtype, quantize, group_size)
+            for target, (key, shape, transform) in comp.tensors.items()
+        ]
+    if quantize is not None:
+        low = sum(1 for c in conversion.components for i in c.items if i.mode != "cast" and i.mode != "copy")
+        log(f"quantization: {quantize}" + (f" (group size {group_size})" if MODES[quantize][0] == "affine" else "")
+            + f", {low} weight matrices of the transformer blocks; everything else stays {dtype}")
 
     work = dst.with_name(dst.name + ".part")
-    fingerprint = {"source": str(Path(src).resolve()), "dtype": dtype, "shard_bytes": shard_bytes, "version": __version__}
+    settings = {"dtype": dtype, "quantize": quantize, "group_size": group_size, "shard_bytes": shard_bytes,
+                "base": base, "skipped": {c.name: c.skipped for c in conversion.components}}
+    fingerprint = _fingerprint(conversion, settings)
     stamp = work / ".conversion.json"
-    if work.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != fingerprint):
-        shutil.rmtree(work)  # left by a conversion with other settings: nothing in it can be reused
     if work.exists():
-        log(f"resuming the interrupted conversion in {work}")
+        try:
+            previous = json.loads(stamp.read_text()) if stamp.is_file() else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            previous = None
+        if previous != fingerprint:
+            shutil.rmtree(work)  # left by a conversion with other settings or sources: nothing in it can be reused
+        else:
+            log(f"resuming the interrupted conversion in {work}")
     work.mkdir(parents=True, exist_ok=True)
     _write_json(stamp, fingerprint)
-    total = sum(len(c.tensors) for c in conversion.components)
+
+    total = sum(len(c.items) for c in conversion.components)
     done = 0
-    for comp in conversion.components:
-        out = work / comp.name
-        out.mkdir(exist_ok=True)
-        comp_dtype = comp.dtype or dtype
-        shards = _shards(comp, {"bf16": 2, "fp16": 2, "fp32": 4}[comp_dtype], shard_bytes)
-        weight_map = {}
-        for i, keys in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            weight_map.update({k: name for k in keys})
-            path = out / name
-            if _shard_is_complete(path, keys):
-                done += len(keys)
-                if progress:
-                    progress(comp.name, done, total)
-                continue
-            tensors = {}
-            for target in keys:
-                source_key = comp.tensors[target][0]
-                _, value = comp.keymap.apply(source_key, comp.source.get(source_key))
-                if mx.issubdtype(value.dtype, mx.floating):
-                    value = value.astype(DTYPES[comp_dtype])
-                tensors[target] = value
-                done += 1
-                if progress:
-                    progress(comp.name, done, total)
-            tmp = out / (name + ".tmp.safetensors")
-            mx.save_safetensors(str(tmp), tensors, metadata={"format": "mlx"})
-            os.replace(tmp, path)
-            del tensors
-        _write_json(out / INDEX, {"metadata": {"mlxvid_version": __version__}, "weight_map": weight_map})
-        _write_json(out / "config.json", comp.config)
+    previous_cache = mx.set_cache_limit(CONVERT_CACHE_BYTES)
+    try:
+        for comp in conversion.components:
+            out = work / comp.name
+            out.mkdir(exist_ok=True)
+            comp_dtype = comp.dtype or dtype
+            shards = _shards(comp.items, shard_bytes)
+            weight_map = {}
+            for i, items in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                tensors = [o for item in items for o in item.outputs]
+                weight_map.update({o.name: name for o in tensors})
+                path = out / name
+                if shard_is_complete(path, tensors):
+                    done += len(items)
+                    if progress:
+                        progress(comp.name, done, total)
+                    continue
+                writer = ShardWriter(path, tensors, metadata={"format": "mlx"})
+                try:
+                    for item in items:
+                        produce(item, comp.source, comp.keymap.transforms, comp_dtype, group_size, writer.write)
+                        mx.clear_cache()
+                        done += 1
+                        if progress:
+                            progress(comp.name, done, total)
+                    writer.commit()
+                except BaseException:
+                    writer.abort()
+                    raise
+            _write_json(out / INDEX, {"metadata": {"mlxvid_version": __version__}, "weight_map": weight_map})
+            _write_json(out / "config.json", comp.config)
+            record = _quantization_record(comp, quantize, group_size)
+            if record is not None:
+                _write_json(out / QUANTIZATION_FILE, record)
+            elif (out / QUANTIZATION_FILE).exists():
+                (out / QUANTIZATION_FILE).unlink()
+    finally:
+        mx.set_cache_limit(previous_cache)
     for folder, files in conversion.copy_files.items():
         (work / folder).mkdir(exist_ok=True)
-        for f in files:
-            shutil.copyfile(f, work / folder / f.name)
+        for f, name in files:
+            if isinstance(f, bytes):
+                (work / folder / name).write_bytes(f)
+            else:
+                shutil.copyfile(f, work / folder / name)
     manifest = dict(conversion.manifest)
     manifest.update(
-        dtype=DTYPE_NAMES[target_dtype],
+        dtype=DTYPE_NAMES[DTYPES[dtype]],
+        quantization=None if quantize is None else (
+            {"mode": quantize, "group_size": group_size} if MODES[quantize][0] == "affine" else {"mode": quantize}
+        ),
         components=[c.name for c in conversion.components] + list(conversion.copy_files),
-        source={"path": str(Path(src).resolve()), "format": conversion.source_format},
+        source={"path": str(Path(src).resolve()) if src is not None else None, "format": conversion.source_format,
+                "files": [str(p.resolve()) for p in conversion.source_files]},
         mlxvid_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )

@@ -50,22 +50,52 @@ def models():
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="[SRC] DST", type=click.Path(path_type=Path))
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="Precision of the written weights; the pipeline computes in it. fp32 is for parity checks.")
+@click.option("--quantize", type=click.Choice(["q8", "q4", "fp8"]), default=None,
+              help="Store the transformer blocks' linear weights as 8- or 4-bit MLX affine integers (q8, q4) or as "
+                   "fp8 e4m3 codes with per-tensor scales (fp8, decoded when a layer runs). Norms, modulation, "
+                   "embeddings, the head, the text encoder and the VAE stay in --dtype.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Inputs sharing one scale and bias in q8/q4.")
+@click.option("--base", metavar="MODEL_ID", default=None,
+              help="The registry model the checkpoints are (see `mlxvid models`); needed without SRC. The shapes are "
+                   "checked against it.")
+@click.option("--transformer", type=click.Path(path_type=Path), default=None,
+              help="Diffusion transformer file or folder (the high-noise expert for A14B); supplies or replaces SRC's.")
+@click.option("--transformer-2", "transformer_2", type=click.Path(path_type=Path), default=None,
+              help="The low-noise expert of an A14B model (file or folder).")
+@click.option("--text-encoder", type=click.Path(path_type=Path), default=None, help="UMT5 text encoder file or folder.")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VAE file (official or ComfyUI) or diffusers vae/ folder.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="Tokenizer folder (google/umt5-xxl) or its spiece.model / tokenizer.json.")
+@click.option("--allow-unknown-keys", is_flag=True, help="Leave out tensors mlxvid does not know instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-def convert(src: Path, dst: Path, dtype: str, overwrite: bool):
-    """Convert a checkpoint folder SRC into an MLX-native model folder DST.
+def convert(paths, dtype, quantize, group_size, base, transformer, transformer_2, text_encoder, vae, tokenizer,
+            allow_unknown_keys, overwrite):
+    """Convert checkpoints into an MLX-native model folder DST.
 
-    SRC is a diffusers Wan 2.2 folder (model_index.json, transformer/, transformer_2/, text_encoder/,
-    tokenizer/, vae/). DST receives safetensors shards and configs, written into DST.part and renamed at the
-    end; re-running an interrupted conversion keeps the shards already written.
+    \b
+    SRC is a folder in any of these layouts (detected from its files and keys):
+      diffusers        model_index.json, transformer/, transformer_2/, text_encoder/, tokenizer/, vae/
+      official         high_noise_model/ + low_noise_model/ (or the TI2V-5B shards), models_t5_umt5-xxl-enc-bf16.pth,
+                       Wan2.1_VAE.pth / Wan2.2_VAE.pth, google/umt5-xxl/
+      single files     ComfyUI diffusion model / text encoder / VAE files (fp16, bf16, fp8 scaled or plain fp8)
+    or one checkpoint file (taken as --transformer). Component options supply or replace parts; without SRC,
+    --base names the model. DST receives safetensors shards and configs, written into DST.part and renamed at
+    the end; re-running an interrupted conversion keeps the shards already written.
     """
     from tqdm.auto import tqdm
 
     from .convert.convert import convert_model
 
+    if len(paths) > 2:
+        raise MlxVideoError(f"convert takes [SRC] DST, got {len(paths)} paths")
+    src, dst = (None, paths[0]) if len(paths) == 1 else paths
+    components = {"transformer": transformer, "transformer_2": transformer_2, "text_encoder": text_encoder, "vae": vae}
+    if src is None and not any(components.values()):
+        raise MlxVideoError("convert needs SRC, or component files (--transformer, --text-encoder, ...) with --base")
     bar = tqdm(desc="converting", unit="tensor")
 
     def progress(component: str, done: int, total: int) -> None:
@@ -75,7 +105,9 @@ def convert(src: Path, dst: Path, dtype: str, overwrite: bool):
         bar.refresh()
 
     try:
-        convert_model(src, dst, dtype=dtype, overwrite=overwrite, progress=progress, log=click.echo)
+        convert_model(src, dst, dtype=dtype, overwrite=overwrite, progress=progress, log=click.echo, quantize=quantize,
+                      group_size=int(group_size), base=base, components=components, tokenizer=tokenizer,
+                      allow_unknown_keys=allow_unknown_keys)
     finally:
         bar.close()
     click.echo(f"wrote {dst}")

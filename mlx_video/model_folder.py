@@ -7,6 +7,9 @@ Layout:
     transformer_2/ ...              (A14B: the low-noise expert)
     text_encoder/ ...               (UMT5 encoder)
     tokenizer/spiece.model and/or tokenizer/tokenizer.json
+    <component>/quantization.json   only when some layers are stored quantized (`mlxvid convert --quantize`):
+                                    {"mode": "affine", "bits", "group_size", "layers": [...]} for q8/q4, or
+                                    {"mode": "fp8", "layers": {layer: "e4m3fn" | "e5m2"}} for fp8 codes + weight_scale
 Weights are loaded lazily (MLX reads a tensor when it is first used), one component at a time.
 """
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .errors import MlxVideoError
 from .registry import ModelSpec, get_spec, models_home
@@ -24,6 +28,7 @@ from .registry import ModelSpec, get_spec, models_home
 MANIFEST = "mlxvid.json"
 FORMAT_VERSION = 1
 INDEX = "model.safetensors.index.json"
+QUANTIZATION = "quantization.json"  # per component, when some of its layers are stored quantized
 
 LAYOUT_HELP = (
     "an mlxvid model folder holds mlxvid.json, transformer/ (and transformer_2/ for A14B), text_encoder/ and "
@@ -113,11 +118,31 @@ class ModelFolder:
             weights.update(mx.load(str(d / shard)))
         return weights
 
+    def quantization(self, component: str) -> dict | None:
+        """The component's quantization.json (which layers are stored quantized, and how), or None."""
+        path = self.path / component / QUANTIZATION
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise MlxVideoError(f"{path} is not valid JSON ({e}); re-run `mlxvid convert`") from None
+        if not isinstance(record, dict) or record.get("mode") not in ("affine", "fp8"):
+            raise MlxVideoError(f"{path} names an unknown quantization mode; re-run `mlxvid convert`")
+        return record
+
     def load_module(self, component: str, module) -> None:
-        """Load a component's weights into `module`, refusing missing or unexpected tensors."""
+        """Load a component's weights into `module`, refusing missing or unexpected tensors.
+
+        For a quantized component the layers listed in its quantization.json are first replaced: by
+        `nn.QuantizedLinear` (affine q8/q4) or by `Fp8Linear` (fp8 codes decoded when the layer runs).
+        """
         from mlx.utils import tree_flatten
 
         weights = self.weights(component)
+        record = self.quantization(component)
+        if record is not None:
+            _prepare_quantized(module, record, weights, self.dtype, self.path / component)
         expected = dict(tree_flatten(module.parameters()))
         missing = sorted(set(expected) - set(weights))
         unknown = sorted(set(weights) - set(expected))
@@ -134,6 +159,63 @@ class ModelFolder:
                     f"{tuple(expected[k].shape)}"
                 )
         module.load_weights(list(weights.items()), strict=True)
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer that keeps its weight as float8 codes (uint8) and a float32 scale, one per tensor or
+    one per output channel, and decodes them to the compute dtype each time it runs: memory holds one byte per
+    weight. The arithmetic is that of `nn.Linear` on the decoded weight `(decode(codes) * scale).astype(dtype)`,
+    which is exactly what a conversion without --quantize would have stored."""
+
+    def __init__(self, input_dims: int, output_dims: int, bias: bool, fmt: str, scale_shape=(), dtype=mx.bfloat16):
+        super().__init__()
+        self.weight = mx.zeros((output_dims, input_dims), dtype=mx.uint8)
+        self.weight_scale = mx.ones(tuple(scale_shape), dtype=mx.float32)
+        if bias:
+            self.bias = mx.zeros((output_dims,), dtype=dtype)
+        self._fp8_format = fmt
+        self._compute_dtype = dtype
+
+    def decoded_weight(self) -> mx.array:
+        from .convert.fp8 import dequantize_fp8
+
+        return dequantize_fp8(self["weight"], self._fp8_format, self["weight_scale"], dtype=self._compute_dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        weight = self.decoded_weight()
+        if "bias" in self:
+            return mx.addmm(self["bias"], x, weight.T)
+        return x @ weight.T
+
+
+def _prepare_quantized(module, record: dict, weights: dict, dtype, where: Path) -> None:
+    """Swap the listed nn.Linear layers of `module` for their quantized counterparts."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    leaves = dict(tree_flatten(module.leaf_modules(), is_leaf=nn.Module.is_module))
+    layers = record.get("layers") or []
+    names = list(layers)
+    bad = [p for p in names if not isinstance(leaves.get(p), nn.Linear)]
+    if bad:
+        raise MlxVideoError(f"{where}/{QUANTIZATION} lists {bad[0]}, which is not a linear layer of the model")
+    if record["mode"] == "affine":
+        chosen = set(names)
+        nn.quantize(
+            module,
+            group_size=int(record["group_size"]),
+            bits=int(record["bits"]),
+            class_predicate=lambda path, m: path in chosen,
+        )
+        return
+    replacements = []
+    for path in names:
+        linear = leaves[path]
+        out_dims, in_dims = linear.weight.shape
+        scale = weights.get(f"{path}.weight_scale")
+        replacements.append(
+            (path, Fp8Linear(in_dims, out_dims, "bias" in linear, layers[path], () if scale is None else scale.shape, dtype))
+        )
+    module.update_modules(tree_unflatten(replacements))
 
 
 def resolve_model(model: str) -> ModelFolder:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -42,3 +43,33 @@ def test_every_runtime_package_is_shipped(wheel):
 def test_console_script(wheel):
     (entry_points,) = [n for n in wheel.namelist() if n.endswith("entry_points.txt")]
     assert "mlxvid = mlx_video.cli:main" in wheel.read(entry_points).decode()
+
+
+def test_kernel_sources_are_shipped(wheel):
+    """The Metal / CUDA kernel sources (kernels/ in the checkout) install as mlx_video/kernel_sources/."""
+    root = ROOT / "kernels"
+    needed = [p for pattern in ("common/*.h", "metal/*.metal", "cuda/*.cu") for p in root.glob(pattern)]
+    assert needed, "no kernel sources found in kernels/"
+    names = set(wheel.namelist())
+    missing = sorted(
+        f"mlx_video/kernel_sources/{p.relative_to(root).as_posix()}"
+        for p in needed + [root / "__init__.py"]
+        if f"mlx_video/kernel_sources/{p.relative_to(root).as_posix()}" not in names
+    )
+    assert not missing, f"kernel sources not in the wheel: {missing}"
+    assert not [n for n in names if n.startswith("mlx_video/kernel_sources/tests/")]  # host tests stay out
+
+
+def test_installed_wheel_finds_its_kernel_sources(wheel, tmp_path):
+    """From an unpacked wheel, mlx_video.kernels reads the sources of the installed package."""
+    wheel.extractall(tmp_path)
+    code = (
+        "import mlx_video.kernels as k; print(k.source_dir()); "
+        "h, b = k.kernel_source('mlxvid_rope_qk', 'metal'); assert 'mlxvid_rope_pair' in h and b.strip()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == tmp_path / "mlx_video" / "kernel_sources"

@@ -151,7 +151,7 @@ class UMT5Block(nn.Module):
         self.ffn = UMT5FeedForward(config)
 
     def __call__(self, x: mx.array, buckets: mx.array, key_mask: mx.array) -> mx.array:
-        compute_dtype = self.attn.q.weight.dtype
+        compute_dtype = self.norm1.weight.dtype  # not a linear weight: those may be quantized integers
         # (L, L, heads) -> (1, heads, L, L), plus the padding mask over keys.
         bias = self.pos_bias(buckets).transpose(2, 0, 1)[None] + key_mask
         x = x + self.attn(self.norm1(x).astype(compute_dtype), bias)
@@ -171,7 +171,7 @@ class UMT5Encoder(nn.Module):
         """input_ids (B, L) int and attention_mask (B, L) of 0/1 -> last hidden state (B, L, dim) float32."""
         input_ids = mx.array(input_ids)
         length = input_ids.shape[1]
-        compute_dtype = self.blocks[0].attn.q.weight.dtype if self.blocks else mx.float32
+        compute_dtype = self.blocks[0].norm1.weight.dtype if self.blocks else mx.float32
 
         x = self.token_embedding(input_ids).astype(mx.float32)
         buckets = relative_position_buckets(length, self.config.num_buckets, self.config.max_distance)

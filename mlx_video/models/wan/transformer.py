@@ -3,6 +3,9 @@
 Precision follows the official model run in bf16: the residual stream, the time embedding, all modulation
 arithmetic, the norms and the output head are float32; the linear layers inside the blocks and the text
 embedding run in the parameter dtype.
+
+The adaLN modulation, the gated residuals and the rotary embedding go through `mlx_video.kernels`, which runs
+fused Metal / CUDA kernels where available and otherwise the plain MLX composition written there.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_video.kernels import adaln_modulate, apply_rope_qk, gated_residual
 from mlx_video.models.wan.config import WanTransformerConfig
 from mlx_video.nn.attention import attention
-from mlx_video.nn.norms import FP32LayerNorm, layer_norm_fp32
-from mlx_video.nn.rope import apply_rope_interleaved, rope_tables_3d
+from mlx_video.nn.norms import FP32LayerNorm
+from mlx_video.nn.rope import rope_tables_3d
 
 # 2*pi as a short head (8 significant bits) plus a float32 tail: turns * _TWO_PI_HI is exact for any turns
 # count a timestep below 4096 can produce.
@@ -107,8 +111,7 @@ class WanAttention(nn.Module):
         k = self.norm_k(self.k(source)).reshape(batch, kv_len, self.num_heads, -1)
         v = self.v(source).reshape(batch, kv_len, self.num_heads, -1)
         if rope is not None:
-            q = apply_rope_interleaved(q, *rope)
-            k = apply_rope_interleaved(k, *rope)
+            q, k = apply_rope_qk(q, k, rope)
         return self.o(attention(q, k, v))
 
 
@@ -149,16 +152,16 @@ class WanBlock(nn.Module):
             self.modulation.astype(mx.float32) + time, 6, axis=2
         )
 
-        h = layer_norm_fp32(x, eps=self.eps) * (1 + scale_msa) + shift_msa
+        h = adaln_modulate(x, shift_msa, scale_msa, self.eps)
         y = self.self_attn(h.reshape(tokens), rope=rope)
-        x = x + y.reshape(grouped) * gate_msa
+        x = gated_residual(x, gate_msa, y.reshape(grouped))
 
         y = self.cross_attn(self.norm_cross(x).reshape(tokens), context=context)
         x = x + y.reshape(grouped)
 
-        h = layer_norm_fp32(x, eps=self.eps) * (1 + scale_ffn) + shift_ffn
+        h = adaln_modulate(x, shift_ffn, scale_ffn, self.eps)
         y = self.ffn(h.reshape(tokens))
-        return x + y.reshape(grouped) * gate_ffn
+        return gated_residual(x, gate_ffn, y.reshape(grouped))
 
 
 class Head(nn.Module):
@@ -171,7 +174,7 @@ class Head(nn.Module):
     def __call__(self, x: mx.array, time_embedding: mx.array) -> mx.array:
         """x: (B, G, N, dim) float32; time_embedding: (B, G, dim) float32. Computed in float32."""
         shift, scale = mx.split(self.modulation.astype(mx.float32) + time_embedding[:, :, None, :], 2, axis=2)
-        h = layer_norm_fp32(x, eps=self.eps) * (1 + scale) + shift
+        h = adaln_modulate(x, shift, scale, self.eps)
         return self.linear(h).astype(mx.float32)
 
 

@@ -1,0 +1,479 @@
+"""What a checkpoint file holds, read the same way whatever its container and precision.
+
+Three layers, each small:
+
+* `TensorFile`: one container's tensors -- a safetensors file or sharded folder (our strict streaming reader)
+  or a `torch.save` archive (our pickle-free reader) -- with a uniform dtype code (safetensors' spelling)
+  and reads of a range of rows, so that no tensor needs to be held whole to be converted.
+* `ComponentSource`: the tensors of one model component by their model names. It strips a wrapper prefix
+  (`model.diffusion_model.` and the like) and folds fp8 side tensors into the weights they scale:
+  ComfyUI's legacy "scaled fp8" (`scaled_fp8` marker, `<layer>.scale_weight`, `<layer>.scale_input`), the
+  newer mixed-precision layout (`<layer>.weight_scale`, `<layer>.comfy_quant` JSON, `<layer>.input_scale`)
+  and plain fp8 casts without scales. A weight then reads as `decode(codes) * scale` in float32.
+* `classify`: what kind of component a set of keys is (a Wan transformer in official or diffusers names, a
+  UMT5 encoder, a Wan VAE, ...) and, for checkpoints of other families, which model they look like.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_video.errors import MlxVideoError
+from mlx_video.io.safetensors import SafetensorsFile, TensorSource
+
+from .fp8 import decode_fp8
+
+# dtype code -> (bytes per element, numpy dtype of the raw elements)
+RAW_DTYPES: dict[str, tuple[int, type]] = {
+    "F64": (8, np.float64),
+    "F32": (4, np.float32),
+    "F16": (2, np.float16),
+    "BF16": (2, np.uint16),
+    "I64": (8, np.int64),
+    "I32": (4, np.int32),
+    "I16": (2, np.int16),
+    "I8": (1, np.int8),
+    "U8": (1, np.uint8),
+    "BOOL": (1, np.bool_),
+    "F8_E4M3": (1, np.uint8),
+    "F8_E5M2": (1, np.uint8),
+}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+FP8_CODES = {"F8_E4M3": "e4m3fn", "F8_E5M2": "e5m2"}
+DTYPE_NAMES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2"}
+
+# torch dtype names (as our .pth reader reports them) -> the codes above
+_TORCH_CODES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}  # fmt: skip
+
+
+def raw_to_mx(host: np.ndarray, code: str) -> mx.array:
+    """Raw elements (as read from disk) -> an MLX array: bf16 viewed, fp64 narrowed, fp8 left as uint8 codes."""
+    if code == "F64":
+        host = host.astype(np.float32)
+    arr = mx.array(host)
+    return arr.view(mx.bfloat16) if code == "BF16" else arr
+
+
+# ---------------------------------------------------------------------------------------------------
+# containers
+
+
+class TensorFile:
+    """The tensors of one checkpoint container. Subclasses fill `_shapes`, `_codes`, `paths`."""
+
+    paths: list[Path]
+    metadata: dict
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def code(self, key: str) -> str:
+        return self._codes[key]
+
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> mx.array:
+        """Rows [start, stop) along the first axis (all of it by default), raw (see `raw_to_mx`)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return ", ".join(str(p) for p in self.paths[:3]) + (f" and {len(self.paths) - 3} more" if len(self.paths) > 3 else "")
+
+
+def _row_span(shape: tuple[int, ...], start: int | None, stop: int | None) -> tuple[int, int, tuple[int, ...]]:
+    """(first element, element count, shape of the read) for rows [start, stop)."""
+    if not shape:
+        if start not in (None, 0) or stop not in (None, 1):
+            raise ValueError("a 0-d tensor has one row")
+        return 0, 1, ()
+    rows = shape[0]
+    start = 0 if start is None else start
+    stop = rows if stop is None else stop
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"rows {start}..{stop} outside {rows}")
+    per_row = int(np.prod(shape[1:], dtype=np.int64))
+    return start * per_row, (stop - start) * per_row, (stop - start, *shape[1:])
+
+
+class SafetensorsTensors(TensorFile):
+    def __init__(self, source: TensorSource):
+        self._source = source
+        self.paths = [f.path for f in source.files]
+        self.metadata = source.metadata
+        self._shapes = {k: tuple(source.info(k).shape) for k in source.keys()}
+        self._codes = {k: source.info(k).dtype for k in source.keys()}
+
+    @classmethod
+    def open(cls, path: Path, what: str) -> "SafetensorsTensors":
+        path = Path(path)
+        if path.is_dir():
+            return cls(TensorSource.from_folder(path, what))
+        return cls(TensorSource([path]))
+
+    def _file(self, key: str) -> SafetensorsFile:
+        return self._source._where[key]
+
+    def read(self, key, start=None, stop=None):
+        f = self._file(key)
+        info = f.info(key)
+        itemsize, np_dtype = RAW_DTYPES[info.dtype]
+        first, count, shape = _row_span(info.shape, start, stop)
+        with open(f.path, "rb") as fh:
+            fh.seek(info.start + first * itemsize)
+            host = np.fromfile(fh, dtype=np_dtype, count=count)
+        if host.size != count:
+            raise MlxVideoError(f"{f.path}: tensor {key!r} is truncated")
+        return raw_to_mx(host.reshape(shape), info.dtype)
+
+
+class PthTensors(TensorFile):
+    def __init__(self, path: Path):
+        from .pth import open_state_dict
+
+        self._ckpt = open_state_dict(path)
+        self.paths = [Path(path)]
+        self.metadata = {}
+        self._shapes, self._codes = {}, {}
+        for key in self._ckpt.keys():
+            info = self._ckpt.info(key)
+            if info.dtype not in _TORCH_CODES:
+                raise MlxVideoError(f"{path}: tensor {key!r} has dtype {info.dtype}, which mlxvid cannot convert")
+            self._shapes[key] = tuple(info.shape)
+            self._codes[key] = _TORCH_CODES[info.dtype]
+
+    def read(self, key, start=None, stop=None):
+        info = self._ckpt.info(key)
+        code = self._codes[key]
+        first, count, shape = _row_span(self._shapes[key], start, stop)
+        archive = getattr(self._ckpt, "_archive", None)
+        contiguous = list(info.stride) == _contiguous_strides(info.shape)
+        if archive is None or archive.byteorder != "little" or not contiguous or info.numel == 0:
+            whole = self._ckpt.get_numpy(key)  # the reader's general path: strided or big-endian storage
+            return raw_to_mx(np.ascontiguousarray(whole.reshape(-1)[first : first + count]).reshape(shape), code)
+        itemsize, np_dtype = RAW_DTYPES[code]
+        lo = (info.storage_offset + first) * itemsize
+        raw = archive.read_range(archive.data_name(info.storage_key), lo, lo + count * itemsize)
+        return raw_to_mx(raw.view(np_dtype).reshape(shape), code)
+
+
+def _contiguous_strides(shape) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.insert(0, step)
+        step *= size
+    return strides
+
+
+def open_tensors(path: str | Path, what: str) -> TensorFile:
+    """A safetensors file, a folder of safetensors shards, or a torch.save archive (.pth/.pt/.bin/.ckpt)."""
+    path = Path(path)
+    if not path.exists():
+        raise MlxVideoError(f"{what}: {path} does not exist")
+    if path.is_dir():
+        return SafetensorsTensors.open(path, what)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return PthTensors(path)
+    return SafetensorsTensors.open(path, what)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one component by model names, fp8 side tensors folded in
+
+# Wrapper prefixes that checkpoint tools put before the model's own names (ComfyUI full checkpoints and
+# repackaged files, Lightning-style wrappers). Stripped only when every key but the root markers carries one.
+PREFIXES = (
+    "model.diffusion_model.",
+    "diffusion_model.",
+    "first_stage_model.",
+    "text_encoders.umt5xxl.transformer.",
+    "umt5xxl.transformer.",
+    "model.",
+    "vae.",
+)
+ROOT_MARKERS = ("scaled_fp8", "spiece_model")
+_SIDE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2")
+_SUPPORTED_COMFY_FORMATS = {"float8_e4m3fn": "e4m3fn", "float8_e5m2": "e5m2"}
+
+
+@dataclass(frozen=True)
+class Fp8Layout:
+    fmt: str | None  # "e4m3fn" / "e5m2" when the stored weight is fp8 codes, None for a float weight
+    scale_key: str | None  # the side tensor holding the scale, if any
+
+
+class ComponentSource:
+    """One component's tensors by model names; fp8 weights read dequantized unless asked for their codes."""
+
+    def __init__(self, tensors: TensorFile, what: str):
+        self.tensors = tensors
+        self.what = what
+        keys = tensors.keys()
+        self.prefix = _common_prefix(keys)
+        self._raw_key = {}
+        for k in keys:
+            name = k[len(self.prefix) :] if self.prefix and k.startswith(self.prefix) else k
+            if name in self._raw_key:
+                raise MlxVideoError(f"{what}: {k!r} and {self._raw_key[name]!r} are the same tensor once the prefix is removed")
+            self._raw_key[name] = k
+        names = set(self._raw_key)
+        self.marker = "scaled_fp8" if "scaled_fp8" in names else None
+        self.spiece_model = "spiece_model" if "spiece_model" in names else None
+        quant_conf = self._comfy_quant_configs(names)
+        self.layouts: dict[str, Fp8Layout] = {}
+        side = {n for n in names if n.endswith(_SIDE_SUFFIXES)}
+        self.orphans: list[str] = []
+        used_side = set()
+        # Each fp8 weight's own dtype says which format it is (the legacy marker's dtype says it too, less directly).
+        for name in sorted(names - side - {m for m in ROOT_MARKERS if m in names}):
+            code = self._code(name)
+            layer = name[: -len(".weight")] if name.endswith(".weight") else None
+            scale_key = None
+            if layer is not None:
+                for suffix in (".scale_weight", ".weight_scale"):
+                    if layer + suffix in names:
+                        scale_key = layer + suffix
+                        break
+                used_side.update(layer + s for s in _SIDE_SUFFIXES if layer + s in names)
+                if layer + ".weight_scale_2" in names:
+                    raise MlxVideoError(
+                        f"{what}: {layer} is stored in a block-scaled 4-bit format (weight_scale_2, e.g. nvfp4), which "
+                        "mlxvid does not read; use an fp16/bf16 or fp8 checkpoint"
+                    )
+            fmt = FP8_CODES.get(code)
+            conf = quant_conf.get(layer) if layer is not None else None
+            if conf is not None:
+                wanted = conf.get("format")
+                if wanted not in _SUPPORTED_COMFY_FORMATS:
+                    raise MlxVideoError(
+                        f"{what}: {layer} is quantized as {wanted!r} (comfy_quant), which mlxvid does not read; it reads "
+                        f"{', '.join(_SUPPORTED_COMFY_FORMATS)}"
+                    )
+                if fmt != _SUPPORTED_COMFY_FORMATS[wanted]:
+                    raise MlxVideoError(
+                        f"{what}: {layer}.comfy_quant says {wanted} but its weight is stored as {code}; the file is inconsistent"
+                    )
+            if fmt is not None or scale_key is not None:
+                if scale_key is not None:
+                    self._check_scale(name, scale_key)
+                self.layouts[name] = Fp8Layout(fmt, scale_key)
+        self.orphans = sorted(side - used_side)
+        self.logical = sorted(names - side - {m for m in ROOT_MARKERS if m in names})
+        self._logical_set = set(self.logical)
+
+    # -- description
+
+    def _code(self, name: str) -> str:
+        return self.tensors.code(self._raw_key[name])
+
+    def _comfy_quant_configs(self, names: set[str]) -> dict[str, dict]:
+        configs: dict[str, dict] = {}
+        meta = self.tensors.metadata.get("_quantization_metadata") if self.tensors.metadata else None
+        if meta:
+            try:
+                layers = json.loads(meta).get("layers", {})
+                configs.update({str(k)[len(self.prefix) :] if self.prefix and str(k).startswith(self.prefix) else str(k): v for k, v in layers.items()})
+            except (json.JSONDecodeError, AttributeError, TypeError):
+                raise MlxVideoError(f"{self.what}: the header's _quantization_metadata is not valid JSON") from None
+        for name in names:
+            if not name.endswith(".comfy_quant"):
+                continue
+            blob = np.array(self.tensors.read(self._raw_key[name])).astype(np.uint8).tobytes()
+            try:
+                conf = json.loads(blob.decode("utf-8"))
+                if not isinstance(conf, dict):
+                    raise ValueError
+            except (UnicodeDecodeError, ValueError):
+                raise MlxVideoError(f"{self.what}: {name} is not a JSON object (a comfy_quant blob)") from None
+            configs[name[: -len(".comfy_quant")]] = conf
+        return configs
+
+    def _check_scale(self, name: str, scale_key: str) -> None:
+        shape = self.tensors.shape(self._raw_key[scale_key])
+        if self._code(scale_key) not in FLOAT_CODES - set(FP8_CODES):
+            raise MlxVideoError(f"{self.what}: the scale {scale_key} has dtype {self._code(scale_key)}; expected a float")
+        n = int(np.prod(shape, dtype=np.int64))
+        wshape = self.shape(name)
+        if n != 1 and not (len(shape) >= 1 and wshape and n == wshape[0] and shape[0] == wshape[0]):
+            raise MlxVideoError(
+                f"{self.what}: the scale {scale_key} has shape {list(shape)}, which fits neither one scale per tensor "
+                f"nor one per output channel of {name} {list(wshape)}"
+            )
+
+    def scheme(self) -> str:
+        """A one-line description of how the weights are stored."""
+        codes: dict[str, int] = {}
+        for name in self.logical:
+            codes[self._code(name)] = codes.get(self._code(name), 0) + 1
+        main = max(codes, key=codes.get) if codes else "F32"
+        fp8 = [n for n, lay in self.layouts.items() if lay.fmt]
+        scaled = [n for n, lay in self.layouts.items() if lay.scale_key]
+        if not fp8:
+            return DTYPE_NAMES.get(main, main)
+        fmts = sorted({self.layouts[n].fmt for n in fp8})
+        if self.marker:
+            kind = "ComfyUI scaled fp8 (legacy: scaled_fp8 marker, per-tensor scale_weight)"
+        elif any(self.layouts[n].scale_key and self.layouts[n].scale_key.endswith(".weight_scale") for n in fp8):
+            kind = "ComfyUI mixed precision fp8 (weight_scale + comfy_quant)"
+        elif not scaled:
+            kind = "plain fp8 cast (no scales)"
+        else:
+            kind = "fp8 with scales"
+        rest = sorted({DTYPE_NAMES.get(self._code(n), self._code(n)) for n in self.logical if n not in fp8})
+        return f"{kind}, {len(fp8)} {'/'.join(fmts)} tensors" + (f", the rest {'/'.join(rest)}" if rest else "")
+
+    # -- tensors
+
+    def keys(self) -> list[str]:
+        return list(self.logical)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._logical_set
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors.shape(self._raw_key[name])
+
+    def code(self, name: str) -> str:
+        return self._code(name)
+
+    def is_float(self, name: str) -> bool:
+        return self._code(name) in FLOAT_CODES
+
+    def fp8_format(self, name: str) -> str | None:
+        lay = self.layouts.get(name)
+        return lay.fmt if lay else None
+
+    def scale(self, name: str) -> np.ndarray | None:
+        """The float32 scale of a weight (shape () or (out,)), None when it has none."""
+        lay = self.layouts.get(name)
+        if lay is None or lay.scale_key is None:
+            return None
+        value = np.array(self.tensors.read(self._raw_key[lay.scale_key]).astype(mx.float32))
+        return value.reshape(()) if value.size == 1 else value.reshape(-1)
+
+    def read_raw(self, name: str, start: int | None = None, stop: int | None = None) -> mx.array:
+        return self.tensors.read(self._raw_key[name], start, stop)
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> mx.array:
+        """Rows of a tensor as stored, or, for fp8 or scaled weights, `decode(codes) * scale` in float32."""
+        raw = self.read_raw(name, start, stop)
+        lay = self.layouts.get(name)
+        if lay is None:
+            return raw
+        values = decode_fp8(raw, lay.fmt) if lay.fmt else raw.astype(mx.float32)
+        scale = self.scale(name)
+        if scale is None:
+            return values
+        if scale.ndim == 0:
+            return values * mx.array(scale)
+        rows = scale[slice(start, stop)] if values.ndim else scale
+        return values * mx.array(rows).reshape((-1,) + (1,) * (values.ndim - 1))
+
+    def nbytes(self, name: str) -> int:
+        return int(np.prod(self.shape(name), dtype=np.int64)) * RAW_DTYPES[self._code(name)][0]
+
+
+def _common_prefix(keys: list[str]) -> str:
+    body = [k for k in keys if k not in ROOT_MARKERS]
+    for prefix in PREFIXES:
+        if body and all(k.startswith(prefix) for k in body):
+            return prefix
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# what a set of keys is
+
+# (kind, naming, description, required keys). kind is our component name; naming selects the key map.
+_KNOWN = [
+    ("transformer", "official", "a Wan transformer (official / ComfyUI names)", ("patch_embedding.weight", "head.modulation", "blocks.0.self_attn.q.weight")),
+    ("transformer", "diffusers", "a Wan transformer (diffusers names)", ("patch_embedding.weight", "scale_shift_table", "blocks.0.attn1.to_q.weight")),
+    ("text_encoder", "official", "a UMT5 text encoder (official Wan names)", ("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.pos_embedding.embedding.weight")),
+    ("text_encoder", "transformers", "a UMT5 text encoder (transformers names)", ("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.final_layer_norm.weight")),
+    ("vae", "official", "a Wan VAE (official / ComfyUI names)", ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")),
+    ("vae", "diffusers", "a Wan VAE (diffusers names)", ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight")),
+]
+
+# Checkpoints of other families or variants: (description, any of these keys or key patterns)
+_LOOKALIKES = [
+    ("a Wan 2.1 I2V / FLF2V transformer (it has the CLIP image embedding img_emb, which Wan 2.2 does not use)", (r"img_emb\..*", r"blocks\.\d+\.cross_attn\.k_img\..*")),
+    ("a Wan 2.1 VACE transformer (vace_blocks)", (r"vace_blocks\..*", r"vace_patch_embedding\..*")),
+    ("a Wan 2.2 Animate transformer (pose and face adapters)", (r"pose_patch_embedding\..*", r"face_adapter\..*", r"motion_encoder\..*")),
+    ("a Wan 2.2 S2V transformer (audio conditioning)", (r"casual_audio_encoder\..*", r"audio_injector\..*")),
+    ("a HunyuanVideo transformer", (r"txt_in\.individual_token_refiner\..*", r"double_blocks\.\d+\.img_attn_qkv\..*")),
+    ("a Flux-style transformer (double/single stream blocks)", (r"double_blocks\.\d+\.img_attn\.qkv\..*",)),
+    ("a Mochi transformer", (r"t5_y_embedder\..*", r"blocks\.\d+\.mod_x\..*")),
+    ("an LTX-Video transformer", (r"adaln_single\..*", r"patchify_proj\..*")),
+    ("a HunyuanVideo transformer (diffusers names)", (r"context_embedder\.token_refiner\..*",)),
+    ("a Stable Diffusion UNet", (r"input_blocks\.\d+\..*", r"down_blocks\.\d+\.attentions\.\d+\.transformer_blocks\..*")),
+    ("a CLIP text encoder", (r"text_model\.encoder\.layers\.\d+\..*",)),
+    ("a Llama-style language model", (r"(model\.)?layers\.\d+\.self_attn\.q_proj\..*",)),
+    ("a Stable Diffusion / HunyuanVideo-style VAE", (r"encoder\.down\.\d+\.block\.\d+\..*", r"encoder\.down_blocks\.\d+\.resnets\.\d+\.conv1\.weight")),
+]
+
+
+@dataclass(frozen=True)
+class Kind:
+    kind: str | None  # "transformer", "text_encoder", "vae" or None
+    naming: str | None
+    description: str
+
+
+def classify(keys) -> Kind:
+    names = set(keys)
+    for kind, naming, description, required in _KNOWN:
+        if all(k in names for k in required):
+            if kind == "text_encoder" and naming == "transformers":
+                per_block = [k for k in names if re.fullmatch(r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", k)]
+                blocks = {k.split(".")[2] for k in names if k.startswith("encoder.block.")}
+                if len(blocks) > 1 and len(per_block) == 1:
+                    return Kind(None, None, "a T5 v1.1 encoder (one shared relative-position table, e.g. t5xxl), not UMT5")
+            return Kind(kind, naming, description)
+    for description, patterns in _LOOKALIKES:
+        for pattern in patterns:
+            rx = re.compile(pattern)
+            if any(rx.fullmatch(k) for k in names):
+                return Kind(None, None, description)
+    shown = ", ".join(sorted(names)[:4])
+    return Kind(None, None, f"no model mlxvid knows (first keys: {shown})")
+
+
+def lookalike(keys) -> str | None:
+    """For a Wan-looking checkpoint that carries extra parts, which variant it is."""
+    names = set(keys)
+    for description, patterns in _LOOKALIKES:
+        for pattern in patterns:
+            rx = re.compile(pattern)
+            if any(rx.fullmatch(k) for k in names):
+                return description
+    return None
+
+
+def count_blocks(keys, pattern: str) -> int:
+    """1 + the largest block index captured by `pattern` (group 1), 0 when none matches."""
+    rx = re.compile(pattern)
+    found = [int(m.group(1)) for k in keys if (m := rx.match(k))]
+    return max(found) + 1 if found else 0
+
+
+def embedded_spiece(source: ComponentSource) -> bytes | None:
+    """The SentencePiece model some ComfyUI text encoder files embed as a uint8 tensor, if present."""
+    if source.spiece_model is None:
+        return None
+    data = np.array(source.tensors.read(source._raw_key["spiece_model"])).astype(np.uint8).tobytes()
+    return data or None
+

@@ -1,0 +1,278 @@
+"""Output precisions: which layers are stored in low precision, and how each output tensor is produced.
+
+The rule (one for every model):
+    Only the weight matrices of the linear layers inside the repeated transformer blocks are stored in low
+    precision: self- and cross-attention q, k, v, o and the two feed-forward layers. Everything else stays in
+    --dtype: biases, norms, the modulation tables, the patch, text and time embeddings, the time projection,
+    the output head, and the whole text encoder and VAE. With q8/q4 a layer whose input width is not a
+    multiple of --group-size also stays in --dtype.
+
+Modes:
+    q8, q4  MLX affine quantization (`mx.quantize`): per row, groups of `group_size` inputs share a scale and
+            a bias (stored in --dtype); the runtime builds `nn.QuantizedLinear` layers for them.
+    fp8     float8 e4m3fn codes with one float32 scale per tensor (`weight_scale`), decoded as
+            `(decode(codes) * scale).astype(dtype)` when the layer runs. An fp8 source keeps its codes and
+            scales bit for bit (e5m2 codes too); a float source is encoded with scale = max|W| / 448, as ComfyUI
+            does.
+
+The text encoder is left out for now: its runtime takes its compute dtype from a linear weight, which a
+quantized layer stores as integers (see QUANTIZED_COMPONENTS).
+
+Every tensor is produced in slices of rows, so converting never holds a whole large tensor in memory (a
+tensor whose key-map transform reorders its elements is the exception, and only small ones have that).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_video.errors import MlxVideoError
+
+from .fp8 import E4M3FN_MAX, encode_e4m3fn
+from .formats import RAW_DTYPES, ComponentSource
+
+MODES = {"q8": ("affine", 8), "q4": ("affine", 4), "fp8": ("fp8", 8)}
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64
+
+LOW_PRECISION_LAYERS = {
+    "transformer": re.compile(r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.fc[12])\.weight"),
+    "text_encoder": re.compile(r"blocks\.\d+\.(attn\.[qkvo]|ffn\.(gate|fc1|fc2))\.weight"),
+}
+# component name -> rule applied
+QUANTIZED_COMPONENTS = {"transformer": "transformer", "transformer_2": "transformer", "text_encoder": "text_encoder"}
+
+OUT_CODES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32", mx.uint8: "U8"}
+DTYPE_BY_NAME = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
+
+# Key-map transforms that only reshape: the element order on disk is unchanged, so they stream like a copy.
+RESHAPE_ONLY = {"drop_leading_unit_axis", "channel_first_gamma", "conv1x1_to_linear"}
+
+CHUNK_BYTES = 32 * 1024 * 1024  # source bytes read per slice
+ENCODE_PIECE = 1 << 20  # elements encoded to fp8 at a time
+
+
+def check_options(quantize: str | None, group_size: int) -> None:
+    if quantize is not None and quantize not in MODES:
+        raise MlxVideoError(f"--quantize must be one of {', '.join(MODES)}, not {quantize!r}")
+    if group_size not in GROUP_SIZES:
+        raise MlxVideoError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}")
+
+
+def is_low_precision(component: str, target: str, shape: tuple[int, ...], quantize: str | None, group_size: int) -> bool:
+    """Whether the target tensor is stored in the --quantize format (see the module docstring)."""
+    if quantize is None or component not in QUANTIZED_COMPONENTS:
+        return False
+    if not LOW_PRECISION_LAYERS[QUANTIZED_COMPONENTS[component]].fullmatch(target) or len(shape) != 2:
+        return False
+    if MODES[quantize][0] == "affine" and shape[1] % group_size:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    code: str  # safetensors dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4, "U8": 1}[self.code]
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Item:
+    """One parameter of our module and how it is made from the source."""
+
+    target: str
+    source_key: str
+    transform: str | None
+    shape: tuple[int, ...]  # the target shape (after the transform)
+    mode: str  # "cast", "copy" (non-float), "affine", "fp8_copy", "fp8_encode"
+    outputs: list[OutTensor]
+
+
+def plan_item(
+    component: str,
+    target: str,
+    source_key: str,
+    transform: str | None,
+    shape: tuple[int, ...],
+    source: ComponentSource,
+    dtype: str,
+    quantize: str | None,
+    group_size: int,
+) -> Item:
+    out_code = OUT_CODES[DTYPE_BY_NAME[dtype]]
+    if not source.is_float(source_key):
+        return Item(target, source_key, transform, shape, "copy", [OutTensor(target, source.code(source_key), shape)])
+    if not is_low_precision(component, target, shape, quantize, group_size):
+        return Item(target, source_key, transform, shape, "cast", [OutTensor(target, out_code, shape)])
+    base = target[: -len(".weight")]
+    kind, bits = MODES[quantize]
+    if kind == "affine":
+        rows, cols = shape
+        return Item(target, source_key, transform, shape, "affine", [
+            OutTensor(target, "U32", (rows, cols * bits // 32)),
+            OutTensor(f"{base}.scales", out_code, (rows, cols // group_size)),
+            OutTensor(f"{base}.biases", out_code, (rows, cols // group_size)),
+        ])
+    if source.fp8_format(source_key) is not None and (transform is None or transform in RESHAPE_ONLY):
+        scale = source.layouts[source_key].scale_key
+        scale_shape = () if scale is None else (() if _size(source.tensors.shape(source._raw_key[scale])) == 1 else (shape[0],))
+        return Item(target, source_key, transform, shape, "fp8_copy",
+                    [OutTensor(target, "U8", shape), OutTensor(f"{base}.weight_scale", "F32", scale_shape)])
+    return Item(target, source_key, transform, shape, "fp8_encode",
+                [OutTensor(target, "U8", shape), OutTensor(f"{base}.weight_scale", "F32", ())])
+
+
+def _size(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _host(x: mx.array) -> np.ndarray:
+    """An MLX array as numpy bytes-compatible data (bf16 as its uint16 bit patterns)."""
+    if x.dtype == mx.bfloat16:
+        x = x.view(mx.uint16)
+    return np.asarray(x)
+
+
+def _row_chunks(source: ComponentSource, key: str, out_row_bytes: int) -> Iterator[tuple[int, int]]:
+    shape = source.shape(key)
+    if len(shape) == 0:
+        yield (None, None)
+        return
+    rows = shape[0]
+    per_row = max(out_row_bytes, source.nbytes(key) // max(rows, 1), 1)
+    step = max(1, CHUNK_BYTES // per_row)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _check_finite(x: mx.array, item: Item, source: ComponentSource) -> None:
+    if not bool(mx.all(mx.isfinite(x)).item()):
+        raise MlxVideoError(
+            f"{source.what}: tensor {item.source_key} contains NaN or infinite values; the checkpoint is corrupt"
+        )
+
+
+Writer = Callable[[str, int, np.ndarray], None]  # (output name, byte offset in that tensor, data)
+
+
+def produce(
+    item: Item,
+    source: ComponentSource,
+    transforms: dict,
+    dtype: str,
+    group_size: int,
+    write: Writer,
+) -> None:
+    """Compute the item's output tensors slice by slice and hand the bytes to `write`."""
+    target_dtype = DTYPE_BY_NAME[dtype]
+    # Slices are rows of the source. A reshape-only transform keeps the bytes in order, which is all a cast or a
+    # copy needs; quantizing needs the target's rows, so any transform then reads the tensor whole.
+    whole = item.transform is not None and (item.transform not in RESHAPE_ONLY or item.mode in ("affine", "fp8_encode"))
+    first = item.outputs[0]
+
+    if item.mode == "copy":
+        if whole:
+            x = transforms[item.transform](source.read_raw(item.source_key))
+            write(first.name, 0, _host(x))
+            return
+        offset = 0
+        for start, stop in _row_chunks(source, item.source_key, 0):
+            data = _host(source.read_raw(item.source_key, start, stop))
+            write(first.name, offset, data)
+            offset += data.nbytes
+        return
+
+    if item.mode == "cast":
+        if whole:
+            x = source.read(item.source_key)
+            _check_finite(x, item, source)
+            write(first.name, 0, _host(transforms[item.transform](x).astype(target_dtype)))
+            return
+        offset = 0
+        row_bytes = first.nbytes // max(item.shape[0], 1) if item.shape else first.nbytes
+        for start, stop in _row_chunks(source, item.source_key, row_bytes):
+            x = source.read(item.source_key, start, stop)
+            _check_finite(x, item, source)
+            data = _host(x.astype(target_dtype))
+            write(first.name, offset, data)
+            offset += data.nbytes
+            del x, data
+        return
+
+    if item.mode == "affine":
+        bits = first.shape[1] * 32 // item.shape[1]
+        rows_out = [o.nbytes // item.shape[0] for o in item.outputs]
+        for start, stop in _chunks_for(source, item, whole, sum(rows_out)):
+            x = _read_rows(source, item, transforms, whole, start, stop)
+            _check_finite(x, item, source)
+            q, scales, biases = mx.quantize(x.astype(target_dtype), group_size=group_size, bits=bits)
+            for out, part, per_row in zip(item.outputs, (q, scales, biases), rows_out):
+                write(out.name, (start or 0) * per_row, _host(part))
+            del x, q, scales, biases
+        return
+
+    if item.mode == "fp8_copy":
+        offset = 0
+        for start, stop in _row_chunks(source, item.source_key, item.shape[1] if len(item.shape) > 1 else 1):
+            data = _host(source.read_raw(item.source_key, start, stop))
+            write(first.name, offset, data)
+            offset += data.nbytes
+        scale = source.scale(item.source_key)
+        scale = np.ones((), np.float32) if scale is None else scale.astype(np.float32)
+        write(item.outputs[1].name, 0, scale.reshape(item.outputs[1].shape))
+        return
+
+    if item.mode == "fp8_encode":
+        amax = 0.0
+        chunks = list(_chunks_for(source, item, whole, item.shape[1]))
+        for start, stop in chunks:
+            x = _read_rows(source, item, transforms, whole, start, stop)
+            _check_finite(x, item, source)
+            amax = max(amax, float(mx.max(mx.abs(x.astype(mx.float32))).item()))
+        scale = np.float32(amax) / np.float32(E4M3FN_MAX) if amax > 0 else np.float32(1.0)
+        for start, stop in chunks:
+            x = np.asarray(_read_rows(source, item, transforms, whole, start, stop).astype(mx.float32)).reshape(-1)
+            base = (start or 0) * item.shape[1]
+            for lo in range(0, x.size, ENCODE_PIECE):  # the encoder's temporaries are ~10x its input: keep it small
+                write(first.name, base + lo, encode_e4m3fn(x[lo : lo + ENCODE_PIECE] / scale))
+            del x
+        write(item.outputs[1].name, 0, np.array(scale, dtype=np.float32).reshape(()))
+        return
+    raise AssertionError(item.mode)
+
+
+def _chunks_for(source: ComponentSource, item: Item, whole: bool, out_row_bytes: int):
+    if whole:
+        return [(0, item.shape[0])]
+    return list(_row_chunks(source, item.source_key, out_row_bytes))
+
+
+def _read_rows(source: ComponentSource, item: Item, transforms: dict, whole: bool, start, stop) -> mx.array:
+    """Rows [start, stop) of the item's target tensor, float."""
+    if whole:
+        return transforms[item.transform](source.read(item.source_key))[start:stop]
+    return source.read(item.source_key, start, stop)
+
+
+def item_nbytes(item: Item) -> int:
+    return sum(o.nbytes for o in item.outputs)
+
+
+def raw_itemsize(code: str) -> int:
+    return RAW_DTYPES[code][0]
