@@ -176,10 +176,13 @@ def download(model_id: str, dtype: str, overwrite: bool):
               help="Video to write: a .mp4/.mov file (H.264), or a folder for lossless PNG frames. A .json sidecar goes beside it.")
 @click.option("--vae-tiling", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Decode in overlapping spatial tiles to bound memory; auto tiles when one frame chunk would not fit.")
+@click.option("--max-memory", type=float, default=None, metavar="GB",
+              help="Memory the run may use. Default: what is available now; a run estimated to need more is refused "
+                   "before it starts.")
 @click.option("--overwrite", is_flag=True, help="Replace output files that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def generate(model, prompt, image, negative_prompt, size, frames, fps, steps, guidance, guidance_2, shift, sampler, seed,
-             init_latents, save_latents, output, vae_tiling, overwrite, quiet):
+             init_latents, save_latents, output, vae_tiling, max_memory, overwrite, quiet):
     """Generate a video from a text prompt (and, for image-to-video models, an image).
 
     Every setting left out takes the published default of the model. The run stops at the first step that
@@ -229,10 +232,17 @@ def generate(model, prompt, image, negative_prompt, size, frames, fps, steps, gu
             raise MlxVideoError(f"cannot read --init-latents {init_latents}: {e}") from None
         latents = pipe.check_init_latents(settings, latents)
 
+    if max_memory is not None and max_memory <= 0:
+        raise MlxVideoError(f"--max-memory takes a positive number of GB, not {max_memory}")
+    limit = None if max_memory is None else int(max_memory * 1024**3)
+    estimate = pipe.check_memory(settings, limit, vae_tiling if output is not None else "off", pixels is not None)
+    if output is None:
+        estimate["stages"].pop("decoding", None)
     result = pipe.generate(settings, init_latents=latents, progress=not quiet, image=pixels)
     record = settings.to_dict()
     record.update(model=pipe.spec.id, model_folder=str(pipe.folder.path), dtype=pipe.folder.manifest["dtype"],
-                  init_latents=str(init_latents) if init_latents else None, experts=result.experts)
+                  init_latents=str(init_latents) if init_latents else None, experts=result.experts,
+                  memory_estimate=estimate)
     if save_latents is not None:
         with atomic_file(save_latents, overwrite=overwrite) as tmp:
             with open(tmp, "wb") as f:

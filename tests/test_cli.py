@@ -186,3 +186,26 @@ def test_download_failure_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLXVID_HOME", str(tmp_path))
     err = run_error(capsys, ["download", "wan2.2-ti2v-5b"])
     assert "network unreachable" in err and "mlxvid convert" in err
+
+
+def test_memory_preflight_refuses_a_run_that_will_not_fit(capsys, a14b, heavy_work_forbidden, tmp_path):
+    root, _ = a14b
+    err = run_error(capsys, gen(root / "mlx", "--size", "48x32", "--frames", "9", "--max-memory", "0.0001",
+                                "--output", str(tmp_path / "v.mp4")))
+    assert "GiB at its peak" in err and "--quantize q8" in err and "--max-memory" in err
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_memory_estimate_follows_the_work(a14b):
+    from mlx_video.pipelines.wan import WanPipeline, WanSettings
+
+    pipe = WanPipeline.from_pretrained(str(a14b[0] / "mlx"))
+    small = pipe.estimate_memory(pipe.resolve(WanSettings("x", width=48, height=32, frames=9)))
+    large = pipe.estimate_memory(pipe.resolve(WanSettings("x", width=96, height=64, frames=17)))
+    for stage in ("text_encoding", "denoising", "decoding"):
+        assert small["stages"][stage] > 0
+    assert small["stages"]["text_encoding"] == large["stages"]["text_encoding"]
+    assert large["stages"]["denoising"] > small["stages"]["denoising"]
+    assert large["stages"]["decoding"] > small["stages"]["decoding"]
+    # the weights as stored are part of it
+    assert small["stages"]["denoising"] > pipe.component_bytes("transformer")

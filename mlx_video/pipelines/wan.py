@@ -296,6 +296,64 @@ class WanPipeline:
         out = np.array(latents.transpose(0, 4, 1, 2, 3).astype(mx.float32))
         return WanResult(out, s, timings, schedule)
 
+    # ---- memory preflight ----
+
+    def component_bytes(self, component: str) -> int:
+        return sum(p.stat().st_size for p in (self.folder.path / component).glob("*.safetensors"))
+
+    def estimate_memory(self, s: WanSettings, tiling: str = "auto", has_image: bool = False) -> dict:
+        """Estimated peak bytes of each stage, run one after the other: the weights as stored in this folder
+        plus `mlx_video.flops`' activation estimates. Not modelled: the allocator's cache and the rest of the
+        process; the figures are estimates, not measurements."""
+        from .. import flops
+        from ..models.wan.vae import WanVAEConfig
+
+        name = {mx.bfloat16: "bf16", mx.float16: "fp16", mx.float32: "fp32"}[self.dtype]
+        _, _, t, h, w = self.latent_shape(s)
+        pt, ph, pw = self.transformer_config.patch_size
+        n_tokens = (t // pt) * (h // ph) * (w // pw)
+        uses_cfg = s.guidance != 1.0 or (self.two_experts and s.guidance_2 != 1.0)
+        batch = 2 if uses_cfg else 1
+        fused = mx.metal.is_available()
+        act = flops.activation_bytes(self.transformer_config, n_tokens, batch, name, self.text_len, fused)["peak"]
+        expert = max(self.component_bytes(c) for c in (HIGH_NOISE, LOW_NOISE) if self.folder.has(c))
+        text_dim = self.transformer_config.text_dim
+        stages = {
+            "text_encoding": self.component_bytes("text_encoder") + batch * self.text_len * text_dim * 4 * 8,
+            "denoising": expert + act + batch * self.text_len * self.transformer_config.dim * 4,
+        }
+        if self.can_decode:
+            vae_cfg = WanVAEConfig.from_dict(self.folder.config("vae"))
+            tile = self.vae_tile(tiling, (h, w))
+            th, tw = (tile[0] * self.vae_stride[1], tile[1] * self.vae_stride[2]) if tile else (s.height, s.width)
+            decode = self.component_bytes("vae") + flops.vae_decode_chunk_bytes(vae_cfg, tw, th)
+            stages["decoding"] = decode + s.frames * s.width * s.height * 3
+            if has_image:
+                stages["image_encoding"] = decode
+        peak = max(stages, key=stages.get)
+        return {"stages": stages, "peak_stage": peak, "peak_bytes": stages[peak]}
+
+    def check_memory(self, s: WanSettings, limit_bytes: int | None, tiling: str = "auto", has_image: bool = False) -> dict:
+        """Refuse, before any weights are read, a run whose estimated peak exceeds `limit_bytes` (default: the
+        memory available now). Returns the estimate, for the record."""
+        estimate = self.estimate_memory(s, tiling, has_image)
+        limit = available_memory_bytes() if limit_bytes is None else limit_bytes
+        estimate["limit_bytes"] = limit
+        if limit is not None and estimate["peak_bytes"] > limit:
+            gib = 1024**3
+            stages = ", ".join(f"{k} {v / gib:.1f}" for k, v in estimate["stages"].items())
+            hints = ["a smaller --size or fewer --frames"]
+            if self.folder.manifest.get("quantization") is None:
+                hints.append("a quantized conversion (mlxvid convert ... --quantize q8 or q4)")
+            if estimate["peak_stage"] == "decoding":
+                hints.append("--vae-tiling on")
+            raise MlxVideoError(
+                f"this run needs about {estimate['peak_bytes'] / gib:.1f} GiB at its peak ({estimate['peak_stage']}; "
+                f"per stage in GiB: {stages}) but {limit / gib:.1f} GiB are available. Try "
+                + ", or ".join(hints) + "; --max-memory GB overrides the limit (the figures are estimates)"
+            )
+        return estimate
+
     # ---- decoding ----
 
     @property
