@@ -1,11 +1,12 @@
 """Output precisions: which layers are stored in low precision, and how each output tensor is produced.
 
 The rule (one for every model):
-    Only the weight matrices of the linear layers inside the repeated transformer blocks are stored in low
-    precision: self- and cross-attention q, k, v, o and the two feed-forward layers. Everything else stays in
+    Only the weight matrices of the linear layers inside the repeated blocks are stored in low precision: in
+    the diffusion transformer self- and cross-attention q, k, v, o and the two feed-forward layers; in the
+    UMT5 text encoder attention q, k, v, o and the gated feed-forward's three layers. Everything else stays in
     --dtype: biases, norms, the modulation tables, the patch, text and time embeddings, the time projection,
-    the output head, and the whole text encoder and VAE. With q8/q4 a layer whose input width is not a
-    multiple of --group-size also stays in --dtype.
+    the output head, the token embedding, the relative position biases, and the whole VAE. With q8/q4 a layer
+    whose input width is not a multiple of --group-size also stays in --dtype.
 
 Modes:
     q8, q4  MLX affine quantization (`mx.quantize`): per row, groups of `group_size` inputs share a scale and
@@ -14,9 +15,6 @@ Modes:
             `(decode(codes) * scale).astype(dtype)` when the layer runs. An fp8 source keeps its codes and
             scales bit for bit (e5m2 codes too); a float source is encoded with scale = max|W| / 448, as ComfyUI
             does.
-
-The text encoder is left out for now: its runtime takes its compute dtype from a linear weight, which a
-quantized layer stores as integers (see QUANTIZED_COMPONENTS).
 
 Every tensor is produced in slices of rows, so converting never holds a whole large tensor in memory (a
 tensor whose key-map transform reorders its elements is the exception, and only small ones have that).

@@ -54,9 +54,9 @@ def models():
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="Precision of the written weights; the pipeline computes in it. fp32 is for parity checks.")
 @click.option("--quantize", type=click.Choice(["q8", "q4", "fp8"]), default=None,
-              help="Store the transformer blocks' linear weights as 8- or 4-bit MLX affine integers (q8, q4) or as "
-                   "fp8 e4m3 codes with per-tensor scales (fp8, decoded when a layer runs). Norms, modulation, "
-                   "embeddings, the head, the text encoder and the VAE stay in --dtype.")
+              help="Store the linear weights inside the transformer's and the text encoder's blocks as 8- or 4-bit "
+                   "MLX affine integers (q8, q4) or as fp8 e4m3 codes with per-tensor scales (fp8, decoded when a "
+                   "layer runs). Norms, modulation, embeddings, the head and the VAE stay in --dtype.")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               help="Inputs sharing one scale and bias in q8/q4.")
 @click.option("--base", metavar="MODEL_ID", default=None,
