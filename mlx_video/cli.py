@@ -26,7 +26,7 @@ def _parse_size(value: str | None) -> tuple[int | None, int | None]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mlxvid")
 def cli():
-    """Generate videos locally with MLX: Wan 2.2 text-to-video.
+    """Generate videos locally with MLX: Wan 2.2 text-to-video and image-to-video.
 
     \b
     First convert a downloaded checkpoint once, then generate from it:
@@ -262,6 +262,11 @@ def generate(model, prompt, image, negative_prompt, size, frames, fps, steps, gu
         record.update(stats, vae_tiling=vae_tiling)
         write_sidecar(output, record, result.timings, overwrite=overwrite)
         click.echo(f"wrote {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} to {output}")
+
+
+from .bench import register_cli  # noqa: E402  (the bench commands; imports nothing heavy until run)
+
+register_cli(cli)
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,8 @@
+"""`mlxvid bench peak`, as a script: python benchmarks/peak.py [OPTIONS] (see --help and benchmarks/README.md)."""
+
+import sys
+
+from mlx_video.bench import main
+
+if __name__ == "__main__":
+    main(["peak", *sys.argv[1:]])

@@ -1,0 +1,8 @@
+"""`mlxvid bench step`, as a script: python benchmarks/step.py [OPTIONS] (see --help and benchmarks/README.md)."""
+
+import sys
+
+from mlx_video.bench import main
+
+if __name__ == "__main__":
+    main(["step", *sys.argv[1:]])

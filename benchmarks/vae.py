@@ -1,0 +1,8 @@
+"""`mlxvid bench vae`, as a script: python benchmarks/vae.py [OPTIONS] (see --help and benchmarks/README.md)."""
+
+import sys
+
+from mlx_video.bench import main
+
+if __name__ == "__main__":
+    main(["vae", *sys.argv[1:]])

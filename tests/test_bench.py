@@ -1,0 +1,230 @@
+"""The FLOP / memory model (mlx_video.flops) and the benchmark harnesses (mlx_video.bench), on tiny configs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_video import bench, flops
+from mlx_video.models.wan.config import WanTransformerConfig
+from mlx_video.models.wan.vae import WAN21_VAE, WAN22_VAE, WanVAEConfig
+from mlx_video.registry import MODELS, get_spec
+
+TINY = WanTransformerConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=4, num_layers=2,
+                            in_channels=16, out_channels=16)
+TINY_VAE = WanVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                        latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+SYSTEM_FIELDS = {"date", "command", "device", "os", "mlx", "torch", "diffusers", "blas", "cpu_count"}
+
+
+def _read(path):
+    record = json.loads(path.read_text())
+    assert SYSTEM_FIELDS <= set(record["system"])
+    return record
+
+
+# ---- the FLOP model against /work/shared/MODELS.md §1.5 and §8 ----
+
+
+@pytest.mark.parametrize("model_id, size, frames, n_tokens, pflop", [
+    ("wan2.2-t2v-a14b", (832, 480), 81, 32_760, 1.68),
+    ("wan2.2-t2v-a14b", (1280, 720), 81, 75_600, 6.52),
+    ("wan2.2-ti2v-5b", (1280, 704), 121, 27_280, 0.52),
+])
+def test_published_tokens_and_flops(model_id, size, frames, n_tokens, pflop):
+    spec = get_spec(model_id)
+    assert flops.tokens(spec, *size, frames) == n_tokens
+    per_forward = flops.step_flops(spec, *size, frames, guidance=False).total / 1e15
+    assert per_forward == pytest.approx(pflop, rel=0.01)
+    assert flops.step_flops(spec, *size, frames).total == pytest.approx(2 * per_forward * 1e15)
+
+
+def test_published_720p_attention_share():
+    spec = get_spec("wan2.2-t2v-a14b")
+    fb = flops.step_flops(spec, 1280, 720, 81, guidance=False)
+    assert fb.components["self_attention"] / 1e15 == pytest.approx(4.7, rel=0.01)  # §8: "self-attention ≈4.7"
+
+
+def test_published_parameter_counts():
+    def total(cfg):
+        return sum(c.total for c in flops.transformer_params(cfg).values())
+
+    assert total(get_spec("wan2.2-t2v-a14b").transformer) / 1e9 == pytest.approx(14.288, abs=0.001)
+    assert total(get_spec("wan2.2-ti2v-5b").transformer) / 1e9 == pytest.approx(5.000, abs=0.001)
+    assert flops.umt5_params() / 1e9 == pytest.approx(5.681, abs=0.001)
+    assert flops.vae_params(WAN21_VAE) / 1e6 == pytest.approx(126.9, abs=0.1)
+    assert flops.vae_params(WAN22_VAE) / 1e6 == pytest.approx(704.7, abs=0.1)
+
+
+def test_parameter_formula_matches_the_module():
+    from mlx.utils import tree_flatten
+
+    from mlx_video.models.wan.transformer import WanTransformer
+
+    for cfg in (TINY, replace(get_spec("wan2.2-ti2v-5b").transformer, num_layers=1)):
+        counted = sum(v.size for _, v in tree_flatten(WanTransformer(cfg).parameters()))  # lazy: nothing is allocated
+        assert counted == sum(c.total for c in flops.transformer_params(cfg).values())
+
+
+def test_weight_bytes_and_quantization():
+    spec = get_spec("wan2.2-t2v-a14b")
+    bf16 = flops.weight_bytes(spec, "bf16")
+    assert bf16["transformer_expert"] / 1e9 == pytest.approx(28.6, abs=0.05)  # §8: 28.6 GB each
+    assert bf16["transformer_all_experts"] == 2 * bf16["transformer_expert"]
+    q4 = flops.weight_bytes(spec, "bf16", "q4")
+    assert 0.25 < q4["transformer_expert"] / bf16["transformer_expert"] < 0.35
+    assert q4["text_encoder"] == bf16["text_encoder"]  # never quantized
+
+
+# ---- the FLOP model against torch's FlopCounterMode (diffusers' model, meta device) ----
+
+
+@pytest.mark.parametrize("config, latent, batch", [
+    (TINY, (2, 8, 8), 2),
+    (replace(get_spec("wan2.2-t2v-a14b").transformer, num_layers=2), (3, 32, 32), 2),  # real widths, 768 tokens
+    (replace(get_spec("wan2.2-ti2v-5b").transformer, num_layers=1), (2, 16, 24), 1),
+])
+def test_flops_match_torch_flop_counter(config, latent, batch):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    counted = bench.torch_flop_count(config, latent, batch)["total"]
+    n_tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
+    modelled = flops.forward_flops(config, n_tokens, 512, batch).total
+    assert modelled == pytest.approx(counted, rel=0.05)
+    assert modelled == pytest.approx(counted, rel=1e-3)  # in fact the same count
+
+
+# ---- memory model and prediction ----
+
+
+def test_estimate_peak_memory_stages():
+    spec = get_spec("wan2.2-t2v-a14b")
+    est = flops.estimate_peak_memory(spec, 832, 480, 81)
+    assert set(est.stages) == {"text_encoding", "denoising", "decoding"}
+    assert est.peak_stage == "denoising"
+    assert est.peak_bytes > flops.weight_bytes(spec)["transformer_expert"]
+    unfused = flops.estimate_peak_memory(spec, 832, 480, 81, fused_attention=False)
+    assert unfused.peak_bytes > est.peak_bytes  # the N^2 score matrix
+    assert flops.estimate_peak_memory(spec, 832, 480, 81, quantize="q4").stages["denoising"]["weights"] < 9e9
+
+
+def test_predict():
+    spec = get_spec("wan2.2-t2v-a14b")
+    fast = flops.predict("m3-ultra", spec, 832, 480, 81)
+    slow = flops.predict("m4-max", spec, 832, 480, 81)
+    assert 0 < fast["minutes_per_video"] < slow["minutes_per_video"]
+    assert fast["minutes_per_video_at_peak"] < fast["minutes_per_video"]
+    assert fast["step_bound"] == "compute"
+    measured = flops.predict("m3-ultra", spec, 832, 480, 81, measured_tflops=10.0)
+    assert measured["peak_tflops"] == 10.0 and measured["efficiency"] == 1.0
+    for chip in flops.CHIPS.values():
+        assert chip.source and chip.fp32_tflops > 0 and chip.bandwidth_gbs > 0
+    with pytest.raises(ValueError):
+        flops.get_chip("m9-hyper")
+
+
+# ---- the harnesses, tiny ----
+
+
+def test_step_harness(tmp_path):
+    out = tmp_path / "step.json"
+    bench.run_step(size=(64, 64), frames=5, layers=2, dtype="fp32", repeats=2, config=TINY, peak_probe=128,
+                   json_path=out, echo=lambda *_: None)
+    r = _read(out)
+    for field in ("seconds_per_step", "seconds_per_block", "full_depth_seconds_per_step", "flops_per_step",
+                  "achieved_tflops", "mfu", "peak_memory_bytes", "weights_bytes", "activation_bytes_estimated",
+                  "full_depth_peak_memory_bytes_extrapolated"):
+        assert r[field] is not None, field
+    assert r["tokens"] == 2 * 4 * 4 and r["batch"] == 2 and len(r["times_s"]) == 2
+    assert r["peak_memory_bytes"] >= r["weights_bytes"] > 0
+    assert r["flops_per_step"] == flops.forward_flops(replace(TINY, num_layers=2), 32, 512, 2).total
+
+
+def test_peak_harness(tmp_path):
+    out = tmp_path / "peak.json"
+    bench.run_peak("fp32", sizes=(64, 128), attn_tokens=(32, 64), heads=2, repeats=2, json_path=out,
+                   echo=lambda *_: None)
+    r = _read(out)
+    assert {x["kind"] for x in r["results"]} == {"matmul", "attention"}
+    assert r["matmul_peak_tflops"] > 0 and r["attention_peak_tflops"] > 0
+
+
+def test_vs_reference_harness(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    out = tmp_path / "ref.json"
+    bench.run_vs_reference(size=(64, 64), frames=5, layers=2, dtype="fp32", repeats=1, config=TINY, json_path=out,
+                           echo=lambda *_: None)
+    r = _read(out)
+    assert not r["skipped"]
+    for field in ("time_ratio_ours_over_reference", "memory_ratio_ours_over_reference", "ours_peak_memory_bytes",
+                  "reference_peak_memory_bytes", "torch_threads"):
+        assert r[field], field
+    # the same weights through DIFFUSERS_TRANSFORMER and the same inputs: the same velocity
+    assert r["output_relative_l2_error"] < 1e-4
+    assert r["flops_per_step_model"] == pytest.approx(r["flops_per_step_torch_counter"], rel=1e-3)
+
+
+def test_vs_reference_skips_without_torch(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_diffusers(name, *args, **kwargs):
+        if name == "diffusers" or name.startswith("diffusers."):
+            raise ImportError("No module named 'diffusers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_diffusers)
+    messages = []
+    r = bench.run_vs_reference(config=TINY, json_path=tmp_path / "skip.json", echo=messages.append)
+    assert r["skipped"] and "diffusers" in r["reason"] and "skipped" in messages[0]
+
+
+def test_vae_harness(tmp_path):
+    out = tmp_path / "vae.json"
+    bench.run_vae(sizes=((32, 32), (64, 32)), frame_counts=(1, 5, 9, 13), vae_config=TINY_VAE, json_path=out,
+                  echo=lambda *_: None)
+    r = _read(out)
+    assert len(r["results"]) == 8
+    assert [x["frames"] for x in r["results"][:4]] == [1, 5, 9, 13]
+    for x in r["results"]:
+        assert x["seconds_per_frame"] > 0 and x["peak_memory_bytes"] > r["weights_bytes"]
+    # decoding chunk by chunk: the peak does not grow with the frame count
+    for growth in r["peak_growth"].values():
+        assert growth < 1.25
+
+
+def test_cli(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(bench.bench, ["estimate", "--chip", "m3-ultra", "--size", "832x480",
+                                      "--json", str(tmp_path / "est.json")])
+    assert res.exit_code == 0, res.output
+    assert "m3-ultra" in res.output
+    r = _read(tmp_path / "est.json")
+    assert r["tokens"] == 32_760 and r["predictions"][0]["chip"] == "m3-ultra"
+    res = runner.invoke(bench.bench, ["peak", "--sizes", "64", "--tokens", "32", "--heads", "2", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(bench.bench, ["estimate", "--chip", "m9"])
+    assert res.exit_code != 0
+    assert {"step", "peak", "vs-reference", "vae", "estimate"} <= set(bench.bench.commands)
+
+
+def test_register_cli():
+    import click
+
+    @click.group()
+    def cli():
+        pass
+
+    bench.register_cli(cli)
+    assert cli.commands["bench"] is bench.bench
+
+
+def test_every_registry_model_has_a_model():
+    for spec in MODELS.values():
+        w, h = spec.default_size
+        assert flops.predict("m2-ultra", spec, w, h, spec.frames)["minutes_per_video"] > 0
