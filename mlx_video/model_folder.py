@@ -177,7 +177,7 @@ class Fp8Linear(nn.Module):
         self._compute_dtype = dtype
 
     def decoded_weight(self) -> mx.array:
-        from .convert.fp8 import dequantize_fp8
+        from .kernels import dequantize_fp8  # the fp8 kernel where a GPU path exists, else the portable decode
 
         return dequantize_fp8(self["weight"], self._fp8_format, self["weight_scale"], dtype=self._compute_dtype)
 
