@@ -135,8 +135,9 @@ def download(model_id: str, dtype: str, overwrite: bool):
 
     spec = get_spec(model_id)
     dst = models_home() / spec.id
-    if dst.exists() and not overwrite:
-        raise MlxVideoError(f"{spec.id} is already converted at {dst}; pass --overwrite to redo it")
+    if (dst / "mlxvid.json").is_file() and not overwrite:
+        click.echo(f"{spec.id} is already converted at {dst} (--overwrite redoes it)")
+        return
     try:
         from huggingface_hub import snapshot_download
 
