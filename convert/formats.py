@@ -155,26 +155,9 @@ class PthTensors(TensorFile):
             self._codes[key] = _TORCH_CODES[info.dtype]
 
     def read(self, key, start=None, stop=None):
-        info = self._ckpt.info(key)
-        code = self._codes[key]
         first, count, shape = _row_span(self._shapes[key], start, stop)
-        archive = getattr(self._ckpt, "_archive", None)
-        contiguous = list(info.stride) == _contiguous_strides(info.shape)
-        if archive is None or archive.byteorder != "little" or not contiguous or info.numel == 0:
-            whole = self._ckpt.get_numpy(key)  # the reader's general path: strided or big-endian storage
-            return raw_to_mx(np.ascontiguousarray(whole.reshape(-1)[first : first + count]).reshape(shape), code)
-        itemsize, np_dtype = RAW_DTYPES[code]
-        lo = (info.storage_offset + first) * itemsize
-        raw = archive.read_range(archive.data_name(info.storage_key), lo, lo + count * itemsize)
-        return raw_to_mx(raw.view(np_dtype).reshape(shape), code)
-
-
-def _contiguous_strides(shape) -> list[int]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.insert(0, step)
-        step *= size
-    return strides
+        # only the rows' bytes for a contiguous tensor; the reader handles strided and big-endian storage
+        return raw_to_mx(self._ckpt.read_range(key, first, count).reshape(shape), self._codes[key])
 
 
 def open_tensors(path: str | Path, what: str) -> TensorFile:

@@ -1,16 +1,24 @@
-"""A safe, lazy reader for PyTorch's zip-format checkpoints (`torch.save` since PyTorch 1.6).
+"""A safe, lazy reader for PyTorch checkpoints written by `torch.save`, in both of its formats.
 
-Such a file is a zip archive holding `<archive>/data.pkl` (a pickle describing the saved object) and one
-entry `<archive>/data/<key>` per tensor storage with its raw bytes. A normal pickle load can run any
-code the file names, so it is never done here: `data.pkl` goes through an unpickler that resolves only
-a short allowlist of globals -- the functions PyTorch uses to rebuild tensors and parameters, the typed
-storage classes, dtype objects, `collections.OrderedDict`, `torch.Size` and the `_codecs.encode` that
-protocol 2 uses for `bytes` -- and each is replaced by our own stand-in. The real functions are never
-imported, torch is not needed, and any other global stops the load with an `MlxVideoError` naming it.
+* The zip format (the default since PyTorch 1.6) is a zip archive holding `<archive>/data.pkl` (a pickle
+  describing the saved object) and one entry `<archive>/data/<key>` per tensor storage with its raw bytes.
+* The legacy format (`_use_new_zipfile_serialization=False`, and everything saved before 1.6) is a plain
+  sequence in one file: a pickled magic number, a pickled protocol version (1001), a pickled dict of system
+  information, the pickle of the saved object, a pickled list of storage keys, then for each of those keys
+  in that order an 8-byte little-endian element count followed by the storage's raw (little-endian) bytes.
+  Opening such a file parses the five pickles and walks the storage records by their counts, seeking over
+  the data, so that each storage's byte offset is known without reading it.
+
+A normal pickle load can run any code the file names, so it is never done here: every pickle of either
+format goes through an unpickler that resolves only a short allowlist of globals -- the functions PyTorch
+uses to rebuild tensors and parameters, the typed storage classes, dtype objects, `collections.OrderedDict`,
+`torch.Size` and the `_codecs.encode` that protocol 2 uses for `bytes` -- and each is replaced by our own
+stand-in. The real functions are never imported, torch is not needed, and any other global stops the load
+with an `MlxVideoError` naming it.
 
 The pickle yields tensor *references* (storage key, dtype, size, stride, storage offset). Bytes are
 read only when a tensor is asked for, and only the span of its storage that it covers, so opening a
-10 GB checkpoint costs the zip directory and the pickle.
+10 GB checkpoint costs the zip directory (or the storage records) and the pickle.
 
 What `get(key)` returns (an `mx.array`, always a fresh copy laid out contiguously):
 
@@ -20,7 +28,8 @@ What `get(key)` returns (an `mx.array`, always a fresh copy laid out contiguousl
   `mlx_video.convert.fp8`. `info(key).dtype` tells which format they are.
 
 `get_numpy(key)` returns the same data as numpy, with float64 kept, bfloat16 as raw uint16 bit
-patterns and float8 as uint8 codes (numpy has neither type).
+patterns and float8 as uint8 codes (numpy has neither type); `read_range(key, first, count)` returns a
+run of a tensor's elements the same way, reading only those bytes when the tensor is contiguous.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import io
+import operator
 import pickle
 import struct
 import zipfile
@@ -82,6 +92,10 @@ _TYPED_STORAGES = {
 }
 
 DEFAULT_NESTED_KEYS = ("state_dict", "module", "model")
+
+# the first two pickles of a legacy-format file (torch/serialization.py: MAGIC_NUMBER, PROTOCOL_VERSION)
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
 
 
 @dataclass(frozen=True)
@@ -147,12 +161,13 @@ class _StorageType(_Inert):
 
 
 class _StorageRef(_Inert):
-    __slots__ = ("key", "nbytes", "dtype")
+    __slots__ = ("key", "nbytes", "dtype", "base")
 
-    def __init__(self, key: str, nbytes: int, dtype: str | None):
-        self.key = key
-        self.nbytes = nbytes
+    def __init__(self, key: str, nbytes: int, dtype: str | None, base: int = 0):
+        self.key = key  # the storage whose bytes these are
+        self.nbytes = nbytes  # how many bytes a tensor on this storage may reach, from `base`
         self.dtype = dtype  # the element type of a typed storage; None for an untyped (byte) storage
+        self.base = base  # byte offset into the storage: nonzero only for a legacy storage view
 
 
 class _TensorRef(_Inert):
@@ -179,6 +194,54 @@ def _torch_size(dims=()):
     return tuple(dims)
 
 
+def _corrupt(path: Path, why: str) -> MlxVideoError:
+    return MlxVideoError(f"{path} is corrupt: {why}")
+
+
+def _storage_itemsize(dtype: str | None) -> int:
+    """Bytes per element of a storage: its dtype's, or 1 for an untyped (byte) storage."""
+    return _DTYPES[dtype][0] if dtype else 1
+
+
+def _parse_storage_record(pid, path: Path, legacy: bool) -> tuple[_StorageType, str, int, tuple | None]:
+    """(storage type, key, element count, view metadata) of a persistent id naming a storage.
+
+    The zip format writes ("storage", type, key, location, numel); the legacy format adds a sixth item,
+    None or -- in files from PyTorch versions that saved storage views -- (view key, offset, numel) in
+    elements of the storage type. The location (a device name) is not used: everything is read to the CPU.
+    """
+    if legacy and isinstance(pid, tuple) and pid and type(pid[0]) is str and pid[0] == "module":
+        raise MlxVideoError(f"refusing to load {path}: it holds a pickled nn.Module object, not a state dict")
+    sizes = (5, 6) if legacy else (5,)
+    if not (isinstance(pid, tuple) and len(pid) in sizes and type(pid[0]) is str and pid[0] == "storage"):
+        raise _corrupt(path, f"unexpected persistent record {pid!r:.200}")
+    storage_type, key, _location, numel = pid[1:5]
+    view = pid[5] if len(pid) == 6 else None
+    if not isinstance(storage_type, _StorageType) or type(key) is not str or not _is_int(numel) or numel < 0:
+        raise _corrupt(path, f"malformed storage record {pid!r:.200}")
+    if view is not None and not (
+        isinstance(view, tuple)
+        and len(view) == 3
+        and type(view[0]) is str
+        and all(_is_int(v) and v >= 0 for v in view[1:])
+        and view[1] + view[2] <= numel
+    ):
+        raise _corrupt(path, f"malformed storage view {view!r:.200} of storage {key!r} ({numel} elements)")
+    return storage_type, key, numel, view
+
+
+def _is_c_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether elements laid out with `stride` are in C order with no gaps (size-1 dimensions ignored)."""
+    step = 1
+    for size, st in zip(reversed(shape), reversed(stride)):
+        if size == 1:
+            continue
+        if st != step:
+            return False
+        step *= size
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------
 # the archive
 
@@ -200,12 +263,6 @@ class _Archive:
         with open(path, "rb") as f:
             head = f.read(64)
         if not head.startswith(b"PK"):
-            if head.startswith(b"\x80"):
-                raise MlxVideoError(
-                    f"{path} is in PyTorch's legacy (pre-1.6) pickle format, which cannot be read without "
-                    "running code from the file. Re-save it with a recent PyTorch "
-                    "(torch.save(torch.load(old, weights_only=True), new)) or use a .safetensors release."
-                )
             raise MlxVideoError(f"{path} is not a PyTorch checkpoint: it is not a zip archive")
         try:
             with zipfile.ZipFile(path) as z:
@@ -231,6 +288,18 @@ class _Archive:
 
     def data_name(self, key: str) -> str:
         return f"{self.prefix}/data/{key}"
+
+    def resolve_storage(self, pid) -> _StorageRef:
+        """The storage a persistent id of data.pkl names, checked against its data/<key> entry."""
+        storage_type, key, numel, _ = _parse_storage_record(pid, self.path, legacy=False)
+        nbytes = numel * _storage_itemsize(storage_type.dtype)
+        name = self.data_name(key)
+        entry = self.entries.get(name)
+        if entry is None:
+            raise MlxVideoError(f"{self.path} is incomplete: storage {key!r} has no entry {name}")
+        if entry.info.file_size != nbytes:
+            raise _corrupt(self.path, f"entry {name} holds {entry.info.file_size} bytes, its record says {nbytes}")
+        return _StorageRef(key, nbytes, storage_type.dtype)
 
     def read_entry(self, name: str) -> bytes:
         info = self.entries[name].info
@@ -283,11 +352,19 @@ class _Archive:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: _Archive):
-        super().__init__(io.BytesIO(data))
-        self.archive = archive
+    """Unpickles one pickle from `file` with only the allowlisted globals.
+
+    `resolve_storage` turns a persistent id (a storage record) into a `_StorageRef`; None refuses persistent
+    ids, as in the legacy format's pickles other than the saved object's.
+    """
+
+    def __init__(self, file, path: Path, resolve_storage=None):
+        super().__init__(file)
+        self.path = path
+        self._resolve_storage = resolve_storage
         self._allowed = {
             ("collections", "OrderedDict"): collections.OrderedDict,
+            ("torch._utils", "_rebuild_tensor"): _Callable(self._rebuild_tensor_v1),
             ("torch._utils", "_rebuild_tensor_v2"): _Callable(self._rebuild_tensor_v2),
             ("torch._utils", "_rebuild_tensor_v3"): _Callable(self._rebuild_tensor_v3),
             ("torch._utils", "_rebuild_parameter"): _Callable(self._rebuild_parameter),
@@ -303,7 +380,7 @@ class _SafeUnpickler(pickle.Unpickler):
             self._allowed[("torch", name)] = _DtypeRef(dtype)
 
     def _fail(self, why: str) -> MlxVideoError:
-        return MlxVideoError(f"{self.archive.path} is corrupt: {why}")
+        return _corrupt(self.path, why)
 
     def find_class(self, module, name):
         # Names are matched exactly as written in the stream: Python 2 spellings are not translated.
@@ -317,25 +394,14 @@ class _SafeUnpickler(pickle.Unpickler):
             if py3 != (module, name):
                 shown += f" (that is, {py3[0]}.{py3[1]})"
             raise MlxVideoError(
-                f"refusing to load {self.archive.path}: it references {shown}, "
-                "which is not a tensor or a plain container"
+                f"refusing to load {self.path}: it references {shown}, which is not a tensor or a plain container"
             )
         return found
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise self._fail(f"unexpected persistent record {pid!r:.200}")
-        _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType) or type(key) is not str or not _is_int(numel) or numel < 0:
-            raise self._fail(f"malformed storage record {pid!r:.200}")
-        nbytes = numel * (_DTYPES[storage_type.dtype][0] if storage_type.dtype else 1)
-        name = self.archive.data_name(key)
-        entry = self.archive.entries.get(name)
-        if entry is None:
-            raise MlxVideoError(f"{self.archive.path} is incomplete: storage {key!r} has no entry {name}")
-        if entry.info.file_size != nbytes:
-            raise self._fail(f"entry {name} holds {entry.info.file_size} bytes, its record says {nbytes}")
-        return _StorageRef(key, nbytes, storage_type.dtype)
+        if self._resolve_storage is None:
+            raise self._fail(f"unexpected persistent record {pid!r:.200} outside the saved object")
+        return self._resolve_storage(pid)
 
     def _make_tensor(self, storage, offset, size, stride, dtype: str) -> _TensorRef:
         if not isinstance(storage, _StorageRef):
@@ -345,14 +411,19 @@ class _SafeUnpickler(pickle.Unpickler):
         if not all(_is_int(v) and v >= 0 for v in (offset, *size, *stride)):
             raise self._fail("a tensor has a negative or non-integer size, stride or offset")
         itemsize = _DTYPES[dtype][0]
-        if all(size):  # non-empty: the last element it reaches must lie inside the storage
+        if storage.base % itemsize:
+            raise self._fail(f"a {dtype} tensor starts at byte {storage.base} of storage {storage.key!r}, mid-element")
+        if all(size):  # non-empty: the last element it reaches must lie inside the storage (or storage view)
             last = offset + sum((s - 1) * st for s, st in zip(size, stride))
             if (last + 1) * itemsize > storage.nbytes:
                 raise self._fail(
                     f"a tensor of shape {list(size)} reaches byte {(last + 1) * itemsize} of storage "
                     f"{storage.key!r}, which has {storage.nbytes}"
                 )
-        return _TensorRef(PthTensorInfo(dtype, size, stride, offset, storage.key))
+        return _TensorRef(PthTensorInfo(dtype, size, stride, storage.base // itemsize + offset, storage.key))
+
+    def _rebuild_tensor_v1(self, storage, storage_offset, size, stride):
+        return self._rebuild_tensor_v2(storage, storage_offset, size, stride)
 
     def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
         if not isinstance(storage, _StorageRef):
@@ -372,17 +443,184 @@ class _SafeUnpickler(pickle.Unpickler):
         return data
 
 
-
 def _load_pickle(archive: _Archive):
     data = archive.read_entry(f"{archive.prefix}/data.pkl")
     try:
-        return _SafeUnpickler(data, archive).load()
+        return _SafeUnpickler(io.BytesIO(data), archive.path, archive.resolve_storage).load()
     except MlxVideoError:
         raise
     except RecursionError:
         raise MlxVideoError(f"{archive.path} is corrupt: its pickle nests too deeply") from None
     except Exception as e:  # whatever the pickle machine raises on a malformed or hostile stream
         raise MlxVideoError(f"{archive.path} is corrupt: cannot parse its data.pkl ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the legacy (pre-1.6) format
+
+
+@dataclass
+class _LegacyStorage:
+    dtype: str | None  # as its first record names it; None: untyped (bytes)
+    nbytes: int
+    data_offset: int = -1  # absolute file offset of its bytes, once the storage records are walked
+
+
+class _LegacyFile:
+    """A legacy-format file: its pickles, parsed safely, and byte-range reads from its storages.
+
+    It offers what `PthCheckpoint` uses of `_Archive` (`path`, `byteorder`, `data_name`, `read_range`), with a
+    storage's key as its entry name. The legacy writer converts every storage to little-endian on save.
+    """
+
+    byteorder = "little"
+
+    def __init__(self, path: Path, head: bytes):
+        self.path = path
+        self.size = path.stat().st_size
+        self.storages: dict[str, _LegacyStorage] = {}
+        with open(path, "rb") as f:
+            self._check_magic(f, head)
+            version = self._load(f, "protocol version")
+            if version != _LEGACY_PROTOCOL:
+                raise MlxVideoError(
+                    f"{path}: unknown legacy torch.save protocol version {version!r:.50} (expected {_LEGACY_PROTOCOL})"
+                )
+            sys_info = self._load(f, "system information")
+            if not isinstance(sys_info, dict):
+                raise _corrupt(path, f"its system information is a {type(sys_info).__name__}, not a dict")
+            self.root = self._load(f, "saved object", self.resolve_storage)
+            keys = self._load(f, "storage key list")
+            records_start = f.tell()
+        self._check_keys(keys)
+        self._walk(keys, records_start, count_may_be_big_endian=sys_info.get("little_endian", True) is False)
+
+    def _load(self, f, what: str, resolve_storage=None):
+        try:
+            return _SafeUnpickler(f, self.path, resolve_storage).load()
+        except MlxVideoError:
+            raise
+        except RecursionError:
+            raise _corrupt(self.path, f"its {what} pickle nests too deeply") from None
+        except Exception as e:  # whatever the pickle machine raises on a cut, malformed or hostile stream
+            raise MlxVideoError(
+                f"{self.path} is truncated or corrupt: cannot parse its {what} pickle ({type(e).__name__}: {e})"
+            ) from None
+
+    def _check_magic(self, f, head: bytes) -> None:
+        not_torch = (
+            f"{self.path} is not a PyTorch checkpoint: it is not a zip archive, and does not begin with the "
+            "magic number of torch.save's legacy format"
+        )
+        try:
+            magic = _SafeUnpickler(f, self.path).load()
+        except MlxVideoError:
+            raise
+        except Exception:
+            # a file cut inside the first pickle still starts like one
+            protocols = range(pickle.HIGHEST_PROTOCOL + 1)
+            if any(pickle.dumps(_LEGACY_MAGIC, protocol=p).startswith(head) for p in protocols):
+                raise MlxVideoError(f"{self.path} is truncated: it ends inside its first pickle") from None
+            raise MlxVideoError(not_torch) from None
+        if not _is_int(magic) or magic != _LEGACY_MAGIC:
+            raise MlxVideoError(not_torch)
+
+    def resolve_storage(self, pid) -> _StorageRef:
+        """The storage a persistent id of the saved object names; the first record of a key defines it."""
+        storage_type, key, numel, view = _parse_storage_record(pid, self.path, legacy=True)
+        itemsize = _storage_itemsize(storage_type.dtype)
+        nbytes = numel * itemsize
+        known = self.storages.get(key)
+        if known is None:
+            self.storages[key] = _LegacyStorage(storage_type.dtype, nbytes)
+        elif known.dtype != storage_type.dtype or known.nbytes != nbytes:
+            raise _corrupt(self.path, f"storage {key!r} is recorded twice with different types or sizes")
+        if view is None:
+            return _StorageRef(key, nbytes, storage_type.dtype)
+        _view_key, offset, view_numel = view
+        return _StorageRef(key, view_numel * itemsize, storage_type.dtype, base=offset * itemsize)
+
+    def _check_keys(self, keys) -> None:
+        if not isinstance(keys, list) or not all(type(k) is str for k in keys):
+            raise _corrupt(self.path, "its storage key list is not a list of strings")
+        if len(set(keys)) != len(keys):
+            raise _corrupt(self.path, "its storage key list names a storage twice")
+        for key in keys:
+            if key not in self.storages:
+                raise _corrupt(self.path, f"its storage key list names {key!r:.100}, which no tensor uses")
+        listed = set(keys)
+        for key in self.storages:
+            if key not in listed:
+                raise MlxVideoError(f"{self.path} is incomplete: storage {key!r} is used but has no data")
+
+    def _walk(self, keys: list[str], pos: int, count_may_be_big_endian: bool) -> None:
+        """Locate each storage's bytes: a count, then the data, for each key in order. Seeks over the data
+        (unbuffered, so that only the 8 bytes of each count are read)."""
+        with open(self.path, "rb", buffering=0) as f:
+            for i, key in enumerate(keys):
+                storage = self.storages[key]
+                where = f"storage {key!r} ({i + 1} of {len(keys)})"
+                f.seek(pos)
+                head = f.read(8)
+                if len(head) != 8:
+                    raise MlxVideoError(
+                        f"{self.path} is truncated: it ends at byte {self.size}, before the data of {where}"
+                    )
+                itemsize = _storage_itemsize(storage.dtype)
+                count = int.from_bytes(head, "little")
+                if count * itemsize != storage.nbytes:
+                    # old PyTorch releases wrote the count in the saving machine's byte order (the data itself
+                    # was always converted to little-endian), so a big-endian saver's count reads either way
+                    if not (count_may_be_big_endian and int.from_bytes(head, "big") * itemsize == storage.nbytes):
+                        raise _corrupt(
+                            self.path,
+                            f"{where} holds {count} elements of {itemsize} bytes by its data record, "
+                            f"{storage.nbytes // itemsize} by its storage record",
+                        )
+                storage.data_offset = pos + 8
+                pos = storage.data_offset + storage.nbytes
+                if pos > self.size:
+                    raise MlxVideoError(
+                        f"{self.path} is truncated: the data of {where} runs to byte {pos}, the file has {self.size}"
+                    )
+
+    def data_name(self, key: str) -> str:
+        return key
+
+    def read_range(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Bytes [lo, hi) of the storage `name`, as a fresh, writable uint8 array."""
+        storage = self.storages[name]
+        if not 0 <= lo <= hi <= storage.nbytes:
+            raise MlxVideoError(
+                f"{self.path}: read of bytes {lo}..{hi} outside storage {name!r} ({storage.nbytes} bytes)"
+            )
+        out = np.empty(hi - lo, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(storage.data_offset + lo)
+            got = f.readinto(memoryview(out))
+        if got != hi - lo:
+            raise MlxVideoError(f"{self.path} is truncated: storage {name!r} is incomplete")
+        return out
+
+
+def _open(path: Path):
+    """(the container, the saved object of references) of a checkpoint in either format."""
+    if not path.is_file():
+        raise MlxVideoError(f"missing checkpoint file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK"):
+        archive = _Archive(path)
+        return archive, _load_pickle(archive)
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        raise MlxVideoError(
+            f"{path} is in PyTorch's oldest, tar-based checkpoint format, which is not supported: re-save it "
+            "with a recent PyTorch (torch.save(torch.load(old), new)) or use a .safetensors release"
+        )
+    if head[:1] in (b"\x80", b"L"):  # a pickle of a long integer: protocol 2 and later, or 0 and 1
+        legacy = _LegacyFile(path, head)
+        return legacy, legacy.root
+    raise MlxVideoError(f"{path} is not a PyTorch checkpoint: it is not a zip archive")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -424,9 +662,13 @@ class PthCheckpoint:
 
     def __init__(self, path: str | Path, nested: str | Sequence[str] | None = None):
         self.path = Path(path)
-        self._archive = _Archive(self.path)
-        self._root = _load_pickle(self._archive)
+        self._archive, self._root = _open(self.path)
         self._select(nested)
+
+    @property
+    def format(self) -> str:
+        """The container: "zip" (torch.save since PyTorch 1.6) or "legacy" (older, or zip serialization off)."""
+        return "legacy" if isinstance(self._archive, _LegacyFile) else "zip"
 
     def _select(self, nested) -> None:
         chain = () if nested is None else ((nested,) if isinstance(nested, str) else tuple(nested))
@@ -466,6 +708,14 @@ class PthCheckpoint:
         except KeyError:
             raise MlxVideoError(f"{self.path} has no tensor {key!r}") from None
 
+    def _read_elements(self, info: PthTensorInfo, first: int, count: int) -> np.ndarray:
+        """Elements [first, first + count) of the tensor's storage (relative to its storage offset), in the
+        file's byte order."""
+        itemsize, np_dtype = _DTYPES[info.dtype]
+        lo = (info.storage_offset + first) * itemsize
+        raw = self._archive.read_range(self._archive.data_name(info.storage_key), lo, lo + count * itemsize)
+        return raw.view(np.dtype(np_dtype).newbyteorder("<" if self._archive.byteorder == "little" else ">"))
+
     def get_numpy(self, key: str) -> np.ndarray:
         """The tensor as a contiguous numpy array (bfloat16 as uint16 bits, float8 as uint8 codes)."""
         info = self.info(key)
@@ -473,21 +723,35 @@ class PthCheckpoint:
         if info.numel == 0:
             return np.zeros(info.shape, dtype=np_dtype)
         extent = sum((s - 1) * st for s, st in zip(info.shape, info.stride))
-        lo, hi = info.storage_offset * itemsize, (info.storage_offset + extent + 1) * itemsize
-        raw = self._archive.read_range(self._archive.data_name(info.storage_key), lo, hi)
-        dtype = np.dtype(np_dtype).newbyteorder("<" if self._archive.byteorder == "little" else ">")
-        flat = raw.view(dtype)
-        contiguous_strides, step = [], 1
-        for size in reversed(info.shape):
-            contiguous_strides.insert(0, step)
-            step *= size
-        if list(info.stride) == contiguous_strides or info.numel == 1:
+        flat = self._read_elements(info, 0, extent + 1)
+        if _is_c_contiguous(info.shape, info.stride):
             host = flat.reshape(info.shape)  # the common case: the bytes just read, no further copy
         else:
             host = np.lib.stride_tricks.as_strided(
                 flat, shape=info.shape, strides=tuple(st * itemsize for st in info.stride), writeable=False
             )
         return host.astype(np.dtype(np_dtype), order="C", copy=not host.flags.c_contiguous or not host.flags.writeable)
+
+    def read_range(self, key: str, first_element: int, count: int) -> np.ndarray:
+        """Elements [first_element, first_element + count) of the tensor, counted in C order, as a 1-D numpy
+        array of the types `get_numpy` gives.
+
+        Only those bytes are read when the tensor is contiguous in its storage (as a state dict's tensors
+        usually are), so that a large tensor can be read a few rows at a time; a strided tensor is read whole.
+        """
+        info = self.info(key)
+        first_element, count = operator.index(first_element), operator.index(count)
+        if not 0 <= first_element <= first_element + count <= info.numel:
+            raise ValueError(
+                f"elements {first_element}..{first_element + count} outside {key!r} ({info.numel} elements)"
+            )
+        np_dtype = np.dtype(_DTYPES[info.dtype][1])
+        if count == 0:
+            return np.zeros(0, dtype=np_dtype)
+        if not _is_c_contiguous(info.shape, info.stride):
+            return np.ascontiguousarray(self.get_numpy(key).reshape(-1)[first_element : first_element + count])
+        host = self._read_elements(info, first_element, count)
+        return host if host.dtype == np_dtype else host.astype(np_dtype)
 
     def get(self, key: str) -> mx.array:
         """The tensor as an MLX array: see the module docstring for the dtypes."""

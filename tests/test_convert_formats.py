@@ -625,3 +625,24 @@ def test_quantized_text_encoder_stays_close(a14b):
     # T5 attention has no 1/sqrt(d) scaling, so this random tiny model is sensitive to any rounding: q8 is judged
     # against what plain bf16 storage of the same weights costs (measured: q8 2.9e-2, bf16 2.3e-2).
     assert 0 < err < 2 * bf16_err
+
+
+def test_official_layout_with_legacy_format_vae(tiny, from_diffusers, capsys):
+    """The official Wan2.1_VAE.pth / Wan2.2_VAE.pth may be in torch.save's legacy (pre-1.6, non-zip) format: such a
+    folder converts to the same VAE, read without torch and without unpickling anything but tensor records."""
+    import shutil
+
+    root = tiny.root / "official_legacy_vae"
+    if not root.exists():
+        shutil.copytree(tiny.official_folder(), root)
+    vae = root / "Wan2.1_VAE.pth"
+    torch.save(official_vae21(tiny.vae.state_dict(), 1), vae, _use_new_zipfile_serialization=False)
+    assert not vae.read_bytes().startswith(b"PK")
+    out = tiny.root / "mlx_official_legacy_vae"
+    convert(root, out, "--dtype", "fp32")
+    assert "official Wan release layout" in capsys.readouterr().out
+    ours, want = load_all(out, "vae"), load_all(from_diffusers, "vae")
+    assert ours.keys() == want.keys() and ours
+    for k in want:
+        np.testing.assert_array_equal(ours[k], want[k], err_msg=f"vae {k}")
+    assert json.loads((out / "vae" / "config.json").read_text()) == json.loads((from_diffusers / "vae" / "config.json").read_text())
