@@ -159,6 +159,9 @@ def download(model_id: str, dtype: str, overwrite: bool):
 @click.option("--image", "-i", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Image to animate (I2V-A14B needs one; TI2V-5B takes one optionally). Resized to cover the video "
                    "size, then centre-cropped.")
+@click.option("--image-fit", type=click.Choice(["crop", "stretch", "fit"]), default="crop", show_default=True,
+              help="How the image meets the video size: crop (cover, then centre-crop, as the official TI2V code), "
+                   "stretch (ignore the aspect ratio, as diffusers' Wan I2V pipeline) or fit (letterbox in black).")
 @click.option("--negative-prompt", default=None, help="What to steer away from. Default: the official release's.")
 @click.option("--size", default=None, metavar="WxH", help="Video size, e.g. 1280x720. Default: the model's first published size.")
 @click.option("--frames", type=int, default=None, help="Number of frames, of the form 4n+1. Default: the model's (81 or 121).")
@@ -182,7 +185,7 @@ def download(model_id: str, dtype: str, overwrite: bool):
                    "before it starts.")
 @click.option("--overwrite", is_flag=True, help="Replace output files that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def generate(model, prompt, image, negative_prompt, size, frames, fps, steps, guidance, guidance_2, shift, sampler, seed,
+def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps, steps, guidance, guidance_2, shift, sampler, seed,
              init_latents, save_latents, output, vae_tiling, max_memory, overwrite, quiet):
     """Generate a video from a text prompt (and, for image-to-video models, an image).
 
@@ -221,7 +224,7 @@ def generate(model, prompt, image, negative_prompt, size, frames, fps, steps, gu
     if image is not None:
         from .io.image import fit_image, load_image
 
-        pixels = fit_image(load_image(image), settings.width, settings.height)
+        pixels = fit_image(load_image(image), settings.width, settings.height, mode=image_fit)
     if output is not None and not pipe.can_decode:
         raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
     pipe.vae_tile(vae_tiling, (1, 1))  # validates the option before the long work
@@ -243,7 +246,7 @@ def generate(model, prompt, image, negative_prompt, size, frames, fps, steps, gu
     record = settings.to_dict()
     record.update(model=pipe.spec.id, model_folder=str(pipe.folder.path), dtype=pipe.folder.manifest["dtype"],
                   init_latents=str(init_latents) if init_latents else None, experts=result.experts,
-                  memory_estimate=estimate)
+                  memory_estimate=estimate, image_fit=image_fit if image is not None else None)
     if save_latents is not None:
         with atomic_file(save_latents, overwrite=overwrite) as tmp:
             with open(tmp, "wb") as f:

@@ -83,6 +83,19 @@ def test_ti2v_5b_image_mode_matches_diffusers(tmp_path):
     assert rel_err(ours[:, :, 1:], init[:, :, 1:]) > 0.05
 
 
+def test_image_is_stretched_like_diffusers_when_asked(tmp_path):
+    """A 60x20 image onto a 48x32 video: with --image-fit stretch both sides resize it the same way."""
+    pipe = build_tiny_wan_pipeline(tmp_path / "diffusers", two_experts=True, shift=5.0, image_to_video=True)
+    main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "mlx"), "--dtype", "fp32"])
+    image = make_image(tmp_path / "image.png", 60, 20)
+    init = np.random.default_rng(3).standard_normal((1, 4, 2, 4, 6)).astype(np.float32)
+    ours, ref = run_both(tmp_path, pipe, image, init, 48, 32, 5, 3, 3.5, 2.0, 5.0, extra=("--image-fit", "stretch"))
+    assert rel_err(ours, ref) < 1e-3
+    # the default (cover, then centre-crop) conditions on other pixels, so the result differs
+    crop, _ = run_both(tmp_path, pipe, image, init, 48, 32, 5, 3, 3.5, 2.0, 5.0)
+    assert rel_err(crop, ref) > 1e-3
+
+
 def test_image_rules(capsys, a14b, tmp_path):
     root, _ = a14b
     make_image(tmp_path / "image.png", 48, 32)
