@@ -97,9 +97,11 @@ def test_module_state_dict_and_parameters(tmp_path):
         assert_reads_back(ckpt, k, t)
 
 
-def test_shared_storage_views_strides_offsets(tmp_path):
+def view_cases() -> dict:
+    """Tensors that share one storage through transposes, permutes, slices and offsets, plus a stride-0 expand
+    and a half-precision copy: the layouts a reader must rebuild from (size, stride, storage offset)."""
     base = torch.arange(120, dtype=torch.float32).reshape(4, 5, 6)
-    sd = {
+    return {
         "base": base,
         "transposed": base.transpose(0, 2),
         "permuted": base.permute(1, 2, 0),
@@ -110,6 +112,10 @@ def test_shared_storage_views_strides_offsets(tmp_path):
         "expanded": torch.arange(3.0).reshape(3, 1).expand(3, 4),  # stride 0
         "half_view": base.half()[:, 2],
     }
+
+
+def test_shared_storage_views_strides_offsets(tmp_path):
+    sd = view_cases()
     assert not sd["strided"].is_contiguous() and sd["row"].storage_offset() > 0
     torch.save(sd, tmp_path / "views.pt")
     ckpt = PthCheckpoint(tmp_path / "views.pt")
@@ -469,19 +475,7 @@ def test_legacy_module_state_dict_parameters_and_nesting(tmp_path):
 
 
 def test_legacy_shared_storage_views_strides_offsets(tmp_path):
-    base = torch.arange(120, dtype=torch.float32).reshape(4, 5, 6)
-    sd = {
-        "base": base,
-        "transposed": base.transpose(0, 2),
-        "permuted": base.permute(1, 2, 0),
-        "row": base[2],
-        "strided": base[1:, 1:4, ::2],
-        "flat_slice": base.view(-1)[37:59],
-        "narrow_t": base[3].t()[2:],
-        "expanded": torch.arange(3.0).reshape(3, 1).expand(3, 4),
-        "half_view": base.half()[:, 2],
-        "bf16_row": torch.arange(12.0).bfloat16().reshape(3, 4)[1],
-    }
+    sd = {**view_cases(), "bf16_row": torch.arange(12.0).bfloat16().reshape(3, 4)[1]}
     path = save_legacy(sd, tmp_path / "views.pt")
     ckpt = PthCheckpoint(path)
     for k, t in sd.items():
