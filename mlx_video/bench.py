@@ -246,6 +246,17 @@ def velocity(model, latents, t: float, context, guidance: float):
     return uncond + guidance * (cond - uncond)
 
 
+def _setup(model_id: str, dtype, config, layers: int, size: tuple[int, int], frames: int, guidance: bool):
+    """What `step` and `vs-reference` share: the spec, dtype, full and reduced-depth configs, the token
+    geometry, the batch (2 with guidance) and the guidance scale."""
+    spec = get_spec(model_id)
+    full = config or spec.transformer
+    cfg = replace(full, num_layers=layers)
+    geo = _geometry(spec, cfg, size[0], size[1], frames)
+    batch = 2 if guidance else 1
+    return spec, dtype or default_dtype(), full, cfg, geo, batch, GUIDANCE_SCALE if guidance else 1.0
+
+
 def _geometry(spec, config, width: int, height: int, frames: int) -> dict:
     lt, lh, lw = F.latent_grid(spec, width, height, frames)
     pt, ph, pw = config.patch_size
@@ -284,14 +295,8 @@ def run_step(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = (256, 25
     """
     import mlx.core as mx
 
-    spec = get_spec(model_id)
-    dtype = dtype or default_dtype()
-    full = config or spec.transformer
-    cfg = replace(full, num_layers=layers)
+    spec, dtype, full, cfg, geo, batch, g = _setup(model_id, dtype, config, layers, size, frames, guidance)
     width, height = size
-    geo = _geometry(spec, cfg, width, height, frames)
-    batch = 2 if guidance else 1
-    g = GUIDANCE_SCALE if guidance else 1.0
 
     _release()
     mx.reset_peak_memory()
@@ -584,14 +589,8 @@ def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = 
     from .convert.wan import DIFFUSERS_TRANSFORMER
     from .models.wan.transformer import WanTransformer
 
-    spec = get_spec(model_id)
-    dtype = dtype or default_dtype()
-    full = config or spec.transformer
-    cfg = replace(full, num_layers=layers)
+    spec, dtype, full, cfg, geo, batch, g = _setup(model_id, dtype, config, layers, size, frames, guidance)
     width, height = size
-    geo = _geometry(spec, cfg, width, height, frames)
-    batch = 2 if guidance else 1
-    g = GUIDANCE_SCALE if guidance else 1.0
     threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS", 0)) or os.cpu_count()
     torch.set_num_threads(threads)
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
