@@ -242,6 +242,15 @@ def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps
     estimate = pipe.check_memory(settings, limit, vae_tiling if output is not None else "off", pixels is not None)
     if output is None:
         estimate["stages"].pop("decoding", None)
+    if not quiet:
+        guidance_text = f"guidance {settings.guidance}" + (
+            f" / {settings.guidance_2} (high / low noise)" if pipe.two_experts else "")
+        click.echo(
+            f"{pipe.spec.id} ({pipe.folder.manifest['dtype']}): {settings.width}x{settings.height}, {settings.frames} "
+            f"frames at {settings.fps} fps, {settings.steps} steps ({settings.sampler}, shift {settings.shift}), "
+            f"{guidance_text}, seed {settings.seed}; estimated peak {estimate['peak_bytes'] / 1024**3:.1f} GiB "
+            f"({estimate['peak_stage']})"
+        )
     result = pipe.generate(settings, init_latents=latents, progress=not quiet, image=pixels)
     record = settings.to_dict()
     record.update(model=pipe.spec.id, model_folder=str(pipe.folder.path), dtype=pipe.folder.manifest["dtype"],

@@ -212,3 +212,12 @@ def test_memory_estimate_follows_the_work(a14b):
     assert large["stages"]["decoding"] > small["stages"]["decoding"]
     # the weights as stored are part of it
     assert small["stages"]["denoising"] > pipe.component_bytes("transformer")
+
+
+def test_run_summary_is_printed_before_the_work(a14b, tmp_path, capsys):
+    root, _ = a14b
+    main(["generate", "--model", str(root / "mlx"), "--prompt", "a cat", "--size", "48x32", "--frames", "5",
+          "--steps", "1", "--seed", "9", "--save-latents", str(tmp_path / "x.npy")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("wan2.2-t2v-a14b (float32): 48x32, 5 frames at 16 fps, 1 steps (unipc, shift 12.0), "
+                             "guidance 4.0 / 3.0 (high / low noise), seed 9; estimated peak")
