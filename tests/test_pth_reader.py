@@ -47,10 +47,11 @@ def assert_reads_back(ckpt: PthCheckpoint, key: str, t: torch.Tensor):
     assert info.dtype == str(t.dtype).removeprefix("torch.")
 
 
-def test_dtypes_round_trip(tmp_path):
+def dtype_cases() -> dict:
+    """One small tensor of every dtype a Wan checkpoint can hold, fp8 included."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, generator=g)
-    sd = {
+    return {
         "f32": x,
         "f16": x.half(),
         "bf16": x.bfloat16(),
@@ -64,6 +65,10 @@ def test_dtypes_round_trip(tmp_path):
         "e4m3": (x * 30).to(torch.float8_e4m3fn),
         "e5m2": (x * 30).to(torch.float8_e5m2),
     }
+
+
+def test_dtypes_round_trip(tmp_path):
+    sd = dtype_cases()
     path = tmp_path / "sd.pth"
     torch.save(sd, path)
     ckpt = PthCheckpoint(path)
@@ -418,21 +423,7 @@ def legacy_parts(data: bytes) -> tuple[list[bytes], bytes]:
 
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_legacy_dtypes_round_trip(tmp_path, protocol):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, generator=g)
-    sd = {
-        "f32": x,
-        "f16": x.half(),
-        "bf16": x.bfloat16(),
-        "f64": x.double(),
-        "i64": torch.arange(-5, 7, dtype=torch.int64).reshape(3, 4),
-        "i32": torch.arange(6, dtype=torch.int32),
-        "i16": torch.arange(-3, 3, dtype=torch.int16),
-        "i8": torch.arange(-3, 3, dtype=torch.int8),
-        "u8": torch.arange(250, 256, dtype=torch.uint8),
-        "bool": torch.tensor([[True, False], [False, True]]),
-        "e4m3": (x * 30).to(torch.float8_e4m3fn),  # stored on an untyped storage (torch itself cannot load it back)
-    }
+    sd = dtype_cases()  # fp8 is stored on an untyped storage (torch itself cannot load it back)
     path = save_legacy(sd, tmp_path / "sd.pth", protocol)
     ckpt = PthCheckpoint(path)
     assert ckpt.format == "legacy" and ckpt.keys() == list(sd)
