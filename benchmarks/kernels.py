@@ -9,7 +9,10 @@ For every operation it times two things on the current default device:
 * "unfused": the plain MLX composition the kernel replaces (what the Wan transformer wrote before the kernels,
   and what the portable path still runs).
 
-On a machine without Metal or CUDA both rows run the same MLX code; the output says so. "bytes" is the minimum
+Before timing, `kernels.warm_up` runs every dispatch call once so that each kernel variant is probed (outside
+warm-up the dispatch layer never probes and takes the portable path); the verdicts are printed. RoPE dispatches
+with per-axis `kernels.rope_tables` (what the kernels read), the unfused row with `rope_tables_3d`'s (L, D/2)
+tables. On a machine without Metal or CUDA both rows run the same MLX code; the output says so. "bytes" is the minimum
 traffic of a fused kernel -- every input read once, every output written once -- and GB/s is that over the
 measured time: an effective rate for comparison, not a measured memory bandwidth. The unfused composition moves
 more (its intermediates), which is not counted.
@@ -69,9 +72,10 @@ def cases(tokens: int, dim: int, heads: int):
     q = mx.array(rng.standard_normal((1, tokens, heads, head_dim)).astype(np.float32)).astype(mx.bfloat16)
     k = mx.array(rng.standard_normal((1, tokens, heads, head_dim)).astype(np.float32)).astype(mx.bfloat16)
     rope = rope_tables_3d(grid_for(tokens), head_dim)
+    per_axis = kernels.rope_tables(grid_for(tokens), head_dim)
     codes = mx.array(rng.integers(0, 256, (dim, dim), dtype=np.uint8))
     scales = mx.array(rng.uniform(0.5, 2, dim).astype(np.float32))
-    mx.eval(x, shift, scale, gate, y, q, k, *rope, codes, scales)
+    mx.eval(x, shift, scale, gate, y, q, k, *rope, per_axis.cos, per_axis.sin, codes, scales)
     n, f32, bf16 = tokens * dim, 4, 2
     return [
         dict(
@@ -88,7 +92,7 @@ def cases(tokens: int, dim: int, heads: int):
         ),
         dict(
             op="apply_rope_qk", shape=f"q, k {tuple(q.shape)} bf16",
-            dispatch=lambda: kernels.apply_rope_qk(q, k, rope),
+            dispatch=lambda: kernels.apply_rope_qk(q, k, per_axis),
             unfused=lambda: (apply_rope_interleaved(q, *rope), apply_rope_interleaved(k, *rope)),
             bytes=4 * n * bf16 + 2 * tokens * (head_dim // 2) * f32,
         ),
@@ -124,9 +128,13 @@ def main(argv=None):
     )
     print(f"device: {device}   path: {path} ({gpu_note})")
     print(f"machine: {header['machine']}, MLX {mx.__version__}, median of {args.repeat} after a warm-up\n")
+    case_list = cases(args.tokens, args.dim, args.heads)
+    status = kernels.warm_up(lambda: [case["dispatch"]() for case in case_list])
+    for key, ok in status.items():
+        print(f"kernel {', '.join(map(str, key))}: {'used' if ok else 'DISABLED (portable path)'}")
     rows = []
     print(f"{'op':<16} {'shape':<40} {'bytes':>10} {'dispatch ms':>12} {'GB/s':>7} {'unfused ms':>11} {'GB/s':>7}")
-    for case in cases(args.tokens, args.dim, args.heads):
+    for case in case_list:
         t_dispatch = timed(case["dispatch"], args.repeat)
         t_unfused = timed(case["unfused"], args.repeat)
         row = dict(
@@ -141,7 +149,8 @@ def main(argv=None):
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(header, repeat=args.repeat, rows=rows), f, indent=2)
+            kernel_status = [dict(variant=list(map(str, key)), used=ok) for key, ok in status.items()]
+            json.dump(dict(header, repeat=args.repeat, kernel_status=kernel_status, rows=rows), f, indent=2)
     return rows
 
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from mlx_video.bench import main
+from harness import main
 
 if __name__ == "__main__":
     main(["step", *sys.argv[1:]])

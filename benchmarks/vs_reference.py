@@ -3,7 +3,7 @@ benchmarks/README.md). Needs torch and diffusers; skips with a message without t
 
 import sys
 
-from mlx_video.bench import main
+from harness import main
 
 if __name__ == "__main__":
     main(["vs-reference", *sys.argv[1:]])

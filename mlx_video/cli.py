@@ -11,6 +11,22 @@ import click
 from . import __version__
 from .errors import MlxVideoError
 from .registry import MODELS
+from .samplers import SAMPLERS, SCHEDULES
+
+
+def _parse_sigmas(sigmas: str | None, timesteps: str | None) -> list[float] | None:
+    if sigmas is not None and timesteps is not None:
+        raise MlxVideoError("give --sigmas or --timesteps, not both")
+    text, option = (sigmas, "--sigmas") if sigmas is not None else (timesteps, "--timesteps")
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise MlxVideoError(f"{option} takes comma-separated numbers, e.g. 1000,750,500,250, not {text!r}") from None
+    if option == "--timesteps":
+        values = [v / 1000.0 for v in values]
+    return values
 
 
 def _parse_size(value: str | None) -> tuple[int | None, int | None]:
@@ -39,13 +55,19 @@ def cli():
 @cli.command()
 def models():
     """List the known models and their published defaults."""
+    from .families import get_family
+
     for spec in MODELS.values():
+        d = spec.defaults
         sizes = ", ".join(f"{w}x{h}" for w, h in spec.sizes)
-        guidance = f"{spec.guidance}" + (f" / {spec.guidance_2} (low-noise expert)" if spec.two_experts else "")
+        guidance = f"{d.get('guidance')}" + (f" / {d.get('guidance_2')} (second expert)" if spec.experts == 2 else "")
+        shape = f"{spec.experts} experts, boundary {d.get('boundary')}" if spec.experts == 2 else "one model"
         click.echo(
-            f"{spec.id}\n  task {spec.task}, {'two experts, boundary ' + str(spec.boundary) if spec.two_experts else 'one model'}"
-            f"\n  steps {spec.steps}, shift {spec.shift}, guidance {guidance}, sampler {spec.sampler}"
-            f"\n  {spec.frames} frames at {spec.fps} fps; sizes {sizes}\n  weights: huggingface.co/{spec.hf_repo}"
+            f"{spec.id}  ({get_family(spec.family).title})\n  task {spec.task}, {shape}"
+            f"\n  steps {d.get('steps')}, shift {d.get('shift')}, guidance {guidance}, sampler {d.get('sampler')}"
+            + (f", schedule {d['schedule']}" if d.get("schedule") else "")
+            + f"\n  {d.get('frames')} frames ({spec.frame_stride}n+1) at {d.get('fps')} fps; sizes {sizes}"
+            + (f"\n  weights: huggingface.co/{spec.hf_repo}" if spec.hf_repo else "")
         )
 
 
@@ -170,7 +192,17 @@ def download(model_id: str, dtype: str, overwrite: bool):
 @click.option("--guidance", type=float, default=None, help="Guidance scale (of the high-noise expert on A14B).")
 @click.option("--guidance-2", type=float, default=None, help="Guidance scale of the low-noise expert (A14B only).")
 @click.option("--shift", type=float, default=None, help="Noise schedule shift. Default: the model's (12 or 5).")
-@click.option("--sampler", type=click.Choice(["unipc", "euler"]), default=None, help="Default: unipc, as the official release.")
+@click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default=None,
+              help="Step rule. Default: the model's (unipc for Wan, as the official release).")
+@click.option("--schedule", type=click.Choice(sorted(SCHEDULES)), default=None,
+              help="Sigma schedule. Default: the model's, else the sampler's own (unipc: wan, euler: shifted-linear).")
+@click.option("--sigmas", default=None, metavar="S1,S2,...",
+              help="An explicit, decreasing list of noise levels in (0, 1] (distilled checkpoints); sets the step count.")
+@click.option("--timesteps", default=None, metavar="T1,T2,...",
+              help="The same as --sigmas in timesteps (sigma x 1000), as distilled recipes publish them.")
+@click.option("--guidance-mode", type=click.Choice(["batched", "sequential"]), default="batched", show_default=True,
+              help="batched runs the conditional and unconditional passes as one batch; sequential runs them one after "
+                   "the other: the same result with about half the activation memory.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise.")
 @click.option("--init-latents", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Start from these latents instead of noise: a float32 .npy of shape (1, C, T, H, W).")
@@ -185,8 +217,9 @@ def download(model_id: str, dtype: str, overwrite: bool):
                    "before it starts.")
 @click.option("--overwrite", is_flag=True, help="Replace output files that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps, steps, guidance, guidance_2, shift, sampler, seed,
-             init_latents, save_latents, output, vae_tiling, max_memory, overwrite, quiet):
+def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps, steps, guidance, guidance_2, shift, sampler,
+             schedule, sigmas, timesteps, guidance_mode, seed, init_latents, save_latents, output, vae_tiling, max_memory,
+             overwrite, quiet):
     """Generate a video from a text prompt (and, for image-to-video models, an image).
 
     Every setting left out takes the published default of the model. The run stops at the first step that
@@ -197,7 +230,7 @@ def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps
     from .io.atomic import atomic_file, check_writable
     from .io.sidecar import sidecar_path, write_sidecar
     from .io.video import write_frames_png, write_video
-    from .pipelines.wan import WanPipeline, WanSettings
+    from .pipelines.base import GenerationSettings, Pipeline, format_bytes
 
     if output is None and save_latents is None:
         raise MlxVideoError("nothing would be written: pass --output VIDEO.mp4 (or a folder for PNG frames) and/or --save-latents FILE.npy")
@@ -214,11 +247,14 @@ def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps
         check_writable(path, overwrite)
 
     width, height = _parse_size(size)
-    pipe = WanPipeline.from_pretrained(model)
-    settings = pipe.resolve(WanSettings(
+    sigma_list = _parse_sigmas(sigmas, timesteps)
+    if sigma_list is not None and steps is not None and steps != len(sigma_list):
+        raise MlxVideoError(f"--steps {steps} disagrees with the {len(sigma_list)} values of --sigmas/--timesteps; give one")
+    pipe = Pipeline.from_pretrained(model)
+    settings = pipe.resolve(GenerationSettings(
         prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, frames=frames, steps=steps,
-        guidance=guidance, guidance_2=guidance_2, shift=shift, sampler=sampler, seed=seed, fps=fps,
-        image=str(image) if image is not None else None,
+        guidance=guidance, guidance_2=guidance_2, shift=shift, sampler=sampler, schedule=schedule, sigmas=sigma_list,
+        seed=seed, fps=fps, guidance_mode=guidance_mode, image=str(image) if image is not None else None,
     ))
     pixels = None
     if image is not None:
@@ -244,11 +280,11 @@ def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps
         estimate["stages"].pop("decoding", None)
     if not quiet:
         guidance_text = f"guidance {settings.guidance}" + (
-            f" / {settings.guidance_2} (high / low noise)" if pipe.two_experts else "")
+            f" / {settings.guidance_2} (high / low noise)" if settings.guidance_2 is not None else "")
         click.echo(
             f"{pipe.spec.id} ({pipe.folder.manifest['dtype']}): {settings.width}x{settings.height}, {settings.frames} "
             f"frames at {settings.fps} fps, {settings.steps} steps ({settings.sampler}, shift {settings.shift}), "
-            f"{guidance_text}, seed {settings.seed}; estimated peak {estimate['peak_bytes'] / 1024**3:.1f} GiB "
+            f"{guidance_text}, seed {settings.seed}; estimated peak {format_bytes(estimate['peak_bytes'])} "
             f"({estimate['peak_stage']})"
         )
     result = pipe.generate(settings, init_latents=latents, progress=not quiet, image=pixels)
@@ -277,9 +313,29 @@ def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps
         click.echo(f"wrote {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} to {output}")
 
 
-from .bench import register_cli  # noqa: E402  (the bench commands; imports nothing heavy until run)
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args):
+    """Benchmarks (step, peak, vs-reference, vae, estimate): `mlxvid bench --help`.
 
-register_cli(cli)
+    The harnesses live in the repository's benchmarks/ folder, not in the installed package, so this command
+    needs a source checkout (pip install -e .).
+    """
+    import importlib.util
+
+    harness = Path(__file__).resolve().parents[1] / "benchmarks" / "harness.py"
+    if not harness.is_file():
+        raise MlxVideoError("the benchmarks live in the source repository (benchmarks/harness.py); run mlxvid bench "
+                            "from a checkout installed with `pip install -e .`")
+    spec = importlib.util.spec_from_file_location("mlxvid_benchmarks_harness", harness)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.bench.main(args=list(args), prog_name="mlxvid bench", standalone_mode=False)
+
+
+from .interpolate import interpolate_command  # noqa: E402  (imports nothing heavy until run)
+
+cli.add_command(interpolate_command)
 
 
 def main(argv=None) -> None:

@@ -11,15 +11,22 @@ Paths, chosen per call by `active_backend()`:
 
 * "metal": `mx.fast.metal_kernel` on Apple GPUs (`mx.metal.is_available()`);
 * "cuda": `mx.fast.cuda_kernel` on MLX's CUDA back-end (`mx.cuda.is_available()`);
-* "portable": the MLX composition the model used before the kernels existed; numerically identical to it,
-  and what runs everywhere else (the CPU back-end, or when the default device is the CPU).
+* "portable": the plain MLX composition (LayerNorm then modulation, `x + y * gate`, `apply_rope_interleaved`,
+  the fp8 table lookup), and what runs everywhere else (the CPU back-end, or when the default device is the CPU).
 
 `MLXVID_KERNELS=portable` forces the portable path; `auto` (the default) takes a GPU path where one exists.
-A GPU kernel also needs arguments it supports (contiguous shapes of the documented kinds, floating dtypes,
-fewer than 2**31 elements); otherwise that call takes the portable path. The first time a kernel variant
-(kernel, dtypes, template constants) is used, it is run on a small probe and compared with the portable path;
-if it fails to compile or disagrees, a warning is issued and that variant stays on the portable path for the
-rest of the process (`kernel_status()` lists the probes).
+The variable is read once and cached; `refresh()` reads it (and the GPU availability) again. The default
+device is looked at on every call. A GPU kernel also needs arguments it supports (contiguous shapes of the
+documented kinds, floating dtypes, fewer than 2**31 elements); otherwise that call takes the portable path.
+
+Warm-up: each kernel variant (kernel, dtypes, template constants) is checked once, on a small probe compared
+with the portable path, before it is used. The check evaluates arrays and reads them on the host, which a
+traced function (`mx.compile`) cannot do, so it only runs inside `warm_up(run)` (or a `with probing():`
+block): call `warm_up(lambda: model(*minimal_inputs))` once after loading a model, with a plain (not compiled)
+forward. A variant that fails to compile or disagrees is reported with a warning and stays on the portable path
+for the rest of the process. Outside warm-up nothing is probed: a variant with no verdict yet takes the
+portable path, so a model that was never warmed up runs the portable path everywhere, and any forward can be
+traced by `mx.compile`. `kernel_status()` lists the verdicts.
 
 Kernel sources live in `kernels/` at the top of the repository, installed as the package
 `mlx_video.kernel_sources`: the per-element math in `common/*.h` (plain C-like functions over a small shim of
@@ -30,6 +37,7 @@ files are compiled and run on the host by the CMake conformance tests (see CMake
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -37,7 +45,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -151,8 +159,16 @@ def _kernel(name: str, backend: str):
 # --------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+_GPU: list[str | None] = []  # the cached GPU back-end, empty until first looked up
+
+
 def _gpu_backend() -> str | None:
+    if not _GPU:
+        _GPU.append(_detect_gpu_backend())
+    return _GPU[0]
+
+
+def _detect_gpu_backend() -> str | None:
     try:
         if mx.metal.is_available():
             return "metal"
@@ -167,12 +183,27 @@ def _gpu_backend() -> str | None:
     return None
 
 
+_MODE: list[str] = []  # the cached value of MLXVID_KERNELS, empty until first read
+
+
 def kernel_mode() -> str:
-    """The value of MLXVID_KERNELS: "auto" (default) or "portable"."""
-    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if mode not in _MODES:
-        raise MlxVideoError(f"{ENV_VAR}={mode!r} is not one of {', '.join(_MODES)}")
-    return mode
+    """The value of MLXVID_KERNELS: "auto" (default) or "portable"; read once, then cached until `refresh()`."""
+    if not _MODE:
+        mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if mode not in _MODES:
+            raise MlxVideoError(f"{ENV_VAR}={mode!r} is not one of {', '.join(_MODES)}")
+        _MODE.append(mode)
+    return _MODE[0]
+
+
+def refresh() -> str:
+    """Read MLXVID_KERNELS and the GPU availability again (they are cached); the backend a call takes now.
+
+    The kernel verdicts of `kernel_status()` are kept: they depend on the kernels, not on the settings.
+    """
+    _MODE.clear()
+    _GPU.clear()
+    return active_backend()
 
 
 def active_backend() -> str:
@@ -185,8 +216,9 @@ def active_backend() -> str:
     return backend
 
 
-# Outcome of the first-use probe of each kernel variant: key -> True (kernel used) / False (portable).
+# Verdict of the warm-up probe of each kernel variant: key -> True (kernel used) / False (portable).
 _PROBES: dict[tuple, bool] = {}
+_PROBING: list[bool] = [False]  # True inside `probing()`: unknown variants are probed instead of skipped
 
 
 def kernel_status() -> dict[tuple, bool]:
@@ -194,15 +226,49 @@ def kernel_status() -> dict[tuple, bool]:
     return dict(_PROBES)
 
 
-def _probe_passed(key: tuple, make_probe, exact: bool) -> bool:
-    """Run a kernel variant once on a small input against the portable path; remember the verdict.
+@contextlib.contextmanager
+def probing() -> Iterator[None]:
+    """Within this block, a kernel variant seen for the first time is probed (see `warm_up`).
 
-    `make_probe()` returns (run_kernel, run_portable), each giving a list of arrays; it is only called the
-    first time a variant is seen.
+    Probing evaluates arrays: do not enter it around a function being traced by `mx.compile`.
+    """
+    previous = _PROBING[0]
+    _PROBING[0] = True
+    try:
+        yield
+    finally:
+        _PROBING[0] = previous
+
+
+def warm_up(run: Callable[[], object]) -> dict[tuple, bool]:
+    """Probe the kernel variants that `run()` uses, evaluate its outputs, and return `kernel_status()`.
+
+    `run` is typically one forward of a model on a minimal input (one latent frame, a few tokens), not compiled.
+    Variants are keyed by kernel, dtypes and template constants (adaLN: the row width), not by token counts, so
+    the minimal input covers the real run as long as it uses the same dtypes and model width. Afterwards every
+    call of those variants takes its kernel (if the probe passed) without any further check, also inside
+    `mx.compile`. On the portable backend there is nothing to probe: `run` is not called and the status is
+    returned at once.
+    """
+    if active_backend() == "portable":
+        return kernel_status()
+    with probing():
+        mx.eval(run())
+    return kernel_status()
+
+
+def _probe_passed(key: tuple, make_probe, exact: bool) -> bool:
+    """The verdict for a kernel variant: probed now (inside `probing()`) if unknown, else remembered.
+
+    Outside `probing()` an unknown variant is not probed and gets False (the portable path) without being
+    remembered, so that a later warm-up still probes it. `make_probe()` returns (run_kernel, run_portable),
+    each giving a list of arrays; it is only called when the variant is probed.
     """
     verdict = _PROBES.get(key)
     if verdict is not None:
         return verdict
+    if not _PROBING[0]:
+        return False
     try:
         run_kernel, run_portable = make_probe()
         got = run_kernel()
@@ -274,10 +340,14 @@ def _fp8_portable(codes, fmt, scale, dtype):
 
 
 def _fp8_scale_layout(scale, codes_shape: tuple[int, ...]) -> mx.array | None:
-    """The scale as a flat float32 array of 1 (per tensor) or codes_shape[0] (per output channel) entries."""
+    """The scale as a flat float32 array of 1 (per tensor) or codes_shape[0] (per output channel) entries, read
+    the way mlx_video.convert.fp8 reads it: a 1-D scale of codes_shape[0] entries is per output channel (the
+    layout fp8 checkpoints and Fp8Linear use), as is one shaped (rows, 1, ..., 1); None for other layouts."""
     s = scale.astype(mx.float32) if isinstance(scale, mx.array) else mx.array(np.asarray(scale, dtype=np.float32))
     if s.size == 1:
         return s.reshape(1)
+    if s.ndim == 1 and len(codes_shape) >= 1 and s.shape[0] == codes_shape[0]:
+        return s
     if len(codes_shape) >= 1 and s.size == codes_shape[0]:
         padded = (1,) * (len(codes_shape) - s.ndim) + tuple(s.shape)
         if s.ndim <= len(codes_shape) and padded[0] == codes_shape[0] and all(d == 1 for d in padded[1:]):
@@ -336,15 +406,21 @@ class RopeTables:
     """Per-axis cos/sin tables of a rotary embedding over a row-major token grid of up to three axes.
 
     `cos` and `sin` are flat float32 arrays holding, one after the other, a (grid[a], axis_pairs[a]) table
-    per axis (see kernels/common/rope.h). Pair j of a head belongs to the axis whose range of
-    `axis_pairs` contains it. `full()` expands them to the (L, D/2) tables that `rope_tables_3d` builds.
+    per axis (see kernels/common/rope.h); the kernels read these. Pair j of a head belongs to the axis whose
+    range of `axis_pairs` contains it. `full()` expands them to the (L, D/2) tables that `rope_tables_3d`
+    builds, which the portable path uses; build them with `rope_tables(grid, head_dim)`.
     """
 
     cos: mx.array
     sin: mx.array
     grid: tuple[int, ...]
     axis_pairs: tuple[int, ...]
+    _host: tuple = field(default=(), repr=False)  # (cos, sin) as float32 numpy, the same flat layout
     _full: list = field(default_factory=list, repr=False, init=False)
+
+    def __post_init__(self):
+        if not self._host:  # built by hand from MLX arrays: copy them to the host now, not inside a forward
+            object.__setattr__(self, "_host", (np.asarray(self.cos, np.float32), np.asarray(self.sin, np.float32)))
 
     @property
     def tokens(self) -> int:
@@ -355,24 +431,27 @@ class RopeTables:
         return sum(self.axis_pairs)
 
     def full(self) -> tuple[mx.array, mx.array]:
-        """(cos, sin), each (L, D/2) float32, tokens in grid order: the same values as the per-axis tables."""
+        """(cos, sin), each (L, D/2) float32, tokens in grid order: the same values as the per-axis tables.
+
+        Expanded on the host from the numpy copy and handed to MLX as constants, once: no device work and no
+        sync, so the first call may happen inside `mx.compile` and the result is cached safely.
+        """
         if not self._full:
-            self._full.extend(_expand_axis_tables(self))
+            self._full.extend(mx.array(_expand_axis_tables(flat, self.grid, self.axis_pairs)) for flat in self._host)
         return self._full[0], self._full[1]
 
 
-def _expand_axis_tables(rope: RopeTables) -> tuple[mx.array, mx.array]:
-    out = []
-    for flat in (rope.cos, rope.sin):
-        parts, offset = [], 0
-        for axis, (size, pairs) in enumerate(zip(rope.grid, rope.axis_pairs)):
-            table = flat[offset : offset + size * pairs].reshape(size, pairs)
-            offset += size * pairs
-            view = [1] * len(rope.grid) + [pairs]
-            view[axis] = size
-            parts.append(mx.broadcast_to(table.reshape(view), (*rope.grid, pairs)))
-        out.append(mx.concatenate(parts, axis=-1).reshape(rope.tokens, rope.pairs))
-    return out[0], out[1]
+def _expand_axis_tables(flat: np.ndarray, grid: tuple[int, ...], axis_pairs: tuple[int, ...]) -> np.ndarray:
+    """The (prod(grid), sum(axis_pairs)) table whose row of token (i0, i1, ...) is axis 0's row i0, then axis
+    1's row i1, ..., read from the flat per-axis layout."""
+    parts, offset = [], 0
+    for axis, (size, pairs) in enumerate(zip(grid, axis_pairs)):
+        table = flat[offset : offset + size * pairs].reshape(size, pairs)
+        offset += size * pairs
+        view = [1] * len(grid) + [pairs]
+        view[axis] = size
+        parts.append(np.broadcast_to(table.reshape(view), (*grid, pairs)))
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(math.prod(grid), sum(axis_pairs)))
 
 
 def rope_tables(
@@ -383,7 +462,8 @@ def rope_tables(
     `axis_dims` are the real channels per axis (even, summing to head_dim); by default Wan's split
     (44/42/42 for head_dim 128 over (t, h, w)); HunyuanVideo uses (16, 56, 56). The angles are computed in
     float64 on the host and stored as float32, exactly like `mlx_video.nn.rope.rope_tables_3d`, whose
-    (L, D/2) tables `RopeTables.full()` reproduces bit for bit.
+    (L, D/2) tables `RopeTables.full()` reproduces bit for bit. Call it outside traced functions (it builds
+    the tables with numpy); the result can then be used inside them.
     """
     grid = tuple(int(g) for g in grid)
     if axis_dims is None:
@@ -398,11 +478,10 @@ def rope_tables(
         angles = np.arange(size, dtype=np.float64)[:, None] * inv_freq[None, :]
         cos_parts.append(np.cos(angles).astype(np.float32).reshape(-1))
         sin_parts.append(np.sin(angles).astype(np.float32).reshape(-1))
+    cos, sin = np.concatenate(cos_parts), np.concatenate(sin_parts)
     return RopeTables(
-        cos=mx.array(np.concatenate(cos_parts)),
-        sin=mx.array(np.concatenate(sin_parts)),
-        grid=grid,
-        axis_pairs=tuple(d // 2 for d in axis_dims),
+        cos=mx.array(cos), sin=mx.array(sin), grid=grid, axis_pairs=tuple(d // 2 for d in axis_dims),
+        _host=(cos, sin),
     )
 
 
@@ -641,6 +720,9 @@ __all__ = [
     "kernel_mode",
     "kernel_source",
     "kernel_status",
+    "probing",
+    "refresh",
     "rope_tables",
     "source_dir",
+    "warm_up",
 ]

@@ -23,7 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import MlxVideoError
-from .registry import ModelSpec, get_spec, models_home
+from .nn.linear import Fp8Linear
+from .registry import MODELS, ModelSpec, get_spec, models_home
 
 MANIFEST = "mlxvid.json"
 FORMAT_VERSION = 1
@@ -79,7 +80,42 @@ class ModelFolder:
 
     @property
     def spec(self) -> ModelSpec:
-        return get_spec(self.manifest["model"])
+        """The model this folder holds: the manifest's own description and defaults, with the registry entry
+        of the same id (if any) filling in only what the manifest lacks. A fine-tune or distilled checkpoint
+        whose id the registry does not know runs from its manifest alone."""
+        m = self.manifest
+        known = MODELS.get(m.get("model"))
+        family = m.get("family") or (known.family if known else None)
+        if family is None:
+            raise MlxVideoError(f"{self.path / MANIFEST} names no model family; re-run `mlxvid convert`")
+        defaults = dict(known.defaults) if known else {}
+        defaults.update({k: v for k, v in (m.get("defaults") or {}).items() if v is not None})
+        for legacy in ("boundary", "text_len", "per_frame_timesteps"):  # written at the top level by version 1
+            if m.get(legacy) is not None and legacy not in (m.get("defaults") or {}):
+                defaults[legacy] = m[legacy]
+
+        def pick(name, fallback=None):
+            if m.get(name) is not None:
+                return m[name]
+            return getattr(known, name) if known else fallback
+
+        vae_stride = tuple(pick("vae_stride") or ())
+        sizes = tuple(tuple(s) for s in (pick("sizes") or ()))
+        missing = [n for n, v in (("task", pick("task")), ("vae_stride", vae_stride), ("size_multiple", pick("size_multiple")),
+                                  ("sizes", sizes)) if not v]
+        if missing:
+            raise MlxVideoError(
+                f"{self.path / MANIFEST} lacks {', '.join(missing)} and its model {m.get('model')!r} is not in the registry; "
+                "re-convert it with `mlxvid convert --base MODEL_ID` naming the published model it derives from"
+            )
+        return ModelSpec(
+            id=m.get("model") or self.path.name, family=family, task=pick("task"), vae_stride=vae_stride,
+            size_multiple=int(pick("size_multiple")), sizes=sizes, defaults=defaults,
+            hf_repo=known.hf_repo if known else None,
+            experts=int(m.get("experts") or (known.experts if known else 1)),
+            transformer=known.transformer if known else None,
+            description=known.description if known else f"converted model {m.get('model')!r}",
+        )
 
     @property
     def components(self) -> list[str]:
@@ -159,33 +195,8 @@ class ModelFolder:
                     f"{tuple(expected[k].shape)}"
                 )
         module.load_weights(list(weights.items()), strict=True)
-
-
-class Fp8Linear(nn.Module):
-    """A linear layer that keeps its weight as float8 codes (uint8) and a float32 scale, one per tensor or
-    one per output channel, and decodes them to the compute dtype each time it runs: memory holds one byte per
-    weight. The arithmetic is that of `nn.Linear` on the decoded weight `(decode(codes) * scale).astype(dtype)`,
-    which is exactly what a conversion without --quantize would have stored."""
-
-    def __init__(self, input_dims: int, output_dims: int, bias: bool, fmt: str, scale_shape=(), dtype=mx.bfloat16):
-        super().__init__()
-        self.weight = mx.zeros((output_dims, input_dims), dtype=mx.uint8)
-        self.weight_scale = mx.ones(tuple(scale_shape), dtype=mx.float32)
-        if bias:
-            self.bias = mx.zeros((output_dims,), dtype=dtype)
-        self._fp8_format = fmt
-        self._compute_dtype = dtype
-
-    def decoded_weight(self) -> mx.array:
-        from .kernels import dequantize_fp8  # the fp8 kernel where a GPU path exists, else the portable decode
-
-        return dequantize_fp8(self["weight"], self._fp8_format, self["weight_scale"], dtype=self._compute_dtype)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        weight = self.decoded_weight()
-        if "bias" in self:
-            return mx.addmm(self["bias"], x, weight.T)
-        return x @ weight.T
+        if hasattr(module, "set_compute_dtype"):
+            module.set_compute_dtype(self.dtype)  # what the weights were converted to, per the manifest
 
 
 def _prepare_quantized(module, record: dict, weights: dict, dtype, where: Path) -> None:

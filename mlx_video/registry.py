@@ -1,17 +1,21 @@
 """The models mlxvid knows, with the defaults their authors publish.
 
-A variant is one entry here, not a code path: the pipeline reads everything it needs from the entry (and
-from the converted folder's own config for the network's shape).
+A variant is one entry here, not a code path. An entry is family-neutral: which family's code runs it
+(`mlx_video.families`), its task, where its weights are published, the published sizes and frame rule, and
+a `defaults` table of generation settings (the names of `GenerationSettings` fields plus the family's own,
+such as Wan's expert `boundary`). A converted folder's manifest carries the defaults it was converted with,
+so a folder whose model is not listed here (a fine-tune, a distilled checkpoint) still runs; the registry
+fills in only what a manifest lacks (`ModelFolder.spec`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import MlxVideoError
-from .models.wan.config import WAN_A14B_I2V, WAN_A14B_T2V, WAN_TI2V_5B, WanTransformerConfig
 
 # The official release's default negative prompt (Wan2.2 wan/configs/shared_config.py), used when none is given.
 WAN_NEGATIVE_PROMPT = (
@@ -20,61 +24,104 @@ WAN_NEGATIVE_PROMPT = (
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
+# The settings every model needs a value for; a folder without one (and no registry entry) says which.
+REQUIRED_DEFAULTS = ("steps", "guidance", "sampler", "shift", "fps", "frames")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
-    family: str
-    task: str  # "t2v", "i2v" or "ti2v"
-    transformer: WanTransformerConfig
-    two_experts: bool  # A14B: a high-noise and a low-noise expert
-    boundary: float | None  # fraction of the 1000 training timesteps where the low-noise expert takes over
-    vae_stride: tuple[int, int, int]  # (t, h, w) compression of the VAE
-    steps: int
-    shift: float
-    guidance: float  # the high-noise expert's (or the only model's) guidance scale
-    guidance_2: float | None  # the low-noise expert's
-    fps: int
-    frames: int
+    family: str  # a key of mlx_video.families.FAMILIES
+    task: str  # "t2v", "i2v" or "ti2v" (text, image, or text with an optional image)
+    vae_stride: tuple[int, int, int]  # (t, h, w) compression of the VAE: frames are of the form t*n + 1
+    size_multiple: int  # width and height must be multiples of it (VAE stride x transformer patch)
     sizes: tuple[tuple[int, int], ...]  # published (width, height) pairs; the first is the default
-    hf_repo: str
-    per_frame_timesteps: bool = False  # TI2V-5B gives each latent frame its own timestep
-    sampler: str = "unipc"
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
-    text_len: int = 512
-
-    @property
-    def size_multiple(self) -> int:
-        return self.vae_stride[1] * self.transformer.patch_size[1]
+    defaults: dict[str, Any]  # published generation settings (see REQUIRED_DEFAULTS)
+    hf_repo: str | None = None  # the diffusers-layout repository `mlxvid download` fetches
+    experts: int = 1  # transformers run in turn over the steps (Wan A14B: 2, a high- and a low-noise expert)
+    transformer: Any = None  # the family's published transformer config, for shape checks at conversion
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # family facts that are not settings
 
     @property
     def default_size(self) -> tuple[int, int]:
         return self.sizes[0]
 
+    @property
+    def frame_stride(self) -> int:
+        return self.vae_stride[0]
 
-_A14B_SIZES = ((1280, 720), (720, 1280), (832, 480), (480, 832))
+    def default(self, name: str, fallback: Any = None) -> Any:
+        return self.defaults.get(name, fallback)
 
-MODELS: dict[str, ModelSpec] = {
-    spec.id: spec
-    for spec in [
+    # The most used defaults, by name.
+    @property
+    def steps(self) -> int:
+        return self.defaults["steps"]
+
+    @property
+    def frames(self) -> int:
+        return self.defaults["frames"]
+
+    @property
+    def fps(self) -> int:
+        return self.defaults["fps"]
+
+    def check_geometry(self, width: int, height: int, frames: int) -> None:
+        """Refuse a size or frame count the model cannot take, naming the rule."""
+        m = self.size_multiple
+        if width <= 0 or height <= 0 or width % m or height % m:
+            raise MlxVideoError(
+                f"size {width}x{height} is not supported by {self.id}: width and height must be positive multiples "
+                f"of {m} (published sizes: {', '.join(f'{w}x{h}' for w, h in self.sizes)})"
+            )
+        t = self.frame_stride
+        if frames < 1 or (frames - 1) % t:
+            lo = max(1, (frames - 1) // t * t + 1)
+            raise MlxVideoError(f"--frames must be of the form {t}n+1 (e.g. {lo} or {lo + t}), got {frames}")
+
+    def latent_grid(self, width: int, height: int, frames: int) -> tuple[int, int, int]:
+        """(latent frames, latent height, latent width) of a video: the one place video geometry is computed."""
+        self.check_geometry(width, height, frames)
+        st, sh, sw = self.vae_stride
+        return (frames - 1) // st + 1, height // sh, width // sw
+
+
+def _wan_specs() -> list[ModelSpec]:
+    from .models.wan.config import WAN_A14B_I2V, WAN_A14B_T2V, WAN_TI2V_5B
+
+    a14b_sizes = ((1280, 720), (720, 1280), (832, 480), (480, 832))
+    common = dict(sampler="unipc", negative_prompt=WAN_NEGATIVE_PROMPT, text_len=512)
+    return [
         ModelSpec(
-            id="wan2.2-t2v-a14b", family="wan", task="t2v", transformer=WAN_A14B_T2V, two_experts=True,
-            boundary=0.875, vae_stride=(4, 8, 8), steps=40, shift=12.0, guidance=4.0, guidance_2=3.0,
-            fps=16, frames=81, sizes=_A14B_SIZES, hf_repo="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+            id="wan2.2-t2v-a14b", family="wan", task="t2v", vae_stride=(4, 8, 8), size_multiple=16, sizes=a14b_sizes,
+            defaults=dict(common, steps=40, shift=12.0, guidance=4.0, guidance_2=3.0, fps=16, frames=81, boundary=0.875),
+            hf_repo="Wan-AI/Wan2.2-T2V-A14B-Diffusers", experts=2, transformer=WAN_A14B_T2V,
+            description="Wan 2.2 text-to-video, two 14B experts",
         ),
         ModelSpec(
-            id="wan2.2-i2v-a14b", family="wan", task="i2v", transformer=WAN_A14B_I2V, two_experts=True,
-            boundary=0.900, vae_stride=(4, 8, 8), steps=40, shift=5.0, guidance=3.5, guidance_2=3.5,
-            fps=16, frames=81, sizes=_A14B_SIZES, hf_repo="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+            id="wan2.2-i2v-a14b", family="wan", task="i2v", vae_stride=(4, 8, 8), size_multiple=16, sizes=a14b_sizes,
+            defaults=dict(common, steps=40, shift=5.0, guidance=3.5, guidance_2=3.5, fps=16, frames=81, boundary=0.900),
+            hf_repo="Wan-AI/Wan2.2-I2V-A14B-Diffusers", experts=2, transformer=WAN_A14B_I2V,
+            description="Wan 2.2 image-to-video, two 14B experts",
         ),
         ModelSpec(
-            id="wan2.2-ti2v-5b", family="wan", task="ti2v", transformer=WAN_TI2V_5B, two_experts=False,
-            boundary=None, vae_stride=(4, 16, 16), steps=50, shift=5.0, guidance=5.0, guidance_2=None,
-            fps=24, frames=121, sizes=((1280, 704), (704, 1280)), hf_repo="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-            per_frame_timesteps=True,
+            id="wan2.2-ti2v-5b", family="wan", task="ti2v", vae_stride=(4, 16, 16), size_multiple=32,
+            sizes=((1280, 704), (704, 1280)),
+            defaults=dict(common, steps=50, shift=5.0, guidance=5.0, fps=24, frames=121, per_frame_timesteps=True),
+            hf_repo="Wan-AI/Wan2.2-TI2V-5B-Diffusers", transformer=WAN_TI2V_5B,
+            description="Wan 2.2 text- and image-to-video, 5B",
         ),
     ]
-}
+
+
+MODELS: dict[str, ModelSpec] = {spec.id: spec for spec in _wan_specs()}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add an entry (a family module calls this for its published models)."""
+    MODELS[spec.id] = spec
+    return spec
 
 
 def get_spec(model_id: str) -> ModelSpec:

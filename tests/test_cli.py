@@ -195,7 +195,7 @@ def test_memory_preflight_refuses_a_run_that_will_not_fit(capsys, a14b, heavy_wo
     root, _ = a14b
     err = run_error(capsys, gen(root / "mlx", "--size", "48x32", "--frames", "9", "--max-memory", "0.0001",
                                 "--output", str(tmp_path / "v.mp4")))
-    assert "GiB at its peak" in err and "--quantize q8" in err and "--max-memory" in err
+    assert "MiB at its peak" in err and "--quantize q8" in err and "--max-memory" in err
     assert not (tmp_path / "v.mp4").exists()
 
 

@@ -55,10 +55,12 @@ def tiny_specs() -> dict[str, ModelSpec]:
     """Registry entries like the published ones, with the tiny model's dimensions."""
     from dataclasses import replace
 
-    small = dict(transformer=TINY_CONFIG, steps=2, frames=5, sizes=((64, 64),), hf_repo="none/tiny")
+    a14b = MODELS["wan2.2-t2v-a14b"]
+    small = dict(transformer=TINY_CONFIG, sizes=((64, 64),), hf_repo="none/tiny")
+    one = {k: v for k, v in a14b.defaults.items() if k not in ("boundary", "guidance_2")}
     return {
-        "tiny-wan": replace(MODELS["wan2.2-t2v-a14b"], id="tiny-wan", two_experts=False, boundary=None, guidance_2=None, **small),
-        "tiny-wan-a14b": replace(MODELS["wan2.2-t2v-a14b"], id="tiny-wan-a14b", **small),
+        "tiny-wan": replace(a14b, id="tiny-wan", experts=1, defaults=dict(one, steps=2, frames=5), **small),
+        "tiny-wan-a14b": replace(a14b, id="tiny-wan-a14b", defaults=dict(a14b.defaults, steps=2, frames=5), **small),
     }
 
 
@@ -363,7 +365,7 @@ def test_official_layout_gives_the_diffusers_conversion(tiny, from_diffusers, ca
     log = capsys.readouterr().out
     assert "official Wan release layout" in log
     manifest = json.loads((out / "mlxvid.json").read_text())
-    assert manifest["model"] == "wan2.2-t2v-a14b" and manifest["boundary"] == 0.875
+    assert manifest["model"] == "wan2.2-t2v-a14b" and manifest["defaults"]["boundary"] == 0.875
     assert set(manifest["components"]) == {"transformer", "transformer_2", "text_encoder", "vae", "tokenizer"}
     # the same weights as the diffusers conversion, tensor for tensor: transformer, T5 (.pth) and VAE (.pth)
     for component in ("transformer", "text_encoder", "vae"):
@@ -504,7 +506,7 @@ def test_two_experts_and_comfy_text_encoder_and_vae(tiny, tiny_registry, capsys)
         tiny.vae.state_dict()["decoder.up_blocks.1.resnets.0.conv_shortcut.weight"].to(torch.bfloat16).float().permute(0, 2, 3, 4, 1).numpy(),
     )
     manifest = json.loads((out / "mlxvid.json").read_text())
-    assert manifest["model"] == "tiny-wan-a14b" and manifest["boundary"] == 0.875 and manifest["vae_stride"] == [4, 8, 8]
+    assert manifest["model"] == "tiny-wan-a14b" and manifest["defaults"]["boundary"] == 0.875 and manifest["vae_stride"] == [4, 8, 8]
 
 
 def test_folder_of_single_files_is_classified_by_keys(tiny, tiny_registry, capsys):
@@ -566,7 +568,7 @@ def test_official_single_model_layout(tiny, from_diffusers):
     out = tiny.root / "mlx_official_5b"
     convert(root, out, "--dtype", "fp32")
     manifest = json.loads((out / "mlxvid.json").read_text())
-    assert manifest["model"] == "wan2.2-ti2v-5b" and manifest["boundary"] is None and manifest["per_frame_timesteps"]
+    assert manifest["model"] == "wan2.2-ti2v-5b" and manifest["defaults"]["boundary"] is None and manifest["defaults"]["per_frame_timesteps"]
     ours, want = load_all(out, "transformer"), load_all(from_diffusers, "transformer")
     assert ours.keys() == want.keys() and all(np.array_equal(ours[k], want[k]) for k in want)
 

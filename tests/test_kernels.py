@@ -10,12 +10,15 @@ with the same grid, template arguments and inputs.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import math
 import os
 import re
 import shutil
 import subprocess
 import time
+import types
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,6 +31,7 @@ from mlx_video.errors import MlxVideoError
 from mlx_video.models.wan import transformer as wan_transformer
 from mlx_video.models.wan.config import WanTransformerConfig
 from mlx_video.models.wan.transformer import WanTransformer
+from mlx_video.nn import rope as nn_rope
 from mlx_video.nn.norms import layer_norm_fp32
 from mlx_video.nn.rope import apply_rope_interleaved, rope_tables_3d
 
@@ -45,9 +49,15 @@ def f32(a: mx.array) -> np.ndarray:
 
 
 @pytest.fixture(autouse=True)
-def _clean_kernel_state(monkeypatch):
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    monkeypatch.setattr(kernels, "_PROBES", {})
+def _clean_kernel_state():
+    """No MLXVID_KERNELS, no verdicts, the mode read afresh; and read again once the test's own monkeypatch
+    (torn down before this fixture) has restored the environment, so that no cached mode leaks out."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(kernels.ENV_VAR, raising=False)
+        patch.setattr(kernels, "_PROBES", {})
+        kernels.refresh()
+        yield
+    kernels.refresh()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -62,15 +72,68 @@ def test_backend_choice(monkeypatch):
     assert kernels.kernel_mode() == "auto"
     assert kernels.active_backend() == expected
     monkeypatch.setenv(kernels.ENV_VAR, "portable")
-    assert kernels.active_backend() == "portable"
+    assert kernels.refresh() == kernels.active_backend() == "portable"
     monkeypatch.setenv(kernels.ENV_VAR, "fast")
     with pytest.raises(MlxVideoError, match="MLXVID_KERNELS"):
+        kernels.refresh()
+    with pytest.raises(MlxVideoError, match="MLXVID_KERNELS"):  # a bad value is not cached
         kernels.active_backend()
-    # A GPU back-end alone is not enough: the default device must be the GPU.
+    # A GPU back-end alone is not enough: the default device must be the GPU (looked at on every call).
     monkeypatch.setenv(kernels.ENV_VAR, "auto")
+    kernels.refresh()
     monkeypatch.setattr(kernels, "_gpu_backend", lambda: "metal")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert kernels.active_backend() == "metal"
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
     assert kernels.active_backend() == "portable"
+
+
+def test_mode_is_read_once_until_refresh(monkeypatch):
+    monkeypatch.setattr(kernels, "_gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert kernels.active_backend() == "cuda"
+    monkeypatch.setenv(kernels.ENV_VAR, "portable")
+    reads = []
+
+    class CountingEnviron(dict):
+        def get(self, *args):
+            reads.append(args)
+            return os.environ.get(*args)
+
+    monkeypatch.setattr(kernels, "os", types.SimpleNamespace(environ=CountingEnviron()))
+    for _ in range(3):
+        assert kernels.active_backend() == "cuda" and kernels.kernel_mode() == "auto"  # still the cached mode
+    assert reads == []
+    assert kernels.refresh() == "portable" and kernels.kernel_mode() == "portable"
+    assert len(reads) == 1
+    kernels.active_backend()
+    assert len(reads) == 1
+
+
+def test_warm_up_on_the_portable_backend_does_not_run(monkeypatch):
+    ran = []
+    assert kernels.active_backend() == "portable"  # this machine: the CPU back-end
+    assert kernels.warm_up(lambda: ran.append(1)) == {}
+    # A GPU present but MLXVID_KERNELS=portable: still nothing runs.
+    monkeypatch.setattr(kernels, "_gpu_backend", lambda: "metal")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    monkeypatch.setenv(kernels.ENV_VAR, "portable")
+    kernels.refresh()
+    assert kernels.warm_up(lambda: ran.append(1)) == {}
+    assert ran == []
+
+
+def test_probing_flag_is_scoped():
+    assert not kernels._PROBING[0]
+    with kernels.probing():
+        assert kernels._PROBING[0]
+        with kernels.probing():
+            assert kernels._PROBING[0]
+        assert kernels._PROBING[0]
+    assert not kernels._PROBING[0]
+    with pytest.raises(ZeroDivisionError), kernels.probing():
+        1 / 0
+    assert not kernels._PROBING[0]
 
 
 def test_portable_path_never_builds_a_kernel(monkeypatch):
@@ -183,7 +246,34 @@ def test_portable_rope_matches_float64(grid, head_dim, axis_dims, theta):
         assert rel(np.array(got_q), complex_rope(q, grid, split, theta)) < 1e-6
         assert rel(np.array(got_k), complex_rope(k, grid, split, theta)) < 1e-6
         assert rel(np.array(kernels.apply_rope(mx.array(q), rope)), complex_rope(q, grid, split, theta)) < 1e-6
-    assert kernels.apply_rope(mx.array(q).astype(mx.bfloat16), full).dtype == mx.bfloat16
+    # Per-axis tables (what the kernels read) give bit for bit the rotation of the (L, D/2) tables.
+    for dtype in FLOATS:
+        qd, kd = mx.array(q).astype(dtype), mx.array(k).astype(dtype)
+        got_q, got_k = kernels.apply_rope_qk(qd, kd, axes)
+        assert got_q.dtype == got_k.dtype == dtype
+        assert_same_bits(got_q, apply_rope_interleaved(qd, *full))
+        assert_same_bits(got_k, apply_rope_interleaved(kd, *full))
+        if dtype != mx.float32:  # one rounding to 16 bits of the float64 rotation
+            assert rel(f32(got_q), complex_rope(f32(qd), grid, split, theta)) < 1e-2
+
+
+def test_rope_tables_under_mx_compile():
+    """RopeTables.full() first called inside an mx.compile trace: no host sync, and the cached tables stay
+    plain constants usable outside it."""
+    grid, head_dim = (2, 3, 4), 36
+    rope = kernels.rope_tables(grid, head_dim)
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, 24, 2, head_dim)).astype(np.float32)
+    k = rng.standard_normal(q.shape).astype(np.float32)
+    rotate = mx.compile(lambda q, k: kernels.apply_rope_qk(q, k, rope))
+    got_q, got_k = rotate(mx.array(q), mx.array(k))
+    again_q, _ = rotate(mx.array(2 * q), mx.array(k))
+    split = nn_rope.wan_axis_dims(head_dim)
+    assert rel(np.array(got_q), complex_rope(q, grid, split)) < 1e-6
+    assert rel(np.array(got_k), complex_rope(k, grid, split)) < 1e-6
+    assert rel(np.array(again_q), complex_rope(2 * q, grid, split)) < 1e-6
+    want = rope_tables_3d(grid, head_dim)
+    assert all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(rope.full(), want))
 
 
 def adaln_reference(x, shift, scale, eps):
@@ -203,24 +293,14 @@ def test_portable_adaln_and_gated_match_float64():
     assert rel(np.array(got), adaln_reference(x, shift, scale, 1e-6)) < 1e-6
     got = kernels.gated_residual(mx.array(x), mx.array(gate), mx.array(y))
     assert rel(np.array(got), x.astype(np.float64) + y.astype(np.float64) * gate) < 1e-6
-
-
-def test_portable_path_is_the_previous_composition():
-    """Bit for bit the expressions the Wan transformer used before the dispatch layer."""
-    rng = np.random.default_rng(4)
-    x = mx.array(rng.standard_normal((2, 3, 10, 40)).astype(np.float32))
-    shift, scale, gate = (mx.array(0.3 * rng.standard_normal((2, 3, 1, 40)).astype(np.float32)) for _ in range(3))
-    y = mx.array(rng.standard_normal((2, 3, 10, 40)).astype(np.float32)).astype(mx.bfloat16)
-    assert np.array_equal(
-        np.array(kernels.adaln_modulate(x, shift, scale, 1e-6)),
-        np.array(layer_norm_fp32(x, eps=1e-6) * (1 + scale) + shift),
-    )
-    assert np.array_equal(np.array(kernels.gated_residual(x, gate, y)), np.array(x + y * gate))
-    q = mx.array(rng.standard_normal((2, 45, 2, 20)).astype(np.float32))
-    cos, sin = rope_tables_3d((3, 3, 5), 20)
-    got_q, got_k = kernels.apply_rope_qk(q, q * 2, (cos, sin))
-    assert np.array_equal(np.array(got_q), np.array(apply_rope_interleaved(q, cos, sin)))
-    assert np.array_equal(np.array(got_k), np.array(apply_rope_interleaved(q * 2, cos, sin)))
+    # The Wan blocks' mix: float32 stream and gate, a bfloat16 branch output; a float32 result.
+    y16 = mx.array(y).astype(mx.bfloat16)
+    got = kernels.gated_residual(mx.array(x), mx.array(gate), y16)
+    assert got.dtype == mx.float32
+    assert rel(np.array(got), x.astype(np.float64) + f32(y16).astype(np.float64) * gate) < 1e-6
+    got = kernels.adaln_modulate(mx.array(x).astype(mx.bfloat16), mx.array(shift), mx.array(scale), 1e-5)
+    assert got.dtype == mx.float32
+    assert rel(np.array(got), adaln_reference(f32(mx.array(x).astype(mx.bfloat16)), shift, scale, 1e-5)) < 1e-6
 
 
 TINY_WAN = WanTransformerConfig(
@@ -241,21 +321,77 @@ def tiny_wan_inputs(seed: int = 0):
     return model, latents, mx.array([999.0, 250.0]), context
 
 
-def test_wan_transformer_unchanged_by_the_dispatch_layer(monkeypatch):
-    """The Wan transformer through mlx_video.kernels (portable here) equals the previous direct code bit for bit."""
-    model, latents, timestep, context = tiny_wan_inputs()
-    through_dispatch = np.array(model(latents, timestep, context))
-    monkeypatch.setattr(
-        wan_transformer, "adaln_modulate",
-        lambda x, shift, scale, eps: layer_norm_fp32(x, eps=eps) * (1 + scale) + shift,
-    )
-    monkeypatch.setattr(wan_transformer, "gated_residual", lambda x, gate, y: x + y * gate)
-    monkeypatch.setattr(
-        wan_transformer, "apply_rope_qk",
-        lambda q, k, rope: (apply_rope_interleaved(q, *rope), apply_rope_interleaved(k, *rope)),
-    )
-    direct = np.array(model(latents, timestep, context))
-    assert np.array_equal(through_dispatch, direct)
+TINY_WAN_GRID = (3, 3, 5)  # the latents (3, 6, 10) over the patch (1, 2, 2)
+
+
+def use_per_axis_rope(model: WanTransformer) -> None:
+    """Hand the model's blocks per-axis RopeTables (what the kernels read) instead of the (cos, sin) pair."""
+    model.rope_tables = lambda grid: kernels.rope_tables(grid, model.config.dim // model.config.num_heads)
+
+
+WAN_OPS = ("adaln_modulate", "gated_residual", "apply_rope_qk")
+
+
+def record_wan_ops(monkeypatch) -> list:
+    """Wrap the kernel operations the Wan transformer calls (wherever it imported them from) so that each
+    call's arguments and result are kept: (name, bound arguments, result)."""
+    records = []
+    for name in WAN_OPS:
+        original = getattr(kernels, name)
+        signature = inspect.signature(original)
+
+        def wrapper(*args, _name=name, _original=original, _signature=signature, **kwargs):
+            out = _original(*args, **kwargs)
+            bound = _signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            records.append((_name, dict(bound.arguments), out))
+            return out
+
+        monkeypatch.setattr(kernels, name, wrapper)
+        if hasattr(wan_transformer, name):
+            monkeypatch.setattr(wan_transformer, name, wrapper)
+    return records
+
+
+def check_wan_ops_against_float64(records, grid, head_dim, bound=1e-6):
+    """Every recorded operation of a tiny Wan forward against its float64 numpy reference."""
+    split = nn_rope.wan_axis_dims(head_dim)
+    for name, args, out in records:
+        if name == "adaln_modulate":
+            want = adaln_reference(f32(args["x"]), f32(args["shift"]), f32(args["scale"]), args["eps"])
+            got = [out]
+            wants = [want]
+        elif name == "gated_residual":
+            x, gate, y = (f32(args[n]).astype(np.float64) for n in ("x", "gate", "y"))
+            got, wants = [out], [x + y * gate]
+        else:
+            got = list(out)
+            wants = [complex_rope(f32(args["q"]), grid, split), complex_rope(f32(args["k"]), grid, split)]
+        for g, w in zip(got, wants):
+            assert g.shape == w.shape
+            assert rel(f32(g), w) < bound, name
+
+
+@pytest.mark.parametrize("per_frame_timesteps", [False, True])
+def test_portable_wan_operations_match_float64(monkeypatch, per_frame_timesteps):
+    """Each adaLN, gated residual and RoPE call of the tiny Wan transformer (its real shapes and broadcasts,
+    one or per-frame modulation groups) against float64 numpy."""
+    model, latents, timestep, context = tiny_wan_inputs(seed=3)
+    if per_frame_timesteps:
+        timestep = mx.array([[999.0, 500.0, 10.0], [250.0, 250.0, 0.0]])
+    records = record_wan_ops(monkeypatch)
+    mx.eval(model(latents, timestep, context))
+    assert sorted({r[0] for r in records}) == sorted(WAN_OPS)
+    assert len(records) == 5 * TINY_WAN.num_layers + 1
+    check_wan_ops_against_float64(records, TINY_WAN_GRID, TINY_WAN.dim // TINY_WAN.num_heads)
+
+
+def test_portable_wan_per_axis_rope_tables_bit_identical():
+    """The tiny Wan transformer given per-axis RopeTables equals it given rope_tables_3d's pair, bit for bit."""
+    model, latents, timestep, context = tiny_wan_inputs(seed=4)
+    pairs = np.array(model(latents, timestep, context))
+    use_per_axis_rope(model)
+    assert np.array_equal(np.array(model(latents, timestep, context)), pairs)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -437,12 +573,15 @@ def emulated_gpu(request, kernel_build, monkeypatch):
 def test_gpu_path_fp8_bit_exact(emulated_gpu, fmt, dtype):
     backend, calls = emulated_gpu
     codes = mx.array(np.stack([np.roll(np.arange(256, dtype=np.uint8), 5 * r) for r in range(6)]))
+    status = kernels.warm_up(lambda: kernels.dequantize_fp8(codes[:1], fmt, 1.0, dtype))
+    assert status == {("mlxvid_fp8_dequant", fmt, str(dtype).removeprefix("mlx.core."), backend): True}
+    calls.clear()
     for scale in (1.0, 0.0625, mx.array([1.5, -2.0, 0.25, 3.0, -0.5, 1e-3]), mx.array([[2.0]] * 6)):
         got = kernels.dequantize_fp8(codes, fmt, scale, dtype)
         want = convert_fp8.dequantize_fp8(codes, fmt, scale, dtype)
         assert got.dtype == want.dtype == dtype and got.shape == want.shape
         assert_same_bits(got, want)
-    assert {c[0] for c in calls} == {"mlxvid_fp8_dequant"} and all(kernels.kernel_status().values())
+    assert [c[0] for c in calls] == ["mlxvid_fp8_dequant"] * 4 and kernels.kernel_status() == status
     # A scale that is neither per tensor nor per output channel takes the portable path.
     before = len(calls)
     odd = mx.array(np.linspace(0.5, 2, 256, dtype=np.float32))
@@ -460,6 +599,9 @@ def test_gpu_path_rope(emulated_gpu, grid, head_dim, axis_dims, theta, dtype):
     full = rope_tables_3d(grid, head_dim, theta=theta, axis_dims=axis_dims)
     per_axis = kernels.rope_tables(grid, head_dim, theta=theta, axis_dims=axis_dims)
     want_q, want_k = apply_rope_interleaved(q, *full), apply_rope_interleaved(k, *full)
+    status = kernels.warm_up(lambda: [kernels.apply_rope_qk(q, k, per_axis), kernels.apply_rope(k, per_axis)])
+    assert sorted(k[0] for k, ok in status.items() if ok) == ["mlxvid_rope", "mlxvid_rope_qk"]
+    calls.clear()
     bound = 1e-6 if dtype == mx.float32 else 1e-2  # one rounding to 16 bits on top for half types
     for rope in (full, per_axis):
         got_q, got_k = kernels.apply_rope_qk(q, k, rope)
@@ -467,9 +609,12 @@ def test_gpu_path_rope(emulated_gpu, grid, head_dim, axis_dims, theta, dtype):
         assert got_q.dtype == got_k.dtype == single.dtype == dtype
         assert rel(f32(got_q), f32(want_q)) < bound and rel(f32(got_k), f32(want_k)) < bound
         assert rel(f32(single), f32(want_k)) < bound
+    split = axis_dims or nn_rope.wan_axis_dims(head_dim)
+    for x, got in ((q, got_q), (k, got_k)):
+        assert rel(f32(got), complex_rope(f32(x), grid, split, theta)) < bound
     names = [c[0] for c in calls]
-    assert names.count("mlxvid_rope_qk") >= 2 and names.count("mlxvid_rope") >= 2
-    assert all(kernels.kernel_status().values())
+    assert names.count("mlxvid_rope_qk") == 2 and names.count("mlxvid_rope") == 2
+    assert kernels.kernel_status() == status
 
 
 @pytest.mark.parametrize("dim,x_dtype", [(40, mx.float32), (96, mx.float32), (1536, mx.bfloat16)])
@@ -479,11 +624,15 @@ def test_gpu_path_adaln_and_gated(emulated_gpu, dim, x_dtype):
     x = mx.array((3 + 2 * rng.standard_normal((2, 3, 5, dim))).astype(np.float32)).astype(x_dtype)
     shift, scale, gate = (mx.array(0.5 * rng.standard_normal((2, 3, 1, dim)).astype(np.float32)) for _ in range(3))
     y = mx.array(rng.standard_normal((2, 3, 5, dim)).astype(np.float32)).astype(mx.bfloat16)
+    x32 = x.astype(mx.float32)
+    status = kernels.warm_up(
+        lambda: [kernels.adaln_modulate(x, shift, scale, 1e-6), kernels.gated_residual(x32, gate, y)]
+    )
+    assert sorted(k[0] for k, ok in status.items() if ok) == ["mlxvid_adaln_modulate", "mlxvid_gated_residual"]
+    calls.clear()
     got = kernels.adaln_modulate(x, shift, scale, 1e-6)
     want = adaln_reference(f32(x), np.array(shift), np.array(scale), 1e-6)
     assert got.dtype == mx.float32 and rel(np.array(got), want) < 1e-6
-    assert rel(np.array(got), np.array(layer_norm_fp32(x, eps=1e-6) * (1 + scale) + shift)) < 1e-6
-    x32 = x.astype(mx.float32)
     got = kernels.gated_residual(x32, gate, y)
     assert got.dtype == mx.float32
     assert rel(np.array(got), f32(x32).astype(np.float64) + f32(y).astype(np.float64) * np.array(gate)) < 1e-6
@@ -491,28 +640,76 @@ def test_gpu_path_adaln_and_gated(emulated_gpu, dim, x_dtype):
     got = kernels.adaln_modulate(x, shift[0, 0, 0], scale[0, 0, 0], 1e-5)
     want = adaln_reference(f32(x), np.array(shift[0, 0, 0]), np.array(scale[0, 0, 0]), 1e-5)
     assert rel(np.array(got), want) < 1e-6
-    assert {c[0] for c in calls} == {"mlxvid_adaln_modulate", "mlxvid_gated_residual"}
-    assert all(kernels.kernel_status().values())
+    assert [c[0] for c in calls] == ["mlxvid_adaln_modulate", "mlxvid_gated_residual", "mlxvid_adaln_modulate"]
+    assert kernels.kernel_status() == status
 
 
-def test_gpu_path_wan_transformer(emulated_gpu):
-    """The tiny Wan transformer with every modulation, gated residual and RoPE through the kernel bodies."""
+@pytest.mark.parametrize("per_axis_rope", [False, True], ids=["pair-tables", "per-axis-tables"])
+def test_gpu_path_wan_transformer(emulated_gpu, monkeypatch, per_axis_rope):
+    """The tiny Wan transformer, warmed up, with every modulation, gated residual and RoPE through the kernel
+    bodies: each operation against float64 numpy, and the whole output against the portable path."""
     backend, calls = emulated_gpu
     model, latents, timestep, context = tiny_wan_inputs(seed=5)
+    if per_axis_rope:
+        use_per_axis_rope(model)
+    status = kernels.warm_up(lambda: model(latents[:1, :1, :2, :2], timestep[:1], context[:1, :1]))
+    used = sorted(k[0] for k, ok in status.items() if ok)
+    assert used == ["mlxvid_adaln_modulate", "mlxvid_gated_residual", "mlxvid_rope_qk"]
+    calls.clear()
+    records = record_wan_ops(monkeypatch)
     got = np.array(model(latents, timestep, context))
-    calls.clear()  # the first call also ran each variant's probe once
-    assert np.array_equal(np.array(model(latents, timestep, context)), got)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "active_backend", lambda: "portable")
-        want = np.array(model(latents, timestep, context))
-    print(f"Wan tiny transformer, {backend} bodies on the host vs portable: rel {rel(got, want):.2e}")
-    assert rel(got, want) < 1e-5
     names = [c[0] for c in calls]
     layers = TINY_WAN.num_layers
     assert names.count("mlxvid_adaln_modulate") == 2 * layers + 1
     assert names.count("mlxvid_gated_residual") == 2 * layers
     assert names.count("mlxvid_rope_qk") == layers
-    assert all(kernels.kernel_status().values())
+    assert len(names) == 5 * layers + 1  # no probe ran again
+    check_wan_ops_against_float64(records, TINY_WAN_GRID, TINY_WAN.dim // TINY_WAN.num_heads)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "active_backend", lambda: "portable")
+        want = np.array(model(latents, timestep, context))
+    print(f"Wan tiny transformer, {backend} bodies on the host vs portable: rel {rel(got, want):.2e}")
+    assert rel(got, want) < 1e-5
+    assert kernels.kernel_status() == status
+
+
+def test_forward_outside_warm_up_never_probes(emulated_gpu, monkeypatch):
+    """Without a warm-up, a forward on a GPU backend builds no kernel and evaluates nothing (so mx.compile can
+    trace it): every unprobed variant takes the portable path, and no verdict is recorded."""
+    backend, calls = emulated_gpu
+    model, latents, timestep, context = tiny_wan_inputs(seed=6)
+    evals = []
+    real_eval = mx.eval
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as patch:
+        warnings.simplefilter("error")
+        patch.setattr(mx, "eval", lambda *a, **k: evals.append(a) or real_eval(*a, **k))
+        out = model(latents, timestep, context)
+        compiled = mx.compile(lambda lat: model(lat, timestep, context))(latents)
+        assert evals == [] and calls == []
+    assert kernels.kernel_status() == {}
+    assert rel(np.array(compiled), np.array(out)) < 1e-5
+    # The same forward after a warm-up: kernels run, without probing again inside the forward.
+    kernels.warm_up(lambda: model(latents[:1, :1, :2, :2], timestep[:1], context[:1, :1]))
+    calls.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mx, "eval", lambda *a, **k: evals.append(a) or real_eval(*a, **k))
+        model(latents, timestep, context)
+    assert evals == [] and len(calls) == 5 * TINY_WAN.num_layers + 1  # the forward's launches, no probe's
+
+
+def test_warm_up_evaluates_its_outputs_once(emulated_gpu):
+    backend, calls = emulated_gpu
+    runs = []
+    x = mx.ones((1, 2, 3, 16))
+
+    def run():
+        runs.append(1)
+        return {"out": kernels.gated_residual(x, x[:, :, :1], x), "step": 3}
+
+    status = kernels.warm_up(run)
+    assert runs == [1] and status == {("mlxvid_gated_residual", "float32", "float32", "float32", backend): True}
+    # The probe launch plus the launch of run()'s own call, evaluated by warm_up itself.
+    assert [c[0] for c in calls] == ["mlxvid_gated_residual"] * 2
 
 
 def test_probe_disables_a_broken_kernel(emulated_gpu, monkeypatch):
@@ -527,11 +724,14 @@ def test_probe_disables_a_broken_kernel(emulated_gpu, monkeypatch):
     monkeypatch.setattr(kernels, "_kernel", broken)
     x = mx.array(np.random.default_rng(0).standard_normal((1, 2, 4, 16)).astype(np.float32))
     shift = mx.zeros((1, 2, 1, 16))
-    with pytest.warns(UserWarning, match="disabled"):
+    assert kernels.adaln_modulate(x, shift, shift, 1e-6) is not None and kernels.kernel_status() == {}
+    with pytest.warns(UserWarning, match="disabled"), kernels.probing():
         got = kernels.adaln_modulate(x, shift, shift, 1e-6)
     assert np.array_equal(np.array(got), np.array(layer_norm_fp32(x, eps=1e-6) + shift))
     assert list(kernels.kernel_status().values()) == [False]
-    kernels.adaln_modulate(x, shift, shift, 1e-6)  # no second probe, no second warning
+    with warnings.catch_warnings(), kernels.probing():
+        warnings.simplefilter("error")
+        kernels.adaln_modulate(x, shift, shift, 1e-6)  # no second probe, no second warning
 
 
 # ---- the sources as MLX would compile them ----
@@ -654,7 +854,7 @@ def test_cuda_sources_compile_with_nvcc(kernel_build, tmp_path, monkeypatch):
     if nvcc is None:
         pytest.skip("nvcc is not installed: the CUDA sources are only checked on the host")
     calls = _emulate("cuda", kernel_build[0], monkeypatch)
-    _exercise_all_variants()
+    kernels.warm_up(_exercise_all_variants)
     variants = sorted(set(calls), key=str)
     assert len(variants) >= 14
     units = [

@@ -5,21 +5,20 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .flow import check_schedule_args, flow_euler_sigmas, shift_sigmas
+from .schedules import Schedule
 
 
 class FlowEulerSampler:
     """x_{i+1} = x_i + v·(σ_{i+1} − σ_i), where the model predicts v = ε − x0.
 
-    The grid and its shift are computed in float32, as in HunyuanVideo and diffusers'
-    FlowMatchEulerDiscreteScheduler; the model receives the float timesteps σ·1000.
+    The step sizes are float32 differences of the schedule's σ (with σ = 0 appended), as in HunyuanVideo
+    and diffusers' FlowMatchEulerDiscreteScheduler.
     """
 
-    def __init__(self, steps: int, shift: float, num_train_timesteps: int = 1000):
-        check_schedule_args(steps, shift)
-        shifted = shift_sigmas(flow_euler_sigmas(steps), float(shift))
-        self.sigmas = np.append(shifted, np.float32(0.0)).astype(np.float32)
-        self.timesteps = (shifted * np.float32(num_train_timesteps)).astype(np.float32)
+    def __init__(self, schedule: Schedule):
+        self.sigmas = np.append(schedule.sigmas, 0.0).astype(np.float32)
+        self.timesteps = schedule.timesteps
+        self.steps = len(schedule.sigmas)
         self._deltas = np.diff(self.sigmas).tolist()
 
     def reset(self) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .flow import check_schedule_args, shift_sigmas, wan_unipc_sigmas
+from .schedules import Schedule
 
 SOLVER_ORDER = 2
 
@@ -97,13 +97,10 @@ def apply_update(update: LinearUpdate, sample, m0, m_older=None, m_newer=None) -
 class FlowUniPCSampler:
     """Multistep UniPC for flow models; remembers the last two x0 predictions and the last sample."""
 
-    def __init__(self, steps: int, shift: float, num_train_timesteps: int = 1000):
-        check_schedule_args(steps, shift)
-        shifted = shift_sigmas(wan_unipc_sigmas(steps, num_train_timesteps), float(shift))
-        self.sigmas = np.append(shifted, 0.0).astype(np.float32)
-        # Wan casts σ·1000 to int64, truncating; the model sees these integers.
-        self.timesteps = (shifted * num_train_timesteps).astype(np.int64)
-        self.steps = steps
+    def __init__(self, schedule: Schedule):
+        self.sigmas = np.append(schedule.sigmas, 0.0).astype(np.float32)
+        self.timesteps = schedule.timesteps
+        steps = self.steps = len(schedule.sigmas)
 
         # The coefficients use the float32 σ that the reference's arithmetic sees, as Python floats so
         # that they scale mx arrays instead of turning them into numpy ones.

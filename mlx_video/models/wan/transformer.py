@@ -11,16 +11,16 @@ fused Metal / CUDA kernels where available and otherwise the plain MLX compositi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_video.kernels import adaln_modulate, apply_rope_qk, gated_residual
+from mlx_video.kernels import adaln_modulate, apply_rope_qk, gated_residual, rope_tables
 from mlx_video.models.wan.config import WanTransformerConfig
 from mlx_video.nn.attention import attention
 from mlx_video.nn.norms import FP32LayerNorm
-from mlx_video.nn.rope import rope_tables_3d
 
 # 2*pi as a short head (8 significant bits) plus a float32 tail: turns * _TWO_PI_HI is exact for any turns
 # count a timestep below 4096 can produce.
@@ -55,19 +55,15 @@ def sinusoidal_embedding(t: mx.array, freq_head: mx.array, freq_tail: mx.array) 
     return mx.concatenate([mx.cos(angle), mx.sin(angle)], axis=-1)
 
 
-def _compute_dtype(linear: nn.Module) -> mx.Dtype:
-    # The bias, not the weight: a quantized layer's weight is packed integers.
-    return linear.bias.dtype
-
-
 class TextEmbedding(nn.Module):
     def __init__(self, text_dim: int, dim: int):
         super().__init__()
+        self.compute_dtype = mx.float32
         self.linear_1 = nn.Linear(text_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
     def __call__(self, context: mx.array) -> mx.array:
-        context = context.astype(_compute_dtype(self.linear_1))
+        context = context.astype(self.compute_dtype)
         return self.linear_2(nn.gelu_approx(self.linear_1(context)))
 
 
@@ -88,6 +84,7 @@ class WanAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
+        self.compute_dtype = mx.float32
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
@@ -102,7 +99,7 @@ class WanAttention(nn.Module):
         context: mx.array | None = None,
         rope: tuple[mx.array, mx.array] | None = None,
     ) -> mx.array:
-        dtype = _compute_dtype(self.q)
+        dtype = self.compute_dtype
         x = x.astype(dtype)
         source = x if context is None else context.astype(dtype)
         batch, q_len, _ = x.shape
@@ -118,11 +115,12 @@ class WanAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
+        self.compute_dtype = mx.float32
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = x.astype(_compute_dtype(self.fc1))
+        x = x.astype(self.compute_dtype)
         return self.fc2(nn.gelu_approx(self.fc1(x)))
 
 
@@ -179,7 +177,7 @@ class Head(nn.Module):
 
 
 class WanTransformer(nn.Module):
-    def __init__(self, config: WanTransformerConfig):
+    def __init__(self, config: WanTransformerConfig, dtype: mx.Dtype = mx.float32):
         super().__init__()
         if config.dim % config.num_heads or config.head_dim % 2:
             raise ValueError(f"dim {config.dim} must split into {config.num_heads} heads of even size")
@@ -194,15 +192,25 @@ class WanTransformer(nn.Module):
         # Leading underscores keep these out of parameters(), so set_dtype and weight loading ignore them.
         self._freq_head, self._freq_tail = sinusoid_frequencies(config.freq_dim)
         self._rope_cache = {}
+        self.set_compute_dtype(dtype)
 
-    def rope_tables(self, grid: tuple[int, int, int]) -> tuple[mx.array, mx.array]:
+    def set_compute_dtype(self, dtype: mx.Dtype) -> None:
+        """The dtype the linear layers inside the blocks (and the text and patch embeddings) compute in: the
+        dtype the weights were converted to, whatever their storage (quantized weights are integers)."""
+        self.compute_dtype = dtype
+        for _, module in self.named_modules():
+            if hasattr(module, "compute_dtype"):
+                module.compute_dtype = dtype
+
+    def rope_tables(self, grid: tuple[int, int, int]):
         if grid not in self._rope_cache:
             if max(grid) > self.config.rope_max_positions:
                 raise ValueError(
                     f"latent grid {grid} (after patching) exceeds the {self.config.rope_max_positions} "
                     "RoPE positions per axis the model was trained with"
                 )
-            self._rope_cache[grid] = rope_tables_3d(grid, self.config.head_dim)
+            # per-axis tables: the RoPE kernel reads them directly; the portable path expands them (same values)
+            self._rope_cache[grid] = rope_tables(grid, self.config.head_dim)
         return self._rope_cache[grid]
 
     def __call__(self, x: mx.array, timestep: mx.array, context: mx.array) -> mx.array:
@@ -212,6 +220,15 @@ class WanTransformer(nn.Module):
         (TI2V-5B). context: (B, L_text, text_dim), already zero-padded; every row is attended to.
         Returns (B, T, H, W, C_out) float32.
         """
+        state = self.embed(x, timestep, context)
+        for block in self.blocks:
+            state.hidden = block(state.hidden, state.block_time, state.context, state.rope)
+        return self.unembed(state)
+
+    # The forward in three parts, so that a step cache can reuse the blocks' residual: embed, then each of
+    # self.blocks on state.hidden, then unembed.
+
+    def embed(self, x: mx.array, timestep: mx.array, context: mx.array) -> "WanState":
         cfg = self.config
         batch, frames, height, width, channels = x.shape
         pt, ph, pw = cfg.patch_size
@@ -229,18 +246,33 @@ class WanTransformer(nn.Module):
 
         patches = x.reshape(batch, f, pt, h, ph, w, pw, channels)
         patches = patches.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(batch, f * h * w, -1)
-        patches = patches.astype(_compute_dtype(self.patch_embedding))
+        patches = patches.astype(self.compute_dtype)
         hidden = self.patch_embedding(patches).astype(mx.float32).reshape(batch, groups, -1, cfg.dim)
 
         # One time embedding per timestep group, broadcast over the group's tokens.
         time_embedding = self.time_embedding(sinusoidal_embedding(timestep, self._freq_head, self._freq_tail))
         block_time = self.time_projection(nn.silu(time_embedding)).reshape(batch, groups, 6, cfg.dim)
+        return WanState(hidden, block_time, time_embedding, self.text_embedding(context), self.rope_tables((f, h, w)),
+                        (frames, height, width))
 
-        context = self.text_embedding(context)
-        rope = self.rope_tables((f, h, w))
-        for block in self.blocks:
-            hidden = block(hidden, block_time, context, rope)
-
-        out = self.head(hidden, time_embedding)
+    def unembed(self, state: "WanState") -> mx.array:
+        cfg = self.config
+        frames, height, width = state.latent_shape
+        pt, ph, pw = cfg.patch_size
+        f, h, w = frames // pt, height // ph, width // pw
+        batch = state.hidden.shape[0]
+        out = self.head(state.hidden, state.time_embedding)
         out = out.reshape(batch, f, h, w, pt, ph, pw, cfg.out_channels)
         return out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, frames, height, width, cfg.out_channels)
+
+
+@dataclass
+class WanState:
+    """What flows between embed, the blocks and unembed."""
+
+    hidden: mx.array  # (B, G, N, dim) float32 residual stream
+    block_time: mx.array  # (B, G, 6, dim) float32
+    time_embedding: mx.array  # (B, G, dim) float32
+    context: mx.array  # (B, L, dim) embedded text
+    rope: object
+    latent_shape: tuple[int, int, int]

@@ -32,8 +32,10 @@ from pathlib import Path
 
 import click
 
-from . import flops as F
-from .registry import MODELS, get_spec
+from mlx_video import cost as C
+from mlx_video.models.wan import cost as F
+from mlx_video.pipelines.loop import guidance_batched
+from mlx_video.registry import MODELS, get_spec
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 GUIDANCE_SCALE = 5.0  # any value != 1 makes the step run both passes; the value does not change the cost
@@ -139,9 +141,7 @@ def system_info(command: str | None = None) -> dict:
 
 def _command_line() -> str:
     argv = list(sys.argv)
-    if argv and Path(argv[0]).name == "bench.py" and Path(argv[0]).parent.name == "mlx_video":
-        argv[:1] = ["-m", "mlx_video.bench"]
-    elif argv and argv[0].endswith(".py"):
+    if argv and argv[0].endswith(".py"):
         try:
             argv[0] = os.path.relpath(argv[0])
         except ValueError:
@@ -227,7 +227,7 @@ def random_transformer(config, dtype: str, seed: int = 0):
     """`WanTransformer(config)` with MLX's default random init, materialised in `dtype`."""
     import mlx.core as mx
 
-    from .models.wan.transformer import WanTransformer
+    from mlx_video.models.wan.transformer import WanTransformer
 
     mx.random.seed(seed)
     model = WanTransformer(config)
@@ -235,15 +235,12 @@ def random_transformer(config, dtype: str, seed: int = 0):
 
 
 def velocity(model, latents, t: float, context, guidance: float):
-    """One denoising step's model evaluation as the pipeline runs it (WanPipeline._velocity): with guidance,
+    """One denoising step's model evaluation as the pipeline runs it (`mlx_video.pipelines.loop.guidance_batched`, the strategy `generate` uses by default): with guidance,
     the conditional and unconditional passes batched into one forward, then combined."""
     import mlx.core as mx
 
-    if context.shape[0] == 1 or guidance == 1.0:
-        return model(latents, mx.array([t], dtype=mx.float32), context[:1])
-    out = model(mx.concatenate([latents, latents]), mx.array([t, t], dtype=mx.float32), context)
-    cond, uncond = out[:1], out[1:]
-    return uncond + guidance * (cond - uncond)
+    uncond = context[1:] if context.shape[0] > 1 else None
+    return guidance_batched(model, latents, mx.array([t], dtype=mx.float32), context[:1], uncond, guidance)
 
 
 def _setup(model_id: str, dtype, config, layers: int, size: tuple[int, int], frames: int, guidance: bool):
@@ -258,7 +255,7 @@ def _setup(model_id: str, dtype, config, layers: int, size: tuple[int, int], fra
 
 
 def _geometry(spec, config, width: int, height: int, frames: int) -> dict:
-    lt, lh, lw = F.latent_grid(spec, width, height, frames)
+    lt, lh, lw = spec.latent_grid(width, height, frames)
     pt, ph, pw = config.patch_size
     if lt % pt or lh % ph or lw % pw:
         raise click.BadParameter(f"latent {lt}x{lh}x{lw} is not a multiple of the patch {config.patch_size}")
@@ -305,7 +302,7 @@ def run_step(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = (256, 25
     key = mx.random.key(seed + 1)
     k1, k2 = mx.random.split(key)
     latents = mx.random.normal((1, *geo["latent"], cfg.in_channels), key=k1).astype(dt)
-    context = mx.random.normal((batch, spec.text_len, cfg.text_dim), key=k2).astype(dt)
+    context = mx.random.normal((batch, spec.default("text_len", 512), cfg.text_dim), key=k2).astype(dt)
     mx.eval(latents, context)
     inputs = latents.nbytes + context.nbytes
 
@@ -330,11 +327,11 @@ def run_step(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = (256, 25
     median = statistics.median(times)
     per_block = max(median - overhead, 0.0) / layers if layers else 0.0
     full_step = overhead + per_block * full.num_layers
-    groups = geo["grid"][0] if spec.per_frame_timesteps else 1
-    fl = F.forward_flops(cfg, geo["tokens"], spec.text_len, batch, groups)
-    fl_full = F.forward_flops(full, geo["tokens"], spec.text_len, batch, groups)
+    groups = geo["grid"][0] if spec.default("per_frame_timesteps") else 1
+    fl = F.forward_flops(cfg, geo["tokens"], spec.default("text_len", 512), batch, groups)
+    fl_full = F.forward_flops(full, geo["tokens"], spec.default("text_len", 512), batch, groups)
     block_weights = (weights - _zero_layer_bytes(cfg, dtype)) / layers if layers else 0
-    act_est = F.activation_bytes(cfg, geo["tokens"], batch, dtype, spec.text_len, fused_attention=_on_gpu())
+    act_est = F.activation_bytes(cfg, geo["tokens"], batch, dtype, spec.default("text_len", 512), fused_attention=_on_gpu())
     model = None  # free it before the matmul probe
     _release()
     matmul_peak = measure_matmul(dtype, peak_probe) if peak_probe else None
@@ -586,8 +583,8 @@ def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = 
     import mlx.core as mx
     import numpy as np
 
-    from .convert.wan import DIFFUSERS_TRANSFORMER
-    from .models.wan.transformer import WanTransformer
+    from mlx_video.convert.wan import DIFFUSERS_TRANSFORMER
+    from mlx_video.models.wan.transformer import WanTransformer
 
     spec, dtype, full, cfg, geo, batch, g = _setup(model_id, dtype, config, layers, size, frames, guidance)
     width, height = size
@@ -617,7 +614,7 @@ def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = 
 
     gen = torch.Generator().manual_seed(seed + 1)
     x_t = torch.randn(1, *geo["latent"], cfg.in_channels, generator=gen).to(tdt)
-    ctx_t = torch.randn(batch, spec.text_len, cfg.text_dim, generator=gen).to(tdt)
+    ctx_t = torch.randn(batch, spec.default("text_len", 512), cfg.text_dim, generator=gen).to(tdt)
     x_m = _torch_to_mx(x_t, dtype)
     ctx_m = _torch_to_mx(ctx_t, dtype)
     x_ref = x_t.permute(0, 4, 1, 2, 3).contiguous()  # diffusers: (B, C, T, H, W)
@@ -668,9 +665,9 @@ def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = 
     ref_rss = _rss_peak_delta(tracked_ref_step)
     ref_peak = ref_weights + inputs + tracker.peak
 
-    counted = torch_flop_count(cfg, geo["latent"], batch, spec.text_len)["total"]
-    groups = geo["grid"][0] if spec.per_frame_timesteps else 1
-    modelled = F.forward_flops(cfg, geo["tokens"], spec.text_len, batch, groups).total
+    counted = torch_flop_count(cfg, geo["latent"], batch, spec.default("text_len", 512))["total"]
+    groups = geo["grid"][0] if spec.default("per_frame_timesteps") else 1
+    modelled = F.forward_flops(cfg, geo["tokens"], spec.default("text_len", 512), batch, groups).total
     t_ours, t_ref = statistics.median(ours_times), statistics.median(ref_times)
     record = {
         "harness": "vs-reference", "skipped": False, "model": spec.id, "config": cfg.to_dict(),
@@ -733,7 +730,7 @@ def run_vae(model_id: str = "wan2.2-t2v-a14b", sizes=((64, 64), (128, 128)), fra
     import mlx.core as mx
     import numpy as np
 
-    from .models.wan.vae import WanVAE
+    from mlx_video.models.wan.vae import WanVAE
 
     spec = get_spec(model_id)
     cfg = vae_config or F.vae_config_for(spec)
@@ -805,15 +802,15 @@ def run_estimate(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] | None
                  steps: int | None = None, chips=("all",), dtype: str = "bf16", quantize: str | None = None,
                  guidance: bool = True, efficiency: float | None = None, peak_json=None, json_path=None,
                  echo=click.echo, command: str | None = None) -> dict:
-    """Predicted minutes per video on Apple chips, from flops.py (no measurement on the chip)."""
+    """Predicted minutes per video on Apple chips, from the family's cost model (no measurement on the chip)."""
     spec = get_spec(model_id)
     width, height = size or spec.default_size
     frames = frames or spec.frames
     measured = None
     if peak_json:
         measured = json.loads(Path(peak_json).read_text()).get("matmul_peak_tflops")
-    names = list(F.CHIPS) if "all" in chips else list(chips)
-    preds = [F.predict(c, spec, width, height, frames, steps, guidance, dtype, quantize, efficiency, measured)
+    names = list(C.CHIPS) if "all" in chips else list(chips)
+    preds = [C.predict(c, spec, width, height, frames, steps, guidance, dtype, quantize, efficiency, measured)
              for c in names]
     fl = F.video_flops(spec, width, height, frames, steps, guidance)
     mem = F.estimate_peak_memory(spec, width, height, frames, dtype, quantize, guidance=guidance)
@@ -831,7 +828,7 @@ def run_estimate(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] | None
            echo, header=("chip", "peak TFLOP/s", "eff.", "s/step", "min/video", "min at 100%",
                          "RAM options >= peak (GB)",
                          "figures verified"))
-    echo("Chip figures: see mlx_video/flops.py CHIPS for each source. Not included: VAE decode, model loading.")
+    echo("Chip figures: see mlx_video/cost.py CHIPS for each source. Not included: VAE decode, model loading.")
     return _finish(record, json_path, echo, command)
 
 
@@ -939,20 +936,20 @@ def vae(model_id, sizes, frames, dtype, vae_dim, repeats, json_path):
 @click.option("--frames", type=int, default=None)
 @click.option("--steps", type=int, default=None)
 @click.option("--chip", "chips", multiple=True, default=("all",), show_default=True,
-              help=f"One of {', '.join(F.CHIPS)}, or all (repeatable).")
+              help=f"One of {', '.join(C.CHIPS)}, or all (repeatable).")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bf16", show_default=True)
-@click.option("--quantize", type=click.Choice(list(F.QUANT_BITS)), default=None)
+@click.option("--quantize", type=click.Choice(list(C.QUANT_BITS)), default=None)
 @click.option("--no-guidance", is_flag=True)
 @click.option("--efficiency", type=float, default=None,
-              help=f"Fraction of peak reached (default {F.DEFAULT_EFFICIENCY}, an assumption).")
+              help=f"Fraction of peak reached (default {C.DEFAULT_EFFICIENCY}, an assumption).")
 @click.option("--peak-json", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A `bench peak` record from the target machine: its matmul TFLOP/s replaces the published peak.")
 @_json_option
 def estimate(model_id, size, frames, steps, chips, dtype, quantize, no_guidance, efficiency, peak_json, json_path):
     """Predicted minutes per video on Apple chips (published peak figures, FLOP model)."""
     for c in chips:
-        if c != "all" and c.lower() not in F.CHIPS:
-            raise click.BadParameter(f"unknown chip {c!r}; known: {', '.join(F.CHIPS)}, all")
+        if c != "all" and c.lower() not in C.CHIPS:
+            raise click.BadParameter(f"unknown chip {c!r}; known: {', '.join(C.CHIPS)}, all")
     run_estimate(model_id, _parse_size(size) if size else None, frames, steps, chips, dtype, quantize,
                  not no_guidance, efficiency, peak_json, json_path)
 

@@ -1,0 +1,497 @@
+"""Wan 2.2 conversion: the layouts Wan is published in, how each component is recognised and configured,
+which registry model a checkpoint is, and the manifest. The machinery (sources, key maps, the plan check,
+shards, quantization, resume) is shared: `mlx_video.convert.convert`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from mlx_video.errors import MlxVideoError
+from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
+from mlx_video.registry import MODELS
+
+from ..convert import (
+    COMPONENTS,
+    KIND_OF,
+    KIND_WORDS,
+    OFFICIAL_T5,
+    OFFICIAL_TOKENIZER,
+    OFFICIAL_VAES,
+    OPTION_OF,
+    TOKENIZER_FILES,
+    WEIGHT_SUFFIXES,
+    ComponentInput,
+    ComponentPlan,
+    ConversionPlan,
+    _component_input,
+    _plan_component,
+    _read_json,
+    _tokenizer_files,
+)
+from ..formats import ComponentSource, classify, lookalike, open_tensors
+
+
+
+def claims(src, components: dict) -> bool:
+    """Whether `src` (a folder or file, or None with component files) is a Wan checkpoint."""
+    if src is None:
+        return False
+    src = Path(src)
+    if not src.exists() or src.is_file():
+        return False
+    index = src / "model_index.json"
+    if index.is_file():
+        try:
+            return str(json.loads(index.read_text()).get("_class_name", "")).startswith("Wan")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+    return (src / "high_noise_model").is_dir() or (src / "low_noise_model").is_dir() or _is_official_model_dir(src) \
+        or _official_parts(src)
+
+
+def _is_official_model_dir(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    if not cfg.is_file() or not any(folder.glob("*.safetensors")):
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and (data.get("_class_name") == "WanModel" or "in_dim" in data)
+
+
+def _official_parts(src: Path) -> bool:
+    return (src / OFFICIAL_T5).is_file() or any((src / v).is_file() for v in OFFICIAL_VAES) or (src / OFFICIAL_TOKENIZER).is_dir()
+
+
+def detect_format(src: Path) -> str:
+    """"diffusers", "official", "files" (a folder of single-file checkpoints) or "file" (one checkpoint file)."""
+    src = Path(src)
+    if not src.exists():
+        raise MlxVideoError(f"source {src} does not exist")
+    if src.is_file():
+        return "file"
+    if (src / MANIFEST).is_file():
+        raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
+    if (src / "model_index.json").is_file():
+        return "diffusers"
+    if (src / "high_noise_model").is_dir() or (src / "low_noise_model").is_dir() or _is_official_model_dir(src):
+        return "official"
+    if _official_parts(src) or any(p.suffix in WEIGHT_SUFFIXES for p in src.iterdir() if p.is_file()):
+        return "files"
+    raise MlxVideoError(
+        f"cannot tell what {src} holds: expected a diffusers folder (model_index.json, transformer/, text_encoder/, "
+        "tokenizer/, vae/), the official release layout (high_noise_model/, low_noise_model/ or the TI2V-5B shards, "
+        f"{OFFICIAL_T5}, Wan2.x_VAE.pth, google/umt5-xxl/) or single-file checkpoints"
+    )
+
+
+def _layout_diffusers(src: Path) -> tuple[dict, list, dict]:
+    index = _read_json(src / "model_index.json", "the diffusers pipeline description")
+    pipeline_class = index.get("_class_name", "")
+    if not str(pipeline_class).startswith("Wan"):
+        raise MlxVideoError(f"{src} holds a {pipeline_class or 'unknown'} pipeline; mlxvid converts Wan 2.2 pipelines")
+    inputs = {}
+    two_experts = isinstance(index.get("transformer_2"), list) and index["transformer_2"][0] is not None
+    for name in ["transformer", "transformer_2", "text_encoder", "vae"]:
+        if name == "transformer_2" and not two_experts:
+            continue
+        folder = src / name
+        if folder.is_dir():
+            if not (folder / "config.json").is_file():
+                raise MlxVideoError(f"missing {folder / 'config.json'} (the {name} config)")
+            inputs[name] = _component_input(name, folder, f"{src.name}/{name}")
+        elif name != "vae":
+            inputs[name] = None  # required; may still come from an option
+    tokenizer = _tokenizer_files(src / "tokenizer", "tokenizer") if (src / "tokenizer").is_dir() else []
+    return inputs, tokenizer, {"index": index, "two_experts": two_experts}
+
+
+def _layout_official(src: Path) -> tuple[dict, list, dict]:
+    inputs: dict = {}
+    if (src / "high_noise_model").is_dir() or (src / "low_noise_model").is_dir():
+        for name, folder in (("transformer", "high_noise_model"), ("transformer_2", "low_noise_model")):
+            if not (src / folder).is_dir():
+                raise MlxVideoError(f"{src} has {'low' if folder == 'high_noise_model' else 'high'}_noise_model/ but no {folder}/")
+            inputs[name] = _component_input(name, src / folder, f"{src.name}/{folder}")
+        two_experts = True
+    else:
+        inputs["transformer"] = _component_input("transformer", src, f"{src.name}/ (the model shards)")
+        two_experts = False
+    inputs["text_encoder"] = _component_input("text_encoder", src / OFFICIAL_T5, OFFICIAL_T5) if (src / OFFICIAL_T5).is_file() else None
+    for vae in OFFICIAL_VAES:
+        if (src / vae).is_file():
+            inputs["vae"] = _component_input("vae", src / vae, vae)
+            break
+    tokenizer = _tokenizer_files(src / OFFICIAL_TOKENIZER, "tokenizer") if (src / OFFICIAL_TOKENIZER).is_dir() else []
+    return inputs, tokenizer, {"two_experts": two_experts}
+
+
+def _layout_files(src: Path, log) -> tuple[dict, list, dict]:
+    """A folder of single-file checkpoints: each is classified by its keys."""
+    found: dict[str, list[tuple[Path, str]]] = {"transformer": [], "text_encoder": [], "vae": []}
+    ignored = []
+    for path in sorted(p for p in src.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        tensors = open_tensors(path, path.name)
+        source = ComponentSource(tensors, path.name)
+        kind = classify(source.keys())
+        if kind.kind is None:
+            ignored.append(f"{path.name} ({kind.description})")
+            continue
+        found[kind.kind].append((path, kind.description))
+    if ignored:
+        log("ignored: " + "; ".join(ignored))
+    inputs: dict = {}
+    transformers = [p for p, _ in found["transformer"]]
+    if len(transformers) == 1:
+        inputs["transformer"] = _component_input("transformer", transformers[0], transformers[0].name)
+    elif len(transformers) == 2:
+        high = [p for p in transformers if "high" in p.name.lower()]
+        low = [p for p in transformers if "low" in p.name.lower()]
+        if len(high) != 1 or len(low) != 1 or high[0] == low[0]:
+            raise MlxVideoError(
+                f"{src} holds two transformers ({', '.join(p.name for p in transformers)}) whose names do not say which "
+                "is the high-noise expert; pass them as --transformer (high noise) and --transformer-2 (low noise)"
+            )
+        inputs["transformer"] = _component_input("transformer", high[0], high[0].name)
+        inputs["transformer_2"] = _component_input("transformer_2", low[0], low[0].name)
+    elif len(transformers) > 2:
+        raise MlxVideoError(f"{src} holds {len(transformers)} transformers; pass the ones to use with --transformer/--transformer-2")
+    for kind in ("text_encoder", "vae"):
+        if len(found[kind]) > 1:
+            raise MlxVideoError(f"{src} holds several {kind.replace('_', ' ')}s ({', '.join(p.name for p, _ in found[kind])}); pass one with {OPTION_OF[kind]}")
+        if found[kind]:
+            inputs[kind] = _component_input(kind, found[kind][0][0], found[kind][0][0].name)
+    if not any(inputs.values()):
+        raise MlxVideoError(f"{src} holds no checkpoint mlxvid knows" + (f": {'; '.join(ignored)}" if ignored else ""))
+    tokenizer = []
+    for candidate in (src / OFFICIAL_TOKENIZER, src / "tokenizer", src):
+        if candidate.is_dir() and any((candidate / n).is_file() for n in TOKENIZER_FILES):
+            tokenizer = _tokenizer_files(candidate, "tokenizer")
+            break
+    return inputs, tokenizer, {"two_experts": "transformer_2" in inputs}
+
+
+# ---------------------------------------------------------------------------------------------------
+# components
+
+
+def _open_component(inp: ComponentInput) -> ComponentSource:
+    what = f"{inp.origin}" if str(inp.path).endswith(inp.origin) else f"{inp.origin} ({inp.path})"
+    return ComponentSource(open_tensors(inp.path, what), what)
+
+
+def _check_kind(inp: ComponentInput, source: ComponentSource) -> str:
+    """The naming of a component's keys; refuses a checkpoint of another kind or family."""
+    kind = classify(source.keys())
+    want = KIND_OF[inp.name]
+    if kind.kind != want:
+        raise MlxVideoError(
+            f"{source.what} should be {KIND_WORDS[want]} for {inp.name}, but it looks like {kind.description}"
+        )
+    return kind.naming
+
+
+def _shapes(source: ComponentSource) -> dict[str, tuple[int, ...]]:
+    return {k: source.shape(k) for k in source.keys()}
+
+
+def _transformer_config(inp: ComponentInput, source: ComponentSource, naming: str, spec):
+    from ..infer import infer_transformer_config, transformer_config_from_official
+    from ..wan import transformer_config_from_diffusers
+
+    if inp.config_json is not None:
+        cls = inp.config_json.get("_class_name")
+        try:
+            if cls == "WanTransformer3DModel" or (cls is None and "num_attention_heads" in inp.config_json):
+                return transformer_config_from_diffusers(inp.config_json), "config.json"
+            return transformer_config_from_official(inp.config_json), "config.json"
+        except ValueError as e:
+            raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
+    # The head count is not in the shapes: the config of the component this file replaces when the width
+    # matches, else the registry model's when the width matches, else dim / 128.
+    cfg = infer_transformer_config(_shapes(source), naming)
+    if inp.config_hint is not None:
+        try:
+            hint = _transformer_config(replace(inp, config_json=inp.config_hint, config_hint=None), source, naming, None)[0]
+        except MlxVideoError:
+            hint = None
+        if hint is not None and hint.dim == cfg.dim:
+            return replace(cfg, num_heads=hint.num_heads), "config.json"
+    if spec is not None and cfg.dim == spec.transformer.dim:
+        cfg = replace(cfg, num_heads=spec.transformer.num_heads)
+    return cfg, "shapes"
+
+
+def _transformer_hint(source: ComponentSource, naming: str) -> Callable[[], str]:
+    def hint() -> str:
+        from ..infer import describe_transformer, infer_transformer_config, which_wan
+
+        try:
+            cfg = infer_transformer_config(_shapes(source), naming, num_heads=1)
+        except MlxVideoError:
+            return ""
+        like = which_wan(cfg, MODELS)
+        return f". Its tensors are those of a transformer with {describe_transformer(cfg)}" + (f", the size of {like}" if like else "")
+
+    return hint
+
+
+def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict) -> tuple[object, bool]:
+    """The registry spec, and whether the checkpoint's size must equal the spec's."""
+    from mlx_video.registry import get_spec
+
+    from ..infer import describe_transformer, same_size, which_wan
+
+    if base is not None:
+        return get_spec(base), True
+    if fmt in ("diffusers", "official"):
+        image_pipeline = hints.get("index", {}).get("_class_name") == "WanImageToVideoPipeline"
+        if two_experts and (cfg.in_channels == 36 or image_pipeline):
+            model_id = "wan2.2-i2v-a14b"
+        elif two_experts:
+            model_id = "wan2.2-t2v-a14b"
+        else:
+            model_id = "wan2.2-ti2v-5b"
+        return MODELS[model_id], False
+    matches = [s for s in MODELS.values() if s.family == "wan" and (s.experts == 2) == two_experts and same_size(cfg, s.transformer)]
+    if len(matches) == 1:
+        return matches[0], True
+    like = which_wan(cfg, MODELS)
+    raise MlxVideoError(
+        f"the transformer ({describe_transformer(cfg)}{', two experts' if two_experts else ''}) matches no registry model"
+        + (f"; it looks like {like}" if like else "")
+        + f". Known models: {', '.join(MODELS)}; pass --base MODEL_ID to name the one it is"
+    )
+
+
+def plan(
+    src: str | Path | None,
+    components: dict[str, str | Path] | None = None,
+    tokenizer: str | Path | None = None,
+    base: str | None = None,
+    allow_unknown_keys: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> ConversionPlan:
+    from mlx_video.models.wan.transformer import WanTransformer
+    from mlx_video.text_encoders.umt5 import UMT5Config, UMT5Encoder
+
+    from ..infer import describe_transformer, infer_umt5_config, same_size, size_differences, which_wan
+    from ..umt5 import OFFICIAL_UMT5, TRANSFORMERS_UMT5
+    from ..wan import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+
+    components = {k: v for k, v in (components or {}).items() if v is not None}
+    for name in components:
+        if name not in COMPONENTS:
+            raise MlxVideoError(f"unknown component {name!r}; components are {', '.join(COMPONENTS)}")
+    if src is None and not components:
+        raise MlxVideoError("nothing to convert: give a source folder SRC, or component files (--transformer ...) with --base")
+
+    # 1. where each component comes from
+    fmt, inputs, tokenizer_files, hints = "files", {}, [], {"two_experts": False}
+    if src is not None:
+        src = Path(src)
+        fmt = detect_format(src)
+        if fmt == "file":
+            components = {"transformer": src, **components}
+            fmt = "files"
+        elif fmt == "diffusers":
+            inputs, tokenizer_files, hints = _layout_diffusers(src)
+        elif fmt == "official":
+            inputs, tokenizer_files, hints = _layout_official(src)
+        else:
+            inputs, tokenizer_files, hints = _layout_files(src, log)
+    for name, path in components.items():
+        given = _component_input(name, Path(path), OPTION_OF[name])
+        replaced = inputs.get(name)
+        if given.config_json is None and replaced is not None and replaced.config_json is not None:
+            # a single file on top of a diffusers folder: the folder's config still says what the shapes cannot
+            given.config_hint = replaced.config_json
+        inputs[name] = given
+    if tokenizer is not None:
+        tokenizer_files = _tokenizer_files(Path(tokenizer), "--tokenizer")
+    for name in ("transformer", "text_encoder"):
+        if inputs.get(name) is None:
+            where = {"diffusers": f"{name}/", "official": "high_noise_model/ or the model shards" if name == "transformer" else OFFICIAL_T5}.get(fmt, "")
+            raise MlxVideoError(
+                f"no {name.replace('_', ' ')}: {('SRC has no ' + where + '; ') if where and src is not None else ''}"
+                f"pass {OPTION_OF[name]} FILE"
+            )
+    if fmt == "diffusers" and hints["two_experts"] and inputs.get("transformer_2") is None:
+        raise MlxVideoError(f"{src} is a two-expert pipeline but has no transformer_2/; pass --transformer-2 FILE")
+    two_experts = inputs.get("transformer_2") is not None
+    sources = {name: _open_component(inp) for name, inp in inputs.items() if inp is not None}
+    namings = {name: _check_kind(inputs[name], source) for name, source in sources.items()}
+    source_format = {"diffusers": "diffusers", "official": "official Wan release layout", "files": "single-file checkpoints"}[fmt]
+    if components and fmt != "files":
+        source_format += " + " + ", ".join(OPTION_OF[n] for n in components)
+
+    # 2. transformer(s) and the registry model
+    base_spec = None
+    if base is not None:
+        from mlx_video.registry import get_spec
+
+        base_spec = get_spec(base)
+    cfg, cfg_from = _transformer_config(inputs["transformer"], sources["transformer"], namings["transformer"], base_spec)
+    cfg2 = cfg2_from = None
+    if two_experts:
+        cfg2, cfg2_from = _transformer_config(inputs["transformer_2"], sources["transformer_2"], namings["transformer_2"], base_spec)
+        if cfg_from == "shapes" and cfg2_from == "config.json" and cfg2.dim == cfg.dim:
+            cfg = replace(cfg, num_heads=cfg2.num_heads)  # a replaced expert: its sibling's config tells the heads
+    spec, strict = _pick_model(fmt, base, cfg, two_experts, hints)
+    if not same_size(cfg, spec.transformer):
+        like = which_wan(cfg, MODELS)
+        message = (
+            f"{sources['transformer'].what} is a transformer with {describe_transformer(cfg)}"
+            + (f", the size of {like}" if like else "")
+            + f"; {spec.id} has {describe_transformer(spec.transformer)} ({size_differences(cfg, spec.transformer)})"
+        )
+        if strict:
+            raise MlxVideoError(message)
+        log(f"note: {message}; converting with the checkpoint's own configuration")
+    if (spec.experts == 2) != two_experts:
+        if two_experts:
+            raise MlxVideoError(f"{spec.id} has one transformer, but a second one was given ({inputs['transformer_2'].origin})")
+        raise MlxVideoError(
+            f"{spec.id} has two experts: the high-noise one and the low-noise one; only one transformer was given. "
+            "Pass the low-noise expert with --transformer-2"
+        )
+    if cfg_from == "shapes" and cfg2_from != "config.json" and spec.transformer.dim == cfg.dim:
+        cfg = replace(cfg, num_heads=spec.transformer.num_heads)
+    if cfg.num_heads == 0 or cfg.dim % cfg.num_heads:
+        raise MlxVideoError(
+            f"cannot tell the number of attention heads of the {cfg.dim}-wide transformer {sources['transformer'].what}; "
+            "pass --base MODEL_ID or give it a config.json"
+        )
+    configs = {"transformer": cfg}
+    if two_experts:
+        if not same_size(cfg2, cfg):
+            raise MlxVideoError(
+                f"the two experts differ: {sources['transformer_2'].what} has {describe_transformer(cfg2)}, "
+                f"{sources['transformer'].what} has {describe_transformer(cfg)}"
+            )
+        # shapes do not tell the head count: a second expert without a config.json takes the first one's
+        configs["transformer_2"] = cfg2 if cfg2_from == "config.json" else cfg
+
+    planned: list[ComponentPlan] = []
+    for name in ("transformer", "transformer_2"):
+        if name not in configs:
+            continue
+        source = sources[name]
+        extra = lookalike(source.keys())
+        if extra:
+            log(f"warning: {source.what} looks like {extra}")
+        keymap = OFFICIAL_TRANSFORMER if namings[name] == "official" else DIFFUSERS_TRANSFORMER
+        planned.append(ComponentPlan(
+            name, source, keymap, configs[name].to_dict(), WanTransformer(configs[name]), origin=inputs[name].origin,
+            size_hint=_transformer_hint(source, namings[name]),
+        ))
+    for inp_name in ("transformer", "transformer_2"):
+        inp = inputs.get(inp_name)
+        if inp is not None and inp.path.is_file():
+            lower = inp.path.name.lower()
+            wrong = "low_noise" if inp_name == "transformer" else "high_noise"
+            if two_experts and wrong in lower:
+                log(f"warning: {inp.path.name} is named like the {wrong.split('_')[0]}-noise expert but is used as {inp_name} "
+                    f"({'high' if inp_name == 'transformer' else 'low'}-noise)")
+
+    # 3. text encoder
+    te_inp, te_source = inputs["text_encoder"], sources["text_encoder"]
+    if te_inp.config_json is not None:
+        try:
+            te_cfg = UMT5Config.from_transformers(te_inp.config_json)
+        except (ValueError, KeyError) as e:
+            raise MlxVideoError(f"{te_inp.path / 'config.json'}: {e}") from None
+    else:
+        te_cfg = infer_umt5_config(_shapes(te_source), namings["text_encoder"])
+    if te_cfg.dim != cfg.text_dim:
+        raise MlxVideoError(
+            f"{te_source.what} produces {te_cfg.dim}-wide text embeddings but the transformer takes {cfg.text_dim}: "
+            "they do not belong to the same model"
+        )
+    te_map = OFFICIAL_UMT5 if namings["text_encoder"] == "official" else TRANSFORMERS_UMT5
+    planned.append(ComponentPlan("text_encoder", te_source, te_map, te_cfg.to_dict(), UMT5Encoder(te_cfg), origin=te_inp.origin))
+
+    # 4. VAE (optional: without it the pipeline stops at latents)
+    vae_cfg = None
+    if inputs.get("vae") is not None:
+        from mlx_video.models.wan.vae import WanVAE, WanVAEConfig
+
+        from ..official_vae import infer_official_vae_config, official_vae_keymap
+        from ..wan_vae import DIFFUSERS_VAE
+
+        vae_inp, vae_source = inputs["vae"], sources["vae"]
+        if namings["vae"] == "official":
+            vae_cfg = infer_official_vae_config(_shapes(vae_source))
+            vae_map = official_vae_keymap(vae_source.keys())
+        else:
+            if vae_inp.config_json is None:
+                raise MlxVideoError(
+                    f"{vae_source.what} is a VAE in diffusers names without its config.json; pass the diffusers vae/ folder"
+                )
+            try:
+                vae_cfg = WanVAEConfig.from_diffusers(vae_inp.config_json)
+            except ValueError as e:
+                raise MlxVideoError(f"{vae_inp.path / 'config.json'}: {e}") from None
+            vae_map = DIFFUSERS_VAE
+        if vae_cfg.z_dim != cfg.out_channels:
+            which = {16: "the Wan 2.1 VAE", 48: "the Wan 2.2 VAE"}
+            raise MlxVideoError(
+                f"{vae_source.what} has {vae_cfg.z_dim} latent channels ({which.get(vae_cfg.z_dim, 'an unknown VAE')}), but "
+                f"the transformer works on {cfg.out_channels} ({which.get(cfg.out_channels, 'another VAE')})"
+            )
+        planned.append(ComponentPlan("vae", vae_source, vae_map, vae_cfg.to_dict(), WanVAE(vae_cfg), "fp32", origin=vae_inp.origin))
+
+    # 5. tokenizer
+    copy_files: dict[str, list] = {}
+    if tokenizer_files:
+        copy_files["tokenizer"] = tokenizer_files
+    else:
+        from ..formats import embedded_spiece
+
+        embedded = embedded_spiece(te_source)
+        if embedded is None:
+            raise MlxVideoError(
+                "no tokenizer: pass --tokenizer PATH (the google/umt5-xxl folder, or its spiece.model or tokenizer.json)"
+            )
+        copy_files["tokenizer"] = [(embedded, "spiece.model")]
+        log(f"tokenizer: the SentencePiece model embedded in {te_source.what}")
+
+    # 6. manifest
+    boundary = None
+    if two_experts:
+        boundary = hints.get("index", {}).get("boundary_ratio") if fmt == "diffusers" else spec.default("boundary")
+        if boundary is None:
+            raise MlxVideoError(f"{src / 'model_index.json'} has two transformers but no boundary_ratio")
+    per_frame = bool(hints["index"].get("expand_timesteps", False)) if fmt == "diffusers" else spec.default("per_frame_timesteps", False)
+    vae_stride = list(spec.vae_stride)
+    if vae_cfg is not None:
+        vae_stride = [vae_cfg.scale_factor_temporal, vae_cfg.scale_factor_spatial, vae_cfg.scale_factor_spatial]
+    # Self-describing: the published defaults travel with the folder, so a renamed or fine-tuned copy runs.
+    defaults = dict(spec.defaults, boundary=boundary, per_frame_timesteps=per_frame)
+    manifest = {
+        "format": "mlxvid-model",
+        "format_version": FORMAT_VERSION,
+        "family": "wan",
+        "model": spec.id,
+        "task": spec.task,
+        "experts": 2 if two_experts else 1,
+        "vae_stride": vae_stride,
+        "size_multiple": vae_stride[1] * cfg.patch_size[1],
+        "sizes": [list(s) for s in spec.sizes],
+        "defaults": defaults,
+    }
+
+    for comp in planned:
+        _plan_component(comp, allow_unknown_keys, log)
+    files = []
+    for comp in planned:
+        files += comp.source.tensors.paths
+    for item in copy_files.get("tokenizer", []):
+        if isinstance(item[0], Path):
+            files.append(item[0])
+    return ConversionPlan(source_format, manifest, planned, copy_files, files)

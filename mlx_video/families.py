@@ -1,0 +1,61 @@
+"""The model families, and where each one's code lives.
+
+The shared parts of the engine (the denoising loop, samplers, model folders, the converter's machinery,
+memory preflight, outputs, CLI, benchmarks) know no family by name: they look the family up here, the way
+mlx-lm picks a model class from a config's `model_type`, and import its modules only when used.
+
+A family provides:
+    pipeline   a class with `from_folder(ModelFolder)`; see `mlx_video.pipelines.base.Pipeline`
+    converter  a module of `mlx_video.convert.families` with `detect(src)`, `plan(...)` and its signatures
+    cost       a module with the FLOP and memory model used by the preflight and the benchmarks
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from .errors import MlxVideoError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str
+    pipeline: str  # "module:Class"
+    converter: str  # module path
+    cost: str  # module path
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family("wan", "Wan 2.2", "mlx_video.pipelines.wan:WanPipeline", "mlx_video.convert.families.wan",
+               "mlx_video.models.wan.cost"),
+    ]
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise MlxVideoError(f"unknown model family {name!r}; this mlxvid knows {', '.join(FAMILIES)}") from None
+
+
+def _load(path: str):
+    module, _, attr = path.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attr) if attr else loaded
+
+
+def pipeline_class(name: str):
+    return _load(get_family(name).pipeline)
+
+
+def converter(name: str):
+    return _load(get_family(name).converter)
+
+
+def cost_model(name: str):
+    return _load(get_family(name).cost)

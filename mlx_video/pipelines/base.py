@@ -1,0 +1,285 @@
+"""What every family's pipeline shares: settings, their resolution against the model's defaults, validation
+before any weights are read, the sampler, the memory preflight, and loading a pipeline for any model folder.
+
+A family's pipeline subclasses `Pipeline` and adds its stages (text encoding, image encoding, `generate`,
+`decode`); the CLI and the Python API only ever see this interface.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import MlxVideoError
+from ..model_folder import ModelFolder, resolve_model
+from ..samplers import SAMPLERS, SCHEDULES, explicit_schedule, make_sampler
+from .loop import GUIDANCE
+
+# How to pass each setting on the command line, for messages about missing defaults.
+OPTION_NAMES = {"steps": "--steps N", "guidance": "--guidance SCALE", "guidance_2": "--guidance-2 SCALE",
+                "shift": "--shift S", "sampler": "--sampler NAME", "fps": "--fps N", "frames": "--frames N",
+                "width": "--size WxH", "height": "--size WxH", "negative_prompt": "--negative-prompt TEXT"}
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that decides a generation. `None` fields take the model's published default."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    guidance_2: float | None = None  # the second expert's guidance (Wan A14B)
+    true_cfg: float | None = None  # classifier-free guidance on top of embedded guidance (HunyuanVideo)
+    shift: float | None = None
+    sampler: str | None = None
+    schedule: str | None = None  # sigma schedule; default: the model's, else the sampler's own
+    sigmas: list[float] | None = None  # an explicit noise-level list (distilled checkpoints); overrides steps
+    seed: int = 0
+    fps: int | None = None
+    guidance_mode: str = "batched"  # batched | sequential (same result, half the activation memory)
+    image: str | None = None  # the conditioning image's path, for the record; its pixels are passed to generate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationSettings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class GenerationResult:
+    latents: np.ndarray  # (1, C, T, H, W) float32, the layout the reference pipelines use
+    settings: GenerationSettings
+    timings: dict = field(default_factory=dict)
+    experts: list = field(default_factory=list)  # which transformer ran at each step
+
+
+class Pipeline:
+    """Shared behaviour; subclasses set `latent_channels` and implement the stages."""
+
+    uses_guidance_2 = False  # whether a second expert has its own guidance scale
+    takes_true_cfg = False
+
+    def __init__(self, folder: ModelFolder):
+        self.folder = folder
+        self.spec = folder.spec
+        self.dtype = folder.dtype
+
+    @classmethod
+    def from_pretrained(cls, model: str) -> "Pipeline":
+        """`model` is a converted folder or a registry id whose converted folder is in the models home. Called on
+        `Pipeline` itself it returns the pipeline of the folder's family."""
+        folder = resolve_model(model)
+        if cls is Pipeline:
+            return load_pipeline(folder)
+        return cls(folder)
+
+    # ---- settings and validation: all of it happens before any weights are read ----
+
+    @property
+    def latent_channels(self) -> int:
+        raise NotImplementedError
+
+    def default(self, name: str):
+        value = self.spec.default(name)
+        if value is None:
+            raise MlxVideoError(
+                f"{self.folder.path} has no default {name} (its manifest model {self.spec.id!r} is not in the registry "
+                f"and its mlxvid.json 'defaults' lacks it): pass {OPTION_NAMES.get(name, name)}, or add \"{name}\" to "
+                "the defaults in its mlxvid.json"
+            )
+        return value
+
+    def resolve(self, settings: GenerationSettings) -> GenerationSettings:
+        spec = self.spec
+        s = GenerationSettings.from_dict(settings.to_dict())
+        if s.negative_prompt is None:
+            s.negative_prompt = spec.default("negative_prompt", "")
+        if s.width is None and s.height is None:
+            if not spec.sizes:
+                self.default("width")
+            s.width, s.height = spec.default_size
+        if s.width is None or s.height is None:
+            raise MlxVideoError("give both width and height (--size WxH)")
+        for name in ("frames", "guidance", "fps"):
+            if getattr(s, name) is None:
+                setattr(s, name, self.default(name))
+        if s.sigmas is not None:
+            s.steps = len(s.sigmas)
+        elif s.steps is None:
+            s.steps = self.default("steps")
+        if s.sampler is None:
+            s.sampler = self.default("sampler")
+        if s.schedule is None:
+            s.schedule = spec.default("schedule")
+        if s.shift is None:
+            s.shift = spec.default("shift", 1.0) if s.schedule == "linear-quadratic" else self.default("shift")
+        if self.uses_guidance_2:
+            if s.guidance_2 is None:
+                s.guidance_2 = spec.default("guidance_2", s.guidance)
+        elif s.guidance_2 is not None:
+            raise MlxVideoError(f"--guidance-2 sets the second expert's guidance; {spec.id} has a single model")
+        if s.true_cfg is not None and not self.takes_true_cfg:
+            raise MlxVideoError(f"--true-cfg is for models with embedded guidance; {spec.id} takes --guidance as its CFG scale")
+
+        spec.check_geometry(s.width, s.height, s.frames)
+        _check_number("--steps", s.steps, minimum=1, integer=True)
+        _check_number("--guidance", s.guidance)
+        if s.guidance_2 is not None:
+            _check_number("--guidance-2", s.guidance_2)
+        if s.true_cfg is not None:
+            _check_number("--true-cfg", s.true_cfg)
+        _check_number("--shift", s.shift, positive=True)
+        _check_number("--fps", s.fps, positive=True)
+        if s.sampler not in SAMPLERS:
+            raise MlxVideoError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if s.schedule is not None and s.schedule not in SCHEDULES:
+            raise MlxVideoError(f"unknown schedule {s.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if s.guidance_mode not in GUIDANCE or s.guidance_mode == "none":
+            raise MlxVideoError(f"guidance mode must be batched or sequential, not {s.guidance_mode!r}")
+        if s.sigmas is not None:
+            try:
+                explicit_schedule(sigmas=s.sigmas)
+            except ValueError as e:
+                raise MlxVideoError(f"--sigmas: {e}") from None
+        self.check_image_use(s.image is not None)
+        return s
+
+    @property
+    def image_mode(self) -> str | None:
+        return None
+
+    def check_image_use(self, has_image: bool) -> None:
+        if has_image and self.image_mode is None:
+            raise MlxVideoError(f"{self.spec.id} is a text-to-video model: it takes no --image")
+        if not has_image and self.spec.task == "i2v":
+            raise MlxVideoError(f"{self.spec.id} animates an image: pass --image PATH")
+        if has_image and not self.can_decode:
+            raise MlxVideoError(f"{self.folder.path} has no VAE (vae/), which encoding the --image needs")
+
+    def make_sampler(self, s: GenerationSettings):
+        if s.sigmas is not None:
+            return make_sampler(s.sampler, schedule=explicit_schedule(sigmas=s.sigmas))
+        return make_sampler(s.sampler, s.steps, s.shift, schedule=s.schedule)
+
+    def latent_shape(self, s: GenerationSettings) -> tuple[int, int, int, int, int]:
+        """(1, C, T, H, W): the reference pipelines' layout."""
+        return (1, self.latent_channels, *self.spec.latent_grid(s.width, s.height, s.frames))
+
+    def check_init_latents(self, s: GenerationSettings, latents: np.ndarray) -> np.ndarray:
+        expected = self.latent_shape(s)
+        st, sh, sw = self.spec.vae_stride
+        if latents.ndim != 5 or tuple(latents.shape) != expected:
+            raise MlxVideoError(
+                f"--init-latents has shape {tuple(latents.shape)}; {s.width}x{s.height} with {s.frames} frames needs "
+                f"{expected} (batch, channels, latent frames, height/{sh}, width/{sw})"
+            )
+        if not np.issubdtype(latents.dtype, np.floating):
+            raise MlxVideoError(f"--init-latents must hold floats, not {latents.dtype}")
+        if not np.isfinite(latents).all():
+            raise MlxVideoError("--init-latents contains NaN or infinite values")
+        return latents.astype(np.float32)
+
+    def initial_latents(self, s: GenerationSettings, init_latents: np.ndarray | None) -> mx.array:
+        """Seeded noise, or the given latents, channels-last (1, T, H, W, C) float32."""
+        if init_latents is None:
+            latents = mx.random.normal(self.latent_shape(s), key=mx.random.key(s.seed))
+        else:
+            latents = mx.array(init_latents)
+        return latents.transpose(0, 2, 3, 4, 1)
+
+    # ---- memory preflight ----
+
+    @property
+    def can_decode(self) -> bool:
+        return self.folder.has("vae")
+
+    def component_bytes(self, component: str) -> int:
+        if not self.folder.has(component):
+            return 0
+        return sum(p.stat().st_size for p in (self.folder.path / component).glob("*.safetensors"))
+
+    def estimate_memory(self, s: GenerationSettings, tiling: str = "auto", has_image: bool = False) -> dict:
+        raise NotImplementedError
+
+    def check_memory(self, s: GenerationSettings, limit_bytes: int | None, tiling: str = "auto",
+                     has_image: bool = False) -> dict:
+        """Refuse, before any weights are read, a run whose estimated peak exceeds `limit_bytes` (default: the
+        memory available now). Returns the estimate, for the record."""
+        estimate = self.estimate_memory(s, tiling, has_image)
+        limit = available_memory_bytes() if limit_bytes is None else limit_bytes
+        estimate["limit_bytes"] = limit
+        if limit is not None and estimate["peak_bytes"] > limit:
+            stages = ", ".join(f"{k} {format_bytes(v)}" for k, v in estimate["stages"].items())
+            hints = ["a smaller --size or fewer --frames"]
+            if self.folder.manifest.get("quantization") is None:
+                hints.append("a quantized conversion (mlxvid convert ... --quantize q8 or q4)")
+            if estimate["peak_stage"] == "decoding":
+                hints.append("--vae-tiling on")
+            if estimate["peak_stage"] == "denoising" and s.guidance_mode == "batched":
+                hints.append("--guidance-mode sequential")
+            raise MlxVideoError(
+                f"this run needs about {format_bytes(estimate['peak_bytes'])} at its peak ({estimate['peak_stage']}; "
+                f"per stage: {stages}) but {format_bytes(limit)} are available. Try "
+                + ", or ".join(hints) + "; --max-memory GB overrides the limit (the figures are estimates)"
+            )
+        return estimate
+
+
+def load_pipeline(folder: ModelFolder) -> Pipeline:
+    """The pipeline of the folder's family (mlx_video.families)."""
+    from ..families import pipeline_class
+
+    return pipeline_class(folder.spec.family)(folder)
+
+
+def format_bytes(n: float) -> str:
+    if n < 1024**3:
+        return f"{n / 1024**2:.0f} MiB"
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def _check_number(option: str, value, minimum=None, positive: bool = False, integer: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise MlxVideoError(f"{option} takes a number, not {value!r}")
+    if not math.isfinite(value):
+        raise MlxVideoError(f"{option} must be a finite number, got {value}")
+    if integer and int(value) != value:
+        raise MlxVideoError(f"{option} must be a whole number, got {value}")
+    if positive and value <= 0:
+        raise MlxVideoError(f"{option} must be positive, got {value}")
+    if minimum is not None and value < minimum:
+        raise MlxVideoError(f"{option} must be at least {minimum}, got {value}")
+
+
+def available_memory_bytes() -> int | None:
+    """Memory a run can count on: the GPU's working set on a Mac, MemAvailable elsewhere (None if unknown)."""
+    try:
+        if mx.metal.is_available():
+            info = mx.metal.device_info()
+            return int(info.get("max_recommended_working_set_size", info.get("memory_size")))
+    except Exception:  # device_info is missing on some builds; fall through to the OS figure
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def release() -> None:
+    gc.collect()
+    mx.clear_cache()
