@@ -65,7 +65,7 @@ OPTION_OF = {"transformer": "--transformer", "transformer_2": "--transformer-2",
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_VAES = ("Wan2.2_VAE.pth", "Wan2.1_VAE.pth")
 OFFICIAL_TOKENIZER = Path("google") / "umt5-xxl"
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin", ".gguf")
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 # transformers' UMT5 stores its tied token embedding under both names; either may be present, or both.
 TIED = {"shared.weight", "encoder.embed_tokens.weight"}

@@ -161,7 +161,8 @@ class PthTensors(TensorFile):
 
 
 def open_tensors(path: str | Path, what: str) -> TensorFile:
-    """A safetensors file, a folder of safetensors shards, or a torch.save archive (.pth/.pt/.bin/.ckpt)."""
+    """A safetensors file, a folder of safetensors shards, a torch.save archive (.pth/.pt/.bin/.ckpt) or a GGUF
+    file (quantized tensors read dequantized, exactly; see gguf.py)."""
     path = Path(path)
     if not path.exists():
         raise MlxVideoError(f"{what}: {path} does not exist")
@@ -169,6 +170,10 @@ def open_tensors(path: str | Path, what: str) -> TensorFile:
         return SafetensorsTensors.open(path, what)
     with open(path, "rb") as f:
         head = f.read(8)
+    if head[:4] == b"GGUF" or path.suffix == ".gguf":
+        from .gguf import GGUFTensors  # imported here: gguf.py builds on this module
+
+        return GGUFTensors(path)
     if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         return PthTensors(path)
     return SafetensorsTensors.open(path, what)
@@ -388,7 +393,7 @@ _KNOWN = [
     ("text_encoder", "official", "a UMT5 text encoder (official Wan names)", ("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.pos_embedding.embedding.weight")),
     ("text_encoder", "transformers", "a UMT5 text encoder (transformers names)", ("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.final_layer_norm.weight")),
     ("vae", "official", "a Wan VAE (official / ComfyUI names)", ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")),
-    ("vae", "diffusers", "a Wan VAE (diffusers names)", ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight")),
+    ("vae", "diffusers", "a Wan VAE (diffusers names)", ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight", "encoder.mid_block.attentions.0.to_qkv.weight")),
 ]
 
 # Checkpoints of other families or variants: (description, any of these keys or key patterns)
@@ -414,18 +419,42 @@ class Kind:
     kind: str | None  # "transformer", "text_encoder", "vae" or None
     naming: str | None
     description: str
+    family: str | None = None
+
+
+# Signatures of the other families: (family, kind, naming, description, required keys), added by each family's
+# converter module (convert/families/<family>.py) when it is imported.
+FAMILY_SIGNATURES: list[tuple[str, str, str, str, tuple[str, ...]]] = []
+
+
+def _signatures() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
+    from mlx_video.families import FAMILIES, converter
+
+    for name in FAMILIES:
+        converter(name)  # importing a family's converter registers its signatures
+    return [("wan", *sig) for sig in _KNOWN] + FAMILY_SIGNATURES
 
 
 def classify(keys) -> Kind:
+    """What a set of keys is. Every signature is scored (a full match of its required keys counts, the more
+    required keys the more specific); the most specific full match wins, and a tie between different kinds
+    is reported as ambiguous instead of taking the first."""
     names = set(keys)
-    for kind, naming, description, required in _KNOWN:
-        if all(k in names for k in required):
-            if kind == "text_encoder" and naming == "transformers":
-                per_block = [k for k in names if re.fullmatch(r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", k)]
-                blocks = {k.split(".")[2] for k in names if k.startswith("encoder.block.")}
-                if len(blocks) > 1 and len(per_block) == 1:
-                    return Kind(None, None, "a T5 v1.1 encoder (one shared relative-position table, e.g. t5xxl), not UMT5")
-            return Kind(kind, naming, description)
+    matches = [sig for sig in _signatures() if all(k in names for k in sig[4])]
+    if matches:
+        best = max(len(sig[4]) for sig in matches)
+        top = [sig for sig in matches if len(sig[4]) == best]
+        if len({(sig[0], sig[1], sig[2]) for sig in top}) > 1:
+            return Kind(None, None, "ambiguous: it matches " + " and ".join(sig[3] for sig in top))
+        family, kind, naming, description, _ = top[0]
+        if family != "wan":
+            return Kind(kind, naming, description, family)
+        if kind == "text_encoder" and naming == "transformers":
+            per_block = [k for k in names if re.fullmatch(r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", k)]
+            blocks = {k.split(".")[2] for k in names if k.startswith("encoder.block.")}
+            if len(blocks) > 1 and len(per_block) == 1:
+                return Kind(None, None, "a T5 v1.1 encoder (one shared relative-position table, e.g. t5xxl), not UMT5")
+        return Kind(kind, naming, description, "wan")
     for description, patterns in _LOOKALIKES:
         for pattern in patterns:
             rx = re.compile(pattern)

@@ -191,6 +191,7 @@ def download(model_id: str, dtype: str, overwrite: bool):
 @click.option("--steps", type=int, default=None, help="Denoising steps. Default: the model's (40 or 50).")
 @click.option("--guidance", type=float, default=None, help="Guidance scale (of the high-noise expert on A14B).")
 @click.option("--guidance-2", type=float, default=None, help="Guidance scale of the low-noise expert (A14B only).")
+@click.option("--true-cfg", type=float, default=None, help="Classifier-free guidance scale with --negative-prompt, on top of a model's embedded --guidance (HunyuanVideo).")
 @click.option("--shift", type=float, default=None, help="Noise schedule shift. Default: the model's (12 or 5).")
 @click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default=None,
               help="Step rule. Default: the model's (unipc for Wan, as the official release).")
@@ -217,7 +218,7 @@ def download(model_id: str, dtype: str, overwrite: bool):
                    "before it starts.")
 @click.option("--overwrite", is_flag=True, help="Replace output files that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps, steps, guidance, guidance_2, shift, sampler,
+def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps, steps, guidance, guidance_2, true_cfg, shift, sampler,
              schedule, sigmas, timesteps, guidance_mode, seed, init_latents, save_latents, output, vae_tiling, max_memory,
              overwrite, quiet):
     """Generate a video from a text prompt (and, for image-to-video models, an image).
@@ -253,7 +254,7 @@ def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps
     pipe = Pipeline.from_pretrained(model)
     settings = pipe.resolve(GenerationSettings(
         prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, frames=frames, steps=steps,
-        guidance=guidance, guidance_2=guidance_2, shift=shift, sampler=sampler, schedule=schedule, sigmas=sigma_list,
+        guidance=guidance, guidance_2=guidance_2, true_cfg=true_cfg, shift=shift, sampler=sampler, schedule=schedule, sigmas=sigma_list,
         seed=seed, fps=fps, guidance_mode=guidance_mode, image=str(image) if image is not None else None,
     ))
     pixels = None

@@ -32,6 +32,8 @@ FAMILIES: dict[str, Family] = {
     for f in [
         Family("wan", "Wan 2.2", "mlx_video.pipelines.wan:WanPipeline", "mlx_video.convert.families.wan",
                "mlx_video.models.wan.cost"),
+        Family("hunyuan", "HunyuanVideo", "mlx_video.pipelines.hunyuan:HunyuanPipeline",
+               "mlx_video.convert.families.hunyuan", "mlx_video.models.hunyuan.cost"),
     ]
 }
 

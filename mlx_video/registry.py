@@ -115,7 +115,23 @@ def _wan_specs() -> list[ModelSpec]:
     ]
 
 
-MODELS: dict[str, ModelSpec] = {spec.id: spec for spec in _wan_specs()}
+def _hunyuan_specs() -> list[ModelSpec]:
+    from .models.hunyuan.config import HUNYUAN_T2V_720P
+
+    return [
+        ModelSpec(
+            id="hunyuanvideo-t2v", family="hunyuan", task="t2v", vae_stride=(4, 8, 8), size_multiple=16,
+            sizes=((1280, 720), (720, 1280), (960, 544), (544, 960)),
+            # guidance is the embedded (distilled) scale; --true-cfg adds real CFG with a negative prompt
+            defaults=dict(steps=50, shift=7.0, guidance=6.0, sampler="euler", schedule="shifted-linear", fps=24,
+                          frames=129, negative_prompt="", text_len=256),
+            hf_repo="hunyuanvideo-community/HunyuanVideo", transformer=HUNYUAN_T2V_720P,
+            description="HunyuanVideo text-to-video, 13B (720p, guidance-distilled)",
+        ),
+    ]
+
+
+MODELS: dict[str, ModelSpec] = {spec.id: spec for spec in _wan_specs() + _hunyuan_specs()}
 
 
 def register(spec: ModelSpec) -> ModelSpec:

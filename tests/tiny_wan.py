@@ -43,9 +43,10 @@ def randomize_(module, seed: int, scale: float = 0.2) -> None:
                 p.copy_(noise * (scale if p.ndim == 1 else 1.0 / np.sqrt(fan_in)))
 
 
-def tiny_transformer_config(in_channels: int = 4, out_channels: int = 4, text_dim: int = 32) -> dict:
+def tiny_transformer_config(in_channels: int = 4, out_channels: int = 4, text_dim: int = 32, heads: int = 2,
+                            head_dim: int = 12) -> dict:
     return dict(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=in_channels,
         out_channels=out_channels, text_dim=text_dim, freq_dim=16, ffn_dim=40, num_layers=2,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
     )
@@ -53,7 +54,7 @@ def tiny_transformer_config(in_channels: int = 4, out_channels: int = 4, text_di
 
 def build_tiny_wan_pipeline(
     folder: Path, two_experts: bool = True, shift: float = 12.0, seed: int = 0, wan22_vae: bool = False,
-    image_to_video: bool = False,
+    image_to_video: bool = False, **transformer_overrides,
 ):
     """Save a tiny random `diffusers.WanPipeline` at `folder` (the real diffusers layout) and return it.
 
@@ -96,11 +97,11 @@ def build_tiny_wan_pipeline(
             latents_mean=rng.normal(0, 0.5, z).tolist(), latents_std=rng.uniform(0.5, 2.0, z).tolist(),
         ).eval()
     in_channels = 2 * z + 4 if image_to_video and two_experts else z
-    transformer = WanTransformer3DModel(**tiny_transformer_config(in_channels, z)).eval()
+    transformer = WanTransformer3DModel(**tiny_transformer_config(in_channels, z, **transformer_overrides)).eval()
     randomize_(transformer, seed + 2)
     transformer_2 = None
     if two_experts:
-        transformer_2 = WanTransformer3DModel(**tiny_transformer_config(in_channels, z)).eval()
+        transformer_2 = WanTransformer3DModel(**tiny_transformer_config(in_channels, z, **transformer_overrides)).eval()
         randomize_(transformer_2, seed + 3)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
     if image_to_video:

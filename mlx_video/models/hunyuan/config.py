@@ -1,0 +1,98 @@
+"""HunyuanVideo (HYVideo-T/2-cfgdistill, 720p T2V) transformer and VAE configurations, published defaults."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class HunyuanTransformerConfig:
+    num_heads: int = 24
+    head_dim: int = 128
+    mlp_ratio: float = 4.0
+    num_double_blocks: int = 20
+    num_single_blocks: int = 40
+    num_refiner_blocks: int = 2
+    refiner_mlp_ratio: float = 4.0  # the token refiner's own, not tied to mlp_ratio
+    rope_axes: tuple[int, int, int] = (16, 56, 56)
+    rope_theta: float = 256.0
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    text_len: int = 256
+    pooled_dim: int = 768
+    freq_dim: int = 256
+    guidance_embed: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        object.__setattr__(self, "rope_axes", tuple(self.rope_axes))
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        if sum(self.rope_axes) != self.head_dim or any(d % 2 for d in self.rope_axes):
+            raise ValueError(f"rope_axes {self.rope_axes} must be even and sum to head_dim {self.head_dim}")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HunyuanTransformerConfig":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class HunyuanVAEConfig:
+    """The "884-16c-hy" causal video VAE: 8x8 spatial and 4x temporal compression, 16 latent channels."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2  # the decoder uses one more per level
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.476986
+    spatial_compression: int = 8
+    temporal_compression: int = 4
+    mid_block_attention: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        levels = len(self.block_out_channels)
+        if self.temporal_compression != 4:
+            raise ValueError("only 4x temporal compression is supported (as in the released VAE)")
+        spatial_levels = self.spatial_compression.bit_length() - 1
+        if 2**spatial_levels != self.spatial_compression or spatial_levels > levels - 1:
+            raise ValueError(f"spatial_compression {self.spatial_compression} needs a power of two <= 2**{levels - 1}")
+        if levels < 3:
+            raise ValueError("at least 3 levels are needed for 4x temporal compression")
+
+    def spatial_down(self, level: int) -> bool:
+        """Whether encoder level `level` halves H and W (the decoder's level i mirrors it)."""
+        return level < self.spatial_compression.bit_length() - 1
+
+    def temporal_down(self, level: int) -> bool:
+        """Whether encoder level `level` halves T: the two levels before the last."""
+        levels = len(self.block_out_channels)
+        return levels - 3 <= level < levels - 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HunyuanVAEConfig":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+HUNYUAN_T2V_720P = HunyuanTransformerConfig()
+HUNYUAN_VAE = HunyuanVAEConfig()

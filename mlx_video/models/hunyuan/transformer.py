@@ -1,0 +1,388 @@
+"""HunyuanVideo diffusion transformer (the official `HYVideoDiffusionTransformer`), channels-last.
+
+Structure: the latent patches and the refined text tokens go through `num_double_blocks` double-stream blocks
+(separate weights per stream, joint attention) and then `num_single_blocks` single-stream blocks over the
+concatenation [image; text]; a final adaLN layer maps the image tokens back to latent patches.
+
+The forward is split in three so that a step cache can skip the blocks:
+
+    state = model.embed(x, timestep, text, text_mask, pooled, guidance)
+    state = model.blocks(state)
+    velocity = model.head(state)
+
+Precision: the residual streams, the conditioning vector, the modulation arithmetic and the norms are float32;
+the linear layers run in `dtype` (the constructor's, not inferred from the weights). The timestep sinusoid is
+float32 as in the official code.
+
+Text padding: the official model splits each sample into [image + valid text] and [text padding] with
+`cu_seqlens`; a key mask that hides the padding gives the image and valid-text tokens the same result. When
+all samples have the same number of real tokens (always so for batch 1), the padding is dropped after the
+token refiner instead, and the blocks run without a mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_video.kernels import adaln_modulate, apply_rope_qk, gated_residual
+from mlx_video.models.hunyuan.config import HunyuanTransformerConfig
+from mlx_video.nn.attention import attention
+from mlx_video.nn.norms import layer_norm_fp32
+from mlx_video.nn.rope import rope_tables_3d
+
+
+def timestep_frequencies(freq_dim: int, max_period: float = 10000.0) -> mx.array:
+    """exp(-ln(max_period) * i / half) as the reference gets it in float32.
+
+    The exponent is formed in float32 in the reference's order of operations and exp is rounded correctly from
+    float64 (torch's float32 exp agrees on all but a couple of entries; numpy's float32 exp differs on ~40%).
+    At t = 6000 (guidance 6.0) one ulp of a frequency moves the angle by up to ~4e-4 rad, so this matters.
+    """
+    half = freq_dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    return mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
+
+
+def timestep_sinusoid(t: mx.array, freqs: mx.array) -> mx.array:
+    """[cos, sin] embedding of t (B,) in float32, shape (B, 2 * len(freqs))."""
+    angles = t.astype(mx.float32)[:, None] * freqs[None, :]
+    return mx.concatenate([mx.cos(angles), mx.sin(angles)], axis=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear, SiLU, Linear; used for the timestep, guidance and pooled-text embeddings."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array, dtype: mx.Dtype) -> mx.array:
+        return self.linear_2(nn.silu(self.linear_1(x.astype(dtype)))).astype(mx.float32)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, activation):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.activation = activation
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+def _heads(x: mx.array, num_heads: int) -> mx.array:
+    return x.reshape(*x.shape[:-1], num_heads, -1)
+
+
+def _split_qkv(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.array]:
+    """(B, L, 3 * heads * D) laid out (qkv, heads, D) -> q, k, v each (B, L, heads, D)."""
+    qkv = qkv.reshape(*qkv.shape[:-1], 3, num_heads, -1)
+    return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+
+
+def _modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
+    """LayerNorm without affine, then x * (1 + scale) + shift; shift/scale are (B, dim), x is (B, L, dim)."""
+    return adaln_modulate(x, shift[:, None, :], scale[:, None, :], eps)
+
+
+def _gate(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
+    return gated_residual(x, gate[:, None, :], y.astype(mx.float32))
+
+
+# --- token refiner ----------------------------------------------------------------------------------------
+
+
+class RefinerBlock(nn.Module):
+    """Self-attention over the text (no qk-norm) and a SiLU MLP, both gated by the conditioning vector."""
+
+    def __init__(self, config: HunyuanTransformerConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_heads
+        self.eps = config.eps
+        self.norm1 = nn.LayerNorm(dim, eps=config.eps)
+        self.self_attn_qkv = nn.Linear(dim, 3 * dim)
+        self.self_attn_proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=config.eps)
+        self.mlp = MLP(dim, int(dim * config.refiner_mlp_ratio), nn.silu)
+        self.adaLN_modulation = nn.Linear(dim, 2 * dim)
+
+    def __call__(self, x: mx.array, c: mx.array, mask: mx.array | None, dtype: mx.Dtype) -> mx.array:
+        gate_msa, gate_mlp = mx.split(self.adaLN_modulation(nn.silu(c).astype(dtype)).astype(mx.float32), 2, -1)
+        h = layer_norm_fp32(x, self.norm1.weight, self.norm1.bias, self.eps).astype(dtype)
+        q, k, v = _split_qkv(self.self_attn_qkv(h), self.num_heads)
+        x = _gate(x, gate_msa, self.self_attn_proj(attention(q, k, v, mask=mask)))
+        h = layer_norm_fp32(x, self.norm2.weight, self.norm2.bias, self.eps).astype(dtype)
+        return _gate(x, gate_mlp, self.mlp(h))
+
+
+class TokenRefiner(nn.Module):
+    """`txt_in` (SingleTokenRefiner): projects the LLM states and refines them, conditioned on t and their mean."""
+
+    def __init__(self, config: HunyuanTransformerConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.input_embedder = nn.Linear(config.text_dim, dim)
+        self.t_embedder = MLPEmbedder(config.freq_dim, dim)
+        self.c_embedder = MLPEmbedder(config.text_dim, dim)
+        self.blocks = [RefinerBlock(config) for _ in range(config.num_refiner_blocks)]
+
+    def __call__(self, text: mx.array, mask: mx.array | None, t_sinusoid: mx.array, dtype: mx.Dtype) -> mx.array:
+        """text: (B, L, text_dim); mask: (B, L) bool or None. Returns (B, L, dim) float32."""
+        if mask is None:
+            pooled = text.astype(mx.float32).mean(axis=1)
+            attn_mask = None
+        else:
+            weights = mask.astype(mx.float32)[..., None]
+            pooled = (text.astype(mx.float32) * weights).sum(axis=1) / weights.sum(axis=1)
+            # A valid token sees the valid tokens; a padding token sees only token 0 (so no row is empty).
+            attn_mask = mask[:, None, :, None] & mask[:, None, None, :]
+            attn_mask = attn_mask | (mx.arange(mask.shape[1]) == 0)[None, None, None, :]
+        c = self.t_embedder(t_sinusoid, dtype) + self.c_embedder(pooled, dtype)
+        x = self.input_embedder(text.astype(dtype)).astype(mx.float32)
+        for block in self.blocks:
+            x = block(x, c, attn_mask, dtype)
+        return x
+
+
+# --- double- and single-stream blocks --------------------------------------------------------------------
+
+
+class StreamWeights(nn.Module):
+    """One stream's half of a double-stream block (the official `img_*` or `txt_*` layers)."""
+
+    def __init__(self, config: HunyuanTransformerConfig):
+        super().__init__()
+        dim, head_dim = config.hidden_size, config.head_dim
+        self.mod = nn.Linear(dim, 6 * dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim)
+        self.attn_q_norm = nn.RMSNorm(head_dim, eps=config.eps)
+        self.attn_k_norm = nn.RMSNorm(head_dim, eps=config.eps)
+        self.attn_proj = nn.Linear(dim, dim)
+        self.mlp = MLP(dim, config.mlp_dim, nn.gelu_approx)
+
+    def qkv(self, x: mx.array, shift: mx.array, scale: mx.array, num_heads: int, eps: float, dtype: mx.Dtype):
+        h = _modulate(x, shift, scale, eps).astype(dtype)
+        q, k, v = _split_qkv(self.attn_qkv(h), num_heads)
+        return self.attn_q_norm(q), self.attn_k_norm(k), v
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, config: HunyuanTransformerConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.eps = config.eps
+        self.img = StreamWeights(config)
+        self.txt = StreamWeights(config)
+
+    def __call__(self, img, txt, vec, rope, mask, dtype):
+        silu_vec = nn.silu(vec).astype(dtype)
+        img_mod = mx.split(self.img.mod(silu_vec).astype(mx.float32), 6, axis=-1)
+        txt_mod = mx.split(self.txt.mod(silu_vec).astype(mx.float32), 6, axis=-1)
+
+        img_q, img_k, img_v = self.img.qkv(img, img_mod[0], img_mod[1], self.num_heads, self.eps, dtype)
+        txt_q, txt_k, txt_v = self.txt.qkv(txt, txt_mod[0], txt_mod[1], self.num_heads, self.eps, dtype)
+        img_q, img_k = apply_rope_qk(img_q, img_k, rope)
+        out = attention(
+            mx.concatenate([img_q, txt_q], axis=1),
+            mx.concatenate([img_k, txt_k], axis=1),
+            mx.concatenate([img_v, txt_v], axis=1),
+            mask=mask,
+        )
+        n_img = img.shape[1]
+        img = _gate(img, img_mod[2], self.img.attn_proj(out[:, :n_img]))
+        txt = _gate(txt, txt_mod[2], self.txt.attn_proj(out[:, n_img:]))
+
+        img = _gate(img, img_mod[5], self.img.mlp(_modulate(img, img_mod[3], img_mod[4], self.eps).astype(dtype)))
+        txt = _gate(txt, txt_mod[5], self.txt.mlp(_modulate(txt, txt_mod[3], txt_mod[4], self.eps).astype(dtype)))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP over [image; text]: linear1 gives q | k | v | mlp, linear2 mixes attn and mlp."""
+
+    def __init__(self, config: HunyuanTransformerConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_heads
+        self.eps = config.eps
+        self.split = (dim, 2 * dim, 3 * dim)
+        self.linear1 = nn.Linear(dim, 3 * dim + config.mlp_dim)
+        self.linear2 = nn.Linear(dim + config.mlp_dim, dim)
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=config.eps)
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=config.eps)
+        self.modulation = nn.Linear(dim, 3 * dim)
+
+    def __call__(self, x, n_img, vec, rope, mask, dtype):
+        shift, scale, gate = mx.split(self.modulation(nn.silu(vec).astype(dtype)).astype(mx.float32), 3, axis=-1)
+        h = self.linear1(_modulate(x, shift, scale, self.eps).astype(dtype))
+        q, k, v, mlp = mx.split(h, self.split, axis=-1)
+        q = self.q_norm(_heads(q, self.num_heads))
+        k = self.k_norm(_heads(k, self.num_heads))
+        img_q, img_k = apply_rope_qk(q[:, :n_img], k[:, :n_img], rope)
+        q = mx.concatenate([img_q, q[:, n_img:]], axis=1)
+        k = mx.concatenate([img_k, k[:, n_img:]], axis=1)
+        out = attention(q, k, _heads(v, self.num_heads), mask=mask)
+        return _gate(x, gate, self.linear2(mx.concatenate([out, nn.gelu_approx(mlp)], axis=-1)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, config: HunyuanTransformerConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.eps = config.eps
+        self.adaLN_modulation = nn.Linear(dim, 2 * dim)  # official chunk order: shift, scale
+        self.linear = nn.Linear(dim, math.prod(config.patch_size) * config.out_channels)
+
+    def __call__(self, x: mx.array, vec: mx.array, dtype: mx.Dtype) -> mx.array:
+        shift, scale = mx.split(self.adaLN_modulation(nn.silu(vec).astype(dtype)).astype(mx.float32), 2, axis=-1)
+        return self.linear(_modulate(x, shift, scale, self.eps).astype(dtype)).astype(mx.float32)
+
+
+def _common_prefix_length(mask: mx.array) -> int | None:
+    """n when every row of the (B, L) bool mask is n True then False (right padding, same count), else None."""
+    counts = mask.astype(mx.int32).sum(axis=1)
+    n = int(counts[0].item())
+    prefix = mx.arange(mask.shape[1])[None, :] < n
+    if n == 0 or not bool(mx.all(mask == prefix).item()):
+        return None
+    return n
+
+
+# --- the model ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HunyuanState:
+    """What flows between embed, blocks and head. img (B, N, dim) and txt (B, L, dim) are float32."""
+
+    img: mx.array
+    txt: mx.array
+    vec: mx.array
+    rope: tuple[mx.array, mx.array]
+    mask: mx.array | None  # (B, 1, 1, N + L) bool key mask, or None when txt holds no padding
+    latent_shape: tuple[int, int, int, int, int]  # (B, T, H, W, C) of the input latents
+
+
+class HunyuanTransformer(nn.Module):
+    def __init__(self, config: HunyuanTransformerConfig, dtype: mx.Dtype = mx.bfloat16):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        dim = config.hidden_size
+        self.img_in = nn.Linear(math.prod(config.patch_size) * config.in_channels, dim)
+        self.time_in = MLPEmbedder(config.freq_dim, dim)
+        self.vector_in = MLPEmbedder(config.pooled_dim, dim)
+        if config.guidance_embed:
+            self.guidance_in = MLPEmbedder(config.freq_dim, dim)
+        self.txt_in = TokenRefiner(config)
+        self.double_blocks = [DoubleStreamBlock(config) for _ in range(config.num_double_blocks)]
+        self.single_blocks = [SingleStreamBlock(config) for _ in range(config.num_single_blocks)]
+        self.final_layer = FinalLayer(config)
+        # Leading underscores keep these out of parameters().
+        self._freqs = timestep_frequencies(config.freq_dim)
+        self._rope_cache = {}
+
+    def rope_tables(self, grid: tuple[int, int, int]) -> tuple[mx.array, mx.array]:
+        if grid not in self._rope_cache:
+            self._rope_cache[grid] = rope_tables_3d(
+                grid, self.config.head_dim, theta=self.config.rope_theta, axis_dims=self.config.rope_axes
+            )
+        return self._rope_cache[grid]
+
+    def embed(
+        self,
+        x: mx.array,
+        timestep: mx.array,
+        text: mx.array,
+        text_mask: mx.array | None,
+        pooled: mx.array,
+        guidance: mx.array | None = None,
+    ) -> HunyuanState:
+        """Patchify and embed the latents, refine the text, build the conditioning vector, RoPE and mask.
+
+        x: (B, T, H, W, C_in) latents. timestep: (B,) the flow time * 1000 (float). text: (B, L, text_dim) LLM
+        states; text_mask: (B, L) (1 for real tokens, 0 for padding), None if all real. pooled: (B, pooled_dim)
+        CLIP pooled output. guidance: (B,) embedded guidance scale * 1000 (the official code passes 6.0 as 6000);
+        required when the model has a guidance embedding.
+        """
+        cfg, dtype = self.config, self.dtype
+        batch, frames, height, width, channels = x.shape
+        pt, ph, pw = cfg.patch_size
+        if frames % pt or height % ph or width % pw:
+            raise ValueError(f"latent size {(frames, height, width)} is not a multiple of the patch {cfg.patch_size}")
+        if channels != cfg.in_channels:
+            raise ValueError(f"expected {cfg.in_channels} latent channels, got {channels}")
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != cfg.text_dim:
+            raise ValueError(f"text states must be ({batch}, L, {cfg.text_dim}), got {text.shape}")
+        if cfg.guidance_embed and guidance is None:
+            raise ValueError("this model embeds the guidance scale: pass guidance (scale * 1000)")
+        timestep = mx.broadcast_to(mx.array(timestep).reshape(-1), (batch,))
+        f, h, w = frames // pt, height // ph, width // pw
+
+        patches = x.reshape(batch, f, pt, h, ph, w, pw, channels)
+        patches = patches.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(batch, f * h * w, -1)
+        img = self.img_in(patches.astype(dtype)).astype(mx.float32)
+
+        t_sinusoid = timestep_sinusoid(timestep, self._freqs)
+        vec = self.time_in(t_sinusoid, dtype) + self.vector_in(pooled, dtype)
+        if cfg.guidance_embed:
+            guidance = mx.broadcast_to(mx.array(guidance).reshape(-1), (batch,))
+            vec = vec + self.guidance_in(timestep_sinusoid(guidance, self._freqs), dtype)
+
+        if text_mask is not None:
+            text_mask = text_mask.astype(mx.bool_)
+        txt = self.txt_in(text, text_mask, t_sinusoid, dtype)
+
+        mask = None
+        if text_mask is not None:
+            valid = _common_prefix_length(text_mask)
+            if valid is not None:
+                # Every row is `valid` real tokens then padding: drop the padding instead of masking it (what
+                # the official cu_seqlens split amounts to), so the blocks attend without a mask.
+                txt = txt[:, :valid]
+            else:
+                keys = mx.concatenate([mx.ones((batch, f * h * w), dtype=mx.bool_), text_mask], axis=1)
+                mask = keys[:, None, None, :]
+        return HunyuanState(img, txt, vec, self.rope_tables((f, h, w)), mask, (batch, frames, height, width, channels))
+
+    def blocks(self, state: HunyuanState) -> HunyuanState:
+        """All double-stream then all single-stream blocks."""
+        img, txt, dtype = state.img, state.txt, self.dtype
+        for block in self.double_blocks:
+            img, txt = block(img, txt, state.vec, state.rope, state.mask, dtype)
+        n_img = img.shape[1]
+        x = mx.concatenate([img, txt], axis=1)
+        for block in self.single_blocks:
+            x = block(x, n_img, state.vec, state.rope, state.mask, dtype)
+        return replace(state, img=x[:, :n_img], txt=x[:, n_img:])
+
+    def head(self, state: HunyuanState) -> mx.array:
+        """Velocity (B, T, H, W, C_out) float32 from the image tokens."""
+        cfg = self.config
+        batch, frames, height, width, _ = state.latent_shape
+        pt, ph, pw = cfg.patch_size
+        f, h, w = frames // pt, height // ph, width // pw
+        out = self.final_layer(state.img, state.vec, self.dtype)
+        # The official patch vector is channel-first: (c, pt, ph, pw).
+        out = out.reshape(batch, f, h, w, cfg.out_channels, pt, ph, pw)
+        out = out.transpose(0, 1, 5, 2, 6, 3, 7, 4)
+        return out.reshape(batch, frames, height, width, cfg.out_channels)
+
+    def __call__(
+        self,
+        x: mx.array,
+        timestep: mx.array,
+        text: mx.array,
+        text_mask: mx.array | None,
+        pooled: mx.array,
+        guidance: mx.array | None = None,
+    ) -> mx.array:
+        return self.head(self.blocks(self.embed(x, timestep, text, text_mask, pooled, guidance)))
