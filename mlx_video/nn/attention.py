@@ -1,10 +1,37 @@
-"""Multi-head attention over (batch, tokens, heads, head_dim) tensors."""
+"""Multi-head attention over (batch, tokens, heads, head_dim) tensors.
+
+Where MLX has no fused attention kernel (its CPU back-end), `mx.fast.scaled_dot_product_attention` builds the
+whole (B, heads, Lq, Lk) score matrix: an A14B 480p x 81 self-attention would need tens of GB for it. There
+the queries are split into blocks whose score matrices stay under a budget (`MLXVID_ATTENTION_BUDGET_MB`,
+default 1024). Each query row's softmax runs over all keys in every block, so the result is the same
+computation, row for row; on a GPU (fused kernel, no score matrix) nothing is split. The blocks are evaluated
+one by one (a host synchronisation), which is what bounds the memory.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
+
+DEFAULT_BUDGET_MB = 1024
+
+
+def score_budget_bytes() -> int | None:
+    """The score-matrix budget that applies now; None where attention is fused (nothing to bound)."""
+    value = os.environ.get("MLXVID_ATTENTION_BUDGET_MB")
+    if value is None and mx.default_device().type == mx.DeviceType.gpu:
+        return None
+    return int(float(value if value is not None else DEFAULT_BUDGET_MB) * 1024**2)
+
+
+def query_block(batch: int, heads: int, q_len: int, k_len: int, budget: int | None) -> int:
+    """How many queries one block takes so that its float32 scores and softmax fit in `budget` bytes."""
+    if budget is None:
+        return q_len
+    per_query = 2 * batch * heads * k_len * 4  # scores and their softmax, float32
+    return max(1, min(q_len, budget // max(1, per_query)))
 
 
 def attention(
@@ -23,11 +50,21 @@ def attention(
     batch, q_len, heads, head_dim = q.shape
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    out = mx.fast.scaled_dot_product_attention(
-        q.transpose(0, 2, 1, 3),
-        k.transpose(0, 2, 1, 3),
-        v.transpose(0, 2, 1, 3),
-        scale=scale,
-        mask=mask,
-    )
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    block = q_len if isinstance(mask, str) else query_block(batch, heads, q_len, k.shape[2], score_budget_bytes())
+    if block >= q_len:
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    else:
+        parts = []
+        for start in range(0, q_len, block):
+            stop = min(q_len, start + block)
+            part_mask = mask
+            if isinstance(mask, mx.array) and mask.ndim >= 2 and mask.shape[-2] == q_len:
+                part_mask = mask[..., start:stop, :]
+            part = mx.fast.scaled_dot_product_attention(q[:, :, start:stop], k, v, scale=scale, mask=part_mask)
+            # Evaluated block by block: left lazy, MLX may schedule every block's scores before any softmax and
+            # the bound is lost. This only happens without a fused kernel (not inside a compiled GPU step).
+            mx.eval(part)
+            parts.append(part)
+        out = mx.concatenate(parts, axis=2)
     return out.transpose(0, 2, 1, 3).reshape(batch, q_len, heads * head_dim)
