@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -100,6 +101,12 @@ class ComponentPlan:
     tensors: dict[str, tuple[str, tuple[int, ...], str | None]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # unknown keys left out (--allow-unknown-keys)
     items: list[Item] = field(default_factory=list)
+    # the target keys --quantize stores in low precision, set by the family's planner (a pattern the whole key
+    # matches); None: quantize.py's default rule for the component's name (Wan's block layers)
+    low_precision: re.Pattern | None = None
+    # target keys stored in float32 whatever --dtype and --quantize say (a pattern the whole key matches), for
+    # tensors the reference keeps in float32 (e.g. Mochi's RoPE frequencies and q/k norm gains); None: none
+    keep_fp32: re.Pattern | None = None
 
 
 @dataclass
@@ -262,6 +269,10 @@ def _fingerprint(conversion: ConversionPlan, settings: dict) -> dict:
 
 
 def _quantization_record(comp: ComponentPlan, quantize: str | None, group_size: int) -> dict | None:
+    from .quantize import kept_codes_record
+
+    if quantize is None:  # GGUF / mxfp8 weights kept in their file's codes (quantize.py), if any
+        return kept_codes_record(comp.items)
     low = [i for i in comp.items if i.mode in ("affine", "fp8_copy", "fp8_encode")]
     if not low:
         return None
@@ -300,7 +311,10 @@ def convert_model(
     if src is not None and Path(src).exists() and Path(src).resolve() in (dst.resolve(), *dst.resolve().parents):
         raise MlxVideoError(f"the destination {dst} must not be the source {src} or inside it")
     conversion = plan(src, components, tokenizer, base, allow_unknown_keys, log)
-    log(f"source format: {conversion.source_format} ({conversion.manifest['model']}-style Wan pipeline)")
+    from mlx_video.families import get_family
+
+    title = get_family(conversion.manifest["family"]).title
+    log(f"source format: {conversion.source_format} ({conversion.manifest['model']}-style {title} pipeline)")
     for comp in conversion.components:
         prefix = f", prefix {comp.source.prefix!r} removed" if comp.source.prefix else ""
         log(f"  {comp.name}: {comp.origin}: {comp.source.scheme()}{prefix}")
@@ -308,7 +322,8 @@ def convert_model(
     for comp in conversion.components:
         comp_dtype = comp.dtype or dtype
         comp.items = [
-            plan_item(comp.name, target, key, transform, shape, comp.source, comp_dtype, quantize, group_size)
+            plan_item(comp.name, target, key, transform, shape, comp.source, comp_dtype, quantize, group_size,
+                      comp.low_precision, comp.keep_fp32)
             for target, (key, shape, transform) in comp.tensors.items()
         ]
     if quantize is not None:
@@ -387,7 +402,7 @@ def convert_model(
         quantization=None if quantize is None else (
             {"mode": quantize, "group_size": group_size} if MODES[quantize][0] == "affine" else {"mode": quantize}
         ),
-        components=[c.name for c in conversion.components] + list(conversion.copy_files),
+        components=list(dict.fromkeys([c.name for c in conversion.components] + list(conversion.copy_files))),
         source={"path": str(Path(src).resolve()) if src is not None else None, "format": conversion.source_format,
                 "files": [str(p.resolve()) for p in conversion.source_files]},
         mlxvid_version=__version__,

@@ -9,7 +9,9 @@ Three layers, each small:
   (`model.diffusion_model.` and the like) and folds fp8 side tensors into the weights they scale:
   ComfyUI's legacy "scaled fp8" (`scaled_fp8` marker, `<layer>.scale_weight`, `<layer>.scale_input`), the
   newer mixed-precision layout (`<layer>.weight_scale`, `<layer>.comfy_quant` JSON, `<layer>.input_scale`)
-  and plain fp8 casts without scales. A weight then reads as `decode(codes) * scale` in float32.
+  and plain fp8 casts without scales. A weight then reads as `decode(codes) * scale` in float32. `comfy_quant`
+  nvfp4 / mxfp8 / int8_tensorwise weights read decoded exactly (comfy_quant.py).
+* `split_all_in_one`: a ComfyUI all-in-one checkpoint as one view per component, by prefix.
 * `classify`: what kind of component a set of keys is (a Wan transformer in official or diffusers names, a
   UMT5 encoder, a Wan VAE, ...) and, for checkpoints of other families, which model they look like.
 """
@@ -43,6 +45,7 @@ RAW_DTYPES: dict[str, tuple[int, type]] = {
     "BOOL": (1, np.bool_),
     "F8_E4M3": (1, np.uint8),
     "F8_E5M2": (1, np.uint8),
+    "F8_E8M0": (1, np.uint8),  # power-of-two scales of mxfp8 (comfy_quant); never a weight of its own
 }
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 FP8_CODES = {"F8_E4M3": "e4m3fn", "F8_E5M2": "e5m2"}
@@ -196,6 +199,12 @@ PREFIXES = (
 ROOT_MARKERS = ("scaled_fp8", "spiece_model")
 _SIDE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2")
 _SUPPORTED_COMFY_FORMATS = {"float8_e4m3fn": "e4m3fn", "float8_e5m2": "e5m2"}
+# comfy_quant block formats, decoded exactly by convert/comfy_quant.py: format -> (stored weight dtypes, side tensors)
+_BLOCK_COMFY_FORMATS = {
+    "nvfp4": ({"U8", "I8"}, ("weight_scale", "weight_scale_2")),
+    "mxfp8": ({"F8_E4M3", "U8"}, ("weight_scale",)),
+    "int8_tensorwise": ({"I8", "U8"}, ("weight_scale",)),
+}
 
 
 @dataclass(frozen=True)
@@ -222,7 +231,11 @@ class ComponentSource:
         self.marker = "scaled_fp8" if "scaled_fp8" in names else None
         self.spiece_model = "spiece_model" if "spiece_model" in names else None
         quant_conf = self._comfy_quant_configs(names)
+        self.comfy_layers = set(quant_conf)
         self.layouts: dict[str, Fp8Layout] = {}
+        # weight -> (comfy_quant format, its config): nvfp4 / mxfp8 / int8_tensorwise, read decoded (comfy_quant.py)
+        self.block_quant: dict[str, tuple[str, dict]] = {}
+        self._decoded: tuple[str, np.ndarray] | None = None
         side = {n for n in names if n.endswith(_SIDE_SUFFIXES)}
         self.orphans: list[str] = []
         used_side = set()
@@ -237,19 +250,23 @@ class ComponentSource:
                         scale_key = layer + suffix
                         break
                 used_side.update(layer + s for s in _SIDE_SUFFIXES if layer + s in names)
-                if layer + ".weight_scale_2" in names:
-                    raise MlxVideoError(
-                        f"{what}: {layer} is stored in a block-scaled 4-bit format (weight_scale_2, e.g. nvfp4), which "
-                        "mlxvid does not read; use an fp16/bf16 or fp8 checkpoint"
-                    )
             fmt = FP8_CODES.get(code)
             conf = quant_conf.get(layer) if layer is not None else None
+            if conf is not None and conf.get("format") in _BLOCK_COMFY_FORMATS:
+                self._check_block_quant(name, layer, conf, names)
+                self.block_quant[name] = (conf["format"], conf)
+                continue
+            if layer is not None and layer + ".weight_scale_2" in names:
+                raise MlxVideoError(
+                    f"{what}: {layer} has a weight_scale_2 (a block-scaled 4-bit format such as nvfp4) but no comfy_quant "
+                    "entry saying which format it is; mlxvid reads nvfp4, mxfp8 and int8_tensorwise when comfy_quant names them"
+                )
             if conf is not None:
                 wanted = conf.get("format")
                 if wanted not in _SUPPORTED_COMFY_FORMATS:
                     raise MlxVideoError(
                         f"{what}: {layer} is quantized as {wanted!r} (comfy_quant), which mlxvid does not read; it reads "
-                        f"{', '.join(_SUPPORTED_COMFY_FORMATS)}"
+                        f"{', '.join([*_SUPPORTED_COMFY_FORMATS, *_BLOCK_COMFY_FORMATS])}"
                     )
                 if fmt != _SUPPORTED_COMFY_FORMATS[wanted]:
                     raise MlxVideoError(
@@ -288,7 +305,22 @@ class ComponentSource:
             except (UnicodeDecodeError, ValueError):
                 raise MlxVideoError(f"{self.what}: {name} is not a JSON object (a comfy_quant blob)") from None
             configs[name[: -len(".comfy_quant")]] = conf
+        for layer, conf in configs.items():  # ComfyUI reads extra fields flat or under "params"
+            if isinstance(conf, dict) and isinstance(conf.get("params"), dict):
+                configs[layer] = {**conf["params"], **{k: v for k, v in conf.items() if k != "params"}}
         return configs
+
+    def _check_block_quant(self, name: str, layer: str, conf: dict, names: set[str]) -> None:
+        fmt = conf["format"]
+        codes, sides = _BLOCK_COMFY_FORMATS[fmt]
+        if self._code(name) not in codes or len(self.tensors.shape(self._raw_key[name])) != 2:
+            raise MlxVideoError(
+                f"{self.what}: {layer}.comfy_quant says {fmt} but its weight is a {self._code(name)} tensor of shape "
+                f"{list(self.tensors.shape(self._raw_key[name]))}; the file is inconsistent"
+            )
+        missing = [s for s in sides if f"{layer}.{s}" not in names]
+        if missing:
+            raise MlxVideoError(f"{self.what}: {layer} is {fmt} (comfy_quant) but has no {', '.join(missing)}")
 
     def _check_scale(self, name: str, scale_key: str) -> None:
         shape = self.tensors.shape(self._raw_key[scale_key])
@@ -310,13 +342,28 @@ class ComponentSource:
         main = max(codes, key=codes.get) if codes else "F32"
         fp8 = [n for n, lay in self.layouts.items() if lay.fmt]
         scaled = [n for n, lay in self.layouts.items() if lay.scale_key]
+        ggml = getattr(self.tensors, "ggml_type", None)
+        if ggml is not None:
+            return self.tensors.gguf.describe()
+        if self.block_quant:
+            counts: dict[str, int] = {}
+            for fmt, _ in self.block_quant.values():
+                counts[fmt] = counts.get(fmt, 0) + 1
+            rest = sorted({DTYPE_NAMES.get(self._code(n), self._code(n)) for n in self.logical if n not in self.block_quant})
+            return (
+                "ComfyUI comfy_quant " + ", ".join(f"{n} {f}" for f, n in sorted(counts.items()))
+                + " tensors (nvfp4 / mxfp8 block linears kept in MLX's nvfp4 / mxfp8 unless --quantize; the rest decoded exactly)"
+                + (f", the rest {'/'.join(rest)}" if rest else "")
+            )
         if not fp8:
             return DTYPE_NAMES.get(main, main)
         fmts = sorted({self.layouts[n].fmt for n in fp8})
         if self.marker:
             kind = "ComfyUI scaled fp8 (legacy: scaled_fp8 marker, per-tensor scale_weight)"
-        elif any(self.layouts[n].scale_key and self.layouts[n].scale_key.endswith(".weight_scale") for n in fp8):
+        elif any(n[: -len(".weight")] in self.comfy_layers for n in fp8):
             kind = "ComfyUI mixed precision fp8 (weight_scale + comfy_quant)"
+        elif any(self.layouts[n].scale_key and self.layouts[n].scale_key.endswith(".weight_scale") for n in fp8):
+            kind = "fp8 with weight_scale (no comfy_quant)"
         elif not scaled:
             kind = "plain fp8 cast (no scales)"
         else:
@@ -333,13 +380,61 @@ class ComponentSource:
         return name in self._logical_set
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.tensors.shape(self._raw_key[name])
+        stored = self.tensors.shape(self._raw_key[name])
+        if name in self.block_quant and self.block_quant[name][0] == "nvfp4":
+            return (stored[0], 2 * stored[1])  # two 4-bit codes per byte
+        return stored
 
     def code(self, name: str) -> str:
-        return self._code(name)
+        return "F32" if name in self.block_quant else self._code(name)
 
     def is_float(self, name: str) -> bool:
-        return self._code(name) in FLOAT_CODES
+        return name in self.block_quant or self._code(name) in FLOAT_CODES
+
+    # GGUF sources (convert/gguf.py): the stored ggml type, and the exact MLX affine form of rows of a weight
+
+    def ggml_type(self, name: str) -> str | None:
+        get = getattr(self.tensors, "ggml_type", None)
+        return None if get is None else get(self._raw_key[name])
+
+    def affine_rows(self, name: str, start: int | None = None, stop: int | None = None):
+        return self.tensors.affine_rows(self._raw_key[name], start, stop)
+
+    def _block_sides(self, name: str) -> dict[str, np.ndarray]:
+        fmt = self.block_quant[name][0]
+        layer = name[: -len(".weight")]
+        scales = {}
+        for side in _BLOCK_COMFY_FORMATS[fmt][1]:
+            raw = self.tensors.read(self._raw_key[f"{layer}.{side}"])
+            scales[side] = np.array(raw.astype(mx.float32) if raw.dtype in (mx.bfloat16, mx.float16) else raw)
+            if side == "weight_scale" and fmt != "int8_tensorwise":
+                scales[side] = scales[side].astype(np.uint8)  # fp8 / e8m0 codes
+        return scales
+
+    def block_native(self, name: str) -> tuple:
+        """An mxfp8 / nvfp4 comfy_quant weight in MLX's own mode: (weight, scales) for mxfp8, (weight, scales,
+        per-tensor scale) for nvfp4; the file's codes and scales."""
+        from . import comfy_quant
+
+        fmt = self.block_quant[name][0]
+        codes = np.array(self.tensors.read(self._raw_key[name]))
+        sides = self._block_sides(name)
+        if fmt == "mxfp8":
+            return comfy_quant.to_mlx_mxfp8(codes, sides["weight_scale"])
+        return comfy_quant.to_mlx_nvfp4(codes, sides["weight_scale"], sides["weight_scale_2"])
+
+    def _block_decoded(self, name: str) -> np.ndarray:
+        """A comfy_quant nvfp4 / mxfp8 / int8_tensorwise weight decoded exactly to float32 (the last one is kept,
+        since the writer reads a tensor in slices of rows)."""
+        from . import comfy_quant
+
+        if self._decoded is not None and self._decoded[0] == name:
+            return self._decoded[1]
+        fmt, conf = self.block_quant[name]
+        weight = np.array(self.tensors.read(self._raw_key[name]))
+        values = comfy_quant.dequantize(fmt, weight, self._block_sides(name), conf)
+        self._decoded = (name, values)
+        return values
 
     def fp8_format(self, name: str) -> str | None:
         lay = self.layouts.get(name)
@@ -354,10 +449,15 @@ class ComponentSource:
         return value.reshape(()) if value.size == 1 else value.reshape(-1)
 
     def read_raw(self, name: str, start: int | None = None, stop: int | None = None) -> mx.array:
+        if name in self.block_quant:
+            return self.read(name, start, stop)
         return self.tensors.read(self._raw_key[name], start, stop)
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> mx.array:
-        """Rows of a tensor as stored, or, for fp8 or scaled weights, `decode(codes) * scale` in float32."""
+        """Rows of a tensor as stored, or, for fp8 or scaled weights, `decode(codes) * scale` in float32 (and
+        comfy_quant block formats decoded exactly, in float32)."""
+        if name in self.block_quant:
+            return mx.array(self._block_decoded(name)[slice(start, stop)])
         raw = self.read_raw(name, start, stop)
         lay = self.layouts.get(name)
         if lay is None:
@@ -372,7 +472,58 @@ class ComponentSource:
         return values * mx.array(rows).reshape((-1,) + (1,) * (values.ndim - 1))
 
     def nbytes(self, name: str) -> int:
-        return int(np.prod(self.shape(name), dtype=np.int64)) * RAW_DTYPES[self._code(name)][0]
+        """Bytes of the tensor as read (a GGUF or comfy_quant weight reads as float32): what a slice costs in memory."""
+        return int(np.prod(self.shape(name), dtype=np.int64)) * RAW_DTYPES[self.code(name)][0]
+
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes of the tensor in the file (a quantized GGUF block type or a 4-bit weight takes less than `nbytes`)."""
+        stored = getattr(self.tensors, "stored_nbytes", None)
+        if stored is not None:
+            return stored(self._raw_key[name])
+        shape = self.tensors.shape(self._raw_key[name])
+        return int(np.prod(shape, dtype=np.int64)) * RAW_DTYPES[self._code(name)][0]
+
+
+# ComfyUI all-in-one checkpoints ("Save Checkpoint"): the diffusion model, the text encoder and the VAE in one
+# file, each under its own prefix. (prefix, component kind); the SentencePiece model may sit beside the encoder.
+ALL_IN_ONE = (("model.diffusion_model.", "transformer"), ("text_encoders.umt5xxl.transformer.", "text_encoder"), ("vae.", "vae"))
+_ALL_IN_ONE_EXTRA = {"text_encoders.umt5xxl.spiece_model": ("text_encoder", "spiece_model")}
+
+
+class PrefixView(TensorFile):
+    """The tensors of one component inside a larger file, under names with its prefix removed."""
+
+    def __init__(self, base: TensorFile, names: dict[str, str], label: str):
+        self._base, self._map, self.label = base, names, label
+        self.paths = base.paths
+        self.metadata = {}
+        self._shapes = {n: base.shape(k) for n, k in names.items()}
+        self._codes = {n: base.code(k) for n, k in names.items()}
+
+    def read(self, key, start=None, stop=None):
+        return self._base.read(self._map[key], start, stop)
+
+    def describe(self) -> str:
+        return f"{self._base.describe()} [{self.label}]"
+
+
+def split_all_in_one(tensors: TensorFile) -> tuple[dict[str, PrefixView], list[str]] | None:
+    """An all-in-one checkpoint split by prefix: ({kind: view}, keys under none of the prefixes), or None when
+    the file holds fewer than two components."""
+    keys = tensors.keys()
+    parts: dict[str, dict[str, str]] = {}
+    labels = {}
+    for prefix, kind in ALL_IN_ONE:
+        names = {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
+        if names:
+            parts[kind], labels[kind] = names, prefix
+    if len(parts) < 2:
+        return None
+    for key, (kind, name) in _ALL_IN_ONE_EXTRA.items():
+        if key in tensors and kind in parts:
+            parts[kind][name] = key
+    used = {k for names in parts.values() for k in names.values()}
+    return {kind: PrefixView(tensors, names, labels[kind]) for kind, names in parts.items()}, sorted(set(keys) - used)
 
 
 def _common_prefix(keys: list[str]) -> str:
@@ -440,7 +591,9 @@ def classify(keys) -> Kind:
     required keys the more specific); the most specific full match wins, and a tie between different kinds
     is reported as ambiguous instead of taking the first."""
     names = set(keys)
-    matches = [sig for sig in _signatures() if all(k in names for k in sig[4])]
+    # a required key written "!key" must be absent (e.g. T5 v1.1 against UMT5: no per-block position table)
+    matches = [sig for sig in _signatures()
+               if all((k[1:] not in names) if k.startswith("!") else (k in names) for k in sig[4])]
     if matches:
         best = max(len(sig[4]) for sig in matches)
         top = [sig for sig in matches if len(sig[4]) == best]

@@ -711,6 +711,16 @@ class GGUFTensors(_tensor_file_base()):
             return None
         return self.gguf.read_mlx_affine(self._names[key])
 
+    def affine_rows(self, key: str, start: int | None = None, stop: int | None = None) -> AffineWeight:
+        """Rows [start, stop) of a 2-D weight in the exact MLX affine form (the converter writes it in slices)."""
+        gguf_key = self._names[key]
+        info = self.gguf.info(gguf_key)
+        if info.type_name not in AFFINE_BITS or len(info.shape) != 2 or info.shape != info.stored_shape:
+            raise MlxVideoError(f"{self.gguf.path}: {gguf_key!r} ({info.type_name}, {list(info.shape)}) has no MLX affine form")
+        start = 0 if start is None else start
+        stop = info.shape[0] if stop is None else stop
+        return to_mlx_affine(self.gguf.read_raw(gguf_key, start, stop), info.type_name, (stop - start, info.shape[1]))
+
     def describe(self) -> str:
         return f"{self.gguf.path} ({self.gguf.describe()})"
 

@@ -7,6 +7,10 @@ The rule (one for every model):
     --dtype: biases, norms, the modulation tables, the patch, text and time embeddings, the time projection,
     the output head, the token embedding, the relative position biases, and the whole VAE. With q8/q4 a layer
     whose input width is not a multiple of --group-size also stays in --dtype.
+    The patterns below name Wan's layers; a family that names its block layers otherwise sets its own pattern
+    on each component's plan (`ComponentPlan.low_precision`, see `covered`).
+    A family may also name tensors that are stored in float32 whatever --dtype and --quantize say
+    (`ComponentPlan.keep_fp32`), for those its reference keeps in float32.
 
 Modes:
     q8, q4  MLX affine quantization (`mx.quantize`): per row, groups of `group_size` inputs share a scale and
@@ -15,6 +19,21 @@ Modes:
             `(decode(codes) * scale).astype(dtype)` when the layer runs. An fp8 source keeps its codes and
             scales bit for bit (e5m2 codes too); a float source is encoded with scale = max|W| / 448, as ComfyUI
             does.
+
+GGUF sources (convert/gguf.py): a weight the rule above covers, stored in a type whose values are exactly
+`scale * q + bias` per 32 inputs (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q4_K, Q5_K), stays quantized
+when no --quantize is given: it is written as an MLX affine layer of that type's bits (8, 4 or 5), group size
+32, with float32 scales and biases, which reproduce llama.cpp's values exactly (float16 scales would not:
+see `gguf.to_mlx_affine`). It costs 2 bits per weight more than the GGUF block (Q8_0 10 instead of 8.5, Q4_0
+6 instead of 4.5). Every other GGUF tensor (Q2_K, Q3_K, Q6_K, the layers outside the rule, a layer of a
+2-D shape the model transposes) is dequantized exactly and stored in --dtype; with --quantize every weight is
+dequantized first and then re-quantized, which adds that mode's error on top of the GGUF one.
+
+ComfyUI `comfy_quant` weights under the same rule, without --quantize: mxfp8 stays in MLX's own "mxfp8" mode
+(the file's e4m3 codes and e8m0 block scales, exact); nvfp4 in MLX's "nvfp4" mode (the file's e2m1 codes and
+e4m3 block scales) with the per-tensor scale kept beside it as `<layer>.tensor_scale` and applied to the
+layer's output (MLX's nvfp4 matmul takes no per-tensor scale). int8_tensorwise weights are decoded exactly
+and stored in --dtype (they fit the affine mode only up to a rounding), as are all of them with --quantize.
 
 Every tensor is produced in slices of rows, so converting never holds a whole large tensor in memory (a
 tensor whose key-map transform reorders its elements is the exception, and only small ones have that).
@@ -33,6 +52,8 @@ from mlx_video.errors import MlxVideoError
 
 from .fp8 import E4M3FN_MAX, encode_e4m3fn
 from .formats import RAW_DTYPES, ComponentSource
+from .gguf import AFFINE_BITS as GGUF_AFFINE_BITS
+from .gguf import AFFINE_GROUP_SIZE as GGUF_GROUP_SIZE
 
 MODES = {"q8": ("affine", 8), "q4": ("affine", 4), "fp8": ("fp8", 8)}
 GROUP_SIZES = (32, 64, 128)
@@ -46,6 +67,7 @@ LOW_PRECISION_LAYERS = {
 QUANTIZED_COMPONENTS = {"transformer": "transformer", "transformer_2": "transformer", "text_encoder": "text_encoder"}
 
 OUT_CODES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32", mx.uint8: "U8"}
+DTYPE_BY_CODE = {code: dtype for dtype, code in OUT_CODES.items()}
 DTYPE_BY_NAME = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
 
 # Key-map transforms that only reshape: the element order on disk is unchanged, so they stream like a copy.
@@ -62,11 +84,19 @@ def check_options(quantize: str | None, group_size: int) -> None:
         raise MlxVideoError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}")
 
 
-def is_low_precision(component: str, target: str, shape: tuple[int, ...], quantize: str | None, group_size: int) -> bool:
+def covered(component: str, target: str, rule: re.Pattern | None = None) -> bool:
+    """Whether the rule puts the target tensor in low precision: the family's own `rule` (the `low_precision`
+    its planner sets on the component's plan, a pattern the whole key must match) or, without one, the
+    default patterns above by component name."""
+    if rule is not None:
+        return bool(rule.fullmatch(target))
+    return component in QUANTIZED_COMPONENTS and bool(LOW_PRECISION_LAYERS[QUANTIZED_COMPONENTS[component]].fullmatch(target))
+
+
+def is_low_precision(component: str, target: str, shape: tuple[int, ...], quantize: str | None, group_size: int,
+                     rule: re.Pattern | None = None) -> bool:
     """Whether the target tensor is stored in the --quantize format (see the module docstring)."""
-    if quantize is None or component not in QUANTIZED_COMPONENTS:
-        return False
-    if not LOW_PRECISION_LAYERS[QUANTIZED_COMPONENTS[component]].fullmatch(target) or len(shape) != 2:
+    if quantize is None or not covered(component, target, rule) or len(shape) != 2:
         return False
     if MODES[quantize][0] == "affine" and shape[1] % group_size:
         return False
@@ -95,7 +125,8 @@ class Item:
     source_key: str
     transform: str | None
     shape: tuple[int, ...]  # the target shape (after the transform)
-    mode: str  # "cast", "copy" (non-float), "affine", "fp8_copy", "fp8_encode"
+    mode: str  # "cast", "copy" (non-float), "affine", "fp8_copy", "fp8_encode"; kept as stored: "gguf_affine",
+    # "mxfp8_copy", "nvfp4_copy"
     outputs: list[OutTensor]
 
 
@@ -109,11 +140,35 @@ def plan_item(
     dtype: str,
     quantize: str | None,
     group_size: int,
+    rule: re.Pattern | None = None,
+    keep_fp32: re.Pattern | None = None,
 ) -> Item:
     out_code = OUT_CODES[DTYPE_BY_NAME[dtype]]
     if not source.is_float(source_key):
         return Item(target, source_key, transform, shape, "copy", [OutTensor(target, source.code(source_key), shape)])
-    if not is_low_precision(component, target, shape, quantize, group_size):
+    if keep_fp32 is not None and keep_fp32.fullmatch(target):
+        return Item(target, source_key, transform, shape, "cast", [OutTensor(target, "F32", shape)])
+    if keeps_gguf_codes(component, target, source_key, transform, shape, source, quantize, rule):
+        rows, cols = shape
+        bits = GGUF_AFFINE_BITS[source.ggml_type(source_key)]
+        base = target[: -len(".weight")]
+        return Item(target, source_key, transform, shape, "gguf_affine", [
+            OutTensor(target, "U32", (rows, cols * bits // 32)),
+            OutTensor(f"{base}.scales", "F32", (rows, cols // GGUF_GROUP_SIZE)),
+            OutTensor(f"{base}.biases", "F32", (rows, cols // GGUF_GROUP_SIZE)),
+        ])
+    if keeps_block_codes(component, target, source_key, transform, shape, source, quantize, rule):
+        rows, cols = shape
+        base = target[: -len(".weight")]
+        if source.block_quant[source_key][0] == "mxfp8":
+            return Item(target, source_key, transform, shape, "mxfp8_copy", [
+                OutTensor(target, "U32", (rows, cols // 4)), OutTensor(f"{base}.scales", "U8", (rows, cols // 32)),
+            ])
+        return Item(target, source_key, transform, shape, "nvfp4_copy", [
+            OutTensor(target, "U32", (rows, cols // 8)), OutTensor(f"{base}.scales", "U8", (rows, cols // 16)),
+            OutTensor(f"{base}.tensor_scale", "F32", ()),
+        ])
+    if not is_low_precision(component, target, shape, quantize, group_size, rule):
         return Item(target, source_key, transform, shape, "cast", [OutTensor(target, out_code, shape)])
     base = target[: -len(".weight")]
     kind, bits = MODES[quantize]
@@ -131,6 +186,54 @@ def plan_item(
                     [OutTensor(target, "U8", shape), OutTensor(f"{base}.weight_scale", "F32", scale_shape)])
     return Item(target, source_key, transform, shape, "fp8_encode",
                 [OutTensor(target, "U8", shape), OutTensor(f"{base}.weight_scale", "F32", ())])
+
+
+def keeps_gguf_codes(component, target, source_key, transform, shape, source: ComponentSource, quantize, rule=None) -> bool:
+    """Whether a GGUF weight is written in its exact MLX affine form (see the module docstring)."""
+    if quantize is not None or source.ggml_type(source_key) not in GGUF_AFFINE_BITS:
+        return False
+    if transform is not None and transform not in RESHAPE_ONLY:
+        return False
+    if len(shape) != 2 or tuple(source.shape(source_key)) != tuple(shape) or shape[1] % GGUF_GROUP_SIZE:
+        return False
+    return covered(component, target, rule)
+
+
+BLOCK_NATIVE = {"mxfp8": 32, "nvfp4": 16}  # comfy_quant formats MLX holds natively -> group size
+
+
+def keeps_block_codes(component, target, source_key, transform, shape, source: ComponentSource, quantize, rule=None) -> bool:
+    """Whether a comfy_quant mxfp8 / nvfp4 weight is written in MLX's own mode (see the module docstring)."""
+    fmt = source.block_quant.get(source_key, (None,))[0]
+    if quantize is not None or fmt not in BLOCK_NATIVE or transform is not None:
+        return False
+    if len(shape) != 2 or tuple(source.shape(source_key)) != tuple(shape) or shape[1] % BLOCK_NATIVE[fmt]:
+        return False
+    return covered(component, target, rule)
+
+
+def kept_codes_record(items: list[Item]) -> dict | None:
+    """quantization.json for the weights kept in their file's codes: the affine record with each layer's own
+    settings under "per_layer" (a GGUF file may mix Q8_0, Q4_K, Q5_0 ... layers; mxfp8 layers name their
+    mode), and "scales": "float32" (the GGUF layers' scales and biases)."""
+    kept = [i for i in items if i.mode in ("gguf_affine", "mxfp8_copy", "nvfp4_copy")]
+    if not kept:
+        return None
+    per_layer = {}
+    for i in kept:
+        if i.mode == "mxfp8_copy":
+            per_layer[i.target[: -len(".weight")]] = {"bits": 8, "group_size": 32, "mode": "mxfp8"}
+        elif i.mode == "nvfp4_copy":
+            per_layer[i.target[: -len(".weight")]] = {"bits": 4, "group_size": 16, "mode": "nvfp4", "tensor_scale": True}
+        else:
+            per_layer[i.target[: -len(".weight")]] = {"bits": i.outputs[0].shape[1] * 32 // i.shape[1], "group_size": GGUF_GROUP_SIZE}
+    counts: dict[int, int] = {}
+    for p in per_layer.values():
+        counts[p["bits"]] = counts.get(p["bits"], 0) + 1
+    return {
+        "mode": "affine", "bits": max(counts, key=counts.get), "group_size": GGUF_GROUP_SIZE, "layers": list(per_layer),
+        "per_layer": per_layer, "scales": "float32",
+    }
 
 
 def _size(shape) -> int:
@@ -197,6 +300,7 @@ def produce(
         return
 
     if item.mode == "cast":
+        target_dtype = DTYPE_BY_CODE[first.code]  # --dtype, or float32 for a tensor the plan keeps in float32
         if whole:
             x = source.read(item.source_key)
             _check_finite(x, item, source)
@@ -223,6 +327,21 @@ def produce(
             for out, part, per_row in zip(item.outputs, (q, scales, biases), rows_out):
                 write(out.name, (start or 0) * per_row, _host(part))
             del x, q, scales, biases
+        return
+
+    if item.mode == "gguf_affine":
+        rows_out = [o.nbytes // item.shape[0] for o in item.outputs]
+        for start, stop in _row_chunks(source, item.source_key, sum(rows_out)):
+            aff = source.affine_rows(item.source_key, start, stop)
+            for out, part, per_row in zip(item.outputs, (aff.weight, aff.scales, aff.biases), rows_out):
+                write(out.name, start * per_row, _host(part))
+            del aff
+        return
+
+    if item.mode in ("mxfp8_copy", "nvfp4_copy"):
+        parts = source.block_native(item.source_key)
+        for out, part in zip(item.outputs, parts):
+            write(out.name, 0, _host(part) if isinstance(part, mx.array) else np.array(part, dtype=np.float32).reshape(()))
         return
 
     if item.mode == "fp8_copy":

@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import MlxVideoError
+from .extend import SegmentPromptType
 from .registry import MODELS
 from .samplers import SAMPLERS, SCHEDULES
 
@@ -53,22 +54,22 @@ def cli():
 
 
 @cli.command()
-def models():
-    """List the known models and their published defaults."""
-    from .families import get_family
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+def models(as_json):
+    """List the known models: published defaults and sizes, quality profiles, whether and how each is converted
+    here, and the estimated peak memory of a default run on this machine."""
+    from .catalog import describe, model_info
 
+    if as_json:
+        import json
+
+        click.echo(json.dumps([model_info(spec) for spec in MODELS.values()], indent=2))
+        return
     for spec in MODELS.values():
-        d = spec.defaults
-        sizes = ", ".join(f"{w}x{h}" for w, h in spec.sizes)
-        guidance = f"{d.get('guidance')}" + (f" / {d.get('guidance_2')} (second expert)" if spec.experts == 2 else "")
-        shape = f"{spec.experts} experts, boundary {d.get('boundary')}" if spec.experts == 2 else "one model"
-        click.echo(
-            f"{spec.id}  ({get_family(spec.family).title})\n  task {spec.task}, {shape}"
-            f"\n  steps {d.get('steps')}, shift {d.get('shift')}, guidance {guidance}, sampler {d.get('sampler')}"
-            + (f", schedule {d['schedule']}" if d.get("schedule") else "")
-            + f"\n  {d.get('frames')} frames ({spec.frame_stride}n+1) at {d.get('fps')} fps; sizes {sizes}"
-            + (f"\n  weights: huggingface.co/{spec.hf_repo}" if spec.hf_repo else "")
-        )
+        click.echo(describe(spec))
+    from .recipes import describe_recipes
+
+    click.echo(describe_recipes())
 
 
 @cli.command()
@@ -135,8 +136,10 @@ def convert(paths, dtype, quantize, group_size, base, transformer, transformer_2
     click.echo(f"wrote {dst}")
 
 
-DIFFUSERS_FILES = ["model_index.json", "transformer/*", "transformer_2/*", "text_encoder/*", "tokenizer/*", "vae/*",
-                   "scheduler/*"]
+# What `download` fetches from a diffusers-layout repository when the family's converter names nothing else
+# (`DOWNLOAD_PATTERNS` in mlx_video/convert/families/<family>.py).
+DIFFUSERS_FILES = ["model_index.json", "transformer/*", "transformer_2/*", "text_encoder/*", "text_encoder_2/*",
+                   "tokenizer/*", "tokenizer_2/*", "vae/*", "scheduler/*"]
 
 
 @cli.command()
@@ -164,7 +167,10 @@ def download(model_id: str, dtype: str, overwrite: bool):
         from huggingface_hub import snapshot_download
 
         click.echo(f"fetching {spec.hf_repo} (only the pipeline's files) into the Hugging Face cache")
-        src = snapshot_download(repo_id=spec.hf_repo, allow_patterns=DIFFUSERS_FILES)
+        from .families import converter
+
+        patterns = getattr(converter(spec.family), "DOWNLOAD_PATTERNS", DIFFUSERS_FILES)
+        src = snapshot_download(repo_id=spec.hf_repo, allow_patterns=patterns)
     except Exception as e:  # the hub library raises many kinds; all mean the same to the user
         raise MlxVideoError(
             f"could not fetch {spec.hf_repo}: {e}. Download it by other means (huggingface.co/{spec.hf_repo}) and run "
@@ -176,8 +182,8 @@ def download(model_id: str, dtype: str, overwrite: bool):
 
 
 @cli.command()
-@click.option("--model", "-m", required=True, help="A converted model folder, or a registry id (see `mlxvid models`).")
-@click.option("--prompt", "-p", required=True, help="What the video shows.")
+@click.option("--model", "-m", default=None, help="A converted model folder, or a registry id (see `mlxvid models`). Required unless --from-sidecar.")
+@click.option("--prompt", "-p", default=None, help="What the video shows. Required unless --from-sidecar.")
 @click.option("--image", "-i", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Image to animate (I2V-A14B needs one; TI2V-5B takes one optionally). Resized to cover the video "
                    "size, then centre-cropped.")
@@ -186,7 +192,8 @@ def download(model_id: str, dtype: str, overwrite: bool):
                    "stretch (ignore the aspect ratio, as diffusers' Wan I2V pipeline) or fit (letterbox in black).")
 @click.option("--negative-prompt", default=None, help="What to steer away from. Default: the official release's.")
 @click.option("--size", default=None, metavar="WxH", help="Video size, e.g. 1280x720. Default: the model's first published size.")
-@click.option("--frames", type=int, default=None, help="Number of frames, of the form 4n+1. Default: the model's (81 or 121).")
+@click.option("--frames", type=int, default=None, help="Number of frames, of the form 4n+1. Default: the model's (81 or 121). Beyond one clip, any number: "
+                   "a chain of clips.")
 @click.option("--fps", type=int, default=None, help="Frame rate of the written video. Default: the model's (16 or 24).")
 @click.option("--steps", type=int, default=None, help="Denoising steps. Default: the model's (40 or 50).")
 @click.option("--guidance", type=float, default=None, help="Guidance scale (of the high-noise expert on A14B).")
@@ -201,6 +208,17 @@ def download(model_id: str, dtype: str, overwrite: bool):
               help="An explicit, decreasing list of noise levels in (0, 1] (distilled checkpoints); sets the step count.")
 @click.option("--timesteps", default=None, metavar="T1,T2,...",
               help="The same as --sigmas in timesteps (sigma x 1000), as distilled recipes publish them.")
+@click.option("--lora", multiple=True, metavar="PATH[:SCALE]",
+              help="A LoRA .safetensors (diffusers/PEFT, ComfyUI/lightx2v or kohya names) fused into every expert at "
+                   "load, with an optional strength (default 1); repeatable.")
+@click.option("--lora-high", multiple=True, metavar="PATH[:SCALE]", help="A LoRA for the high-noise expert only (A14B); repeatable.")
+@click.option("--lora-low", multiple=True, metavar="PATH[:SCALE]", help="A LoRA for the low-noise expert only (A14B); repeatable.")
+@click.option("--recipe", default=None, metavar="NAME",
+              help="Published few-step settings (steps, shift, sampler, timesteps, guidance 1) of a distillation LoRA: "
+                   "lightning, lightx2v (`mlxvid models` lists them); options given too win.")
+@click.option("--cache", default=None, metavar="NAME[:THRESHOLD]",
+              help="Skip transformer evaluations that earlier steps predict: easycache (default 0.05), fbcache (0.05) "
+                   "or magcache (published Wan 2.2 ratios; default 0.06). Threshold 0 changes nothing.")
 @click.option("--guidance-mode", type=click.Choice(["batched", "sequential"]), default="batched", show_default=True,
               help="batched runs the conditional and unconditional passes as one batch; sequential runs them one after "
                    "the other: the same result with about half the activation memory.")
@@ -210,108 +228,53 @@ def download(model_id: str, dtype: str, overwrite: bool):
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the final latents (before decoding) to this .npy, same layout; a .json sidecar goes beside it.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Video to write: a .mp4/.mov file (H.264), or a folder for lossless PNG frames. A .json sidecar goes beside it.")
+              help="Video to write: a .mp4/.mov file (H.264), or a folder for lossless PNG frames. A .json sidecar goes beside it. "
+                   "Default (without --save-latents): PROMPT-WORDS-seedN.mp4 here, never replacing a file.")
 @click.option("--vae-tiling", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Decode in overlapping spatial tiles to bound memory; auto tiles when one frame chunk would not fit.")
 @click.option("--max-memory", type=float, default=None, metavar="GB",
               help="Memory the run may use. Default: what is available now; a run estimated to need more is refused "
                    "before it starts.")
+@click.option("--preset", default=None, metavar="NAME",
+              help="Delivery format: linkedin-square (1080x1080, 24 fps), linkedin-wide (1920x1080, 24 fps), "
+                   "youtube-short (1080x1920, 30 fps), or one of yours in presets.toml. Renders at the model's nearest "
+                   "published size, then scales and retimes the frames (see the README).")
+@click.option("--quality", type=click.Choice(["high", "medium", "low"]), default=None,
+              help="Size class and steps for the model (`mlxvid models` lists them). Default: the published settings.")
+@click.option("--duration", type=float, default=None, metavar="SECONDS",
+              help="Clip length instead of --frames: the nearest frame count of the model's rule at its fps. Longer "
+                   "than one clip: a chain of clips, each continuing the last (see the README's Longer videos).")
+@click.option("--segment-prompt", multiple=True, type=SegmentPromptType(), metavar="TEXT[@SECONDS]",
+              help="Prompt of the next segment of a chain (--prompt is the first; the last repeats), or with @SECONDS "
+                   "from that time on; repeatable.")
+@click.option("--segment-frames", type=int, default=None, metavar="N",
+              help="Frames each segment of a chain renders (of the form 4n+1). Default: the model's longest clip.")
+@click.option("--overlay", multiple=True, metavar="TEXT[@START-END]",
+              help="Text burned into the video, from START to END seconds (default: all of it); repeatable.")
+@click.option("--watermark", default=None, metavar="TEXT|IMAGE", help="A text or image watermark in a corner.")
+@click.option("--watermark-corner", type=click.Choice(["top-left", "top-right", "bottom-left", "bottom-right"]),
+              default=None, help="Default: the preset's (bottom-right; top-left for youtube-short).")
+@click.option("--font", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A TrueType/OpenType font file for --overlay and --watermark. Default: Pillow's built-in font.")
+@click.option("--preview-every", type=int, default=None, metavar="N",
+              help="Every N steps, write NAME.preview.png beside the output: an approximate picture of the clip.")
+@click.option("--from-sidecar", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Repeat the run a .json sidecar records (the same latents); options given too override it.")
 @click.option("--overwrite", is_flag=True, help="Replace output files that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def generate(model, prompt, image, image_fit, negative_prompt, size, frames, fps, steps, guidance, guidance_2, true_cfg, shift, sampler,
-             schedule, sigmas, timesteps, guidance_mode, seed, init_latents, save_latents, output, vae_tiling, max_memory,
-             overwrite, quiet):
+def generate(**options):
     """Generate a video from a text prompt (and, for image-to-video models, an image).
 
     Every setting left out takes the published default of the model. The run stops at the first step that
     produces NaN or infinite latents, with a message, rather than finishing as noise.
     """
-    import numpy as np
+    from click.core import ParameterSource
 
-    from .io.atomic import atomic_file, check_writable
-    from .io.sidecar import sidecar_path, write_sidecar
-    from .io.video import write_frames_png, write_video
-    from .pipelines.base import GenerationSettings, Pipeline, format_bytes
+    from .run import run_generation
 
-    if output is None and save_latents is None:
-        raise MlxVideoError("nothing would be written: pass --output VIDEO.mp4 (or a folder for PNG frames) and/or --save-latents FILE.npy")
-    outputs = []
-    if save_latents is not None:
-        if save_latents.suffix != ".npy":
-            raise MlxVideoError(f"--save-latents writes a .npy file, not {save_latents.name}")
-        outputs += [save_latents, sidecar_path(save_latents)]
-    if output is not None:
-        if output.suffix.lower() not in ("", ".mp4", ".mov"):
-            raise MlxVideoError(f"--output takes a .mp4 or .mov file, or a folder for PNG frames, not {output.name}")
-        outputs += [output, sidecar_path(output)]
-    for path in outputs:
-        check_writable(path, overwrite)
-
-    width, height = _parse_size(size)
-    sigma_list = _parse_sigmas(sigmas, timesteps)
-    if sigma_list is not None and steps is not None and steps != len(sigma_list):
-        raise MlxVideoError(f"--steps {steps} disagrees with the {len(sigma_list)} values of --sigmas/--timesteps; give one")
-    pipe = Pipeline.from_pretrained(model)
-    settings = pipe.resolve(GenerationSettings(
-        prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, frames=frames, steps=steps,
-        guidance=guidance, guidance_2=guidance_2, true_cfg=true_cfg, shift=shift, sampler=sampler, schedule=schedule, sigmas=sigma_list,
-        seed=seed, fps=fps, guidance_mode=guidance_mode, image=str(image) if image is not None else None,
-    ))
-    pixels = None
-    if image is not None:
-        from .io.image import fit_image, load_image
-
-        pixels = fit_image(load_image(image), settings.width, settings.height, mode=image_fit)
-    if output is not None and not pipe.can_decode:
-        raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
-    pipe.vae_tile(vae_tiling, (1, 1))  # validates the option before the long work
-    latents = None
-    if init_latents is not None:
-        try:
-            latents = np.load(init_latents, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise MlxVideoError(f"cannot read --init-latents {init_latents}: {e}") from None
-        latents = pipe.check_init_latents(settings, latents)
-
-    if max_memory is not None and max_memory <= 0:
-        raise MlxVideoError(f"--max-memory takes a positive number of GB, not {max_memory}")
-    limit = None if max_memory is None else int(max_memory * 1024**3)
-    estimate = pipe.check_memory(settings, limit, vae_tiling if output is not None else "off", pixels is not None)
-    if output is None:
-        estimate["stages"].pop("decoding", None)
-    if not quiet:
-        guidance_text = f"guidance {settings.guidance}" + (
-            f" / {settings.guidance_2} (high / low noise)" if settings.guidance_2 is not None else "")
-        click.echo(
-            f"{pipe.spec.id} ({pipe.folder.manifest['dtype']}): {settings.width}x{settings.height}, {settings.frames} "
-            f"frames at {settings.fps} fps, {settings.steps} steps ({settings.sampler}, shift {settings.shift}), "
-            f"{guidance_text}, seed {settings.seed}; estimated peak {format_bytes(estimate['peak_bytes'])} "
-            f"({estimate['peak_stage']})"
-        )
-    result = pipe.generate(settings, init_latents=latents, progress=not quiet, image=pixels)
-    record = settings.to_dict()
-    record.update(model=pipe.spec.id, model_folder=str(pipe.folder.path), dtype=pipe.folder.manifest["dtype"],
-                  init_latents=str(init_latents) if init_latents else None, experts=result.experts,
-                  memory_estimate=estimate, image_fit=image_fit if image is not None else None)
-    if save_latents is not None:
-        with atomic_file(save_latents, overwrite=overwrite) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, result.latents)
-        write_sidecar(save_latents, record, result.timings, overwrite=overwrite)
-        click.echo(f"wrote latents {tuple(result.latents.shape)} to {save_latents}")
-    if output is not None:
-        start = time.perf_counter()
-        video, stats = pipe.decode(result.latents, tiling=vae_tiling, progress=not quiet)
-        result.timings["decoding"] = time.perf_counter() - start
-        start = time.perf_counter()
-        if output.suffix:
-            write_video(video, output, fps=settings.fps, overwrite=overwrite)
-        else:
-            write_frames_png(video, output, overwrite=overwrite)
-        result.timings["writing"] = time.perf_counter() - start
-        record.update(stats, vae_tiling=vae_tiling)
-        write_sidecar(output, record, result.timings, overwrite=overwrite)
-        click.echo(f"wrote {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} to {output}")
+    ctx = click.get_current_context()
+    explicit = {k for k in options if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    run_generation(options, explicit=explicit)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
@@ -339,6 +302,41 @@ from .interpolate import interpolate_command  # noqa: E402  (imports nothing hea
 cli.add_command(interpolate_command)
 
 
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--check", is_flag=True, help="Only check the manifest and say which jobs would run.")
+@click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the JSON summary. Default: MANIFEST.summary.json beside the manifest.")
+def batch(manifest, check, summary):
+    """Run the jobs of a JSON (list) or JSON Lines MANIFEST; re-running it resumes.
+
+    Each job's keys are generate's option names with _ for - (prompt, model, preset, quality, duration, seed,
+    output, overlay, ...). Every job is checked before any model loads; jobs run grouped by model; a failed
+    job does not stop the others; jobs whose output and sidecar already match are skipped.
+    """
+    from .batch import run_batch
+
+    jobs = run_batch(manifest, generate, check_only=check, summary_path=summary)
+    if any(j.status in ("invalid", "failed") for j in jobs):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("latents", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Video (.mp4/.mov) or PNG folder.")
+@click.option("--model", "-m", default=None, help="Model folder or id. Default: the one the latents' sidecar names.")
+@click.option("--overwrite", is_flag=True, help="Replace output files that exist.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def decode(latents, output, model, overwrite, quiet):
+    """Decode saved latents (a .npy from --save-latents, or kept after a failed write) into a video.
+
+    The .json sidecar beside the latents supplies the model, frame rate, preset, overlays and watermark.
+    """
+    from .run import decode_latents
+
+    decode_latents(latents, output, model=model, overwrite=overwrite, quiet=quiet)
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="mlxvid", standalone_mode=False)
@@ -350,6 +348,13 @@ def main(argv=None) -> None:
         sys.exit(e.exit_code)
     except MlxVideoError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except RuntimeError as e:
+        if "[ring]" not in str(e) and "peer" not in str(e):
+            raise
+        # mx.distributed: another process of the group stopped; outputs are written at the end, atomically
+        click.echo(f"error: another rank of the group stopped ({e}); this rank stops too and nothing was written",
+                   err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

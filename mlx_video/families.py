@@ -34,6 +34,8 @@ FAMILIES: dict[str, Family] = {
                "mlx_video.models.wan.cost"),
         Family("hunyuan", "HunyuanVideo", "mlx_video.pipelines.hunyuan:HunyuanPipeline",
                "mlx_video.convert.families.hunyuan", "mlx_video.models.hunyuan.cost"),
+        Family("mochi", "Mochi 1", "mlx_video.pipelines.mochi:MochiPipeline", "mlx_video.convert.families.mochi",
+               "mlx_video.models.mochi.cost"),
     ]
 }
 

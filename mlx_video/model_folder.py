@@ -7,8 +7,13 @@ Layout:
     transformer_2/ ...              (A14B: the low-noise expert)
     text_encoder/ ...               (UMT5 encoder)
     tokenizer/spiece.model and/or tokenizer/tokenizer.json
+    tokenizer_2/ ...                (a second tokenizer, e.g. HunyuanVideo's CLIP; any tokenizer* folder holds
+                                    tokenizer files only, no weights)
     <component>/quantization.json   only when some layers are stored quantized (`mlxvid convert --quantize`):
-                                    {"mode": "affine", "bits", "group_size", "layers": [...]} for q8/q4, or
+                                    {"mode": "affine", "bits", "group_size", "layers": [...]} for q8/q4 (GGUF
+                                    weights and comfy_quant mxfp8 kept in their codes add "per_layer":
+                                    {layer: {"bits", "group_size"[, "mode": "mxfp8" | "nvfp4", "tensor_scale"]}},
+                                    overriding the defaults, and "scales": "float32"), or
                                     {"mode": "fp8", "layers": {layer: "e4m3fn" | "e5m2"}} for fp8 codes + weight_scale
 Weights are loaded lazily (MLX reads a tensor when it is first used), one component at a time.
 """
@@ -130,7 +135,7 @@ class ModelFolder:
 
     def _check_component(self, component: str) -> None:
         d = self.path / component
-        if component == "tokenizer":
+        if component.startswith("tokenizer"):  # tokenizer/, tokenizer_2/ ...: tokenizer files, no weights
             if not ((d / "spiece.model").is_file() or (d / "tokenizer.json").is_file()):
                 raise MlxVideoError(f"missing {d}/spiece.model or {d}/tokenizer.json; {LAYOUT_HELP}")
             return
@@ -199,6 +204,31 @@ class ModelFolder:
             module.set_compute_dtype(self.dtype)  # what the weights were converted to, per the manifest
 
 
+class SameDtypeQuantizedLinear(nn.QuantizedLinear):
+    """A quantized layer kept in its file's codes (convert/quantize.py): MLX affine with float32 scales and biases
+    (GGUF), or MLX mxfp8 (comfy_quant). Its output is returned in the input's dtype, as any other linear layer's."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = super().__call__(x)
+        return y if y.dtype == x.dtype else y.astype(x.dtype)
+
+
+class TensorScaledQuantizedLinear(SameDtypeQuantizedLinear):
+    """An MLX nvfp4 layer holding comfy_quant nvfp4 codes: `quantized_matmul` gives x @ (e2m1 * e4m3)^T, and
+    the file's per-tensor scale (`tensor_scale`, float32) multiplies that before the bias is added."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tensor_scale = mx.ones((), dtype=mx.float32)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=self.get("biases"), transpose=True,
+                                group_size=self.group_size, bits=self.bits, mode=self.mode) * self["tensor_scale"]
+        if "bias" in self:
+            y = y + self["bias"]
+        return y if y.dtype == x.dtype else y.astype(x.dtype)
+
+
 def _prepare_quantized(module, record: dict, weights: dict, dtype, where: Path) -> None:
     """Swap the listed nn.Linear layers of `module` for their quantized counterparts."""
     from mlx.utils import tree_flatten, tree_unflatten
@@ -209,6 +239,20 @@ def _prepare_quantized(module, record: dict, weights: dict, dtype, where: Path) 
     bad = [p for p in names if not isinstance(leaves.get(p), nn.Linear)]
     if bad:
         raise MlxVideoError(f"{where}/{QUANTIZATION} lists {bad[0]}, which is not a linear layer of the model")
+    if record["mode"] == "affine" and (record.get("per_layer") or record.get("scales") == "float32"):
+        per_layer = record.get("per_layer") or {}
+        cls = SameDtypeQuantizedLinear
+        replacements = []
+        for path in names:
+            params = per_layer.get(path) or {}
+            linear = leaves[path]
+            out_dims, in_dims = linear.weight.shape
+            kind = TensorScaledQuantizedLinear if params.get("tensor_scale") else cls
+            layer = kind(in_dims, out_dims, "bias" in linear, group_size=int(params.get("group_size", record["group_size"])),
+                        bits=int(params.get("bits", record["bits"])), mode=params.get("mode", "affine"))
+            replacements.append((path, layer))
+        module.update_modules(tree_unflatten(replacements))
+        return
     if record["mode"] == "affine":
         chosen = set(names)
         nn.quantize(

@@ -92,7 +92,7 @@ def transformer_file(path: Path, model_id: str, fmt: str) -> Path:
     return write_description(path, out)
 
 
-def umt5_file(path: Path, fmt: str) -> Path:
+def umt5_file(path: Path, fmt: str, spiece: bytes | None = None) -> Path:
     from transformers import UMT5Config, UMT5EncoderModel
 
     config = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -102,17 +102,21 @@ def umt5_file(path: Path, fmt: str) -> Path:
     out: dict = {}
     if fmt == "transformers":
         out = {k: ("BF16", tuple(v.shape), None) for k, v in sd.items()}
-    else:
-        official = official_umt5(sd)
-        if fmt == "comfy_fp8_scaled":
-            out["scaled_fp8"] = ("F8_E4M3", (0,), None)
-        for k, v in official.items():
-            linear = k.endswith(".weight") and v.ndim == 2 and k.startswith("blocks.")
-            if fmt == "comfy_fp8_scaled" and linear:
+    elif fmt == "comfy_fp8_scaled":
+        # Comfy-Org's umt5_xxl_fp8_e4m3fn_scaled: transformers names, per-tensor scale_weight, the tokenizer embedded
+        out["scaled_fp8"] = ("F8_E4M3", (0,), None)
+        for k, v in sd.items():
+            if k == "encoder.embed_tokens.weight":
+                continue
+            if k.endswith(".weight") and v.ndim == 2 and k.startswith("encoder.block.") and "relative_attention" not in k:
                 out[k] = ("F8_E4M3", tuple(v.shape), None)
                 out[k[: -len("weight")] + "scale_weight"] = ("F32", (), struct.pack("<f", 0.01))
             else:
                 out[k] = ("BF16", tuple(v.shape), None)
+        if spiece is not None:
+            out["spiece_model"] = ("U8", (len(spiece),), spiece)
+    else:
+        out = {k: ("BF16", tuple(v.shape), None) for k, v in official_umt5(sd).items()}
     return write_description(path, out)
 
 
@@ -166,10 +170,14 @@ def test_a14b_t2v_every_transformer_format(files, fmt):
 @pytest.mark.parametrize("fmt", ["comfy_fp8_scaled", "transformers"])
 def test_umt5_xxl_formats(files, fmt):
     expert = transformer_file(files / "5b_official_bf16.safetensors", "wan2.2-ti2v-5b", "official_bf16")
+    spiece = (files / "tok" / "spiece.model").read_bytes()
+    embedded = fmt == "comfy_fp8_scaled"  # the Comfy file carries its SentencePiece model: no --tokenizer
     conversion = plan(None, components={"transformer": expert,
-                                        "text_encoder": umt5_file(files / f"umt5_{fmt}.safetensors", fmt),
+                                        "text_encoder": umt5_file(files / f"umt5_{fmt}.safetensors", fmt, spiece),
                                         "vae": vae_file(files / "vae22", "2.2")},
-                      tokenizer=files / "tok" / "spiece.model", base="wan2.2-ti2v-5b")  # fmt: skip
+                      tokenizer=None if embedded else files / "tok" / "spiece.model", base="wan2.2-ti2v-5b")  # fmt: skip
+    if embedded:
+        assert conversion.copy_files["tokenizer"] == [(spiece, "spiece.model")]
     counts = planned(conversion)
     assert counts["text_encoder"] == 24 * 10 + 2
     assert counts["transformer"] == 30 * 27 + 15

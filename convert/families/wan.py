@@ -32,8 +32,13 @@ from ..convert import (
     _read_json,
     _tokenizer_files,
 )
-from ..formats import ComponentSource, classify, lookalike, open_tensors
+from ..formats import ComponentSource, classify, lookalike, open_tensors, split_all_in_one
 
+
+
+# The files of a diffusers-layout Wan repository that `mlxvid download` fetches.
+DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "transformer_2/*", "text_encoder/*", "tokenizer/*", "vae/*",
+                     "scheduler/*"]
 
 
 def claims(src, components: dict) -> bool:
@@ -137,9 +142,14 @@ def _layout_files(src: Path, log) -> tuple[dict, list, dict]:
     ignored = []
     for path in sorted(p for p in src.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
         tensors = open_tensors(path, path.name)
+        split = split_all_in_one(tensors)
+        if split is not None:  # a ComfyUI all-in-one checkpoint: `_all_in_one` splits it
+            for kind in split[0]:
+                found[kind].append((path, f"the {kind.replace('_', ' ')} of an all-in-one checkpoint"))
+            continue
         source = ComponentSource(tensors, path.name)
         kind = classify(source.keys())
-        if kind.kind is None:
+        if kind.kind is None or kind.family != "wan":
             ignored.append(f"{path.name} ({kind.description})")
             continue
         found[kind.kind].append((path, kind.description))
@@ -180,6 +190,32 @@ def _layout_files(src: Path, log) -> tuple[dict, list, dict]:
 # components
 
 
+def _all_in_one(inputs: dict, log) -> dict:
+    """Components inside ComfyUI all-in-one files (formats.ALL_IN_ONE): such a file supplies the component it was
+    given for and fills in the others that nothing else supplies. Returns {component: its view of the file}."""
+    views = {}
+    for name, inp in list(inputs.items()):
+        if inp is None or not inp.path.is_file():
+            continue
+        split = split_all_in_one(open_tensors(inp.path, inp.origin))
+        if split is None:
+            continue
+        parts, rest = split
+        if KIND_OF[name] not in parts:
+            raise MlxVideoError(
+                f"{inp.origin}: {inp.path.name} is an all-in-one checkpoint without {KIND_WORDS[KIND_OF[name]]} "
+                f"(it holds {', '.join(f'{k} under {v.label}' for k, v in parts.items())})"
+            )
+        views[name] = parts[KIND_OF[name]]
+        for kind, view in parts.items():
+            if kind != KIND_OF[name] and inputs.get(kind) is None:
+                inputs[kind] = ComponentInput(kind, inp.path, inp.path.name)
+                views[kind] = view
+        log(f"{inp.path.name}: an all-in-one checkpoint holding " + ", ".join(f"the {k.replace('_', ' ')} ({v.label})" for k, v in parts.items())
+            + (f"; {len(rest)} other keys left out ({', '.join(rest[:3])})" if rest else ""))
+    return views
+
+
 def _open_component(inp: ComponentInput) -> ComponentSource:
     what = f"{inp.origin}" if str(inp.path).endswith(inp.origin) else f"{inp.origin} ({inp.path})"
     return ComponentSource(open_tensors(inp.path, what), what)
@@ -189,7 +225,7 @@ def _check_kind(inp: ComponentInput, source: ComponentSource) -> str:
     """The naming of a component's keys; refuses a checkpoint of another kind or family."""
     kind = classify(source.keys())
     want = KIND_OF[inp.name]
-    if kind.kind != want:
+    if kind.kind != want or kind.family != "wan":
         raise MlxVideoError(
             f"{source.what} should be {KIND_WORDS[want]} for {inp.name}, but it looks like {kind.description}"
         )
@@ -261,6 +297,18 @@ def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict)
     matches = [s for s in MODELS.values() if s.family == "wan" and (s.experts == 2) == two_experts and same_size(cfg, s.transformer)]
     if len(matches) == 1:
         return matches[0], True
+    pairs = [s for s in MODELS.values() if s.family == "wan" and s.experts == 2 and same_size(cfg, s.transformer)]
+    if pairs and not two_experts:
+        name = str(hints.get("transformer_file", "")).lower()
+        have, missing = ("high", "low") if "high" in name else ("low", "high") if "low" in name else (None, None)
+        raise MlxVideoError(
+            f"the transformer{' ' + hints['transformer_file'] if hints.get('transformer_file') else ''} is "
+            + (f"the {have}-noise expert" if have else "one expert")
+            + f" of {' or '.join(s.id for s in pairs)}, which needs two: the high-noise and the low-noise expert. "
+            + (f"The {missing}-noise expert is missing" if have else "The other expert is missing")
+            + ": put its file beside it (named ..._high_noise... / ..._low_noise...) or pass it with "
+            + ("--transformer-2 (the low-noise expert)" if have != "low" else "--transformer (the high-noise expert) and this one as --transformer-2")
+        )
     like = which_wan(cfg, MODELS)
     raise MlxVideoError(
         f"the transformer ({describe_transformer(cfg)}{', two experts' if two_experts else ''}) matches no registry model"
@@ -312,6 +360,7 @@ def plan(
             # a single file on top of a diffusers folder: the folder's config still says what the shapes cannot
             given.config_hint = replaced.config_json
         inputs[name] = given
+    views = _all_in_one(inputs, log)
     if tokenizer is not None:
         tokenizer_files = _tokenizer_files(Path(tokenizer), "--tokenizer")
     for name in ("transformer", "text_encoder"):
@@ -324,7 +373,20 @@ def plan(
     if fmt == "diffusers" and hints["two_experts"] and inputs.get("transformer_2") is None:
         raise MlxVideoError(f"{src} is a two-expert pipeline but has no transformer_2/; pass --transformer-2 FILE")
     two_experts = inputs.get("transformer_2") is not None
-    sources = {name: _open_component(inp) for name, inp in inputs.items() if inp is not None}
+    sources = {
+        name: ComponentSource(views[name], f"{inp.origin} [{views[name].label}]") if name in views else _open_component(inp)
+        for name, inp in inputs.items()
+        if inp is not None
+    }
+    for name in ("transformer", "transformer_2"):
+        source = sources.get(name)
+        if source is not None and source.keys() and source.ggml_type(source.keys()[0]) is not None \
+                and "patch_embedding.weight" not in source \
+                and "head.modulation" in source:
+            raise MlxVideoError(
+                f"{source.what} lacks patch_embedding.weight: ComfyUI-GGUF's convert.py leaves this 5-D tensor out and "
+                "its fix_5d_tensors.py puts it back after quantizing; run that step on the file"
+            )
     namings = {name: _check_kind(inputs[name], source) for name, source in sources.items()}
     source_format = {"diffusers": "diffusers", "official": "official Wan release layout", "files": "single-file checkpoints"}[fmt]
     if components and fmt != "files":
@@ -342,6 +404,7 @@ def plan(
         cfg2, cfg2_from = _transformer_config(inputs["transformer_2"], sources["transformer_2"], namings["transformer_2"], base_spec)
         if cfg_from == "shapes" and cfg2_from == "config.json" and cfg2.dim == cfg.dim:
             cfg = replace(cfg, num_heads=cfg2.num_heads)  # a replaced expert: its sibling's config tells the heads
+    hints = dict(hints, transformer_file=inputs["transformer"].path.name if inputs["transformer"].path.is_file() else None)
     spec, strict = _pick_model(fmt, base, cfg, two_experts, hints)
     if not same_size(cfg, spec.transformer):
         like = which_wan(cfg, MODELS)

@@ -32,6 +32,7 @@ _DTYPES = {
     # fp8 codes are kept as raw bytes; decoding them is the converter's job.
     "F8_E4M3": (1, np.uint8, mx.uint8),
     "F8_E5M2": (1, np.uint8, mx.uint8),
+    "F8_E8M0": (1, np.uint8, mx.uint8),  # mxfp8 block scales (powers of two), decoded by convert/comfy_quant.py
 }
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024

@@ -51,7 +51,10 @@ def dense_weight(layer, dtype: mx.Dtype | None = None) -> mx.array:
     if isinstance(layer, Fp8Linear):
         w = layer.decoded_weight()
     elif isinstance(layer, nn.QuantizedLinear):
-        w = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size, bits=layer.bits)
+        w = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size, bits=layer.bits,
+                          mode=getattr(layer, "mode", "affine"))
+        if "tensor_scale" in layer:  # comfy_quant nvfp4 kept natively: a per-tensor scale on top of the blocks
+            w = w * layer["tensor_scale"]
     elif isinstance(layer, nn.Linear):
         w = layer.weight
     else:

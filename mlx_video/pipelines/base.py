@@ -46,6 +46,10 @@ class GenerationSettings:
     fps: int | None = None
     guidance_mode: str = "batched"  # batched | sequential (same result, half the activation memory)
     image: str | None = None  # the conditioning image's path, for the record; its pixels are passed to generate()
+    # LoRAs fused at load: [{"path", "scale", "target": all|high|low}]; resolve() adds name, sha256, format
+    loras: list[dict] | None = None
+    recipe: str | None = None  # a few-step recipe (mlx_video.recipes): fills the settings left unset
+    cache: str | None = None  # step cache NAME[:THRESHOLD] (mlx_video.pipelines.cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +66,8 @@ class GenerationResult:
     settings: GenerationSettings
     timings: dict = field(default_factory=dict)
     experts: list = field(default_factory=list)  # which transformer ran at each step
+    parallel: dict | None = None  # ranks, backend and split when run on several processes
+    stats: dict = field(default_factory=dict)  # transformer_evals, reused steps (step cache), LoRA layers fused
 
 
 class Pipeline:
@@ -103,6 +109,10 @@ class Pipeline:
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
         spec = self.spec
         s = GenerationSettings.from_dict(settings.to_dict())
+        if s.recipe is not None:
+            from ..recipes import apply_recipe
+
+            apply_recipe(s, spec)
         if s.negative_prompt is None:
             s.negative_prompt = spec.default("negative_prompt", "")
         if s.width is None and s.height is None:
@@ -153,7 +163,18 @@ class Pipeline:
             except ValueError as e:
                 raise MlxVideoError(f"--sigmas: {e}") from None
         self.check_image_use(s.image is not None)
+        if s.cache is not None:
+            from .cache import parse_cache
+
+            parse_cache(s.cache, spec.id)
+        if s.loras:
+            s.loras = self.resolve_loras(s.loras)
         return s
+
+    def resolve_loras(self, loras: list[dict]) -> list[dict]:
+        """Check the LoRAs against the model (files, keys, shapes) before any weights are read; a family that
+        fuses LoRAs overrides this and returns the records the sidecar keeps."""
+        raise MlxVideoError(f"{self.spec.id}: LoRAs are not supported for the {self.spec.family} family yet")
 
     @property
     def image_mode(self) -> str | None:

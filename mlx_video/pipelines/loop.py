@@ -4,7 +4,8 @@
 
 `predict(latents, i, t)` returns the model's velocity for step i (a family builds it: input preparation,
 which transformer runs, guidance); the sampler turns it into the next latents; then each hook sees the
-step. The only host synchronisation inside the loop is the NaN guard's check (one scalar per step).
+step; a hook that returns an array replaces the latents the next step starts from (None leaves them). The only
+host synchronisation inside the loop is the NaN guard's check (one scalar per step).
 
 Guidance strategies combine a conditional and an unconditional pass of `forward(x, t, cond)`:
     batched      both passes in one forward of batch 2 (the reference pipelines' way; fastest)
@@ -63,7 +64,7 @@ def get_guidance(name: str):
 
 
 class StepHook(Protocol):
-    def __call__(self, i: int, t, latents: mx.array) -> None: ...
+    def __call__(self, i: int, t, latents: mx.array) -> mx.array | None: ...
 
 
 class NonFiniteGuard:
@@ -102,5 +103,7 @@ def denoise(sampler, latents: mx.array, predict: Callable[[mx.array, int, object
         latents = sampler.step(velocity, i, latents)
         mx.eval(latents)
         for hook in hooks:
-            hook(i, t, latents)
+            replaced = hook(i, t, latents)
+            if replaced is not None:  # a hook may hold part of the latents (see mlx_video.extend)
+                latents = replaced
     return latents

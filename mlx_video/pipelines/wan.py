@@ -6,7 +6,10 @@ two experts (A14B) and where the boundary between them lies, and how an image co
 
 from __future__ import annotations
 
+import os
 import time
+import weakref
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -17,6 +20,7 @@ from ..models.wan.config import WanTransformerConfig
 from ..text_encoders.prompt import clean_prompt
 from ..text_encoders.tokenizer import T5Tokenizer
 from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, release
+from ..distributed import check_same_model, current_split, guidance_cfg_parallel
 from .loop import NonFiniteGuard, ProgressHook, denoise, get_guidance
 
 HIGH_NOISE, LOW_NOISE = "transformer", "transformer_2"
@@ -38,6 +42,7 @@ class WanPipeline(Pipeline):
         self.vae_stride = self.spec.vae_stride
         self.text_len = self.spec.default("text_len", 512)
         self.tokenizer = T5Tokenizer.from_folder(folder.path / "tokenizer")
+        self._split = None  # set per run when launched on several processes (mlx_video.distributed)
 
     @property
     def latent_channels(self) -> int:
@@ -53,8 +58,8 @@ class WanPipeline(Pipeline):
         (TI2V-5B: the first latent frame replaced by the image's), or None (text only)."""
         if self.spec.task == "i2v":
             return "channels"
-        if self.spec.task == "ti2v":
-            return "first_frame"
+        if self.spec.task == "ti2v" and self.spec.default("per_frame_timesteps"):
+            return "first_frame"  # the image's latent frame held at timestep 0 needs one timestep per frame
         return None
 
     def check_image_use(self, has_image: bool) -> None:
@@ -117,8 +122,63 @@ class WanPipeline(Pipeline):
         config = self.transformer_config if name == HIGH_NOISE else WanTransformerConfig.from_dict(self.folder.config(name))
         model = WanTransformer(config, dtype=self.dtype)
         self.folder.load_module(name, model)
+        loras = self.loras_for(name)
+        if loras:
+            from ..lora import fuse_loras
+
+            fuse_loras(model, loras)
         warm_up(model, config, self.dtype)
         return model
+
+    # ---- LoRAs: checked in resolve(), fused when an expert loads ----
+
+    def lora_experts(self, target: str) -> list[str]:
+        if target == "all":
+            return [HIGH_NOISE, LOW_NOISE] if self.two_experts else [HIGH_NOISE]
+        if not self.two_experts:
+            raise MlxVideoError(f"--lora-{target} is for a model with two experts; {self.spec.id} has one (use --lora)")
+        return [HIGH_NOISE if target == "high" else LOW_NOISE]
+
+    def resolve_loras(self, loras: list[dict]) -> list[dict]:
+        from mlx.utils import tree_flatten
+
+        from ..convert.wan import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+        from ..lora import TARGETS, check_lora, lora_record, read_lora
+        from ..models.wan.transformer import WanTransformer
+        from .base import _check_number
+
+        if not hasattr(self, "_lora_cache"):
+            self._lora_cache, self._lora_shapes = {}, {}
+        records = []
+        for entry in loras:
+            path, scale, target = str(entry.get("path")), entry.get("scale", 1.0), entry.get("target", "all")
+            _check_number(f"the strength of LoRA {path}", scale)
+            if target not in TARGETS:
+                raise MlxVideoError(f"LoRA {path}: target must be one of {', '.join(TARGETS)}, not {target!r}")
+            experts = self.lora_experts(target)
+            if not Path(path).is_file():
+                raise MlxVideoError(f"LoRA file {path} does not exist")
+            key = (str(Path(path).resolve()), *(_stat(path)))
+            if key not in self._lora_cache:
+                self._lora_cache[key] = read_lora(path, [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER])
+            lora = self._lora_cache[key]
+            for name in experts:
+                if name not in self._lora_shapes:  # built lazily: no weights are materialised
+                    config = WanTransformerConfig.from_dict(self.folder.config(name))
+                    params = tree_flatten(WanTransformer(config).parameters())
+                    self._lora_shapes[name] = {k: tuple(v.shape) for k, v in params}
+                check_lora(lora, self._lora_shapes[name], f"{self.spec.id} ({_expert_label(name, self.two_experts)})")
+            records.append(lora_record(lora, float(scale), target))
+        return records
+
+    def loras_for(self, name: str) -> list:
+        """(LoraFile, strength) pairs that apply to expert `name` in the current run."""
+        pairs = []
+        for record in getattr(self, "_run_loras", None) or []:
+            if name in self.lora_experts(record["target"]):
+                key = (str(Path(record["path"]).resolve()), *(_stat(record["path"])))
+                pairs.append((self._lora_cache[key], record["scale"]))
+        return pairs
 
     def expert_schedule(self, timesteps: np.ndarray) -> list[str]:
         if not self.two_experts:
@@ -130,10 +190,11 @@ class WanPipeline(Pipeline):
         return s.guidance != 1.0 or (self.two_experts and s.guidance_2 != 1.0)
 
     def make_predict(self, s: GenerationSettings, cond: mx.array | None, context: mx.array, model_for_step,
-                     latent_frames: int):
+                     latent_frames: int, step_cache=None):
         """`predict(latents, i, t)` for the shared loop: the model input (image conditioning), the timestep as the
         model takes it, and guidance. `model_for_step(i)` returns (transformer, its guidance scale)."""
-        guide = get_guidance(s.guidance_mode)
+        split = self._split
+        guide = guidance_cfg_parallel(split) if split is not None and split.cfg_ranks == 2 else get_guidance(s.guidance_mode)
         text, negative = context[:1], (context[1:] if context.shape[0] > 1 else None)
         first_frame = cond is not None and self.image_mode == "first_frame"
         if first_frame:
@@ -141,8 +202,29 @@ class WanPipeline(Pipeline):
             keep = first_frame_mask(latent_frames)
             frame_timestep = 1.0 - keep.reshape(1, -1)
 
+        prepared = {"model": lambda: None}
+
+        def prepare(model, ctx):
+            """The text embedding and every block's cross-attention K/V, computed once per prompt and expert."""
+            if ctx is text:
+                key = "cond"
+            elif negative is not None and ctx is negative:
+                key = "uncond"
+            elif negative is not None and ctx.shape == (2, *text.shape[1:]):
+                key = "both"  # the batched guidance pass: text and negative, in this order
+            else:
+                return ctx
+            if prepared["model"]() is not model:  # a weak reference: an expert that left is not kept alive
+                prepared.clear()
+                prepared["model"] = weakref.ref(model)
+            if key not in prepared:
+                prepared[key] = model.prepare_context(mx.concatenate([text, negative]) if key == "both" else ctx)
+            return prepared[key]
+
         def predict(latents: mx.array, i: int, t) -> mx.array:
             model, scale = model_for_step(i)
+            if step_cache is not None:
+                step_cache.begin_step(i, model)
             x, timestep = latents, mx.array([float(t)], dtype=mx.float32)
             if cond is not None and self.image_mode == "channels":
                 x = mx.concatenate([latents, cond], axis=-1)
@@ -151,6 +233,9 @@ class WanPipeline(Pipeline):
                 timestep = frame_timestep * float(t)
 
             def forward(xb, tb, ctx):
+                ctx = prepare(model, ctx)
+                if step_cache is not None:
+                    return step_cache(model, xb.astype(self.dtype), tb, ctx)
                 return model(xb.astype(self.dtype), tb, ctx)
 
             return guide(forward, x, timestep, text, negative, scale)
@@ -171,6 +256,8 @@ class WanPipeline(Pipeline):
         if image is not None and settings.image is None:
             settings = GenerationSettings.from_dict({**settings.to_dict(), "image": "<array>"})
         s = self.resolve(settings)
+        check_same_model(self.folder.path)
+        self._split = current_split(self.uses_cfg(s))
         self.check_image_use(image is not None)
         if init_latents is not None:
             init_latents = self.check_init_latents(s, init_latents)
@@ -196,13 +283,22 @@ class WanPipeline(Pipeline):
                 resident["model"] = None
                 release()
                 resident["model"] = self.load_transformer(name)
+                resident["model"].set_sequence_split(self._split)
                 resident["name"] = name
             return resident["model"], (s.guidance if name == HIGH_NOISE else s.guidance_2)
 
         def label(i: int) -> str:
             return _expert_label(schedule[i], self.two_experts)
 
-        predict = self.make_predict(s, cond, context, model_for_step, latents.shape[1])
+        from .cache import make_step_cache
+
+        step_cache = make_step_cache(s.cache, s.steps, schedule, self.spec.id,
+                                     image_mode=cond is not None and self.image_mode == "first_frame")
+        if self._split is not None and step_cache.name in ("easycache", "fbcache"):
+            raise MlxVideoError(f"--cache {step_cache.name} decides from each process's own tokens; across several "
+                                "processes use --cache magcache (its decisions come from a table)")
+        self._run_loras = s.loras or []
+        predict = self.make_predict(s, cond, context, model_for_step, latents.shape[1], step_cache)
         start = time.perf_counter()
         bar = tqdm(total=s.steps, desc="denoising", disable=not progress)
         try:
@@ -217,7 +313,12 @@ class WanPipeline(Pipeline):
             keep = first_frame_mask(latents.shape[1])
             latents = keep * cond + (1.0 - keep) * latents
         out = np.array(latents.transpose(0, 4, 1, 2, 3).astype(mx.float32))
-        return GenerationResult(out, s, timings, schedule)
+        result = GenerationResult(out, s, timings, schedule)
+        result.stats = step_cache.stats()
+        if self._split is not None:
+            result.parallel = self._split.describe()
+            result.parallel["denoising_seconds_per_rank"] = self._split.gather_scalar(timings["denoising"])
+        return result
 
     # ---- memory preflight ----
 
@@ -245,14 +346,21 @@ class WanPipeline(Pipeline):
             tile = self.vae_tile(tiling, (h, w))
             if tile:
                 tile_px = (tile[1] * self.vae_stride[2], tile[0] * self.vae_stride[1])
+        split = current_split(self.uses_cfg(s))
+        cfg_parallel = split is not None and split.cfg_ranks == 2
         estimate = cost.estimate_peak_memory(
-            self.spec, s.width, s.height, s.frames, name, guidance=self.uses_cfg(s) and s.guidance_mode == "batched",
+            self.spec, s.width, s.height, s.frames, name,
+            guidance=self.uses_cfg(s) and s.guidance_mode == "batched" and not cfg_parallel,
+            sequence_ranks=split.seq_ranks if split is not None else 1,
             fused_attention=mx.metal.is_available(), vae_tile=tile_px, transformer=self.transformer_config,
             vae_config=vae_cfg, stored=stored, text_len=self.text_len, image_encoding=has_image,
         )
         stages = {k: v["total"] for k, v in estimate.stages.items()}
-        return {"stages": stages, "peak_stage": estimate.peak_stage, "peak_bytes": estimate.peak_bytes,
-                "detail": estimate.stages}
+        if split is not None and split.rank != 0:
+            stages.pop("decoding", None)  # rank 0 alone decodes
+        peak = max(stages, key=stages.get)
+        return {"stages": stages, "peak_stage": peak, "peak_bytes": stages[peak], "detail": estimate.stages,
+                "per_rank": split is not None}
 
     # ---- decoding ----
 
@@ -313,6 +421,12 @@ def warm_up(model, config: WanTransformerConfig, dtype) -> None:
     pt, ph, pw = config.patch_size
     x = mx.zeros((1, pt, ph, pw, config.in_channels), dtype=dtype)
     kernel_warm_up(lambda: model(x, mx.array([500.0]), mx.zeros((1, 1, config.text_dim), dtype=dtype)))
+
+
+def _stat(path) -> tuple[int, int]:
+    """(size, mtime) of a file, so that a LoRA replaced on disk is read again."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def first_frame_mask(latent_frames: int) -> mx.array:

@@ -54,6 +54,8 @@ def linear_quadratic_sigmas(steps: int, threshold_noise: float = 0.025, linear_s
         return np.array([1.0])
     if linear_steps is None:
         linear_steps = steps // 2
+    if not 0 < linear_steps < steps:
+        raise ValueError(f"linear_steps must be between 1 and {steps - 1}, got {linear_steps}")
     t_linear = [i * threshold_noise / linear_steps for i in range(linear_steps)]
     quadratic_steps = steps - linear_steps
     threshold_step_diff = linear_steps - threshold_noise * steps

@@ -7,20 +7,26 @@ layers, without the final norm) and drops the 95 template positions: (B, 256, 40
 
 Tokenization reads `tokenizer.json` with the `tokenizers` library: transformers 5 rebuilds Llama 3's
 byte-level tokenizer as a SentencePiece-style one that splits the template into 174 tokens instead of 95.
+
+Importing this module (the template, the tokenizer) imports neither mlx_lm nor transformers. Building the
+encoder (`llama_args`, `LlamaTextEncoder`), i.e. encoding a prompt, imports `mlx_lm.models.llama`, and the
+`mlx_lm` package imports transformers (and torch, where installed) when it is first imported.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.llama import LlamaModel, ModelArgs
 
 from ..errors import MlxVideoError
+
+if TYPE_CHECKING:
+    from mlx_lm.models.llama import ModelArgs
 
 VIDEO_TEMPLATE = (
     "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
@@ -95,7 +101,9 @@ def template_crop_start(tokenizer: JsonTokenizer, template: str = VIDEO_TEMPLATE
 
 def llama_args(config_json: dict) -> ModelArgs:
     """mlx_lm ModelArgs from a transformers Llama config.json, old (`rope_theta`, `rope_scaling`) or
-    transformers 5 style (`rope_parameters`), or from a LLaVA config (its `text_config`)."""
+    transformers 5 style (`rope_parameters`), or from a LLaVA config (its `text_config`). Imports mlx_lm."""
+    from mlx_lm.models.llama import ModelArgs
+
     config = dict(config_json.get("text_config", config_json))
     rope = config.pop("rope_parameters", None)
     if rope:
@@ -114,6 +122,8 @@ class LlamaTextEncoder(nn.Module):
     """
 
     def __init__(self, args: ModelArgs | dict, skip_layers: int = SKIP_LAYERS):
+        from mlx_lm.models.llama import LlamaModel  # here, not at the top: mlx_lm's package imports transformers
+
         super().__init__()
         if isinstance(args, dict):
             args = llama_args(args)

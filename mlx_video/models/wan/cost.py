@@ -220,7 +220,7 @@ def estimate_peak_memory(spec, width: int | None = None, height: int | None = No
                          guidance: bool = True, fused_attention: bool = True, vae_dtype: str = "fp32",
                          vae_tile: tuple[int, int] | None = None, *, transformer: WanTransformerConfig | None = None,
                          vae_config=None, stored: dict | None = None, text_len: int | None = None,
-                         image_encoding: bool = False) -> PeakEstimate:
+                         image_encoding: bool = False, sequence_ranks: int = 1) -> PeakEstimate:
     """Peak memory of a generation, stage by stage, as the pipeline runs them one after the other (it frees
     each stage's model before loading the next; A14B keeps only the active expert resident).
 
@@ -247,7 +247,11 @@ def estimate_peak_memory(spec, width: int | None = None, height: int | None = No
     t, lh, lw = spec.latent_grid(width, height, frames)
     latents = t * lh * lw * config.in_channels * 4 * 3  # latents, velocity and the sampler's history
     text_act = batch * text_len * config.text_dim * 4 * 8
-    act = activation_bytes(config, n, batch, dtype, text_len, fused_attention)["peak"]
+    # Sequence-parallel over S ranks (mlx_video.distributed): a rank's activations cover N / S tokens, plus the
+    # whole K and V gathered for self-attention.
+    act = activation_bytes(config, n // sequence_ranks, batch, dtype, text_len, fused_attention)["peak"]
+    if sequence_ranks > 1:
+        act += 2 * batch * n * config.dim * s
     tw, th = vae_tile if vae_tile else (width, height)
     vae_act = vae_decode_chunk_bytes(vae_config or vae_config_for(spec), tw, th)
     stages = {

@@ -85,6 +85,7 @@ class WanAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.compute_dtype = mx.float32
+        self.kv_gather = None
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
@@ -93,22 +94,31 @@ class WanAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
 
+    def project_kv(self, source: mx.array) -> tuple[mx.array, mx.array]:
+        """Keys and values (B, L, heads, head_dim) of `source`; for cross-attention they depend only on the
+        text, so a run computes them once per prompt and expert (`WanTransformer.prepare_context`)."""
+        source = source.astype(self.compute_dtype)
+        batch, kv_len, _ = source.shape
+        k = self.norm_k(self.k(source)).reshape(batch, kv_len, self.num_heads, -1)
+        v = self.v(source).reshape(batch, kv_len, self.num_heads, -1)
+        return k, v
+
     def __call__(
         self,
         x: mx.array,
         context: mx.array | None = None,
         rope: tuple[mx.array, mx.array] | None = None,
+        kv: tuple[mx.array, mx.array] | None = None,
     ) -> mx.array:
         dtype = self.compute_dtype
         x = x.astype(dtype)
-        source = x if context is None else context.astype(dtype)
         batch, q_len, _ = x.shape
-        kv_len = source.shape[1]
         q = self.norm_q(self.q(x)).reshape(batch, q_len, self.num_heads, -1)
-        k = self.norm_k(self.k(source)).reshape(batch, kv_len, self.num_heads, -1)
-        v = self.v(source).reshape(batch, kv_len, self.num_heads, -1)
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         if rope is not None:
             q, k = apply_rope_qk(q, k, rope)
+        if self.kv_gather is not None:  # sequence-parallel: this rank's queries attend to every rank's tokens
+            k, v = self.kv_gather(k), self.kv_gather(v)
         return self.o(attention(q, k, v))
 
 
@@ -141,8 +151,10 @@ class WanBlock(nn.Module):
         time: mx.array,
         context: mx.array,
         rope: tuple[mx.array, mx.array],
+        cross_kv: tuple[mx.array, mx.array] | None = None,
     ) -> mx.array:
-        """x: (B, G, N, dim) float32 tokens in G timestep groups; time: (B, G, 6, dim) float32."""
+        """x: (B, G, N, dim) float32 tokens in G timestep groups; time: (B, G, 6, dim) float32; cross_kv: this
+        block's precomputed cross-attention keys and values (else computed from `context`)."""
         batch, groups, per_group, dim = x.shape
         tokens = (batch, groups * per_group, dim)
         grouped = (batch, groups, per_group, dim)
@@ -154,7 +166,7 @@ class WanBlock(nn.Module):
         y = self.self_attn(h.reshape(tokens), rope=rope)
         x = gated_residual(x, gate_msa, y.reshape(grouped))
 
-        y = self.cross_attn(self.norm_cross(x).reshape(tokens), context=context)
+        y = self.cross_attn(self.norm_cross(x).reshape(tokens), context=context, kv=cross_kv)
         x = x + y.reshape(grouped)
 
         h = adaln_modulate(x, shift_ffn, scale_ffn, self.eps)
@@ -192,6 +204,7 @@ class WanTransformer(nn.Module):
         # Leading underscores keep these out of parameters(), so set_dtype and weight loading ignore them.
         self._freq_head, self._freq_tail = sinusoid_frequencies(config.freq_dim)
         self._rope_cache = {}
+        self.sequence_split = None
         self.set_compute_dtype(dtype)
 
     def set_compute_dtype(self, dtype: mx.Dtype) -> None:
@@ -220,10 +233,23 @@ class WanTransformer(nn.Module):
         (TI2V-5B). context: (B, L_text, text_dim), already zero-padded; every row is attended to.
         Returns (B, T, H, W, C_out) float32.
         """
-        state = self.embed(x, timestep, context)
-        for block in self.blocks:
-            state.hidden = block(state.hidden, state.block_time, state.context, state.rope)
-        return self.unembed(state)
+        return self.unembed(self.run_blocks(self.embed(x, timestep, context)))
+
+    def run_blocks(self, state: "WanState", start: int = 0, stop: int | None = None) -> "WanState":
+        """Blocks start..stop-1 on state.hidden (all by default), in place; returns the state."""
+        kv = state.cross_kv
+        for i, block in enumerate(self.blocks[start:stop], start):
+            state.hidden = block(state.hidden, state.block_time, state.context, state.rope,
+                                 None if kv is None else kv[i])
+        return state
+
+    def prepare_context(self, context: mx.array) -> "PreparedContext":
+        """The text embedding and every block's cross-attention keys and values for `context` (B, L, text_dim),
+        evaluated now; pass the result as `context` to reuse them on every step."""
+        text = self.text_embedding(context)
+        kv = [block.cross_attn.project_kv(text) for block in self.blocks]
+        mx.eval(text, kv)
+        return PreparedContext(text, kv)
 
     # The forward in three parts, so that a step cache can reuse the blocks' residual: embed, then each of
     # self.blocks on state.hidden, then unembed.
@@ -252,8 +278,25 @@ class WanTransformer(nn.Module):
         # One time embedding per timestep group, broadcast over the group's tokens.
         time_embedding = self.time_embedding(sinusoidal_embedding(timestep, self._freq_head, self._freq_tail))
         block_time = self.time_projection(nn.silu(time_embedding)).reshape(batch, groups, 6, cfg.dim)
-        return WanState(hidden, block_time, time_embedding, self.text_embedding(context), self.rope_tables((f, h, w)),
-                        (frames, height, width))
+        rope = self.rope_tables((f, h, w))
+        if self.sequence_split is not None:
+            # this rank's contiguous block of each timestep group's tokens, and their RoPE rows
+            part = self.sequence_split.token_slice(hidden.shape[2], "tokens per frame group")
+            hidden = hidden[:, :, part]
+            cos, sin = rope.full() if hasattr(rope, "full") else rope
+            rope = tuple(t.reshape(groups, -1, t.shape[-1])[:, part].reshape(-1, t.shape[-1]) for t in (cos, sin))
+        if isinstance(context, PreparedContext):
+            text, cross_kv = context.text, context.kv
+        else:
+            text, cross_kv = self.text_embedding(context), None
+        return WanState(hidden, block_time, time_embedding, text, rope, (frames, height, width), cross_kv)
+
+    def set_sequence_split(self, split) -> None:
+        """Run sequence-parallel over `split` (mlx_video.distributed.Split), or alone with None."""
+        self.sequence_split = split
+        gather = None if split is None or split.seq_ranks == 1 else (lambda t: split.gather_sequence(t, axis=1))
+        for block in self.blocks:
+            block.self_attn.kv_gather = gather
 
     def unembed(self, state: "WanState") -> mx.array:
         cfg = self.config
@@ -261,7 +304,10 @@ class WanTransformer(nn.Module):
         pt, ph, pw = cfg.patch_size
         f, h, w = frames // pt, height // ph, width // pw
         batch = state.hidden.shape[0]
-        out = self.head(state.hidden, state.time_embedding)
+        hidden = state.hidden
+        if self.sequence_split is not None:
+            hidden = self.sequence_split.gather_sequence(hidden, axis=2)
+        out = self.head(hidden, state.time_embedding)
         out = out.reshape(batch, f, h, w, pt, ph, pw, cfg.out_channels)
         return out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, frames, height, width, cfg.out_channels)
 
@@ -276,3 +322,16 @@ class WanState:
     context: mx.array  # (B, L, dim) embedded text
     rope: object
     latent_shape: tuple[int, int, int]
+    cross_kv: list | None = None  # per block (k, v) of the text, when prepared once (prepare_context)
+
+
+@dataclass
+class PreparedContext:
+    """A context whose text embedding and cross-attention keys/values are computed once per prompt and model."""
+
+    text: mx.array  # (B, L, dim) embedded text
+    kv: list  # per block (k, v), each (B, L, heads, head_dim)
+
+    @property
+    def shape(self):
+        return self.text.shape

@@ -1,0 +1,541 @@
+"""HunyuanVideo conversion: the diffusers layout (`HunyuanVideoPipeline`), its components recognised and
+configured, the manifest. The key tables live in `convert/hunyuan.py`; the machinery (sources, the plan
+check, shards, quantization, resume) is shared: `mlx_video.convert.convert`.
+
+diffusers splits the projections our transformer keeps fused (q|k|v per stream, q|k|v|mlp in `linear1`). The
+shared writer maps keys one to one, so the split tensors are presented to it as one virtual tensor per fused
+parameter (`FusedParts`: reads of a row range read the pieces' rows), named `fused:<our name>`. Nothing is
+concatenated in memory beyond the rows being written.
+
+On top of the folder, `--transformer` may replace the transformer with a checkpoint in the official names (the
+release's `mp_rank_00_model_states.pt`, a state dict under `module`; ComfyUI's single file, under its
+`model.diffusion_model.` prefix) or diffusers names, `--text-encoder` the Llama and `--vae` the VAE; a single
+file takes the configuration of the folder's component it replaces.
+
+The official release layout (`ckpts/` as the release's README builds it, see RELEASE_MODEL) converts as a whole:
+the transformer's dimensions are read from its shapes (the file has no config), the fp8 variant is read with
+its scale map (`Fp8ScaleMap`), the VAE with the release's config.json, the Llama folder and the whole CLIPModel
+folder (its vision tower ignored) with the tokenizers beside them. Not read yet: ComfyUI's text encoder files.
+
+`--quantize` follows the family's rule (LOW_PRECISION_TRANSFORMER, LOW_PRECISION_LLAMA) set on the plans.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from mlx_video.errors import MlxVideoError
+from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
+
+from ..convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json
+from ..formats import FAMILY_SIGNATURES, ComponentSource, TensorFile, classify, open_tensors
+from ..rules import KeyMap, Rule
+
+MODEL_ID = "hunyuanvideo-t2v"
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+# What `mlxvid download` fetches from the diffusers-layout repository (hunyuanvideo-community/HunyuanVideo).
+DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
+                     "tokenizer_2/*", "vae/*", "scheduler/*"]
+FUSED = "fused:"
+# The official release (tencent/HunyuanVideo, downloaded into `ckpts/`): hunyuan-video-t2v-720p/transformers/ holds
+# the transformer (a torch.save archive, the state dict under "module"; or the fp8 variant with its per-layer scale
+# map), hunyuan-video-t2v-720p/vae/ the VAE (config.json + pytorch_model.pt); text_encoder/ is the LLaVA language
+# model as the release's preprocessing script saves it (a transformers Llama folder with its tokenizer), and
+# text_encoder_2/ is openai/clip-vit-large-patch14 as downloaded (CLIPModel: text and vision towers, tokenizer).
+RELEASE_MODEL = "hunyuan-video-t2v-720p"
+RELEASE_TRANSFORMER = "mp_rank_00_model_states.pt"
+RELEASE_TRANSFORMER_FP8 = "mp_rank_00_model_states_fp8.pt"
+# Components a single file or folder may replace on top of the diffusers folder, and the option that gives it.
+OVERRIDES = {"transformer": "--transformer", "text_encoder": "--text-encoder", "vae": "--vae"}
+
+# What `--quantize` stores in low precision (the shared rule, convert/quantize.py, in our names): every linear
+# layer's weight inside the repeated blocks (double-stream, single-stream, token-refiner), the modulation
+# linears included as in the official fp8 release (a quarter of the transformer's parameters); and the Llama
+# encoder's attention and feed-forward layers. The embedders, the final layer, CLIP and the VAE stay in --dtype.
+LOW_PRECISION_TRANSFORMER = re.compile(
+    r"double_blocks\.\d+\.(img|txt)\.(mod|attn_qkv|attn_proj|mlp\.fc[12])\.weight"
+    r"|single_blocks\.\d+\.(linear1|linear2|modulation)\.weight"
+    r"|txt_in\.blocks\.\d+\.(self_attn_qkv|self_attn_proj|mlp\.fc[12]|adaLN_modulation)\.weight"
+)
+LOW_PRECISION_LLAMA = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+
+# (family, kind, naming, description, required keys) for `formats.classify`. CLIP is a text encoder by kind
+# (its naming, "clip", tells it apart from the Llama one).
+SIGNATURES = [
+    ("hunyuan", "transformer", "diffusers", "a HunyuanVideo transformer (diffusers names)",
+     ("x_embedder.proj.weight", "context_embedder.token_refiner.refiner_blocks.0.attn.to_q.weight",
+      "transformer_blocks.0.attn.add_q_proj.weight")),
+    ("hunyuan", "transformer", "official", "a HunyuanVideo transformer (official names)",
+     ("img_in.proj.weight", "txt_in.individual_token_refiner.blocks.0.norm1.weight", "double_blocks.0.img_attn_qkv.weight")),
+    ("hunyuan", "vae", "diffusers", "a HunyuanVideo VAE",
+     ("encoder.conv_in.conv.weight", "decoder.conv_in.conv.weight", "post_quant_conv.weight",
+      "encoder.mid_block.attentions.0.to_q.weight")),
+    ("hunyuan", "text_encoder", "transformers", "a Llama language model (transformers names)",
+     ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight")),
+    ("hunyuan", "text_encoder", "transformers", "a Llama language model (transformers names, LlamaForCausalLM)",
+     ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight")),
+    ("hunyuan", "text_encoder", "transformers", "a Llama language model (transformers names, LLaVA)",
+     ("language_model.model.embed_tokens.weight", "language_model.model.layers.0.self_attn.q_proj.weight",
+      "language_model.model.layers.0.mlp.gate_proj.weight")),
+    ("hunyuan", "text_encoder", "transformers", "a Llama language model (transformers names, LLaVA)",
+     ("model.language_model.embed_tokens.weight", "model.language_model.layers.0.self_attn.q_proj.weight",
+      "model.language_model.layers.0.mlp.gate_proj.weight")),
+    ("hunyuan", "text_encoder", "clip", "a CLIP text encoder (transformers names)",
+     ("text_model.embeddings.token_embedding.weight", "text_model.encoder.layers.0.self_attn.q_proj.weight",
+      "text_model.final_layer_norm.weight")),
+    ("hunyuan", "text_encoder", "clip", "a CLIP text encoder (transformers names)",
+     ("embeddings.token_embedding.weight", "encoder.layers.0.self_attn.q_proj.weight", "final_layer_norm.weight")),
+]
+if not any(sig[0] == "hunyuan" for sig in FAMILY_SIGNATURES):
+    FAMILY_SIGNATURES.extend(SIGNATURES)
+
+
+def release_transformer(folder: Path) -> Path | None:
+    """The transformer file of the official release layout under `folder`: the full-precision
+    `mp_rank_00_model_states.pt`, else the fp8 one (read with its `_map.pt` scale map); None if neither is there."""
+    for name in (RELEASE_TRANSFORMER, RELEASE_TRANSFORMER_FP8):
+        if (folder / RELEASE_MODEL / "transformers" / name).is_file():
+            return folder / RELEASE_MODEL / "transformers" / name
+    return None
+
+
+def claims(src, components: dict) -> bool:
+    """A diffusers folder whose pipeline is a HunyuanVideo one, or the official release layout (`ckpts/`)."""
+    if src is None:
+        return False
+    if Path(src).is_dir() and release_transformer(Path(src)) is not None:
+        return True
+    index = Path(src) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return str(json.loads(index.read_text()).get("_class_name", "")).startswith("HunyuanVideo")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused views and key maps
+
+
+class FusedParts(TensorFile):
+    """`inner`'s tensors with each group of part keys (the keymap sends them to `name#0`, `name#1`, ...) shown
+    as one tensor `fused:name`, their concatenation along axis 0; every other key is shown as is."""
+
+    def __init__(self, inner: TensorFile, keymap: KeyMap, what: str):
+        from ..hunyuan import PART_SEPARATOR, is_part_key
+
+        self.inner, self.paths, self.metadata = inner, inner.paths, inner.metadata
+        self._shapes, self._codes, self._parts = {}, {}, {}
+        groups: dict[str, dict[int, str]] = {}
+        for key in inner.keys():
+            hit = keymap.target(key)
+            if hit is not None and is_part_key(hit[0]):
+                if hit[1] is not None:
+                    raise MlxVideoError(f"{what}: the part {key} needs a transform, which fused parts do not apply")
+                name, _, index = hit[0].rpartition(PART_SEPARATOR)
+                groups.setdefault(name, {})[int(index)] = key
+            else:
+                self._shapes[key], self._codes[key] = inner.shape(key), inner.code(key)
+        for name, parts in sorted(groups.items()):
+            if sorted(parts) != list(range(len(parts))):
+                missing = sorted(set(range(max(parts) + 1)) - set(parts))
+                raise MlxVideoError(f"{what}: {name} is split in parts but part(s) {missing} are missing")
+            keys = [parts[i] for i in range(len(parts))]
+            shapes = [inner.shape(k) for k in keys]
+            codes = {inner.code(k) for k in keys}
+            if len(codes) > 1 or len({s[1:] for s in shapes}) > 1:
+                raise MlxVideoError(f"{what}: the parts of {name} ({', '.join(keys)}) differ in dtype or width")
+            virtual = FUSED + name
+            self._parts[virtual] = list(zip(keys, [s[0] for s in shapes]))
+            self._shapes[virtual] = (sum(s[0] for s in shapes), *shapes[0][1:])
+            self._codes[virtual] = codes.pop()
+
+    def read(self, key, start=None, stop=None):
+        if key not in self._parts:
+            return self.inner.read(key, start, stop)
+        start = 0 if start is None else start
+        stop = self._shapes[key][0] if stop is None else stop
+        pieces, offset = [], 0
+        for part, rows in self._parts[key]:
+            lo, hi = max(start, offset), min(stop, offset + rows)
+            if lo < hi:
+                pieces.append(self.inner.read(part, lo - offset, hi - offset))
+            offset += rows
+        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+
+
+def fused_keymap(keymap: KeyMap) -> KeyMap:
+    """`keymap` plus the identity on `FusedParts`' virtual keys."""
+    rules = [Rule(rf"{FUSED}(.+)", r"\1"), *[rule for _, rule in keymap.rules]]
+    return KeyMap(rules, [p.pattern for p in keymap.ignore], keymap.transforms)
+
+
+class DroppingKeyMap(KeyMap):
+    """A key map whose targets matching `drop` are left out on purpose (e.g. the Llama layers after the hidden
+    state the text path takes, which our encoder does not build)."""
+
+    def __init__(self, keymap: KeyMap, drop: Callable[[str], bool]):
+        self.rules, self.ignore, self.transforms, self.drop = keymap.rules, keymap.ignore, keymap.transforms, drop
+
+    def target(self, key: str):
+        hit = super().target(key)
+        return None if hit is not None and self.drop(hit[0]) else hit
+
+    def is_ignored(self, key: str) -> bool:
+        hit = super().target(key)
+        return super().is_ignored(key) or (hit is not None and self.drop(hit[0]))
+
+
+def _llama_drop(used_layers: int) -> Callable[[str], bool]:
+    def drop(target: str) -> bool:
+        parts = target.split(".")
+        if target == "model.norm.weight":
+            return True
+        return parts[:2] == ["model", "layers"] and int(parts[2]) >= used_layers
+
+    return drop
+
+
+class Fp8ScaleMap(TensorFile):
+    """The official fp8 transformer (`..._fp8.pt`: the linear layers of the double- and single-stream blocks as
+    float8 e4m3fn codes) with its scale map (`..._fp8_map.pt`: {module name: per-tensor scale}) shown as each
+    layer's `<module>.scale_weight`, so the shared reader decodes W = codes * scale (and `--quantize fp8` keeps
+    the codes and scales as they are)."""
+
+    def __init__(self, weights: TensorFile, scales: TensorFile, what: str):
+        self.inner, self.scales = weights, scales
+        self.paths, self.metadata = [*weights.paths, *scales.paths], weights.metadata
+        self._shapes = {k: weights.shape(k) for k in weights.keys()}
+        self._codes = {k: weights.code(k) for k in weights.keys()}
+        self._scale_of: dict[str, str] = {}
+        for module in scales.keys():
+            weight = f"{module}.weight"
+            if weight not in self._shapes:
+                raise MlxVideoError(f"{what}: the scale map names {module}, which the checkpoint does not have")
+            if int(math.prod(scales.shape(module))) != 1:
+                raise MlxVideoError(f"{what}: the scale of {module} has shape {list(scales.shape(module))}; "
+                                    "the release stores one scale per layer")
+            key = f"{module}.scale_weight"
+            self._shapes[key], self._codes[key] = (), scales.code(module)
+            self._scale_of[key] = module
+        unscaled = sorted(k for k, c in self._codes.items() if c.startswith("F8_") and
+                          f"{k[: -len('.weight')]}.scale_weight" not in self._shapes)
+        if unscaled:
+            raise MlxVideoError(f"{what}: {len(unscaled)} fp8 weights have no scale in the map (first: {unscaled[0]})")
+
+    def read(self, key, start=None, stop=None):
+        if key in self._scale_of:
+            return self.scales.read(self._scale_of[key]).reshape(())
+        return self.inner.read(key, start, stop)
+
+
+def fp8_scale_map(path: Path) -> Path | None:
+    """The scale map the release ships beside an fp8 transformer: `X_fp8.pt` -> `X_fp8_map.pt`."""
+    path = Path(path)
+    candidate = path.with_name(path.stem + "_map" + path.suffix)
+    return candidate if path.is_file() and candidate.is_file() else None
+
+
+def official_transformer_config(keys, shape, published):
+    """Our transformer config from the shapes of a checkpoint in the official names, which carries no config: every
+    width and count is read from the tensors; RoPE's split of the head (not visible in any shape) and its theta are
+    the published ones when the head width is the published one, else the same proportions (for smaller
+    checkpoints, e.g. tests' tiny ones)."""
+    from mlx_video.models.hunyuan.config import HunyuanTransformerConfig
+
+    from ..formats import count_blocks
+
+    hidden, in_channels, *patch = shape("img_in.proj.weight")
+    head_dim = shape("double_blocks.0.img_attn_q_norm.weight")[0]
+    if head_dim == published.head_dim:
+        rope_axes = published.rope_axes
+    else:
+        t = 2 * round(head_dim * published.rope_axes[0] / published.head_dim / 2)
+        rope_axes = (t, (head_dim - t) // 2, (head_dim - t) // 2)
+    refiner = "txt_in.individual_token_refiner.blocks"
+    return HunyuanTransformerConfig(
+        num_heads=hidden // head_dim,
+        head_dim=head_dim,
+        mlp_ratio=shape("double_blocks.0.img_mlp.fc1.weight")[0] / hidden,
+        num_double_blocks=count_blocks(keys, r"double_blocks\.(\d+)\."),
+        num_single_blocks=count_blocks(keys, r"single_blocks\.(\d+)\."),
+        num_refiner_blocks=count_blocks(keys, rf"{refiner}\.(\d+)\."),
+        refiner_mlp_ratio=shape(f"{refiner}.0.mlp.fc1.weight")[0] / hidden,
+        rope_axes=rope_axes,
+        rope_theta=published.rope_theta,
+        patch_size=tuple(patch),
+        in_channels=in_channels,
+        out_channels=shape("final_layer.linear.weight")[0] // math.prod(patch),
+        text_dim=shape("txt_in.input_embedder.weight")[1],
+        pooled_dim=shape("vector_in.in_layer.weight")[1],
+        freq_dim=shape("time_in.mlp.0.weight")[1],
+        guidance_embed="guidance_in.mlp.0.weight" in keys,
+    )
+
+
+def _release_inputs(src: Path, transformer: Path) -> dict:
+    """The components of the official release layout under `src` (see RELEASE_MODEL)."""
+    from ..convert import ComponentInput
+
+    inputs = {"transformer": ComponentInput("transformer", transformer, str(transformer.relative_to(src)))}
+    vae = src / RELEASE_MODEL / "vae"
+    if (vae / "pytorch_model.pt").is_file():
+        inputs["vae"] = ComponentInput("vae", vae / "pytorch_model.pt", f"{RELEASE_MODEL}/vae/pytorch_model.pt",
+                                       _read_json(vae / "config.json", "the VAE config"))
+    for name in ("text_encoder", "text_encoder_2"):
+        if not (src / name).is_dir():
+            raise MlxVideoError(f"{src} holds the release's transformer but no {name}/ (see the release's ckpts/README.md)")
+        inputs[name] = _component_input(name, src / name, f"{src.name}/{name}")
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------------
+# the plan
+
+
+def _open(inp, name: str, want: str, naming: str | None = None) -> tuple[ComponentSource, str]:
+    what = inp.origin
+    tensors = open_tensors(inp.path, what)
+    scale_map = fp8_scale_map(inp.path) if want == "transformer" else None
+    if want == "transformer" and scale_map is None and Path(inp.path).stem.endswith("_fp8"):
+        # the release's fp8 codes are W / scale: read without the map they would be wrong by that factor
+        raise MlxVideoError(f"{what} is the release's fp8 transformer, whose per-layer scales are in "
+                            f"{Path(inp.path).stem}_map{Path(inp.path).suffix} beside it; that file is missing")
+    if scale_map is not None:
+        tensors = Fp8ScaleMap(tensors, open_tensors(scale_map, f"{what} (scale map)"), what)
+    kind = classify(ComponentSource(tensors, what).keys())  # the names without a wrapper prefix
+    if kind.kind != want or kind.family != "hunyuan" or (naming is not None and kind.naming != naming):
+        raise MlxVideoError(f"{what} should be the HunyuanVideo {name}, but it looks like {kind.description}")
+    return tensors, kind.naming
+
+
+def _config_json(inp, name: str) -> dict:
+    if inp.config_json is None:
+        raise MlxVideoError(f"{inp.origin}: the {name} has no config.json beside its weights")
+    return inp.config_json
+
+
+def clip_tokenizer_json(vocab: Path, merges: Path, bos: str = "<|startoftext|>", eos: str = "<|endoftext|>") -> bytes:
+    """A tokenizer.json for CLIP's byte-level BPE (vocab.json + merges.txt, as openai/clip-vit-large-patch14 and
+    the HunyuanVideo repository's tokenizer_2/ ship it): NFC, whitespace runs to one space, lower case; split into
+    CLIP's pieces (contractions, letter runs, single digits, other symbol runs; the specials kept whole), bytes
+    mapped to unicode; BPE with `</w>` marking a word's end; <|startoftext|> ... <|endoftext|> around the ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab_map, merge_list = models.BPE.read_file(str(vocab), str(merges))
+    for special in (bos, eos):
+        if special not in vocab_map:
+            raise MlxVideoError(f"{vocab} lacks CLIP's {special}")
+    tok = Tokenizer(models.BPE(vocab_map, merge_list, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                               fuse_unk=False, unk_token=eos))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    pieces = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pieces), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([bos, eos])
+    tok.post_processor = processors.RobertaProcessing((eos, vocab_map[eos]), (bos, vocab_map[bos]),
+                                                      trim_offsets=False, add_prefix_space=False)
+    return tok.to_str().encode("utf-8")
+
+
+def _tokenizer(folder: Path, what: str) -> list[tuple[Path | bytes, str]]:
+    if (folder / "tokenizer.json").is_file():
+        files = [(folder / "tokenizer.json", "tokenizer.json")]
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        files = [(clip_tokenizer_json(folder / "vocab.json", folder / "merges.txt"), "tokenizer.json")]
+    else:
+        raise MlxVideoError(f"{what}: {folder} has no tokenizer.json (nor vocab.json and merges.txt)")
+    if (folder / "tokenizer_config.json").is_file():
+        files.append((folder / "tokenizer_config.json", "tokenizer_config.json"))
+    return files
+
+
+def _diffusers_inputs(src: Path) -> dict:
+    """The components of a diffusers HunyuanVideoPipeline folder (vae/ optional)."""
+    index = _read_json(src / "model_index.json", "the diffusers pipeline description")
+    pipeline_class = str(index.get("_class_name", ""))
+    if pipeline_class != "HunyuanVideoPipeline":
+        raise MlxVideoError(f"{src} holds a {pipeline_class} pipeline; mlxvid converts HunyuanVideoPipeline (text to video)")
+    transformer_json = src / "transformer" / "config.json"
+    if transformer_json.is_file():
+        described = _read_json(transformer_json, "the transformer config").get("_class_name")
+        if described not in (None, "HunyuanVideoTransformer3DModel"):
+            raise MlxVideoError(
+                f"{src} holds a {pipeline_class} pipeline by its model_index.json, but its transformer/config.json "
+                f"describes a {described}: the folder mixes models"
+            )
+    inputs = {}
+    for name in COMPONENTS:
+        folder = src / name
+        if not folder.is_dir():
+            if name == "vae":
+                continue  # optional: without it the pipeline stops at latents
+            raise MlxVideoError(f"{src} has no {name}/")
+        inputs[name] = _component_input(name, folder, f"{src.name}/{name}")
+    return inputs
+
+
+def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,
+         log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
+    from mlx_video.models.hunyuan.transformer import HunyuanTransformer
+    from mlx_video.models.hunyuan.vae import HunyuanVAE
+    from mlx_video.registry import get_spec
+    from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder
+    from mlx_video.text_encoders.llama import (
+        VIDEO_TEMPLATE_CROP_START,
+        JsonTokenizer,
+        LlamaTextEncoder,
+        llama_args,
+        template_crop_start,
+    )
+
+    from ..hunyuan import (
+        DIFFUSERS_TRANSFORMER,
+        DIFFUSERS_VAE,
+        OFFICIAL_TRANSFORMER,
+        TRANSFORMERS_CLIP,
+        TRANSFORMERS_LLAMA,
+        transformer_config_from_diffusers,
+        vae_config_from_diffusers,
+    )
+
+    components = {k: v for k, v in (components or {}).items() if v is not None}
+    if src is None or tokenizer is not None:
+        raise MlxVideoError("HunyuanVideo converts from a diffusers folder (model_index.json, transformer/, "
+                            "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, vae/) or the official release "
+                            f"layout ({RELEASE_MODEL}/transformers/, {RELEASE_MODEL}/vae/, text_encoder/, "
+                            "text_encoder_2/), optionally with --transformer, --text-encoder or --vae replacing its component")
+    unknown = sorted(set(components) - set(OVERRIDES))
+    if unknown:
+        raise MlxVideoError(f"HunyuanVideo has no {', '.join(unknown)}; its replaceable components are "
+                            f"{', '.join(OVERRIDES.values())}")
+    src = Path(src)
+    if (src / MANIFEST).is_file():
+        raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
+    spec = get_spec(base or MODEL_ID)
+    release = release_transformer(src) if src.is_dir() else None
+    if release is not None:
+        inputs = _release_inputs(src, release)
+        # the release keeps each tokenizer beside its text encoder
+        llama_tok_dir, clip_tok_dir = src / "text_encoder", src / "text_encoder_2"
+        source_format = "the official release layout (HunyuanVideo)"
+    else:
+        inputs = _diffusers_inputs(src)
+        llama_tok_dir, clip_tok_dir = src / "tokenizer", src / "tokenizer_2"
+        source_format = "diffusers (HunyuanVideo)"
+    for name, path in components.items():
+        given = _component_input(name, Path(path), OVERRIDES[name])
+        replaced = inputs.get(name)
+        if given.config_json is None and replaced is not None:
+            # a single file carries no config: the folder's component it replaces says the dimensions
+            given.config_json = replaced.config_json
+        inputs[name] = given
+
+    # tokenizers first (cheap, and the most likely to be wrong): Llama's and CLIP's
+    if not (llama_tok_dir / "tokenizer.json").is_file():
+        raise MlxVideoError(f"{llama_tok_dir} has no tokenizer.json (the Llama 3 tokenizer)")
+    llama_tok = _tokenizer(llama_tok_dir, llama_tok_dir.name)
+    crop = template_crop_start(JsonTokenizer(llama_tok_dir, pad_token="<|end_of_text|>"))
+    if crop != VIDEO_TEMPLATE_CROP_START:
+        raise MlxVideoError(
+            f"{llama_tok_dir / 'tokenizer.json'} splits the prompt template into {crop} tokens before the prompt, "
+            f"not {VIDEO_TEMPLATE_CROP_START}: it is not the Llama 3 tokenizer HunyuanVideo was trained with (a "
+            "tokenizer.json re-saved by transformers 5 can be rebuilt this way)"
+        )
+    copy_files = {"tokenizer": llama_tok, "tokenizer_2": _tokenizer(clip_tok_dir, clip_tok_dir.name)}
+
+    planned: list[ComponentPlan] = []
+    # transformer
+    inp = inputs["transformer"]
+    tensors, naming = _open(inp, "transformer", "transformer")
+    try:
+        if inp.config_json is None and naming == "official":  # the release's file: its shapes say the dimensions
+            shapes = ComponentSource(tensors, inp.origin)
+            cfg = official_transformer_config(shapes.keys(), shapes.shape, spec.transformer)
+        else:
+            cfg = transformer_config_from_diffusers(_config_json(inp, "transformer"))
+    except ValueError as e:
+        raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
+    if naming == "diffusers":
+        source = ComponentSource(FusedParts(tensors, DIFFUSERS_TRANSFORMER, inp.origin), inp.origin)
+        keymap = fused_keymap(DIFFUSERS_TRANSFORMER)
+    else:  # the official release's names (also ComfyUI's, whose prefix ComponentSource removes): fused already
+        source, keymap = ComponentSource(tensors, inp.origin), OFFICIAL_TRANSFORMER
+    planned.append(ComponentPlan("transformer", source, keymap, cfg.to_dict(), HunyuanTransformer(cfg),
+                                 origin=inp.origin, low_precision=LOW_PRECISION_TRANSFORMER))
+    if cfg != spec.transformer:
+        log(f"note: the transformer's configuration differs from {spec.id}'s published one; converting it as it is")
+
+    # Llama text encoder: the layers after the hidden state it uses (and the final norm) are left out
+    inp = inputs["text_encoder"]
+    tensors, _ = _open(inp, "text encoder (Llama)", "text_encoder", "transformers")
+    llama_json = dict(_config_json(inp, "text encoder").get("text_config", inp.config_json))
+    try:
+        llama = LlamaTextEncoder(llama_args(llama_json))
+    except (ValueError, KeyError, TypeError) as e:
+        raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
+    if llama.args.hidden_size != cfg.text_dim:
+        raise MlxVideoError(f"{inp.origin} gives {llama.args.hidden_size}-wide states but the transformer takes {cfg.text_dim}")
+    keymap = DroppingKeyMap(TRANSFORMERS_LLAMA, _llama_drop(len(llama.model.layers)))
+    planned.append(ComponentPlan("text_encoder", ComponentSource(tensors, inp.origin), keymap, llama_json, llama,
+                                 origin=inp.origin, low_precision=LOW_PRECISION_LLAMA))
+
+    # CLIP text encoder
+    inp = inputs["text_encoder_2"]
+    tensors, _ = _open(inp, "text encoder 2 (CLIP)", "text_encoder", "clip")
+    try:
+        clip_cfg = CLIPTextConfig.from_transformers(_config_json(inp, "text encoder 2"))
+    except ValueError as e:
+        raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
+    if clip_cfg.hidden_size != cfg.pooled_dim:
+        raise MlxVideoError(f"{inp.origin} pools {clip_cfg.hidden_size}-wide vectors but the transformer takes {cfg.pooled_dim}")
+    planned.append(ComponentPlan("text_encoder_2", ComponentSource(tensors, inp.origin), TRANSFORMERS_CLIP,
+                                 clip_cfg.to_dict(), CLIPTextEncoder(clip_cfg), origin=inp.origin))
+
+    # VAE (float32, as the reference runs it)
+    vae_cfg = None
+    if "vae" in inputs:
+        inp = inputs["vae"]
+        tensors, _ = _open(inp, "VAE", "vae", "diffusers")
+        try:
+            vae_cfg = vae_config_from_diffusers(_config_json(inp, "VAE"))
+        except ValueError as e:
+            raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
+        if vae_cfg.latent_channels != cfg.in_channels:
+            raise MlxVideoError(f"{inp.origin} has {vae_cfg.latent_channels} latent channels; the transformer takes {cfg.in_channels}")
+        planned.append(ComponentPlan("vae", ComponentSource(tensors, inp.origin), DIFFUSERS_VAE, vae_cfg.to_dict(),
+                                     HunyuanVAE(vae_cfg), "fp32", origin=inp.origin))
+
+    vae_stride = [4, 8, 8] if vae_cfg is None else [vae_cfg.temporal_compression, vae_cfg.spatial_compression,
+                                                      vae_cfg.spatial_compression]
+    manifest = {
+        "format": "mlxvid-model",
+        "format_version": FORMAT_VERSION,
+        "family": "hunyuan",
+        "model": spec.id,
+        "task": spec.task,
+        "experts": 1,
+        "vae_stride": vae_stride,
+        "size_multiple": vae_stride[1] * cfg.patch_size[1],
+        "sizes": [list(s) for s in spec.sizes],
+        "defaults": dict(spec.defaults),
+    }
+    for comp in planned:
+        _plan_component(comp, allow_unknown_keys, log)
+    files = [p for comp in planned for p in comp.source.tensors.paths]
+    files += [p for entries in copy_files.values() for p, _ in entries if isinstance(p, Path)]
+    if components:
+        source_format += " + " + ", ".join(f"{OVERRIDES[n]} ({c.source.scheme()})" for n in components
+                                           for c in planned if c.name == n)
+    return ConversionPlan(source_format, manifest, planned, copy_files, files)

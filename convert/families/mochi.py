@@ -1,0 +1,286 @@
+"""Mochi 1 preview conversion: the diffusers layout (`MochiPipeline`), its components recognised and configured,
+the manifest. The key tables live in `convert/mochi.py`; the machinery (sources, the plan check, shards,
+quantization, resume) is shared: `mlx_video.convert.convert`.
+
+diffusers splits the q|k|v projections our transformer keeps fused (as the official checkpoint does); they are
+presented to the shared writer as one virtual tensor per fused parameter (`FusedParts` of the HunyuanVideo
+planner, `fused:<our name>`); so are the VAE encoder's attention q/k/v.
+
+On top of the folder, `--transformer` may replace the transformer with a checkpoint in the official names (the
+release's `dit.safetensors`, or ComfyUI's `mochi_preview_*.safetensors` under `model.diffusion_model.`) or in
+diffusers names, and `--text-encoder` the T5 encoder (transformers names, e.g. ComfyUI's `t5xxl_fp16`); a single
+file takes the configuration of the folder's component it replaces. `--vae` takes the official release's VAE,
+which comes in two halves: `decoder.safetensors` (the encoder, `encoder.safetensors`, is then read from beside
+it) or the folder holding both; our VAE module holds both halves (`OfficialVAE` presents them as one source).
+Not read yet: the official folder as a whole (without a diffusers folder), ComfyUI's VAE file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+from mlx_video.errors import MlxVideoError
+from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
+
+from ..convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json, _tokenizer_files
+from ..formats import FAMILY_SIGNATURES, ComponentSource, TensorFile, classify, open_tensors
+from ..rules import KeyMap, Rule
+from .hunyuan import FusedParts, fused_keymap
+
+MODEL_ID = "mochi-1-preview"
+COMPONENTS = ("transformer", "text_encoder", "vae")
+# What `mlxvid download` fetches from genmo/mochi-1-preview: its diffusers layout in the default (float32)
+# files; the bf16 variant files (`*.bf16*`) and the official release files at the top level are left out.
+DOWNLOAD_PATTERNS = ["model_index.json", "scheduler/*", "tokenizer/*",
+                     "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors.index.json",
+                     "transformer/diffusion_pytorch_model-*.safetensors",
+                     "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+                     "text_encoder/model-*.safetensors",
+                     "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+OVERRIDES = {"transformer": "--transformer", "text_encoder": "--text-encoder", "vae": "--vae"}
+OFFICIAL_VAE_FILES = {"decoder": "decoder.safetensors", "encoder": "encoder.safetensors"}
+# The block linears --quantize stores in low precision (the same pattern as the cost model's).
+LOW_PRECISION_TRANSFORMER = re.compile(
+    r"blocks\.\d+\.(attn\.(qkv_x|qkv_y|proj_x|proj_y)|mlp_[xy]\.w[12]|mod_[xy])\.weight")
+# What the official code keeps in float32 whatever the rest is stored in: the learned RoPE frequencies and the
+# q/k RMSNorm gains (the model computes both in float32 and takes them in the dtype they are stored in).
+KEEP_FP32_TRANSFORMER = re.compile(r"pos_frequencies|blocks\.\d+\.attn\.norm_[qk]_[xy]\.weight")
+
+# (family, kind, naming, description, required keys) for `formats.classify`; a key written "!key" must be absent.
+# T5 v1.1 keeps one relative-position table (in block 0); UMT5 (Wan's) one per block, which block 1's tells apart.
+SIGNATURES = [
+    ("mochi", "transformer", "diffusers", "a Mochi transformer (diffusers names)",
+     ("patch_embed.proj.weight", "time_embed.pooler.to_kv.weight", "transformer_blocks.0.attn1.add_q_proj.weight",
+      "pos_frequencies")),
+    ("mochi", "transformer", "official", "a Mochi transformer (official / ComfyUI names)",
+     ("x_embedder.proj.weight", "t5_y_embedder.to_kv.weight", "blocks.0.mod_x.weight", "pos_frequencies")),
+    ("mochi", "vae", "diffusers", "a Mochi VAE",
+     ("encoder.proj_in.weight", "decoder.conv_in.weight", "decoder.block_in.resnets.0.conv1.conv.weight")),
+    ("mochi", "vae_decoder", "official", "the decoder half of the official Mochi VAE (decoder.safetensors)",
+     ("blocks.0.0.weight", "blocks.0.1.stack.2.weight", "blocks.1.proj.weight", "output_proj.weight")),
+    ("mochi", "vae_encoder", "official", "the encoder half of the official Mochi VAE (encoder.safetensors)",
+     ("layers.0.weight", "layers.1.stack.2.weight", "output_norm.weight", "output_proj.weight")),
+    ("mochi", "text_encoder", "transformers",
+     "a T5 v1.1 encoder (transformers names, one shared relative-position table, e.g. t5xxl), not UMT5",
+     ("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.final_layer_norm.weight",
+      "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "encoder.block.1.layer.0.SelfAttention.q.weight",
+      "!encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight")),
+]
+if not any(sig[0] == "mochi" for sig in FAMILY_SIGNATURES):
+    FAMILY_SIGNATURES.extend(SIGNATURES)
+
+
+def claims(src, components: dict) -> bool:
+    """A diffusers folder whose pipeline is a Mochi one."""
+    if src is None:
+        return False
+    index = Path(src) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return str(json.loads(index.read_text()).get("_class_name", "")).startswith("Mochi")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+class OfficialVAE(TensorFile):
+    """The official release's two VAE files as one source: each half's keys under `decoder.` / `encoder.`."""
+
+    def __init__(self, halves: dict[str, TensorFile]):
+        self.halves = halves
+        self.paths = [p for t in halves.values() for p in t.paths]
+        self.metadata = {}
+        self._shapes, self._codes = {}, {}
+        for prefix, tensors in halves.items():
+            for key in tensors.keys():
+                self._shapes[f"{prefix}.{key}"] = tensors.shape(key)
+                self._codes[f"{prefix}.{key}"] = tensors.code(key)
+
+    def read(self, key, start=None, stop=None):
+        prefix, _, inner = key.partition(".")
+        return self.halves[prefix].read(inner, start, stop)
+
+
+def official_vae_keymap() -> KeyMap:
+    """`convert/mochi.py`'s maps of the two official halves, each under its prefix."""
+    from ..mochi import MOCHI_TRANSFORMS, OFFICIAL_VAE_DECODER, OFFICIAL_VAE_ENCODER
+
+    rules = [Rule(rf"{prefix}\.{rule.source}", rule.target, rule.transform)
+             for prefix, keymap in (("decoder", OFFICIAL_VAE_DECODER), ("encoder", OFFICIAL_VAE_ENCODER))
+             for _, rule in keymap.rules]
+    return KeyMap(rules, transforms=MOCHI_TRANSFORMS)
+
+
+def _official_vae_halves(path: Path) -> dict[str, Path] | None:
+    """The two official VAE files `--vae PATH` designates (a folder holding both, or one of them with the other
+    beside it); None when PATH is not the official VAE."""
+    if path.is_dir():
+        found = {half: path / name for half, name in OFFICIAL_VAE_FILES.items() if (path / name).is_file()}
+        if not found:
+            return None
+    else:
+        kind = classify(ComponentSource(open_tensors(path, path.name), path.name).keys())
+        if kind.family != "mochi" or kind.kind not in ("vae_decoder", "vae_encoder"):
+            return None
+        given = kind.kind.removeprefix("vae_")
+        other = "encoder" if given == "decoder" else "decoder"
+        found = {given: path, other: path.parent / OFFICIAL_VAE_FILES[other]}
+    missing = [str(p) for p in found.values() if not p.is_file()]
+    missing += [str(path / OFFICIAL_VAE_FILES[h]) for h in OFFICIAL_VAE_FILES if h not in found]
+    if missing:
+        raise MlxVideoError(f"--vae: the official Mochi VAE comes in two files and {', '.join(missing)} is missing "
+                            "(mlxvid's VAE holds the decoder and the encoder)")
+    return found
+
+
+def _open(inp, name: str, want: str) -> tuple[ComponentSource, str]:
+    tensors = open_tensors(inp.path, inp.origin)
+    source = ComponentSource(tensors, inp.origin)
+    kind = classify(source.keys())  # the names without a wrapper prefix
+    if kind.kind != want or kind.family != "mochi":
+        raise MlxVideoError(f"{inp.origin} should be the Mochi {name}, but it looks like {kind.description}")
+    return source, kind.naming
+
+
+def _config_json(inp, name: str) -> dict:
+    if inp.config_json is None:
+        raise MlxVideoError(f"{inp.origin}: the {name} has no config.json beside its weights")
+    return inp.config_json
+
+
+def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,
+         log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
+    from mlx_video.models.mochi.config import MochiVAEConfig
+    from mlx_video.models.mochi.transformer import MochiTransformer
+    from mlx_video.models.mochi.vae import MochiVAE
+    from mlx_video.registry import get_spec
+    from mlx_video.text_encoders.t5 import T5Config, T5Encoder
+
+    from ..mochi import (
+        DIFFUSERS_TRANSFORMER,
+        DIFFUSERS_VAE,
+        OFFICIAL_TRANSFORMER,
+        TRANSFORMERS_T5,
+        transformer_config_from_diffusers,
+        vae_config_from_diffusers,
+    )
+
+    components = {k: v for k, v in (components or {}).items() if v is not None}
+    if src is None:
+        raise MlxVideoError("Mochi converts from a diffusers folder (model_index.json, transformer/, text_encoder/, "
+                            "tokenizer/, vae/), optionally with --transformer or --text-encoder replacing its component")
+    unknown = sorted(set(components) - set(OVERRIDES))
+    if unknown:
+        raise MlxVideoError(f"Mochi has no {', '.join(unknown)}; its replaceable components are "
+                            f"{', '.join(OVERRIDES.values())}")
+    src = Path(src)
+    if (src / MANIFEST).is_file():
+        raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
+    index = _read_json(src / "model_index.json", "the diffusers pipeline description")
+    pipeline_class = str(index.get("_class_name", ""))
+    if pipeline_class != "MochiPipeline":
+        raise MlxVideoError(f"{src} holds a {pipeline_class} pipeline; mlxvid converts MochiPipeline (text to video)")
+    transformer_json = src / "transformer" / "config.json"
+    if transformer_json.is_file():
+        described = _read_json(transformer_json, "the transformer config").get("_class_name")
+        if described not in (None, "MochiTransformer3DModel"):
+            raise MlxVideoError(
+                f"{src} holds a {pipeline_class} pipeline by its model_index.json, but its transformer/config.json "
+                f"describes a {described}: the folder mixes models"
+            )
+    spec = get_spec(base or MODEL_ID)
+    inputs = {}
+    for name in COMPONENTS:
+        folder = src / name
+        if not folder.is_dir():
+            if name == "vae":
+                continue  # optional: without it the pipeline stops at latents
+            raise MlxVideoError(f"{src} has no {name}/")
+        inputs[name] = _component_input(name, folder, f"{src.name}/{name}")
+    for name, path in components.items():
+        given = _component_input(name, Path(path), OVERRIDES[name])
+        if given.config_json is None and name in inputs:
+            given.config_json = inputs[name].config_json  # a single file: the folder's component says the sizes
+        inputs[name] = given
+
+    # the tokenizer first (cheap, and the most likely to be missing)
+    copy_files = {"tokenizer": _tokenizer_files(Path(tokenizer) if tokenizer else src / "tokenizer", "tokenizer")}
+
+    planned: list[ComponentPlan] = []
+    inp = inputs["transformer"]
+    source, naming = _open(inp, "transformer", "transformer")
+    try:
+        cfg = transformer_config_from_diffusers(_config_json(inp, "transformer"))
+    except ValueError as e:
+        raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
+    if naming == "diffusers":
+        source = ComponentSource(FusedParts(source.tensors, DIFFUSERS_TRANSFORMER, inp.origin), inp.origin)
+        keymap = fused_keymap(DIFFUSERS_TRANSFORMER)
+    else:  # official names (also ComfyUI's, whose prefix ComponentSource removes): fused already
+        keymap = OFFICIAL_TRANSFORMER
+    planned.append(ComponentPlan("transformer", source, keymap, cfg.to_dict(), MochiTransformer(cfg),
+                                 origin=inp.origin, low_precision=LOW_PRECISION_TRANSFORMER,
+                                 keep_fp32=KEEP_FP32_TRANSFORMER))
+    if cfg != spec.transformer:
+        log(f"note: the transformer's configuration differs from {spec.id}'s published one; converting it as it is")
+
+    inp = inputs["text_encoder"]
+    source, _ = _open(inp, "text encoder (T5 v1.1)", "text_encoder")
+    try:
+        t5_cfg = T5Config.from_transformers(_config_json(inp, "text encoder"))
+    except (ValueError, KeyError) as e:
+        raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
+    if t5_cfg.dim != cfg.t5_dim:
+        raise MlxVideoError(f"{inp.origin} gives {t5_cfg.dim}-wide states but the transformer takes {cfg.t5_dim}")
+    planned.append(ComponentPlan("text_encoder", source, TRANSFORMERS_T5, t5_cfg.to_dict(), T5Encoder(t5_cfg),
+                                 origin=inp.origin))
+
+    vae_cfg = None
+    if "vae" in inputs:  # float32, as the reference runs it
+        inp = inputs["vae"]
+        halves = _official_vae_halves(inp.path) if "vae" in components else None
+        if halves is not None:
+            source = ComponentSource(OfficialVAE({h: open_tensors(p, p.name) for h, p in halves.items()}), inp.origin)
+            vae_keymap = official_vae_keymap()
+        else:
+            source, _ = _open(inp, "VAE", "vae")
+            # the encoder's attention q/k/v are split in diffusers too
+            source = ComponentSource(FusedParts(source.tensors, DIFFUSERS_VAE, inp.origin), inp.origin)
+            vae_keymap = fused_keymap(DIFFUSERS_VAE)
+        try:  # a single file without a folder's config.json: the published VAE (the official release's)
+            vae_cfg = vae_config_from_diffusers(inp.config_json) if inp.config_json is not None else MochiVAEConfig()
+        except ValueError as e:
+            raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
+        if vae_cfg.latent_channels != cfg.in_channels:
+            raise MlxVideoError(f"{inp.origin} has {vae_cfg.latent_channels} latent channels; the transformer takes {cfg.in_channels}")
+        planned.append(ComponentPlan("vae", source, vae_keymap, vae_cfg.to_dict(), MochiVAE(vae_cfg), "fp32",
+                                     origin=inp.origin))
+
+    vae_stride = list(spec.vae_stride) if vae_cfg is None else [
+        vae_cfg.temporal_compression, vae_cfg.spatial_compression, vae_cfg.spatial_compression]
+    defaults = dict(spec.defaults)
+    defaults["zero_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", False))
+    manifest = {
+        "format": "mlxvid-model",
+        "format_version": FORMAT_VERSION,
+        "family": "mochi",
+        "model": spec.id,
+        "task": spec.task,
+        "experts": 1,
+        "vae_stride": vae_stride,
+        "size_multiple": vae_stride[1] * cfg.patch_size,
+        "sizes": [list(s) for s in spec.sizes],
+        "defaults": defaults,
+    }
+    for comp in planned:
+        _plan_component(comp, allow_unknown_keys, log)
+    files = [p for comp in planned for p in comp.source.tensors.paths]
+    files += [p for entries in copy_files.values() for p, _ in entries if isinstance(p, Path)]
+    source_format = "diffusers (Mochi)"
+    if components:
+        source_format += " + " + ", ".join(f"{OVERRIDES[n]} ({c.source.scheme()})" for n in components
+                                           for c in planned if c.name == n)
+    return ConversionPlan(source_format, manifest, planned, copy_files, files)

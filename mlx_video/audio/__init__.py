@@ -1,0 +1,1 @@
+"""Audio encoders and feature extraction for audio-driven video models."""

@@ -1,0 +1,105 @@
+"""`mlxvid models`: what the registry knows, what is converted here, and what a default run would need."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def converted_folder(spec) -> dict | None:
+    """The converted folder of a registry model in the models home, if there is one."""
+    from .registry import models_home
+
+    path = models_home() / spec.id
+    try:
+        manifest = json.loads((path / "mlxvid.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {"path": str(path), "bytes": folder_bytes(path), "dtype": manifest.get("dtype"),
+            "quantization": (manifest.get("quantization") or {}).get("mode") if isinstance(manifest.get("quantization"), dict)
+            else manifest.get("quantization")}
+
+
+def default_peak_bytes(spec, dtype: str = "bf16", quantize: str | None = None) -> int | None:
+    """Estimated peak memory of a run at the published defaults (the family's cost model)."""
+    from .families import cost_model
+
+    w, h = spec.default_size
+    try:  # each family's default for `guidance` is what its default run does
+        estimate = cost_model(spec.family).estimate_peak_memory(spec, w, h, spec.default("frames"), dtype=dtype,
+                                                                quantize=quantize)
+    except Exception:  # a family without a cost model for this entry: say unknown rather than fail the listing
+        return None
+    return int(estimate.peak_bytes)
+
+
+def model_info(spec) -> dict:
+    from .pipelines.base import available_memory_bytes
+    from .presets import quality_profiles
+
+    here = converted_folder(spec)
+    dtype = DTYPE_NAMES.get(here["dtype"], "bf16") if here else "bf16"
+    quant = here["quantization"] if here else None
+    peak = default_peak_bytes(spec, dtype, quant if quant in ("q8", "q4", "fp8") else None)
+    return {"id": spec.id, "family": spec.family, "task": spec.task, "experts": spec.experts,
+            "defaults": {k: v for k, v in spec.defaults.items() if k != "negative_prompt"},
+            "sizes": [list(s) for s in spec.sizes], "frame_rule": f"{spec.frame_stride}n+1",
+            "quality": {q: {"sizes": [list(s) for s in p["sizes"]], "steps": p["steps"]}
+                        for q, p in quality_profiles(spec).items()},
+            "recipes": model_recipes(spec), "converted": here, "hf_repo": spec.hf_repo, "estimated_peak_bytes": peak,
+            "estimated_for": {"dtype": dtype, "quantization": quant}, "available_bytes": available_memory_bytes()}
+
+
+def model_recipes(spec) -> list[str]:
+    """The names of the published few-step recipes for this model (mlx_video.recipes)."""
+    try:
+        from .recipes import RECIPES
+    except ImportError:
+        return []
+    return [r.name for r in RECIPES.values() if spec.id in r.models]
+
+
+def describe(spec) -> str:
+    from .families import get_family
+    from .pipelines.base import format_bytes
+
+    info = model_info(spec)
+    d = spec.defaults
+    sizes = ", ".join(f"{w}x{h}" for w, h in spec.sizes)
+    guidance = f"{d.get('guidance')}" + (f" / {d.get('guidance_2')} (second expert)" if spec.experts == 2 else "")
+    shape = f"{spec.experts} experts, boundary {d.get('boundary')}" if spec.experts == 2 else "one model"
+    lines = [
+        f"{spec.id}  ({get_family(spec.family).title})",
+        f"  task {spec.task}, {shape}",
+        f"  steps {d.get('steps')}, shift {d.get('shift')}, guidance {guidance}, sampler {d.get('sampler')}"
+        + (f", schedule {d['schedule']}" if d.get("schedule") else ""),
+        f"  {d.get('frames')} frames ({spec.frame_stride}n+1) at {d.get('fps')} fps "
+        f"(longest clip {d.get('max_frames') or d.get('frames')} frames); sizes {sizes}",
+        "  quality: " + "; ".join(f"{q} {'/'.join(f'{w}x{h}' for w, h in p['sizes'])}, {p['steps']} steps"
+                                  for q, p in info["quality"].items()),
+    ]
+    recipes = model_recipes(spec)
+    if recipes:
+        lines.append("  few-step recipes (--recipe NAME, with its LoRAs): " + ", ".join(recipes))
+    here = info["converted"]
+    if here:
+        lines.append(f"  converted here: {here['path']} ({format_bytes(here['bytes'])}, {here['dtype']}"
+                     + (f", {here['quantization']}" if here["quantization"] else "") + ")")
+    else:
+        lines.append(f"  not converted here (mlxvid download {spec.id})")
+    if info["estimated_peak_bytes"] is not None:
+        avail = info["available_bytes"]
+        fits = "" if avail is None else (" - fits" if info["estimated_peak_bytes"] <= avail else " - more than")
+        fits += "" if avail is None else f" the {format_bytes(avail)} available now"
+        lines.append(f"  default run: estimated peak {format_bytes(info['estimated_peak_bytes'])} "
+                     f"({info['estimated_for']['dtype']}{', ' + here['quantization'] if here and here['quantization'] else ''})"
+                     + fits)
+    if spec.hf_repo:
+        lines.append(f"  weights: huggingface.co/{spec.hf_repo}")
+    return "\n".join(lines)

@@ -1,0 +1,408 @@
+"""Longer videos: `--duration` (or `--frames`) beyond one clip makes a chain of clips ("segments"), each
+conditioned on the end of the one before, generated one after another and written as they come.
+
+    mlxvid generate --model wan2.2-t2v-a14b --prompt "a fox runs through snow" --duration 30
+    mlxvid generate --model wan2.2-ti2v-5b --prompt "a corgi surfs" --duration 20 \\
+        --segment-prompt "the corgi rides the wave to the beach@8" --segment-prompt "the corgi shakes off water@15"
+
+How a segment continues the previous one depends on what the model takes:
+
+* Last-frame image conditioning (models that take an image: Wan I2V-A14B "channels", Wan TI2V-5B
+  "first_frame"). Segment k > 0 is generated with the previous segment's last written frame as its image;
+  its own first frame, which reproduces that image, is dropped (no cross-fade is needed: the frames meet at
+  one shared picture). These models were trained to start a clip from a given picture, so the conditioning
+  is what they know; motion direction and speed are not carried over (one frame holds none), which is the
+  known price of this method.
+* Latent overlap (text-only models: Wan T2V-A14B, HunyuanVideo, Mochi). The next segment's first
+  K = OVERLAP_LATENT_FRAMES = 2 latent frames are held to the previous segment's last K latent frames x0:
+  they start at, and after every sampler step are reset to, x0 re-noised to the σ that step ends at,
+  x_σ = (1 − σ)·x0 + σ·ε with ε the segment's own seeded noise; after the last step (σ = 0) they equal x0.
+  The rest of the clip is denoised around them, so it continues the motion of the overlap. The K held
+  latent frames decode to stride·(K − 1) + 1 frames (5 for Wan and HunyuanVideo, 7 for Mochi), which cover
+  the previous segment's last frames in time; because the causal VAE decodes them with a different context,
+  the two versions are cross-faded linearly: overlap frame j of O gets weight (j + 1)/(O + 1) from the new
+  segment and the rest from the previous one. These models take no image, so the latents are the only way
+  to pass the past in.
+
+Frames: the total is round(seconds · fps) (or --frames); each segment renders at most the model's longest
+clip (or --segment-frames, of the form stride·n + 1); the last segment renders the fewest frames of the
+model's rule that reach the total, and the output is cut to exactly the total.
+
+Seeds and prompts per segment: segment k uses seed + k. --prompt is segment 0's prompt; --segment-prompt
+(repeatable) gives segments 1, 2, ... in order (the last one repeated), or, written TEXT@SECONDS (a manifest
+may give {"at": SECONDS, "prompt": TEXT, "seed": N}), a timed list: each segment takes the last entry whose time
+is at or before the time its new frames start (--prompt before the first entry).
+
+Memory stays that of one clip: each segment loads and releases its models as a one-clip run does; only the
+previous segment's last latent frames (or last frame) and, for the overlap, its last O decoded frames are
+kept; frames are encoded into the output as each segment finishes (written under a temporary name and
+renamed at the end, as every output). The sidecar lists the segments: index, frame range in the output,
+seed, prompt, conditioning.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import MlxVideoError
+
+OVERLAP_LATENT_FRAMES = 2  # K: latent frames held between segments on text-only models
+LAST_FRAME, LATENT_OVERLAP = "last frame", "latent overlap"
+# one-clip options a chain does not support yet
+UNSUPPORTED = {"save_latents": "--save-latents", "init_latents": "--init-latents", "preset": "--preset",
+               "overlay": "--overlay", "watermark": "--watermark", "preview_every": "--preview-every"}
+
+
+# ---- prompts per segment ----
+
+_TIMED = re.compile(r"^(?P<prompt>.*\S)\s*@\s*(?P<at>\d+(?:\.\d*)?)\s*$", re.S)
+
+
+def parse_segment_prompt(value) -> dict:
+    """A --segment-prompt value as {"prompt", "at" (seconds or None), "seed" (or None)}: TEXT, TEXT@SECONDS, or a
+    manifest's {"at": ..., "prompt": ..., "seed": ...}."""
+    if isinstance(value, dict):
+        unknown = set(value) - {"at", "prompt", "seed"}
+        if unknown:
+            raise MlxVideoError(f"a segment prompt takes at, prompt and seed, not {', '.join(sorted(unknown))}")
+        entry = {"prompt": value.get("prompt"), "at": value.get("at"), "seed": value.get("seed")}
+    elif isinstance(value, str):
+        match = _TIMED.match(value)
+        entry = ({"prompt": match["prompt"], "at": float(match["at"]), "seed": None} if match
+                 else {"prompt": value, "at": None, "seed": None})
+    else:
+        raise MlxVideoError(f"a segment prompt is TEXT, TEXT@SECONDS or {{\"at\", \"prompt\"}}, not {value!r}")
+    if not isinstance(entry["prompt"], str) or not entry["prompt"].strip():
+        raise MlxVideoError(f"a segment prompt needs a non-empty prompt, got {value!r}")
+    at = entry["at"]
+    if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at) or at < 0):
+        raise MlxVideoError(f"a segment prompt's time must be a number of seconds >= 0, got {at!r}")
+    seed = entry["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise MlxVideoError(f"a segment prompt's seed must be a whole number >= 0, got {seed!r}")
+    return entry
+
+
+class SegmentPromptType(click.ParamType):
+    name = "TEXT[@SECONDS]"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_segment_prompt(value)
+        except MlxVideoError as e:
+            self.fail(str(e), param, ctx)
+
+
+# ---- the plan ----
+
+@dataclass
+class Segment:
+    index: int
+    rendered: int  # frames the segment renders (stride*n + 1)
+    start: int  # first output frame its pixels reach (cross-faded from here over `overlap` frames)
+    boundary: int  # first output frame that is its own alone
+    end: int  # one past its last output frame
+    overlap: int  # output frames cross-faded with the previous segment
+    conditioning: str  # "none", "image", LAST_FRAME or LATENT_OVERLAP
+    prompt: str = ""
+    seed: int = 0
+    timings: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {"index": self.index, "frames": [self.start, self.end], "new_frames_from": self.boundary,
+                "rendered_frames": self.rendered, "overlap_frames": self.overlap, "seed": self.seed,
+                "prompt": self.prompt, "conditioning": self.conditioning, "timings": self.timings}
+
+
+def overlap_frames(method: str, stride: int, k: int = OVERLAP_LATENT_FRAMES) -> int:
+    """Frames at the start of a segment k > 0 that repeat the past: the decoded held latents, or the image."""
+    return stride * (k - 1) + 1 if method == LATENT_OVERLAP else 1
+
+
+def plan_segments(total: int, clip: int, stride: int, method: str, first_conditioning: str = "none",
+                  k: int = OVERLAP_LATENT_FRAMES) -> list[Segment]:
+    """Split `total` output frames into segments of at most `clip` rendered frames (see the module docstring)."""
+    repeat = overlap_frames(method, stride, k)
+    if clip - repeat < stride:
+        need = repeat + stride
+        raise MlxVideoError(f"a segment of {clip} frames leaves no new frames after the {repeat} it shares with the "
+                            f"previous one; --segment-frames must be at least {need}")
+
+    first = min(clip, stride * math.ceil((total - 1) / stride) + 1) if total > 1 else 1
+    segments = [Segment(0, first, 0, 0, min(first, total), 0, first_conditioning)]
+    blend = repeat if method == LATENT_OVERLAP else 0
+    while segments[-1].end < total:
+        produced, left = segments[-1].end, total - segments[-1].end
+        # repeat = 1 (mod stride): the fewest frames of the model's rule that give `left` new ones
+        rendered = min(clip, repeat + stride * math.ceil(left / stride))
+        new = min(rendered - repeat, left)
+        segments.append(Segment(len(segments), rendered, produced - blend, produced, produced + new, blend, method))
+    return segments
+
+
+def assign_prompts(segments: list[Segment], prompt: str, entries, seed: int, fps: float) -> None:
+    """Prompt and seed of each segment from --prompt, --segment-prompt entries and --seed."""
+    entries = [parse_segment_prompt(e) for e in (entries or ())]
+    timed = [e["at"] is not None for e in entries]
+    if any(timed) and not all(timed):
+        raise MlxVideoError("--segment-prompt values must be all timed (TEXT@SECONDS) or all untimed")
+    duration = segments[-1].end / fps
+    if entries and not any(timed) and len(entries) > len(segments) - 1:
+        raise MlxVideoError(f"{len(entries)} --segment-prompt values but {len(segments) - 1} segments after the first "
+                            f"({len(segments)} in all; --prompt is the first's); give at most {len(segments) - 1}")
+    for e in entries:
+        if e["at"] is not None and e["at"] >= duration:
+            raise MlxVideoError(f"--segment-prompt at {e['at']:g} s is past the end of the video ({duration:g} s)")
+    entries = sorted(entries, key=lambda e: e["at"]) if any(timed) else entries
+    for seg in segments:
+        entry = None
+        if any(timed):
+            started = [e for e in entries if e["at"] <= seg.boundary / fps + 1e-9]
+            entry = started[-1] if started else None
+        elif seg.index > 0 and entries:
+            entry = entries[min(seg.index, len(entries)) - 1]
+        seg.prompt = entry["prompt"] if entry else prompt
+        seg.seed = entry["seed"] if entry and entry["seed"] is not None else (seed + seg.index) % 2**64
+
+
+# ---- when a run is a chain ----
+
+def extension_frames(o: dict, spec) -> tuple[int, int] | None:
+    """(total output frames, frames per segment) when the options ask for a chain, else None (one clip)."""
+    prompts, clip = o.get("segment_prompt") or (), o.get("segment_frames")
+    stride = spec.frame_stride
+    longest = int(spec.default("max_frames") or spec.default("frames"))
+    if clip is not None:
+        if isinstance(clip, bool) or not isinstance(clip, int) or clip < 1 or (clip - 1) % stride or clip > longest:
+            raise MlxVideoError(f"--segment-frames must be of the form {stride}n+1 and at most {longest} "
+                                f"({spec.id}'s longest clip), got {clip!r}")
+    limit = clip or longest
+    fps = o.get("fps") or spec.default("fps")
+    if o.get("duration") is not None:
+        seconds = o["duration"]
+        if (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds)
+                or seconds <= 0):
+            return None  # prepare() refuses it with its own message
+        nearest = stride * max(1, math.floor((seconds * fps - 1) / stride + 0.5)) + 1  # the one-clip rule
+        if nearest <= limit and clip is None and not prompts:
+            return None
+        return max(1, round(seconds * fps)), limit
+    frames = o.get("frames")
+    if frames is not None:
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            return None
+        if frames <= limit and clip is None and not prompts:
+            return None
+        return frames, limit
+    if prompts or clip is not None:
+        raise MlxVideoError("--segment-prompt and --segment-frames make a chain of clips: give its length with "
+                            "--duration or --frames")
+    return None
+
+
+@dataclass
+class ExtensionJob:
+    """A chain of clips settled and checked (segment 0 prepared as a one-clip job), ready to run."""
+
+    options: dict
+    base: object  # run.Job of segment 0
+    segments: list[Segment]
+    method: str
+    total: int
+    clip: int
+    overlap_latent_frames: int
+
+    @property
+    def output(self) -> Path:
+        return self.base.output
+
+    def record(self) -> dict:
+        from .run import recorded_options
+
+        record = self.base.record()
+        fps = self.base.settings.fps
+        record.update(frames=self.total, duration=self.options.get("duration") or self.total / fps,
+                      seed=self.base.settings.seed, prompt=self.base.settings.prompt,
+                      options=recorded_options(self.options))
+        record["extension"] = {
+            "method": self.method, "segments": len(self.segments), "segment_frames": self.clip,
+            "overlap_latent_frames": self.overlap_latent_frames if self.method == LATENT_OVERLAP else None,
+            "overlap_frames": self.segments[1].overlap if len(self.segments) > 1 else 0,
+            "blend": ("linear cross-fade, weight (j+1)/(O+1) for the new segment" if self.method == LATENT_OVERLAP
+                      else "the repeated first frame of each later segment is dropped"),
+        }
+        record["segments"] = [s.record() for s in self.segments]
+        return record
+
+    def summary(self) -> str:
+        from .run import summary_line
+
+        s = self.base.settings
+        return (f"{len(self.segments)} segments ({self.method}) of at most {self.clip} frames for {self.total} frames "
+                f"({self.total / s.fps:g} s at {s.fps} fps); each: " + summary_line(self.base))
+
+    def execute(self, echo=click.echo, hooks=()) -> dict:
+        return run_chain(self, echo, hooks)
+
+
+def prepare_extension(o: dict, pipe, total: int, clip: int, output_folder=None, check_memory: bool = True,
+                      k: int = OVERLAP_LATENT_FRAMES) -> ExtensionJob:
+    """Check a chain's options and prepare segment 0 as a one-clip job (memory is checked for one clip)."""
+    from .distributed import world_size
+    from .run import prepare
+
+    for name, option in UNSUPPORTED.items():
+        if o.get(name) not in (None, (), [], False):
+            raise MlxVideoError(f"{option} is not supported with a video longer than one clip (a chain of "
+                                "segments) yet")
+    if world_size() > 1:
+        raise MlxVideoError("a chain of segments runs on one process; launch it without mlx.launch")
+    spec = pipe.spec
+    method = LAST_FRAME if pipe.image_mode is not None else LATENT_OVERLAP
+    segments = plan_segments(total, clip, spec.frame_stride, method, "image" if o.get("image") else "none", k)
+    first = dict(o, frames=segments[0].rendered, duration=None, segment_prompt=None, segment_frames=None)
+    base = prepare(first, pipe, output_folder=output_folder, check_memory=check_memory)
+    if base.output is None:
+        raise MlxVideoError("a chain of segments writes a video: give --output")
+    assign_prompts(segments, base.settings.prompt, o.get("segment_prompt"), base.settings.seed, base.settings.fps)
+    options = dict(o, output=str(base.output))
+    return ExtensionJob(options, base, segments, method, total, clip, k)
+
+
+# ---- running ----
+
+class HoldLatents:
+    """A step hook holding the first K latent frames (channels-last (1, T, H, W, C)) at x0 re-noised to the σ the
+    step ends at: (1 − σ)·x0 + σ·noise. `sigmas` is the sampler's grid with the final 0."""
+
+    def __init__(self, x0, noise, sigmas):
+        self.x0, self.noise = x0, noise
+        self.sigmas = [float(v) for v in sigmas]
+        self.k = x0.shape[1]
+
+    def at(self, sigma: float):
+        return (1.0 - sigma) * self.x0 + sigma * self.noise
+
+    def start(self, noise):
+        """The segment's starting latents: its noise with the held frames at the first σ."""
+        import mlx.core as mx
+
+        return mx.concatenate([self.at(self.sigmas[0]), noise[:, self.k:]], axis=1)
+
+    def __call__(self, i: int, t, latents):
+        import mlx.core as mx
+
+        return mx.concatenate([self.at(self.sigmas[i + 1]), latents[:, self.k:]], axis=1)
+
+
+def crossfade(previous: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Linear cross-fade of two equally long uint8 frame runs: frame j takes (j+1)/(O+1) of `new`."""
+    o = previous.shape[0]
+    w = (np.arange(1, o + 1, dtype=np.float32) / (o + 1))[:, None, None, None]
+    mixed = (1.0 - w) * previous.astype(np.float32) + w * new.astype(np.float32)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def segment_runs(job: ExtensionJob, hooks=(), progress: bool = False, echo=None):
+    """Generate the segments in order; yields (segment, GenerationResult, decoded uint8 frames). Only what the next
+    segment needs is kept between iterations."""
+    import mlx.core as mx
+
+    from .pipelines.base import GenerationSettings
+
+    pipe, base = job.base.pipe, job.base
+    previous_latents, previous_frame = None, None
+    for seg in job.segments:
+        s = GenerationSettings.from_dict({**base.settings.to_dict(), "prompt": seg.prompt, "seed": seg.seed,
+                                          "frames": seg.rendered})
+        pixels, init, extra = base.pixels if seg.index == 0 else None, None, []
+        if seg.conditioning == LAST_FRAME:
+            pixels = previous_frame.astype(np.float32) / 127.5 - 1.0
+            s.image = f"<last frame of segment {seg.index - 1}>"
+        s = pipe.resolve(s)
+        if seg.conditioning == LATENT_OVERLAP:
+            k = job.overlap_latent_frames
+            x0 = mx.array(previous_latents[:, :, -k:]).transpose(0, 2, 3, 4, 1)
+            noise = pipe.initial_latents(s, None)
+            hold = HoldLatents(x0, noise[:, :k], pipe.make_sampler(s).sigmas)
+            init = np.array(hold.start(noise).transpose(0, 4, 1, 2, 3))
+            extra = [hold]
+        if echo is not None:
+            echo(f"segment {seg.index + 1}/{len(job.segments)}: frames {seg.start}-{seg.end - 1}, seed {seg.seed}, "
+                 f"{seg.conditioning}: {seg.prompt[:60]!r}")
+        result = pipe.generate(s, init_latents=init, progress=progress, image=pixels, hooks=[*extra, *hooks])
+        start = time.perf_counter()
+        frames, stats = pipe.decode(result.latents, tiling=base.vae_tiling, progress=progress)
+        result.timings["decoding"] = time.perf_counter() - start
+        result.stats = {**(result.stats or {}), **stats}
+        yield seg, result, frames
+        previous_latents, previous_frame = result.latents, frames[-1]
+        del result, frames
+
+
+def _open_sink(output: Path, tmp: Path, width: int, height: int, fps):
+    from .interpolate import _PngSink, _VideoSink
+    from .io.video import VIDEO_FORMATS, _frame_rate
+
+    if output.suffix:
+        return _VideoSink(tmp, VIDEO_FORMATS[output.suffix.lower()], width, height, _frame_rate(fps))
+    return _PngSink(tmp)
+
+
+def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
+    """Run the segments and stream their frames into the output (atomically), then write the sidecar."""
+    from .io.atomic import atomic_dir, atomic_file
+    from .io.sidecar import write_sidecar
+    from .io.video import _check_replaceable_frame_folder
+
+    base, output = job.base, job.base.output
+    s = base.settings
+    if not base.quiet:
+        echo(job.summary())
+    timings: dict[str, float] = {}
+    written, tail = 0, None
+    if not output.suffix and output.exists() and base.overwrite:
+        _check_replaceable_frame_folder(output)
+    context = atomic_file(output, base.overwrite) if output.suffix else atomic_dir(output, base.overwrite)
+    with context as tmp:
+        sink = _open_sink(output, tmp, s.width, s.height, s.fps)
+        try:
+            runs = segment_runs(job, hooks, progress=not base.quiet, echo=None if base.quiet else echo)
+            for seg, result, frames in runs:
+                start = time.perf_counter()
+                own = frames
+                if seg.conditioning == LATENT_OVERLAP:
+                    for frame in crossfade(tail, frames[:seg.overlap]):
+                        sink.write(frame)
+                        written += 1
+                    own = frames[seg.overlap:]
+                elif seg.conditioning == LAST_FRAME:
+                    own = frames[1:]  # the conditioning image again
+                own = own[: seg.end - seg.boundary]
+                last = seg.index == len(job.segments) - 1
+                keep = job.segments[seg.index + 1].overlap if not last else 0
+                for frame in own[: len(own) - keep]:
+                    sink.write(np.ascontiguousarray(frame))
+                    written += 1
+                tail = own[len(own) - keep:].copy() if keep else None
+                result.timings["writing"] = time.perf_counter() - start
+                seg.timings = {k: round(v, 3) for k, v in result.timings.items()}
+                for name, seconds in result.timings.items():
+                    timings[name] = timings.get(name, 0.0) + seconds
+        finally:
+            sink.close()
+    if written != job.total:
+        raise MlxVideoError(f"internal error: wrote {written} frames, planned {job.total}")  # the plan is exact
+    record = job.record()
+    record.update(vae_tiling=base.vae_tiling, output_frames=written, output_fps=s.fps)
+    write_sidecar(output, record, timings, overwrite=base.overwrite)
+    echo(f"wrote {written} frames of {s.width}x{s.height} ({len(job.segments)} segments) to {output}")
+    return {"settings": s, "outputs": [output], "timings": timings, "record": record, "pipe": base.pipe,
+            "latents": None, "segments": [seg.record() for seg in job.segments]}

@@ -1,0 +1,1 @@
+"""Genmo Mochi 1 preview: the AsymmDiT transformer and the AsymmVAE, channels-last."""

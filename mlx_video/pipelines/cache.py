@@ -1,0 +1,315 @@
+"""Step caching: skip transformer evaluations whose result can be predicted from earlier steps.
+
+A family's `predict` sends every transformer forward through a `StepCache`:
+
+    cache.begin_step(i, model)          once per step, before the guidance passes
+    out = cache(model, x, t, context)   instead of model(x, t, context)
+
+The model needs the three-part forward `embed(x, t, context) -> state` (with `state.hidden`, the residual
+stream), `run_blocks(state, start=0, stop=None) -> state` and `unembed(state) -> output`; nothing else
+about it is known here, so any family whose transformer is split this way gets every method.
+
+The decision is made once per step, on the conditional pass (the first call of the step, or row 0 of a
+batched call), and the unconditional pass follows it, so batched and sequential guidance give the same
+result. Each pass (branch) keeps its own cached tensors. A change of model (the A14B expert switch) clears
+the state: the first step of each expert always computes.
+
+Methods (`--cache NAME[:THRESHOLD]`):
+    easycache   calibration-free (EasyCache): the whole model is bypassed while the accumulated predicted
+                output change k·|Δx|/|out| stays under the threshold; k = |Δout|/|Δx| between the last two
+                computed steps; reuse is x + (out − x) of the last computed step. 10 warm-up steps, the last
+                step computes. Default threshold 0.05 (published).
+    fbcache     calibration-free (first-block cache): block 0 always runs; when its residual differs from the
+                last computed step's by less than the threshold (relative mean absolute difference), the
+                other blocks are skipped and their stored residual is added (a reused step still runs embed,
+                block 0 and the head, and is not counted in transformer_evals). Default 0.05 (diffusers').
+    magcache    published coefficients (MagCache): the per-step magnitude ratios calibrated for the model
+                (Wan 2.2 lists, verbatim) are multiplied up; the blocks are skipped while the summed
+                |1 − ratio product| stays under the threshold and at most K steps in a row; the first R of
+                each expert's steps compute. Needs a ratio table for the model. Default threshold: the
+                published setting of the model (0.06 for the Wan 2.2 A14B models and TI2V-5B).
+Threshold 0 never skips, so it reproduces the uncached run exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import MlxVideoError
+
+# MagCache4Wan2.2 (magcache_generate.py) mag_ratios: cond and uncond values interleaved step by step, for the
+# published step count; the script prepends [1.0, 1.0]. Copied verbatim from the published lists.
+_WAN22_T2V_A14B = [
+    1.00124, 1.00155, 0.99822, 0.99851, 0.99696, 0.99687, 0.99703, 0.99732, 0.9966, 0.99679, 0.99602, 0.99658,
+    0.99578, 0.99664, 0.99484, 0.9949, 0.99633, 0.996, 0.99659, 0.99683, 0.99534, 0.99549, 0.99584, 0.99577,
+    0.99681, 0.99694, 0.99563, 0.99554, 0.9944, 0.99473, 0.99594, 0.9964, 0.99466, 0.99461, 0.99453, 0.99481,
+    0.99389, 0.99365, 0.99391, 0.99406, 0.99354, 0.99361, 0.99283, 0.99278, 0.99268, 0.99263, 0.99057, 0.99091,
+    0.99125, 0.99126, 0.65523, 0.65252, 0.98808, 0.98852, 0.98765, 0.98736, 0.9851, 0.98535, 0.98311, 0.98339,
+    0.9805, 0.9806, 0.97776, 0.97771, 0.97278, 0.97286, 0.96731, 0.96728, 0.95857, 0.95855, 0.94385, 0.94385,
+    0.92118, 0.921, 0.88108, 0.88076, 0.80263, 0.80181,
+]
+_WAN22_I2V_A14B = [
+    0.99191, 0.99144, 0.99356, 0.99337, 0.99326, 0.99285, 0.99251, 0.99264, 0.99393, 0.99366, 0.9943, 0.9943,
+    0.99276, 0.99288, 0.99389, 0.99393, 0.99274, 0.99289, 0.99316, 0.9931, 0.99379, 0.99377, 0.99268, 0.99271,
+    0.99222, 0.99227, 0.99175, 0.9916, 0.91076, 0.91046, 0.98931, 0.98933, 0.99087, 0.99088, 0.98852, 0.98855,
+    0.98895, 0.98896, 0.98806, 0.98808, 0.9871, 0.98711, 0.98613, 0.98618, 0.98434, 0.98435, 0.983, 0.98307,
+    0.98185, 0.98187, 0.98131, 0.98131, 0.9783, 0.97835, 0.97619, 0.9762, 0.97264, 0.9727, 0.97088, 0.97098,
+    0.96568, 0.9658, 0.96045, 0.96055, 0.95322, 0.95335, 0.94579, 0.94594, 0.93297, 0.93311, 0.91699, 0.9172,
+    0.89174, 0.89202, 0.8541, 0.85446, 0.79823, 0.79902,
+]
+_WAN22_TI2V_5B_T2V = [
+    0.99505, 0.99389, 0.99441, 0.9957, 0.99558, 0.99551, 0.99499, 0.9945, 0.99534, 0.99548, 0.99468, 0.9946,
+    0.99463, 0.99458, 0.9946, 0.99453, 0.99408, 0.99404, 0.9945, 0.99441, 0.99409, 0.99398, 0.99403, 0.99397,
+    0.99382, 0.99377, 0.99349, 0.99343, 0.99377, 0.99378, 0.9933, 0.99328, 0.99303, 0.99301, 0.99217, 0.99216,
+    0.992, 0.99201, 0.99201, 0.99202, 0.99133, 0.99132, 0.99112, 0.9911, 0.99155, 0.99155, 0.98958, 0.98957,
+    0.98959, 0.98958, 0.98838, 0.98835, 0.98826, 0.98825, 0.9883, 0.98828, 0.98711, 0.98709, 0.98562, 0.98561,
+    0.98511, 0.9851, 0.98414, 0.98412, 0.98284, 0.98282, 0.98104, 0.98101, 0.97981, 0.97979, 0.97849, 0.97849,
+    0.97557, 0.97554, 0.97398, 0.97395, 0.97171, 0.97166, 0.96917, 0.96913, 0.96511, 0.96507, 0.96263, 0.96257,
+    0.95839, 0.95835, 0.95483, 0.95475, 0.94942, 0.94936, 0.9468, 0.94678, 0.94583, 0.94594, 0.94843, 0.94872,
+    0.96949, 0.97015,
+]
+_WAN22_TI2V_5B_I2V = [
+    0.99512, 0.99559, 0.99559, 0.99561, 0.99595, 0.99577, 0.99512, 0.99512, 0.99546, 0.99534, 0.99543, 0.99531,
+    0.99496, 0.99491, 0.99504, 0.99499, 0.99444, 0.99449, 0.99481, 0.99481, 0.99435, 0.99435, 0.9943, 0.99431,
+    0.99411, 0.99406, 0.99373, 0.99376, 0.99413, 0.99405, 0.99363, 0.99359, 0.99335, 0.99331, 0.99244, 0.99243,
+    0.99229, 0.99229, 0.99239, 0.99236, 0.99163, 0.9916, 0.99149, 0.99151, 0.99191, 0.99192, 0.9898, 0.98981,
+    0.9899, 0.98987, 0.98849, 0.98849, 0.98846, 0.98846, 0.98861, 0.98861, 0.9874, 0.98738, 0.98588, 0.98589,
+    0.98539, 0.98534, 0.98444, 0.98439, 0.9831, 0.98309, 0.98119, 0.98118, 0.98001, 0.98, 0.97862, 0.97859,
+    0.97555, 0.97558, 0.97392, 0.97388, 0.97152, 0.97145, 0.96871, 0.9687, 0.96435, 0.96434, 0.96129, 0.96127,
+    0.95639, 0.95638, 0.95176, 0.95175, 0.94446, 0.94452, 0.93972, 0.93974, 0.93575, 0.9359, 0.93537, 0.93552,
+    0.96655, 0.96616,
+]
+
+
+@dataclass(frozen=True)
+class MagTable:
+    """A model's published MagCache calibration and setting (threshold E, max consecutive skips K, retention R)."""
+
+    ratios: tuple  # interleaved cond/uncond, without the prepended [1.0, 1.0]
+    threshold: float
+    max_skips: int
+    retention: float
+    retain_first_expert: bool = False  # I2V-A14B: the whole high-noise phase computes
+
+
+# Keys: registry model ids (a table for the image mode of a model is keyed "<id>:image").
+MAG_TABLES = {
+    "wan2.2-t2v-a14b": MagTable(tuple(_WAN22_T2V_A14B), 0.06, 2, 0.4),
+    "wan2.2-i2v-a14b": MagTable(tuple(_WAN22_I2V_A14B), 0.06, 2, 0.1, retain_first_expert=True),
+    "wan2.2-ti2v-5b": MagTable(tuple(_WAN22_TI2V_5B_T2V), 0.06, 2, 0.2),
+    "wan2.2-ti2v-5b:image": MagTable(tuple(_WAN22_TI2V_5B_I2V), 0.06, 2, 0.2),
+}
+
+DEFAULT_THRESHOLDS = {"easycache": 0.05, "fbcache": 0.05, "magcache": None}  # None: the model's published one
+EASYCACHE_WARMUP = 10
+
+
+def parse_cache(text: str | None, model_id: str | None = None) -> tuple[str, float] | None:
+    """`NAME[:THRESHOLD]` -> (name, threshold); raises MlxVideoError for an unknown name or a bad number."""
+    if text is None or text in ("", "none", "off"):
+        return None
+    name, _, value = text.partition(":")
+    if name not in DEFAULT_THRESHOLDS:
+        raise MlxVideoError(f"--cache {text}: unknown method {name!r}; choose one of {', '.join(DEFAULT_THRESHOLDS)}")
+    if name == "magcache" and model_id is not None and model_id not in MAG_TABLES:
+        raise MlxVideoError(f"--cache magcache needs published magnitude ratios for the model; {model_id} has none "
+                            f"(tables: {', '.join(MAG_TABLES)}); use easycache or fbcache")
+    if value:
+        try:
+            threshold = float(value)
+        except ValueError:
+            raise MlxVideoError(f"--cache {text}: the threshold after ':' must be a number, not {value!r}") from None
+        if not np.isfinite(threshold) or threshold < 0:
+            raise MlxVideoError(f"--cache {text}: the threshold must be a finite number >= 0")
+    else:
+        threshold = DEFAULT_THRESHOLDS[name]
+        if threshold is None:
+            threshold = MAG_TABLES[model_id].threshold if model_id in MAG_TABLES else 0.06
+    return name, threshold
+
+
+def nearest_interp(values, length: int) -> np.ndarray:
+    """Nearest-neighbour resampling of a per-step list to `length` steps (indices round(i·(n−1)/(length−1)))."""
+    values = np.asarray(values, dtype=np.float64)
+    if length == 1:
+        return values[-1:]
+    idx = np.round(np.arange(length) * (len(values) - 1) / (length - 1)).astype(int)
+    return values[idx]
+
+
+def mag_ratios_per_step(table: MagTable, steps: int) -> np.ndarray:
+    """The conditional branch's ratio for each of `steps` steps: [1.0] + the table's even entries, resampled."""
+    cond = np.concatenate([[1.0], np.asarray(table.ratios[0::2], dtype=np.float64)])
+    return cond if len(cond) == steps else nearest_interp(cond, steps)
+
+
+def _mean_abs(a: mx.array) -> mx.array:
+    return mx.mean(mx.abs(a.astype(mx.float32)))
+
+
+class StepCache:
+    """Counts transformer evaluations and, with a method, reuses earlier results (see the module docstring).
+
+    `segments`: for each step, which model runs (a name); a change starts a new segment with fresh state.
+    """
+
+    def __init__(self, method: str | None, threshold: float = 0.0, steps: int = 1, segments=None,
+                 mag_table: MagTable | None = None):
+        self.name, self.threshold, self.steps = method, threshold, steps
+        self.segments = list(segments) if segments is not None else [None] * steps
+        if method == "magcache":
+            if mag_table is None:
+                raise MlxVideoError("magcache needs the model's magnitude-ratio table")
+            self.mag_table = mag_table
+            self.ratios = mag_ratios_per_step(mag_table, steps)
+        self.evals = 0  # full evaluations that ran (one per sample: a batched CFG call counts 2)
+        self.evals_uncached = 0
+        self.reused_steps: list[int] = []
+        self.step, self.model, self.reuse = -1, None, False
+        self._calls = 0
+        self._reset()
+
+    # ---- bookkeeping ----
+
+    def _reset(self) -> None:
+        self.branch: dict[int, dict] = {}
+        self.prev_x = None  # easycache
+        self.k = None
+        self.acc = 0.0
+        self.acc_ratio, self.acc_steps = 1.0, 0  # magcache
+        self.segment_start = self.step if self.step >= 0 else 0
+
+    def begin_step(self, i: int, model) -> None:
+        if model is not self.model:
+            self.model = model
+            self.step = i
+            self._reset()
+        self.step, self._calls, self.reuse = i, 0, False
+
+    def stats(self) -> dict:
+        return {"cache": self.name, "cache_threshold": self.threshold if self.name else None,
+                "transformer_evals": self.evals, "transformer_evals_uncached": self.evals_uncached,
+                "reused_steps": list(self.reused_steps)}
+
+    def _segment_length(self) -> int:
+        label = self.segments[self.segment_start]
+        n = 0
+        for name in self.segments[self.segment_start:]:
+            if name != label:
+                break
+            n += 1
+        return n
+
+    # ---- the forward ----
+
+    def __call__(self, model, x: mx.array, t: mx.array, context) -> mx.array:
+        branch = self._calls
+        self._calls += 1
+        self.evals_uncached += x.shape[0]
+        if self.name is None:
+            self.evals += x.shape[0]
+            return model(x, t, context)
+        first = branch == 0
+        if self.name == "easycache":
+            out = self._easycache(model, x, t, context, branch, first)
+        elif self.name == "magcache":
+            out = self._magcache(model, x, t, context, branch, first)
+        else:
+            out = self._fbcache(model, x, t, context, branch, first)
+        if first and self.reuse:
+            self.reused_steps.append(self.step)
+        return out
+
+    def _full(self, model, x, t, context, branch):
+        """Run embed, the blocks and unembed; keep the blocks' residual for this branch."""
+        state = model.embed(x, t, context)
+        before = state.hidden
+        state = model.run_blocks(state)
+        self.branch.setdefault(branch, {})["residual"] = state.hidden - before
+        self.evals += x.shape[0]
+        return model.unembed(state)
+
+    # EasyCache: decide on the first call of the step from the raw input's change.
+    def _easycache(self, model, x, t, context, branch, first):
+        if first:
+            x0 = x[:1]
+            last = self.branch.get(0)
+            forced = (self.step - self.segment_start < EASYCACHE_WARMUP or self.step == self.steps - 1
+                      or last is None or self.k is None or self.threshold <= 0)
+            self.reuse = False
+            if not forced:
+                self.acc += self.k * (_mean_abs(x0 - self.prev_x) / _mean_abs(last["out"][:1])).item()
+                self.reuse = self.acc < self.threshold
+            if not self.reuse:
+                self.acc = 0.0
+            self.prev_x = x0
+        store = self.branch.setdefault(branch, {})
+        if self.reuse and "delta" in store:
+            return x[..., : store["delta"].shape[-1]] + store["delta"]
+        out = model(x, t, context)
+        self.evals += x.shape[0]
+        xin = x[..., : out.shape[-1]].astype(mx.float32)
+        if first and "out" in store:
+            self.k = (_mean_abs(out[:1] - store["out"][:1]) / _mean_abs(xin[:1] - store["x"][:1])).item()
+        store.update(out=out, x=xin, delta=out.astype(mx.float32) - xin)
+        return out
+
+    # MagCache: the decision needs only the published ratios (no host synchronisation).
+    def _magcache(self, model, x, t, context, branch, first):
+        if first:
+            table = self.mag_table
+            seg_step = self.step - self.segment_start
+            retained = int(self._segment_length() * table.retention)
+            if table.retain_first_expert and self.segment_start == 0 and len(set(self.segments)) > 1:
+                retained = self._segment_length()
+            self.reuse = False
+            if seg_step >= retained and self.threshold > 0 and 0 in self.branch:
+                self.acc_ratio *= float(self.ratios[self.step])
+                self.acc_steps += 1
+                self.acc += abs(1.0 - self.acc_ratio)
+                self.reuse = self.acc < self.threshold and self.acc_steps <= table.max_skips
+            if not self.reuse:
+                self.acc, self.acc_steps, self.acc_ratio = 0.0, 0, 1.0
+        store = self.branch.get(branch)
+        if self.reuse and store is not None:
+            state = model.embed(x, t, context)
+            state.hidden = state.hidden + store["residual"]
+            return model.unembed(state)
+        return self._full(model, x, t, context, branch)
+
+    # First-block cache: block 0 runs; its residual's change decides.
+    def _fbcache(self, model, x, t, context, branch, first):
+        state = model.embed(x, t, context)
+        before = state.hidden
+        state = model.run_blocks(state, 0, 1)
+        after_first = state.hidden
+        r = after_first - before
+        store = self.branch.setdefault(branch, {})
+        if first:
+            ref = store.get("r")
+            self.reuse = False
+            if ref is not None and self.threshold > 0 and "tail" in store:
+                diff = (_mean_abs(r[:1] - ref[:1]) / _mean_abs(ref[:1])).item()
+                self.reuse = diff < self.threshold
+        if self.reuse and "tail" in store:
+            state.hidden = after_first + store["tail"]
+            return model.unembed(state)
+        state = model.run_blocks(state, 1)
+        store.update(r=r, tail=state.hidden - after_first)
+        self.evals += x.shape[0]
+        return model.unembed(state)
+
+
+def make_step_cache(option: str | None, steps: int, segments=None, model_id: str | None = None,
+                    image_mode: bool = False) -> StepCache:
+    parsed = parse_cache(option, model_id)
+    if parsed is None:
+        return StepCache(None, steps=steps, segments=segments)
+    name, threshold = parsed
+    table = None
+    if name == "magcache":
+        table = MAG_TABLES.get(f"{model_id}:image" if image_mode else model_id) or MAG_TABLES[model_id]
+    return StepCache(name, threshold, steps, segments, table)

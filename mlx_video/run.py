@@ -1,0 +1,545 @@
+"""The core of `mlxvid generate`, as functions: `generate`, `batch`, `decode` and the Python API call them.
+
+    result = run_generation({"model": "wan2.2-ti2v-5b", "prompt": "a corgi surfing", "preset": "youtube-short",
+                             "quality": "medium", "duration": 4, "overlay": ["Hook@0-2"]})
+
+`options` is a dict keyed by generate's option names (long name, `-` as `_`). `prepare` checks everything and
+settles the settings before any weights are read; `execute` runs the work and writes the outputs. Options this
+module does not know are carried into the sidecar's "options" record untouched (a replay passes them back).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import MlxVideoError
+
+SEED_MAX = 2**64 - 1  # mx.random.key takes an unsigned 64-bit seed
+# options that do not change what a run makes (left out of the record that resume and replay compare)
+NOT_RECORDED = {"quiet", "overwrite", "preview_every", "from_sidecar"}
+
+
+def _parse_sigmas(sigmas, timesteps) -> list[float] | None:
+    if sigmas is not None and timesteps is not None:
+        raise MlxVideoError("give --sigmas or --timesteps, not both")
+    text, option = (sigmas, "--sigmas") if sigmas is not None else (timesteps, "--timesteps")
+    if text is None:
+        return None
+    if isinstance(text, (list, tuple)):
+        values = [float(v) for v in text]
+    else:
+        try:
+            values = [float(v) for v in str(text).replace(" ", "").split(",") if v]
+        except ValueError:
+            raise MlxVideoError(f"{option} takes comma-separated numbers, e.g. 1000,750,500,250, not {text!r}") from None
+    if option == "--timesteps":
+        values = [v / 1000.0 for v in values]
+    return values
+
+
+def _parse_size(value) -> tuple[int | None, int | None]:
+    if value is None:
+        return None, None
+    try:
+        w, h = str(value).lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise MlxVideoError(f"--size takes WIDTHxHEIGHT, e.g. 1280x720, not {value!r}") from None
+
+
+def default_output(prompt: str, seed: int, folder: Path | None = None, suffix: str = ".mp4") -> Path:
+    """`<first words of the prompt>-seed<N>.mp4` in `folder` (default: the current one), with -2, -3, ... added
+    rather than clobbering a file (or its sidecar) that exists."""
+    folder = Path.cwd() if folder is None else Path(folder)
+    words = re.findall(r"[a-z0-9]+", prompt.lower())
+    slug = "-".join(words)[:48].strip("-") or "video"
+    stem = f"{slug}-seed{seed}"
+    path, n = folder / f"{stem}{suffix}", 1
+    while path.exists() or path.with_suffix(".json").exists():
+        n += 1
+        path = folder / f"{stem}-{n}{suffix}"
+    return path
+
+
+def check_output_writable(path: Path, overwrite: bool, option: str = "--output") -> None:
+    """Refuse, before any work, an output that exists (without --overwrite) or whose folder cannot be written."""
+    from .io.atomic import check_writable
+
+    try:
+        check_writable(path, overwrite)
+        fd, probe = tempfile.mkstemp(prefix=".mlxvid-probe-", dir=path.parent)
+        import os
+
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MlxVideoError(f"cannot write {option} {path}: {e.strerror or e}") from None
+
+
+def _check_range(option: str, value, lo, hi, integer=False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        raise MlxVideoError(f"{option} takes a {'whole ' if integer else ''}number, not {value!r}")
+    if not math.isfinite(value) or not lo <= value <= hi:
+        if math.isinf(lo) and math.isinf(hi):
+            raise MlxVideoError(f"{option} must be a finite number, got {value}")
+        if math.isinf(hi):
+            raise MlxVideoError(f"{option} must be a finite number above {lo if lo > 1e-6 else 0}, got {value}")
+        raise MlxVideoError(f"{option} must be {'a whole number ' if integer else ''}from {lo} to {hi}, got {value}")
+
+
+def recorded_options(options: dict) -> dict:
+    """The options as the sidecar records them (JSON values, no None, nothing that leaves the output alone)."""
+    from .io.sidecar import to_jsonable
+
+    return to_jsonable({k: v for k, v in sorted(options.items())
+                        if v is not None and k not in NOT_RECORDED and v != () and v != []})
+
+
+@dataclass
+class Delivery:
+    """What happens to the decoded frames: scaling to a preset's size, a new frame rate, text, a watermark."""
+
+    width: int
+    height: int
+    fps: float
+    preset: str | None = None
+    fit: str = "crop"
+    margins: dict | None = None
+    overlays: list = field(default_factory=list)
+    watermark: str | None = None
+    watermark_corner: str = "bottom-right"
+    font: str | None = None
+
+    def record(self, render_size, render_fps) -> dict:
+        return {"preset": self.preset, "width": self.width, "height": self.height, "fps": self.fps,
+                "render_size": list(render_size), "render_fps": render_fps, "fit": self.fit,
+                "frame_rate_conversion": "none" if self.fps == render_fps else "nearest frame in time",
+                "overlays": [[o.text, o.start, o.end] for o in self.overlays], "watermark": self.watermark,
+                "watermark_corner": self.watermark_corner if self.watermark else None}
+
+    def apply(self, video: np.ndarray, render_fps: float) -> np.ndarray:
+        from .overlay import burn
+        from .presets import fit_frames, retime
+
+        if (video.shape[2], video.shape[1]) != (self.width, self.height):
+            video = fit_frames(video, self.width, self.height, self.fit)
+        video = retime(video, render_fps, self.fps)  # a new array: drawn on in place
+        return burn(video, self.fps, self.overlays, self.watermark, self.watermark_corner, self.margins, self.font,
+                    in_place=True)
+
+
+@dataclass
+class Job:
+    """A generation settled and checked, ready to run."""
+
+    options: dict
+    pipe: object
+    settings: object
+    output: Path | None
+    save_latents: Path | None
+    overwrite: bool
+    quiet: bool
+    vae_tiling: str
+    image_fit: str
+    pixels: np.ndarray | None
+    init_latents: np.ndarray | None
+    init_latents_path: Path | None
+    estimate: dict
+    delivery: Delivery | None
+    quality: str | None = None
+    duration: float | None = None
+    preview_every: int | None = None
+
+    def record(self) -> dict:
+        s = self.settings
+        record = s.to_dict()
+        pipe = self.pipe
+        record.update(model=pipe.spec.id, model_folder=str(pipe.folder.path), dtype=pipe.folder.manifest["dtype"],
+                      init_latents=str(self.init_latents_path) if self.init_latents_path else None,
+                      memory_estimate=self.estimate, image_fit=self.image_fit if s.image is not None else None,
+                      quality=self.quality, duration=self.duration, render_size=[s.width, s.height],
+                      options=recorded_options(self.options))
+        if self.delivery is not None:
+            record["delivery"] = self.delivery.record((s.width, s.height), s.fps)
+            record["delivery_size"] = [self.delivery.width, self.delivery.height]
+        return record
+
+
+def lora_options(o: dict) -> list[dict] | None:
+    """--lora / --lora-high / --lora-low (PATH[:SCALE], repeatable) as settings records."""
+    from .lora import parse_lora_option
+
+    loras = []
+    for option, target in (("lora", "all"), ("lora_high", "high"), ("lora_low", "low")):
+        values = o.get(option) or ()
+        for value in [values] if isinstance(values, str) else values:
+            entry = parse_lora_option(value, "--" + option.replace("_", "-")) if isinstance(value, str) else dict(value)
+            loras.append({**entry, "target": target})
+    return loras or None
+
+
+def load_pipeline(model: str, pipelines: dict | None = None):
+    from .pipelines.base import Pipeline
+
+    if pipelines is None:
+        return Pipeline.from_pretrained(model)
+    if model not in pipelines:
+        pipelines[model] = Pipeline.from_pretrained(model)
+    return pipelines[model]
+
+
+def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_folder: Path | None = None,
+            check_memory: bool = True) -> Job:
+    """Check every option and settle the settings against the model, before any weights are read."""
+    from .io.sidecar import sidecar_path
+    from .overlay import check_font, check_watermark, parse_overlay
+    from .pipelines.base import GenerationSettings
+    from .presets import CORNERS, frames_for_duration, get_preset, pick_render_size, quality_profiles
+
+    o = dict(options)
+    if not o.get("model"):
+        raise MlxVideoError("--model is required")
+    if not isinstance(o.get("prompt"), str) or not o["prompt"].strip():
+        raise MlxVideoError("--prompt is required")
+    seed = 0 if o.get("seed") is None else o["seed"]
+    _check_range("--seed", seed, 0, SEED_MAX, integer=True)
+    seed = int(seed)
+    _check_range("--max-memory", o.get("max_memory"), 1e-9, math.inf)
+    _check_range("--preview-every", o.get("preview_every"), 1, 10**9, integer=True)
+    for name in ("guidance", "guidance_2", "true_cfg", "shift"):
+        if o.get(name) is not None:
+            _check_range("--" + name.replace("_", "-"), o[name], -math.inf, math.inf)
+    overwrite, quiet = bool(o.get("overwrite")), bool(o.get("quiet"))
+    vae_tiling, image_fit = o.get("vae_tiling") or "auto", o.get("image_fit") or "crop"
+    image = Path(o["image"]) if o.get("image") is not None else None
+    output = Path(o["output"]) if o.get("output") is not None else None
+    save_latents = Path(o["save_latents"]) if o.get("save_latents") is not None else None
+    init_path = Path(o["init_latents"]) if o.get("init_latents") is not None else None
+    if output is None and save_latents is None:
+        output = default_output(o["prompt"], seed, output_folder)
+        o["output"] = str(output)
+    if save_latents is not None and save_latents.suffix != ".npy":
+        raise MlxVideoError(f"--save-latents writes a .npy file, not {save_latents.name}")
+    if output is not None and output.suffix.lower() not in ("", ".mp4", ".mov"):
+        raise MlxVideoError(f"--output takes a .mp4 or .mov file, or a folder for PNG frames, not {output.name}")
+    from .distributed import rank as process_rank
+
+    for path, option in ((save_latents, "--save-latents"), (output, "--output")):
+        if path is not None and process_rank() == 0:  # on several processes, rank 0 alone writes
+            check_output_writable(path, overwrite, option)
+            check_output_writable(sidecar_path(path), overwrite, option + " (its .json sidecar)")
+
+    overlays = [parse_overlay(v) if isinstance(v, str) else v for v in (o.get("overlay") or [])]
+    watermark = o.get("watermark")
+    check_watermark(watermark)
+    check_font(o.get("font"))
+    if o.get("watermark_corner") is not None and o["watermark_corner"] not in CORNERS:
+        raise MlxVideoError(f"--watermark-corner must be one of {', '.join(CORNERS)}, not {o['watermark_corner']!r}")
+    preset = get_preset(o["preset"]) if o.get("preset") else None
+    quality = o.get("quality")
+    if quality is not None and quality not in ("high", "medium", "low"):
+        raise MlxVideoError(f"--quality must be high, medium or low, not {quality!r}")
+    if o.get("duration") is not None and o.get("frames") is not None:
+        raise MlxVideoError("give --duration or --frames, not both")
+
+    width, height = _parse_size(o.get("size"))
+    steps = o.get("steps")
+    sigma_list = _parse_sigmas(o.get("sigmas"), o.get("timesteps"))
+    if sigma_list is not None and steps is not None and steps != len(sigma_list):
+        raise MlxVideoError(f"--steps {steps} disagrees with the {len(sigma_list)} values of --sigmas/--timesteps; give one")
+    if pipe is None:
+        pipe = load_pipeline(str(o["model"]), pipelines)
+    spec = pipe.spec
+    from .extend import extension_frames, prepare_extension
+
+    chain = extension_frames(o, spec)
+    if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.extend)
+        return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory)
+    profile = quality_profiles(spec)[quality] if quality else None
+    if width is None and height is None:
+        if preset is not None:
+            (width, height), _ = pick_render_size(spec, preset.width, preset.height, quality or "high")
+        elif profile is not None:
+            width, height = profile["sizes"][0]
+    if steps is None and sigma_list is None and profile is not None and not o.get("recipe"):  # a recipe sets its own
+        steps = profile["steps"]
+    frames = o.get("frames")
+    if o.get("duration") is not None:
+        _check_range("--duration", o["duration"], 1e-9, math.inf)
+        frames = frames_for_duration(spec, float(o["duration"]), o.get("fps") or spec.default("fps"))
+
+    settings = pipe.resolve(GenerationSettings(
+        prompt=o["prompt"], negative_prompt=o.get("negative_prompt"), width=width, height=height, frames=frames,
+        steps=steps, guidance=o.get("guidance"), guidance_2=o.get("guidance_2"), true_cfg=o.get("true_cfg"),
+        shift=o.get("shift"), sampler=o.get("sampler"), schedule=o.get("schedule"), sigmas=sigma_list, seed=seed,
+        fps=o.get("fps"), guidance_mode=o.get("guidance_mode") or "batched",
+        loras=lora_options(o), recipe=o.get("recipe"), cache=o.get("cache"),
+        image=str(image) if image is not None else None,
+    ))
+    delivery = None
+    if output is not None and (preset is not None or overlays or watermark is not None):
+        corner = o.get("watermark_corner") or (preset.watermark_corner if preset else "bottom-right")
+        w, h, fps = (preset.width, preset.height, preset.fps) if preset else (settings.width, settings.height, settings.fps)
+        delivery = Delivery(w, h, fps, preset.name if preset else None, preset.fit if preset else "crop",
+                            preset.margins if preset else None, overlays, watermark, corner,
+                            str(o["font"]) if o.get("font") else None)
+    pixels = None
+    if image is not None:
+        from .io.image import fit_image, load_image
+
+        pixels = fit_image(load_image(image), settings.width, settings.height, mode=image_fit)
+    if output is not None and not pipe.can_decode:
+        raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
+    pipe.vae_tile(vae_tiling, (1, 1))  # validates the option before the long work
+    latents = None
+    if init_path is not None:
+        try:
+            latents = np.load(init_path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise MlxVideoError(f"cannot read --init-latents {init_path}: {e}") from None
+        latents = pipe.check_init_latents(settings, latents)
+    max_memory = o.get("max_memory")
+    limit = None if max_memory is None else int(max_memory * 1024**3)
+    if check_memory:
+        estimate = pipe.check_memory(settings, limit, vae_tiling if output is not None else "off", pixels is not None)
+    else:
+        estimate = {"stages": {}, "peak_stage": None, "peak_bytes": 0}
+    if output is None:
+        estimate["stages"].pop("decoding", None)
+    return Job(o, pipe, settings, output, save_latents, overwrite, quiet, vae_tiling, image_fit, pixels, latents,
+               init_path, estimate, delivery, quality, o.get("duration"), o.get("preview_every"))
+
+
+def summary_line(job: Job) -> str:
+    from .pipelines.base import format_bytes
+
+    s, pipe = job.settings, job.pipe
+    guidance_text = f"guidance {s.guidance}" + (f" / {s.guidance_2} (high / low noise)" if s.guidance_2 is not None else "")
+    text = (f"{pipe.spec.id} ({pipe.folder.manifest['dtype']}): {s.width}x{s.height}, {s.frames} frames at {s.fps} fps, "
+            f"{s.steps} steps ({s.sampler}, shift {s.shift}), {guidance_text}, seed {s.seed}; estimated peak "
+            f"{format_bytes(job.estimate['peak_bytes'])} ({job.estimate['peak_stage']})")
+    if job.delivery is not None and (job.delivery.width, job.delivery.height, job.delivery.fps) != (s.width, s.height, s.fps):
+        d = job.delivery
+        text += f"; delivered as {d.width}x{d.height} at {d.fps:g} fps" + (f" ({d.preset})" if d.preset else "")
+    return text
+
+
+def execute(job: Job, echo=click.echo, hooks=()) -> dict:
+    """Run a prepared job and write its outputs atomically, each with its sidecar. If the video cannot be
+    written at the end, the latents are kept (beside the output, else in the cache) with a way to decode them."""
+    from .io.atomic import atomic_file
+    from .io.sidecar import write_sidecar
+
+    if not isinstance(job, Job):  # a chain of clips (mlx_video.extend.ExtensionJob) runs its own way
+        return job.execute(echo, hooks)
+    if not job.quiet:
+        echo(summary_line(job))
+    hooks = list(hooks)
+    if job.preview_every:
+        from .preview import make_preview_hook
+
+        hooks.append(make_preview_hook(job.pipe, job.settings, job.init_latents, job.output or job.save_latents,
+                                       job.preview_every, None if job.quiet else echo))
+    kwargs = {"hooks": hooks} if hooks else {}
+    result = job.pipe.generate(job.settings, init_latents=job.init_latents, progress=not job.quiet, image=job.pixels,
+                               **kwargs)
+    record = job.record()
+    record["experts"] = result.experts
+    record.update(getattr(result, "stats", None) or {})  # transformer_evals, reused steps (--cache)
+    if result.parallel is not None:
+        record["parallel"] = result.parallel  # ranks, backend, split
+    written = []
+    from .distributed import rank as process_rank
+
+    if process_rank() != 0:  # several processes: rank 0 writes the outputs and the sidecar
+        return {"settings": job.settings, "outputs": [], "timings": result.timings, "record": record,
+                "pipe": job.pipe, "latents": result.latents}
+    if job.save_latents is not None:
+        with atomic_file(job.save_latents, overwrite=job.overwrite) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, result.latents)
+        write_sidecar(job.save_latents, record, result.timings, overwrite=job.overwrite)
+        written.append(job.save_latents)
+        echo(f"wrote latents {tuple(result.latents.shape)} to {job.save_latents}")
+    if job.output is not None:
+        try:
+            video = write_video_output(job, result.latents, record, result.timings)
+        except (OSError, MlxVideoError) as e:
+            if job.save_latents is not None and job.save_latents.is_file():
+                kept = job.save_latents
+            else:
+                kept = rescue_latents(job, result.latents, record, result.timings)
+            raise MlxVideoError(
+                f"could not write {job.output} ({e}); the finished latents are saved at {kept}. Decode them with: "
+                f"mlxvid decode {kept} --output {job.output}"
+            ) from None
+        written.append(job.output)
+        echo(f"wrote {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} to {job.output}")
+    return {"settings": job.settings, "outputs": written, "timings": result.timings, "record": record,
+            "pipe": job.pipe, "latents": result.latents}
+
+
+def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dict) -> np.ndarray:
+    from .io import video as video_io
+    from .io.sidecar import write_sidecar
+
+    start = time.perf_counter()
+    video, stats = job.pipe.decode(latents, tiling=job.vae_tiling, progress=not job.quiet)
+    timings["decoding"] = time.perf_counter() - start
+    fps = job.settings.fps
+    if job.delivery is not None:
+        start = time.perf_counter()
+        video = job.delivery.apply(video, job.settings.fps)
+        fps = job.delivery.fps
+        timings["delivery"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if job.output.suffix:
+        video_io.write_video(video, job.output, fps=fps, overwrite=job.overwrite)
+    else:
+        video_io.write_frames_png(video, job.output, overwrite=job.overwrite)
+    timings["writing"] = time.perf_counter() - start
+    record.update(stats, vae_tiling=job.vae_tiling, output_frames=int(video.shape[0]), output_fps=fps)
+    write_sidecar(job.output, record, timings, overwrite=job.overwrite)
+    return video
+
+
+def rescue_dir() -> Path:
+    from .registry import models_home
+
+    return models_home().parent / "rescued"
+
+
+def rescue_latents(job: Job, latents: np.ndarray, record: dict, timings: dict) -> Path:
+    """Save the latents (and a sidecar naming the run) beside the output, or in the cache if that fails."""
+    from .io.sidecar import write_sidecar
+
+    stem = job.output.stem if job.output.suffix else job.output.name
+    candidates = [job.output.with_name(stem + ".latents.npy"), rescue_dir() / f"{stem}-{int(time.time())}.latents.npy"]
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, latents)
+            write_sidecar(path, {**record, "intended_output": str(job.output)}, timings, overwrite=True)
+            return path
+        except OSError:
+            continue
+    raise MlxVideoError(f"could not write {job.output}, nor keep the latents in {candidates[0].parent} or "
+                        f"{candidates[1].parent}")
+
+
+def run_generation(options: dict, pipe=None, echo=click.echo, explicit=None, hooks=()) -> dict:
+    """Run one generation from generate's options; returns {"settings", "outputs", "timings", "record", ...}.
+    With "from_sidecar", the sidecar's run is repeated; `explicit` names the options given on top of it."""
+    if options.get("from_sidecar"):
+        options = replay_options(options["from_sidecar"], options, explicit)
+    job = prepare(options, pipe)
+    return execute(job, echo, hooks)
+
+
+# ---- replay ----
+
+# a changed option makes these recorded ones meaningless (they were derived from it)
+_DERIVED = {"quality": ("size", "steps"), "preset": ("size",), "duration": ("frames",), "frames": ("duration",),
+            "steps": ("sigmas", "timesteps"), "sigmas": ("steps", "timesteps"), "timesteps": ("steps", "sigmas"),
+            "size": (), "model": ()}
+
+
+def read_sidecar(path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MlxVideoError(f"cannot read the sidecar {path}: {e}") from None
+
+
+def replay_options(sidecar, options: dict | None = None, explicit=None) -> dict:
+    """generate's options repeating what a sidecar records (every resolved setting pinned, so the latents are
+    the same), with the options in `explicit` taken from `options` instead."""
+    record = read_sidecar(sidecar)
+    replay = dict(record.get("options") or {})
+    folder = record.get("model_folder")
+    replay["model"] = folder if folder and Path(folder).is_dir() else record.get("model")
+    pinned = {"prompt": record.get("prompt"), "negative_prompt": record.get("negative_prompt"),
+              "size": f"{record['width']}x{record['height']}", "frames": record.get("frames"),
+              "guidance": record.get("guidance"), "guidance_2": record.get("guidance_2"),
+              "true_cfg": record.get("true_cfg"), "shift": record.get("shift"), "sampler": record.get("sampler"),
+              "schedule": record.get("schedule"), "seed": record.get("seed"), "fps": record.get("fps"),
+              "guidance_mode": record.get("guidance_mode")}
+    if record.get("sigmas") is not None:
+        pinned["sigmas"] = list(record["sigmas"])
+        replay.pop("timesteps", None)
+    else:
+        pinned["steps"] = record.get("steps")
+    replay.update({k: v for k, v in pinned.items() if v is not None})
+    for name in ("output", "save_latents", "duration", "quality"):
+        replay.pop(name, None)
+    options = dict(options or {})
+    given = set(explicit if explicit is not None else (k for k, v in options.items() if v not in (None, (), [], False)))
+    given.discard("from_sidecar")
+    for name in given:
+        for derived in _DERIVED.get(name, ()):
+            if derived not in given:
+                replay.pop(derived, None)
+        replay[name] = options.get(name)
+    for name, value in options.items():  # what the command line left at its default: quiet, overwrite, ...
+        replay.setdefault(name, value)
+    replay.pop("from_sidecar", None)
+    return replay
+
+
+# ---- decode ----
+
+def decode_latents(latents_path, output, model: str | None = None, overwrite: bool = False, quiet: bool = False,
+                   echo=click.echo) -> Path:
+    """Decode saved latents into a video; the sidecar beside them (if any) supplies the model, the frame rate
+    and the delivery (preset, overlays, watermark) of the run that made them."""
+    from .io.sidecar import sidecar_path
+
+    latents_path, output = Path(latents_path), Path(output)
+    record = {}
+    if sidecar_path(latents_path).is_file():
+        record = read_sidecar(sidecar_path(latents_path))
+    options = dict(record.get("options") or {})
+    if model is None:
+        folder = record.get("model_folder")
+        model = folder if folder and Path(folder).is_dir() else record.get("model")
+    if model is None:
+        raise MlxVideoError(f"no sidecar beside {latents_path} names the model: pass --model")
+    options.update(model=model, output=str(output), overwrite=overwrite, quiet=quiet)
+    options.pop("save_latents", None)
+    try:
+        latents = np.load(latents_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise MlxVideoError(f"cannot read {latents_path}: {e}") from None
+    if latents.ndim != 5:
+        raise MlxVideoError(f"{latents_path} holds shape {latents.shape}, not (1, C, T, H, W) latents")
+    pipe = load_pipeline(model)
+    st, sh, sw = pipe.spec.vae_stride
+    size = f"{latents.shape[4] * sw}x{latents.shape[3] * sh}"
+    frames = (latents.shape[2] - 1) * st + 1
+    options.update(size=size, frames=frames, prompt=record.get("prompt") or "decoded latents")
+    for name in ("duration", "init_latents", "preview_every", "lora", "lora_high", "lora_low", "cache"):
+        options.pop(name, None)  # none of them changes decoding
+    if record.get("fps") is not None:
+        options["fps"] = record["fps"]
+    if pipe.latent_channels != latents.shape[1]:
+        raise MlxVideoError(f"{latents_path} has {latents.shape[1]} channels; {pipe.spec.id} decodes {pipe.latent_channels}")
+    job = prepare(options, pipe, check_memory=False)
+    job.pixels = None
+    rec = job.record()
+    rec["decoded_from"] = str(latents_path)
+    video = write_video_output(job, latents.astype(np.float32), rec, {})
+    echo(f"wrote {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} to {output}")
+    return output

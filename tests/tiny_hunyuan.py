@@ -1,0 +1,130 @@
+"""A tiny random HunyuanVideo reference pipeline, built offline with diffusers, transformers and tokenizers.
+
+The Llama tokenizer is a byte-level BPE with Llama 3's pre-tokenizer (its split pattern, then byte-level
+without its own regex) trained on the prompt template and a few sentences: it splits the template as Llama 3
+does, into the published 95 tokens before the prompt, so both pipelines use the real crop.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+SENTENCES = [
+    "a cat walks on the grass in the morning light, realistic style",
+    "a corgi surfs a wave at sunset, cinematic",
+    "static, blurry, low quality, jittery camera",
+    "the camera pans over snowy mountains and a frozen lake",
+]
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# Llama 3's pre-tokenization pattern (as its tokenizer.json publishes it).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def llama_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mlx_video.text_encoders.llama import VIDEO_TEMPLATE
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=LLAMA_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([VIDEO_TEMPLATE, *SENTENCES] * 5, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                   pad_token="<|end_of_text|>", padding_side="right")
+
+
+def clip_tokenizer():
+    """Byte-level BPE with CLIP's specials; <|endoftext|> gets the largest id, as in CLIP's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|startoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(SENTENCES * 5, trainer)
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[(s, tok.token_to_id(s)) for s in ("<|startoftext|>", "<|endoftext|>")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def randomize_(module, seed: int) -> None:
+    """Random weights everywhere (norm gains around 1, small biases), so that no term is a no-op."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_norm = "norm" in name and not name.endswith(("linear.weight", "linear.bias"))
+            if is_norm:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.05 * noise)
+            elif "embed_tokens" in name or "token_embedding" in name or "position_embedding" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+
+
+def build_tiny_hunyuan_pipeline(folder: Path, seed: int = 0, transformer_dims: dict | None = None,
+                                llama_dims: dict | None = None):
+    """Save a tiny random `diffusers.HunyuanVideoPipeline` at `folder` (save_pretrained) and return it.
+    `transformer_dims` / `llama_dims` override the constructor arguments below (e.g. widths that --group-size
+    divides, for quantized conversions; the Llama's hidden_size is the transformer's text_embed_dim).
+
+    Transformer: 2 heads of 24 (RoPE 4/10/10), 2 double + 2 single blocks, 1 refiner block, 6 latent channels;
+    Llama: 5 layers, 40 wide, 4 heads of 10 (2 KV heads); CLIP: 3 layers, 36 wide; VAE: 4 levels (8/16/24/24)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    tokenizer, tokenizer_2 = llama_tokenizer(), clip_tokenizer()
+    torch.manual_seed(seed)
+    llama = LlamaModel(LlamaConfig(**{**dict(
+        vocab_size=len(tokenizer), hidden_size=40, intermediate_size=72, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=10, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=512,
+    ), **(llama_dims or {})})).eval()
+    eos = tokenizer_2.convert_tokens_to_ids("<|endoftext|>")
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer_2), hidden_size=36, intermediate_size=60, num_hidden_layers=3, num_attention_heads=3,
+        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=eos, pad_token_id=eos,
+        bos_token_id=tokenizer_2.convert_tokens_to_ids("<|startoftext|>"),
+    )).eval()
+    transformer = HunyuanVideoTransformer3DModel(**{**dict(
+        in_channels=6, out_channels=6, num_attention_heads=2, attention_head_dim=24, num_layers=2,
+        num_single_layers=2, num_refiner_layers=1, mlp_ratio=3.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+        guidance_embeds=True, text_embed_dim=40, pooled_projection_dim=36, rope_theta=256.0, rope_axes_dim=(4, 10, 10),
+    ), **(transformer_dims or {})}).eval()
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=6, block_out_channels=(8, 16, 24, 24), layers_per_block=1,
+        norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    ).eval()
+    for i, module in enumerate((llama, clip, transformer, vae)):
+        randomize_(module, seed + 1 + i)
+    pipe = HunyuanVideoPipeline(
+        text_encoder=llama, tokenizer=tokenizer, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip, tokenizer_2=tokenizer_2,
+    )
+    pipe.save_pretrained(folder)
+    return pipe
