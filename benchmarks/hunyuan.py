@@ -197,6 +197,7 @@ def run_vae(size=(64, 64), frame_counts=(9, 17, 33), json_path=None, seed: int =
         rows.append({"frames": f, "latent_frames": t, "decoded_frames": int(video.shape[1]), "seconds": seconds,
                      "peak_memory_bytes": peak, "activation_bytes": peak - weights,
                      "activation_bytes_estimated": estimate, "finite": bool(np.isfinite(video).all())})
+        echo(f"  {f} frames: {seconds:.1f} s, peak {_fmt_bytes(peak)}")
         del video
     record = {"harness": "hunyuan-vae", "vae_config": HUNYUAN_VAE.to_dict(), "width": width, "height": height,
               "tiling": vars(tiling), "weights_bytes": weights, "results": rows,

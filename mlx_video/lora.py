@@ -353,6 +353,12 @@ def fuse_loras(model: nn.Module, loras: Sequence[tuple[LoraFile, float]]) -> int
 def _fuse_low_precision(layer, delta: mx.array) -> None:
     weight = dense_weight(layer, mx.float32) + delta
     if isinstance(layer, nn.QuantizedLinear):
+        mode = getattr(layer, "mode", "affine")
+        if mode != "affine":  # mxfp8 / nvfp4 kept from a comfy_quant file: re-quantize in the layer's own mode
+            if "tensor_scale" in layer:  # nvfp4's per-tensor scale stays; the blocks hold weight / scale
+                weight = weight / layer["tensor_scale"]
+            layer.weight, layer.scales = mx.quantize(weight, group_size=layer.group_size, bits=layer.bits, mode=mode)
+            return
         w, scales, biases = mx.quantize(weight.astype(layer.scales.dtype), group_size=layer.group_size, bits=layer.bits)
         layer.weight, layer.scales = w, scales
         if biases is not None:

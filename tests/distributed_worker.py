@@ -17,6 +17,14 @@ if sys.argv[1] == "--die-on-rank-1":
     main(sys.argv[2:])
     sys.exit(0)
 
+if sys.argv[1] == "--folder-per-rank":
+    # each rank names its own model folder (as separate machines would): the run must refuse a mismatch
+    folders = sys.argv[2].split(",")
+    from mlx_video.cli import main
+
+    main(["generate", "--model", folders[distributed.rank()], *sys.argv[3:]])
+    sys.exit(0)
+
 model, init, out, guidance, guidance_2, steps = sys.argv[1:7]
 pipe = Pipeline.from_pretrained(model)
 settings = GenerationSettings("a corgi surfs a wave at sunset", negative_prompt="static, blurry", width=48, height=32,

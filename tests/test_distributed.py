@@ -110,3 +110,24 @@ def test_two_rank_batch_runs_every_job_exactly_once(a14b, tmp_path):
     summary = json.loads((tmp_path / "jobs.summary.json").read_text())
     rows = summary["jobs"] if isinstance(summary, dict) else summary
     assert [r["status"] for r in rows] == ["done"] * 3
+
+
+def test_ranks_with_different_model_folders_are_refused(a14b, tmp_path):
+    root, _ = a14b
+    other = tmp_path / "other"
+    shutil.copytree(root / "mlx", other)
+    (other / "transformer" / "extra.txt").write_text("not the same folder")
+    proc = _launch(2, "--folder-per-rank", f"{root / 'mlx'},{other}", "--prompt", "a corgi", "--size", "48x32",
+                   "--frames", "9", "--steps", "1", "--quiet", "--save-latents", str(tmp_path / "x.npy"))
+    assert "the ranks hold different model folders" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_a_group_the_token_split_cannot_use_is_refused(a14b, tmp_path):
+    """4 ranks without guidance: 4-way sequence-parallel over 18 tokens (48x32x9) does not divide."""
+    root, _ = a14b
+    proc = _launch(4, "--folder-per-rank", ",".join([str(root / "mlx")] * 4), "--prompt", "a corgi", "--size", "48x32",
+                   "--frames", "9", "--steps", "1", "--guidance", "1", "--guidance-2", "1", "--quiet",
+                   "--save-latents", str(tmp_path / "x.npy"))
+    assert "cannot be split evenly over 4 sequence-parallel ranks" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "x.npy").exists()

@@ -361,3 +361,26 @@ def test_recipe_numbers_and_precedence():
     with pytest.raises(MlxVideoError, match="unknown recipe"):
         apply_recipe(GenerationSettings(prompt="x", recipe="turbo"), spec)
     assert set(RECIPES) == {"lightning", "lightx2v"}
+
+
+@pytest.mark.parametrize("mode, group_size, bits", [("mxfp8", 32, 8), ("nvfp4", 16, 4)])
+def test_fusing_into_mx_fp_layers_requantizes_in_their_mode(mode, group_size, bits):
+    """comfy_quant mxfp8 / nvfp4 layers are kept in MLX's own modes: a LoRA fused into one is re-quantized in
+    that mode (not as affine integers), costing one quantization of the fused weight."""
+    import mlx.nn as nn
+
+    from mlx_video.lora import _fuse_low_precision
+    from mlx_video.nn.linear import dense_weight
+
+    mx.random.seed(3)
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(64, 32), group_size=group_size, bits=bits, mode=mode)
+    delta = 0.05 * mx.random.normal((32, 64))
+    exact = dense_weight(layer, mx.float32) + delta
+    _fuse_low_precision(layer, delta)
+    assert layer.mode == mode and layer.scales.dtype == mx.uint8
+    fused = dense_weight(layer, mx.float32)
+    # the error of quantizing the exact fused weight in that mode, computed independently
+    codes, scales = mx.quantize(exact, group_size=group_size, bits=bits, mode=mode)
+    own = mx.dequantize(codes, scales, group_size=group_size, bits=bits, mode=mode).astype(mx.float32)
+    err = float(mx.linalg.norm(fused - exact) / mx.linalg.norm(exact))
+    assert err <= 1.01 * float(mx.linalg.norm(own - exact) / mx.linalg.norm(exact)) + 1e-7

@@ -258,6 +258,12 @@ class WanPipeline(Pipeline):
         s = self.resolve(settings)
         check_same_model(self.folder.path)
         self._split = current_split(self.uses_cfg(s))
+        if self._split is not None:  # refuse a token count the group cannot split before any weights are read
+            _, _, t, h, w = self.latent_shape(s)
+            pt, ph, pw = self.transformer_config.patch_size
+            per_frame_groups = image is not None and self.image_mode == "first_frame"
+            tokens = (h // ph) * (w // pw) * (1 if per_frame_groups else t // pt)
+            self._split.token_slice(tokens, "tokens per frame group" if per_frame_groups else "video tokens")
         self.check_image_use(image is not None)
         if init_latents is not None:
             init_latents = self.check_init_latents(s, init_latents)
