@@ -36,7 +36,15 @@ def conv3d_channels_last(w: mx.array) -> mx.array:
     return w.transpose(0, 2, 3, 4, 1)
 
 
-_TRANSFORMS = {"swap_halves": swap_halves, "conv3d_channels_last": conv3d_channels_last}
+def conv1x1x1_to_linear(w: mx.array) -> mx.array:
+    """torch 1x1x1 Conv3d weight (O, I, 1, 1, 1) -> Linear weight (O, I)."""
+    if w.ndim != 5 or any(s != 1 for s in w.shape[2:]):
+        raise ValueError(f"expected a 1x1x1 Conv3d weight, got shape {tuple(w.shape)}")
+    return w.reshape(w.shape[0], w.shape[1])
+
+
+_TRANSFORMS = {"swap_halves": swap_halves, "conv3d_channels_last": conv3d_channels_last,
+               "conv1x1x1_to_linear": conv1x1x1_to_linear}
 
 
 def fuse_parts(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
@@ -219,6 +227,57 @@ DIFFUSERS_VAE = KeyMap(
 OFFICIAL_VAE = DIFFUSERS_VAE
 
 
+def comfyui_vae_keymap(levels: int) -> KeyMap:
+    """ComfyUI's names for the HunyuanVideo VAE (Comfy-Org's `hunyuan_video_vae_bf16.safetensors`), for a VAE of
+    `levels` resolution levels (len(block_out_channels); 4 for the published one).
+
+    ComfyUI runs this VAE as its generic `AutoencoderKL` with `conv3d=True, time_compress=4` (V: CU comfy/sd.py, the
+    `decoder.conv_in.conv.weight` branch) and saves that module's state dict; the module names are those of
+    comfy/ldm/modules/diffusionmodules/model.py `Encoder` / `Decoder`: `down.i.block.j`, `down.i.downsample.conv`,
+    `mid.block_1|block_2|attn_1`, `up.k.block.j`, `up.k.upsample.conv`, `norm_out`, `nin_shortcut`; every 3x3x3
+    and shortcut conv a `VideoConv3d` (hence `.conv.weight`); the mid attention's q/k/v/proj_out plain 1x1x1 Conv3d
+    (5-D weights). comfy/diffusers_convert.py `convert_vae_state_dict` is the same renaming from the official /
+    diffusers names (up blocks counted from the other end: `up.{levels-1-i}` is `up_blocks.i`; the attention's
+    linear weights reshaped to 1x1x1 convs). Inferred, not read from the file: that the repackaged file holds these
+    names (3P: kijai's HunyuanVideoWrapper refuses that file for lacking `decoder.conv_norm_out.weight` and asks for
+    its own copy in the official names), and that it carries no wrapper prefix (`vae.` / `first_stage_model.`
+    would be removed by ComponentSource anyway)."""
+    rules = [
+        Rule(rf"{_SIDE}\.(conv_in|conv_out)\.conv\.weight", r"\1.\2.conv.weight", "conv3d_channels_last"),
+        Rule(rf"{_SIDE}\.(conv_in|conv_out)\.conv\.bias", r"\1.\2.conv.bias"),
+        Rule(rf"{_SIDE}\.norm_out\.{_WB}", r"\1.conv_norm_out.\2"),
+        Rule(rf"{_SIDE}\.mid\.attn_1\.norm\.{_WB}", r"\1.mid_block.attentions.0.group_norm.\2"),
+        Rule(rf"{_SIDE}\.mid\.attn_1\.(q|k|v)\.weight", r"\1.mid_block.attentions.0.to_\2.weight",
+             "conv1x1x1_to_linear"),
+        Rule(rf"{_SIDE}\.mid\.attn_1\.(q|k|v)\.bias", r"\1.mid_block.attentions.0.to_\2.bias"),
+        Rule(rf"{_SIDE}\.mid\.attn_1\.proj_out\.weight", r"\1.mid_block.attentions.0.to_out.0.weight",
+             "conv1x1x1_to_linear"),
+        Rule(rf"{_SIDE}\.mid\.attn_1\.proj_out\.bias", r"\1.mid_block.attentions.0.to_out.0.bias"),
+        Rule(r"(quant_conv|post_quant_conv)\.weight", r"\1.weight", "conv3d_channels_last"),
+        Rule(r"(quant_conv|post_quant_conv)\.bias", r"\1.bias"),
+    ]
+
+    def resnet(src: str, dst: str, groups: int) -> None:
+        """A resnet `src` (a pattern with `groups` groups) onto our resnet `dst`."""
+        for theirs, name in (("conv1", "conv1"), ("conv2", "conv2"), ("nin_shortcut", "conv_shortcut")):
+            rules.append(Rule(rf"{src}\.{theirs}\.conv\.weight", f"{dst}.{name}.conv.weight", "conv3d_channels_last"))
+            rules.append(Rule(rf"{src}\.{theirs}\.conv\.bias", f"{dst}.{name}.conv.bias"))
+        rules.append(Rule(rf"{src}\.(norm1|norm2)\.{_WB}", rf"{dst}.\{groups + 1}.\{groups + 2}"))
+
+    def sampler(src: str, dst: str) -> None:
+        rules.append(Rule(rf"{src}\.conv\.conv\.weight", f"{dst}.0.conv.conv.weight", "conv3d_channels_last"))
+        rules.append(Rule(rf"{src}\.conv\.conv\.bias", f"{dst}.0.conv.conv.bias"))
+
+    resnet(r"encoder\.down\.(\d+)\.block\.(\d+)", r"encoder.down_blocks.\1.resnets.\2", 2)
+    sampler(r"encoder\.down\.(\d+)\.downsample", r"encoder.down_blocks.\1.downsamplers")
+    for i in range(levels):
+        resnet(rf"decoder\.up\.{levels - 1 - i}\.block\.(\d+)", rf"decoder.up_blocks.{i}.resnets.\1", 1)
+        sampler(rf"decoder\.up\.{levels - 1 - i}\.upsample", f"decoder.up_blocks.{i}.upsamplers")
+    for j in range(2):
+        resnet(rf"{_SIDE}\.mid\.block_{j + 1}", rf"\1.mid_block.resnets.{j}", 1)
+    return KeyMap(rules, transforms=_TRANSFORMS)
+
+
 def vae_config_from_diffusers(config_json: dict) -> HunyuanVAEConfig:
     """Our config from a diffusers `AutoencoderKLHunyuanVideo` config.json (or the official vae/config.json)."""
     name = config_json.get("_class_name", "AutoencoderKLHunyuanVideo")
@@ -251,7 +310,12 @@ def vae_config_from_diffusers(config_json: dict) -> HunyuanVAEConfig:
 # --- LLaVA-Llama-3 language model (onto mlx_lm's LlamaModel, held as `model` by our encoder) ----------------
 
 # A bare LlamaModel (diffusers' text_encoder/), LlamaForCausalLM (the official preprocessed text_encoder/),
-# or a LLaVA checkpoint (older transformers `language_model.model.`, newer `model.language_model.`).
+# or a LLaVA checkpoint (older transformers `language_model.model.`, newer `model.language_model.`). ComfyUI's
+# `llava_llama3_fp16` / `llava_llama3_fp8_scaled` are the state dict of comfy/text_encoders/llama.py `Llama2`
+# (`model.embed_tokens`, `model.layers.N.self_attn.q_proj|k_proj|v_proj|o_proj`, `mlp.gate_proj|up_proj|down_proj`,
+# `input_layernorm`, `post_attention_layernorm`, `model.norm`; no lm_head), with `scaled_fp8` (V: CU
+# comfy/text_encoders/hunyuan_video.py `llama_detect`) and per-layer `scale_weight` in the fp8 one. Which layers that
+# file stores in fp8 was not read (inferred: the layers' linears); any choice converts.
 _LLAMA_PREFIX = r"(?:model\.|language_model\.model\.|model\.language_model\.)?"
 _L = rf"{_LLAMA_PREFIX}layers\.(\d+)"
 
@@ -274,6 +338,9 @@ TRANSFORMERS_LLAMA = KeyMap(
 # --- CLIP-L text model -------------------------------------------------------------------------------------
 
 # Older transformers (and the hub's CLIP-L files) prefix every key with `text_model.`; transformers 5 does not.
+# ComfyUI's `clip_l` is the state dict of comfy/clip_model.py `CLIPTextModel`: `text_model.` + these names and
+# `text_projection.weight` (V: CU comfy/text_encoders/hunyuan_video.py routes a file holding
+# `text_model.encoder.layers.1.mlp.fc1.weight` to CLIP-L).
 _CP = r"(?:text_model\.)?"
 _C = rf"{_CP}encoder\.layers\.(\d+)"
 

@@ -296,7 +296,12 @@ def vae_config_from_diffusers(config_json: dict) -> MochiVAEConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# T5-v1.1-XXL (transformers T5EncoderModel; ComfyUI's t5xxl files use the same names)
+# T5-v1.1-XXL (transformers T5EncoderModel). ComfyUI's t5xxl files (`t5xxl_fp16`, `t5xxl_fp8_e4m3fn_scaled`) use the
+# same names: they are the state dict of comfy/text_encoders/t5.py `T5` (`shared`, `encoder.block.N.layer.0.
+# SelfAttention.q|k|v|o` with `relative_attention_bias` in block 0 only, `layer.0/1.layer_norm`, `layer.1.DenseReluDense.
+# wi_0|wi_1|wo`, `encoder.final_layer_norm`; no `encoder.embed_tokens`). The fp8 file's `scaled_fp8` / `scale_weight` /
+# `scale_input` are folded in by formats.ComponentSource. Which layers that file stores in fp8 was not read (inferred:
+# the block linears); any choice converts.
 
 _T5_BLOCK = r"encoder\.block\.(\d+)\.layer"
 

@@ -90,13 +90,15 @@ def models(as_json):
 @click.option("--transformer-2", "transformer_2", type=click.Path(path_type=Path), default=None,
               help="The low-noise expert of an A14B model (file or folder).")
 @click.option("--text-encoder", type=click.Path(path_type=Path), default=None, help="UMT5 text encoder file or folder.")
+@click.option("--text-encoder-2", "text_encoder_2", type=click.Path(path_type=Path), default=None,
+              help="The second text encoder (HunyuanVideo's CLIP-L, e.g. ComfyUI's clip_l) file or folder.")
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help="VAE file (official or ComfyUI) or diffusers vae/ folder.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="Tokenizer folder (google/umt5-xxl) or its spiece.model / tokenizer.json.")
 @click.option("--allow-unknown-keys", is_flag=True, help="Leave out tensors mlxvid does not know instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-def convert(paths, dtype, quantize, group_size, base, transformer, transformer_2, text_encoder, vae, tokenizer,
-            allow_unknown_keys, overwrite):
+def convert(paths, dtype, quantize, group_size, base, transformer, transformer_2, text_encoder, text_encoder_2, vae,
+            tokenizer, allow_unknown_keys, overwrite):
     """Convert checkpoints into an MLX-native model folder DST.
 
     \b
@@ -116,7 +118,8 @@ def convert(paths, dtype, quantize, group_size, base, transformer, transformer_2
     if len(paths) > 2:
         raise MlxVideoError(f"convert takes [SRC] DST, got {len(paths)} paths")
     src, dst = (None, paths[0]) if len(paths) == 1 else paths
-    components = {"transformer": transformer, "transformer_2": transformer_2, "text_encoder": text_encoder, "vae": vae}
+    components = {"transformer": transformer, "transformer_2": transformer_2, "text_encoder": text_encoder,
+                  "text_encoder_2": text_encoder_2, "vae": vae}
     if src is None and not any(components.values()):
         raise MlxVideoError("convert needs SRC, or component files (--transformer, --text-encoder, ...) with --base")
     bar = tqdm(desc="converting", unit="tensor")
@@ -249,6 +252,14 @@ def download(model_id: str, dtype: str, overwrite: bool):
                    "from that time on; repeatable.")
 @click.option("--segment-frames", type=int, default=None, metavar="N",
               help="Frames each segment of a chain renders (of the form 4n+1). Default: the model's longest clip.")
+@click.option("--interpolate", type=click.Choice(["2x", "4x"], case_sensitive=False), default=None,
+              help="After decoding, RIFE 4.25 frame interpolation: n frames become (n - 1) x 2 or x 4 + 1, written at "
+                   "the model's fps x 2 or x 4 (Wan's 16 -> 32), streamed into the output. With --preset its fps "
+                   "wins: interpolation, then nearest-frame retiming (16 -> 32 -> 30); with --preset, --overlay or "
+                   "--watermark the interpolated clip is held in memory (2 or 4 times the decoded clip). One clip "
+                   "only (not a chain).")
+@click.option("--rife-weights", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="RIFE 4.25 flownet.pkl or its converted folder for --interpolate [default: $MLXVID_HOME/models/rife].")
 @click.option("--overlay", multiple=True, metavar="TEXT[@START-END]",
               help="Text burned into the video, from START to END seconds (default: all of it); repeatable.")
 @click.option("--watermark", default=None, metavar="TEXT|IMAGE", help="A text or image watermark in a corner.")

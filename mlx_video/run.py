@@ -22,6 +22,7 @@ import click
 import numpy as np
 
 from .errors import MlxVideoError
+from .interpolate import SCENE_THRESHOLD
 
 SEED_MAX = 2**64 - 1  # mx.random.key takes an unsigned 64-bit seed
 # options that do not change what a run makes (left out of the record that resume and replay compare)
@@ -139,6 +140,43 @@ class Delivery:
                     in_place=True)
 
 
+INTERPOLATE_FACTORS = {"2x": 2, "4x": 4}
+
+
+@dataclass
+class Interpolation:
+    """RIFE frame interpolation of the decoded frames (`--interpolate`), before any delivery step."""
+
+    factor: int
+    weights: Path  # a flownet.pkl or its converted folder, found (not read) while preparing
+    scale: float = 1.0
+    scene_threshold: float = SCENE_THRESHOLD
+
+    def record(self, frames_before: int, frames_after: int, fps_before: float, fps_after: float,
+               scene_cuts: list[int]) -> dict:
+        return {"factor": self.factor, "model": "RIFE 4.25", "scale": self.scale, "weights": str(self.weights),
+                "scene_threshold": self.scene_threshold, "frames_before": frames_before,
+                "frames_after": frames_after, "fps_before": fps_before, "fps_after": fps_after,
+                "scene_cuts": list(scene_cuts)}
+
+
+def parse_interpolation(o: dict) -> Interpolation | None:
+    """--interpolate 2x|4x with --rife-weights (default $MLXVID_HOME/models/rife); the weights are only found."""
+    from .convert.rife import find_weights
+    from .registry import models_home
+
+    value, weights = o.get("interpolate"), o.get("rife_weights")
+    if value is None:
+        if weights is not None:
+            raise MlxVideoError("--rife-weights is for --interpolate 2x|4x")
+        return None
+    text = f"{value}x" if isinstance(value, int) and not isinstance(value, bool) else str(value).strip().lower()
+    if text not in INTERPOLATE_FACTORS:
+        raise MlxVideoError(f"--interpolate must be 2x or 4x, not {value!r}")
+    path = find_weights(Path(weights) if weights is not None else models_home() / "rife")
+    return Interpolation(INTERPOLATE_FACTORS[text], path)
+
+
 @dataclass
 class Job:
     """A generation settled and checked, ready to run."""
@@ -160,6 +198,12 @@ class Job:
     quality: str | None = None
     duration: float | None = None
     preview_every: int | None = None
+    interpolation: Interpolation | None = None
+
+    @property
+    def frame_rate(self) -> float:
+        """The rate of the frames that reach delivery: the model's, times the interpolation factor."""
+        return self.settings.fps * (self.interpolation.factor if self.interpolation else 1)
 
     def record(self) -> dict:
         s = self.settings
@@ -171,7 +215,7 @@ class Job:
                       quality=self.quality, duration=self.duration, render_size=[s.width, s.height],
                       options=recorded_options(self.options))
         if self.delivery is not None:
-            record["delivery"] = self.delivery.record((s.width, s.height), s.fps)
+            record["delivery"] = self.delivery.record((s.width, s.height), self.frame_rate)
             record["delivery_size"] = [self.delivery.width, self.delivery.height]
         return record
 
@@ -233,6 +277,9 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
         raise MlxVideoError(f"--save-latents writes a .npy file, not {save_latents.name}")
     if output is not None and output.suffix.lower() not in ("", ".mp4", ".mov"):
         raise MlxVideoError(f"--output takes a .mp4 or .mov file, or a folder for PNG frames, not {output.name}")
+    interpolation = parse_interpolation(o)
+    if interpolation is not None and output is None:
+        raise MlxVideoError("--interpolate works on the decoded video: give --output (not only --save-latents)")
     from .distributed import rank as process_rank
 
     for path, option in ((save_latents, "--save-latents"), (output, "--output")):
@@ -265,6 +312,9 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
 
     chain = extension_frames(o, spec)
     if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.extend)
+        if interpolation is not None:
+            raise MlxVideoError("--interpolate is not supported with a video longer than one clip (a chain of "
+                                "segments) yet: generate the chain, then run `mlxvid interpolate` on it")
         return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory)
     profile = quality_profiles(spec)[quality] if quality else None
     if width is None and height is None:
@@ -290,7 +340,8 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     delivery = None
     if output is not None and (preset is not None or overlays or watermark is not None):
         corner = o.get("watermark_corner") or (preset.watermark_corner if preset else "bottom-right")
-        w, h, fps = (preset.width, preset.height, preset.fps) if preset else (settings.width, settings.height, settings.fps)
+        rate = settings.fps * (interpolation.factor if interpolation else 1)
+        w, h, fps = (preset.width, preset.height, preset.fps) if preset else (settings.width, settings.height, rate)
         delivery = Delivery(w, h, fps, preset.name if preset else None, preset.fit if preset else "crop",
                             preset.margins if preset else None, overlays, watermark, corner,
                             str(o["font"]) if o.get("font") else None)
@@ -318,7 +369,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     if output is None:
         estimate["stages"].pop("decoding", None)
     return Job(o, pipe, settings, output, save_latents, overwrite, quiet, vae_tiling, image_fit, pixels, latents,
-               init_path, estimate, delivery, quality, o.get("duration"), o.get("preview_every"))
+               init_path, estimate, delivery, quality, o.get("duration"), o.get("preview_every"), interpolation)
 
 
 def summary_line(job: Job) -> str:
@@ -329,7 +380,9 @@ def summary_line(job: Job) -> str:
     text = (f"{pipe.spec.id} ({pipe.folder.manifest['dtype']}): {s.width}x{s.height}, {s.frames} frames at {s.fps} fps, "
             f"{s.steps} steps ({s.sampler}, shift {s.shift}), {guidance_text}, seed {s.seed}; estimated peak "
             f"{format_bytes(job.estimate['peak_bytes'])} ({job.estimate['peak_stage']})")
-    if job.delivery is not None and (job.delivery.width, job.delivery.height, job.delivery.fps) != (s.width, s.height, s.fps):
+    if job.interpolation is not None:
+        text += f"; interpolated {job.interpolation.factor}x with RIFE to {job.frame_rate:g} fps"
+    if job.delivery is not None and (job.delivery.width, job.delivery.height, job.delivery.fps) != (s.width, s.height, job.frame_rate):
         d = job.delivery
         text += f"; delivered as {d.width}x{d.height} at {d.fps:g} fps" + (f" ({d.preset})" if d.preset else "")
     return text
@@ -374,7 +427,7 @@ def execute(job: Job, echo=click.echo, hooks=()) -> dict:
         echo(f"wrote latents {tuple(result.latents.shape)} to {job.save_latents}")
     if job.output is not None:
         try:
-            video = write_video_output(job, result.latents, record, result.timings)
+            frames, height, width = write_video_output(job, result.latents, record, result.timings)
         except (OSError, MlxVideoError) as e:
             if job.save_latents is not None and job.save_latents.is_file():
                 kept = job.save_latents
@@ -385,12 +438,13 @@ def execute(job: Job, echo=click.echo, hooks=()) -> dict:
                 f"mlxvid decode {kept} --output {job.output}"
             ) from None
         written.append(job.output)
-        echo(f"wrote {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} to {job.output}")
+        echo(f"wrote {frames} frames of {width}x{height} to {job.output}")
     return {"settings": job.settings, "outputs": written, "timings": result.timings, "record": record,
             "pipe": job.pipe, "latents": result.latents}
 
 
-def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dict) -> np.ndarray:
+def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dict) -> tuple[int, int, int]:
+    """Decode, interpolate (--interpolate), deliver (preset, overlays) and write; returns (frames, height, width)."""
     from .io import video as video_io
     from .io.sidecar import write_sidecar
 
@@ -398,9 +452,17 @@ def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dic
     video, stats = job.pipe.decode(latents, tiling=job.vae_tiling, progress=not job.quiet)
     timings["decoding"] = time.perf_counter() - start
     fps = job.settings.fps
+    if job.interpolation is not None:
+        _, height, width, _ = video.shape
+        video, fps = _interpolate_output(job, video, record, timings)
+        if video is None:  # streamed straight into the output
+            written = record["interpolate"]["frames_after"]
+            record.update(stats, vae_tiling=job.vae_tiling, output_frames=written, output_fps=fps)
+            write_sidecar(job.output, record, timings, overwrite=job.overwrite)
+            return written, height, width
     if job.delivery is not None:
         start = time.perf_counter()
-        video = job.delivery.apply(video, job.settings.fps)
+        video = job.delivery.apply(video, fps)
         fps = job.delivery.fps
         timings["delivery"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -411,7 +473,69 @@ def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dic
     timings["writing"] = time.perf_counter() - start
     record.update(stats, vae_tiling=job.vae_tiling, output_frames=int(video.shape[0]), output_fps=fps)
     write_sidecar(job.output, record, timings, overwrite=job.overwrite)
-    return video
+    return int(video.shape[0]), int(video.shape[1]), int(video.shape[2])
+
+
+def _interpolate_output(job: Job, video: np.ndarray, record: dict, timings: dict):
+    """RIFE between the decoded frames; records `interpolate` and returns (frames or None, the new fps).
+
+    Without a delivery step the frames are streamed into the output as they are made (nothing beyond the
+    decoded clip is held) and None is returned; with one (a preset, overlays, a watermark) they are gathered
+    into one array -- factor times the decoded clip's memory -- and returned for the delivery step."""
+    from tqdm.auto import tqdm
+
+    from .convert.rife import load_rife
+    from .interpolate import Interpolator, output_frame_count
+
+    spec = job.interpolation
+    start = time.perf_counter()
+    model = load_rife(spec.weights)
+    interpolator = Interpolator(model, spec.factor, spec.scale, spec.scene_threshold)
+    n, height, width, _ = video.shape
+    total = output_frame_count(n, spec.factor)
+    fps = job.frame_rate
+    frames = tqdm(interpolator(video), total=total, desc="interpolating", unit="frame", disable=job.quiet)
+    out = None
+    if job.delivery is None:
+        written = _stream_frames(frames, job.output, job.overwrite, width, height, fps)
+        timings["interpolating_and_writing"] = time.perf_counter() - start
+    else:
+        out = np.empty((total, height, width, 3), dtype=np.uint8)
+        written = 0
+        for frame in frames:
+            out[written] = frame
+            written += 1
+        timings["interpolating"] = time.perf_counter() - start
+    if written != total:
+        raise MlxVideoError(f"internal error: interpolation made {written} frames, expected {total}")
+    record["interpolate"] = spec.record(n, written, job.settings.fps, fps, interpolator.scene_cuts)
+    return out, fps
+
+
+def _stream_frames(frames, output: Path, overwrite: bool, width: int, height: int, fps) -> int:
+    """Write frames one by one into OUTPUT (a .mp4/.mov or a PNG folder), under a temporary name."""
+    from .interpolate import _PngSink, _VideoSink
+    from .io.atomic import atomic_dir, atomic_file
+    from .io.video import VIDEO_FORMATS, _check_replaceable_frame_folder, _frame_rate
+
+    if output.suffix and (width % 2 or height % 2):
+        raise MlxVideoError(f"video frames are {width}x{height}; H.264 in yuv420p needs an even width and height")
+    if not output.suffix and output.exists() and overwrite:
+        _check_replaceable_frame_folder(output)
+    written = 0
+    context = atomic_file(output, overwrite) if output.suffix else atomic_dir(output, overwrite)
+    with context as tmp:
+        if output.suffix:
+            sink = _VideoSink(tmp, VIDEO_FORMATS[output.suffix.lower()], width, height, _frame_rate(fps))
+        else:
+            sink = _PngSink(tmp)
+        try:
+            for frame in frames:
+                sink.write(frame)
+                written += 1
+        finally:
+            sink.close()
+    return written
 
 
 def rescue_dir() -> Path:
@@ -540,6 +664,6 @@ def decode_latents(latents_path, output, model: str | None = None, overwrite: bo
     job.pixels = None
     rec = job.record()
     rec["decoded_from"] = str(latents_path)
-    video = write_video_output(job, latents.astype(np.float32), rec, {})
-    echo(f"wrote {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} to {output}")
+    frames, height, width = write_video_output(job, latents.astype(np.float32), rec, {})
+    echo(f"wrote {frames} frames of {width}x{height} to {output}")
     return output

@@ -9,13 +9,16 @@ concatenated in memory beyond the rows being written.
 
 On top of the folder, `--transformer` may replace the transformer with a checkpoint in the official names (the
 release's `mp_rank_00_model_states.pt`, a state dict under `module`; ComfyUI's single file, under its
-`model.diffusion_model.` prefix) or diffusers names, `--text-encoder` the Llama and `--vae` the VAE; a single
-file takes the configuration of the folder's component it replaces.
+`model.diffusion_model.` prefix) or diffusers names, `--text-encoder` the Llama, `--text-encoder-2` CLIP-L and `--vae`
+the VAE; a single file takes the configuration of the folder's component it replaces. ComfyUI's single files are
+read through these options: `llava_llama3_fp16` / `llava_llama3_fp8_scaled` (the Llama under `model.`, the fp8 one
+with ComfyUI's `scaled_fp8` marker and per-layer `scale_weight`, folded in by ComponentSource), `clip_l` (CLIP-L
+under `text_model.`) and `hunyuan_video_vae_bf16` (ComfyUI's own VAE names, `convert/hunyuan.py comfyui_vae_keymap`).
 
 The official release layout (`ckpts/` as the release's README builds it, see RELEASE_MODEL) converts as a whole:
 the transformer's dimensions are read from its shapes (the file has no config), the fp8 variant is read with
 its scale map (`Fp8ScaleMap`), the VAE with the release's config.json, the Llama folder and the whole CLIPModel
-folder (its vision tower ignored) with the tokenizers beside them. Not read yet: ComfyUI's text encoder files.
+folder (its vision tower ignored) with the tokenizers beside them.
 
 `--quantize` follows the family's rule (LOW_PRECISION_TRANSFORMER, LOW_PRECISION_LLAMA) set on the plans.
 """
@@ -52,7 +55,8 @@ RELEASE_MODEL = "hunyuan-video-t2v-720p"
 RELEASE_TRANSFORMER = "mp_rank_00_model_states.pt"
 RELEASE_TRANSFORMER_FP8 = "mp_rank_00_model_states_fp8.pt"
 # Components a single file or folder may replace on top of the diffusers folder, and the option that gives it.
-OVERRIDES = {"transformer": "--transformer", "text_encoder": "--text-encoder", "vae": "--vae"}
+OVERRIDES = {"transformer": "--transformer", "text_encoder": "--text-encoder", "text_encoder_2": "--text-encoder-2",
+             "vae": "--vae"}
 
 # What `--quantize` stores in low precision (the shared rule, convert/quantize.py, in our names): every linear
 # layer's weight inside the repeated blocks (double-stream, single-stream, token-refiner), the modulation
@@ -76,6 +80,13 @@ SIGNATURES = [
     ("hunyuan", "vae", "diffusers", "a HunyuanVideo VAE",
      ("encoder.conv_in.conv.weight", "decoder.conv_in.conv.weight", "post_quant_conv.weight",
       "encoder.mid_block.attentions.0.to_q.weight")),
+    # ComfyUI's HunyuanVideo VAE: its generic AutoencoderKL (conv3d) names, see convert/hunyuan.py comfyui_vae_keymap
+    ("hunyuan", "vae", "comfyui", "a HunyuanVideo VAE (ComfyUI names)",
+     ("encoder.conv_in.conv.weight", "decoder.conv_in.conv.weight", "post_quant_conv.weight",
+      "encoder.mid.attn_1.q.weight")),
+    # ComfyUI's llava_llama3 files are the state dict of comfy/text_encoders/llama.py `Llama2` (`model.` + the
+    # transformers names; ComponentSource removes the `model.` prefix) and its clip_l file that of
+    # comfy/clip_model.py `CLIPTextModel` (`text_model.` + the transformers names, `text_projection.weight`).
     ("hunyuan", "text_encoder", "transformers", "a Llama language model (transformers names)",
      ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight")),
     ("hunyuan", "text_encoder", "transformers", "a Llama language model (transformers names, LlamaForCausalLM)",
@@ -406,6 +417,7 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
         OFFICIAL_TRANSFORMER,
         TRANSFORMERS_CLIP,
         TRANSFORMERS_LLAMA,
+        comfyui_vae_keymap,
         transformer_config_from_diffusers,
         vae_config_from_diffusers,
     )
@@ -415,7 +427,8 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
         raise MlxVideoError("HunyuanVideo converts from a diffusers folder (model_index.json, transformer/, "
                             "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, vae/) or the official release "
                             f"layout ({RELEASE_MODEL}/transformers/, {RELEASE_MODEL}/vae/, text_encoder/, "
-                            "text_encoder_2/), optionally with --transformer, --text-encoder or --vae replacing its component")
+                            "text_encoder_2/), optionally with --transformer, --text-encoder, --text-encoder-2 or --vae "
+                            "replacing its component")
     unknown = sorted(set(components) - set(OVERRIDES))
     if unknown:
         raise MlxVideoError(f"HunyuanVideo has no {', '.join(unknown)}; its replaceable components are "
@@ -507,14 +520,15 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
     vae_cfg = None
     if "vae" in inputs:
         inp = inputs["vae"]
-        tensors, _ = _open(inp, "VAE", "vae", "diffusers")
+        tensors, vae_naming = _open(inp, "VAE", "vae")
         try:
             vae_cfg = vae_config_from_diffusers(_config_json(inp, "VAE"))
         except ValueError as e:
             raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
         if vae_cfg.latent_channels != cfg.in_channels:
             raise MlxVideoError(f"{inp.origin} has {vae_cfg.latent_channels} latent channels; the transformer takes {cfg.in_channels}")
-        planned.append(ComponentPlan("vae", ComponentSource(tensors, inp.origin), DIFFUSERS_VAE, vae_cfg.to_dict(),
+        vae_keymap = DIFFUSERS_VAE if vae_naming == "diffusers" else comfyui_vae_keymap(len(vae_cfg.block_out_channels))
+        planned.append(ComponentPlan("vae", ComponentSource(tensors, inp.origin), vae_keymap, vae_cfg.to_dict(),
                                      HunyuanVAE(vae_cfg), "fp32", origin=inp.origin))
 
     vae_stride = [4, 8, 8] if vae_cfg is None else [vae_cfg.temporal_compression, vae_cfg.spatial_compression,

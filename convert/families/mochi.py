@@ -8,11 +8,15 @@ planner, `fused:<our name>`); so are the VAE encoder's attention q/k/v.
 
 On top of the folder, `--transformer` may replace the transformer with a checkpoint in the official names (the
 release's `dit.safetensors`, or ComfyUI's `mochi_preview_*.safetensors` under `model.diffusion_model.`) or in
-diffusers names, and `--text-encoder` the T5 encoder (transformers names, e.g. ComfyUI's `t5xxl_fp16`); a single
-file takes the configuration of the folder's component it replaces. `--vae` takes the official release's VAE,
-which comes in two halves: `decoder.safetensors` (the encoder, `encoder.safetensors`, is then read from beside
-it) or the folder holding both; our VAE module holds both halves (`OfficialVAE` presents them as one source).
-Not read yet: the official folder as a whole (without a diffusers folder), ComfyUI's VAE file.
+diffusers names, and `--text-encoder` the T5 encoder (transformers names, e.g. ComfyUI's `t5xxl_fp16`, or its
+`t5xxl_fp8_e4m3fn_scaled` whose `scaled_fp8` marker and per-layer `scale_weight` ComponentSource folds in; both are
+the state dict of comfy/text_encoders/t5.py `T5`, whose module names are transformers'); a single file takes the
+configuration of the folder's component it replaces. `--vae` takes the official release's VAE, which comes in two
+halves: `decoder.safetensors` (the encoder, `encoder.safetensors`, is then read from beside it) or the folder
+holding both; our VAE module holds both halves (`OfficialVAE` presents them as one source). `--vae` also takes
+ComfyUI's `mochi_vae.safetensors` (`comfyui_vae_source`): the official halves' names under `decoder.` /
+`encoder.`; a file with the decoder only is completed by the official `encoder.safetensors` beside it.
+Not read yet: the official folder as a whole (without a diffusers folder).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from mlx_video.errors import MlxVideoError
 from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
 
 from ..convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json, _tokenizer_files
-from ..formats import FAMILY_SIGNATURES, ComponentSource, TensorFile, classify, open_tensors
+from ..formats import FAMILY_SIGNATURES, ComponentSource, PrefixView, TensorFile, classify, open_tensors
 from ..rules import KeyMap, Rule
 from .hunyuan import FusedParts, fused_keymap
 
@@ -61,6 +65,14 @@ SIGNATURES = [
      ("encoder.proj_in.weight", "decoder.conv_in.weight", "decoder.block_in.resnets.0.conv1.conv.weight")),
     ("mochi", "vae_decoder", "official", "the decoder half of the official Mochi VAE (decoder.safetensors)",
      ("blocks.0.0.weight", "blocks.0.1.stack.2.weight", "blocks.1.proj.weight", "output_proj.weight")),
+    # ComfyUI's mochi_vae.safetensors: the state dict of comfy/ldm/genmo/vae/model.py `VideoVAE`, whose `decoder` /
+    # `encoder` keep genmo's module names (V: CU comfy/sd.py detects it by `decoder.blocks.2.blocks.3.stack.5.weight`
+    # or `encoder.layers.4.layers.1.attn_block.attn.qkv.weight`, and prefixes a bare official half with `decoder.` /
+    # `encoder.`). The ComfyUI VideoVAE of late 2024 had no encoder (`self.encoder = None`), so the repackaged file
+    # probably holds the decoder only (inferred, not read from the file).
+    ("mochi", "vae", "comfyui", "a Mochi VAE (ComfyUI names: the official halves under decoder. / encoder.)",
+     ("decoder.blocks.0.0.weight", "decoder.blocks.0.1.stack.2.weight", "decoder.blocks.1.proj.weight",
+      "decoder.output_proj.weight")),
     ("mochi", "vae_encoder", "official", "the encoder half of the official Mochi VAE (encoder.safetensors)",
      ("layers.0.weight", "layers.1.stack.2.weight", "output_norm.weight", "output_proj.weight")),
     ("mochi", "text_encoder", "transformers",
@@ -134,6 +146,28 @@ def _official_vae_halves(path: Path) -> dict[str, Path] | None:
         raise MlxVideoError(f"--vae: the official Mochi VAE comes in two files and {', '.join(missing)} is missing "
                             "(mlxvid's VAE holds the decoder and the encoder)")
     return found
+
+
+def comfyui_vae_source(path: Path, what: str) -> ComponentSource | None:
+    """ComfyUI's Mochi VAE file at `path` as one source in `official_vae_keymap`'s names (`decoder.<official>`,
+    `encoder.<official>`), None when `path` is not that file. Without the encoder half, the official
+    `encoder.safetensors` beside the file supplies it (our VAE module holds both halves)."""
+    if Path(path).is_dir():
+        return None
+    tensors = open_tensors(path, what)
+    source = ComponentSource(tensors, what)
+    kind = classify(source.keys())
+    if kind.family != "mochi" or kind.naming != "comfyui":
+        return None
+    if any(name.startswith("encoder.") for name in source.keys()):
+        return source
+    beside = Path(path).parent / OFFICIAL_VAE_FILES["encoder"]
+    if not beside.is_file():
+        raise MlxVideoError(f"{what}: {Path(path).name} holds only the decoder of the Mochi VAE (ComfyUI's file); mlxvid's "
+                            f"VAE also holds the encoder: put the official {OFFICIAL_VAE_FILES['encoder']} beside it")
+    decoder = {name[len("decoder."):]: source._raw_key[name] for name in source.keys() if name.startswith("decoder.")}
+    halves = {"decoder": PrefixView(tensors, decoder, "decoder"), "encoder": open_tensors(beside, beside.name)}
+    return ComponentSource(OfficialVAE(halves), what)
 
 
 def _open(inp, name: str, want: str) -> tuple[ComponentSource, str]:
@@ -241,8 +275,11 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
     vae_cfg = None
     if "vae" in inputs:  # float32, as the reference runs it
         inp = inputs["vae"]
-        halves = _official_vae_halves(inp.path) if "vae" in components else None
-        if halves is not None:
+        comfy = comfyui_vae_source(inp.path, inp.origin) if "vae" in components else None
+        halves = _official_vae_halves(inp.path) if "vae" in components and comfy is None else None
+        if comfy is not None:
+            source, vae_keymap = comfy, official_vae_keymap()
+        elif halves is not None:
             source = ComponentSource(OfficialVAE({h: open_tensors(p, p.name) for h, p in halves.items()}), inp.origin)
             vae_keymap = official_vae_keymap()
         else:
