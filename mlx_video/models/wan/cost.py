@@ -175,7 +175,7 @@ def video_flops(spec, width: int, height: int, frames: int, steps: int | None = 
 
 
 def activation_bytes(config: WanTransformerConfig, n_tokens: int, batch: int = 2, dtype: str = "bf16",
-                     text_len: int = 512, fused_attention: bool = True) -> dict:
+                     text_len: int = 512, fused_attention: bool = True, attention_budget_bytes: int | None = None) -> dict:
     """Estimated peak of the activations of one transformer forward (weights excluded).
 
     Assumptions (MLX evaluates the forward as one lazy graph; a buffer is freed after its last consumer ran):
@@ -199,7 +199,12 @@ def activation_bytes(config: WanTransformerConfig, n_tokens: int, batch: int = 2
     }
     attn_stage = 2 * bn * d * 4 + bn * d * s * (1 + 3 + 2 + 1)
     if not fused_attention:
-        attn_stage += 2 * batch * h * n_tokens * n_tokens * s
+        # without a fused kernel the scores are materialised, but in query blocks under the attention budget
+        # (mlx_video/nn/attention.py), so at most the budget is alive at once
+        from mlx_video.nn.attention import DEFAULT_BUDGET_MB
+
+        budget = attention_budget_bytes if attention_budget_bytes is not None else DEFAULT_BUDGET_MB * 2**20
+        attn_stage += min(2 * batch * h * n_tokens * n_tokens * s, budget)
     ffn_stage = 2 * bn * d * 4 + bn * d * s + 2 * bn * f * s + bn * d * s
     stages = {"self_attention": attn_stage, "ffn": ffn_stage}
     peak_stage = max(stages, key=stages.get)
