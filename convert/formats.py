@@ -30,6 +30,7 @@ from mlx_video.errors import MlxVideoError
 from mlx_video.io.safetensors import SafetensorsFile, TensorSource
 
 from .fp8 import decode_fp8
+from .rules import PART_SEPARATOR, KeyMap, Rule, is_part_key
 
 # dtype code -> (bytes per element, numpy dtype of the raw elements)
 RAW_DTYPES: dict[str, tuple[int, type]] = {
@@ -642,3 +643,60 @@ def embedded_spiece(source: ComponentSource) -> bytes | None:
     data = np.array(source.tensors.read(source._raw_key["spiece_model"])).astype(np.uint8).tobytes()
     return data or None
 
+
+# ---------------------------------------------------------------------------------------------------
+# fused parameters as one virtual tensor (see rules.PART_SEPARATOR): diffusers' split q/k/v read as our fused
+# qkv, row range by row range, so the shared writer's one-to-one mapping applies unchanged
+
+FUSED = "fused:"
+
+
+class FusedParts(TensorFile):
+    """`inner`'s tensors with each group of part keys (the keymap sends them to `name#0`, `name#1`, ...) shown
+    as one tensor `fused:name`, their concatenation along axis 0; every other key is shown as is."""
+
+    def __init__(self, inner: TensorFile, keymap: KeyMap, what: str):
+        self.inner, self.paths, self.metadata = inner, inner.paths, inner.metadata
+        self._shapes, self._codes, self._parts = {}, {}, {}
+        groups: dict[str, dict[int, str]] = {}
+        for key in inner.keys():
+            hit = keymap.target(key)
+            if hit is not None and is_part_key(hit[0]):
+                if hit[1] is not None:
+                    raise MlxVideoError(f"{what}: the part {key} needs a transform, which fused parts do not apply")
+                name, _, index = hit[0].rpartition(PART_SEPARATOR)
+                groups.setdefault(name, {})[int(index)] = key
+            else:
+                self._shapes[key], self._codes[key] = inner.shape(key), inner.code(key)
+        for name, parts in sorted(groups.items()):
+            if sorted(parts) != list(range(len(parts))):
+                missing = sorted(set(range(max(parts) + 1)) - set(parts))
+                raise MlxVideoError(f"{what}: {name} is split in parts but part(s) {missing} are missing")
+            keys = [parts[i] for i in range(len(parts))]
+            shapes = [inner.shape(k) for k in keys]
+            codes = {inner.code(k) for k in keys}
+            if len(codes) > 1 or len({s[1:] for s in shapes}) > 1:
+                raise MlxVideoError(f"{what}: the parts of {name} ({', '.join(keys)}) differ in dtype or width")
+            virtual = FUSED + name
+            self._parts[virtual] = list(zip(keys, [s[0] for s in shapes]))
+            self._shapes[virtual] = (sum(s[0] for s in shapes), *shapes[0][1:])
+            self._codes[virtual] = codes.pop()
+
+    def read(self, key, start=None, stop=None):
+        if key not in self._parts:
+            return self.inner.read(key, start, stop)
+        start = 0 if start is None else start
+        stop = self._shapes[key][0] if stop is None else stop
+        pieces, offset = [], 0
+        for part, rows in self._parts[key]:
+            lo, hi = max(start, offset), min(stop, offset + rows)
+            if lo < hi:
+                pieces.append(self.inner.read(part, lo - offset, hi - offset))
+            offset += rows
+        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+
+
+def fused_keymap(keymap: KeyMap) -> KeyMap:
+    """`keymap` plus the identity on `FusedParts`' virtual keys."""
+    rules = [Rule(rf"{FUSED}(.+)", r"\1"), *[rule for _, rule in keymap.rules]]
+    return KeyMap(rules, [p.pattern for p in keymap.ignore], keymap.transforms)

@@ -10,30 +10,22 @@ stores (scale, shift), hence the `swap_halves` transform.
 
 from __future__ import annotations
 
-import re
-from typing import Mapping
-
 import mlx.core as mx
 
 from mlx_video.models.hunyuan.config import HunyuanTransformerConfig, HunyuanVAEConfig
 
-from .rules import KeyMap, Rule
+from .rules import (  # noqa: F401  (re-exported: the fused-parts helpers and transforms live in rules.py)
+    PART_SEPARATOR,
+    KeyMap,
+    Rule,
+    conv3d_channels_last,
+    convert_weights,
+    fuse_parts,
+    is_part_key,
+    swap_halves,
+)
 
-PART_SEPARATOR = "#"
 _WB = r"(weight|bias)"
-
-
-def swap_halves(w: mx.array) -> mx.array:
-    """(a; b) -> (b; a) along axis 0: diffusers' final-layer (scale, shift) <-> the official (shift, scale)."""
-    half = w.shape[0] // 2
-    return mx.concatenate([w[half:], w[:half]], axis=0)
-
-
-def conv3d_channels_last(w: mx.array) -> mx.array:
-    """torch Conv3d weight (O, I, kt, kh, kw) -> MLX (O, kt, kh, kw, I)."""
-    if w.ndim != 5:
-        raise ValueError(f"expected a 5-D Conv3d weight, got shape {tuple(w.shape)}")
-    return w.transpose(0, 2, 3, 4, 1)
 
 
 def conv1x1x1_to_linear(w: mx.array) -> mx.array:
@@ -45,27 +37,6 @@ def conv1x1x1_to_linear(w: mx.array) -> mx.array:
 
 _TRANSFORMS = {"swap_halves": swap_halves, "conv3d_channels_last": conv3d_channels_last,
                "conv1x1x1_to_linear": conv1x1x1_to_linear}
-
-
-def fuse_parts(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
-    """Concatenate part keys `name#0`, `name#1`, ... (along axis 0) into `name`; other keys pass through.
-
-    Raises ValueError when a fused parameter misses a part or also appears whole."""
-    out: dict[str, mx.array] = {}
-    parts: dict[str, dict[int, mx.array]] = {}
-    for key, value in weights.items():
-        name, sep, index = key.rpartition(PART_SEPARATOR)
-        if sep:
-            parts.setdefault(name, {})[int(index)] = value
-        else:
-            out[key] = value
-    for name, pieces in parts.items():
-        if name in out:
-            raise ValueError(f"{name} is given both whole and in parts")
-        if sorted(pieces) != list(range(len(pieces))):
-            raise ValueError(f"{name}: parts {sorted(pieces)} are not 0..{len(pieces) - 1}")
-        out[name] = mx.concatenate([pieces[i] for i in range(len(pieces))], axis=0)
-    return out
 
 
 # --- transformer -------------------------------------------------------------------------------------------
@@ -355,20 +326,3 @@ TRANSFORMERS_CLIP = KeyMap(
     ignore=[rf"{_CP}embeddings\.position_ids", r"text_projection\.weight", r"logit_scale",
             r"vision_model\..*", r"visual_projection\.weight"],
 )
-
-
-def convert_weights(keymap: KeyMap, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
-    """Apply `keymap` to every tensor (refusing unknown keys and collisions), then fuse part keys."""
-    out: dict[str, mx.array] = {}
-    for key, value in weights.items():
-        hit = keymap.apply(key, value)
-        if hit is None:
-            continue
-        if hit[0] in out:
-            raise ValueError(f"two source keys map onto {hit[0]}")
-        out[hit[0]] = hit[1]
-    return fuse_parts(out)
-
-
-def is_part_key(key: str) -> bool:
-    return re.search(rf"{re.escape(PART_SEPARATOR)}\d+$", key) is not None

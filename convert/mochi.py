@@ -25,9 +25,8 @@ import mlx.core as mx
 
 from mlx_video.models.mochi.config import MochiTransformerConfig, MochiVAEConfig
 
-from .hunyuan import PART_SEPARATOR
-from .hunyuan import convert_weights as _convert_and_fuse
-from .rules import KeyMap, Rule
+from .rules import PART_SEPARATOR, KeyMap, Rule, conv3d_channels_last, swap_halves
+from .rules import convert_weights as _convert_and_fuse
 
 _WB = r"(weight|bias)"
 
@@ -41,23 +40,11 @@ def conv2d_patch_to_linear(w: mx.array) -> mx.array:
     return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
-def conv3d_channels_last(w: mx.array) -> mx.array:
-    """torch Conv3d weight (O, I, kt, kh, kw) -> MLX (O, kt, kh, kw, I)."""
-    if w.ndim != 5:
-        raise ValueError(f"expected a 5-D Conv3d weight, got shape {tuple(w.shape)}")
-    return w.transpose(0, 2, 3, 4, 1)
-
-
 def conv1x1_to_linear(w: mx.array) -> mx.array:
     """torch 1x1(x1) conv weight (O, I, 1, ...) -> Linear weight (O, I); a 2-D weight passes unchanged."""
     if any(s != 1 for s in w.shape[2:]):
         raise ValueError(f"expected a 1x1 convolution, got shape {tuple(w.shape)}")
     return w.reshape(w.shape[0], w.shape[1])
-
-
-def swap_halves(w: mx.array) -> mx.array:
-    first, second = mx.split(w, 2, axis=0)
-    return mx.concatenate([second, first], axis=0)
 
 
 MOCHI_TRANSFORMS = {

@@ -33,6 +33,19 @@ def conv3d_patch_to_linear(w: mx.array) -> mx.array:
     return w.transpose(0, 2, 3, 4, 1).reshape(o, -1)
 
 
+def conv3d_channels_last(w: mx.array) -> mx.array:
+    """torch Conv3d weight (O, I, kt, kh, kw) -> MLX (O, kt, kh, kw, I)."""
+    if w.ndim != 5:
+        raise ValueError(f"expected a 5-D Conv3d weight, got shape {tuple(w.shape)}")
+    return w.transpose(0, 2, 3, 4, 1)
+
+
+def swap_halves(w: mx.array) -> mx.array:
+    """(a; b) -> (b; a) along axis 0 (e.g. an adaLN projection stored as (scale, shift) against (shift, scale))."""
+    first, second = mx.split(w, 2, axis=0)
+    return mx.concatenate([second, first], axis=0)
+
+
 def drop_leading_unit_axis(w: mx.array) -> mx.array:
     if w.shape[0] != 1:
         raise ValueError(f"expected a leading axis of size 1, got shape {tuple(w.shape)}")
@@ -42,6 +55,8 @@ def drop_leading_unit_axis(w: mx.array) -> mx.array:
 COMMON_TRANSFORMS: dict[str, Transform] = {
     "conv3d_patch_to_linear": conv3d_patch_to_linear,
     "drop_leading_unit_axis": drop_leading_unit_axis,
+    "conv3d_channels_last": conv3d_channels_last,
+    "swap_halves": swap_halves,
 }
 
 
@@ -86,3 +101,48 @@ class KeyMap:
         if transform is not None:
             value = self.transforms[transform](value)
         return new_key, value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused parameters. Where a checkpoint splits what our module holds fused (diffusers' separate q, k, v against
+# one qkv projection), the rules send the pieces to part keys `name#0`, `name#1`, ...; `fuse_parts` joins them.
+
+PART_SEPARATOR = "#"
+
+
+def fuse_parts(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+    """Concatenate part keys `name#0`, `name#1`, ... (along axis 0) into `name`; other keys pass through.
+
+    Raises ValueError when a fused parameter misses a part or also appears whole."""
+    out: dict[str, mx.array] = {}
+    parts: dict[str, dict[int, mx.array]] = {}
+    for key, value in weights.items():
+        name, sep, index = key.rpartition(PART_SEPARATOR)
+        if sep:
+            parts.setdefault(name, {})[int(index)] = value
+        else:
+            out[key] = value
+    for name, pieces in parts.items():
+        if name in out:
+            raise ValueError(f"{name} is given both whole and in parts")
+        if sorted(pieces) != list(range(len(pieces))):
+            raise ValueError(f"{name}: parts {sorted(pieces)} are not 0..{len(pieces) - 1}")
+        out[name] = mx.concatenate([pieces[i] for i in range(len(pieces))], axis=0)
+    return out
+
+
+def convert_weights(keymap: KeyMap, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+    """Apply `keymap` to every tensor (refusing unknown keys and collisions), then fuse part keys."""
+    out: dict[str, mx.array] = {}
+    for key, value in weights.items():
+        hit = keymap.apply(key, value)
+        if hit is None:
+            continue
+        if hit[0] in out:
+            raise ValueError(f"two source keys map onto {hit[0]}")
+        out[hit[0]] = hit[1]
+    return fuse_parts(out)
+
+
+def is_part_key(key: str) -> bool:
+    return re.search(rf"{re.escape(PART_SEPARATOR)}\d+$", key) is not None

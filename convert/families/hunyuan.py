@@ -31,21 +31,19 @@ import re
 from pathlib import Path
 from typing import Callable
 
-import mlx.core as mx
-
 from mlx_video.errors import MlxVideoError
 from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
 
 from ..convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json
-from ..formats import FAMILY_SIGNATURES, ComponentSource, TensorFile, classify, open_tensors
-from ..rules import KeyMap, Rule
+from ..formats import FAMILY_SIGNATURES, ComponentSource, FusedParts, TensorFile, classify, fused_keymap, open_tensors
+from ..formats import FUSED  # noqa: F401  (re-exported for callers of this module)
+from ..rules import KeyMap
 
 MODEL_ID = "hunyuanvideo-t2v"
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 # What `mlxvid download` fetches from the diffusers-layout repository (hunyuanvideo-community/HunyuanVideo).
 DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
                      "tokenizer_2/*", "vae/*", "scheduler/*"]
-FUSED = "fused:"
 # The official release (tencent/HunyuanVideo, downloaded into `ckpts/`): hunyuan-video-t2v-720p/transformers/ holds
 # the transformer (a torch.save archive, the state dict under "module"; or the fp8 variant with its per-layer scale
 # map), hunyuan-video-t2v-720p/vae/ the VAE (config.json + pytorch_model.pt); text_encoder/ is the LLaVA language
@@ -133,59 +131,6 @@ def claims(src, components: dict) -> bool:
 
 # ---------------------------------------------------------------------------------------------------
 # fused views and key maps
-
-
-class FusedParts(TensorFile):
-    """`inner`'s tensors with each group of part keys (the keymap sends them to `name#0`, `name#1`, ...) shown
-    as one tensor `fused:name`, their concatenation along axis 0; every other key is shown as is."""
-
-    def __init__(self, inner: TensorFile, keymap: KeyMap, what: str):
-        from ..hunyuan import PART_SEPARATOR, is_part_key
-
-        self.inner, self.paths, self.metadata = inner, inner.paths, inner.metadata
-        self._shapes, self._codes, self._parts = {}, {}, {}
-        groups: dict[str, dict[int, str]] = {}
-        for key in inner.keys():
-            hit = keymap.target(key)
-            if hit is not None and is_part_key(hit[0]):
-                if hit[1] is not None:
-                    raise MlxVideoError(f"{what}: the part {key} needs a transform, which fused parts do not apply")
-                name, _, index = hit[0].rpartition(PART_SEPARATOR)
-                groups.setdefault(name, {})[int(index)] = key
-            else:
-                self._shapes[key], self._codes[key] = inner.shape(key), inner.code(key)
-        for name, parts in sorted(groups.items()):
-            if sorted(parts) != list(range(len(parts))):
-                missing = sorted(set(range(max(parts) + 1)) - set(parts))
-                raise MlxVideoError(f"{what}: {name} is split in parts but part(s) {missing} are missing")
-            keys = [parts[i] for i in range(len(parts))]
-            shapes = [inner.shape(k) for k in keys]
-            codes = {inner.code(k) for k in keys}
-            if len(codes) > 1 or len({s[1:] for s in shapes}) > 1:
-                raise MlxVideoError(f"{what}: the parts of {name} ({', '.join(keys)}) differ in dtype or width")
-            virtual = FUSED + name
-            self._parts[virtual] = list(zip(keys, [s[0] for s in shapes]))
-            self._shapes[virtual] = (sum(s[0] for s in shapes), *shapes[0][1:])
-            self._codes[virtual] = codes.pop()
-
-    def read(self, key, start=None, stop=None):
-        if key not in self._parts:
-            return self.inner.read(key, start, stop)
-        start = 0 if start is None else start
-        stop = self._shapes[key][0] if stop is None else stop
-        pieces, offset = [], 0
-        for part, rows in self._parts[key]:
-            lo, hi = max(start, offset), min(stop, offset + rows)
-            if lo < hi:
-                pieces.append(self.inner.read(part, lo - offset, hi - offset))
-            offset += rows
-        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
-
-
-def fused_keymap(keymap: KeyMap) -> KeyMap:
-    """`keymap` plus the identity on `FusedParts`' virtual keys."""
-    rules = [Rule(rf"{FUSED}(.+)", r"\1"), *[rule for _, rule in keymap.rules]]
-    return KeyMap(rules, [p.pattern for p in keymap.ignore], keymap.transforms)
 
 
 class DroppingKeyMap(KeyMap):

@@ -32,7 +32,7 @@ from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
 from ..convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json, _tokenizer_files
 from ..formats import FAMILY_SIGNATURES, ComponentSource, PrefixView, TensorFile, classify, open_tensors
 from ..rules import KeyMap, Rule
-from .hunyuan import FusedParts, fused_keymap
+from ..formats import FusedParts, fused_keymap
 
 MODEL_ID = "mochi-1-preview"
 COMPONENTS = ("transformer", "text_encoder", "vae")
