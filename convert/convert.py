@@ -1,16 +1,9 @@
 """`mlxvid convert`: published checkpoints in, an MLX-native model folder out.
 
-Sources, told apart by their files and keys (`detect_format`):
-
-* a diffusers folder (model_index.json, transformer/, transformer_2/, text_encoder/, tokenizer/, vae/);
-* the official release layout (high_noise_model/ and low_noise_model/, or the TI2V-5B shards at the top,
-  each a sharded safetensors model with a WanModel config.json; models_t5_umt5-xxl-enc-bf16.pth;
-  Wan2.1_VAE.pth or Wan2.2_VAE.pth; the tokenizer folder google/umt5-xxl/);
-* a folder of single-file checkpoints (ComfyUI's diffusion model, text encoder and VAE files), each
-  classified by its keys;
-* per-component files or folders that supply or replace a component (`components`: transformer,
-  transformer_2, text_encoder, vae; `tokenizer`), with `base` naming the registry model when there is no
-  folder to say it.
+Each model family's converter (`convert/families/<family>.py`, found through `mlx_video.families`) says which
+sources it takes (`claims`) and plans them (`plan`): its layouts (diffusers folders, official releases, single
+files given per component), how its components are recognised and configured, and its manifest. `plan` below
+only picks the family; everything after the plan is shared.
 
 Weights may be fp32, fp16, bf16 or fp8 (ComfyUI's scaled layouts or plain casts; see `formats.py`), under a
 wrapper prefix or not. Single files carry no config: dimensions are read from the shapes and checked against
@@ -31,7 +24,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -40,10 +33,9 @@ from mlx.utils import tree_flatten
 
 from mlx_video import __version__
 from mlx_video.errors import MlxVideoError
-from mlx_video.model_folder import DTYPE_NAMES, DTYPES, FORMAT_VERSION, INDEX, MANIFEST, QUANTIZATION, ModelFolder
-from mlx_video.registry import MODELS
+from mlx_video.model_folder import DTYPE_NAMES, DTYPES, INDEX, MANIFEST, QUANTIZATION, ModelFolder
 
-from .formats import ComponentSource, classify, lookalike, open_tensors
+from .formats import ComponentSource, lookalike
 from .quantize import (
     DEFAULT_GROUP_SIZE,
     MODES,
@@ -63,9 +55,6 @@ KIND_OF = {"transformer": "transformer", "transformer_2": "transformer", "text_e
 KIND_WORDS = {"transformer": "a diffusion transformer", "text_encoder": "a text encoder", "vae": "a VAE"}
 OPTION_OF = {"transformer": "--transformer", "transformer_2": "--transformer-2", "text_encoder": "--text-encoder", "vae": "--vae"}
 
-OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
-OFFICIAL_VAES = ("Wan2.2_VAE.pth", "Wan2.1_VAE.pth")
-OFFICIAL_TOKENIZER = Path("google") / "umt5-xxl"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin", ".gguf")
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 # transformers' UMT5 stores its tied token embedding under both names; either may be present, or both.
@@ -134,7 +123,9 @@ def _read_json(path: Path, what: str) -> dict:
 # helpers the families' planners share
 
 
-def _tokenizer_files(path: Path, what: str) -> list[tuple[Path, str]]:
+def _tokenizer_files(path: Path, what: str, nested: Path | None = None) -> list[tuple[Path, str]]:
+    """The tokenizer files in `path` (a folder, a .model or a tokenizer.json); `nested`: a sub-folder a release
+    keeps them in (e.g. Wan's google/umt5-xxl/), looked in when the folder itself has none."""
     if path.is_file():
         if path.name == "tokenizer.json":
             return [(path, "tokenizer.json")]
@@ -144,8 +135,8 @@ def _tokenizer_files(path: Path, what: str) -> list[tuple[Path, str]]:
     if not path.is_dir():
         raise MlxVideoError(f"{what}: {path} does not exist")
     found = [(path / n, n) for n in TOKENIZER_FILES if (path / n).is_file()]
-    if not found and (path / OFFICIAL_TOKENIZER).is_dir():
-        found = [(path / OFFICIAL_TOKENIZER / n, n) for n in TOKENIZER_FILES if (path / OFFICIAL_TOKENIZER / n).is_file()]
+    if not found and nested is not None and (path / nested).is_dir():
+        found = [(path / nested / n, n) for n in TOKENIZER_FILES if (path / nested / n).is_file()]
     if not found:
         raise MlxVideoError(f"{what}: {path} has neither spiece.model nor tokenizer.json")
     return found

@@ -43,7 +43,7 @@ def _parse_size(value: str | None) -> tuple[int | None, int | None]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mlxvid")
 def cli():
-    """Generate videos locally with MLX: Wan 2.2 text-to-video and image-to-video.
+    """Generate videos locally with MLX: Wan 2.2 (text and image to video), HunyuanVideo and Mochi 1.
 
     \b
     First convert a downloaded checkpoint once, then generate from it:
@@ -102,11 +102,14 @@ def convert(paths, dtype, quantize, group_size, base, transformer, transformer_2
     """Convert checkpoints into an MLX-native model folder DST.
 
     \b
-    SRC is a folder in any of these layouts (detected from its files and keys):
-      diffusers        model_index.json, transformer/, transformer_2/, text_encoder/, tokenizer/, vae/
-      official         high_noise_model/ + low_noise_model/ (or the TI2V-5B shards), models_t5_umt5-xxl-enc-bf16.pth,
-                       Wan2.1_VAE.pth / Wan2.2_VAE.pth, google/umt5-xxl/
-      single files     ComfyUI diffusion model / text encoder / VAE files (fp16, bf16, fp8 scaled or plain fp8)
+    SRC is a folder in any of these layouts (the family and format are detected from its files and keys):
+      diffusers        model_index.json, transformer/ (transformer_2/), text_encoder/ (text_encoder_2/),
+                       tokenizer/ (tokenizer_2/), vae/ -- Wan 2.2, HunyuanVideo, Mochi 1
+      official         Wan: high_noise_model/ + low_noise_model/ (or the TI2V-5B shards),
+                       models_t5_umt5-xxl-enc-bf16.pth, Wan2.x_VAE.pth, google/umt5-xxl/;
+                       HunyuanVideo: ckpts/ with hunyuan-video-t2v-720p/ (fp8 .pt + scale map too)
+      single files     ComfyUI diffusion model / text encoder / VAE / all-in-one files (fp16, bf16, fp8 scaled,
+                       plain fp8, comfy_quant nvfp4 / mxfp8 / int8) and GGUF files
     or one checkpoint file (taken as --transformer). Component options supply or replace parts; without SRC,
     --base names the model. DST receives safetensors shards and configs, written into DST.part and renamed at
     the end; re-running an interrupted conversion keeps the shards already written.

@@ -18,9 +18,6 @@ from ..convert import (
     COMPONENTS,
     KIND_OF,
     KIND_WORDS,
-    OFFICIAL_T5,
-    OFFICIAL_TOKENIZER,
-    OFFICIAL_VAES,
     OPTION_OF,
     TOKENIZER_FILES,
     WEIGHT_SUFFIXES,
@@ -35,6 +32,10 @@ from ..convert import (
 from ..formats import ComponentSource, classify, lookalike, open_tensors, split_all_in_one
 
 
+
+OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+OFFICIAL_VAES = ("Wan2.2_VAE.pth", "Wan2.1_VAE.pth")
+OFFICIAL_TOKENIZER = Path("google") / "umt5-xxl"
 
 # The files of a diffusers-layout Wan repository that `mlxvid download` fetches.
 DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "transformer_2/*", "text_encoder/*", "tokenizer/*", "vae/*",
@@ -112,7 +113,7 @@ def _layout_diffusers(src: Path) -> tuple[dict, list, dict]:
             inputs[name] = _component_input(name, folder, f"{src.name}/{name}")
         elif name != "vae":
             inputs[name] = None  # required; may still come from an option
-    tokenizer = _tokenizer_files(src / "tokenizer", "tokenizer") if (src / "tokenizer").is_dir() else []
+    tokenizer = _tokenizer_files(src / "tokenizer", "tokenizer", OFFICIAL_TOKENIZER) if (src / "tokenizer").is_dir() else []
     return inputs, tokenizer, {"index": index, "two_experts": two_experts}
 
 
@@ -132,7 +133,7 @@ def _layout_official(src: Path) -> tuple[dict, list, dict]:
         if (src / vae).is_file():
             inputs["vae"] = _component_input("vae", src / vae, vae)
             break
-    tokenizer = _tokenizer_files(src / OFFICIAL_TOKENIZER, "tokenizer") if (src / OFFICIAL_TOKENIZER).is_dir() else []
+    tokenizer = _tokenizer_files(src / OFFICIAL_TOKENIZER, "tokenizer", OFFICIAL_TOKENIZER) if (src / OFFICIAL_TOKENIZER).is_dir() else []
     return inputs, tokenizer, {"two_experts": two_experts}
 
 
@@ -181,7 +182,7 @@ def _layout_files(src: Path, log) -> tuple[dict, list, dict]:
     tokenizer = []
     for candidate in (src / OFFICIAL_TOKENIZER, src / "tokenizer", src):
         if candidate.is_dir() and any((candidate / n).is_file() for n in TOKENIZER_FILES):
-            tokenizer = _tokenizer_files(candidate, "tokenizer")
+            tokenizer = _tokenizer_files(candidate, "tokenizer", OFFICIAL_TOKENIZER)
             break
     return inputs, tokenizer, {"two_experts": "transformer_2" in inputs}
 
@@ -362,7 +363,7 @@ def plan(
         inputs[name] = given
     views = _all_in_one(inputs, log)
     if tokenizer is not None:
-        tokenizer_files = _tokenizer_files(Path(tokenizer), "--tokenizer")
+        tokenizer_files = _tokenizer_files(Path(tokenizer), "--tokenizer", OFFICIAL_TOKENIZER)
     for name in ("transformer", "text_encoder"):
         if inputs.get(name) is None:
             where = {"diffusers": f"{name}/", "official": "high_noise_model/ or the model shards" if name == "transformer" else OFFICIAL_T5}.get(fmt, "")
