@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import MlxVideoError
 from ..model_folder import ModelFolder, resolve_model
 from ..samplers import SAMPLERS, SCHEDULES, explicit_schedule, make_sampler
-from .loop import GUIDANCE
+from .loop import GUIDANCE, NonFiniteGuard, ProgressHook, denoise
 
 # How to pass each setting on the command line, for messages about missing defaults.
 OPTION_NAMES = {"steps": "--steps N", "guidance": "--guidance SCALE", "guidance_2": "--guidance-2 SCALE",
@@ -219,6 +219,19 @@ class Pipeline:
             latents = mx.array(init_latents)
         return latents.transpose(0, 2, 3, 4, 1)
 
+    def run_denoising(self, sampler, latents: mx.array, predict, steps: int, progress: bool, hooks=(),
+                      label=None) -> mx.array:
+        """The shared loop with what every family puts around it: the NaN guard (naming `label(i)`, the model that
+        ran at step i), a progress bar, then the caller's hooks."""
+        from tqdm.auto import tqdm
+
+        guard = NonFiniteGuard(steps) if label is None else NonFiniteGuard(steps, label)
+        bar = tqdm(total=steps, desc="denoising", disable=not progress)
+        try:
+            return denoise(sampler, latents, predict, [guard, ProgressHook(bar, label), *hooks])
+        finally:
+            bar.close()
+
     # ---- memory preflight ----
 
     @property
@@ -255,6 +268,11 @@ class Pipeline:
                 + ", or ".join(hints) + "; --max-memory GB overrides the limit (the figures are estimates)"
             )
         return estimate
+
+
+def reference_layout(latents: mx.array) -> np.ndarray:
+    """Channels-last (1, T, H, W, C) latents as the reference pipelines' (1, C, T, H, W) float32 numpy array."""
+    return np.array(latents.transpose(0, 4, 1, 2, 3).astype(mx.float32))
 
 
 def load_pipeline(folder: ModelFolder) -> Pipeline:

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from ..errors import MlxVideoError
 from ..models.hunyuan.config import HunyuanTransformerConfig, HunyuanVAEConfig
 from ..text_encoders.llama import VIDEO_TEMPLATE, VIDEO_TEMPLATE_CROP_START, JsonTokenizer
-from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, release
-from .loop import NonFiniteGuard, ProgressHook, denoise, get_guidance, guidance_none
+from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
+from .loop import get_guidance, guidance_none
 
 LLAMA_PAD = "<|end_of_text|>"  # used when the tokenizer folder configures no pad token
 CLIP_PAD = "<|endoftext|>"
@@ -142,16 +142,13 @@ class HunyuanPipeline(Pipeline):
         model = self.load_transformer()
         predict = self.make_predict(s, model, context)
         start = time.perf_counter()
-        bar = tqdm(total=s.steps, desc="denoising", disable=not progress)
         try:
-            latents = denoise(sampler, latents, predict, [NonFiniteGuard(s.steps), ProgressHook(bar), *hooks])
+            latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks)
         finally:
-            bar.close()
             del model, predict
             release()
         timings["denoising"] = time.perf_counter() - start
-        out = np.array(latents.transpose(0, 4, 1, 2, 3).astype(mx.float32))
-        return GenerationResult(out, s, timings, ["transformer"] * s.steps)
+        return GenerationResult(reference_layout(latents), s, timings, ["transformer"] * s.steps)
 
     # ---- memory preflight ----
 

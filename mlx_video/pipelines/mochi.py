@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from ..errors import MlxVideoError
 from ..models.mochi.config import MochiTransformerConfig, MochiVAEConfig
 from ..text_encoders.tokenizer import T5Tokenizer
-from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, release
-from .loop import NonFiniteGuard, ProgressHook, denoise, get_guidance, guidance_none
+from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
+from .loop import get_guidance, guidance_none
 
 CHUNK_CHOICES = (8, 4, 2, 1)  # latent frames per decoded chunk that `auto` tries, largest first
 
@@ -146,16 +146,13 @@ class MochiPipeline(Pipeline):
         model = self.load_transformer()
         predict = self.make_predict(s, model, context, sampler)
         start = time.perf_counter()
-        bar = tqdm(total=s.steps, desc="denoising", disable=not progress)
         try:
-            latents = denoise(sampler, latents, predict, [NonFiniteGuard(s.steps), ProgressHook(bar), *hooks])
+            latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks)
         finally:
-            bar.close()
             del model, predict
             release()
         timings["denoising"] = time.perf_counter() - start
-        out = np.array(latents.transpose(0, 4, 1, 2, 3).astype(mx.float32))
-        return GenerationResult(out, s, timings, ["transformer"] * s.steps)
+        return GenerationResult(reference_layout(latents), s, timings, ["transformer"] * s.steps)
 
     # ---- memory preflight ----
 

@@ -19,9 +19,9 @@ from ..errors import MlxVideoError
 from ..models.wan.config import WanTransformerConfig
 from ..text_encoders.prompt import clean_prompt
 from ..text_encoders.tokenizer import T5Tokenizer
-from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, release
+from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
 from ..distributed import check_same_model, current_split, guidance_cfg_parallel
-from .loop import NonFiniteGuard, ProgressHook, denoise, get_guidance
+from .loop import get_guidance
 
 HIGH_NOISE, LOW_NOISE = "transformer", "transformer_2"
 
@@ -306,20 +306,16 @@ class WanPipeline(Pipeline):
         self._run_loras = s.loras or []
         predict = self.make_predict(s, cond, context, model_for_step, latents.shape[1], step_cache)
         start = time.perf_counter()
-        bar = tqdm(total=s.steps, desc="denoising", disable=not progress)
         try:
-            latents = denoise(sampler, latents, predict,
-                              [NonFiniteGuard(s.steps, label), ProgressHook(bar, label), *hooks])
+            latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks, label)
         finally:
-            bar.close()
             resident["model"] = None
             release()
         timings["denoising"] = time.perf_counter() - start
         if cond is not None and self.image_mode == "first_frame":
             keep = first_frame_mask(latents.shape[1])
             latents = keep * cond + (1.0 - keep) * latents
-        out = np.array(latents.transpose(0, 4, 1, 2, 3).astype(mx.float32))
-        result = GenerationResult(out, s, timings, schedule)
+        result = GenerationResult(reference_layout(latents), s, timings, schedule)
         result.stats = step_cache.stats()
         if self._split is not None:
             result.parallel = self._split.describe()
