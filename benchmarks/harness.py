@@ -557,6 +557,45 @@ def _torch_to_mx(tensor, dtype: str):
     return value.astype(_mx_dtype(dtype)) if mx.issubdtype(value.dtype, mx.floating) else value
 
 
+def side_by_side(ours_step, ref_step, repeats: int, ref_resident_bytes: int, warmup: int = 1):
+    """Run our step and the reference's in one process: their agreement (relative L2 of the outputs, ours
+    channels-last (B, T, H, W, C), the reference's (B, C, T, H, W)), `repeats` timings alternating, then one
+    more step each for memory: ours by MLX's allocator peak, the reference's as `ref_resident_bytes` (its weights
+    and inputs) plus the peak of the tensors alive during its step; with both, the RSS high-water growth.
+    Returns (rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_peak, ref_rss)."""
+    import mlx.core as mx
+    import numpy as np
+
+    for _ in range(max(warmup, 1)):  # agreement (the same computation?), and the warm-up
+        v_ours = ours_step()
+        v_ref = ref_step()
+    a = np.asarray(v_ours.astype(mx.float32)).transpose(0, 4, 1, 2, 3)
+    b = v_ref.float().numpy()
+    rel_err = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    del v_ours, v_ref, a, b
+
+    ours_times, ref_times = [], []
+    for _ in range(repeats):
+        for fn, acc in ((ours_step, ours_times), (ref_step, ref_times)):
+            start = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - start)
+
+    _release()
+    mx.reset_peak_memory()
+    ours_rss = _rss_peak_delta(ours_step)
+    ours_peak = mx.get_peak_memory()
+    gc.collect()
+    tracker = _LiveTensorPeak()
+
+    def tracked_ref_step():
+        with tracker:
+            ref_step()
+
+    ref_rss = _rss_peak_delta(tracked_ref_step)
+    return rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_resident_bytes + tracker.peak, ref_rss
+
+
 def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = (256, 256), frames: int = 9,
                      layers: int = 2, dtype: str | None = None, repeats: int = 3, warmup: int = 1,
                      guidance: bool = True, threads: int | None = None, json_path=None, config=None, seed: int = 0,
@@ -581,7 +620,6 @@ def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = 
         echo(msg)
         return _finish({"harness": "vs-reference", "skipped": True, "reason": msg}, json_path, echo, command)
     import mlx.core as mx
-    import numpy as np
 
     from mlx_video.convert.wan import DIFFUSERS_TRANSFORMER
     from mlx_video.models.wan.transformer import WanTransformer
@@ -634,36 +672,8 @@ def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = 
             cond, uncond = out[:1], out[1:]
             return uncond + g * (cond - uncond)
 
-    # Agreement (the same computation?), and the warm-up.
-    for _ in range(max(warmup, 1)):
-        v_ours = ours_step()
-        v_ref = ref_step()
-    a = np.asarray(v_ours.astype(mx.float32)).transpose(0, 4, 1, 2, 3)
-    b = v_ref.float().numpy()
-    rel_err = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-    del v_ours, v_ref, a, b
-
-    ours_times, ref_times = [], []
-    for _ in range(repeats):
-        for fn, acc in ((ours_step, ours_times), (ref_step, ref_times)):
-            start = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - start)
-
-    # One more step each for memory: the allocator figure and the RSS high-water growth from the same run.
-    _release()
-    mx.reset_peak_memory()
-    ours_rss = _rss_peak_delta(ours_step)
-    ours_peak = mx.get_peak_memory()
-    gc.collect()
-    tracker = _LiveTensorPeak()
-
-    def tracked_ref_step():
-        with tracker:
-            ref_step()
-
-    ref_rss = _rss_peak_delta(tracked_ref_step)
-    ref_peak = ref_weights + inputs + tracker.peak
+    rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_peak, ref_rss = side_by_side(
+        ours_step, ref_step, repeats, ref_weights + inputs, warmup)
 
     counted = torch_flop_count(cfg, geo["latent"], batch, spec.default("text_len", 512))["total"]
     groups = geo["grid"][0] if spec.default("per_frame_timesteps") else 1
@@ -682,7 +692,7 @@ def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = 
         "time_ratio_min_ours_over_reference": min(ours_times) / min(ref_times),
         "ours_weights_bytes": our_weights, "reference_weights_bytes": ref_weights,
         "ours_peak_memory_bytes": ours_peak, "reference_peak_memory_bytes": ref_peak,
-        "reference_tracked_activation_peak_bytes": tracker.peak,
+        "reference_tracked_activation_peak_bytes": ref_peak - (ref_weights + inputs),
         "memory_ratio_ours_over_reference": ours_peak / ref_peak,
         "ours_rss_hwm_delta_bytes": ours_rss, "reference_rss_hwm_delta_bytes": ref_rss,
         "output_relative_l2_error": rel_err,

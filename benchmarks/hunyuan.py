@@ -18,7 +18,6 @@ memory per frame count against `cost.decode_activation_bytes`, the pipeline's es
 
 from __future__ import annotations
 
-import gc
 import statistics
 import sys
 import time
@@ -31,9 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     _finish,
     _fmt_bytes,
-    _LiveTensorPeak,
     _release,
-    _rss_peak_delta,
+    side_by_side,
     _table,
     _torch_to_mx,
     _version,
@@ -107,32 +105,8 @@ def run_vs_reference(size=(256, 256), frames: int = 9, double: int = 1, single: 
             return ref(x_t, torch.tensor([500.0]), text_t, mask_t, pooled_t, guidance=torch.tensor([guidance]).to(tdt),
                        return_dict=False)[0]
 
-    v_ours, v_ref = ours_step(), ref_step()  # agreement, and the warm-up
-    a = np.asarray(v_ours.astype(mx.float32)).transpose(0, 4, 1, 2, 3)
-    b = v_ref.float().numpy()
-    rel_err = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-    del v_ours, v_ref, a, b
-
-    ours_times, ref_times = [], []
-    for _ in range(repeats):
-        for fn, acc in ((ours_step, ours_times), (ref_step, ref_times)):
-            start = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - start)
-
-    _release()
-    mx.reset_peak_memory()
-    ours_rss = _rss_peak_delta(ours_step)
-    ours_peak = mx.get_peak_memory()
-    gc.collect()
-    tracker = _LiveTensorPeak()
-
-    def tracked_ref_step():
-        with tracker:
-            ref_step()
-
-    ref_rss = _rss_peak_delta(tracked_ref_step)
-    ref_peak = ref_weights + inputs + tracker.peak
+    rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_peak, ref_rss = side_by_side(
+        ours_step, ref_step, repeats, ref_weights + inputs)
     tokens = t * (h // 2) * (w // 2)
     flops = cost.forward_flops(cfg, tokens, text_len).total
     t_ours, t_ref = statistics.median(ours_times), statistics.median(ref_times)

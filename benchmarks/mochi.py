@@ -19,7 +19,6 @@ as the pipeline does): peak memory per frame count, and the pipeline's estimate 
 
 from __future__ import annotations
 
-import gc
 import os
 import statistics
 import sys
@@ -33,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     _finish,
     _fmt_bytes,
-    _LiveTensorPeak,
     _release,
-    _rss_peak_delta,
+    side_by_side,
     _table,
     _torch_to_mx,
     _version,
@@ -101,32 +99,8 @@ def run_vs_reference(size=(256, 256), frames: int = 7, layers: int = 2, dtype: s
         with torch.inference_mode():
             return ref(torch.cat([x_t, x_t]), text_t, torch.tensor([timestep] * 2), mask_t, return_dict=False)[0]
 
-    v_ours, v_ref = ours_step(), ref_step()  # agreement, and the warm-up
-    a = np.asarray(v_ours.astype(mx.float32)).transpose(0, 4, 1, 2, 3)
-    b = v_ref.float().numpy()
-    rel_err = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-    del v_ours, v_ref, a, b
-
-    ours_times, ref_times = [], []
-    for _ in range(repeats):
-        for fn, acc in ((ours_step, ours_times), (ref_step, ref_times)):
-            start = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - start)
-
-    _release()
-    mx.reset_peak_memory()
-    ours_rss = _rss_peak_delta(ours_step)
-    ours_peak = mx.get_peak_memory()
-    gc.collect()
-    tracker = _LiveTensorPeak()
-
-    def tracked_ref_step():
-        with tracker:
-            ref_step()
-
-    ref_rss = _rss_peak_delta(tracked_ref_step)
-    ref_peak = ref_weights + inputs + tracker.peak
+    rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_peak, ref_rss = side_by_side(
+        ours_step, ref_step, repeats, ref_weights + inputs)
     tokens = t * (h // cfg.patch_size) * (w // cfg.patch_size)
     flops = cost.forward_flops(cfg, tokens, text_len, batch=2).total
     t_ours, t_ref = statistics.median(ours_times), statistics.median(ref_times)
@@ -141,7 +115,7 @@ def run_vs_reference(size=(256, 256), frames: int = 7, layers: int = 2, dtype: s
         "time_ratio_min_ours_over_reference": min(ours_times) / min(ref_times),
         "ours_weights_bytes": our_weights, "reference_weights_bytes": ref_weights,
         "ours_peak_memory_bytes": ours_peak, "reference_peak_memory_bytes": ref_peak,
-        "reference_tracked_activation_peak_bytes": tracker.peak,
+        "reference_tracked_activation_peak_bytes": ref_peak - (ref_weights + inputs),
         "memory_ratio_ours_over_reference": ours_peak / ref_peak,
         "ours_rss_hwm_delta_bytes": ours_rss, "reference_rss_hwm_delta_bytes": ref_rss,
         "output_relative_l2_error": rel_err, "flops_per_step_model": flops,
