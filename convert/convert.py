@@ -142,6 +142,18 @@ def _tokenizer_files(path: Path, what: str, nested: Path | None = None) -> list[
     return found
 
 
+def diffusers_pipeline_class(src) -> str | None:
+    """The `_class_name` of a diffusers folder's model_index.json: None when `src` has none, "" when it cannot
+    be read. Each family's `claims` looks at it."""
+    index = Path(src) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return str(json.loads(index.read_text()).get("_class_name", ""))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return ""
+
+
 def _component_input(name: str, path: Path, origin: str) -> ComponentInput:
     path = Path(path)
     if not path.exists():

@@ -25,7 +25,6 @@ folder (its vision tower ignored) with the tokenizers beside them.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Callable
 from mlx_video.errors import MlxVideoError
 from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
 
-from ..convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json
+from ..convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json, diffusers_pipeline_class
 from ..formats import FAMILY_SIGNATURES, ComponentSource, FusedParts, TensorFile, classify, fused_keymap, open_tensors
 from ..formats import FUSED  # noqa: F401  (re-exported for callers of this module)
 from ..rules import KeyMap
@@ -120,13 +119,7 @@ def claims(src, components: dict) -> bool:
         return False
     if Path(src).is_dir() and release_transformer(Path(src)) is not None:
         return True
-    index = Path(src) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return str(json.loads(index.read_text()).get("_class_name", "")).startswith("HunyuanVideo")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+    return (diffusers_pipeline_class(src) or "").startswith("HunyuanVideo")
 
 
 # ---------------------------------------------------------------------------------------------------

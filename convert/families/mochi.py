@@ -21,7 +21,6 @@ Not read yet: the official folder as a whole (without a diffusers folder).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -29,7 +28,15 @@ from typing import Callable
 from mlx_video.errors import MlxVideoError
 from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
 
-from ..convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json, _tokenizer_files
+from ..convert import (
+    ComponentPlan,
+    ConversionPlan,
+    _component_input,
+    _plan_component,
+    _read_json,
+    _tokenizer_files,
+    diffusers_pipeline_class,
+)
 from ..formats import FAMILY_SIGNATURES, ComponentSource, PrefixView, TensorFile, classify, open_tensors
 from ..rules import KeyMap, Rule
 from ..formats import FusedParts, fused_keymap
@@ -89,13 +96,7 @@ def claims(src, components: dict) -> bool:
     """A diffusers folder whose pipeline is a Mochi one."""
     if src is None:
         return False
-    index = Path(src) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return str(json.loads(index.read_text()).get("_class_name", "")).startswith("Mochi")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+    return (diffusers_pipeline_class(src) or "").startswith("Mochi")
 
 
 class OfficialVAE(TensorFile):

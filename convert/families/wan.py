@@ -28,6 +28,7 @@ from ..convert import (
     _plan_component,
     _read_json,
     _tokenizer_files,
+    diffusers_pipeline_class,
 )
 from ..formats import ComponentSource, classify, lookalike, open_tensors, split_all_in_one
 
@@ -49,12 +50,9 @@ def claims(src, components: dict) -> bool:
     src = Path(src)
     if not src.exists() or src.is_file():
         return False
-    index = src / "model_index.json"
-    if index.is_file():
-        try:
-            return str(json.loads(index.read_text()).get("_class_name", "")).startswith("Wan")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return False
+    pipeline_class = diffusers_pipeline_class(src)
+    if pipeline_class is not None:
+        return pipeline_class.startswith("Wan")
     return (src / "high_noise_model").is_dir() or (src / "low_noise_model").is_dir() or _is_official_model_dir(src) \
         or _official_parts(src)
 
