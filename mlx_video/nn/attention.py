@@ -34,6 +34,14 @@ def query_block(batch: int, heads: int, q_len: int, k_len: int, budget: int | No
     return max(1, min(q_len, budget // max(1, per_query)))
 
 
+def blocked_score_bytes(batch: int, heads: int, q_len: int, k_len: int, budget: int | None = None) -> int:
+    """Bytes of the scores (and their softmax, float32) alive at once where attention is not fused: one query
+    block's. `budget`: as `score_budget_bytes()`, or the default when that is None. For the cost models."""
+    if budget is None:
+        budget = score_budget_bytes() or DEFAULT_BUDGET_MB * 1024**2
+    return 2 * batch * heads * query_block(batch, heads, q_len, k_len, budget) * k_len * 4
+
+
 def attention(
     q: mx.array,
     k: mx.array,

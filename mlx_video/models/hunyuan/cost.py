@@ -173,10 +173,9 @@ def activation_bytes(config: HunyuanTransformerConfig, n_tokens: int, batch: int
     resident = batch * s * d * 4 * 2 + 2 * n_tokens * config.head_dim * 4 + 2 * batch * n_tokens * config.in_channels * 4
     stage = batch * s * (d * 4 + d * e + (3 * d + m) * e + 5 * d * e + m * e + (d + m) * e)
     if not fused_attention:
-        from mlx_video.nn.attention import DEFAULT_BUDGET_MB, query_block, score_budget_bytes
+        from mlx_video.nn.attention import blocked_score_bytes
 
-        budget = score_budget_bytes() or DEFAULT_BUDGET_MB * 1024**2
-        stage += 2 * batch * config.num_heads * query_block(batch, config.num_heads, s, s, budget) * s * 4
+        stage += blocked_score_bytes(batch, config.num_heads, s, s)
     return int(resident + stage)
 
 

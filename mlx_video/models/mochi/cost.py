@@ -158,10 +158,9 @@ def activation_bytes(config: MochiTransformerConfig, n_tokens: int, batch: int =
     attention = batch * (n * d * (4 + e) + s * (3 * d * e + 2 * d * 4 + d * e))
     mlp = batch * n * (d * (4 + e) + 3 * f * e)
     if not fused_attention:
-        from mlx_video.nn.attention import DEFAULT_BUDGET_MB, query_block, score_budget_bytes
+        from mlx_video.nn.attention import blocked_score_bytes
 
-        budget = score_budget_bytes() or DEFAULT_BUDGET_MB * 1024**2
-        attention += 2 * batch * config.num_heads * query_block(batch, config.num_heads, s, s, budget) * s * 4
+        attention += blocked_score_bytes(batch, config.num_heads, s, s)
     return int(resident + max(attention, mlp))
 
 

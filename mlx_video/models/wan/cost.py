@@ -201,10 +201,9 @@ def activation_bytes(config: WanTransformerConfig, n_tokens: int, batch: int = 2
     if not fused_attention:
         # without a fused kernel the scores are materialised, but in query blocks under the attention budget
         # (mlx_video/nn/attention.py), so at most the budget is alive at once
-        from mlx_video.nn.attention import DEFAULT_BUDGET_MB
+        from mlx_video.nn.attention import blocked_score_bytes
 
-        budget = attention_budget_bytes if attention_budget_bytes is not None else DEFAULT_BUDGET_MB * 2**20
-        attn_stage += min(2 * batch * h * n_tokens * n_tokens * s, budget)
+        attn_stage += blocked_score_bytes(batch, h, n_tokens, n_tokens, attention_budget_bytes)
     ffn_stage = 2 * bn * d * 4 + bn * d * s + 2 * bn * f * s + bn * d * s
     stages = {"self_attention": attn_stage, "ffn": ffn_stage}
     peak_stage = max(stages, key=stages.get)
