@@ -77,8 +77,8 @@ def infer_transformer_config(shapes: dict, naming: str, num_heads: int | None = 
 def transformer_config_from_official(config_json: dict) -> WanTransformerConfig:
     """Our config from an official `WanModel` config.json (high_noise_model/config.json and the like)."""
     model_type = config_json.get("model_type", "t2v")
-    if model_type not in ("t2v", "i2v", "ti2v"):
-        raise ValueError(f"model_type {model_type!r} (Wan 2.2 text/image-to-video models are t2v, i2v or ti2v)")
+    if model_type not in ("t2v", "i2v", "ti2v", "s2v"):
+        raise ValueError(f"model_type {model_type!r} (Wan 2.2 models are t2v, i2v, ti2v or s2v)")
     if not config_json.get("qk_norm", True) or not config_json.get("cross_attn_norm", True):
         raise ValueError("qk_norm and cross_attn_norm must be true, as in every Wan 2.2 model")
     if tuple(config_json.get("window_size", (-1, -1))) != (-1, -1):

@@ -17,6 +17,7 @@ from typing import Mapping
 
 import mlx.core as mx
 
+from .formats import TensorFile
 from .rules import KeyMap, Rule
 
 _P = r"(?:wav2vec2\.)?"
@@ -103,3 +104,33 @@ def convert_wav2vec2_weights(weights: Mapping[str, mx.array]) -> dict[str, mx.ar
             raise KeyError(f"two source keys map to {new_key!r} (the second is {key!r})")
         out[new_key] = value
     return out
+
+
+class WeightNormFolded(TensorFile):
+    """A wav2vec2 checkpoint whose positional convolution is stored weight-normalised, shown with that pair
+    folded into the one plain weight the rules above expect (the other tensors pass through unread)."""
+
+    def __init__(self, inner: TensorFile):
+        self.inner, self.paths, self.metadata = inner, inner.paths, inner.metadata
+        self._shapes = {k: inner.shape(k) for k in inner.keys()}
+        self._codes = {k: inner.code(k) for k in inner.keys()}
+        self._folded: dict[str, tuple[str, str]] = {}
+        for prefix in ("", "wav2vec2."):
+            base = prefix + _POS_CONV
+            for g_name, v_name in _WEIGHT_NORM_PAIRS:
+                g_key, v_key = f"{base}.{g_name}", f"{base}.{v_name}"
+                if g_key in self._shapes and v_key in self._shapes:
+                    self._shapes[f"{base}.weight"] = self._shapes.pop(v_key)
+                    self._codes[f"{base}.weight"] = "F32"
+                    del self._shapes[g_key], self._codes[g_key], self._codes[v_key]
+                    self._folded[f"{base}.weight"] = (g_key, v_key)
+
+    def read(self, key, start=None, stop=None):
+        if key not in self._folded:
+            return self.inner.read(key, start, stop)
+        g_key, v_key = self._folded[key]
+        weight = fold_weight_norm(self.inner.read(g_key).astype(mx.float32), self.inner.read(v_key).astype(mx.float32))
+        return weight[start:stop]
+
+    def describe(self) -> str:
+        return self.inner.describe()

@@ -49,7 +49,7 @@ def model_info(spec) -> dict:
     peak = default_peak_bytes(spec, dtype, quant if quant in ("q8", "q4", "fp8") else None)
     return {"id": spec.id, "family": spec.family, "task": spec.task, "experts": spec.experts,
             "defaults": {k: v for k, v in spec.defaults.items() if k != "negative_prompt"},
-            "sizes": [list(s) for s in spec.sizes], "frame_rule": f"{spec.frame_stride}n+1",
+            "sizes": [list(s) for s in spec.sizes], "frame_rule": spec.frame_rule,
             "quality": {q: {"sizes": [list(s) for s in p["sizes"]], "steps": p["steps"]}
                         for q, p in quality_profiles(spec).items()},
             "recipes": model_recipes(spec), "converted": here, "hf_repo": spec.hf_repo, "estimated_peak_bytes": peak,
@@ -79,7 +79,7 @@ def describe(spec) -> str:
         f"  task {spec.task}, {shape}",
         f"  steps {d.get('steps')}, shift {d.get('shift')}, guidance {guidance}, sampler {d.get('sampler')}"
         + (f", schedule {d['schedule']}" if d.get("schedule") else ""),
-        f"  {d.get('frames')} frames ({spec.frame_stride}n+1) at {d.get('fps')} fps "
+        f"  {d.get('frames')} frames ({spec.frame_rule}) at {d.get('fps')} fps "
         f"(longest clip {d.get('max_frames') or d.get('frames')} frames); sizes {sizes}",
         "  quality: " + "; ".join(f"{q} {'/'.join(f'{w}x{h}' for w, h in p['sizes'])}, {p['steps']} steps"
                                   for q, p in info["quality"].items()),

@@ -6,6 +6,7 @@ mlx-lm picks a model class from a config's `model_type`, and import its modules 
 
 A family provides:
     pipeline   a class with `from_folder(ModelFolder)`; see `mlx_video.pipelines.base.Pipeline`
+    task_pipelines  classes for tasks whose generation differs in kind (Wan S2V: a chain of audio-driven clips)
     converter  a module of `mlx_video.convert.families` with `detect(src)`, `plan(...)` and its signatures
     cost       a module with the FLOP and memory model used by the preflight and the benchmarks
 """
@@ -25,13 +26,14 @@ class Family:
     pipeline: str  # "module:Class"
     converter: str  # module path
     cost: str  # module path
+    task_pipelines: tuple[tuple[str, str], ...] = ()  # (task, "module:Class") where a task needs its own pipeline
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
         Family("wan", "Wan 2.2", "mlx_video.pipelines.wan:WanPipeline", "mlx_video.convert.families.wan",
-               "mlx_video.models.wan.cost"),
+               "mlx_video.models.wan.cost", (("s2v", "mlx_video.pipelines.wan_s2v:WanS2VPipeline"),)),
         Family("hunyuan", "HunyuanVideo", "mlx_video.pipelines.hunyuan:HunyuanPipeline",
                "mlx_video.convert.families.hunyuan", "mlx_video.models.hunyuan.cost"),
         Family("mochi", "Mochi 1", "mlx_video.pipelines.mochi:MochiPipeline", "mlx_video.convert.families.mochi",
@@ -53,8 +55,9 @@ def _load(path: str):
     return getattr(loaded, attr) if attr else loaded
 
 
-def pipeline_class(name: str):
-    return _load(get_family(name).pipeline)
+def pipeline_class(name: str, task: str | None = None):
+    family = get_family(name)
+    return _load(dict(family.task_pipelines).get(task, family.pipeline))
 
 
 def converter(name: str):

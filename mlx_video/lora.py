@@ -10,8 +10,13 @@ Formats (safetensors), recognised per key:
 
 Module names are mapped onto ours through the family's converter key tables (the same tables that convert
 its checkpoints), so a LoRA on `blocks.0.attn1.to_q` (diffusers) or `blocks.0.self_attn.q` (official) lands
-on the layer those weights were converted into. Every key must be understood and every shape must fit:
-otherwise the error names the file and the key, before any weights of the model are read.
+on the layer those weights were converted into. Where the table sends a layer to one slice of a fused layer of
+ours (a part key `name#i`: diffusers' separate to_q / to_k / to_v against one q|k|v projection), its delta
+fills the rows of that slice; the family gives the slices' sizes (`parts`: our layer -> sizes along the
+output axis). The table's transform is applied to the factors: a reordering of the output rows
+(`swap_halves`) to `up` and the biases, a convolution-to-linear layout to `down`. Every key must be understood
+and every shape must fit: otherwise the error names the file and the key, before any weights of the model are
+read.
 
 Fusing: W += strength · scale · up @ down (+ strength · diff), summed over all LoRAs of a layer in float32,
 then written back once in the layer's storage:
@@ -42,6 +47,9 @@ from .errors import MlxVideoError
 from .nn.linear import Fp8Linear, dense_weight
 
 TARGETS = ("all", "high", "low")
+PART_SEPARATOR = "#"  # as the converter's key tables spell a slice of a fused layer (convert.rules)
+# Key-table transforms that reorder a weight's output rows: on a LoRA they apply to `up` and the biases.
+_ROW_TRANSFORMS = {"swap_halves"}
 
 # (key suffix, role); longest first so that `.lora_B.bias` wins over shorter endings.
 _SUFFIXES = sorted(
@@ -74,10 +82,15 @@ class ModuleLora:
     diff: mx.array | None = None  # full delta of the parameter (after the key table's transform)
     diff_b: mx.array | None = None
     param: str = "weight"  # the parameter `diff` updates (a norm or modulation diff names the parameter itself)
+    part: int | None = None  # the slice of a fused layer of ours this module is (see `parts`), None: all of it
 
     @property
     def rank(self) -> int | None:
         return None if self.down is None else int(self.down.shape[0])
+
+    @property
+    def label(self) -> str:
+        return self.target if self.part is None else f"{self.target}{PART_SEPARATOR}{self.part}"
 
 
 @dataclass
@@ -85,7 +98,7 @@ class LoraFile:
     path: Path
     sha256: str
     format: str  # "peft", "comfy", "kohya" (the naming most of its keys use)
-    modules: dict[str, ModuleLora]
+    modules: dict[str, ModuleLora]  # keyed by ModuleLora.label
     default_scale: float | None  # lora_alpha / r from a PEFT header; None: per module alpha / rank, else 1
 
     def module_scale(self, m: ModuleLora) -> float:
@@ -135,17 +148,25 @@ def _strip_prefix(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def _map_dotted(name: str, keymaps: Sequence) -> tuple[str, str, str | None] | None:
-    """(our parameter prefix, parameter name, transform) for a dotted module name, via the key tables."""
+def _split_part(key: str) -> tuple[str, int | None]:
+    name, sep, index = key.rpartition(PART_SEPARATOR)
+    return (name, int(index)) if sep and index.isdigit() else (key, None)
+
+
+def _map_dotted(name: str, keymaps: Sequence) -> tuple[str, str, str | None, int | None] | None:
+    """(our parameter prefix, parameter name, transform, part) for a dotted module name, via the key tables."""
     for keymap in keymaps:
         hit = keymap.target(name + ".weight")
-        if hit is not None and hit[0].endswith(".weight"):
-            return hit[0][: -len(".weight")], "weight", hit[1]
+        if hit is not None:
+            key, part = _split_part(hit[0])
+            if key.endswith(".weight"):
+                return key[: -len(".weight")], "weight", hit[1], part
     for keymap in keymaps:  # a parameter that is not a layer's weight (norm, modulation): named by itself
         hit = keymap.target(name)
         if hit is not None:
-            module, _, param = hit[0].rpartition(".")
-            return module, param, hit[1]
+            key, part = _split_part(hit[0])
+            module, _, param = key.rpartition(".")
+            return module, param, hit[1], part
     return None
 
 
@@ -168,9 +189,9 @@ def _map_kohya(name: str, keymaps: Sequence):
     for form in _dotted_forms(tail):
         hit = _map_dotted(prefix + form, keymaps)
         if hit is not None:
-            hits[hit[:2]] = hit
+            hits[(hit[0], hit[1], hit[3])] = hit
     if len(hits) > 1:
-        raise ValueError(f"ambiguous: it can be read as {sorted(t for t, _ in hits)}")
+        raise ValueError(f"ambiguous: it can be read as {sorted(t for t, _, _ in hits)}")
     return next(iter(hits.values()), None)
 
 
@@ -180,7 +201,8 @@ def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = Non
     from .convert.rules import COMMON_TRANSFORMS
 
     path = Path(path)
-    transforms = {**COMMON_TRANSFORMS, **(transforms or {})}
+    own = {name: fn for keymap in keymaps for name, fn in getattr(keymap, "transforms", {}).items()}
+    transforms = {**COMMON_TRANSFORMS, **own, **(transforms or {})}
     if not path.is_file():
         raise MlxVideoError(f"LoRA file {path} does not exist")
     if path.suffix != ".safetensors":
@@ -224,22 +246,26 @@ def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = Non
                 f"LoRA file {path}: key {first_key} targets {name!r}, which is not a layer of this model (a LoRA for "
                 "another model or for the text encoder?)"
             )
-        target, param, transform = hit
-        if target in modules:
-            raise MlxVideoError(f"LoRA file {path}: key {first_key} targets {target}, which {modules[target].source} targets too")
-        m = ModuleLora(target=target, source=name, keys=dict(roles), param=param)
+        target, param, transform, part = hit
+        m = ModuleLora(target=target, source=name, keys=dict(roles), param=param, part=part)
+        if m.label in modules:
+            raise MlxVideoError(f"LoRA file {path}: key {first_key} targets {m.label}, which {modules[m.label].source} "
+                                "targets too")
         if ("down" in roles) != ("up" in roles):
             have, miss = ("down", "up") if "down" in roles else ("up", "down")
             raise MlxVideoError(f"LoRA file {path}: key {roles[have]} has no matching {miss} matrix")
         fix = transforms[transform] if transform else None
+        rows = fix if transform in _ROW_TRANSFORMS else None
         if "down" in roles:
             m.down, m.up = tensors[roles["down"]], tensors[roles["up"]]
-            if fix is not None and m.down.ndim > 2:  # a LoRA on a convolution converted to our linear
-                m.down = fix(m.down)
             if m.up.ndim > 2:
                 m.up = m.up.reshape(m.up.shape[0], -1)
+            if rows is not None:  # ΔW = up @ down: reordering ΔW's rows reorders up's
+                m.up = rows(m.up)
+            elif fix is not None and m.down.ndim > 2:  # a LoRA on a convolution converted to our linear
+                m.down = fix(m.down)
         if "up_bias" in roles:
-            m.up_bias = tensors[roles["up_bias"]]
+            m.up_bias = tensors[roles["up_bias"]] if rows is None else rows(tensors[roles["up_bias"]])
         if "alpha" in roles:
             alpha = tensors[roles["alpha"]]
             if alpha.size != 1:
@@ -250,8 +276,8 @@ def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = Non
             if fix is not None:
                 m.diff = fix(m.diff)
         if "diff_b" in roles:
-            m.diff_b = tensors[roles["diff_b"]]
-        modules[target] = m
+            m.diff_b = tensors[roles["diff_b"]] if rows is None else rows(tensors[roles["diff_b"]])
+        modules[m.label] = m
     fmt = max(set(formats), key=formats.count)
     return LoraFile(path, sha256 or file_sha256(path), fmt, modules, default_scale)
 
@@ -272,13 +298,23 @@ def _peft_scale(metadata: dict, path: Path) -> float | None:
         raise MlxVideoError(f"LoRA file {path}: its lora_adapter_metadata header is not a LoRA config") from None
 
 
-def check_lora(lora: LoraFile, shapes: dict[str, tuple[int, ...]], what: str = "the model") -> None:
-    """Every module's tensors fit the model's parameter `shapes` (our keys -> shapes), ranks agree."""
+def check_lora(lora: LoraFile, shapes: dict[str, tuple[int, ...]], what: str = "the model",
+               parts: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Every module's tensors fit the model's parameter `shapes` (our keys -> shapes), ranks agree. `parts`: the
+    sizes along the output axis of the slices of our fused layers (our layer name -> sizes)."""
     for m in lora.modules.values():
         key = next(iter(m.keys.values()))
         weight = shapes.get(f"{m.target}.{m.param}")
         if weight is None:
             raise MlxVideoError(f"LoRA file {lora.path}: key {key} targets {m.target}.{m.param}, which {what} does not have")
+        rows = weight[0] if weight else None
+        if m.part is not None:
+            sizes = (parts or {}).get(m.target)
+            if sizes is None or m.part >= len(sizes) or sum(sizes) != weight[0]:
+                raise MlxVideoError(f"LoRA file {lora.path}: key {key} targets slice {m.part} of {m.target}, which "
+                                    f"{what} does not split that way")
+            rows = sizes[m.part]
+            weight = (rows, *weight[1:])
         if m.down is not None:
             if len(weight) != 2:
                 raise MlxVideoError(f"LoRA file {lora.path}: key {key}: {m.target} is not a linear layer")
@@ -294,30 +330,39 @@ def check_lora(lora: LoraFile, shapes: dict[str, tuple[int, ...]], what: str = "
             if m.down.shape[1] != in_dim or m.up.shape[0] != out_dim:
                 raise MlxVideoError(
                     f"LoRA file {lora.path}: key {m.keys['down']}: the LoRA maps {m.down.shape[1]} -> {m.up.shape[0]} "
-                    f"features but {m.target} of {what} maps {in_dim} -> {out_dim} (a LoRA for another model or width?)"
+                    f"features but {m.label} of {what} maps {in_dim} -> {out_dim} (a LoRA for another model or width?)"
                 )
         if m.diff is not None and tuple(m.diff.shape) != tuple(weight):
             raise MlxVideoError(f"LoRA file {lora.path}: key {m.keys['diff']} has shape {tuple(m.diff.shape)}, "
-                                f"{m.target}.{m.param} of {what} has {tuple(weight)}")
+                                f"{m.label}.{m.param} of {what} has {tuple(weight)}")
         for role, tensor in (("diff_b", m.diff_b), ("up_bias", m.up_bias)):
             if tensor is None:
                 continue
             bias = shapes.get(f"{m.target}.bias")
+            if bias is not None and m.part is not None:
+                bias = (rows,)
             if bias is None or tuple(tensor.shape) != tuple(bias):
                 raise MlxVideoError(f"LoRA file {lora.path}: key {m.keys[role]} has shape {tuple(tensor.shape)}, the bias of "
-                                    f"{m.target} in {what} has {None if bias is None else tuple(bias)}")
+                                    f"{m.label} in {what} has {None if bias is None else tuple(bias)}")
 
 
-def module_deltas(loras: Iterable[tuple[LoraFile, float]]) -> dict[str, dict[str, mx.array]]:
-    """Sum the LoRAs' float32 deltas per module: {target: {param: delta}} (`param` "weight", "bias", ...)."""
+def module_deltas(loras: Iterable[tuple[LoraFile, float]],
+                  parts: dict[str, tuple[int, ...]] | None = None) -> dict[str, dict[str, mx.array]]:
+    """Sum the LoRAs' float32 deltas per module: {target: {param: delta}} (`param` "weight", "bias", ...). A
+    slice's delta fills its rows of the fused layer (sizes from `parts`), zeros elsewhere."""
     total: dict[str, dict[str, mx.array]] = {}
+    sliced: dict[tuple[str, str], dict[int, mx.array]] = {}
     for lora, strength in loras:
         for m in lora.modules.values():
             scale = strength * lora.module_scale(m)
-            parts = total.setdefault(m.target, {})
+            whole = total.setdefault(m.target, {})
 
             def add(param, value):
-                parts[param] = value if param not in parts else parts[param] + value
+                if m.part is None:
+                    whole[param] = value if param not in whole else whole[param] + value
+                    return
+                slot = sliced.setdefault((m.target, param), {})
+                slot[m.part] = value if m.part not in slot else slot[m.part] + value
 
             if m.down is not None:
                 add("weight", scale * (m.up.astype(mx.float32) @ m.down.astype(mx.float32)))
@@ -327,26 +372,34 @@ def module_deltas(loras: Iterable[tuple[LoraFile, float]]) -> dict[str, dict[str
                 add(m.param, strength * m.diff.astype(mx.float32))
             if m.diff_b is not None:
                 add("bias", strength * m.diff_b.astype(mx.float32))
+    for (target, param), slot in sliced.items():
+        sizes = (parts or {})[target]
+        tail = next(iter(slot.values())).shape[1:]
+        delta = mx.concatenate([slot.get(i, mx.zeros((n, *tail), dtype=mx.float32)) for i, n in enumerate(sizes)])
+        whole = total[target]
+        whole[param] = delta if param not in whole else whole[param] + delta
     return total
 
 
-def fuse_loras(model: nn.Module, loras: Sequence[tuple[LoraFile, float]]) -> int:
+def fuse_loras(model: nn.Module, loras: Sequence[tuple[LoraFile, float]],
+               parts: dict[str, tuple[int, ...]] | None = None) -> int:
     """Fuse `(file, strength)` pairs into `model`'s weights in place; returns the number of layers changed.
-    Dense, MLX affine-quantized and fp8 layers are handled (see the module docstring for what each costs)."""
-    deltas = module_deltas(loras)
+    Dense, MLX affine-quantized and fp8 layers are handled (see the module docstring for what each costs).
+    `parts`: the slice sizes of fused layers that some LoRA modules target one slice of (see `check_lora`)."""
+    deltas = module_deltas(loras, parts)
     modules = dict(model.named_modules())
     fused = len(deltas)
     while deltas:  # one layer at a time: a full-size float32 delta lives only while its layer is fused
-        target, parts = deltas.popitem()
+        target, parts_of_layer = deltas.popitem()
         layer = modules[target]
-        for param, delta in parts.items():
+        for param, delta in parts_of_layer.items():
             if param == "weight" and isinstance(layer, (nn.QuantizedLinear, Fp8Linear)):
                 _fuse_low_precision(layer, delta)
                 continue
             old = layer[param]
             layer[param] = (old.astype(mx.float32) + delta).astype(old.dtype)
         mx.eval(layer.parameters())
-        del parts
+        del parts_of_layer
     return fused
 
 

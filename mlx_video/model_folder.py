@@ -120,6 +120,7 @@ class ModelFolder:
             experts=int(m.get("experts") or (known.experts if known else 1)),
             transformer=known.transformer if known else None,
             description=known.description if known else f"converted model {m.get('model')!r}",
+            frame_offset=int(pick("frame_offset", 1)),
         )
 
     @property

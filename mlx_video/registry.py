@@ -24,6 +24,12 @@ WAN_NEGATIVE_PROMPT = (
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
+# Wan2.2-S2V's own negative prompt (wan/configs/wan_s2v_14B.py sample_neg_prompt).
+WAN_S2V_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，画得不好的手部，"
+    "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
 # The settings every model needs a value for; a folder without one (and no registry entry) says which.
 REQUIRED_DEFAULTS = ("steps", "guidance", "sampler", "shift", "fps", "frames")
 
@@ -42,6 +48,9 @@ class ModelSpec:
     transformer: Any = None  # the family's published transformer config, for shape checks at conversion
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # family facts that are not settings
+    # Frames are stride*n + frame_offset: 1 for a whole video (the first latent frame stands for one frame),
+    # 0 for a clip of a chain whose first frames come from the previous clip (Wan S2V's 80-frame clips).
+    frame_offset: int = 1
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -75,20 +84,26 @@ class ModelSpec:
                 f"size {width}x{height} is not supported by {self.id}: width and height must be positive multiples "
                 f"of {m} (published sizes: {', '.join(f'{w}x{h}' for w, h in self.sizes)})"
             )
-        t = self.frame_stride
-        if frames < 1 or (frames - 1) % t:
-            lo = max(1, (frames - 1) // t * t + 1)
-            raise MlxVideoError(f"--frames must be of the form {t}n+1 (e.g. {lo} or {lo + t}), got {frames}")
+        t, k = self.frame_stride, self.frame_offset
+        if frames < max(1, k + (t if k == 0 else 0)) or (frames - k) % t:
+            lo = max(t if k == 0 else 1, (frames - k) // t * t + k)
+            raise MlxVideoError(f"--frames must be of the form {self.frame_rule} (e.g. {lo} or {lo + t}), got {frames}")
+
+    @property
+    def frame_rule(self) -> str:
+        return f"{self.frame_stride}n" + (f"+{self.frame_offset}" if self.frame_offset else "")
 
     def latent_grid(self, width: int, height: int, frames: int) -> tuple[int, int, int]:
         """(latent frames, latent height, latent width) of a video: the one place video geometry is computed."""
         self.check_geometry(width, height, frames)
         st, sh, sw = self.vae_stride
-        return (frames - 1) // st + 1, height // sh, width // sw
+        k = self.frame_offset
+        return (frames - k) // st + k, height // sh, width // sw
 
 
 def _wan_specs() -> list[ModelSpec]:
     from .models.wan.config import WAN_A14B_I2V, WAN_A14B_T2V, WAN_TI2V_5B
+    from .models.wan.s2v import WAN_S2V_14B
 
     a14b_sizes = ((1280, 720), (720, 1280), (832, 480), (480, 832))
     common = dict(sampler="unipc", negative_prompt=WAN_NEGATIVE_PROMPT, text_len=512)
@@ -111,6 +126,16 @@ def _wan_specs() -> list[ModelSpec]:
             defaults=dict(common, steps=50, shift=5.0, guidance=5.0, fps=24, frames=121, per_frame_timesteps=True),
             hf_repo="Wan-AI/Wan2.2-TI2V-5B-Diffusers", transformer=WAN_TI2V_5B,
             description="Wan 2.2 text- and image-to-video, 5B",
+        ),
+        ModelSpec(
+            # frames: per clip (4n; the video follows the audio, clip after clip); sizes are multiples of 64 (the
+            # 4x frame-pack projection) and, without --size, the portrait's aspect ratio within max_area sets it
+            id="wan2.2-s2v-14b", family="wan", task="s2v", vae_stride=(4, 8, 8), size_multiple=64,
+            sizes=((1024, 704), (704, 1024)), frame_offset=0,
+            defaults=dict(common, negative_prompt=WAN_S2V_NEGATIVE_PROMPT, steps=40, shift=3.0, guidance=4.5, fps=16,
+                          frames=80, max_area=1024 * 704, drop_first_motion=True),
+            hf_repo="Wan-AI/Wan2.2-S2V-14B", transformer=WAN_S2V_14B,
+            description="Wan 2.2 speech-to-video: a portrait and a voice track to a talking video, 14B",
         ),
     ]
 

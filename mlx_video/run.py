@@ -308,9 +308,22 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     if pipe is None:
         pipe = load_pipeline(str(o["model"]), pipelines)
     spec = pipe.spec
+    takes_audio = getattr(pipe, "takes_audio", False)
+    audio_options = [f"--{k.replace('_', '-')}" for k in ("audio", "pose_video", "clips") if o.get(k) is not None]
+    if audio_options and not takes_audio:
+        raise MlxVideoError(f"{', '.join(audio_options)}: for audio-driven models (wan2.2-s2v-14b); {spec.id} takes no audio")
+    if takes_audio:
+        for name, why in (("duration", "its length follows the --audio (stop earlier with --clips N)"),
+                          ("save_latents", "it decodes each clip as it goes"),
+                          ("init_latents", "each clip starts from its own seeded noise"),
+                          ("segment_prompt", "its length follows the --audio"), ("segment_frames", "use --frames")):
+            if o.get(name) not in (None, (), []):
+                raise MlxVideoError(f"--{name.replace('_', '-')} is not supported for {spec.id}: {why}")
+        if output is None:
+            raise MlxVideoError(f"{spec.id} writes a video: give --output")
     from .extend import extension_frames, prepare_extension
 
-    chain = extension_frames(o, spec)
+    chain = None if takes_audio else extension_frames(o, spec)
     if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.extend)
         if interpolation is not None:
             raise MlxVideoError("--interpolate is not supported with a video longer than one clip (a chain of "
@@ -320,7 +333,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     if width is None and height is None:
         if preset is not None:
             (width, height), _ = pick_render_size(spec, preset.width, preset.height, quality or "high")
-        elif profile is not None:
+        elif profile is not None and not takes_audio:  # S2V: the portrait sets the size
             width, height = profile["sizes"][0]
     if steps is None and sigma_list is None and profile is not None and not o.get("recipe"):  # a recipe sets its own
         steps = profile["steps"]
@@ -336,6 +349,8 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
         fps=o.get("fps"), guidance_mode=o.get("guidance_mode") or "batched",
         loras=lora_options(o), recipe=o.get("recipe"), cache=o.get("cache"),
         image=str(image) if image is not None else None,
+        audio=str(o["audio"]) if o.get("audio") is not None else None,
+        pose_video=str(o["pose_video"]) if o.get("pose_video") is not None else None, clips=o.get("clips"),
     ))
     delivery = None
     if output is not None and (preset is not None or overlays or watermark is not None):
@@ -380,6 +395,9 @@ def summary_line(job: Job) -> str:
     text = (f"{pipe.spec.id} ({pipe.folder.manifest['dtype']}): {s.width}x{s.height}, {s.frames} frames at {s.fps} fps, "
             f"{s.steps} steps ({s.sampler}, shift {s.shift}), {guidance_text}, seed {s.seed}; estimated peak "
             f"{format_bytes(job.estimate['peak_bytes'])} ({job.estimate['peak_stage']})")
+    if getattr(pipe, "takes_audio", False):
+        clips = pipe.clip_count(s)
+        text += f"; {clips} clip{'s' if clips > 1 else ''} following {Path(s.audio).name}: {pipe.output_frames(s, clips)} frames"
     if job.interpolation is not None:
         text += f"; interpolated {job.interpolation.factor}x with RIFE to {job.frame_rate:g} fps"
     if job.delivery is not None and (job.delivery.width, job.delivery.height, job.delivery.fps) != (s.width, s.height, job.frame_rate):
@@ -427,7 +445,7 @@ def execute(job: Job, echo=click.echo, hooks=()) -> dict:
         echo(f"wrote latents {tuple(result.latents.shape)} to {job.save_latents}")
     if job.output is not None:
         try:
-            frames, height, width = write_video_output(job, result.latents, record, result.timings)
+            frames, height, width = write_video_output(job, result.latents, record, result.timings, result.video)
         except (OSError, MlxVideoError) as e:
             if job.save_latents is not None and job.save_latents.is_file():
                 kept = job.save_latents
@@ -443,14 +461,19 @@ def execute(job: Job, echo=click.echo, hooks=()) -> dict:
             "pipe": job.pipe, "latents": result.latents}
 
 
-def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dict) -> tuple[int, int, int]:
-    """Decode, interpolate (--interpolate), deliver (preset, overlays) and write; returns (frames, height, width)."""
+def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dict,
+                       video: np.ndarray | None = None) -> tuple[int, int, int]:
+    """Decode (unless the pipeline returned the `video` itself), interpolate (--interpolate), deliver (preset,
+    overlays), write, and mux the --audio track in; returns (frames, height, width)."""
     from .io import video as video_io
     from .io.sidecar import write_sidecar
 
-    start = time.perf_counter()
-    video, stats = job.pipe.decode(latents, tiling=job.vae_tiling, progress=not job.quiet)
-    timings["decoding"] = time.perf_counter() - start
+    if video is None:
+        start = time.perf_counter()
+        video, stats = job.pipe.decode(latents, tiling=job.vae_tiling, progress=not job.quiet)
+        timings["decoding"] = time.perf_counter() - start
+    else:
+        stats = {}
     fps = job.settings.fps
     if job.interpolation is not None:
         _, height, width, _ = video.shape
@@ -458,6 +481,7 @@ def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dic
         if video is None:  # streamed straight into the output
             written = record["interpolate"]["frames_after"]
             record.update(stats, vae_tiling=job.vae_tiling, output_frames=written, output_fps=fps)
+            _mux_voice(job, record, None, fps)
             write_sidecar(job.output, record, timings, overwrite=job.overwrite)
             return written, height, width
     if job.delivery is not None:
@@ -466,14 +490,37 @@ def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dic
         fps = job.delivery.fps
         timings["delivery"] = time.perf_counter() - start
     start = time.perf_counter()
-    if job.output.suffix:
+    if job.output.suffix and job.settings.audio is not None:
+        _mux_voice(job, record, video, fps)
+    elif job.output.suffix:
         video_io.write_video(video, job.output, fps=fps, overwrite=job.overwrite)
     else:
         video_io.write_frames_png(video, job.output, overwrite=job.overwrite)
+        if job.settings.audio is not None:
+            record["audio_track"] = "not written: a PNG folder has no audio track"
     timings["writing"] = time.perf_counter() - start
     record.update(stats, vae_tiling=job.vae_tiling, output_frames=int(video.shape[0]), output_fps=fps)
     write_sidecar(job.output, record, timings, overwrite=job.overwrite)
     return int(video.shape[0]), int(video.shape[1]), int(video.shape[2])
+
+
+def _mux_voice(job: Job, record: dict, video: np.ndarray | None, fps) -> None:
+    """Write `video` (or, when None, the video already written at job.output) with the --audio track as AAC,
+    cut to the video's length."""
+    if job.settings.audio is None or not job.output.suffix:
+        return
+    from .io.atomic import atomic_file
+    from .io.audio import mux_audio, read_audio
+
+    voice = read_audio(job.settings.audio)
+    if video is not None:
+        mux_audio(video, voice, job.output, fps=fps, overwrite=job.overwrite)
+    else:  # interpolated frames were streamed into the output: re-mux it with the audio
+        with atomic_file(job.output, overwrite=True) as tmp:
+            tmp.unlink(missing_ok=True)
+            mux_audio(job.output, voice, tmp)
+    record["audio_track"] = {"source": str(job.settings.audio), "codec": "aac", "channels": "mono",
+                             "sample_rate": voice.sample_rate}
 
 
 def _interpolate_output(job: Job, video: np.ndarray, record: dict, timings: dict):

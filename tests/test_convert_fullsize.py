@@ -191,3 +191,49 @@ def test_i2v_a14b_is_recognised_from_its_shapes(files):
                                         "vae": vae_file(files / "vae21.safetensors", "2.1")},
                       tokenizer=files / "tok" / "spiece.model")  # fmt: skip
     assert conversion.manifest["model"] == "wan2.2-i2v-a14b"
+
+
+def test_s2v_official_release_layout(files):
+    """Wan2.2-S2V-14B as the release lays it out: the sharded transformer with its config.json (the published
+    S2V numbers; keys and shapes recorded from the official `WanModel_S2V` on the meta device) and the
+    wav2vec2-large-xlsr-53-english folder (transformers' `Wav2Vec2ForCTC` on the meta device, the weight-norm
+    pair of its positional convolution as torch >= 2.1 saves it). The UMT5 and VAE come as single files."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    src = files / "Wan2.2-S2V-14B"
+    src.mkdir()
+    keys = json.loads((Path(__file__).parent / "fixtures" / "s2v" / "s2v_14b_keys.json").read_text())
+    names = sorted(keys)
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        write_description(src / f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors",
+                          {k: ("BF16", tuple(keys[k]), None) for k in part})
+    (src / "config.json").write_text(json.dumps({
+        "_class_name": "WanModel_S2V", "model_type": "s2v", "dim": 5120, "ffn_dim": 13824, "freq_dim": 256,
+        "num_heads": 40, "num_layers": 40, "in_dim": 16, "out_dim": 16, "text_dim": 4096, "text_len": 512,
+        "patch_size": [1, 2, 2], "eps": 1e-6, "qk_norm": True, "cross_attn_norm": True, "audio_dim": 1024,
+        "num_audio_token": 4, "enable_adain": True, "adain_mode": "attn_norm", "zero_timestep": True,
+        "audio_inject_layers": [0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39], "cond_dim": 16,
+        "enable_framepack": True, "framepack_drop_mode": "padd", "enable_motioner": False, "add_last_motion": True,
+    }))
+    w2v = src / "wav2vec2-large-xlsr-53-english"
+    w2v.mkdir()
+    config = Wav2Vec2Config(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, conv_dim=(512,) * 7,
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_bias=True,
+        num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, vocab_size=33, do_stable_layer_norm=True,
+        feat_extract_norm="layer")
+    (w2v / "config.json").write_text(config.to_json_string())
+    write_description(w2v / "model.safetensors",
+                      {k: ("F32", tuple(v.shape), None) for k, v in meta_state(Wav2Vec2ForCTC, config=config).items()})
+    (src / "google" / "umt5-xxl").mkdir(parents=True)
+    (src / "google" / "umt5-xxl" / "spiece.model").write_bytes((files / "tok" / "spiece.model").read_bytes())
+
+    conversion = plan(src, components={"text_encoder": umt5_file(files / "umt5_official.safetensors", "official"),
+                                       "vae": vae_file(files / "vae21.safetensors", "2.1")})
+    counts = planned(conversion)
+    assert conversion.manifest["model"] == "wan2.2-s2v-14b" and conversion.manifest["task"] == "s2v"
+    assert counts["transformer"] == len(keys) == 1260  # every tensor of the release, the published count
+    # the feature encoder (7 convs, 3 layer-norms... as stored), projection, positional conv (folded), 24 layers
+    assert counts["audio_encoder"] == sum(1 for k in meta_state(Wav2Vec2ForCTC, config=config)
+                                          if not k.startswith(("lm_head", "wav2vec2.masked_spec_embed"))) - 1
+    assert conversion.manifest["size_multiple"] == 64 and conversion.manifest["frame_offset"] == 0

@@ -83,6 +83,8 @@ def test_quality_profiles_and_duration_rule():
         assert q["high"]["steps"] == spec.steps and q["low"]["steps"] < q["medium"]["steps"] < q["high"]["steps"]
         area = lambda s: s[0] * s[1]  # noqa: E731
         assert min(map(area, q["high"]["sizes"])) >= max(map(area, q["medium"]["sizes"]))
+        if spec.frame_offset == 0:  # clips of a chain whose length follows its input (S2V: the audio)
+            continue
         fps, stride, longest = spec.fps, spec.frame_stride, spec.frames
         for seconds in (0.3, 1.0, 2.0, 2.5, longest / fps):
             frames = frames_for_duration(spec, seconds, fps)

@@ -37,10 +37,16 @@ from ..formats import ComponentSource, classify, lookalike, open_tensors, split_
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_VAES = ("Wan2.2_VAE.pth", "Wan2.1_VAE.pth")
 OFFICIAL_TOKENIZER = Path("google") / "umt5-xxl"
+# Wan2.2-S2V ships its voice encoder (a transformers wav2vec2 checkpoint) in this folder of the release.
+OFFICIAL_WAV2VEC2 = "wav2vec2-large-xlsr-53-english"
+S2V_MODEL = "wan2.2-s2v-14b"
 
 # The files of a diffusers-layout Wan repository that `mlxvid download` fetches.
 DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "transformer_2/*", "text_encoder/*", "tokenizer/*", "vae/*",
-                     "scheduler/*"]
+                     "scheduler/*",
+                     # Wan2.2-S2V is published in the official layout only
+                     "config.json", "diffusion_pytorch_model*", "Wan2.1_VAE.pth", OFFICIAL_T5, "google/umt5-xxl/*",
+                     f"{OFFICIAL_WAV2VEC2}/*"]
 
 
 def claims(src, components: dict) -> bool:
@@ -132,7 +138,10 @@ def _layout_official(src: Path) -> tuple[dict, list, dict]:
             inputs["vae"] = _component_input("vae", src / vae, vae)
             break
     tokenizer = _tokenizer_files(src / OFFICIAL_TOKENIZER, "tokenizer", OFFICIAL_TOKENIZER) if (src / OFFICIAL_TOKENIZER).is_dir() else []
-    return inputs, tokenizer, {"two_experts": two_experts}
+    hints = {"two_experts": two_experts}
+    if (src / OFFICIAL_WAV2VEC2).is_dir():
+        hints["audio_encoder"] = src / OFFICIAL_WAV2VEC2
+    return inputs, tokenizer, hints
 
 
 def _layout_files(src: Path, log) -> tuple[dict, list, dict]:
@@ -262,6 +271,55 @@ def _transformer_config(inp: ComponentInput, source: ComponentSource, naming: st
     return cfg, "shapes"
 
 
+def _is_s2v(source: ComponentSource) -> bool:
+    """Whether a transformer checkpoint is Wan2.2-S2V's (the backbone plus the audio encoder and injectors)."""
+    return "casual_audio_encoder.weights" in source
+
+
+def _s2v_config(backbone, inp: ComponentInput, source: ComponentSource):
+    """The S2V config: config.json's S2V fields (the official `WanModel_S2V` arguments) over the backbone's; the
+    wav2vec2 layer count is the shape of the audio encoder's layer weights."""
+    from ..wan_s2v import s2v_config_from_official
+
+    try:
+        cfg = s2v_config_from_official(inp.config_json or {})
+    except ValueError as e:
+        raise MlxVideoError(f"{source.what}: {e}") from None
+    layers = source.shape("casual_audio_encoder.weights")[1]
+    return replace(cfg, **{k: v for k, v in backbone.to_dict().items() if k in ("dim", "ffn_dim", "freq_dim", "text_dim",
+                                                                                 "num_heads", "num_layers", "in_channels",
+                                                                                 "out_channels", "patch_size", "eps")},
+                   audio_layers=layers)
+
+
+def _audio_encoder_plan(folder: Path | None, src) -> ComponentPlan:
+    from mlx_video.audio.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
+
+    from ..wav2vec2 import TRANSFORMERS_WAV2VEC2, WeightNormFolded
+
+    if folder is None:
+        raise MlxVideoError(
+            f"Wan2.2-S2V needs its voice encoder: {src or 'the source'} has no {OFFICIAL_WAV2VEC2}/ folder (the "
+            "transformers wav2vec2 checkpoint of the release)"
+        )
+    inp = _component_input("audio_encoder", folder, f"{OFFICIAL_WAV2VEC2}/")
+    if inp.config_json is None:
+        raise MlxVideoError(f"{folder} has no config.json (the wav2vec2 config)")
+    try:
+        cfg = Wav2Vec2Config.from_transformers(inp.config_json)
+    except (ValueError, KeyError) as e:
+        raise MlxVideoError(f"{folder / 'config.json'}: {e}") from None
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not weights:
+        raise MlxVideoError(f"{folder} holds no model.safetensors or pytorch_model.bin")
+    path = folder if weights[0].suffix == ".safetensors" else weights[0]
+    what = f"{OFFICIAL_WAV2VEC2}/ ({path})"
+    source = ComponentSource(WeightNormFolded(open_tensors(path, what)), what)
+    # the official pipeline runs wav2vec2 in float32
+    return ComponentPlan("audio_encoder", source, TRANSFORMERS_WAV2VEC2, cfg.to_dict(), Wav2Vec2Model(cfg), "fp32",
+                         origin=inp.origin)
+
+
 def _transformer_hint(source: ComponentSource, naming: str) -> Callable[[], str]:
     def hint() -> str:
         from ..infer import describe_transformer, infer_transformer_config, which_wan
@@ -284,6 +342,8 @@ def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict)
 
     if base is not None:
         return get_spec(base), True
+    if hints.get("s2v"):
+        return MODELS[S2V_MODEL], False
     if fmt in ("diffusers", "official"):
         image_pipeline = hints.get("index", {}).get("_class_name") == "WanImageToVideoPipeline"
         if two_experts and (cfg.in_channels == 36 or image_pipeline):
@@ -293,7 +353,9 @@ def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict)
         else:
             model_id = "wan2.2-ti2v-5b"
         return MODELS[model_id], False
-    matches = [s for s in MODELS.values() if s.family == "wan" and (s.experts == 2) == two_experts and same_size(cfg, s.transformer)]
+    # S2V has the 14B backbone's shapes too, but is recognised by its audio tensors (hints["s2v"]), not its size
+    matches = [s for s in MODELS.values() if s.family == "wan" and s.task != "s2v" and (s.experts == 2) == two_experts
+               and same_size(cfg, s.transformer)]
     if len(matches) == 1:
         return matches[0], True
     pairs = [s for s in MODELS.values() if s.family == "wan" and s.experts == 2 and same_size(cfg, s.transformer)]
@@ -404,6 +466,9 @@ def plan(
         if cfg_from == "shapes" and cfg2_from == "config.json" and cfg2.dim == cfg.dim:
             cfg = replace(cfg, num_heads=cfg2.num_heads)  # a replaced expert: its sibling's config tells the heads
     hints = dict(hints, transformer_file=inputs["transformer"].path.name if inputs["transformer"].path.is_file() else None)
+    hints["s2v"] = _is_s2v(sources["transformer"])
+    if hints["s2v"]:
+        cfg = _s2v_config(cfg, inputs["transformer"], sources["transformer"])
     spec, strict = _pick_model(fmt, base, cfg, two_experts, hints)
     if not same_size(cfg, spec.transformer):
         like = which_wan(cfg, MODELS)
@@ -448,9 +513,18 @@ def plan(
         if extra:
             log(f"warning: {source.what} looks like {extra}")
         keymap = OFFICIAL_TRANSFORMER if namings[name] == "official" else DIFFUSERS_TRANSFORMER
+        module = None
+        if hints["s2v"]:
+            from mlx_video.models.wan.s2v import WanS2VTransformer
+
+            from ..wan_s2v import OFFICIAL_S2V_TRANSFORMER
+
+            if namings[name] != "official":
+                raise MlxVideoError(f"{source.what}: Wan2.2-S2V converts from the official release's names only")
+            keymap, module = OFFICIAL_S2V_TRANSFORMER, WanS2VTransformer(configs[name])
         planned.append(ComponentPlan(
-            name, source, keymap, configs[name].to_dict(), WanTransformer(configs[name]), origin=inputs[name].origin,
-            size_hint=_transformer_hint(source, namings[name]),
+            name, source, keymap, configs[name].to_dict(), module or WanTransformer(configs[name]),
+            origin=inputs[name].origin, size_hint=_transformer_hint(source, namings[name]),
         ))
     for inp_name in ("transformer", "transformer_2"):
         inp = inputs.get(inp_name)
@@ -508,6 +582,10 @@ def plan(
             )
         planned.append(ComponentPlan("vae", vae_source, vae_map, vae_cfg.to_dict(), WanVAE(vae_cfg), "fp32", origin=vae_inp.origin))
 
+    # 4b. the voice encoder (Wan2.2-S2V)
+    if hints["s2v"]:
+        planned.append(_audio_encoder_plan(hints.get("audio_encoder"), src))
+
     # 5. tokenizer
     copy_files: dict[str, list] = {}
     if tokenizer_files:
@@ -543,9 +621,10 @@ def plan(
         "task": spec.task,
         "experts": 2 if two_experts else 1,
         "vae_stride": vae_stride,
-        "size_multiple": vae_stride[1] * cfg.patch_size[1],
+        "size_multiple": max(vae_stride[1] * cfg.patch_size[1], spec.size_multiple if hints["s2v"] else 1),
         "sizes": [list(s) for s in spec.sizes],
         "defaults": defaults,
+        "frame_offset": spec.frame_offset,
     }
 
     for comp in planned:

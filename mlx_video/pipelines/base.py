@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -50,6 +52,9 @@ class GenerationSettings:
     loras: list[dict] | None = None
     recipe: str | None = None  # a few-step recipe (mlx_video.recipes): fills the settings left unset
     cache: str | None = None  # step cache NAME[:THRESHOLD] (mlx_video.pipelines.cache)
+    audio: str | None = None  # the driving voice track's path (audio-driven models: Wan S2V)
+    pose_video: str | None = None  # a pose video to follow (Wan S2V)
+    clips: int | None = None  # at most this many clips of an audio-driven video (default: as long as the audio)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +73,9 @@ class GenerationResult:
     experts: list = field(default_factory=list)  # which transformer ran at each step
     parallel: dict | None = None  # ranks, backend and split when run on several processes
     stats: dict = field(default_factory=dict)  # transformer_evals, reused steps (step cache), LoRA layers fused
+    # Pipelines that decode as they go (a chain of clips each conditioned on the last one's pixels) return the
+    # video itself: (frames, H, W, 3) uint8; `latents` then holds every clip's latents one after the other.
+    video: np.ndarray | None = None
 
 
 class Pipeline:
@@ -75,11 +83,15 @@ class Pipeline:
 
     uses_guidance_2 = False  # whether a second expert has its own guidance scale
     takes_true_cfg = False
+    takes_audio = False  # driven by a voice track (--audio)
 
     def __init__(self, folder: ModelFolder):
         self.folder = folder
         self.spec = folder.spec
         self.dtype = folder.dtype
+        self._lora_cache: dict = {}  # (path, size, mtime) -> LoraFile, read once per pipeline
+        self._lora_shapes: dict = {}  # component -> {our parameter key: shape}
+        self._run_loras: list[dict] = []  # the current run's LoRA records (set by generate)
 
     @classmethod
     def from_pretrained(cls, model: str) -> "Pipeline":
@@ -163,6 +175,10 @@ class Pipeline:
             except ValueError as e:
                 raise MlxVideoError(f"--sigmas: {e}") from None
         self.check_image_use(s.image is not None)
+        if not self.takes_audio:
+            for value, option in ((s.audio, "--audio"), (s.pose_video, "--pose-video"), (s.clips, "--clips")):
+                if value is not None:
+                    raise MlxVideoError(f"{option} is for audio-driven models (wan2.2-s2v-14b); {spec.id} takes none")
         if s.cache is not None:
             from .cache import parse_cache
 
@@ -171,10 +187,84 @@ class Pipeline:
             s.loras = self.resolve_loras(s.loras)
         return s
 
+    # ---- LoRAs: checked in resolve(), fused when a transformer loads ----
+    #
+    # A family supplies its converter's key tables (`lora_keymaps`), a weightless model of a component
+    # (`lora_model`) and, where its layers fuse what the key tables split, the slice sizes (`lora_parts`);
+    # a family with several experts says which take a LoRA of each target (`lora_experts`).
+
+    transformer_components = ("transformer",)
+
+    def lora_keymaps(self) -> list | None:
+        """The key tables of the family's transformer checkpoints (diffusers and official naming); None: the
+        family takes no LoRAs."""
+        return None
+
+    def lora_model(self, component: str):
+        """The transformer `component` built without reading weights (for its parameter shapes)."""
+        raise NotImplementedError
+
+    def lora_parts(self, component: str) -> dict[str, tuple[int, ...]]:
+        """Our fused layers that the key tables fill slice by slice: layer name -> slice sizes (output axis)."""
+        return {}
+
+    def lora_experts(self, target: str) -> list[str]:
+        """The components a LoRA with `target` (all | high | low) is fused into."""
+        if target == "all":
+            return list(self.transformer_components)
+        raise MlxVideoError(f"--lora-{target} is for a model with two experts; {self.spec.id} has one (use --lora)")
+
+    def expert_label(self, component: str) -> str:
+        return "model"
+
     def resolve_loras(self, loras: list[dict]) -> list[dict]:
-        """Check the LoRAs against the model (files, keys, shapes) before any weights are read; a family that
-        fuses LoRAs overrides this and returns the records the sidecar keeps."""
-        raise MlxVideoError(f"{self.spec.id}: LoRAs are not supported for the {self.spec.family} family yet")
+        """Check the LoRAs against the model (files, keys, shapes) before any weights are read; returns the records
+        the sidecar keeps."""
+        from mlx.utils import tree_flatten
+
+        from ..lora import TARGETS, check_lora, lora_record, read_lora
+
+        keymaps = self.lora_keymaps()
+        if keymaps is None:
+            raise MlxVideoError(f"{self.spec.id}: LoRAs are not supported for the {self.spec.family} family yet")
+        records = []
+        for entry in loras:
+            path, scale, target = str(entry.get("path")), entry.get("scale", 1.0), entry.get("target", "all")
+            _check_number(f"the strength of LoRA {path}", scale)
+            if target not in TARGETS:
+                raise MlxVideoError(f"LoRA {path}: target must be one of {', '.join(TARGETS)}, not {target!r}")
+            experts = self.lora_experts(target)
+            if not Path(path).is_file():
+                raise MlxVideoError(f"LoRA file {path} does not exist")
+            key = _file_key(path)
+            if key not in self._lora_cache:
+                self._lora_cache[key] = read_lora(path, keymaps)
+            lora = self._lora_cache[key]
+            for name in experts:
+                if name not in self._lora_shapes:  # built lazily: no weights are materialised
+                    params = tree_flatten(self.lora_model(name).parameters())
+                    self._lora_shapes[name] = {k: tuple(v.shape) for k, v in params}
+                check_lora(lora, self._lora_shapes[name], f"{self.spec.id} ({self.expert_label(name)})",
+                           self.lora_parts(name))
+            records.append(lora_record(lora, float(scale), target))
+        return records
+
+    def loras_for(self, component: str) -> list:
+        """(LoraFile, strength) pairs that apply to `component` in the current run."""
+        pairs = []
+        for record in self._run_loras or []:
+            if component in self.lora_experts(record["target"]):
+                pairs.append((self._lora_cache[_file_key(record["path"])], record["scale"]))
+        return pairs
+
+    def fuse_run_loras(self, model, component: str) -> int:
+        """Fuse the current run's LoRAs for `component` into its freshly loaded `model`; the layers changed."""
+        pairs = self.loras_for(component)
+        if not pairs:
+            return 0
+        from ..lora import fuse_loras
+
+        return fuse_loras(model, pairs, self.lora_parts(component))
 
     @property
     def image_mode(self) -> str | None:
@@ -275,11 +365,17 @@ def reference_layout(latents: mx.array) -> np.ndarray:
     return np.array(latents.transpose(0, 4, 1, 2, 3).astype(mx.float32))
 
 
+def _file_key(path) -> tuple:
+    """(resolved path, size, mtime) of a file, so that a LoRA replaced on disk is read again."""
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
 def load_pipeline(folder: ModelFolder) -> Pipeline:
     """The pipeline of the folder's family (mlx_video.families)."""
     from ..families import pipeline_class
 
-    return pipeline_class(folder.spec.family)(folder)
+    return pipeline_class(folder.spec.family, folder.spec.task)(folder)
 
 
 def format_bytes(n: float) -> str:

@@ -6,8 +6,10 @@ A family's `predict` sends every transformer forward through a `StepCache`:
     out = cache(model, x, t, context)   instead of model(x, t, context)
 
 The model needs the three-part forward `embed(x, t, context) -> state` (with `state.hidden`, the residual
-stream), `run_blocks(state, start=0, stop=None) -> state` and `unembed(state) -> output`; nothing else
-about it is known here, so any family whose transformer is split this way gets every method.
+stream the output is read from), `run_blocks(state, start=0, stop=None) -> state` and `unembed(state) ->
+output`; nothing else about it is known here, so any family whose transformer is split this way gets every
+method (Wan, HunyuanVideo, Mochi). A transformer that takes its conditioning as several arguments is seen
+through `ContextArgs` (context = the tuple of those arguments).
 
 The decision is made once per step, on the conditional pass (the first call of the step, or row 0 of a
 batched call), and the unconditional pass follows it, so batched and sequential guidance give the same
@@ -26,8 +28,9 @@ Methods (`--cache NAME[:THRESHOLD]`):
     magcache    published coefficients (MagCache): the per-step magnitude ratios calibrated for the model
                 (Wan 2.2 lists, verbatim) are multiplied up; the blocks are skipped while the summed
                 |1 − ratio product| stays under the threshold and at most K steps in a row; the first R of
-                each expert's steps compute. Needs a ratio table for the model. Default threshold: the
-                published setting of the model (0.06 for the Wan 2.2 A14B models and TI2V-5B).
+                each expert's steps compute. Needs a ratio table for the model (only the Wan 2.2 models have
+                one; others are refused before any weights are read). Default threshold: the published
+                setting of the model (0.06 for the Wan 2.2 A14B models and TI2V-5B).
 Threshold 0 never skips, so it reproduces the uncached run exactly.
 """
 
@@ -301,6 +304,28 @@ class StepCache:
         store.update(r=r, tail=state.hidden - after_first)
         self.evals += x.shape[0]
         return model.unembed(state)
+
+
+class ContextArgs:
+    """`model(x, t, *context, **fixed)` seen as the cache's `model(x, t, context)`, with the same split
+    forward: for a transformer that takes its conditioning as several arguments (HunyuanVideo's text, mask and
+    pooled vector; Mochi's text and mask), `context` being the tuple the family's guidance batches. `fixed`:
+    keyword inputs that do not change with the pass (HunyuanVideo's embedded guidance)."""
+
+    def __init__(self, model, **fixed):
+        self.model, self.fixed = model, fixed
+
+    def __call__(self, x: mx.array, t: mx.array, context) -> mx.array:
+        return self.model(x, t, *context, **self.fixed)
+
+    def embed(self, x: mx.array, t: mx.array, context):
+        return self.model.embed(x, t, *context, **self.fixed)
+
+    def run_blocks(self, state, start: int = 0, stop: int | None = None):
+        return self.model.run_blocks(state, start, stop)
+
+    def unembed(self, state) -> mx.array:
+        return self.model.unembed(state)
 
 
 def make_step_cache(option: str | None, steps: int, segments=None, model_id: str | None = None,

@@ -14,6 +14,7 @@ installed); importing this module imports neither.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -23,6 +24,7 @@ from ..errors import MlxVideoError
 from ..models.hunyuan.config import HunyuanTransformerConfig, HunyuanVAEConfig
 from ..text_encoders.llama import VIDEO_TEMPLATE, VIDEO_TEMPLATE_CROP_START, JsonTokenizer
 from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
+from .cache import ContextArgs, make_step_cache
 from .loop import get_guidance, guidance_none
 
 LLAMA_PAD = "<|end_of_text|>"  # used when the tokenizer folder configures no pad token
@@ -98,12 +100,29 @@ class HunyuanPipeline(Pipeline):
 
         model = HunyuanTransformer(self.transformer_config, dtype=self.dtype)
         self.folder.load_module("transformer", model)
+        self.fuse_run_loras(model, "transformer")
         warm_up(model, self.transformer_config, self.dtype)
         return model
 
-    def make_predict(self, s: GenerationSettings, model, context) -> callable:
+    # ---- LoRAs (Pipeline.resolve_loras): the converter's tables, diffusers' split q/k/v onto our fused layers ----
+
+    def lora_keymaps(self) -> list:
+        from ..convert.hunyuan import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+
+        return [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER]
+
+    def lora_model(self, component: str):
+        from ..models.hunyuan.transformer import HunyuanTransformer
+
+        return HunyuanTransformer(self.transformer_config)
+
+    def lora_parts(self, component: str) -> dict[str, tuple[int, ...]]:
+        return fused_slices(self.transformer_config)
+
+    def make_predict(self, s: GenerationSettings, model, context, step_cache=None) -> callable:
         """`predict(latents, i, t)` for the shared loop: one pass with the embedded guidance, or two (cond and
-        uncond, batched or sequential) with true CFG. The embedded scale is formed as diffusers does, in float32."""
+        uncond, batched or sequential) with true CFG. The embedded scale is formed as diffusers does, in float32.
+        With a `step_cache` (mlx_video.pipelines.cache) every forward goes through it."""
         states, mask, pooled = context
         cond = (states[:1], mask[:1], pooled[:1])
         uncond = (states[1:], mask[1:], pooled[1:]) if self.uses_true_cfg(s) else None
@@ -113,11 +132,13 @@ class HunyuanPipeline(Pipeline):
         if self.transformer_config.guidance_embed:
             embedded = mx.array(np.float32(s.guidance) * np.float32(1000.0)).reshape(1)
 
-        def forward(x, t, ctx):
-            text, text_mask, vec = ctx
-            return model(x, t, text, text_mask, vec, guidance=embedded)
+        forward = ContextArgs(model, guidance=embedded)
+        if step_cache is not None:
+            forward = partial(step_cache, forward)
 
         def predict(latents: mx.array, i: int, t) -> mx.array:
+            if step_cache is not None:
+                step_cache.begin_step(i, model)
             return guide(forward, latents, mx.array([float(t)], dtype=mx.float32), cond, uncond, scale)
 
         return predict
@@ -139,8 +160,11 @@ class HunyuanPipeline(Pipeline):
 
         latents = self.initial_latents(s, init_latents)
         sampler = self.make_sampler(s)
+        schedule = ["transformer"] * s.steps
+        step_cache = make_step_cache(s.cache, s.steps, schedule, self.spec.id)
+        self._run_loras = s.loras or []
         model = self.load_transformer()
-        predict = self.make_predict(s, model, context)
+        predict = self.make_predict(s, model, context, step_cache)
         start = time.perf_counter()
         try:
             latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks)
@@ -148,7 +172,9 @@ class HunyuanPipeline(Pipeline):
             del model, predict
             release()
         timings["denoising"] = time.perf_counter() - start
-        return GenerationResult(reference_layout(latents), s, timings, ["transformer"] * s.steps)
+        result = GenerationResult(reference_layout(latents), s, timings, schedule)
+        result.stats = step_cache.stats()
+        return result
 
     # ---- memory preflight ----
 
@@ -230,6 +256,19 @@ class HunyuanPipeline(Pipeline):
         del vae
         release()
         return frames, stats
+
+
+def fused_slices(cfg: HunyuanTransformerConfig) -> dict[str, tuple[int, ...]]:
+    """Our fused layers that diffusers splits, with the sizes of the slices along the output axis: q | k | v of
+    every attention, and q | k | v | mlp of each single-stream block's `linear1`."""
+    dim = cfg.hidden_size
+    qkv = (dim, dim, dim)
+    parts = {f"txt_in.blocks.{i}.self_attn_qkv": qkv for i in range(cfg.num_refiner_blocks)}
+    for i in range(cfg.num_double_blocks):
+        parts[f"double_blocks.{i}.img.attn_qkv"] = parts[f"double_blocks.{i}.txt.attn_qkv"] = qkv
+    for i in range(cfg.num_single_blocks):
+        parts[f"single_blocks.{i}.linear1"] = (*qkv, cfg.mlp_dim)
+    return parts
 
 
 def warm_up(model, config: HunyuanTransformerConfig, dtype) -> None:

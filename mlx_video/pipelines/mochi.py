@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -22,6 +23,7 @@ from ..errors import MlxVideoError
 from ..models.mochi.config import MochiTransformerConfig, MochiVAEConfig
 from ..text_encoders.tokenizer import T5Tokenizer
 from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
+from .cache import ContextArgs, make_step_cache
 from .loop import get_guidance, guidance_none
 
 CHUNK_CHOICES = (8, 4, 2, 1)  # latent frames per decoded chunk that `auto` tries, largest first
@@ -101,24 +103,43 @@ class MochiPipeline(Pipeline):
 
         model = MochiTransformer(self.transformer_config, compute_dtype=self.dtype)
         self.folder.load_module("transformer", model)
+        self.fuse_run_loras(model, "transformer")
         warm_up(model, self.transformer_config, self.dtype)
         return model
 
-    def make_predict(self, s: GenerationSettings, model, context, sampler) -> callable:
+    # ---- LoRAs (Pipeline.resolve_loras): the converter's tables, diffusers' split q/k/v onto our fused layers ----
+
+    def lora_keymaps(self) -> list:
+        from ..convert.mochi import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+
+        return [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER]
+
+    def lora_model(self, component: str):
+        from ..models.mochi.transformer import MochiTransformer
+
+        return MochiTransformer(self.transformer_config)
+
+    def lora_parts(self, component: str) -> dict[str, tuple[int, ...]]:
+        return fused_slices(self.transformer_config)
+
+    def make_predict(self, s: GenerationSettings, model, context, sampler, step_cache=None) -> callable:
         """`predict(latents, i, t)` for the shared loop: the transformer at Mochi's timestep 1000·(1 − σ_i) (formed
         in float32 from the schedule's σ, as diffusers' inverted scheduler does), guided, negated into the
-        velocity ε − x0 the Euler step takes."""
+        velocity ε − x0 the Euler step takes. With a `step_cache` (mlx_video.pipelines.cache) every forward goes
+        through it."""
         states, mask = context
         cond = (states[:1], mask[:1])
         uncond = (states[1:], mask[1:]) if self.uses_cfg(s) else None
         guide = get_guidance(s.guidance_mode) if uncond is not None else guidance_none
         timesteps = mochi_timesteps(sampler.sigmas[: s.steps])
 
-        def forward(x, t, ctx):
-            text, text_mask = ctx
-            return model(x, t, text, text_mask)
+        forward = ContextArgs(model)
+        if step_cache is not None:
+            forward = partial(step_cache, forward)
 
         def predict(latents: mx.array, i: int, t) -> mx.array:
+            if step_cache is not None:
+                step_cache.begin_step(i, model)
             t_model = mx.array(timesteps[i : i + 1], dtype=mx.float32)
             return -guide(forward, latents, t_model, cond, uncond, float(s.guidance))
 
@@ -143,8 +164,11 @@ class MochiPipeline(Pipeline):
 
         latents = self.initial_latents(s, init_latents)
         sampler = self.make_sampler(s)
+        schedule = ["transformer"] * s.steps
+        step_cache = make_step_cache(s.cache, s.steps, schedule, self.spec.id)
+        self._run_loras = s.loras or []
         model = self.load_transformer()
-        predict = self.make_predict(s, model, context, sampler)
+        predict = self.make_predict(s, model, context, sampler, step_cache)
         start = time.perf_counter()
         try:
             latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks)
@@ -152,7 +176,9 @@ class MochiPipeline(Pipeline):
             del model, predict
             release()
         timings["denoising"] = time.perf_counter() - start
-        return GenerationResult(reference_layout(latents), s, timings, ["transformer"] * s.steps)
+        result = GenerationResult(reference_layout(latents), s, timings, schedule)
+        result.stats = step_cache.stats()
+        return result
 
     # ---- memory preflight ----
 
@@ -234,6 +260,13 @@ class MochiPipeline(Pipeline):
         del vae
         release()
         return frames, stats
+
+
+def fused_slices(cfg: MochiTransformerConfig) -> dict[str, tuple[int, ...]]:
+    """Our fused layers that diffusers splits, with the sizes of the slices along the output axis: q | k | v of
+    both streams' projections (each `dim` wide, the text stream's too)."""
+    qkv = (cfg.dim, cfg.dim, cfg.dim)
+    return {f"blocks.{i}.attn.qkv_{x}": qkv for i in range(cfg.num_layers) for x in "xy"}
 
 
 def warm_up(model, config: MochiTransformerConfig, dtype) -> None:

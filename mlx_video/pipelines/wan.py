@@ -6,10 +6,8 @@ two experts (A14B) and where the boundary between them lies, and how an image co
 
 from __future__ import annotations
 
-import os
 import time
 import weakref
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -122,63 +120,33 @@ class WanPipeline(Pipeline):
         config = self.transformer_config if name == HIGH_NOISE else WanTransformerConfig.from_dict(self.folder.config(name))
         model = WanTransformer(config, dtype=self.dtype)
         self.folder.load_module(name, model)
-        loras = self.loras_for(name)
-        if loras:
-            from ..lora import fuse_loras
-
-            fuse_loras(model, loras)
+        self.fuse_run_loras(model, name)
         warm_up(model, config, self.dtype)
         return model
 
-    # ---- LoRAs: checked in resolve(), fused when an expert loads ----
+    # ---- LoRAs: checked in resolve() (Pipeline.resolve_loras), fused when an expert loads ----
+
+    @property
+    def transformer_components(self) -> tuple[str, ...]:
+        return (HIGH_NOISE, LOW_NOISE) if self.two_experts else (HIGH_NOISE,)
 
     def lora_experts(self, target: str) -> list[str]:
-        if target == "all":
-            return [HIGH_NOISE, LOW_NOISE] if self.two_experts else [HIGH_NOISE]
-        if not self.two_experts:
-            raise MlxVideoError(f"--lora-{target} is for a model with two experts; {self.spec.id} has one (use --lora)")
+        if target == "all" or not self.two_experts:
+            return super().lora_experts(target)
         return [HIGH_NOISE if target == "high" else LOW_NOISE]
 
-    def resolve_loras(self, loras: list[dict]) -> list[dict]:
-        from mlx.utils import tree_flatten
-
+    def lora_keymaps(self) -> list:
         from ..convert.wan import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
-        from ..lora import TARGETS, check_lora, lora_record, read_lora
+
+        return [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER]
+
+    def lora_model(self, component: str):
         from ..models.wan.transformer import WanTransformer
-        from .base import _check_number
 
-        if not hasattr(self, "_lora_cache"):
-            self._lora_cache, self._lora_shapes = {}, {}
-        records = []
-        for entry in loras:
-            path, scale, target = str(entry.get("path")), entry.get("scale", 1.0), entry.get("target", "all")
-            _check_number(f"the strength of LoRA {path}", scale)
-            if target not in TARGETS:
-                raise MlxVideoError(f"LoRA {path}: target must be one of {', '.join(TARGETS)}, not {target!r}")
-            experts = self.lora_experts(target)
-            if not Path(path).is_file():
-                raise MlxVideoError(f"LoRA file {path} does not exist")
-            key = (str(Path(path).resolve()), *(_stat(path)))
-            if key not in self._lora_cache:
-                self._lora_cache[key] = read_lora(path, [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER])
-            lora = self._lora_cache[key]
-            for name in experts:
-                if name not in self._lora_shapes:  # built lazily: no weights are materialised
-                    config = WanTransformerConfig.from_dict(self.folder.config(name))
-                    params = tree_flatten(WanTransformer(config).parameters())
-                    self._lora_shapes[name] = {k: tuple(v.shape) for k, v in params}
-                check_lora(lora, self._lora_shapes[name], f"{self.spec.id} ({_expert_label(name, self.two_experts)})")
-            records.append(lora_record(lora, float(scale), target))
-        return records
+        return WanTransformer(WanTransformerConfig.from_dict(self.folder.config(component)))
 
-    def loras_for(self, name: str) -> list:
-        """(LoraFile, strength) pairs that apply to expert `name` in the current run."""
-        pairs = []
-        for record in getattr(self, "_run_loras", None) or []:
-            if name in self.lora_experts(record["target"]):
-                key = (str(Path(record["path"]).resolve()), *(_stat(record["path"])))
-                pairs.append((self._lora_cache[key], record["scale"]))
-        return pairs
+    def expert_label(self, component: str) -> str:
+        return _expert_label(component, self.two_experts)
 
     def expert_schedule(self, timesteps: np.ndarray) -> list[str]:
         if not self.two_experts:
@@ -423,12 +391,6 @@ def warm_up(model, config: WanTransformerConfig, dtype) -> None:
     pt, ph, pw = config.patch_size
     x = mx.zeros((1, pt, ph, pw, config.in_channels), dtype=dtype)
     kernel_warm_up(lambda: model(x, mx.array([500.0]), mx.zeros((1, 1, config.text_dim), dtype=dtype)))
-
-
-def _stat(path) -> tuple[int, int]:
-    """(size, mtime) of a file, so that a LoRA replaced on disk is read again."""
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
 
 
 def first_frame_mask(latent_frames: int) -> mx.array:

@@ -7,8 +7,11 @@ concatenation [image; text]; a final adaLN layer maps the image tokens back to l
 The forward is split in three so that a step cache can skip the blocks:
 
     state = model.embed(x, timestep, text, text_mask, pooled, guidance)
-    state = model.blocks(state)
-    velocity = model.head(state)
+    state = model.run_blocks(state, start=0, stop=None)   # blocks start..stop-1; `blocks(state)`: all of them
+    velocity = model.unembed(state)                       # also `head(state)`
+
+The blocks are numbered double-stream first, then single-stream. `state.hidden` is the image stream, the part
+of the residual the output is read from (what `mlx_video.pipelines.cache` stores and adds).
 
 Precision: the residual streams, the conditioning vector, the modulation arithmetic and the norms are float32;
 the linear layers run in `dtype` (the constructor's, not inferred from the weights). The timestep sinusoid is
@@ -270,6 +273,15 @@ class HunyuanState:
     mask: mx.array | None  # (B, 1, 1, N + L) bool key mask, or None when txt holds no padding
     latent_shape: tuple[int, int, int, int, int]  # (B, T, H, W, C) of the input latents
 
+    @property
+    def hidden(self) -> mx.array:
+        """The image stream (the step cache's residual)."""
+        return self.img
+
+    @hidden.setter
+    def hidden(self, value: mx.array) -> None:
+        self.img = value
+
 
 class HunyuanTransformer(nn.Module):
     def __init__(self, config: HunyuanTransformerConfig, dtype: mx.Dtype = mx.bfloat16):
@@ -353,16 +365,29 @@ class HunyuanTransformer(nn.Module):
                 mask = keys[:, None, None, :]
         return HunyuanState(img, txt, vec, self.rope_tables((f, h, w)), mask, (batch, frames, height, width, channels))
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.double_blocks) + len(self.single_blocks)
+
+    def run_blocks(self, state: HunyuanState, start: int = 0, stop: int | None = None) -> HunyuanState:
+        """Blocks start..stop-1 (all by default), double-stream ones numbered first; returns a new state."""
+        stop = self.num_blocks if stop is None else stop
+        n_double = len(self.double_blocks)
+        img, txt, dtype = state.img, state.txt, self.dtype
+        for block in self.double_blocks[start:max(start, min(stop, n_double))]:
+            img, txt = block(img, txt, state.vec, state.rope, state.mask, dtype)
+        singles = self.single_blocks[max(start - n_double, 0):max(stop - n_double, 0)]
+        if singles:
+            n_img = img.shape[1]
+            x = mx.concatenate([img, txt], axis=1)
+            for block in singles:
+                x = block(x, n_img, state.vec, state.rope, state.mask, dtype)
+            img, txt = x[:, :n_img], x[:, n_img:]
+        return replace(state, img=img, txt=txt)
+
     def blocks(self, state: HunyuanState) -> HunyuanState:
         """All double-stream then all single-stream blocks."""
-        img, txt, dtype = state.img, state.txt, self.dtype
-        for block in self.double_blocks:
-            img, txt = block(img, txt, state.vec, state.rope, state.mask, dtype)
-        n_img = img.shape[1]
-        x = mx.concatenate([img, txt], axis=1)
-        for block in self.single_blocks:
-            x = block(x, n_img, state.vec, state.rope, state.mask, dtype)
-        return replace(state, img=x[:, :n_img], txt=x[:, n_img:])
+        return self.run_blocks(state)
 
     def head(self, state: HunyuanState) -> mx.array:
         """Velocity (B, T, H, W, C_out) float32 from the image tokens."""
@@ -375,6 +400,9 @@ class HunyuanTransformer(nn.Module):
         out = out.reshape(batch, f, h, w, cfg.out_channels, pt, ph, pw)
         out = out.transpose(0, 1, 5, 2, 6, 3, 7, 4)
         return out.reshape(batch, frames, height, width, cfg.out_channels)
+
+    def unembed(self, state: HunyuanState) -> mx.array:
+        return self.head(state)
 
     def __call__(
         self,

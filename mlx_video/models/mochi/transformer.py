@@ -15,14 +15,16 @@ the linear layers run in `compute_dtype` (a constructor argument; many Mochi lin
 is not read from the weights). `pos_frequencies` and the q/k norm gains are used in float32 whatever dtype they are
 loaded in; the converter stores them in float32 (as the official code keeps them), since bf16 copies cost accuracy.
 
-Step caches can drive the parts separately: `state = embed(...)`, then `x, y = block(x, y, state)` for each of
-`blocks` starting from (state.x, state.y), then `head(x, state)`.
+Step caches can drive the parts separately: `state = embed(...)`, `state = run_blocks(state, start, stop)` (blocks
+start..stop-1, all by default), then `unembed(state)`; `state.hidden` is the visual stream, the part of the
+residual the output is read from. (By hand: `x, y = block(x, y, state)` for each of `blocks` starting from
+(state.x, state.y), then `head(x, state)`.)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -99,6 +101,15 @@ class MochiState:
     rope: tuple[mx.array, mx.array]  # cos, sin (N, heads, head_dim / 2) float32
     text_keep: mx.array | None  # (B, L) bool, None when every text token is kept
     grid: tuple[int, int, int, int]  # (batch, frames, height, width) of the latent input
+
+    @property
+    def hidden(self) -> mx.array:
+        """The visual stream (the step cache's residual)."""
+        return self.x
+
+    @hidden.setter
+    def hidden(self, value: mx.array) -> None:
+        self.x = value
 
 
 class TimestepEmbedding(nn.Module):
@@ -347,12 +358,18 @@ class MochiTransformer(nn.Module):
         """Final layer and unpatchify: (B, N, dim) visual tokens -> (B, T, H, W, C_out) float32."""
         return self.unpatchify(self.final_layer(x, state.c, self._compute_dtype), state)
 
+    def run_blocks(self, state: MochiState, start: int = 0, stop: int | None = None) -> MochiState:
+        """Blocks start..stop-1 (all by default) on both streams; returns a new state."""
+        hx, hy = state.x, state.y
+        for block in self.blocks[start:stop]:
+            hx, hy = block(hx, hy, state)
+        return replace(state, x=hx, y=hy)
+
+    def unembed(self, state: MochiState) -> mx.array:
+        return self.head(state.x, state)
+
     def __call__(
         self, x: mx.array, timestep: mx.array, text: mx.array, text_mask: mx.array | None = None
     ) -> mx.array:
         """Prediction (x0 - noise) for latents x (B, T, H, W, C_in); returns (B, T, H, W, C_out) float32."""
-        state = self.embed(x, timestep, text, text_mask)
-        hx, hy = state.x, state.y
-        for block in self.blocks:
-            hx, hy = block(hx, hy, state)
-        return self.head(hx, state)
+        return self.unembed(self.run_blocks(self.embed(x, timestep, text, text_mask)))

@@ -1,0 +1,334 @@
+"""Wan2.2-S2V end to end: the official release layout converted, two chained clips against the official pipeline,
+the CLI with a voice track muxed into the mp4, and the refusals that come before any weights are read.
+
+The reference is recorded: the official `WanS2V.generate` (Wan-Video/Wan2.2, not on PyPI) was run once on CPU
+torch on a tiny random model by `tests/fixtures/s2v/make_pipeline_reference.py`, which saved the model, the
+inputs its encoders produced and what it computed (see that file). Here the saved official checkpoint is laid
+out as the release lays it out, converted with `mlxvid convert`, and run with the same encoder outputs and noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import wave
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from mlx_video.errors import MlxVideoError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+FIXTURE = Path(__file__).parent / "fixtures" / "s2v" / "pipeline_reference.safetensors"
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def write_wav(path: Path, seconds: float, rate: int = 22050, amplitude: float = 0.3, freq: float = 220.0) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (amplitude * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))) if amplitude else 0 * t
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.asarray(samples) * 32767).astype(np.int16).tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with safe_open(str(FIXTURE), "np") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    return tensors, json.loads(meta["model_config"]), json.loads(meta["settings"]), int(meta["audio_layers"])
+
+
+@pytest.fixture(scope="module")
+def converted(reference, tmp_path_factory):
+    """The recorded official checkpoint in the release layout (plus a tiny UMT5, tokenizer and wav2vec2), converted."""
+    from test_convert_formats import official_umt5
+    from tiny_wan import randomize_, train_spiece
+
+    from mlx_video.cli import main
+
+    tensors, config, _, audio_layers = reference
+    root = tmp_path_factory.mktemp("s2v")
+    src = root / "Wan2.2-S2V-14B"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"_class_name": "WanModel_S2V", **config}))
+    save_file({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+              str(src / "diffusion_pytorch_model.safetensors"))
+    torch.save({k[len("vae."):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("vae.")},
+               src / "Wan2.1_VAE.pth")
+    torch.manual_seed(0)
+    t5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=64, d_model=config["text_dim"], d_kv=7, d_ff=40, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0)).eval()
+    randomize_(t5, 3, scale=0.5)
+    torch.save(official_umt5(t5.state_dict()), src / "models_t5_umt5-xxl-enc-bf16.pth")
+    (src / "google" / "umt5-xxl").mkdir(parents=True)
+    train_spiece(src / "google" / "umt5-xxl" / "spiece.model")
+    w2v = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
+        hidden_size=config["audio_dim"], num_hidden_layers=audio_layers - 1, num_attention_heads=2,
+        intermediate_size=40, conv_dim=(8,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_bias=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, vocab_size=11,
+        do_stable_layer_norm=True, feat_extract_norm="layer", feat_extract_activation="gelu", hidden_act="gelu",
+    )).eval()
+    w2v.save_pretrained(src / "wav2vec2-large-xlsr-53-english")
+    main(["convert", str(src), str(root / "mlx"), "--dtype", "fp32"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(converted):
+    from mlx_video.pipelines.base import Pipeline
+
+    return Pipeline.from_pretrained(str(converted / "mlx"))
+
+
+def test_conversion_writes_a_self_describing_s2v_folder(converted, pipe):
+    manifest = json.loads((converted / "mlx" / "mlxvid.json").read_text())
+    assert manifest["model"] == "wan2.2-s2v-14b" and manifest["task"] == "s2v"
+    assert set(manifest["components"]) >= {"transformer", "text_encoder", "vae", "audio_encoder"}
+    assert manifest["size_multiple"] == 64 and manifest["frame_offset"] == 0
+    assert type(pipe).__name__ == "WanS2VPipeline"
+    assert pipe.transformer_config.motion_frames == 13 and pipe.transformer_config.audio_layers == 5
+
+
+def run_like_official(pipe, reference, monkeypatch, tmp_path, pose_video=None, **options):
+    """Our pipeline with the recorded encoder outputs and per-clip noise in place of its own."""
+    from mlx_video.audio.features import FrameAudioFeatures
+    from mlx_video.io.image import fit_image
+    from mlx_video.pipelines.base import GenerationSettings
+
+    tensors, config, st, _ = reference
+    text_len = config["text_len"]
+
+    def encode_text(prompts, progress=False):
+        out = np.zeros((len(prompts), text_len, config["text_dim"]), np.float32)
+        for i, p in enumerate(prompts):
+            ctx = tensors["context" if p == "prompt" else "context_null"]
+            out[i, : len(ctx)] = ctx
+        return mx.array(out)
+
+    audio = tensors["audio"][0].transpose(2, 0, 1)  # [layers, dim, frames] -> (frames, layers, dim)
+    monkeypatch.setattr(pipe, "encode_text", encode_text)
+    monkeypatch.setattr(pipe, "encode_audio", lambda s, progress=False: FrameAudioFeatures(
+        mx.array(audio), st["clips"], st["frames"], audio.shape[0]))
+    monkeypatch.setattr(pipe, "clip_noise", lambda s, r: mx.array(tensors[f"noise.{r}"]).transpose(1, 2, 3, 0)[None])
+    voice = write_wav(tmp_path / "voice.wav", 2.0)
+    settings = GenerationSettings(
+        prompt="prompt", negative_prompt="negative", width=st["width"], height=st["height"], frames=st["frames"],
+        steps=st["steps"], shift=st["shift"], guidance=st["guidance"], seed=st["seed"], fps=st["fps"],
+        audio=str(voice), clips=st["clips"], image="portrait.png", pose_video=pose_video, **options,
+    )
+    return pipe.generate(settings, image=fit_image(tensors["image"], st["width"], st["height"]))
+
+
+def clip_errors(result, tensors, st, prefix="") -> tuple[float, float]:
+    per_clip = st["frames"] // 4
+    ours = result.latents[0]  # (C, clips * per_clip, h, w)
+    first = tensors[prefix + "decode_in.0"][:, 1:]  # after the reference latent
+    second = tensors[prefix + "decode_in.1"][:, -per_clip:]  # after the motion latents
+    return rel(ours[:, :per_clip], first), rel(ours[:, per_clip:], second)
+
+
+def test_two_chained_clips_match_the_official_pipeline(reference, pipe, tmp_path, monkeypatch):
+    """Same encoder outputs and per-clip noise: every clip's latents within 1e-3 of the official ones (the
+    second clip's motion context comes from the first clip's decoded pixels, encoded again), and the video."""
+    tensors, _, st, _ = reference
+    result = run_like_official(pipe, reference, monkeypatch, tmp_path)
+    e0, e1 = clip_errors(result, tensors, st)
+    print(f"clip latents vs official: {e0:.2e}, {e1:.2e}")
+    assert e0 < 1e-3 and e1 < 1e-3, (e0, e1)
+
+    official = tensors["video"]  # (frames, H, W, 3) uint8
+    assert result.video.shape == official.shape == (st["frames"] - 3 + st["frames"], st["height"], st["width"], 3)
+    diff = np.abs(result.video.astype(np.int32) - official.astype(np.int32))
+    print(f"video vs official (8-bit levels): max {diff.max()}, differing {(diff > 0).mean():.2%}")
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    # two clips of 3 steps, each step a conditional and an unconditional evaluation
+    assert result.stats["clips"] == 2 and result.stats["transformer_evals"] == 2 * st["steps"] * 2
+
+
+def test_a_pose_video_is_followed_like_the_official_pipeline(reference, pipe, tmp_path, monkeypatch):
+    """The recorded pose frames (fewer than the chain needs: the rest is black) as a PNG folder."""
+    from PIL import Image
+
+    tensors, _, st, _ = reference
+    frames = np.random.RandomState(7).randint(0, 256, size=(st["pose_frames"], st["height"], st["width"], 3))
+    folder = tmp_path / "pose"
+    folder.mkdir()
+    for i, frame in enumerate(frames.astype(np.uint8)):
+        Image.fromarray(frame).save(folder / f"{i:04d}.png")
+    result = run_like_official(pipe, reference, monkeypatch, tmp_path, pose_video=str(folder))
+    e0, e1 = clip_errors(result, tensors, st, prefix="pose.")
+    print(f"clip latents with a pose video vs official: {e0:.2e}, {e1:.2e}")
+    assert e0 < 1e-3 and e1 < 1e-3, (e0, e1)
+    plain = clip_errors(result, tensors, st)
+    assert min(plain) > 1e-2  # the pose changed the result: the comparison above is not vacuous
+
+
+def test_cli_writes_the_voice_into_the_mp4(converted, reference, tmp_path):
+    """The whole command: the real (tiny) encoders, two clips, the audio muxed in; read back with PyAV."""
+    import av
+    from PIL import Image
+
+    from mlx_video.cli import main
+
+    tensors, _, st, _ = reference
+    Image.fromarray(tensors["image"]).save(tmp_path / "face.png")
+    voice = write_wav(tmp_path / "voice.wav", 3.0)
+    out = tmp_path / "talk.mp4"
+    main(["generate", "--model", str(converted / "mlx"), "--image", str(tmp_path / "face.png"), "--audio", str(voice),
+          "--prompt", "a person talks", "--steps", "2", "--clips", "2", "--frames", "12", "--output", str(out),
+          "--quiet"])
+    with av.open(str(out)) as container:
+        video, sound = container.streams.video[0], container.streams.audio[0]
+        frames = sum(1 for _ in container.decode(video))
+        video_seconds = float(video.duration * video.time_base)
+        audio_seconds = float(sound.duration * sound.time_base)
+    assert frames == 12 - 3 + 12 and (video.height, video.width) == (st["height"], st["width"])
+    assert abs(audio_seconds - video_seconds) <= 1 / 16, (audio_seconds, video_seconds)
+    from mlx_video.io.sidecar import sidecar_path
+
+    record = json.loads(sidecar_path(out).read_text())["settings"]
+    print({k: record[k] for k in ("audio", "clips", "transformer_evals", "audio_track") if k in record})
+    assert record["audio"] == str(voice) and record["audio_track"]["codec"] == "aac"
+
+
+def test_size_follows_the_portrait():
+    from mlx_video.pipelines.wan_s2v import size_for_image
+
+    # a 1080x1920 portrait at the 1024x704 area: the largest multiple-of-64 size with its aspect ratio that fits
+    h, w = size_for_image(1920, 1080, 1024 * 704)
+    assert h % 64 == 0 and w % 64 == 0 and h * w <= 1024 * 704 and h > w
+    assert abs(h / w - 1920 / 1080) < 0.15
+    assert size_for_image(64, 128, 64 * 128) == (64, 128)  # small enough: kept (only rounded up to 64)
+
+
+def test_bad_audio_input_is_refused_before_weights_are_read(pipe, tmp_path, reference):
+    from mlx_video.pipelines.base import GenerationSettings
+
+    _, _, st, _ = reference
+    base = dict(prompt="p", width=st["width"], height=st["height"], image="face.png")
+    with pytest.raises(MlxVideoError, match="--audio"):
+        pipe.resolve(GenerationSettings(**base))
+    with pytest.raises(MlxVideoError, match="no such file"):
+        pipe.resolve(GenerationSettings(**base, audio=str(tmp_path / "missing.wav")))
+    silent = write_wav(tmp_path / "silent.wav", 1.0, amplitude=0.0)
+    with pytest.raises(MlxVideoError, match="silent"):
+        pipe.resolve(GenerationSettings(**base, audio=str(silent)))
+    (tmp_path / "junk.wav").write_bytes(b"RIFF not really a wave file")
+    with pytest.raises(MlxVideoError, match="junk.wav"):
+        pipe.resolve(GenerationSettings(**base, audio=str(tmp_path / "junk.wav")))
+    tiny = write_wav(tmp_path / "blip.wav", 0.01)
+    with pytest.raises(MlxVideoError, match="at least"):
+        pipe.resolve(GenerationSettings(**base, audio=str(tiny)))
+    voice = write_wav(tmp_path / "voice.wav", 1.0)
+    with pytest.raises(MlxVideoError, match="4n"):
+        pipe.resolve(GenerationSettings(**base, audio=str(voice), frames=81))
+    with pytest.raises(MlxVideoError, match="--clips"):
+        pipe.resolve(GenerationSettings(**base, audio=str(voice), clips=0))
+    s = pipe.resolve(GenerationSettings(**base, audio=str(voice), frames=12))
+    # 1 s of audio at 16 fps is 16 frames: one whole 12-frame clip and the start of a second
+    assert pipe.clip_count(s) == 2 and pipe.output_frames(s) == 12 - 3 + 12
+
+
+def test_audio_options_are_refused_for_models_without_audio(a14b, tmp_path):
+    from mlx_video.run import prepare
+
+    root, _ = a14b
+    voice = write_wav(tmp_path / "voice.wav", 1.0)
+    with pytest.raises(MlxVideoError, match="--audio: for audio-driven models"):
+        prepare({"model": str(root / "mlx"), "prompt": "p", "audio": str(voice), "output": str(tmp_path / "x.mp4")})
+
+
+def test_cli_refusals_for_s2v(converted, tmp_path, reference):
+    from mlx_video.run import prepare
+
+    tensors, _, _, _ = reference
+    from PIL import Image
+
+    Image.fromarray(tensors["image"]).save(tmp_path / "face.png")
+    voice = write_wav(tmp_path / "voice.wav", 1.0)
+    common = {"model": str(converted / "mlx"), "prompt": "p", "image": str(tmp_path / "face.png"), "audio": str(voice),
+              "output": str(tmp_path / "x.mp4")}
+    with pytest.raises(MlxVideoError, match="--duration is not supported"):
+        prepare({**common, "duration": 4})
+    with pytest.raises(MlxVideoError, match="--save-latents is not supported"):
+        prepare({**common, "save_latents": str(tmp_path / "x.npy")})
+    with pytest.raises(MlxVideoError, match="portrait"):
+        prepare({k: v for k, v in common.items() if k != "image"})
+    job = prepare({**common, "frames": 12})
+    assert (job.settings.width, job.settings.height) == (128, 64)  # from the portrait's size
+    assert not math.isnan(job.estimate["peak_bytes"])
+
+
+def test_step_caches_per_clip(reference, pipe, tmp_path, monkeypatch):
+    """Threshold 0 is the uncached run bit for bit; a large threshold reuses steps in each clip (fresh state per
+    clip), with transformer_evals counting what ran; magcache has no published S2V table and is refused."""
+    tensors, _, st, _ = reference
+    plain = run_like_official(pipe, reference, monkeypatch, tmp_path)
+    for method in ("easycache", "fbcache"):
+        exact = run_like_official(pipe, reference, monkeypatch, tmp_path, cache=f"{method}:0")
+        assert np.array_equal(exact.latents, plain.latents) and exact.stats["reused_steps"] == [[], []]
+    cached = run_like_official(pipe, reference, monkeypatch, tmp_path, cache="fbcache:10")
+    assert cached.stats["transformer_evals"] < cached.stats["transformer_evals_uncached"] == 2 * st["steps"] * 2
+    assert all(steps for steps in cached.stats["reused_steps"])  # each clip reused a step
+    print(f"fbcache:10 evals {cached.stats['transformer_evals']}/{cached.stats['transformer_evals_uncached']}, "
+          f"deviation {rel(cached.latents, plain.latents):.2e}")
+    from mlx_video.pipelines.base import GenerationSettings
+
+    with pytest.raises(MlxVideoError, match="magcache"):
+        pipe.resolve(GenerationSettings(prompt="p", width=st["width"], height=st["height"], image="x.png",
+                                        audio=str(write_wav(tmp_path / "v.wav", 1.0)), cache="magcache"))
+
+
+def test_lora_fused_at_load_equals_merged_weights(reference, pipe, converted, tmp_path, monkeypatch):
+    """A ComfyUI-named LoRA on backbone and S2V-only layers (audio injector, FramePack) at strength 0.6 gives the
+    run of a conversion whose official weights had the LoRA merged in beforehand (W += 0.6 * alpha/rank * up @ down)."""
+    import shutil
+
+    from mlx_video.cli import main
+    from mlx_video.pipelines.base import Pipeline
+
+    tensors, _, _, _ = reference
+    rng = np.random.default_rng(3)
+    targets = ["blocks.0.self_attn.q", "blocks.2.ffn.2", "audio_injector.injector.1.k", "text_embedding.0"]
+    lora, merged = {}, {k[len("model."):]: v.astype(np.float32) for k, v in tensors.items() if k.startswith("model.")}
+    rank, alpha, strength = 3, 6.0, 0.6
+    for name in targets:
+        out_dim, in_dim = merged[name + ".weight"].shape
+        down = rng.normal(0, 0.3, (rank, in_dim)).astype(np.float32)
+        up = rng.normal(0, 0.3, (out_dim, rank)).astype(np.float32)
+        lora[f"diffusion_model.{name}.lora_down.weight"] = down
+        lora[f"diffusion_model.{name}.lora_up.weight"] = up
+        lora[f"diffusion_model.{name}.alpha"] = np.array(alpha, np.float32)
+        merged[name + ".weight"] += strength * alpha / rank * (up @ down)
+    lora_path = tmp_path / "s2v_lora.safetensors"
+    save_file(lora, str(lora_path))
+
+    src = tmp_path / "merged_release"
+    shutil.copytree(converted / "Wan2.2-S2V-14B", src)
+    save_file(merged, str(src / "diffusion_pytorch_model.safetensors"))
+    main(["convert", str(src), str(tmp_path / "merged_mlx"), "--dtype", "fp32"])
+    merged_pipe = Pipeline.from_pretrained(str(tmp_path / "merged_mlx"))
+
+    fused = run_like_official(pipe, reference, monkeypatch, tmp_path,
+                              loras=[{"path": str(lora_path), "scale": strength}])
+    expected = run_like_official(merged_pipe, reference, monkeypatch, tmp_path)
+    plain = run_like_official(pipe, reference, monkeypatch, tmp_path)
+    err = rel(fused.latents, expected.latents)
+    print(f"S2V LoRA fused vs merged: {err:.2e} (the LoRA moves the result by {rel(plain.latents, expected.latents):.2f})")
+    assert err < 1e-5 and rel(plain.latents, expected.latents) > 1e-2
