@@ -72,19 +72,13 @@ def s2v_config_from_official(config_json: dict):
             raise ValueError(f"{field}={config_json[field]!r} is not supported (Wan2.2-S2V uses {value!r})")
     if not config_json.get("add_last_motion", True):
         raise ValueError("add_last_motion=False is not supported (Wan2.2-S2V uses True)")
+    from dataclasses import asdict
+
+    from .infer import transformer_config_from_official
+
     d = WAN_S2V_14B
     return WanS2VConfig(
-        dim=config_json.get("dim", d.dim),
-        ffn_dim=config_json.get("ffn_dim", d.ffn_dim),
-        freq_dim=config_json.get("freq_dim", d.freq_dim),
-        text_dim=config_json.get("text_dim", d.text_dim),
-        text_len=config_json.get("text_len", d.text_len),
-        num_heads=config_json.get("num_heads", d.num_heads),
-        num_layers=config_json.get("num_layers", d.num_layers),
-        in_channels=config_json.get("in_dim", d.in_channels),
-        out_channels=config_json.get("out_dim", d.out_channels),
-        patch_size=tuple(config_json.get("patch_size", d.patch_size)),
-        eps=config_json.get("eps", d.eps),
+        **asdict(transformer_config_from_official(config_json)),
         audio_dim=config_json.get("audio_dim", d.audio_dim),
         num_audio_tokens=config_json.get("num_audio_token", d.num_audio_tokens),
         audio_layers=config_json.get("audio_layers", d.audio_layers),

@@ -277,19 +277,15 @@ def _is_s2v(source: ComponentSource) -> bool:
 
 
 def _s2v_config(backbone, inp: ComponentInput, source: ComponentSource):
-    """The S2V config: config.json's S2V fields (the official `WanModel_S2V` arguments) over the backbone's; the
-    wav2vec2 layer count is the shape of the audio encoder's layer weights."""
+    """The S2V config: config.json's S2V fields (the official `WanModel_S2V` arguments) with the backbone read
+    like any Wan transformer's; the wav2vec2 layer count is the shape of the audio encoder's layer weights."""
     from ..wan_s2v import s2v_config_from_official
 
     try:
         cfg = s2v_config_from_official(inp.config_json or {})
     except ValueError as e:
         raise MlxVideoError(f"{source.what}: {e}") from None
-    layers = source.shape("casual_audio_encoder.weights")[1]
-    return replace(cfg, **{k: v for k, v in backbone.to_dict().items() if k in ("dim", "ffn_dim", "freq_dim", "text_dim",
-                                                                                 "num_heads", "num_layers", "in_channels",
-                                                                                 "out_channels", "patch_size", "eps")},
-                   audio_layers=layers)
+    return replace(cfg, **backbone.to_dict(), audio_layers=source.shape("casual_audio_encoder.weights")[1])
 
 
 def _audio_encoder_plan(folder: Path | None, src) -> ComponentPlan:

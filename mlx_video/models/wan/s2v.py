@@ -34,7 +34,9 @@ from mlx_video.models.wan.transformer import (
     WanAttention,
     WanBlock,
     sinusoid_frequencies,
+    patch_grid,
     sinusoidal_embedding,
+    unpatchify,
 )
 from mlx_video.nn.norms import layer_norm_fp32
 from mlx_video.nn.rope import wan_axis_dims
@@ -364,18 +366,13 @@ class WanS2VTransformer(nn.Module):
     ) -> "S2VState":
         cfg = self.config
         batch, frames, height, width, channels = x.shape
-        pt, ph, pw = cfg.patch_size
-        if frames % pt or height % ph or width % pw:
-            raise ValueError(f"latent size {(frames, height, width)} is not a multiple of the patch {cfg.patch_size}")
-        if channels != cfg.in_channels:
-            raise ValueError(f"expected {cfg.in_channels} latent channels, got {channels}")
+        f, h, w = patch_grid(x.shape, cfg)
         if ref_latents.shape != (batch, 1, height, width, channels):
             raise ValueError(f"ref_latents shape {ref_latents.shape} should be {(batch, 1, height, width, channels)}")
         if motion_latents.shape[0] != batch or tuple(motion_latents.shape[2:]) != (height, width, channels):
             raise ValueError(f"motion_latents shape {motion_latents.shape} does not match the latents {x.shape}")
         if timestep.shape != (batch,):
             raise ValueError(f"timestep shape {timestep.shape} should be ({batch},)")
-        f, h, w = frames // pt, height // ph, width // pw
         dtype = self.compute_dtype
 
         noisy = self.patch_embedding(_patchify(x, cfg.patch_size).astype(dtype))
@@ -445,14 +442,8 @@ class WanS2VTransformer(nn.Module):
         return mx.concatenate([noisy, hidden[:, n:]], axis=1)
 
     def unembed(self, state: "S2VState") -> mx.array:
-        cfg = self.config
-        frames, height, width = state.latent_shape
-        pt, ph, pw = cfg.patch_size
-        f, h, w = frames // pt, height // ph, width // pw
-        batch = state.hidden.shape[0]
         out = self.head(state.hidden[:, None, : state.noisy_tokens], state.time_embedding[:, None])
-        out = out.reshape(batch, f, h, w, pt, ph, pw, cfg.out_channels)
-        return out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, frames, height, width, cfg.out_channels)
+        return unpatchify(out, state.latent_shape, self.config.patch_size)
 
 
 @dataclass

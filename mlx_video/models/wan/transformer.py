@@ -55,6 +55,27 @@ def sinusoidal_embedding(t: mx.array, freq_head: mx.array, freq_tail: mx.array) 
     return mx.concatenate([mx.cos(angle), mx.sin(angle)], axis=-1)
 
 
+def patch_grid(latent_shape: tuple[int, ...], config: WanTransformerConfig) -> tuple[int, int, int]:
+    """The token grid (T/pt, H/ph, W/pw) of latents shaped (B, T, H, W, C); refuses sizes the patch does not
+    divide and a channel count the model does not take."""
+    _, frames, height, width, channels = latent_shape
+    pt, ph, pw = config.patch_size
+    if frames % pt or height % ph or width % pw:
+        raise ValueError(f"latent size {(frames, height, width)} is not a multiple of the patch {config.patch_size}")
+    if channels != config.in_channels:
+        raise ValueError(f"expected {config.in_channels} latent channels, got {channels}")
+    return frames // pt, height // ph, width // pw
+
+
+def unpatchify(tokens: mx.array, latent_shape: tuple[int, int, int], patch: tuple[int, int, int]) -> mx.array:
+    """Head output (B, ..., T/pt * H/ph * W/pw tokens, pt*ph*pw*C) -> latents (B, T, H, W, C)."""
+    frames, height, width = latent_shape
+    pt, ph, pw = patch
+    batch = tokens.shape[0]
+    out = tokens.reshape(batch, frames // pt, height // ph, width // pw, pt, ph, pw, -1)
+    return out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, frames, height, width, out.shape[-1])
+
+
 class TextEmbedding(nn.Module):
     def __init__(self, text_dim: int, dim: int):
         super().__init__()
@@ -257,12 +278,7 @@ class WanTransformer(nn.Module):
     def embed(self, x: mx.array, timestep: mx.array, context: mx.array) -> "WanState":
         cfg = self.config
         batch, frames, height, width, channels = x.shape
-        pt, ph, pw = cfg.patch_size
-        if frames % pt or height % ph or width % pw:
-            raise ValueError(f"latent size {(frames, height, width)} is not a multiple of the patch {cfg.patch_size}")
-        if channels != cfg.in_channels:
-            raise ValueError(f"expected {cfg.in_channels} latent channels, got {channels}")
-        f, h, w = frames // pt, height // ph, width // pw
+        f, h, w = patch_grid(x.shape, cfg)
 
         if timestep.ndim == 1:
             timestep = timestep[:, None]
@@ -270,6 +286,7 @@ class WanTransformer(nn.Module):
             raise ValueError(f"timestep shape {timestep.shape} is neither ({batch},) nor ({batch}, {f})")
         groups = timestep.shape[1]
 
+        pt, ph, pw = cfg.patch_size
         patches = x.reshape(batch, f, pt, h, ph, w, pw, channels)
         patches = patches.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(batch, f * h * w, -1)
         patches = patches.astype(self.compute_dtype)
@@ -299,17 +316,10 @@ class WanTransformer(nn.Module):
             block.self_attn.kv_gather = gather
 
     def unembed(self, state: "WanState") -> mx.array:
-        cfg = self.config
-        frames, height, width = state.latent_shape
-        pt, ph, pw = cfg.patch_size
-        f, h, w = frames // pt, height // ph, width // pw
-        batch = state.hidden.shape[0]
         hidden = state.hidden
         if self.sequence_split is not None:
             hidden = self.sequence_split.gather_sequence(hidden, axis=2)
-        out = self.head(hidden, state.time_embedding)
-        out = out.reshape(batch, f, h, w, pt, ph, pw, cfg.out_channels)
-        return out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, frames, height, width, cfg.out_channels)
+        return unpatchify(self.head(hidden, state.time_embedding), state.latent_shape, self.config.patch_size)
 
 
 @dataclass
