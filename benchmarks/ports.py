@@ -35,7 +35,6 @@ import importlib
 import os
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
