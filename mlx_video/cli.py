@@ -202,6 +202,9 @@ def download(model_id: str, dtype: str, overwrite: bool):
               help="A pose video (or PNG folder) for wan2.2-s2v-14b to follow, read from its start at the video's fps.")
 @click.option("--clips", type=int, default=None, metavar="N",
               help="wan2.2-s2v-14b: stop after N clips (of --frames frames each) even if the audio goes on.")
+@click.option("--start-from-portrait", is_flag=True, default=None,
+              help="wan2.2-s2v-14b: start the first clip from the portrait as motion context (the official "
+                   "--start_from_ref), so the video opens on the portrait; all of its frames are kept.")
 @click.option("--negative-prompt", default=None, help="What to steer away from. Default: the official release's.")
 @click.option("--size", default=None, metavar="WxH", help="Video size, e.g. 1280x720. Default: the model's first published "
               "size; for wan2.2-s2v-14b the image's aspect ratio within the model's area (1024x704), in multiples of 64.")

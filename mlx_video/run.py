@@ -309,7 +309,8 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
         pipe = load_pipeline(str(o["model"]), pipelines)
     spec = pipe.spec
     takes_audio = getattr(pipe, "takes_audio", False)
-    audio_options = [f"--{k.replace('_', '-')}" for k in ("audio", "pose_video", "clips") if o.get(k) is not None]
+    audio_options = [f"--{k.replace('_', '-')}" for k in ("audio", "pose_video", "clips", "start_from_portrait")
+                     if o.get(k)]
     if audio_options and not takes_audio:
         raise MlxVideoError(f"{', '.join(audio_options)}: for audio-driven models (wan2.2-s2v-14b); {spec.id} takes no audio")
     if takes_audio:
@@ -351,6 +352,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
         image=str(image) if image is not None else None,
         audio=str(o["audio"]) if o.get("audio") is not None else None,
         pose_video=str(o["pose_video"]) if o.get("pose_video") is not None else None, clips=o.get("clips"),
+        start_from_image=bool(o.get("start_from_portrait")),
     ))
     delivery = None
     if output is not None and (preset is not None or overlays or watermark is not None):

@@ -332,3 +332,17 @@ def test_lora_fused_at_load_equals_merged_weights(reference, pipe, converted, tm
     err = rel(fused.latents, expected.latents)
     print(f"S2V LoRA fused vs merged: {err:.2e} (the LoRA moves the result by {rel(plain.latents, expected.latents):.2f})")
     assert err < 1e-5 and rel(plain.latents, expected.latents) > 1e-2
+
+
+def test_start_from_the_portrait_like_the_official_pipeline(reference, pipe, tmp_path, monkeypatch):
+    """--start-from-portrait is the official init_first_frame (--start_from_ref): the portrait as the last 6 frames
+    of the first motion buffer, the first clip's motion tokens kept and all of its frames."""
+    tensors, _, st, _ = reference
+    result = run_like_official(pipe, reference, monkeypatch, tmp_path, start_from_image=True)
+    per_clip = st["frames"] // 4
+    errors = [rel(result.latents[0][:, r * per_clip:(r + 1) * per_clip],
+                  tensors[f"start_from_ref.decode_in.{r}"][:, -per_clip:]) for r in range(st["clips"])]
+    print("clip latents starting from the portrait vs official: " + ", ".join(f"{e:.2e}" for e in errors))
+    assert max(errors) < 1e-3, errors
+    assert result.video.shape[0] == 2 * st["frames"]  # nothing dropped from the first clip
+    assert min(clip_errors(result, tensors, st)) > 1e-2  # not the default chain's result

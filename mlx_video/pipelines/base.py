@@ -55,6 +55,7 @@ class GenerationSettings:
     audio: str | None = None  # the driving voice track's path (audio-driven models: Wan S2V)
     pose_video: str | None = None  # a pose video to follow (Wan S2V)
     clips: int | None = None  # at most this many clips of an audio-driven video (default: as long as the audio)
+    start_from_image: bool = False  # S2V: the portrait is the first clip's motion context (official --start_from_ref)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,7 +177,8 @@ class Pipeline:
                 raise MlxVideoError(f"--sigmas: {e}") from None
         self.check_image_use(s.image is not None)
         if not self.takes_audio:
-            for value, option in ((s.audio, "--audio"), (s.pose_video, "--pose-video"), (s.clips, "--clips")):
+            for value, option in ((s.audio, "--audio"), (s.pose_video, "--pose-video"), (s.clips, "--clips"),
+                                  (s.start_from_image or None, "--start-from-portrait")):
                 if value is not None:
                     raise MlxVideoError(f"{option} is for audio-driven models (wan2.2-s2v-14b); {spec.id} takes none")
         if s.cache is not None:

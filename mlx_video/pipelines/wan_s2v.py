@@ -33,6 +33,8 @@ from .loop import get_guidance
 from .wan import HIGH_NOISE, WanPipeline
 
 AUDIO_ENCODER = "audio_encoder"
+# Frames of the first motion buffer that show the portrait with --start-from-portrait (the official value).
+START_FRAMES = 6
 # Pixel frames of the first clip's decode dropped at its start (the official pipeline's `image[:, :, 3:]`):
 # with the reference latent in front, the decode has 1 + 4n frames and the clip keeps the last 4n - 3.
 FIRST_CLIP_DROP = 3
@@ -177,9 +179,14 @@ class WanS2VPipeline(WanPipeline):
         covered = (steps * s.fps) // (s.frames * FEATURE_RATE) + 1
         return covered if s.clips is None else min(covered, s.clips)
 
+    def drops_first_motion(self, s: GenerationSettings) -> bool:
+        """Whether the first clip runs without motion tokens (the release's default) rather than with the portrait
+        as its motion context (--start-from-portrait)."""
+        return bool(self.spec.default("drop_first_motion", True)) and not s.start_from_image
+
     def output_frames(self, s: GenerationSettings, clips: int | None = None) -> int:
         clips = self.clip_count(s) if clips is None else clips
-        first = s.frames - (FIRST_CLIP_DROP if self.spec.default("drop_first_motion", True) else 0)
+        first = s.frames - (FIRST_CLIP_DROP if self.drops_first_motion(s) else 0)
         return first + s.frames * (clips - 1)
 
     # ---- the stages ----
@@ -287,7 +294,7 @@ class WanS2VPipeline(WanPipeline):
         if image.shape != (s.height, s.width, 3):
             raise MlxVideoError(f"the portrait is {image.shape}, expected ({s.height}, {s.width}, 3)")
         clips = self.clip_count(s)
-        drop_first = bool(self.spec.default("drop_first_motion", True))
+        drop_first = self.drops_first_motion(s)
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
@@ -303,6 +310,9 @@ class WanS2VPipeline(WanPipeline):
         poses = self.pose_latents(s, vae, clips)
         timings["image_encoding"] = time.perf_counter() - start
         motion_pixels = mx.zeros((1, self.motion_frames, s.height, s.width, 3))
+        if s.start_from_image:  # the official init_first_frame: the portrait as the buffer's last 6 frames
+            held = min(START_FRAMES, self.motion_frames)
+            motion_pixels[:, -held:] = mx.array(image, dtype=mx.float32)
         motion = None if drop_first else vae.encode(motion_pixels)
         self._run_loras = s.loras or []
         model = self.load_transformer()
