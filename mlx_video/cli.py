@@ -196,20 +196,20 @@ def download(model_id: str, dtype: str, overwrite: bool):
               help="How the image meets the video size: crop (cover, then centre-crop, as the official TI2V code), "
                    "stretch (ignore the aspect ratio, as diffusers' Wan I2V pipeline) or fit (letterbox in black).")
 @click.option("--audio", "-a", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Voice track driving an audio-to-video model (wan2.2-s2v-14b): wav, mp3, m4a, flac. The video "
+              help="Voice track driving an audio-to-video model (task s2v in `mlxvid models`): wav, mp3, m4a, flac. The video "
                    "lasts as long as the audio (in whole clips) and the track is muxed into the output.")
 @click.option("--pose-video", type=click.Path(path_type=Path), default=None,
-              help="A pose video (or PNG folder) for wan2.2-s2v-14b to follow, read from its start at the video's fps.")
+              help="A pose video (or PNG folder) for an audio-driven model to follow, read from its start at the video's fps.")
 @click.option("--clips", type=int, default=None, metavar="N",
-              help="wan2.2-s2v-14b: stop after N clips (of --frames frames each) even if the audio goes on.")
+              help="Audio-driven models: stop after N clips (of --frames frames each) even if the audio goes on.")
 @click.option("--start-from-portrait", is_flag=True, default=None,
-              help="wan2.2-s2v-14b: start the first clip from the portrait as motion context (the official "
+              help="Audio-driven models: start the first clip from the portrait as motion context (the official "
                    "--start_from_ref), so the video opens on the portrait; all of its frames are kept.")
 @click.option("--negative-prompt", default=None, help="What to steer away from. Default: the official release's.")
 @click.option("--size", default=None, metavar="WxH", help="Video size, e.g. 1280x720. Default: the model's first published "
-              "size; for wan2.2-s2v-14b the image's aspect ratio within the model's area (1024x704), in multiples of 64.")
+              "size; for audio-driven models the portrait's aspect ratio within the model's area, in multiples of 64.")
 @click.option("--frames", type=int, default=None, help="Number of frames, of the form 4n+1. Default: the model's (81 or 121). Beyond one clip, any number: "
-                   "a chain of clips. For wan2.2-s2v-14b: frames per clip, a multiple of 4 (default 80).")
+                   "a chain of clips. For audio-driven models: frames per clip, a multiple of 4 (default 80).")
 @click.option("--fps", type=int, default=None, help="Frame rate of the written video. Default: the model's (16 or 24).")
 @click.option("--steps", type=int, default=None, help="Denoising steps. Default: the model's (40 or 50).")
 @click.option("--guidance", type=float, default=None, help="Guidance scale (of the high-noise expert on A14B).")
@@ -287,7 +287,7 @@ def download(model_id: str, dtype: str, overwrite: bool):
 @click.option("--overwrite", is_flag=True, help="Replace output files that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def generate(**options):
-    """Generate a video from a text prompt (and, for image-to-video models, an image; for wan2.2-s2v-14b a
+    """Generate a video from a text prompt (and, for image-to-video models, an image; for audio-driven models a
     portrait --image and a voice --audio).
 
     Every setting left out takes the published default of the model. The run stops at the first step that

@@ -182,6 +182,11 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def models_with_task(task: str) -> list[str]:
+    """The registry ids of one task (e.g. "s2v", the audio-driven models), for messages."""
+    return [spec.id for spec in MODELS.values() if spec.task == task]
+
+
 def get_spec(model_id: str) -> ModelSpec:
     try:
         return MODELS[model_id]

@@ -312,7 +312,10 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     audio_options = [f"--{k.replace('_', '-')}" for k in ("audio", "pose_video", "clips", "start_from_portrait")
                      if o.get(k)]
     if audio_options and not takes_audio:
-        raise MlxVideoError(f"{', '.join(audio_options)}: for audio-driven models (wan2.2-s2v-14b); {spec.id} takes no audio")
+        from .registry import models_with_task
+
+        raise MlxVideoError(f"{', '.join(audio_options)}: for audio-driven models ({', '.join(models_with_task('s2v'))}); "
+                            f"{spec.id} takes no audio")
     if takes_audio:
         for name, why in (("duration", "its length follows the --audio (stop earlier with --clips N)"),
                           ("save_latents", "it decodes each clip as it goes"),

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import MlxVideoError
 from ..model_folder import ModelFolder, resolve_model
+from ..registry import models_with_task
 from ..samplers import SAMPLERS, SCHEDULES, explicit_schedule, make_sampler
 from .loop import GUIDANCE, NonFiniteGuard, ProgressHook, denoise
 
@@ -180,7 +181,8 @@ class Pipeline:
             for value, option in ((s.audio, "--audio"), (s.pose_video, "--pose-video"), (s.clips, "--clips"),
                                   (s.start_from_image or None, "--start-from-portrait")):
                 if value is not None:
-                    raise MlxVideoError(f"{option} is for audio-driven models (wan2.2-s2v-14b); {spec.id} takes none")
+                    raise MlxVideoError(f"{option} is for audio-driven models ({', '.join(models_with_task('s2v'))}); "
+                                        f"{spec.id} takes none")
         if s.cache is not None:
             from .cache import parse_cache
 

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import MlxVideoError
-from .base import GenerationResult, GenerationSettings, Pipeline, _check_number, reference_layout, release
+from .base import GenerationResult, GenerationSettings, _check_number, reference_layout, release
 from .loop import get_guidance
 from .wan import HIGH_NOISE, WanPipeline
 
@@ -73,8 +73,8 @@ class ClipInputs:
     what differs between the conditional and the unconditional pass (the text, the audio features); the portrait,
     motion and pose latents are the clip's and are repeated over the batch (2 when the passes are batched)."""
 
-    def __init__(self, model, prepared: dict, text, reference, motion, pose, drop_motion: bool, dtype):
-        self.model, self.prepared, self.text = model, prepared, text
+    def __init__(self, model, prepared_context, text, reference, motion, pose, drop_motion: bool, dtype):
+        self.model, self.prepared_context, self.text = model, prepared_context, text
         self.reference, self.motion, self.pose, self.drop_motion, self.dtype = reference, motion, pose, drop_motion, dtype
 
     def _inputs(self, x: mx.array, cond: dict) -> dict:
@@ -85,7 +85,7 @@ class ClipInputs:
             return None if a is None else mx.broadcast_to(a, (batch, *a.shape[1:]))
 
         return dict(ref_latents=tile(self.reference), motion_latents=tile(self.motion), audio=cond["audio"],
-                    cond_latents=tile(self.pose), drop_motion=self.drop_motion), self.prepared[key]
+                    cond_latents=tile(self.pose), drop_motion=self.drop_motion), self.prepared_context(key)
 
     def __call__(self, x: mx.array, t: mx.array, cond: dict) -> mx.array:
         inputs, context = self._inputs(x, cond)
@@ -317,10 +317,15 @@ class WanS2VPipeline(WanPipeline):
         self._run_loras = s.loras or []
         model = self.load_transformer()
         text, negative = context[:1], (context[1:] if context.shape[0] > 1 else None)
-        prepared = {"cond": model.prepare_context(text)}
-        if negative is not None:
-            prepared["uncond"] = model.prepare_context(negative)
-            prepared["both"] = model.prepare_context(context)
+        contexts, prepared = {"cond": text, "uncond": negative, "both": context}, {}
+
+        def prepared_context(key: str):
+            """The text embedding and cross-attention K/V of one pass (or of both, batched): computed the first
+            time a clip's guidance asks for it, then reused by every step and clip."""
+            if key not in prepared:
+                prepared[key] = model.prepare_context(contexts[key])
+            return prepared[key]
+
         guide = get_guidance(s.guidance_mode)
         tile = self.vae_tile("auto", reference.shape[2:4])
 
@@ -335,7 +340,7 @@ class WanS2VPipeline(WanPipeline):
                 cond = {"audio": clip_audio, "context": text}
                 uncond = None if negative is None else {"audio": mx.zeros_like(clip_audio), "context": negative}
                 motion_in = motion if motion is not None else mx.zeros((1, 0, *reference.shape[2:]))
-                clip_model = ClipInputs(model, prepared, text, reference, motion_in, None if poses is None else poses[r],
+                clip_model = ClipInputs(model, prepared_context, text, reference, motion_in, None if poses is None else poses[r],
                                         drop_motion, self.dtype)
                 step_cache = make_step_cache(s.cache, s.steps, None, self.spec.id)  # fresh per clip
                 caches.append(step_cache)
@@ -412,6 +417,3 @@ class WanS2VPipeline(WanPipeline):
     def decode(self, latents: np.ndarray, tiling: str = "auto", progress: bool = False):
         raise MlxVideoError(f"{self.spec.id} decodes each clip as it makes it (the next clip starts from its pixels); "
                             "its latents cannot be decoded on their own")
-
-    def latent_shape(self, s: GenerationSettings) -> tuple[int, int, int, int, int]:
-        return Pipeline.latent_shape(self, s)
