@@ -24,6 +24,10 @@ before the timing:
             forward, eager (compile is opt-in there), timesteps per token for TI2V-5B (its text-to-video
             path), per sample for A14B.
 
+Text: `--prompt-tokens N,M` zeroes the context rows past the prompt's N and the negative prompt's M tokens, as the
+text encoders pad them to 512; every side attends to the 512 rows as its pipeline does, ours with the padding
+folded into one key per sample (`mlx_video.nn.attention.fold_zero_padding`). Without it every row is random.
+
 Memory: `mx.get_peak_memory()` over one step of each side (reset before), minus the bytes alive before it that
 the side does not own (the other sides' prepared state), i.e. weights + that side's prepared state + its
 activations.
@@ -314,8 +318,10 @@ def make_mlx_gen(src, cfg, ours_params: dict, latents, context, g: float, per_to
 
 def run_ports(model_id: str = "wan2.2-t2v-a14b", size=(832, 480), frames: int = 5, layers: int = 2,
               repeats: int = 5, warmup: int = 1, ports=("blaizzy", "mlx-gen"), blaizzy_root=None, mlx_gen_src=None,
-              blaizzy_compile: bool = True, seed: int = 0, json_path=None, echo=click.echo,
-              command: str | None = None) -> dict:
+              blaizzy_compile: bool = True, prompt_tokens: tuple[int, int] | None = None, seed: int = 0,
+              json_path=None, echo=click.echo, command: str | None = None) -> dict:
+    """prompt_tokens: (prompt, negative prompt) token counts; the context rows past them are zero, as the text
+    encoders pad them to text_len (None: every row random, nothing to fold)."""
     import mlx.core as mx
 
     spec, dtype, full, cfg, geo, batch, g = _setup(model_id, "fp32", None, layers, size, frames, True)
@@ -326,6 +332,11 @@ def run_ports(model_id: str = "wan2.2-t2v-a14b", size=(832, 480), frames: int = 
     k1, k2 = mx.random.split(mx.random.key(seed + 1))
     latents = mx.random.normal((1, *geo["latent"], cfg.in_channels), key=k1)
     context = mx.random.normal((2, text_len, cfg.text_dim), key=k2)
+    if prompt_tokens is not None:
+        if not all(1 <= n <= text_len for n in prompt_tokens):
+            raise click.UsageError(f"--prompt-tokens must be between 1 and {text_len}")
+        rows = mx.arange(text_len)[None, :, None] < mx.array(prompt_tokens)[:, None, None]
+        context = mx.where(rows, context, 0.0)
     mx.eval(latents, context)
     inputs = latents.nbytes + context.nbytes
     params = _flat(model.parameters())
@@ -379,10 +390,12 @@ def run_ports(model_id: str = "wan2.2-t2v-a14b", size=(832, 480), frames: int = 
         _release()
 
     record = {"harness": "ports", "model": spec.id, "config": cfg.to_dict(), "width": width, "height": height,
-              "frames": frames, "layers": layers, "dtype": dtype, "batch": batch, "tokens": geo["tokens"],
+              "frames": frames, "layers": layers, "prompt_tokens": prompt_tokens, "text_len": text_len,
+              "ours_cross_attention_keys": prepared.text.shape[1], "dtype": dtype, "batch": batch, "tokens": geo["tokens"],
               "repeats": repeats, "weights_bytes": weights, "inputs_bytes": inputs, "ports": record_ports}
     echo(f"ports: {spec.id}, {width}x{height}x{frames} ({geo['tokens']} tokens per sample, CFG), {layers} blocks at "
-         f"width {cfg.dim}, fp32, {mx.default_device()}; weights {_fmt_bytes(weights)} (shared)")
+         f"width {cfg.dim}, fp32, {mx.default_device()}; weights {_fmt_bytes(weights)} (shared); prompt tokens "
+         f"{prompt_tokens or 'all random'} of {text_len} (ours attends to {prepared.text.shape[1]} keys)")
     _table(rows, echo, header=("port", "ours s median (fastest)", "port s median (fastest)",
                                "ours/port median (fastest)", "ours peak", "port peak", "mem ours/port", "rel L2",
                                "load avg 1/5/15 before -> after"))
@@ -496,15 +509,19 @@ def _parse_size(value: str) -> tuple[int, int]:
 @click.option("--blaizzy", "blaizzy_root", default=None, help="a checkout of Blaizzy/mlx-video")
 @click.option("--mlx-gen", "mlx_gen_src", default=None, help="the src folder of a checkout of lpalbou/mlx-gen")
 @click.option("--no-blaizzy-compile", is_flag=True, help="run Blaizzy's forward eagerly (its --no-compile)")
+@click.option("--prompt-tokens", default=None, metavar="N,M",
+              callback=lambda c, p, v: None if v is None else tuple(int(x) for x in v.split(",")),
+              help="token counts of the prompt and the negative prompt: context rows past them are zero, as the "
+                   "text encoder pads them (default: all 512 rows random)")
 @click.option("--profile", is_flag=True, help="instead: where one of our blocks spends its time")
 @click.option("--json", "json_path", default=None)
 def main(model_id, size, frames, layers, repeats, warmup, ports, blaizzy_root, mlx_gen_src, no_blaizzy_compile,
-         profile, json_path):
+         prompt_tokens, profile, json_path):
     if profile:
         profile_block(model_id, size, frames, repeats, json_path=json_path, command=" ".join(sys.argv))
         return
     run_ports(model_id, size, frames, layers, repeats, warmup, ports, blaizzy_root, mlx_gen_src,
-              not no_blaizzy_compile, json_path=json_path, command=" ".join(sys.argv))
+              not no_blaizzy_compile, prompt_tokens, json_path=json_path, command=" ".join(sys.argv))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import math
 import os
 
 import mlx.core as mx
+import numpy as np
 
 DEFAULT_BUDGET_MB = 1024
 
@@ -76,3 +77,30 @@ def attention(
             parts.append(part)
         out = mx.concatenate(parts, axis=2)
     return out.transpose(0, 2, 1, 3).reshape(batch, q_len, heads * head_dim)
+
+
+def fold_zero_padding(context: mx.array) -> tuple[mx.array, mx.array | None]:
+    """Attention over zero-padded text with the padding folded into one key per sample.
+
+    context: (B, L, C), each sample's rows followed by all-zero padding rows (Wan pads every prompt with zeros
+    to 512 tokens and attends to all of them). A row-wise map (the text embedding, then the key and value
+    projections) turns the n padding rows of a sample into n identical keys and values, and softmax attention
+    over n copies of a key equals attention over one copy whose score is raised by log(n). So only each
+    sample's own rows and one padding row are kept: returns context[:, :K] (K = the longest sample's rows + 1)
+    and the additive key bias (B, 1, 1, K), float32: 0 on a sample's rows, log(n) on its padding row, -inf on
+    the rows past it (another sample's rows). Same result to float rounding, with the cross-attention's scores,
+    keys and values shrunk from L to K. Returns (context, None) when no sample has two or more padding rows.
+    """
+    batch, length, _ = context.shape
+    nonzero = np.array(mx.any(context != 0, axis=-1))  # (B, L), a host read, once per prompt
+    rows = np.array([int(np.flatnonzero(r)[-1]) + 1 if r.any() else 0 for r in nonzero])
+    padding = length - rows
+    if padding.max() < 2:
+        return context, None
+    keys = int(min(length, (rows + (padding > 0)).max()))
+    bias = np.full((batch, keys), -np.inf, dtype=np.float32)
+    for b in range(batch):
+        bias[b, : rows[b]] = 0.0
+        if padding[b]:
+            bias[b, rows[b]] = math.log(padding[b])
+    return context[:, :keys], mx.array(bias.reshape(batch, 1, 1, keys))

@@ -30,6 +30,7 @@ from mlx_video.models.wan.transformer import (
     Head,
     PreparedContext,
     TextEmbedding,
+    TextKV,
     TimeEmbedding,
     WanAttention,
     WanBlock,
@@ -228,7 +229,7 @@ class S2VBlock(WanBlock):
         split: int,
         context: mx.array,
         rope: tuple[mx.array, mx.array],
-        cross_kv: tuple[mx.array, mx.array] | None = None,
+        cross_kv: TextKV | None = None,
     ) -> mx.array:
         """x: (B, L, dim) float32; time: (B, 6, dim), time_cond: (1, 6, dim) float32."""
         mod = self.modulation.astype(mx.float32)
@@ -310,11 +311,9 @@ class WanS2VTransformer(nn.Module):
         return self.unembed(self.run_blocks(state))
 
     def prepare_context(self, context: mx.array) -> PreparedContext:
-        """The text embedding and every block's cross-attention keys and values, evaluated now."""
-        text = self.text_embedding(self._pad_text(context))
-        kv = [block.cross_attn.project_kv(text) for block in self.blocks]
-        mx.eval(text, kv)
-        return PreparedContext(text, kv)
+        """The text embedding and every block's cross-attention keys and values, evaluated now; the zero padding
+        folded into one key per sample."""
+        return PreparedContext.of(self, self._pad_text(context))
 
     def _pad_text(self, context: mx.array) -> mx.array:
         batch, length, channels = context.shape
@@ -454,7 +453,7 @@ class S2VState:
     block_time: mx.array  # (B, 6, dim) float32 projected time embedding of t (noisy tokens)
     cond_time: mx.array  # (1, 6, dim) float32 projected time embedding of t = 0 (reference and motion tokens)
     time_embedding: mx.array  # (B, dim) float32, for the head
-    context: mx.array  # (B, text_len, dim) embedded text
+    context: mx.array  # (B, text_len, dim) embedded text (fewer rows when prepared: padding folded)
     rope: tuple[mx.array, mx.array]  # (L, head_dim/2) cos, sin
     noisy_tokens: int
     audio: mx.array  # (B*T, n_audio + 1, dim) per latent frame

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,7 +20,7 @@ import numpy as np
 
 from mlx_video.kernels import adaln_modulate, apply_rope_qk, gated_residual, rope_tables
 from mlx_video.models.wan.config import WanTransformerConfig
-from mlx_video.nn.attention import attention
+from mlx_video.nn.attention import attention, fold_zero_padding
 from mlx_video.nn.norms import FP32LayerNorm
 
 # 2*pi as a short head (8 significant bits) plus a float32 tail: turns * _TWO_PI_HI is exact for any turns
@@ -129,18 +130,22 @@ class WanAttention(nn.Module):
         x: mx.array,
         context: mx.array | None = None,
         rope: tuple[mx.array, mx.array] | None = None,
-        kv: tuple[mx.array, mx.array] | None = None,
+        kv: "TextKV | None" = None,
     ) -> mx.array:
+        """Self-attention over x, or cross-attention over `context`, or over prepared keys and values `kv`."""
         dtype = self.compute_dtype
         x = x.astype(dtype)
         batch, q_len, _ = x.shape
         q = self.norm_q(self.q(x)).reshape(batch, q_len, self.num_heads, -1)
-        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
+        if kv is not None:
+            k, v, bias = kv
+        else:
+            (k, v), bias = self.project_kv(x if context is None else context), None
         if rope is not None:
             q, k = apply_rope_qk(q, k, rope)
         if self.kv_gather is not None:  # sequence-parallel: this rank's queries attend to every rank's tokens
             k, v = self.kv_gather(k), self.kv_gather(v)
-        return self.o(attention(q, k, v))
+        return self.o(attention(q, k, v, mask=None if bias is None else bias.astype(q.dtype)))
 
 
 class FeedForward(nn.Module):
@@ -172,7 +177,7 @@ class WanBlock(nn.Module):
         time: mx.array,
         context: mx.array,
         rope: tuple[mx.array, mx.array],
-        cross_kv: tuple[mx.array, mx.array] | None = None,
+        cross_kv: "TextKV | None" = None,
     ) -> mx.array:
         """x: (B, G, N, dim) float32 tokens in G timestep groups; time: (B, G, 6, dim) float32; cross_kv: this
         block's precomputed cross-attention keys and values (else computed from `context`)."""
@@ -266,11 +271,9 @@ class WanTransformer(nn.Module):
 
     def prepare_context(self, context: mx.array) -> "PreparedContext":
         """The text embedding and every block's cross-attention keys and values for `context` (B, L, text_dim),
-        evaluated now; pass the result as `context` to reuse them on every step."""
-        text = self.text_embedding(context)
-        kv = [block.cross_attn.project_kv(text) for block in self.blocks]
-        mx.eval(text, kv)
-        return PreparedContext(text, kv)
+        evaluated now; pass the result as `context` to reuse them on every step. The zero padding is folded
+        into one key per sample (`fold_zero_padding`)."""
+        return PreparedContext.of(self, context)
 
     # The forward in three parts, so that a step cache can reuse the blocks' residual: embed, then each of
     # self.blocks on state.hidden, then unembed.
@@ -329,19 +332,37 @@ class WanState:
     hidden: mx.array  # (B, G, N, dim) float32 residual stream
     block_time: mx.array  # (B, G, 6, dim) float32
     time_embedding: mx.array  # (B, G, dim) float32
-    context: mx.array  # (B, L, dim) embedded text
+    context: mx.array  # (B, L, dim) embedded text (fewer rows when prepared: padding folded)
     rope: object
     latent_shape: tuple[int, int, int]
     cross_kv: list | None = None  # per block (k, v) of the text, when prepared once (prepare_context)
+
+
+class TextKV(NamedTuple):
+    """One block's prepared cross-attention keys and values, and the additive key bias that stands for the
+    folded zero padding (None: nothing folded)."""
+
+    k: mx.array  # (B, K, heads, head_dim)
+    v: mx.array
+    bias: mx.array | None  # (B, 1, 1, K) float32
 
 
 @dataclass
 class PreparedContext:
     """A context whose text embedding and cross-attention keys/values are computed once per prompt and model."""
 
-    text: mx.array  # (B, L, dim) embedded text
-    kv: list  # per block (k, v), each (B, L, heads, head_dim)
+    text: mx.array  # (B, K, dim) embedded text, the zero padding folded into one row per sample
+    kv: list  # per block TextKV
 
     @property
     def shape(self):
         return self.text.shape
+
+    @classmethod
+    def of(cls, model, context: mx.array) -> "PreparedContext":
+        """Prepared for `model` (its `text_embedding` and blocks' `cross_attn`) from zero-padded `context`."""
+        context, bias = fold_zero_padding(context)
+        text = model.text_embedding(context)
+        kv = [TextKV(*block.cross_attn.project_kv(text), bias) for block in model.blocks]
+        mx.eval(text, kv)
+        return cls(text, kv)
