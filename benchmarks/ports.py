@@ -8,6 +8,7 @@ copied here):
   blaizzy   Blaizzy/mlx-video, `mlx_video/models/wan_2` (official Wan parameter names). Its package is also
             called `mlx_video`, so its Wan modules are imported under the private package name `_port_blaizzy`.
   mlx-gen   lpalbou/mlx-gen, `mflux/models/wan/model/wan_transformer` (diffusers parameter names).
+  ours-unfolded  a control, not a port: our step with every text row a key (the zero padding not folded).
 
 Same computation: every port is built at the same reduced depth and real width, and its parameters are OUR
 model's arrays (the same MLX buffers where the layout agrees: the weights are held once and count in every
@@ -236,7 +237,7 @@ class _Channels:
 
 
 def _nbytes(tree) -> int:
-    return sum(v.nbytes for v in _flat(tree).values()) if not hasattr(tree, "nbytes") else tree.nbytes
+    return sum(v.nbytes for v in _flat(tree).values() if v is not None) if not hasattr(tree, "nbytes") else tree.nbytes
 
 
 def make_blaizzy(root, cfg, ours_params: dict, latents, context, g: float, compiled: bool = True):
@@ -313,6 +314,25 @@ def make_mlx_gen(src, cfg, ours_params: dict, latents, context, g: float, per_to
     return step, sum(a.nbytes for a in own), note
 
 
+def make_ours_unfolded(model, latents, context, t, g: float):
+    """Our step with the text prepared without folding the zero padding: every row a key, as before the fold."""
+    import mlx.core as mx
+
+    from mlx_video.models.wan.transformer import PreparedContext, TextKV
+
+    text = model.text_embedding(context)
+    kv = [TextKV(*block.cross_attn.project_kv(text), None) for block in model.blocks]
+    mx.eval(text, kv)
+    prepared = PreparedContext(text, kv)
+
+    def step():
+        v = guidance_batched(lambda xb, tb, c: model(xb, tb, prepared), latents, t, context[:1], context[1:], g)
+        mx.eval(v)
+        return _Channels(v.transpose(0, 4, 1, 2, 3))
+
+    return step, _nbytes(text) + _nbytes(kv), "ours with every text row a key (the padding not folded), a control"
+
+
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -365,6 +385,9 @@ def run_ports(model_id: str = "wan2.2-t2v-a14b", size=(832, 480), frames: int = 
             ref_step, own, note = make_mlx_gen(mlx_gen_src, cfg, params, latents, context, g,
                                                per_token_time=spec.id == "wan2.2-ti2v-5b")
             commit = _git_head(Path(mlx_gen_src))
+        elif name == "ours-unfolded":  # a control: our step with all text rows as keys (no padding folded)
+            ref_step, own, note = make_ours_unfolded(model, latents, context, t, g)
+            commit = None
         else:
             raise click.UsageError(f"unknown port {name}")
         with _LoadAverage() as load:

@@ -254,7 +254,7 @@ def download(model_id: str, dtype: str, overwrite: bool):
 @click.option("--preset", default=None, metavar="NAME",
               help="Delivery format: linkedin-square (1080x1080, 24 fps), linkedin-wide (1920x1080, 24 fps), "
                    "youtube-short (1080x1920, 30 fps), or one of yours in presets.toml. Renders at the model's nearest "
-                   "published size, then scales and retimes the frames (see the README).")
+                   "published size, then scales and retimes the frames (see the README); also for a chain of clips.")
 @click.option("--quality", type=click.Choice(["high", "medium", "low"]), default=None,
               help="Size class and steps for the model (`mlxvid models` lists them). Default: the published settings.")
 @click.option("--duration", type=float, default=None, metavar="SECONDS",
@@ -264,7 +264,9 @@ def download(model_id: str, dtype: str, overwrite: bool):
               help="Prompt of the next segment of a chain (--prompt is the first; the last repeats), or with @SECONDS "
                    "from that time on; repeatable.")
 @click.option("--segment-frames", type=int, default=None, metavar="N",
-              help="Frames each segment of a chain renders (of the form 4n+1). Default: the model's longest clip.")
+              help="Frames each segment of a chain renders (of the form 4n+1; 6n+1 for Mochi), enough to leave the "
+                   "next segment's cross-fade (Wan T2V: at least 13 for three segments or more). Default: the "
+                   "model's longest clip.")
 @click.option("--interpolate", type=click.Choice(["2x", "4x"], case_sensitive=False), default=None,
               help="After decoding, RIFE 4.25 frame interpolation: n frames become (n - 1) x 2 or x 4 + 1, written at "
                    "the model's fps x 2 or x 4 (Wan's 16 -> 32), streamed into the output. With --preset its fps "

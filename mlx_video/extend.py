@@ -56,8 +56,7 @@ from .errors import MlxVideoError
 OVERLAP_LATENT_FRAMES = 2  # K: latent frames held between segments on text-only models
 LAST_FRAME, LATENT_OVERLAP = "last frame", "latent overlap"
 # one-clip options a chain does not support yet
-UNSUPPORTED = {"save_latents": "--save-latents", "init_latents": "--init-latents", "preset": "--preset",
-               "overlay": "--overlay", "watermark": "--watermark", "preview_every": "--preview-every"}
+UNSUPPORTED = {"save_latents": "--save-latents", "init_latents": "--init-latents", "preview_every": "--preview-every"}
 
 
 # ---- prompts per segment ----
@@ -130,20 +129,27 @@ def plan_segments(total: int, clip: int, stride: int, method: str, first_conditi
                   k: int = OVERLAP_LATENT_FRAMES) -> list[Segment]:
     """Split `total` output frames into segments of at most `clip` rendered frames (see the module docstring)."""
     repeat = overlap_frames(method, stride, k)
+    blend = repeat if method == LATENT_OVERLAP else 0
+
+    def refuse(needed: int):
+        need = stride * math.ceil((repeat + needed - 1) / stride) + 1
+        raise MlxVideoError(f"a segment of {clip} frames leaves {max(0, clip - repeat)} new frames after the {repeat} "
+                            f"it shares with the previous one, fewer than the {needed} needed; --segment-frames "
+                            f"must be at least {need}")
+
     if clip - repeat < stride:
-        need = repeat + stride
-        raise MlxVideoError(f"a segment of {clip} frames leaves no new frames after the {repeat} it shares with the "
-                            f"previous one; --segment-frames must be at least {need}")
+        refuse(stride)
 
     first = min(clip, stride * math.ceil((total - 1) / stride) + 1) if total > 1 else 1
     segments = [Segment(0, first, 0, 0, min(first, total), 0, first_conditioning)]
-    blend = repeat if method == LATENT_OVERLAP else 0
     while segments[-1].end < total:
         produced, left = segments[-1].end, total - segments[-1].end
         # repeat = 1 (mod stride): the fewest frames of the model's rule that give `left` new ones
         rendered = min(clip, repeat + stride * math.ceil(left / stride))
         new = min(rendered - repeat, left)
         segments.append(Segment(len(segments), rendered, produced - blend, produced, produced + new, blend, method))
+    if len(segments) > 2 and clip - repeat < blend:  # a middle segment's new frames hold the next cross-fade
+        refuse(blend)
     return segments
 
 
@@ -357,22 +363,34 @@ def _open_sink(output: Path, tmp: Path, width: int, height: int, fps):
 
 
 def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
-    """Run the segments and stream their frames into the output (atomically), then write the sidecar."""
+    """Run the segments and stream their frames into the output (atomically), then write the sidecar. A delivery
+    step (preset, overlays, watermark) is applied frame by frame on the way (`run.DeliveryStream`)."""
     from .io.atomic import atomic_dir, atomic_file
     from .io.sidecar import write_sidecar
     from .io.video import _check_replaceable_frame_folder
+    from .run import DeliveryStream
 
     base, output = job.base, job.base.output
-    s = base.settings
+    s, delivery = base.settings, base.delivery
     if not base.quiet:
         echo(job.summary())
     timings: dict[str, float] = {}
-    written, tail = 0, None
+    rendered, written, tail = 0, 0, None
+    stream = DeliveryStream(delivery, job.total, s.fps) if delivery is not None else None
+    width, height, fps = (delivery.width, delivery.height, delivery.fps) if delivery else (s.width, s.height, s.fps)
     if not output.suffix and output.exists() and base.overwrite:
         _check_replaceable_frame_folder(output)
     context = atomic_file(output, base.overwrite) if output.suffix else atomic_dir(output, base.overwrite)
     with context as tmp:
-        sink = _open_sink(output, tmp, s.width, s.height, s.fps)
+        sink = _open_sink(output, tmp, width, height, fps)
+
+        def emit(frame):
+            nonlocal rendered, written
+            rendered += 1
+            for out in stream.push(frame) if stream is not None else (frame,):
+                sink.write(np.ascontiguousarray(out))
+                written += 1
+
         try:
             runs = segment_runs(job, hooks, progress=not base.quiet, echo=None if base.quiet else echo)
             for seg, result, frames in runs:
@@ -380,8 +398,7 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
                 own = frames
                 if seg.conditioning == LATENT_OVERLAP:
                     for frame in crossfade(tail, frames[:seg.overlap]):
-                        sink.write(frame)
-                        written += 1
+                        emit(frame)
                     own = frames[seg.overlap:]
                 elif seg.conditioning == LAST_FRAME:
                     own = frames[1:]  # the conditioning image again
@@ -389,8 +406,7 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
                 last = seg.index == len(job.segments) - 1
                 keep = job.segments[seg.index + 1].overlap if not last else 0
                 for frame in own[: len(own) - keep]:
-                    sink.write(np.ascontiguousarray(frame))
-                    written += 1
+                    emit(frame)
                 tail = own[len(own) - keep:].copy() if keep else None
                 result.timings["writing"] = time.perf_counter() - start
                 seg.timings = {k: round(v, 3) for k, v in result.timings.items()}
@@ -398,11 +414,13 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
                     timings[name] = timings.get(name, 0.0) + seconds
         finally:
             sink.close()
-    if written != job.total:
-        raise MlxVideoError(f"internal error: wrote {written} frames, planned {job.total}")  # the plan is exact
+    planned = len(stream.shows) if stream is not None else job.total
+    if rendered != job.total or written != planned:  # the plan is exact
+        raise MlxVideoError(f"internal error: made {rendered} frames and wrote {written}, planned {job.total} "
+                            f"and {planned}")
     record = job.record()
-    record.update(vae_tiling=base.vae_tiling, output_frames=written, output_fps=s.fps)
+    record.update(vae_tiling=base.vae_tiling, output_frames=written, output_fps=fps)
     write_sidecar(output, record, timings, overwrite=base.overwrite)
-    echo(f"wrote {written} frames of {s.width}x{s.height} ({len(job.segments)} segments) to {output}")
+    echo(f"wrote {written} frames of {width}x{height} ({len(job.segments)} segments) to {output}")
     return {"settings": s, "outputs": [output], "timings": timings, "record": record, "pipe": base.pipe,
             "latents": None, "segments": [seg.record() for seg in job.segments]}

@@ -146,9 +146,10 @@ def check_watermark(watermark: str | None) -> None:
 
 
 def burn(frames: np.ndarray, fps: float, overlays=(), watermark: str | None = None, corner: str = "bottom-right",
-         margins: dict | None = None, font: str | Path | None = None, in_place: bool = False) -> np.ndarray:
+         margins: dict | None = None, font: str | Path | None = None, in_place: bool = False,
+         first_index: int = 0) -> np.ndarray:
     """Draw `overlays` (shown in their time windows) and `watermark` (always) on (T, H, W, 3) uint8 frames
-    (on a copy unless `in_place`)."""
+    (on a copy unless `in_place`); frames[i] is frame first_index + i of the delivered video."""
     from PIL import Image, ImageDraw
 
     if not overlays and watermark is None:
@@ -158,7 +159,7 @@ def burn(frames: np.ndarray, fps: float, overlays=(), watermark: str | None = No
     mark_at = watermark_box(width, height, mark.size, corner, margins)[:2] if mark is not None else None
     out = frames if in_place else frames.copy()
     for i in range(t):
-        shown = [o for o in overlays if o.shown_at(i / fps)]
+        shown = [o for o in overlays if o.shown_at((first_index + i) / fps)]
         if not shown and mark is None:
             continue
         image = Image.fromarray(out[i]).convert("RGBA")

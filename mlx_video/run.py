@@ -140,6 +140,35 @@ class Delivery:
                     in_place=True)
 
 
+class DeliveryStream:
+    """`Delivery.apply` one rendered frame at a time, for a video whose frames arrive in order (a chain of clips):
+    `push(frame)` returns the delivered frames it becomes (none, one, or several: the frame-rate change repeats or
+    drops frames, nearest in time over the whole video of `total` rendered frames). Same frames as `apply` on the
+    whole video."""
+
+    def __init__(self, delivery: Delivery, total: int, render_fps: float):
+        from .presets import retime_indices
+
+        self.delivery = delivery
+        self.shows = retime_indices(total, render_fps, delivery.fps)  # rendered frame shown at each output frame
+        self.rendered = self.delivered = 0
+
+    def push(self, frame: np.ndarray) -> list[np.ndarray]:
+        from .overlay import burn
+        from .presets import fit_frames
+
+        d, out, fitted = self.delivery, [], None
+        while self.delivered < len(self.shows) and self.shows[self.delivered] == self.rendered:
+            if fitted is None:
+                fitted = frame[None] if (frame.shape[1], frame.shape[0]) == (d.width, d.height) else \
+                    fit_frames(frame[None], d.width, d.height, d.fit)
+            out.append(burn(fitted.copy(), d.fps, d.overlays, d.watermark, d.watermark_corner, d.margins, d.font,
+                            in_place=True, first_index=self.delivered)[0])
+            self.delivered += 1
+        self.rendered += 1
+        return out
+
+
 INTERPOLATE_FACTORS = {"2x": 2, "4x": 4}
 
 

@@ -25,7 +25,9 @@ PROMPT = "a cat walks on the grass"
 @pytest.mark.parametrize("total,clip", [(60, 17), (61, 25), (300, 81), (163, 163), (7, 13), (1000, 37)])
 def test_plan_covers_every_frame_once(method, stride, total, clip):
     clip = stride * ((clip - 1) // stride) + 1
-    if clip - overlap_frames(method, stride) < stride:
+    repeat = overlap_frames(method, stride)
+    middle = total > clip + (clip - repeat)  # a segment between the first and the last
+    if clip - repeat < stride or (middle and method == LATENT_OVERLAP and clip - repeat < repeat):
         with pytest.raises(MlxVideoError, match="--segment-frames must be at least"):
             plan_segments(total, clip, stride, method)
         return
@@ -34,6 +36,7 @@ def test_plan_covers_every_frame_once(method, stride, total, clip):
     repeat = overlap_frames(method, stride)
     for prev, seg in zip(segs, segs[1:]):
         assert seg.boundary == prev.end  # new frames follow on without a gap
+        assert prev.end - prev.boundary >= seg.overlap  # the cross-faded frames are the previous segment's own
         assert seg.overlap == (repeat if method == LATENT_OVERLAP else 0) and seg.start == seg.boundary - seg.overlap
         assert seg.conditioning == method
     for seg in segs:
@@ -100,6 +103,62 @@ def test_thirty_seconds_as_a_chain_of_segments(a14b, tmp_path):
     assert all(s["timings"]["denoising"] > 0 for s in segs)
 
 
+@pytest.mark.parametrize("size,render_fps,fps,fit", [((40, 24), 16, 30, "crop"), ((24, 40), 30, 16, "pad"),
+                                                     ((48, 32), 8, 8, "crop")])
+def test_delivery_frame_by_frame_equals_the_whole_video(size, render_fps, fps, fit):
+    """A chain delivers its frames one at a time (run.DeliveryStream): the same frames as `Delivery.apply` on the
+    whole video (scaling, the nearest-frame rate change over the whole length, overlays by delivered time)."""
+    from mlx_video.overlay import parse_overlay
+    from mlx_video.run import Delivery, DeliveryStream
+
+    video = np.random.default_rng(0).integers(0, 256, (23, 32, 48, 3), dtype=np.uint8)
+    overlays = [parse_overlay("Hook@0-0.5"), parse_overlay("second line@0.3-"), parse_overlay("end@1.2-")]
+    delivery = Delivery(*size, fps, "test", fit, None, overlays, "(c) me", "top-left")
+    whole = delivery.apply(video, render_fps)
+    stream = DeliveryStream(delivery, len(video), render_fps)
+    streamed = [out for frame in video for out in stream.push(frame)]
+    assert len(streamed) == len(whole) == round(23 * fps / render_fps)
+    np.testing.assert_array_equal(np.stack(streamed), whole)
+    plain = Delivery(*size, fps, "test", fit).apply(video, render_fps)
+    assert not np.array_equal(whole, plain)  # the overlays and the watermark were drawn
+
+
+def test_chain_with_a_preset_overlay_and_watermark(a14b, tmp_path, monkeypatch):
+    """A chain delivered to a preset: the mp4 has the preset's size, rate and the chain's duration; with overlays
+    and a watermark into PNG frames, the chain's frames are its undelivered frames delivered."""
+    from mlx_video.overlay import parse_overlay
+    from mlx_video.run import Delivery
+
+    monkeypatch.setenv("MLXVID_HOME", str(tmp_path))
+    (tmp_path / "presets.toml").write_text('[tiny-reel]\nwidth = 40\nheight = 64\nfps = 12\nfit = "pad"\n')
+    root, _ = a14b
+    base = ["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--size", "48x32", "--fps", "4",
+            "--duration", "5", "--segment-frames", "13", "--steps", "1", "--seed", "3", "--quiet"]
+    out = tmp_path / "reel.mp4"
+    main(base + ["--preset", "tiny-reel", "--output", str(out)])
+    frames, rate, duration = read_video(out)
+    assert frames.shape == (60, 64, 40, 3) and rate == 12 and abs(duration - 5.0) < 1e-6
+    record = json.loads(out.with_suffix(".json").read_text())["settings"]
+    assert record["output_frames"] == 60 and record["output_fps"] == 12 and record["frames"] == 20
+    assert record["delivery"]["preset"] == "tiny-reel" and record["extension"]["segments"] == 2
+
+    raw, delivered = tmp_path / "raw", tmp_path / "delivered"
+    main(base + ["--output", str(raw)])
+    main(base + ["--overlay", "Hook@0-2", "--overlay", "Part two@3-", "--watermark", "@me", "--output",
+                 str(delivered)])
+    def read_pngs(folder):
+        from PIL import Image
+
+        return np.stack([np.asarray(Image.open(f)) for f in sorted(folder.glob("*.png"))])
+
+    raw_frames, got = read_pngs(raw), read_pngs(delivered)
+    assert raw_frames.shape == (20, 32, 48, 3)
+    want = Delivery(48, 32, 4, None, "crop", None, [parse_overlay("Hook@0-2"), parse_overlay("Part two@3-")],
+                    "@me").apply(raw_frames, 4)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, raw_frames)
+
+
 def test_chain_options_are_checked_before_any_work(a14b, tmp_path, capsys, monkeypatch):
     from mlx_video import model_folder
 
@@ -113,7 +172,9 @@ def test_chain_options_are_checked_before_any_work(a14b, tmp_path, capsys, monke
         (["--duration", "30", "--segment-frames", "17", "--save-latents", str(tmp_path / "x.npy")], "--save-latents"),
         (["--duration", "30", "--segment-frames", "18"], "--segment-frames must be of the form 4n+1"),
         (["--duration", "30", "--segment-frames", "5"], "--segment-frames must be at least 9"),
-        (["--duration", "4", "--segment-frames", "9", "--segment-prompt", "a", "--segment-prompt", "b"],
+        # 4 new frames could not hold the next segment's 5 cross-faded ones
+        (["--duration", "30", "--segment-frames", "9"], "leaves 4 new frames after the 5 it shares"),
+        (["--duration", "4", "--segment-frames", "13", "--segment-prompt", "a", "--segment-prompt", "b"],
          "2 --segment-prompt values but 0 segments after the first"),
         (["--segment-prompt", "a"], "give its length with --duration or --frames"),
     ]
