@@ -270,9 +270,8 @@ def download(model_id: str, dtype: str, overwrite: bool):
 @click.option("--interpolate", type=click.Choice(["2x", "4x"], case_sensitive=False), default=None,
               help="After decoding, RIFE 4.25 frame interpolation: n frames become (n - 1) x 2 or x 4 + 1, written at "
                    "the model's fps x 2 or x 4 (Wan's 16 -> 32), streamed into the output. With --preset its fps "
-                   "wins: interpolation, then nearest-frame retiming (16 -> 32 -> 30); with --preset, --overlay or "
-                   "--watermark the interpolated clip is held in memory (2 or 4 times the decoded clip). One clip "
-                   "only (not a chain).")
+                   "wins: interpolation, then nearest-frame retiming (16 -> 32 -> 30). Also for a chain of clips, "
+                   "streamed across its segments.")
 @click.option("--rife-weights", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="RIFE 4.25 flownet.pkl or its converted folder for --interpolate [default: $MLXVID_HOME/models/rife].")
 @click.option("--overlay", multiple=True, metavar="TEXT[@START-END]",

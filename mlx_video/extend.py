@@ -353,74 +353,63 @@ def segment_runs(job: ExtensionJob, hooks=(), progress: bool = False, echo=None)
         del result, frames
 
 
-def _open_sink(output: Path, tmp: Path, width: int, height: int, fps):
-    from .interpolate import _PngSink, _VideoSink
-    from .io.video import VIDEO_FORMATS, _frame_rate
-
-    if output.suffix:
-        return _VideoSink(tmp, VIDEO_FORMATS[output.suffix.lower()], width, height, _frame_rate(fps))
-    return _PngSink(tmp)
+def chain_frames(job: ExtensionJob, timings: dict, hooks=(), echo=None):
+    """The chain's output frames in order, made segment by segment: the cross-faded overlaps, the repeated
+    conditioning frames dropped. `timings` gathers each stage's seconds over the segments."""
+    tail = None
+    runs = segment_runs(job, hooks, progress=not job.base.quiet, echo=echo)
+    for seg, result, frames in runs:
+        start = time.perf_counter()
+        own = frames
+        if seg.conditioning == LATENT_OVERLAP:
+            yield from crossfade(tail, frames[:seg.overlap])
+            own = frames[seg.overlap:]
+        elif seg.conditioning == LAST_FRAME:
+            own = frames[1:]  # the conditioning image again
+        own = own[: seg.end - seg.boundary]
+        last = seg.index == len(job.segments) - 1
+        keep = job.segments[seg.index + 1].overlap if not last else 0
+        for frame in own[: len(own) - keep]:
+            yield np.ascontiguousarray(frame)
+        tail = own[len(own) - keep:].copy() if keep else None
+        result.timings["writing"] = time.perf_counter() - start  # with interpolation and delivery, if any
+        seg.timings = {k: round(v, 3) for k, v in result.timings.items()}
+        for name, seconds in result.timings.items():
+            timings[name] = timings.get(name, 0.0) + seconds
 
 
 def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
-    """Run the segments and stream their frames into the output (atomically), then write the sidecar. A delivery
-    step (preset, overlays, watermark) is applied frame by frame on the way (`run.DeliveryStream`)."""
-    from .io.atomic import atomic_dir, atomic_file
+    """Run the segments and stream their frames into the output (atomically) as they are made, through RIFE
+    interpolation and the delivery step (preset, overlays, watermark) when asked, then write the sidecar."""
+    from .interpolate import output_frame_count
     from .io.sidecar import write_sidecar
-    from .io.video import _check_replaceable_frame_folder
-    from .run import DeliveryStream
+    from .presets import retime_indices
+    from .run import CountedFrames, _stream_frames, deliver
 
     base, output = job.base, job.base.output
-    s, delivery = base.settings, base.delivery
+    s = base.settings
     if not base.quiet:
         echo(job.summary())
     timings: dict[str, float] = {}
-    rendered, written, tail = 0, 0, None
-    stream = DeliveryStream(delivery, job.total, s.fps) if delivery is not None else None
-    width, height, fps = (delivery.width, delivery.height, delivery.fps) if delivery else (s.width, s.height, s.fps)
-    if not output.suffix and output.exists() and base.overwrite:
-        _check_replaceable_frame_folder(output)
-    context = atomic_file(output, base.overwrite) if output.suffix else atomic_dir(output, base.overwrite)
-    with context as tmp:
-        sink = _open_sink(output, tmp, width, height, fps)
-
-        def emit(frame):
-            nonlocal rendered, written
-            rendered += 1
-            for out in stream.push(frame) if stream is not None else (frame,):
-                sink.write(np.ascontiguousarray(out))
-                written += 1
-
-        try:
-            runs = segment_runs(job, hooks, progress=not base.quiet, echo=None if base.quiet else echo)
-            for seg, result, frames in runs:
-                start = time.perf_counter()
-                own = frames
-                if seg.conditioning == LATENT_OVERLAP:
-                    for frame in crossfade(tail, frames[:seg.overlap]):
-                        emit(frame)
-                    own = frames[seg.overlap:]
-                elif seg.conditioning == LAST_FRAME:
-                    own = frames[1:]  # the conditioning image again
-                own = own[: seg.end - seg.boundary]
-                last = seg.index == len(job.segments) - 1
-                keep = job.segments[seg.index + 1].overlap if not last else 0
-                for frame in own[: len(own) - keep]:
-                    emit(frame)
-                tail = own[len(own) - keep:].copy() if keep else None
-                result.timings["writing"] = time.perf_counter() - start
-                seg.timings = {k: round(v, 3) for k, v in result.timings.items()}
-                for name, seconds in result.timings.items():
-                    timings[name] = timings.get(name, 0.0) + seconds
-        finally:
-            sink.close()
-    planned = len(stream.shows) if stream is not None else job.total
-    if rendered != job.total or written != planned:  # the plan is exact
-        raise MlxVideoError(f"internal error: made {rendered} frames and wrote {written}, planned {job.total} "
-                            f"and {planned}")
+    made = CountedFrames(chain_frames(job, timings, hooks, None if base.quiet else echo))
+    frames, total, fps = made, job.total, s.fps
+    interpolator = None
+    if base.interpolation is not None:
+        interpolator = base.interpolation.interpolator()
+        frames = CountedFrames(interpolator(made))
+        total, fps = output_frame_count(job.total, base.interpolation.factor), base.frame_rate
+    delivered, (width, height, out_fps) = deliver(frames, base.delivery, total, fps, (s.width, s.height, fps))
+    written = _stream_frames(delivered, output, base.overwrite, width, height, out_fps)
+    planned = total if base.delivery is None else len(retime_indices(total, fps, base.delivery.fps))
+    if made.count != job.total or frames.count != total or written != planned:  # the plan is exact
+        raise MlxVideoError(f"internal error: made {made.count} frames ({frames.count} after interpolation) and "
+                            f"wrote {written}, planned {job.total} ({total}) and {planned}")
     record = job.record()
-    record.update(vae_tiling=base.vae_tiling, output_frames=written, output_fps=fps)
+    if interpolator is not None:
+        record["interpolate"] = base.interpolation.record(job.total, total, s.fps, fps, interpolator.scene_cuts)
+    record.update(vae_tiling=base.vae_tiling, output_frames=written, output_fps=out_fps)
     write_sidecar(output, record, timings, overwrite=base.overwrite)
     echo(f"wrote {written} frames of {width}x{height} ({len(job.segments)} segments) to {output}")
     return {"settings": s, "outputs": [output], "timings": timings, "record": record, "pipe": base.pipe,
             "latents": None, "segments": [seg.record() for seg in job.segments]}
+

@@ -188,6 +188,13 @@ class Interpolation:
                 "frames_after": frames_after, "fps_before": fps_before, "fps_after": fps_after,
                 "scene_cuts": list(scene_cuts)}
 
+    def interpolator(self):
+        """The RIFE model loaded, as an `Interpolator` (frames in, frames out, streamed)."""
+        from .convert.rife import load_rife
+        from .interpolate import Interpolator
+
+        return Interpolator(load_rife(self.weights), self.factor, self.scale, self.scene_threshold)
+
 
 def parse_interpolation(o: dict) -> Interpolation | None:
     """--interpolate 2x|4x with --rife-weights (default $MLXVID_HOME/models/rife); the weights are only found."""
@@ -358,9 +365,6 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
 
     chain = None if takes_audio else extension_frames(o, spec)
     if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.extend)
-        if interpolation is not None:
-            raise MlxVideoError("--interpolate is not supported with a video longer than one clip (a chain of "
-                                "segments) yet: generate the chain, then run `mlxvid interpolate` on it")
         return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory)
     profile = quality_profiles(spec)[quality] if quality else None
     if width is None and height is None:
@@ -509,15 +513,12 @@ def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dic
     else:
         stats = {}
     fps = job.settings.fps
-    if job.interpolation is not None:
-        _, height, width, _ = video.shape
-        video, fps = _interpolate_output(job, video, record, timings)
-        if video is None:  # streamed straight into the output
-            written = record["interpolate"]["frames_after"]
-            record.update(stats, vae_tiling=job.vae_tiling, output_frames=written, output_fps=fps)
-            _mux_voice(job, record, None, fps)
-            write_sidecar(job.output, record, timings, overwrite=job.overwrite)
-            return written, height, width
+    if job.interpolation is not None:  # streamed into the output, through the delivery step
+        written, height, width, fps = _interpolate_output(job, video, record, timings)
+        record.update(stats, vae_tiling=job.vae_tiling, output_frames=written, output_fps=fps)
+        _mux_voice(job, record, None, fps)
+        write_sidecar(job.output, record, timings, overwrite=job.overwrite)
+        return written, height, width
     if job.delivery is not None:
         start = time.perf_counter()
         video = job.delivery.apply(video, fps)
@@ -557,40 +558,52 @@ def _mux_voice(job: Job, record: dict, video: np.ndarray | None, fps) -> None:
                              "sample_rate": voice.sample_rate}
 
 
-def _interpolate_output(job: Job, video: np.ndarray, record: dict, timings: dict):
-    """RIFE between the decoded frames; records `interpolate` and returns (frames or None, the new fps).
-
-    Without a delivery step the frames are streamed into the output as they are made (nothing beyond the
-    decoded clip is held) and None is returned; with one (a preset, overlays, a watermark) they are gathered
-    into one array -- factor times the decoded clip's memory -- and returned for the delivery step."""
+def _interpolate_output(job: Job, video: np.ndarray, record: dict, timings: dict) -> tuple[int, int, int, float]:
+    """RIFE between the decoded frames, streamed into the output as they are made, through the delivery step
+    (preset, overlays, watermark) frame by frame when there is one: nothing beyond the decoded clip is held.
+    Records `interpolate`; returns (frames written, height, width, fps) of the output."""
     from tqdm.auto import tqdm
 
-    from .convert.rife import load_rife
-    from .interpolate import Interpolator, output_frame_count
+    from .interpolate import output_frame_count
 
     spec = job.interpolation
     start = time.perf_counter()
-    model = load_rife(spec.weights)
-    interpolator = Interpolator(model, spec.factor, spec.scale, spec.scene_threshold)
+    interpolator = spec.interpolator()
     n, height, width, _ = video.shape
     total = output_frame_count(n, spec.factor)
     fps = job.frame_rate
-    frames = tqdm(interpolator(video), total=total, desc="interpolating", unit="frame", disable=job.quiet)
-    out = None
-    if job.delivery is None:
-        written = _stream_frames(frames, job.output, job.overwrite, width, height, fps)
-        timings["interpolating_and_writing"] = time.perf_counter() - start
-    else:
-        out = np.empty((total, height, width, 3), dtype=np.uint8)
-        written = 0
-        for frame in frames:
-            out[written] = frame
-            written += 1
-        timings["interpolating"] = time.perf_counter() - start
-    if written != total:
-        raise MlxVideoError(f"internal error: interpolation made {written} frames, expected {total}")
-    record["interpolate"] = spec.record(n, written, job.settings.fps, fps, interpolator.scene_cuts)
-    return out, fps
+    made = CountedFrames(tqdm(interpolator(video), total=total, desc="interpolating", unit="frame", disable=job.quiet))
+    frames, out = deliver(made, job.delivery, total, fps, (width, height, fps))
+    written = _stream_frames(frames, job.output, job.overwrite, *out)
+    timings["interpolating_and_writing"] = time.perf_counter() - start
+    if made.count != total:
+        raise MlxVideoError(f"internal error: interpolation made {made.count} frames, expected {total}")
+    record["interpolate"] = spec.record(n, made.count, job.settings.fps, fps, interpolator.scene_cuts)
+    return written, out[1], out[0], out[2]
+
+
+class CountedFrames:
+    """An iterator that counts what passed through it."""
+
+    def __init__(self, items):
+        self.items, self.count = iter(items), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.items)
+        self.count += 1
+        return item
+
+
+def deliver(frames, delivery: "Delivery | None", total: int, fps: float, size_and_rate: tuple):
+    """(the delivered frames, lazily, and their (width, height, fps)) for `total` frames at `fps` arriving in
+    order; without a delivery step, the frames themselves and `size_and_rate`."""
+    if delivery is None:
+        return frames, size_and_rate
+    stream = DeliveryStream(delivery, total, fps)
+    return (out for frame in frames for out in stream.push(frame)), (delivery.width, delivery.height, delivery.fps)
 
 
 def _stream_frames(frames, output: Path, overwrite: bool, width: int, height: int, fps) -> int:

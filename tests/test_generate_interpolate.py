@@ -114,7 +114,7 @@ def test_2x_mp4_is_written_at_twice_the_rate(a14b, rife_folder, tmp_path):
 
 
 def test_4x_with_an_overlay_from_the_models_home(a14b, rife_folder, tmp_path, monkeypatch):
-    """The non-streamed path (a delivery step follows) and the default weights, $MLXVID_HOME/models/rife."""
+    """Streamed through a delivery step (an overlay), and the default weights, $MLXVID_HOME/models/rife."""
     root, _ = a14b
     home = tmp_path / "home"
     shutil.copytree(rife_folder, home / "models" / "rife")
@@ -161,7 +161,6 @@ def run_error(capsys, args) -> str:
     (["--rife-weights", "{missing}"], "RIFE weights not found at"),
     ([], "RIFE weights not found at"),  # nothing in $MLXVID_HOME/models/rife
     (["--rife-weights", "{empty}"], "holds no RIFE weights"),
-    (["--frames", "101", "--rife-weights", "{rife}"], "not supported with a video longer than one clip"),
 ])
 def test_refusals_before_any_weights_are_read(a14b, rife_folder, tmp_path, capsys, monkeypatch, weights_forbidden,
                                               extra, needle):
@@ -217,3 +216,27 @@ def test_decode_of_saved_latents_interpolates_as_the_run_did(a14b, rife_folder, 
     frames, rate = read_video(decoded)
     assert len(frames) == 2 * (FRAMES - 1) + 1 and rate == 2 * FPS
     assert sidecar(decoded)["interpolate"]["frames_after"] == len(frames)
+
+
+def test_a_chain_is_interpolated_and_delivered_as_it_is_made(a14b, rife_folder, tmp_path):
+    """A chain of clips with --interpolate 2x and an overlay, streamed: the frames of `mlxvid interpolate` run on
+    the undelivered chain, with the one-clip delivery applied after."""
+    from mlx_video.overlay import parse_overlay
+    from mlx_video.run import Delivery
+
+    root, _ = a14b
+    chain = ["generate", "--model", str(root / "mlx"), "--prompt", "a fox in the snow", "--size", SIZE, "--fps", "4",
+             "--frames", "20", "--segment-frames", "13", "--steps", "1", "--seed", "3", "--quiet"]
+    plain, smooth = tmp_path / "plain", tmp_path / "smooth"
+    main(chain + ["--output", str(plain)])
+    main(chain + ["--output", str(smooth), "--interpolate", "2x", "--rife-weights", str(rife_folder),
+                  "--overlay", "Hi@1-3"])
+    separate = tmp_path / "separate"
+    main(["interpolate", str(plain), str(separate), "--factor", "2", "--rife-weights", str(rife_folder)])
+    interpolated = read_pngs(separate)
+    assert read_pngs(plain).shape[0] == 20 and interpolated.shape[0] == 39
+    want = Delivery(48, 32, 8, None, "crop", None, [parse_overlay("Hi@1-3")]).apply(interpolated, 8)
+    np.testing.assert_array_equal(read_pngs(smooth), want)
+    record = sidecar(smooth)
+    assert record["extension"]["segments"] == 2 and record["output_frames"] == 39 and record["output_fps"] == 8
+    assert (record["interpolate"]["frames_before"], record["interpolate"]["frames_after"]) == (20, 39)
