@@ -316,16 +316,18 @@ def crossfade(previous: np.ndarray, new: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
-def segment_runs(job: ExtensionJob, hooks=(), progress: bool = False, echo=None):
-    """Generate the segments in order; yields (segment, GenerationResult, decoded uint8 frames). Only what the next
-    segment needs is kept between iterations."""
+def segment_runs(job: ExtensionJob, hooks=(), progress: bool = False, echo=None, start: int = 0,
+                 previous: tuple = (None, None)):
+    """Generate the segments in order from segment `start`; yields (segment, GenerationResult, decoded uint8
+    frames). Only what the next segment needs is kept between iterations: `previous` is that of segment
+    start - 1 (its latents, at least their last K frames, and its last decoded frame)."""
     import mlx.core as mx
 
     from .pipelines.base import GenerationSettings
 
     pipe, base = job.base.pipe, job.base
-    previous_latents, previous_frame = None, None
-    for seg in job.segments:
+    previous_latents, previous_frame = previous
+    for seg in job.segments[start:]:
         s = GenerationSettings.from_dict({**base.settings.to_dict(), "prompt": seg.prompt, "seed": seg.seed,
                                           "frames": seg.rendered})
         pixels, init, extra = base.pixels if seg.index == 0 else None, None, []
@@ -353,27 +355,121 @@ def segment_runs(job: ExtensionJob, hooks=(), progress: bool = False, echo=None)
         del result, frames
 
 
-def chain_frames(job: ExtensionJob, timings: dict, hooks=(), echo=None):
+class SegmentStore:
+    """Finished segments of a chain, kept beside its output until the chain is written, so that an interrupted
+    chain resumes where it stopped: per segment the frames it adds to the output (before interpolation and
+    delivery), the frames held back for the next cross-fade, its last K latent frames and last decoded frame.
+    A fingerprint of what decides the frames (the model folder, the resolved settings, the segment plan) must
+    match, so a changed command starts over, while interpolation and delivery options may change freely."""
+
+    def __init__(self, job: ExtensionJob):
+        import hashlib
+        import json
+
+        from .distributed import folder_fingerprint
+
+        output = job.base.output
+        self.folder = output.with_name(f".{output.name}.segments")
+        plan = [(g.rendered, g.start, g.boundary, g.end, g.prompt, g.seed, g.conditioning) for g in job.segments]
+        settings = job.base.settings.to_dict()
+        key = {"model": folder_fingerprint(job.base.pipe.folder.path), "settings": settings, "plan": plan,
+               "method": job.method, "k": job.overlap_latent_frames, "image": _image_digest(job.base.pixels)}
+        self.fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+    def finished(self) -> int:
+        """How many leading segments are kept for this chain (0 when none, or kept for another command)."""
+        import json
+
+        try:
+            record = json.loads((self.folder / "chain.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        if record.get("fingerprint") != self.fingerprint:
+            return 0
+        count = 0
+        while (self.folder / f"segment-{count:03d}.npz").is_file():
+            count += 1
+        return count
+
+    def load(self, index: int) -> dict:
+        import json
+
+        with np.load(self.folder / f"segment-{index:03d}.npz", allow_pickle=False) as data:
+            out = {k: data[k] for k in data.files}
+        out["timings"] = json.loads(str(out.pop("timings_json")))
+        return out
+
+    def save(self, index: int, frames, tail, latents, last_frame, timings: dict) -> None:
+        import json
+
+        from .io.atomic import atomic_file
+
+        if index == 0 or not (self.folder / "chain.json").is_file():
+            if self.folder.exists():
+                for old in self.folder.glob("segment-*.npz"):
+                    old.unlink()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / "chain.json").write_text(json.dumps({"fingerprint": self.fingerprint}))
+        arrays = {"frames": np.asarray(frames, dtype=np.uint8), "latents": latents, "last_frame": last_frame,
+                  "timings_json": np.array(json.dumps(timings))}
+        if tail is not None:
+            arrays["tail"] = tail
+        with atomic_file(self.folder / f"segment-{index:03d}.npz", overwrite=True) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _image_digest(pixels) -> str | None:
+    import hashlib
+
+    return None if pixels is None else hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+def chain_frames(job: ExtensionJob, timings: dict, hooks=(), echo=None, store: SegmentStore | None = None):
     """The chain's output frames in order, made segment by segment: the cross-faded overlaps, the repeated
-    conditioning frames dropped. `timings` gathers each stage's seconds over the segments."""
-    tail = None
-    runs = segment_runs(job, hooks, progress=not job.base.quiet, echo=echo)
+    conditioning frames dropped. `timings` gathers each stage's seconds over the segments. With a `store`, the
+    segments it keeps are read back instead of made, and each new one is kept there before its frames go on."""
+    k = job.overlap_latent_frames
+    done = store.finished() if store is not None else 0
+    tail, previous = None, (None, None)
+    for seg in job.segments[:done]:
+        kept = store.load(seg.index)
+        yield from kept["frames"]
+        tail, previous = kept.get("tail"), (kept["latents"], kept["last_frame"])
+        seg.timings = kept["timings"]
+        for name, seconds in seg.timings.items():
+            timings[name] = timings.get(name, 0.0) + seconds
+    if done and echo is not None:
+        echo(f"resuming: segments 1-{done} of {len(job.segments)} read back from {store.folder}")
+    runs = segment_runs(job, hooks, progress=not job.base.quiet, echo=echo, start=done, previous=previous)
     for seg, result, frames in runs:
         start = time.perf_counter()
+        out = []
         own = frames
         if seg.conditioning == LATENT_OVERLAP:
-            yield from crossfade(tail, frames[:seg.overlap])
+            out.extend(crossfade(tail, frames[:seg.overlap]))
             own = frames[seg.overlap:]
         elif seg.conditioning == LAST_FRAME:
             own = frames[1:]  # the conditioning image again
         own = own[: seg.end - seg.boundary]
         last = seg.index == len(job.segments) - 1
         keep = job.segments[seg.index + 1].overlap if not last else 0
-        for frame in own[: len(own) - keep]:
-            yield np.ascontiguousarray(frame)
+        out.extend(own[: len(own) - keep])
         tail = own[len(own) - keep:].copy() if keep else None
+        if store is not None:
+            result.timings["keeping"] = time.perf_counter() - start
+            seg.timings = {name: round(v, 3) for name, v in result.timings.items()}
+            store.save(seg.index, out, tail, result.latents[:, :, -k:], frames[-1], seg.timings)
+        start = time.perf_counter()
+        for frame in out:
+            yield np.ascontiguousarray(frame)
         result.timings["writing"] = time.perf_counter() - start  # with interpolation and delivery, if any
-        seg.timings = {k: round(v, 3) for k, v in result.timings.items()}
+        seg.timings = {name: round(v, 3) for name, v in result.timings.items()}
         for name, seconds in result.timings.items():
             timings[name] = timings.get(name, 0.0) + seconds
 
@@ -391,7 +487,8 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
     if not base.quiet:
         echo(job.summary())
     timings: dict[str, float] = {}
-    made = CountedFrames(chain_frames(job, timings, hooks, None if base.quiet else echo))
+    store = SegmentStore(job)
+    made = CountedFrames(chain_frames(job, timings, hooks, None if base.quiet else echo, store))
     frames, total, fps = made, job.total, s.fps
     interpolator = None
     if base.interpolation is not None:
@@ -399,7 +496,14 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
         frames = CountedFrames(interpolator(made))
         total, fps = output_frame_count(job.total, base.interpolation.factor), base.frame_rate
     delivered, (width, height, out_fps) = deliver(frames, base.delivery, total, fps, (s.width, s.height, fps))
-    written = _stream_frames(delivered, output, base.overwrite, width, height, out_fps)
+    try:
+        written = _stream_frames(delivered, output, base.overwrite, width, height, out_fps)
+    except BaseException:  # Ctrl-C included: say where the finished segments are
+        kept = store.finished()
+        if kept:
+            echo(f"{kept} of {len(job.segments)} segments are kept in {store.folder}; the same command resumes "
+                 "from there", err=True)
+        raise
     planned = total if base.delivery is None else len(retime_indices(total, fps, base.delivery.fps))
     if made.count != job.total or frames.count != total or written != planned:  # the plan is exact
         raise MlxVideoError(f"internal error: made {made.count} frames ({frames.count} after interpolation) and "
@@ -409,6 +513,7 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
         record["interpolate"] = base.interpolation.record(job.total, total, s.fps, fps, interpolator.scene_cuts)
     record.update(vae_tiling=base.vae_tiling, output_frames=written, output_fps=out_fps)
     write_sidecar(output, record, timings, overwrite=base.overwrite)
+    store.remove()
     echo(f"wrote {written} frames of {width}x{height} ({len(job.segments)} segments) to {output}")
     return {"settings": s, "outputs": [output], "timings": timings, "record": record, "pipe": base.pipe,
             "latents": None, "segments": [seg.record() for seg in job.segments]}

@@ -159,6 +159,61 @@ def test_chain_with_a_preset_overlay_and_watermark(a14b, tmp_path, monkeypatch):
     assert not np.array_equal(got, raw_frames)
 
 
+def test_an_interrupted_chain_resumes_where_it_stopped(a14b, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during segment 3 of 4 keeps segments 1-2 beside the output; the same command then makes only
+    segments 3-4, and writes the frames of an uninterrupted run. A changed command starts over."""
+    from PIL import Image
+
+    from mlx_video.pipelines.wan import WanPipeline
+
+    root, _ = a14b
+    calls = []
+    generate = WanPipeline.generate
+
+    def counted(self, *a, **k):
+        calls.append(k.get("init_latents") is not None)
+        if stop_at and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return generate(self, *a, **k)
+
+    monkeypatch.setattr(WanPipeline, "generate", counted)
+    base = ["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--size", "48x32", "--fps", "4",
+            "--frames", "30", "--segment-frames", "13", "--steps", "1", "--seed", "2", "--quiet"]
+
+    def pngs(folder):
+        return np.stack([np.asarray(Image.open(f)) for f in sorted(folder.glob("*.png"))])
+
+    stop_at = None
+    main(base + ["--output", str(tmp_path / "whole")])
+    assert len(calls) == 4
+    out, kept = tmp_path / "resumed", tmp_path / ".resumed.segments"
+    calls.clear()
+    stop_at = 3
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--output", str(out)])
+    assert exc.value.code == 130 and not out.exists()
+    assert "2 of 4 segments are kept in" in capsys.readouterr().err
+    assert sorted(p.name for p in kept.iterdir()) == ["chain.json", "segment-000.npz", "segment-001.npz"]
+    calls.clear()
+    stop_at = None
+    main(base + ["--output", str(out)])
+    assert len(calls) == 2  # segments 3 and 4 only
+    np.testing.assert_array_equal(pngs(out), pngs(tmp_path / "whole"))
+    assert not kept.exists()
+    record = json.loads(out.with_suffix(".json").read_text())["settings"]
+    assert all(s["timings"]["denoising"] > 0 for s in record["segments"])
+
+    # kept segments of another command (another seed) are not used
+    calls.clear()
+    stop_at = 2
+    with pytest.raises(SystemExit):
+        main(base + ["--output", str(tmp_path / "other")])
+    calls.clear()
+    stop_at = None
+    main(base[:-3] + ["--seed", "9", "--quiet", "--output", str(tmp_path / "other")])
+    assert len(calls) == 4 and not (tmp_path / ".other.segments").exists()
+
+
 def test_chain_options_are_checked_before_any_work(a14b, tmp_path, capsys, monkeypatch):
     from mlx_video import model_folder
 

@@ -229,7 +229,8 @@ def estimate_peak_memory(spec, width: int | None = None, height: int | None = No
     each stage's model before loading the next; A14B keeps only the active expert resident).
 
     text_encoding: UMT5 weights + its activations (small: 2 prompts x 512 x 4096, a few copies).
-    denoising: one expert's weights + `activation_bytes` + the latents and context.
+    denoising: one expert's weights + `activation_bytes` + the latents + the prepared text (its embedding and
+    every block's cross-attention K/V, at most text_len rows).
     decoding: VAE weights (float32) + `vae_decode_chunk_bytes` for the whole frame, or for one tile of
     `vae_tile` output pixels (tile_w, tile_h) when tiling.
     image_encoding (with an image): the VAE's weights and one chunk of its activations.
@@ -256,12 +257,14 @@ def estimate_peak_memory(spec, width: int | None = None, height: int | None = No
     act = activation_bytes(config, n // sequence_ranks, batch, dtype, text_len, fused_attention)["peak"]
     if sequence_ranks > 1:
         act += 2 * batch * n * config.dim * s
+    # the prepared text: its embedding and every block's cross-attention keys and values, kept through the run
+    # (at most text_len rows: the longest prompt's tokens + 1, the padding folded)
+    prepared_text = batch * text_len * config.dim * s * (1 + 2 * config.num_layers)
     tw, th = vae_tile if vae_tile else (width, height)
     vae_act = vae_decode_chunk_bytes(vae_config or vae_config_for(spec), tw, th)
     stages = {
         "text_encoding": {"weights": weights["text_encoder"], "activations": text_act},
-        "denoising": {"weights": weights["transformer_expert"],
-                      "activations": act + latents + batch * text_len * config.dim * s},
+        "denoising": {"weights": weights["transformer_expert"], "activations": act + latents + prepared_text},
         "decoding": {"weights": weights["vae"], "activations": vae_act + frames * width * height * 3},
     }
     if image_encoding:
