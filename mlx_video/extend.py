@@ -56,7 +56,7 @@ from .errors import MlxVideoError
 OVERLAP_LATENT_FRAMES = 2  # K: latent frames held between segments on text-only models
 LAST_FRAME, LATENT_OVERLAP = "last frame", "latent overlap"
 # one-clip options a chain does not support yet
-UNSUPPORTED = {"save_latents": "--save-latents", "init_latents": "--init-latents", "preview_every": "--preview-every"}
+UNSUPPORTED = {"save_latents": "--save-latents", "init_latents": "--init-latents"}
 
 
 # ---- prompts per segment ----
@@ -342,6 +342,11 @@ def segment_runs(job: ExtensionJob, hooks=(), progress: bool = False, echo=None,
             hold = HoldLatents(x0, noise[:, :k], pipe.make_sampler(s).sigmas)
             init = np.array(hold.start(noise).transpose(0, 4, 1, 2, 3))
             extra = [hold]
+        if base.preview_every:  # NAME.preview.png shows the segment being made
+            from .preview import make_preview_hook
+
+            extra.append(make_preview_hook(pipe, s, init, base.output, base.preview_every,
+                                           echo if seg.index == start else None))
         if echo is not None:
             echo(f"segment {seg.index + 1}/{len(job.segments)}: frames {seg.start}-{seg.end - 1}, seed {seg.seed}, "
                  f"{seg.conditioning}: {seg.prompt[:60]!r}")

@@ -214,6 +214,26 @@ def test_an_interrupted_chain_resumes_where_it_stopped(a14b, tmp_path, monkeypat
     assert len(calls) == 4 and not (tmp_path / ".other.segments").exists()
 
 
+def test_a_chain_previews_each_segment_without_changing_it(a14b, tmp_path, capsys):
+    from PIL import Image
+
+    root, _ = a14b
+    base = ["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--size", "48x32", "--fps", "4",
+            "--frames", "20", "--segment-frames", "13", "--steps", "2", "--seed", "4"]
+    main(base + ["--quiet", "--output", str(tmp_path / "plain")])
+    capsys.readouterr()
+    main(base + ["--preview-every", "1", "--output", str(tmp_path / "watched")])
+    said = capsys.readouterr().out
+    assert said.count("preview: ") == 1 and "segment 2/2" in said  # said once, for the whole chain
+    preview = np.asarray(Image.open(tmp_path / "watched.preview.png"))
+    assert preview.ndim == 3 and preview.shape[2] == 3 and preview.std() > 0
+
+    def pngs(folder):
+        return np.stack([np.asarray(Image.open(f)) for f in sorted(folder.glob("*.png"))])
+
+    np.testing.assert_array_equal(pngs(tmp_path / "watched"), pngs(tmp_path / "plain"))
+
+
 def test_chain_options_are_checked_before_any_work(a14b, tmp_path, capsys, monkeypatch):
     from mlx_video import model_folder
 

@@ -301,7 +301,7 @@ def test_failed_final_write_keeps_the_latents_and_says_how_to_decode(a14b, tmp_p
     (["--max-memory", "nan"], "--max-memory must be"),
     (["--duration", "0"], "--duration must be"),
     # longer than one clip is a chain of clips (mlx_video.extend), whose own limits are checked as early
-    (["--duration", "60", "--preview-every", "2"], "--preview-every is not supported with a video longer than one clip"),
+    (["--duration", "60", "--init-latents", "x.npy"], "--init-latents is not supported with a video longer than one clip"),
     (["--duration", "2", "--frames", "9"], "--duration or --frames"),
     (["--preview-every", "0"], "--preview-every must be"),
     (["--preset", "tiktok"], "unknown preset 'tiktok'"),
