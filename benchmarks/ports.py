@@ -314,6 +314,18 @@ def make_mlx_gen(src, cfg, ours_params: dict, latents, context, g: float, per_to
     return step, sum(a.nbytes for a in own), note
 
 
+def our_step(model, prepared, latents, t, context, g: float):
+    """Our step as the pipeline runs it: CFG batched over `prepared` text, the velocity evaluated."""
+    import mlx.core as mx
+
+    def step():
+        v = guidance_batched(lambda xb, tb, c: model(xb, tb, prepared), latents, t, context[:1], context[1:], g)
+        mx.eval(v)
+        return v
+
+    return step
+
+
 def make_ours_unfolded(model, latents, context, t, g: float):
     """Our step with the text prepared without folding the zero padding: every row a key, as before the fold."""
     import mlx.core as mx
@@ -323,14 +335,8 @@ def make_ours_unfolded(model, latents, context, t, g: float):
     text = model.text_embedding(context)
     kv = [TextKV(*block.cross_attn.project_kv(text), None) for block in model.blocks]
     mx.eval(text, kv)
-    prepared = PreparedContext(text, kv)
-
-    def step():
-        v = guidance_batched(lambda xb, tb, c: model(xb, tb, prepared), latents, t, context[:1], context[1:], g)
-        mx.eval(v)
-        return _Channels(v.transpose(0, 4, 1, 2, 3))
-
-    return step, _nbytes(text) + _nbytes(kv), "ours with every text row a key (the padding not folded), a control"
+    step = our_step(model, PreparedContext(text, kv), latents, t, context, g)
+    return lambda: _Channels(step().transpose(0, 4, 1, 2, 3)), _nbytes(text) + _nbytes(kv), "ours with every text row a key (the padding not folded), a control"
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -367,10 +373,7 @@ def run_ports(model_id: str = "wan2.2-t2v-a14b", size=(832, 480), frames: int = 
     ours_own = _nbytes(prepared.text) + _nbytes(prepared.kv)
     t = mx.array([TIMESTEP], dtype=mx.float32)
 
-    def ours_step():
-        v = guidance_batched(lambda xb, tb, c: model(xb, tb, prepared), latents, t, context[:1], context[1:], g)
-        mx.eval(v)
-        return v
+    ours_step = our_step(model, prepared, latents, t, context, g)
 
     rows, record_ports = [], {}
     for name in ports:

@@ -484,7 +484,6 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
     interpolation and the delivery step (preset, overlays, watermark) when asked, then write the sidecar."""
     from .interpolate import output_frame_count
     from .io.sidecar import write_sidecar
-    from .presets import retime_indices
     from .run import CountedFrames, _stream_frames, deliver
 
     base, output = job.base, job.base.output
@@ -500,7 +499,8 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
         interpolator = base.interpolation.interpolator()
         frames = CountedFrames(interpolator(made))
         total, fps = output_frame_count(job.total, base.interpolation.factor), base.frame_rate
-    delivered, (width, height, out_fps) = deliver(frames, base.delivery, total, fps, (s.width, s.height, fps))
+    delivered, (width, height, out_fps), planned = deliver(frames, base.delivery, total, fps,
+                                                           (s.width, s.height, fps))
     try:
         written = _stream_frames(delivered, output, base.overwrite, width, height, out_fps)
     except BaseException:  # Ctrl-C included: say where the finished segments are
@@ -509,7 +509,6 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
             echo(f"{kept} of {len(job.segments)} segments are kept in {store.folder}; the same command resumes "
                  "from there", err=True)
         raise
-    planned = total if base.delivery is None else len(retime_indices(total, fps, base.delivery.fps))
     if made.count != job.total or frames.count != total or written != planned:  # the plan is exact
         raise MlxVideoError(f"internal error: made {made.count} frames ({frames.count} after interpolation) and "
                             f"wrote {written}, planned {job.total} ({total}) and {planned}")

@@ -573,7 +573,7 @@ def _interpolate_output(job: Job, video: np.ndarray, record: dict, timings: dict
     total = output_frame_count(n, spec.factor)
     fps = job.frame_rate
     made = CountedFrames(tqdm(interpolator(video), total=total, desc="interpolating", unit="frame", disable=job.quiet))
-    frames, out = deliver(made, job.delivery, total, fps, (width, height, fps))
+    frames, out, _ = deliver(made, job.delivery, total, fps, (width, height, fps))
     written = _stream_frames(frames, job.output, job.overwrite, *out)
     timings["interpolating_and_writing"] = time.perf_counter() - start
     if made.count != total:
@@ -598,12 +598,13 @@ class CountedFrames:
 
 
 def deliver(frames, delivery: "Delivery | None", total: int, fps: float, size_and_rate: tuple):
-    """(the delivered frames, lazily, and their (width, height, fps)) for `total` frames at `fps` arriving in
-    order; without a delivery step, the frames themselves and `size_and_rate`."""
+    """(the delivered frames, lazily; their (width, height, fps); how many there will be) for `total` frames at
+    `fps` arriving in order; without a delivery step, the frames themselves, `size_and_rate` and `total`."""
     if delivery is None:
-        return frames, size_and_rate
+        return frames, size_and_rate, total
     stream = DeliveryStream(delivery, total, fps)
-    return (out for frame in frames for out in stream.push(frame)), (delivery.width, delivery.height, delivery.fps)
+    return ((out for frame in frames for out in stream.push(frame)), (delivery.width, delivery.height, delivery.fps),
+            len(stream.shows))
 
 
 def _stream_frames(frames, output: Path, overwrite: bool, width: int, height: int, fps) -> int:

@@ -82,8 +82,8 @@ def attention(
 def fold_zero_padding(context: mx.array) -> tuple[mx.array, mx.array | None]:
     """Attention over zero-padded text with the padding folded into one key per sample.
 
-    context: (B, L, C), each sample's rows followed by all-zero padding rows (Wan pads every prompt with zeros
-    to 512 tokens and attends to all of them). A row-wise map (the text embedding, then the key and value
+    context: (B, L, C), each sample's rows followed by all-zero padding rows (a model that pads every prompt
+    with zeros to a fixed length and attends to all of them). A row-wise map (the text embedding, then the key and value
     projections) turns the n padding rows of a sample into n identical keys and values, and softmax attention
     over n copies of a key equals attention over one copy whose score is raised by log(n). So only each
     sample's own rows and one padding row are kept: returns context[:, :K] (K = the longest sample's rows + 1)
