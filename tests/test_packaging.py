@@ -53,11 +53,14 @@ def test_kernel_sources_are_shipped(wheel):
     names = set(wheel.namelist())
     missing = sorted(
         f"mlx_video/kernel_sources/{p.relative_to(root).as_posix()}"
-        for p in needed + [root / "__init__.py"]
+        for p in needed
         if f"mlx_video/kernel_sources/{p.relative_to(root).as_posix()}" not in names
     )
     assert not missing, f"kernel sources not in the wheel: {missing}"
     assert not [n for n in names if n.startswith("mlx_video/kernel_sources/tests/")]  # host tests stay out
+    # kernels/ is data, not a package: an __init__.py would make `import kernels` from the repository root find
+    # it instead of Hugging Face's `kernels`, which transformers imports (see tests/test_no_shadowing.py).
+    assert not (root / "__init__.py").exists()
 
 
 def test_installed_wheel_finds_its_kernel_sources(wheel, tmp_path):

@@ -1,6 +1,6 @@
 """Each custom kernel operation of mlx_video.kernels against the unfused MLX composition it replaces.
 
-    python benchmarks/kernels.py [--tokens 4096] [--dim 5120] [--heads 40] [--repeat 5] [--json out.json]
+    python benchmarks/kernel_bench.py [--tokens 4096] [--dim 5120] [--heads 40] [--repeat 5] [--json out.json]
 
 For every operation it times two things on the current default device:
 
