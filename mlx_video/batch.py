@@ -25,8 +25,9 @@ from pathlib import Path
 import click
 
 from .errors import MlxVideoError
+from .options import GENERATE_OPTIONS, MAX_MANIFEST_LINE_BYTES, OPTIONS, recorded_options, validate
 
-PATH_KEYS = ("output", "save_latents", "image", "init_latents", "font", "from_sidecar")
+PATH_KEYS = tuple(o.name for o in GENERATE_OPTIONS if o.kind == "path")  # relative to the manifest's folder
 
 
 @dataclass
@@ -63,16 +64,18 @@ def read_manifest(path: Path) -> list[tuple[int, object]]:
                 raise MlxVideoError(f"{path}: the list is not closed with ]")
             if text[i] == "]":
                 break
-            line = text.count("\n", 0, i) + 1
+            line, start = text.count("\n", 0, i) + 1, i
             try:
                 entry, i = decoder.raw_decode(text, i)
             except json.JSONDecodeError as e:
                 raise MlxVideoError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+            _check_entry_size(path, line, len(text[start:i].encode("utf-8")))
             entries.append((line, entry))
         return entries
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
+        _check_entry_size(path, number, len(line.encode("utf-8")))
         try:
             entries.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
@@ -80,41 +83,26 @@ def read_manifest(path: Path) -> list[tuple[int, object]]:
     return entries
 
 
-def _convert(command: click.Command, entry: dict, base: Path) -> dict:
-    """The entry's values converted as the command line would, by the generate command's own option types."""
-    params = {p.name: p for p in command.params if isinstance(p, click.Option)}
-    options, problems = {}, []
-    for key, value in entry.items():
-        param = params.get(key)
-        if param is None:
-            hint = f" (did you mean {key.replace('-', '_')}?)" if key.replace("-", "_") in params else ""
-            problems.append(f"unknown key {key!r}{hint}")
-            continue
-        try:
-            if param.multiple:
-                values = [value] if isinstance(value, str) else list(value)
-                options[key] = tuple(param.type.convert(v, param, None) for v in values)
-            elif param.is_flag:
-                if not isinstance(value, bool):
-                    raise click.BadParameter(f"{value!r} is not true or false")
-                options[key] = value
-            else:
-                options[key] = None if value is None else param.type.convert(value, param, None)
-        except (click.BadParameter, TypeError) as e:
-            problems.append(f"{key}: {getattr(e, 'message', e)}")
-    for key in ("prompt", "model"):
-        if not entry.get(key):
-            problems.append(f"{key} is required")
-    if problems:
-        raise MlxVideoError("; ".join(problems))
+def _check_entry_size(path: Path, line: int, size: int) -> None:
+    if size > MAX_MANIFEST_LINE_BYTES:
+        raise MlxVideoError(f"{path}, line {line}: a job of {size} bytes, more than the {MAX_MANIFEST_LINE_BYTES} "
+                            "bytes a manifest entry may hold (prompts are at most "
+                            f"{OPTIONS['prompt'].max_length} characters)")
+
+
+def _job_options(entry: dict, base: Path) -> dict:
+    """The entry checked by the option schema (`mlx_video.options.validate`, every problem named at once), with
+    relative paths taken from the manifest's folder `base`."""
+    options = validate(entry, all_problems=True)
     for key in PATH_KEYS:
         if options.get(key) is not None and not Path(options[key]).is_absolute():
-            options[key] = str(base / options[key])
+            options[key] = base / options[key]
     mark = options.get("watermark")
     if mark and not Path(mark).is_absolute() and (base / mark).is_file():
         options["watermark"] = str(base / mark)
-    if not Path(str(options["model"])).is_absolute() and (base / str(options["model"])).exists():
-        options["model"] = str(base / str(options["model"]))
+    model = options.get("model")
+    if model is not None and not Path(str(model)).is_absolute() and (base / str(model)).exists():
+        options["model"] = str(base / str(model))
     return options
 
 
@@ -129,7 +117,7 @@ def is_done(options: dict) -> bool | None:
     """True: the output and a sidecar recording these options exist; None: the output exists without a
     matching sidecar (made otherwise); False: not there."""
     from .io.sidecar import sidecar_path
-    from .run import read_sidecar, recorded_options
+    from .run import read_sidecar
 
     target = options.get("output") or options.get("save_latents")
     if target is None or not Path(target).exists():
@@ -144,13 +132,9 @@ def is_done(options: dict) -> bool | None:
     return True if recorded == recorded_options(options) else None
 
 
-def plan_batch(manifest: Path, command: click.Command | None, pipelines: dict) -> list[BatchJob]:
-    """Read and check every entry (no weights are read); returns the jobs with their status. `command`: the
-    click command whose options a job's keys are (default: `mlxvid generate`)."""
+def plan_batch(manifest: Path, pipelines: dict) -> list[BatchJob]:
+    """Read and check every entry (no weights are read); returns the jobs with their status."""
     from .run import prepare
-
-    if command is None:
-        from .cli import generate as command
 
     manifest = Path(manifest)
     jobs, targets = [], {}
@@ -160,7 +144,7 @@ def plan_batch(manifest: Path, command: click.Command | None, pipelines: dict) -
         try:
             if not isinstance(entry, dict):
                 raise MlxVideoError(f"a job is a JSON object, not {type(entry).__name__}")
-            options = _convert(command, entry, manifest.parent)
+            options = _job_options(entry, manifest.parent)
             if options.get("from_sidecar"):
                 from .run import replay_options
 
@@ -192,7 +176,7 @@ def plan_batch(manifest: Path, command: click.Command | None, pipelines: dict) -
     return jobs
 
 
-def run_batch(manifest, command: click.Command | None = None, echo=click.echo, check_only: bool = False, after_job=None,
+def run_batch(manifest, echo=click.echo, check_only: bool = False, after_job=None,
               summary_path: Path | None = None) -> list[BatchJob]:
     """Check, order and run a manifest's jobs (see the module docstring). `after_job(job)` is called after each
     job that ran (for progress reporting; raising KeyboardInterrupt there stops the batch like Ctrl-C)."""
@@ -201,7 +185,7 @@ def run_batch(manifest, command: click.Command | None = None, echo=click.echo, c
 
     manifest = Path(manifest)
     pipelines: dict = {}
-    jobs = plan_batch(manifest, command, pipelines)
+    jobs = plan_batch(manifest, pipelines)
     bad = [j for j in jobs if j.status == "invalid"]
     if bad:
         echo(f"{len(bad)} of {len(jobs)} jobs in {manifest} are invalid and will not run:", err=True)

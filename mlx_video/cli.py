@@ -9,34 +9,46 @@ import click
 
 from . import __version__
 from .errors import MlxVideoError
-from .extend import SegmentPromptType
+from .options import GENERATE_OPTIONS, OPTIONS, Option
 from .registry import MODELS
-from .samplers import SAMPLERS, SCHEDULES
 
 
-def _parse_sigmas(sigmas: str | None, timesteps: str | None) -> list[float] | None:
-    if sigmas is not None and timesteps is not None:
-        raise MlxVideoError("give --sigmas or --timesteps, not both")
-    text, option = (sigmas, "--sigmas") if sigmas is not None else (timesteps, "--timesteps")
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise MlxVideoError(f"{option} takes comma-separated numbers, e.g. 1000,750,500,250, not {text!r}") from None
-    if option == "--timesteps":
-        values = [v / 1000.0 for v in values]
-    return values
+class SchemaValue(click.ParamType):
+    """A click type that checks a value with its option's schema entry (`mlx_video.options`): the command line
+    refuses with the same words as a manifest or a request body (a MlxVideoError, printed by `main`)."""
+
+    def __init__(self, option: Option):
+        self.option = option
+        self.name = option.kind
+
+    def convert(self, value, param, ctx):
+        return self.option.convert_one(value)
 
 
-def _parse_size(value: str | None) -> tuple[int | None, int | None]:
-    if value is None:
-        return None, None
-    try:
-        w, h = value.lower().split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise MlxVideoError(f"--size takes WIDTHxHEIGHT, e.g. 1280x720, not {value!r}") from None
+def schema_option(option: Option, **overrides):
+    """The click option of a schema entry; `overrides` change its click settings for one command."""
+    decls = [option.flag] + ([option.short] if option.short else []) + [option.name]
+    settings = dict(help=option.help_text(), default=option.default, metavar=option.metavar)
+    if option.kind == "flag":
+        settings.update(is_flag=True, metavar=None)
+    else:
+        settings.update(type=SchemaValue(option), multiple=option.multiple,
+                        show_default=option.default is not None)
+        if option.choices and not option.metavar:
+            settings["metavar"] = "[" + "|".join(option.choice_list()) + "]"
+    if option.multiple:
+        settings["default"] = ()
+    settings.update(overrides)
+    return click.option(*decls, **settings)
+
+
+def schema_options(command: str):
+    """Every schema option of `command`, in the table's order."""
+    def decorate(f):
+        for option in reversed([o for o in GENERATE_OPTIONS if command in o.commands]):
+            f = schema_option(option)(f)
+        return f
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -187,106 +199,7 @@ def download(model_id: str, dtype: str, overwrite: bool):
 
 
 @cli.command()
-@click.option("--model", "-m", default=None, help="A converted model folder, or a registry id (see `mlxvid models`). Required unless --from-sidecar.")
-@click.option("--prompt", "-p", default=None, help="What the video shows. Required unless --from-sidecar.")
-@click.option("--image", "-i", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Image to animate (I2V-A14B needs one; TI2V-5B takes one optionally). Resized to cover the video "
-                   "size, then centre-cropped.")
-@click.option("--image-fit", type=click.Choice(["crop", "stretch", "fit"]), default="crop", show_default=True,
-              help="How the image meets the video size: crop (cover, then centre-crop, as the official TI2V code), "
-                   "stretch (ignore the aspect ratio, as diffusers' Wan I2V pipeline) or fit (letterbox in black).")
-@click.option("--audio", "-a", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Voice track driving an audio-to-video model (task s2v in `mlxvid models`): wav, mp3, m4a, flac. The video "
-                   "lasts as long as the audio (in whole clips) and the track is muxed into the output.")
-@click.option("--pose-video", type=click.Path(path_type=Path), default=None,
-              help="A pose video (or PNG folder) for an audio-driven model to follow, read from its start at the video's fps.")
-@click.option("--clips", type=int, default=None, metavar="N",
-              help="Audio-driven models: stop after N clips (of --frames frames each) even if the audio goes on.")
-@click.option("--start-from-portrait", is_flag=True, default=None,
-              help="Audio-driven models: start the first clip from the portrait as motion context (the official "
-                   "--start_from_ref), so the video opens on the portrait; all of its frames are kept.")
-@click.option("--negative-prompt", default=None, help="What to steer away from. Default: the official release's.")
-@click.option("--size", default=None, metavar="WxH", help="Video size, e.g. 1280x720. Default: the model's first published "
-              "size; for audio-driven models the portrait's aspect ratio within the model's area, in multiples of 64.")
-@click.option("--frames", type=int, default=None, help="Number of frames, of the form 4n+1. Default: the model's (81 or 121). Beyond one clip, any number: "
-                   "a chain of clips. For audio-driven models: frames per clip, a multiple of 4 (default 80).")
-@click.option("--fps", type=int, default=None, help="Frame rate of the written video. Default: the model's (16 or 24).")
-@click.option("--steps", type=int, default=None, help="Denoising steps. Default: the model's (40 or 50).")
-@click.option("--guidance", type=float, default=None, help="Guidance scale (of the high-noise expert on A14B).")
-@click.option("--guidance-2", type=float, default=None, help="Guidance scale of the low-noise expert (A14B only).")
-@click.option("--true-cfg", type=float, default=None, help="Classifier-free guidance scale with --negative-prompt, on top of a model's embedded --guidance (HunyuanVideo).")
-@click.option("--shift", type=float, default=None, help="Noise schedule shift. Default: the model's (12 or 5).")
-@click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default=None,
-              help="Step rule. Default: the model's (unipc for Wan, as the official release).")
-@click.option("--schedule", type=click.Choice(sorted(SCHEDULES)), default=None,
-              help="Sigma schedule. Default: the model's, else the sampler's own (unipc: wan, euler: shifted-linear).")
-@click.option("--sigmas", default=None, metavar="S1,S2,...",
-              help="An explicit, decreasing list of noise levels in (0, 1] (distilled checkpoints); sets the step count.")
-@click.option("--timesteps", default=None, metavar="T1,T2,...",
-              help="The same as --sigmas in timesteps (sigma x 1000), as distilled recipes publish them.")
-@click.option("--lora", multiple=True, metavar="PATH[:SCALE]",
-              help="A LoRA .safetensors (diffusers/PEFT, ComfyUI/lightx2v or kohya names) fused into every expert at "
-                   "load, with an optional strength (default 1); repeatable.")
-@click.option("--lora-high", multiple=True, metavar="PATH[:SCALE]", help="A LoRA for the high-noise expert only (A14B); repeatable.")
-@click.option("--lora-low", multiple=True, metavar="PATH[:SCALE]", help="A LoRA for the low-noise expert only (A14B); repeatable.")
-@click.option("--recipe", default=None, metavar="NAME",
-              help="Published few-step settings (steps, shift, sampler, timesteps, guidance 1) of a distillation LoRA: "
-                   "lightning, lightx2v (`mlxvid models` lists them); options given too win.")
-@click.option("--cache", default=None, metavar="NAME[:THRESHOLD]",
-              help="Skip transformer evaluations that earlier steps predict: easycache (default 0.05), fbcache (0.05) "
-                   "or magcache (published Wan 2.2 ratios; default 0.06). Threshold 0 changes nothing.")
-@click.option("--guidance-mode", type=click.Choice(["batched", "sequential"]), default="batched", show_default=True,
-              help="batched runs the conditional and unconditional passes as one batch; sequential runs them one after "
-                   "the other: the same result with about half the activation memory.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise.")
-@click.option("--init-latents", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Start from these latents instead of noise: a float32 .npy of shape (1, C, T, H, W).")
-@click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the final latents (before decoding) to this .npy, same layout; a .json sidecar goes beside it.")
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Video to write: a .mp4/.mov file (H.264), or a folder for lossless PNG frames. A .json sidecar goes beside it. "
-                   "Default (without --save-latents): PROMPT-WORDS-seedN.mp4 here, never replacing a file.")
-@click.option("--vae-tiling", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Decode in overlapping spatial tiles to bound memory; auto tiles when one frame chunk would not fit.")
-@click.option("--max-memory", type=float, default=None, metavar="GB",
-              help="Memory the run may use. Default: what is available now; a run estimated to need more is refused "
-                   "before it starts.")
-@click.option("--preset", default=None, metavar="NAME",
-              help="Delivery format: linkedin-square (1080x1080, 24 fps), linkedin-wide (1920x1080, 24 fps), "
-                   "youtube-short (1080x1920, 30 fps), or one of yours in presets.toml. Renders at the model's nearest "
-                   "published size, then scales and retimes the frames (see the README); also for a chain of clips.")
-@click.option("--quality", type=click.Choice(["high", "medium", "low"]), default=None,
-              help="Size class and steps for the model (`mlxvid models` lists them). Default: the published settings.")
-@click.option("--duration", type=float, default=None, metavar="SECONDS",
-              help="Clip length instead of --frames: the nearest frame count of the model's rule at its fps. Longer "
-                   "than one clip: a chain of clips, each continuing the last (see the README's Longer videos).")
-@click.option("--segment-prompt", multiple=True, type=SegmentPromptType(), metavar="TEXT[@SECONDS]",
-              help="Prompt of the next segment of a chain (--prompt is the first; the last repeats), or with @SECONDS "
-                   "from that time on; repeatable.")
-@click.option("--segment-frames", type=int, default=None, metavar="N",
-              help="Frames each segment of a chain renders (of the form 4n+1; 6n+1 for Mochi), enough to leave the "
-                   "next segment's cross-fade (Wan T2V: at least 13 for three segments or more). Default: the "
-                   "model's longest clip.")
-@click.option("--interpolate", type=click.Choice(["2x", "4x"], case_sensitive=False), default=None,
-              help="After decoding, RIFE 4.25 frame interpolation: n frames become (n - 1) x 2 or x 4 + 1, written at "
-                   "the model's fps x 2 or x 4 (Wan's 16 -> 32), streamed into the output. With --preset its fps "
-                   "wins: interpolation, then nearest-frame retiming (16 -> 32 -> 30). Also for a chain of clips, "
-                   "streamed across its segments.")
-@click.option("--rife-weights", type=click.Path(path_type=Path), default=None, metavar="PATH",
-              help="RIFE 4.25 flownet.pkl or its converted folder for --interpolate [default: $MLXVID_HOME/models/rife].")
-@click.option("--overlay", multiple=True, metavar="TEXT[@START-END]",
-              help="Text burned into the video, from START to END seconds (default: all of it); repeatable.")
-@click.option("--watermark", default=None, metavar="TEXT|IMAGE", help="A text or image watermark in a corner.")
-@click.option("--watermark-corner", type=click.Choice(["top-left", "top-right", "bottom-left", "bottom-right"]),
-              default=None, help="Default: the preset's (bottom-right; top-left for youtube-short).")
-@click.option("--font", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A TrueType/OpenType font file for --overlay and --watermark. Default: Pillow's built-in font.")
-@click.option("--preview-every", type=int, default=None, metavar="N",
-              help="Every N steps, write NAME.preview.png beside the output: an approximate picture of the clip.")
-@click.option("--from-sidecar", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Repeat the run a .json sidecar records (the same latents); options given too override it.")
-@click.option("--overwrite", is_flag=True, help="Replace output files that exist.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@schema_options("generate")
 def generate(**options):
     """Generate a video from a text prompt (and, for image-to-video models, an image; for audio-driven models a
     portrait --image and a voice --audio).
@@ -342,17 +255,17 @@ def batch(manifest, check, summary):
     """
     from .batch import run_batch
 
-    jobs = run_batch(manifest, generate, check_only=check, summary_path=summary)
+    jobs = run_batch(manifest, check_only=check, summary_path=summary)
     if any(j.status in ("invalid", "failed") for j in jobs):
         sys.exit(1)
 
 
 @cli.command()
 @click.argument("latents", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Video (.mp4/.mov) or PNG folder.")
-@click.option("--model", "-m", default=None, help="Model folder or id. Default: the one the latents' sidecar names.")
-@click.option("--overwrite", is_flag=True, help="Replace output files that exist.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@schema_option(OPTIONS["output"], required=True, help="Video (.mp4/.mov) or PNG folder.")
+@schema_option(OPTIONS["model"], help="Model folder or id. Default: the one the latents' sidecar names.")
+@schema_option(OPTIONS["overwrite"])
+@schema_option(OPTIONS["quiet"])
 def decode(latents, output, model, overwrite, quiet):
     """Decode saved latents (a .npy from --save-latents, or kept after a failed write) into a video.
 

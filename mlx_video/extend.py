@@ -43,7 +43,6 @@ seed, prompt, conditioning.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,51 +51,12 @@ import click
 import numpy as np
 
 from .errors import MlxVideoError
+from .options import MAX_VIDEO_SECONDS, parse_segment_prompt, recorded_options
 
 OVERLAP_LATENT_FRAMES = 2  # K: latent frames held between segments on text-only models
 LAST_FRAME, LATENT_OVERLAP = "last frame", "latent overlap"
 # one-clip options a chain does not support yet
 UNSUPPORTED = {"save_latents": "--save-latents", "init_latents": "--init-latents"}
-
-
-# ---- prompts per segment ----
-
-_TIMED = re.compile(r"^(?P<prompt>.*\S)\s*@\s*(?P<at>\d+(?:\.\d*)?)\s*$", re.S)
-
-
-def parse_segment_prompt(value) -> dict:
-    """A --segment-prompt value as {"prompt", "at" (seconds or None), "seed" (or None)}: TEXT, TEXT@SECONDS, or a
-    manifest's {"at": ..., "prompt": ..., "seed": ...}."""
-    if isinstance(value, dict):
-        unknown = set(value) - {"at", "prompt", "seed"}
-        if unknown:
-            raise MlxVideoError(f"a segment prompt takes at, prompt and seed, not {', '.join(sorted(unknown))}")
-        entry = {"prompt": value.get("prompt"), "at": value.get("at"), "seed": value.get("seed")}
-    elif isinstance(value, str):
-        match = _TIMED.match(value)
-        entry = ({"prompt": match["prompt"], "at": float(match["at"]), "seed": None} if match
-                 else {"prompt": value, "at": None, "seed": None})
-    else:
-        raise MlxVideoError(f"a segment prompt is TEXT, TEXT@SECONDS or {{\"at\", \"prompt\"}}, not {value!r}")
-    if not isinstance(entry["prompt"], str) or not entry["prompt"].strip():
-        raise MlxVideoError(f"a segment prompt needs a non-empty prompt, got {value!r}")
-    at = entry["at"]
-    if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at) or at < 0):
-        raise MlxVideoError(f"a segment prompt's time must be a number of seconds >= 0, got {at!r}")
-    seed = entry["seed"]
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
-        raise MlxVideoError(f"a segment prompt's seed must be a whole number >= 0, got {seed!r}")
-    return entry
-
-
-class SegmentPromptType(click.ParamType):
-    name = "TEXT[@SECONDS]"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_segment_prompt(value)
-        except MlxVideoError as e:
-            self.fail(str(e), param, ctx)
 
 
 # ---- the plan ----
@@ -181,36 +141,35 @@ def assign_prompts(segments: list[Segment], prompt: str, entries, seed: int, fps
 # ---- when a run is a chain ----
 
 def extension_frames(o: dict, spec) -> tuple[int, int] | None:
-    """(total output frames, frames per segment) when the options ask for a chain, else None (one clip)."""
+    """(total output frames, frames per segment) when the (validated) options ask for a chain, else None (one
+    clip). A chain is at most MAX_VIDEO_SECONDS long at the model's fps."""
     prompts, clip = o.get("segment_prompt") or (), o.get("segment_frames")
     stride = spec.frame_stride
     longest = int(spec.default("max_frames") or spec.default("frames"))
-    if clip is not None:
-        if isinstance(clip, bool) or not isinstance(clip, int) or clip < 1 or (clip - 1) % stride or clip > longest:
-            raise MlxVideoError(f"--segment-frames must be of the form {stride}n+1 and at most {longest} "
-                                f"({spec.id}'s longest clip), got {clip!r}")
+    if clip is not None and ((clip - 1) % stride or clip > longest):
+        raise MlxVideoError(f"--segment-frames must be of the form {stride}n+1 and at most {longest} "
+                            f"({spec.id}'s longest clip), got {clip!r}")
     limit = clip or longest
     fps = o.get("fps") or spec.default("fps")
     if o.get("duration") is not None:
         seconds = o["duration"]
-        if (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds)
-                or seconds <= 0):
-            return None  # prepare() refuses it with its own message
         nearest = stride * max(1, math.floor((seconds * fps - 1) / stride + 0.5)) + 1  # the one-clip rule
-        if nearest <= limit and clip is None and not prompts:
-            return None
-        return max(1, round(seconds * fps)), limit
-    frames = o.get("frames")
-    if frames is not None:
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-            return None
-        if frames <= limit and clip is None and not prompts:
-            return None
-        return frames, limit
-    if prompts or clip is not None:
+        total = max(1, round(seconds * fps))
+    elif o.get("frames") is not None:
+        nearest = total = o["frames"]
+    elif prompts or clip is not None:
         raise MlxVideoError("--segment-prompt and --segment-frames make a chain of clips: give its length with "
                             "--duration or --frames")
-    return None
+    else:
+        return None
+    if nearest <= limit and clip is None and not prompts:
+        return None
+    most = int(MAX_VIDEO_SECONDS * fps)
+    if total > most:
+        what = f"--duration {o['duration']:g}" if o.get("duration") is not None else f"--frames {total}"
+        raise MlxVideoError(f"{what} is longer than a chain of clips may be: at most {MAX_VIDEO_SECONDS} s, "
+                            f"{most} frames at {spec.id}'s {fps:g} fps")
+    return total, limit
 
 
 @dataclass
@@ -230,8 +189,6 @@ class ExtensionJob:
         return self.base.output
 
     def record(self) -> dict:
-        from .run import recorded_options
-
         record = self.base.record()
         fps = self.base.settings.fps
         record.update(frames=self.total, duration=self.options.get("duration") or self.total / fps,

@@ -11,7 +11,6 @@ module does not know are carried into the sidecar's "options" record untouched (
 from __future__ import annotations
 
 import json
-import math
 import re
 import tempfile
 import time
@@ -23,39 +22,7 @@ import numpy as np
 
 from .errors import MlxVideoError
 from .interpolate import SCENE_THRESHOLD
-
-SEED_MAX = 2**64 - 1  # mx.random.key takes an unsigned 64-bit seed
-# options that do not change what a run makes (left out of the record that resume and replay compare)
-NOT_RECORDED = {"quiet", "overwrite", "preview_every", "from_sidecar"}
-
-
-def _parse_sigmas(sigmas, timesteps) -> list[float] | None:
-    if sigmas is not None and timesteps is not None:
-        raise MlxVideoError("give --sigmas or --timesteps, not both")
-    text, option = (sigmas, "--sigmas") if sigmas is not None else (timesteps, "--timesteps")
-    if text is None:
-        return None
-    if isinstance(text, (list, tuple)):
-        values = [float(v) for v in text]
-    else:
-        try:
-            values = [float(v) for v in str(text).replace(" ", "").split(",") if v]
-        except ValueError:
-            raise MlxVideoError(f"{option} takes comma-separated numbers, e.g. 1000,750,500,250, not {text!r}") from None
-    if option == "--timesteps":
-        values = [v / 1000.0 for v in values]
-    return values
-
-
-def _parse_size(value) -> tuple[int | None, int | None]:
-    if value is None:
-        return None, None
-    try:
-        w, h = str(value).lower().split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise MlxVideoError(f"--size takes WIDTHxHEIGHT, e.g. 1280x720, not {value!r}") from None
-
+from .options import given, parse_sigmas, parse_size, recorded_options, validate
 
 def default_output(prompt: str, seed: int, folder: Path | None = None, suffix: str = ".mp4") -> Path:
     """`<first words of the prompt>-seed<N>.mp4` in `folder` (default: the current one), with -2, -3, ... added
@@ -84,27 +51,6 @@ def check_output_writable(path: Path, overwrite: bool, option: str = "--output")
         os.unlink(probe)
     except OSError as e:
         raise MlxVideoError(f"cannot write {option} {path}: {e.strerror or e}") from None
-
-
-def _check_range(option: str, value, lo, hi, integer=False) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
-        raise MlxVideoError(f"{option} takes a {'whole ' if integer else ''}number, not {value!r}")
-    if not math.isfinite(value) or not lo <= value <= hi:
-        if math.isinf(lo) and math.isinf(hi):
-            raise MlxVideoError(f"{option} must be a finite number, got {value}")
-        if math.isinf(hi):
-            raise MlxVideoError(f"{option} must be a finite number above {lo if lo > 1e-6 else 0}, got {value}")
-        raise MlxVideoError(f"{option} must be {'a whole number ' if integer else ''}from {lo} to {hi}, got {value}")
-
-
-def recorded_options(options: dict) -> dict:
-    """The options as the sidecar records them (JSON values, no None, nothing that leaves the output alone)."""
-    from .io.sidecar import to_jsonable
-
-    return to_jsonable({k: v for k, v in sorted(options.items())
-                        if v is not None and k not in NOT_RECORDED and v != () and v != []})
 
 
 @dataclass
@@ -206,11 +152,8 @@ def parse_interpolation(o: dict) -> Interpolation | None:
         if weights is not None:
             raise MlxVideoError("--rife-weights is for --interpolate 2x|4x")
         return None
-    text = f"{value}x" if isinstance(value, int) and not isinstance(value, bool) else str(value).strip().lower()
-    if text not in INTERPOLATE_FACTORS:
-        raise MlxVideoError(f"--interpolate must be 2x or 4x, not {value!r}")
     path = find_weights(Path(weights) if weights is not None else models_home() / "rife")
-    return Interpolation(INTERPOLATE_FACTORS[text], path)
+    return Interpolation(INTERPOLATE_FACTORS[value], path)
 
 
 @dataclass
@@ -281,148 +224,163 @@ def load_pipeline(model: str, pipelines: dict | None = None):
 
 def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_folder: Path | None = None,
             check_memory: bool = True) -> Job:
-    """Check every option and settle the settings against the model, before any weights are read."""
-    from .io.sidecar import sidecar_path
-    from .overlay import check_font, check_watermark, parse_overlay
-    from .pipelines.base import GenerationSettings
-    from .presets import CORNERS, frames_for_duration, get_preset, pick_render_size, quality_profiles
+    """Check every option (`mlx_video.options.validate`) and settle the settings against the model, before any
+    weights are read."""
+    from .extend import extension_frames, prepare_extension
+    from .options import check_capabilities
 
-    o = dict(options)
-    if not o.get("model"):
-        raise MlxVideoError("--model is required")
-    if not isinstance(o.get("prompt"), str) or not o["prompt"].strip():
-        raise MlxVideoError("--prompt is required")
-    seed = 0 if o.get("seed") is None else o["seed"]
-    _check_range("--seed", seed, 0, SEED_MAX, integer=True)
-    seed = int(seed)
-    _check_range("--max-memory", o.get("max_memory"), 1e-9, math.inf)
-    _check_range("--preview-every", o.get("preview_every"), 1, 10**9, integer=True)
-    for name in ("guidance", "guidance_2", "true_cfg", "shift"):
-        if o.get(name) is not None:
-            _check_range("--" + name.replace("_", "-"), o[name], -math.inf, math.inf)
-    overwrite, quiet = bool(o.get("overwrite")), bool(o.get("quiet"))
-    vae_tiling, image_fit = o.get("vae_tiling") or "auto", o.get("image_fit") or "crop"
-    image = Path(o["image"]) if o.get("image") is not None else None
-    output = Path(o["output"]) if o.get("output") is not None else None
-    save_latents = Path(o["save_latents"]) if o.get("save_latents") is not None else None
-    init_path = Path(o["init_latents"]) if o.get("init_latents") is not None else None
+    o = validate(options)
+    output, save_latents = _outputs(o, output_folder)
+    interpolation = parse_interpolation(o)
+    if interpolation is not None and output is None:
+        raise MlxVideoError("--interpolate works on the decoded video: give --output (not only --save-latents)")
+    preset, overlays = _delivery_inputs(o)
+    if pipe is None:
+        pipe = load_pipeline(str(o["model"]), pipelines)
+    check_capabilities(o, pipe)
+    if pipe.takes_audio:
+        _check_audio_run(o, pipe.spec, output)
+    else:
+        chain = extension_frames(o, pipe.spec)
+        if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.extend)
+            return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory)
+    settings = pipe.resolve(_settings(o, pipe, preset))
+    delivery = _delivery(o, settings, preset, overlays, interpolation) if output is not None else None
+    pixels = _image_pixels(o, settings)
+    if output is not None and not pipe.can_decode:
+        raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
+    vae_tiling = o.get("vae_tiling") or "auto"
+    pipe.vae_tile(vae_tiling, (1, 1))  # validates the option before the long work
+    latents = _init_latents(o, pipe, settings)
+    estimate = _estimate(o, pipe, settings, vae_tiling, pixels is not None, output is not None, check_memory)
+    return Job(o, pipe, settings, output, save_latents, bool(o.get("overwrite")), bool(o.get("quiet")), vae_tiling,
+               o.get("image_fit") or "crop", pixels, latents, o.get("init_latents"), estimate, delivery,
+               o.get("quality"), o.get("duration"), o.get("preview_every"), interpolation)
+
+
+def _outputs(o: dict, output_folder: Path | None) -> tuple[Path | None, Path | None]:
+    """(--output, --save-latents), the output named from the prompt when neither is given; both checked
+    writable (with their sidecars) now."""
+    from .distributed import rank as process_rank
+    from .io.sidecar import sidecar_path
+
+    output, save_latents = o.get("output"), o.get("save_latents")
     if output is None and save_latents is None:
-        output = default_output(o["prompt"], seed, output_folder)
-        o["output"] = str(output)
+        output = default_output(o["prompt"], o.get("seed") or 0, output_folder)
+        o["output"] = output
     if save_latents is not None and save_latents.suffix != ".npy":
         raise MlxVideoError(f"--save-latents writes a .npy file, not {save_latents.name}")
     if output is not None and output.suffix.lower() not in ("", ".mp4", ".mov"):
         raise MlxVideoError(f"--output takes a .mp4 or .mov file, or a folder for PNG frames, not {output.name}")
-    interpolation = parse_interpolation(o)
-    if interpolation is not None and output is None:
-        raise MlxVideoError("--interpolate works on the decoded video: give --output (not only --save-latents)")
-    from .distributed import rank as process_rank
-
     for path, option in ((save_latents, "--save-latents"), (output, "--output")):
         if path is not None and process_rank() == 0:  # on several processes, rank 0 alone writes
-            check_output_writable(path, overwrite, option)
-            check_output_writable(sidecar_path(path), overwrite, option + " (its .json sidecar)")
+            check_output_writable(path, bool(o.get("overwrite")), option)
+            check_output_writable(sidecar_path(path), bool(o.get("overwrite")), option + " (its .json sidecar)")
+    return output, save_latents
+
+
+def _delivery_inputs(o: dict):
+    """(the preset, the parsed overlays), with the watermark and font checked."""
+    from .overlay import check_font, check_watermark, parse_overlay
+    from .presets import get_preset
 
     overlays = [parse_overlay(v) if isinstance(v, str) else v for v in (o.get("overlay") or [])]
-    watermark = o.get("watermark")
-    check_watermark(watermark)
+    check_watermark(o.get("watermark"))
     check_font(o.get("font"))
-    if o.get("watermark_corner") is not None and o["watermark_corner"] not in CORNERS:
-        raise MlxVideoError(f"--watermark-corner must be one of {', '.join(CORNERS)}, not {o['watermark_corner']!r}")
-    preset = get_preset(o["preset"]) if o.get("preset") else None
-    quality = o.get("quality")
-    if quality is not None and quality not in ("high", "medium", "low"):
-        raise MlxVideoError(f"--quality must be high, medium or low, not {quality!r}")
     if o.get("duration") is not None and o.get("frames") is not None:
         raise MlxVideoError("give --duration or --frames, not both")
+    return (get_preset(o["preset"]) if o.get("preset") else None), overlays
 
-    width, height = _parse_size(o.get("size"))
-    steps = o.get("steps")
-    sigma_list = _parse_sigmas(o.get("sigmas"), o.get("timesteps"))
+
+# options an audio-driven run cannot take, and why
+_NOT_FOR_AUDIO = {"duration": "its length follows the --audio (stop earlier with --clips N)",
+                  "save_latents": "it decodes each clip as it goes",
+                  "init_latents": "each clip starts from its own seeded noise",
+                  "segment_prompt": "its length follows the --audio", "segment_frames": "use --frames"}
+
+
+def _check_audio_run(o: dict, spec, output) -> None:
+    for name, why in _NOT_FOR_AUDIO.items():
+        if given(o, name):
+            raise MlxVideoError(f"--{name.replace('_', '-')} is not supported for {spec.id}: {why}")
+    if output is None:
+        raise MlxVideoError(f"{spec.id} writes a video: give --output")
+
+
+def _settings(o: dict, pipe, preset):
+    """The GenerationSettings the options ask for, before the model's defaults fill the rest (`Pipeline.resolve`):
+    --size, else the preset's or the quality's size; --steps, else the quality's; --duration as frames."""
+    from .pipelines.base import GenerationSettings
+    from .presets import frames_for_duration, pick_render_size, quality_profiles
+
+    spec, quality = pipe.spec, o.get("quality")
+    width, height = parse_size(o.get("size"))
+    steps, sigma_list = o.get("steps"), parse_sigmas(o.get("sigmas"), o.get("timesteps"))
     if sigma_list is not None and steps is not None and steps != len(sigma_list):
         raise MlxVideoError(f"--steps {steps} disagrees with the {len(sigma_list)} values of --sigmas/--timesteps; give one")
-    if pipe is None:
-        pipe = load_pipeline(str(o["model"]), pipelines)
-    spec = pipe.spec
-    takes_audio = getattr(pipe, "takes_audio", False)
-    audio_options = [f"--{k.replace('_', '-')}" for k in ("audio", "pose_video", "clips", "start_from_portrait")
-                     if o.get(k)]
-    if audio_options and not takes_audio:
-        from .registry import models_with_task
-
-        raise MlxVideoError(f"{', '.join(audio_options)}: for audio-driven models ({', '.join(models_with_task('s2v'))}); "
-                            f"{spec.id} takes no audio")
-    if takes_audio:
-        for name, why in (("duration", "its length follows the --audio (stop earlier with --clips N)"),
-                          ("save_latents", "it decodes each clip as it goes"),
-                          ("init_latents", "each clip starts from its own seeded noise"),
-                          ("segment_prompt", "its length follows the --audio"), ("segment_frames", "use --frames")):
-            if o.get(name) not in (None, (), []):
-                raise MlxVideoError(f"--{name.replace('_', '-')} is not supported for {spec.id}: {why}")
-        if output is None:
-            raise MlxVideoError(f"{spec.id} writes a video: give --output")
-    from .extend import extension_frames, prepare_extension
-
-    chain = None if takes_audio else extension_frames(o, spec)
-    if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.extend)
-        return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory)
     profile = quality_profiles(spec)[quality] if quality else None
     if width is None and height is None:
         if preset is not None:
             (width, height), _ = pick_render_size(spec, preset.width, preset.height, quality or "high")
-        elif profile is not None and not takes_audio:  # S2V: the portrait sets the size
+        elif profile is not None and not pipe.takes_audio:  # S2V: the portrait sets the size
             width, height = profile["sizes"][0]
     if steps is None and sigma_list is None and profile is not None and not o.get("recipe"):  # a recipe sets its own
         steps = profile["steps"]
     frames = o.get("frames")
     if o.get("duration") is not None:
-        _check_range("--duration", o["duration"], 1e-9, math.inf)
-        frames = frames_for_duration(spec, float(o["duration"]), o.get("fps") or spec.default("fps"))
-
-    settings = pipe.resolve(GenerationSettings(
+        frames = frames_for_duration(spec, o["duration"], o.get("fps") or spec.default("fps"))
+    paths = {name: str(o[name]) if o.get(name) is not None else None for name in ("image", "audio", "pose_video")}
+    return GenerationSettings(
         prompt=o["prompt"], negative_prompt=o.get("negative_prompt"), width=width, height=height, frames=frames,
         steps=steps, guidance=o.get("guidance"), guidance_2=o.get("guidance_2"), true_cfg=o.get("true_cfg"),
-        shift=o.get("shift"), sampler=o.get("sampler"), schedule=o.get("schedule"), sigmas=sigma_list, seed=seed,
-        fps=o.get("fps"), guidance_mode=o.get("guidance_mode") or "batched",
-        loras=lora_options(o), recipe=o.get("recipe"), cache=o.get("cache"),
-        image=str(image) if image is not None else None,
-        audio=str(o["audio"]) if o.get("audio") is not None else None,
-        pose_video=str(o["pose_video"]) if o.get("pose_video") is not None else None, clips=o.get("clips"),
-        start_from_image=bool(o.get("start_from_portrait")),
-    ))
-    delivery = None
-    if output is not None and (preset is not None or overlays or watermark is not None):
-        corner = o.get("watermark_corner") or (preset.watermark_corner if preset else "bottom-right")
-        rate = settings.fps * (interpolation.factor if interpolation else 1)
-        w, h, fps = (preset.width, preset.height, preset.fps) if preset else (settings.width, settings.height, rate)
-        delivery = Delivery(w, h, fps, preset.name if preset else None, preset.fit if preset else "crop",
-                            preset.margins if preset else None, overlays, watermark, corner,
-                            str(o["font"]) if o.get("font") else None)
-    pixels = None
-    if image is not None:
-        from .io.image import fit_image, load_image
+        shift=o.get("shift"), sampler=o.get("sampler"), schedule=o.get("schedule"), sigmas=sigma_list,
+        seed=o.get("seed") or 0, fps=o.get("fps"), guidance_mode=o.get("guidance_mode") or "batched",
+        loras=lora_options(o), recipe=o.get("recipe"), cache=o.get("cache"), clips=o.get("clips"),
+        start_from_image=bool(o.get("start_from_portrait")), **paths)
 
-        pixels = fit_image(load_image(image), settings.width, settings.height, mode=image_fit)
-    if output is not None and not pipe.can_decode:
-        raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
-    pipe.vae_tile(vae_tiling, (1, 1))  # validates the option before the long work
-    latents = None
-    if init_path is not None:
-        try:
-            latents = np.load(init_path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise MlxVideoError(f"cannot read --init-latents {init_path}: {e}") from None
-        latents = pipe.check_init_latents(settings, latents)
-    max_memory = o.get("max_memory")
-    limit = None if max_memory is None else int(max_memory * 1024**3)
-    if check_memory:
-        estimate = pipe.check_memory(settings, limit, vae_tiling if output is not None else "off", pixels is not None)
-    else:
-        estimate = {"stages": {}, "peak_stage": None, "peak_bytes": 0}
-    if output is None:
+
+def _delivery(o: dict, settings, preset, overlays, interpolation) -> Delivery | None:
+    """The delivery step (preset size and rate, overlays, watermark), or None when there is nothing to do."""
+    watermark = o.get("watermark")
+    if preset is None and not overlays and watermark is None:
+        return None
+    corner = o.get("watermark_corner") or (preset.watermark_corner if preset else "bottom-right")
+    rate = settings.fps * (interpolation.factor if interpolation else 1)
+    w, h, fps = (preset.width, preset.height, preset.fps) if preset else (settings.width, settings.height, rate)
+    return Delivery(w, h, fps, preset.name if preset else None, preset.fit if preset else "crop",
+                    preset.margins if preset else None, overlays, watermark, corner,
+                    str(o["font"]) if o.get("font") else None)
+
+
+def _image_pixels(o: dict, settings) -> np.ndarray | None:
+    if o.get("image") is None:
+        return None
+    from .io.image import fit_image, load_image
+
+    return fit_image(load_image(o["image"]), settings.width, settings.height, mode=o.get("image_fit") or "crop")
+
+
+def _init_latents(o: dict, pipe, settings) -> np.ndarray | None:
+    path = o.get("init_latents")
+    if path is None:
+        return None
+    try:
+        latents = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise MlxVideoError(f"cannot read --init-latents {path}: {e}") from None
+    return pipe.check_init_latents(settings, latents)
+
+
+def _estimate(o: dict, pipe, settings, vae_tiling: str, has_image: bool, decodes: bool, check_memory: bool) -> dict:
+    """The memory preflight (refusing a run that would not fit), or an empty estimate when not checked; a run
+    that only saves latents has no decoding stage."""
+    if not check_memory:
+        return {"stages": {}, "peak_stage": None, "peak_bytes": 0}
+    limit = None if o.get("max_memory") is None else int(o["max_memory"] * 1024**3)
+    estimate = pipe.check_memory(settings, limit, vae_tiling if decodes else "off", has_image)
+    if not decodes:
         estimate["stages"].pop("decoding", None)
-    return Job(o, pipe, settings, output, save_latents, overwrite, quiet, vae_tiling, image_fit, pixels, latents,
-               init_path, estimate, delivery, quality, o.get("duration"), o.get("preview_every"), interpolation)
+    return estimate
 
 
 def summary_line(job: Job) -> str:
@@ -668,12 +626,6 @@ def run_generation(options: dict, pipe=None, echo=click.echo, explicit=None, hoo
 
 # ---- replay ----
 
-# a changed option makes these recorded ones meaningless (they were derived from it)
-_DERIVED = {"quality": ("size", "steps"), "preset": ("size",), "duration": ("frames",), "frames": ("duration",),
-            "steps": ("sigmas", "timesteps"), "sigmas": ("steps", "timesteps"), "timesteps": ("steps", "sigmas"),
-            "size": (), "model": ()}
-
-
 def read_sidecar(path) -> dict:
     path = Path(path)
     try:
@@ -686,16 +638,15 @@ def read_sidecar(path) -> dict:
 def replay_options(sidecar, options: dict | None = None, explicit=None) -> dict:
     """generate's options repeating what a sidecar records (every resolved setting pinned, so the latents are
     the same), with the options in `explicit` taken from `options` instead."""
+    from .options import GENERATE_OPTIONS, OPTIONS
+
     record = read_sidecar(sidecar)
     replay = dict(record.get("options") or {})
     folder = record.get("model_folder")
     replay["model"] = folder if folder and Path(folder).is_dir() else record.get("model")
-    pinned = {"prompt": record.get("prompt"), "negative_prompt": record.get("negative_prompt"),
-              "size": f"{record['width']}x{record['height']}", "frames": record.get("frames"),
-              "guidance": record.get("guidance"), "guidance_2": record.get("guidance_2"),
-              "true_cfg": record.get("true_cfg"), "shift": record.get("shift"), "sampler": record.get("sampler"),
-              "schedule": record.get("schedule"), "seed": record.get("seed"), "fps": record.get("fps"),
-              "guidance_mode": record.get("guidance_mode")}
+    # the settings the run resolved, pinned (mlx_video.options: Option.pinned), so the latents are the same
+    pinned = {o.name: record.get(o.setting or o.name) for o in GENERATE_OPTIONS if o.pinned}
+    pinned["size"] = f"{record['width']}x{record['height']}"
     if record.get("sigmas") is not None:
         pinned["sigmas"] = list(record["sigmas"])
         replay.pop("timesteps", None)
@@ -705,11 +656,11 @@ def replay_options(sidecar, options: dict | None = None, explicit=None) -> dict:
     for name in ("output", "save_latents", "duration", "quality"):
         replay.pop(name, None)
     options = dict(options or {})
-    given = set(explicit if explicit is not None else (k for k, v in options.items() if v not in (None, (), [], False)))
-    given.discard("from_sidecar")
-    for name in given:
-        for derived in _DERIVED.get(name, ()):
-            if derived not in given:
+    overrides = set(explicit if explicit is not None else (k for k in options if given(options, k)))
+    overrides.discard("from_sidecar")
+    for name in overrides:
+        for derived in OPTIONS[name].invalidates if name in OPTIONS else ():  # recorded values derived from it
+            if derived not in overrides:
                 replay.pop(derived, None)
         replay[name] = options.get(name)
     for name, value in options.items():  # what the command line left at its default: quiet, overwrite, ...

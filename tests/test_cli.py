@@ -56,7 +56,7 @@ def test_registry_model_not_converted_says_what_to_do(capsys, tmp_path, monkeypa
         (["--size", "50x32"], "multiples of 16"),
         (["--size", "48"], "WIDTHxHEIGHT"),
         (["--frames", "8"], "4n+1"),
-        (["--steps", "0"], "at least 1"),
+        (["--steps", "0"], "--steps must be a whole number from 1 to 1000"),
         (["--shift", "-1"], "positive"),
     ],
 )

@@ -343,7 +343,6 @@ def test_from_sidecar_reproduces_the_latents(a14b, tmp_path):
 
 def test_batch_manifest_validates_orders_resumes(a14b, ti2v, tmp_path, monkeypatch):
     from mlx_video import batch as batch_module, model_folder, run as run_module
-    from mlx_video.cli import generate
 
     root, _ = a14b
     events = []
@@ -371,7 +370,7 @@ def test_batch_manifest_validates_orders_resumes(a14b, ti2v, tmp_path, monkeypat
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        batch_module.run_batch(manifest, generate, echo=echo, after_job=stop_after_first)
+        batch_module.run_batch(manifest, echo=echo, after_job=stop_after_first)
     texts = [m for kind, m in events if kind == "echo"]
     first_load = next(i for i, e in enumerate(events) if e[0] == "weights")
     bad = next(i for i, e in enumerate(events) if e[0] == "echo" and "job 2 (line 2)" in e[1])
@@ -392,7 +391,7 @@ def test_batch_manifest_validates_orders_resumes(a14b, ti2v, tmp_path, monkeypat
 
     monkeypatch.setattr(run_module, "execute", counting_execute)
     square_before = (tmp_path / "square.mp4").stat().st_mtime_ns
-    result = batch_module.run_batch(manifest, generate, echo=echo)
+    result = batch_module.run_batch(manifest, echo=echo)
     assert ran == ["a dog running"] and [j.status for j in result] == ["skipped", "invalid", "done"]
     assert (tmp_path / "square.mp4").stat().st_mtime_ns == square_before
     assert "denoising" in result[2].timings and "total" in result[2].timings
@@ -419,7 +418,6 @@ def test_batch_orders_by_model_and_isolates_failures(a14b, ti2v, tmp_path, monke
     """A JSON-list manifest: lines are reported per entry; jobs run grouped by model, each model's pipeline is set
     up once, and a job that fails at run time does not stop the next."""
     from mlx_video import batch as batch_module, run as run_module
-    from mlx_video.cli import generate
     from mlx_video.pipelines.base import Pipeline
 
     root, _ = a14b
@@ -450,7 +448,7 @@ def test_batch_orders_by_model_and_isolates_failures(a14b, ti2v, tmp_path, monke
 
     monkeypatch.setattr(run_module, "execute", fake_execute)
     messages = []
-    jobs = batch_module.run_batch(manifest, generate, echo=lambda m="", err=False: messages.append(m))
+    jobs = batch_module.run_batch(manifest, echo=lambda m="", err=False: messages.append(m))
     assert ran == ["one", "three", "two"] and sorted(made) == sorted([a, t])
     assert [(j.line, j.status) for j in jobs] == [(2, "failed"), (3, "done"), (4, "done"), (6, "invalid"), (7, "invalid")]
     assert "4n+1" in jobs[3].error and "out of memory" in jobs[0].error and "as job 3 does" in jobs[4].error

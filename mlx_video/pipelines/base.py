@@ -8,7 +8,6 @@ A family's pipeline subclasses `Pipeline` and adds its stages (text encoding, im
 from __future__ import annotations
 
 import gc
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from ..errors import MlxVideoError
 from ..model_folder import ModelFolder, resolve_model
+from ..options import MAX_FPS, MAX_STEPS, check_number
 from ..registry import models_with_task
 from ..samplers import SAMPLERS, SCHEDULES, explicit_schedule, make_sampler
 from .loop import GUIDANCE, NonFiniteGuard, ProgressHook, denoise
@@ -157,14 +157,15 @@ class Pipeline:
             raise MlxVideoError(f"--true-cfg is for models with embedded guidance; {spec.id} takes --guidance as its CFG scale")
 
         spec.check_geometry(s.width, s.height, s.frames)
-        _check_number("--steps", s.steps, minimum=1, integer=True)
-        _check_number("--guidance", s.guidance)
+        check_number("--steps", s.steps, minimum=1, maximum=MAX_STEPS, integer=True, why="the models' 1000 training "
+                     "timesteps")
+        check_number("--guidance", s.guidance)
         if s.guidance_2 is not None:
-            _check_number("--guidance-2", s.guidance_2)
+            check_number("--guidance-2", s.guidance_2)
         if s.true_cfg is not None:
-            _check_number("--true-cfg", s.true_cfg)
-        _check_number("--shift", s.shift, positive=True)
-        _check_number("--fps", s.fps, positive=True)
+            check_number("--true-cfg", s.true_cfg)
+        check_number("--shift", s.shift, positive=True)
+        check_number("--fps", s.fps, positive=True, maximum=MAX_FPS)
         if s.sampler not in SAMPLERS:
             raise MlxVideoError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if s.schedule is not None and s.schedule not in SCHEDULES:
@@ -234,7 +235,7 @@ class Pipeline:
         records = []
         for entry in loras:
             path, scale, target = str(entry.get("path")), entry.get("scale", 1.0), entry.get("target", "all")
-            _check_number(f"the strength of LoRA {path}", scale)
+            check_number(f"the strength of LoRA {path}", scale)
             if target not in TARGETS:
                 raise MlxVideoError(f"LoRA {path}: target must be one of {', '.join(TARGETS)}, not {target!r}")
             experts = self.lora_experts(target)
@@ -386,19 +387,6 @@ def format_bytes(n: float) -> str:
     if n < 1024**3:
         return f"{n / 1024**2:.0f} MiB"
     return f"{n / 1024**3:.1f} GiB"
-
-
-def _check_number(option: str, value, minimum=None, positive: bool = False, integer: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise MlxVideoError(f"{option} takes a number, not {value!r}")
-    if not math.isfinite(value):
-        raise MlxVideoError(f"{option} must be a finite number, got {value}")
-    if integer and int(value) != value:
-        raise MlxVideoError(f"{option} must be a whole number, got {value}")
-    if positive and value <= 0:
-        raise MlxVideoError(f"{option} must be positive, got {value}")
-    if minimum is not None and value < minimum:
-        raise MlxVideoError(f"{option} must be at least {minimum}, got {value}")
 
 
 def available_memory_bytes() -> int | None:

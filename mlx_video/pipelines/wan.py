@@ -25,7 +25,6 @@ HIGH_NOISE, LOW_NOISE = "transformer", "transformer_2"
 
 # Kept as names of the Python API (the settings and result are the shared ones).
 WanSettings = GenerationSettings
-WanResult = GenerationResult
 
 
 class WanPipeline(Pipeline):
@@ -64,6 +63,17 @@ class WanPipeline(Pipeline):
         if has_image and self.image_mode is None:
             raise MlxVideoError(f"{self.spec.id} is a text-to-video model: it takes no --image (try wan2.2-i2v-a14b or wan2.2-ti2v-5b)")
         super().check_image_use(has_image)
+
+    def resolve(self, settings: GenerationSettings) -> GenerationSettings:
+        s = super().resolve(settings)
+        own = s.negative_prompt == self.spec.default("negative_prompt")  # the model's own: cut to fit, as officially
+        for what, text in [("prompt", s.prompt)] + ([] if own else [("negative prompt", s.negative_prompt)]):
+            # one position more than the encoder takes: if it is used, the prompt (with EOS) would be cut
+            _, mask = self.tokenizer([clean_prompt(text)], max_length=self.text_len + 1)
+            if mask[0, -1]:
+                raise MlxVideoError(f"the {what} is longer than the {self.text_len - 1} tokens (plus the closing one) "
+                                    f"the text encoder of {self.spec.id} takes; shorten it")
+        return s
 
     # ---- the stages ----
 

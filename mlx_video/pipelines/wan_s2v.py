@@ -28,7 +28,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import MlxVideoError
-from .base import GenerationResult, GenerationSettings, _check_number, reference_layout, release
+from ..options import check_number
+from .base import GenerationResult, GenerationSettings, reference_layout, release
 from .loop import get_guidance
 from .wan import HIGH_NOISE, WanPipeline
 
@@ -142,7 +143,7 @@ class WanS2VPipeline(WanPipeline):
         if s.audio is None:
             raise MlxVideoError(f"{self.spec.id} is driven by a voice track: pass --audio PATH (wav, mp3, m4a, flac)")
         if s.clips is not None:
-            _check_number("--clips", s.clips, minimum=1, integer=True)
+            check_number("--clips", s.clips, minimum=1, integer=True)
             s.clips = int(s.clips)
         self.read_voice(s.audio)  # unreadable, silent or too short: refused now, before any weights are read
         if s.pose_video is not None:
