@@ -421,8 +421,13 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
            "distillation LoRA: lightning, lightx2v (`mlxvid models` lists them); options given too win.",
            metavar="NAME", max_length=100),
     Option("cache", "text", "Skip transformer evaluations that earlier steps predict: easycache (default 0.05), "
-           "fbcache (0.05) or magcache (published Wan 2.2 ratios; default 0.06). Threshold 0 changes nothing.",
-           metavar="NAME[:THRESHOLD]", max_length=100),
+           "fbcache (0.05) or magcache (published Wan 2.2 ratios; default 0.06); threshold 0 changes nothing. Or "
+           "forecast them: taylorseer[:KEY=VALUE,...] with diffusers' TaylorSeerCacheConfig keys and defaults "
+           "(cache_interval=5, disable_cache_before_step=3, disable_cache_after_step=none, max_order=1, "
+           "taylor_factors_dtype=bfloat16) except use_lite_mode, on by default (diffusers' default mode forecasts "
+           "no Wan or Mochi module): after 3 steps per expert, one step in 5 runs the transformer and the others "
+           "are forecast.",
+           metavar="NAME[:THRESHOLD or KEY=VALUE,...]", max_length=300),
     Option("guidance_mode", "choice", "batched runs the conditional and unconditional passes as one batch; "
            "sequential runs them one after the other: the same result with about half the activation memory.",
            default="batched", choices=("batched", "sequential"), pinned=True),

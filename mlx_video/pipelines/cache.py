@@ -31,12 +31,22 @@ Methods (`--cache NAME[:THRESHOLD]`):
                 each expert's steps compute. Needs a ratio table for the model (only the Wan 2.2 models have
                 one; others are refused before any weights are read). Default threshold: the published
                 setting of the model (0.06 for the Wan 2.2 A14B models and TI2V-5B).
+    taylorseer  forecasting (TaylorSeer, arXiv 2503.06923; the rule of diffusers' `TaylorSeerCacheConfig`,
+                hooks/taylorseer_cache.py): the first `disable_cache_before_step` steps of each expert compute,
+                then one step in `cache_interval` computes (step s computes when (s − before − 1) is a multiple
+                of the interval) and, from `disable_cache_after_step` on, every step computes. Each computed
+                step updates, per branch, the output's divided differences up to `max_order` (stored in
+                `taylor_factors_dtype`); a forecast step skips the whole transformer and returns their Taylor
+                series at the step's distance from the last computed one. Options `taylorseer:KEY=VALUE,...`
+                with diffusers' field names and defaults, except `use_lite_mode`, which is on (see
+                `TaylorSeerConfig`).
 Threshold 0 never skips, so it reproduces the uncached run exactly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 import mlx.core as mx
 import numpy as np
@@ -107,16 +117,126 @@ MAG_TABLES = {
 }
 
 DEFAULT_THRESHOLDS = {"easycache": 0.05, "fbcache": 0.05, "magcache": None}  # None: the model's published one
+METHODS = (*DEFAULT_THRESHOLDS, "taylorseer")
 EASYCACHE_WARMUP = 10
+FACTOR_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
-def parse_cache(text: str | None, model_id: str | None = None) -> tuple[str, float] | None:
-    """`NAME[:THRESHOLD]` -> (name, threshold); raises MlxVideoError for an unknown name or a bad number."""
+@dataclass(frozen=True)
+class TaylorSeerConfig:
+    """`--cache taylorseer:KEY=VALUE,...`: diffusers' `TaylorSeerCacheConfig` fields, meanings and defaults.
+
+    One difference: `use_lite_mode` defaults to True. diffusers' default (False) forecasts only the modules its
+    name patterns select (`^blocks.*attn`, `^transformer_blocks.*attn`, ... with `re.fullmatch`), and none of
+    Wan's or Mochi's modules match them (their attentions are `attn1` / `attn2`), so `--cache taylorseer` with
+    diffusers' default would change nothing on two of our three families. Lite mode skips every block on a
+    forecast step and forecasts the output projection; everything after that projection is a reshape, so it
+    is the same as forecasting the transformer's output, which is what we do (the embeddings, which diffusers
+    still runs on a forecast step, are skipped too: nothing reads them). `use_lite_mode=false` and the
+    module-name patterns (`skip_predict_identifiers`, `cache_identifiers`, which name diffusers' modules) are
+    refused.
+    """
+
+    cache_interval: int = 5
+    disable_cache_before_step: int = 3
+    disable_cache_after_step: int | None = None
+    max_order: int = 1
+    taylor_factors_dtype: str = "bfloat16"
+    use_lite_mode: bool = True
+
+    def computes(self, step: int) -> bool:
+        """Whether step `step` (counted from the expert's first step) runs the transformer."""
+        if step < self.disable_cache_before_step:
+            return True
+        if self.disable_cache_after_step is not None and step >= self.disable_cache_after_step:
+            return True
+        return (step - self.disable_cache_before_step - 1) % self.cache_interval == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TAYLORSEER_KEYS = tuple(f.name for f in fields(TaylorSeerConfig))
+_REFUSED_KEYS = {
+    "skip_predict_identifiers": "it selects diffusers' modules by name; mlxvid forecasts the transformer's output",
+    "cache_identifiers": "it selects diffusers' modules by name; mlxvid forecasts the transformer's output",
+}
+
+
+def _config_value(text: str, key: str, value: str):
+    """One `KEY=VALUE` of `--cache taylorseer:...`, checked; raises MlxVideoError naming what is expected."""
+    def bad(expected: str):
+        return MlxVideoError(f"--cache {text}: {key}={value!r} is not valid; {key} must be {expected}")
+
+    if key == "taylor_factors_dtype":
+        name = value.removeprefix("torch.")
+        if name not in FACTOR_DTYPES:
+            raise bad(f"one of {', '.join(FACTOR_DTYPES)}")
+        return name
+    if key == "use_lite_mode":
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            raise MlxVideoError(f"--cache {text}: use_lite_mode=false (diffusers' per-module forecasting, selected by "
+                                "diffusers' module names) is not implemented; mlxvid's TaylorSeer is lite mode")
+        raise bad("true or false")
+    if key == "disable_cache_after_step" and value.lower() == "none":
+        return None
+    lowest = {"cache_interval": 1, "disable_cache_before_step": 1, "max_order": 0, "disable_cache_after_step": 0}[key]
+    try:
+        number = int(value)
+    except ValueError:
+        raise bad(f"an integer >= {lowest}") from None
+    if number < lowest:
+        why = " (the first step must compute: there is nothing to forecast from)" if key.startswith("disable") else ""
+        raise bad(f"an integer >= {lowest}{why}")
+    return number
+
+
+def parse_taylorseer(text: str, options: str) -> TaylorSeerConfig:
+    """`KEY=VALUE,...` (the part after `taylorseer:`) -> TaylorSeerConfig; unknown keys and bad values are refused
+    with the valid keys named."""
+    values = {}
+    for item in filter(None, (part.strip() for part in options.split(","))):
+        key, eq, value = (p.strip() for p in item.partition("="))
+        if key in _REFUSED_KEYS:
+            raise MlxVideoError(f"--cache {text}: {key} is not supported ({_REFUSED_KEYS[key]}); valid keys: "
+                                f"{', '.join(TAYLORSEER_KEYS)}")
+        if key not in TAYLORSEER_KEYS or not eq:
+            raise MlxVideoError(f"--cache {text}: {item!r} is not KEY=VALUE with a known key; valid keys: "
+                                f"{', '.join(TAYLORSEER_KEYS)}")
+        values[key] = _config_value(text, key, value)
+    return TaylorSeerConfig(**values)
+
+
+def taylorseer_evaluations(num_steps: int, **config) -> int:
+    """Transformer evaluations of a run of `num_steps` steps of one model (one guidance branch) under TaylorSeer
+    with `config` (TaylorSeerConfig fields; our defaults for those not given). A CFG run makes twice as many;
+    a run over two experts is the sum over each expert's steps (each expert starts afresh).
+
+    Counted in closed form: the warm-up steps, the steps from `disable_cache_after_step` on, and between them
+    the steps b+1, b+1+k, b+1+2k, ... (b = disable_cache_before_step, k = cache_interval; b, b+1, ... for
+    k = 1)."""
+    c = TaylorSeerConfig(**config)
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, not {num_steps}")
+    warm = min(c.disable_cache_before_step, num_steps)
+    end = num_steps if c.disable_cache_after_step is None else max(warm, min(c.disable_cache_after_step, num_steps))
+    first = c.disable_cache_before_step + 1 % c.cache_interval  # the first computed step after the warm-up
+    middle = 0 if end <= first else (end - first - 1) // c.cache_interval + 1
+    return warm + middle + (num_steps - end)
+
+
+def parse_cache(text: str | None, model_id: str | None = None) -> tuple[str, float | TaylorSeerConfig] | None:
+    """`NAME[:THRESHOLD]` -> (name, threshold), `taylorseer[:KEY=VALUE,...]` -> ("taylorseer", TaylorSeerConfig);
+    raises MlxVideoError for an unknown name, key or a bad value."""
     if text is None or text in ("", "none", "off"):
         return None
     name, _, value = text.partition(":")
+    if name == "taylorseer":
+        return name, parse_taylorseer(text, value)
     if name not in DEFAULT_THRESHOLDS:
-        raise MlxVideoError(f"--cache {text}: unknown method {name!r}; choose one of {', '.join(DEFAULT_THRESHOLDS)}")
+        raise MlxVideoError(f"--cache {text}: unknown method {name!r}; choose one of {', '.join(METHODS)}")
     if name == "magcache" and model_id is not None and model_id not in MAG_TABLES:
         raise MlxVideoError(f"--cache magcache needs published magnitude ratios for the model; {model_id} has none "
                             f"(tables: {', '.join(MAG_TABLES)}); use easycache or fbcache")
@@ -159,9 +279,12 @@ class StepCache:
     `segments`: for each step, which model runs (a name); a change starts a new segment with fresh state.
     """
 
-    def __init__(self, method: str | None, threshold: float = 0.0, steps: int = 1, segments=None,
-                 mag_table: MagTable | None = None):
+    def __init__(self, method: str | None, threshold: float | None = 0.0, steps: int = 1, segments=None,
+                 mag_table: MagTable | None = None, taylorseer: TaylorSeerConfig | None = None):
         self.name, self.threshold, self.steps = method, threshold, steps
+        self.taylorseer = taylorseer if method == "taylorseer" else None
+        if method == "taylorseer" and taylorseer is None:
+            self.taylorseer = TaylorSeerConfig()
         self.segments = list(segments) if segments is not None else [None] * steps
         if method == "magcache":
             if mag_table is None:
@@ -170,7 +293,8 @@ class StepCache:
             self.ratios = mag_ratios_per_step(mag_table, steps)
         self.evals = 0  # full evaluations that ran (one per sample: a batched CFG call counts 2)
         self.evals_uncached = 0
-        self.reused_steps: list[int] = []
+        self.reused_steps: list[int] = []  # steps whose evaluation was reused (easycache, fbcache, magcache)
+        self.forecast_steps: list[int] = []  # steps whose output was forecast (taylorseer)
         self.step, self.model, self.reuse = -1, None, False
         self._calls = 0
         self._reset()
@@ -194,8 +318,9 @@ class StepCache:
 
     def stats(self) -> dict:
         return {"cache": self.name, "cache_threshold": self.threshold if self.name else None,
+                "cache_config": self.taylorseer.to_dict() if self.taylorseer else None,
                 "transformer_evals": self.evals, "transformer_evals_uncached": self.evals_uncached,
-                "reused_steps": list(self.reused_steps)}
+                "reused_steps": list(self.reused_steps), "forecast_steps": list(self.forecast_steps)}
 
     def _segment_length(self) -> int:
         label = self.segments[self.segment_start]
@@ -220,10 +345,12 @@ class StepCache:
             out = self._easycache(model, x, t, context, branch, first)
         elif self.name == "magcache":
             out = self._magcache(model, x, t, context, branch, first)
+        elif self.name == "taylorseer":
+            out = self._taylorseer(model, x, t, context, branch, first)
         else:
             out = self._fbcache(model, x, t, context, branch, first)
         if first and self.reuse:
-            self.reused_steps.append(self.step)
+            (self.forecast_steps if self.name == "taylorseer" else self.reused_steps).append(self.step)
         return out
 
     def _full(self, model, x, t, context, branch):
@@ -306,6 +433,49 @@ class StepCache:
         return model.unembed(state)
 
 
+    # TaylorSeer: a fixed schedule of computed steps; the others are forecast from the output's differences.
+    def _taylorseer(self, model, x, t, context, branch, first):
+        config = self.taylorseer
+        step = self.step - self.segment_start  # each expert starts afresh, as each diffusers module's state does
+        if first:
+            self.reuse = not config.computes(step)
+        store = self.branch.setdefault(branch, {})
+        if self.reuse:
+            if "factors" not in store:
+                raise MlxVideoError(f"taylorseer: step {self.step} is to be forecast but nothing was computed before it")
+            return taylor_forecast(store["factors"], step - store["step"], store["dtype"])
+        out = model(x, t, context)
+        self.evals += x.shape[0]
+        previous = store.get("factors") if "step" in store else None
+        store["factors"] = taylor_update(out, previous, step - store.get("step", step), config)
+        store.update(step=step, dtype=out.dtype)
+        return out
+
+
+def taylor_update(out: mx.array, previous: dict | None, distance: int, config: TaylorSeerConfig) -> dict:
+    """The divided differences of the output up to `config.max_order`: order 0 is `out`, order j+1 is
+    (order j now − order j at the last computed step) / `distance` steps, as far as the last step has orders;
+    stored in `config.taylor_factors_dtype` (differences taken in the output's dtype from the stored ones)."""
+    factors = {0: out}
+    if previous is not None:
+        for j in range(config.max_order):
+            last = previous.get(j)
+            if last is None or last.shape != factors[j].shape:
+                break
+            factors[j + 1] = (factors[j] - last.astype(out.dtype)) / distance
+    dtype = FACTOR_DTYPES[config.taylor_factors_dtype]
+    return {order: f.astype(dtype) for order, f in factors.items()}
+
+
+def taylor_forecast(factors: dict, offset: int, dtype) -> mx.array:
+    """The Taylor series sum_j factor_j · offset^j / j! in `dtype`, `offset` steps after the last computed one."""
+    out = None
+    for order in range(len(factors)):
+        term = factors[order].astype(dtype) * (offset**order / math.factorial(order))
+        out = term if out is None else out + term
+    return out
+
+
 class ContextArgs:
     """`model(x, t, *context, **fixed)` seen as the cache's `model(x, t, context)`, with the same split
     forward: for a transformer that takes its conditioning as several arguments (HunyuanVideo's text, mask and
@@ -334,6 +504,8 @@ def make_step_cache(option: str | None, steps: int, segments=None, model_id: str
     if parsed is None:
         return StepCache(None, steps=steps, segments=segments)
     name, threshold = parsed
+    if name == "taylorseer":
+        return StepCache(name, None, steps, segments, taylorseer=threshold)
     table = None
     if name == "magcache":
         table = MAG_TABLES.get(f"{model_id}:image" if image_mode else model_id) or MAG_TABLES[model_id]

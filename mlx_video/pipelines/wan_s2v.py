@@ -380,6 +380,7 @@ class WanS2VPipeline(WanPipeline):
             "transformer_evals": sum(c["transformer_evals"] for c in per_clip),
             "transformer_evals_uncached": sum(c["transformer_evals_uncached"] for c in per_clip),
             "reused_steps": [c["reused_steps"] for c in per_clip],  # per clip
+            "forecast_steps": [c["forecast_steps"] for c in per_clip], "cache_config": per_clip[0]["cache_config"],
         }
         return result
 
