@@ -839,7 +839,32 @@ def run_estimate(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] | None
                          "RAM options >= peak (GB)",
                          "figures verified"))
     echo("Chip figures: see mlx_video/cost.py CHIPS for each source. Not included: VAE decode, model loading.")
+    record["speedups"] = print_speedups(spec, width, height, frames, [p["chip"] for p in preds], dtype, efficiency,
+                                        guidance, echo)
     return _finish(record, json_path, echo, command)
+
+
+def print_speedups(spec, width, height, frames, chips, dtype, efficiency, guidance, echo=click.echo) -> dict:
+    """The per-video FLOP and time table of mlx_video.speedup: dense, cache, radial, radial + cache, few-step."""
+    from mlx_video.speedup import speedup_table
+
+    table = speedup_table(spec, width, height, frames, chips, dtype, efficiency, guidance)
+
+    def fmt(value, pattern):
+        return "n/a" if value is None else pattern.format(value)
+
+    fraction = table["radial_fraction"]
+    echo(f"\nPer video ({table['tokens']} tokens; radial attention: "
+         + (f"{fraction:.3f} of the scores in a sparse block, {table['radial']})" if fraction is not None
+            else f"n/a, {table['radial_missing']})"))
+    _table([(r["plan"], r["evaluations"], ("-" if r.get("dense_steps", 0) is None else fmt(r.get("dense_steps"), "{}")), fmt(r["total"] and r["total"] / 1e15,
+                                                                             "{:.1f}"),
+             fmt(r["fewer_flops"], "{:.2f}x"), *(fmt(r["minutes"][c], "{:.1f}") for c in chips))
+            for r in table["rows"]], echo,
+           header=("run", "evaluations", "dense steps", "PFLOP", "fewer FLOPs", *(f"min {c}" for c in chips)))
+    echo(f"Minutes at {table['efficiency']:.0%} of each chip's peak (an assumption); a skipped step counted as "
+         "free; mlx_video/speedup.py says what is counted.")
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- CLI
