@@ -78,6 +78,8 @@ def test_evaluations_closed_form_against_the_schedule():
     assert taylorseer_evaluations(40) == 11  # steps 0, 1, 2, then 4, 9, ..., 39
     with pytest.raises(TypeError):
         taylorseer_evaluations(10, interval=2)
+    with pytest.raises(ValueError, match="cache_interval >= 1"):
+        taylorseer_evaluations(10, cache_interval=0)
 
 
 # ---- parity with diffusers ----
@@ -124,74 +126,79 @@ def _option(config: dict) -> str:
     return "taylorseer:" + ",".join(f"{k}={v}" for k, v in config.items())
 
 
-WAN_CONFIGS = [
-    dict(use_lite_mode=True, taylor_factors_dtype="float32"),  # diffusers' other defaults: interval 5, order 1
-    dict(use_lite_mode=True, max_order=2, cache_interval=2, disable_cache_before_step=2,
-         disable_cache_after_step=10, taylor_factors_dtype="float32"),
-]
+def _wan_reference(pipe, init, steps, config):
+    import torch
 
-
-@pytest.mark.parametrize("config", WAN_CONFIGS, ids=["defaults", "order2"])
-def test_wan_a14b_matches_diffusers(a14b, config):
-    torch = pytest.importorskip("torch")
-    from mlx_video.cli import main
     from tiny_wan import use_official_sigmas
 
-    root, pipe = a14b
-    steps, width, height, frames = 12, 48, 32, 9
-    init = np.random.default_rng(5).standard_normal((1, 4, 3, 4, 6)).astype(np.float32)
     use_official_sigmas(pipe)
-    ref, ref_evals = _diffusers_taylorseer(pipe, config, lambda: pipe(
-        prompt=PROMPT, negative_prompt=NEGATIVE, height=height, width=width, num_frames=frames,
-        num_inference_steps=steps, guidance_scale=4.0, guidance_scale_2=3.0, latents=torch.from_numpy(init),
-        output_type="latent", max_sequence_length=512).frames.numpy())
+    return _diffusers_taylorseer(pipe, config, lambda: pipe(
+        prompt=PROMPT, negative_prompt=NEGATIVE, height=32, width=48, num_frames=9, num_inference_steps=steps,
+        guidance_scale=4.0, guidance_scale_2=3.0, latents=torch.from_numpy(init), output_type="latent",
+        max_sequence_length=512).frames.numpy())
+
+
+STEPS = 8  # 6 steps of the high-noise expert, 2 of the low-noise one
+
+
+def test_wan_a14b_matches_diffusers_through_the_cli(a14b):
+    """diffusers' defaults (interval 5, 3 warm-up steps, order 1) in lite mode: float32 factors through
+    `mlxvid generate` and its sidecar, and bfloat16 factors (diffusers' default dtype), which round the same way."""
+    pytest.importorskip("torch")
+    from mlx_video.cli import main
+    from mlx_video.pipelines.base import GenerationSettings, Pipeline
+
+    root, pipe = a14b
+    config = dict(use_lite_mode=True, taylor_factors_dtype="float32")
+    init = np.random.default_rng(5).standard_normal((1, 4, 3, 4, 6)).astype(np.float32)
+    ref, ref_evals = _wan_reference(pipe, init, STEPS, config)
     np.save(root / "ts_init.npy", init)
     out = root / "ts_out.npy"
     main(["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
-          "--size", f"{width}x{height}", "--frames", str(frames), "--steps", str(steps), "--guidance", "4",
-          "--guidance-2", "3", "--shift", "12", "--cache", _option(config), "--init-latents",
-          str(root / "ts_init.npy"), "--save-latents", str(out), "--quiet", "--overwrite"])
+          "--size", "48x32", "--frames", "9", "--steps", str(STEPS), "--guidance", "4", "--guidance-2", "3",
+          "--shift", "12", "--cache", _option(config), "--init-latents", str(root / "ts_init.npy"),
+          "--save-latents", str(out), "--quiet", "--overwrite"])
     ours = np.load(out)
     record = json.loads(out.with_suffix(".json").read_text())["settings"]
+    segments = [record["experts"].count("transformer"), record["experts"].count("transformer_2")]
     err = rel_err(ours, ref)
-    experts = record["experts"]
-    segments = [experts.count("transformer"), experts.count("transformer_2")]
-    expected = 2 * sum(taylorseer_evaluations(n, **{k: v for k, v in config.items() if k != "use_lite_mode"})
-                       for n in segments)
     print(f"Wan A14B TaylorSeer {config}: relative error {err:.2e}, evaluations {record['transformer_evals']} "
-          f"(diffusers {ref_evals}, uncached {2 * steps}), experts {segments}, forecast {record['forecast_steps']}")
-    assert err < 1e-3
-    assert record["transformer_evals"] == ref_evals == expected < 2 * steps
-    assert record["cache"] == "taylorseer" and record["cache_config"]["cache_interval"] == config.get("cache_interval", 5)
-    assert len(record["forecast_steps"]) == steps - record["transformer_evals"] // 2 and record["reused_steps"] == []
-    assert min(segments) > 0  # both experts ran, each with its own warm-up
+          f"(diffusers {ref_evals}, uncached {2 * STEPS}), experts {segments}, forecast {record['forecast_steps']}")
+    assert err < 1e-3 and min(segments) > 0  # both experts ran, each with its own warm-up
+    assert record["transformer_evals"] == ref_evals == 2 * sum(taylorseer_evaluations(n) for n in segments)
+    assert record["forecast_steps"] == [3, 5] and record["reused_steps"] == []
+    assert record["cache"] == "taylorseer" and record["cache_config"] == {**TaylorSeerConfig().to_dict(), **config}
+
+    bf16 = dict(use_lite_mode=True)
+    ref16, ref16_evals = _wan_reference(pipe, init, STEPS, bf16)
+    s = GenerationSettings(prompt=PROMPT, negative_prompt=NEGATIVE, width=48, height=32, frames=9, steps=STEPS,
+                           guidance=4.0, guidance_2=3.0, shift=12.0, cache=_option(bf16))
+    ours16 = Pipeline.from_pretrained(str(root / "mlx")).generate(s, init_latents=init)
+    err16, rounding = rel_err(ours16.latents, ref16), rel_err(ours16.latents, ours)
+    print(f"bfloat16 factors: relative error {err16:.2e} (bfloat16 against float32 factors: {rounding:.2e})")
+    assert ours16.stats["transformer_evals"] == ref16_evals and err16 < 1e-3 and rounding > err16
 
 
-def test_wan_bfloat16_factors_follow_diffusers(a14b):
-    """diffusers' default factor dtype (bfloat16) rounds the stored differences; ours rounds the same way."""
-    torch = pytest.importorskip("torch")
+def test_wan_a14b_second_order_matches_diffusers(a14b):
+    """Order 2, interval 2, 2 warm-up steps and a cool-down, over 9 steps (6 + 3): forecasts in each expert, the
+    second one of the high-noise expert from three orders."""
+    pytest.importorskip("torch")
     from mlx_video.pipelines.base import GenerationSettings, Pipeline
-    from tiny_wan import use_official_sigmas
 
     root, pipe = a14b
-    config = dict(use_lite_mode=True, cache_interval=3, disable_cache_before_step=2)
+    config = dict(use_lite_mode=True, max_order=2, cache_interval=2, disable_cache_before_step=2,
+                  disable_cache_after_step=5, taylor_factors_dtype="float32")
     init = np.random.default_rng(6).standard_normal((1, 4, 3, 4, 6)).astype(np.float32)
-    use_official_sigmas(pipe)
-    ref, ref_evals = _diffusers_taylorseer(pipe, config, lambda: pipe(
-        prompt=PROMPT, negative_prompt=NEGATIVE, height=32, width=48, num_frames=9, num_inference_steps=10,
-        guidance_scale=4.0, guidance_scale_2=3.0, latents=torch.from_numpy(init), output_type="latent",
-        max_sequence_length=512).frames.numpy())
-    ours = Pipeline.from_pretrained(str(root / "mlx"))
-    s = GenerationSettings(prompt=PROMPT, negative_prompt=NEGATIVE, width=48, height=32, frames=9, steps=10,
+    ref, ref_evals = _wan_reference(pipe, init, 9, config)
+    s = GenerationSettings(prompt=PROMPT, negative_prompt=NEGATIVE, width=48, height=32, frames=9, steps=9,
                            guidance=4.0, guidance_2=3.0, shift=12.0, cache=_option(config))
-    result = ours.generate(s, init_latents=init)
-    fp32 = ours.generate(GenerationSettings.from_dict({**s.to_dict(), "cache": s.cache + ",taylor_factors_dtype=float32"}),
-                         init_latents=init)
-    err, rounding = rel_err(result.latents, ref), rel_err(result.latents, fp32.latents)
-    print(f"Wan A14B TaylorSeer bfloat16 factors: relative error {err:.2e} (bfloat16 against float32 factors: "
-          f"{rounding:.2e})")
-    assert result.stats["transformer_evals"] == ref_evals
-    assert err < 1e-3 and rounding > 0
+    result = Pipeline.from_pretrained(str(root / "mlx")).generate(s, init_latents=init)
+    err = rel_err(result.latents, ref)
+    print(f"Wan A14B TaylorSeer {config}: relative error {err:.2e}, evaluations {result.stats['transformer_evals']} "
+          f"(diffusers {ref_evals}), forecast {result.stats['forecast_steps']}")
+    assert err < 1e-3
+    assert result.stats["transformer_evals"] == ref_evals == 2 * (9 - 3)
+    assert result.stats["forecast_steps"] == [2, 4, 8]  # steps 2 and 4 of the first expert, 2 of the second
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +235,7 @@ def test_hunyuan_and_mochi_match_diffusers(families, family):
     root, pipes = families
     pipe = pipes[family]
     frames, shape, ref_kwargs, our_kwargs = FAMILY_RUNS[family]
-    steps = 7
+    steps = 5
     config = dict(use_lite_mode=True, max_order=2, cache_interval=3, disable_cache_before_step=2,
                   taylor_factors_dtype="float32")
     init = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
@@ -247,4 +254,4 @@ def test_hunyuan_and_mochi_match_diffusers(families, family):
           f"uncached {2 * steps}), forecast {result.stats['forecast_steps']}")
     assert err < 1e-3
     assert evals == ref_evals == 2 * taylorseer_evaluations(steps, cache_interval=3, disable_cache_before_step=2)
-    assert result.stats["forecast_steps"] == [2, 4, 5] and result.stats["reused_steps"] == []
+    assert result.stats["forecast_steps"] == [2, 4] and result.stats["reused_steps"] == []

@@ -218,8 +218,10 @@ def taylorseer_evaluations(num_steps: int, **config) -> int:
     the steps b+1, b+1+k, b+1+2k, ... (b = disable_cache_before_step, k = cache_interval; b, b+1, ... for
     k = 1)."""
     c = TaylorSeerConfig(**config)
-    if num_steps < 0:
-        raise ValueError(f"num_steps must be >= 0, not {num_steps}")
+    if num_steps < 0 or c.cache_interval < 1 or c.disable_cache_before_step < 1:
+        raise ValueError(f"taylorseer_evaluations needs num_steps >= 0, cache_interval >= 1 and "
+                         f"disable_cache_before_step >= 1; got {num_steps}, {c.cache_interval}, "
+                         f"{c.disable_cache_before_step}")
     warm = min(c.disable_cache_before_step, num_steps)
     end = num_steps if c.disable_cache_after_step is None else max(warm, min(c.disable_cache_after_step, num_steps))
     first = c.disable_cache_before_step + 1 % c.cache_interval  # the first computed step after the warm-up
