@@ -853,14 +853,17 @@ def print_speedups(spec, width, height, frames, chips, dtype, efficiency, guidan
     def fmt(value, pattern):
         return "n/a" if value is None else pattern.format(value)
 
+    def row(r):
+        dense = "-" if r.get("dense_steps", 0) is None else fmt(r.get("dense_steps"), "{}")  # "-": not radial
+        total = None if r["total"] is None else r["total"] / 1e15
+        return (r["plan"], r["evaluations"], dense, fmt(total, "{:.1f}"), fmt(r["fewer_flops"], "{:.2f}x"),
+                *(fmt(r["minutes"][c], "{:.1f}") for c in chips))
+
     fraction = table["radial_fraction"]
     echo(f"\nPer video ({table['tokens']} tokens; radial attention: "
          + (f"{fraction:.3f} of the scores in a sparse block, {table['radial']})" if fraction is not None
             else f"n/a, {table['radial_missing']})"))
-    _table([(r["plan"], r["evaluations"], ("-" if r.get("dense_steps", 0) is None else fmt(r.get("dense_steps"), "{}")), fmt(r["total"] and r["total"] / 1e15,
-                                                                             "{:.1f}"),
-             fmt(r["fewer_flops"], "{:.2f}x"), *(fmt(r["minutes"][c], "{:.1f}") for c in chips))
-            for r in table["rows"]], echo,
+    _table([row(r) for r in table["rows"]], echo,
            header=("run", "evaluations", "dense steps", "PFLOP", "fewer FLOPs", *(f"min {c}" for c in chips)))
     echo(f"Minutes at {table['efficiency']:.0%} of each chip's peak (an assumption); a skipped step counted as "
          "free; mlx_video/speedup.py says what is counted.")

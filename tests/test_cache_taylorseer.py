@@ -239,7 +239,8 @@ def test_hunyuan_and_mochi_match_diffusers(families, family):
     config = dict(use_lite_mode=True, max_order=2, cache_interval=3, disable_cache_before_step=2,
                   taylor_factors_dtype="float32")
     init = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
-    extra = {"sigmas": torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)[:-1].numpy()} if family == "hunyuan" else {}
+    official_grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)[:-1].numpy()  # HunyuanVideo's sigmas
+    extra = {"sigmas": official_grid} if family == "hunyuan" else {}
     ref, ref_evals = _diffusers_taylorseer(pipe, config, lambda: pipe(
         prompt=PROMPT, negative_prompt=NEGATIVE, height=32, width=48, num_frames=frames, num_inference_steps=steps,
         latents=torch.from_numpy(init), output_type="latent", max_sequence_length=256, **ref_kwargs,

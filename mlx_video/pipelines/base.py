@@ -52,7 +52,7 @@ class GenerationSettings:
     # LoRAs fused at load: [{"path", "scale", "target": all|high|low}]; resolve() adds name, sha256, format
     loras: list[dict] | None = None
     recipe: str | None = None  # a few-step recipe (mlx_video.recipes): fills the settings left unset
-    cache: str | None = None  # step cache NAME[:THRESHOLD] (mlx_video.pipelines.cache)
+    cache: str | None = None  # step cache NAME[:THRESHOLD], taylorseer[:KEY=VALUE,...] (mlx_video.pipelines.cache)
     audio: str | None = None  # the driving voice track's path (audio-driven models: Wan S2V)
     pose_video: str | None = None  # a pose video to follow (Wan S2V)
     clips: int | None = None  # at most this many clips of an audio-driven video (default: as long as the audio)

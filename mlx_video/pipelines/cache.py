@@ -444,7 +444,8 @@ class StepCache:
         store = self.branch.setdefault(branch, {})
         if self.reuse:
             if "factors" not in store:
-                raise MlxVideoError(f"taylorseer: step {self.step} is to be forecast but nothing was computed before it")
+                raise MlxVideoError(f"taylorseer: step {self.step} is to be forecast, but nothing was computed "
+                                    "before it")
             return taylor_forecast(store["factors"], step - store["step"], store["dtype"])
         out = model(x, t, context)
         self.evals += x.shape[0]
