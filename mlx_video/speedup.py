@@ -17,6 +17,7 @@ Only the caches whose decisions do not depend on the model's outputs can be coun
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
@@ -119,13 +120,15 @@ def plan_flops(spec, width: int, height: int, frames: int, plan: RunPlan, fracti
 
 def radial_parameters(spec):
     """The family's radial-attention defaults (block, decay, dense_steps, dense_blocks, first_frame_dense) and
-    the score-fraction function, or (None, None, why not)."""
+    the score-fraction function, or (None, None, why not). The defaults are looked for as `radial`,
+    `radial_defaults` or `RADIAL_DEFAULTS` on the registry entry, its transformer configuration, the module that
+    defines that configuration, or the family's cost model."""
     try:
         from .nn.radial import radial_score_fraction
     except ImportError:
         return None, None, "mlx_video.nn.radial.radial_score_fraction is not available"
-    model = cost_model(spec.family)
-    for owner in (spec, spec.transformer, model):
+    config_module = sys.modules.get(type(spec.transformer).__module__)  # where the transformer's config lives
+    for owner in (spec, spec.transformer, config_module, cost_model(spec.family)):
         for name in ("radial", "radial_defaults", "RADIAL_DEFAULTS"):
             found = getattr(owner, name, None)
             found = found(spec) if callable(found) else found
