@@ -54,6 +54,8 @@ from .errors import MlxVideoError
 from .options import MAX_VIDEO_SECONDS, parse_segment_prompt, recorded_options
 
 OVERLAP_LATENT_FRAMES = 2  # K: latent frames held between segments on text-only models
+# what each segment's record keeps of its run's step-cache counts (mlx_video.pipelines.cache.StepCache.stats)
+CACHE_COUNTS = ("transformer_evals", "transformer_evals_uncached", "reused_steps", "forecast_steps")
 LAST_FRAME, LATENT_OVERLAP = "last frame", "latent overlap"
 # one-clip options a chain does not support yet
 UNSUPPORTED = {"save_latents": "--save-latents", "init_latents": "--init-latents"}
@@ -73,11 +75,13 @@ class Segment:
     prompt: str = ""
     seed: int = 0
     timings: dict = field(default_factory=dict)
+    evaluations: dict = field(default_factory=dict)  # the step cache's counts (CACHE_COUNTS)
 
     def record(self) -> dict:
         return {"index": self.index, "frames": [self.start, self.end], "new_frames_from": self.boundary,
                 "rendered_frames": self.rendered, "overlap_frames": self.overlap, "seed": self.seed,
-                "prompt": self.prompt, "conditioning": self.conditioning, "timings": self.timings}
+                "prompt": self.prompt, "conditioning": self.conditioning, "timings": self.timings,
+                **self.evaluations}
 
 
 def overlap_frames(method: str, stride: int, k: int = OVERLAP_LATENT_FRAMES) -> int:
@@ -359,9 +363,10 @@ class SegmentStore:
         with np.load(self.folder / f"segment-{index:03d}.npz", allow_pickle=False) as data:
             out = {k: data[k] for k in data.files}
         out["timings"] = json.loads(str(out.pop("timings_json")))
+        out["evaluations"] = json.loads(str(out.pop("evaluations_json", "{}")))
         return out
 
-    def save(self, index: int, frames, tail, latents, last_frame, timings: dict) -> None:
+    def save(self, index: int, frames, tail, latents, last_frame, timings: dict, evaluations: dict) -> None:
         import json
 
         from .io.atomic import atomic_file
@@ -373,7 +378,7 @@ class SegmentStore:
             self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / "chain.json").write_text(json.dumps({"fingerprint": self.fingerprint}))
         arrays = {"frames": np.asarray(frames, dtype=np.uint8), "latents": latents, "last_frame": last_frame,
-                  "timings_json": np.array(json.dumps(timings))}
+                  "timings_json": np.array(json.dumps(timings)), "evaluations_json": np.array(json.dumps(evaluations))}
         if tail is not None:
             arrays["tail"] = tail
         with atomic_file(self.folder / f"segment-{index:03d}.npz", overwrite=True) as tmp:
@@ -403,7 +408,7 @@ def chain_frames(job: ExtensionJob, timings: dict, hooks=(), echo=None, store: S
         kept = store.load(seg.index)
         yield from kept["frames"]
         tail, previous = kept.get("tail"), (kept["latents"], kept["last_frame"])
-        seg.timings = kept["timings"]
+        seg.timings, seg.evaluations = kept["timings"], kept["evaluations"]
         for name, seconds in seg.timings.items():
             timings[name] = timings.get(name, 0.0) + seconds
     if done and echo is not None:
@@ -419,6 +424,7 @@ def chain_frames(job: ExtensionJob, timings: dict, hooks=(), echo=None, store: S
         elif seg.conditioning == LAST_FRAME:
             own = frames[1:]  # the conditioning image again
         own = own[: seg.end - seg.boundary]
+        seg.evaluations = {name: result.stats[name] for name in CACHE_COUNTS if name in (result.stats or {})}
         last = seg.index == len(job.segments) - 1
         keep = job.segments[seg.index + 1].overlap if not last else 0
         out.extend(own[: len(own) - keep])
@@ -426,7 +432,7 @@ def chain_frames(job: ExtensionJob, timings: dict, hooks=(), echo=None, store: S
         if store is not None:
             result.timings["keeping"] = time.perf_counter() - start
             seg.timings = {name: round(v, 3) for name, v in result.timings.items()}
-            store.save(seg.index, out, tail, result.latents[:, :, -k:], frames[-1], seg.timings)
+            store.save(seg.index, out, tail, result.latents[:, :, -k:], frames[-1], seg.timings, seg.evaluations)
         start = time.perf_counter()
         for frame in out:
             yield np.ascontiguousarray(frame)
@@ -473,6 +479,8 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
     if interpolator is not None:
         record["interpolate"] = base.interpolation.record(job.total, total, s.fps, fps, interpolator.scene_cuts)
     record.update(vae_tiling=base.vae_tiling, output_frames=written, output_fps=out_fps)
+    for name in ("transformer_evals", "transformer_evals_uncached"):  # over the segments (each has its own)
+        record[name] = sum(seg.evaluations.get(name, 0) for seg in job.segments)
     write_sidecar(output, record, timings, overwrite=base.overwrite)
     store.remove()
     echo(f"wrote {written} frames of {width}x{height} ({len(job.segments)} segments) to {output}")

@@ -256,3 +256,25 @@ def test_hunyuan_and_mochi_match_diffusers(families, family):
     assert err < 1e-3
     assert evals == ref_evals == 2 * taylorseer_evaluations(steps, cache_interval=3, disable_cache_before_step=2)
     assert result.stats["forecast_steps"] == [2, 4] and result.stats["reused_steps"] == []
+
+
+def test_a_chain_records_each_segments_evaluations(a14b, tmp_path):
+    """A chain of clips runs each segment with a fresh step cache; its sidecar records each segment's transformer
+    evaluations and forecast steps, and their sums."""
+    from mlx_video.cli import main
+    from mlx_video.registry import get_spec
+    from mlx_video.speedup import expert_segments
+
+    root, _ = a14b
+    option = "taylorseer:disable_cache_before_step=1,cache_interval=2"
+    out = tmp_path / "chain"  # a PNG folder
+    main(["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--size", "48x32", "--fps", "4",
+          "--frames", "21", "--segment-frames", "13", "--steps", "4", "--guidance", "1", "--guidance-2", "1",
+          "--cache", option, "--output", str(out), "--quiet"])
+    record = json.loads(out.with_suffix(".json").read_text())["settings"]
+    segments = record["segments"]
+    per_segment = sum(taylorseer_evaluations(n, disable_cache_before_step=1, cache_interval=2)
+                      for n in expert_segments(get_spec("wan2.2-t2v-a14b"), 4))
+    assert len(segments) == 2 and [s["transformer_evals"] for s in segments] == [per_segment] * 2 < [4] * 2
+    assert all(s["forecast_steps"] and s["transformer_evals_uncached"] == 4 for s in segments)
+    assert record["transformer_evals"] == 2 * per_segment and record["transformer_evals_uncached"] == 8
