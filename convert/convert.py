@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten
 
 from mlx_video import __version__
 from mlx_video.errors import MlxVideoError
+from mlx_video.io.destination import check_destination
 from mlx_video.model_folder import DTYPE_NAMES, DTYPES, INDEX, MANIFEST, QUANTIZATION, ModelFolder
 
 from .formats import ComponentSource, lookalike
@@ -46,6 +47,7 @@ from .quantize import (
     produce,
 )
 from .rules import KeyMap
+from .part import STAMP, check_free_space, destination_lock, prepare_part
 from .shards import ShardWriter, shard_is_complete
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -177,6 +179,7 @@ def plan(
     from mlx_video.families import FAMILIES, converter
     from mlx_video.registry import get_spec
 
+    check_readable(src)
     if base is not None:
         family = get_spec(base).family
     else:
@@ -187,6 +190,30 @@ def plan(
             )
         family = claims[0] if claims else "wan"  # the Wan planner names what it does not recognise
     return converter(family).plan(src, components, tokenizer, base, allow_unknown_keys, log)
+
+
+def check_readable(src) -> None:
+    """Every entry of a source folder can be read: a component folder that is a broken symlink, a symlink loop
+    or unreadable is an error here, not a component silently left out."""
+    if src is None:
+        return
+    src = Path(src)
+    try:
+        entries = list(os.scandir(src)) if src.is_dir() else []
+    except OSError as e:
+        raise MlxVideoError(f"cannot read the source folder {src} ({e.strerror or e})") from None
+    for entry in entries:
+        try:
+            if os.path.isdir(os.path.realpath(entry.path, strict=True)):
+                os.listdir(entry.path)
+            else:
+                os.stat(entry.path)
+        except (OSError, RuntimeError) as e:
+            why = getattr(e, "strerror", None) or str(e)
+            raise MlxVideoError(
+                f"cannot read {entry.path} ({why}: a broken symlink, a symlink loop or no permission?); every entry of "
+                "the source folder must be readable: fix it or remove it"
+            ) from None
 
 
 def _plan_component(comp: ComponentPlan, allow_unknown_keys: bool = False, log: Callable[[str], None] = lambda s: None) -> None:
@@ -309,10 +336,18 @@ def convert_model(
         raise MlxVideoError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     check_options(quantize, group_size)
     dst = Path(dst)
-    if dst.exists() and not overwrite:
+    if os.path.lexists(dst) and not overwrite:
         raise MlxVideoError(f"{dst} already exists; pass --overwrite to replace it")
     if src is not None and Path(src).exists() and Path(src).resolve() in (dst.resolve(), *dst.resolve().parents):
         raise MlxVideoError(f"the destination {dst} must not be the source {src} or inside it")
+    check_destination(dst, "the converted model")
+    with destination_lock(dst):
+        return _convert_locked(src, dst, dtype, overwrite, shard_bytes, progress, log, quantize, group_size, base,
+                               components, tokenizer, allow_unknown_keys)
+
+
+def _convert_locked(src, dst: Path, dtype, overwrite, shard_bytes, progress, log, quantize, group_size, base, components,
+                    tokenizer, allow_unknown_keys) -> Path:
     conversion = plan(src, components, tokenizer, base, allow_unknown_keys, log)
     from mlx_video.families import get_family
 
@@ -338,19 +373,29 @@ def convert_model(
     settings = {"dtype": dtype, "quantize": quantize, "group_size": group_size, "shard_bytes": shard_bytes,
                 "base": base, "skipped": {c.name: c.skipped for c in conversion.components}}
     fingerprint = _fingerprint(conversion, settings)
-    stamp = work / ".conversion.json"
-    if work.exists():
-        try:
-            previous = json.loads(stamp.read_text()) if stamp.is_file() else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            previous = None
-        if previous != fingerprint:
-            shutil.rmtree(work)  # left by a conversion with other settings or sources: nothing in it can be reused
-        else:
-            log(f"resuming the interrupted conversion in {work}")
-    work.mkdir(parents=True, exist_ok=True)
-    _write_json(stamp, fingerprint)
+    fingerprint["files"] = _planned_files(conversion, shard_bytes)
+    stamp = work / STAMP
+    if prepare_part(work, fingerprint):
+        log(f"resuming the interrupted conversion in {work}")
+    check_free_space(work, _planned_bytes(conversion), fingerprint["files"])
+    try:
+        _write_json(stamp, fingerprint)
+        _write_components(conversion, work, dtype, shard_bytes, progress, quantize, group_size)
+        _write_manifest(conversion, work, src, dtype, quantize, group_size)
+        ModelFolder.open(work)  # the folder must load before it takes the final name
+        stamp.unlink()
+        if os.path.lexists(dst):
+            shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
+        os.replace(work, dst)
+    except OSError as e:
+        raise MlxVideoError(
+            f"could not write {e.filename or work} ({e.strerror or e}); the finished shards are kept in {work}: "
+            "free space (or fix the folder) and re-run the same command to resume"
+        ) from None
+    return dst
 
+
+def _write_components(conversion: ConversionPlan, work: Path, dtype, shard_bytes, progress, quantize, group_size) -> None:
     total = sum(len(c.items) for c in conversion.components)
     done = 0
     previous_cache = mx.set_cache_limit(CONVERT_CACHE_BYTES)
@@ -392,13 +437,21 @@ def convert_model(
                 (out / QUANTIZATION_FILE).unlink()
     finally:
         mx.set_cache_limit(previous_cache)
+
+
+def _write_manifest(conversion: ConversionPlan, work: Path, src, dtype, quantize, group_size) -> None:
     for folder, files in conversion.copy_files.items():
         (work / folder).mkdir(exist_ok=True)
         for f, name in files:
-            if isinstance(f, bytes):
-                (work / folder / name).write_bytes(f)
-            else:
-                shutil.copyfile(f, work / folder / name)
+            tmp = work / folder / (name + ".tmp")
+            try:
+                if isinstance(f, bytes):
+                    tmp.write_bytes(f)
+                else:
+                    shutil.copyfile(f, tmp)
+                os.replace(tmp, work / folder / name)
+            finally:
+                tmp.unlink(missing_ok=True)
     manifest = dict(conversion.manifest)
     manifest.update(
         dtype=DTYPE_NAMES[DTYPES[dtype]],
@@ -412,15 +465,36 @@ def convert_model(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     _write_json(work / MANIFEST, manifest)
-    stamp.unlink()
-    ModelFolder.open(work)  # the folder must load before it takes the final name
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(work, dst)
-    return dst
 
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _shard_names(comp: ComponentPlan, shard_bytes: int) -> list[str]:
+    n = len(_shards(comp.items, shard_bytes))
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _planned_files(conversion: ConversionPlan, shard_bytes: int) -> list[str]:
+    """Every path (relative to DST.part) this conversion may write, temporary names included: what a later run
+    may remove when it cannot resume this one."""
+    files = [STAMP, MANIFEST]
+    for comp in conversion.components:
+        names = _shard_names(comp, shard_bytes) + [INDEX, "config.json", QUANTIZATION_FILE]
+        files += [f"{comp.name}/{n}" for n in names]
+    for folder, copied in conversion.copy_files.items():
+        files += [f"{folder}/{name}" for _, name in copied]
+    return sorted(set(files) | {f + ".tmp" for f in files})
+
+
+def _planned_bytes(conversion: ConversionPlan) -> int:
+    total = sum(item_nbytes(i) for c in conversion.components for i in c.items)
+    for copied in conversion.copy_files.values():
+        total += sum(len(f) if isinstance(f, bytes) else f.stat().st_size for f, _ in copied)
+    return total

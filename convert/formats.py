@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_video.errors import MlxVideoError
-from mlx_video.io.safetensors import SafetensorsFile, TensorSource
+from mlx_video.io.safetensors import SafetensorsFile, TensorSource, looks_like_safetensors
 
 from .fp8 import decode_fp8
 from .rules import PART_SEPARATOR, KeyMap, Rule, is_part_key
@@ -172,15 +172,37 @@ def open_tensors(path: str | Path, what: str) -> TensorFile:
         raise MlxVideoError(f"{what}: {path} does not exist")
     if path.is_dir():
         return SafetensorsTensors.open(path, what)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:4] == b"GGUF" or path.suffix == ".gguf":
+    kind = checkpoint_kind(path)
+    if kind == "gguf":
         from .gguf import GGUFTensors  # imported here: gguf.py builds on this module
 
         return GGUFTensors(path)
-    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+    if kind == "pth":
         return PthTensors(path)
     return SafetensorsTensors.open(path, what)
+
+
+PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def checkpoint_kind(path: Path) -> str:
+    """"safetensors", "gguf" or "pth" for a checkpoint file, from its whole header, then its name.
+
+    A safetensors file starts with its header's length, whose low byte may be anything -- 0x80 as a pickle
+    starts, "P" as a zip does -- so a file is safetensors when its length and JSON header say so, whatever
+    its first bytes; then the GGUF magic; then a zip or pickle start or a PyTorch file name."""
+    if looks_like_safetensors(path):
+        return "safetensors"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise MlxVideoError(f"cannot read {path} ({e.strerror or e})") from None
+    if head == b"GGUF" or path.suffix == ".gguf":
+        return "gguf"
+    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in PTH_SUFFIXES:
+        return "pth"
+    return "safetensors"  # its reader says what is wrong with it
 
 
 # ---------------------------------------------------------------------------------------------------

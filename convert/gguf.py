@@ -124,6 +124,10 @@ class GGUFTensorInfo:
         return GGML_TYPES[self.type_id].block_elems > 1
 
 
+# arrays of arrays in the metadata: llama.cpp writes at most two levels; deeper is corruption or an attack
+MAX_ARRAY_NESTING = 8
+
+
 class _Cursor:
     """Bounds-checked little-endian reads over the mapped header."""
 
@@ -238,7 +242,7 @@ class GGUFFile:
             if start2 < end1:
                 raise MlxVideoError(f"{path} is corrupt: tensors {n1!r} and {n2!r} overlap")
 
-    def _value(self, cur: _Cursor, vtype: int, key: str):
+    def _value(self, cur: _Cursor, vtype: int, key: str, depth: int = 0):
         if vtype in _SCALARS:
             name, fmt = _SCALARS[vtype]
             return cur.unpack(fmt, f"metadata {key!r}"), (name,)
@@ -257,9 +261,13 @@ class GGUFFile:
                     cur.need(cur.size + 1, f"metadata {key!r}")
                 return [cur.string(f"metadata {key!r}") for _ in range(count)], ("ARRAY", "STRING")
             if item_type == _ARRAY:
+                if depth >= MAX_ARRAY_NESTING:
+                    raise MlxVideoError(
+                        f"{self.path} is corrupt: metadata {key!r} nests arrays more than {MAX_ARRAY_NESTING} deep"
+                    )
                 if count > cur.size // 12:
                     cur.need(cur.size + 1, f"metadata {key!r}")
-                items = [self._value(cur, _ARRAY, key) for _ in range(count)]
+                items = [self._value(cur, _ARRAY, key, depth + 1) for _ in range(count)]
                 return [v for v, _ in items], ("ARRAY", "ARRAY")
             raise MlxVideoError(f"{self.path} is corrupt: metadata {key!r} is an array of unknown type {item_type}")
         raise MlxVideoError(f"{self.path} is corrupt: metadata {key!r} has unknown value type {vtype}")

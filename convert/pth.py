@@ -41,6 +41,7 @@ import operator
 import pickle
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -92,6 +93,16 @@ _TYPED_STORAGES = {
 }
 
 DEFAULT_NESTED_KEYS = ("state_dict", "module", "model")
+
+# Bounds on what a small file can make us hold (each refused with a message saying so):
+# a tensor may repeat its storage's bytes (a stride-0 `expand`, saved as such) up to this many bytes ...
+MAX_EXPANDED_VIEW_BYTES = 1 << 20
+# ... the saved object may hold this many containers and values (a state dict holds a few per tensor) ...
+MAX_OBJECTS = 1_000_000
+# ... its pickle may be this long (a state dict's pickle is about 100 bytes per tensor) ...
+MAX_PICKLE_BYTES = 64 << 20
+# ... and a compressed zip entry may declare at most deflate's largest ratio (about 1032:1) of its stored size.
+MAX_DEFLATE_RATIO = 1100
 
 # the first two pickles of a legacy-format file (torch/serialization.py: MAGIC_NUMBER, PROTOCOL_VERSION)
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -270,6 +281,8 @@ class _Archive:
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
             raise MlxVideoError(f"{path} is truncated or corrupt: it is not a complete zip archive ({e})") from None
         self.entries = {i.filename: _Entry(i) for i in infos}
+        for info in infos:
+            self._check_entry_sizes(info)
         roots = sorted(n[: -len("/data.pkl")] for n in self.entries if n.endswith("/data.pkl") and n.count("/") == 1)
         if not roots:
             if any(n.endswith("constants.pkl") or "/code/" in n for n in self.entries):
@@ -285,6 +298,20 @@ class _Archive:
             if value not in ("little", "big"):
                 raise MlxVideoError(f"{path}: unknown byte order {value!r}")
             self.byteorder = value
+
+    def _check_entry_sizes(self, info: zipfile.ZipInfo) -> None:
+        """An entry's sizes are possible: stored bytes within the file, a deflated entry no larger than deflate
+        can expand to. PyTorch writes entries uncompressed; a re-zipped checkpoint is deflated."""
+        name = info.filename
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise MlxVideoError(f"{self.path}: entry {name} is compressed with method {info.compress_type}; "
+                                "mlxvid reads stored or deflated entries")
+        if info.compress_size > self.size:
+            raise MlxVideoError(f"{self.path} is truncated: entry {name} claims {info.compress_size} bytes, "
+                                f"the file has {self.size}")
+        if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 1024:
+            raise _corrupt(self.path, f"entry {name} claims to expand {info.compress_size} bytes into {info.file_size}, "
+                                      "more than deflate can")
 
     def data_name(self, key: str) -> str:
         return f"{self.prefix}/data/{key}"
@@ -338,13 +365,23 @@ class _Archive:
             if got != hi - lo:
                 raise MlxVideoError(f"{self.path} is truncated: entry {name} is incomplete")
             return out
-        # PyTorch always stores entries uncompressed; a re-zipped file is read entry by entry.
+        # PyTorch always stores entries uncompressed; a re-zipped file is decompressed as a stream, up to byte
+        # `hi` only, holding one chunk besides the bytes asked for.
+        out = np.empty(hi - lo, dtype=np.uint8)
         try:
             with zipfile.ZipFile(self.path) as z, z.open(info) as f:
-                data = f.read()
-        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError) as e:
+                skip = lo
+                while skip:
+                    chunk = f.read(min(skip, 1 << 20))
+                    if not chunk:
+                        break
+                    skip -= len(chunk)
+                got = f.readinto(memoryview(out)) if hi > lo else 0
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError, zlib.error) as e:
             raise MlxVideoError(f"{self.path}: cannot read entry {name} ({e})") from None
-        return np.frombuffer(data, dtype=np.uint8, count=hi - lo, offset=lo).copy()
+        if got != hi - lo:
+            raise MlxVideoError(f"{self.path} is truncated or corrupt: entry {name} is incomplete")
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,6 +457,14 @@ class _SafeUnpickler(pickle.Unpickler):
                     f"a tensor of shape {list(size)} reaches byte {(last + 1) * itemsize} of storage "
                     f"{storage.key!r}, which has {storage.nbytes}"
                 )
+            nbytes = itemsize
+            for s in size:
+                nbytes *= s
+            if nbytes > max(storage.nbytes, MAX_EXPANDED_VIEW_BYTES):
+                raise self._fail(
+                    f"a tensor of shape {list(size)} ({nbytes} bytes) is a view repeating the {storage.nbytes} bytes of "
+                    f"storage {storage.key!r}; mlxvid reads such expanded views up to {MAX_EXPANDED_VIEW_BYTES} bytes"
+                )
         return _TensorRef(PthTensorInfo(dtype, size, stride, storage.base // itemsize + offset, storage.key))
 
     def _rebuild_tensor_v1(self, storage, storage_offset, size, stride):
@@ -444,7 +489,11 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _load_pickle(archive: _Archive):
-    data = archive.read_entry(f"{archive.prefix}/data.pkl")
+    name = f"{archive.prefix}/data.pkl"
+    if archive.entries[name].info.file_size > MAX_PICKLE_BYTES:
+        raise MlxVideoError(f"{archive.path}: its {name} claims {archive.entries[name].info.file_size} bytes; "
+                            f"mlxvid reads pickles up to {MAX_PICKLE_BYTES} bytes (a state dict's is far smaller)")
+    data = archive.read_entry(name)
     try:
         return _SafeUnpickler(io.BytesIO(data), archive.path, archive.resolve_storage).load()
     except MlxVideoError:
@@ -627,26 +676,64 @@ def _open(path: Path):
 # the public reader
 
 
-def _flatten(node, prefix: str, tensors: dict, extras: dict, path: Path, active: set, depth: int = 0) -> None:
-    if isinstance(node, _TensorRef):
-        tensors[prefix] = node.info
-        return
-    if isinstance(node, dict):
-        items = [(str(k), v) for k, v in node.items()]
-    elif isinstance(node, (list, tuple)) and node and any(isinstance(v, (dict, list, tuple, _TensorRef)) for v in node):
-        items = [(str(i), v) for i, v in enumerate(node)]
-    else:
-        extras[prefix] = node
-        return
-    if id(node) in active or depth > 64:
-        raise MlxVideoError(f"{path} is corrupt: its saved object nests too deeply or contains itself")
-    active.add(id(node))
-    for k, v in items:
-        name = f"{prefix}.{k}" if prefix else k
-        if name in tensors or name in extras:
-            raise MlxVideoError(f"{path}: two entries flatten to the same key {name!r}")
-        _flatten(v, name, tensors, extras, path, active, depth + 1)
-    active.discard(id(node))
+class _Flattener:
+    """The saved object as dotted names -> tensors (and other values), walked once per object.
+
+    A pickle can share one container at many places (`l = [l, l]` forty deep is 651 bytes): each container is
+    flattened once and its entries reused under every name that reaches it, and the number of names made is
+    capped, so that neither time nor memory grows with the number of paths through a shared graph."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.made = 0
+        self.done: dict[int, tuple[list, list]] = {}  # id(container) -> (its [(suffix, tensor)], [(suffix, value)])
+        self.active: set[int] = set()
+        self.keep: list = []  # the containers of `done`, alive while their ids are used as keys
+
+    def _count(self, n: int) -> None:
+        self.made += n
+        if self.made > MAX_OBJECTS:
+            raise MlxVideoError(
+                f"{self.path}: its saved object holds more than {MAX_OBJECTS} entries (counted through shared "
+                "containers); a state dict holds a few per tensor"
+            )
+
+    def walk(self, node, depth: int = 0) -> tuple[list, list]:
+        """([(name, tensor info)], [(name, value)]) under `node`, names relative to it ("" for `node` itself)."""
+        if isinstance(node, _TensorRef):
+            return [("", node.info)], []
+        if isinstance(node, dict):
+            items = [(str(k), v) for k, v in node.items()]
+        elif isinstance(node, (list, tuple)) and node and any(isinstance(v, (dict, list, tuple, _TensorRef)) for v in node):
+            items = [(str(i), v) for i, v in enumerate(node)]
+        else:
+            return [], [("", node)]
+        if id(node) in self.done:
+            tensors, extras = self.done[id(node)]
+            self._count(len(tensors) + len(extras))
+            return tensors, extras
+        if id(node) in self.active or depth > 64:
+            raise MlxVideoError(f"{self.path} is corrupt: its saved object nests too deeply or contains itself")
+        self.active.add(id(node))
+        tensors, extras = [], []
+        for k, v in items:
+            sub_t, sub_e = self.walk(v, depth + 1)
+            tensors += [(f"{k}.{n}" if n else k, info) for n, info in sub_t]
+            extras += [(f"{k}.{n}" if n else k, value) for n, value in sub_e]
+            self._count(len(sub_t) + len(sub_e))
+        self.active.discard(id(node))
+        self.done[id(node)] = (tensors, extras)
+        self.keep.append(node)
+        return tensors, extras
+
+
+def _flatten(node, tensors: dict, extras: dict, path: Path) -> None:
+    found, values = _Flattener(path).walk(node)
+    for target, pairs in ((tensors, found), (extras, values)):
+        for name, value in pairs:
+            if name in tensors or name in extras:
+                raise MlxVideoError(f"{path}: two entries flatten to the same key {name!r}")
+            target[name] = value
 
 
 class PthCheckpoint:
@@ -684,7 +771,7 @@ class PthCheckpoint:
         self.nested: tuple[str, ...] = chain
         self._tensors: dict[str, PthTensorInfo] = {}
         self.extras: dict[str, Any] = {}
-        _flatten(node, "", self._tensors, self.extras, self.path, set())
+        _flatten(node, self._tensors, self.extras, self.path)
 
     def top_level_keys(self) -> list[str]:
         """The keys of the saved object itself (before `nested` is applied), if it is a dict."""

@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import MlxVideoError
+from .io.safetensors import check_shard, read_weight_map
 from .nn.linear import Fp8Linear
 from .registry import MODELS, ModelSpec, get_spec, models_home
 
@@ -43,6 +44,27 @@ LAYOUT_HELP = (
 
 DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
 DTYPE_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON object from `path`, or an `MlxVideoError` naming the file, what is wrong and `fix`."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MlxVideoError(f"{path} is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise MlxVideoError(f"{path} is not valid JSON ({e}); {fix}") from None
+    except RecursionError:
+        raise MlxVideoError(f"{path} is not valid JSON (it nests too deeply); {fix}") from None
+    except OSError as e:
+        raise MlxVideoError(f"cannot read {path} ({e.strerror or e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise MlxVideoError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
 
 
 def dtype_from_name(name: str) -> mx.Dtype:
@@ -69,10 +91,12 @@ class ModelFolder:
                     f"{path} is a diffusers folder; convert it once with `mlxvid convert {path} DST` and pass DST"
                 )
             raise MlxVideoError(f"{path} has no {MANIFEST}; {LAYOUT_HELP}")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise MlxVideoError(f"{manifest_path} is not valid JSON ({e})") from None
+        manifest = read_json_object(manifest_path, "re-run `mlxvid convert`")
+        components = manifest.get("components")
+        if not isinstance(components, list) or not all(isinstance(c, str) and _plain_name(c) for c in components):
+            raise MlxVideoError(f"{manifest_path}: 'components' must be a list of folder names; re-run `mlxvid convert`")
+        if not isinstance(manifest.get("dtype"), str):
+            raise MlxVideoError(f"{manifest_path}: 'dtype' must name a dtype; re-run `mlxvid convert`")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise MlxVideoError(
                 f"{manifest_path} has format version {manifest.get('format_version')}; this mlxvid reads version "
@@ -85,6 +109,12 @@ class ModelFolder:
 
     @property
     def spec(self) -> ModelSpec:
+        try:
+            return self._spec()
+        except (TypeError, ValueError, AttributeError, KeyError) as e:
+            raise MlxVideoError(f"{self.path / MANIFEST} is malformed ({type(e).__name__}: {e}); re-run `mlxvid convert`") from None
+
+    def _spec(self) -> ModelSpec:
         """The model this folder holds: the manifest's own description and defaults, with the registry entry
         of the same id (if any) filling in only what the manifest lacks. A fine-tune or distilled checkpoint
         whose id the registry does not know runs from its manifest alone."""
@@ -143,21 +173,31 @@ class ModelFolder:
         for name in ("config.json", INDEX):
             if not (d / name).is_file():
                 raise MlxVideoError(f"missing {d / name}; {LAYOUT_HELP}")
-        index = json.loads((d / INDEX).read_text())
-        for shard in sorted(set(index["weight_map"].values())):
+        self.config(component)
+        weight_map = read_weight_map(d / INDEX)
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(key)
+        for shard, keys in sorted(by_shard.items()):
             if not (d / shard).is_file():
                 raise MlxVideoError(f"missing weight shard {d / shard} (listed in {d / INDEX}); re-run `mlxvid convert`")
+            try:  # the header and the file's size, not the data: cheap, and before any long work starts
+                check_shard(d / shard, keys)
+            except MlxVideoError as e:
+                raise MlxVideoError(f"{e}; re-run `mlxvid convert`") from None
 
     def config(self, component: str) -> dict:
-        return json.loads((self.path / component / "config.json").read_text())
+        return read_json_object(self.path / component / "config.json", "re-run `mlxvid convert`")
 
     def weights(self, component: str) -> dict[str, mx.array]:
         """All tensors of a component, lazily: nothing is read from disk until an array is used."""
         d = self.path / component
-        index = json.loads((d / INDEX).read_text())
         weights: dict[str, mx.array] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            weights.update(mx.load(str(d / shard)))
+        for shard in sorted(set(read_weight_map(d / INDEX).values())):
+            try:
+                weights.update(mx.load(str(d / shard)))
+            except (RuntimeError, ValueError, OSError) as e:  # MLX's own checks of a file changed since open()
+                raise MlxVideoError(f"cannot read {d / shard} ({e}); re-run `mlxvid convert`") from None
         return weights
 
     def quantization(self, component: str) -> dict | None:
@@ -165,11 +205,8 @@ class ModelFolder:
         path = self.path / component / QUANTIZATION
         if not path.is_file():
             return None
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise MlxVideoError(f"{path} is not valid JSON ({e}); re-run `mlxvid convert`") from None
-        if not isinstance(record, dict) or record.get("mode") not in ("affine", "fp8"):
+        record = read_json_object(path, "re-run `mlxvid convert`")
+        if record.get("mode") not in ("affine", "fp8"):
             raise MlxVideoError(f"{path} names an unknown quantization mode; re-run `mlxvid convert`")
         return record
 

@@ -83,7 +83,79 @@ class SafetensorsFile:
         return arr if arr.dtype == mx_dtype else arr.astype(mx_dtype)
 
 
+def looks_like_safetensors(path: Path) -> bool:
+    """Whether `path` starts like a safetensors file: an 8-byte length that fits the file, then a JSON object.
+
+    The first byte alone says nothing (it is the low byte of the header length, so it may be 0x80 or "P" as
+    a pickle or a zip starts); this reads the length and the header's first non-blank byte."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+                return False
+            start = f.read(min(n, 4096)).lstrip(b" \t\r\n")
+    except OSError:
+        return False
+    return start[:1] == b"{"
+
+
+def _header_json(path: Path, raw: bytes) -> dict:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MlxVideoError(f"{path} has a corrupt safetensors header ({e})") from None
+    except RecursionError:
+        raise MlxVideoError(f"{path} has a corrupt safetensors header (its JSON nests too deeply)") from None
+    if not isinstance(header, dict):
+        raise MlxVideoError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    return header
+
+
+def _header_metadata(path: Path, header: dict) -> dict[str, str]:
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MlxVideoError(f"{path}: the header's __metadata__ must be an object of strings (the safetensors format)")
+    return metadata
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _header_entry(path: Path, key: str, entry, data_len: int) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, lo, hi) of one tensor's header entry, every field's type and range checked."""
+    if not isinstance(entry, dict):
+        raise MlxVideoError(f"{path}: malformed header entry for tensor {key!r} (not an object)")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise MlxVideoError(f"{path}: tensor {key!r} has unsupported dtype {str(dtype) if isinstance(dtype, str) else repr(dtype):.50}")
+    if not isinstance(shape, list) or len(shape) > 16 or not all(_is_count(s) for s in shape):
+        raise MlxVideoError(f"{path}: tensor {key!r} has a malformed shape {shape!r:.100} (expected up to 16 counts)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise MlxVideoError(f"{path}: tensor {key!r} has malformed data_offsets {offsets!r:.100} (expected [start, end])")
+    lo, hi = offsets
+    numel = 1
+    for s in shape:
+        numel *= s  # Python integers: a 2**64 dimension cannot wrap around
+    expected = numel * _DTYPES[dtype][0]
+    if not lo <= hi <= data_len:
+        raise MlxVideoError(
+            f"{path} is truncated or corrupt: tensor {key!r} spans bytes {lo}..{hi}, the data section has {data_len}"
+        )
+    if hi - lo != expected:
+        raise MlxVideoError(f"{path}: tensor {key!r} ({dtype}, shape {shape}) needs {expected} bytes but occupies {hi - lo}")
+    return dtype, tuple(shape), lo, hi
+
+
 def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors and metadata of a safetensors file, its header validated field by field: whatever the
+    file holds, the result is well-typed or an `MlxVideoError` naming the file and the field."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -94,35 +166,14 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise MlxVideoError(
                 f"{path} is truncated or not a safetensors file: its header claims {n} bytes, the file has {size}"
             )
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MlxVideoError(f"{path} has a corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise MlxVideoError(f"{path} has a corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+        header = _header_json(path, f.read(n))
+    metadata = _header_metadata(path, header)
     data_start = 8 + n
     data_len = size - data_start
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for key, entry in header.items():
-        try:
-            dtype, shape, (lo, hi) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise MlxVideoError(f"{path}: malformed header entry for tensor {key!r}") from None
-        if dtype not in _DTYPES:
-            raise MlxVideoError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
-        if any(s < 0 for s in shape):
-            raise MlxVideoError(f"{path}: tensor {key!r} has a negative dimension {shape}")
-        expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][0]
-        if not (0 <= lo <= hi <= data_len):
-            raise MlxVideoError(
-                f"{path} is truncated or corrupt: tensor {key!r} spans bytes {lo}..{hi}, the data section has {data_len}"
-            )
-        if hi - lo != expected:
-            raise MlxVideoError(
-                f"{path}: tensor {key!r} ({dtype}, shape {list(shape)}) needs {expected} bytes but occupies {hi - lo}"
-            )
+        dtype, shape, lo, hi = _header_entry(path, key, entry, data_len)
         tensors[key] = TensorInfo(dtype, shape, data_start + lo, data_start + hi)
         spans.append((lo, hi, key))
     spans.sort()
@@ -130,6 +181,33 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if lo2 < hi1:
             raise MlxVideoError(f"{path} is corrupt: tensors {k1!r} and {k2!r} overlap")
     return tensors, metadata
+
+
+def check_shard(path: Path, keys) -> None:
+    """A shard is whole: its header is valid, its tensors' bytes lie inside the file, and it holds `keys`.
+    Reads only the header."""
+    if not path.is_file():
+        raise MlxVideoError(f"missing weight shard {path}")
+    tensors, _ = _read_header(path)
+    absent = [k for k in keys if k not in tensors]
+    if absent:
+        raise MlxVideoError(f"{path} lacks {len(absent)} tensors its index names, e.g. {absent[0]!r}")
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The weight_map of a safetensors index file: tensor name -> shard file name (a plain name in the same
+    folder), checked as JSON and by type."""
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, OSError) as e:
+        raise MlxVideoError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MlxVideoError(f"{index} is not a valid safetensors index (its weight_map must map names to shard files)")
+    for shard in set(weight_map.values()):
+        if not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
+            raise MlxVideoError(f"{index} names a shard {shard!r:.100} outside its folder; expected a file name")
+    return weight_map
 
 
 class TensorSource:
@@ -154,10 +232,7 @@ class TensorSource:
             raise MlxVideoError(f"missing {what} folder: {folder}")
         indexes = sorted(folder.glob("*.safetensors.index.json"))
         if indexes:
-            try:
-                weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise MlxVideoError(f"{indexes[0]} is not a valid safetensors index (no weight_map)") from None
+            weight_map = read_weight_map(indexes[0])
             names = sorted(set(weight_map.values()))
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
