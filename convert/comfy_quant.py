@@ -86,7 +86,7 @@ def parse_config(blob) -> dict:
         blob = np.asarray(blob).astype(np.uint8).tobytes()
     try:
         conf = json.loads(blob)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise MlxVideoError("a comfy_quant entry is not JSON") from None
     if not isinstance(conf, dict) or "format" not in conf:
         raise MlxVideoError(f"a comfy_quant entry has no format: {conf!r}")

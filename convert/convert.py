@@ -116,6 +116,8 @@ def _read_json(path: Path, what: str) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MlxVideoError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise MlxVideoError(f"{path} is not valid JSON (it nests too deeply)") from None
     if not isinstance(data, dict):
         raise MlxVideoError(f"{path} is not a JSON object ({what})")
     return data
@@ -151,9 +153,10 @@ def diffusers_pipeline_class(src) -> str | None:
     if not index.is_file():
         return None
     try:
-        return str(json.loads(index.read_text()).get("_class_name", ""))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return ""
+    return str(data.get("_class_name", "")) if isinstance(data, dict) else ""
 
 
 def _component_input(name: str, path: Path, origin: str) -> ComponentInput:
@@ -375,9 +378,9 @@ def _convert_locked(src, dst: Path, dtype, overwrite, shard_bytes, progress, log
     fingerprint = _fingerprint(conversion, settings)
     fingerprint["files"] = _planned_files(conversion, shard_bytes)
     stamp = work / STAMP
+    check_free_space(work, _planned_bytes(conversion), fingerprint["files"])
     if prepare_part(work, fingerprint):
         log(f"resuming the interrupted conversion in {work}")
-    check_free_space(work, _planned_bytes(conversion), fingerprint["files"])
     try:
         _write_json(stamp, fingerprint)
         _write_components(conversion, work, dtype, shard_bytes, progress, quantize, group_size)

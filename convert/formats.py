@@ -48,6 +48,7 @@ RAW_DTYPES: dict[str, tuple[int, type]] = {
     "F8_E5M2": (1, np.uint8),
     "F8_E8M0": (1, np.uint8),  # power-of-two scales of mxfp8 (comfy_quant); never a weight of its own
 }
+MAX_COMFY_QUANT_BYTES = 1 << 20  # a `<layer>.comfy_quant` tensor is a few dozen bytes of JSON
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 FP8_CODES = {"F8_E4M3": "e4m3fn", "F8_E5M2": "e5m2"}
 DTYPE_NAMES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2"}
@@ -186,21 +187,27 @@ PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 def checkpoint_kind(path: Path) -> str:
-    """"safetensors", "gguf" or "pth" for a checkpoint file, from its whole header, then its name.
+    """"safetensors", "gguf" or "pth" for a checkpoint file: from its whole header, then its name, then its
+    first bytes.
 
     A safetensors file starts with its header's length, whose low byte may be anything -- 0x80 as a pickle
     starts, "P" as a zip does -- so a file is safetensors when its length and JSON header say so, whatever
-    its first bytes; then the GGUF magic; then a zip or pickle start or a PyTorch file name."""
+    its first bytes; a file named .safetensors is read (and refused, if it must be) as one."""
     if looks_like_safetensors(path):
         return "safetensors"
+    suffix = path.suffix.lower()
+    if suffix in (".gguf", ".safetensors"):
+        return suffix[1:]
+    if suffix in PTH_SUFFIXES:
+        return "pth"
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
         raise MlxVideoError(f"cannot read {path} ({e.strerror or e})") from None
-    if head == b"GGUF" or path.suffix == ".gguf":
+    if head == b"GGUF":
         return "gguf"
-    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in PTH_SUFFIXES:
+    if head[:2] == b"PK" or head[:1] == b"\x80":
         return "pth"
     return "safetensors"  # its reader says what is wrong with it
 
@@ -315,21 +322,25 @@ class ComponentSource:
             try:
                 layers = json.loads(meta).get("layers", {})
                 configs.update({str(k)[len(self.prefix) :] if self.prefix and str(k).startswith(self.prefix) else str(k): v for k, v in layers.items()})
-            except (json.JSONDecodeError, AttributeError, TypeError):
+            except (json.JSONDecodeError, AttributeError, TypeError, RecursionError):
                 raise MlxVideoError(f"{self.what}: the header's _quantization_metadata is not valid JSON") from None
         for name in names:
             if not name.endswith(".comfy_quant"):
                 continue
+            if int(np.prod(self.tensors.shape(self._raw_key[name]), dtype=object)) > MAX_COMFY_QUANT_BYTES:
+                raise MlxVideoError(f"{self.what}: {name} is larger than a comfy_quant JSON blob can be")
             blob = np.array(self.tensors.read(self._raw_key[name])).astype(np.uint8).tobytes()
             try:
                 conf = json.loads(blob.decode("utf-8"))
                 if not isinstance(conf, dict):
                     raise ValueError
-            except (UnicodeDecodeError, ValueError):
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 raise MlxVideoError(f"{self.what}: {name} is not a JSON object (a comfy_quant blob)") from None
             configs[name[: -len(".comfy_quant")]] = conf
         for layer, conf in configs.items():  # ComfyUI reads extra fields flat or under "params"
-            if isinstance(conf, dict) and isinstance(conf.get("params"), dict):
+            if not isinstance(conf, dict):
+                raise MlxVideoError(f"{self.what}: the quantization entry of {layer} is not a JSON object")
+            if isinstance(conf.get("params"), dict):
                 configs[layer] = {**conf["params"], **{k: v for k, v in conf.items() if k != "params"}}
         return configs
 

@@ -92,10 +92,13 @@ def check_free_space(work: Path, planned_bytes: int, files: list[str]) -> None:
     have = 0
     for f in files:
         p = work / f
-        if p.is_file() and not f.endswith(".tmp"):
+        if not p.is_symlink() and p.is_file() and not f.endswith(".tmp"):
             have += p.stat().st_size
     needed = max(planned_bytes - have, 0)
-    free = shutil.disk_usage(work).free
+    folder = work
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
     if needed > free:
         raise MlxVideoError(
             f"not enough free space for the conversion: it writes {needed / 1e9:.2f} GB more into {work}, the disk "

@@ -676,64 +676,56 @@ def _open(path: Path):
 # the public reader
 
 
-class _Flattener:
-    """The saved object as dotted names -> tensors (and other values), walked once per object.
+def _children(node) -> list | None:
+    """(name, child) pairs of a container the flattening descends into; None for a tensor or a plain value."""
+    if isinstance(node, dict):
+        return [(str(k), v) for k, v in node.items()]
+    if isinstance(node, (list, tuple)) and node and any(isinstance(v, (dict, list, tuple, _TensorRef)) for v in node):
+        return [(str(i), v) for i, v in enumerate(node)]
+    return None
 
-    A pickle can share one container at many places (`l = [l, l]` forty deep is 651 bytes): each container is
-    flattened once and its entries reused under every name that reaches it, and the number of names made is
-    capped, so that neither time nor memory grows with the number of paths through a shared graph."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.made = 0
-        self.done: dict[int, tuple[list, list]] = {}  # id(container) -> (its [(suffix, tensor)], [(suffix, value)])
-        self.active: set[int] = set()
-        self.keep: list = []  # the containers of `done`, alive while their ids are used as keys
+def _count_entries(node, path: Path, memo: dict, active: set, depth: int = 0) -> int:
+    """How many names flattening `node` makes, each shared container counted once (memoised by identity), so
+    that a pickle sharing one list at many places (`l = [l, l]` forty deep is 651 bytes, 2**40 paths) is
+    measured in time linear in its size."""
+    items = _children(node)
+    if items is None:
+        return 1
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in active or depth > 64:
+        raise MlxVideoError(f"{path} is corrupt: its saved object nests too deeply or contains itself")
+    active.add(id(node))
+    n = 0
+    for _, child in items:
+        n += _count_entries(child, path, memo, active, depth + 1)
+    active.discard(id(node))
+    memo[id(node)] = n
+    return n
 
-    def _count(self, n: int) -> None:
-        self.made += n
-        if self.made > MAX_OBJECTS:
-            raise MlxVideoError(
-                f"{self.path}: its saved object holds more than {MAX_OBJECTS} entries (counted through shared "
-                "containers); a state dict holds a few per tensor"
-            )
 
-    def walk(self, node, depth: int = 0) -> tuple[list, list]:
-        """([(name, tensor info)], [(name, value)]) under `node`, names relative to it ("" for `node` itself)."""
-        if isinstance(node, _TensorRef):
-            return [("", node.info)], []
-        if isinstance(node, dict):
-            items = [(str(k), v) for k, v in node.items()]
-        elif isinstance(node, (list, tuple)) and node and any(isinstance(v, (dict, list, tuple, _TensorRef)) for v in node):
-            items = [(str(i), v) for i, v in enumerate(node)]
-        else:
-            return [], [("", node)]
-        if id(node) in self.done:
-            tensors, extras = self.done[id(node)]
-            self._count(len(tensors) + len(extras))
-            return tensors, extras
-        if id(node) in self.active or depth > 64:
-            raise MlxVideoError(f"{self.path} is corrupt: its saved object nests too deeply or contains itself")
-        self.active.add(id(node))
-        tensors, extras = [], []
-        for k, v in items:
-            sub_t, sub_e = self.walk(v, depth + 1)
-            tensors += [(f"{k}.{n}" if n else k, info) for n, info in sub_t]
-            extras += [(f"{k}.{n}" if n else k, value) for n, value in sub_e]
-            self._count(len(sub_t) + len(sub_e))
-        self.active.discard(id(node))
-        self.done[id(node)] = (tensors, extras)
-        self.keep.append(node)
-        return tensors, extras
+def _flatten_into(node, prefix: str, tensors: dict, extras: dict, path: Path) -> None:
+    items = _children(node)
+    if items is None:
+        if prefix in tensors or prefix in extras:
+            raise MlxVideoError(f"{path}: two entries flatten to the same key {prefix!r}")
+        (tensors if isinstance(node, _TensorRef) else extras)[prefix] = node.info if isinstance(node, _TensorRef) else node
+        return
+    for k, v in items:
+        _flatten_into(v, f"{prefix}.{k}" if prefix else k, tensors, extras, path)
 
 
 def _flatten(node, tensors: dict, extras: dict, path: Path) -> None:
-    found, values = _Flattener(path).walk(node)
-    for target, pairs in ((tensors, found), (extras, values)):
-        for name, value in pairs:
-            if name in tensors or name in extras:
-                raise MlxVideoError(f"{path}: two entries flatten to the same key {name!r}")
-            target[name] = value
+    """The saved object as dotted names -> tensors (and other values); refused, before any name is made, when
+    it would make more than MAX_OBJECTS names (counting every path through shared containers)."""
+    n = _count_entries(node, path, {}, set())
+    if n > MAX_OBJECTS:
+        raise MlxVideoError(
+            f"{path}: its saved object flattens to {n} entries (counted through shared containers), more than the "
+            f"{MAX_OBJECTS} mlxvid reads; a state dict holds a few per tensor"
+        )
+    _flatten_into(node, "", tensors, extras, path)
 
 
 class PthCheckpoint:

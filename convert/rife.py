@@ -146,10 +146,10 @@ def load_rife(path: str | Path, dtype: mx.Dtype = mx.float32) -> IFNet:
     if path.is_dir():
         try:
             config = json.loads((path / CONFIG).read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise MlxVideoError(f"cannot read {path / CONFIG}: {e}") from None
-        if config.get("family") != "rife":
-            raise MlxVideoError(f"{path} is not a converted RIFE folder ({CONFIG} has family {config.get('family')!r})")
+        if not isinstance(config, dict) or config.get("family") != "rife":
+            raise MlxVideoError(f"{path} is not a converted RIFE folder ({CONFIG} names no family 'rife')")
         model = IFNet(IFNetConfig.from_dict(config))
         try:
             weights = mx.load(str(path / WEIGHTS))

@@ -85,7 +85,7 @@ def shard_is_complete(path: Path, tensors: list[OutTensor]) -> bool:
             if n > 100 * 1024 * 1024:
                 return False
             header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError):
+    except (OSError, struct.error, ValueError, RecursionError):
         return False
     if not isinstance(header, dict):
         return False

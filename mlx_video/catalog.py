@@ -19,7 +19,9 @@ def converted_folder(spec) -> dict | None:
     path = models_home() / spec.id
     try:
         manifest = json.loads((path / "mlxvid.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(manifest, dict):
         return None
     return {"path": str(path), "bytes": folder_bytes(path), "dtype": manifest.get("dtype"),
             "quantization": (manifest.get("quantization") or {}).get("mode") if isinstance(manifest.get("quantization"), dict)

@@ -327,6 +327,7 @@ def interpolate_file(
 
     from .convert.rife import find_weights, load_rife
     from .io.atomic import atomic_dir, atomic_file
+    from .io.destination import check_destination
     from .io.video import VIDEO_FORMATS
     from .registry import models_home
 
@@ -335,6 +336,7 @@ def interpolate_file(
     weights = find_weights(Path(weights) if weights is not None else models_home() / "rife")
     source = open_input(input)
     kind, rate = _check_output(source, output, overwrite, fps)
+    check_destination(output, "the interpolated video")
     if rate is None and source.fps is not None:
         rate = source.fps * factor
 

@@ -69,7 +69,7 @@ def _is_official_model_dir(folder: Path) -> bool:
         return False
     try:
         data = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(data, dict) and (data.get("_class_name") == "WanModel" or "in_dim" in data)
 

@@ -62,7 +62,10 @@ class JsonTokenizer:
         self.tokenizer.no_truncation()
         config_file = path.parent / "tokenizer_config.json"
         if config_file.is_file():
-            configured = json.loads(config_file.read_text()).get("pad_token")
+            try:
+                configured = json.loads(config_file.read_text()).get("pad_token")
+            except (ValueError, RecursionError, AttributeError):
+                raise MlxVideoError(f"{config_file} is not a JSON object; re-run `mlxvid convert`") from None
             if isinstance(configured, dict):
                 configured = configured.get("content")
             pad_token = configured or pad_token
