@@ -51,7 +51,12 @@ def _remove_listed(work: Path, listed: list[Path]) -> list[Path]:
     for folder in sorted({p.parent for p in listed if p.parent != work}, key=lambda p: -len(p.parts)):
         if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()
-    return sorted(work.rglob("*"))
+    return _files_in(work)
+
+
+def _files_in(work: Path) -> list[Path]:
+    """Everything in `work` but folders (empty folders are nobody's work)."""
+    return sorted(p for p in work.rglob("*") if p.is_symlink() or not p.is_dir())
 
 
 def prepare_part(work: Path, fingerprint: dict) -> bool:
@@ -70,7 +75,7 @@ def prepare_part(work: Path, fingerprint: dict) -> bool:
         return True
     listed = _listed_files(work, stamp) if stamp is not None else None
     if listed is None:
-        if any(work.iterdir()):
+        if _files_in(work):
             raise MlxVideoError(
                 f"{work} exists and holds files that no mlxvid conversion recorded (no valid {STAMP}); mlxvid removes "
                 "only what it wrote: move the folder away or choose another destination"

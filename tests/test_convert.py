@@ -525,3 +525,137 @@ def test_shards_are_written_slice_by_slice(tiny, tmp_path, monkeypatch):
     convert_model(tiny.diffusers_folder(), sliced, dtype="bf16")
     for f in reference.rglob("*.safetensors"):
         assert f.read_bytes() == (sliced / f.relative_to(reference)).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------
+# DST.part, locks, full disks and unreadable sources (issue 24: findings 3, 4, 5, 7, 13, 19)
+
+
+def interrupted_at(done_at: int):
+    def interrupt(component, done, total):
+        if done == done_at:
+            raise KeyboardInterrupt
+
+    return interrupt
+
+
+def test_part_folder_of_someone_else_is_never_deleted(tiny, tmp_path):
+    dst = tmp_path / "out"
+    part = tmp_path / "out.part"
+    part.mkdir()
+    (part / "thesis.txt").write_text("four years of work")
+    with pytest.raises(MlxVideoError, match="no mlxvid conversion recorded"):
+        convert_model(tiny.diffusers_folder(), dst, dtype="fp32")
+    assert (part / "thesis.txt").read_text() == "four years of work" and not dst.exists()
+
+
+def test_part_of_other_settings_loses_only_our_files(tiny, tmp_path):
+    src = tiny.diffusers_folder()
+    dst = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        convert_model(src, dst, dtype="fp32", shard_bytes=8192, progress=interrupted_at(10))
+    notes = tmp_path / "out.part" / "transformer" / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(MlxVideoError, match=r"files it did not write \(transformer/notes.txt\)"):
+        convert_model(src, dst, dtype="bf16", shard_bytes=8192)
+    assert notes.read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "out.part").rglob("*")) == ["notes.txt", "transformer"]
+    notes.unlink()
+    convert_model(src, dst, dtype="bf16", shard_bytes=8192)
+    assert (dst / "mlxvid.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_part_that_is_not_a_folder_is_refused(tiny, tmp_path, kind):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "photo.png").write_bytes(b"png")
+    part = tmp_path / "out.part"
+    if kind == "file":
+        part.write_text("not ours")
+    else:
+        part.symlink_to(user)
+    with pytest.raises(MlxVideoError, match=f"is not a folder of an interrupted conversion .it is a {kind}"):
+        convert_model(tiny.diffusers_folder(), tmp_path / "out", dtype="fp32")
+    assert (user / "photo.png").read_bytes() == b"png"
+    assert part.is_symlink() if kind == "symlink" else part.read_text() == "not ours"
+
+
+def test_second_conversion_to_the_same_destination_is_refused_while_the_first_runs(tiny, tmp_path):
+    src = tiny.diffusers_folder()
+    dst = tmp_path / "out"
+    second: list[str] = []
+
+    def start_another(component, done, total):
+        if done == 10 and not second:
+            with pytest.raises(MlxVideoError, match="another `mlxvid convert` is writing") as info:
+                convert_model(src, dst, dtype="fp32", shard_bytes=8192)
+            second.append(str(info.value))
+
+    convert_model(src, dst, dtype="fp32", shard_bytes=8192, progress=start_another)
+    assert second and (dst / "mlxvid.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the lock file is gone too
+
+
+def test_too_little_free_space_is_refused_before_writing(tiny, tmp_path, monkeypatch):
+    import mlx_video.convert.part as part
+
+    monkeypatch.setattr(part.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    expect_failure("not enough free space", tiny.diffusers_folder(), tmp_path / "out", dtype="fp32")
+
+
+def test_disk_full_while_writing_is_a_message_and_the_part_resumes(tiny, tmp_path, monkeypatch):
+    import errno
+
+    from mlx_video.convert.shards import ShardWriter
+
+    real_write = ShardWriter.write
+    calls = []
+
+    def full_disk(self, name, offset, data):
+        calls.append(name)
+        if len(calls) == 30:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp))
+        return real_write(self, name, offset, data)
+
+    monkeypatch.setattr(ShardWriter, "write", full_disk)
+    src, dst = tiny.diffusers_folder(), tmp_path / "out"
+    with pytest.raises(MlxVideoError, match="No space left on device.*re-run the same command to resume"):
+        convert_model(src, dst, dtype="fp32", shard_bytes=8192)
+    part = tmp_path / "out.part"
+    assert not dst.exists() and part.is_dir() and not list(part.rglob("*.tmp"))
+    monkeypatch.setattr(ShardWriter, "write", real_write)
+    logs = []
+    convert_model(src, dst, dtype="fp32", shard_bytes=8192, log=logs.append)
+    assert any("resuming" in line for line in logs) and (dst / "mlxvid.json").is_file()
+
+
+def test_component_folder_that_is_a_symlink_loop_is_an_error(tiny, tmp_path):
+    src = copy_diffusers(tiny, tmp_path)
+    shutil.rmtree(src / "vae")
+    (src / "vae").symlink_to("vae")
+    expect_failure("cannot read .*vae .*symlink loop", src, tmp_path / "out", dtype="fp32")
+
+
+def test_destination_that_cannot_be_made_is_refused_before_work(tiny, tmp_path, monkeypatch):
+    import mlx_video.convert.convert as conv
+
+    monkeypatch.setattr(conv, "plan", lambda *a, **k: pytest.fail("planned before checking the destination"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the user's")
+    with pytest.raises(MlxVideoError, match="a-file is not a folder"):
+        convert_model(tiny.diffusers_folder(), blocker / "out", dtype="fp32")
+    assert blocker.read_text() == "the user's"
+
+
+@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
+                    reason="root may write into any folder, so a read-only folder cannot be made here")
+def test_read_only_destination_folder_is_refused_before_work(tiny, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(MlxVideoError, match="is not writable"):
+            convert_model(tiny.diffusers_folder(), folder / "out", dtype="fp32")
+    finally:
+        folder.chmod(0o700)
