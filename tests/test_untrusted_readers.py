@@ -8,6 +8,7 @@ address space capped and a time limit), so that a regression fails the test inst
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,9 @@ def run_driver(cases: list[dict], folder: Path, seconds: float = 5.0, limit_byte
     """Each case in `hostile_driver.py` under `seconds` and `limit_bytes`; name -> its result."""
     spec, results = folder / "cases.json", folder / "results.json"
     spec.write_text(json.dumps({"cases": cases, "seconds": seconds, "limit_bytes": limit_bytes}))
+    paths = [str(DRIVER.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(folder), "MLXVID_HOME": str(folder / "mlxvid-home"),
-           "PYTHONPATH": str(DRIVER.parent)}
+           "PYTHONPATH": os.pathsep.join(paths)}
     subprocess.run([sys.executable, str(DRIVER), str(spec), str(results)], check=True, env=env, cwd=folder,
                    timeout=60 + len(cases) * (seconds + 3))
     return {r["name"]: r for r in json.loads(results.read_text())}
