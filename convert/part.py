@@ -115,6 +115,24 @@ def check_free_space(work: Path, planned_bytes: int, files: list[str]) -> None:
 def destination_lock(dst: Path):
     """Hold `.DST.convert.lock` beside DST while converting; a second conversion to DST is refused at once."""
     lock = dst.with_name(f".{dst.name}.convert.lock")
+    made = [p for p in reversed(dst.parents) if not p.exists()]  # made here for the lock; removed after if empty
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MlxVideoError(f"cannot make the folder {dst.parent} ({e.strerror or e})") from None
+    try:
+        with _held(lock, dst):
+            yield
+    finally:
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+@contextmanager
+def _held(lock: Path, dst: Path):
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

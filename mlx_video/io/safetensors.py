@@ -37,6 +37,11 @@ _DTYPES = {
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
+# bytes per element of every dtype the safetensors format (and MLX's writer) names: what a converted model's
+# shards may hold (quantized weights are U32, for instance), checked when a model folder is opened
+ITEMSIZES = {**{k: v[0] for k, v in _DTYPES.items()}, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
+READABLE = {k: v[0] for k, v in _DTYPES.items()}  # what the converter reads from a checkpoint
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -128,12 +133,14 @@ def _is_count(x) -> bool:
     return type(x) is int and x >= 0
 
 
-def _header_entry(path: Path, key: str, entry, data_len: int) -> tuple[str, tuple[int, ...], int, int]:
+def _header_entry(
+    path: Path, key: str, entry, data_len: int, itemsizes: dict[str, int]
+) -> tuple[str, tuple[int, ...], int, int]:
     """(dtype, shape, lo, hi) of one tensor's header entry, every field's type and range checked."""
     if not isinstance(entry, dict):
         raise MlxVideoError(f"{path}: malformed header entry for tensor {key!r} (not an object)")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in itemsizes:
         raise MlxVideoError(f"{path}: tensor {key!r} has unsupported dtype {str(dtype) if isinstance(dtype, str) else repr(dtype):.50}")
     if not isinstance(shape, list) or len(shape) > 16 or not all(_is_count(s) for s in shape):
         raise MlxVideoError(f"{path}: tensor {key!r} has a malformed shape {shape!r:.100} (expected up to 16 counts)")
@@ -143,7 +150,7 @@ def _header_entry(path: Path, key: str, entry, data_len: int) -> tuple[str, tupl
     numel = 1
     for s in shape:
         numel *= s  # Python integers: a 2**64 dimension cannot wrap around
-    expected = numel * _DTYPES[dtype][0]
+    expected = numel * itemsizes[dtype]
     if not lo <= hi <= data_len:
         raise MlxVideoError(
             f"{path} is truncated or corrupt: tensor {key!r} spans bytes {lo}..{hi}, the data section has {data_len}"
@@ -153,7 +160,9 @@ def _header_entry(path: Path, key: str, entry, data_len: int) -> tuple[str, tupl
     return dtype, tuple(shape), lo, hi
 
 
-def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def _read_header(
+    path: Path, itemsizes: dict[str, int] = READABLE
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """The tensors and metadata of a safetensors file, its header validated field by field: whatever the
     file holds, the result is well-typed or an `MlxVideoError` naming the file and the field."""
     size = path.stat().st_size
@@ -173,7 +182,7 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for key, entry in header.items():
-        dtype, shape, lo, hi = _header_entry(path, key, entry, data_len)
+        dtype, shape, lo, hi = _header_entry(path, key, entry, data_len, itemsizes)
         tensors[key] = TensorInfo(dtype, shape, data_start + lo, data_start + hi)
         spans.append((lo, hi, key))
     spans.sort()
@@ -188,7 +197,7 @@ def check_shard(path: Path, keys) -> None:
     Reads only the header."""
     if not path.is_file():
         raise MlxVideoError(f"missing weight shard {path}")
-    tensors, _ = _read_header(path)
+    tensors, _ = _read_header(path, ITEMSIZES)
     absent = [k for k in keys if k not in tensors]
     if absent:
         raise MlxVideoError(f"{path} lacks {len(absent)} tensors its index names, e.g. {absent[0]!r}")
