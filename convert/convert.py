@@ -349,8 +349,8 @@ def convert_model(
                                components, tokenizer, allow_unknown_keys)
 
 
-def _convert_locked(src, dst: Path, dtype, overwrite, shard_bytes, progress, log, quantize, group_size, base, components,
-                    tokenizer, allow_unknown_keys) -> Path:
+def _convert_locked(src, dst: Path, dtype, overwrite, shard_bytes, progress, log, quantize, group_size, base,
+                    components, tokenizer, allow_unknown_keys) -> Path:
     conversion = plan(src, components, tokenizer, base, allow_unknown_keys, log)
     from mlx_video.families import get_family
 
@@ -398,7 +398,8 @@ def _convert_locked(src, dst: Path, dtype, overwrite, shard_bytes, progress, log
     return dst
 
 
-def _write_components(conversion: ConversionPlan, work: Path, dtype, shard_bytes, progress, quantize, group_size) -> None:
+def _write_components(conversion: ConversionPlan, work: Path, dtype, shard_bytes, progress, quantize,
+                      group_size) -> None:
     total = sum(len(c.items) for c in conversion.components)
     done = 0
     previous_cache = mx.set_cache_limit(CONVERT_CACHE_BYTES)

@@ -309,9 +309,10 @@ class _Archive:
         if info.compress_size > self.size:
             raise MlxVideoError(f"{self.path} is truncated: entry {name} claims {info.compress_size} bytes, "
                                 f"the file has {self.size}")
-        if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 1024:
-            raise _corrupt(self.path, f"entry {name} claims to expand {info.compress_size} bytes into {info.file_size}, "
-                                      "more than deflate can")
+        deflated = info.compress_type == zipfile.ZIP_DEFLATED
+        if deflated and info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 1024:
+            raise _corrupt(self.path, f"entry {name} claims to expand {info.compress_size} bytes into "
+                                      f"{info.file_size}, more than deflate can")
 
     def data_name(self, key: str) -> str:
         return f"{self.prefix}/data/{key}"
@@ -462,8 +463,9 @@ class _SafeUnpickler(pickle.Unpickler):
                 nbytes *= s
             if nbytes > max(storage.nbytes, MAX_EXPANDED_VIEW_BYTES):
                 raise self._fail(
-                    f"a tensor of shape {list(size)} ({nbytes} bytes) is a view repeating the {storage.nbytes} bytes of "
-                    f"storage {storage.key!r}; mlxvid reads such expanded views up to {MAX_EXPANDED_VIEW_BYTES} bytes"
+                    f"a tensor of shape {list(size)} ({nbytes} bytes) is a view repeating the {storage.nbytes} "
+                    f"bytes of storage {storage.key!r}; mlxvid reads such expanded views up to "
+                    f"{MAX_EXPANDED_VIEW_BYTES} bytes"
                 )
         return _TensorRef(PthTensorInfo(dtype, size, stride, storage.base // itemsize + offset, storage.key))
 
@@ -710,7 +712,10 @@ def _flatten_into(node, prefix: str, tensors: dict, extras: dict, path: Path) ->
     if items is None:
         if prefix in tensors or prefix in extras:
             raise MlxVideoError(f"{path}: two entries flatten to the same key {prefix!r}")
-        (tensors if isinstance(node, _TensorRef) else extras)[prefix] = node.info if isinstance(node, _TensorRef) else node
+        if isinstance(node, _TensorRef):
+            tensors[prefix] = node.info
+        else:
+            extras[prefix] = node
         return
     for k, v in items:
         _flatten_into(v, f"{prefix}.{k}" if prefix else k, tensors, extras, path)

@@ -94,7 +94,9 @@ class ModelFolder:
         manifest = read_json_object(manifest_path, "re-run `mlxvid convert`")
         components = manifest.get("components")
         if not isinstance(components, list) or not all(isinstance(c, str) and _plain_name(c) for c in components):
-            raise MlxVideoError(f"{manifest_path}: 'components' must be a list of folder names; re-run `mlxvid convert`")
+            raise MlxVideoError(
+                f"{manifest_path}: 'components' must be a list of folder names; re-run `mlxvid convert`"
+            )
         if not isinstance(manifest.get("dtype"), str):
             raise MlxVideoError(f"{manifest_path}: 'dtype' must name a dtype; re-run `mlxvid convert`")
         if manifest.get("format_version") != FORMAT_VERSION:
@@ -112,7 +114,9 @@ class ModelFolder:
         try:
             return self._spec()
         except (TypeError, ValueError, AttributeError, KeyError) as e:
-            raise MlxVideoError(f"{self.path / MANIFEST} is malformed ({type(e).__name__}: {e}); re-run `mlxvid convert`") from None
+            raise MlxVideoError(
+                f"{self.path / MANIFEST} is malformed ({type(e).__name__}: {e}); re-run `mlxvid convert`"
+            ) from None
 
     def _spec(self) -> ModelSpec:
         """The model this folder holds: the manifest's own description and defaults, with the registry entry

@@ -2,7 +2,8 @@
 
     python hostile_driver.py CASES.json RESULTS.json
 
-CASES.json is {"cases": [{"name", "argv"} or {"name", "code"}], "seconds", "limit_bytes"}. The parent imports mlxvid once; each case runs in a child forked
+CASES.json is {"cases": [{"name", "argv"} or {"name", "code"}], "seconds", "limit_bytes"}. The parent
+imports mlxvid once; each case runs in a child forked
 from it with its address space capped (`resource.setrlimit(RLIMIT_AS)`: what the parent maps plus
 `limit_bytes`) and is killed after `seconds`. RESULTS.json gets, per case: the exit code, or the signal that
 ended it, the wall time, the child's peak resident memory (bytes) and what it wrote to stderr.

@@ -109,8 +109,10 @@ def tensor_pickle(tensors: dict[str, tuple]) -> bytes:
     stride), rebuilt with torch._utils._rebuild_tensor_v2 as torch.save writes it (protocol 2)."""
     out = b"\x80\x02}("
     for name, (key, storage_cls, numel, offset, size, stride) in tensors.items():
-        pid = _tuple([_str("storage"), b"ctorch\n" + storage_cls.encode() + b"\n", _str(key), _str("cpu"), _int(numel)]) + b"Q"
-        args = _tuple([pid, _int(offset), _tuple([_int(s) for s in size]), _tuple([_int(s) for s in stride]), b"\x89", b"N"])
+        storage = b"ctorch\n" + storage_cls.encode() + b"\n"
+        pid = _tuple([_str("storage"), storage, _str(key), _str("cpu"), _int(numel)]) + b"Q"
+        shape = [_tuple([_int(s) for s in size]), _tuple([_int(s) for s in stride])]
+        args = _tuple([pid, _int(offset), *shape, b"\x89", b"N"])
         out += _str(name) + b"ctorch._utils\n_rebuild_tensor_v2\n" + args + b"R"
     return out + b"u."
 
@@ -135,8 +137,8 @@ def write_zip(path: Path, entries: list[tuple[str, bytes, int | None, int | None
         crc = zlib.crc32(raw) if crc is None else crc
         fields = struct.pack("<HHHHHIII", 20, 0, method, 0, 0x21, crc, len(raw), usize)
         header = b"PK\x03\x04" + fields + struct.pack("<HH", len(name), 0) + name.encode()
-        central += (b"PK\x01\x02" + struct.pack("<H", 20) + fields + struct.pack("<HHHHHII", len(name), 0, 0, 0, 0, 0, len(local))
-                    + name.encode())
+        central += (b"PK\x01\x02" + struct.pack("<H", 20) + fields
+                    + struct.pack("<HHHHHII", len(name), 0, 0, 0, 0, 0, len(local)) + name.encode())
         local += header + raw
     end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(entries), len(entries), len(central), len(local), 0)
     path.write_bytes(local + central + end)
@@ -161,17 +163,17 @@ def bad_pth(folder: Path) -> dict[str, Path]:
     f = folder
     good_storage = np.arange(6, dtype=np.float32).tobytes()
     one = {"w": ("0", "FloatStorage", 6, 0, (2, 3), (3, 1))}
+    stride0 = tensor_pickle({"w": ("0", "ByteStorage", 1, 0, (2**31,), (0,))})
+    stride0b = tensor_pickle({"w": ("0", "FloatStorage", 1, 0, (2**17, 2**17), (0, 0))})
+    past = tensor_pickle({"w": ("0", "FloatStorage", 6, 4, (2, 3), (3, 1))})
     cases = {
         "pth-valid": pth_archive(f / "valid.pth", tensor_pickle(one), {"0": good_storage}),
         "pth-shared-list-40": pth_archive(f / "shared.pth", shared_list_pickle(40)),
-        "pth-stride0-2**31": pth_archive(f / "stride0.pth", tensor_pickle({"w": ("0", "ByteStorage", 1, 0, (2**31,), (0,))}),
-                                         {"0": b"\x01"}),
-        "pth-stride0-2**34": pth_archive(f / "stride0b.pth", tensor_pickle({"w": ("0", "FloatStorage", 1, 0, (2**17, 2**17), (0, 0))}),
-                                         {"0": bytes(4)}),
+        "pth-stride0-2**31": pth_archive(f / "stride0.pth", stride0, {"0": b"\x01"}),
+        "pth-stride0-2**34": pth_archive(f / "stride0b.pth", stride0b, {"0": bytes(4)}),
         "pth-missing-storage": pth_archive(f / "missing.pth", tensor_pickle(one)),
         "pth-storage-short": pth_archive(f / "short.pth", tensor_pickle(one), {"0": bytes(8)}),
-        "pth-view-past-storage": pth_archive(f / "past.pth", tensor_pickle({"w": ("0", "FloatStorage", 6, 4, (2, 3), (3, 1))}),
-                                             {"0": good_storage}),
+        "pth-view-past-storage": pth_archive(f / "past.pth", past, {"0": good_storage}),
         "pth-os-system": pth_archive(f / "evil.pth", b"\x80\x02cposix\nsystem\nX\x04\x00\x00\x00trueq\x85R."),
         "pth-deep-pickle": pth_archive(f / "deep.pth", b"\x80\x02" + b"]" * 0 + b"(" * 100_000 + b"t" * 100_000 + b"."),
         "pth-deep-lists": pth_archive(f / "deeplists.pth", b"\x80\x02" + b"](" * 50_000 + b"e" * 50_000 + b"."),
@@ -190,8 +192,9 @@ def bad_pth(folder: Path) -> dict[str, Path]:
     # deflate bombs: a 2 GiB storage in 2 MB, a 1.5 GiB data.pkl in 1.5 MB
     raw, crc = _deflate_zeros(2 << 30)
     big = {"w": ("0", "ByteStorage", 2 << 30, 0, (2 << 30,), (1,))}
-    cases["pth-deflated-storage-2GiB"] = write_zip(f / "bomb.pth", [("archive/data.pkl", tensor_pickle(big), None, None),
-                                                                   ("archive/data/0", raw, 2 << 30, crc)])
+    cases["pth-deflated-storage-2GiB"] = write_zip(
+        f / "bomb.pth", [("archive/data.pkl", tensor_pickle(big), None, None), ("archive/data/0", raw, 2 << 30, crc)]
+    )
     raw, crc = _deflate_zeros(1536 << 20)
     cases["pth-deflated-data-pkl-1.5GiB"] = write_zip(f / "pklbomb.pth", [("archive/data.pkl", raw, 1536 << 20, crc)])
     cases["pth-ratio-impossible"] = write_zip(f / "ratio.pth", [("archive/data.pkl", b"\x03\x00", (1 << 32) - 1, 0)])
@@ -296,7 +299,8 @@ def folder_cases(root: Path) -> dict[str, list[str]]:
         d = diffusers(name)
         (d / "transformer" / "config.json").write_bytes(body)
         cases[f"src-{name}"] = ["convert", str(d), str(root / "out" / name)]
-    for name, body in {"model-index-list": b"[]", "model-index-not-utf8": b"\xff", "model-index-deep": b"[" * 100_000}.items():
+    model_indexes = {"model-index-list": b"[]", "model-index-not-utf8": b"\xff", "model-index-deep": b"[" * 100_000}
+    for name, body in model_indexes.items():
         d = diffusers(name)
         (d / "model_index.json").write_bytes(body)
         cases[f"src-{name}"] = ["convert", str(d), str(root / "out" / name)]
@@ -345,7 +349,8 @@ def model_folder_variants(model: Path, root: Path) -> dict[str, Path]:
     index = "model.safetensors.index.json"
     variant("mf-index-not-json").joinpath("transformer", index).write_bytes(b"{")
     variant("mf-index-list").joinpath("transformer", index).write_bytes(b"[]")
-    variant("mf-index-escape").joinpath("transformer", index).write_text(json.dumps({"weight_map": {"a": "../../../user/keep.txt"}}))
+    escape = {"weight_map": {"a": "../../../user/keep.txt"}}
+    variant("mf-index-escape").joinpath("transformer", index).write_text(json.dumps(escape))
     variant("mf-config-list").joinpath("transformer", "config.json").write_bytes(b"[]")
     variant("mf-config-not-utf8").joinpath("vae", "config.json").write_bytes(b"\xff")
     shard_of(variant("mf-vae-shard-empty"), "vae").write_bytes(b"")

@@ -600,7 +600,9 @@ def test_second_conversion_to_the_same_destination_is_refused_while_the_first_ru
 def test_too_little_free_space_is_refused_before_writing(tiny, tmp_path, monkeypatch):
     import mlx_video.convert.part as part
 
-    monkeypatch.setattr(part.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(part.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
     expect_failure("not enough free space", tiny.diffusers_folder(), tmp_path / "out", dtype="fp32")
 
 

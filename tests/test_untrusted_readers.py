@@ -140,7 +140,8 @@ def fake_model_folder(folder: Path) -> Path:
         shard = "model-00001-of-00001.safetensors"
         weights = {"a.weight": mx.random.normal(shape), "b.bias": mx.zeros(shape[:1])}
         mx.save_safetensors(str(folder / comp / shard), weights)
-        (folder / comp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: shard for k in weights}}))
+        index = {"weight_map": {k: shard for k in weights}}
+        (folder / comp / "model.safetensors.index.json").write_text(json.dumps(index))
     return folder
 
 

@@ -141,11 +141,14 @@ def _header_entry(
         raise MlxVideoError(f"{path}: malformed header entry for tensor {key!r} (not an object)")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in itemsizes:
-        raise MlxVideoError(f"{path}: tensor {key!r} has unsupported dtype {str(dtype) if isinstance(dtype, str) else repr(dtype):.50}")
+        shown = dtype if isinstance(dtype, str) else repr(dtype)
+        raise MlxVideoError(f"{path}: tensor {key!r} has unsupported dtype {shown:.50}")
     if not isinstance(shape, list) or len(shape) > 16 or not all(_is_count(s) for s in shape):
         raise MlxVideoError(f"{path}: tensor {key!r} has a malformed shape {shape!r:.100} (expected up to 16 counts)")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise MlxVideoError(f"{path}: tensor {key!r} has malformed data_offsets {offsets!r:.100} (expected [start, end])")
+        raise MlxVideoError(
+            f"{path}: tensor {key!r} has malformed data_offsets {offsets!r:.100} (expected [start, end])"
+        )
     lo, hi = offsets
     numel = 1
     for s in shape:
@@ -156,7 +159,9 @@ def _header_entry(
             f"{path} is truncated or corrupt: tensor {key!r} spans bytes {lo}..{hi}, the data section has {data_len}"
         )
     if hi - lo != expected:
-        raise MlxVideoError(f"{path}: tensor {key!r} ({dtype}, shape {shape}) needs {expected} bytes but occupies {hi - lo}")
+        raise MlxVideoError(
+            f"{path}: tensor {key!r} ({dtype}, shape {shape}) needs {expected} bytes but occupies {hi - lo}"
+        )
     return dtype, tuple(shape), lo, hi
 
 
