@@ -29,6 +29,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import click
 
@@ -545,16 +546,41 @@ def _rss_peak_delta(fn) -> int | None:
     return after["VmHWM"] - before["VmRSS"]
 
 
-def _torch_to_mx(tensor, dtype: str):
+def torch_to_mx(tensor, dtype: str):
+    """A torch tensor (any device) as an MLX array in `dtype` (floating tensors only are cast)."""
     import mlx.core as mx
     import torch
 
-    tensor = tensor.detach().contiguous()
+    tensor = tensor.detach().cpu().contiguous()
     if tensor.dtype == torch.bfloat16:
         value = mx.array(tensor.view(torch.int16).numpy()).view(mx.bfloat16)
     else:
         value = mx.array(tensor.numpy())
     return value.astype(_mx_dtype(dtype)) if mx.issubdtype(value.dtype, mx.floating) else value
+
+
+def output_agreement(ours, reference) -> float:
+    """Relative L2 difference of two velocities: ours channels-last (B, T, H, W, C) as an MLX array, the
+    reference's (B, C, T, H, W) as a torch tensor on any device."""
+    import mlx.core as mx
+    import numpy as np
+
+    a = np.asarray(ours.astype(mx.float32)).transpose(0, 4, 1, 2, 3)
+    b = reference.detach().float().cpu().numpy()
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def alternate(steps: dict, repeats: int) -> dict[str, list[float]]:
+    """`repeats` rounds, each running every step of `steps` (name -> callable) once in turn, so that load from
+    other jobs, clocks and heat hit every side alike; the seconds of each call, by name. Each callable must
+    return only once its work is done (mx.eval; torch.cuda.synchronize on a GPU)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def side_by_side(ours_step, ref_step, repeats: int, ref_resident_bytes: int, warmup: int = 1):
@@ -564,22 +590,15 @@ def side_by_side(ours_step, ref_step, repeats: int, ref_resident_bytes: int, war
     and inputs) plus the peak of the tensors alive during its step; with both, the RSS high-water growth.
     Returns (rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_peak, ref_rss)."""
     import mlx.core as mx
-    import numpy as np
 
     for _ in range(max(warmup, 1)):  # agreement (the same computation?), and the warm-up
         v_ours = ours_step()
         v_ref = ref_step()
-    a = np.asarray(v_ours.astype(mx.float32)).transpose(0, 4, 1, 2, 3)
-    b = v_ref.float().numpy()
-    rel_err = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-    del v_ours, v_ref, a, b
+    rel_err = output_agreement(v_ours, v_ref)
+    del v_ours, v_ref
 
-    ours_times, ref_times = [], []
-    for _ in range(repeats):
-        for fn, acc in ((ours_step, ours_times), (ref_step, ref_times)):
-            start = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - start)
+    times = alternate({"ours": ours_step, "reference": ref_step}, repeats)
+    ours_times, ref_times = times["ours"], times["reference"]
 
     _release()
     mx.reset_peak_memory()
@@ -594,6 +613,101 @@ def side_by_side(ours_step, ref_step, repeats: int, ref_resident_bytes: int, war
 
     ref_rss = _rss_peak_delta(tracked_ref_step)
     return rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_resident_bytes + tracker.peak, ref_rss
+
+
+class StepPair(NamedTuple):
+    """One denoising step through ours and through the diffusers reference, built from the same weights and
+    inputs: `ours()` returns our evaluated output, channels-last (B, T, H, W, C); `reference()` returns the
+    reference's, (B, C, T, H, W), its device synchronised. `flops`: the family cost model's FLOPs of the step.
+    (A NamedTuple, not a dataclass: `mlxvid bench` loads this file without registering it as a module.)"""
+
+    ours: Callable
+    reference: Callable
+    flops: int
+    tokens: int
+    ours_weights_bytes: int
+    reference_weights_bytes: int
+    inputs_bytes: int
+    info: dict
+
+
+def torch_sync(device: str) -> None:
+    """Wait for the torch device's queued work (CUDA / MPS); nothing on the CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def module_bytes(module) -> int:
+    """Bytes of a torch module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def wan_step_pair(model_id: str, size: tuple[int, int], frames: int, layers: int, dtype: str | None,
+                  guidance: bool = True, config=None, seed: int = 0, device: str = "cpu") -> StepPair:
+    """The step of `run_step` through ours and through diffusers' WanTransformer3DModel on the torch `device`:
+    diffusers' random init, cast as from_pretrained(torch_dtype=...) loads it (its `_keep_in_fp32_modules`
+    stay float32), converted to ours through convert/wan.py's DIFFUSERS_TRANSFORMER; the same inputs."""
+    import mlx.core as mx
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from mlx_video.convert.wan import DIFFUSERS_TRANSFORMER
+    from mlx_video.models.wan.transformer import WanTransformer
+
+    spec, dtype, full, cfg, geo, batch, g = _setup(model_id, dtype, config, layers, size, frames, guidance)
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        ref = WanTransformer3DModel(**diffusers_kwargs(cfg)).eval()
+    keep = getattr(ref, "_keep_in_fp32_modules", None) or []
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if not any(k in name.split(".") for k in keep):
+                p.data = p.data.to(tdt)
+    _release()
+    ours = WanTransformer(cfg)
+    converted = [DIFFUSERS_TRANSFORMER.apply(k, torch_to_mx(v, dtype)) for k, v in ref.state_dict().items()]
+    ours.load_weights([c for c in converted if c is not None], strict=True)
+    mx.eval(ours.parameters())
+    del converted
+
+    text_len = spec.default("text_len", 512)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x_t = torch.randn(1, *geo["latent"], cfg.in_channels, generator=gen).to(tdt)
+    ctx_t = torch.randn(batch, text_len, cfg.text_dim, generator=gen).to(tdt)
+    x_m, ctx_m = torch_to_mx(x_t, dtype), torch_to_mx(ctx_t, dtype)
+    x_ref = x_t.permute(0, 4, 1, 2, 3).contiguous().to(device)  # diffusers: (B, C, T, H, W)
+    ctx_ref, t_ref = ctx_t.to(device), torch.full((batch,), 500.0, device=device)
+
+    def ours_step():
+        v = velocity(ours, x_m, 500.0, ctx_m, g)
+        mx.eval(v)
+        return v
+
+    def ref_step():
+        with torch.inference_mode():
+            if batch == 1:
+                out = ref(x_ref, t_ref, ctx_ref, return_dict=False)[0]
+            else:
+                cond, uncond = ref(torch.cat([x_ref, x_ref]), t_ref, ctx_ref, return_dict=False)[0].chunk(2)
+                out = uncond + g * (cond - uncond)
+        torch_sync(device)
+        return out
+
+    groups = geo["grid"][0] if spec.default("per_frame_timesteps") else 1
+    return StepPair(
+        ours=ours_step, reference=ref_step, flops=F.forward_flops(cfg, geo["tokens"], text_len, batch, groups).total,
+        tokens=geo["tokens"], ours_weights_bytes=sum(v.nbytes for _, v in _flat(ours.parameters())),
+        reference_weights_bytes=module_bytes(ref), inputs_bytes=x_t.numel() * x_t.element_size() + ctx_t.numel()
+        * ctx_t.element_size(),
+        info={"model": spec.id, "config": cfg.to_dict(), "width": size[0], "height": size[1], "frames": frames,
+              "layers": layers, "dtype": dtype, "batch": batch, "text_tokens": text_len,
+              "reference": f"diffusers {_version('diffusers')} WanTransformer3DModel, torch {torch.__version__}"},
+    )
 
 
 def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = (256, 256), frames: int = 9,
@@ -614,66 +728,21 @@ def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = 
     """
     try:
         import torch
-        from diffusers import WanTransformer3DModel
+        from diffusers import WanTransformer3DModel  # noqa: F401  (wan_step_pair builds it)
     except ImportError as e:  # torch and diffusers are optional: only this harness and the tests use them
         msg = f"vs-reference skipped: needs torch and diffusers ({e})"
         echo(msg)
         return _finish({"harness": "vs-reference", "skipped": True, "reason": msg}, json_path, echo, command)
-    import mlx.core as mx
-
-    from mlx_video.convert.wan import DIFFUSERS_TRANSFORMER
-    from mlx_video.models.wan.transformer import WanTransformer
-
     spec, dtype, full, cfg, geo, batch, g = _setup(model_id, dtype, config, layers, size, frames, guidance)
     width, height = size
     threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS", 0)) or os.cpu_count()
     torch.set_num_threads(threads)
-    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-
-    # The reference, with diffusers' own random init, loaded as from_pretrained(torch_dtype=tdt) would.
-    torch.manual_seed(seed)
-    ref = WanTransformer3DModel(**diffusers_kwargs(cfg)).eval()
-    keep = getattr(ref, "_keep_in_fp32_modules", None) or []
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if not any(k in name.split(".") for k in keep):
-                p.data = p.data.to(tdt)
-    ref_weights = sum(p.numel() * p.element_size() for p in ref.parameters())
-    ref_weights += sum(b.numel() * b.element_size() for b in ref.buffers())
-
-    # Ours, from the same values.
-    _release()
-    ours = WanTransformer(cfg)
-    converted = [DIFFUSERS_TRANSFORMER.apply(k, _torch_to_mx(v, dtype)) for k, v in ref.state_dict().items()]
-    ours.load_weights([c for c in converted if c is not None], strict=True)
-    mx.eval(ours.parameters())
-    del converted
-    our_weights = sum(v.nbytes for _, v in _flat(ours.parameters()))
-
-    gen = torch.Generator().manual_seed(seed + 1)
-    x_t = torch.randn(1, *geo["latent"], cfg.in_channels, generator=gen).to(tdt)
-    ctx_t = torch.randn(batch, spec.default("text_len", 512), cfg.text_dim, generator=gen).to(tdt)
-    x_m = _torch_to_mx(x_t, dtype)
-    ctx_m = _torch_to_mx(ctx_t, dtype)
-    x_ref = x_t.permute(0, 4, 1, 2, 3).contiguous()  # diffusers: (B, C, T, H, W)
-    t_ref = torch.full((batch,), 500.0)
-    inputs = x_t.numel() * x_t.element_size() + ctx_t.numel() * ctx_t.element_size()
-
-    def ours_step():
-        v = velocity(ours, x_m, 500.0, ctx_m, g)
-        mx.eval(v)
-        return v
-
-    def ref_step():
-        with torch.inference_mode():
-            if batch == 1:
-                return ref(x_ref, t_ref, ctx_t, return_dict=False)[0]
-            out = ref(torch.cat([x_ref, x_ref]), t_ref, ctx_t, return_dict=False)[0]
-            cond, uncond = out[:1], out[1:]
-            return uncond + g * (cond - uncond)
-
+    pair = wan_step_pair(model_id, size, frames, layers, dtype, guidance, config, seed)
+    our_weights, ref_weights = pair.ours_weights_bytes, pair.reference_weights_bytes
     rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_peak, ref_rss = side_by_side(
-        ours_step, ref_step, repeats, ref_weights + inputs, warmup)
+        pair.ours, pair.reference, repeats, ref_weights + pair.inputs_bytes, warmup)
+    inputs = pair.inputs_bytes
+    pair = None
 
     counted = torch_flop_count(cfg, geo["latent"], batch, spec.default("text_len", 512))["total"]
     groups = geo["grid"][0] if spec.default("per_frame_timesteps") else 1
@@ -712,7 +781,6 @@ def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = 
     ], echo, header=("", "ours (MLX)", "reference (torch)", "ours/ref"))
     echo(f"output relative L2 difference: {rel_err:.2e}; FLOPs per step: model {modelled / 1e12:.4f} T, "
          f"torch counter {counted / 1e12:.4f} T")
-    ours = ref = None
     _release()
     return _finish(record, json_path, echo, command)
 

@@ -28,13 +28,16 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
+    StepPair,
     _finish,
     _fmt_bytes,
     _release,
-    side_by_side,
     _table,
-    _torch_to_mx,
     _version,
+    module_bytes,
+    side_by_side,
+    torch_sync,
+    torch_to_mx,
 )
 
 
@@ -43,57 +46,56 @@ def _parse_size(value: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def run_vs_reference(size=(256, 256), frames: int = 9, double: int = 1, single: int = 1, refiner: int = 2,
-                     dtype: str = "fp32", repeats: int = 3, threads: int | None = None, json_path=None, seed: int = 0,
-                     echo=click.echo) -> dict:
-    import os
+REAL_WIDTH = dict(num_attention_heads=24, attention_head_dim=128, mlp_ratio=4.0, text_embed_dim=4096,
+                  pooled_projection_dim=768, rope_axes_dim=(16, 56, 56))
 
+
+def step_pair(size=(256, 256), frames: int = 9, double: int = 1, single: int = 1, refiner: int = 2,
+              dtype: str = "fp32", seed: int = 0, device: str = "cpu", **width) -> StepPair:
+    """One step (embedded guidance, batch 1, a 77-token prompt of 256 rows) through ours and through diffusers'
+    HunyuanVideoTransformer3DModel on the torch `device`: diffusers' random init converted with convert/hunyuan.py's
+    DIFFUSERS_TRANSFORMER, the same inputs. `width` overrides REAL_WIDTH (tests use a tiny one)."""
     import mlx.core as mx
     import numpy as np
     import torch
     from diffusers import HunyuanVideoTransformer3DModel
+    from mlx.utils import tree_flatten
 
     from mlx_video.convert.hunyuan import DIFFUSERS_TRANSFORMER, convert_weights, transformer_config_from_diffusers
     from mlx_video.models.hunyuan import cost
     from mlx_video.models.hunyuan.transformer import HunyuanTransformer
 
-    width, height = size
-    threads = threads or os.cpu_count()
-    torch.set_num_threads(threads)
+    width_px, height = size
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     mdt = {"fp32": mx.float32, "bf16": mx.bfloat16}[dtype]
-    kwargs = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=double,
-                  num_single_layers=single, num_refiner_layers=refiner, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
-                  qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
-                  rope_theta=256.0, rope_axes_dim=(16, 56, 56))
+    kwargs = dict(in_channels=16, out_channels=16, num_layers=double, num_single_layers=single,
+                  num_refiner_layers=refiner, patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
+                  rope_theta=256.0, **{**REAL_WIDTH, **width})
     torch.manual_seed(seed)
-    ref = HunyuanVideoTransformer3DModel(**kwargs).eval().to(tdt)
-    ref_weights = sum(p.numel() * p.element_size() for p in ref.parameters())
-    ref_weights += sum(b.numel() * b.element_size() for b in ref.buffers())
-
+    with torch.device(device):
+        ref = HunyuanVideoTransformer3DModel(**kwargs).eval().to(tdt)
     _release()
     cfg = transformer_config_from_diffusers({"_class_name": "HunyuanVideoTransformer3DModel", **kwargs})
     ours = HunyuanTransformer(cfg, dtype=mdt)
     ours.load_weights(list(convert_weights(DIFFUSERS_TRANSFORMER, {
-        k: _torch_to_mx(v, dtype) for k, v in ref.state_dict().items()}).items()), strict=True)
+        k: torch_to_mx(v, dtype) for k, v in ref.state_dict().items()}).items()), strict=True)
     mx.eval(ours.parameters())
-    from mlx.utils import tree_flatten
 
-    our_weights = sum(v.nbytes for _, v in tree_flatten(ours.parameters()))
-
-    t, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
-    text_len = 256
+    t, h, w = (frames - 1) // 4 + 1, height // 8, width_px // 8
+    text_len, text_dim, pooled_dim = 256, kwargs["text_embed_dim"], kwargs["pooled_projection_dim"]
     gen = torch.Generator().manual_seed(seed + 1)
     x_t = torch.randn(1, 16, t, h, w, generator=gen).to(tdt)
-    text_t = torch.randn(1, text_len, 4096, generator=gen).to(tdt)
+    text_t = torch.randn(1, text_len, text_dim, generator=gen).to(tdt)
     mask_t = torch.zeros(1, text_len, dtype=torch.int64)
     mask_t[:, :77] = 1  # a prompt of 77 tokens, the rest padding, as the pipeline passes it
-    pooled_t = torch.randn(1, 768, generator=gen).to(tdt)
+    pooled_t = torch.randn(1, pooled_dim, generator=gen).to(tdt)
     guidance = 6.0 * 1000.0
-    x_m = _torch_to_mx(x_t.permute(0, 2, 3, 4, 1), dtype)
-    text_m, pooled_m = _torch_to_mx(text_t, dtype), _torch_to_mx(pooled_t, dtype)
+    x_m = torch_to_mx(x_t.permute(0, 2, 3, 4, 1), dtype)
+    text_m, pooled_m = torch_to_mx(text_t, dtype), torch_to_mx(pooled_t, dtype)
     mask_m = mx.array(mask_t.numpy().astype(np.int32))
-    inputs = sum(a.numel() * a.element_size() for a in (x_t, text_t, mask_t, pooled_t))
+    on_device = [a.to(device) for a in (x_t, text_t, mask_t, pooled_t)]
+    step_t = torch.tensor([500.0], device=device)
+    guidance_t = torch.tensor([guidance], device=device).to(tdt)
 
     def ours_step():
         v = ours(x_m, mx.array([500.0]), text_m, mask_m, pooled_m, guidance=mx.array([guidance]))
@@ -101,17 +103,47 @@ def run_vs_reference(size=(256, 256), frames: int = 9, double: int = 1, single: 
         return v
 
     def ref_step():
+        x, text, mask, pooled = on_device
         with torch.inference_mode():
-            return ref(x_t, torch.tensor([500.0]), text_t, mask_t, pooled_t, guidance=torch.tensor([guidance]).to(tdt),
-                       return_dict=False)[0]
+            out = ref(x, step_t, text, mask, pooled, guidance=guidance_t, return_dict=False)[0]
+        torch_sync(device)
+        return out
 
+    tokens = t * (h // 2) * (w // 2)
+    return StepPair(
+        ours=ours_step, reference=ref_step, flops=cost.forward_flops(cfg, tokens, text_len).total, tokens=tokens,
+        ours_weights_bytes=sum(v.nbytes for _, v in tree_flatten(ours.parameters())),
+        reference_weights_bytes=module_bytes(ref),
+        inputs_bytes=sum(a.numel() * a.element_size() for a in (x_t, text_t, mask_t, pooled_t)),
+        info={"config": cfg.to_dict(), "width": width_px, "height": height, "frames": frames, "double_blocks": double,
+              "single_blocks": single, "refiner_blocks": refiner, "dtype": dtype, "batch": 1,
+              "text_tokens": text_len,
+              "reference": f"diffusers {_version('diffusers')} HunyuanVideoTransformer3DModel, "
+                           f"torch {torch.__version__}"},
+    )
+
+
+def run_vs_reference(size=(256, 256), frames: int = 9, double: int = 1, single: int = 1, refiner: int = 2,
+                     dtype: str = "fp32", repeats: int = 3, threads: int | None = None, json_path=None, seed: int = 0,
+                     echo=click.echo) -> dict:
+    import os
+
+    import torch
+
+    width, height = size
+    threads = threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    pair = step_pair(size, frames, double, single, refiner, dtype, seed)
+    config = pair.info["config"]
+    ref_weights, our_weights, inputs = pair.reference_weights_bytes, pair.ours_weights_bytes, pair.inputs_bytes
+    tokens, text_len, flops = pair.tokens, pair.info["text_tokens"], pair.flops
+    ours_step, ref_step = pair.ours, pair.reference
+    pair = None
     rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_peak, ref_rss = side_by_side(
         ours_step, ref_step, repeats, ref_weights + inputs)
-    tokens = t * (h // 2) * (w // 2)
-    flops = cost.forward_flops(cfg, tokens, text_len).total
     t_ours, t_ref = statistics.median(ours_times), statistics.median(ref_times)
     record = {
-        "harness": "hunyuan-vs-reference", "config": cfg.to_dict(), "width": width, "height": height, "frames": frames,
+        "harness": "hunyuan-vs-reference", "config": config, "width": width, "height": height, "frames": frames,
         "double_blocks": double, "single_blocks": single, "refiner_blocks": refiner, "dtype": dtype,
         "image_tokens": tokens, "text_tokens": text_len, "repeats": repeats, "torch_threads": threads,
         "reference": f"diffusers {_version('diffusers')} HunyuanVideoTransformer3DModel, torch {torch.__version__}",
@@ -125,8 +157,9 @@ def run_vs_reference(size=(256, 256), frames: int = 9, double: int = 1, single: 
         "ours_rss_hwm_delta_bytes": ours_rss, "reference_rss_hwm_delta_bytes": ref_rss,
         "output_relative_l2_error": rel_err, "flops_per_step_model": flops,
     }
+    hidden = config["num_heads"] * config["head_dim"]
     echo(f"hunyuan vs-reference: {width}x{height}x{frames} ({tokens} image + {text_len} text tokens), {double} double + "
-         f"{single} single + {refiner} refiner blocks at width {cfg.hidden_size}, {dtype}, torch threads {threads}")
+         f"{single} single + {refiner} refiner blocks at width {hidden}, {dtype}, torch threads {threads}")
     _table([
         ("seconds per step (median)", f"{t_ours:.3f}", f"{t_ref:.3f}", f"{t_ours / t_ref:.3f}"),
         ("seconds per step (fastest)", f"{min(ours_times):.3f}", f"{min(ref_times):.3f}",

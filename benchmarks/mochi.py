@@ -30,13 +30,16 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
+    StepPair,
     _finish,
     _fmt_bytes,
     _release,
-    side_by_side,
     _table,
-    _torch_to_mx,
     _version,
+    module_bytes,
+    side_by_side,
+    torch_sync,
+    torch_to_mx,
 )
 
 
@@ -45,8 +48,12 @@ def _parse_size(value: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def run_vs_reference(size=(256, 256), frames: int = 7, layers: int = 2, dtype: str = "fp32", repeats: int = 3,
-                     threads: int | None = None, json_path=None, seed: int = 0, echo=click.echo) -> dict:
+def step_pair(size=(256, 256), frames: int = 7, layers: int = 2, dtype: str = "fp32", seed: int = 0,
+              device: str = "cpu", **width) -> StepPair:
+    """One CFG-batched step (batch 2: 77 and 12 valid of 256 text rows) through ours and through diffusers'
+    MochiTransformer3DModel on the torch `device`: diffusers' random init converted with convert/mochi.py's
+    DIFFUSERS_TRANSFORMER, the same inputs. `width`: MochiTransformer3DModel arguments replacing its defaults
+    (Mochi 1 preview's widths; tests use tiny ones)."""
     import mlx.core as mx
     import numpy as np
     import torch
@@ -57,26 +64,20 @@ def run_vs_reference(size=(256, 256), frames: int = 7, layers: int = 2, dtype: s
     from mlx_video.models.mochi import cost
     from mlx_video.models.mochi.transformer import MochiTransformer
 
-    width, height = size
-    threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS", 0)) or os.cpu_count()
-    torch.set_num_threads(threads)
+    width_px, height = size
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     mdt = {"fp32": mx.float32, "bf16": mx.bfloat16}[dtype]
-    kwargs = dict(num_layers=layers)  # every other size is diffusers' default, Mochi 1 preview's
     torch.manual_seed(seed)
-    ref = MochiTransformer3DModel(**kwargs).eval().to(tdt)
-    ref_weights = sum(p.numel() * p.element_size() for p in ref.parameters())
-    ref_weights += sum(b.numel() * b.element_size() for b in ref.buffers())
-
+    with torch.device(device):
+        ref = MochiTransformer3DModel(num_layers=layers, **width).eval().to(tdt)
     _release()
     cfg = transformer_config_from_diffusers({"_class_name": "MochiTransformer3DModel", **ref.config})
     ours = MochiTransformer(cfg, compute_dtype=mdt)
     ours.load_weights(list(convert_weights(DIFFUSERS_TRANSFORMER, {
-        k: _torch_to_mx(v, dtype) for k, v in ref.state_dict().items()}).items()), strict=True)
+        k: torch_to_mx(v, dtype) for k, v in ref.state_dict().items()}).items()), strict=True)
     mx.eval(ours.parameters())
-    our_weights = sum(v.nbytes for _, v in tree_flatten(ours.parameters()))
 
-    t, h, w = (frames - 1) // 6 + 1, height // 8, width // 8
+    t, h, w = (frames - 1) // 6 + 1, height // 8, width_px // 8
     text_len, valid = 256, (77, 12)
     gen = torch.Generator().manual_seed(seed + 1)
     x_t = torch.randn(1, cfg.in_channels, t, h, w, generator=gen).to(tdt)
@@ -84,11 +85,12 @@ def run_vs_reference(size=(256, 256), frames: int = 7, layers: int = 2, dtype: s
     mask_t = torch.zeros(2, text_len, dtype=torch.int64)
     for row, n in enumerate(valid):
         mask_t[row, :n] = 1
-    x_m = _torch_to_mx(x_t.permute(0, 2, 3, 4, 1), dtype)
-    text_m = _torch_to_mx(text_t, dtype)
+    x_m = torch_to_mx(x_t.permute(0, 2, 3, 4, 1), dtype)
+    text_m = torch_to_mx(text_t, dtype)
     mask_m = mx.array(mask_t.numpy().astype(np.int32))
-    inputs = sum(a.numel() * a.element_size() for a in (x_t, text_t, mask_t))
+    x2, text_d, mask_d = torch.cat([x_t, x_t]).to(device), text_t.to(device), mask_t.to(device)
     timestep = 500.0
+    steps_t = torch.tensor([timestep] * 2, device=device)
 
     def ours_step():
         out = ours(mx.concatenate([x_m, x_m]), mx.array([timestep] * 2), text_m, mask_m)
@@ -97,15 +99,40 @@ def run_vs_reference(size=(256, 256), frames: int = 7, layers: int = 2, dtype: s
 
     def ref_step():
         with torch.inference_mode():
-            return ref(torch.cat([x_t, x_t]), text_t, torch.tensor([timestep] * 2), mask_t, return_dict=False)[0]
+            out = ref(x2, text_d, steps_t, mask_d, return_dict=False)[0]
+        torch_sync(device)
+        return out
 
+    tokens = t * (h // cfg.patch_size) * (w // cfg.patch_size)
+    return StepPair(
+        ours=ours_step, reference=ref_step, flops=cost.forward_flops(cfg, tokens, text_len, batch=2).total,
+        tokens=tokens, ours_weights_bytes=sum(v.nbytes for _, v in tree_flatten(ours.parameters())),
+        reference_weights_bytes=module_bytes(ref),
+        inputs_bytes=sum(a.numel() * a.element_size() for a in (x_t, text_t, mask_t)),
+        info={"config": cfg.to_dict(), "width": width_px, "height": height, "frames": frames, "layers": layers,
+              "dtype": dtype, "batch": 2, "text_tokens": text_len, "valid_text_tokens": list(valid),
+              "reference": f"diffusers {_version('diffusers')} MochiTransformer3DModel, torch {torch.__version__}"},
+    )
+
+
+def run_vs_reference(size=(256, 256), frames: int = 7, layers: int = 2, dtype: str = "fp32", repeats: int = 3,
+                     threads: int | None = None, json_path=None, seed: int = 0, echo=click.echo) -> dict:
+    import torch
+
+    width, height = size
+    threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS", 0)) or os.cpu_count()
+    torch.set_num_threads(threads)
+    pair = step_pair(size, frames, layers, dtype, seed)
+    config = pair.info["config"]
+    ref_weights, our_weights, inputs = pair.reference_weights_bytes, pair.ours_weights_bytes, pair.inputs_bytes
+    tokens, text_len, flops, valid = pair.tokens, pair.info["text_tokens"], pair.flops, pair.info["valid_text_tokens"]
+    ours_step, ref_step = pair.ours, pair.reference
+    pair = None
     rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_peak, ref_rss = side_by_side(
         ours_step, ref_step, repeats, ref_weights + inputs)
-    tokens = t * (h // cfg.patch_size) * (w // cfg.patch_size)
-    flops = cost.forward_flops(cfg, tokens, text_len, batch=2).total
     t_ours, t_ref = statistics.median(ours_times), statistics.median(ref_times)
     record = {
-        "harness": "mochi-vs-reference", "config": cfg.to_dict(), "width": width, "height": height, "frames": frames,
+        "harness": "mochi-vs-reference", "config": config, "width": width, "height": height, "frames": frames,
         "layers": layers, "dtype": dtype, "batch": 2, "visual_tokens": tokens, "text_tokens": text_len,
         "valid_text_tokens": list(valid), "repeats": repeats, "torch_threads": threads,
         "reference": f"diffusers {_version('diffusers')} MochiTransformer3DModel, torch {torch.__version__}",
@@ -120,8 +147,9 @@ def run_vs_reference(size=(256, 256), frames: int = 7, layers: int = 2, dtype: s
         "ours_rss_hwm_delta_bytes": ours_rss, "reference_rss_hwm_delta_bytes": ref_rss,
         "output_relative_l2_error": rel_err, "flops_per_step_model": flops,
     }
+    widths = f"{config['num_heads'] * config['head_dim']}/{config['text_dim']}"
     echo(f"mochi vs-reference: {width}x{height}x{frames} ({tokens} visual + {text_len} text tokens, batch 2), {layers} "
-         f"blocks at widths {cfg.dim}/{cfg.text_dim}, {dtype}, torch threads {threads}")
+         f"blocks at widths {widths}, {dtype}, torch threads {threads}")
     _table([
         ("seconds per step (median)", f"{t_ours:.3f}", f"{t_ref:.3f}", f"{t_ours / t_ref:.3f}"),
         ("seconds per step (fastest)", f"{min(ours_times):.3f}", f"{min(ref_times):.3f}",
