@@ -252,11 +252,13 @@ def install(folder: Path) -> dict:
     """Reassemble the wheels and install them, then this checkout, into SCRATCH/site (no network, no deps: the
     image has torch, numpy and the rest)."""
     start = time.perf_counter()
-    wheels = reassemble(folder)
-    site = SCRATCH / "site"
+    site, marker = SCRATCH / "site", SCRATCH / "installed.json"
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
            "--no-cache-dir", "--upgrade", "--target", str(site)]
-    subprocess.run([*pip, *map(str, wheels)], check=True)
+    wheels = read_manifest(folder)["wheels"]
+    if not marker.is_file() or json.loads(marker.read_text()) != wheels:  # a rerun on a warm machine skips this
+        subprocess.run([*pip, *map(str, reassemble(folder))], check=True)
+        marker.write_text(json.dumps(wheels))
     project = subprocess.run([*pip, "--no-build-isolation", str(ROOT)], capture_output=True, text=True)
     how = "pip install of this checkout"
     if project.returncode:  # e.g. an older setuptools there: lay the packages out as pyproject.toml maps them
@@ -264,7 +266,7 @@ def install(folder: Path) -> dict:
                                 ("mlx_video/kernel_sources", "kernels")):
             shutil.copytree(ROOT / source, site / package, dirs_exist_ok=True)
         how = f"copied as pyproject.toml maps it (pip failed: {project.stderr.strip()[-300:]})"
-    return {"wheels": [w.name for w in wheels], "prefix": str(site), "project": how,
+    return {"wheels": [w["name"] for w in wheels], "prefix": str(site), "project": how,
             "seconds": time.perf_counter() - start}
 
 
@@ -276,7 +278,8 @@ def nvidia_library_dirs() -> list[str]:
     roots = [*site.getsitepackages(), *sys.path]
     dirs = {str(p) for root in roots if root and Path(root, "nvidia").is_dir()
             for p in Path(root, "nvidia").glob("*/lib") if p.is_dir()}
-    return sorted(dirs)
+    driver = [d for d in ("/usr/local/nvidia/lib64", "/usr/local/nvidia/lib") if Path(d).is_dir()]
+    return sorted(dirs) + driver
 
 
 def worker_env(prefix: str | None) -> dict:
@@ -369,7 +372,7 @@ def write_atomic(path: Path, text: str) -> None:
 def fmt(value, spec: str = ".3g") -> str:
     if value is None:
         return "-"
-    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def gib(n) -> str:
@@ -380,8 +383,8 @@ def markdown_kernels(r: dict) -> list[str]:
     used = sum(v["used"] for v in r.get("variants", []))
     lines = [f"Path: **{r.get('backend')}**; variants compiled and used: {used} of {len(r.get('variants', []))}; "
              f"never probed: {', '.join(r.get('kernels_not_probed', [])) or 'none'}.", ""]
-    for name, messages in r.get("compile_errors", {}).items():
-        lines.append(f"- compile error, **{name}**: {messages[0][:400]}")
+    for name, messages in r.get("compile_errors", {}).items():  # a compile error or a wrong result in the probe
+        lines.append(f"- **{name}** disabled: {messages[0][:400]}")
     lines += ["", "| op | variant | max abs error | relative L2 | bit-exact |", "|---|---|---|---|---|"]
     lines += [f"| {c['op']} | {c['variant']} | {fmt(c['max_abs_error'])} | {fmt(c['relative_l2_error'])} | "
               f"{fmt(c.get('bit_exact', '-'))} |" for c in r.get("cases", [])]
@@ -397,7 +400,7 @@ def markdown_step(r: dict) -> list[str]:
     for name, s in r.get("sides", {}).items():
         share = s.get("fraction_of_bf16_peak")
         lines.append(f"| {name} | {fmt(s['seconds_median'], '.4f')} | {fmt(s['seconds_min'], '.4f')} | "
-                     f"{fmt(s['tflops'], '.1f')} | {'-' if share is None else f'{share:.1%}'} | "
+                     f"{fmt(s['tflops'], '.4g')} | {'-' if share is None else f'{share:.1%}'} | "
                      f"{gib(s['peak_memory_bytes'])} |")
     agreement = ", ".join(f"{k} {v:.2e}" for k, v in r.get("agreement", {}).items())
     return lines + ["", f"Relative L2 differences: {agreement or '-'}."]
@@ -500,8 +503,9 @@ def run(args) -> dict:
     settings, mode = run_settings(args)
     budget = args.time_budget or (DEFAULT_TIME_BUDGET * (4 if args.backend == "metal" else 1))
     installed = install(args.install) if args.install else None
-    scratch = SCRATCH / "stages"
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = SCRATCH / "stages"  # the stages' settings and results, when each runs in its own process
+    if not args.dry_run:
+        scratch.mkdir(parents=True, exist_ok=True)
     env = worker_env(installed["prefix"] if installed else None)
     start = time.time()
     stages = run_stages(settings, names, budget, not args.dry_run, env, scratch)

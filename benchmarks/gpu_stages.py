@@ -454,7 +454,8 @@ def vae_pair(settings: dict):
         return video
 
     info = {"latent_shape": list(shape), "width": width, "height": height, "dtype": "fp32",
-            "reference": f"diffusers AutoencoderKLWan, torch {torch.__version__}", "config": config}
+            "reference": f"diffusers AutoencoderKLWan, torch {torch.__version__}", "config": config,
+            "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
     return ours_decode, ref_decode, info
 
 
