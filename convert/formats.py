@@ -49,6 +49,7 @@ RAW_DTYPES: dict[str, tuple[int, type]] = {
     "F8_E8M0": (1, np.uint8),  # power-of-two scales of mxfp8 (comfy_quant); never a weight of its own
 }
 MAX_COMFY_QUANT_BYTES = 1 << 20  # a `<layer>.comfy_quant` tensor is a few dozen bytes of JSON
+MAX_SPIECE_BYTES = 64 << 20  # an embedded SentencePiece model (UMT5's is about 4.5 MB)
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 FP8_CODES = {"F8_E4M3": "e4m3fn", "F8_E5M2": "e5m2"}
 DTYPE_NAMES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2"}
@@ -673,6 +674,10 @@ def embedded_spiece(source: ComponentSource) -> bytes | None:
     """The SentencePiece model some ComfyUI text encoder files embed as a uint8 tensor, if present."""
     if source.spiece_model is None:
         return None
+    size = int(np.prod(source.tensors.shape(source._raw_key["spiece_model"]), dtype=object))
+    if size > MAX_SPIECE_BYTES:
+        raise MlxVideoError(f"{source.what}: its spiece_model tensor holds {size} bytes, more than a tokenizer model "
+                            f"({MAX_SPIECE_BYTES} at most)")
     data = np.array(source.tensors.read(source._raw_key["spiece_model"])).astype(np.uint8).tobytes()
     return data or None
 

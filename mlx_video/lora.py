@@ -44,6 +44,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import MlxVideoError
+from .io.safetensors import check_shard
 from .nn.linear import Fp8Linear, dense_weight
 
 TARGETS = ("all", "high", "low")
@@ -207,6 +208,7 @@ def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = Non
         raise MlxVideoError(f"LoRA file {path} does not exist")
     if path.suffix != ".safetensors":
         raise MlxVideoError(f"LoRA file {path}: only .safetensors LoRAs are read")
+    check_shard(path, ())  # the header, strictly: MLX's loader takes negative or overflowing shapes
     try:
         tensors, metadata = mx.load(str(path), return_metadata=True)
     except Exception as e:  # a truncated or foreign file; mlx raises several kinds

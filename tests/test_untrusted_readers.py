@@ -229,3 +229,40 @@ def test_interpolate_to_an_impossible_destination_is_refused_first(tmp_path):
     with pytest.raises(MlxVideoError, match="is not a folder"):
         interpolate_file(frames, blocker / "out.mp4", weights=weights, fps=8, progress=False)
     assert blocker.read_text() == "the user's"
+
+
+def test_side_tensors_read_before_the_shape_checks_are_bounded(tmp_path, monkeypatch):
+    """A comfy_quant blob or an embedded tokenizer is read whole while planning: each has a size bound."""
+    import mlx_video.convert.formats as formats
+
+    monkeypatch.setattr(formats, "MAX_SPIECE_BYTES", 1000)
+    path = tmp_path / "te.safetensors"
+    header = {"spiece_model": {"dtype": "U8", "shape": [1001], "data_offsets": [0, 1001]},
+              "x.comfy_quant": {"dtype": "U8", "shape": [(1 << 20) + 1], "data_offsets": [1001, 1001 + (1 << 20) + 1]}}
+    from hostile_files import safetensors_bytes
+
+    path.write_bytes(safetensors_bytes(header, bytes(1001 + (1 << 20) + 1)))
+    with pytest.raises(MlxVideoError, match="larger than a comfy_quant JSON blob"):
+        formats.ComponentSource(open_tensors(path, "te"), "te")
+    header.pop("x.comfy_quant")
+    path.write_bytes(safetensors_bytes(header, bytes(1001)))
+    with pytest.raises(MlxVideoError, match="spiece_model tensor holds 1001 bytes"):
+        formats.embedded_spiece(formats.ComponentSource(open_tensors(path, "te"), "te"))
+
+
+@pytest.mark.parametrize("name", ["negative-shape", "2**64-shape-times-0", "bool-shape", "float-offsets", "string-metadata"])
+def test_lora_headers_are_checked_strictly(tmp_path, name):
+    """MLX's own loader takes these headers (a negative or overflowing shape, float offsets); a LoRA file is
+    checked by our reader first."""
+    from hostile_files import safetensors_bytes
+
+    from mlx_video.lora import read_lora
+
+    path = tmp_path / "lora.safetensors"
+    raw = bad_safetensors()[name]
+    n = int(np.frombuffer(raw[:8], dtype="<u8")[0])
+    header = raw[8 : 8 + n].replace(b'"w"', b'"blocks.0.attn.q.lora_A.weight"')  # a LoRA name, a bad entry
+    path.write_bytes(safetensors_bytes(header, raw[8 + n :]))
+    with pytest.raises(MlxVideoError, match=r"malformed|needs \d+ bytes|__metadata__") as info:
+        read_lora(path, [])
+    assert str(path) in str(info.value)

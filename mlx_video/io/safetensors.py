@@ -197,9 +197,10 @@ def _read_header(
     return tensors, metadata
 
 
-def check_shard(path: Path, keys) -> None:
-    """A shard is whole: its header is valid, its tensors' bytes lie inside the file, and it holds `keys`.
-    Reads only the header."""
+def check_shard(path: Path, keys=()) -> None:
+    """A shard (or any safetensors file) is whole: its header is valid, its tensors' bytes lie inside the file,
+    and it holds `keys`. Reads only the header."""
+    path = Path(path)
     if not path.is_file():
         raise MlxVideoError(f"missing weight shard {path}")
     tensors, _ = _read_header(path, ITEMSIZES)
