@@ -428,6 +428,11 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
            "no Wan or Mochi module): after 3 steps per expert, one step in 5 runs the transformer and the others "
            "are forecast.",
            metavar="NAME[:THRESHOLD or KEY=VALUE,...]", max_length=300),
+    Option("attention", "text", "Self-attention: dense (the default) or radial[:DENSE_STEPS[:DENSE_BLOCKS]], Radial "
+           "Attention's static block-sparse mask of the video tokens; the first DENSE_STEPS steps (over the whole "
+           "run) and DENSE_BLOCKS blocks (of each expert) stay dense, by default the family's published numbers "
+           "(Wan 2.2: 11 and 1; HunyuanVideo: 12 and 0; Mochi, ours: 16 and 0).",
+           metavar="dense|radial[:DENSE_STEPS[:DENSE_BLOCKS]]", max_length=100),
     Option("guidance_mode", "choice", "batched runs the conditional and unconditional passes as one batch; "
            "sequential runs them one after the other: the same result with about half the activation memory.",
            default="batched", choices=("batched", "sequential"), pinned=True),

@@ -335,7 +335,8 @@ def _settings(o: dict, pipe, preset):
         steps=steps, guidance=o.get("guidance"), guidance_2=o.get("guidance_2"), true_cfg=o.get("true_cfg"),
         shift=o.get("shift"), sampler=o.get("sampler"), schedule=o.get("schedule"), sigmas=sigma_list,
         seed=o.get("seed") or 0, fps=o.get("fps"), guidance_mode=o.get("guidance_mode") or "batched",
-        loras=lora_options(o), recipe=o.get("recipe"), cache=o.get("cache"), clips=o.get("clips"),
+        loras=lora_options(o), recipe=o.get("recipe"), cache=o.get("cache"), attention=o.get("attention"),
+        clips=o.get("clips"),
         start_from_image=bool(o.get("start_from_portrait")), **paths)
 
 
@@ -700,7 +701,7 @@ def decode_latents(latents_path, output, model: str | None = None, overwrite: bo
     size = f"{latents.shape[4] * sw}x{latents.shape[3] * sh}"
     frames = (latents.shape[2] - 1) * st + 1
     options.update(size=size, frames=frames, prompt=record.get("prompt") or "decoded latents")
-    for name in ("duration", "init_latents", "preview_every", "lora", "lora_high", "lora_low", "cache"):
+    for name in ("duration", "init_latents", "preview_every", "lora", "lora_high", "lora_low", "cache", "attention"):
         options.pop(name, None)  # none of them changes decoding
     if record.get("fps") is not None:
         options["fps"] = record["fps"]

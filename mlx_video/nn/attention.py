@@ -49,16 +49,23 @@ def attention(
     v: mx.array,
     scale: float | None = None,
     mask: mx.array | str | None = None,
+    sparse=None,
 ) -> mx.array:
     """Scaled dot-product attention.
 
     q: (B, Lq, heads, D); k, v: (B, Lk, heads, D). `mask` is anything `mx.fast.scaled_dot_product_attention`
     accepts: an additive or boolean array broadcastable to (B, heads, Lq, Lk), or "causal".
+    `sparse`: a callable `(q, k, v, scale, mask)` that returns the attention over a sparse mask, or None when
+    this call is dense (e.g. `mlx_video.pipelines.attention_mode.RadialSite`); None attends densely.
     Returns (B, Lq, heads * D) in the dtype of q.
     """
     batch, q_len, heads, head_dim = q.shape
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    if sparse is not None:
+        out = sparse(q, k, v, scale, mask)
+        if out is not None:
+            return out
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     block = q_len if isinstance(mask, str) else query_block(batch, heads, q_len, k.shape[2], score_budget_bytes())
     if block >= q_len:

@@ -53,6 +53,7 @@ class GenerationSettings:
     loras: list[dict] | None = None
     recipe: str | None = None  # a few-step recipe (mlx_video.recipes): fills the settings left unset
     cache: str | None = None  # step cache NAME[:THRESHOLD], taylorseer[:KEY=VALUE,...] (mlx_video.pipelines.cache)
+    attention: str | None = None  # dense | radial[:DENSE_STEPS[:DENSE_BLOCKS]] (mlx_video.pipelines.attention_mode)
     audio: str | None = None  # the driving voice track's path (audio-driven models: Wan S2V)
     pose_video: str | None = None  # a pose video to follow (Wan S2V)
     clips: int | None = None  # at most this many clips of an audio-driven video (default: as long as the audio)
@@ -86,6 +87,7 @@ class Pipeline:
     uses_guidance_2 = False  # whether a second expert has its own guidance scale
     takes_true_cfg = False
     takes_audio = False  # driven by a voice track (--audio)
+    radial_defaults = None  # the family's RadialDefaults (mlx_video.nn.radial) where it runs --attention radial
 
     def __init__(self, folder: ModelFolder):
         self.folder = folder
@@ -188,6 +190,10 @@ class Pipeline:
             from .cache import parse_cache
 
             parse_cache(s.cache, spec.id)
+        if s.attention is not None:
+            from .attention_mode import check_attention
+
+            check_attention(s.attention, self.radial_defaults, spec.id)
         if s.loras:
             s.loras = self.resolve_loras(s.loras)
         return s
@@ -313,6 +319,21 @@ class Pipeline:
         else:
             latents = mx.array(init_latents)
         return latents.transpose(0, 2, 3, 4, 1)
+
+    def radial_run(self, s: GenerationSettings, latent_frames: int, tokens_per_frame: int):
+        """The run's radial attention (`--attention`, mlx_video.pipelines.attention_mode), None when dense."""
+        from .attention_mode import make_radial_run
+
+        return make_radial_run(s.attention, self.radial_defaults, latent_frames, tokens_per_frame)
+
+    def with_radial(self, s: GenerationSettings, model, latent_frames: int, tokens_per_frame: int, predict):
+        """Attach the run's attention (radial, or dense) to `model`; returns (the radial run or None, `predict`
+        telling the run each step's index)."""
+        from .attention_mode import prepare_model
+
+        radial = self.radial_run(s, latent_frames, tokens_per_frame)
+        prepare_model(model, radial)
+        return radial, (predict if radial is None else radial.wrap(predict))
 
     def run_denoising(self, sampler, latents: mx.array, predict, steps: int, progress: bool, hooks=(),
                       label=None) -> mx.array:

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import MlxVideoError
-from ..models.hunyuan.config import HunyuanTransformerConfig, HunyuanVAEConfig
+from ..models.hunyuan.config import RADIAL_DEFAULTS, HunyuanTransformerConfig, HunyuanVAEConfig
 from ..text_encoders.llama import VIDEO_TEMPLATE, VIDEO_TEMPLATE_CROP_START, JsonTokenizer
 from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
 from .cache import ContextArgs, make_step_cache
@@ -32,6 +32,7 @@ CLIP_PAD = "<|endoftext|>"
 
 
 class HunyuanPipeline(Pipeline):
+    radial_defaults = RADIAL_DEFAULTS
     takes_true_cfg = True
 
     def __init__(self, folder):
@@ -165,6 +166,9 @@ class HunyuanPipeline(Pipeline):
         self._run_loras = s.loras or []
         model = self.load_transformer()
         predict = self.make_predict(s, model, context, step_cache)
+        pt, ph, pw = self.transformer_config.patch_size
+        radial, predict = self.with_radial(s, model, latents.shape[1] // pt,
+                                           (latents.shape[2] // ph) * (latents.shape[3] // pw), predict)
         start = time.perf_counter()
         try:
             latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks)
@@ -174,6 +178,8 @@ class HunyuanPipeline(Pipeline):
         timings["denoising"] = time.perf_counter() - start
         result = GenerationResult(reference_layout(latents), s, timings, schedule)
         result.stats = step_cache.stats()
+        if radial is not None:
+            result.stats.update(radial.stats())
         return result
 
     # ---- memory preflight ----

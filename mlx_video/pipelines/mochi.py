@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import MlxVideoError
-from ..models.mochi.config import MochiTransformerConfig, MochiVAEConfig
+from ..models.mochi.config import RADIAL_DEFAULTS, MochiTransformerConfig, MochiVAEConfig
 from ..text_encoders.tokenizer import T5Tokenizer
 from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
 from .cache import ContextArgs, make_step_cache
@@ -45,6 +45,7 @@ def mochi_timesteps(sigmas) -> np.ndarray:
 
 
 class MochiPipeline(Pipeline):
+    radial_defaults = RADIAL_DEFAULTS
     def __init__(self, folder):
         super().__init__(folder)
         self.transformer_config = MochiTransformerConfig.from_dict(folder.config("transformer"))
@@ -169,6 +170,9 @@ class MochiPipeline(Pipeline):
         self._run_loras = s.loras or []
         model = self.load_transformer()
         predict = self.make_predict(s, model, context, sampler, step_cache)
+        patch = self.transformer_config.patch_size
+        radial, predict = self.with_radial(s, model, latents.shape[1],
+                                           (latents.shape[2] // patch) * (latents.shape[3] // patch), predict)
         start = time.perf_counter()
         try:
             latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks)
@@ -178,6 +182,8 @@ class MochiPipeline(Pipeline):
         timings["denoising"] = time.perf_counter() - start
         result = GenerationResult(reference_layout(latents), s, timings, schedule)
         result.stats = step_cache.stats()
+        if radial is not None:
+            result.stats.update(radial.stats())
         return result
 
     # ---- memory preflight ----

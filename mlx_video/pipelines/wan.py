@@ -14,11 +14,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import MlxVideoError
-from ..models.wan.config import WanTransformerConfig
+from ..models.wan.config import RADIAL_DEFAULTS, WanTransformerConfig
 from ..text_encoders.prompt import clean_prompt
 from ..text_encoders.tokenizer import T5Tokenizer
 from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
 from ..distributed import check_same_model, current_split, guidance_cfg_parallel
+from .attention_mode import prepare_model
 from .loop import get_guidance
 
 HIGH_NOISE, LOW_NOISE = "transformer", "transformer_2"
@@ -28,6 +29,7 @@ WanSettings = GenerationSettings
 
 
 class WanPipeline(Pipeline):
+    radial_defaults = RADIAL_DEFAULTS
     def __init__(self, folder):
         super().__init__(folder)
         self.transformer_config = WanTransformerConfig.from_dict(folder.config(HIGH_NOISE))
@@ -167,6 +169,15 @@ class WanPipeline(Pipeline):
     def uses_cfg(self, s: GenerationSettings) -> bool:
         return s.guidance != 1.0 or (self.two_experts and s.guidance_2 != 1.0)
 
+    def radial_for(self, s: GenerationSettings, latent_shape: tuple[int, ...]):
+        """The run's radial attention over the patched latent grid of `latent_shape` (B, T, H, W, C)."""
+        pt, ph, pw = self.transformer_config.patch_size
+        radial = self.radial_run(s, latent_shape[1] // pt, (latent_shape[2] // ph) * (latent_shape[3] // pw))
+        if radial is not None and self._split is not None and self._split.seq_ranks > 1:
+            raise MlxVideoError("--attention radial does not run sequence-parallel yet; use dense attention or "
+                                "CFG-parallel alone")
+        return radial
+
     def make_predict(self, s: GenerationSettings, cond: mx.array | None, context: mx.array, model_for_step,
                      latent_frames: int, step_cache=None):
         """`predict(latents, i, t)` for the shared loop: the model input (image conditioning), the timestep as the
@@ -260,6 +271,7 @@ class WanPipeline(Pipeline):
         sampler = self.make_sampler(s)
         schedule = self.expert_schedule(sampler.timesteps)
         resident = {"name": None, "model": None}
+        radial = self.radial_for(s, latents.shape)
 
         def model_for_step(i: int):
             name = schedule[i]
@@ -268,6 +280,7 @@ class WanPipeline(Pipeline):
                 release()
                 resident["model"] = self.load_transformer(name)
                 resident["model"].set_sequence_split(self._split)
+                prepare_model(resident["model"], radial)
                 resident["name"] = name
             return resident["model"], (s.guidance if name == HIGH_NOISE else s.guidance_2)
 
@@ -283,6 +296,8 @@ class WanPipeline(Pipeline):
                                 "processes use --cache magcache (its decisions come from a table)")
         self._run_loras = s.loras or []
         predict = self.make_predict(s, cond, context, model_for_step, latents.shape[1], step_cache)
+        if radial is not None:
+            predict = radial.wrap(predict)
         start = time.perf_counter()
         try:
             latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks, label)
@@ -295,6 +310,8 @@ class WanPipeline(Pipeline):
             latents = keep * cond + (1.0 - keep) * latents
         result = GenerationResult(reference_layout(latents), s, timings, schedule)
         result.stats = step_cache.stats()
+        if radial is not None:
+            result.stats.update(radial.stats())
         if self._split is not None:
             result.parallel = self._split.describe()
             result.parallel["denoising_seconds_per_rank"] = self._split.gather_scalar(timings["denoising"])

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import MlxVideoError
 from ..options import check_number
 from .base import GenerationResult, GenerationSettings, reference_layout, release
+from .attention_mode import prepare_model
 from .loop import get_guidance
 from .wan import HIGH_NOISE, WanPipeline
 
@@ -317,6 +318,11 @@ class WanS2VPipeline(WanPipeline):
         motion = None if drop_first else vae.encode(motion_pixels)
         self._run_loras = s.loras or []
         model = self.load_transformer()
+        # Radial attention over each clip's video tokens (the reference and motion tokens after them are kept
+        # whole); every clip is a denoising run of its own, so its first dense steps are dense again.
+        _, channels, frames, height, width = self.latent_shape(s)
+        radial = self.radial_for(s, (1, frames, height, width, channels))
+        prepare_model(model, radial)
         text, negative = context[:1], (context[1:] if context.shape[0] > 1 else None)
         contexts, prepared = {"cond": text, "uncond": negative, "both": context}, {}
 
@@ -349,6 +355,8 @@ class WanS2VPipeline(WanPipeline):
 
                 def predict(latents, i, t, forward=forward, cond=cond, uncond=uncond, step_cache=step_cache):
                     step_cache.begin_step(i, model)
+                    if radial is not None:
+                        radial.begin_step(i)
                     return guide(forward, latents, mx.array([float(t)], dtype=mx.float32), cond, uncond, s.guidance)
 
                 start = time.perf_counter()
@@ -382,6 +390,8 @@ class WanS2VPipeline(WanPipeline):
             "reused_steps": [c["reused_steps"] for c in per_clip],  # per clip
             "forecast_steps": [c["forecast_steps"] for c in per_clip], "cache_config": per_clip[0]["cache_config"],
         }
+        if radial is not None:
+            result.stats.update(radial.stats())
         return result
 
     @staticmethod

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from mlx_video.nn.radial import RadialDefaults
+
 
 @dataclass(frozen=True)
 class HunyuanTransformerConfig:
@@ -96,3 +98,11 @@ class HunyuanVAEConfig:
 
 HUNYUAN_T2V_720P = HunyuanTransformerConfig()
 HUNYUAN_VAE = HunyuanVAEConfig()
+
+
+# Radial attention (`--attention radial`), from the reference repository's HunyuanVideo code and script
+# (mit-han-lab/radial-attention 72788d4: radial_attn/models/hunyuan/attention.py uses 128-token tiles, text
+# after the video kept whole, no first-frame rule; scripts/hunyuan_t2v_inference.sh runs decay 0.95 with 12
+# dense steps and no dense block). Blocks count double-stream first, then single-stream, as there.
+RADIAL_DEFAULTS = RadialDefaults(block=128, decay=0.95, dense_steps=12, dense_blocks=0, first_frame_dense=False,
+                                 source="mit-han-lab/radial-attention 72788d4, HunyuanVideo processor and script")

@@ -184,6 +184,7 @@ class DoubleStreamBlock(nn.Module):
         self.eps = config.eps
         self.img = StreamWeights(config)
         self.txt = StreamWeights(config)
+        self.sparse = None  # a sparse joint attention (mlx_video.nn.attention.attention's `sparse`)
 
     def __call__(self, img, txt, vec, rope, mask, dtype):
         silu_vec = nn.silu(vec).astype(dtype)
@@ -198,6 +199,7 @@ class DoubleStreamBlock(nn.Module):
             mx.concatenate([img_k, txt_k], axis=1),
             mx.concatenate([img_v, txt_v], axis=1),
             mask=mask,
+            sparse=self.sparse,
         )
         n_img = img.shape[1]
         img = _gate(img, img_mod[2], self.img.attn_proj(out[:, :n_img]))
@@ -222,6 +224,7 @@ class SingleStreamBlock(nn.Module):
         self.q_norm = nn.RMSNorm(config.head_dim, eps=config.eps)
         self.k_norm = nn.RMSNorm(config.head_dim, eps=config.eps)
         self.modulation = nn.Linear(dim, 3 * dim)
+        self.sparse = None  # a sparse attention (mlx_video.nn.attention.attention's `sparse`)
 
     def __call__(self, x, n_img, vec, rope, mask, dtype):
         shift, scale, gate = mx.split(self.modulation(nn.silu(vec).astype(dtype)).astype(mx.float32), 3, axis=-1)
@@ -232,7 +235,7 @@ class SingleStreamBlock(nn.Module):
         img_q, img_k = apply_rope_qk(q[:, :n_img], k[:, :n_img], rope)
         q = mx.concatenate([img_q, q[:, n_img:]], axis=1)
         k = mx.concatenate([img_k, k[:, n_img:]], axis=1)
-        out = attention(q, k, _heads(v, self.num_heads), mask=mask)
+        out = attention(q, k, _heads(v, self.num_heads), mask=mask, sparse=self.sparse)
         return _gate(x, gate, self.linear2(mx.concatenate([out, nn.gelu_approx(mlp)], axis=-1)))
 
 
@@ -368,6 +371,10 @@ class HunyuanTransformer(nn.Module):
     @property
     def num_blocks(self) -> int:
         return len(self.double_blocks) + len(self.single_blocks)
+
+    def attention_sites(self) -> list:
+        """The blocks' joint attentions in order, double-stream first (they take `--attention`'s sparse one)."""
+        return [*self.double_blocks, *self.single_blocks]
 
     def run_blocks(self, state: HunyuanState, start: int = 0, stop: int | None = None) -> HunyuanState:
         """Blocks start..stop-1 (all by default), double-stream ones numbered first; returns a new state."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from mlx_video.nn.radial import RadialDefaults
+
 
 def _swiglu_hidden(dim: int) -> int:
     # int(2/3 * 4 * dim), rounded up to a multiple of 256 in the official code; diffusers writes (8 * dim) // 3.
@@ -132,3 +134,11 @@ class MochiVAEConfig:
 
 MOCHI_1_PREVIEW = MochiTransformerConfig()
 MOCHI_VAE = MochiVAEConfig()
+
+
+# Radial attention (`--attention radial`). The reference repository lists Mochi as to-do, so these are our
+# choice: Mochi is, like HunyuanVideo, a joint video+text transformer with the text after the video, so it
+# takes HunyuanVideo's published parameters (128-token tiles, decay 0.95, no first-frame rule, no dense block)
+# with the same share of dense steps as HunyuanVideo's 12 of 50, here of Mochi's 64 default steps: 16.
+RADIAL_DEFAULTS = RadialDefaults(block=128, decay=0.95, dense_steps=16, dense_blocks=0, first_frame_dense=False,
+                                 source="ours: HunyuanVideo's parameters (the reference has no Mochi setting)")

@@ -172,6 +172,7 @@ class JointAttention(nn.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.update_text = update_text
+        self.sparse = None  # a sparse joint attention (mlx_video.nn.attention.attention's `sparse`)
         # Fused q|k|v per stream, as in the official checkpoint.
         self.qkv_x = nn.Linear(dim, 3 * dim, bias=False)
         self.qkv_y = nn.Linear(text_dim, 3 * dim, bias=False)
@@ -210,7 +211,7 @@ class JointAttention(nn.Module):
         if state.text_keep is not None:
             keep = mx.concatenate([mx.ones((batch, n_visual), dtype=mx.bool_), state.text_keep], axis=1)
             mask = keep[:, None, None, :]
-        out = attention(q, k, v, scale=1 / math.sqrt(self.head_dim), mask=mask)
+        out = attention(q, k, v, scale=1 / math.sqrt(self.head_dim), mask=mask, sparse=self.sparse)
         out_x = self.proj_x(out[:, :n_visual])
         if not self.update_text:
             return out_x, None
@@ -357,6 +358,10 @@ class MochiTransformer(nn.Module):
     def head(self, x: mx.array, state: MochiState) -> mx.array:
         """Final layer and unpatchify: (B, N, dim) visual tokens -> (B, T, H, W, C_out) float32."""
         return self.unpatchify(self.final_layer(x, state.c, self._compute_dtype), state)
+
+    def attention_sites(self) -> list:
+        """The blocks' joint attentions in order (they take `--attention`'s sparse one)."""
+        return [block.attn for block in self.blocks]
 
     def run_blocks(self, state: MochiState, start: int = 0, stop: int | None = None) -> MochiState:
         """Blocks start..stop-1 (all by default) on both streams; returns a new state."""

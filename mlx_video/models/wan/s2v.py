@@ -421,6 +421,10 @@ class WanS2VTransformer(nn.Module):
         local, glob = local[:, skip:], glob[:, skip:]
         return local.reshape(batch * latent_frames, *local.shape[2:]), glob.reshape(batch * latent_frames, -1)
 
+    def attention_sites(self) -> list:
+        """The self-attention of each block, in order (the reference and motion tokens follow the video)."""
+        return [block.self_attn for block in self.blocks]
+
     def run_blocks(self, state: "S2VState", start: int = 0, stop: int | None = None) -> "S2VState":
         """Blocks start..stop-1 on state.hidden (all by default), each followed by its audio injection; in place."""
         kv = state.cross_kv

@@ -108,6 +108,7 @@ class WanAttention(nn.Module):
         super().__init__()
         self.compute_dtype = mx.float32
         self.kv_gather = None
+        self.sparse = None  # a sparse self-attention (mlx_video.nn.attention.attention's `sparse`)
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
@@ -145,7 +146,7 @@ class WanAttention(nn.Module):
             q, k = apply_rope_qk(q, k, rope)
         if self.kv_gather is not None:  # sequence-parallel: this rank's queries attend to every rank's tokens
             k, v = self.kv_gather(k), self.kv_gather(v)
-        return self.o(attention(q, k, v, mask=None if bias is None else bias.astype(q.dtype)))
+        return self.o(attention(q, k, v, mask=None if bias is None else bias.astype(q.dtype), sparse=self.sparse))
 
 
 class FeedForward(nn.Module):
@@ -260,6 +261,10 @@ class WanTransformer(nn.Module):
         Returns (B, T, H, W, C_out) float32.
         """
         return self.unembed(self.run_blocks(self.embed(x, timestep, context)))
+
+    def attention_sites(self) -> list:
+        """The self-attention of each block, in order (they take a sparse attention, `--attention`)."""
+        return [block.self_attn for block in self.blocks]
 
     def run_blocks(self, state: "WanState", start: int = 0, stop: int | None = None) -> "WanState":
         """Blocks start..stop-1 on state.hidden (all by default), in place; returns the state."""

@@ -1,0 +1,232 @@
+"""End to end, `--attention radial`: a tiny Wan (A14B-style, two experts), HunyuanVideo and Mochi pipeline against
+the diffusers pipeline whose self-attention applies the reference repository's mask (a processor that masks
+every score outside the kept tiles of `gen_log_mask_shrinked`, transcribed in tests/reference_radial_mask.py),
+dense for the first steps (counted over the whole run) and blocks (counted within each transformer).
+
+The tiny models have 24 tokens per latent frame, so the test gives each family 8-token tiles (the published
+64 / 128 would make one tile, i.e. dense attention): the family's decay and first-frame rule are kept."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from mlx_video.cli import main  # noqa: E402
+from reference_radial_mask import gen_log_mask_shrinked  # noqa: E402
+
+PROMPT = "a corgi surfs a wave at sunset, cinematic"
+NEGATIVE = "static, blurry, low quality"
+BLOCK = 8
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+class ReferenceRadial:
+    """The reference's radial attention on a diffusers pipeline: the step index (set by the pipeline's step-end
+    callback), and the token mask of a sequence of `tokens` (video first, then text, kept whole)."""
+
+    def __init__(self, frames, tokens_per_frame, decay, wan, dense_steps, dense_blocks):
+        self.frames, self.per_frame, self.decay, self.wan = frames, tokens_per_frame, decay, wan
+        self.dense_steps, self.dense_blocks = dense_steps, dense_blocks
+        self.step, self.sparse_calls = 0, 0
+
+    def token_mask(self, tokens: int) -> torch.Tensor:
+        video = self.frames * self.per_frame
+        assert video % BLOCK == 0  # where the reference is defined
+        tiles = gen_log_mask_shrinked(tokens, video, self.frames, block_size=BLOCK, sparse_type="radial",
+                                      decay_factor=self.decay, model_type="wan" if self.wan else "hunyuan")
+        n = tiles.shape[0] * BLOCK
+        mask = torch.ones((tokens, tokens), dtype=torch.bool)
+        mask[:n, :n] = tiles.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+        return mask
+
+    def on_step_end(self, pipe, i, t, kwargs):
+        self.step = i + 1
+        return {}
+
+
+class MaskedProcessor:
+    """Wraps a diffusers attention processor: while it runs, torch's attention masks the scores outside the
+    reference's kept tiles (combined with the processor's own mask, e.g. text padding)."""
+
+    def __init__(self, inner, radial: ReferenceRadial, layer: int):
+        self.inner, self.radial, self.layer = inner, radial, layer
+
+    def __call__(self, attn, *args, **kwargs):
+        r = self.radial
+        if r.step < r.dense_steps or self.layer < r.dense_blocks:
+            return self.inner(attn, *args, **kwargs)
+        original = torch.nn.functional.scaled_dot_product_attention
+
+        def masked(query, key, value, attn_mask=None, **kw):
+            tokens = key.shape[-2]
+            keep = r.token_mask(tokens)[: query.shape[-2]]  # the queries are the sequence's first tokens
+            if attn_mask is None:
+                attn_mask = keep
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = attn_mask & keep
+            else:
+                attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
+            r.sparse_calls += 1
+            return original(query, key, value, attn_mask=attn_mask, **kw)
+
+        torch.nn.functional.scaled_dot_product_attention = masked
+        try:
+            return self.inner(attn, *args, **kwargs)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = original
+
+
+def masked_processor(inner, radial: ReferenceRadial, layer: int) -> MaskedProcessor:
+    """A MaskedProcessor whose call signature is the inner processor's (diffusers drops keyword arguments the
+    processor's signature does not name)."""
+
+    def call(self, *args, **kwargs):
+        return MaskedProcessor.__call__(self, *args, **kwargs)
+
+    call.__signature__ = inspect.signature(type(inner).__call__)
+    cls = type(f"Masked{type(inner).__name__}", (MaskedProcessor,), {"__call__": call})
+    return cls(inner, radial, layer)
+
+
+@contextlib.contextmanager
+def reference_radial(attention_modules, radial):
+    """Install MaskedProcessor on `attention_modules` (lists of (layer index, Attention)) for the block."""
+    saved = [(m, m.processor) for _, m in attention_modules]
+    for layer, m in attention_modules:
+        m.processor = masked_processor(m.processor, radial, layer)
+    try:
+        yield radial
+    finally:
+        for m, processor in saved:
+            m.processor = processor
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Each family's radial defaults with 8-token tiles (tiny models have 24 tokens per frame)."""
+    from mlx_video.pipelines.hunyuan import HunyuanPipeline
+    from mlx_video.pipelines.mochi import MochiPipeline
+    from mlx_video.pipelines.wan import WanPipeline
+
+    for cls in (WanPipeline, HunyuanPipeline, MochiPipeline):
+        monkeypatch.setattr(cls, "radial_defaults", dataclasses.replace(cls.radial_defaults, block=BLOCK))
+
+
+def _ours(root, model, tag, init, size, frames, steps, guidance, extra):
+    np.save(root / f"init_{tag}.npy", init)
+    out = root / f"out_{tag}.npy"
+    main(["generate", "--model", str(model), "--prompt", PROMPT, "--size", size, "--frames", str(frames),
+          "--steps", str(steps), "--guidance", str(guidance), "--init-latents", str(root / f"init_{tag}.npy"),
+          "--save-latents", str(out), "--quiet", "--overwrite", *extra])
+    return np.load(out), json.loads(out.with_suffix(".json").read_text())
+
+
+def _check(name, ours, ref, dense, sidecar, radial, dense_steps, dense_blocks):
+    err = rel_err(ours, ref)
+    print(f"{name} radial end to end: relative error {err:.2e} (radial vs dense: {rel_err(ref, dense):.2e})")
+    assert err < 1e-3
+    assert rel_err(ref, dense) > 1e-2  # the mask changed the result
+    assert radial.sparse_calls > 0
+    stats = sidecar["settings"]
+    assert stats["attention"] == f"radial:{dense_steps}:{dense_blocks}"
+    assert stats["attention_dense_steps"] == dense_steps and stats["attention_dense_blocks"] == dense_blocks
+    assert 0 < stats["attention_score_fraction"] < 1
+
+
+def test_wan_a14b_radial_matches_diffusers_with_the_reference_mask(a14b, small_tiles):
+    from tiny_wan import use_official_sigmas
+
+    from mlx_video.models.wan.config import RADIAL_DEFAULTS
+
+    root, pipe = a14b
+    width, height, frames, steps = 96, 64, 17, 4  # latent 5 x 8 x 12: 5 frames of 4 x 6 tokens
+    init = np.random.default_rng(7).standard_normal((1, 4, 5, 8, 12)).astype(np.float32)
+    use_official_sigmas(pipe)
+    radial = ReferenceRadial(5, 24, RADIAL_DEFAULTS.decay, True, dense_steps=1, dense_blocks=1)
+    modules = [(i, b.attn1) for t in (pipe.transformer, pipe.transformer_2) for i, b in enumerate(t.blocks)]
+    with reference_radial(modules, radial), torch.no_grad():
+        ref = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=height, width=width, num_frames=frames,
+                   num_inference_steps=steps, guidance_scale=4.0, guidance_scale_2=3.0,
+                   latents=torch.from_numpy(init), output_type="latent", max_sequence_length=512,
+                   callback_on_step_end=radial.on_step_end).frames.numpy()
+    common = (init, f"{width}x{height}", frames, steps, 4.0)
+    extra = ["--negative-prompt", NEGATIVE, "--guidance-2", "3.0", "--shift", "12"]
+    ours, sidecar = _ours(root, root / "mlx", "radial", *common, [*extra, "--attention", "radial:1:1"])
+    dense, _ = _ours(root, root / "mlx", "dense", *common, extra)
+    assert set(sidecar["settings"]["experts"]) == {"transformer", "transformer_2"}  # steps counted across both
+    _check("Wan A14B", ours, ref, dense, sidecar, radial, 1, 1)
+
+
+def test_hunyuan_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_tiles):
+    from tiny_hunyuan import build_tiny_hunyuan_pipeline
+
+    from mlx_video.models.hunyuan.config import RADIAL_DEFAULTS
+
+    pipe = build_tiny_hunyuan_pipeline(tmp_path / "diffusers")
+    main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "mlx"), "--dtype", "fp32"])
+    width, height, frames, steps = 96, 64, 17, 3
+    init = np.random.default_rng(3).standard_normal((1, 6, 5, 8, 12)).astype(np.float32)
+    radial = ReferenceRadial(5, 24, RADIAL_DEFAULTS.decay, False, dense_steps=1, dense_blocks=1)
+    t = pipe.transformer
+    modules = [(i, b.attn) for i, b in enumerate(t.transformer_blocks)]
+    modules += [(len(t.transformer_blocks) + i, b.attn) for i, b in enumerate(t.single_transformer_blocks)]
+    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)[:-1].numpy()
+    with reference_radial(modules, radial), torch.no_grad():
+        ref = pipe(prompt=PROMPT, height=height, width=width, num_frames=frames, num_inference_steps=steps,
+                   guidance_scale=6.0, latents=torch.from_numpy(init), output_type="latent", sigmas=sigmas,
+                   max_sequence_length=256, callback_on_step_end=radial.on_step_end).frames.numpy()
+    common = (init, f"{width}x{height}", frames, steps, 6.0)
+    ours, sidecar = _ours(tmp_path, tmp_path / "mlx", "radial", *common, ["--attention", "radial:1:1"])
+    dense, _ = _ours(tmp_path, tmp_path / "mlx", "dense", *common, [])
+    _check("HunyuanVideo", ours, ref, dense, sidecar, radial, 1, 1)
+
+
+def test_mochi_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_tiles):
+    from tiny_mochi import build_tiny_mochi_pipeline
+
+    from mlx_video.models.mochi.config import RADIAL_DEFAULTS
+
+    pipe = build_tiny_mochi_pipeline(tmp_path / "diffusers")
+    main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "mlx"), "--dtype", "fp32"])
+    width, height, frames, steps = 96, 64, 25, 3  # latent 5 x 8 x 12
+    init = np.random.default_rng(5).standard_normal((1, 12, 5, 8, 12)).astype(np.float32)
+    radial = ReferenceRadial(5, 24, RADIAL_DEFAULTS.decay, False, dense_steps=1, dense_blocks=0)
+    modules = [(i, b.attn1) for i, b in enumerate(pipe.transformer.transformer_blocks)]
+    with reference_radial(modules, radial), torch.no_grad():
+        ref = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=height, width=width, num_frames=frames,
+                   num_inference_steps=steps, guidance_scale=4.5, latents=torch.from_numpy(init),
+                   output_type="latent", max_sequence_length=256,
+                   callback_on_step_end=radial.on_step_end).frames.numpy()
+    common = (init, f"{width}x{height}", frames, steps, 4.5)
+    extra = ["--negative-prompt", NEGATIVE]
+    ours, sidecar = _ours(tmp_path, tmp_path / "mlx", "radial", *common, [*extra, "--attention", "radial:1:0"])
+    dense, _ = _ours(tmp_path, tmp_path / "mlx", "dense", *common, extra)
+    _check("Mochi", ours, ref, dense, sidecar, radial, 1, 0)
+
+
+def test_attention_option_is_checked_before_any_weights_are_read(a14b, capsys):
+    from mlx_video.errors import MlxVideoError
+    from mlx_video.pipelines.attention_mode import parse_attention
+
+    assert parse_attention("radial:12:3").dense_steps == 12 and parse_attention("radial").dense_steps is None
+    for bad, words in (("sparse", "unknown mode"), ("radial:x", "DENSE_STEPS"), ("radial:1:2:3", "expected"),
+                       ("dense:4", "expected"), ("radial:-1", "DENSE_STEPS")):
+        with pytest.raises(MlxVideoError, match=words):
+            parse_attention(bad)
+    root, _ = a14b
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--size", "48x32", "--frames", "5",
+              "--steps", "1", "--attention", "radial:two", "--output", str(root / "never.mp4"), "--quiet"])
+    assert e.value.code == 1 and "DENSE_STEPS must be a whole number" in capsys.readouterr().err
+    assert not (root / "never.mp4").exists()
