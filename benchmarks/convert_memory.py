@@ -178,7 +178,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "after_imports": after
 
 
 def machine() -> str:
-    mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+    mem = next((int(row.split()[1]) for row in open("/proc/meminfo") if row.startswith("MemTotal")), 0)
     import mlx.core as mx
 
     return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {mem / 2**20:.0f} GiB RAM, "

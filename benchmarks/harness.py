@@ -825,7 +825,7 @@ def run_vae(model_id: str = "wan2.2-t2v-a14b", sizes=((64, 64), (128, 128)), fra
     weights = _materialise(vae, dtype)
     s = cfg.scale_factor_spatial
 
-    def decode(z):
+    def decode(z, vae=vae):
         n = 0
         for chunk in vae.decode_chunks(z):
             pixels = mx.round((chunk[0].astype(mx.float32) + 1.0) * 127.5)
@@ -861,7 +861,7 @@ def run_vae(model_id: str = "wan2.2-t2v-a14b", sizes=((64, 64), (128, 128)), fra
             growth[f"{w}x{h}"] = multi[-1]["peak_memory_bytes"] / multi[0]["peak_memory_bytes"]
     record = {"harness": "vae", "model": spec.id, "vae_config": cfg.to_dict(), "dtype": dtype, "repeats": repeats,
               "weights_bytes": weights, "results": rows, "peak_growth": growth}
-    del vae
+    del vae, decode
     _release()
     echo(f"vae decode: {spec.id}'s VAE (base_dim {cfg.base_dim}, decoder {cfg.decoder_dim}, z {cfg.z_dim}), {dtype}, "
          f"weights {_fmt_bytes(weights)}, {mx.default_device()}")
@@ -1061,11 +1061,6 @@ def estimate(model_id, size, frames, steps, chips, dtype, quantize, no_guidance,
             raise click.BadParameter(f"unknown chip {c!r}; known: {', '.join(C.CHIPS)}, all")
     run_estimate(model_id, _parse_size(size) if size else None, frames, steps, chips, dtype, quantize,
                  not no_guidance, efficiency, peak_json, json_path)
-
-
-def register_cli(group: click.Group) -> None:
-    """Attach `bench` to the mlxvid CLI group."""
-    group.add_command(bench)
 
 
 def main(argv=None) -> None:

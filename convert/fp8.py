@@ -31,7 +31,6 @@ _LAYOUTS = {
 }
 
 E4M3FN_MAX = 448.0
-E5M2_MAX = 57344.0
 
 
 def _decode_code(code: int, exp_bits: int, man_bits: int, finite_only: bool) -> float:

@@ -86,7 +86,6 @@ _KNOWN_UNSUPPORTED = {
     9: "Q8_1", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
     23: "IQ4_XS", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4", 40: "NVFP4",
 }  # fmt: skip
-FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 INT_TYPES = {"I8", "I16", "I32", "I64"}
 
 # metadata value types: id -> (name, struct format) for the fixed-size ones

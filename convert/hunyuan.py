@@ -195,14 +195,13 @@ DIFFUSERS_VAE = KeyMap(
     ],
     transforms=_TRANSFORMS,
 )
-OFFICIAL_VAE = DIFFUSERS_VAE
 
 
 def comfyui_vae_keymap(levels: int) -> KeyMap:
     """ComfyUI's names for the HunyuanVideo VAE (Comfy-Org's `hunyuan_video_vae_bf16.safetensors`), for a VAE of
     `levels` resolution levels (len(block_out_channels); 4 for the published one).
 
-    ComfyUI runs this VAE as its generic `AutoencoderKL` with `conv3d=True, time_compress=4` (V: CU comfy/sd.py, the
+    ComfyUI runs this VAE as its generic `AutoencoderKL` with `conv3d=True, time_compress=4` (comfyanonymous/ComfyUI comfy/sd.py, the
     `decoder.conv_in.conv.weight` branch) and saves that module's state dict; the module names are those of
     comfy/ldm/modules/diffusionmodules/model.py `Encoder` / `Decoder`: `down.i.block.j`, `down.i.downsample.conv`,
     `mid.block_1|block_2|attn_1`, `up.k.block.j`, `up.k.upsample.conv`, `norm_out`, `nin_shortcut`; every 3x3x3
@@ -284,7 +283,7 @@ def vae_config_from_diffusers(config_json: dict) -> HunyuanVAEConfig:
 # or a LLaVA checkpoint (older transformers `language_model.model.`, newer `model.language_model.`). ComfyUI's
 # `llava_llama3_fp16` / `llava_llama3_fp8_scaled` are the state dict of comfy/text_encoders/llama.py `Llama2`
 # (`model.embed_tokens`, `model.layers.N.self_attn.q_proj|k_proj|v_proj|o_proj`, `mlp.gate_proj|up_proj|down_proj`,
-# `input_layernorm`, `post_attention_layernorm`, `model.norm`; no lm_head), with `scaled_fp8` (V: CU
+# `input_layernorm`, `post_attention_layernorm`, `model.norm`; no lm_head), with `scaled_fp8` (ComfyUI
 # comfy/text_encoders/hunyuan_video.py `llama_detect`) and per-layer `scale_weight` in the fp8 one. Which layers that
 # file stores in fp8 was not read (inferred: the layers' linears); any choice converts.
 _LLAMA_PREFIX = r"(?:model\.|language_model\.model\.|model\.language_model\.)?"
@@ -310,7 +309,7 @@ TRANSFORMERS_LLAMA = KeyMap(
 
 # Older transformers (and the hub's CLIP-L files) prefix every key with `text_model.`; transformers 5 does not.
 # ComfyUI's `clip_l` is the state dict of comfy/clip_model.py `CLIPTextModel`: `text_model.` + these names and
-# `text_projection.weight` (V: CU comfy/text_encoders/hunyuan_video.py routes a file holding
+# `text_projection.weight` (ComfyUI's comfy/text_encoders/hunyuan_video.py routes a file holding
 # `text_model.encoder.layers.1.mlp.fc1.weight` to CLIP-L).
 _CP = r"(?:text_model\.)?"
 _C = rf"{_CP}encoder\.layers\.(\d+)"

@@ -51,7 +51,7 @@ import numpy as np
 from mlx_video.errors import MlxVideoError
 
 from .fp8 import E4M3FN_MAX, encode_e4m3fn
-from .formats import RAW_DTYPES, ComponentSource
+from .formats import ComponentSource
 from .gguf import AFFINE_BITS as GGUF_AFFINE_BITS
 from .gguf import AFFINE_GROUP_SIZE as GGUF_GROUP_SIZE
 
@@ -272,7 +272,7 @@ def _check_finite(x: mx.array, item: Item, source: ComponentSource) -> None:
 Writer = Callable[[str, int, np.ndarray], None]  # (output name, byte offset in that tensor, data)
 
 
-def produce(
+def produce(  # noqa: C901
     item: Item,
     source: ComponentSource,
     transforms: dict,
@@ -390,6 +390,3 @@ def _read_rows(source: ComponentSource, item: Item, transforms: dict, whole: boo
 def item_nbytes(item: Item) -> int:
     return sum(o.nbytes for o in item.outputs)
 
-
-def raw_itemsize(code: str) -> int:
-    return RAW_DTYPES[code][0]

@@ -29,7 +29,6 @@ from .rules import KeyMap, Rule
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
-CHECKPOINT_SUFFIXES = (".pkl", ".pth", ".pt", ".ckpt")
 DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
 
 

@@ -83,6 +83,13 @@ def models(as_json):
     click.echo(describe_recipes())
 
 
+def _per_family(field: str) -> str:
+    """`Wan 2.2: UMT5-XXL encoder; HunyuanVideo: ...`: one fact of every family, for a help text."""
+    from .families import FAMILIES
+
+    return "; ".join(f"{f.title}: {getattr(f, field)}" for f in FAMILIES.values() if getattr(f, field))
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, metavar="[SRC] DST", type=click.Path(path_type=Path))
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
@@ -100,12 +107,13 @@ def models(as_json):
               help="Diffusion transformer file or folder (the high-noise expert for A14B); supplies or replaces SRC's.")
 @click.option("--transformer-2", "transformer_2", type=click.Path(path_type=Path), default=None,
               help="The low-noise expert of an A14B model (file or folder).")
-@click.option("--text-encoder", type=click.Path(path_type=Path), default=None, help="UMT5 text encoder file or folder.")
+@click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
+              help="Text encoder file or folder (" + _per_family("text_encoders") + ").")
 @click.option("--text-encoder-2", "text_encoder_2", type=click.Path(path_type=Path), default=None,
               help="The second text encoder (HunyuanVideo's CLIP-L, e.g. ComfyUI's clip_l) file or folder.")
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help="VAE file (official or ComfyUI) or diffusers vae/ folder.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="Tokenizer folder (google/umt5-xxl) or its spiece.model / tokenizer.json.")
+              help="Tokenizer folder (" + _per_family("tokenizer") + ") or its spiece.model / tokenizer.json.")
 @click.option("--allow-unknown-keys", is_flag=True, help="Leave out tensors mlxvid does not know instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 def convert(paths, dtype, quantize, group_size, base, transformer, transformer_2, text_encoder, text_encoder_2, vae,

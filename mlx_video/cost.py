@@ -21,7 +21,6 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 QUANT_BITS = {"q8": 8, "q4": 4, "fp8": 8}
 DEFAULT_GROUP_SIZE = 64
 GB = 1e9
-GIB = 2**30
 
 
 def dtype_bytes(dtype: str) -> int:

@@ -27,17 +27,21 @@ class Family:
     converter: str  # module path
     cost: str  # module path
     task_pipelines: tuple[tuple[str, str], ...] = ()  # (task, "module:Class") where a task needs its own pipeline
+    text_encoders: str = ""  # what `convert --text-encoder` (and --text-encoder-2) take, for the help
+    tokenizer: str = ""  # what `convert --tokenizer` takes, for the help
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
         Family("wan", "Wan 2.2", "mlx_video.pipelines.wan:WanPipeline", "mlx_video.convert.families.wan",
-               "mlx_video.models.wan.cost", (("s2v", "mlx_video.pipelines.wan_s2v:WanS2VPipeline"),)),
+               "mlx_video.models.wan.cost", (("s2v", "mlx_video.pipelines.wan_s2v:WanS2VPipeline"),),
+               "UMT5-XXL encoder", "google/umt5-xxl"),
         Family("hunyuan", "HunyuanVideo", "mlx_video.pipelines.hunyuan:HunyuanPipeline",
-               "mlx_video.convert.families.hunyuan", "mlx_video.models.hunyuan.cost"),
+               "mlx_video.convert.families.hunyuan", "mlx_video.models.hunyuan.cost",
+               text_encoders="LLaVA-LLaMA-3-8B, and CLIP-L as --text-encoder-2", tokenizer="the LLaMA tokenizer folder"),
         Family("mochi", "Mochi 1", "mlx_video.pipelines.mochi:MochiPipeline", "mlx_video.convert.families.mochi",
-               "mlx_video.models.mochi.cost"),
+               "mlx_video.models.mochi.cost", text_encoders="T5-v1.1-XXL encoder", tokenizer="google/t5-v1_1-xxl"),
     ]
 }
 

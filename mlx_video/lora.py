@@ -196,7 +196,7 @@ def _map_kohya(name: str, keymaps: Sequence):
     return next(iter(hits.values()), None)
 
 
-def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = None, sha256: str | None = None) -> LoraFile:
+def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = None, sha256: str | None = None) -> LoraFile:  # noqa: C901
     """Read a LoRA file and map every key onto our module names; raises MlxVideoError naming the file and key
     for a key it cannot place or a layer with only half a pair. Tensors stay lazy (nothing is read but shapes)."""
     from .convert.rules import COMMON_TRANSFORMS

@@ -370,8 +370,9 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
            "--from-sidecar.", short="-m", commands=("generate", "decode"), invalidates=()),
     Option("prompt", "text", "What the video shows. Required unless --from-sidecar.", short="-p",
            max_length=MAX_PROMPT_CHARS, pinned=True),
-    Option("image", "path", "Image to animate (image-to-video models need one; text-and-image models take one "
-           "optionally). Resized to the video size as --image-fit says.", short="-i", file_only=True),
+    Option("image", "path", lambda: f"Image to animate ({_models_with('i2v')} need one; {_models_with('ti2v')} take "
+           f"one optionally; {_models_with('s2v')}: the portrait). Resized to the video size as --image-fit says.",
+           short="-i", file_only=True),
     Option("image_fit", "choice", "How the image meets the video size: crop (cover, then centre-crop, as the "
            "official TI2V code), stretch (ignore the aspect ratio, as diffusers' Wan I2V pipeline) or fit (letterbox "
            "in black).", default="crop", choices=("crop", "stretch", "fit")),

@@ -3,7 +3,8 @@
 A recipe fills the settings the user left unset (an explicit option always wins). It does not fetch or pick
 the LoRA files themselves: pass them with --lora-high / --lora-low (or --lora), as the recipe's `loras` says.
 
-Numbers (MODELS-2 §2.3, §2.4): Wan2.2-Lightning and the lightx2v Wan2.2 distill LoRAs both train on the
+Numbers (ModelTC/Wan2.2-Lightning README.md and wan/configs/wan_{t2v,i2v}_A14B.py; ModelTC/LightX2V
+configs/distill/*.json and step_distill/scheduler.py): Wan2.2-Lightning and the lightx2v Wan2.2 distill LoRAs both train on the
 timesteps [1000, 937.5, 833.33, 625] = σ of linspace(1, 0, 5) shifted by 5, sampled with the flow Euler rule
 x += (σ_next − σ)·v, without classifier-free guidance; the A14B boundary then gives high, high, low, low.
 With --steps N the same rule is extended: linspace(1, 0, N+1) shifted by 5 (the shifted-linear schedule).

@@ -30,10 +30,6 @@ WAN_S2V_NEGATIVE_PROMPT = (
     "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-# The settings every model needs a value for; a folder without one (and no registry entry) says which.
-REQUIRED_DEFAULTS = ("steps", "guidance", "sampler", "shift", "fps", "frames")
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
@@ -42,7 +38,7 @@ class ModelSpec:
     vae_stride: tuple[int, int, int]  # (t, h, w) compression of the VAE: frames are of the form t*n + 1
     size_multiple: int  # width and height must be multiples of it (VAE stride x transformer patch)
     sizes: tuple[tuple[int, int], ...]  # published (width, height) pairs; the first is the default
-    defaults: dict[str, Any]  # published generation settings (see REQUIRED_DEFAULTS)
+    defaults: dict[str, Any]  # published generation settings (steps, guidance, sampler, shift, fps, frames, ...)
     hf_repo: str | None = None  # the diffusers-layout repository `mlxvid download` fetches
     experts: int = 1  # transformers run in turn over the steps (Wan A14B: 2, a high- and a low-noise expert)
     transformer: Any = None  # the family's published transformer config, for shape checks at conversion
@@ -174,12 +170,6 @@ def _mochi_specs() -> list[ModelSpec]:
 
 
 MODELS: dict[str, ModelSpec] = {spec.id: spec for spec in _wan_specs() + _hunyuan_specs() + _mochi_specs()}
-
-
-def register(spec: ModelSpec) -> ModelSpec:
-    """Add an entry (a family module calls this for its published models)."""
-    MODELS[spec.id] = spec
-    return spec
 
 
 def models_with_task(task: str) -> list[str]:

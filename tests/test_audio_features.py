@@ -1,7 +1,7 @@
 """Wan2.2-S2V audio features per video frame, against a torch / numpy reference of the official extraction.
 
-The reference below is written from the official pipeline's documented behaviour (shared/MODELS-2.md §1.2
-and `wan/modules/s2v/audio_encoder.py`): transformers' own Wav2Vec2FeatureExtractor for the normalisation,
+The reference below is written from the official pipeline's behaviour (Wan-Video/Wan2.2
+`wan/modules/s2v/audio_encoder.py` and `audio_utils.py`): transformers' own Wav2Vec2FeatureExtractor for the normalisation,
 transformers' Wav2Vec2 for the hidden states (4.x stacking), torch's linear `F.interpolate(align_corners=True)`
 from 50 to 30 steps a second, and frame i of a 16 fps video taking step round(t_i * 30) with t_i from
 `np.linspace(0, n / fps, n, endpoint=False)`, zeros past the audio, in the official [1, layers, dim, frames]

@@ -35,7 +35,6 @@ from tiny_hunyuan import build_tiny_hunyuan_pipeline
 from tiny_mochi import build_tiny_mochi_pipeline
 
 F8 = torch.float8_e4m3fn
-CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", F8: "F8_E4M3"}
 
 
 # ---------------------------------------------------------------------------------------------------

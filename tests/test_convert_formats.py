@@ -72,7 +72,7 @@ def tiny_registry(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
-# renaming diffusers state dicts to the official names (MODELS.md 7.2)
+# renaming diffusers state dicts to the official names (huggingface/diffusers scripts/convert_wan_to_diffusers.py, inverted)
 
 _TRANSFORMER_NAMES = [
     (r"condition_embedder\.text_embedder\.linear_1", "text_embedding.0"),

@@ -23,8 +23,6 @@ from mlx_video.convert.convert import plan  # noqa: E402
 from test_convert_formats import FP8_LAYERS, official_transformer_name, official_umt5, official_vae21  # noqa: E402
 from tiny_wan import train_spiece  # noqa: E402
 
-CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
-         torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}  # fmt: skip
 SIZES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 COMFY_QUANT = json.dumps({"format": "float8_e4m3fn"}).encode()
 

@@ -91,7 +91,7 @@ def encode(x: np.ndarray, tname: str) -> np.ndarray:
 
 
 def storage_type(name: str, shape: tuple[int, ...], wanted: str) -> str:
-    """ComfyUI-GGUF's choice for a Wan tensor given the quantization asked for (MODELS-2.md 5.3)."""
+    """ComfyUI-GGUF's choice for a Wan tensor given the quantization asked for (city96/ComfyUI-GGUF tools/convert.py)."""
     numel = int(np.prod(shape))
     if len(shape) != 2 or numel <= 1024 or ".modulation" in name or name.endswith("modulation"):
         return "F32"

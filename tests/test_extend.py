@@ -320,7 +320,7 @@ def test_last_frame_conditions_the_next_segment_on_an_image_model(ti2v, tmp_path
     for seg, result, frames in segment_runs(job):
         runs.append((seg, result.latents, frames))
     pipe = job.base.pipe
-    (_, l0, f0), (s1, l1, _) = runs
+    (_, _, f0), (s1, l1, _) = runs
     s = pipe.resolve(GenerationSettings.from_dict({**job.base.settings.to_dict(), "seed": s1.seed,
                                                    "frames": s1.rendered}))
     # TI2V-5B takes the image as its first latent frame: segment 1's is the encoding of segment 0's last frame

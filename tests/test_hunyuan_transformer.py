@@ -234,7 +234,7 @@ def test_input_validation():
 
 # --- official names ---------------------------------------------------------------------------------------
 
-_TO_OFFICIAL = [  # diffusers -> official (MODELS.md §7.3), whole-key regex substitutions
+_TO_OFFICIAL = [  # diffusers -> official (huggingface/diffusers scripts/convert_hunyuan_video_to_diffusers.py, inverted), whole-key regex substitutions
     (r"^x_embedder\.", "img_in."),
     (r"^time_text_embed\.timestep_embedder\.linear_1\.", "time_in.mlp.0."),
     (r"^time_text_embed\.timestep_embedder\.linear_2\.", "time_in.mlp.2."),
@@ -279,7 +279,7 @@ _FUSED = [
 
 
 def official_state(diffusers_state: dict) -> dict:
-    """The official checkpoint's keys and tensors, built from a diffusers state dict (the inverse of §7.3)."""
+    """The official checkpoint's keys and tensors, built from a diffusers state dict (the inverse of that script's renaming)."""
     out, pieces = {}, {}
     for key, value in diffusers_state.items():
         for pattern, target, order in _FUSED:
@@ -357,7 +357,7 @@ def test_full_size_keys_and_shapes():
     ours = {k: tuple(v.shape) for k, v in tree_flatten(HunyuanTransformer(HUNYUAN_T2V_720P).parameters())}
     total = sum(math.prod(s) for s in ours.values())
     print(f"HunyuanVideo transformer parameters: {total / 1e9:.3f}B")
-    assert abs(total - 12.821e9) < 0.001e9  # MODELS.md §2.2
+    assert abs(total - 12.821e9) < 0.001e9  # worked out from Tencent/HunyuanVideo hyvideo/modules/models.py's 13B config
 
     for keymap, source in [(DIFFUSERS_TRANSFORMER, state), (OFFICIAL_TRANSFORMER, official_state(state))]:
         shapes = {k: tuple(v.shape) for k, v in source.items()}

@@ -124,7 +124,7 @@ def test_latent_normalisation_round_trip():
 _STACK = {"norm1.norm_layer": "0", "conv1.conv": "2", "norm2.norm_layer": "3", "conv2.conv": "5"}
 
 
-def official_vae_state_dicts(sd: dict, layers=(3, 3, 4, 6, 3)) -> tuple[dict, dict]:
+def official_vae_state_dicts(sd: dict, layers=(3, 3, 4, 6, 3)) -> tuple[dict, dict]:  # noqa: C901
     """(decoder.safetensors, encoder.safetensors) names for a diffusers VAE state dict (genmo's module layout)."""
     dec, enc = {}, {}
 

@@ -138,7 +138,7 @@ def test_official_unshifted_grids():
 
 @pytest.mark.parametrize(
     "shift,boundary,high_noise_steps,low_noise_steps",
-    [(12.0, 875, 26, 14), (5.0, 900, 15, 25)],  # T2V-A14B and I2V-A14B defaults (MODELS.md §1.3)
+    [(12.0, 875, 26, 14), (5.0, 900, 15, 25)],  # T2V-A14B and I2V-A14B defaults (Wan-Video/Wan2.2 wan/configs/wan_{t2v,i2v}_A14B.py)
 )
 def test_a14b_expert_split(shift, boundary, high_noise_steps, low_noise_steps):
     timesteps = make_sampler("unipc", steps=40, shift=shift).timesteps

@@ -325,7 +325,7 @@ def test_attention_with_mask():
 
 # --- key maps -----------------------------------------------------------------------------------------
 
-_OFFICIAL_NAMES = [  # diffusers -> official / ComfyUI (MODELS.md §7.2), applied to whole keys
+_OFFICIAL_NAMES = [  # diffusers -> official / ComfyUI (huggingface/diffusers scripts/convert_wan_to_diffusers.py, inverted), applied to whole keys
     (r"condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
     (r"condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
     (r"condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),

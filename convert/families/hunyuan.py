@@ -335,7 +335,7 @@ def _diffusers_inputs(src: Path) -> dict:
     return inputs
 
 
-def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,
+def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,  # noqa: C901
          log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
     from mlx_video.models.hunyuan.transformer import HunyuanTransformer
     from mlx_video.models.hunyuan.vae import HunyuanVAE

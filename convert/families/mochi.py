@@ -73,7 +73,7 @@ SIGNATURES = [
     ("mochi", "vae_decoder", "official", "the decoder half of the official Mochi VAE (decoder.safetensors)",
      ("blocks.0.0.weight", "blocks.0.1.stack.2.weight", "blocks.1.proj.weight", "output_proj.weight")),
     # ComfyUI's mochi_vae.safetensors: the state dict of comfy/ldm/genmo/vae/model.py `VideoVAE`, whose `decoder` /
-    # `encoder` keep genmo's module names (V: CU comfy/sd.py detects it by `decoder.blocks.2.blocks.3.stack.5.weight`
+    # `encoder` keep genmo's module names (comfyanonymous/ComfyUI comfy/sd.py detects it by `decoder.blocks.2.blocks.3.stack.5.weight`
     # or `encoder.layers.4.layers.1.attn_block.attn.qkv.weight`, and prefixes a bare official half with `decoder.` /
     # `encoder.`). The ComfyUI VideoVAE of late 2024 had no encoder (`self.encoder = None`), so the repackaged file
     # probably holds the decoder only (inferred, not read from the file).
@@ -186,7 +186,7 @@ def _config_json(inp, name: str) -> dict:
     return inp.config_json
 
 
-def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,
+def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,  # noqa: C901
          log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
     from mlx_video.models.mochi.config import MochiVAEConfig
     from mlx_video.models.mochi.transformer import MochiTransformer

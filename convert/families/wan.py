@@ -144,7 +144,7 @@ def _layout_official(src: Path) -> tuple[dict, list, dict]:
     return inputs, tokenizer, hints
 
 
-def _layout_files(src: Path, log) -> tuple[dict, list, dict]:
+def _layout_files(src: Path, log) -> tuple[dict, list, dict]:  # noqa: C901
     """A folder of single-file checkpoints: each is classified by its keys."""
     found: dict[str, list[tuple[Path, str]]] = {"transformer": [], "text_encoder": [], "vae": []}
     ignored = []
@@ -374,7 +374,7 @@ def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict)
     )
 
 
-def plan(
+def plan(  # noqa: C901
     src: str | Path | None,
     components: dict[str, str | Path] | None = None,
     tokenizer: str | Path | None = None,

@@ -1,6 +1,6 @@
 """Audio features per video frame, as Wan2.2-S2V prepares them for its audio encoder.
 
-The steps (the official `wan/modules/s2v/audio_encoder.py`, described in shared/MODELS-2.md §1.2):
+The steps (the official Wan-Video/Wan2.2 `wan/modules/s2v/audio_encoder.py` and `audio_utils.py`):
 
 1. the voice track as mono 16 kHz (`mlx_video.io.audio.read_audio(path, WAV2VEC2_SAMPLE_RATE)`; the
    official code uses librosa's soxr resampler, we use libswresample);

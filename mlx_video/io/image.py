@@ -67,7 +67,7 @@ factor) on the 8-bit image, whose result is rounded back to uint8; the result is
   with ``torch.nn.functional.interpolate(mode="bicubic")`` on the [-1, 1] float tensor (no antialiasing,
   no rounding to 8 bits). The official A14B code picks the target size from the image's aspect ratio
   (``h = round(sqrt(max_area * ih / iw) // 8 // 2 * 2) * 8``: the ``//`` makes it a floor to a multiple of
-  16, and likewise for w; MODELS.md §1.4) and diffusers' examples use a similar rule, so the stretch is then only
+  16, and likewise for w; Wan-Video/Wan2.2 wan/image2video.py) and diffusers' examples use a similar rule, so the stretch is then only
   a rounding of the aspect ratio, and "crop" and "stretch" give almost the same picture.
 * ``mode="fit"``: scale so the whole image fits inside the target (same integer rule, matching the other
   side), centre it, and fill the bars with black (-1). Offsets are ``(width - sw) // 2``,

@@ -191,7 +191,7 @@ def _read_header(
         tensors[key] = TensorInfo(dtype, shape, data_start + lo, data_start + hi)
         spans.append((lo, hi, key))
     spans.sort()
-    for (lo1, hi1, k1), (lo2, hi2, k2) in zip(spans, spans[1:]):
+    for (_, hi1, k1), (lo2, _, k2) in zip(spans, spans[1:]):
         if lo2 < hi1:
             raise MlxVideoError(f"{path} is corrupt: tensors {k1!r} and {k2!r} overlap")
     return tensors, metadata

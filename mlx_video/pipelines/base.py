@@ -17,10 +17,9 @@ import numpy as np
 
 from ..errors import MlxVideoError
 from ..model_folder import ModelFolder, resolve_model
-from ..options import MAX_FPS, MAX_STEPS, check_number
-from ..registry import models_with_task
-from ..samplers import SAMPLERS, SCHEDULES, explicit_schedule, make_sampler
-from .loop import GUIDANCE, NonFiniteGuard, ProgressHook, denoise
+from ..options import OPTIONS, check_capabilities, check_number
+from ..samplers import explicit_schedule, make_sampler
+from .loop import NonFiniteGuard, ProgressHook, denoise
 
 # How to pass each setting on the command line, for messages about missing defaults.
 OPTION_NAMES = {"steps": "--steps N", "guidance": "--guidance SCALE", "guidance_2": "--guidance-2 SCALE",
@@ -123,8 +122,20 @@ class Pipeline:
         return value
 
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
-        spec = self.spec
+        """The settings with the model's defaults filled in, checked (by the option schema's rules) against
+        the model: all of it before any weights are read."""
         s = GenerationSettings.from_dict(settings.to_dict())
+        check_capabilities({"audio": s.audio, "pose_video": s.pose_video, "clips": s.clips,
+                            "start_from_portrait": s.start_from_image, "guidance_2": s.guidance_2,
+                            "true_cfg": s.true_cfg}, self)
+        self._fill_defaults(s)
+        self._check_settings(s)
+        if s.loras:
+            s.loras = self.resolve_loras(s.loras)
+        return s
+
+    def _fill_defaults(self, s: GenerationSettings) -> None:
+        spec = self.spec
         if s.recipe is not None:
             from ..recipes import apply_recipe
 
@@ -137,66 +148,37 @@ class Pipeline:
             s.width, s.height = spec.default_size
         if s.width is None or s.height is None:
             raise MlxVideoError("give both width and height (--size WxH)")
-        for name in ("frames", "guidance", "fps"):
+        for name in ("frames", "guidance", "fps", "sampler"):
             if getattr(s, name) is None:
                 setattr(s, name, self.default(name))
-        if s.sigmas is not None:
-            s.steps = len(s.sigmas)
-        elif s.steps is None:
-            s.steps = self.default("steps")
-        if s.sampler is None:
-            s.sampler = self.default("sampler")
+        s.steps = len(s.sigmas) if s.sigmas is not None else s.steps if s.steps is not None else self.default("steps")
         if s.schedule is None:
             s.schedule = spec.default("schedule")
         if s.shift is None:
             s.shift = spec.default("shift", 1.0) if s.schedule == "linear-quadratic" else self.default("shift")
-        if self.uses_guidance_2:
-            if s.guidance_2 is None:
-                s.guidance_2 = spec.default("guidance_2", s.guidance)
-        elif s.guidance_2 is not None:
-            raise MlxVideoError(f"--guidance-2 sets the second expert's guidance; {spec.id} has a single model")
-        if s.true_cfg is not None and not self.takes_true_cfg:
-            raise MlxVideoError(f"--true-cfg is for models with embedded guidance; {spec.id} takes --guidance as its CFG scale")
+        if self.uses_guidance_2 and s.guidance_2 is None:
+            s.guidance_2 = spec.default("guidance_2", s.guidance)
 
-        spec.check_geometry(s.width, s.height, s.frames)
-        check_number("--steps", s.steps, minimum=1, maximum=MAX_STEPS, integer=True, why="the models' 1000 training "
-                     "timesteps")
-        check_number("--guidance", s.guidance)
-        if s.guidance_2 is not None:
-            check_number("--guidance-2", s.guidance_2)
-        if s.true_cfg is not None:
-            check_number("--true-cfg", s.true_cfg)
-        check_number("--shift", s.shift, positive=True)
-        check_number("--fps", s.fps, positive=True, maximum=MAX_FPS)
-        if s.sampler not in SAMPLERS:
-            raise MlxVideoError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if s.schedule is not None and s.schedule not in SCHEDULES:
-            raise MlxVideoError(f"unknown schedule {s.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if s.guidance_mode not in GUIDANCE or s.guidance_mode == "none":
-            raise MlxVideoError(f"guidance mode must be batched or sequential, not {s.guidance_mode!r}")
+    def _check_settings(self, s: GenerationSettings) -> None:
+        """Every resolved setting by its option's rule (mlx_video.options), then the model's own rules."""
+        self.spec.check_geometry(s.width, s.height, s.frames)
+        for name in ("steps", "guidance", "guidance_2", "true_cfg", "shift", "fps", "sampler", "schedule",
+                     "guidance_mode", "clips"):
+            OPTIONS[name].convert(getattr(s, name))
         if s.sigmas is not None:
             try:
                 explicit_schedule(sigmas=s.sigmas)
             except ValueError as e:
                 raise MlxVideoError(f"--sigmas: {e}") from None
         self.check_image_use(s.image is not None)
-        if not self.takes_audio:
-            for value, option in ((s.audio, "--audio"), (s.pose_video, "--pose-video"), (s.clips, "--clips"),
-                                  (s.start_from_image or None, "--start-from-portrait")):
-                if value is not None:
-                    raise MlxVideoError(f"{option} is for audio-driven models ({', '.join(models_with_task('s2v'))}); "
-                                        f"{spec.id} takes none")
         if s.cache is not None:
             from .cache import parse_cache
 
-            parse_cache(s.cache, spec.id)
+            parse_cache(s.cache, self.spec.id)
         if s.attention is not None:
             from .attention_mode import check_attention
 
-            check_attention(s.attention, self.radial_defaults, spec.id)
-        if s.loras:
-            s.loras = self.resolve_loras(s.loras)
-        return s
+            check_attention(s.attention, self.radial_defaults, self.spec.id)
 
     # ---- LoRAs: checked in resolve(), fused when a transformer loads ----
     #

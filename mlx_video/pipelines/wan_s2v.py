@@ -1,6 +1,6 @@
 """Wan2.2-S2V: a portrait and a voice track (a prompt, optionally a pose video) in, a talking video out.
 
-The video is a chain of clips, made the way the official release makes it (shared/MODELS-2.md §1.4):
+The video is a chain of clips, made the way the official release makes it (Wan-Video/Wan2.2 wan/speech2video.py):
 
 - the voice track becomes wav2vec2 features per video frame (`mlx_video.audio.features`); the clip count
   follows the audio (`--clips N` stops earlier);

@@ -2,7 +2,7 @@
 from the configurations alone (no weights, no device). `HunyuanPipeline.estimate_memory` (the preflight) and
 `mlx_video.cost.predict` use it.
 
-FLOP convention (as Wan's, /work/shared/MODELS.md §8): a linear layer costs 2 * rows * in * out; attention
+FLOP convention (as Wan's, mlx_video/models/wan/cost.py): a linear layer costs 2 * rows * in * out; attention
 costs 4 * N_q * N_kv * d per layer (d = heads * head_dim); norms, RoPE and elementwise work are not counted.
 Over N video tokens and L text tokens (all L text positions: an upper bound, padding is dropped at batch 1):
   - double-stream block: per stream q|k|v and the output projection (4 d^2) and the MLP (2 d m) over its own

@@ -2,7 +2,7 @@
 generation, from the configurations alone (no weights, no device). `MochiPipeline.estimate_memory` (the
 preflight) and `mlx_video.cost.predict` use it.
 
-FLOP convention (as Wan's, /work/shared/MODELS.md §8): a linear layer costs 2 * rows * in * out; attention costs
+FLOP convention (as Wan's, mlx_video/models/wan/cost.py): a linear layer costs 2 * rows * in * out; attention costs
 4 * N_q * N_kv * d per layer (d = heads * head_dim); norms, RoPE and elementwise work are not counted. Over N
 visual tokens and L text tokens (all L positions: an upper bound, padding is dropped):
   - per block: the visual stream's q|k|v (dim -> 3 dim), output projection and SwiGLU over N; the text stream's

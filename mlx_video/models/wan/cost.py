@@ -2,7 +2,7 @@
 configurations alone (no weights, no device). The memory preflight (`WanPipeline.estimate_memory`) and the
 benchmarks both use it; `mlx_video/cost.py` holds what is not Wan's.
 
-FLOP convention (the one of /work/shared/MODELS.md §8, and what `torch.utils.flop_counter` counts):
+FLOP convention (what `torch.utils.flop_counter` counts; tests/test_bench.py checks it against FlopCounterMode):
   - a linear layer costs 2 * rows * in_features * out_features (biases, norms, activations, RoPE and other
     elementwise work are not counted);
   - attention costs 4 * N_q * N_kv * d per layer (QK^T and PV, d = the model width = heads * head_dim);
@@ -15,7 +15,6 @@ FLOP convention (the one of /work/shared/MODELS.md §8, and what `torch.utils.fl
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from functools import lru_cache
 
 from mlx_video.cost import (
@@ -133,12 +132,6 @@ def forward_flops(config: WanTransformerConfig, n_tokens: int, text_len: int = 5
         "head": 2 * n * d * p * config.out_channels,
     }
     return FlopBreakdown({k: float(v) * batch for k, v in per_sample.items()})
-
-
-def per_block_flops(config: WanTransformerConfig, n_tokens: int, text_len: int = 512, batch: int = 1) -> float:
-    one = forward_flops(config, n_tokens, text_len, batch, layers=1).total
-    none = forward_flops(config, n_tokens, text_len, batch, layers=0).total
-    return one - none
 
 
 def _timestep_groups(spec, width, height, frames) -> int:
@@ -275,7 +268,3 @@ def estimate_peak_memory(spec, width: int | None = None, height: int | None = No
         stages.pop("decoding")
     peak_stage = max(stages, key=lambda k: stages[k]["total"])
     return PeakEstimate(stages, peak_stage)
-
-
-def with_layers(config: WanTransformerConfig, layers: int) -> WanTransformerConfig:
-    return replace(config, num_layers=layers)

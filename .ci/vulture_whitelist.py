@@ -1,0 +1,38 @@
+"""Names vulture cannot see used (read by vulture in .ci/run; never imported). Each says who uses it."""
+# ruff: noqa: F821, B018
+
+# attributes set on objects of other libraries, which read them
+_.pts  # av frames and packets
+_.color_primaries  # av video streams
+_.color_trc
+_.color_range
+_.thread_type
+_.bit_rate
+_.normalizer  # tokenizers.Tokenizer parts
+_.pre_tokenizer
+_.post_processor
+_.weight_scale  # read by name from a layer's parameters (fp8 linear layers)
+_.__path__  # a module object made a package
+
+# methods and classes called by name
+_.find_class  # pickle.Unpickler hooks
+_.persistent_load
+_.persistent_id
+HunyuanPipeline  # mlx_video.families names pipeline classes as "module:Class"
+WanS2VPipeline
+takes_true_cfg  # a pipeline capability read by name (mlx_video.options.CAPABILITIES)
+text_encoders  # a Family field read by name (mlx_video.cli._per_family)
+download  # click commands, registered by their decorators
+vs_reference
+
+# fields of records that are data, listed for the reader (dataclasses)
+gpu_cores  # mlx_video.cost.Chip
+notes  # mlx_video.recipes.Recipe
+
+# test-only: torch modules' attributes set to configure a reference model
+_.time_proj
+_.timesteps_proj
+_.use_framewise_encoding
+_.use_framewise_decoding
+_.tile_sample_min_num_frames
+_.tile_sample_stride_num_frames
