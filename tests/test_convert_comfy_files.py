@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.registry import MODELS  # noqa: E402
-from test_convert_formats import Tiny, official_transformer_name, official_vae21, tiny_specs  # noqa: E402
+from mlxvid_test_helpers import Tiny, official_transformer_name, official_vae21, tiny_specs  # noqa: E402
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX v1.0: the magnitudes of codes 0..7; bit 3 is the sign
 
@@ -147,11 +147,10 @@ def int8_layer(rng, rows: int, cols: int, per_row: bool):
     return {"weight": ("I8", codes.shape, codes.tobytes()), "weight_scale": ("F32", scale.shape, scale.tobytes())}, expected
 
 
-def test_comfy_quant_block_formats_convert_exactly(tiny, capsys):
-    """nvfp4 (self-attention), mxfp8 with F8_E8M0 scales (cross-attention) and int8_tensorwise (FFN, one scale
-    per row and one per tensor): the converted weights are the published formulas' values, exactly (nvfp4 and
-    mxfp8 kept in MLX's own modes), and the transformer gives the output of the reference holding them."""
-    root = tiny.root
+@pytest.fixture(scope="module")
+def comfy_quant(tiny):
+    """A ComfyUI transformer file of tiny's weights in comfy_quant formats: nvfp4 (self-attention), mxfp8 with
+    F8_E8M0 scales (cross-attention), int8_tensorwise (FFN); (its path, the weights its codes decode to)."""
     rng = np.random.default_rng(7)
     tensors, expected = {}, {}
     for k, v in tiny.transformer.state_dict().items():
@@ -172,8 +171,15 @@ def test_comfy_quant_block_formats_convert_exactly(tiny, capsys):
         conf = json.dumps({"format": fmt}).encode()
         tensors[f"{layer}.comfy_quant"] = ("U8", (len(conf),), conf)
         expected[official_transformer_name(k)] = values
-    path = write_safetensors(root / "wan_comfy_quant.safetensors", tensors)
-    out = root / "mlx_comfy_quant"
+    return write_safetensors(tiny.root / "wan_comfy_quant.safetensors", tensors), expected
+
+
+def test_comfy_quant_block_formats_convert_exactly(tiny, comfy_quant, capsys):
+    """nvfp4 (self-attention), mxfp8 with F8_E8M0 scales (cross-attention) and int8_tensorwise (FFN, one scale
+    per row and one per tensor): the converted weights are the published formulas' values, exactly (nvfp4 and
+    mxfp8 kept in MLX's own modes), and the transformer gives the output of the reference holding them."""
+    path, expected = comfy_quant
+    out = tiny.root / "mlx_comfy_quant"
     main(["convert", str(tiny.diffusers_folder()), str(out), "--transformer", str(path), "--dtype", "fp32", "--overwrite"])
     log = capsys.readouterr().out
     assert "comfy_quant 4 int8_tensorwise, 8 mxfp8, 8 nvfp4 tensors" in log
@@ -232,7 +238,7 @@ def test_nvfp4_without_comfy_quant_names_what_is_missing(tmp_path):
 
 
 def test_folder_with_one_a14b_expert_names_the_missing_one(tmp_path):
-    from test_convert_fullsize import transformer_file, umt5_file
+    from mlxvid_test_helpers import transformer_file, umt5_file
 
     from mlx_video.convert.convert import plan
 
@@ -244,15 +250,13 @@ def test_folder_with_one_a14b_expert_names_the_missing_one(tmp_path):
         plan(folder)
 
 
-def test_comfy_quant_native_layers_in_bf16(tiny):
+def test_comfy_quant_native_layers_in_bf16(tiny, comfy_quant):
     """A bf16 folder from the same file: the nvfp4 / mxfp8 layers load as MLX quantized layers and answer in bf16."""
     from mlx_video.model_folder import ModelFolder, SameDtypeQuantizedLinear, TensorScaledQuantizedLinear
     from mlx_video.models.wan.config import WanTransformerConfig
     from mlx_video.models.wan.transformer import WanTransformer
 
-    path = tiny.root / "wan_comfy_quant.safetensors"
-    if not path.exists():
-        pytest.skip("written by test_comfy_quant_block_formats_convert_exactly")
+    path, _ = comfy_quant
     out = tiny.root / "mlx_comfy_quant_bf16"
     main(["convert", str(tiny.diffusers_folder()), str(out), "--transformer", str(path), "--overwrite"])
     mf = ModelFolder.open(out)

@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 
 from mlx_video.convert.convert import plan
 from mlx_video.errors import MlxVideoError
-from test_convert_fullsize import write_description
-from test_hunyuan_transformer import official_state
-from test_mochi_transformer import official_state_dict
-from test_mochi_vae import official_vae_state_dicts
+from mlxvid_test_helpers import write_description
+from mlxvid_test_helpers import official_state
+from mlxvid_test_helpers import official_state_dict
+from mlxvid_test_helpers import official_vae_state_dicts
 from tiny_hunyuan import build_tiny_hunyuan_pipeline
 from tiny_mochi import build_tiny_mochi_pipeline
 
@@ -327,7 +327,7 @@ def test_hunyuan_full_size_comfy_files_plan(hunyuan):
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
-    from test_convert_hunyuan import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER
+    from mlxvid_test_helpers import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER
 
     root, _, _ = hunyuan
     full = root / "full"
@@ -373,7 +373,7 @@ def test_mochi_full_size_comfy_files_plan(mochi):
     from diffusers import AutoencoderKLMochi, MochiTransformer3DModel
     from transformers import T5Config as HFT5Config, T5EncoderModel
 
-    from test_convert_mochi import T5_XXL
+    from mlxvid_test_helpers import T5_XXL
 
     root, _, _, _ = mochi
     full = root / "full"

@@ -10,7 +10,6 @@ model, none may be missing or unknown, and every shape must match. Nothing is ev
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -20,122 +19,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from mlx_video.convert.convert import plan  # noqa: E402
-from test_convert_formats import FP8_LAYERS, official_transformer_name, official_umt5, official_vae21  # noqa: E402
 from tiny_wan import train_spiece  # noqa: E402
-
-SIZES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-COMFY_QUANT = json.dumps({"format": "float8_e4m3fn"}).encode()
-
-
-def write_description(path: Path, tensors: dict[str, tuple[str, tuple, bytes | None]]) -> Path:
-    """A safetensors file with these (dtype, shape, data) entries; `None` data is left as a sparse hole."""
-    header, offset, blobs = {}, 0, []
-    for name, (code, shape, data) in tensors.items():
-        n = SIZES[code]
-        for s in shape:
-            n *= s
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        if data is not None:
-            assert len(data) == n
-            blobs.append((offset, data))
-        offset += n
-    body = json.dumps(header).encode()
-    body += b" " * (-(8 + len(body)) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(body)) + body)
-        for at, data in blobs:
-            f.seek(8 + len(body) + at)
-            f.write(data)
-        f.truncate(8 + len(body) + offset)
-    return path
-
-
-def meta_state(cls, **config) -> dict:
-    with torch.device("meta"):
-        return dict(cls(**config).state_dict())
-
-
-WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
-           qk_norm="rms_norm_across_heads", eps=1e-6)  # fmt: skip
-TRANSFORMERS = {
-    "wan2.2-t2v-a14b": dict(WAN, num_attention_heads=40, in_channels=16, out_channels=16, ffn_dim=13824, num_layers=40),
-    "wan2.2-i2v-a14b": dict(WAN, num_attention_heads=40, in_channels=36, out_channels=16, ffn_dim=13824, num_layers=40),
-    "wan2.2-ti2v-5b": dict(WAN, num_attention_heads=24, in_channels=48, out_channels=48, ffn_dim=14336, num_layers=30),
-}
-
-
-def transformer_file(path: Path, model_id: str, fmt: str) -> Path:
-    from diffusers import WanTransformer3DModel
-
-    sd = meta_state(WanTransformer3DModel, **TRANSFORMERS[model_id])
-    prefix = "model.diffusion_model." if fmt.startswith("comfy") else ""
-    out: dict = {}
-    if fmt == "comfy_fp8_legacy":
-        out["scaled_fp8"] = ("F8_E4M3", (0,), None)
-    for key, t in sd.items():
-        name = prefix + official_transformer_name(key)
-        layer = name[: -len(".weight")]
-        if fmt in ("comfy_fp8_legacy", "comfy_fp8_new") and FP8_LAYERS.fullmatch(key):
-            out[name] = ("F8_E4M3", tuple(t.shape), None)
-            if fmt == "comfy_fp8_legacy":
-                out[layer + ".scale_weight"] = ("F32", (), struct.pack("<f", 0.01))
-                out[layer + ".scale_input"] = ("F32", (), struct.pack("<f", 1.0))
-            else:
-                out[layer + ".weight_scale"] = ("F32", (), struct.pack("<f", 0.01))
-                out[layer + ".comfy_quant"] = ("U8", (len(COMFY_QUANT),), COMFY_QUANT)
-        elif fmt == "plain_e4m3fn" and key.endswith(".weight") and t.ndim == 2 and ".blocks." in "." + key:
-            out[name] = ("F8_E4M3", tuple(t.shape), None)
-        else:
-            out[name] = ("F16" if fmt.startswith("comfy") else "BF16", tuple(t.shape), None)
-    return write_description(path, out)
-
-
-def umt5_file(path: Path, fmt: str, spiece: bytes | None = None) -> Path:
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                        relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                        feed_forward_proj="gated-gelu")  # fmt: skip
-    sd = meta_state(UMT5EncoderModel, config=config)
-    out: dict = {}
-    if fmt == "transformers":
-        out = {k: ("BF16", tuple(v.shape), None) for k, v in sd.items()}
-    elif fmt == "comfy_fp8_scaled":
-        # Comfy-Org's umt5_xxl_fp8_e4m3fn_scaled: transformers names, per-tensor scale_weight, the tokenizer embedded
-        out["scaled_fp8"] = ("F8_E4M3", (0,), None)
-        for k, v in sd.items():
-            if k == "encoder.embed_tokens.weight":
-                continue
-            if k.endswith(".weight") and v.ndim == 2 and k.startswith("encoder.block.") and "relative_attention" not in k:
-                out[k] = ("F8_E4M3", tuple(v.shape), None)
-                out[k[: -len("weight")] + "scale_weight"] = ("F32", (), struct.pack("<f", 0.01))
-            else:
-                out[k] = ("BF16", tuple(v.shape), None)
-        if spiece is not None:
-            out["spiece_model"] = ("U8", (len(spiece),), spiece)
-    else:
-        out = {k: ("BF16", tuple(v.shape), None) for k, v in official_umt5(sd).items()}
-    return write_description(path, out)
-
-
-def vae_file(path: Path, version: str) -> Path:
-    from diffusers import AutoencoderKLWan
-
-    if version == "2.1":  # the official Wan2.1_VAE names, as a single file
-        sd = official_vae21(meta_state(AutoencoderKLWan), num_res_blocks=2)
-        return write_description(path, {k: ("F32", tuple(v.shape), None) for k, v in sd.items()})
-    # Wan 2.2 in diffusers names: a vae/ folder with its config.json
-    from mlx_video.models.wan.vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
-
-    with torch.device("meta"):
-        vae = AutoencoderKLWan(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2,
-                               in_channels=12, out_channels=12, scale_factor_spatial=16,
-                               latents_mean=list(WAN22_LATENTS_MEAN), latents_std=list(WAN22_LATENTS_STD))  # fmt: skip
-    path.mkdir(exist_ok=True)
-    (path / "config.json").write_text(json.dumps(dict(vae.config, _class_name="AutoencoderKLWan")))
-    write_description(path / "diffusion_pytorch_model.safetensors",
-                      {k: ("F32", tuple(v.shape), None) for k, v in vae.state_dict().items()})
-    return path
+from mlxvid_test_helpers import meta_state, transformer_file, umt5_file, vae_file, write_description  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -33,17 +33,7 @@ from mlx_video.models.hunyuan.transformer import HunyuanTransformer
 from mlx_video.models.hunyuan.vae import HunyuanVAE
 from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder
 from mlx_video.text_encoders.llama import LlamaTextEncoder
-
-PUBLISHED_TRANSFORMER = dict(
-    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40,
-    num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
-    text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
-)
-LLAMA_8B = dict(vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
-                max_position_embeddings=8192)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+from mlxvid_test_helpers import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER  # noqa: E402
 
 
 class Shapes(TensorFile):

@@ -26,11 +26,9 @@ from mlx_video.models.mochi.transformer import MochiTransformer
 from mlx_video.models.mochi.vae import MochiVAE
 from mlx_video.registry import get_spec
 from mlx_video.text_encoders.t5 import T5Config, T5Encoder
-from test_mochi_transformer import official_state_dict
-from test_mochi_vae import official_vae_state_dicts
-
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128)
+from mlxvid_test_helpers import official_state_dict
+from mlxvid_test_helpers import official_vae_state_dicts
+from mlxvid_test_helpers import T5_XXL  # noqa: E402
 
 
 class Shapes(TensorFile):

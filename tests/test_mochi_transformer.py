@@ -21,6 +21,7 @@ from mlx_video.convert.mochi import (  # noqa: E402
 )
 from mlx_video.models.mochi.config import MOCHI_1_PREVIEW  # noqa: E402
 from mlx_video.models.mochi.transformer import MochiTransformer, timestep_from_sigma  # noqa: E402
+from mlxvid_test_helpers import official_state_dict  # noqa: E402
 
 TINY = [
     # heads, head_dim, text width, layers, in channels, T5 width
@@ -137,49 +138,6 @@ def test_blockwise_api_matches_call(tmp_path):
     # The last block leaves the text stream alone.
     _, y_last = ours.blocks[-1](hx, hy, state)
     assert y_last is hy
-
-
-def official_state_dict(diffusers_sd: dict, num_layers: int) -> dict:
-    """Rename a diffusers state dict to the genmo dit.safetensors names (the inverse of diffusers' converter)."""
-    out = {}
-    simple = {
-        "patch_embed.proj": "x_embedder.proj",
-        "time_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-        "time_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-        "time_embed.pooler.to_kv": "t5_y_embedder.to_kv",
-        "time_embed.pooler.to_q": "t5_y_embedder.to_q",
-        "time_embed.pooler.to_out": "t5_y_embedder.to_out",
-        "time_embed.caption_proj": "t5_yproj",
-        "proj_out": "final_layer.linear",
-    }
-    for k, v in diffusers_sd.items():
-        head, _, leaf = k.rpartition(".")
-        if head in simple:
-            out[f"{simple[head]}.{leaf}"] = v
-    out["pos_frequencies"] = diffusers_sd["pos_frequencies"]
-    for leaf in ("weight", "bias"):
-        scale, shift = diffusers_sd[f"norm_out.linear.{leaf}"].chunk(2)
-        out[f"final_layer.mod.{leaf}"] = torch.cat([shift, scale])
-    for i in range(num_layers):
-        d, o = f"transformer_blocks.{i}.", f"blocks.{i}."
-        last = i == num_layers - 1
-        for leaf in ("weight", "bias"):
-            out[o + f"mod_x.{leaf}"] = diffusers_sd[d + f"norm1.linear.{leaf}"]
-            out[o + f"mod_y.{leaf}"] = diffusers_sd[d + ("norm1_context.linear_1." if last else "norm1_context.linear.") + leaf]
-            out[o + f"attn.proj_x.{leaf}"] = diffusers_sd[d + f"attn1.to_out.0.{leaf}"]
-            if not last:
-                out[o + f"attn.proj_y.{leaf}"] = diffusers_sd[d + f"attn1.to_add_out.{leaf}"]
-        out[o + "attn.qkv_x.weight"] = torch.cat([diffusers_sd[d + f"attn1.to_{c}.weight"] for c in "qkv"])
-        out[o + "attn.qkv_y.weight"] = torch.cat([diffusers_sd[d + f"attn1.add_{c}_proj.weight"] for c in "qkv"])
-        for c in "qk":
-            out[o + f"attn.{c}_norm_x.weight"] = diffusers_sd[d + f"attn1.norm_{c}.weight"]
-            out[o + f"attn.{c}_norm_y.weight"] = diffusers_sd[d + f"attn1.norm_added_{c}.weight"]
-        streams = [("x", "ff")] + ([] if last else [("y", "ff_context")])
-        for s, ff in streams:
-            proj, gate = diffusers_sd[d + f"{ff}.net.0.proj.weight"].chunk(2)
-            out[o + f"mlp_{s}.w1.weight"] = torch.cat([gate, proj])
-            out[o + f"mlp_{s}.w2.weight"] = diffusers_sd[d + f"{ff}.net.2.weight"]
-    return out
 
 
 def test_official_names_give_the_same_model(tmp_path):

@@ -23,6 +23,7 @@ from mlx_video.convert.mochi import (  # noqa: E402
 )
 from mlx_video.models.mochi.config import MOCHI_VAE  # noqa: E402
 from mlx_video.models.mochi.vae import MochiVAE  # noqa: E402
+from mlxvid_test_helpers import official_vae_state_dicts  # noqa: E402
 
 TINY = [
     dict(
@@ -120,54 +121,6 @@ def test_latent_normalisation_round_trip():
 
 
 # ------------------------------------------------------------------------------------- official names
-
-_STACK = {"norm1.norm_layer": "0", "conv1.conv": "2", "norm2.norm_layer": "3", "conv2.conv": "5"}
-
-
-def official_vae_state_dicts(sd: dict, layers=(3, 3, 4, 6, 3)) -> tuple[dict, dict]:  # noqa: C901
-    """(decoder.safetensors, encoder.safetensors) names for a diffusers VAE state dict (genmo's module layout)."""
-    dec, enc = {}, {}
-
-    def resnet(dst, src_prefix, dst_prefix):
-        for name, idx in _STACK.items():
-            for leaf in ("weight", "bias"):
-                dst[f"{dst_prefix}.stack.{idx}.{leaf}"] = sd[f"{src_prefix}.{name}.{leaf}"]
-
-    def attention(src_prefix, i, dst_prefix):
-        enc[f"{dst_prefix}.attn_block.attn.qkv.weight"] = torch.cat(
-            [sd[f"{src_prefix}.attentions.{i}.to_{c}.weight"] for c in "qkv"]
-        )
-        for leaf in ("weight", "bias"):
-            enc[f"{dst_prefix}.attn_block.attn.out.{leaf}"] = sd[f"{src_prefix}.attentions.{i}.to_out.0.{leaf}"]
-            enc[f"{dst_prefix}.attn_block.norm.{leaf}"] = sd[f"{src_prefix}.norms.{i}.norm_layer.{leaf}"]
-
-    for leaf in ("weight", "bias"):
-        dec[f"blocks.0.0.{leaf}"] = sd[f"decoder.conv_in.{leaf}"]
-        dec[f"output_proj.{leaf}"] = sd[f"decoder.proj_out.{leaf}"]
-        enc[f"layers.0.{leaf}"] = sd[f"encoder.proj_in.{leaf}"]
-        enc[f"output_norm.{leaf}"] = sd[f"encoder.norm_out.norm_layer.{leaf}"]
-    enc["output_proj.weight"] = sd["encoder.proj_out.weight"]
-    for i in range(layers[-1]):
-        resnet(dec, f"decoder.block_in.resnets.{i}", f"blocks.0.{i + 1}")
-    for b, count in enumerate([layers[3], layers[2], layers[1]]):
-        for i in range(count):
-            resnet(dec, f"decoder.up_blocks.{b}.resnets.{i}", f"blocks.{b + 1}.blocks.{i}")
-        for leaf in ("weight", "bias"):
-            dec[f"blocks.{b + 1}.proj.{leaf}"] = sd[f"decoder.up_blocks.{b}.proj.{leaf}"]
-    for i in range(layers[0]):
-        resnet(dec, f"decoder.block_out.resnets.{i}", f"blocks.4.{i}")
-    for i in range(layers[0]):
-        resnet(enc, f"encoder.block_in.resnets.{i}", f"layers.{i + 1}")
-    for b, count in enumerate(layers[1:4]):
-        for leaf in ("weight", "bias"):
-            enc[f"layers.{b + 4}.layers.0.{leaf}"] = sd[f"encoder.down_blocks.{b}.conv_in.conv.{leaf}"]
-        for i in range(count):
-            resnet(enc, f"encoder.down_blocks.{b}.resnets.{i}", f"layers.{b + 4}.layers.{i + 1}")
-            attention(f"encoder.down_blocks.{b}", i, f"layers.{b + 4}.layers.{i + 1}")
-    for i in range(layers[4]):
-        resnet(enc, f"encoder.block_out.resnets.{i}", f"layers.{i + 7}")
-        attention("encoder.block_out", i, f"layers.{i + 7}")
-    return dec, enc
 
 
 def _shapes_after(keymap, shapes: dict) -> dict:

@@ -55,7 +55,7 @@ def reference():
 @pytest.fixture(scope="module")
 def converted(reference, tmp_path_factory):
     """The recorded official checkpoint in the release layout (plus a tiny UMT5, tokenizer and wav2vec2), converted."""
-    from test_convert_formats import official_umt5
+    from mlxvid_test_helpers import official_umt5
     from tiny_wan import randomize_, train_spiece
 
     from mlx_video.cli import main

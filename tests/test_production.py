@@ -143,9 +143,10 @@ def test_user_presets_from_toml(tmp_path, monkeypatch):
 def test_overlay_parsing():
     from mlx_video.overlay import parse_overlay
 
-    assert parse_overlay("Watch this@0-2.5") == parse_overlay("Watch this@0-2.5")
     o = parse_overlay("Watch this@0-2.5")
     assert (o.text, o.start, o.end) == ("Watch this", 0.0, 2.5)
+    assert o == type(o)("Watch this", 0.0, 2.5) and parse_overlay("Watch this") == type(o)("Watch this", 0.0, math.inf)
+    assert parse_overlay("Closing@-1.5") == type(o)("Closing", 0.0, 1.5)
     o = parse_overlay("Follow @mlxvid@3-")
     assert (o.text, o.start, o.end) == ("Follow @mlxvid", 3.0, math.inf)
     assert parse_overlay("me@example.com").text == "me@example.com"
