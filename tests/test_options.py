@@ -105,6 +105,12 @@ def test_help_texts_come_from_the_registry():
     for spec in MODELS.values():
         assert f"{spec.default('frames')} (" in frames_help and spec.id in frames_help
     assert "6n+1" in frames_help and "4n+1" in frames_help
+    from mlx_video.cli import convert
+    from mlx_video.families import FAMILIES
+
+    encoder_help = next(p.help for p in convert.params if p.name == "text_encoder")
+    for family in FAMILIES.values():
+        assert f"{family.title}: {family.text_encoders}" in encoder_help
 
 
 # ---- bounds (issue 24, item 12): each refused at once, naming the limit ----
