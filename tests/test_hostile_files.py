@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-from hostile_files import convert_argv, folder_cases, model_folder_variants, write_inputs
-from test_untrusted_readers import problems, run_driver
+from hostile_files import convert_argv, folder_cases, model_folder_variants, problems, run_driver, write_inputs
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

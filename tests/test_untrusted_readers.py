@@ -8,9 +8,6 @@ address space capped and a time limit), so that a regression fails the test inst
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,7 +20,9 @@ from hostile_files import (
     bad_safetensors,
     model_folder_variants,
     one_tensor,
+    problems,
     pth_archive,
+    run_driver,
     tensor_pickle,
 )
 
@@ -32,45 +31,6 @@ from mlx_video.convert.gguf import GGUFFile
 from mlx_video.errors import MlxVideoError
 from mlx_video.io.safetensors import SafetensorsFile
 from mlx_video.model_folder import ModelFolder
-
-DRIVER = Path(__file__).with_name("hostile_driver.py")
-GIB = 1 << 30
-
-
-def run_driver(cases: list[dict], folder: Path, seconds: float = 5.0, limit_bytes: int = GIB) -> dict[str, dict]:
-    """Each case in `hostile_driver.py` under `seconds` and `limit_bytes`; name -> its result."""
-    spec, results = folder / "cases.json", folder / "results.json"
-    spec.write_text(json.dumps({"cases": cases, "seconds": seconds, "limit_bytes": limit_bytes}))
-    paths = [str(DRIVER.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(folder), "MLXVID_HOME": str(folder / "mlxvid-home"),
-           "PYTHONPATH": os.pathsep.join(paths)}
-    subprocess.run([sys.executable, str(DRIVER), str(spec), str(results)], check=True, env=env, cwd=folder,
-                   timeout=60 + len(cases) * (seconds + 3))
-    return {r["name"]: r for r in json.loads(results.read_text())}
-
-
-def message_lines(stderr: str) -> list[str]:
-    """What a run printed on stderr, progress bars left out."""
-    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines()]
-    return [line for line in lines if line and not line.startswith("converting:")]
-
-
-def problems(result: dict, seconds: float = 5.0, limit_bytes: int = GIB) -> list[str]:
-    """Why a case did not end in success or one clean line of error, in time and memory (empty if it did)."""
-    out = []
-    if result["signal"] is not None:
-        out.append(f"killed by signal {result['signal']} (time or memory limit)")
-    if result["seconds"] > seconds:
-        out.append(f"took {result['seconds']:.1f} s")
-    if result["peak_bytes"] > limit_bytes:
-        out.append(f"peaked at {result['peak_bytes'] / GIB:.2f} GiB")
-    lines = message_lines(result["stderr"])
-    if "Traceback" in result["stderr"] or result["code"] not in (0, 1):
-        out.append(f"exit {result['code']}: {' | '.join(lines[-3:])[:300]}")
-    elif result["code"] == 1 and (len(lines) != 1 or not lines[0].startswith("error: ")):
-        out.append(f"not one line of error: {lines[:4]}")
-    return out
-
 
 # ---------------------------------------------------------------------------------------------------
 # finding 8: a safetensors file is recognised whatever the low byte of its header length
