@@ -13,6 +13,7 @@ _.pre_tokenizer
 _.post_processor
 _.weight_scale  # read by name from a layer's parameters (fp8 linear layers)
 _.__path__  # a module object made a package
+_.__signature__  # read by inspect.signature
 
 # methods and classes called by name
 _.find_class  # pickle.Unpickler hooks
