@@ -161,6 +161,8 @@ def diffusers_pipeline_class(src) -> str | None:
 
 def _component_input(name: str, path: Path, origin: str) -> ComponentInput:
     path = Path(path)
+    if os.path.lexists(path) and not path.exists():
+        raise MlxVideoError(f"{origin}: {path} cannot be read (a broken symlink or a symlink loop)")
     if not path.exists():
         raise MlxVideoError(f"{origin}: {path} does not exist")
     config = None

@@ -639,6 +639,12 @@ def test_component_folder_that_is_a_symlink_loop_is_an_error(tiny, tmp_path):
     expect_failure("cannot read .*vae .*symlink loop", src, tmp_path / "out", dtype="fp32")
 
 
+def test_component_option_that_is_a_symlink_loop_says_so(tiny, tmp_path):
+    loop = tmp_path / "vae.safetensors"
+    loop.symlink_to(loop.name)
+    expect_failure("cannot be read .a broken symlink or a symlink loop", None, tmp_path / "out", **files_kw(tiny, vae=loop))
+
+
 def test_destination_that_cannot_be_made_is_refused_before_work(tiny, tmp_path, monkeypatch):
     import mlx_video.convert.convert as conv
 
