@@ -13,7 +13,8 @@ hangs or runs out of memory is reported and the next one runs:
                 WanTransformer3DModel on torch, the same random weights and inputs, rounds alternating: medians,
                 TFLOP/s (the family cost model's FLOPs) against the GPU's published dense bf16 peak, peak memory
   vae           the Wan 2.1 VAE decode (A14B's) of 21 latent frames at 832x480, ours against AutoencoderKLWan
-  radial        radial attention (mlx_video.nn.radial, where it exists) against dense at 75,600 tokens
+  radial        radial attention (mlx_video.nn.radial, where it exists; A14B's RADIAL_DEFAULTS) against dense
+                at 75,600 tokens, and its GPU kernel path against MLXVID_KERNELS=portable where one exists
   step-hunyuan, step-mochi   the step at HunyuanVideo's and Mochi's widths, if time is left
 
 On an NVIDIA GPU lent through the device tool (no network there; at most 64 MiB travels per call):
@@ -78,7 +79,8 @@ REAL = {
               "hunyuan": {"size": [832, 480], "frames": 81, "double": 1, "single": 1, "refiner": 2},
               "mochi": {"size": [848, 480], "frames": 85, "layers": 2}},
     "vae": {"size": [832, 480], "latent_frames": 21},
-    "radial": {"grid": [21, 45, 80], "heads": 40, "head_dim": 128, "block": 128, "decay": 1.0},
+    # tile size, decay, first-frame rule: the model's RADIAL_DEFAULTS (mlx_video/nn/radial.py)
+    "radial": {"model": "wan2.2-t2v-a14b", "grid": [21, 45, 80], "heads": 40, "head_dim": 128},
 }
 # Tiny sizes for the CPU dry run: the same code paths, heads of 32 and 24 channels, odd token counts.
 DRY = {
@@ -99,7 +101,8 @@ DRY = {
             "config": {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
                        "temperal_downsample": [False, True, True], "latents_mean": [0.1, -0.2, 0.0, 0.3],
                        "latents_std": [0.9, 1.1, 1.3, 0.7]}},
-    "radial": {"grid": [3, 4, 8], "heads": 2, "head_dim": 40, "block": 16, "decay": 1.0},
+    "radial": {"model": "wan2.2-t2v-a14b", "grid": [3, 4, 8], "heads": 2, "head_dim": 40, "block": 16,
+               "decay": 0.8},
 }
 
 

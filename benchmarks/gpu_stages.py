@@ -156,10 +156,23 @@ def stage_environment(settings: dict, record: Record) -> None:
     record.update(device=name, mlx_device=str(mx.default_device()), mlx=mx.__version__, **versions,
                   python=platform.python_version(), os=platform.platform(), kernel_backend=kernels.refresh(),
                   bf16_peak_tflops=peak, bf16_peak_source=source)
-    record.update(mlx_sdpa=sdpa_is_fused(settings))
+    record.update(nvidia_smi=nvidia_smi(), mlx_sdpa=sdpa_is_fused(settings))
     n = settings["matmul_n"]
     record.update(matmul_n=n, mlx_matmul_tflops=measure_matmul(settings["dtype"], n))
     record.update(torch_matmul_tflops=torch_matmul_tflops(settings, n))
+
+
+def nvidia_smi() -> str | None:
+    """nvidia-smi's line for the GPU (name, memory, driver, clocks, power limit), where the tool exists."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = "name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,power.limit"
+    proc = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
+                          text=True, timeout=30)
+    return proc.stdout.strip() or proc.stderr.strip()
 
 
 def torch_matmul_tflops(settings: dict, n: int) -> float:
@@ -485,8 +498,24 @@ def stage_vae(settings: dict, record: Record) -> None:
 # ---------------------------------------------------------------------------------------------- radial attention
 
 
+def radial_parameters(r: dict) -> dict | None:
+    """Tile size, decay and first-frame rule: the settings' own, else the RADIAL_DEFAULTS that the model's
+    transformer configuration module publishes (where mlx_video.speedup looks too); None when neither has them."""
+    import importlib
+
+    from mlx_video.registry import get_spec
+
+    module = importlib.import_module(type(get_spec(r["model"]).transformer).__module__)
+    defaults = getattr(module, "RADIAL_DEFAULTS", None)
+    if "block" not in r and defaults is None:
+        return None
+    return {"block": r.get("block", getattr(defaults, "block", None)),
+            "decay": r.get("decay", getattr(defaults, "decay", None)),
+            "first_frame_dense": r.get("first_frame_dense", getattr(defaults, "first_frame_dense", True))}
+
+
 def radial_plan(settings: dict):
-    """The radial plan of the run's token grid, from mlx_video.nn.radial; None (and why) where it is missing."""
+    """(the radial module, its plan of the run's token grid, the parameters), or (None, why) where it is missing."""
     import importlib
     import importlib.util
 
@@ -494,45 +523,64 @@ def radial_plan(settings: dict):
         return None, "mlx_video.nn.radial does not exist in this checkout"
     radial = importlib.import_module("mlx_video.nn.radial")
     missing = [n for n in ("radial_block_mask", "RadialPlan", "radial_attention") if not hasattr(radial, n)]
-    if missing:
-        return None, f"mlx_video.nn.radial has no {', '.join(missing)} (its API changed: update this stage)"
     r = settings["radial"]
+    params = radial_parameters(r)
+    if missing or params is None:
+        return None, (f"mlx_video.nn.radial has no {', '.join(missing)} (its API changed: update this stage)"
+                      if missing else f"no radial parameters for {r['model']} (RADIAL_DEFAULTS)")
     frames, h, w = r["grid"]
-    mask = radial.radial_block_mask(frames, h * w, block=r["block"], decay=r["decay"])
-    return (radial, radial.RadialPlan.of(mask, r["block"], frames * h * w)), None
+    mask = radial.radial_block_mask(frames, h * w, **params)
+    return (radial, radial.RadialPlan.of(mask, params["block"], frames * h * w), params), None
 
 
 def stage_radial(settings: dict, record: Record) -> None:
     """Radial attention (mlx_video.nn.radial) against dense attention on the same q, k, v at the run's token grid:
-    alternating medians and the fraction of the score matrix computed. That radial equals dense under its mask
-    is the radial tests' job; here only the output's finiteness is checked."""
+    alternating medians and the fraction of the score matrix computed; where a GPU kernel path exists, radial
+    attention with the kernels against MLXVID_KERNELS=portable too. That radial equals dense under its mask is
+    the radial tests' job; here the outputs' finiteness and kernel-vs-portable agreement are checked."""
     import mlx.core as mx
     import numpy as np
 
+    from mlx_video import kernels
     from mlx_video.nn.attention import attention
 
     found, reason = radial_plan(settings)
     if found is None:
         record.update(skipped=True, reason=reason)
         return
-    radial, plan = found
+    radial, plan, params = found
     r = settings["radial"]
     dtype = {"fp32": mx.float32, "bf16": mx.bfloat16}[settings["dtype"]]
-    shape = (1, plan.tokens, r["heads"], r["head_dim"])
-    q, k, v = (mx.random.normal(shape, key=mx.random.key(i)).astype(dtype) for i in range(3))
+    q, k, v = (mx.random.normal((1, plan.tokens, r["heads"], r["head_dim"]), key=mx.random.key(i)).astype(dtype)
+               for i in range(3))
     mx.eval(q, k, v)
-    sides = {"radial": lambda: mx.eval(radial.radial_attention(q, k, v, plan)),
-             "dense": lambda: mx.eval(attention(q, k, v))}
     record.update(skipped=False, tokens=plan.tokens, grid=r["grid"], heads=r["heads"], head_dim=r["head_dim"],
-                  block=r["block"], score_fraction=plan.score_fraction())
-    for fn in sides.values():
-        fn()
-    rounds = rounds_that_fit(settings, sum(statistics.median(t) for t in alternate(sides, 1).values()))
-    times = alternate(sides, rounds)
-    out = radial.radial_attention(q, k, v, plan)
-    record.update(rounds=rounds, finite=bool(np.isfinite(np.asarray(out.astype(mx.float32))).all()),
+                  **params, score_fraction=plan.score_fraction())
+    run_radial = lambda: radial.radial_attention(q, k, v, plan)  # noqa: E731
+    with kernel_mode("auto"):
+        status = kernels.warm_up(run_radial)
+    sides = {"radial": in_mode("auto", run_radial), "dense": lambda: attention(q, k, v)}
+    if kernels.refresh() != "portable":
+        sides["radial_portable"] = in_mode("portable", run_radial)
+    outputs = {name: evaluated(lambda fn=fn: [fn()])[0] for name, fn in sides.items()}
+    record.update(kernel_status=[{"variant": [str(x) for x in key], "used": ok} for key, ok in status.items()],
+                  finite=all(bool(np.isfinite(o).all()) for o in outputs.values()), **radial_agreement(outputs))
+    del outputs
+    timed_sides = {name: (lambda fn=fn: mx.eval(fn())) for name, fn in sides.items()}
+    rounds = rounds_that_fit(settings, sum(statistics.median(t) for t in alternate(timed_sides, 1).values()))
+    times = alternate(timed_sides, rounds)
+    record.update(rounds=rounds,
                   sides={name: {"times_s": t, "seconds_median": statistics.median(t)} for name, t in times.items()},
                   time_ratio_radial_over_dense=statistics.median(times["radial"]) / statistics.median(times["dense"]))
+
+
+def radial_agreement(outputs: dict) -> dict:
+    import numpy as np
+
+    if "radial_portable" not in outputs:
+        return {}
+    a, b = outputs["radial"], outputs["radial_portable"]
+    return {"radial_kernels_vs_portable": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))}
 
 
 STAGES = {
