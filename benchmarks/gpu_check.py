@@ -285,6 +285,16 @@ def nvidia_library_dirs() -> list[str]:
     return sorted(dirs) + driver
 
 
+def import_check(env: dict) -> str:
+    """What MLX reports in the stages' environment (device, CUDA), or why it does not import: a broken install
+    shows here once, before every stage fails the same way."""
+    code = "import mlx.core as mx; print(mx.__version__, mx.default_device(), 'cuda', mx.cuda.is_available())"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    text = (proc.stdout if proc.returncode == 0 else proc.stderr).strip()
+    print(f"[gpu-check] mlx in the stages' environment: {text[-600:]}", flush=True)
+    return text[-600:]
+
+
 def worker_env(prefix: str | None) -> dict:
     env = dict(os.environ)
     env.pop("MLXVID_KERNELS", None)
@@ -510,6 +520,8 @@ def run(args) -> dict:
     if not args.dry_run:
         scratch.mkdir(parents=True, exist_ok=True)
     env = worker_env(installed["prefix"] if installed else None)
+    if installed:
+        installed["import_check"] = import_check(env)
     start = time.time()
     stages = run_stages(settings, names, budget, not args.dry_run, env, scratch)
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),

@@ -86,8 +86,9 @@ def device_name(settings: dict) -> str:
         return torch.cuda.get_device_name()
     import mlx.core as mx
 
-    if settings["backend"] == "metal":
-        return str(mx.metal.device_info().get("device_name", "Apple GPU"))
+    if settings["backend"] == "metal":  # mx.device_info in recent MLX, mx.metal.device_info before
+        info = getattr(mx, "device_info", None) or mx.metal.device_info
+        return str(info().get("device_name", "Apple GPU"))
     from harness import system_info
 
     return system_info()["device"]
@@ -143,15 +144,15 @@ def free_memory() -> None:
 
 def stage_environment(settings: dict, record: Record) -> None:
     """Versions, the device, whether attention is fused, and the matmul rate both frameworks reach."""
+    import platform
+    from importlib import metadata
+
     import mlx.core as mx
 
     from mlx_video import kernels
 
     name = device_name(settings)
     peak, source = bf16_peak_tflops(name)
-    import platform
-    from importlib import metadata
-
     versions = {d: metadata.version(d) for d in ("torch", "diffusers", "numpy")}
     record.update(device=name, mlx_device=str(mx.default_device()), mlx=mx.__version__, **versions,
                   python=platform.python_version(), os=platform.platform(), kernel_backend=kernels.refresh(),
@@ -183,7 +184,7 @@ def torch_matmul_tflops(settings: dict, n: int) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=dt) for _ in range(2))
 
     def product():
-        a @ b
+        _ = a @ b
         torch_sync(device)
 
     product()
@@ -226,6 +227,9 @@ def kernel_cases(settings: dict) -> list[dict]:
     def normal(shape, dtype=mx.float32, loc=0.0, scale=1.0):
         return mx.array((loc + scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
 
+    def name(dtype) -> str:
+        return str(dtype).removeprefix("mlx.core.")
+
     x = normal((1, 1, tokens, dim), loc=3, scale=2)
     mod = [normal((1, 1, 1, dim), scale=0.3) for _ in range(3)]
     y = normal((1, 1, tokens, dim))
@@ -234,7 +238,7 @@ def kernel_cases(settings: dict) -> list[dict]:
     cases = []
     for fmt in ("e4m3fn", "e5m2"):
         for dt in (mx.float32, mx.float16, mx.bfloat16):
-            cases.append(dict(op="dequantize_fp8", variant=f"{fmt} -> {dt}", exact=True,
+            cases.append(dict(op="dequantize_fp8", variant=f"{fmt} -> {name(dt)}", exact=True,
                               call=lambda fmt=fmt, dt=dt: [kernels.dequantize_fp8(codes, fmt, scales, dt)]))
     for split_name, axis_dims in k["rope_splits"].items():
         head_dim = sum(axis_dims)
@@ -242,15 +246,15 @@ def kernel_cases(settings: dict) -> list[dict]:
         n = math.prod(k["rope_grid"])
         for dt in (mx.float32, mx.float16, mx.bfloat16):
             q, kk = normal((1, n, heads, head_dim), dt), normal((1, n, heads, head_dim), dt)
-            cases.append(dict(op="apply_rope_qk", variant=f"{split_name} {dt}", exact=False,
+            cases.append(dict(op="apply_rope_qk", variant=f"{split_name} {name(dt)}", exact=False,
                               call=lambda q=q, kk=kk, t=per_axis: list(kernels.apply_rope_qk(q, kk, t))))
-            cases.append(dict(op="apply_rope", variant=f"{split_name} {dt}", exact=False,
+            cases.append(dict(op="apply_rope", variant=f"{split_name} {name(dt)}", exact=False,
                               call=lambda q=q, t=per_axis: [kernels.apply_rope(q, t)]))
     for dt in (mx.float32, mx.bfloat16):
         xd = x.astype(dt)
-        cases.append(dict(op="adaln_modulate", variant=f"x {dt}", exact=False,
+        cases.append(dict(op="adaln_modulate", variant=f"x {name(dt)}", exact=False,
                           call=lambda xd=xd: [kernels.adaln_modulate(xd, mod[0], mod[1], 1e-6)]))
-        cases.append(dict(op="gated_residual", variant=f"y {dt}", exact=False,
+        cases.append(dict(op="gated_residual", variant=f"y {name(dt)}", exact=False,
                           call=lambda dt=dt: [kernels.gated_residual(x, mod[2], y.astype(dt))]))
     return cases
 
