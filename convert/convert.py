@@ -389,15 +389,29 @@ def _convert_locked(src, dst: Path, dtype, overwrite, shard_bytes, progress, log
         _write_manifest(conversion, work, src, dtype, quantize, group_size)
         ModelFolder.open(work)  # the folder must load before it takes the final name
         stamp.unlink()
-        if os.path.lexists(dst):
-            shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
-        os.replace(work, dst)
+        _publish(work, dst)
     except OSError as e:
         raise MlxVideoError(
             f"could not write {e.filename or work} ({e.strerror or e}); the finished shards are kept in {work}: "
             "free space (or fix the folder) and re-run the same command to resume"
         ) from None
     return dst
+
+
+def _publish(work: Path, dst: Path) -> None:
+    """Rename the finished folder to DST; an existing DST (--overwrite) is moved aside first and removed only once
+    the new folder has its name, so that a failure leaves either the old DST or the new one, never neither."""
+    if not os.path.lexists(dst):
+        os.replace(work, dst)
+        return
+    old = dst.with_name(f".{dst.name}.replaced-{os.getpid()}")
+    os.replace(dst, old)
+    try:
+        os.replace(work, dst)
+    except OSError:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 def _write_components(conversion: ConversionPlan, work: Path, dtype, shard_bytes, progress, quantize,

@@ -8,6 +8,7 @@ resumes it. The corpus below has one case per way a checkpoint can be wrong.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import zipfile
@@ -512,6 +513,25 @@ def test_overwrite_replaces_only_at_the_end(tiny, tmp_path):
     stale.write_text("old")
     convert_model(tiny.diffusers_folder(), dst, dtype="fp16", overwrite=True)
     assert not stale.exists() and json.loads((dst / "mlxvid.json").read_text())["dtype"] == "float16"
+
+
+def test_overwrite_that_fails_at_the_rename_keeps_the_old_folder(tiny, tmp_path, monkeypatch):
+    import mlx_video.convert.convert as conv
+
+    dst = tmp_path / "out"
+    convert_model(tiny.diffusers_folder(), dst, dtype="fp32")
+    real_replace = os.replace
+
+    def failing_replace(a, b):
+        if Path(a).name == "out.part":
+            raise OSError(28, "No space left on device", str(b))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(conv.os, "replace", failing_replace)
+    with pytest.raises(MlxVideoError, match="No space left on device"):
+        convert_model(tiny.diffusers_folder(), dst, dtype="fp16", overwrite=True)
+    assert json.loads((dst / "mlxvid.json").read_text())["dtype"] == "float32"  # the old folder, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.part"]
 
 
 def test_shards_are_written_slice_by_slice(tiny, tmp_path, monkeypatch):
