@@ -324,9 +324,10 @@ def build_step_pair(family: str, settings: dict):
     s, dtype, device = settings["steps"][family], settings["dtype"], settings["torch_device"]
     size = tuple(s["size"])
     if family == "wan":
-        from mlx_video.models.wan.config import WanTransformerConfig
+        from mlx_video.registry import get_spec
 
-        config = WanTransformerConfig(**s["config"]) if s.get("config") else None
+        config_class = type(get_spec(s["model"]).transformer)  # the registry's config class, wherever it lives
+        config = config_class(**s["config"]) if s.get("config") else None
         return wan_step_pair(s["model"], size, s["frames"], s["layers"], dtype, True, config, 0, device)
     if family == "hunyuan":
         import hunyuan
