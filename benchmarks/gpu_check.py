@@ -19,7 +19,8 @@ hangs or runs out of memory is reported and the next one runs:
 
 On an NVIDIA GPU lent through the device tool (no network there; at most 64 MiB travels per call):
 
-  1. here, with network, once per mlx version:  python benchmarks/gpu_check.py --prepare .gpucheck
+  1. here, with network, in the checkout the device tool sends, once per mlx version:
+         python benchmarks/gpu_check.py --prepare .gpucheck
      downloads the mlx and mlx-cuda-13 wheels of the mlx version installed here (what pyproject.toml resolves;
      mlx-cuda-13 must match it), diffusers (the version installed here) and importlib_metadata, and splits them
      into parts under 60 MiB (.gpucheck/part-0, part-1) with a manifest of sha256s. It prints the two calls:
@@ -30,7 +31,9 @@ On an NVIDIA GPU lent through the device tool (no network there; at most 64 MiB 
          carry=[".gpucheck/part-1"], timeout_s=540)
      reassembles and verifies the wheels, installs them and this checkout into the scratch prefix (mlx finds the
      CUDA libraries of the image's torch through LD_LIBRARY_PATH), runs the stages and writes $OUT/report.json
-     and $OUT/report.md. The stages get `--time-budget` seconds (default 420) after the install.
+     and $OUT/report.md. The stages get `--time-budget` seconds (default 420) after the install. A rerun on the
+     still-warm machine (after a fix) skips the wheels: the same call with e.g. `--stages kernels,step-wan
+     --time-budget 200`.
 
 On a Mac (Apple silicon, the project and torch + diffusers installed: `pip install -e '.[test]' torch`):
 
@@ -323,8 +326,9 @@ def run_isolated(name: str, settings: dict, seconds: float, env: dict, scratch: 
     try:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds)
         status, tail = ("ok" if proc.returncode == 0 else "failed"), (proc.stdout + proc.stderr)[-4000:]
-    except subprocess.TimeoutExpired as e:
-        status, tail = "timed out", ((e.stdout or b"") + (e.stderr or b"")).decode(errors="replace")[-4000:]
+    except subprocess.TimeoutExpired as e:  # its output is bytes here whatever text= says
+        output = [o.decode(errors="replace") if isinstance(o, bytes) else o for o in (e.stdout, e.stderr) if o]
+        status, tail = "timed out", "".join(output)[-4000:]
     result = json.loads(result_path.read_text()) if result_path.is_file() else {}
     return {"status": status, "result": result, "output_tail": tail if status != "ok" else ""}
 
