@@ -374,8 +374,10 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
            f"one optionally; {_models_with('s2v')}: the portrait). Resized to the video size as --image-fit says.",
            short="-i", file_only=True),
     Option("image_fit", "choice", "How the image meets the video size: crop (cover, then centre-crop, as the "
-           "official TI2V code), stretch (ignore the aspect ratio, as diffusers' Wan I2V pipeline) or fit (letterbox "
-           "in black).", default="crop", choices=("crop", "stretch", "fit")),
+           "official TI2V code; the default), stretch (ignore the aspect ratio, as diffusers' Wan I2V pipeline), fit "
+           "(letterbox in black) or short-side (the shorter side to the video's, bilinear, then centre-crop, black "
+           "where it does not cover: the official S2V fit, and S2V's default).",
+           choices=("crop", "stretch", "fit", "short-side")),
     Option("audio", "path", lambda: "Voice track driving an audio-to-video model (" + _models_with("s2v") + "): wav, "
            "mp3, m4a, flac. The video lasts as long as the audio (in whole clips) and the track is muxed into the "
            "output.", short="-a", file_only=True, needs="takes_audio"),

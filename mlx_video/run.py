@@ -246,7 +246,8 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
             return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory)
     settings = pipe.resolve(_settings(o, pipe, preset))
     delivery = _delivery(o, settings, preset, overlays, interpolation) if output is not None else None
-    pixels = _image_pixels(o, settings)
+    image_fit = o.get("image_fit") or pipe.default_image_fit
+    pixels = _image_pixels(o, settings, image_fit)
     if output is not None and not pipe.can_decode:
         raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
     vae_tiling = o.get("vae_tiling") or "auto"
@@ -254,7 +255,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     latents = _init_latents(o, pipe, settings)
     estimate = _estimate(o, pipe, settings, vae_tiling, pixels is not None, output is not None, check_memory)
     return Job(o, pipe, settings, output, save_latents, bool(o.get("overwrite")), bool(o.get("quiet")), vae_tiling,
-               o.get("image_fit") or "crop", pixels, latents, o.get("init_latents"), estimate, delivery,
+               image_fit, pixels, latents, o.get("init_latents"), estimate, delivery,
                o.get("quality"), o.get("duration"), o.get("preview_every"), interpolation)
 
 
@@ -353,12 +354,12 @@ def _delivery(o: dict, settings, preset, overlays, interpolation) -> Delivery | 
                     str(o["font"]) if o.get("font") else None)
 
 
-def _image_pixels(o: dict, settings) -> np.ndarray | None:
+def _image_pixels(o: dict, settings, image_fit: str) -> np.ndarray | None:
     if o.get("image") is None:
         return None
     from .io.image import fit_image, load_image
 
-    return fit_image(load_image(o["image"]), settings.width, settings.height, mode=o.get("image_fit") or "crop")
+    return fit_image(load_image(o["image"]), settings.width, settings.height, mode=image_fit)
 
 
 def _init_latents(o: dict, pipe, settings) -> np.ndarray | None:

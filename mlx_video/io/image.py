@@ -81,6 +81,23 @@ of a level on average and under 2 levels at most (of 255); on fine detail or noi
 bicubic aliases, it is much larger. Note that diffusers also rounds the target size down to a multiple of
 8 (`get_default_height_width`); `fit_image` uses the size it is given, so callers pass sizes that are
 already multiples of 16.
+
+* ``mode="short-side"``: the official Wan2.2-S2V fit (Wan-Video/Wan2.2 `wan/speech2video.py`, `generate`):
+  torchvision's ``Resize(min(height, width))`` then ``CenterCrop((height, width))`` on the PIL image. For a PIL
+  input, torchvision (0.17 and later) computes the size in `_compute_resized_output_size` and calls Pillow's
+  ``Image.resize(size, BILINEAR)``, antialiased (the triangle filter is widened by the downscale factor), on the
+  8-bit image. The shorter side becomes ``m = min(height, width)`` and the other ``int(m * long / short)`` (a
+  float product truncated); an image already at that size is not resampled. ``CenterCrop`` then, per axis:
+  where the resized side ``s`` is shorter than the target ``t``, pads ``(t - s) // 2`` before and
+  ``(t - s + 1) // 2`` after with black (0); where it is longer, cuts from ``int(round((s - t) / 2))`` (Python's
+  round, half to even: an odd surplus of 25 starts at 12). So unlike "crop", the image does not always cover
+  the video: a portrait whose aspect is less elongated than the video's keeps black bars (a 3:4 photo of
+  2048x1536 gives a 960x704 video, and the resize fills 938 of its 960 rows).
+
+`fit_float_short_side` does the same fit on float data (the official S2V pose frames: their [-1, 1] values
+are resized as torch tensors, `torch.nn.functional.interpolate(mode="bilinear", antialias=True)`, whose
+weights are Pillow's, with no 8-bit rounding; the padding value is a parameter). It resamples with Pillow on
+32-bit float images (mode "F"), which computes the same weights in double precision.
 """
 
 from __future__ import annotations
@@ -93,7 +110,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MlxVideoError
 
-FIT_MODES = ("crop", "stretch", "fit")
+FIT_MODES = ("crop", "stretch", "fit", "short-side")
 
 # Modes holding one 16-bit (or wider integer) grey channel, which `convert("RGB")` clips instead of scaling.
 _SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -102,6 +119,7 @@ _SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _MAX_COVER_PIXELS = 1 << 25
 
 _LANCZOS = Image.Resampling.LANCZOS
+_BILINEAR = Image.Resampling.BILINEAR
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -171,10 +189,12 @@ def fit_image(image: np.ndarray, width: int, height: int, mode: str = "crop") ->
     """Resize an (H, W, 3) uint8 RGB image to (height, width, 3) float32 in [-1, 1].
 
     `mode` is "crop" (keep the aspect ratio, cover the target, cut the centre; the default), "stretch"
-    (ignore the aspect ratio; what diffusers' Wan I2V pipeline does) or "fit" (keep the aspect ratio, fit
-    inside, black bars). Resampling is Pillow LANCZOS on 8-bit data. The exact rule is in the module
+    (ignore the aspect ratio; what diffusers' Wan I2V pipeline does), "fit" (keep the aspect ratio, fit
+    inside, black bars) or "short-side" (the official Wan2.2-S2V fit: the shorter side to the target's shorter
+    side with bilinear filtering, then a centre crop that pads with black where the image does not cover).
+    Resampling is on 8-bit data: Pillow LANCZOS, BILINEAR for "short-side". The exact rule is in the module
     docstring; "crop" and "stretch" are bit-identical to diffusers' `VaeImageProcessor.preprocess` with
-    `resize_mode="crop"` and `"default"`.
+    `resize_mode="crop"` and `"default"`, "short-side" to torchvision's `Resize` and `CenterCrop` on a PIL image.
     """
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB")) if image.mode != "RGB" else np.asarray(image)
@@ -197,6 +217,10 @@ def fit_image(image: np.ndarray, width: int, height: int, mode: str = "crop") ->
         fitted = source.resize((width, height), _LANCZOS)
     elif mode == "crop":
         fitted = _cover_and_crop(source, width, height)
+    elif mode == "short-side":
+        size = short_side_size(source.size[1], source.size[0], width, height)
+        resized = source if size == source.size[::-1] else source.resize(size[::-1], _BILINEAR)
+        fitted = center_crop(np.asarray(resized, dtype=np.uint8), width, height, 0)
     else:
         fitted = _fit_inside(source, width, height)
 
@@ -228,3 +252,43 @@ def _fit_inside(source: Image.Image, width: int, height: int) -> Image.Image:
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
     canvas.paste(source.resize((sw, sh), _LANCZOS), ((width - sw) // 2, (height - sh) // 2))
     return canvas
+
+
+def short_side_size(image_height: int, image_width: int, width: int, height: int) -> tuple[int, int]:
+    """The (height, width) torchvision's `Resize(min(height, width))` gives an image: its shorter side becomes
+    min(height, width), the other side in proportion, truncated (see the module docstring)."""
+    target = min(width, height)
+    short, long = sorted((image_height, image_width))
+    other = int(target * long / short)
+    return (other, target) if image_width <= image_height else (target, other)
+
+
+def center_crop(image: np.ndarray, width: int, height: int, fill) -> np.ndarray:
+    """torchvision's `CenterCrop((height, width))` of an (H, W, C) array: per axis, a side shorter than the target
+    is padded with `fill` ((t - s) // 2 before, the rest after), a longer one cut from int(round((s - t) / 2))."""
+    out = np.full((height, width, image.shape[2]), fill, dtype=image.dtype)
+    source, target = [], []
+    for size, crop in ((image.shape[0], height), (image.shape[1], width)):
+        if size < crop:
+            start = (crop - size) // 2
+            source.append(slice(0, size))
+            target.append(slice(start, start + size))
+        else:
+            start = int(round((size - crop) / 2))
+            source.append(slice(start, start + crop))
+            target.append(slice(0, crop))
+    out[target[0], target[1]] = image[source[0], source[1]]
+    return out
+
+
+def fit_float_short_side(image: np.ndarray, width: int, height: int, fill: float) -> np.ndarray:
+    """The "short-side" fit of an (H, W, C) float image without 8-bit rounding: each channel resampled with
+    Pillow's antialiased bilinear filter on a 32-bit float image (torch's `interpolate(mode="bilinear",
+    antialias=True)` uses the same weights), then `center_crop` with `fill`. Returns float32."""
+    image = np.asarray(image, dtype=np.float32)
+    size = short_side_size(image.shape[0], image.shape[1], width, height)
+    if size != image.shape[:2]:
+        channels = [Image.fromarray(np.ascontiguousarray(image[:, :, c]), mode="F").resize(size[::-1], _BILINEAR)
+                    for c in range(image.shape[2])]
+        image = np.stack([np.asarray(c, dtype=np.float32) for c in channels], axis=2)
+    return center_crop(image, width, height, np.float32(fill))

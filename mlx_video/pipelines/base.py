@@ -87,6 +87,7 @@ class Pipeline:
     takes_true_cfg = False
     takes_audio = False  # driven by a voice track (--audio)
     radial_defaults = None  # the family's RadialDefaults (mlx_video.nn.radial) where it runs --attention radial
+    default_image_fit = "crop"  # how --image meets the video size without --image-fit (io.image.FIT_MODES)
 
     def __init__(self, folder: ModelFolder):
         self.folder = folder

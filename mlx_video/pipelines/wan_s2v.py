@@ -14,6 +14,12 @@ The video is a chain of clips, made the way the official release makes it (Wan-V
 
 The transformer and the VAE stay loaded for the whole chain (the VAE both decodes and re-encodes between
 clips); the text and audio encoders run once, before it.
+
+The portrait is fitted as the official release fits it (`mlx_video.io.image`, mode "short-side", the default
+for this pipeline; `--image-fit` picks another, recorded in the sidecar): its shorter side is resized to the
+video's shorter side with Pillow's bilinear filter (torchvision's `Resize` on a PIL image), then centre-cropped
+to the video size, with black where it does not cover. The pose video's frames get the same fit on their
+[-1, 1] values, without 8-bit rounding, padded with 0 (see `pose_latents`).
 """
 
 from __future__ import annotations
@@ -46,8 +52,8 @@ def size_for_image(height: int, width: int, max_area: int, multiple: int = 64) -
     """The video (height, width) for a reference image, as the official pipeline chooses it: the largest scale
     of the image (at most 1, or the one that makes its area `max_area`) whose size, rounded up to a multiple
     of `multiple`, fits in `max_area`; scales are tried downward in 100 equal steps to a lower bound (0.1 for a
-    small image, else the scale at which the rounding adds the most). The image is then resized and
-    center-cropped to that size."""
+    small image, else the scale at which the rounding adds the most). The image is then fitted to that size
+    (its shorter side resized to the video's, then centre-cropped or padded with black: `fit_image` "short-side")."""
     area = height * width
     if area <= max_area:
         low, high = 0.1, 1.0
@@ -106,6 +112,7 @@ class ClipInputs:
 
 class WanS2VPipeline(WanPipeline):
     takes_audio = True
+    default_image_fit = "short-side"  # the official portrait fit (module docstring)
 
     def __init__(self, folder):
         super().__init__(folder)
@@ -240,13 +247,15 @@ class WanS2VPipeline(WanPipeline):
     def pose_latents(self, s: GenerationSettings, vae, clips: int) -> list[mx.array] | None:
         """Per clip, the pose video's latents (1, frames/4, h, w, z), or None without a pose video.
 
-        The official pipeline reads the pose video from its start at one frame per round(rate / fps) source
-        frames, resizes and center-crops each frame to the video size, pads with black (-1) frames to the length
-        of the chain, and encodes each clip's frames behind a copy of its first frame, dropping that latent."""
+        The official pipeline (`load_pose_cond`) reads the pose video from its start at one frame per
+        round(rate / fps) source frames, maps them to [-1, 1] and fits them to the video size as float tensors:
+        the shorter side resized with antialiased bilinear filtering, a centre crop, and 0 (mid-grey) where a
+        frame does not cover. It then pads with black (-1) frames to the length of the chain and encodes each
+        clip's frames behind a copy of its first frame, dropping that latent."""
         if s.pose_video is None:
             return None
         from ..interpolate import open_input
-        from ..io.image import fit_image
+        from ..io.image import fit_float_short_side
 
         source = open_input(s.pose_video)
         every = max(1, round(float(source.fps) / s.fps)) if source.fps else 1
@@ -254,7 +263,8 @@ class WanS2VPipeline(WanPipeline):
         frames = []
         for i, frame in enumerate(source.frames):
             if i % every == 0:
-                frames.append(fit_image(frame, s.width, s.height, mode="crop"))
+                pixels = frame.astype(np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
+                frames.append(fit_float_short_side(pixels, s.width, s.height, fill=0.0))
                 if len(frames) == wanted:
                     break
         source.frames.close()
