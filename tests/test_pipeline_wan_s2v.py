@@ -26,6 +26,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 FIXTURE = Path(__file__).parent / "fixtures" / "s2v" / "pipeline_reference.safetensors"
+# The official preprocessing from files (portraits not at the video size, a pose video): make_portrait_reference.py
+PORTRAITS = FIXTURE.parent / "portrait_reference.safetensors"
 
 
 def rel(a, b) -> float:
@@ -105,11 +107,10 @@ def test_conversion_writes_a_self_describing_s2v_folder(converted, pipe):
     assert pipe.transformer_config.motion_frames == 13 and pipe.transformer_config.audio_layers == 5
 
 
-def run_like_official(pipe, reference, monkeypatch, tmp_path, pose_video=None, **options):
-    """Our pipeline with the recorded encoder outputs and per-clip noise in place of its own."""
+def use_recorded_encoders(pipe, reference, monkeypatch, noise: dict) -> None:
+    """The recorded text and audio encoder outputs and per-clip noise (`noise[R]`, official layout) in place of
+    the pipeline's own."""
     from mlx_video.audio.features import FrameAudioFeatures
-    from mlx_video.io.image import fit_image
-    from mlx_video.pipelines.base import GenerationSettings
 
     tensors, config, st, _ = reference
     text_len = config["text_len"]
@@ -125,7 +126,16 @@ def run_like_official(pipe, reference, monkeypatch, tmp_path, pose_video=None, *
     monkeypatch.setattr(pipe, "encode_text", encode_text)
     monkeypatch.setattr(pipe, "encode_audio", lambda s, progress=False: FrameAudioFeatures(
         mx.array(audio), st["clips"], st["frames"], audio.shape[0]))
-    monkeypatch.setattr(pipe, "clip_noise", lambda s, r: mx.array(tensors[f"noise.{r}"]).transpose(1, 2, 3, 0)[None])
+    monkeypatch.setattr(pipe, "clip_noise", lambda s, r: mx.array(noise[r]).transpose(1, 2, 3, 0)[None])
+
+
+def run_like_official(pipe, reference, monkeypatch, tmp_path, pose_video=None, **options):
+    """Our pipeline with the recorded encoder outputs and per-clip noise in place of its own."""
+    from mlx_video.io.image import fit_image
+    from mlx_video.pipelines.base import GenerationSettings
+
+    tensors, _, st, _ = reference
+    use_recorded_encoders(pipe, reference, monkeypatch, {r: tensors[f"noise.{r}"] for r in range(st["clips"])})
     voice = write_wav(tmp_path / "voice.wav", 2.0)
     settings = GenerationSettings(
         prompt="prompt", negative_prompt="negative", width=st["width"], height=st["height"], frames=st["frames"],
@@ -177,6 +187,68 @@ def test_a_pose_video_is_followed_like_the_official_pipeline(reference, pipe, tm
     assert e0 < 1e-3 and e1 < 1e-3, (e0, e1)
     plain = clip_errors(result, tensors, st)
     assert min(plain) > 1e-2  # the pose changed the result: the comparison above is not vacuous
+
+
+@pytest.fixture(scope="module")
+def portraits():
+    with safe_open(str(PORTRAITS), "np") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def write_pose_video(path: Path, blocks: np.ndarray, block: int, fps: int) -> Path:
+    """`blocks` (frames, rows, cols, 3) with every value a block x block square, losslessly (FFV1) at `fps`."""
+    import av
+
+    frames = np.repeat(np.repeat(blocks, block, axis=1), block, axis=2)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr0"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.mark.parametrize("case", ["pad", "crop"])
+def test_from_the_portrait_file_through_the_cli_like_the_official_pipeline(case, reference, portraits, converted, pipe,
+                                                                           tmp_path, monkeypatch):
+    """The CLI path (`run.prepare` / `run.execute`) from a portrait file, the size from the max-area rule, the
+    official fit (no --image-fit): "pad", a 100x60 portrait for a 128x64 video (11 black rows above and below);
+    "crop", a 50x120 portrait for a 64x128 video (cut from column 12) following a 150x200 pose video at 30 fps
+    (every 2nd frame read, 18 of the 24 the chain needs). The fitted portrait and each clip's latents against the
+    official pipeline with the real torchvision transforms."""
+    from PIL import Image
+
+    from mlx_video.run import execute, prepare
+
+    _, _, st, _ = reference
+    tensors, meta = portraits
+    expected = json.loads(meta["cases"])[case]
+    use_recorded_encoders(pipe, reference, monkeypatch, {r: tensors[f"{case}.noise.{r}"] for r in range(st["clips"])})
+    Image.fromarray(tensors[f"{case}.portrait"]).save(tmp_path / "face.png")
+    options = dict(model=str(converted / "mlx"), prompt="prompt", negative_prompt="negative",
+                   image=str(tmp_path / "face.png"), audio=str(write_wav(tmp_path / "voice.wav", 2.0)),
+                   frames=st["frames"], steps=st["steps"], shift=st["shift"], guidance=st["guidance"], seed=st["seed"],
+                   clips=st["clips"], output=str(tmp_path / "talk.mp4"), quiet=True)
+    if case == "crop":
+        options["pose_video"] = str(write_pose_video(tmp_path / "pose.mkv", tensors["pose_blocks"],
+                                                     int(meta["pose_block"]), int(meta["pose_fps"])))
+    job = prepare(options, pipe=pipe)
+    assert (job.settings.height, job.settings.width) == (expected["height"], expected["width"])
+    diff = np.abs(np.round((job.pixels + 1.0) * 127.5).astype(np.int32) - tensors[f"{case}.fitted"].astype(np.int32))
+    out = execute(job, echo=lambda *a: None)
+    per_clip = st["frames"] // 4
+    ours = out["latents"][0]
+    errors = [rel(ours[:, r * per_clip:(r + 1) * per_clip], tensors[f"{case}.latents.{r}"]) for r in range(st["clips"])]
+    print(f"{case}: fitted portrait vs official max {diff.max()} mean {diff.mean():.3f} levels; clip latents "
+          + ", ".join(f"{e:.2e}" for e in errors))
+    assert diff.max() <= 1, diff.max()
+    assert max(errors) < 1e-5, errors
+    assert out["record"]["image_fit"] == "short-side"
+    if case == "crop":  # the pose video changed the result: the comparison above is not vacuous
+        plain = [rel(ours[:, r * per_clip:(r + 1) * per_clip], tensors[f"{case}.plain_latents.{r}"])
+                 for r in range(st["clips"])]
+        assert min(plain) > 1e-2, plain
 
 
 def test_cli_writes_the_voice_into_the_mp4(converted, reference, tmp_path):
@@ -272,6 +344,8 @@ def test_cli_refusals_for_s2v(converted, tmp_path, reference):
         prepare({k: v for k, v in common.items() if k != "image"})
     job = prepare({**common, "frames": 12})
     assert (job.settings.width, job.settings.height) == (128, 64)  # from the portrait's size
+    assert job.record()["image_fit"] == "short-side"  # the official fit by default; another only when asked
+    assert prepare({**common, "frames": 12, "image_fit": "crop"}).record()["image_fit"] == "crop"
     assert not math.isnan(job.estimate["peak_bytes"])
 
 
