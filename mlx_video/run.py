@@ -330,15 +330,28 @@ def _settings(o: dict, pipe, preset):
     frames = o.get("frames")
     if o.get("duration") is not None:
         frames = frames_for_duration(spec, o["duration"], o.get("fps") or spec.default("fps"))
-    paths = {name: str(o[name]) if o.get(name) is not None else None for name in ("image", "audio", "pose_video")}
-    return GenerationSettings(
-        prompt=o["prompt"], negative_prompt=o.get("negative_prompt"), width=width, height=height, frames=frames,
-        steps=steps, guidance=o.get("guidance"), guidance_2=o.get("guidance_2"), true_cfg=o.get("true_cfg"),
-        shift=o.get("shift"), sampler=o.get("sampler"), schedule=o.get("schedule"), sigmas=sigma_list,
-        seed=o.get("seed") or 0, fps=o.get("fps"), guidance_mode=o.get("guidance_mode") or "batched",
-        loras=lora_options(o), recipe=o.get("recipe"), cache=o.get("cache"), attention=o.get("attention"),
-        clips=o.get("clips"),
-        start_from_image=bool(o.get("start_from_portrait")), **paths)
+    return GenerationSettings(**dict(settings_from_options(o), width=width, height=height, frames=frames,
+                                     steps=steps, sigmas=sigma_list, loras=lora_options(o)))
+
+
+def settings_from_options(o: dict) -> dict:
+    """The GenerationSettings fields that options set one to one (`Option.setting`, else the same name; paths
+    as text); the derived ones (size, steps, frames, sigmas, LoRAs) are `_settings`'."""
+    from dataclasses import fields
+
+    from .options import GENERATE_OPTIONS
+    from .pipelines.base import GenerationSettings
+
+    names = {f.name: f for f in fields(GenerationSettings)}
+    out = {}
+    for option in GENERATE_OPTIONS:
+        name, value = option.setting or option.name, o.get(option.name)
+        if name not in names:
+            continue
+        if value is None:
+            value = option.default if option.default is not None else names[name].default
+        out[name] = str(value) if isinstance(value, Path) else value
+    return out
 
 
 def _delivery(o: dict, settings, preset, overlays, interpolation) -> Delivery | None:

@@ -182,3 +182,19 @@ def test_a_manifest_entry_past_the_line_limit_is_refused(tmp_path):
     listed.write_text("[\n" + json.dumps({"model": "m", "prompt": "ok"}) + ",\n" + big + "\n]\n")
     with pytest.raises(MlxVideoError, match="line 3: a job of"):
         read_manifest(listed)
+
+
+def test_every_setting_comes_from_an_option():
+    """A pipeline setting is an option of the same name (or its `setting`), or derived from options by
+    run._settings; a new one-to-one option needs only its Option entry and its GenerationSettings field."""
+    from dataclasses import fields
+
+    from mlx_video.pipelines.base import GenerationSettings
+    from mlx_video.run import settings_from_options
+
+    names = {f.name for f in fields(GenerationSettings)}
+    assert names - {o.setting or o.name for o in GENERATE_OPTIONS} == {"width", "height", "loras"}
+    settings = settings_from_options(validate({"model": "m", "prompt": "p", "start_from_portrait": True,
+                                               "image": "face.png", "guidance": 3}))
+    assert settings["start_from_image"] is True and settings["image"] == "face.png" and settings["guidance"] == 3.0
+    assert settings["seed"] == 0 and settings["guidance_mode"] == "batched"
