@@ -267,13 +267,20 @@ def install(folder: Path) -> dict:
         marker.write_text(json.dumps(wheels))
     project = subprocess.run([*pip, "--no-build-isolation", str(ROOT)], capture_output=True, text=True)
     how = "pip install of this checkout"
-    if project.returncode:  # e.g. an older setuptools there: lay the packages out as pyproject.toml maps them
-        for package, source in (("mlx_video", "mlx_video"), ("mlx_video/convert", "convert"),
-                                ("mlx_video/kernel_sources", "kernels")):
-            shutil.copytree(ROOT / source, site / package, dirs_exist_ok=True)
+    if project.returncode:  # e.g. no setuptools there: lay the packages out as pyproject.toml maps them
+        copy_as_packaged(site)
         how = f"copied as pyproject.toml maps it (pip failed: {project.stderr.strip()[-300:]})"
     return {"wheels": [w["name"] for w in wheels], "prefix": str(site), "project": how,
             "seconds": time.perf_counter() - start}
+
+
+def copy_as_packaged(site: Path) -> None:
+    """This checkout's packages copied into `site` the way pyproject.toml's package-dir maps them (Python 3.11+)."""
+    import tomllib
+
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for package, source in sorted(mapping.items()):  # parents first: mlx_video, then mlx_video.convert, ...
+        shutil.copytree(ROOT / source, site / package.replace(".", "/"), dirs_exist_ok=True)
 
 
 def nvidia_library_dirs() -> list[str]:

@@ -25,8 +25,8 @@ from harness import (  # noqa: E402
     measure_matmul,
     output_agreement,
     torch_sync,
-    torch_to_mx,
     wan_step_pair,
+    wan_vae_pair,
 )
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) by GPU name, from NVIDIA's datasheets: H100 SXM5 989,
@@ -431,61 +431,15 @@ def bound_attention_if_unfused(settings: dict, record: Record) -> None:
 # ---------------------------------------------------------------------------------------------- the VAE
 
 
-def vae_pair(settings: dict):
-    """(ours_decode, reference_decode, info): diffusers' AutoencoderKLWan (its default config is Wan 2.1's VAE,
-    A14B's; the dry run passes a tiny one) with its random init on the torch device, ours converted through
-    convert/wan_vae.py's DIFFUSERS_VAE; both decode the same latents, ours normalised, the reference's
-    de-normalised by latents_mean / latents_std as the pipeline does."""
-    import mlx.core as mx
-    import numpy as np
-    import torch
-    from diffusers import AutoencoderKLWan
-
-    from mlx_video.convert.wan_vae import DIFFUSERS_VAE
-    from mlx_video.models.wan.vae import WanVAE, WanVAEConfig
-
-    s, device = settings["vae"], settings["torch_device"]
-    torch.manual_seed(0)
-    with torch.device(device):
-        ref = AutoencoderKLWan(**s.get("config", {})).eval()
-    config = dict(ref.config)
-    ours = WanVAE(WanVAEConfig.from_diffusers(config))
-    ours.load_weights([DIFFUSERS_VAE.apply(k, torch_to_mx(v, "fp32")) for k, v in ref.state_dict().items()],
-                      strict=True)
-    mx.eval(ours.parameters())
-    z_dim, stride = config["z_dim"], 8
-    width, height = s["size"]
-    shape = (1, s["latent_frames"], height // stride, width // stride, z_dim)
-    z = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    z_ours = mx.array(z)
-    mean = torch.tensor(config["latents_mean"], device=device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(config["latents_std"], device=device).view(1, -1, 1, 1, 1)
-    z_ref = torch.from_numpy(z).permute(0, 4, 1, 2, 3).contiguous().to(device) * std + mean
-
-    def ours_decode():
-        video = ours.decode(z_ours)
-        mx.eval(video)
-        return video
-
-    def ref_decode():
-        with torch.inference_mode():
-            video = ref.decode(z_ref).sample
-        torch_sync(device)
-        return video
-
-    info = {"latent_shape": list(shape), "width": width, "height": height, "dtype": "fp32",
-            "reference": f"diffusers AutoencoderKLWan, torch {torch.__version__}", "config": config,
-            "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
-    return ours_decode, ref_decode, info
-
-
 def stage_vae(settings: dict, record: Record) -> None:
     """The VAE decode of `latent_frames` latent frames at `size`, ours against diffusers', alternating."""
     import mlx.core as mx
     import numpy as np
 
-    ours, ref, info = vae_pair(settings)
-    record.update(**{k: v for k, v in info.items() if k != "config"})
+    vae = settings["vae"]
+    ours, ref, info = wan_vae_pair(vae.get("config", {}), tuple(vae["size"]), vae["latent_frames"],
+                                   device=settings["torch_device"])
+    record.update(**info)
     sides = {"ours": ours, "reference": ref}
     outputs, peaks, round_seconds = first_runs(sides, settings["torch_device"])
     a = np.asarray(outputs["ours"].astype(mx.float32))

@@ -794,6 +794,52 @@ def _flat(tree):
 # ---------------------------------------------------------------------------------------------- vae
 
 
+def wan_vae_pair(config: dict, size: tuple[int, int], latent_frames: int, seed: int = 0, device: str = "cpu"):
+    """(ours_decode, reference_decode, info): diffusers' AutoencoderKLWan(**config) (an empty config is its
+    default, Wan 2.1's VAE, A14B's) with its random init on the torch `device`, ours converted through
+    convert/wan_vae.py's DIFFUSERS_VAE, fp32; both decode the same latents of `latent_frames` frames at `size`,
+    ours normalised, the reference's de-normalised by latents_mean / latents_std as the pipeline does. Each
+    decode returns the video: ours (B, T, H, W, 3), the reference's (B, 3, T, H, W), its device synchronised."""
+    import mlx.core as mx
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from mlx_video.convert.wan_vae import DIFFUSERS_VAE
+    from mlx_video.models.wan.vae import WanVAE, WanVAEConfig
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        ref = AutoencoderKLWan(**config).eval()
+    full = dict(ref.config)
+    ours = WanVAE(WanVAEConfig.from_diffusers(full))
+    ours.load_weights([DIFFUSERS_VAE.apply(k, torch_to_mx(v, "fp32")) for k, v in ref.state_dict().items()],
+                      strict=True)
+    mx.eval(ours.parameters())
+    stride = ours.config.scale_factor_spatial
+    shape = (1, latent_frames, size[1] // stride, size[0] // stride, full["z_dim"])
+    z = np.random.default_rng(seed + 1).standard_normal(shape).astype(np.float32)
+    z_ours = mx.array(z)
+    mean, std = (torch.tensor(full[k], device=device).view(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
+    z_ref = torch.from_numpy(z).permute(0, 4, 1, 2, 3).contiguous().to(device) * std + mean
+
+    def ours_decode():
+        video = ours.decode(z_ours)
+        mx.eval(video)
+        return video
+
+    def ref_decode():
+        with torch.inference_mode():
+            video = ref.decode(z_ref).sample
+        torch_sync(device)
+        return video
+
+    info = {"latent_shape": list(shape), "width": size[0], "height": size[1], "dtype": "fp32",
+            "reference": f"diffusers {_version('diffusers')} AutoencoderKLWan, torch {torch.__version__}",
+            "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+    return ours_decode, ref_decode, info
+
+
 def run_vae(model_id: str = "wan2.2-t2v-a14b", sizes=((64, 64), (128, 128)), frame_counts=(1, 5, 9, 13),
             dtype: str = "fp32", vae_dim: int | None = None, repeats: int = 1, json_path=None, vae_config=None,
             seed: int = 0, echo=click.echo, command: str | None = None) -> dict:
