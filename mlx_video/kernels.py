@@ -6,6 +6,9 @@ The models call one function per operation and never know which path runs:
     apply_rope(x, rope) / apply_rope_qk(q, k, rope)              interleaved-pair rotary embedding from tables
     adaln_modulate(x, shift, scale, eps)                         LayerNorm (no affine) * (1 + scale) + shift
     gated_residual(x, gate, y)                                   x + y * gate
+    block_sparse_attention(q, k, v, tile_ptr, tile_idx, tile, scale, key_mask)
+                                                                 attention over the kept key tiles only
+                                                                 (radial attention; None: use the portable path)
 
 Paths, chosen per call by `active_backend()`:
 
@@ -67,7 +70,8 @@ _ELEMENTWISE_GROUP = 256
 # --------------------------------------------------------------------------------------------------------
 
 # The shared headers, in include order; every kernel gets all of them (they are small).
-SHARED_HEADERS = ("common/mlxvid_shim.h", "common/fp8.h", "common/rope.h", "common/adaln.h")
+SHARED_HEADERS = ("common/mlxvid_shim.h", "common/fp8.h", "common/rope.h", "common/adaln.h",
+                  "common/sparse_attention.h")
 _BACKEND_DEFINES = {"metal": "MLXVID_BACKEND_METAL", "cuda": "MLXVID_BACKEND_CUDA"}
 _BODY_SUFFIX = {"metal": ".metal", "cuda": ".cu"}
 
@@ -91,6 +95,8 @@ KERNELS: dict[str, KernelSpec] = {
         KernelSpec("mlxvid_rope_qk", ("q", "k", "cos_table", "sin_table", "params"), ("q_out", "k_out")),
         KernelSpec("mlxvid_adaln_modulate", ("x", "shift", "scale", "params", "eps"), ("out",)),
         KernelSpec("mlxvid_gated_residual", ("x", "gate", "y", "params"), ("out",)),
+        KernelSpec("mlxvid_block_sparse_attention",
+                   ("q", "k", "v", "key_bias", "tile_ptr", "tile_idx", "params", "scale"), ("out",)),
     )
 }
 
@@ -705,6 +711,119 @@ def _gated_probe(backend, x, gate, y, out_dtype):
     )
 
 
+# --------------------------------------------------------------------------------------------------------
+# Block-sparse attention (radial attention's kept tiles)
+# --------------------------------------------------------------------------------------------------------
+
+_SPARSE_GROUP = 64
+_MAX_HEAD_DIM = 256  # the kernel keeps a query row and its accumulator in registers
+
+
+def tile_lists(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The kept key tiles of each query tile of a (query tiles, key tiles) bool mask, as int32 (tile_ptr,
+    tile_idx): query tile t keeps tile_idx[tile_ptr[t]:tile_ptr[t + 1]]."""
+    counts = mask.sum(axis=1)
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return ptr, np.nonzero(mask)[1].astype(np.int32)
+
+
+def _key_bias(mask, batch: int, k_len: int) -> mx.array | None:
+    """A key mask broadcastable to (B, 1, 1, Lk), bool or additive, as (B, Lk) float32; None for other shapes."""
+    if mask is None:
+        return mx.zeros((batch, k_len), dtype=mx.float32)
+    if not isinstance(mask, mx.array) or mask.ndim != 4 or mask.shape[1:3] != (1, 1) or mask.shape[3] != k_len \
+            or mask.shape[0] not in (1, batch):
+        return None
+    bias = mx.where(mask, 0.0, -mx.inf) if mask.dtype == mx.bool_ else mask.astype(mx.float32)
+    return mx.broadcast_to(bias.reshape(-1, k_len).astype(mx.float32), (batch, k_len))
+
+
+def _sparse_portable(q, k, v, tile_ptr, tile_idx, tile, scale, key_bias):
+    """The same attention with the whole score matrix, masked, computed in float32 as the kernel accumulates
+    (the probe's reference)."""
+    ptr, idx = np.asarray(tile_ptr), np.asarray(tile_idx)
+    q_len, k_len = q.shape[1], k.shape[1]
+    kept = np.zeros((len(ptr) - 1, -(-k_len // tile)), dtype=bool)
+    for t in range(len(ptr) - 1):
+        kept[t, idx[ptr[t]:ptr[t + 1]]] = True
+    tokens = np.repeat(np.repeat(kept, tile, axis=0), tile, axis=1)[:q_len, :k_len]
+    bias = mx.where(mx.array(tokens), 0.0, -mx.inf)[None, None] + key_bias[:, None, None, :]
+    t = [a.astype(mx.float32).transpose(0, 2, 1, 3) for a in (q, k, v)]
+    out = mx.fast.scaled_dot_product_attention(*t, scale=scale, mask=bias)
+    return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q_len, -1).astype(q.dtype)
+
+
+def _launch_sparse(backend, q, k, v, key_bias, tile_ptr, tile_idx, tile, scale, **kw):
+    batch, q_len, heads, dim = q.shape
+    k_len = k.shape[1]
+    pairs = batch * heads
+    qh, kh, vh = (a.transpose(0, 2, 1, 3).reshape(pairs, -1, dim) for a in (q, k, v))
+    out = _kernel("mlxvid_block_sparse_attention", backend)(
+        inputs=[qh, kh, vh, key_bias, tile_ptr, tile_idx, _params(q_len, k_len, tile, heads),
+                mx.array([scale], dtype=mx.float32)],
+        template=[("OutT", q.dtype), ("D", dim)],
+        grid=(q_len, pairs, 1), threadgroup=(min(q_len, _SPARSE_GROUP), 1, 1),
+        output_shapes=[(pairs, q_len, dim)], output_dtypes=[q.dtype], **kw,
+    )[0]
+    return out.reshape(batch, heads, q_len, dim).transpose(0, 2, 1, 3).reshape(batch, q_len, heads * dim)
+
+
+def block_sparse_attention(q: mx.array, k: mx.array, v: mx.array, tile_ptr: np.ndarray, tile_idx: np.ndarray,
+                           tile: int, scale: float, key_mask=None) -> mx.array | None:
+    """Softmax attention of q (B, Lq, heads, D) over k, v (B, Lk, heads, D), each query seeing only the keys in
+    its query tile's kept key tiles (`tile_lists`), and the keys `key_mask` (B or 1, 1, 1, Lk) lets through.
+    Returns (B, Lq, heads * D) from the GPU kernel, or None where the caller runs its portable path (no GPU,
+    arguments the kernel does not take, or a variant whose warm-up probe failed or never ran)."""
+    backend = active_backend()
+    if backend == "portable":
+        return None
+    batch, q_len, heads, dim = q.shape
+    k_len = k.shape[1]
+    if (
+        not (q.dtype == k.dtype == v.dtype and q.dtype in _FLOAT_DTYPES)
+        or k.shape != v.shape or k.shape[0] != batch or k.shape[2] != heads or k.shape[3] != dim
+        or not 0 < dim <= _MAX_HEAD_DIM or q_len == 0 or q_len > k_len
+        or max(q.size, k.size) > _MAX_ELEMENTS or len(tile_ptr) - 1 < -(-q_len // tile)
+    ):
+        return None
+    key_bias = _key_bias(key_mask, batch, k_len)
+    if key_bias is None:
+        return None
+    key = ("mlxvid_block_sparse_attention", _dtype_name(q.dtype), dim, backend)
+    if not _probe_passed(key, lambda: _sparse_probe(backend, q.dtype, dim), exact=False):
+        return None
+    return _launch_sparse(backend, q, k, v, key_bias, mx.array(tile_ptr), mx.array(tile_idx), tile, scale)
+
+
+def warm_up_block_sparse_attention(dtype: mx.Dtype, head_dim: int) -> bool:
+    """Probe the block-sparse attention kernel for (dtype, head_dim) now, as `warm_up` does for a model's kernels
+    (a tiny probe, evaluated: not inside an `mx.compile` trace); whether that variant runs on the GPU."""
+    if active_backend() == "portable":
+        return False
+    q = mx.zeros((1, 4, 1, head_dim), dtype=dtype)
+    ptr, idx = tile_lists(np.ones((1, 1), dtype=bool))
+    with probing():
+        return block_sparse_attention(q, q, q, ptr, idx, 4, 1.0) is not None
+
+
+def _sparse_probe(backend, dtype, dim):
+    rng = np.random.default_rng(3)
+    q_len, k_len, tile = 20, 27, 4
+    pq, pk, pv = (mx.array(rng.standard_normal((2, n, 2, dim)).astype(np.float32)).astype(dtype)
+                  for n in (q_len, k_len, k_len))
+    kept = rng.random((5, 7)) < 0.5
+    kept[np.arange(5), np.arange(5)] = True
+    ptr, idx = tile_lists(kept)
+    padding = np.ones((2, 1, 1, k_len), dtype=bool)
+    padding[1, ..., -2:] = False
+    bias = _key_bias(mx.array(padding), 2, k_len)
+    scale = 1.0 / math.sqrt(dim)
+    return (
+        lambda: [_launch_sparse(backend, pq, pk, pv, bias, mx.array(ptr), mx.array(idx), tile, scale)],
+        lambda: [_sparse_portable(pq, pk, pv, ptr, idx, tile, scale, bias)],
+    )
+
+
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
@@ -714,6 +833,7 @@ __all__ = [
     "adaln_modulate",
     "apply_rope",
     "apply_rope_qk",
+    "block_sparse_attention",
     "dequantize_fp8",
     "gated_residual",
     "kernel_header",
@@ -724,5 +844,7 @@ __all__ = [
     "refresh",
     "rope_tables",
     "source_dir",
+    "tile_lists",
     "warm_up",
+    "warm_up_block_sparse_attention",
 ]

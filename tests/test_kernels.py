@@ -485,7 +485,7 @@ def test_ctest(kernel_build):
     _, ctest = kernel_build
     assert ctest.returncode == 0, ctest.stdout[-6000:] + ctest.stderr[-2000:]
     assert "100% tests passed" in ctest.stdout
-    assert re.search(r"tests passed, 0 tests failed out of 12\b", ctest.stdout)
+    assert re.search(r"tests passed, 0 tests failed out of 15\b", ctest.stdout)
 
 
 @pytest.mark.parametrize("dialect", ["host", "metal", "cuda"])
@@ -738,7 +738,7 @@ def test_probe_disables_a_broken_kernel(emulated_gpu, monkeypatch):
 
 
 def _exercise_all_variants():
-    """One call of every kernel variant the Wan transformer and fp8 loading use."""
+    """One call of every kernel variant the Wan transformer, fp8 loading and radial attention use."""
     rng = np.random.default_rng(0)
     for fmt in ("e4m3fn", "e5m2"):
         for dtype in FLOATS:
@@ -754,6 +754,45 @@ def _exercise_all_variants():
     kernels.adaln_modulate(x.astype(mx.bfloat16), m, m, 1e-6)
     kernels.gated_residual(x, m, x.astype(mx.bfloat16))
     kernels.gated_residual(x, m, x)
+    ptr, idx = kernels.tile_lists(np.array([[True, False], [True, True]]))
+    for dtype in FLOATS:
+        q = mx.array(rng.standard_normal((1, 8, 2, 24)).astype(np.float32)).astype(dtype)
+        kernels.block_sparse_attention(q, q, q, ptr, idx, 4, 0.2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2)], ids=str)
+def test_gpu_path_block_sparse_attention(emulated_gpu, monkeypatch, dtype, tol):
+    """Radial attention through the Metal / CUDA block-sparse kernel (run by the host-compiled bodies) equals its
+    oracle, the portable path of mlx_video.nn.radial (in float32, as the kernel accumulates), with text after the
+    video, padded keys and a query subset."""
+    from mlx_video.nn.radial import RadialPlan, radial_attention, radial_block_mask
+
+    backend, calls = emulated_gpu
+    frames, per_frame, text, tile = 4, 24, 5, 8
+    tokens = frames * per_frame + text
+    plan = RadialPlan.of(radial_block_mask(frames, per_frame, block=tile, decay=1.0, text_tokens=text), tile, tokens)
+    assert not plan.mask.all()
+    rng = np.random.default_rng(4)
+    q, k, v = (mx.array(rng.standard_normal((2, tokens, 3, 40)).astype(np.float32)).astype(dtype) for _ in range(3))
+    padding = np.ones((2, 1, 1, tokens), dtype=bool)
+    padding[1, ..., -2:] = False
+    padding = mx.array(padding)
+    assert kernels.warm_up_block_sparse_attention(dtype, 40)
+    assert kernels.kernel_status() == {("mlxvid_block_sparse_attention", str(dtype).removeprefix("mlx.core."), 40,
+                                        backend): True}
+    calls.clear()
+    got = [radial_attention(q, k, v, plan, scale=0.15, mask=padding),
+           radial_attention(q[:, : frames * per_frame], k, v, plan, scale=0.15, mask=padding)]  # the video asks alone
+    assert [c[0] for c in calls] == ["mlxvid_block_sparse_attention"] * 2
+    monkeypatch.setattr(kernels, "active_backend", lambda: "portable")
+    q, k, v = (a.astype(mx.float32) for a in (q, k, v))
+    want = [radial_attention(q, k, v, plan, scale=0.15, mask=padding),
+            radial_attention(q[:, : frames * per_frame], k, v, plan, scale=0.15, mask=padding)]
+    assert len(calls) == 2  # the oracle ran no kernel
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == dtype
+        err = float(mx.max(mx.abs(g.astype(mx.float32) - w.astype(mx.float32)))) / float(mx.max(mx.abs(w.astype(mx.float32))))
+        assert err < tol, err
 
 
 def test_mlx_generated_metal_source_compiles_on_the_host(kernel_build, tmp_path, capfd, monkeypatch):

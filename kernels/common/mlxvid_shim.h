@@ -16,6 +16,7 @@
 //   MLXVID_BARRIER()       a threadgroup / block barrier over shared memory
 //   mlxvid_bits_to_float   reinterpret 32 bits as a float
 //   mlxvid_sqrt            correctly rounded square root (IEEE sqrt on every backend)
+//   mlxvid_exp             e^x in float32 (the backend's precise exp)
 //   mlxvid_to_float(v)     widen a storage value (float, half, bfloat16) to float
 //   mlxvid_from_float<T>   narrow a float to a storage type, round to nearest even
 
@@ -35,6 +36,7 @@
 
 MLXVID_FUNC float mlxvid_bits_to_float(uint32_t bits) { return as_type<float>(bits); }
 MLXVID_FUNC float mlxvid_sqrt(float x) { return metal::precise::sqrt(x); }
+MLXVID_FUNC float mlxvid_exp(float x) { return metal::precise::exp(x); }
 template <typename T>
 MLXVID_FUNC float mlxvid_to_float(T v) { return static_cast<float>(v); }
 template <typename T>
@@ -49,6 +51,7 @@ MLXVID_FUNC T mlxvid_from_float(float v) { return static_cast<T>(v); }
 
 MLXVID_FUNC float mlxvid_bits_to_float(uint32_t bits) { return __uint_as_float(bits); }
 MLXVID_FUNC float mlxvid_sqrt(float x) { return __fsqrt_rn(x); }
+MLXVID_FUNC float mlxvid_exp(float x) { return expf(x); }
 MLXVID_FUNC float mlxvid_to_float(float v) { return v; }
 MLXVID_FUNC float mlxvid_to_float(__half v) { return __half2float(v); }
 MLXVID_FUNC float mlxvid_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -74,6 +77,7 @@ MLXVID_FUNC float mlxvid_bits_to_float(uint32_t bits) {
   return f;
 }
 MLXVID_FUNC float mlxvid_sqrt(float x) { return std::sqrt(x); }
+MLXVID_FUNC float mlxvid_exp(float x) { return std::exp(x); }
 template <typename T>
 MLXVID_FUNC float mlxvid_to_float(T v) { return static_cast<float>(v); }
 template <typename T>

@@ -14,6 +14,8 @@
 //           tensor and q+k in one launch, float32 and bfloat16, against a rotation by the angle itself
 //   adaln   LayerNorm (no affine) + x*(1+scale)+shift against a double loop, several dims and group sizes
 //   gated   x + y*gate against a double loop
+//   sparse  block-sparse attention (online softmax over the kept key tiles, additive and -inf key biases)
+//           against a double-precision softmax over the same keys
 // `conformance_<dialect> fp8-dump` prints the float32 bits of the 512 decoded codes, which the Python tests
 // compare with the portable path's lookup tables. The kernels are launched with the geometry mlx_video.kernels
 // uses (kernel_wrappers.h); the same object also exports mlxvid_host_launch (host_runner.h) for the Python tests.
@@ -350,6 +352,70 @@ static void test_gated() {
   std::printf("[%s] gated residual rows %u dim %u: worst error %.2e of |x| + |y*gate|\n", kDialect, rows, dim, worst);
 }
 
+// Block-sparse attention against a double-precision softmax over the keys of each row's kept tiles (+ bias).
+template <int D>
+static void check_sparse(uint32_t batch, uint32_t heads, uint32_t q_len, uint32_t k_len, uint32_t tile, unsigned seed) {
+  const uint32_t pairs = batch * heads, q_tiles = (q_len + tile - 1) / tile, k_tiles = (k_len + tile - 1) / tile;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> q(size_t(pairs) * q_len * D), k(size_t(pairs) * k_len * D), v(k.size()), out(q.size());
+  for (auto& x : q) x = normal(rng);
+  for (auto& x : k) x = normal(rng);
+  for (auto& x : v) x = normal(rng);
+  std::vector<float> bias(size_t(batch) * k_len, 0.0f);
+  for (uint32_t j = k_len - 3; j < k_len; ++j) bias[size_t(batch - 1) * k_len + j] = -INFINITY;  // padding keys
+  for (uint32_t j = 0; j < k_len; j += 5) bias[j] = 0.25f * float(j % 3);  // an additive bias
+  std::vector<int32_t> ptr{0}, idx;
+  std::vector<std::vector<bool>> kept(q_tiles, std::vector<bool>(k_tiles, false));
+  for (uint32_t a = 0; a < q_tiles; ++a) {
+    for (uint32_t b = 0; b < k_tiles; ++b) {
+      kept[a][b] = a == b || (rng() % 3 == 0);
+      if (kept[a][b]) idx.push_back(int32_t(b));
+    }
+    ptr.push_back(int32_t(idx.size()));
+  }
+  const float scale = 0.8f / std::sqrt(float(D));
+  const int32_t params[4] = {int32_t(q_len), int32_t(k_len), int32_t(tile), int32_t(heads)};
+  launch_sparse<float, D>(q.data(), k.data(), v.data(), bias.data(), ptr.data(), idx.data(), params, &scale,
+                          out.data(), sparse_geometry(q_len, pairs));
+  double worst = 0.0, largest = 0.0;
+  for (uint32_t bh = 0; bh < pairs; ++bh) {
+    for (uint32_t r = 0; r < q_len; ++r) {
+      std::vector<double> w(k_len, 0.0);
+      double top = -INFINITY, total = 0.0;
+      for (uint32_t j = 0; j < k_len; ++j) {
+        if (!kept[r / tile][j / tile] || std::isinf(bias[size_t(bh / heads) * k_len + j])) continue;
+        double s = 0.0;
+        for (int d = 0; d < D; ++d)
+          s += double(q[(size_t(bh) * q_len + r) * D + d]) * double(k[(size_t(bh) * k_len + j) * D + d]);
+        w[j] = s * scale + bias[size_t(bh / heads) * k_len + j];
+        top = std::max(top, w[j]);
+      }
+      for (uint32_t j = 0; j < k_len; ++j) {
+        const bool use = kept[r / tile][j / tile] && !std::isinf(bias[size_t(bh / heads) * k_len + j]);
+        w[j] = use ? std::exp(w[j] - top) : 0.0;
+        total += w[j];
+      }
+      for (int d = 0; d < D; ++d) {
+        double ref = 0.0;
+        for (uint32_t j = 0; j < k_len; ++j) ref += w[j] * double(v[(size_t(bh) * k_len + j) * D + d]);
+        ref /= total;
+        worst = std::max(worst, std::fabs(out[(size_t(bh) * q_len + r) * D + d] - ref));
+        largest = std::max(largest, std::fabs(ref));
+      }
+    }
+  }
+  CHECK(worst < 1e-5 * largest, "sparse attention D %d: max error %.3g of max %.3g", D, worst, largest);
+  std::printf("[%s] block-sparse attention %u x %u heads, %u queries, %u keys, tile %u, D %d: max error %.2e of %.2e\n",
+              kDialect, batch, heads, q_len, k_len, tile, D, worst, largest);
+}
+
+static void test_sparse() {
+  check_sparse<24>(2, 3, 37, 45, 8, 1);
+  check_sparse<40>(1, 2, 64, 64, 16, 2);
+  check_sparse<128>(2, 1, 20, 33, 4, 3);
+}
+
 int main(int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "all";
   if (what == "fp8-dump") {
@@ -361,8 +427,9 @@ int main(int argc, char** argv) {
   if (what == "rope" || what == "all") test_rope(), ran = true;
   if (what == "adaln" || what == "all") test_adaln(), ran = true;
   if (what == "gated" || what == "all") test_gated(), ran = true;
+  if (what == "sparse" || what == "all") test_sparse(), ran = true;
   if (!ran) {
-    std::fprintf(stderr, "usage: %s [fp8|rope|adaln|gated|all|fp8-dump]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s [fp8|rope|adaln|gated|sparse|all|fp8-dump]\n", argv[0]);
     return 2;
   }
   if (g_failures) {

@@ -15,6 +15,7 @@
 #include "../common/fp8.h"
 #include "../common/rope.h"
 #include "../common/adaln.h"
+#include "../common/sparse_attention.h"
 
 namespace mlx::core::cu {
 
@@ -49,6 +50,14 @@ __global__ void custom_kernel_mlxvid_gated_residual(const float* x, const float*
 #include "../cuda/gated_residual.cu"
 }
 
+template <typename OutT, int D>
+__global__ void custom_kernel_mlxvid_block_sparse_attention(const OutT* q, const OutT* k, const OutT* v,
+                                                            const float* key_bias, const int32_t* tile_ptr,
+                                                            const int32_t* tile_idx, const int32_t* params,
+                                                            const float* scale, OutT* out) {
+#include "../cuda/block_sparse_attention.cu"
+}
+
 // Taking their addresses instantiates the variants the dispatch layer uses.
 extern void* const instances[] = {
     (void*)custom_kernel_mlxvid_fp8_dequant<float, 0>,
@@ -67,6 +76,9 @@ extern void* const instances[] = {
     (void*)custom_kernel_mlxvid_adaln_modulate<float, 32, __nv_bfloat16>,
     (void*)custom_kernel_mlxvid_gated_residual<float, float>,
     (void*)custom_kernel_mlxvid_gated_residual<float, __nv_bfloat16>,
+    (void*)custom_kernel_mlxvid_block_sparse_attention<float, 128>,
+    (void*)custom_kernel_mlxvid_block_sparse_attention<__half, 128>,
+    (void*)custom_kernel_mlxvid_block_sparse_attention<__nv_bfloat16, 128>,
 };
 
 }  // namespace mlx::core::cu

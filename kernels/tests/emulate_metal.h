@@ -27,6 +27,7 @@ inline To as_type(From v) {
 namespace metal {
 namespace precise {
 inline float sqrt(float x) { return std::sqrt(x); }
+inline float exp(float x) { return std::exp(x); }
 }  // namespace precise
 }  // namespace metal
 

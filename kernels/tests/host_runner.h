@@ -57,6 +57,20 @@ bool with_group(int tg, F&& f) {
   }
 }
 
+// Calls f(std::integral_constant<int, D>) for a head width the host runner is built for; false otherwise.
+template <typename F>
+bool with_head_dim(int d, F&& f) {
+  switch (d) {
+#define MLXVID_HEAD_DIM(n) \
+  case n: f(std::integral_constant<int, n>{}); return true;
+    MLXVID_HEAD_DIM(12) MLXVID_HEAD_DIM(16) MLXVID_HEAD_DIM(20) MLXVID_HEAD_DIM(24) MLXVID_HEAD_DIM(32)
+    MLXVID_HEAD_DIM(40) MLXVID_HEAD_DIM(48) MLXVID_HEAD_DIM(64) MLXVID_HEAD_DIM(72) MLXVID_HEAD_DIM(80)
+    MLXVID_HEAD_DIM(96) MLXVID_HEAD_DIM(128)
+#undef MLXVID_HEAD_DIM
+    default: return false;
+  }
+}
+
 }  // namespace
 
 extern "C" int mlxvid_host_launch(const char* name_c, const void* const* in, const int* in_dtypes, int n_in,
@@ -133,6 +147,22 @@ extern "C" int mlxvid_host_launch(const char* name_c, const void* const* in, con
                                            static_cast<const YT*>(in[2]), i32(3), static_cast<OutT*>(out[0]), g);
           });
         });
+      });
+    });
+    return ok ? 0 : 3;
+  }
+  if (name == "mlxvid_block_sparse_attention") {
+    if (n_in != 8 || n_out != 1 || n_tmpl != 2 || in_dtypes[0] != tmpl[0] || in_dtypes[1] != tmpl[0] ||
+        in_dtypes[2] != tmpl[0] || out_dtypes[0] != tmpl[0] || in_dtypes[3] != kF32 || in_dtypes[4] != kI32 ||
+        in_dtypes[5] != kI32 || in_dtypes[6] != kI32 || in_dtypes[7] != kF32)
+      return 2;
+    bool ok = false;
+    with_float(tmpl[0], [&](auto tag) {
+      ok = with_head_dim(tmpl[1], [&](auto dim) {
+        using T = typename decltype(tag)::type;
+        launch_sparse<T, decltype(dim)::value>(static_cast<const T*>(in[0]), static_cast<const T*>(in[1]),
+                                               static_cast<const T*>(in[2]), f32(3), i32(4), i32(5), i32(6), f32(7),
+                                               static_cast<T*>(out[0]), g);
       });
     });
     return ok ? 0 : 3;

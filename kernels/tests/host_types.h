@@ -5,6 +5,7 @@
 #ifndef MLXVID_HOST_TYPES_H
 #define MLXVID_HOST_TYPES_H
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>

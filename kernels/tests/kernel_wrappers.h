@@ -23,6 +23,7 @@ inline void mlxvid_host_barrier() { mlxvid_group_barrier(); }
 #include "../common/fp8.h"
 #include "../common/rope.h"
 #include "../common/adaln.h"
+#include "../common/sparse_attention.h"
 
 #if defined(MLXVID_TEST_METAL)
 #include "emulate_metal_bodies.h"
@@ -39,6 +40,10 @@ inline Geometry elementwise_geometry(uint32_t n, uint32_t grid_y = 1) {
   return Geometry{{n, grid_y, 1}, {256, 1, 1}};
 }
 inline Geometry row_geometry(uint32_t rows, uint32_t tg) { return Geometry{{rows * tg, 1, 1}, {tg, 1, 1}}; }
+// Block-sparse attention: one thread per query row (x) and (batch, head) pair (y), as mlx_video/kernels.py.
+inline Geometry sparse_geometry(uint32_t q_len, uint32_t pairs) {
+  return Geometry{{q_len, pairs, 1}, {q_len < 64u ? q_len : 64u, 1, 1}};
+}
 
 #if defined(MLXVID_TEST_METAL)
 static const char* const kDialect = "metal";
@@ -73,6 +78,13 @@ template <typename OutT, typename XT, typename GT, typename YT>
 void kernel_gated(const device XT* x, const device GT* gate, const device YT* y, const constant int32_t* params,
                   device OutT* out, uint3 thread_position_in_grid) {
 #include "../metal/gated_residual.metal"
+}
+
+template <typename OutT, int D>
+void kernel_sparse(const device OutT* q, const device OutT* k, const device OutT* v, const device float* key_bias,
+                   const device int32_t* tile_ptr, const device int32_t* tile_idx, const constant int32_t* params,
+                   const constant float* scale, device OutT* out, uint3 thread_position_in_grid) {
+#include "../metal/block_sparse_attention.metal"
 }
 
 // dispatchThreads: exactly grid[0] x grid[1] threads; threadgroups of `group` threads, the last ones partial.
@@ -112,6 +124,11 @@ template <typename OutT, typename XT, typename GT, typename YT>
 void launch_gated(const XT* x, const GT* gate, const YT* y, const int32_t* params, OutT* out, const Geometry& g) {
   for_each_thread(g, [&](uint3 pos) { kernel_gated<OutT, XT, GT, YT>(x, gate, y, params, out, pos); });
 }
+template <typename T, int D>
+void launch_sparse(const T* q, const T* k, const T* v, const float* bias, const int32_t* ptr, const int32_t* idx,
+                   const int32_t* params, const float* scale, T* out, const Geometry& g) {
+  for_each_thread(g, [&](uint3 pos) { kernel_sparse<T, D>(q, k, v, bias, ptr, idx, params, scale, out, pos); });
+}
 
 #elif defined(MLXVID_TEST_CUDA)
 static const char* const kDialect = "cuda";
@@ -145,6 +162,13 @@ template <typename OutT, typename XT, typename GT, typename YT>
 __global__ void kernel_gated(const XT* x, const GT* gate, const YT* y, const int32_t* params, OutT* out,
                              dim3 threadIdx, dim3 blockIdx, dim3 blockDim) {
 #include "../cuda/gated_residual.cu"
+}
+
+template <typename OutT, int D>
+__global__ void kernel_sparse(const OutT* q, const OutT* k, const OutT* v, const float* key_bias,
+                              const int32_t* tile_ptr, const int32_t* tile_idx, const int32_t* params,
+                              const float* scale, OutT* out, dim3 threadIdx, dim3 blockIdx, dim3 blockDim) {
+#include "../cuda/block_sparse_attention.cu"
 }
 
 // MLX's CUDA launch: block = min(group, grid) per dimension, grid of ceil(grid / group) blocks, so the last
@@ -199,6 +223,13 @@ void launch_adaln(const XT* x, const ST* shift, const ST* scale, const int32_t* 
 template <typename OutT, typename XT, typename GT, typename YT>
 void launch_gated(const XT* x, const GT* gate, const YT* y, const int32_t* params, OutT* out, const Geometry& g) {
   for_each_thread(g, [&](dim3 t, dim3 b, dim3 d) { kernel_gated<OutT, XT, GT, YT>(x, gate, y, params, out, t, b, d); });
+}
+template <typename T, int D>
+void launch_sparse(const T* q, const T* k, const T* v, const float* bias, const int32_t* ptr, const int32_t* idx,
+                   const int32_t* params, const float* scale, T* out, const Geometry& g) {
+  for_each_thread(g, [&](dim3 t, dim3 b, dim3 d) {
+    kernel_sparse<T, D>(q, k, v, bias, ptr, idx, params, scale, out, t, b, d);
+  });
 }
 
 #else  // MLXVID_TEST_HOST: the shared functions called from plain loops (the geometry is ignored)
@@ -261,6 +292,32 @@ void launch_gated(const XT* x, const GT* gate, const YT* y, const int32_t* param
   for (uint32_t i = 0; i < n; ++i)
     out[i] = mlxvid_from_float<OutT>(mlxvid_gated_residual_value(
         mlxvid_to_float(x[i]), mlxvid_to_float(gate[(i / dim / rep) * dim + i % dim]), mlxvid_to_float(y[i])));
+}
+// The shared online-softmax functions from plain loops over rows, (batch, head) pairs and kept keys.
+template <typename T, int D>
+void launch_sparse(const T* q, const T* k, const T* v, const float* bias, const int32_t* ptr, const int32_t* idx,
+                   const int32_t* params, const float* scale, T* out, const Geometry& g) {
+  const uint32_t q_len = uint32_t(params[0]), k_len = uint32_t(params[1]), tile = uint32_t(params[2]);
+  const uint32_t heads = uint32_t(params[3]);
+  for (uint32_t bh = 0; bh < g.grid[1]; ++bh) {
+    for (uint32_t row = 0; row < q_len; ++row) {
+      const T* qr = q + (size_t(bh) * q_len + row) * D;
+      float acc[D] = {};
+      float m = mlxvid_negative_infinity(), l = 0.0f;
+      for (int32_t t = ptr[row / tile]; t < ptr[row / tile + 1]; ++t) {
+        for (uint32_t j = uint32_t(idx[t]) * tile; j < std::min(uint32_t(idx[t]) * tile + tile, k_len); ++j) {
+          const size_t kv = (size_t(bh) * k_len + j) * D;
+          float s = 0.0f;
+          for (int d = 0; d < D; ++d) s += mlxvid_to_float(qr[d]) * scale[0] * mlxvid_to_float(k[kv + d]);
+          float rescale;
+          const float p = mlxvid_softmax_fold(s + bias[(bh / heads) * k_len + j], m, l, rescale);
+          for (int d = 0; d < D; ++d) acc[d] = acc[d] * rescale + p * mlxvid_to_float(v[kv + d]);
+        }
+      }
+      for (int d = 0; d < D; ++d)
+        out[(size_t(bh) * q_len + row) * D + d] = mlxvid_from_float<T>(mlxvid_softmax_finish(acc[d], l));
+    }
+  }
 }
 #endif
 

@@ -12,6 +12,7 @@ typedef bfloat bfloat16_t;  // as MLX's bf16.h does on Metal 3.1 and later
 #include "../common/fp8.h"
 #include "../common/rope.h"
 #include "../common/adaln.h"
+#include "../common/sparse_attention.h"
 
 template <typename OutT, int FORMAT>
 [[kernel]] void custom_kernel_mlxvid_fp8_dequant(
@@ -71,6 +72,21 @@ template <typename OutT, typename YT>
 #include "../metal/gated_residual.metal"
 }
 
+template <typename OutT, int D>
+[[kernel]] void custom_kernel_mlxvid_block_sparse_attention(
+    const device OutT* q [[buffer(0)]],
+    const device OutT* k [[buffer(1)]],
+    const device OutT* v [[buffer(2)]],
+    const device float* key_bias [[buffer(3)]],
+    const device int32_t* tile_ptr [[buffer(4)]],
+    const device int32_t* tile_idx [[buffer(5)]],
+    const constant int32_t* params [[buffer(6)]],
+    const constant float* scale [[buffer(7)]],
+    device OutT* out [[buffer(8)]],
+    uint3 thread_position_in_grid [[thread_position_in_grid]]) {
+#include "../metal/block_sparse_attention.metal"
+}
+
 #define INSTANTIATE(host, fn, ...) \
   template [[host_name(host)]] [[kernel]] decltype(fn<__VA_ARGS__>) fn<__VA_ARGS__>;
 
@@ -90,3 +106,6 @@ INSTANTIATE("adaln_f32_256", custom_kernel_mlxvid_adaln_modulate, float, 256, fl
 INSTANTIATE("adaln_f32_32_bf16", custom_kernel_mlxvid_adaln_modulate, float, 32, bfloat16_t)
 INSTANTIATE("gated_f32", custom_kernel_mlxvid_gated_residual, float, float)
 INSTANTIATE("gated_f32_bf16", custom_kernel_mlxvid_gated_residual, float, bfloat16_t)
+INSTANTIATE("block_sparse_attention_f32_128", custom_kernel_mlxvid_block_sparse_attention, float, 128)
+INSTANTIATE("block_sparse_attention_f16_128", custom_kernel_mlxvid_block_sparse_attention, half, 128)
+INSTANTIATE("block_sparse_attention_bf16_128", custom_kernel_mlxvid_block_sparse_attention, bfloat16_t, 128)

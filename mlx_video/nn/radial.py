@@ -33,7 +33,9 @@ last tile are dropped. This is exactly the reference's mask of the sequence zero
 `pad_qkv` helper), and wherever the reference builds a mask (whole tiles, or text after the video) ours equals
 it tile for tile (tests/test_radial.py checks both against a transcription of that file).
 
-`radial_attention` computes softmax attention over only the kept tiles: for each run of query tiles with the
+`radial_attention` computes softmax attention over only the kept tiles. On a GPU it runs the block-sparse
+kernel of `mlx_video.kernels` (an online softmax over the kept key tiles of each query tile; the path below is
+its oracle). Elsewhere (the portable path), for each run of query tiles with the
 same kept key tiles it slices the contiguous key ranges, concatenates them and calls MLX's attention on them,
 so no score outside a kept tile is ever computed and no key is gathered one by one. Where MLX has no fused
 attention (the CPU back-end) each call's scores stay under the budget of `mlx_video.nn.attention` and are
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from ..kernels import block_sparse_attention, tile_lists
 from .attention import query_block, score_budget_bytes
 
 # The reference's thinning threshold, hard-coded there to 128 tokens whatever the block size
@@ -199,6 +202,8 @@ class RadialPlan:
     block: int
     tokens: int
     groups: tuple[TileGroup, ...]
+    tile_ptr: np.ndarray  # the kept key tiles of each query tile, for the GPU kernel (kernels.tile_lists)
+    tile_idx: np.ndarray
 
     @classmethod
     def of(cls, mask: np.ndarray, block: int, tokens: int) -> "RadialPlan":
@@ -212,7 +217,7 @@ class RadialPlan:
                 stop += 1
             groups.append(TileGroup(row * block, min(stop * block, tokens), _runs(mask[row], block, tokens)))
             row = stop
-        return cls(mask, block, tokens, tuple(groups))
+        return cls(mask, block, tokens, tuple(groups), *tile_lists(mask))
 
     def score_fraction(self) -> float:
         return score_fraction(self.mask, self.tokens, self.block)
@@ -252,6 +257,9 @@ def radial_attention(q: mx.array, k: mx.array, v: mx.array, plan: RadialPlan, sc
         raise ValueError(f"radial attention takes a key mask of shape (B, heads or 1, 1, Lk), not {mask.shape}")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    fused = block_sparse_attention(q, k, v, plan.tile_ptr, plan.tile_idx, plan.block, scale, mask)
+    if fused is not None:  # the Metal / CUDA kernel (mlx_video.kernels), where one runs
+        return fused
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     budget = score_budget_bytes()
     parts = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MlxVideoError
+from ..kernels import warm_up_block_sparse_attention
 from ..nn.radial import RadialDefaults, RadialPlan, radial_attention, radial_block_mask
 
 MODES = ("dense", "radial")
@@ -64,6 +65,10 @@ class RadialSite:
         plan = self.run.plan_now(self.index, k.shape[1])
         if plan is None:
             return None
+        variant = (q.dtype, q.shape[-1])
+        if variant not in self.run.warmed:  # the GPU kernel's probe, once per dtype and head width (a no-op on CPU)
+            self.run.warmed.add(variant)
+            warm_up_block_sparse_attention(*variant)
         return radial_attention(q, k, v, plan, scale=scale, mask=mask)
 
 
@@ -78,6 +83,7 @@ class RadialRun:
         self.frames, self.tokens_per_frame = frames, tokens_per_frame
         self.step = 0
         self._plans: dict[int, RadialPlan] = {}
+        self.warmed: set = set()
 
     @property
     def video_tokens(self) -> int:
@@ -98,6 +104,8 @@ class RadialRun:
 
     def plan_now(self, block_index: int, tokens: int) -> RadialPlan | None:
         if self.step < self.dense_steps or block_index < self.dense_blocks:
+            return None
+        if tokens < self.video_tokens:  # not this run's video (a kernel warm-up's minimal input): dense
             return None
         return self.plan(tokens)
 
