@@ -89,6 +89,11 @@ class RadialRun:
     def video_tokens(self) -> int:
         return self.frames * self.tokens_per_frame
 
+    @property
+    def sequence_lengths(self) -> list[int]:
+        """The sequence lengths (video and what follows it) planned so far."""
+        return sorted(self._plans)
+
     def begin_step(self, i: int) -> None:
         self.step = i
 
