@@ -11,7 +11,7 @@ token layout alone, the same way that file builds it:
   `block` tokens; the mask is one boolean per (query block, key block).
 * For each pair of frames (i, j) at distance d = |i - j|, a token-level mask over the two frames' tokens
   (indexed within each frame, n = tokens_per_frame):
-  - first-frame rule (`first_frame_dense`, the reference's Wan setting): every token attends to all of
+  - first-frame rule (`first_frame_dense`, a per-model setting of the reference): every token attends to all of
     frame 0 (j == 0), with no thinning;
   - band: d <= 1 gives the whole frame; else tokens whose in-frame indices differ by at most
     max(block, 2**bitlen(n) / 2**bitlen(d) * decay);
@@ -26,10 +26,10 @@ token layout alone, the same way that file builds it:
 * Text: every tile row and column from the tile that holds the first text token on is kept (text queries see
   everything, every query sees the text).
 
-Where the reference is undefined, our rule: when the video does not fill whole tiles (Wan's 480p 30x52 and
-720p 45x80 grids; Mochi's 30x53), the sequence is seen as padded to whole tiles with the padding treated
-like text: the tile holding the video's partial last tile is kept whole, and the pair contributions past the
-last tile are dropped. This is exactly the reference's mask of the sequence zero-padded to whole tiles (its
+Where the reference is undefined, our rule: when the video does not fill whole tiles (e.g. 30x52 or 45x80
+tokens per frame in 64-token tiles, where the reference's code fails), the sequence is seen as padded to whole
+tiles with the padding treated like text: the video's partial last tile is kept whole (row and column), and the
+pair contributions past the last tile are dropped. This is exactly the reference's mask of the sequence zero-padded to whole tiles (its
 `pad_qkv` helper), and wherever the reference builds a mask (whole tiles, or text after the video) ours equals
 it tile for tile (tests/test_radial.py checks both against a transcription of that file).
 
@@ -68,7 +68,7 @@ class RadialDefaults:
     decay: float
     dense_steps: int
     dense_blocks: int
-    first_frame_dense: bool  # every token attends to all of latent frame 0 (the reference's Wan rule)
+    first_frame_dense: bool  # every token attends to all of latent frame 0 (the reference's attention sink)
     source: str  # where the numbers come from
 
 

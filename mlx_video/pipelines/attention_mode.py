@@ -2,7 +2,7 @@
 
 dense    every score (the default).
 radial   Radial Attention (`mlx_video.nn.radial`): a static block-sparse mask of the video tokens. The first
-         DENSE_STEPS denoising steps, counted over the whole run (across the A14B experts), and the first
+         DENSE_STEPS denoising steps, counted over the whole run (across experts), and the first
          DENSE_BLOCKS blocks of each transformer (each expert counts its own) stay dense, as the reference
          repository's scripts do; left out, both take the family's defaults (its `RadialDefaults`).
 
