@@ -248,6 +248,10 @@ from .interpolate import interpolate_command  # noqa: E402  (imports nothing hea
 
 cli.add_command(interpolate_command)
 
+from .server.command import serve_command  # noqa: E402  (fastapi and uvicorn are imported when it runs)
+
+cli.add_command(serve_command)
+
 
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False, exists=True, path_type=Path))

@@ -439,6 +439,7 @@ def execute(job: Job, echo=click.echo, hooks=()) -> dict:
     record = job.record()
     record["experts"] = result.experts
     record.update(getattr(result, "stats", None) or {})  # transformer_evals, reused steps (--cache)
+    record["latents_sha256"] = latents_digest(result.latents)  # the same run gives the same digest, anywhere
     if result.parallel is not None:
         record["parallel"] = result.parallel  # ranks, backend, split
     written = []
@@ -470,6 +471,14 @@ def execute(job: Job, echo=click.echo, hooks=()) -> dict:
         echo(f"wrote {frames} frames of {width}x{height} to {job.output}")
     return {"settings": job.settings, "outputs": written, "timings": result.timings, "record": record,
             "pipe": job.pipe, "latents": result.latents}
+
+
+def latents_digest(latents) -> str:
+    """sha256 of the final latents as float32 in the reference layout: two runs agree on it exactly when they
+    made the same latents (H.264 output is not bit-reproducible, so the video cannot show it)."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(latents, dtype=np.float32)).tobytes()).hexdigest()
 
 
 def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dict,

@@ -1,0 +1,181 @@
+"""The worker: one thread that runs the queued jobs in order through `mlx_video.run.prepare` / `execute`, the
+code `mlxvid generate` and `mlxvid batch` run. It reports progress into the job store at every denoising step,
+stops a job at its next step when it is cancelled, and keeps the most recently used models loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+
+from ..errors import MlxVideoError
+from .store import JobRow, JobStore
+
+log = logging.getLogger("mlxvid.serve")
+
+
+class JobCancelled(Exception):
+    """Raised by the progress hook at the step after a cancel request (not an MlxVideoError: nothing may catch it
+    as a user error)."""
+
+
+class ModelCache(OrderedDict):
+    """Loaded pipelines by model, the most recently used last; holds at most `keep` of them (a dict that
+    `run.prepare(pipelines=...)` fills)."""
+
+    def __init__(self, keep: int):
+        super().__init__()
+        self.keep = max(0, keep)
+
+    def __getitem__(self, key):
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def evict(self, keep: int | None = None) -> None:
+        from ..pipelines.base import release
+
+        limit = self.keep if keep is None else keep
+        evicted = False
+        while len(self) > limit:
+            self.popitem(last=False)
+            evicted = True
+        if evicted:
+            release()
+
+
+class ProgressReporter:
+    """A step hook: step, progress (0-90 while denoising; decoding and writing take the rest), ETA, and the
+    cancel check (one store read per step: the loop already syncs once per step)."""
+
+    def __init__(self, store: JobStore, job_id: str, total_steps: int, preview: Path | None):
+        self.store, self.job_id, self.total = store, job_id, max(1, total_steps)
+        self.preview, self.calls, self.start = preview, 0, time.monotonic()
+
+    def __call__(self, i, t, latents):
+        if self.store.cancel_requested(self.job_id):
+            raise JobCancelled
+        self.calls += 1
+        done = min(self.calls, self.total)
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / done * (self.total - done) if done else None
+        last = done >= self.total
+        self.store.update(self.job_id, stage="decoding" if last else "denoising", step=done, steps=self.total,
+                          progress=min(90, int(90 * done / self.total)), eta=eta,
+                          preview=str(self.preview) if self.preview is not None and self.preview.exists() else None)
+        return None
+
+
+def total_steps(job) -> int:
+    """Denoising steps of a prepared job: a chain's segments and an audio-driven model's clips each run them."""
+    base = getattr(job, "base", job)
+    steps = int(base.settings.steps)
+    segments = len(getattr(job, "segments", ()) or ()) or 1
+    clip_count = getattr(base.pipe, "clip_count", None)
+    clips = clip_count(base.settings) if callable(clip_count) and getattr(base.pipe, "takes_audio", False) else 1
+    return steps * segments * clips
+
+
+class Worker(threading.Thread):
+    """Runs the store's queued jobs one after the other until `stop()`."""
+
+    def __init__(self, store: JobStore, data: Path, models: dict, keep_models: int = 1):
+        super().__init__(name="mlxvid-worker", daemon=True)
+        self.store, self.data, self.models = store, Path(data), models
+        self.pipelines = ModelCache(keep_models)
+        self.wake, self.stopping = threading.Event(), threading.Event()
+        self.current: str | None = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            row = self.store.claim_next()
+            if row is None:
+                self.wake.wait(0.5)
+                self.wake.clear()
+                continue
+            self.current = row.id
+            try:
+                self.run_job(row)
+            finally:
+                self.current = None
+
+    def outputs(self, job_id: str) -> tuple[Path, Path]:
+        video = self.data / "videos" / f"{job_id}.mp4"
+        return video, video.with_suffix(".json")
+
+    def run_job(self, row: JobRow) -> None:
+        from ..run import execute, prepare
+
+        video, sidecar = self.outputs(row.id)
+        if video.is_file() and sidecar.is_file():  # published before a kill, not yet marked: done, not re-run
+            self.finish(row.id, video, sidecar)
+            return
+        options = dict(row.options, model=self.models.get(row.model, row.model), output=str(video), overwrite=True,
+                       quiet=True, preview_every=1)
+        try:
+            job = prepare(options, pipelines=self.pipelines)
+            self.pipelines.evict()
+            self.store.update(row.id, stage="denoising", step=0, steps=total_steps(job), progress=0)
+            from ..preview import preview_path
+
+            reporter = ProgressReporter(self.store, row.id, total_steps(job), preview_path(video))
+            execute(job, echo=lambda *a, **k: None, hooks=[reporter])
+        except JobCancelled:
+            self.store.update(row.id, status="cancelled", completed_at=time.time(), stage="cancelled",
+                              error_code="cancelled", error_message="cancelled while it ran")
+            self.pipelines.evict(0)  # free the memory the run held
+            return
+        except MlxVideoError as e:
+            self.fail(row.id, "invalid_request" if self.store.get(row.id).step is None else "generation_failed", str(e))
+            return
+        except Exception as e:  # the server stays up; the job says what broke, the log has the traceback
+            log.error("job %s failed:\n%s", row.id, traceback.format_exc())
+            self.fail(row.id, "internal_error", f"{type(e).__name__}: {e}")
+            return
+        self.finish(row.id, video, sidecar)
+
+    def fail(self, job_id: str, code: str, message: str) -> None:
+        self.store.update(job_id, status="failed", completed_at=time.time(), stage="failed", error_code=code,
+                          error_message=message)
+
+    def finish(self, job_id: str, video: Path, sidecar: Path) -> None:
+        thumbnail = write_thumbnail(video)
+        self.store.update(job_id, status="completed", completed_at=time.time(), stage="completed", progress=100,
+                          eta=0.0, video=str(video), sidecar=str(sidecar) if sidecar.is_file() else None,
+                          thumbnail=str(thumbnail) if thumbnail else None)
+        if self.store.get(job_id) is None:  # deleted while it ran
+            remove_outputs(video)
+
+
+def write_thumbnail(video: Path) -> Path | None:
+    """The video's first frame as a WebP image beside it (what the content route's `thumbnail` variant sends)."""
+    import av
+    from PIL import Image
+
+    target = video.with_suffix(".webp")
+    try:
+        with av.open(str(video)) as container:
+            frame = next(container.decode(container.streams.video[0])).to_ndarray(format="rgb24")
+        part = target.with_name("." + target.name + ".part")
+        Image.fromarray(frame).save(part, format="WEBP", quality=85)
+        part.replace(target)
+        return target
+    except (OSError, StopIteration, av.FFmpegError, KeyError, ValueError):
+        return None
+
+
+def remove_outputs(video: Path) -> None:
+    from ..preview import preview_path
+
+    for path in (video, video.with_suffix(".json"), video.with_suffix(".webp"), preview_path(video)):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
