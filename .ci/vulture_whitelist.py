@@ -7,6 +7,9 @@ _.color_primaries  # av video streams
 _.color_trc
 _.color_range
 _.thread_type
+_.row_factory  # sqlite3 connections (mlx_video/server/store.py)
+_.binary_location  # selenium's Chrome options (tests/test_serve_browser.py)
+pytestmark  # read by pytest
 _.bit_rate
 _.normalizer  # tokenizers.Tokenizer parts
 _.pre_tokenizer

@@ -11,6 +11,7 @@ import io
 import json
 import re
 import struct
+import wave
 from pathlib import Path
 
 import mlx.core as mx
@@ -635,3 +636,66 @@ def train_sentencepiece(folder, byte_fallback: bool):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spiece.model").write_bytes(model.getvalue())
     return folder
+
+
+# ---- Wan S2V: the recorded official model, a voice track ----
+
+S2V_FIXTURE = Path(__file__).parent / "fixtures" / "s2v" / "pipeline_reference.safetensors"
+
+
+def write_wav(path: Path, seconds: float, rate: int = 22050, amplitude: float = 0.3, freq: float = 220.0) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (amplitude * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))) if amplitude else 0 * t
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.asarray(samples) * 32767).astype(np.int16).tobytes())
+    return path
+
+
+def s2v_reference():
+    """The tiny S2V model and run recorded from the official code (tests/fixtures/s2v/make_pipeline_reference.py):
+    (tensors, model config, settings, wav2vec2 layers)."""
+    from safetensors import safe_open
+
+    with safe_open(str(S2V_FIXTURE), "np") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    return tensors, json.loads(meta["model_config"]), json.loads(meta["settings"]), int(meta["audio_layers"])
+
+
+def build_s2v_release(root: Path, reference) -> Path:
+    """The recorded official S2V checkpoint in the release layout (plus a tiny UMT5, tokenizer and wav2vec2) under
+    `root`, converted to `root/mlx`; returns `root`."""
+    import transformers
+    from safetensors.numpy import save_file as save_numpy
+
+    from mlx_video.cli import main
+
+    tensors, config, _, audio_layers = reference
+    src = root / "Wan2.2-S2V-14B"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"_class_name": "WanModel_S2V", **config}))
+    save_numpy({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+              str(src / "diffusion_pytorch_model.safetensors"))
+    torch.save({k[len("vae."):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("vae.")},
+               src / "Wan2.1_VAE.pth")
+    torch.manual_seed(0)
+    t5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=64, d_model=config["text_dim"], d_kv=7, d_ff=40, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0)).eval()
+    randomize_(t5, 3, scale=0.5)
+    torch.save(official_umt5(t5.state_dict()), src / "models_t5_umt5-xxl-enc-bf16.pth")
+    (src / "google" / "umt5-xxl").mkdir(parents=True)
+    train_spiece(src / "google" / "umt5-xxl" / "spiece.model")
+    w2v = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
+        hidden_size=config["audio_dim"], num_hidden_layers=audio_layers - 1, num_attention_heads=2,
+        intermediate_size=40, conv_dim=(8,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_bias=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, vocab_size=11,
+        do_stable_layer_norm=True, feat_extract_norm="layer", feat_extract_activation="gelu", hidden_act="gelu",
+    )).eval()
+    w2v.save_pretrained(src / "wav2vec2-large-xlsr-53-english")
+    main(["convert", str(src), str(root / "mlx"), "--dtype", "fp32"])
+    return root

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import wave
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,7 +24,8 @@ from mlx_video.errors import MlxVideoError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-FIXTURE = Path(__file__).parent / "fixtures" / "s2v" / "pipeline_reference.safetensors"
+from mlxvid_test_helpers import S2V_FIXTURE as FIXTURE, build_s2v_release, s2v_reference, write_wav  # noqa: E402
+
 # The official preprocessing from files (portraits not at the video size, a pose video): make_portrait_reference.py
 PORTRAITS = FIXTURE.parent / "portrait_reference.safetensors"
 
@@ -35,60 +35,15 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def write_wav(path: Path, seconds: float, rate: int = 22050, amplitude: float = 0.3, freq: float = 220.0) -> Path:
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (amplitude * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))) if amplitude else 0 * t
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.asarray(samples) * 32767).astype(np.int16).tobytes())
-    return path
-
-
 @pytest.fixture(scope="module")
 def reference():
-    with safe_open(str(FIXTURE), "np") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata()
-    return tensors, json.loads(meta["model_config"]), json.loads(meta["settings"]), int(meta["audio_layers"])
+    return s2v_reference()
 
 
 @pytest.fixture(scope="module")
 def converted(reference, tmp_path_factory):
     """The recorded official checkpoint in the release layout (plus a tiny UMT5, tokenizer and wav2vec2), converted."""
-    from mlxvid_test_helpers import official_umt5
-    from tiny_wan import randomize_, train_spiece
-
-    from mlx_video.cli import main
-
-    tensors, config, _, audio_layers = reference
-    root = tmp_path_factory.mktemp("s2v")
-    src = root / "Wan2.2-S2V-14B"
-    src.mkdir()
-    (src / "config.json").write_text(json.dumps({"_class_name": "WanModel_S2V", **config}))
-    save_file({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
-              str(src / "diffusion_pytorch_model.safetensors"))
-    torch.save({k[len("vae."):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("vae.")},
-               src / "Wan2.1_VAE.pth")
-    torch.manual_seed(0)
-    t5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
-        vocab_size=64, d_model=config["text_dim"], d_kv=7, d_ff=40, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0)).eval()
-    randomize_(t5, 3, scale=0.5)
-    torch.save(official_umt5(t5.state_dict()), src / "models_t5_umt5-xxl-enc-bf16.pth")
-    (src / "google" / "umt5-xxl").mkdir(parents=True)
-    train_spiece(src / "google" / "umt5-xxl" / "spiece.model")
-    w2v = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
-        hidden_size=config["audio_dim"], num_hidden_layers=audio_layers - 1, num_attention_heads=2,
-        intermediate_size=40, conv_dim=(8,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
-        conv_bias=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, vocab_size=11,
-        do_stable_layer_norm=True, feat_extract_norm="layer", feat_extract_activation="gelu", hidden_act="gelu",
-    )).eval()
-    w2v.save_pretrained(src / "wav2vec2-large-xlsr-53-english")
-    main(["convert", str(src), str(root / "mlx"), "--dtype", "fp32"])
-    return root
+    return build_s2v_release(tmp_path_factory.mktemp("s2v"), reference)
 
 
 @pytest.fixture(scope="module")

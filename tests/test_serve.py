@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_helpers import ServeProcess, finished, wait_for
+from mlxvid_serve_helpers import ServeProcess, finished, wait_for
 
 pytest.importorskip("diffusers")
 openai = pytest.importorskip("openai")
@@ -205,17 +205,22 @@ def test_killed_server_loses_no_job_and_runs_none_twice(tiny_model, tmp_path):
     assert runs == {ids[0]: 2, ids[1]: 1, ids[2]: 1}  # the interrupted job ran again; the others once
 
 
-def test_s2v_job_api(tmp_path, s2v_model):
+def test_s2v_job_api(tmp_path):
     """The S2V plan's API: multipart image + audio with X-API-Key; 401 without it; a job, its status, its video."""
-    from test_pipeline_wan_s2v import write_wav
+    from mlxvid_test_helpers import build_s2v_release, s2v_reference, write_wav
 
-    serve = ServeProcess(tmp_path / "data", [s2v_model], "--api-key", KEY).start()
+    (tmp_path / "s2v").mkdir()
+    reference = s2v_reference()
+    root = build_s2v_release(tmp_path / "s2v", reference)
+    serve = ServeProcess(tmp_path / "data", [root / "mlx"], "--api-key", KEY).start()
     try:
+        tensors, _, settings, _ = reference
         face = tmp_path / "face.png"
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 64, 3), dtype=np.uint8)).save(face)
+        Image.fromarray(tensors["image"]).save(face)
         voice = write_wav(tmp_path / "voice.wav", 1.0)
         files = {"image": ("face.png", face.read_bytes(), "image/png"), "audio": ("voice.wav", voice.read_bytes(), "audio/wav")}
-        form = {"prompt": "a person talks", "num_clips": "1", "steps": "2"}
+        form = {"prompt": "a person talks", "num_clips": "1", "steps": "2", "frames": "12",
+                "size": f"{settings['width']}x{settings['height']}"}
         assert httpx.post(serve.url + "/generate-video", data=form, files=files).status_code == 401
         headers = {"X-API-Key": KEY}
         bad = httpx.post(serve.url + "/generate-video", data={**form, "resolution": "4k"}, files=files, headers=headers)
@@ -229,7 +234,7 @@ def test_s2v_job_api(tmp_path, s2v_model):
         while (status := client.get(f"/status/{job['job_id']}").json())["status"] not in ("completed", "failed"):
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        assert status["status"] == "completed", status
+        assert status["status"] == "completed", (status, client.get(f"/v1/videos/{job['job_id']}").json()["error"])
         video = client.get(status["video_url"])
         assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
         ranged = client.get(status["video_url"], headers={"Range": "bytes=0-99"})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_helpers import ServeProcess
+from mlxvid_serve_helpers import ServeProcess
 
 webdriver = pytest.importorskip("selenium.webdriver")
 pytest.importorskip("diffusers")

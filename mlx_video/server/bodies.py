@@ -32,6 +32,7 @@ UPLOAD_SUFFIXES = {
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OPENAI_FIELDS = {"seconds": "duration"}
+S2V_EXTRAS = ("prompt", "model", "seed", "steps", "guidance", "negative_prompt", "frames", "size")  # generate's names
 RESOLUTIONS = {"480p": 480 * 832, "720p": 720 * 1280}  # the S2V job API's names -> a max area (official sizes)
 
 
@@ -129,9 +130,9 @@ def s2v_fields(fields: dict) -> dict:
             out["resolution"] = value
         elif key == "num_clips":
             out["clips"] = value
-        elif key in ("prompt", "model", "seed", "steps", "negative_prompt", "guidance"):
+        elif key in S2V_EXTRAS:
             out[key] = value
         else:
             raise MlxVideoError(f"unknown field {key!r}; /generate-video takes image, audio, prompt, resolution, "
-                                "num_clips (and model, seed, steps, guidance, negative_prompt)")
+                                f"num_clips (and {', '.join(S2V_EXTRAS[1:])})")
     return out

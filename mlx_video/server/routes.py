@@ -143,6 +143,11 @@ def add_s2v_routes(app: FastAPI, server: Server) -> None:
 
 
 def add_native_routes(app: FastAPI, server: Server) -> None:
+    add_page_routes(app, server)
+    add_job_routes(app, server)
+
+
+def add_page_routes(app: FastAPI, server: Server) -> None:
     @app.get("/health")
     def health():
         return {"status": "ok"}
@@ -157,6 +162,18 @@ def add_native_routes(app: FastAPI, server: Server) -> None:
                 "queued": server.store.count("queued"), "running": server.worker.current,
                 "max_queue": server.config.max_queue}
 
+    @app.get("/")
+    def page():
+        return FileResponse(WEB / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}")
+    def static(name: str):
+        if name not in WEB_FILES:
+            raise ApiError(404, f"no file {name!r}", "not_found")
+        return FileResponse(WEB / name, media_type=WEB_FILES[name])
+
+
+def add_job_routes(app: FastAPI, server: Server) -> None:
     @app.post("/api/jobs/{job_id}/cancel")
     def cancel(job_id: str):
         server.job_or_404(job_id)
@@ -167,25 +184,8 @@ def add_native_routes(app: FastAPI, server: Server) -> None:
     async def again(job_id: str, request: Request):
         """The job's settings submitted again (its uploads copied), with a new random seed if asked."""
         body = req.json_fields(await request.body() or b"{}")
-        job = server.job_or_404(job_id)
-        options, uploads = dict(job.options), []
-        for name in set(req.UPLOADS.values()) & set(options):
-            source = Path(options[name])
-            if source.parent == server.uploads and source.is_file():
-                copy = server.uploads / req.stored_name(source.suffix)
-                shutil.copyfile(source, copy)
-                options[name] = str(copy)
-                uploads.append(req.Upload(name, source.name, copy))
-        if body.get("new_seed"):
-            import secrets
-
-            options["seed"] = secrets.randbelow(2**32)
-        try:
-            new = await asyncio.to_thread(server.submit, job.api, options, uploads)
-        except BaseException:
-            discard(uploads)
-            raise
-        return JSONResponse(server.video_object(new))
+        job = await asyncio.to_thread(server.again, job_id, bool(body.get("new_seed")))
+        return JSONResponse(server.video_object(job))
 
     @app.get("/api/jobs/{job_id}/preview")
     def preview(job_id: str):
@@ -207,16 +207,6 @@ def add_native_routes(app: FastAPI, server: Server) -> None:
         last = request.headers.get("last-event-id", "")
         return StreamingResponse(event_stream(server, job_id, int(last) if last.isdigit() else -1, request),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-
-    @app.get("/")
-    def page():
-        return FileResponse(WEB / "index.html", media_type="text/html")
-
-    @app.get("/static/{name}")
-    def static(name: str):
-        if name not in WEB_FILES:
-            raise ApiError(404, f"no file {name!r}", "not_found")
-        return FileResponse(WEB / name, media_type=WEB_FILES[name])
 
 
 async def event_stream(server: Server, job_id: str, last: int, request: Request):

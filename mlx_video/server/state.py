@@ -58,23 +58,48 @@ class Server:
     # ---- submitting ----
 
     def submit(self, api: str, options: dict, uploads: list) -> JobRow:
-        if self.store.count("queued") >= self.config.max_queue:
-            raise ApiError(429, f"the queue holds {self.config.max_queue} jobs already (--max-queue); try later",
-                           "queue_full")
         model = str(options.get("model") or "")
         if model not in self.config.models:
             served = ", ".join(self.config.models) or "none"
             raise ApiError(400, f"unknown model {model!r}; this server has: {served}", "model_not_found")
         self.check(options)
-        job = self.store.add(api, model, str(options.get("prompt", "")), to_json(options))
-        for upload in uploads:  # the job owns its uploads from now on
-            upload.path.rename(upload.path.with_name(f"{job.id}-{upload.path.name}"))
-        moved = {k: str(Path(v).with_name(f"{job.id}-{Path(v).name}")) for k, v in options.items()
-                 if k in req.UPLOADS.values() and isinstance(v, str) and Path(v).parent == self.uploads}
+        job = self.store.add(api, model, str(options.get("prompt", "")), to_json(options), self.config.max_queue)
+        if job is None:
+            raise ApiError(429, f"the queue holds {self.config.max_queue} jobs already (--max-queue); try later",
+                           "queue_full")
+        renamed = {}
+        for upload in uploads:  # the job owns its uploads from now on: <job id>-<stored name>
+            target = upload.path.with_name(f"{job.id}-{upload.path.name}")
+            upload.path.rename(target)
+            renamed[str(upload.path)] = str(target)
+        moved = {k: renamed[str(v)] for k, v in options.items() if isinstance(v, (str, Path)) and str(v) in renamed}
         if moved:
             self.store.update(job.id, options=json.dumps(to_json({**options, **moved})))
         self.worker.wake.set()
         return self.store.get(job.id)
+
+    def again(self, job_id: str, new_seed: bool) -> JobRow:
+        """A job's settings submitted again, its uploads copied (the new job owns its own), with a random seed
+        when asked."""
+        import secrets
+        import shutil
+
+        options, uploads = dict(self.job_or_404(job_id).options), []
+        for name in set(req.UPLOADS.values()) & set(options):
+            source = Path(options[name])
+            if source.parent == self.uploads and source.is_file():
+                copy = self.uploads / req.stored_name(source.suffix)
+                shutil.copyfile(source, copy)
+                options[name] = str(copy)
+                uploads.append(req.Upload(name, source.name, copy))
+        if new_seed:
+            options["seed"] = secrets.randbelow(2**32)
+        try:
+            return self.submit(self.store.get(job_id).api, options, uploads)
+        except BaseException:
+            for upload in uploads:
+                upload.path.unlink(missing_ok=True)
+            raise
 
     @property
     def uploads(self) -> Path:

@@ -47,13 +47,16 @@ class ModelCache(OrderedDict):
             release()
 
 
+REPORT_EVERY = 0.2  # seconds between progress writes (a real step takes seconds; a tiny test model's, less)
+
+
 class ProgressReporter:
     """A step hook: step, progress (0-90 while denoising; decoding and writing take the rest), ETA, and the
     cancel check (one store read per step: the loop already syncs once per step)."""
 
     def __init__(self, store: JobStore, job_id: str, total_steps: int, preview: Path | None):
         self.store, self.job_id, self.total = store, job_id, max(1, total_steps)
-        self.preview, self.calls, self.start = preview, 0, time.monotonic()
+        self.preview, self.calls, self.start, self.reported = preview, 0, time.monotonic(), 0.0
 
     def __call__(self, i, t, latents):
         if self.store.cancel_requested(self.job_id):
@@ -63,6 +66,10 @@ class ProgressReporter:
         elapsed = time.monotonic() - self.start
         eta = elapsed / done * (self.total - done) if done else None
         last = done >= self.total
+        now = time.monotonic()
+        if not last and now - self.reported < REPORT_EVERY:
+            return None
+        self.reported = now
         self.store.update(self.job_id, stage="decoding" if last else "denoising", step=done, steps=self.total,
                           progress=min(90, int(90 * done / self.total)), eta=eta,
                           preview=str(self.preview) if self.preview is not None and self.preview.exists() else None)
