@@ -80,16 +80,18 @@ def test_the_studio_page(browser, studio, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     out = shots(tmp_path)
-    wait = WebDriverWait(browser, 120, poll_frequency=0.1)
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    # the queue re-renders on every progress event: elements found a moment ago may be stale
+    wait = WebDriverWait(browser, 120, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
     browser.get(studio.url + "/")
     wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model option"))
     browser.save_screenshot(str(out / "1-form.png"))
 
-    submit(browser, "a paper boat on a pond", "60")  # long enough to watch its progress
+    submit(browser, "a paper boat on a pond", "200")  # long enough to watch its progress
     wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#queue li img.preview"))
-    progress = browser.find_element(By.CSS_SELECTOR, "#queue li progress")
-    wait.until(lambda b: int(progress.get_attribute("value") or 0) > 0)
-    assert "step" in browser.find_element(By.CSS_SELECTOR, "#queue li .status").text
+    wait.until(lambda b: int(b.find_element(By.CSS_SELECTOR, "#queue li progress").get_attribute("value") or 0) > 0)
+    wait.until(lambda b: "step" in b.find_element(By.CSS_SELECTOR, "#queue li .status").text)
     browser.save_screenshot(str(out / "2-progress.png"))
 
     submit(browser, "a second job to cancel", "1000")
