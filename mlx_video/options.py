@@ -373,6 +373,9 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
     Option("image", "path", lambda: f"Image to animate ({_models_with('i2v')} need one; {_models_with('ti2v')} take "
            f"one optionally; {_models_with('s2v')}: the portrait). Resized to the video size as --image-fit says.",
            short="-i", file_only=True),
+    Option("last_image", "path", lambda: "First-last frame: the image the video ends on, with --image as its "
+           f"first frame ({_models_with_need('takes_last_image')}); resized like --image.", file_only=True,
+           needs="takes_last_image"),
     Option("image_fit", "choice", "How the image meets the video size: crop (cover, then centre-crop, as the "
            "official TI2V code; the default), stretch (ignore the aspect ratio, as diffusers' Wan I2V pipeline), fit "
            "(letterbox in black) or short-side (the shorter side to the video's, bilinear, then centre-crop, black "
@@ -564,7 +567,11 @@ def _ids_with_pipeline_flag(attr: str) -> list[str]:
     from .families import pipeline_class
     from .registry import MODELS
 
-    return [s.id for s in MODELS.values() if getattr(pipeline_class(s.family, s.task), attr, False)]
+    return [s.id for s in MODELS.values() if pipeline_class(s.family, s.task).capable(s, attr)]
+
+
+def _models_with_need(attr: str) -> str:
+    return ", ".join(_ids_with_pipeline_flag(attr)) or "none here"
 
 
 def _ids_with_experts() -> list[str]:
@@ -577,6 +584,8 @@ CAPABILITIES = {
     "takes_audio": ("audio-driven models", "audio", lambda: _ids_with_pipeline_flag("takes_audio")),
     "uses_guidance_2": ("models with two experts", "second expert", _ids_with_experts),
     "takes_true_cfg": ("models with embedded guidance", "true CFG", lambda: _ids_with_pipeline_flag("takes_true_cfg")),
+    "takes_last_image": ("first-last-frame models", "last image",
+                         lambda: _ids_with_pipeline_flag("takes_last_image")),
 }
 
 

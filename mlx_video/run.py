@@ -178,6 +178,7 @@ class Job:
     duration: float | None = None
     preview_every: int | None = None
     interpolation: Interpolation | None = None
+    inputs: dict = field(default_factory=dict)  # generate()'s other input arrays by keyword (last_image, ...)
 
     @property
     def frame_rate(self) -> float:
@@ -192,11 +193,26 @@ class Job:
                       init_latents=str(self.init_latents_path) if self.init_latents_path else None,
                       memory_estimate=self.estimate, image_fit=self.image_fit if s.image is not None else None,
                       quality=self.quality, duration=self.duration, render_size=[s.width, s.height],
-                      options=recorded_options(self.options))
+                      options=recorded_options(self.options), input_files=input_files(self.options))
         if self.delivery is not None:
             record["delivery"] = self.delivery.record((s.width, s.height), self.frame_rate)
             record["delivery_size"] = [self.delivery.width, self.delivery.height]
         return record
+
+
+INPUT_OPTIONS = ("image", "last_image", "audio", "pose_video", "init_latents")
+
+
+def input_files(o: dict) -> dict:
+    """Each input file of a run by option: its file name and sha256 (a folder of frames: None for the hash)."""
+    from .lora import file_sha256
+
+    out = {}
+    for name in INPUT_OPTIONS:
+        if o.get(name) is not None:
+            path = Path(o[name])
+            out[name] = {"name": path.name, "sha256": file_sha256(path) if path.is_file() else None}
+    return out
 
 
 def lora_options(o: dict) -> list[dict] | None:
@@ -242,12 +258,15 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
         _check_audio_run(o, pipe.spec, output)
     else:
         chain = extension_frames(o, pipe.spec)
+        if chain is not None and given(o, "last_image"):
+            raise MlxVideoError("--last-image ends one clip: give at most one clip's --frames (no chain of clips)")
         if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.extend)
             return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory)
     settings = pipe.resolve(_settings(o, pipe, preset))
     delivery = _delivery(o, settings, preset, overlays, interpolation) if output is not None else None
     image_fit = o.get("image_fit") or pipe.default_image_fit
     pixels = _image_pixels(o, settings, image_fit)
+    inputs = {} if o.get("last_image") is None else {"last_image": _image_pixels(o, settings, image_fit, "last_image")}
     if output is not None and not pipe.can_decode:
         raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
     vae_tiling = o.get("vae_tiling") or "auto"
@@ -256,7 +275,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     estimate = _estimate(o, pipe, settings, vae_tiling, pixels is not None, output is not None, check_memory)
     return Job(o, pipe, settings, output, save_latents, bool(o.get("overwrite")), bool(o.get("quiet")), vae_tiling,
                image_fit, pixels, latents, o.get("init_latents"), estimate, delivery,
-               o.get("quality"), o.get("duration"), o.get("preview_every"), interpolation)
+               o.get("quality"), o.get("duration"), o.get("preview_every"), interpolation, inputs)
 
 
 def _outputs(o: dict, output_folder: Path | None) -> tuple[Path | None, Path | None]:
@@ -367,12 +386,12 @@ def _delivery(o: dict, settings, preset, overlays, interpolation) -> Delivery | 
                     str(o["font"]) if o.get("font") else None)
 
 
-def _image_pixels(o: dict, settings, image_fit: str) -> np.ndarray | None:
-    if o.get("image") is None:
+def _image_pixels(o: dict, settings, image_fit: str, name: str = "image") -> np.ndarray | None:
+    if o.get(name) is None:
         return None
     from .io.image import fit_image, load_image
 
-    return fit_image(load_image(o["image"]), settings.width, settings.height, mode=image_fit)
+    return fit_image(load_image(o[name]), settings.width, settings.height, mode=image_fit)
 
 
 def _init_latents(o: dict, pipe, settings) -> np.ndarray | None:
@@ -433,7 +452,7 @@ def execute(job: Job, echo=click.echo, hooks=()) -> dict:
 
         hooks.append(make_preview_hook(job.pipe, job.settings, job.init_latents, job.output or job.save_latents,
                                        job.preview_every, None if job.quiet else echo))
-    kwargs = {"hooks": hooks} if hooks else {}
+    kwargs = {"hooks": hooks, **job.inputs} if hooks else dict(job.inputs)
     result = job.pipe.generate(job.settings, init_latents=job.init_latents, progress=not job.quiet, image=job.pixels,
                                **kwargs)
     record = job.record()
@@ -724,14 +743,15 @@ def decode_latents(latents_path, output, model: str | None = None, overwrite: bo
     size = f"{latents.shape[4] * sw}x{latents.shape[3] * sh}"
     frames = (latents.shape[2] - 1) * st + 1
     options.update(size=size, frames=frames, prompt=record.get("prompt") or "decoded latents")
-    for name in ("duration", "init_latents", "preview_every", "lora", "lora_high", "lora_low", "cache", "attention"):
+    for name in ("duration", "init_latents", "preview_every", "lora", "lora_high", "lora_low", "cache", "attention",
+                 "last_image"):
         options.pop(name, None)  # none of them changes decoding
     if record.get("fps") is not None:
         options["fps"] = record["fps"]
     if pipe.latent_channels != latents.shape[1]:
         raise MlxVideoError(f"{latents_path} has {latents.shape[1]} channels; {pipe.spec.id} decodes {pipe.latent_channels}")
     job = prepare(options, pipe, check_memory=False)
-    job.pixels = None
+    job.pixels, job.inputs = None, {}
     rec = job.record()
     rec["decoded_from"] = str(latents_path)
     frames, height, width = write_video_output(job, latents.astype(np.float32), rec, {})

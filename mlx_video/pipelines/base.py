@@ -48,6 +48,7 @@ class GenerationSettings:
     fps: int | None = None
     guidance_mode: str = "batched"  # batched | sequential (same result, half the activation memory)
     image: str | None = None  # the conditioning image's path, for the record; its pixels are passed to generate()
+    last_image: str | None = None  # first-last frame: the last frame's image path (its pixels go to generate())
     # LoRAs fused at load: [{"path", "scale", "target": all|high|low}]; resolve() adds name, sha256, format
     loras: list[dict] | None = None
     recipe: str | None = None  # a few-step recipe (mlx_video.recipes): fills the settings left unset
@@ -86,6 +87,7 @@ class Pipeline:
     uses_guidance_2 = False  # whether a second expert has its own guidance scale
     takes_true_cfg = False
     takes_audio = False  # driven by a voice track (--audio)
+    takes_last_image = False  # first-last frame: --image opens the video, --last-image ends it
     radial_defaults = None  # the family's RadialDefaults (mlx_video.nn.radial) where it runs --attention radial
     default_image_fit = "crop"  # how --image meets the video size without --image-fit (io.image.FIT_MODES)
 
@@ -105,6 +107,12 @@ class Pipeline:
         if cls is Pipeline:
             return load_pipeline(folder)
         return cls(folder)
+
+    @classmethod
+    def capable(cls, spec, need: str) -> bool:
+        """Whether this class takes `need` (a key of `mlx_video.options.CAPABILITIES`) for the model `spec`,
+        without a model folder: a class serving several tasks says per task."""
+        return bool(getattr(cls, need, False))
 
     # ---- settings and validation: all of it happens before any weights are read ----
 
@@ -128,7 +136,7 @@ class Pipeline:
         s = GenerationSettings.from_dict(settings.to_dict())
         check_capabilities({"audio": s.audio, "pose_video": s.pose_video, "clips": s.clips,
                             "start_from_portrait": s.start_from_image, "guidance_2": s.guidance_2,
-                            "true_cfg": s.true_cfg}, self)
+                            "true_cfg": s.true_cfg, "last_image": s.last_image}, self)
         self._fill_defaults(s)
         self._check_settings(s)
         if s.loras:
@@ -171,6 +179,8 @@ class Pipeline:
                 explicit_schedule(sigmas=s.sigmas)
             except ValueError as e:
                 raise MlxVideoError(f"--sigmas: {e}") from None
+        if s.last_image is not None and s.image is None:
+            raise MlxVideoError("--last-image is the video's last frame: give the first one with --image too")
         self.check_image_use(s.image is not None)
         if s.cache is not None:
             from .cache import parse_cache

@@ -61,6 +61,16 @@ class WanPipeline(Pipeline):
             return "first_frame"  # the image's latent frame held at timestep 0 needs one timestep per frame
         return None
 
+    @classmethod
+    def capable(cls, spec, need: str) -> bool:
+        if need == "takes_last_image":  # the mask-and-image channels can hold an image at either end
+            return spec.task == "i2v"
+        return super().capable(spec, need)
+
+    @property
+    def takes_last_image(self) -> bool:
+        return self.capable(self.spec, "takes_last_image")
+
     def check_image_use(self, has_image: bool) -> None:
         if has_image and self.image_mode is None:
             raise MlxVideoError(f"{self.spec.id} is a text-to-video model: it takes no --image (try wan2.2-i2v-a14b or wan2.2-ti2v-5b)")
@@ -68,6 +78,9 @@ class WanPipeline(Pipeline):
 
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
         s = super().resolve(settings)
+        if s.last_image is not None and s.frames < 1 + self.vae_stride[0]:
+            raise MlxVideoError(f"--last-image needs a first and a last latent frame: at least {1 + self.vae_stride[0]} "
+                                f"--frames, got {s.frames}")
         own = s.negative_prompt == self.spec.default("negative_prompt")  # the model's own: cut to fit, as officially
         for what, text in [("prompt", s.prompt)] + ([] if own else [("negative prompt", s.negative_prompt)]):
             # one position more than the encoder takes: if it is used, the prompt (with EOS) would be cut
@@ -100,31 +113,40 @@ class WanPipeline(Pipeline):
         release()
         return hidden
 
-    def encode_image(self, image: np.ndarray, s: GenerationSettings, progress: bool = False) -> mx.array:
+    def encode_image(self, image: np.ndarray, s: GenerationSettings, progress: bool = False,
+                     last_image: np.ndarray | None = None) -> mx.array:
         """The image conditioning, channels-last: (1, T, h, w, 4 + z) mask and latents for I2V-A14B, (1, 1, h, w, z)
-        for TI2V-5B. `image` is (height, width, 3) float in [-1, 1], already fitted to the video size."""
+        for TI2V-5B. `image` (and `last_image`, first-last frame on I2V-A14B) is (height, width, 3) float in
+        [-1, 1], already fitted to the video size."""
         from ..models.wan.vae import WanVAE, WanVAEConfig
 
-        if image.shape != (s.height, s.width, 3):
-            raise MlxVideoError(f"the conditioning image is {image.shape}, expected ({s.height}, {s.width}, 3)")
+        for what, pixels in (("conditioning image", image), ("last image", last_image)):
+            if pixels is not None and pixels.shape != (s.height, s.width, 3):
+                raise MlxVideoError(f"the {what} is {pixels.shape}, expected ({s.height}, {s.width}, 3)")
         vae = WanVAE(WanVAEConfig.from_dict(self.folder.config("vae")))
         self.folder.load_module("vae", vae)
         with tqdm(total=1, desc="image encoding", disable=not progress, leave=False) as bar:
             first = mx.array(image, dtype=mx.float32)[None, None]
-            if self.image_mode == "first_frame":
-                cond = vae.encode(first)
-            else:
-                # the reference encodes the image followed by black (zero) frames for the whole clip
-                video = mx.concatenate([first, mx.zeros((1, s.frames - 1, s.height, s.width, 3))], axis=1)
-                latents = vae.encode(video)
-                mask = mx.zeros(latents.shape[:-1] + (self.vae_stride[0],))
-                mask[:, 0] = 1.0  # latent frame 0 stands for pixel frames that all show the image
-                cond = mx.concatenate([mask, latents], axis=-1)
+            cond = vae.encode(first) if self.image_mode == "first_frame" else self.channel_condition(vae, first, s, last_image)
             mx.eval(cond)
             bar.update()
         del vae
         release()
         return cond
+
+    def channel_condition(self, vae, first: mx.array, s: GenerationSettings, last_image: np.ndarray | None) -> mx.array:
+        """I2V-A14B's (1, T, h, w, 4 + z) mask and latents: the reference (diffusers WanImageToVideoPipeline
+        .prepare_latents) encodes the image followed by black (zero) frames for the whole clip, the last of them
+        replaced by `last_image` when given; the mask marks the pixel frames given."""
+        frames = [first, mx.zeros((1, s.frames - (1 if last_image is None else 2), s.height, s.width, 3))]
+        if last_image is not None:
+            frames.append(mx.array(last_image, dtype=mx.float32)[None, None])
+        latents = vae.encode(mx.concatenate(frames, axis=1))
+        mask = mx.zeros(latents.shape[:-1] + (self.vae_stride[0],))
+        mask[:, 0] = 1.0  # latent frame 0 stands for pixel frames that all show the image
+        if last_image is not None:
+            mask[:, -1, :, :, -1] = 1.0  # the last pixel frame is the last of the last latent frame's group
+        return mx.concatenate([mask, latents], axis=-1)
 
     def load_transformer(self, name: str):
         from ..models.wan.transformer import WanTransformer
@@ -238,12 +260,16 @@ class WanPipeline(Pipeline):
         progress: bool = False,
         image: np.ndarray | None = None,
         hooks=(),
+        last_image: np.ndarray | None = None,
     ) -> GenerationResult:
         """Run text (and image) encoding and the denoising loop. `image`: (height, width, 3) float in [-1, 1] at
         the video size (see `mlx_video.io.image.fit_image`); required by I2V-A14B, optional for TI2V-5B.
-        `hooks`: extra per-step callables `(i, t, latents)` run after each step."""
-        if image is not None and settings.image is None:
-            settings = GenerationSettings.from_dict({**settings.to_dict(), "image": "<array>"})
+        `hooks`: extra per-step callables `(i, t, latents)` run after each step. `last_image`: first-last frame
+        (I2V-A14B), the frame the video ends on, as `image`."""
+        given = {"image": image, "last_image": last_image}
+        unnamed = {k: "<array>" for k, v in given.items() if v is not None and getattr(settings, k) is None}
+        if unnamed:
+            settings = GenerationSettings.from_dict({**settings.to_dict(), **unnamed})
         s = self.resolve(settings)
         check_same_model(self.folder.path)
         self._split = current_split(self.uses_cfg(s))
@@ -264,7 +290,7 @@ class WanPipeline(Pipeline):
         cond = None
         if image is not None:
             start = time.perf_counter()
-            cond = self.encode_image(image, s, progress)
+            cond = self.encode_image(image, s, progress, last_image)
             timings["image_encoding"] = time.perf_counter() - start
 
         latents = self.initial_latents(s, init_latents)
