@@ -42,6 +42,17 @@ def server(tiny_model, tmp_path_factory):
     serve.stop()
 
 
+def pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) counts as gone
+        return f.read().split(") ")[1][0] != "Z"
+
+
 def read_video(path):
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
@@ -189,7 +200,13 @@ def test_killed_server_loses_no_job_and_runs_none_twice(tiny_model, tmp_path):
     body = {"size": "32x32", "frames": 5, "steps": 120}
     ids = [client.post("/v1/videos", json={**body, "prompt": f"job {i}", "seed": i}).json()["id"] for i in range(3)]
     wait_for(client, ids[0], lambda j: (j["mlxvid"]["step"] or 0) >= 2, every=0.02)
+    state = sqlite3.connect(data / "jobs.sqlite3").execute("SELECT value FROM state WHERE name = 'worker'").fetchone()
+    worker_pid = json.loads(state[0])["pid"]
     serve.kill()
+    deadline = time.monotonic() + 30
+    while pid_alive(worker_pid):  # the killed server's worker process stops at its next step
+        assert time.monotonic() < deadline, "the worker outlived its server"
+        time.sleep(0.05)
     serve = ServeProcess(data, [tiny_model]).start()
     try:
         client = httpx.Client(base_url=serve.url)

@@ -22,9 +22,9 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
-        server.worker.start()
+        server.start_worker()
         yield
-        server.worker.stop()
+        server.stop_worker()
 
     app = FastAPI(title="mlxvid", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server

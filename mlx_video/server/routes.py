@@ -156,10 +156,9 @@ def add_page_routes(app: FastAPI, server: Server) -> None:
     def system():
         from ..pipelines.base import available_memory_bytes
 
-        names = {str(folder): model for model, folder in server.config.models.items()}
-        loaded = [names.get(str(folder), Path(folder).name) for folder in list(server.worker.pipelines)]
-        return {"available_memory_bytes": available_memory_bytes(), "loaded_models": loaded,
-                "queued": server.store.count("queued"), "running": server.worker.current,
+        worker = server.worker_state()
+        return {"available_memory_bytes": available_memory_bytes(), "loaded_models": worker.get("loaded", []),
+                "queued": server.store.count("queued"), "running": worker.get("running"),
                 "max_queue": server.config.max_queue}
 
     @app.get("/")

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import MlxVideoError
 from . import bodies as req
 from .store import JobRow, JobStore
-from .worker import Worker, remove_outputs
+from .worker import remove_outputs, worker_main
 
 OPENAI_STATUS = {"queued": "queued", "in_progress": "in_progress", "completed": "completed", "failed": "failed",
                  "cancelled": "failed"}
@@ -51,7 +51,7 @@ class Server:
         req.LORA_FOLDER[:] = [config.data / "loras"]
         self.store = JobStore(config.data / "jobs.sqlite3")
         self.store.requeue_interrupted()
-        self.worker = Worker(self.store, config.data, config.models, config.keep_models)
+        self.worker = None  # the worker process, started with the app (start_worker)
         self.check_pipelines: dict = {}
         self.check_lock = threading.Lock()
 
@@ -75,7 +75,6 @@ class Server:
         moved = {k: renamed[str(v)] for k, v in options.items() if isinstance(v, (str, Path)) and str(v) in renamed}
         if moved:
             self.store.update(job.id, options=json.dumps(to_json({**options, **moved})))
-        self.worker.wake.set()
         return self.store.get(job.id)
 
     def again(self, job_id: str, new_seed: bool) -> JobRow:
@@ -117,6 +116,26 @@ class Server:
         except MlxVideoError as e:
             memory = "needs about" in str(e) and "available" in str(e)
             raise ApiError(413 if memory else 400, str(e), "insufficient_memory" if memory else "invalid_request")
+
+    # ---- the worker process ----
+
+    def start_worker(self) -> None:
+        import multiprocessing
+        import os
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no MLX state shared with this one
+        self.worker = context.Process(target=worker_main, name="mlxvid-worker", daemon=True,
+                                      args=(str(self.config.data), dict(self.config.models), self.config.keep_models,
+                                            os.getpid()))
+        self.worker.start()
+
+    def stop_worker(self) -> None:
+        if self.worker is not None and self.worker.is_alive():
+            self.worker.terminate()  # a running job stays in_progress and is queued again at the next start
+            self.worker.join(10)
+
+    def worker_state(self) -> dict:
+        return self.store.state("worker", {}) if self.worker is not None and self.worker.is_alive() else {}
 
     # ---- models ----
 
@@ -172,7 +191,7 @@ class Server:
         done, _ = self.store.list(limit=1, status="completed")
         if not done or not done[0].started_at or not done[0].completed_at:
             return None
-        ahead = self.store.count("queued") + (1 if self.worker.current else 0)
+        ahead = self.store.count("queued") + (1 if self.worker_state().get("running") else 0)
         return round(ahead * (done[0].completed_at - done[0].started_at), 1)
 
     # ---- views ----

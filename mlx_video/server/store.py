@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     summary TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -149,9 +150,21 @@ class JobStore:
         with self.lock:
             return self.db.execute("SELECT count(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
 
+    def set_state(self, name: str, value) -> None:
+        """A small JSON record shared between the server and its worker process (what runs, what is loaded)."""
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO state (name, value) VALUES (?, ?)", (name, json.dumps(value)))
+
+    def state(self, name: str, default=None):
+        with self.lock:
+            row = self.db.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
+        return default if row is None else json.loads(row["value"])
+
     def claim_next(self) -> JobRow | None:
         """The oldest queued job, marked in_progress in the same transaction."""
         with self.lock:
+            if self.db.execute("SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1").fetchone() is None:
+                return None  # the idle worker's frequent look takes no write lock
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 row = self.db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()

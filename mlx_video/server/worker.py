@@ -1,12 +1,17 @@
-"""The worker: one thread that runs the queued jobs in order through `mlx_video.run.prepare` / `execute`, the
+"""The worker: one process that runs the queued jobs in order through `mlx_video.run.prepare` / `execute`, the
 code `mlxvid generate` and `mlxvid batch` run. It reports progress into the job store at every denoising step,
 stops a job at its next step when it is cancelled, and keeps the most recently used models loaded.
+
+It is a process of its own, not a thread of the server, so that building a step's graph (Python, holding the
+GIL) never delays the HTTP side's answers. It talks to the server only through the job store. It stops when
+the server that started it is gone (checked between jobs and at every step), and a lock file makes sure that
+one worker at a time runs a data folder's jobs, also right after a killed server is started again.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import os
 import time
 import traceback
 from collections import OrderedDict
@@ -16,6 +21,11 @@ from ..errors import MlxVideoError
 from .store import JobRow, JobStore
 
 log = logging.getLogger("mlxvid.serve")
+
+
+class ServerGone(Exception):
+    """The server process that started the worker has exited: the job stops where it is and stays in_progress,
+    to be queued again when a server starts on the folder."""
 
 
 class JobCancelled(Exception):
@@ -47,6 +57,7 @@ class ModelCache(OrderedDict):
             release()
 
 
+IDLE_POLL = 0.25  # seconds between looks at the queue when it is empty
 REPORT_EVERY = 0.2  # seconds between progress writes (a real step takes seconds; a tiny test model's, less)
 
 
@@ -54,11 +65,13 @@ class ProgressReporter:
     """A step hook: step, progress (0-90 while denoising; decoding and writing take the rest), ETA, and the
     cancel check (one store read per step: the loop already syncs once per step)."""
 
-    def __init__(self, store: JobStore, job_id: str, total_steps: int, preview: Path | None):
-        self.store, self.job_id, self.total = store, job_id, max(1, total_steps)
+    def __init__(self, store: JobStore, job_id: str, total_steps: int, preview: Path | None, alive=lambda: True):
+        self.store, self.job_id, self.total, self.alive = store, job_id, max(1, total_steps), alive
         self.preview, self.calls, self.start, self.reported = preview, 0, time.monotonic(), 0.0
 
     def __call__(self, i, t, latents):
+        if not self.alive():
+            raise ServerGone
         if self.store.cancel_requested(self.job_id):
             raise JobCancelled
         self.calls += 1
@@ -86,32 +99,39 @@ def total_steps(job) -> int:
     return steps * segments * clips
 
 
-class Worker(threading.Thread):
-    """Runs the store's queued jobs one after the other until `stop()`."""
+class Worker:
+    """Runs the store's queued jobs one after the other while the server process `server_pid` lives."""
 
-    def __init__(self, store: JobStore, data: Path, models: dict, keep_models: int = 1):
-        super().__init__(name="mlxvid-worker", daemon=True)
+    def __init__(self, store: JobStore, data: Path, models: dict, keep_models: int = 1, server_pid: int | None = None):
         self.store, self.data, self.models = store, Path(data), models
         self.pipelines = ModelCache(keep_models)
-        self.wake, self.stopping = threading.Event(), threading.Event()
+        self.server_pid = server_pid
         self.current: str | None = None
 
-    def stop(self) -> None:
-        self.stopping.set()
-        self.wake.set()
+    def alive(self) -> bool:
+        """Whether the server that started this worker still runs (a killed server's worker is re-parented)."""
+        return self.server_pid is None or os.getppid() == self.server_pid
 
     def run(self) -> None:
-        while not self.stopping.is_set():
+        while self.alive():
             row = self.store.claim_next()
             if row is None:
-                self.wake.wait(0.5)
-                self.wake.clear()
+                time.sleep(IDLE_POLL)
                 continue
             self.current = row.id
+            self.report_state()
             try:
                 self.run_job(row)
+            except ServerGone:
+                return
             finally:
                 self.current = None
+                self.report_state()
+
+    def report_state(self) -> None:
+        names = {str(folder): model for model, folder in self.models.items()}
+        self.store.set_state("worker", {"running": self.current, "pid": os.getpid(),
+                                        "loaded": [names.get(str(f), Path(f).name) for f in self.pipelines]})
 
     def outputs(self, job_id: str) -> tuple[Path, Path]:
         video = self.data / "videos" / f"{job_id}.mp4"
@@ -132,7 +152,7 @@ class Worker(threading.Thread):
             self.store.update(row.id, stage="denoising", step=0, steps=total_steps(job), progress=0)
             from ..preview import preview_path
 
-            reporter = ProgressReporter(self.store, row.id, total_steps(job), preview_path(video))
+            reporter = ProgressReporter(self.store, row.id, total_steps(job), preview_path(video), self.alive)
             execute(job, echo=lambda *a, **k: None, hooks=[reporter])
         except JobCancelled:
             self.store.update(row.id, status="cancelled", completed_at=time.time(), stage="cancelled",
@@ -142,6 +162,8 @@ class Worker(threading.Thread):
         except MlxVideoError as e:
             self.fail(row.id, "invalid_request" if self.store.get(row.id).step is None else "generation_failed", str(e))
             return
+        except ServerGone:
+            raise
         except Exception as e:  # the server stays up; the job says what broke, the log has the traceback
             log.error("job %s failed:\n%s", row.id, traceback.format_exc())
             self.fail(row.id, "internal_error", f"{type(e).__name__}: {e}")
@@ -186,3 +208,22 @@ def remove_outputs(video: Path) -> None:
             path.unlink()
         except FileNotFoundError:
             pass
+
+
+def worker_main(data: str, models: dict, keep_models: int, server_pid: int) -> None:
+    """The worker process's entry (multiprocessing, spawn): wait for the folder's worker lock (a killed server's
+    worker may still be finishing a step), then run jobs until the server is gone."""
+    import fcntl
+
+    data_path = Path(data)
+    with open(data_path / "worker.lock", "w") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if os.getppid() != server_pid:
+                    return
+                time.sleep(IDLE_POLL)
+        store = JobStore(data_path / "jobs.sqlite3")
+        Worker(store, data_path, models, keep_models, server_pid).run()
