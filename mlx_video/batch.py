@@ -27,7 +27,7 @@ import click
 from .errors import MlxVideoError
 from .options import GENERATE_OPTIONS, MAX_MANIFEST_LINE_BYTES, OPTIONS, recorded_options, validate
 
-PATH_KEYS = tuple(o.name for o in GENERATE_OPTIONS if o.kind == "path")  # relative to the manifest's folder
+PATH_KEYS = tuple(o.name for o in GENERATE_OPTIONS if o.kind in ("path", "output"))  # relative to the manifest's folder
 
 
 @dataclass
@@ -38,6 +38,7 @@ class BatchJob:
     status: str = "pending"  # pending | invalid | skipped | done | failed | interrupted
     error: str | None = None
     timings: dict = field(default_factory=dict)
+    own_sidecar: bool = False  # its sidecar records it but its output was deleted: re-made, the record replaced
 
     def summary(self) -> dict:
         return {"job": self.index, "line": self.line, "model": self.options.get("model"),
@@ -90,13 +91,30 @@ def _check_entry_size(path: Path, line: int, size: int) -> None:
                             f"{OPTIONS['prompt'].max_length} characters)")
 
 
-def _job_options(entry: dict, base: Path) -> dict:
+def check_inside(key: str, given, path: Path, base: Path) -> None:
+    """A manifest's outputs stay inside its folder (a manifest someone sends cannot write elsewhere on disk)."""
+    if Path(str(given)).is_absolute():
+        raise MlxVideoError(f"{key} {given} is an absolute path; a manifest's outputs stay inside its folder "
+                            f"{base} unless the command says --outputs-anywhere")
+    try:
+        path.resolve().relative_to(base.resolve())
+    except ValueError:
+        raise MlxVideoError(f"{key} {given} leads out of the manifest's folder {base}; outputs stay inside it "
+                            "unless the command says --outputs-anywhere") from None
+
+
+def _job_options(entry: dict, base: Path, outputs_anywhere: bool = False) -> dict:
     """The entry checked by the option schema (`mlx_video.options.validate`, every problem named at once), with
-    relative paths taken from the manifest's folder `base`."""
+    relative paths taken from the manifest's folder `base` (an output's trailing /, a PNG folder, kept), and
+    outputs kept inside it unless `outputs_anywhere`."""
     options = validate(entry, all_problems=True)
     for key in PATH_KEYS:
         if options.get(key) is not None and not Path(options[key]).is_absolute():
-            options[key] = base / options[key]
+            text = str(options[key])
+            options[key] = str(base / text) + "/" if text.endswith("/") else base / text
+    for key in ("output", "save_latents"):
+        if options.get(key) is not None and not outputs_anywhere:
+            check_inside(key, entry[key], Path(options[key]), base)
     mark = options.get("watermark")
     if mark and not Path(mark).is_absolute() and (base / mark).is_file():
         options["watermark"] = str(base / mark)
@@ -113,27 +131,30 @@ def _default_output(manifest: Path, index: int, prompt: str) -> str:
     return str(manifest.parent / f"{manifest.stem}-{index:03d}-{slug}.mp4")
 
 
-def is_done(options: dict) -> bool | None:
-    """True: the output and a sidecar recording these options exist; None: the output exists without a
-    matching sidecar (made otherwise); False: not there."""
+def job_state(options: dict) -> str:
+    """"done": the output and a sidecar recording these options exist; "own record": the sidecar recording these
+    options is there without the output (the job is re-run and its record replaced); "taken": the output, or its
+    sidecar, exists and is not this job's; "absent": neither is there."""
     from .io.sidecar import sidecar_path
     from .run import read_sidecar
 
     target = options.get("output") or options.get("save_latents")
-    if target is None or not Path(target).exists():
-        return False
     car = sidecar_path(target)
+    there = Path(target).exists()
     if not car.is_file():
-        return None
+        return "taken" if there or car.exists() else "absent"
     try:
         recorded = read_sidecar(car).get("options")
     except MlxVideoError:
-        return None
-    return True if recorded == recorded_options(options) else None
+        return "taken"
+    if recorded != recorded_options(options):
+        return "taken"
+    return "done" if there else "own record"
 
 
-def plan_batch(manifest: Path, pipelines: dict) -> list[BatchJob]:
-    """Read and check every entry (no weights are read); returns the jobs with their status."""
+def plan_batch(manifest: Path, pipelines: dict, outputs_anywhere: bool = False) -> list[BatchJob]:
+    """Read and check every entry (no weights are read); returns the jobs with their status. Outputs must stay
+    inside the manifest's folder unless `outputs_anywhere`."""
     from .run import prepare
 
     manifest = Path(manifest)
@@ -144,7 +165,7 @@ def plan_batch(manifest: Path, pipelines: dict) -> list[BatchJob]:
         try:
             if not isinstance(entry, dict):
                 raise MlxVideoError(f"a job is a JSON object, not {type(entry).__name__}")
-            options = _job_options(entry, manifest.parent)
+            options = _job_options(entry, manifest.parent, outputs_anywhere)
             if options.get("from_sidecar"):
                 from .run import replay_options
 
@@ -157,46 +178,85 @@ def plan_batch(manifest: Path, pipelines: dict) -> list[BatchJob]:
             if target in targets:
                 raise MlxVideoError(f"writes {target}, as job {targets[target]} does; give each job its own output")
             targets[target] = index
-            done = is_done(options)
-            if done:
+            state = job_state(options)
+            if state == "done":
                 job.status = "skipped"
                 continue
-            if done is None and not options.get("overwrite"):
-                # the output is there but no matching sidecar: an interrupted write, or another run's file
+            job.own_sidecar = state == "own record"  # its video was deleted: made again, its record replaced
+            if state == "taken" and not options.get("overwrite"):
                 target = options.get("output") or options.get("save_latents")
-                from .io.sidecar import sidecar_path
-
-                if sidecar_path(target).is_file():
-                    raise MlxVideoError(f"{target} exists, made with other settings; set \"overwrite\": true to replace it")
-                options = {**options, "overwrite": True}
-                job.options = options
-            prepare(options, pipelines=pipelines)  # checked now; prepared again just before it runs
+                raise MlxVideoError(f"{target} (or its .json sidecar) exists and was not made by this job; set "
+                                    "\"overwrite\": true to replace it, or choose another output")
+            prepare(options, pipelines=pipelines, own_sidecar=job.own_sidecar)  # checked now; again before it runs
         except MlxVideoError as e:
             job.status, job.error = "invalid", str(e)
     return jobs
 
 
-def run_batch(manifest, echo=click.echo, check_only: bool = False, after_job=None,
-              summary_path: Path | None = None) -> list[BatchJob]:
+def jobs_text(n: int) -> str:
+    return f"{n} job" + ("" if n == 1 else "s")
+
+
+@contextlib.contextmanager
+def manifest_lock(manifest: Path):
+    """Hold an exclusive lock on the manifest file while its jobs run: a second `mlxvid batch` on the same
+    manifest is refused at once instead of doing every job again."""
+    import fcntl
+
+    with open(manifest, "rb") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MlxVideoError(f"another mlxvid batch is running {manifest}; wait for it to finish (it resumes "
+                                "from what that run made) or stop it") from None
+        except OSError:  # a file system without locks
+            pass
+        yield
+
+
+def run_batch(manifest, echo=click.echo, check_only: bool = False, after_job=None, summary_path: Path | None = None,
+              outputs_anywhere: bool = False) -> list[BatchJob]:
     """Check, order and run a manifest's jobs (see the module docstring). `after_job(job)` is called after each
-    job that ran (for progress reporting; raising KeyboardInterrupt there stops the batch like Ctrl-C)."""
-    from .pipelines.base import release
-    from .run import execute, prepare
+    job that ran (for progress reporting; raising KeyboardInterrupt there stops the batch like Ctrl-C). One run
+    at a time per manifest (`manifest_lock`)."""
+    from . import distributed
 
     manifest = Path(manifest)
-    pipelines: dict = {}
-    jobs = plan_batch(manifest, pipelines)
+    lock = manifest_lock(manifest) if distributed.world().rank() == 0 else contextlib.nullcontext()
+    with lock:
+        return _run_batch(manifest, echo, check_only, after_job, summary_path, outputs_anywhere)
+
+
+def _report_plan(jobs: list[BatchJob], manifest: Path, echo) -> None:
+    """Say which jobs are invalid (and why) and which are already done."""
     bad = [j for j in jobs if j.status == "invalid"]
     if bad:
-        echo(f"{len(bad)} of {len(jobs)} jobs in {manifest} are invalid and will not run:", err=True)
+        echo(f"{len(bad)} of {jobs_text(len(jobs))} in {manifest} {'is' if len(bad) == 1 else 'are'} invalid and "
+             "will not run:", err=True)
         for j in bad:
             echo(f"  job {j.index} (line {j.line}): {j.error}", err=True)
     skipped = [j for j in jobs if j.status == "skipped"]
     if skipped:
-        echo(f"{len(skipped)} jobs already done (output and sidecar match): " + ", ".join(str(j.index) for j in skipped))
+        echo(f"{jobs_text(len(skipped))} already done (output and sidecar match): "
+             + ", ".join(str(j.index) for j in skipped))
+
+
+def _run_batch(manifest, echo, check_only, after_job, summary_path, outputs_anywhere) -> list[BatchJob]:
+    from .pipelines.base import release
+    from .run import execute, prepare
+
+    pipelines: dict = {}
+    jobs = plan_batch(manifest, pipelines, outputs_anywhere)
+    if not jobs:
+        raise MlxVideoError(f"{manifest} holds no jobs (a JSON list of objects, or one JSON object a line)")
+    _report_plan(jobs, manifest, echo)
     if check_only:
         write_summary(jobs, manifest, summary_path, echo)
         return jobs
+    if my_rank_writes():
+        from .run import check_output_writable
+
+        check_output_writable(summary_file(manifest, summary_path), True, "--summary")  # before any job runs
     pending = [j for j in jobs if j.status == "pending"]
     order = []
     for j in pending:  # the models in order of first appearance
@@ -216,7 +276,7 @@ def run_batch(manifest, echo=click.echo, check_only: bool = False, after_job=Non
                 start = time.perf_counter()
                 try:
                     with solo:
-                        result = execute(prepare(j.options, pipelines=pipelines), echo)
+                        result = execute(prepare(j.options, pipelines=pipelines, own_sidecar=j.own_sidecar), echo)
                     j.status, j.timings = "done", dict(result["timings"])
                 except KeyboardInterrupt:
                     j.status, j.error = "interrupted", "interrupted"
@@ -254,21 +314,33 @@ def _merge_statuses(jobs: list, mine: set) -> None:
             j.status = _STATUS_CODES[reported[0]]
 
 
+def my_rank_writes() -> bool:
+    from . import distributed
+
+    return distributed.world().rank() == 0
+
+
+def summary_file(manifest: Path, summary_path: Path | None) -> Path:
+    return Path(summary_path) if summary_path else manifest.with_name(manifest.stem + ".summary.json")
+
+
 STAGES = ("text_encoding", "image_encoding", "denoising", "decoding", "delivery", "writing", "total")
 
 
 def write_summary(jobs: list[BatchJob], manifest: Path, summary_path: Path | None, echo) -> Path:
     from .io.atomic import atomic_file
 
-    path = Path(summary_path) if summary_path else manifest.with_name(manifest.stem + ".summary.json")
+    path = summary_file(manifest, summary_path)
     rows = [j.summary() for j in jobs]
     counts = {}
     for j in jobs:
         counts[j.status] = counts.get(j.status, 0) + 1
-    header = f"{'job':>4} {'line':>5} {'status':<11} " + " ".join(f"{s[:8]:>8}" for s in STAGES) + "  output"
+    widths = [max(8, len(s)) for s in STAGES]
+    header = f"{'job':>4} {'line':>5} {'status':<11} " + " ".join(f"{s:>{w}}" for s, w in zip(STAGES, widths)) + "  output"
     echo(header)
     for r in rows:
-        times = " ".join(f"{r['timings'][s]:8.1f}" if s in r["timings"] else f"{'-':>8}" for s in STAGES)
+        times = " ".join(f"{r['timings'][s]:{w}.1f}" if s in r["timings"] else f"{'-':>{w}}"
+                         for s, w in zip(STAGES, widths))
         echo(f"{r['job']:>4} {r['line']:>5} {r['status']:<11} {times}  {r['output'] or ''}"
              + (f"\n{'':>11}{r['error']}" if r["error"] and r["status"] != "interrupted" else ""))
     echo(", ".join(f"{n} {status}" for status, n in counts.items()) + f"; summary in {path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def schema_options(command: str):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mlxvid")
-def cli():
+@click.option("--debug", is_flag=True, help="Print the traceback of an unexpected error (also MLXVID_DEBUG=1).")
+def cli(debug):
     """Generate videos locally with MLX: Wan 2.2 (text and image to video), HunyuanVideo and Mochi 1.
 
     \b
@@ -147,10 +149,10 @@ def convert(paths, dtype, quantize, group_size, base, transformer, transformer_2
     bar = tqdm(desc="converting", unit="tensor")
 
     def progress(component: str, done: int, total: int) -> None:
-        bar.total = total
-        bar.set_postfix_str(component)
-        bar.n = done
-        bar.refresh()
+        if bar.total != total or bar.postfix != component:
+            bar.total = total
+            bar.set_postfix_str(component, refresh=False)
+        bar.update(done - bar.n)  # drawn at most every mininterval (every few seconds without a terminal)
 
     try:
         convert_model(src, dst, dtype=dtype, overwrite=overwrite, progress=progress, log=click.echo, quantize=quantize,
@@ -258,58 +260,106 @@ cli.add_command(serve_command)
 @click.option("--check", is_flag=True, help="Only check the manifest and say which jobs would run.")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the JSON summary. Default: MANIFEST.summary.json beside the manifest.")
-def batch(manifest, check, summary):
+@click.option("--outputs-anywhere", is_flag=True,
+              help="Let the manifest's outputs be absolute paths or lead out of its folder (refused by default).")
+def batch(manifest, check, summary, outputs_anywhere):
     """Run the jobs of a JSON (list) or JSON Lines MANIFEST; re-running it resumes.
 
     Each job's keys are generate's option names with _ for - (prompt, model, preset, quality, duration, seed,
     output, overlay, ...). Every job is checked before any model loads; jobs run grouped by model; a failed
-    job does not stop the others; jobs whose output and sidecar already match are skipped.
+    job does not stop the others; jobs whose output and sidecar already match are skipped. An output that
+    exists and is not the job's own is never replaced unless the job says "overwrite": true; outputs stay in
+    the manifest's folder (see --outputs-anywhere); one run at a time per manifest.
     """
     from .batch import run_batch
 
-    jobs = run_batch(manifest, check_only=check, summary_path=summary)
+    jobs = run_batch(manifest, check_only=check, summary_path=summary, outputs_anywhere=outputs_anywhere)
     if any(j.status in ("invalid", "failed") for j in jobs):
         sys.exit(1)
 
 
 @cli.command()
 @click.argument("latents", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@schema_option(OPTIONS["output"], required=True, help="Video (.mp4/.mov) or PNG folder.")
+@schema_option(OPTIONS["output"], required=True, help="Video (.mp4/.mov) or PNG folder (a name with a dot ends in /).")
 @schema_option(OPTIONS["model"], help="Model folder or id. Default: the one the latents' sidecar names.")
+@schema_option(OPTIONS["preset"], help="Deliver in this preset instead of the recorded one.")
+@schema_option(OPTIONS["overlay"], help="Overlays instead of the recorded ones.")
+@click.option("--no-overlay", is_flag=True, help="Drop the recorded overlays.")
+@schema_option(OPTIONS["watermark"], help="A watermark instead of the recorded one.")
+@click.option("--no-watermark", is_flag=True, help="Drop the recorded watermark.")
+@schema_option(OPTIONS["watermark_corner"], help="Corner of the watermark instead of the recorded one.")
+@schema_option(OPTIONS["font"], help="A font file instead of the recorded one.")
 @schema_option(OPTIONS["overwrite"])
 @schema_option(OPTIONS["quiet"])
-def decode(latents, output, model, overwrite, quiet):
+def decode(latents, output, model, preset, overlay, no_overlay, watermark, no_watermark, watermark_corner, font,
+           overwrite, quiet):
     """Decode saved latents (a .npy from --save-latents, or kept after a failed write) into a video.
 
-    The .json sidecar beside the latents supplies the model, frame rate, preset, overlays and watermark.
+    The .json sidecar beside the latents supplies the model, frame rate, preset, overlays and watermark; the
+    delivery options given here replace the recorded ones (--no-watermark, --no-overlay drop them).
     """
     from .run import decode_latents
 
-    decode_latents(latents, output, model=model, overwrite=overwrite, quiet=quiet)
+    if (no_overlay and overlay) or (no_watermark and watermark is not None):
+        raise MlxVideoError("give --overlay or --no-overlay, --watermark or --no-watermark, not both")
+    delivery = {k: v for k, v in (("preset", preset), ("overlay", overlay or None), ("font", font),
+                                  ("watermark", watermark), ("watermark_corner", watermark_corner)) if v is not None}
+    if no_overlay:
+        delivery["overlay"] = None
+    if no_watermark:
+        delivery.update(watermark=None, watermark_corner=None)
+    decode_latents(latents, output, model=model, overwrite=overwrite, quiet=quiet, delivery=delivery)
 
 
 def main(argv=None) -> None:
+    """The `mlxvid` command: our errors as one line; any other exception as one line with a hint (the traceback
+    with --debug, or MLXVID_DEBUG=1); Ctrl-C as "interrupted", exit status 130, never a traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("MLXVID_DEBUG") not in (None, "", "0")
+    if "--debug" in args:
+        args.remove("--debug")
     try:
-        cli.main(args=argv, prog_name="mlxvid", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        cli.main(args=args, prog_name="mlxvid", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _exit(130, "interrupted")
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except MlxVideoError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        _exit(1, f"error: {e}")
     except RuntimeError as e:
         if "[ring]" not in str(e) and "peer" not in str(e):
-            raise
+            _unexpected(e, debug)
         # mx.distributed: another process of the group stopped; outputs are written at the end, atomically
-        click.echo(f"error: another rank of the group stopped ({e}); this rank stops too and nothing was written",
-                   err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        _exit(1, f"error: another rank of the group stopped ({e}); this rank stops too and nothing was written")
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 -- the last line of defence: one line, not a traceback
+        _unexpected(e, debug)
+
+
+def _exit(code: int, message: str) -> None:
+    try:
+        click.echo(message, err=True)
+    except (KeyboardInterrupt, OSError):
+        pass
+    sys.exit(code)
+
+
+def _unexpected(error: BaseException, debug: bool) -> None:
+    """An exception no check caught: one line naming it, with a hint; the traceback only when debugging."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(error)
+    if isinstance(error, MemoryError):
+        hint = "the run needs more memory than is free: try a smaller --size, fewer --frames or --max-memory"
+    elif isinstance(error, OSError):
+        hint = "a file could not be read or written"
+    else:
+        hint = "this is a bug in mlxvid; rerun with --debug for the traceback and report it"
+    text = str(error).splitlines()[0][:300] if str(error) else ""
+    _exit(1, f"error: {type(error).__name__}{': ' + text if text else ''} ({hint})")
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ class ExtensionJob:
 
 
 def prepare_extension(o: dict, pipe, total: int, clip: int, output_folder=None, check_memory: bool = True,
-                      k: int = OVERLAP_LATENT_FRAMES) -> ExtensionJob:
+                      k: int = OVERLAP_LATENT_FRAMES, own_sidecar: bool = False) -> ExtensionJob:
     """Check a chain's options and prepare segment 0 as a one-clip job (memory is checked for one clip)."""
     from .distributed import world_size
     from .run import prepare
@@ -235,7 +235,7 @@ def prepare_extension(o: dict, pipe, total: int, clip: int, output_folder=None, 
     method = LAST_FRAME if pipe.image_mode is not None else LATENT_OVERLAP
     segments = plan_segments(total, clip, spec.frame_stride, method, "image" if o.get("image") else "none", k)
     first = dict(o, frames=segments[0].rendered, duration=None, segment_prompt=None, segment_frames=None)
-    base = prepare(first, pipe, output_folder=output_folder, check_memory=check_memory)
+    base = prepare(first, pipe, output_folder=output_folder, check_memory=check_memory, own_sidecar=own_sidecar)
     if base.output is None:
         raise MlxVideoError("a chain of segments writes a video: give --output")
     assign_prompts(segments, base.settings.prompt, o.get("segment_prompt"), base.settings.seed, base.settings.fps)
@@ -381,7 +381,7 @@ class SegmentStore:
                   "timings_json": np.array(json.dumps(timings)), "evaluations_json": np.array(json.dumps(evaluations))}
         if tail is not None:
             arrays["tail"] = tail
-        with atomic_file(self.folder / f"segment-{index:03d}.npz", overwrite=True) as tmp:
+        with atomic_file(self.folder / f"segment-{index:03d}.npz", overwrite=True, now=True) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
 
@@ -446,6 +446,7 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
     """Run the segments and stream their frames into the output (atomically) as they are made, through RIFE
     interpolation and the delivery step (preset, overlays, watermark) when asked, then write the sidecar."""
     from .interpolate import output_frame_count
+    from .io.atomic import publishing
     from .io.sidecar import write_sidecar
     from .run import CountedFrames, _stream_frames, deliver
 
@@ -464,24 +465,25 @@ def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
         total, fps = output_frame_count(job.total, base.interpolation.factor), base.frame_rate
     delivered, (width, height, out_fps), planned = deliver(frames, base.delivery, total, fps,
                                                            (s.width, s.height, fps))
-    try:
-        written = _stream_frames(delivered, output, base.overwrite, width, height, out_fps)
-    except BaseException:  # Ctrl-C included: say where the finished segments are
-        kept = store.finished()
-        if kept:
-            echo(f"{kept} of {len(job.segments)} segments are kept in {store.folder}; the same command resumes "
-                 "from there", err=True)
-        raise
-    if made.count != job.total or frames.count != total or written != planned:  # the plan is exact
-        raise MlxVideoError(f"internal error: made {made.count} frames ({frames.count} after interpolation) and "
-                            f"wrote {written}, planned {job.total} ({total}) and {planned}")
-    record = job.record()
-    if interpolator is not None:
-        record["interpolate"] = base.interpolation.record(job.total, total, s.fps, fps, interpolator.scene_cuts)
-    record.update(vae_tiling=base.vae_tiling, output_frames=written, output_fps=out_fps)
-    for name in ("transformer_evals", "transformer_evals_uncached"):  # over the segments (each has its own)
-        record[name] = sum(seg.evaluations.get(name, 0) for seg in job.segments)
-    write_sidecar(output, record, timings, overwrite=base.overwrite)
+    with publishing():  # the video and its sidecar appear together
+        try:
+            written = _stream_frames(delivered, output, base.overwrite, width, height, out_fps)
+        except BaseException:  # Ctrl-C included: say where the finished segments are
+            kept = store.finished()
+            if kept:
+                echo(f"{kept} of {len(job.segments)} segments are kept in {store.folder}; the same command resumes "
+                     "from there", err=True)
+            raise
+        if made.count != job.total or frames.count != total or written != planned:  # the plan is exact
+            raise MlxVideoError(f"internal error: made {made.count} frames ({frames.count} after interpolation) and "
+                                f"wrote {written}, planned {job.total} ({total}) and {planned}")
+        record = job.record()
+        if interpolator is not None:
+            record["interpolate"] = base.interpolation.record(job.total, total, s.fps, fps, interpolator.scene_cuts)
+        record.update(vae_tiling=base.vae_tiling, output_frames=written, output_fps=out_fps)
+        for name in ("transformer_evals", "transformer_evals_uncached"):  # over the segments (each has its own)
+            record[name] = sum(seg.evaluations.get(name, 0) for seg in job.segments)
+        write_sidecar(output, record, timings, overwrite=base.overwrite or base.own_sidecar)
     store.remove()
     echo(f"wrote {written} frames of {width}x{height} ({len(job.segments)} segments) to {output}")
     return {"settings": s, "outputs": [output], "timings": timings, "record": record, "pipe": base.pipe,

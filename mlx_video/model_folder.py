@@ -82,6 +82,9 @@ class ModelFolder:
     @classmethod
     def open(cls, path: str | Path) -> "ModelFolder":
         path = Path(path)
+        if path.is_file():
+            raise MlxVideoError(f"{path} is a file, not a converted model folder; convert it once with `mlxvid convert "
+                                f"{path} DST` (a checkpoint file) and pass DST")
         if not path.is_dir():
             raise MlxVideoError(f"model folder {path} does not exist; {LAYOUT_HELP}")
         manifest_path = path / MANIFEST

@@ -19,6 +19,7 @@ A new option is one `Option` entry here (plus the `GenerationSettings` field it 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -308,7 +309,14 @@ def _path(label: str, value, exists: bool, file_only: bool) -> Path:
     return path
 
 
-_NAMED = {"size": _size, "numbers": _numbers, "overlay": _overlay, "watermark": _watermark, "lora": _lora,
+def _output(label: str, value):
+    """A path; written with a trailing / (a folder of PNG frames whose name has a dot: `frames-1.0/`), it is kept
+    as that text, since a Path drops the slash."""
+    path = _path(label, value, False, False)
+    return str(value) if str(value).endswith(("/", os.sep)) else path
+
+
+_NAMED = {"output": _output, "size": _size, "numbers": _numbers, "overlay": _overlay, "watermark": _watermark, "lora": _lora,
           "segment_prompt": _segment_prompt, "interpolate": _interpolate}
 
 
@@ -447,7 +455,8 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
            "(1, C, T, H, W).", file_only=True),
     Option("save_latents", "path", "Write the final latents (before decoding) to this .npy, same layout; a .json "
            "sidecar goes beside it.", file_only=True),
-    Option("output", "path", "Video to write: a .mp4/.mov file (H.264), or a folder for lossless PNG frames. A .json "
+    Option("output", "output", "Video to write: a .mp4/.mov file (H.264), or a folder for lossless PNG frames (a "
+           "name with a dot ends in /: frames-1.0/). A .json "
            "sidecar goes beside it. Default (without --save-latents): PROMPT-WORDS-seedN.mp4 here, never replacing "
            "a file.", short="-o", commands=("generate", "decode")),
     Option("vae_tiling", "choice", "Decode in overlapping spatial tiles to bound memory; auto tiles when one frame "
@@ -457,7 +466,7 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
     Option("preset", "text", "Delivery format: linkedin-square (1080x1080, 24 fps), linkedin-wide (1920x1080, 24 "
            "fps), youtube-short (1080x1920, 30 fps), or one of yours in presets.toml. Renders at the model's nearest "
            "published size, then scales and retimes the frames (see the README); also for a chain of clips.",
-           metavar="NAME", max_length=100, invalidates=("size",)),
+           metavar="NAME", max_length=100, invalidates=("size",), commands=("generate", "decode")),
     Option("quality", "choice", "Size class and steps for the model (`mlxvid models` lists them). Default: the "
            "published settings.", choices=QUALITIES, invalidates=("size", "steps")),
     Option("duration", "float", "Clip length instead of --frames: the nearest frame count of the model's rule at "
@@ -476,12 +485,14 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
     Option("rife_weights", "path", "RIFE 4.25 flownet.pkl or its converted folder for --interpolate [default: "
            "$MLXVID_HOME/models/rife].", metavar="PATH"),
     Option("overlay", "overlay", f"Text burned into the video, from START to END seconds (default: all of it), at "
-           f"most {MAX_OVERLAY_CHARS} characters; repeatable.", metavar="TEXT[@START-END]", multiple=True),
-    Option("watermark", "watermark", "A text or image watermark in a corner.", metavar="TEXT|IMAGE"),
+           f"most {MAX_OVERLAY_CHARS} characters; repeatable.", metavar="TEXT[@START-END]", multiple=True,
+           commands=("generate", "decode")),
+    Option("watermark", "watermark", "A text or image watermark in a corner.", metavar="TEXT|IMAGE",
+           commands=("generate", "decode")),
     Option("watermark_corner", "choice", "Default: the preset's (bottom-right; top-left for youtube-short).",
-           choices=CORNERS),
-    Option("font", "path", "A TrueType/OpenType font file for --overlay and --watermark. Default: Pillow's built-in "
-           "font.", file_only=True),
+           choices=CORNERS, commands=("generate", "decode")),
+    Option("font", "path", "A TrueType/OpenType font file for --overlay and --watermark. Default: Noto Sans (Latin, "
+           "Greek, Cyrillic).", file_only=True, commands=("generate", "decode")),
     Option("preview_every", "int", "Every N steps, write NAME.preview.png beside the output: an approximate picture "
            "of the clip.", metavar="N", minimum=1, maximum=MAX_STEPS, recorded=False),
     Option("from_sidecar", "path", "Repeat the run a .json sidecar records (the same latents); options given too "

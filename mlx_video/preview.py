@@ -26,7 +26,9 @@ PREVIEW_HEIGHT = 128  # pixels
 
 def preview_path(output: Path) -> Path:
     output = Path(output)
-    return output.with_name((output.stem if output.suffix else output.name) + ".preview.png")
+    from .io.video import is_video_file
+
+    return output.with_name((output.stem if is_video_file(output) else output.name) + ".preview.png")
 
 
 def fit_latent_rgb(latents: np.ndarray, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ module does not know are carried into the sidecar's "options" record untouched (
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import time
@@ -45,12 +46,26 @@ def check_output_writable(path: Path, overwrite: bool, option: str = "--output")
     try:
         check_writable(path, overwrite)
         fd, probe = tempfile.mkstemp(prefix=".mlxvid-probe-", dir=path.parent)
-        import os
-
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
         raise MlxVideoError(f"cannot write {option} {path}: {e.strerror or e}") from None
+
+
+def check_output_kind(value) -> None:
+    """A video output ends in .mp4 or .mov; anything else is a folder of PNG frames if it is written as one (a
+    trailing slash: `frames-1.0/`), is an existing folder, or has no suffix."""
+    from .io.video import is_video_file
+
+    text = str(value)
+    path = Path(text)
+    as_folder = text.endswith(("/", os.sep))
+    if as_folder and is_video_file(path):
+        raise MlxVideoError(f"--output {text} ends in / (a folder of PNG frames) but is named like a video file; "
+                            f"give {path.name} without the / for a video, or another folder name")
+    if not (as_folder or is_video_file(path) or not path.suffix or path.is_dir()):
+        raise MlxVideoError(f"--output takes a .mp4 or .mov file, or a folder for PNG frames, not {path.name} (a folder "
+                            f"whose name has a dot: end it with /, e.g. {path.name}/)")
 
 
 @dataclass
@@ -179,6 +194,7 @@ class Job:
     preview_every: int | None = None
     interpolation: Interpolation | None = None
     inputs: dict = field(default_factory=dict)  # generate()'s other input arrays by keyword (last_image, ...)
+    own_sidecar: bool = False  # the sidecar beside the output records this job (batch resume): replace it
 
     @property
     def frame_rate(self) -> float:
@@ -239,14 +255,15 @@ def load_pipeline(model: str, pipelines: dict | None = None):
 
 
 def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_folder: Path | None = None,
-            check_memory: bool = True) -> Job:
+            check_memory: bool = True, own_sidecar: bool = False) -> Job:
     """Check every option (`mlx_video.options.validate`) and settle the settings against the model, before any
-    weights are read."""
+    weights are read. `own_sidecar`: the sidecar beside the output records this job (a batch resuming a job
+    whose video was deleted) and is replaced."""
     from .extend import extension_frames, prepare_extension
     from .options import check_capabilities
 
     o = validate(options)
-    output, save_latents = _outputs(o, output_folder)
+    output, save_latents = _outputs(o, output_folder, own_sidecar)
     interpolation = parse_interpolation(o)
     if interpolation is not None and output is None:
         raise MlxVideoError("--interpolate works on the decoded video: give --output (not only --save-latents)")
@@ -261,7 +278,8 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
         if chain is not None and given(o, "last_image"):
             raise MlxVideoError("--last-image ends one clip: give at most one clip's --frames (no chain of clips)")
         if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.extend)
-            return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory)
+            return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory,
+                                     own_sidecar=own_sidecar)
     settings = pipe.resolve(_settings(o, pipe, preset))
     delivery = _delivery(o, settings, preset, overlays, interpolation) if output is not None else None
     image_fit = o.get("image_fit") or pipe.default_image_fit
@@ -275,12 +293,13 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     estimate = _estimate(o, pipe, settings, vae_tiling, pixels is not None, output is not None, check_memory)
     return Job(o, pipe, settings, output, save_latents, bool(o.get("overwrite")), bool(o.get("quiet")), vae_tiling,
                image_fit, pixels, latents, o.get("init_latents"), estimate, delivery,
-               o.get("quality"), o.get("duration"), o.get("preview_every"), interpolation, inputs)
+               o.get("quality"), o.get("duration"), o.get("preview_every"), interpolation, inputs, own_sidecar)
 
 
-def _outputs(o: dict, output_folder: Path | None) -> tuple[Path | None, Path | None]:
+def _outputs(o: dict, output_folder: Path | None, own_sidecar: bool = False) -> tuple[Path | None, Path | None]:
     """(--output, --save-latents), the output named from the prompt when neither is given; both checked
-    writable (with their sidecars) now."""
+    writable (with their sidecars; `own_sidecar`: the one there is this job's record, replaced) now. An output
+    written with a trailing / is a folder of PNG frames (`check_output_kind`)."""
     from .distributed import rank as process_rank
     from .io.sidecar import sidecar_path
 
@@ -290,23 +309,26 @@ def _outputs(o: dict, output_folder: Path | None) -> tuple[Path | None, Path | N
         o["output"] = output
     if save_latents is not None and save_latents.suffix != ".npy":
         raise MlxVideoError(f"--save-latents writes a .npy file, not {save_latents.name}")
-    if output is not None and output.suffix.lower() not in ("", ".mp4", ".mov"):
-        raise MlxVideoError(f"--output takes a .mp4 or .mov file, or a folder for PNG frames, not {output.name}")
+    if output is not None:
+        check_output_kind(output)
+        output = Path(output)
     for path, option in ((save_latents, "--save-latents"), (output, "--output")):
         if path is not None and process_rank() == 0:  # on several processes, rank 0 alone writes
             check_output_writable(path, bool(o.get("overwrite")), option)
-            check_output_writable(sidecar_path(path), bool(o.get("overwrite")), option + " (its .json sidecar)")
+            check_output_writable(sidecar_path(path), bool(o.get("overwrite")) or own_sidecar,
+                                  option + " (its .json sidecar)")
     return output, save_latents
 
 
 def _delivery_inputs(o: dict):
-    """(the preset, the parsed overlays), with the watermark and font checked."""
-    from .overlay import check_font, check_watermark, parse_overlay
+    """(the preset, the parsed overlays), with every delivery input opened and checked (watermark image, font,
+    overlay timings); characters the font cannot draw are warned about."""
+    from .overlay import check_delivery, parse_overlay
     from .presets import get_preset
 
     overlays = [parse_overlay(v) if isinstance(v, str) else v for v in (o.get("overlay") or [])]
-    check_watermark(o.get("watermark"))
-    check_font(o.get("font"))
+    for warning in check_delivery(overlays, o.get("watermark"), o.get("font")):
+        click.echo(f"warning: {warning}", err=True)
     if o.get("duration") is not None and o.get("frames") is not None:
         raise MlxVideoError("give --duration or --frames, not both")
     return (get_preset(o["preset"]) if o.get("preset") else None), overlays
@@ -439,8 +461,6 @@ def summary_line(job: Job) -> str:
 def execute(job: Job, echo=click.echo, hooks=()) -> dict:
     """Run a prepared job and write its outputs atomically, each with its sidecar. If the video cannot be
     written at the end, the latents are kept (beside the output, else in the cache) with a way to decode them."""
-    from .io.atomic import atomic_file
-    from .io.sidecar import write_sidecar
 
     if not isinstance(job, Job):  # a chain of clips (mlx_video.extend.ExtensionJob) runs its own way
         return job.execute(echo, hooks)
@@ -468,24 +488,15 @@ def execute(job: Job, echo=click.echo, hooks=()) -> dict:
         return {"settings": job.settings, "outputs": [], "timings": result.timings, "record": record,
                 "pipe": job.pipe, "latents": result.latents}
     if job.save_latents is not None:
-        with atomic_file(job.save_latents, overwrite=job.overwrite) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, result.latents)
-        write_sidecar(job.save_latents, record, result.timings, overwrite=job.overwrite)
+        save_latents_file(job.save_latents, result.latents, record, result.timings, job.overwrite,
+                          job.overwrite or job.own_sidecar)
         written.append(job.save_latents)
         echo(f"wrote latents {tuple(result.latents.shape)} to {job.save_latents}")
     if job.output is not None:
         try:
             frames, height, width = write_video_output(job, result.latents, record, result.timings, result.video)
-        except (OSError, MlxVideoError) as e:
-            if job.save_latents is not None and job.save_latents.is_file():
-                kept = job.save_latents
-            else:
-                kept = rescue_latents(job, result.latents, record, result.timings)
-            raise MlxVideoError(
-                f"could not write {job.output} ({e}); the finished latents are saved at {kept}. Decode them with: "
-                f"mlxvid decode {kept} --output {job.output}"
-            ) from None
+        except BaseException as e:  # Ctrl-C too: the denoising is done, its latents are kept
+            raise kept_latents_error(job, result.latents, record, result.timings, e, echo) from None
         written.append(job.output)
         echo(f"wrote {frames} frames of {width}x{height} to {job.output}")
     return {"settings": job.settings, "outputs": written, "timings": result.timings, "record": record,
@@ -500,10 +511,71 @@ def latents_digest(latents) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(latents, dtype=np.float32)).tobytes()).hexdigest()
 
 
+def save_latents_file(path: Path, latents: np.ndarray, record: dict, timings: dict, overwrite: bool,
+                      overwrite_sidecar: bool) -> None:
+    """The latents and their sidecar, published together (atomically, never replacing a file unasked)."""
+    from .io.atomic import atomic_file, publishing
+    from .io.sidecar import write_sidecar
+
+    with publishing():
+        with atomic_file(path, overwrite=overwrite) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, latents)
+        write_sidecar(path, record, timings, overwrite=overwrite_sidecar)
+
+
+def kept_latents_error(job: Job, latents, record: dict, timings: dict, error: BaseException, echo) -> BaseException:
+    """What to raise when the video could not be written after the denoising: the latents are kept (the
+    --save-latents file, else a new file beside the output, else in the cache) and the message says where and
+    how to decode them. A Ctrl-C stays a KeyboardInterrupt, after saying so."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    if not isinstance(error, (OSError, MlxVideoError, KeyboardInterrupt, MemoryError, RuntimeError, ValueError)):
+        return error  # a bug: the CLI reports it
+    if job.save_latents is not None and job.save_latents.is_file():
+        kept = job.save_latents
+    elif latents is None:
+        return error if interrupted else MlxVideoError(f"could not write {job.output} ({error})")
+    else:
+        kept = rescue_latents(job, latents, record, timings)
+    target = job.output if not (job.output.exists() or _sidecar_of(job.output).exists()) else free_name(job.output)
+    how = f"the finished latents are saved at {kept}. Decode them with: mlxvid decode {kept} --output {target}"
+    if interrupted:
+        echo(f"interrupted while writing {job.output}; {how}", err=True)
+        return error
+    if job.output.exists():
+        return MlxVideoError(f"{job.output} was not written by this run ({error}); {how}")
+    return MlxVideoError(f"could not write {job.output} ({error}); {how}")
+
+
+def _sidecar_of(path: Path) -> Path:
+    from .io.sidecar import sidecar_path
+
+    return sidecar_path(path)
+
+
+def free_name(path: Path) -> Path:
+    """`path` with -2, -3, ... added to its name until neither it nor its sidecar exists."""
+    stem, suffix = (path.stem, path.suffix) if path.suffix.lower() in (".mp4", ".mov", ".npy") else (path.name, "")
+    n = 2
+    while True:
+        candidate = path.with_name(f"{stem}-{n}{suffix}")
+        if not (os.path.lexists(candidate) or os.path.lexists(_sidecar_of(candidate))):
+            return candidate
+        n += 1
+
+
 def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dict,
                        video: np.ndarray | None = None) -> tuple[int, int, int]:
     """Decode (unless the pipeline returned the `video` itself), interpolate (--interpolate), deliver (preset,
-    overlays), write, and mux the --audio track in; returns (frames, height, width)."""
+    overlays), write, and mux the --audio track in; the video and its sidecar are published together at the end
+    (`io.atomic.publishing`). Returns (frames, height, width)."""
+    from .io.atomic import publishing
+
+    with publishing():
+        return _write_video_output(job, latents, record, timings, video)
+
+
+def _write_video_output(job: Job, latents, record: dict, timings: dict, video) -> tuple[int, int, int]:
     from .io import video as video_io
     from .io.sidecar import write_sidecar
 
@@ -514,11 +586,12 @@ def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dic
     else:
         stats = {}
     fps = job.settings.fps
+    sidecar_overwrite = job.overwrite or job.own_sidecar
     if job.interpolation is not None:  # streamed into the output, through the delivery step
         written, height, width, fps = _interpolate_output(job, video, record, timings)
         record.update(stats, vae_tiling=job.vae_tiling, output_frames=written, output_fps=fps)
         _mux_voice(job, record, None, fps)
-        write_sidecar(job.output, record, timings, overwrite=job.overwrite)
+        write_sidecar(job.output, record, timings, overwrite=sidecar_overwrite)
         return written, height, width
     if job.delivery is not None:
         start = time.perf_counter()
@@ -526,9 +599,10 @@ def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dic
         fps = job.delivery.fps
         timings["delivery"] = time.perf_counter() - start
     start = time.perf_counter()
-    if job.output.suffix and job.settings.audio is not None:
+    is_video = video_io.is_video_file(job.output)
+    if is_video and job.settings.audio is not None:
         _mux_voice(job, record, video, fps)
-    elif job.output.suffix:
+    elif is_video:
         video_io.write_video(video, job.output, fps=fps, overwrite=job.overwrite)
     else:
         video_io.write_frames_png(video, job.output, overwrite=job.overwrite)
@@ -536,25 +610,28 @@ def write_video_output(job: Job, latents: np.ndarray, record: dict, timings: dic
             record["audio_track"] = "not written: a PNG folder has no audio track"
     timings["writing"] = time.perf_counter() - start
     record.update(stats, vae_tiling=job.vae_tiling, output_frames=int(video.shape[0]), output_fps=fps)
-    write_sidecar(job.output, record, timings, overwrite=job.overwrite)
+    write_sidecar(job.output, record, timings, overwrite=sidecar_overwrite)
     return int(video.shape[0]), int(video.shape[1]), int(video.shape[2])
 
 
 def _mux_voice(job: Job, record: dict, video: np.ndarray | None, fps) -> None:
-    """Write `video` (or, when None, the video already written at job.output) with the --audio track as AAC,
+    """Write `video` (or, when None, the video already written for job.output) with the --audio track as AAC,
     cut to the video's length."""
-    if job.settings.audio is None or not job.output.suffix:
+    from .io.video import is_video_file
+
+    if job.settings.audio is None or not is_video_file(job.output):
         return
-    from .io.atomic import atomic_file
+    from .io.atomic import atomic_file, pending
     from .io.audio import mux_audio, read_audio
 
     voice = read_audio(job.settings.audio)
     if video is not None:
         mux_audio(video, voice, job.output, fps=fps, overwrite=job.overwrite)
-    else:  # interpolated frames were streamed into the output: re-mux it with the audio
-        with atomic_file(job.output, overwrite=True) as tmp:
+    else:  # interpolated frames were streamed into the output (not yet published): re-mux it with the audio
+        silent = pending(job.output)
+        with atomic_file(job.output, overwrite=job.overwrite) as tmp:
             tmp.unlink(missing_ok=True)
-            mux_audio(job.output, voice, tmp)
+            mux_audio(silent, voice, tmp)
     record["audio_track"] = {"source": str(job.settings.audio), "codec": "aac", "channels": "mono",
                              "sample_rate": voice.sample_rate}
 
@@ -612,16 +689,17 @@ def _stream_frames(frames, output: Path, overwrite: bool, width: int, height: in
     """Write frames one by one into OUTPUT (a .mp4/.mov or a PNG folder), under a temporary name."""
     from .interpolate import _PngSink, _VideoSink
     from .io.atomic import atomic_dir, atomic_file
-    from .io.video import VIDEO_FORMATS, _check_replaceable_frame_folder, _frame_rate
+    from .io.video import VIDEO_FORMATS, _check_replaceable_frame_folder, _frame_rate, is_video_file
 
-    if output.suffix and (width % 2 or height % 2):
+    is_video = is_video_file(output)
+    if is_video and (width % 2 or height % 2):
         raise MlxVideoError(f"video frames are {width}x{height}; H.264 in yuv420p needs an even width and height")
-    if not output.suffix and output.exists() and overwrite:
+    if not is_video and output.exists() and overwrite:
         _check_replaceable_frame_folder(output)
     written = 0
-    context = atomic_file(output, overwrite) if output.suffix else atomic_dir(output, overwrite)
+    context = atomic_file(output, overwrite) if is_video else atomic_dir(output, overwrite)
     with context as tmp:
-        if output.suffix:
+        if is_video:
             sink = _VideoSink(tmp, VIDEO_FORMATS[output.suffix.lower()], width, height, _frame_rate(fps))
         else:
             sink = _PngSink(tmp)
@@ -641,18 +719,20 @@ def rescue_dir() -> Path:
 
 
 def rescue_latents(job: Job, latents: np.ndarray, record: dict, timings: dict) -> Path:
-    """Save the latents (and a sidecar naming the run) beside the output, or in the cache if that fails."""
-    from .io.sidecar import write_sidecar
+    """Save the latents (and a sidecar naming the run) beside the output, or in the cache if that fails; under a
+    new name, atomically, never replacing a file."""
+    from .io.video import is_video_file
 
-    stem = job.output.stem if job.output.suffix else job.output.name
+    stem = job.output.stem if is_video_file(job.output) else job.output.name
     candidates = [job.output.with_name(stem + ".latents.npy"), rescue_dir() / f"{stem}-{int(time.time())}.latents.npy"]
     for path in candidates:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, latents)
-            write_sidecar(path, {**record, "intended_output": str(job.output)}, timings, overwrite=True)
+            if os.path.lexists(path) or os.path.lexists(_sidecar_of(path)):
+                path = free_name(path)
+            save_latents_file(path, latents, {**record, "intended_output": str(job.output)}, timings, False, False)
             return path
-        except OSError:
+        except (OSError, MlxVideoError):
             continue
     raise MlxVideoError(f"could not write {job.output}, nor keep the latents in {candidates[0].parent} or "
                         f"{candidates[1].parent}")
@@ -670,12 +750,18 @@ def run_generation(options: dict, pipe=None, echo=click.echo, explicit=None, hoo
 # ---- replay ----
 
 def read_sidecar(path) -> dict:
+    """The "settings" record of an mlxvid sidecar (the .json written beside each output)."""
     path = Path(path)
+    what = "an mlxvid sidecar (the .json written beside each output, with a \"settings\" record)"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return data["settings"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MlxVideoError(f"cannot read the sidecar {path}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MlxVideoError(f"cannot read the sidecar {path}: {getattr(e, 'strerror', None) or e}") from None
+    except (ValueError, RecursionError):
+        raise MlxVideoError(f"{path} is not {what}: it is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+        raise MlxVideoError(f"{path} is not {what}")
+    return data["settings"]
 
 
 def replay_options(sidecar, options: dict | None = None, explicit=None) -> dict:
@@ -689,6 +775,8 @@ def replay_options(sidecar, options: dict | None = None, explicit=None) -> dict:
     replay["model"] = folder if folder and Path(folder).is_dir() else record.get("model")
     # the settings the run resolved, pinned (mlx_video.options: Option.pinned), so the latents are the same
     pinned = {o.name: record.get(o.setting or o.name) for o in GENERATE_OPTIONS if o.pinned}
+    if not all(isinstance(record.get(k), int) for k in ("width", "height")):
+        raise MlxVideoError(f"{sidecar} records no resolved size (width, height): not a sidecar of a finished run")
     pinned["size"] = f"{record['width']}x{record['height']}"
     if record.get("sigmas") is not None:
         pinned["sigmas"] = list(record["sigmas"])
@@ -715,29 +803,34 @@ def replay_options(sidecar, options: dict | None = None, explicit=None) -> dict:
 # ---- decode ----
 
 def decode_latents(latents_path, output, model: str | None = None, overwrite: bool = False, quiet: bool = False,
-                   echo=click.echo) -> Path:
+                   echo=click.echo, delivery: dict | None = None) -> Path:
     """Decode saved latents into a video; the sidecar beside them (if any) supplies the model, the frame rate
-    and the delivery (preset, overlays, watermark) of the run that made them."""
+    and the delivery (preset, overlays, watermark) of the run that made them. `delivery` replaces recorded
+    delivery options (a value of None drops one: e.g. a watermark that cannot be read)."""
     from .io.sidecar import sidecar_path
+    from .overlay import check_delivery, parse_overlay
 
-    latents_path, output = Path(latents_path), Path(output)
+    latents_path, output_text = Path(latents_path), str(output)
+    check_output_kind(output_text)
+    output = Path(output_text)
     record = {}
-    if sidecar_path(latents_path).is_file():
+    if sidecar_path(latents_path).is_file() and latents_path.suffix.lower() == ".npy":
         record = read_sidecar(sidecar_path(latents_path))
     options = dict(record.get("options") or {})
+    options.update(delivery or {})
+    options = {k: v for k, v in options.items() if v not in (None, (), [])}
     if model is None:
         folder = record.get("model_folder")
         model = folder if folder and Path(folder).is_dir() else record.get("model")
+    latents = _read_latents(latents_path)
     if model is None:
         raise MlxVideoError(f"no sidecar beside {latents_path} names the model: pass --model")
-    options.update(model=model, output=str(output), overwrite=overwrite, quiet=quiet)
+    options.update(model=model, output=output_text, overwrite=overwrite, quiet=quiet)
     options.pop("save_latents", None)
-    try:
-        latents = np.load(latents_path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise MlxVideoError(f"cannot read {latents_path}: {e}") from None
-    if latents.ndim != 5:
-        raise MlxVideoError(f"{latents_path} holds shape {latents.shape}, not (1, C, T, H, W) latents")
+    overlays = [parse_overlay(v) if isinstance(v, str) else v for v in (options.get("overlay") or [])]
+    check_delivery(overlays, options.get("watermark"), options.get("font"))  # before any weights load
+    check_output_writable(output, overwrite)
+    check_output_writable(sidecar_path(output), overwrite, "--output (its .json sidecar)")
     pipe = load_pipeline(model)
     st, sh, sw = pipe.spec.vae_stride
     size = f"{latents.shape[4] * sw}x{latents.shape[3] * sh}"
@@ -757,3 +850,22 @@ def decode_latents(latents_path, output, model: str | None = None, overwrite: bo
     frames, height, width = write_video_output(job, latents.astype(np.float32), rec, {})
     echo(f"wrote {frames} frames of {width}x{height} to {output}")
     return output
+
+
+def _read_latents(path: Path) -> np.ndarray:
+    """Latents saved by --save-latents (or kept after a failed write): a .npy of shape (1, C, T, H, W)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise MlxVideoError(f"cannot read {path}: {e.strerror or e}") from None
+    if head != b"\x93NUMPY":
+        kind = " (a JSON file: the sidecar? give the .npy beside it)" if head.lstrip()[:1] in (b"{", b"[") else ""
+        raise MlxVideoError(f"{path} is not a .npy file of latents{kind}; decode takes what --save-latents wrote")
+    try:
+        latents = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise MlxVideoError(f"cannot read {path}: {e}") from None
+    if latents.ndim != 5 or not np.issubdtype(latents.dtype, np.floating):
+        raise MlxVideoError(f"{path} holds {latents.dtype} of shape {latents.shape}, not (1, C, T, H, W) float latents")
+    return latents

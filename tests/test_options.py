@@ -91,8 +91,10 @@ def test_the_command_line_batch_and_sidecar_come_from_the_schema():
     from mlx_video.cli import decode, generate
 
     assert {p.name for p in generate.params} == set(OPTIONS)
-    assert {p.name for p in decode.params} - {"latents"} == {o.name for o in GENERATE_OPTIONS if "decode" in o.commands}
-    assert set(batch.PATH_KEYS) == {o.name for o in GENERATE_OPTIONS if o.kind == "path"}
+    # decode's own: the latents, and the two flags that drop a recorded delivery input
+    own = {"latents", "no_overlay", "no_watermark"}
+    assert {p.name for p in decode.params} - own == {o.name for o in GENERATE_OPTIONS if "decode" in o.commands}
+    assert set(batch.PATH_KEYS) == {o.name for o in GENERATE_OPTIONS if o.kind in ("path", "output")}
     assert NOT_RECORDED == {"quiet", "overwrite", "preview_every", "from_sidecar"}
     record = recorded_options(validate({"model": "m", "prompt": "p", "quiet": True, "seed": 3, "overlay": []}))
     assert record == {"model": "m", "prompt": "p", "seed": 3}

@@ -42,7 +42,7 @@ def test_every_runtime_package_is_shipped(wheel):
 
 def test_console_script(wheel):
     (entry_points,) = [n for n in wheel.namelist() if n.endswith("entry_points.txt")]
-    assert "mlxvid = mlx_video.cli:main" in wheel.read(entry_points).decode()
+    assert "mlxvid = mlx_video.entry:main" in wheel.read(entry_points).decode()
 
 
 def test_kernel_sources_are_shipped(wheel):

@@ -34,12 +34,16 @@ def versions() -> dict:
     }
 
 
+SIDECAR_REPLACES_SUFFIX = (".mp4", ".mov", ".npy")
+
+
 def sidecar_path(output_path: str | os.PathLike) -> Path:
-    """`out.mp4` -> `out.json`; a PNG folder `frames/` -> `frames.json` (beside the folder, not in it)."""
+    """`out.mp4` -> `out.json`, `out.npy` -> `out.json`; a PNG folder `frames-1.0/` -> `frames-1.0.json` (beside
+    the folder, not in it)."""
     output_path = Path(output_path)
-    if output_path.is_dir() or not output_path.suffix:
-        return output_path.with_name(output_path.name + ".json")
-    return output_path.with_suffix(".json")
+    if output_path.suffix.lower() in SIDECAR_REPLACES_SUFFIX and not output_path.is_dir():
+        return output_path.with_suffix(".json")
+    return output_path.with_name(output_path.name + ".json")
 
 
 def write_sidecar(

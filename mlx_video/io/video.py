@@ -26,6 +26,11 @@ VIDEO_FORMATS = {".mp4": "mp4", ".mov": "mov"}
 PNG_FRAME_PATTERN = "frame_{index:05d}.png"
 
 
+def is_video_file(path: str | os.PathLike) -> bool:
+    """Whether an output path names a video file (.mp4/.mov); any other output is a folder of PNG frames."""
+    return Path(path).suffix.lower() in VIDEO_FORMATS
+
+
 def write_video(
     frames,
     path: str | os.PathLike,
