@@ -41,6 +41,20 @@ def default_peak_bytes(spec, dtype: str = "bf16", quantize: str | None = None) -
     return int(estimate.peak_bytes)
 
 
+def folder_peak_bytes(path) -> int | None:
+    """Estimated peak memory of a default run of a converted folder, from the folder itself (its configs and
+    stored bytes: the estimate generate's preflight makes); None where the folder cannot say (e.g. a model that
+    needs an input to settle its size)."""
+    from .pipelines.base import GenerationSettings, Pipeline
+
+    try:
+        pipe = Pipeline.from_pretrained(str(path))
+        settings = pipe.resolve(GenerationSettings(prompt="a default run"))
+        return int(pipe.estimate_memory(settings)["peak_bytes"])
+    except Exception:  # noqa: BLE001 -- the listing says "estimated from the registry" instead
+        return None
+
+
 def model_info(spec) -> dict:
     from .pipelines.base import available_memory_bytes
     from .presets import quality_profiles
@@ -48,14 +62,18 @@ def model_info(spec) -> dict:
     here = converted_folder(spec)
     dtype = DTYPE_NAMES.get(here["dtype"], "bf16") if here else "bf16"
     quant = here["quantization"] if here else None
-    peak = default_peak_bytes(spec, dtype, quant if quant in ("q8", "q4", "fp8") else None)
+    peak = folder_peak_bytes(here["path"]) if here else None
+    source = "the converted folder" if peak is not None else "the registry"
+    if peak is None:
+        peak = default_peak_bytes(spec, dtype, quant if quant in ("q8", "q4", "fp8") else None)
     return {"id": spec.id, "family": spec.family, "task": spec.task, "experts": spec.experts,
             "defaults": {k: v for k, v in spec.defaults.items() if k != "negative_prompt"},
             "sizes": [list(s) for s in spec.sizes], "frame_rule": spec.frame_rule,
             "quality": {q: {"sizes": [list(s) for s in p["sizes"]], "steps": p["steps"]}
                         for q, p in quality_profiles(spec).items()},
             "recipes": model_recipes(spec), "converted": here, "hf_repo": spec.hf_repo, "estimated_peak_bytes": peak,
-            "estimated_for": {"dtype": dtype, "quantization": quant}, "available_bytes": available_memory_bytes()}
+            "estimated_for": {"dtype": dtype, "quantization": quant, "from": source},
+            "available_bytes": available_memory_bytes()}
 
 
 def model_recipes(spec) -> list[str]:
@@ -100,7 +118,8 @@ def describe(spec) -> str:
         fits = "" if avail is None else (" - fits" if info["estimated_peak_bytes"] <= avail else " - more than")
         fits += "" if avail is None else f" the {format_bytes(avail)} available now"
         lines.append(f"  default run: estimated peak {format_bytes(info['estimated_peak_bytes'])} "
-                     f"({info['estimated_for']['dtype']}{', ' + here['quantization'] if here and here['quantization'] else ''})"
+                     f"({info['estimated_for']['dtype']}{', ' + here['quantization'] if here and here['quantization'] else ''}; "
+                     f"from {info['estimated_for']['from']})"
                      + fits)
     if spec.hf_repo:
         lines.append(f"  weights: huggingface.co/{spec.hf_repo}")

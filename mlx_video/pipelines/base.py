@@ -130,6 +130,26 @@ class Pipeline:
             )
         return value
 
+    def position_limit(self) -> tuple[int, tuple[int, int, int]] | None:
+        """(positions per axis the transformer's RoPE table covers, its patch size (t, h, w)), or None where the
+        positions are unbounded (computed on the fly)."""
+        return None
+
+    def check_positions(self, s: GenerationSettings) -> None:
+        """Refuse, before any weights are read, a size or frame count whose latent grid the RoPE table does not
+        cover (a preset's render size, say), rather than fail at the first step."""
+        limit = self.position_limit()
+        if limit is None:
+            return
+        positions, patch = limit
+        st, sh, sw = self.spec.vae_stride
+        latent = ((s.frames - 1) // st + 1, s.height // sh, s.width // sw)
+        grid = tuple(-(-n // p) for n, p in zip(latent, patch))
+        if max(grid) > positions:
+            raise MlxVideoError(f"{s.width}x{s.height}, {s.frames} frames is a latent grid of {grid} (frames, height, "
+                                f"width) after patching; {self.spec.id}'s RoPE covers {positions} positions per axis. "
+                                "Choose a smaller --size (or --preset / --quality) or fewer --frames")
+
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
         """The settings with the model's defaults filled in, checked (by the option schema's rules) against
         the model: all of it before any weights are read."""
@@ -171,6 +191,7 @@ class Pipeline:
     def _check_settings(self, s: GenerationSettings) -> None:
         """Every resolved setting by its option's rule (mlx_video.options), then the model's own rules."""
         self.spec.check_geometry(s.width, s.height, s.frames)
+        self.check_positions(s)
         for name in ("steps", "guidance", "guidance_2", "true_cfg", "shift", "fps", "sampler", "schedule",
                      "guidance_mode", "clips"):
             OPTIONS[name].convert(getattr(s, name))

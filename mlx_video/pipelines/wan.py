@@ -148,6 +148,9 @@ class WanPipeline(Pipeline):
             mask[:, -1, :, :, -1] = 1.0  # the last pixel frame is the last of the last latent frame's group
         return mx.concatenate([mask, latents], axis=-1)
 
+    def position_limit(self) -> tuple[int, tuple[int, int, int]] | None:
+        return self.transformer_config.rope_max_positions, tuple(self.transformer_config.patch_size)
+
     def load_transformer(self, name: str):
         from ..models.wan.transformer import WanTransformer
 
@@ -405,11 +408,11 @@ class WanPipeline(Pipeline):
             return None
         if mode == "on":
             return tile
-        # Estimate of one untiled chunk: the widest decoder stage holds about 6 float32 copies of a
-        # (6 frames x H x W x C) activation (4 output frames plus 2 cached). An estimate, not a measurement.
-        cfg = self.folder.config("vae")
-        channels = (cfg.get("decoder_base_dim") or cfg["base_dim"]) // max(1, (cfg.get("patch_size") or 1))
-        estimate = 6 * 6 * (h * s) * (w * s) * channels * 4
+        # one untiled chunk, by the measured rule of the cost model
+        from ..models.wan.cost import vae_decode_chunk_bytes
+        from ..models.wan.vae import WanVAEConfig
+
+        estimate = vae_decode_chunk_bytes(WanVAEConfig.from_dict(self.folder.config("vae")), w * s, h * s)
         available = available_memory_bytes()
         return tile if available is not None and estimate > available // 2 else None
 

@@ -204,12 +204,28 @@ def activation_bytes(config: WanTransformerConfig, n_tokens: int, batch: int = 2
             "peak": sum(resident.values()) + stages[peak_stage]}
 
 
+# float32 values alive per output pixel and decoder channel while one chunk (4 output frames) decodes, measured
+# with mx.get_peak_memory on MLX's CPU backend: 581-586 at decoder widths 8 and 16 from 64x64 to 256x256, and
+# 580-590 at the real width 96 (benchmarks/RESULTS.md, "VAE decode: the cost model against the measured peak").
+# MLX's CPU conv3d unfolds the 3x3x3 neighbourhood of every output position before its matrix product, and
+# several full-resolution activations are alive at once. On Metal the figure has not been measured: the earlier
+# rule of thumb (6 copies of a 6-frame activation, 36) stays there until `mlxvid bench vae` runs on a Mac.
+VAE_DECODE_VALUES_PER_PIXEL_CHANNEL = {"cpu": 600, "gpu": 36}
+
+
+def vae_decode_values_per_pixel_channel() -> int:
+    """The rule for this machine's backend (`VAE_DECODE_VALUES_PER_PIXEL_CHANNEL`)."""
+    import mlx.core as mx
+
+    return VAE_DECODE_VALUES_PER_PIXEL_CHANNEL["gpu" if mx.default_device() == mx.gpu else "cpu"]
+
+
 def vae_decode_chunk_bytes(vae_config, width: int, height: int) -> int:
-    """Rough activation bytes of decoding one latent frame (float32): the widest full-resolution stage holds
-    about 6 copies of a (4 output frames + 2 cached) x H x W x C activation, the rule of thumb the pipeline's
-    tiling decision uses. An estimate; `mlx_video.bench vae` measures the real figure."""
+    """Activation bytes of decoding one latent frame (float32) at `width` x `height` output pixels, by the rule
+    for this backend. The pipeline's tiling decision uses the same rule; `mlxvid bench vae` measures the real
+    figure."""
     channels = vae_config.decoder_dim // vae_config.patch
-    return 6 * 6 * width * height * channels * 4
+    return vae_decode_values_per_pixel_channel() * width * height * channels * 4
 
 
 def estimate_peak_memory(spec, width: int | None = None, height: int | None = None, frames: int | None = None,
