@@ -257,6 +257,17 @@ def publishing():
             _remove(tmp, folder)
 
 
+@contextlib.contextmanager
+def detached():
+    """Inside a `publishing()` block, publish what is written in this block at once (a scratch file that the
+    result is made from, e.g. a silent video the audio is muxed into)."""
+    token = _UNIT.set(None)
+    try:
+        yield
+    finally:
+        _UNIT.reset(token)
+
+
 def pending(path: str | os.PathLike) -> Path:
     """Where the result for `path` is now: its temporary file while the `publishing()` block runs, else `path`."""
     unit = _UNIT.get()

@@ -23,7 +23,7 @@ import av
 import numpy as np
 
 from ..errors import MlxVideoError
-from .atomic import atomic_file
+from .atomic import atomic_file, detached
 from .video import _frame_rate, _video_format, write_video
 
 # Below this rate speech is already band-limited to under 4 kHz; upsampling such a file to a model's rate
@@ -169,7 +169,8 @@ def mux_audio(
     _frame_rate(fps)
     with tempfile.TemporaryDirectory(prefix="mlxvid-mux-") as scratch:
         silent = Path(scratch) / f"video{output_path.suffix.lower()}"
-        write_video(video, silent, fps)
+        with detached():  # a scratch file, not the result: written now even while the result's unit is open
+            write_video(video, silent, fps)
         return _mux_into(silent, samples, sample_rate, output_path, container_format, overwrite)
 
 
