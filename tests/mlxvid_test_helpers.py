@@ -699,3 +699,16 @@ def build_s2v_release(root: Path, reference) -> Path:
     w2v.save_pretrained(src / "wav2vec2-large-xlsr-53-english")
     main(["convert", str(src), str(root / "mlx"), "--dtype", "fp32"])
     return root
+
+
+def converted_tiny_ti2v(root: Path, name: str = "mlx") -> Path:
+    """A tiny TI2V-5B-style pipeline (Wan 2.2 VAE, one transformer) in the diffusers layout under `root`,
+    converted to fp32 at `root/name`; returns the converted folder."""
+    from tiny_wan import build_tiny_wan_pipeline
+
+    from mlx_video.cli import main
+
+    build_tiny_wan_pipeline(root / "diffusers", two_experts=False, shift=5.0, wan22_vae=True)
+    main(["convert", str(root / "diffusers"), str(root / name), "--dtype", "fp32"])
+    return root / name
+

@@ -45,12 +45,9 @@ def heavy_work_forbidden(monkeypatch):
 @pytest.fixture(scope="module")
 def ti2v(tmp_path_factory):
     """A tiny TI2V-5B-style pipeline (Wan 2.2 VAE, one transformer), converted to fp32."""
-    from tiny_wan import build_tiny_wan_pipeline
+    from mlxvid_test_helpers import converted_tiny_ti2v
 
-    root = tmp_path_factory.mktemp("ti2v")
-    build_tiny_wan_pipeline(root / "diffusers", two_experts=False, shift=5.0, wan22_vae=True)
-    main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
-    return root / "mlx"
+    return converted_tiny_ti2v(tmp_path_factory.mktemp("ti2v"))
 
 
 def read_video(path):

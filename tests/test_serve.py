@@ -24,14 +24,9 @@ KEY = "k" * 8 + "0123456789abcdef"
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny TI2V-5B-style model (one transformer, the Wan 2.2 VAE), converted to fp32."""
-    from tiny_wan import build_tiny_wan_pipeline
+    from mlxvid_test_helpers import converted_tiny_ti2v
 
-    from mlx_video.cli import main
-
-    root = tmp_path_factory.mktemp("serve-model")
-    build_tiny_wan_pipeline(root / "diffusers", two_experts=False, shift=5.0, wan22_vae=True)
-    main(["convert", str(root / "diffusers"), str(root / "tiny-ti2v"), "--dtype", "fp32"])
-    return root / "tiny-ti2v"
+    return converted_tiny_ti2v(tmp_path_factory.mktemp("serve-model"), "tiny-ti2v")
 
 
 @pytest.fixture(scope="module")

@@ -39,14 +39,10 @@ def browser():
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
-    from tiny_wan import build_tiny_wan_pipeline
-
-    from mlx_video.cli import main
+    from mlxvid_test_helpers import converted_tiny_ti2v
 
     root = tmp_path_factory.mktemp("studio")
-    build_tiny_wan_pipeline(root / "diffusers", two_experts=False, shift=5.0, wan22_vae=True)
-    main(["convert", str(root / "diffusers"), str(root / "tiny-ti2v"), "--dtype", "fp32"])
-    serve = ServeProcess(root / "data", [root / "tiny-ti2v"]).start()
+    serve = ServeProcess(root / "data", [converted_tiny_ti2v(root, "tiny-ti2v")]).start()
     yield serve
     serve.stop()
 
