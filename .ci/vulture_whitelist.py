@@ -26,6 +26,7 @@ HunyuanPipeline  # mlx_video.families names pipeline classes as "module:Class"
 WanS2VPipeline
 takes_true_cfg  # pipeline capabilities read by name (mlx_video.options.CAPABILITIES)
 takes_last_image
+takes_video
 text_encoders  # a Family field read by name (mlx_video.cli._per_family)
 download  # click commands, registered by their decorators
 vs_reference

@@ -384,6 +384,13 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
     Option("last_image", "path", lambda: "First-last frame: the image the video ends on, with --image as its "
            f"first frame ({_models_with_need('takes_last_image')}); resized like --image.", file_only=True,
            needs="takes_last_image"),
+    Option("video", "path", lambda: "Video-to-video: the clip to restyle, an .mp4/.mov or a folder of PNG frames "
+           f"({_models_with_need('takes_video')}); each frame is resized like --image. The video has its frame "
+           "count, cut down to the model's frame form, unless --frames is given (its first N frames).",
+           needs="takes_video"),
+    Option("strength", "float", "Video-to-video: the fraction of the schedule re-noised (0 < S <= 1; default 0.8, as "
+           "diffusers): the last int(steps x S) steps run from the --video's latents mixed with noise at that level.",
+           metavar="S", positive=True, maximum=1, why="a fraction of the schedule", needs="takes_video"),
     Option("image_fit", "choice", "How the image meets the video size: crop (cover, then centre-crop, as the "
            "official TI2V code; the default), stretch (ignore the aspect ratio, as diffusers' Wan I2V pipeline), fit "
            "(letterbox in black) or short-side (the shorter side to the video's, bilinear, then centre-crop, black "
@@ -597,6 +604,7 @@ CAPABILITIES = {
     "takes_true_cfg": ("models with embedded guidance", "true CFG", lambda: _ids_with_pipeline_flag("takes_true_cfg")),
     "takes_last_image": ("first-last-frame models", "last image",
                          lambda: _ids_with_pipeline_flag("takes_last_image")),
+    "takes_video": ("video-to-video models", "input video", lambda: _ids_with_pipeline_flag("takes_video")),
 }
 
 

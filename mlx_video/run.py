@@ -216,19 +216,15 @@ class Job:
         return record
 
 
-INPUT_OPTIONS = ("image", "last_image", "audio", "pose_video", "init_latents")
+INPUT_OPTIONS = ("image", "last_image", "video", "audio", "pose_video", "init_latents")
 
 
 def input_files(o: dict) -> dict:
-    """Each input file of a run by option: its file name and sha256 (a folder of frames: None for the hash)."""
-    from .lora import file_sha256
+    """Each input file of a run by option: its file name and sha256 (a folder of PNG frames: of its frames)."""
+    from .io.source_video import input_sha256
 
-    out = {}
-    for name in INPUT_OPTIONS:
-        if o.get(name) is not None:
-            path = Path(o[name])
-            out[name] = {"name": path.name, "sha256": file_sha256(path) if path.is_file() else None}
-    return out
+    return {name: {"name": Path(o[name]).name, "sha256": input_sha256(o[name])}
+            for name in INPUT_OPTIONS if o.get(name) is not None}
 
 
 def lora_options(o: dict) -> list[dict] | None:
@@ -277,20 +273,30 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
         chain = extension_frames(o, pipe.spec)
         if chain is not None and given(o, "last_image"):
             raise MlxVideoError("--last-image ends one clip: give at most one clip's --frames (no chain of clips)")
+        if chain is not None and given(o, "video"):
+            raise MlxVideoError("--video makes one clip: give at most one clip's --frames (no chain of clips)")
         if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.extend)
             return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory,
                                      own_sidecar=own_sidecar)
+    source = _source_frames(o, pipe.spec)
+    if source is not None and o.get("frames") is None:
+        o["frames"] = source.shape[0]  # the video's length (recorded, so a replay takes the same frames)
     settings = pipe.resolve(_settings(o, pipe, preset))
     delivery = _delivery(o, settings, preset, overlays, interpolation) if output is not None else None
     image_fit = o.get("image_fit") or pipe.default_image_fit
     pixels = _image_pixels(o, settings, image_fit)
     inputs = {} if o.get("last_image") is None else {"last_image": _image_pixels(o, settings, image_fit, "last_image")}
+    if source is not None:
+        from .io.source_video import fit_frames_to
+
+        inputs["video"] = fit_frames_to(source[:settings.frames], settings.width, settings.height, image_fit)
     if output is not None and not pipe.can_decode:
         raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
     vae_tiling = o.get("vae_tiling") or "auto"
     pipe.vae_tile(vae_tiling, (1, 1))  # validates the option before the long work
     latents = _init_latents(o, pipe, settings)
-    estimate = _estimate(o, pipe, settings, vae_tiling, pixels is not None, output is not None, check_memory)
+    encodes = pixels is not None or source is not None  # an approximation for a video: the image's encoding stage
+    estimate = _estimate(o, pipe, settings, vae_tiling, encodes, output is not None, check_memory)
     return Job(o, pipe, settings, output, save_latents, bool(o.get("overwrite")), bool(o.get("quiet")), vae_tiling,
                image_fit, pixels, latents, o.get("init_latents"), estimate, delivery,
                o.get("quality"), o.get("duration"), o.get("preview_every"), interpolation, inputs, own_sidecar)
@@ -406,6 +412,20 @@ def _delivery(o: dict, settings, preset, overlays, interpolation) -> Delivery | 
     return Delivery(w, h, fps, preset.name if preset else None, preset.fit if preset else "crop",
                     preset.margins if preset else None, overlays, watermark, corner,
                     str(o["font"]) if o.get("font") else None)
+
+
+def _source_frames(o: dict, spec) -> np.ndarray | None:
+    """--video's frames (uint8), as many as the run takes: --frames, else the video's, of the model's form."""
+    if o.get("video") is None:
+        return None
+    from .io.source_video import read_frames, settle_frame_count
+
+    if o.get("duration") is not None:
+        raise MlxVideoError("--video sets the length: give --frames (its first N frames), not --duration")
+    longest = int(spec.default("max_frames") or spec.default("frames"))
+    frames = read_frames(o["video"], (o.get("frames") or longest) + 1)
+    count = settle_frame_count(len(frames), o.get("frames"), spec.frame_stride, longest, o["video"], spec.id)
+    return frames[:count]
 
 
 def _image_pixels(o: dict, settings, image_fit: str, name: str = "image") -> np.ndarray | None:
@@ -837,7 +857,7 @@ def decode_latents(latents_path, output, model: str | None = None, overwrite: bo
     frames = (latents.shape[2] - 1) * st + 1
     options.update(size=size, frames=frames, prompt=record.get("prompt") or "decoded latents")
     for name in ("duration", "init_latents", "preview_every", "lora", "lora_high", "lora_low", "cache", "attention",
-                 "last_image"):
+                 "last_image", "video", "strength"):
         options.pop(name, None)  # none of them changes decoding
     if record.get("fps") is not None:
         options["fps"] = record["fps"]

@@ -18,8 +18,16 @@ import numpy as np
 from ..errors import MlxVideoError
 from ..model_folder import ModelFolder, resolve_model
 from ..options import OPTIONS, check_capabilities, check_number
-from ..samplers import explicit_schedule, make_sampler
+from ..samplers import Schedule, explicit_schedule, make_sampler
 from .loop import NonFiniteGuard, ProgressHook, denoise
+
+DEFAULT_STRENGTH = 0.8  # video-to-video, as diffusers' WanVideoToVideoPipeline
+
+
+def kept_steps(steps: int, strength: float) -> int:
+    """The steps a video-to-video run keeps: int(steps x strength), as diffusers' `get_timesteps`."""
+    return min(int(steps * strength), steps)
+
 
 # How to pass each setting on the command line, for messages about missing defaults.
 OPTION_NAMES = {"steps": "--steps N", "guidance": "--guidance SCALE", "guidance_2": "--guidance-2 SCALE",
@@ -49,6 +57,8 @@ class GenerationSettings:
     guidance_mode: str = "batched"  # batched | sequential (same result, half the activation memory)
     image: str | None = None  # the conditioning image's path, for the record; its pixels are passed to generate()
     last_image: str | None = None  # first-last frame: the last frame's image path (its pixels go to generate())
+    video: str | None = None  # video-to-video: the input clip's path (its frames go to generate())
+    strength: float | None = None  # video-to-video: the fraction of the schedule re-noised (default 0.8)
     # LoRAs fused at load: [{"path", "scale", "target": all|high|low}]; resolve() adds name, sha256, format
     loras: list[dict] | None = None
     recipe: str | None = None  # a few-step recipe (mlx_video.recipes): fills the settings left unset
@@ -88,6 +98,7 @@ class Pipeline:
     takes_true_cfg = False
     takes_audio = False  # driven by a voice track (--audio)
     takes_last_image = False  # first-last frame: --image opens the video, --last-image ends it
+    takes_video = False  # video-to-video: --video re-noised by --strength
     radial_defaults = None  # the family's RadialDefaults (mlx_video.nn.radial) where it runs --attention radial
     default_image_fit = "crop"  # how --image meets the video size without --image-fit (io.image.FIT_MODES)
 
@@ -156,7 +167,8 @@ class Pipeline:
         s = GenerationSettings.from_dict(settings.to_dict())
         check_capabilities({"audio": s.audio, "pose_video": s.pose_video, "clips": s.clips,
                             "start_from_portrait": s.start_from_image, "guidance_2": s.guidance_2,
-                            "true_cfg": s.true_cfg, "last_image": s.last_image}, self)
+                            "true_cfg": s.true_cfg, "last_image": s.last_image, "video": s.video,
+                            "strength": s.strength}, self)
         self._fill_defaults(s)
         self._check_settings(s)
         if s.loras:
@@ -187,6 +199,8 @@ class Pipeline:
             s.shift = spec.default("shift", 1.0) if s.schedule == "linear-quadratic" else self.default("shift")
         if self.uses_guidance_2 and s.guidance_2 is None:
             s.guidance_2 = spec.default("guidance_2", s.guidance)
+        if s.video is not None and s.strength is None:
+            s.strength = DEFAULT_STRENGTH
 
     def _check_settings(self, s: GenerationSettings) -> None:
         """Every resolved setting by its option's rule (mlx_video.options), then the model's own rules."""
@@ -200,6 +214,7 @@ class Pipeline:
                 explicit_schedule(sigmas=s.sigmas)
             except ValueError as e:
                 raise MlxVideoError(f"--sigmas: {e}") from None
+        self._check_video_settings(s)
         if s.last_image is not None and s.image is None:
             raise MlxVideoError("--last-image is the video's last frame: give the first one with --image too")
         self.check_image_use(s.image is not None)
@@ -211,6 +226,21 @@ class Pipeline:
             from .attention_mode import check_attention
 
             check_attention(s.attention, self.radial_defaults, self.spec.id)
+
+    def _check_video_settings(self, s: GenerationSettings) -> None:
+        """Video-to-video: a --strength needs a --video, takes no --image, and keeps at least one step."""
+        if s.strength is None:
+            return
+        OPTIONS["strength"].convert(s.strength)
+        if s.video is None:
+            raise MlxVideoError("--strength is how much of a --video is re-noised: give the --video too")
+        if s.image is not None:
+            raise MlxVideoError("give --video (video-to-video) or --image (image-to-video), not both")
+        if s.cache is not None:
+            raise MlxVideoError("--cache decides by the step of a whole schedule; it does not run with --video yet")
+        if kept_steps(s.steps, s.strength) < 1:
+            raise MlxVideoError(f"--strength {s.strength:g} of {s.steps} steps keeps no step (int(steps x strength) "
+                                "= 0): raise --strength or --steps")
 
     # ---- LoRAs: checked in resolve(), fused when a transformer loads ----
     #
@@ -304,9 +334,24 @@ class Pipeline:
             raise MlxVideoError(f"{self.folder.path} has no VAE (vae/), which encoding the --image needs")
 
     def make_sampler(self, s: GenerationSettings):
+        """The run's step rule over its schedule; video-to-video keeps its last int(steps x strength) steps, a
+        fresh multistep history from there (diffusers' `get_timesteps`)."""
         if s.sigmas is not None:
-            return make_sampler(s.sampler, schedule=explicit_schedule(sigmas=s.sigmas))
-        return make_sampler(s.sampler, s.steps, s.shift, schedule=s.schedule)
+            sampler = make_sampler(s.sampler, schedule=explicit_schedule(sigmas=s.sigmas))
+        else:
+            sampler = make_sampler(s.sampler, s.steps, s.shift, schedule=s.schedule)
+        if s.strength is None:
+            return sampler
+        total = len(sampler.timesteps)
+        start = total - kept_steps(total, s.strength)
+        return make_sampler(s.sampler, schedule=Schedule(sampler.sigmas[start:-1], sampler.timesteps[start:]))
+
+    @staticmethod
+    def renoise(encoded: mx.array, noise: mx.array, sampler) -> mx.array:
+        """Video-to-video's starting latents: the encoded video mixed with noise at the first kept sigma,
+        (1 - sigma) x0 + sigma noise, in float32 (diffusers' `add_noise` / `scale_noise` for flow sigmas)."""
+        sigma = np.float32(sampler.sigmas[0])
+        return encoded.astype(mx.float32) * float(np.float32(1.0) - sigma) + noise * float(sigma)
 
     def latent_shape(self, s: GenerationSettings) -> tuple[int, int, int, int, int]:
         """(1, C, T, H, W): the reference pipelines' layout."""

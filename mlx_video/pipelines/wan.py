@@ -65,11 +65,17 @@ class WanPipeline(Pipeline):
     def capable(cls, spec, need: str) -> bool:
         if need == "takes_last_image":  # the mask-and-image channels can hold an image at either end
             return spec.task == "i2v"
+        if need == "takes_video":  # a video's latents in place of noise: the models whose input is the noise alone
+            return spec.task in ("t2v", "ti2v")
         return super().capable(spec, need)
 
     @property
     def takes_last_image(self) -> bool:
         return self.capable(self.spec, "takes_last_image")
+
+    @property
+    def takes_video(self) -> bool:
+        return self.capable(self.spec, "takes_video")
 
     def check_image_use(self, has_image: bool) -> None:
         if has_image and self.image_mode is None:
@@ -150,6 +156,23 @@ class WanPipeline(Pipeline):
 
     def position_limit(self) -> tuple[int, tuple[int, int, int]] | None:
         return self.transformer_config.rope_max_positions, tuple(self.transformer_config.patch_size)
+
+    def encode_video(self, video: np.ndarray, s: GenerationSettings, progress: bool = False) -> mx.array:
+        """Video-to-video: the (frames, height, width, 3) [-1, 1] clip, fitted to the video size, as (1, T, h, w, z)
+        normalised latents (the VAE's mode, as diffusers' `retrieve_latents(..., "argmax")`)."""
+        from ..models.wan.vae import WanVAE, WanVAEConfig
+
+        if video.shape != (s.frames, s.height, s.width, 3):
+            raise MlxVideoError(f"the input video is {video.shape}, expected ({s.frames}, {s.height}, {s.width}, 3)")
+        vae = WanVAE(WanVAEConfig.from_dict(self.folder.config("vae")))
+        self.folder.load_module("vae", vae)
+        with tqdm(total=1, desc="video encoding", disable=not progress, leave=False) as bar:
+            latents = vae.encode(mx.array(video, dtype=mx.float32)[None])
+            mx.eval(latents)
+            bar.update()
+        del vae
+        release()
+        return latents
 
     def load_transformer(self, name: str):
         from ..models.wan.transformer import WanTransformer
@@ -264,12 +287,15 @@ class WanPipeline(Pipeline):
         image: np.ndarray | None = None,
         hooks=(),
         last_image: np.ndarray | None = None,
+        video: np.ndarray | None = None,
     ) -> GenerationResult:
         """Run text (and image) encoding and the denoising loop. `image`: (height, width, 3) float in [-1, 1] at
         the video size (see `mlx_video.io.image.fit_image`); required by I2V-A14B, optional for TI2V-5B.
         `hooks`: extra per-step callables `(i, t, latents)` run after each step. `last_image`: first-last frame
-        (I2V-A14B), the frame the video ends on, as `image`."""
-        given = {"image": image, "last_image": last_image}
+        (I2V-A14B), the frame the video ends on, as `image`. `video`: video-to-video (T2V-A14B, TI2V-5B), the
+        (frames, height, width, 3) clip in [-1, 1] at the video size, re-noised by `settings.strength`;
+        `init_latents` is then the noise before it is mixed with the video's latents."""
+        given = {"image": image, "last_image": last_image, "video": video}
         unnamed = {k: "<array>" for k, v in given.items() if v is not None and getattr(settings, k) is None}
         if unnamed:
             settings = GenerationSettings.from_dict({**settings.to_dict(), **unnamed})
@@ -298,6 +324,11 @@ class WanPipeline(Pipeline):
 
         latents = self.initial_latents(s, init_latents)
         sampler = self.make_sampler(s)
+        if video is not None:
+            start = time.perf_counter()
+            latents = self.renoise(self.encode_video(video, s, progress), latents, sampler)
+            timings["video_encoding"] = time.perf_counter() - start
+        steps = len(sampler.timesteps)
         schedule = self.expert_schedule(sampler.timesteps)
         resident = {"name": None, "model": None}
         radial = self.radial_for(s, latents.shape)
@@ -318,7 +349,7 @@ class WanPipeline(Pipeline):
 
         from .cache import make_step_cache
 
-        step_cache = make_step_cache(s.cache, s.steps, schedule, self.spec.id,
+        step_cache = make_step_cache(s.cache, steps, schedule, self.spec.id,
                                      image_mode=cond is not None and self.image_mode == "first_frame")
         if self._split is not None and step_cache.name in ("easycache", "fbcache"):
             raise MlxVideoError(f"--cache {step_cache.name} decides from each process's own tokens; across several "
@@ -329,7 +360,7 @@ class WanPipeline(Pipeline):
             predict = radial.wrap(predict)
         start = time.perf_counter()
         try:
-            latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks, label)
+            latents = self.run_denoising(sampler, latents, predict, steps, progress, hooks, label)
         finally:
             resident["model"] = None
             release()
