@@ -185,3 +185,21 @@ def test_video_to_video_refusals(a14b_v2v, tmp_path):
                    "save_latents": str(tmp_path / "x.npy")}, check_memory=False)
     assert job.settings.frames == 9 and job.settings.strength == 0.8
     assert job.inputs["video"].shape == (9, 48, 64, 3)
+
+
+def test_server_takes_the_video_and_the_last_image_as_uploads(tmp_path):
+    """The server's request bodies get both options as uploads (never as paths)."""
+    from mlx_video.server.bodies import Upload, check_upload, from_fields
+
+    (tmp_path / "in.mp4").write_bytes(b"")
+    (tmp_path / "last.png").write_bytes(b"")
+    options = from_fields({"prompt": PROMPT, "strength": "0.6"},
+                          [Upload("video", "clip.mp4", tmp_path / "in.mp4"),
+                           Upload("last_image", "end.png", tmp_path / "last.png")], "wan2.2-t2v-a14b")
+    assert options["video"] == tmp_path / "in.mp4" and options["last_image"] == tmp_path / "last.png"
+    assert options["strength"] == 0.6
+    assert check_upload("video", "clip.MOV") == ".mov"
+    with pytest.raises(MlxVideoError, match="takes an uploaded file"):
+        from_fields({"prompt": PROMPT, "video": "/etc/passwd"}, [], "wan2.2-t2v-a14b")
+    with pytest.raises(MlxVideoError, match="not one of"):
+        check_upload("video", "clip.png")

@@ -23,12 +23,14 @@ SERVER_ONLY = frozenset({"output", "save_latents", "init_latents", "from_sidecar
                          "preview_every", "max_memory", "font", "rife_weights"})
 # Upload fields -> the option they fill, and the file kinds each takes.
 UPLOADS = {"input_reference": "image", "image": "image", "audio": "audio", "pose_video": "pose_video",
-           "watermark_image": "watermark"}
+           "watermark_image": "watermark", "last_image": "last_image", "video": "video"}
 UPLOAD_SUFFIXES = {
     "image": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
     "audio": (".wav", ".mp3", ".m4a", ".flac", ".ogg", ".aac"),
     "pose_video": (".mp4", ".mov", ".webm", ".mkv"),
     "watermark": (".png", ".jpg", ".jpeg", ".webp"),
+    "last_image": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
+    "video": (".mp4", ".mov", ".webm", ".mkv"),
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OPENAI_FIELDS = {"seconds": "duration"}
