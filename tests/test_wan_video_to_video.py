@@ -124,7 +124,12 @@ def test_a14b_video_to_video_matches_diffusers(a14b_v2v, monkeypatch, tmp_path, 
     assert len(record["experts"]) == int(5 * strength)
     assert set(record["experts"]) == {"transformer", "transformer_2"}  # the boundary (t 875) falls inside the run
     assert record["input_files"]["video"]["name"] == "clip" and len(record["input_files"]["video"]["sha256"]) == 64
-    assert record["options"]["video"].endswith("clip")  # replayed by --from-sidecar
+    assert record["options"]["video"].endswith("clip")
+    if strength == 0.5:  # --from-sidecar repeats the run: the same video, strength and noise
+        out = tmp_path / f"out-{strength}.npy"
+        main(["generate", "--from-sidecar", str(out.with_suffix(".json")), "--save-latents",
+              str(tmp_path / "replay.npy"), "--quiet"])
+        np.testing.assert_array_equal(np.load(tmp_path / "replay.npy"), ours)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +170,9 @@ def test_video_to_video_refusals(a14b_v2v, tmp_path):
     assert "give the --video too" in refusal(model, tmp_path, strength=0.5, size="64x48", frames=9)
     assert "keeps no step" in refusal(model, tmp_path, video=clip, strength=0.1, steps=5, size="64x48")
     assert "has 11 frames; --frames 13 needs at least 13" in refusal(model, tmp_path, video=clip, frames=13)
+    assert "no such file or folder" in refusal(model, tmp_path, video=str(tmp_path / "missing.mp4"))
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    assert "bad.mp4" in refusal(model, tmp_path, video=str(tmp_path / "bad.mp4"))
     assert "does not run with --video" in refusal(model, tmp_path, video=clip, cache="easycache", size="64x48")
     image = tmp_path / "image.png"
     PIL.new("RGB", (64, 48)).save(image)

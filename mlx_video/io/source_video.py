@@ -17,6 +17,8 @@ def read_frames(path, most: int) -> np.ndarray:
     when its frames change size."""
     from ..interpolate import open_input
 
+    if not Path(path).exists():
+        raise MlxVideoError(f"--video {path}: no such file or folder")
     source = open_input(path)
     frames = []
     for frame in source.frames:
