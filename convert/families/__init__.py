@@ -1,1 +1,0 @@
-"""One converter per model family: its layouts, signatures, configuration and plan (see mlx_video.families)."""
