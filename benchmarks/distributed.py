@@ -28,8 +28,8 @@ def worker(args) -> None:
     import mlx.core as mx
 
     from mlx_video import distributed
-    from mlx_video.models.wan.config import WanTransformerConfig
-    from mlx_video.models.wan.transformer import WanTransformer
+    from mlx_video.families.wan.config import WanTransformerConfig
+    from mlx_video.families.wan.transformer import WanTransformer
 
     cfg = WanTransformerConfig(dim=args.width, ffn_dim=args.width * 4 // 3 * 2, num_heads=args.heads,
                                num_layers=args.layers, in_channels=16, out_channels=16, text_dim=4096)
@@ -74,7 +74,7 @@ def communication_model() -> list[dict]:
     twice that: see mlx_video/distributed.py). Plus the final hidden states (N d, float32) once per step.
     CFG-parallel: one all_gather of the velocity (latent-sized, negligible).
     """
-    from mlx_video.models.wan import cost
+    from mlx_video.families.wan import cost_model as cost
     from mlx_video.registry import get_spec
 
     spec = get_spec("wan2.2-t2v-a14b")

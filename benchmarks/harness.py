@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple
 import click
 
 from mlx_video import cost as C
-from mlx_video.models.wan import cost as F
+from mlx_video.families.wan import cost_model as F
 from mlx_video.pipelines.loop import guidance_batched
 from mlx_video.registry import MODELS, get_spec
 
@@ -228,7 +228,7 @@ def random_transformer(config, dtype: str, seed: int = 0):
     """`WanTransformer(config)` with MLX's default random init, materialised in `dtype`."""
     import mlx.core as mx
 
-    from mlx_video.models.wan.transformer import WanTransformer
+    from mlx_video.families.wan.transformer import WanTransformer
 
     mx.random.seed(seed)
     model = WanTransformer(config)
@@ -650,13 +650,13 @@ def wan_step_pair(model_id: str, size: tuple[int, int], frames: int, layers: int
                   guidance: bool = True, config=None, seed: int = 0, device: str = "cpu") -> StepPair:
     """The step of `run_step` through ours and through diffusers' WanTransformer3DModel on the torch `device`:
     diffusers' random init, cast as from_pretrained(torch_dtype=...) loads it (its `_keep_in_fp32_modules`
-    stay float32), converted to ours through convert/wan.py's DIFFUSERS_TRANSFORMER; the same inputs."""
+    stay float32), converted to ours through mlx_video/families/wan/keys.py's DIFFUSERS_TRANSFORMER; the same inputs."""
     import mlx.core as mx
     import torch
     from diffusers import WanTransformer3DModel
 
-    from mlx_video.convert.wan import DIFFUSERS_TRANSFORMER
-    from mlx_video.models.wan.transformer import WanTransformer
+    from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER
+    from mlx_video.families.wan.transformer import WanTransformer
 
     spec, dtype, full, cfg, geo, batch, g = _setup(model_id, dtype, config, layers, size, frames, guidance)
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -715,7 +715,7 @@ def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = 
                      guidance: bool = True, threads: int | None = None, json_path=None, config=None, seed: int = 0,
                      echo=click.echo, command: str | None = None) -> dict:
     """The step of `run_step` through ours and through diffusers' WanTransformer3DModel (torch, CPU), with the
-    same random weights (diffusers' init, converted through convert/wan.py's DIFFUSERS_TRANSFORMER) and inputs,
+    same random weights (diffusers' init, converted through mlx_video/families/wan/keys.py's DIFFUSERS_TRANSFORMER) and inputs,
     in one process. Repeats alternate ours / reference, so load from other jobs hits both alike.
 
     Peak memory. Ours: mx.get_peak_memory over one step (weights included). Reference: the parameter bytes +
@@ -797,7 +797,7 @@ def _flat(tree):
 def wan_vae_pair(config: dict, size: tuple[int, int], latent_frames: int, seed: int = 0, device: str = "cpu"):
     """(ours_decode, reference_decode, info): diffusers' AutoencoderKLWan(**config) (an empty config is its
     default, Wan 2.1's VAE, A14B's) with its random init on the torch `device`, ours converted through
-    convert/wan_vae.py's DIFFUSERS_VAE, fp32; both decode the same latents of `latent_frames` frames at `size`,
+    mlx_video/families/wan/vae_keys.py's DIFFUSERS_VAE, fp32; both decode the same latents of `latent_frames` frames at `size`,
     ours normalised, the reference's de-normalised by latents_mean / latents_std as the pipeline does. Each
     decode returns the video: ours (B, T, H, W, 3), the reference's (B, 3, T, H, W), its device synchronised."""
     import mlx.core as mx
@@ -805,8 +805,8 @@ def wan_vae_pair(config: dict, size: tuple[int, int], latent_frames: int, seed: 
     import torch
     from diffusers import AutoencoderKLWan
 
-    from mlx_video.convert.wan_vae import DIFFUSERS_VAE
-    from mlx_video.models.wan.vae import WanVAE, WanVAEConfig
+    from mlx_video.families.wan.vae_keys import DIFFUSERS_VAE
+    from mlx_video.families.wan.vae import WanVAE, WanVAEConfig
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -854,7 +854,7 @@ def run_vae(model_id: str = "wan2.2-t2v-a14b", sizes=((64, 64), (128, 128)), fra
     import mlx.core as mx
     import numpy as np
 
-    from mlx_video.models.wan.vae import WanVAE
+    from mlx_video.families.wan.vae import WanVAE
 
     spec = get_spec(model_id)
     cfg = vae_config or F.vae_config_for(spec)

@@ -6,7 +6,7 @@
 vs-reference: one denoising step of a reduced-depth transformer at the real width (24 heads x 128 = 3072, MLP
 12288, the real embedders and token refiner, `--double` double-stream and `--single` single-stream blocks; 256
 text tokens, embedded guidance) through ours and through diffusers' HunyuanVideoTransformer3DModel (torch, CPU),
-the same random weights (diffusers' init, converted with convert/hunyuan.py's DIFFUSERS_TRANSFORMER) and inputs,
+the same random weights (diffusers' init, converted with mlx_video/families/hunyuan/keys.py's DIFFUSERS_TRANSFORMER) and inputs,
 in one process, repeats alternating. Memory is measured as `harness.run_vs_reference` does for Wan: ours
 mx.get_peak_memory over one step (weights included); the reference its parameter bytes + inputs + the peak of
 the tensors alive during the step; both also as RSS high-water growth.
@@ -53,7 +53,7 @@ REAL_WIDTH = dict(num_attention_heads=24, attention_head_dim=128, mlp_ratio=4.0,
 def step_pair(size=(256, 256), frames: int = 9, double: int = 1, single: int = 1, refiner: int = 2,
               dtype: str = "fp32", seed: int = 0, device: str = "cpu", **width) -> StepPair:
     """One step (embedded guidance, batch 1, a 77-token prompt of 256 rows) through ours and through diffusers'
-    HunyuanVideoTransformer3DModel on the torch `device`: diffusers' random init converted with convert/hunyuan.py's
+    HunyuanVideoTransformer3DModel on the torch `device`: diffusers' random init converted with mlx_video/families/hunyuan/keys.py's
     DIFFUSERS_TRANSFORMER, the same inputs. `width` overrides REAL_WIDTH (tests use a tiny one)."""
     import mlx.core as mx
     import numpy as np
@@ -61,9 +61,9 @@ def step_pair(size=(256, 256), frames: int = 9, double: int = 1, single: int = 1
     from diffusers import HunyuanVideoTransformer3DModel
     from mlx.utils import tree_flatten
 
-    from mlx_video.convert.hunyuan import DIFFUSERS_TRANSFORMER, convert_weights, transformer_config_from_diffusers
-    from mlx_video.models.hunyuan import cost
-    from mlx_video.models.hunyuan.transformer import HunyuanTransformer
+    from mlx_video.families.hunyuan.keys import DIFFUSERS_TRANSFORMER, convert_weights, transformer_config_from_diffusers
+    from mlx_video.families.hunyuan import cost_model as cost
+    from mlx_video.families.hunyuan.transformer import HunyuanTransformer
 
     width_px, height = size
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -177,9 +177,9 @@ def run_vae(size=(64, 64), frame_counts=(9, 17, 33), json_path=None, seed: int =
     import numpy as np
     from mlx.utils import tree_flatten, tree_map
 
-    from mlx_video.models.hunyuan import cost
-    from mlx_video.models.hunyuan.config import HUNYUAN_VAE
-    from mlx_video.models.hunyuan.vae import HunyuanVAE, VAETiling
+    from mlx_video.families.hunyuan import cost_model as cost
+    from mlx_video.families.hunyuan.config import HUNYUAN_VAE
+    from mlx_video.families.hunyuan.vae import HunyuanVAE, VAETiling
 
     width, height = size
     mx.random.seed(seed)

@@ -6,7 +6,7 @@
 vs-reference: one denoising step of a reduced-depth AsymmDiT at the real widths (visual 3072, text 1536, 24 heads
 x 128, the real T5 attention pool and caption projection from 4096; `--layers` blocks, the last of which updates
 the visual stream only) through ours and through diffusers' MochiTransformer3DModel (torch, CPU), the same random
-weights (diffusers' init, converted with convert/mochi.py's DIFFUSERS_TRANSFORMER) and inputs, in one process,
+weights (diffusers' init, converted with mlx_video/families/mochi/keys.py's DIFFUSERS_TRANSFORMER) and inputs, in one process,
 repeats alternating. Classifier-free guidance batched (batch 2: the prompt, 77 of 256 tokens valid, and the
 negative prompt, 12 valid), as the pipeline runs it. Memory is measured as `harness.run_vs_reference` does for
 Wan: ours mx.get_peak_memory over one step (weights included); the reference its parameter bytes + inputs + the
@@ -51,7 +51,7 @@ def _parse_size(value: str) -> tuple[int, int]:
 def step_pair(size=(256, 256), frames: int = 7, layers: int = 2, dtype: str = "fp32", seed: int = 0,
               device: str = "cpu", **width) -> StepPair:
     """One CFG-batched step (batch 2: 77 and 12 valid of 256 text rows) through ours and through diffusers'
-    MochiTransformer3DModel on the torch `device`: diffusers' random init converted with convert/mochi.py's
+    MochiTransformer3DModel on the torch `device`: diffusers' random init converted with mlx_video/families/mochi/keys.py's
     DIFFUSERS_TRANSFORMER, the same inputs. `width`: MochiTransformer3DModel arguments replacing its defaults
     (Mochi 1 preview's widths; tests use tiny ones)."""
     import mlx.core as mx
@@ -60,9 +60,9 @@ def step_pair(size=(256, 256), frames: int = 7, layers: int = 2, dtype: str = "f
     from diffusers import MochiTransformer3DModel
     from mlx.utils import tree_flatten
 
-    from mlx_video.convert.mochi import DIFFUSERS_TRANSFORMER, convert_weights, transformer_config_from_diffusers
-    from mlx_video.models.mochi import cost
-    from mlx_video.models.mochi.transformer import MochiTransformer
+    from mlx_video.families.mochi.keys import DIFFUSERS_TRANSFORMER, convert_weights, transformer_config_from_diffusers
+    from mlx_video.families.mochi import cost_model as cost
+    from mlx_video.families.mochi.transformer import MochiTransformer
 
     width_px, height = size
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -168,9 +168,9 @@ def run_vae(latent=(16, 16), latent_frames=(1, 2, 4), chunk: int | None = 1, jso
     import numpy as np
     from mlx.utils import tree_flatten, tree_map
 
-    from mlx_video.models.mochi import cost
-    from mlx_video.models.mochi.config import MOCHI_VAE
-    from mlx_video.models.mochi.vae import MochiVAE
+    from mlx_video.families.mochi import cost_model as cost
+    from mlx_video.families.mochi.config import MOCHI_VAE
+    from mlx_video.families.mochi.vae import MochiVAE
 
     lw, lh = latent
     s, ts = MOCHI_VAE.spatial_compression, MOCHI_VAE.temporal_compression

@@ -330,7 +330,7 @@ def make_ours_unfolded(model, latents, context, t, g: float):
     """Our step with the text prepared without folding the zero padding: every row a key, as before the fold."""
     import mlx.core as mx
 
-    from mlx_video.models.wan.transformer import PreparedContext, TextKV
+    from mlx_video.families.wan.transformer import PreparedContext, TextKV
 
     text = model.text_embedding(context)
     kv = [TextKV(*block.cross_attn.project_kv(text), None) for block in model.blocks]
@@ -440,7 +440,7 @@ def profile_block(model_id: str = "wan2.2-t2v-a14b", size=(832, 480), frames: in
     import mlx.nn as nn
 
     from mlx_video.kernels import adaln_modulate, apply_rope_qk, gated_residual
-    from mlx_video.models.wan import cost as F
+    from mlx_video.families.wan import cost_model as F
     from mlx_video.nn.attention import attention
 
     from harness import _timed, measure_matmul

@@ -5,7 +5,7 @@
 
 A grid is LATENT_FRAMES x HEIGHT_TOKENS x WIDTH_TOKENS after patching: 21x45x80 = 75,600 tokens (Wan 2.2 A14B at
 1280x720 x 81 frames), 21x30x52 = 32,760 (832x480 x 81). The defaults are Wan 2.2's radial parameters
-(`mlx_video.models.wan.config.RADIAL_DEFAULTS`: 64-token tiles, decay 0.8, first-frame rule); the head width is
+(`mlx_video.families.wan.config.RADIAL_DEFAULTS`: 64-token tiles, decay 0.8, first-frame rule); the head width is
 the real one (128) and the head count is reduced so that a call fits a CPU's time.
 
 For each grid it times, alternating, `mlx_video.nn.attention.attention` (dense; on MLX's CPU back-end the query
@@ -24,7 +24,7 @@ import time
 
 import mlx.core as mx
 
-from mlx_video.models.wan.config import RADIAL_DEFAULTS
+from mlx_video.families.wan.config import RADIAL_DEFAULTS
 from mlx_video.nn.attention import attention
 from mlx_video.nn.radial import RadialPlan, radial_attention, radial_block_mask
 

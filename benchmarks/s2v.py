@@ -22,9 +22,9 @@ import mlx.core as mx
 
 
 def build(kind: str, layers: int, dtype):
-    from mlx_video.models.wan.config import WanTransformerConfig
-    from mlx_video.models.wan.s2v import WAN_S2V_14B, WanS2VConfig, WanS2VTransformer
-    from mlx_video.models.wan.transformer import WanTransformer
+    from mlx_video.families.wan.config import WanTransformerConfig
+    from mlx_video.families.wan.s2v_model import WAN_S2V_14B, WanS2VConfig, WanS2VTransformer
+    from mlx_video.families.wan.transformer import WanTransformer
 
     if kind == "wan":  # the S2V release's backbone numbers, without the S2V parts
         config = WanTransformerConfig.from_dict({**WAN_S2V_14B.to_dict(), "num_layers": layers})

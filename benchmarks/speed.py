@@ -22,7 +22,7 @@ import numpy as np
 
 
 def build(model_id: str, layers: int, dtype):
-    from mlx_video.models.wan.transformer import WanTransformer
+    from mlx_video.families.wan.transformer import WanTransformer
     from mlx_video.registry import get_spec
 
     spec = get_spec(model_id)
@@ -81,7 +81,7 @@ def main(argv=None):
     compiled_step = mx.compile(lambda xb, tb: model(xb, tb, prepared))
 
     def fused_model():
-        from mlx_video.models.wan.transformer import WanTransformer
+        from mlx_video.families.wan.transformer import WanTransformer
 
         twin = WanTransformer(config, dtype=dtype)
         twin.load_weights(list(tree_flatten(model.parameters())))

@@ -50,8 +50,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .errors import MlxVideoError
-from .options import MAX_VIDEO_SECONDS, parse_segment_prompt, recorded_options
+from mlx_video.errors import MlxVideoError
+from mlx_video.options import MAX_VIDEO_SECONDS, parse_segment_prompt, recorded_options
 
 OVERLAP_LATENT_FRAMES = 2  # K: latent frames held between segments on text-only models
 # what each segment's record keeps of its run's step-cache counts (mlx_video.pipelines.cache.StepCache.stats)
@@ -177,7 +177,7 @@ def extension_frames(o: dict, spec) -> tuple[int, int] | None:
 
 
 @dataclass
-class ExtensionJob:
+class ChainJob:
     """A chain of clips settled and checked (segment 0 prepared as a one-clip job), ready to run."""
 
     options: dict
@@ -209,7 +209,7 @@ class ExtensionJob:
         return record
 
     def summary(self) -> str:
-        from .run import summary_line
+        from mlx_video.run import summary_line
 
         s = self.base.settings
         return (f"{len(self.segments)} segments ({self.method}) of at most {self.clip} frames for {self.total} frames "
@@ -222,8 +222,8 @@ class ExtensionJob:
 def prepare_extension(o: dict, pipe, total: int, clip: int, output_folder=None, check_memory: bool = True,
                       k: int = OVERLAP_LATENT_FRAMES, own_sidecar: bool = False) -> ExtensionJob:
     """Check a chain's options and prepare segment 0 as a one-clip job (memory is checked for one clip)."""
-    from .distributed import world_size
-    from .run import prepare
+    from mlx_video.distributed import world_size
+    from mlx_video.run import prepare
 
     for name, option in UNSUPPORTED.items():
         if o.get(name) not in (None, (), [], False):
@@ -240,7 +240,7 @@ def prepare_extension(o: dict, pipe, total: int, clip: int, output_folder=None, 
         raise MlxVideoError("a chain of segments writes a video: give --output")
     assign_prompts(segments, base.settings.prompt, o.get("segment_prompt"), base.settings.seed, base.settings.fps)
     options = dict(o, output=str(base.output))
-    return ExtensionJob(options, base, segments, method, total, clip, k)
+    return ChainJob(options, base, segments, method, total, clip, k)
 
 
 # ---- running ----
@@ -277,14 +277,14 @@ def crossfade(previous: np.ndarray, new: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
-def segment_runs(job: ExtensionJob, hooks=(), progress: bool = False, echo=None, start: int = 0,
+def segment_runs(job: ChainJob, hooks=(), progress: bool = False, echo=None, start: int = 0,
                  previous: tuple = (None, None)):
     """Generate the segments in order from segment `start`; yields (segment, GenerationResult, decoded uint8
     frames). Only what the next segment needs is kept between iterations: `previous` is that of segment
     start - 1 (its latents, at least their last K frames, and its last decoded frame)."""
     import mlx.core as mx
 
-    from .pipelines.base import GenerationSettings
+    from mlx_video.pipelines.base import GenerationSettings
 
     pipe, base = job.base.pipe, job.base
     previous_latents, previous_frame = previous
@@ -304,7 +304,7 @@ def segment_runs(job: ExtensionJob, hooks=(), progress: bool = False, echo=None,
             init = np.array(hold.start(noise).transpose(0, 4, 1, 2, 3))
             extra = [hold]
         if base.preview_every:  # NAME.preview.png shows the segment being made
-            from .preview import make_preview_hook
+            from mlx_video.preview import make_preview_hook
 
             extra.append(make_preview_hook(pipe, s, init, base.output, base.preview_every,
                                            echo if seg.index == start else None))
@@ -328,11 +328,11 @@ class SegmentStore:
     A fingerprint of what decides the frames (the model folder, the resolved settings, the segment plan) must
     match, so a changed command starts over, while interpolation and delivery options may change freely."""
 
-    def __init__(self, job: ExtensionJob):
+    def __init__(self, job: ChainJob):
         import hashlib
         import json
 
-        from .distributed import folder_fingerprint
+        from mlx_video.distributed import folder_fingerprint
 
         output = job.base.output
         self.folder = output.with_name(f".{output.name}.segments")
@@ -369,7 +369,7 @@ class SegmentStore:
     def save(self, index: int, frames, tail, latents, last_frame, timings: dict, evaluations: dict) -> None:
         import json
 
-        from .io.atomic import atomic_file
+        from mlx_video.io.atomic import atomic_file
 
         if index == 0 or not (self.folder / "chain.json").is_file():
             if self.folder.exists():
@@ -397,7 +397,7 @@ def _image_digest(pixels) -> str | None:
     return None if pixels is None else hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
 
 
-def chain_frames(job: ExtensionJob, timings: dict, hooks=(), echo=None, store: SegmentStore | None = None):
+def chain_frames(job: ChainJob, timings: dict, hooks=(), echo=None, store: SegmentStore | None = None):
     """The chain's output frames in order, made segment by segment: the cross-faded overlaps, the repeated
     conditioning frames dropped. `timings` gathers each stage's seconds over the segments. With a `store`, the
     segments it keeps are read back instead of made, and each new one is kept there before its frames go on."""
@@ -442,13 +442,13 @@ def chain_frames(job: ExtensionJob, timings: dict, hooks=(), echo=None, store: S
             timings[name] = timings.get(name, 0.0) + seconds
 
 
-def run_chain(job: ExtensionJob, echo=click.echo, hooks=()) -> dict:
+def run_chain(job: ChainJob, echo=click.echo, hooks=()) -> dict:
     """Run the segments and stream their frames into the output (atomically) as they are made, through RIFE
     interpolation and the delivery step (preset, overlays, watermark) when asked, then write the sidecar."""
-    from .interpolate import output_frame_count
-    from .io.atomic import publishing
-    from .io.sidecar import write_sidecar
-    from .run import CountedFrames, _stream_frames, deliver
+    from mlx_video.interpolate import output_frame_count
+    from mlx_video.io.atomic import publishing
+    from mlx_video.io.sidecar import write_sidecar
+    from mlx_video.run import CountedFrames, _stream_frames, deliver
 
     base, output = job.base, job.base.output
     s = base.settings

@@ -1,7 +1,7 @@
 """The engine's cost arithmetic that no family owns: bytes per stored weight, FLOP and memory records, the
 published figures of Apple chips, and the time prediction built on a family's cost model.
 
-Each family has one cost model (`mlx_video.families.cost_model(name)`, e.g. `mlx_video/models/wan/cost.py`)
+Each family has one cost model (`mlx_video.families.cost_model(name)`, e.g. `mlx_video/families/wan/cost_model.py`)
 used by both the memory preflight and the benchmarks. It provides:
 
     tokens(spec, width, height, frames) -> int                           transformer tokens of a video

@@ -325,7 +325,7 @@ def interpolate_file(
     """
     from tqdm.auto import tqdm
 
-    from .convert.rife import find_weights, load_rife
+    from mlx_video.rife.weights import find_weights, load_rife
     from .io.atomic import atomic_dir, atomic_file
     from .io.destination import check_destination
     from .io.video import VIDEO_FORMATS

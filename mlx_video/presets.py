@@ -16,7 +16,7 @@ Rules (the README states the same):
 - Duration: frames = stride*n + 1 (stride = the VAE's temporal stride) nearest to seconds * fps (ties round
   up; at least stride + 1); the longest clip is the model's published default frame count (or
   `defaults["max_frames"]` where a spec gives one); `frames_for_duration` refuses longer durations, which
-  `mlxvid generate` makes as a chain of clips instead (`mlx_video.extend`).
+  `mlxvid generate` makes as a chain of clips instead (`mlx_video.chains`).
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def published_factors(family: str, channels: int):
     import importlib
 
     try:
-        module = importlib.import_module(f"mlx_video.models.{family}.latent_rgb")
+        module = importlib.import_module(f"mlx_video.families.{family}.latent_rgb")
     except ImportError:
         return None, None
     found = getattr(module, "FACTORS", {}).get(channels)

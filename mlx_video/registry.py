@@ -98,8 +98,8 @@ class ModelSpec:
 
 
 def _wan_specs() -> list[ModelSpec]:
-    from .models.wan.config import WAN_A14B_I2V, WAN_A14B_T2V, WAN_TI2V_5B
-    from .models.wan.s2v import WAN_S2V_14B
+    from mlx_video.families.wan.config import WAN_A14B_I2V, WAN_A14B_T2V, WAN_TI2V_5B
+    from mlx_video.families.wan.s2v_model import WAN_S2V_14B
 
     a14b_sizes = ((1280, 720), (720, 1280), (832, 480), (480, 832))
     common = dict(sampler="unipc", negative_prompt=WAN_NEGATIVE_PROMPT, text_len=512)
@@ -137,7 +137,7 @@ def _wan_specs() -> list[ModelSpec]:
 
 
 def _hunyuan_specs() -> list[ModelSpec]:
-    from .models.hunyuan.config import HUNYUAN_T2V_720P
+    from mlx_video.families.hunyuan.config import HUNYUAN_T2V_720P
 
     return [
         ModelSpec(
@@ -153,7 +153,7 @@ def _hunyuan_specs() -> list[ModelSpec]:
 
 
 def _mochi_specs() -> list[ModelSpec]:
-    from .models.mochi.config import MOCHI_1_PREVIEW
+    from mlx_video.families.mochi.config import MOCHI_1_PREVIEW
 
     return [
         ModelSpec(

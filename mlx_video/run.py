@@ -151,7 +151,7 @@ class Interpolation:
 
     def interpolator(self):
         """The RIFE model loaded, as an `Interpolator` (frames in, frames out, streamed)."""
-        from .convert.rife import load_rife
+        from mlx_video.rife.weights import load_rife
         from .interpolate import Interpolator
 
         return Interpolator(load_rife(self.weights), self.factor, self.scale, self.scene_threshold)
@@ -159,7 +159,7 @@ class Interpolation:
 
 def parse_interpolation(o: dict) -> Interpolation | None:
     """--interpolate 2x|4x with --rife-weights (default $MLXVID_HOME/models/rife); the weights are only found."""
-    from .convert.rife import find_weights
+    from mlx_video.rife.weights import find_weights
     from .registry import models_home
 
     value, weights = o.get("interpolate"), o.get("rife_weights")
@@ -255,7 +255,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     """Check every option (`mlx_video.options.validate`) and settle the settings against the model, before any
     weights are read. `own_sidecar`: the sidecar beside the output records this job (a batch resuming a job
     whose video was deleted) and is replaced."""
-    from .extend import extension_frames, prepare_extension
+    from mlx_video.chains import extension_frames, prepare_extension
     from .options import check_capabilities
 
     o = validate(options)
@@ -275,7 +275,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
             raise MlxVideoError("--last-image ends one clip: give at most one clip's --frames (no chain of clips)")
         if chain is not None and given(o, "video"):
             raise MlxVideoError("--video makes one clip: give at most one clip's --frames (no chain of clips)")
-        if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.extend)
+        if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.chains)
             return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory,
                                      own_sidecar=own_sidecar)
     source = _source_frames(o, pipe.spec)
@@ -482,7 +482,7 @@ def execute(job: Job, echo=click.echo, hooks=()) -> dict:
     """Run a prepared job and write its outputs atomically, each with its sidecar. If the video cannot be
     written at the end, the latents are kept (beside the output, else in the cache) with a way to decode them."""
 
-    if not isinstance(job, Job):  # a chain of clips (mlx_video.extend.ExtensionJob) runs its own way
+    if not isinstance(job, Job):  # a chain of clips (mlx_video.chains.ChainJob) runs its own way
         return job.execute(echo, hooks)
     if not job.quiet:
         echo(summary_line(job))

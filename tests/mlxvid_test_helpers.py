@@ -24,7 +24,7 @@ from safetensors.torch import save_file  # noqa: E402
 from tiny_wan import randomize_, train_spiece  # noqa: E402
 
 from mlx_video.model_folder import ModelFolder  # noqa: E402
-from mlx_video.models.wan.config import WanTransformerConfig  # noqa: E402
+from mlx_video.families.wan.config import WanTransformerConfig  # noqa: E402
 from mlx_video.registry import MODELS, ModelSpec  # noqa: E402
 
 
@@ -234,7 +234,7 @@ class Tiny:
             return model(self.x, self.t, self.ctx, return_dict=False)[0].numpy()
 
     def ours(self, folder: Path, component: str = "transformer") -> np.ndarray:
-        from mlx_video.models.wan.transformer import WanTransformer
+        from mlx_video.families.wan.transformer import WanTransformer
 
         mf = ModelFolder.open(folder)
         model = WanTransformer(WanTransformerConfig.from_dict(mf.config(component)))
@@ -397,7 +397,7 @@ def vae_file(path: Path, version: str) -> Path:
         sd = official_vae21(meta_state(AutoencoderKLWan), num_res_blocks=2)
         return write_description(path, {k: ("F32", tuple(v.shape), None) for k, v in sd.items()})
     # Wan 2.2 in diffusers names: a vae/ folder with its config.json
-    from mlx_video.models.wan.vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+    from mlx_video.families.wan.vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
     with torch.device("meta"):
         vae = AutoencoderKLWan(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2,

@@ -30,7 +30,7 @@ transformers = pytest.importorskip("transformers")
 F = torch.nn.functional
 
 from mlx_video.audio.wav2vec2 import Wav2Vec2Model  # noqa: E402
-from mlx_video.convert.wav2vec2 import convert_wav2vec2_weights  # noqa: E402
+from mlx_video.families.wan.wav2vec2_keys import convert_wav2vec2_weights  # noqa: E402
 
 # Head width 28, an even positional kernel, three convolutions with 40 samples per feature step.
 TINY = dict(hidden_size=84, num_attention_heads=3, intermediate_size=64, num_hidden_layers=2,

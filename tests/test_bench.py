@@ -1,4 +1,4 @@
-"""The cost models (mlx_video.cost, mlx_video.models.wan.cost) and the benchmark harnesses (benchmarks/harness.py),
+"""The cost models (mlx_video.cost, mlx_video.families.wan.cost_model) and the benchmark harnesses (benchmarks/harness.py),
 on tiny configs."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from mlx_video import cost
-from mlx_video.models.wan import cost as flops
-from mlx_video.models.wan.config import WanTransformerConfig
-from mlx_video.models.wan.vae import WAN21_VAE, WAN22_VAE, WanVAEConfig
+from mlx_video.families.wan import cost_model as flops
+from mlx_video.families.wan.config import WanTransformerConfig
+from mlx_video.families.wan.vae import WAN21_VAE, WAN22_VAE, WanVAEConfig
 from mlx_video.registry import MODELS, get_spec
 
 TINY = WanTransformerConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=4, num_layers=2,
@@ -72,7 +72,7 @@ def test_published_parameter_counts():
 def test_parameter_formula_matches_the_module():
     from mlx.utils import tree_flatten
 
-    from mlx_video.models.wan.transformer import WanTransformer
+    from mlx_video.families.wan.transformer import WanTransformer
 
     for cfg in (TINY, replace(get_spec("wan2.2-ti2v-5b").transformer, num_layers=1)):
         counted = sum(v.size for _, v in tree_flatten(WanTransformer(cfg).parameters()))  # lazy: nothing is allocated

@@ -145,8 +145,8 @@ def test_prepared_context_is_the_same_forward():
     the very numbers of the forward that computes them each call."""
     import mlx.core as mx
 
-    from mlx_video.models.wan.config import WanTransformerConfig
-    from mlx_video.models.wan.transformer import WanTransformer
+    from mlx_video.families.wan.config import WanTransformerConfig
+    from mlx_video.families.wan.transformer import WanTransformer
 
     cfg = WanTransformerConfig(dim=40, ffn_dim=56, freq_dim=16, text_dim=24, num_heads=2, num_layers=3, in_channels=4,
                                out_channels=4, patch_size=(1, 2, 2))

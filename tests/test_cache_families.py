@@ -32,8 +32,8 @@ def rel_err(a, b):
 def test_hunyuan_split_forward_is_the_forward():
     """embed, blocks in any two ranges (double/single boundary included), unembed: the very numbers of the
     forward, with a text mask that needs the key mask (batch 2, different lengths)."""
-    from mlx_video.models.hunyuan.config import HunyuanTransformerConfig
-    from mlx_video.models.hunyuan.transformer import HunyuanTransformer
+    from mlx_video.families.hunyuan.config import HunyuanTransformerConfig
+    from mlx_video.families.hunyuan.transformer import HunyuanTransformer
 
     cfg = HunyuanTransformerConfig(num_heads=3, head_dim=20, mlp_ratio=2.0, num_double_blocks=2, num_single_blocks=3,
                                    num_refiner_blocks=1, rope_axes=(4, 8, 8), patch_size=(1, 2, 2), in_channels=4,
@@ -56,8 +56,8 @@ def test_hunyuan_split_forward_is_the_forward():
 
 
 def test_mochi_split_forward_is_the_forward():
-    from mlx_video.models.mochi.config import MochiTransformerConfig
-    from mlx_video.models.mochi.transformer import MochiTransformer
+    from mlx_video.families.mochi.config import MochiTransformerConfig
+    from mlx_video.families.mochi.transformer import MochiTransformer
 
     cfg = MochiTransformerConfig.with_widths(num_layers=3, num_heads=2, head_dim=24, text_dim=20, in_channels=6,
                                              out_channels=6, t5_dim=32, pool_heads=4, freq_dim=16)

@@ -202,7 +202,7 @@ def test_memory_preflight_refuses_a_run_that_will_not_fit(capsys, a14b, heavy_wo
 
 
 def test_memory_estimate_follows_the_work(a14b):
-    from mlx_video.pipelines.wan import WanPipeline, WanSettings
+    from mlx_video.families.wan.pipeline import WanPipeline, WanSettings
 
     pipe = WanPipeline.from_pretrained(str(a14b[0] / "mlx"))
     small = pipe.estimate_memory(pipe.resolve(WanSettings("x", width=48, height=32, frames=9)))

@@ -253,8 +253,8 @@ def test_folder_with_one_a14b_expert_names_the_missing_one(tmp_path):
 def test_comfy_quant_native_layers_in_bf16(tiny, comfy_quant):
     """A bf16 folder from the same file: the nvfp4 / mxfp8 layers load as MLX quantized layers and answer in bf16."""
     from mlx_video.model_folder import ModelFolder, SameDtypeQuantizedLinear, TensorScaledQuantizedLinear
-    from mlx_video.models.wan.config import WanTransformerConfig
-    from mlx_video.models.wan.transformer import WanTransformer
+    from mlx_video.families.wan.config import WanTransformerConfig
+    from mlx_video.families.wan.transformer import WanTransformer
 
     path, _ = comfy_quant
     out = tiny.root / "mlx_comfy_quant_bf16"

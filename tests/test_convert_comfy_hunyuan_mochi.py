@@ -8,7 +8,7 @@ bf16, or fp8 codes times their per-tensor scale, computed here with torch).
 
 Full size: header-only files of the real names and shapes (references on torch's meta device) plan with nothing
 missing, unknown or misshapen. The ComfyUI names written here follow ComfyUI's modules (see the key tables'
-comments in convert/hunyuan.py, convert/families/hunyuan.py and convert/families/mochi.py).
+comments in mlx_video/families/hunyuan/keys.py, mlx_video/families/hunyuan/planner.py and mlx_video/families/mochi/planner.py).
 """
 
 from __future__ import annotations

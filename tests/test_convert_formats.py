@@ -268,7 +268,7 @@ def test_folder_of_single_files_is_classified_by_keys(tiny, tiny_registry, capsy
 @pytest.mark.parametrize("mode", ["q4", "fp8"])
 def test_quantized_folder_runs_in_the_pipeline(tiny, tiny_registry, mode):
     """The pipeline loads quantized folders through ModelFolder.load_module and denoises without NaN."""
-    from mlx_video.pipelines.wan import WanPipeline, WanSettings
+    from mlx_video.families.wan.pipeline import WanPipeline, WanSettings
 
     path, _ = tiny.comfy("bf16")
     official = tiny.official_folder()
@@ -346,7 +346,7 @@ def test_component_file_replaces_a_folder_component(tiny, capsys):
 def test_quantized_text_encoder_stays_close(a14b):
     """q8 applies to UMT5's linear layers too; its embeddings stay within a small bound of the fp32 ones."""
     from mlx_video.cli import main as cli_main
-    from mlx_video.pipelines.wan import WanPipeline
+    from mlx_video.families.wan.pipeline import WanPipeline
 
     root, _ = a14b
     out = root / "mlx_q8"

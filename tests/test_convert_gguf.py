@@ -237,8 +237,8 @@ def test_gguf_requantized_and_bf16(tiny):
     """--quantize re-quantizes from the dequantized values (no GGUF record); --dtype bf16 keeps the codes with
     float32 scales, and the kept layers answer in bf16 like every other layer."""
     from mlx_video.model_folder import ModelFolder, SameDtypeQuantizedLinear
-    from mlx_video.models.wan.transformer import WanTransformer
-    from mlx_video.models.wan.config import WanTransformerConfig
+    from mlx_video.families.wan.transformer import WanTransformer
+    from mlx_video.families.wan.config import WanTransformerConfig
 
     root, pipe, _ = tiny
     official = {official_transformer_name(k): v.detach().numpy().astype(np.float32) for k, v in pipe.transformer.state_dict().items()}

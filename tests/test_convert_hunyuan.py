@@ -16,9 +16,9 @@ from mlx.utils import tree_flatten
 from transformers import CLIPTextConfig as HFCLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
 from mlx_video.convert.convert import ComponentPlan, _plan_component
-from mlx_video.convert.families import hunyuan as family
+from mlx_video.families.hunyuan import planner as family
 from mlx_video.convert.formats import ComponentSource, TensorFile, classify, open_tensors
-from mlx_video.convert.hunyuan import (
+from mlx_video.families.hunyuan.keys import (
     DIFFUSERS_TRANSFORMER,
     DIFFUSERS_VAE,
     TRANSFORMERS_CLIP,
@@ -27,10 +27,10 @@ from mlx_video.convert.hunyuan import (
 )
 from mlx_video.convert.rules import KeyMap, Rule
 from mlx_video.errors import MlxVideoError
-from mlx_video.models.hunyuan import cost
-from mlx_video.models.hunyuan.config import HUNYUAN_T2V_720P, HUNYUAN_VAE, HunyuanTransformerConfig
-from mlx_video.models.hunyuan.transformer import HunyuanTransformer
-from mlx_video.models.hunyuan.vae import HunyuanVAE
+from mlx_video.families.hunyuan import cost_model as cost
+from mlx_video.families.hunyuan.config import HUNYUAN_T2V_720P, HUNYUAN_VAE, HunyuanTransformerConfig
+from mlx_video.families.hunyuan.transformer import HunyuanTransformer
+from mlx_video.families.hunyuan.vae import HunyuanVAE
 from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder
 from mlx_video.text_encoders.llama import LlamaTextEncoder
 from mlxvid_test_helpers import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER  # noqa: E402

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
-from mlx_video.convert.families import hunyuan as family  # noqa: E402
+from mlx_video.families.hunyuan import planner as family  # noqa: E402
 from mlx_video.convert.formats import TensorFile  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlxvid_test_helpers import official_state  # noqa: E402
@@ -183,7 +183,7 @@ def test_official_config_from_full_size_shapes():
     from the shapes are the published configuration."""
     from diffusers import HunyuanVideoTransformer3DModel
 
-    from mlx_video.models.hunyuan.config import HUNYUAN_T2V_720P
+    from mlx_video.families.hunyuan.config import HUNYUAN_T2V_720P
 
     with torch.device("meta"):
         reference = HunyuanVideoTransformer3DModel(
@@ -200,9 +200,9 @@ def test_official_config_from_full_size_shapes():
     # --quantize fp8 every released fp8 layer is kept as its codes (no data: shapes and dtypes only)
     from mlx_video.convert.convert import ComponentPlan, _plan_component
     from mlx_video.convert.formats import ComponentSource
-    from mlx_video.convert.hunyuan import OFFICIAL_TRANSFORMER
+    from mlx_video.families.hunyuan.keys import OFFICIAL_TRANSFORMER
     from mlx_video.convert.quantize import plan_item
-    from mlx_video.models.hunyuan.transformer import HunyuanTransformer
+    from mlx_video.families.hunyuan.transformer import HunyuanTransformer
 
     fp8 = {k for k, v in shapes.items() if k.startswith(("double_blocks.", "single_blocks.")) and len(v) == 2}
     weights = HeaderOnly(shapes, {k: "F8_E4M3" if k in fp8 else "BF16" for k in shapes})

@@ -14,16 +14,16 @@ from mlx.utils import tree_flatten
 from transformers import T5Config as HFT5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from mlx_video.convert.convert import ComponentPlan, _plan_component
-from mlx_video.convert.families import mochi as family
-from mlx_video.convert.families.hunyuan import FUSED, FusedParts, fused_keymap
+from mlx_video.families.mochi import planner as family
+from mlx_video.families.hunyuan.planner import FUSED, FusedParts, fused_keymap
 from mlx_video.convert.formats import ComponentSource, TensorFile, classify
-from mlx_video.convert.mochi import DIFFUSERS_TRANSFORMER, DIFFUSERS_VAE, OFFICIAL_TRANSFORMER, TRANSFORMERS_T5
-from mlx_video.convert.mochi import transformer_config_from_diffusers, vae_config_from_diffusers
+from mlx_video.families.mochi.keys import DIFFUSERS_TRANSFORMER, DIFFUSERS_VAE, OFFICIAL_TRANSFORMER, TRANSFORMERS_T5
+from mlx_video.families.mochi.keys import transformer_config_from_diffusers, vae_config_from_diffusers
 from mlx_video.errors import MlxVideoError
-from mlx_video.models.mochi import cost
-from mlx_video.models.mochi.config import MOCHI_1_PREVIEW, MOCHI_VAE
-from mlx_video.models.mochi.transformer import MochiTransformer
-from mlx_video.models.mochi.vae import MochiVAE
+from mlx_video.families.mochi import cost_model as cost
+from mlx_video.families.mochi.config import MOCHI_1_PREVIEW, MOCHI_VAE
+from mlx_video.families.mochi.transformer import MochiTransformer
+from mlx_video.families.mochi.vae import MochiVAE
 from mlx_video.registry import get_spec
 from mlx_video.text_encoders.t5 import T5Config, T5Encoder
 from mlxvid_test_helpers import official_state_dict

@@ -32,8 +32,8 @@ def rife_folder(tmp_path_factory):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_video.convert.rife import CONFIG, WEIGHTS
-    from mlx_video.models.rife import IFNet
+    from mlx_video.rife.weights import CONFIG, WEIGHTS
+    from mlx_video.rife import IFNet
 
     mx.random.seed(11)
     model = IFNet()
@@ -68,7 +68,7 @@ def sidecar(path):
 def weights_forbidden(monkeypatch):
     """Fail the test if the generator's or RIFE's weights are read."""
     from mlx_video import model_folder
-    from mlx_video.convert import rife
+    from mlx_video.rife import weights as rife
 
     def boom(*a, **k):
         raise AssertionError("weights were read before the options were checked")

@@ -23,7 +23,7 @@ def _loaded_after(module: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["mlx_video.pipelines.hunyuan", "mlx_video.text_encoders.llama", "mlx_video.cli"])
+@pytest.mark.parametrize("module", ["mlx_video.families.hunyuan.pipeline", "mlx_video.text_encoders.llama", "mlx_video.cli"])
 def test_import_leaves_out_transformers_and_torch(module):
     loaded = _loaded_after(module)
     assert not loaded["transformers"] and not loaded["torch"] and not loaded["diffusers"], loaded

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
-from mlx_video.convert.families.hunyuan import LOW_PRECISION_LLAMA, LOW_PRECISION_TRANSFORMER  # noqa: E402
+from mlx_video.families.hunyuan.planner import LOW_PRECISION_LLAMA, LOW_PRECISION_TRANSFORMER  # noqa: E402
 from tiny_hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"

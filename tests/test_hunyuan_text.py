@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mlx_video.convert.hunyuan import TRANSFORMERS_CLIP, TRANSFORMERS_LLAMA, convert_weights
+from mlx_video.families.hunyuan.keys import TRANSFORMERS_CLIP, TRANSFORMERS_LLAMA, convert_weights
 from mlx_video.errors import MlxVideoError
 from mlx_video.text_encoders.clip import CLIP_TOKENS, CLIPTextConfig, CLIPTextEncoder, encode_pooled
 from mlx_video.text_encoders.llama import (

@@ -13,7 +13,7 @@ from diffusers.loaders.single_file_utils import convert_hunyuan_video_transforme
 from mlx.utils import tree_flatten
 from safetensors.torch import load_file
 
-from mlx_video.convert.hunyuan import (
+from mlx_video.families.hunyuan.keys import (
     COMFYUI_TRANSFORMER,
     DIFFUSERS_TRANSFORMER,
     OFFICIAL_TRANSFORMER,
@@ -22,8 +22,8 @@ from mlx_video.convert.hunyuan import (
     fuse_parts,
     transformer_config_from_diffusers,
 )
-from mlx_video.models.hunyuan.config import HUNYUAN_T2V_720P
-from mlx_video.models.hunyuan.transformer import HunyuanTransformer
+from mlx_video.families.hunyuan.config import HUNYUAN_T2V_720P
+from mlx_video.families.hunyuan.transformer import HunyuanTransformer
 from mlxvid_test_helpers import official_state  # noqa: E402
 
 PARITY_RTOL = 1e-5

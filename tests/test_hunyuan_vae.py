@@ -12,9 +12,9 @@ from diffusers import AutoencoderKLHunyuanVideo
 from mlx.utils import tree_flatten
 from safetensors.torch import load_file
 
-from mlx_video.convert.hunyuan import DIFFUSERS_VAE, convert_weights, vae_config_from_diffusers
-from mlx_video.models.hunyuan.config import HUNYUAN_VAE
-from mlx_video.models.hunyuan.vae import HunyuanVAE, VAETiling
+from mlx_video.families.hunyuan.keys import DIFFUSERS_VAE, convert_weights, vae_config_from_diffusers
+from mlx_video.families.hunyuan.config import HUNYUAN_VAE
+from mlx_video.families.hunyuan.vae import HunyuanVAE, VAETiling
 
 PARITY_RTOL = 1e-5
 

@@ -28,9 +28,9 @@ import pytest
 from mlx_video import kernels
 from mlx_video.convert import fp8 as convert_fp8
 from mlx_video.errors import MlxVideoError
-from mlx_video.models.wan import transformer as wan_transformer
-from mlx_video.models.wan.config import WanTransformerConfig
-from mlx_video.models.wan.transformer import WanTransformer
+from mlx_video.families.wan import transformer as wan_transformer
+from mlx_video.families.wan.config import WanTransformerConfig
+from mlx_video.families.wan.transformer import WanTransformer
 from mlx_video.nn import rope as nn_rope
 from mlx_video.nn.norms import layer_norm_fp32
 from mlx_video.nn.rope import apply_rope_interleaved, rope_tables_3d

@@ -286,7 +286,7 @@ def test_missing_file(a14b, capsys, no_denoising):
 
 
 def test_key_namings_map_to_the_same_layers(loras):
-    from mlx_video.convert.wan import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+    from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
     from mlx_video.lora import read_lora
 
     maps = [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER]

@@ -373,11 +373,11 @@ def test_slices_fuse_into_dense_and_quantized_fused_layers(tmp_path, bits):
     from mlx.utils import tree_flatten
 
     from mlx_video.lora import check_lora, fuse_loras, read_lora
-    from mlx_video.models.hunyuan.config import HunyuanTransformerConfig
-    from mlx_video.models.hunyuan.transformer import HunyuanTransformer
+    from mlx_video.families.hunyuan.config import HunyuanTransformerConfig
+    from mlx_video.families.hunyuan.transformer import HunyuanTransformer
     from mlx_video.nn.linear import dense_weight
-    from mlx_video.convert.hunyuan import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
-    from mlx_video.pipelines.hunyuan import fused_slices
+    from mlx_video.families.hunyuan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+    from mlx_video.families.hunyuan.pipeline import fused_slices
 
     cfg = HunyuanTransformerConfig(num_heads=2, head_dim=32, mlp_ratio=2.0, num_double_blocks=1, num_single_blocks=1,
                                    num_refiner_blocks=1, rope_axes=(8, 12, 12), in_channels=4, out_channels=4,

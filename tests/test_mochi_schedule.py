@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 pipeline_mochi = pytest.importorskip("diffusers.pipelines.mochi.pipeline_mochi")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
-from mlx_video.pipelines.mochi import mochi_timesteps  # noqa: E402
+from mlx_video.families.mochi.pipeline import mochi_timesteps  # noqa: E402
 from mlx_video.samplers import make_sampler  # noqa: E402
 from mlx_video.samplers.schedules import linear_quadratic_sigmas  # noqa: E402
 

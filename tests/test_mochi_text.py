@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mlx_video.convert.mochi import TRANSFORMERS_T5, convert_t5_weights  # noqa: E402
+from mlx_video.families.mochi.keys import TRANSFORMERS_T5, convert_t5_weights  # noqa: E402
 from mlx_video.text_encoders.t5 import T5Config, T5Encoder  # noqa: E402
 from mlx_video.text_encoders.tokenizer import T5Tokenizer  # noqa: E402
 

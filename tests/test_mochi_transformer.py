@@ -13,14 +13,14 @@ from mlx.utils import tree_flatten
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from mlx_video.convert.mochi import (  # noqa: E402
+from mlx_video.families.mochi.keys import (  # noqa: E402
     DIFFUSERS_TRANSFORMER,
     OFFICIAL_TRANSFORMER,
     convert_weights,
     transformer_config_from_diffusers,
 )
-from mlx_video.models.mochi.config import MOCHI_1_PREVIEW  # noqa: E402
-from mlx_video.models.mochi.transformer import MochiTransformer, timestep_from_sigma  # noqa: E402
+from mlx_video.families.mochi.config import MOCHI_1_PREVIEW  # noqa: E402
+from mlx_video.families.mochi.transformer import MochiTransformer, timestep_from_sigma  # noqa: E402
 from mlxvid_test_helpers import official_state_dict  # noqa: E402
 
 TINY = [

@@ -14,15 +14,15 @@ from mlx.utils import tree_flatten
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from mlx_video.convert.mochi import (  # noqa: E402
+from mlx_video.families.mochi.keys import (  # noqa: E402
     DIFFUSERS_VAE,
     OFFICIAL_VAE_DECODER,
     OFFICIAL_VAE_ENCODER,
     convert_weights,
     vae_config_from_diffusers,
 )
-from mlx_video.models.mochi.config import MOCHI_VAE  # noqa: E402
-from mlx_video.models.mochi.vae import MochiVAE  # noqa: E402
+from mlx_video.families.mochi.config import MOCHI_VAE  # noqa: E402
+from mlx_video.families.mochi.vae import MochiVAE  # noqa: E402
 from mlxvid_test_helpers import official_vae_state_dicts  # noqa: E402
 
 TINY = [
@@ -177,7 +177,7 @@ def test_unknown_keys_are_refused():
 
 def test_tiled_convolutions_compute_the_same(tiny, monkeypatch):
     """A tiny unfold budget forces every 3x3x3 conv into per-frame row bands; the result is the same sums."""
-    from mlx_video.models.mochi.vae import CausalConv3d
+    from mlx_video.families.mochi.vae import CausalConv3d
 
     case, ref, ours = tiny
     rng = np.random.default_rng(3)

@@ -304,7 +304,7 @@ def test_rescued_latents_are_written_atomically_under_a_new_name(tmp_path, monke
 
 
 def test_ctrl_c_while_decoding_keeps_the_latents(a14b, tmp_path, capsys, monkeypatch):
-    from mlx_video.pipelines.wan import WanPipeline
+    from mlx_video.families.wan.pipeline import WanPipeline
 
     root, _ = a14b
 
@@ -452,8 +452,8 @@ def test_vae_decode_estimate_follows_the_measured_peak_at_three_sizes(a14b):
     from mlx.utils import tree_flatten
 
     from mlx_video.model_folder import ModelFolder
-    from mlx_video.models.wan.cost import vae_decode_chunk_bytes
-    from mlx_video.models.wan.vae import WanVAE, WanVAEConfig
+    from mlx_video.families.wan.cost_model import vae_decode_chunk_bytes
+    from mlx_video.families.wan.vae import WanVAE, WanVAEConfig
 
     root, _ = a14b
     folder = ModelFolder.open(root / "mlx")

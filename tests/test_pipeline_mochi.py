@@ -214,7 +214,7 @@ def test_bf16_conversion_runs_close_to_fp32(tiny, tmp_path, monkeypatch):
     brings the bf16 run closer to the fp32 one than storing them in bf16 does."""
     import mlx.core as mx
 
-    from mlx_video.convert.families import mochi as mochi_planner
+    from mlx_video.families.mochi import planner as mochi_planner
 
     root, _ = tiny
     main(["convert", str(root / "diffusers"), str(tmp_path / "bf16"), "--dtype", "bf16"])

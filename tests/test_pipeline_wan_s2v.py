@@ -235,7 +235,7 @@ def test_cli_writes_the_voice_into_the_mp4(converted, reference, tmp_path):
 
 
 def test_size_follows_the_portrait():
-    from mlx_video.pipelines.wan_s2v import size_for_image
+    from mlx_video.families.wan.s2v_pipeline import size_for_image
 
     # a 1080x1920 portrait at the 1024x704 area: the largest multiple-of-64 size with its aspect ratio that fits
     h, w = size_for_image(1920, 1080, 1024 * 704)

@@ -212,7 +212,7 @@ def test_latent_rgb_fit_recovers_a_linear_map():
 def test_published_latent_rgb_factors_by_family_and_channels():
     from types import SimpleNamespace
 
-    from mlx_video.models.wan.latent_rgb import WAN21_BIAS, WAN21_WEIGHTS
+    from mlx_video.families.wan.latent_rgb import WAN21_BIAS, WAN21_WEIGHTS
     from mlx_video.preview import latent_to_rgb, projection_for
 
     def fake(family, channels):
@@ -298,7 +298,7 @@ def test_failed_final_write_keeps_the_latents_and_says_how_to_decode(a14b, tmp_p
     (["--shift", "nan"], "--shift must be"),
     (["--max-memory", "nan"], "--max-memory must be"),
     (["--duration", "0"], "--duration must be"),
-    # longer than one clip is a chain of clips (mlx_video.extend), whose own limits are checked as early
+    # longer than one clip is a chain of clips (mlx_video.chains), whose own limits are checked as early
     (["--duration", "60", "--init-latents", "x.npy"], "--init-latents is not supported with a video longer than one clip"),
     (["--duration", "2", "--frames", "9"], "--duration or --frames"),
     (["--preview-every", "0"], "--preview-every must be"),

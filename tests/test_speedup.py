@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from mlx_video import speedup
-from mlx_video.models.wan import config as wan_config
-from mlx_video.models.wan import cost as wan_cost
+from mlx_video.families.wan import config as wan_config
+from mlx_video.families.wan import cost_model as wan_cost
 from mlx_video.pipelines.cache import taylorseer_evaluations
 from mlx_video.registry import get_spec
 
@@ -40,7 +40,7 @@ def stand_in_radial(monkeypatch):
 
 
 def test_expert_segments_follow_the_pipeline_rule():
-    from mlx_video.pipelines.wan import WanPipeline
+    from mlx_video.families.wan.pipeline import WanPipeline
     from mlx_video.recipes import RECIPES
     from mlx_video.samplers import make_sampler
 

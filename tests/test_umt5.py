@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_video.convert.umt5 import OFFICIAL_UMT5, TRANSFORMERS_UMT5, convert_umt5_weights
+from mlx_video.families.wan.umt5_keys import OFFICIAL_UMT5, TRANSFORMERS_UMT5, convert_umt5_weights
 from mlx_video.errors import MlxVideoError
 from mlx_video.text_encoders.prompt import clean_prompt
 from mlx_video.text_encoders.tokenizer import T5Tokenizer

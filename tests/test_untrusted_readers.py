@@ -136,7 +136,7 @@ def bombs(tmp_path_factory):
                                              f"c = PthCheckpoint({str(files['pth-deflated-storage-2GiB'])!r})\n"
                                              "assert c.read_range('w', 1 << 20, 1 << 20).size == 1 << 20"},
         {"name": "deflated-data-pkl", "code": open_all.format(str(files["pth-deflated-data-pkl-1.5GiB"]))},
-        {"name": "rife-stride0", "code": f"from mlx_video.convert.rife import load_rife\nload_rife({str(rife)!r})"},
+        {"name": "rife-stride0", "code": f"from mlx_video.rife.weights import load_rife\nload_rife({str(rife)!r})"},
     ]
     return run_driver(cases, folder)
 

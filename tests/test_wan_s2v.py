@@ -18,8 +18,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_video.convert.convert import ComponentPlan, _plan_component
 from mlx_video.convert.rules import convert_weights
-from mlx_video.convert.wan_s2v import OFFICIAL_S2V_TRANSFORMER, s2v_config_from_official
-from mlx_video.models.wan.s2v import WAN_S2V_14B, WanS2VConfig, WanS2VTransformer
+from mlx_video.families.wan.s2v_keys import OFFICIAL_S2V_TRANSFORMER, s2v_config_from_official
+from mlx_video.families.wan.s2v_model import WAN_S2V_14B, WanS2VConfig, WanS2VTransformer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "s2v"
 # ||ours - official|| / ||official|| in float32; measured up to ~4e-7.

@@ -12,9 +12,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from mlx.utils import tree_flatten
 
-from mlx_video.convert.wan import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER, transformer_config_from_diffusers
-from mlx_video.models.wan.config import WAN_A14B_I2V, WAN_A14B_T2V, WAN_TI2V_5B
-from mlx_video.models.wan.transformer import WanTransformer, sinusoid_frequencies, sinusoidal_embedding
+from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER, transformer_config_from_diffusers
+from mlx_video.families.wan.config import WAN_A14B_I2V, WAN_A14B_T2V, WAN_TI2V_5B
+from mlx_video.families.wan.transformer import WanTransformer, sinusoid_frequencies, sinusoidal_embedding
 from mlx_video.nn.attention import attention
 from mlx_video.nn.rope import apply_rope_interleaved, rope_tables_3d
 

@@ -18,8 +18,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from mlx.utils import tree_flatten
 
-from mlx_video.convert.wan_vae import DIFFUSERS_VAE
-from mlx_video.models.wan.vae import WAN21_VAE, WAN22_VAE, WanVAE, WanVAEConfig
+from mlx_video.families.wan.vae_keys import DIFFUSERS_VAE
+from mlx_video.families.wan.vae import WAN21_VAE, WAN22_VAE, WanVAE, WanVAEConfig
 
 # Worst max|ours - ref| / max|ref| allowed in float32. Measured: at most 2e-6 (printed with -s).
 PARITY_RTOL = 1e-5

@@ -8,7 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_video.audio.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
-from mlx_video.convert.wav2vec2 import TRANSFORMERS_WAV2VEC2, convert_wav2vec2_weights, fold_weight_norm
+from mlx_video.families.wan.wav2vec2_keys import TRANSFORMERS_WAV2VEC2, convert_wav2vec2_weights, fold_weight_norm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

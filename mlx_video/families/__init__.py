@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from .errors import MlxVideoError
+from mlx_video.errors import MlxVideoError
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,14 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
-        Family("wan", "Wan 2.2", "mlx_video.pipelines.wan:WanPipeline", "mlx_video.convert.families.wan",
-               "mlx_video.models.wan.cost", (("s2v", "mlx_video.pipelines.wan_s2v:WanS2VPipeline"),),
+        Family("wan", "Wan 2.2", "mlx_video.families.wan.pipeline:WanPipeline", "mlx_video.families.wan.planner",
+               "mlx_video.families.wan.cost_model", (("s2v", "mlx_video.families.wan.s2v_pipeline:WanS2VPipeline"),),
                "UMT5-XXL encoder", "google/umt5-xxl"),
-        Family("hunyuan", "HunyuanVideo", "mlx_video.pipelines.hunyuan:HunyuanPipeline",
-               "mlx_video.convert.families.hunyuan", "mlx_video.models.hunyuan.cost",
+        Family("hunyuan", "HunyuanVideo", "mlx_video.families.hunyuan.pipeline:HunyuanPipeline",
+               "mlx_video.families.hunyuan.planner", "mlx_video.families.hunyuan.cost_model",
                text_encoders="LLaVA-LLaMA-3-8B, and CLIP-L as --text-encoder-2", tokenizer="the LLaMA tokenizer folder"),
-        Family("mochi", "Mochi 1", "mlx_video.pipelines.mochi:MochiPipeline", "mlx_video.convert.families.mochi",
-               "mlx_video.models.mochi.cost", text_encoders="T5-v1.1-XXL encoder", tokenizer="google/t5-v1_1-xxl"),
+        Family("mochi", "Mochi 1", "mlx_video.families.mochi.pipeline:MochiPipeline", "mlx_video.families.mochi.planner",
+               "mlx_video.families.mochi.cost_model", text_encoders="T5-v1.1-XXL encoder", tokenizer="google/t5-v1_1-xxl"),
     ]
 }
 

@@ -104,6 +104,6 @@ def denoise(sampler, latents: mx.array, predict: Callable[[mx.array, int, object
         mx.eval(latents)
         for hook in hooks:
             replaced = hook(i, t, latents)
-            if replaced is not None:  # a hook may hold part of the latents (see mlx_video.extend)
+            if replaced is not None:  # a hook may hold part of the latents (see mlx_video.chains)
                 latents = replaced
     return latents

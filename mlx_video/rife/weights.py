@@ -21,10 +21,10 @@ from mlx.utils import tree_flatten
 
 from mlx_video.errors import MlxVideoError
 from mlx_video.io.atomic import atomic_dir
-from mlx_video.models.rife import IFNet, IFNetConfig
+from mlx_video.rife import IFNet, IFNetConfig
 
-from .pth import open_state_dict
-from .rules import KeyMap, Rule
+from mlx_video.convert.pth import open_state_dict
+from mlx_video.convert.rules import KeyMap, Rule
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

@@ -2,7 +2,7 @@
 from the configurations alone (no weights, no device). `HunyuanPipeline.estimate_memory` (the preflight) and
 `mlx_video.cost.predict` use it.
 
-FLOP convention (as Wan's, mlx_video/models/wan/cost.py): a linear layer costs 2 * rows * in * out; attention
+FLOP convention (as Wan's, mlx_video/families/wan/cost_model.py): a linear layer costs 2 * rows * in * out; attention
 costs 4 * N_q * N_kv * d per layer (d = heads * head_dim); norms, RoPE and elementwise work are not counted.
 Over N video tokens and L text tokens (all L text positions: an upper bound, padding is dropped at batch 1):
   - double-stream block: per stream q|k|v and the output projection (4 d^2) and the MLP (2 d m) over its own
@@ -20,7 +20,7 @@ import math
 from functools import lru_cache
 
 from mlx_video.cost import DEFAULT_GROUP_SIZE, FlopBreakdown, ParamCount, PeakEstimate, bytes_per_weight, dtype_bytes
-from mlx_video.models.hunyuan.config import HUNYUAN_VAE, HunyuanTransformerConfig, HunyuanVAEConfig
+from mlx_video.families.hunyuan.config import HUNYUAN_VAE, HunyuanTransformerConfig, HunyuanVAEConfig
 
 TEMPLATE_TOKENS = 95  # the prompt template's crop (mlx_video.text_encoders.llama)
 CLIP_TOKENS = 77
@@ -77,7 +77,7 @@ def vae_params(vae_config: HunyuanVAEConfig = HUNYUAN_VAE, decoder_only: bool = 
     """Counted from the module tree (MLX builds it lazily: nothing is materialised)."""
     from mlx.utils import tree_flatten
 
-    from mlx_video.models.hunyuan.vae import HunyuanVAE
+    from mlx_video.families.hunyuan.vae import HunyuanVAE
 
     vae = HunyuanVAE(vae_config)
     tree = [vae.decoder.parameters(), vae.post_quant_conv.parameters()] if decoder_only else vae.parameters()

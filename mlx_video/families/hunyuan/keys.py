@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlx_video.models.hunyuan.config import HunyuanTransformerConfig, HunyuanVAEConfig
+from mlx_video.families.hunyuan.config import HunyuanTransformerConfig, HunyuanVAEConfig
 
-from .rules import (  # noqa: F401  (re-exported: the fused-parts helpers and transforms live in rules.py)
+from mlx_video.convert.rules import (  # noqa: F401  (re-exported: the fused-parts helpers and transforms live in rules.py)
     PART_SEPARATOR,
     KeyMap,
     Rule,

@@ -20,12 +20,12 @@ import mlx.core as mx
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import MlxVideoError
-from ..models.hunyuan.config import RADIAL_DEFAULTS, HunyuanTransformerConfig, HunyuanVAEConfig
-from ..text_encoders.llama import VIDEO_TEMPLATE, VIDEO_TEMPLATE_CROP_START, JsonTokenizer
-from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
-from .cache import ContextArgs, make_step_cache
-from .loop import get_guidance, guidance_none
+from mlx_video.errors import MlxVideoError
+from mlx_video.families.hunyuan.config import RADIAL_DEFAULTS, HunyuanTransformerConfig, HunyuanVAEConfig
+from mlx_video.text_encoders.llama import VIDEO_TEMPLATE, VIDEO_TEMPLATE_CROP_START, JsonTokenizer
+from mlx_video.pipelines.base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
+from mlx_video.pipelines.cache import ContextArgs, make_step_cache
+from mlx_video.pipelines.loop import get_guidance, guidance_none
 
 LLAMA_PAD = "<|end_of_text|>"  # used when the tokenizer folder configures no pad token
 CLIP_PAD = "<|endoftext|>"
@@ -74,8 +74,8 @@ class HunyuanPipeline(Pipeline):
     def encode_text(self, prompts: list[str], progress: bool = False) -> tuple[mx.array, mx.array, mx.array]:
         """(states (B, text_len, text_dim) float32, mask (B, text_len) int32, pooled (B, pooled_dim) float32):
         the Llama path (template, crop, hidden state 3 from the end), then CLIP-L's pooled output."""
-        from ..text_encoders.clip import CLIPTextConfig, CLIPTextEncoder, encode_pooled
-        from ..text_encoders.llama import LlamaTextEncoder, encode_prompts
+        from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder, encode_pooled
+        from mlx_video.text_encoders.llama import LlamaTextEncoder, encode_prompts
 
         with tqdm(total=2, desc="text encoding", disable=not progress, leave=False) as bar:
             llama = LlamaTextEncoder(self.folder.config("text_encoder"))
@@ -97,7 +97,7 @@ class HunyuanPipeline(Pipeline):
         return states, mask, pooled
 
     def load_transformer(self):
-        from ..models.hunyuan.transformer import HunyuanTransformer
+        from mlx_video.families.hunyuan.transformer import HunyuanTransformer
 
         model = HunyuanTransformer(self.transformer_config, dtype=self.dtype)
         self.folder.load_module("transformer", model)
@@ -108,12 +108,12 @@ class HunyuanPipeline(Pipeline):
     # ---- LoRAs (Pipeline.resolve_loras): the converter's tables, diffusers' split q/k/v onto our fused layers ----
 
     def lora_keymaps(self) -> list:
-        from ..convert.hunyuan import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+        from mlx_video.families.hunyuan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
 
         return [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER]
 
     def lora_model(self, component: str):
-        from ..models.hunyuan.transformer import HunyuanTransformer
+        from mlx_video.families.hunyuan.transformer import HunyuanTransformer
 
         return HunyuanTransformer(self.transformer_config)
 
@@ -186,9 +186,9 @@ class HunyuanPipeline(Pipeline):
 
     def estimate_memory(self, s: GenerationSettings, tiling: str = "auto", has_image: bool = False) -> dict:
         """Estimated peak bytes of each stage (text encoding, denoising, decoding), run one after the other: the
-        family's cost model (`mlx_video/models/hunyuan/cost.py`) on this folder's configuration and the bytes
+        family's cost model (`mlx_video/families/hunyuan/cost_model.py`) on this folder's configuration and the bytes
         its components store. Estimates, not measurements; the allocator's cache is not modelled."""
-        from ..models.hunyuan import cost
+        from mlx_video.families.hunyuan import cost_model as cost
 
         name = {mx.bfloat16: "bf16", mx.float16: "fp16", mx.float32: "fp32"}[self.dtype]
         _, _, _, h, w = self.latent_shape(s)
@@ -218,12 +218,12 @@ class HunyuanPipeline(Pipeline):
     # ---- decoding ----
 
     def vae_tile(self, mode: str, latent_hw: tuple[int, int]):
-        """The VAE's tiling (`mlx_video.models.hunyuan.vae.VAETiling`): `off` decodes in overlapping clips of 16
+        """The VAE's tiling (`mlx_video.families.hunyuan.vae.VAETiling`): `off` decodes in overlapping clips of 16
         frames (diffusers' default, framewise decoding), `on` also in overlapping 256-pixel tiles (diffusers'
         `enable_tiling()`), `auto` tiles spatially when one untiled clip would take more than half the memory
         available now (an estimate, `cost.decode_activation_bytes`)."""
-        from ..models.hunyuan import cost
-        from ..models.hunyuan.vae import VAETiling
+        from mlx_video.families.hunyuan import cost_model as cost
+        from mlx_video.families.hunyuan.vae import VAETiling
 
         if mode not in ("auto", "on", "off"):
             raise MlxVideoError(f"--vae-tiling takes auto, on or off, not {mode!r}")
@@ -243,7 +243,7 @@ class HunyuanPipeline(Pipeline):
 
     def decode(self, latents: np.ndarray, tiling: str = "auto", progress: bool = False) -> tuple[np.ndarray, dict]:
         """(1, 16, T, H, W) latents -> (frames, height, width, 3) uint8 video, and decoding statistics."""
-        from ..models.hunyuan.vae import HunyuanVAE
+        from mlx_video.families.hunyuan.vae import HunyuanVAE
 
         if not self.can_decode:
             raise MlxVideoError(f"{self.folder.path} has no vae/ component; re-convert it from a folder with vae/")
@@ -280,7 +280,7 @@ def fused_slices(cfg: HunyuanTransformerConfig) -> dict[str, tuple[int, ...]]:
 def warm_up(model, config: HunyuanTransformerConfig, dtype) -> None:
     """Check the custom kernels once on a minimal input (one latent patch, one text token) before the loop; a
     no-op where only the portable path exists (see `mlx_video.kernels.warm_up`)."""
-    from ..kernels import warm_up as kernel_warm_up
+    from mlx_video.kernels import warm_up as kernel_warm_up
 
     pt, ph, pw = config.patch_size
     x = mx.zeros((1, pt, ph, pw, config.in_channels), dtype=dtype)

@@ -1,5 +1,5 @@
 """HunyuanVideo conversion: the diffusers layout (`HunyuanVideoPipeline`), its components recognised and
-configured, the manifest. The key tables live in `convert/hunyuan.py`; the machinery (sources, the plan
+configured, the manifest. The key tables live in `mlx_video/families/hunyuan/keys.py`; the machinery (sources, the plan
 check, shards, quantization, resume) is shared: `mlx_video.convert.convert`.
 
 diffusers splits the projections our transformer keeps fused (q|k|v per stream, q|k|v|mlp in `linear1`). The
@@ -13,7 +13,7 @@ release's `mp_rank_00_model_states.pt`, a state dict under `module`; ComfyUI's s
 the VAE; a single file takes the configuration of the folder's component it replaces. ComfyUI's single files are
 read through these options: `llava_llama3_fp16` / `llava_llama3_fp8_scaled` (the Llama under `model.`, the fp8 one
 with ComfyUI's `scaled_fp8` marker and per-layer `scale_weight`, folded in by ComponentSource), `clip_l` (CLIP-L
-under `text_model.`) and `hunyuan_video_vae_bf16` (ComfyUI's own VAE names, `convert/hunyuan.py comfyui_vae_keymap`).
+under `text_model.`) and `hunyuan_video_vae_bf16` (ComfyUI's own VAE names, `mlx_video/families/hunyuan/keys.py comfyui_vae_keymap`).
 
 The official release layout (`ckpts/` as the release's README builds it, see RELEASE_MODEL) converts as a whole:
 the transformer's dimensions are read from its shapes (the file has no config), the fp8 variant is read with
@@ -33,10 +33,10 @@ from typing import Callable
 from mlx_video.errors import MlxVideoError
 from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
 
-from ..convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json, diffusers_pipeline_class
-from ..formats import FAMILY_SIGNATURES, ComponentSource, FusedParts, TensorFile, classify, fused_keymap, open_tensors
-from ..formats import FUSED  # noqa: F401  (re-exported for callers of this module)
-from ..rules import KeyMap
+from mlx_video.convert.convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json, diffusers_pipeline_class
+from mlx_video.convert.formats import FAMILY_SIGNATURES, ComponentSource, FusedParts, TensorFile, classify, fused_keymap, open_tensors
+from mlx_video.convert.formats import FUSED  # noqa: F401  (re-exported for callers of this module)
+from mlx_video.convert.rules import KeyMap
 
 MODEL_ID = "hunyuanvideo-t2v"
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
@@ -77,7 +77,7 @@ SIGNATURES = [
     ("hunyuan", "vae", "diffusers", "a HunyuanVideo VAE",
      ("encoder.conv_in.conv.weight", "decoder.conv_in.conv.weight", "post_quant_conv.weight",
       "encoder.mid_block.attentions.0.to_q.weight")),
-    # ComfyUI's HunyuanVideo VAE: its generic AutoencoderKL (conv3d) names, see convert/hunyuan.py comfyui_vae_keymap
+    # ComfyUI's HunyuanVideo VAE: its generic AutoencoderKL (conv3d) names, see mlx_video/families/hunyuan/keys.py comfyui_vae_keymap
     ("hunyuan", "vae", "comfyui", "a HunyuanVideo VAE (ComfyUI names)",
      ("encoder.conv_in.conv.weight", "decoder.conv_in.conv.weight", "post_quant_conv.weight",
       "encoder.mid.attn_1.q.weight")),
@@ -197,9 +197,9 @@ def official_transformer_config(keys, shape, published):
     width and count is read from the tensors; RoPE's split of the head (not visible in any shape) and its theta are
     the published ones when the head width is the published one, else the same proportions (for smaller
     checkpoints, e.g. tests' tiny ones)."""
-    from mlx_video.models.hunyuan.config import HunyuanTransformerConfig
+    from mlx_video.families.hunyuan.config import HunyuanTransformerConfig
 
-    from ..formats import count_blocks
+    from mlx_video.convert.formats import count_blocks
 
     hidden, in_channels, *patch = shape("img_in.proj.weight")
     head_dim = shape("double_blocks.0.img_attn_q_norm.weight")[0]
@@ -231,7 +231,7 @@ def official_transformer_config(keys, shape, published):
 
 def _release_inputs(src: Path, transformer: Path) -> dict:
     """The components of the official release layout under `src` (see RELEASE_MODEL)."""
-    from ..convert import ComponentInput
+    from mlx_video.convert.convert import ComponentInput
 
     inputs = {"transformer": ComponentInput("transformer", transformer, str(transformer.relative_to(src)))}
     vae = src / RELEASE_MODEL / "vae"
@@ -337,8 +337,8 @@ def _diffusers_inputs(src: Path) -> dict:
 
 def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,  # noqa: C901
          log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
-    from mlx_video.models.hunyuan.transformer import HunyuanTransformer
-    from mlx_video.models.hunyuan.vae import HunyuanVAE
+    from mlx_video.families.hunyuan.transformer import HunyuanTransformer
+    from mlx_video.families.hunyuan.vae import HunyuanVAE
     from mlx_video.registry import get_spec
     from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder
     from mlx_video.text_encoders.llama import (
@@ -349,7 +349,7 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
         template_crop_start,
     )
 
-    from ..hunyuan import (
+    from mlx_video.families.hunyuan.keys import (
         DIFFUSERS_TRANSFORMER,
         DIFFUSERS_VAE,
         OFFICIAL_TRANSFORMER,

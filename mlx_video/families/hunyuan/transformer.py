@@ -33,7 +33,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_video.kernels import adaln_modulate, apply_rope_qk, gated_residual
-from mlx_video.models.hunyuan.config import HunyuanTransformerConfig
+from mlx_video.families.hunyuan.config import HunyuanTransformerConfig
 from mlx_video.nn.attention import attention
 from mlx_video.nn.norms import layer_norm_fp32
 from mlx_video.nn.rope import rope_tables_3d

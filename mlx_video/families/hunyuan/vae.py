@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_video.models.hunyuan.config import HunyuanVAEConfig
+from mlx_video.families.hunyuan.config import HunyuanVAEConfig
 from mlx_video.nn.attention import attention
 
 

@@ -2,7 +2,7 @@
 generation, from the configurations alone (no weights, no device). `MochiPipeline.estimate_memory` (the
 preflight) and `mlx_video.cost.predict` use it.
 
-FLOP convention (as Wan's, mlx_video/models/wan/cost.py): a linear layer costs 2 * rows * in * out; attention costs
+FLOP convention (as Wan's, mlx_video/families/wan/cost_model.py): a linear layer costs 2 * rows * in * out; attention costs
 4 * N_q * N_kv * d per layer (d = heads * head_dim); norms, RoPE and elementwise work are not counted. Over N
 visual tokens and L text tokens (all L positions: an upper bound, padding is dropped):
   - per block: the visual stream's q|k|v (dim -> 3 dim), output projection and SwiGLU over N; the text stream's
@@ -20,9 +20,9 @@ import re
 from functools import lru_cache
 
 from mlx_video.cost import DEFAULT_GROUP_SIZE, FlopBreakdown, ParamCount, PeakEstimate, bytes_per_weight, dtype_bytes
-from mlx_video.models.mochi.config import MOCHI_1_PREVIEW, MOCHI_VAE, MochiTransformerConfig, MochiVAEConfig
+from mlx_video.families.mochi.config import MOCHI_1_PREVIEW, MOCHI_VAE, MochiTransformerConfig, MochiVAEConfig
 
-# What --quantize stores in low precision (convert/families/mochi.py uses the same pattern).
+# What --quantize stores in low precision (mlx_video/families/mochi/planner.py uses the same pattern).
 BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(attn\.(qkv_x|qkv_y|proj_x|proj_y)|mlp_[xy]\.w[12]|mod_[xy])\.weight")
 T5_BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(attn\.[qkvo]|ffn\.(gate|fc1|fc2))\.weight")
 T5_XXL = dict(dim=4096, ffn=10240, heads=64, layers=24)
@@ -54,7 +54,7 @@ def _count(module, pattern: re.Pattern) -> ParamCount:
 
 @lru_cache(maxsize=8)
 def transformer_params(config: MochiTransformerConfig = MOCHI_1_PREVIEW) -> ParamCount:
-    from mlx_video.models.mochi.transformer import MochiTransformer
+    from mlx_video.families.mochi.transformer import MochiTransformer
 
     return _count(MochiTransformer(config), BLOCK_LINEAR)
 
@@ -71,7 +71,7 @@ def t5_params() -> ParamCount:
 def vae_params(vae_config: MochiVAEConfig = MOCHI_VAE, decoder_only: bool = False) -> int:
     from mlx.utils import tree_flatten
 
-    from mlx_video.models.mochi.vae import MochiVAE
+    from mlx_video.families.mochi.vae import MochiVAE
 
     vae = MochiVAE(vae_config)
     tree = vae.decoder.parameters() if decoder_only else vae.parameters()
@@ -174,7 +174,7 @@ def text_encoding_activation_bytes(prompts: int = 1, text_len: int = 256) -> int
 def decode_activation_bytes(width: int, height: int, frames: int, vae_config: MochiVAEConfig = MOCHI_VAE,
                             chunk_frames: int | None = None) -> int:
     """The VAE decoder's working set when it decodes `chunk_frames` latent frames at a time (all at once when
-    None), by the rule `mlx_video/models/mochi/vae.py` states and measured: about 20 A + 256 MiB, where A is the
+    None), by the rule `mlx_video/families/mochi/vae.py` states and measured: about 20 A + 256 MiB, where A is the
     widest activation (decoder channels[0] x (temporal_compression x chunk + 2) frames at full size, float32),
     plus the decoded video held as float32 twice (the chunks and their concatenation). Measured on MLX's CPU
     back-end at real widths (benchmarks/RESULTS.md, "Mochi 1"): 1.55 GiB against 1.53 GiB by this rule."""

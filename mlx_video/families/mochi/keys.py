@@ -9,7 +9,7 @@ Formats:
 
 Our modules keep the official fused q|k|v projections (`attn.qkv_x`, `attn.qkv_y`, the VAE encoder's
 `attentions.N.qkv`), so the official names map one to one; diffusers' separate q/k/v map onto *part keys*
-`name#0/1/2` which `fuse_parts` (convert/hunyuan.py, the house convention) concatenates along the output axis.
+`name#0/1/2` which `fuse_parts` (mlx_video/families/hunyuan/keys.py, the house convention) concatenates along the output axis.
 
 Transforms: torch convolutions to channels-last (Conv3d (O, I, kt, kh, kw) -> (O, kt, kh, kw, I)), the 1x1x1 conv
 and the kernel == stride patch conv to linears, and `swap_halves` for the two official tensors whose output halves
@@ -23,10 +23,10 @@ from typing import Mapping
 
 import mlx.core as mx
 
-from mlx_video.models.mochi.config import MochiTransformerConfig, MochiVAEConfig
+from mlx_video.families.mochi.config import MochiTransformerConfig, MochiVAEConfig
 
-from .rules import PART_SEPARATOR, KeyMap, Rule, conv3d_channels_last, swap_halves
-from .rules import convert_weights as _convert_and_fuse
+from mlx_video.convert.rules import PART_SEPARATOR, KeyMap, Rule, conv3d_channels_last, swap_halves
+from mlx_video.convert.rules import convert_weights as _convert_and_fuse
 
 _WB = r"(weight|bias)"
 

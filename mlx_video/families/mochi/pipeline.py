@@ -19,12 +19,12 @@ import mlx.core as mx
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import MlxVideoError
-from ..models.mochi.config import RADIAL_DEFAULTS, MochiTransformerConfig, MochiVAEConfig
-from ..text_encoders.tokenizer import T5Tokenizer
-from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
-from .cache import ContextArgs, make_step_cache
-from .loop import get_guidance, guidance_none
+from mlx_video.errors import MlxVideoError
+from mlx_video.families.mochi.config import RADIAL_DEFAULTS, MochiTransformerConfig, MochiVAEConfig
+from mlx_video.text_encoders.tokenizer import T5Tokenizer
+from mlx_video.pipelines.base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
+from mlx_video.pipelines.cache import ContextArgs, make_step_cache
+from mlx_video.pipelines.loop import get_guidance, guidance_none
 
 CHUNK_CHOICES = (8, 4, 2, 1)  # latent frames per decoded chunk that `auto` tries, largest first
 
@@ -84,7 +84,7 @@ class MochiPipeline(Pipeline):
         """(states (B, text_len, 4096) float32, mask (B, text_len) int32) from T5's last hidden state. With
         `zero_empty_prompt` (diffusers' `force_zeros_for_empty_prompt`, the official code's way) an empty prompt
         becomes token ids 0 with an all-false mask."""
-        from ..text_encoders.t5 import T5Config, T5Encoder
+        from mlx_video.text_encoders.t5 import T5Config, T5Encoder
 
         ids, mask = self.tokenizer(prompts, max_length=self.text_len)
         for row, text in enumerate(prompts):
@@ -100,7 +100,7 @@ class MochiPipeline(Pipeline):
         return states, mask
 
     def load_transformer(self):
-        from ..models.mochi.transformer import MochiTransformer
+        from mlx_video.families.mochi.transformer import MochiTransformer
 
         model = MochiTransformer(self.transformer_config, compute_dtype=self.dtype)
         self.folder.load_module("transformer", model)
@@ -111,12 +111,12 @@ class MochiPipeline(Pipeline):
     # ---- LoRAs (Pipeline.resolve_loras): the converter's tables, diffusers' split q/k/v onto our fused layers ----
 
     def lora_keymaps(self) -> list:
-        from ..convert.mochi import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+        from mlx_video.families.mochi.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
 
         return [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER]
 
     def lora_model(self, component: str):
-        from ..models.mochi.transformer import MochiTransformer
+        from mlx_video.families.mochi.transformer import MochiTransformer
 
         return MochiTransformer(self.transformer_config)
 
@@ -193,9 +193,9 @@ class MochiPipeline(Pipeline):
 
     def estimate_memory(self, s: GenerationSettings, tiling: str = "auto", has_image: bool = False) -> dict:
         """Estimated peak bytes of each stage (text encoding, denoising, decoding), run one after the other: the
-        family's cost model (`mlx_video/models/mochi/cost.py`) on this folder's configuration and the bytes its
+        family's cost model (`mlx_video/families/mochi/cost_model.py`) on this folder's configuration and the bytes its
         components store. Estimates, not measurements; the allocator's cache is not modelled."""
-        from ..models.mochi import cost
+        from mlx_video.families.mochi import cost_model as cost
 
         name = {mx.bfloat16: "bf16", mx.float16: "fp16", mx.float32: "fp32"}[self.dtype]
         _, _, _, h, w = self.latent_shape(s)
@@ -224,7 +224,7 @@ class MochiPipeline(Pipeline):
         latent frames at once, `on` one latent frame (6 video frames) at a time, `auto` the largest chunk of
         8, 4, 2 or 1 latent frames whose estimated working set (`cost.decode_activation_bytes`) stays under half
         the memory available now (all at once when that fits)."""
-        from ..models.mochi import cost
+        from mlx_video.families.mochi import cost_model as cost
 
         if mode not in ("auto", "on", "off"):
             raise MlxVideoError(f"--vae-tiling takes auto, on or off, not {mode!r}")
@@ -246,7 +246,7 @@ class MochiPipeline(Pipeline):
 
     def decode(self, latents: np.ndarray, tiling: str = "auto", progress: bool = False) -> tuple[np.ndarray, dict]:
         """(1, 12, T, H, W) normalised latents -> (frames, height, width, 3) uint8 video, and decoding statistics."""
-        from ..models.mochi.vae import MochiVAE
+        from mlx_video.families.mochi.vae import MochiVAE
 
         if not self.can_decode:
             raise MlxVideoError(f"{self.folder.path} has no vae/ component; re-convert it from a folder with vae/")
@@ -278,7 +278,7 @@ def fused_slices(cfg: MochiTransformerConfig) -> dict[str, tuple[int, ...]]:
 def warm_up(model, config: MochiTransformerConfig, dtype) -> None:
     """Check the custom kernels once on a minimal input (one latent patch, one text token) before the loop; a
     no-op where only the portable path exists (see `mlx_video.kernels.warm_up`)."""
-    from ..kernels import warm_up as kernel_warm_up
+    from mlx_video.kernels import warm_up as kernel_warm_up
 
     p = config.patch_size
     x = mx.zeros((1, 1, p, p, config.in_channels), dtype=dtype)

@@ -1,5 +1,5 @@
 """Mochi 1 preview conversion: the diffusers layout (`MochiPipeline`), its components recognised and configured,
-the manifest. The key tables live in `convert/mochi.py`; the machinery (sources, the plan check, shards,
+the manifest. The key tables live in `mlx_video/families/mochi/keys.py`; the machinery (sources, the plan check, shards,
 quantization, resume) is shared: `mlx_video.convert.convert`.
 
 diffusers splits the q|k|v projections our transformer keeps fused (as the official checkpoint does); they are
@@ -28,7 +28,7 @@ from typing import Callable
 from mlx_video.errors import MlxVideoError
 from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
 
-from ..convert import (
+from mlx_video.convert.convert import (
     ComponentPlan,
     ConversionPlan,
     _component_input,
@@ -37,9 +37,9 @@ from ..convert import (
     _tokenizer_files,
     diffusers_pipeline_class,
 )
-from ..formats import FAMILY_SIGNATURES, ComponentSource, PrefixView, TensorFile, classify, open_tensors
-from ..rules import KeyMap, Rule
-from ..formats import FusedParts, fused_keymap
+from mlx_video.convert.formats import FAMILY_SIGNATURES, ComponentSource, PrefixView, TensorFile, classify, open_tensors
+from mlx_video.convert.rules import KeyMap, Rule
+from mlx_video.convert.formats import FusedParts, fused_keymap
 
 MODEL_ID = "mochi-1-preview"
 COMPONENTS = ("transformer", "text_encoder", "vae")
@@ -118,8 +118,8 @@ class OfficialVAE(TensorFile):
 
 
 def official_vae_keymap() -> KeyMap:
-    """`convert/mochi.py`'s maps of the two official halves, each under its prefix."""
-    from ..mochi import MOCHI_TRANSFORMS, OFFICIAL_VAE_DECODER, OFFICIAL_VAE_ENCODER
+    """`mlx_video/families/mochi/keys.py`'s maps of the two official halves, each under its prefix."""
+    from mlx_video.families.mochi.keys import MOCHI_TRANSFORMS, OFFICIAL_VAE_DECODER, OFFICIAL_VAE_ENCODER
 
     rules = [Rule(rf"{prefix}\.{rule.source}", rule.target, rule.transform)
              for prefix, keymap in (("decoder", OFFICIAL_VAE_DECODER), ("encoder", OFFICIAL_VAE_ENCODER))
@@ -188,13 +188,13 @@ def _config_json(inp, name: str) -> dict:
 
 def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,  # noqa: C901
          log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
-    from mlx_video.models.mochi.config import MochiVAEConfig
-    from mlx_video.models.mochi.transformer import MochiTransformer
-    from mlx_video.models.mochi.vae import MochiVAE
+    from mlx_video.families.mochi.config import MochiVAEConfig
+    from mlx_video.families.mochi.transformer import MochiTransformer
+    from mlx_video.families.mochi.vae import MochiVAE
     from mlx_video.registry import get_spec
     from mlx_video.text_encoders.t5 import T5Config, T5Encoder
 
-    from ..mochi import (
+    from mlx_video.families.mochi.keys import (
         DIFFUSERS_TRANSFORMER,
         DIFFUSERS_VAE,
         OFFICIAL_TRANSFORMER,

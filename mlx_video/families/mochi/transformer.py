@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_video.models.mochi.config import MochiTransformerConfig
+from mlx_video.families.mochi.config import MochiTransformerConfig
 from mlx_video.nn.attention import attention
 
 # 2*pi split as an 8-significant-bit head plus a float32 tail, for an accurate reduction of large angles.

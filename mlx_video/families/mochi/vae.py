@@ -31,7 +31,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_video.models.mochi.config import MochiVAEConfig
+from mlx_video.families.mochi.config import MochiVAEConfig
 
 # For each causal conv (keyed by id), the input frames it keeps from the previous chunk.
 FrameCache = dict

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 from mlx_video.errors import MlxVideoError
-from mlx_video.models.wan.config import WanTransformerConfig
+from mlx_video.families.wan.config import WanTransformerConfig
 from mlx_video.text_encoders.umt5 import UMT5Config
 
-from .formats import count_blocks
+from mlx_video.convert.formats import count_blocks
 
 # Key names of the tensors whose shapes give a transformer's dimensions, per naming.
 _TRANSFORMER_KEYS = {

@@ -25,7 +25,7 @@ from mlx_video.cost import (
     bytes_per_weight,
     dtype_bytes,
 )
-from mlx_video.models.wan.config import WanTransformerConfig
+from mlx_video.families.wan.config import WanTransformerConfig
 
 
 def token_grid(spec, width: int, height: int, frames: int, config: WanTransformerConfig | None = None) -> tuple[int, int, int]:
@@ -68,7 +68,7 @@ def umt5_params(config=None) -> int:
 
 
 def vae_config_for(spec):
-    from mlx_video.models.wan.vae import WAN21_VAE, WAN22_VAE
+    from mlx_video.families.wan.vae import WAN21_VAE, WAN22_VAE
 
     return WAN22_VAE if spec.vae_stride[1] == 16 else WAN21_VAE
 
@@ -78,7 +78,7 @@ def vae_params(vae_config, decoder_only: bool = False) -> int:
     """Counted from the module tree; building `WanVAE` is lazy (no parameter is materialised)."""
     from mlx.utils import tree_flatten
 
-    from mlx_video.models.wan.vae import WanVAE
+    from mlx_video.families.wan.vae import WanVAE
 
     vae = WanVAE(vae_config)
     tree = vae.decoder.parameters() if decoder_only else vae.parameters()

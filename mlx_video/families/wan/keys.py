@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from mlx_video.models.wan.config import WanTransformerConfig
+from mlx_video.families.wan.config import WanTransformerConfig
 
-from .rules import KeyMap, Rule
+from mlx_video.convert.rules import KeyMap, Rule
 
 _N = r"blocks\.(\d+)"
 _WB = r"(weight|bias)"

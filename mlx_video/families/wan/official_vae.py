@@ -21,7 +21,7 @@ import math
 import re
 
 from mlx_video.errors import MlxVideoError
-from mlx_video.models.wan.vae import (
+from mlx_video.families.wan.vae import (
     WAN21_LATENTS_MEAN,
     WAN21_LATENTS_STD,
     WAN22_LATENTS_MEAN,
@@ -29,8 +29,8 @@ from mlx_video.models.wan.vae import (
     WanVAEConfig,
 )
 
-from .rules import KeyMap, Rule
-from .wan_vae import DIFFUSERS_VAE
+from mlx_video.convert.rules import KeyMap, Rule
+from mlx_video.families.wan.vae_keys import DIFFUSERS_VAE
 
 _WB = r"(weight|bias)"
 

@@ -13,14 +13,14 @@ import mlx.core as mx
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import MlxVideoError
-from ..models.wan.config import RADIAL_DEFAULTS, WanTransformerConfig
-from ..text_encoders.prompt import clean_prompt
-from ..text_encoders.tokenizer import T5Tokenizer
-from .base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
-from ..distributed import check_same_model, current_split, guidance_cfg_parallel
-from .attention_mode import prepare_model
-from .loop import get_guidance
+from mlx_video.errors import MlxVideoError
+from mlx_video.families.wan.config import RADIAL_DEFAULTS, WanTransformerConfig
+from mlx_video.text_encoders.prompt import clean_prompt
+from mlx_video.text_encoders.tokenizer import T5Tokenizer
+from mlx_video.pipelines.base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
+from mlx_video.distributed import check_same_model, current_split, guidance_cfg_parallel
+from mlx_video.pipelines.attention_mode import prepare_model
+from mlx_video.pipelines.loop import get_guidance
 
 HIGH_NOISE, LOW_NOISE = "transformer", "transformer_2"
 
@@ -100,7 +100,7 @@ class WanPipeline(Pipeline):
 
     def encode_text(self, prompts: list[str], progress: bool = False) -> mx.array:
         """(len(prompts), text_len, dim) embeddings, zero past each prompt's length, as the reference pads them."""
-        from ..text_encoders.umt5 import UMT5Config, UMT5Encoder
+        from mlx_video.text_encoders.umt5 import UMT5Config, UMT5Encoder
 
         ids, mask = self.tokenizer([clean_prompt(p) for p in prompts], max_length=self.text_len)
         # Positions past the longest prompt are zeroed afterwards, and padding keys are masked, so the valid
@@ -124,7 +124,7 @@ class WanPipeline(Pipeline):
         """The image conditioning, channels-last: (1, T, h, w, 4 + z) mask and latents for I2V-A14B, (1, 1, h, w, z)
         for TI2V-5B. `image` (and `last_image`, first-last frame on I2V-A14B) is (height, width, 3) float in
         [-1, 1], already fitted to the video size."""
-        from ..models.wan.vae import WanVAE, WanVAEConfig
+        from mlx_video.families.wan.vae import WanVAE, WanVAEConfig
 
         for what, pixels in (("conditioning image", image), ("last image", last_image)):
             if pixels is not None and pixels.shape != (s.height, s.width, 3):
@@ -160,7 +160,7 @@ class WanPipeline(Pipeline):
     def encode_video(self, video: np.ndarray, s: GenerationSettings, progress: bool = False) -> mx.array:
         """Video-to-video: the (frames, height, width, 3) [-1, 1] clip, fitted to the video size, as (1, T, h, w, z)
         normalised latents (the VAE's mode, as diffusers' `retrieve_latents(..., "argmax")`)."""
-        from ..models.wan.vae import WanVAE, WanVAEConfig
+        from mlx_video.families.wan.vae import WanVAE, WanVAEConfig
 
         if video.shape != (s.frames, s.height, s.width, 3):
             raise MlxVideoError(f"the input video is {video.shape}, expected ({s.frames}, {s.height}, {s.width}, 3)")
@@ -175,7 +175,7 @@ class WanPipeline(Pipeline):
         return latents
 
     def load_transformer(self, name: str):
-        from ..models.wan.transformer import WanTransformer
+        from mlx_video.families.wan.transformer import WanTransformer
 
         config = self.transformer_config if name == HIGH_NOISE else WanTransformerConfig.from_dict(self.folder.config(name))
         model = WanTransformer(config, dtype=self.dtype)
@@ -196,12 +196,12 @@ class WanPipeline(Pipeline):
         return [HIGH_NOISE if target == "high" else LOW_NOISE]
 
     def lora_keymaps(self) -> list:
-        from ..convert.wan import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+        from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
 
         return [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER]
 
     def lora_model(self, component: str):
-        from ..models.wan.transformer import WanTransformer
+        from mlx_video.families.wan.transformer import WanTransformer
 
         return WanTransformer(WanTransformerConfig.from_dict(self.folder.config(component)))
 
@@ -347,7 +347,7 @@ class WanPipeline(Pipeline):
         def label(i: int) -> str:
             return _expert_label(schedule[i], self.two_experts)
 
-        from .cache import make_step_cache
+        from mlx_video.pipelines.cache import make_step_cache
 
         step_cache = make_step_cache(s.cache, steps, schedule, self.spec.id,
                                      image_mode=cond is not None and self.image_mode == "first_frame")
@@ -384,11 +384,11 @@ class WanPipeline(Pipeline):
 
     def estimate_memory(self, s: GenerationSettings, tiling: str = "auto", has_image: bool = False) -> dict:
         """Estimated peak bytes of each stage, run one after the other: the family's cost model
-        (`mlx_video/models/wan/cost.py`, the same estimate the benchmarks use) on this folder's configuration
+        (`mlx_video/families/wan/cost_model.py`, the same estimate the benchmarks use) on this folder's configuration
         and the bytes its components store. Not modelled: the allocator's cache and the rest of the process;
         the figures are estimates, not measurements."""
-        from ..models.wan import cost
-        from ..models.wan.vae import WanVAEConfig
+        from mlx_video.families.wan import cost_model as cost
+        from mlx_video.families.wan.vae import WanVAEConfig
 
         name = {mx.bfloat16: "bf16", mx.float16: "fp16", mx.float32: "fp32"}[self.dtype]
         _, _, _, h, w = self.latent_shape(s)
@@ -440,8 +440,8 @@ class WanPipeline(Pipeline):
         if mode == "on":
             return tile
         # one untiled chunk, by the measured rule of the cost model
-        from ..models.wan.cost import vae_decode_chunk_bytes
-        from ..models.wan.vae import WanVAEConfig
+        from mlx_video.families.wan.cost_model import vae_decode_chunk_bytes
+        from mlx_video.families.wan.vae import WanVAEConfig
 
         estimate = vae_decode_chunk_bytes(WanVAEConfig.from_dict(self.folder.config("vae")), w * s, h * s)
         available = available_memory_bytes()
@@ -449,7 +449,7 @@ class WanPipeline(Pipeline):
 
     def decode(self, latents: np.ndarray, tiling: str = "auto", progress: bool = False) -> tuple[np.ndarray, dict]:
         """(1, C, T, H, W) latents -> (frames, height, width, 3) uint8 video, and decoding statistics."""
-        from ..models.wan.vae import WanVAE, WanVAEConfig
+        from mlx_video.families.wan.vae import WanVAE, WanVAEConfig
 
         if not self.can_decode:
             raise MlxVideoError(f"{self.folder.path} has no vae/ component; re-convert it from a folder with vae/")
@@ -473,7 +473,7 @@ class WanPipeline(Pipeline):
 def warm_up(model, config: WanTransformerConfig, dtype) -> None:
     """Check the custom kernels once on a minimal input (one latent patch, one text token) before the loop;
     a no-op where only the portable path exists (see `mlx_video.kernels.warm_up`)."""
-    from ..kernels import warm_up as kernel_warm_up
+    from mlx_video.kernels import warm_up as kernel_warm_up
 
     pt, ph, pw = config.patch_size
     x = mx.zeros((1, pt, ph, pw, config.in_channels), dtype=dtype)

@@ -14,7 +14,7 @@ from mlx_video.errors import MlxVideoError
 from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
 from mlx_video.registry import MODELS
 
-from ..convert import (
+from mlx_video.convert.convert import (
     COMPONENTS,
     KIND_OF,
     KIND_WORDS,
@@ -30,7 +30,7 @@ from ..convert import (
     _tokenizer_files,
     diffusers_pipeline_class,
 )
-from ..formats import ComponentSource, classify, lookalike, open_tensors, split_all_in_one
+from mlx_video.convert.formats import ComponentSource, classify, lookalike, open_tensors, split_all_in_one
 
 
 
@@ -245,8 +245,8 @@ def _shapes(source: ComponentSource) -> dict[str, tuple[int, ...]]:
 
 
 def _transformer_config(inp: ComponentInput, source: ComponentSource, naming: str, spec):
-    from ..infer import infer_transformer_config, transformer_config_from_official
-    from ..wan import transformer_config_from_diffusers
+    from mlx_video.families.wan.config_from_shapes import infer_transformer_config, transformer_config_from_official
+    from mlx_video.families.wan.keys import transformer_config_from_diffusers
 
     if inp.config_json is not None:
         cls = inp.config_json.get("_class_name")
@@ -279,7 +279,7 @@ def _is_s2v(source: ComponentSource) -> bool:
 def _s2v_config(backbone, inp: ComponentInput, source: ComponentSource):
     """The S2V config: config.json's S2V fields (the official `WanModel_S2V` arguments) with the backbone read
     like any Wan transformer's; the wav2vec2 layer count is the shape of the audio encoder's layer weights."""
-    from ..wan_s2v import s2v_config_from_official
+    from mlx_video.families.wan.s2v_keys import s2v_config_from_official
 
     try:
         cfg = s2v_config_from_official(inp.config_json or {})
@@ -291,7 +291,7 @@ def _s2v_config(backbone, inp: ComponentInput, source: ComponentSource):
 def _audio_encoder_plan(folder: Path | None, src) -> ComponentPlan:
     from mlx_video.audio.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 
-    from ..wav2vec2 import TRANSFORMERS_WAV2VEC2, WeightNormFolded
+    from mlx_video.families.wan.wav2vec2_keys import TRANSFORMERS_WAV2VEC2, WeightNormFolded
 
     if folder is None:
         raise MlxVideoError(
@@ -318,7 +318,7 @@ def _audio_encoder_plan(folder: Path | None, src) -> ComponentPlan:
 
 def _transformer_hint(source: ComponentSource, naming: str) -> Callable[[], str]:
     def hint() -> str:
-        from ..infer import describe_transformer, infer_transformer_config, which_wan
+        from mlx_video.families.wan.config_from_shapes import describe_transformer, infer_transformer_config, which_wan
 
         try:
             cfg = infer_transformer_config(_shapes(source), naming, num_heads=1)
@@ -334,7 +334,7 @@ def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict)
     """The registry spec, and whether the checkpoint's size must equal the spec's."""
     from mlx_video.registry import get_spec
 
-    from ..infer import describe_transformer, same_size, which_wan
+    from mlx_video.families.wan.config_from_shapes import describe_transformer, same_size, which_wan
 
     if base is not None:
         return get_spec(base), True
@@ -382,12 +382,12 @@ def plan(  # noqa: C901
     allow_unknown_keys: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> ConversionPlan:
-    from mlx_video.models.wan.transformer import WanTransformer
+    from mlx_video.families.wan.transformer import WanTransformer
     from mlx_video.text_encoders.umt5 import UMT5Config, UMT5Encoder
 
-    from ..infer import describe_transformer, infer_umt5_config, same_size, size_differences, which_wan
-    from ..umt5 import OFFICIAL_UMT5, TRANSFORMERS_UMT5
-    from ..wan import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+    from mlx_video.families.wan.config_from_shapes import describe_transformer, infer_umt5_config, same_size, size_differences, which_wan
+    from mlx_video.families.wan.umt5_keys import OFFICIAL_UMT5, TRANSFORMERS_UMT5
+    from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
 
     components = {k: v for k, v in (components or {}).items() if v is not None}
     for name in components:
@@ -511,9 +511,9 @@ def plan(  # noqa: C901
         keymap = OFFICIAL_TRANSFORMER if namings[name] == "official" else DIFFUSERS_TRANSFORMER
         module = None
         if hints["s2v"]:
-            from mlx_video.models.wan.s2v import WanS2VTransformer
+            from mlx_video.families.wan.s2v_model import WanS2VTransformer
 
-            from ..wan_s2v import OFFICIAL_S2V_TRANSFORMER
+            from mlx_video.families.wan.s2v_keys import OFFICIAL_S2V_TRANSFORMER
 
             if namings[name] != "official":
                 raise MlxVideoError(f"{source.what}: Wan2.2-S2V converts from the official release's names only")
@@ -551,10 +551,10 @@ def plan(  # noqa: C901
     # 4. VAE (optional: without it the pipeline stops at latents)
     vae_cfg = None
     if inputs.get("vae") is not None:
-        from mlx_video.models.wan.vae import WanVAE, WanVAEConfig
+        from mlx_video.families.wan.vae import WanVAE, WanVAEConfig
 
-        from ..official_vae import infer_official_vae_config, official_vae_keymap
-        from ..wan_vae import DIFFUSERS_VAE
+        from mlx_video.families.wan.official_vae import infer_official_vae_config, official_vae_keymap
+        from mlx_video.families.wan.vae_keys import DIFFUSERS_VAE
 
         vae_inp, vae_source = inputs["vae"], sources["vae"]
         if namings["vae"] == "official":
@@ -587,7 +587,7 @@ def plan(  # noqa: C901
     if tokenizer_files:
         copy_files["tokenizer"] = tokenizer_files
     else:
-        from ..formats import embedded_spiece
+        from mlx_video.convert.formats import embedded_spiece
 
         embedded = embedded_spiece(te_source)
         if embedded is None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .rules import KeyMap, Rule
-from .wan import OFFICIAL_TRANSFORMER
+from mlx_video.convert.rules import KeyMap, Rule
+from mlx_video.families.wan.keys import OFFICIAL_TRANSFORMER
 
 _WB = r"(weight|bias)"
 _AUDIO = r"casual_audio_encoder\.encoder"
@@ -61,7 +61,7 @@ def s2v_config_from_official(config_json: dict):
 
     `motion_frames` (73) is a pipeline setting that config.json may lack; the wav2vec2 layer count is fixed at 25
     by the official audio encoder (it is not a constructor argument)."""
-    from mlx_video.models.wan.s2v import WAN_S2V_14B, WanS2VConfig
+    from mlx_video.families.wan.s2v_model import WAN_S2V_14B, WanS2VConfig
 
     required = {
         "enable_adain": True, "adain_mode": "attn_norm", "enable_framepack": True, "enable_motioner": False,
@@ -74,7 +74,7 @@ def s2v_config_from_official(config_json: dict):
         raise ValueError("add_last_motion=False is not supported (Wan2.2-S2V uses True)")
     from dataclasses import asdict
 
-    from .infer import transformer_config_from_official
+    from mlx_video.families.wan.config_from_shapes import transformer_config_from_official
 
     d = WAN_S2V_14B
     return WanS2VConfig(

@@ -25,8 +25,8 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_video.kernels import adaln_modulate, gated_residual
-from mlx_video.models.wan.config import WanTransformerConfig
-from mlx_video.models.wan.transformer import (
+from mlx_video.families.wan.config import WanTransformerConfig
+from mlx_video.families.wan.transformer import (
     Head,
     PreparedContext,
     TextEmbedding,

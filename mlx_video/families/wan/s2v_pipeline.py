@@ -33,12 +33,12 @@ import mlx.core as mx
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import MlxVideoError
-from ..options import check_number
-from .base import GenerationResult, GenerationSettings, reference_layout, release
-from .attention_mode import prepare_model
-from .loop import get_guidance
-from .wan import HIGH_NOISE, WanPipeline
+from mlx_video.errors import MlxVideoError
+from mlx_video.options import check_number
+from mlx_video.pipelines.base import GenerationResult, GenerationSettings, reference_layout, release
+from mlx_video.pipelines.attention_mode import prepare_model
+from mlx_video.pipelines.loop import get_guidance
+from mlx_video.families.wan.pipeline import HIGH_NOISE, WanPipeline
 
 AUDIO_ENCODER = "audio_encoder"
 # Frames of the first motion buffer that show the portrait with --start-from-portrait (the official value).
@@ -116,7 +116,7 @@ class WanS2VPipeline(WanPipeline):
 
     def __init__(self, folder):
         super().__init__(folder)
-        from ..models.wan.s2v import WanS2VConfig
+        from mlx_video.families.wan.s2v_model import WanS2VConfig
 
         self.transformer_config = WanS2VConfig.from_dict(folder.config(HIGH_NOISE))
         self.text_len = self.transformer_config.text_len  # the model pads (or refuses) text to its own length
@@ -143,7 +143,7 @@ class WanS2VPipeline(WanPipeline):
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
         s = GenerationSettings.from_dict(settings.to_dict())
         if s.width is None and s.height is None and s.image is not None and Path(s.image).is_file():
-            from ..io.image import load_image
+            from mlx_video.io.image import load_image
 
             h, w = load_image(s.image).shape[:2]
             s.height, s.width = size_for_image(h, w, int(self.default("max_area")), self.spec.size_multiple)
@@ -155,7 +155,7 @@ class WanS2VPipeline(WanPipeline):
             s.clips = int(s.clips)
         self.read_voice(s.audio)  # unreadable, silent or too short: refused now, before any weights are read
         if s.pose_video is not None:
-            from ..interpolate import open_input
+            from mlx_video.interpolate import open_input
 
             source = open_input(s.pose_video)
             source.frames.close()
@@ -163,9 +163,9 @@ class WanS2VPipeline(WanPipeline):
 
     def read_voice(self, path: str):
         """The voice track as mono 16 kHz samples (read once per file and kept), checked."""
-        from ..audio.features import WAV2VEC2_SAMPLE_RATE, min_samples
-        from ..audio.wav2vec2 import Wav2Vec2Config
-        from ..io.audio import check_audio, read_audio
+        from mlx_video.audio.features import WAV2VEC2_SAMPLE_RATE, min_samples
+        from mlx_video.audio.wav2vec2 import Wav2Vec2Config
+        from mlx_video.io.audio import check_audio, read_audio
 
         file = Path(path)
         if not file.is_file():
@@ -180,8 +180,8 @@ class WanS2VPipeline(WanPipeline):
 
     def clip_count(self, s: GenerationSettings) -> int:
         """Clips the voice track covers (at least one), or fewer with --clips."""
-        from ..audio.features import FEATURE_RATE, resampled_length
-        from ..audio.wav2vec2 import Wav2Vec2Config
+        from mlx_video.audio.features import FEATURE_RATE, resampled_length
+        from mlx_video.audio.wav2vec2 import Wav2Vec2Config
 
         samples = self.read_voice(s.audio).samples.shape[0]
         steps = resampled_length(Wav2Vec2Config.from_dict(self.folder.config(AUDIO_ENCODER)).output_length(samples))
@@ -202,8 +202,8 @@ class WanS2VPipeline(WanPipeline):
 
     def encode_audio(self, s: GenerationSettings, progress: bool = False):
         """Per-video-frame features of every wav2vec2 layer for the whole track (mlx_video.audio.features)."""
-        from ..audio.features import frame_audio_features
-        from ..audio.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
+        from mlx_video.audio.features import frame_audio_features
+        from mlx_video.audio.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 
         audio = self.read_voice(s.audio)
         with tqdm(total=1, desc="audio encoding", disable=not progress, leave=False) as bar:
@@ -217,7 +217,7 @@ class WanS2VPipeline(WanPipeline):
         return features
 
     def load_transformer(self, name: str = HIGH_NOISE):
-        from ..models.wan.s2v import WanS2VTransformer
+        from mlx_video.families.wan.s2v_model import WanS2VTransformer
 
         model = WanS2VTransformer(self.transformer_config, dtype=self.dtype)
         self.folder.load_module(name, model)
@@ -227,18 +227,18 @@ class WanS2VPipeline(WanPipeline):
     # LoRAs: the backbone's keys are Wan 14B's, so Wan LoRAs in either naming apply; S2V-only layers too.
 
     def lora_keymaps(self) -> list:
-        from ..convert.wan import DIFFUSERS_TRANSFORMER
-        from ..convert.wan_s2v import OFFICIAL_S2V_TRANSFORMER
+        from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER
+        from mlx_video.families.wan.s2v_keys import OFFICIAL_S2V_TRANSFORMER
 
         return [DIFFUSERS_TRANSFORMER, OFFICIAL_S2V_TRANSFORMER]
 
     def lora_model(self, component: str):
-        from ..models.wan.s2v import WanS2VTransformer
+        from mlx_video.families.wan.s2v_model import WanS2VTransformer
 
         return WanS2VTransformer(self.transformer_config)
 
     def load_vae(self):
-        from ..models.wan.vae import WanVAE, WanVAEConfig
+        from mlx_video.families.wan.vae import WanVAE, WanVAEConfig
 
         vae = WanVAE(WanVAEConfig.from_dict(self.folder.config("vae")))
         self.folder.load_module("vae", vae)
@@ -254,8 +254,8 @@ class WanS2VPipeline(WanPipeline):
         clip's frames behind a copy of its first frame, dropping that latent."""
         if s.pose_video is None:
             return None
-        from ..interpolate import open_input
-        from ..io.image import fit_float_short_side
+        from mlx_video.interpolate import open_input
+        from mlx_video.io.image import fit_float_short_side
 
         source = open_input(s.pose_video)
         every = max(1, round(float(source.fps) / s.fps)) if source.fps else 1
@@ -296,7 +296,7 @@ class WanS2VPipeline(WanPipeline):
             settings = GenerationSettings.from_dict({**settings.to_dict(), "image": "<array>"})
         s = self.resolve(settings)
         self.check_image_use(image is not None)
-        from ..distributed import current_split
+        from mlx_video.distributed import current_split
 
         if current_split(self.uses_cfg(s)) is not None:
             raise MlxVideoError(f"{self.spec.id} runs in one process for now (not CFG- or sequence-parallel); "
@@ -346,7 +346,7 @@ class WanS2VPipeline(WanPipeline):
         guide = get_guidance(s.guidance_mode)
         tile = self.vae_tile("auto", reference.shape[2:4])
 
-        from .cache import make_step_cache
+        from mlx_video.pipelines.cache import make_step_cache
 
         videos, clip_latents, caches = [], [], []
         timings["denoising"] = timings["decoding"] = 0.0

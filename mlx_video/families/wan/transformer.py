@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_video.kernels import adaln_modulate, apply_rope_qk, gated_residual, rope_tables
-from mlx_video.models.wan.config import WanTransformerConfig
+from mlx_video.families.wan.config import WanTransformerConfig
 from mlx_video.nn.attention import attention, fold_zero_padding
 from mlx_video.nn.norms import FP32LayerNorm
 

@@ -10,7 +10,7 @@ from typing import Mapping
 
 import mlx.core as mx
 
-from .rules import KeyMap, Rule
+from mlx_video.convert.rules import KeyMap, Rule
 
 _BLOCK = r"encoder\.block\.(\d+)\.layer"
 

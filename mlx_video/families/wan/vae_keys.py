@@ -11,7 +11,7 @@ import re
 
 import mlx.core as mx
 
-from .rules import KeyMap, Rule
+from mlx_video.convert.rules import KeyMap, Rule
 
 
 def conv3d_to_channels_last(w: mx.array) -> mx.array:

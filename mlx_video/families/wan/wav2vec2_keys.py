@@ -17,8 +17,8 @@ from typing import Mapping
 
 import mlx.core as mx
 
-from .formats import TensorFile
-from .rules import KeyMap, Rule
+from mlx_video.convert.formats import TensorFile
+from mlx_video.convert.rules import KeyMap, Rule
 
 _P = r"(?:wav2vec2\.)?"
 _POS_CONV = "encoder.pos_conv_embed.conv"

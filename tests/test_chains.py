@@ -1,4 +1,4 @@
-"""Longer videos (mlx_video.extend): the segment plan, prompts and seeds per segment, a 30-second chain through
+"""Longer videos (mlx_video.chains): the segment plan, prompts and seeds per segment, a 30-second chain through
 `mlxvid generate` read back with PyAV, and proof that a later segment is conditioned on the one before."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from mlx_video.cli import main
 from mlx_video.errors import MlxVideoError
-from mlx_video.extend import (
+from mlx_video.chains import (
     LAST_FRAME, LATENT_OVERLAP, OVERLAP_LATENT_FRAMES, assign_prompts, crossfade, overlap_frames, plan_segments,
 )
 
@@ -164,7 +164,7 @@ def test_an_interrupted_chain_resumes_where_it_stopped(a14b, tmp_path, monkeypat
     segments 3-4, and writes the frames of an uninterrupted run. A changed command starts over."""
     from PIL import Image
 
-    from mlx_video.pipelines.wan import WanPipeline
+    from mlx_video.families.wan.pipeline import WanPipeline
 
     root, _ = a14b
     calls = []
@@ -267,7 +267,7 @@ def _rel(a, b):
 
 
 def test_latent_overlap_conditions_the_next_segment(a14b, tmp_path):
-    from mlx_video.extend import segment_runs
+    from mlx_video.chains import segment_runs
     from mlx_video.pipelines.base import GenerationSettings
     from mlx_video.run import prepare
 
@@ -309,7 +309,7 @@ def ti2v(tmp_path_factory):
 def test_last_frame_conditions_the_next_segment_on_an_image_model(ti2v, tmp_path):
     import mlx.core as mx
 
-    from mlx_video.extend import segment_runs
+    from mlx_video.chains import segment_runs
     from mlx_video.pipelines.base import GenerationSettings
     from mlx_video.run import prepare
 
@@ -347,7 +347,7 @@ def test_latent_overlap_on_mochi(tmp_path_factory, tmp_path):
     pytest.importorskip("diffusers")
     from tiny_mochi import build_tiny_mochi_pipeline
 
-    from mlx_video.extend import segment_runs
+    from mlx_video.chains import segment_runs
     from mlx_video.run import prepare
 
     root = tmp_path_factory.mktemp("mochi_extend")

@@ -1,6 +1,6 @@
-"""Peak memory of a chain of clips (mlx_video.extend) against its number of segments:
+"""Peak memory of a chain of clips (mlx_video.chains) against its number of segments:
 
-    python benchmarks/extend.py --segments 1,2,4 --size 160x96 --segment-frames 17 --steps 2
+    python benchmarks/chain_bench.py --segments 1,2,4 --size 160x96 --segment-frames 17 --steps 2
 
 Builds a tiny random A14B-style Wan pipeline with diffusers (tests/tiny_wan.py; needs torch and diffusers),
 converts it to fp32 with `mlxvid convert`, then runs `mlxvid generate --frames N --segment-frames F` for each
@@ -41,20 +41,20 @@ def vm_hwm(field: str = "VmHWM") -> int:
 def child(model: str, frames: int, clip: int, size: str, steps: int, output: str) -> None:
     import mlx.core as mx
 
-    import mlx_video.extend  # noqa: F401  (the imports, measured apart)
-    import mlx_video.pipelines.wan  # noqa: F401
+    import mlx_video.chains  # noqa: F401  (the imports, measured apart)
+    import mlx_video.families.wan.pipeline  # noqa: F401
 
     imports = vm_hwm()
     # RSS at the end of each segment (after its decode): what stays resident from one segment to the next
     after = []
-    original = mlx_video.pipelines.wan.WanPipeline.decode
+    original = mlx_video.families.wan.pipeline.WanPipeline.decode
 
     def decode(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         after.append(vm_hwm("VmRSS"))
         return out
 
-    mlx_video.pipelines.wan.WanPipeline.decode = decode
+    mlx_video.families.wan.pipeline.WanPipeline.decode = decode
 
     mx.reset_peak_memory()
     mx.reset_peak_memory = lambda: None  # keep the peak of the whole run (decode() resets it per segment)
@@ -107,7 +107,7 @@ def main(segments, size, clip, steps, png, child_run):
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs; "
           f"Python {platform.python_version()}, "
           f"MLX {mx.__version__} ({'Metal' if mx.metal.is_available() else 'CPU'} back-end)")
-    print(f"command: python benchmarks/extend.py --segments {segments} --size {size} --segment-frames {clip} "
+    print(f"command: python benchmarks/chain_bench.py --segments {segments} --size {size} --segment-frames {clip} "
           f"--steps {steps}" + (" --png" if png else ""))
     print("| segments | output frames | MLX peak | RSS peak (VmHWM) | after imports | RSS after each segment: first / "
           "largest / last | the whole video as uint8 | wall time |")
