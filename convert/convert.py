@@ -193,7 +193,8 @@ def plan(
             raise MlxVideoError(
                 f"{src} could be a checkpoint of several families ({', '.join(claims)}); pass --base MODEL_ID to say which"
             )
-        family = claims[0] if claims else "wan"  # the Wan planner names what it does not recognise
+        # no claim: the family that declares catch_all plans it anyway, and names what it does not recognise
+        family = claims[0] if claims else next(f.name for f in FAMILIES.values() if f.catch_all)
     return converter(family).plan(src, components, tokenizer, base, allow_unknown_keys, log)
 
 

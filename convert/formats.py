@@ -572,27 +572,11 @@ def _common_prefix(keys: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------
 # what a set of keys is
 
-# (kind, naming, description, required keys). kind is our component name; naming selects the key map.
-_KNOWN = [
-    ("transformer", "official", "a Wan transformer (official / ComfyUI names)", ("patch_embedding.weight", "head.modulation", "blocks.0.self_attn.q.weight")),
-    ("transformer", "diffusers", "a Wan transformer (diffusers names)", ("patch_embedding.weight", "scale_shift_table", "blocks.0.attn1.to_q.weight")),
-    ("text_encoder", "official", "a UMT5 text encoder (official Wan names)", ("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.pos_embedding.embedding.weight")),
-    ("text_encoder", "transformers", "a UMT5 text encoder (transformers names)", ("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.final_layer_norm.weight")),
-    ("vae", "official", "a Wan VAE (official / ComfyUI names)", ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")),
-    ("vae", "diffusers", "a Wan VAE (diffusers names)", ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight", "encoder.mid_block.attentions.0.to_qkv.weight")),
-]
-
-# Checkpoints of other families or variants: (description, any of these keys or key patterns)
+# Checkpoints of models no family converts: (description, any of these keys or key patterns); each family's
+# planner adds the variants of its own models it does not convert (`LOOKALIKES`), which are tried first.
 _LOOKALIKES = [
-    ("a Wan 2.1 I2V / FLF2V transformer (it has the CLIP image embedding img_emb, which Wan 2.2 does not use)", (r"img_emb\..*", r"blocks\.\d+\.cross_attn\.k_img\..*")),
-    ("a Wan 2.1 VACE transformer (vace_blocks)", (r"vace_blocks\..*", r"vace_patch_embedding\..*")),
-    ("a Wan 2.2 Animate transformer (pose and face adapters)", (r"pose_patch_embedding\..*", r"face_adapter\..*", r"motion_encoder\..*")),
-    ("a Wan 2.2 S2V transformer (audio conditioning)", (r"casual_audio_encoder\..*", r"audio_injector\..*")),
-    ("a HunyuanVideo transformer", (r"txt_in\.individual_token_refiner\..*", r"double_blocks\.\d+\.img_attn_qkv\..*")),
     ("a Flux-style transformer (double/single stream blocks)", (r"double_blocks\.\d+\.img_attn\.qkv\..*",)),
-    ("a Mochi transformer", (r"t5_y_embedder\..*", r"blocks\.\d+\.mod_x\..*")),
     ("an LTX-Video transformer", (r"adaln_single\..*", r"patchify_proj\..*")),
-    ("a HunyuanVideo transformer (diffusers names)", (r"context_embedder\.token_refiner\..*",)),
     ("a Stable Diffusion UNet", (r"input_blocks\.\d+\..*", r"down_blocks\.\d+\.attentions\.\d+\.transformer_blocks\..*")),
     ("a CLIP text encoder", (r"text_model\.encoder\.layers\.\d+\..*",)),
     ("a Llama-style language model", (r"(model\.)?layers\.\d+\.self_attn\.q_proj\..*",)),
@@ -608,23 +592,24 @@ class Kind:
     family: str | None = None
 
 
-# Signatures of the other families: (family, kind, naming, description, required keys), added by each family's
-# converter module (convert/families/<family>.py) when it is imported.
-FAMILY_SIGNATURES: list[tuple[str, str, str, str, tuple[str, ...]]] = []
-
-
 def _signatures() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
+    """(family, kind, naming, description, required keys) of every family's planner (`SIGNATURES`)."""
     from mlx_video.families import FAMILIES, converter
 
-    for name in FAMILIES:
-        converter(name)  # importing a family's converter registers its signatures
-    return [("wan", *sig) for sig in _KNOWN] + FAMILY_SIGNATURES
+    return [sig for name in FAMILIES for sig in getattr(converter(name), "SIGNATURES", ())]
 
 
-def classify(keys) -> Kind:
+def _lookalikes() -> list[tuple[str, tuple[str, ...]]]:
+    from mlx_video.families import FAMILIES, converter
+
+    return [lk for name in FAMILIES for lk in getattr(converter(name), "LOOKALIKES", ())] + _LOOKALIKES
+
+
+def classify(keys, family: str | None = None) -> Kind:
     """What a set of keys is. Every signature is scored (a full match of its required keys counts, the more
     required keys the more specific); the most specific full match wins, and a tie between different kinds
-    is reported as ambiguous instead of taking the first."""
+    is reported as ambiguous instead of taking the first. `family`: the family asking (its planner), whose own
+    signature wins a tie with another family's identical one (two families may share a checkpoint format)."""
     names = set(keys)
     # a required key written "!key" must be absent (e.g. T5 v1.1 against UMT5: no per-block position table)
     matches = [sig for sig in _signatures()
@@ -632,18 +617,12 @@ def classify(keys) -> Kind:
     if matches:
         best = max(len(sig[4]) for sig in matches)
         top = [sig for sig in matches if len(sig[4]) == best]
+        top = [sig for sig in top if sig[0] == family] or top
         if len({(sig[0], sig[1], sig[2]) for sig in top}) > 1:
             return Kind(None, None, "ambiguous: it matches " + " and ".join(sig[3] for sig in top))
         family, kind, naming, description, _ = top[0]
-        if family != "wan":
-            return Kind(kind, naming, description, family)
-        if kind == "text_encoder" and naming == "transformers":
-            per_block = [k for k in names if re.fullmatch(r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", k)]
-            blocks = {k.split(".")[2] for k in names if k.startswith("encoder.block.")}
-            if len(blocks) > 1 and len(per_block) == 1:
-                return Kind(None, None, "a T5 v1.1 encoder (one shared relative-position table, e.g. t5xxl), not UMT5")
-        return Kind(kind, naming, description, "wan")
-    for description, patterns in _LOOKALIKES:
+        return _refined(Kind(kind, naming, description, family), names)
+    for description, patterns in _lookalikes():
         for pattern in patterns:
             rx = re.compile(pattern)
             if any(rx.fullmatch(k) for k in names):
@@ -652,10 +631,18 @@ def classify(keys) -> Kind:
     return Kind(None, None, f"no model mlxvid knows (first keys: {shown})")
 
 
+def _refined(kind: Kind, names: set) -> Kind:
+    """The family planner's second look at a match (`refine_kind(kind, names)`), where it has one."""
+    from mlx_video.families import converter
+
+    refine = getattr(converter(kind.family), "refine_kind", None)
+    return refine(kind, names) if refine is not None else kind
+
+
 def lookalike(keys) -> str | None:
-    """For a Wan-looking checkpoint that carries extra parts, which variant it is."""
+    """For a checkpoint that carries parts no converter knows, which model or variant it looks like."""
     names = set(keys)
-    for description, patterns in _LOOKALIKES:
+    for description, patterns in _lookalikes():
         for pattern in patterns:
             rx = re.compile(pattern)
             if any(rx.fullmatch(k) for k in names):

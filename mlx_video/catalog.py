@@ -79,10 +79,10 @@ def model_info(spec) -> dict:
 def model_recipes(spec) -> list[str]:
     """The names of the published few-step recipes for this model (mlx_video.recipes)."""
     try:
-        from .recipes import RECIPES
+        from .recipes import all_recipes
     except ImportError:
         return []
-    return [r.name for r in RECIPES.values() if spec.id in r.models]
+    return [r.name for r in all_recipes().values() if spec.id in r.models]
 
 
 def describe(spec) -> str:

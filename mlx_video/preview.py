@@ -8,7 +8,7 @@ writes a PNG strip of a few frames beside the output (`NAME.preview.png`, replac
 The projection is approximate by design. It is, in this order: the pipeline's own `latent_rgb_factors`
 ((C, 3) weights to RGB in [0, 1], optionally with `latent_rgb_bias` (3,)), e.g. fitted once by least squares
 (`fit_latent_rgb`) from latents and their decoded frames; the family's published factors for its latent
-channel count, in `mlx_video/models/<family>/latent_rgb.py` (`FACTORS = {channels: (weights, bias)}`, RGB in
+channel count, in the family's `latent_rgb` module (`Family.latent_rgb`, `FACTORS = {channels: (weights, bias)}`, RGB in
 [-1, 1]); else the three principal components of the latents' channels (structure and motion are right,
 colours are not).
 """
@@ -116,12 +116,9 @@ class PreviewHook:
 
 def published_factors(family: str, channels: int):
     """(weights, bias) to RGB in [0, 1] from the family's `latent_rgb` module, or (None, None)."""
-    import importlib
+    from .families import FAMILIES, optional_table
 
-    try:
-        module = importlib.import_module(f"mlx_video.families.{family}.latent_rgb")
-    except ImportError:
-        return None, None
+    module = optional_table(family, "latent_rgb") if family in FAMILIES else None
     found = getattr(module, "FACTORS", {}).get(channels)
     if found is None:
         return None, None

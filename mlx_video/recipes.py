@@ -3,11 +3,9 @@
 A recipe fills the settings the user left unset (an explicit option always wins). It does not fetch or pick
 the LoRA files themselves: pass them with --lora-high / --lora-low (or --lora), as the recipe's `loras` says.
 
-Numbers (ModelTC/Wan2.2-Lightning README.md and wan/configs/wan_{t2v,i2v}_A14B.py; ModelTC/LightX2V
-configs/distill/*.json and step_distill/scheduler.py): Wan2.2-Lightning and the lightx2v Wan2.2 distill LoRAs both train on the
-timesteps [1000, 937.5, 833.33, 625] = σ of linspace(1, 0, 5) shifted by 5, sampled with the flow Euler rule
-x += (σ_next − σ)·v, without classifier-free guidance; the A14B boundary then gives high, high, low, low.
-With --steps N the same rule is extended: linspace(1, 0, N+1) shifted by 5 (the shifted-linear schedule).
+Each family lists the recipes published for its models (`Family.recipes`, e.g. mlx_video/families/wan/step_recipes.py).
+With --steps N a recipe's grid is extended by its own rule: linspace(1, 0, N+1) shifted (the shifted-linear
+schedule).
 """
 
 from __future__ import annotations
@@ -15,11 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import MlxVideoError
-
-
-def _shifted(steps: int, shift: float) -> list[float]:
-    grid = [1.0 - i / steps for i in range(steps)]
-    return [shift * s / (1.0 + (shift - 1.0) * s) for s in grid]
 
 
 @dataclass(frozen=True)
@@ -33,34 +26,19 @@ class Recipe:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-_FOUR_STEP = {"sigmas": _shifted(4, 5.0), "shift": 5.0, "sampler": "euler", "schedule": "shifted-linear",
-              "guidance": 1.0, "guidance_2": 1.0}
+def all_recipes() -> dict[str, Recipe]:
+    """Every family's published recipes by name (`Family.recipes`)."""
+    from .families import FAMILIES, optional_table
 
-RECIPES = {
-    r.name: r
-    for r in [
-        Recipe(
-            "lightning", ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b"), _FOUR_STEP,
-            "--lora-high .../high_noise_model.safetensors --lora-low .../low_noise_model.safetensors",
-            "lightx2v/Wan2.2-Lightning (Wan2.2-{T2V,I2V}-A14B-4steps-lora-rank64-Seko-V1.1)",
-            "Wan2.2-Lightning: 4 steps, flow Euler, shift 5, timesteps 1000, 937.5, 833.33, 625, no CFG",
-        ),
-        Recipe(
-            "lightx2v", ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b"), _FOUR_STEP,
-            "--lora-high ..._high_noise_lora_rank64_lightx2v_4step_*.safetensors "
-            "--lora-low ..._low_noise_lora_rank64_lightx2v_4step_*.safetensors",
-            "lightx2v/Wan2.2-Distill-Loras",
-            "lightx2v Wan2.2 distill LoRAs: the same 4-step grid (the deterministic Wan2.2 scheduler is the Euler rule)",
-        ),
-    ]
-}
+    return {r.name: r for name in FAMILIES for r in (optional_table(name, "recipes") or [])}
 
 
 def get_recipe(name: str) -> Recipe:
+    recipes = all_recipes()
     try:
-        return RECIPES[name]
+        return recipes[name]
     except KeyError:
-        raise MlxVideoError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
+        raise MlxVideoError(f"unknown recipe {name!r}; choose one of {', '.join(recipes)}") from None
 
 
 def apply_recipe(s, spec) -> None:
@@ -81,7 +59,7 @@ def apply_recipe(s, spec) -> None:
 def describe_recipes() -> str:
     """The recipes, for `mlxvid models`."""
     lines = ["few-step recipes (--recipe NAME; pass the LoRAs too):"]
-    for r in RECIPES.values():
+    for r in all_recipes().values():
         timesteps = ", ".join(f"{1000 * s:g}" for s in r.settings["sigmas"])
         lines.append(f"  {r.name}: {r.description}\n    models {', '.join(r.models)}; timesteps {timesteps}; "
                      f"LoRAs: {r.loras}\n    from huggingface.co/{r.source.split(' ')[0]}")

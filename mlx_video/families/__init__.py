@@ -1,49 +1,43 @@
-"""The model families, and where each one's code lives.
+"""The model families, discovered from their packages.
 
-The shared parts of the engine (the denoising loop, samplers, model folders, the converter's machinery,
-memory preflight, outputs, CLI, benchmarks) know no family by name: they look the family up here, the way
-mlx-lm picks a model class from a config's `model_type`, and import its modules only when used.
-
-A family provides:
-    pipeline   a class with `from_folder(ModelFolder)`; see `mlx_video.pipelines.base.Pipeline`
-    task_pipelines  classes for tasks whose generation differs in kind (Wan S2V: a chain of audio-driven clips)
-    converter  a module of `mlx_video.convert.families` with `detect(src)`, `plan(...)` and its signatures
-    cost       a module with the FLOP and memory model used by the preflight and the benchmarks
+A family is one package here, `mlx_video/families/<name>/`, holding its configs, transformer, VAE, pipeline,
+key tables, conversion planner, cost model and cache/preview tables; its `__init__.py` defines `FAMILY`, a
+`mlx_video.spec.Family` that lists its published models and names its modules. The shared parts of the engine
+(the denoising loop, samplers, model folders, the converter's machinery, memory preflight, outputs, CLI,
+benchmarks) know no family by name: they look the family up here, the way mlx-lm picks a model class from a
+config's `model_type`, and import its modules only when used.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import pkgutil
+from dataclasses import replace
 
 from mlx_video.errors import MlxVideoError
+from mlx_video.spec import Family
+
+FAMILIES: dict[str, Family] = {}  # filled in place by discover()
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    title: str
-    pipeline: str  # "module:Class"
-    converter: str  # module path
-    cost: str  # module path
-    task_pipelines: tuple[tuple[str, str], ...] = ()  # (task, "module:Class") where a task needs its own pipeline
-    text_encoders: str = ""  # what `convert --text-encoder` (and --text-encoder-2) take, for the help
-    tokenizer: str = ""  # what `convert --tokenizer` takes, for the help
-
-
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in [
-        Family("wan", "Wan 2.2", "mlx_video.families.wan.pipeline:WanPipeline", "mlx_video.families.wan.planner",
-               "mlx_video.families.wan.cost_model", (("s2v", "mlx_video.families.wan.s2v_pipeline:WanS2VPipeline"),),
-               "UMT5-XXL encoder", "google/umt5-xxl"),
-        Family("hunyuan", "HunyuanVideo", "mlx_video.families.hunyuan.pipeline:HunyuanPipeline",
-               "mlx_video.families.hunyuan.planner", "mlx_video.families.hunyuan.cost_model",
-               text_encoders="LLaVA-LLaMA-3-8B, and CLIP-L as --text-encoder-2", tokenizer="the LLaMA tokenizer folder"),
-        Family("mochi", "Mochi 1", "mlx_video.families.mochi.pipeline:MochiPipeline", "mlx_video.families.mochi.planner",
-               "mlx_video.families.mochi.cost_model", text_encoders="T5-v1.1-XXL encoder", tokenizer="google/t5-v1_1-xxl"),
-    ]
-}
+def discover() -> dict[str, Family]:
+    """(Re)read every package under this one (a folder added to `__path__` included) and rebuild `FAMILIES`."""
+    found: dict[str, Family] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.ispkg or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        family = getattr(module, "FAMILY", None)
+        if not isinstance(family, Family):
+            raise MlxVideoError(f"{module.__name__} is in the family folder but defines no FAMILY (a mlx_video.spec.Family)")
+        if family.name in found:
+            raise MlxVideoError(f"two family packages are named {family.name!r}")
+        found[family.name] = replace(family, package=module.__name__)
+    if sum(f.catch_all for f in found.values()) > 1:
+        raise MlxVideoError("more than one family declares catch_all")
+    FAMILIES.clear()
+    FAMILIES.update(sorted(found.items(), key=lambda item: (item[1].order, item[0])))
+    return FAMILIES
 
 
 def get_family(name: str) -> Family:
@@ -53,20 +47,31 @@ def get_family(name: str) -> Family:
         raise MlxVideoError(f"unknown model family {name!r}; this mlxvid knows {', '.join(FAMILIES)}") from None
 
 
-def _load(path: str):
+def load(family: Family, path: str):
+    """A module ("module") or one of its attributes ("module:attribute") of the family's package."""
     module, _, attr = path.partition(":")
-    loaded = importlib.import_module(module)
+    loaded = importlib.import_module(f"{family.package}.{module}")
     return getattr(loaded, attr) if attr else loaded
 
 
 def pipeline_class(name: str, task: str | None = None):
     family = get_family(name)
-    return _load(dict(family.task_pipelines).get(task, family.pipeline))
+    return load(family, dict(family.task_pipelines).get(task, family.pipeline))
 
 
 def converter(name: str):
-    return _load(get_family(name).converter)
+    return load(get_family(name), get_family(name).converter)
 
 
 def cost_model(name: str):
-    return _load(get_family(name).cost)
+    return load(get_family(name), get_family(name).cost)
+
+
+def optional_table(name: str, field: str):
+    """The family's table named by `field` ("latent_rgb", "mag_tables", "recipes"), or None where it has none."""
+    family = get_family(name)
+    path = getattr(family, field)
+    return None if path is None else load(family, path)
+
+
+discover()

@@ -53,50 +53,6 @@ import numpy as np
 
 from ..errors import MlxVideoError
 
-# MagCache4Wan2.2 (magcache_generate.py) mag_ratios: cond and uncond values interleaved step by step, for the
-# published step count; the script prepends [1.0, 1.0]. Copied verbatim from the published lists.
-_WAN22_T2V_A14B = [
-    1.00124, 1.00155, 0.99822, 0.99851, 0.99696, 0.99687, 0.99703, 0.99732, 0.9966, 0.99679, 0.99602, 0.99658,
-    0.99578, 0.99664, 0.99484, 0.9949, 0.99633, 0.996, 0.99659, 0.99683, 0.99534, 0.99549, 0.99584, 0.99577,
-    0.99681, 0.99694, 0.99563, 0.99554, 0.9944, 0.99473, 0.99594, 0.9964, 0.99466, 0.99461, 0.99453, 0.99481,
-    0.99389, 0.99365, 0.99391, 0.99406, 0.99354, 0.99361, 0.99283, 0.99278, 0.99268, 0.99263, 0.99057, 0.99091,
-    0.99125, 0.99126, 0.65523, 0.65252, 0.98808, 0.98852, 0.98765, 0.98736, 0.9851, 0.98535, 0.98311, 0.98339,
-    0.9805, 0.9806, 0.97776, 0.97771, 0.97278, 0.97286, 0.96731, 0.96728, 0.95857, 0.95855, 0.94385, 0.94385,
-    0.92118, 0.921, 0.88108, 0.88076, 0.80263, 0.80181,
-]
-_WAN22_I2V_A14B = [
-    0.99191, 0.99144, 0.99356, 0.99337, 0.99326, 0.99285, 0.99251, 0.99264, 0.99393, 0.99366, 0.9943, 0.9943,
-    0.99276, 0.99288, 0.99389, 0.99393, 0.99274, 0.99289, 0.99316, 0.9931, 0.99379, 0.99377, 0.99268, 0.99271,
-    0.99222, 0.99227, 0.99175, 0.9916, 0.91076, 0.91046, 0.98931, 0.98933, 0.99087, 0.99088, 0.98852, 0.98855,
-    0.98895, 0.98896, 0.98806, 0.98808, 0.9871, 0.98711, 0.98613, 0.98618, 0.98434, 0.98435, 0.983, 0.98307,
-    0.98185, 0.98187, 0.98131, 0.98131, 0.9783, 0.97835, 0.97619, 0.9762, 0.97264, 0.9727, 0.97088, 0.97098,
-    0.96568, 0.9658, 0.96045, 0.96055, 0.95322, 0.95335, 0.94579, 0.94594, 0.93297, 0.93311, 0.91699, 0.9172,
-    0.89174, 0.89202, 0.8541, 0.85446, 0.79823, 0.79902,
-]
-_WAN22_TI2V_5B_T2V = [
-    0.99505, 0.99389, 0.99441, 0.9957, 0.99558, 0.99551, 0.99499, 0.9945, 0.99534, 0.99548, 0.99468, 0.9946,
-    0.99463, 0.99458, 0.9946, 0.99453, 0.99408, 0.99404, 0.9945, 0.99441, 0.99409, 0.99398, 0.99403, 0.99397,
-    0.99382, 0.99377, 0.99349, 0.99343, 0.99377, 0.99378, 0.9933, 0.99328, 0.99303, 0.99301, 0.99217, 0.99216,
-    0.992, 0.99201, 0.99201, 0.99202, 0.99133, 0.99132, 0.99112, 0.9911, 0.99155, 0.99155, 0.98958, 0.98957,
-    0.98959, 0.98958, 0.98838, 0.98835, 0.98826, 0.98825, 0.9883, 0.98828, 0.98711, 0.98709, 0.98562, 0.98561,
-    0.98511, 0.9851, 0.98414, 0.98412, 0.98284, 0.98282, 0.98104, 0.98101, 0.97981, 0.97979, 0.97849, 0.97849,
-    0.97557, 0.97554, 0.97398, 0.97395, 0.97171, 0.97166, 0.96917, 0.96913, 0.96511, 0.96507, 0.96263, 0.96257,
-    0.95839, 0.95835, 0.95483, 0.95475, 0.94942, 0.94936, 0.9468, 0.94678, 0.94583, 0.94594, 0.94843, 0.94872,
-    0.96949, 0.97015,
-]
-_WAN22_TI2V_5B_I2V = [
-    0.99512, 0.99559, 0.99559, 0.99561, 0.99595, 0.99577, 0.99512, 0.99512, 0.99546, 0.99534, 0.99543, 0.99531,
-    0.99496, 0.99491, 0.99504, 0.99499, 0.99444, 0.99449, 0.99481, 0.99481, 0.99435, 0.99435, 0.9943, 0.99431,
-    0.99411, 0.99406, 0.99373, 0.99376, 0.99413, 0.99405, 0.99363, 0.99359, 0.99335, 0.99331, 0.99244, 0.99243,
-    0.99229, 0.99229, 0.99239, 0.99236, 0.99163, 0.9916, 0.99149, 0.99151, 0.99191, 0.99192, 0.9898, 0.98981,
-    0.9899, 0.98987, 0.98849, 0.98849, 0.98846, 0.98846, 0.98861, 0.98861, 0.9874, 0.98738, 0.98588, 0.98589,
-    0.98539, 0.98534, 0.98444, 0.98439, 0.9831, 0.98309, 0.98119, 0.98118, 0.98001, 0.98, 0.97862, 0.97859,
-    0.97555, 0.97558, 0.97392, 0.97388, 0.97152, 0.97145, 0.96871, 0.9687, 0.96435, 0.96434, 0.96129, 0.96127,
-    0.95639, 0.95638, 0.95176, 0.95175, 0.94446, 0.94452, 0.93972, 0.93974, 0.93575, 0.9359, 0.93537, 0.93552,
-    0.96655, 0.96616,
-]
-
-
 @dataclass(frozen=True)
 class MagTable:
     """A model's published MagCache calibration and setting (threshold E, max consecutive skips K, retention R)."""
@@ -108,13 +64,16 @@ class MagTable:
     retain_first_expert: bool = False  # I2V-A14B: the whole high-noise phase computes
 
 
-# Keys: registry model ids (a table for the image mode of a model is keyed "<id>:image").
-MAG_TABLES = {
-    "wan2.2-t2v-a14b": MagTable(tuple(_WAN22_T2V_A14B), 0.06, 2, 0.4),
-    "wan2.2-i2v-a14b": MagTable(tuple(_WAN22_I2V_A14B), 0.06, 2, 0.1, retain_first_expert=True),
-    "wan2.2-ti2v-5b": MagTable(tuple(_WAN22_TI2V_5B_T2V), 0.06, 2, 0.2),
-    "wan2.2-ti2v-5b:image": MagTable(tuple(_WAN22_TI2V_5B_I2V), 0.06, 2, 0.2),
-}
+def mag_tables() -> dict[str, MagTable]:
+    """Every family's published tables, keyed by registry model id (a table for the image mode of a model is
+    keyed "<id>:image"); a family lists its own (`Family.mag_tables`)."""
+    from ..families import FAMILIES, optional_table
+
+    tables: dict[str, MagTable] = {}
+    for name in FAMILIES:
+        tables.update(optional_table(name, "mag_tables") or {})
+    return tables
+
 
 DEFAULT_THRESHOLDS = {"easycache": 0.05, "fbcache": 0.05, "magcache": None}  # None: the model's published one
 METHODS = (*DEFAULT_THRESHOLDS, "taylorseer")
@@ -239,9 +198,10 @@ def parse_cache(text: str | None, model_id: str | None = None) -> tuple[str, flo
         return name, parse_taylorseer(text, value)
     if name not in DEFAULT_THRESHOLDS:
         raise MlxVideoError(f"--cache {text}: unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    if name == "magcache" and model_id is not None and model_id not in MAG_TABLES:
+    tables = mag_tables()
+    if name == "magcache" and model_id is not None and model_id not in tables:
         raise MlxVideoError(f"--cache magcache needs published magnitude ratios for the model; {model_id} has none "
-                            f"(tables: {', '.join(MAG_TABLES)}); use easycache or fbcache")
+                            f"(tables: {', '.join(tables)}); use easycache or fbcache")
     if value:
         try:
             threshold = float(value)
@@ -252,7 +212,7 @@ def parse_cache(text: str | None, model_id: str | None = None) -> tuple[str, flo
     else:
         threshold = DEFAULT_THRESHOLDS[name]
         if threshold is None:
-            threshold = MAG_TABLES[model_id].threshold if model_id in MAG_TABLES else 0.06
+            threshold = tables[model_id].threshold if model_id in tables else 0.06
     return name, threshold
 
 
@@ -511,5 +471,6 @@ def make_step_cache(option: str | None, steps: int, segments=None, model_id: str
         return StepCache(name, None, steps, segments, taylorseer=threshold)
     table = None
     if name == "magcache":
-        table = MAG_TABLES.get(f"{model_id}:image" if image_mode else model_id) or MAG_TABLES[model_id]
+        tables = mag_tables()
+        table = tables.get(f"{model_id}:image" if image_mode else model_id) or tables[model_id]
     return StepCache(name, threshold, steps, segments, table)

@@ -1,0 +1,24 @@
+"""HunyuanVideo (T2V 720p, guidance-distilled): the family's package and its published models."""
+
+from __future__ import annotations
+
+from mlx_video.spec import Family, ModelSpec
+
+from .config import HUNYUAN_T2V_720P
+
+MODELS = (
+    ModelSpec(
+        id="hunyuanvideo-t2v", family="hunyuan", task="t2v", vae_stride=(4, 8, 8), size_multiple=16,
+        sizes=((1280, 720), (720, 1280), (960, 544), (544, 960)),
+        # guidance is the embedded (distilled) scale; --true-cfg adds real CFG with a negative prompt
+        defaults=dict(steps=50, shift=7.0, guidance=6.0, sampler="euler", schedule="shifted-linear", fps=24,
+                      frames=129, negative_prompt="", text_len=256),
+        hf_repo="hunyuanvideo-community/HunyuanVideo", transformer=HUNYUAN_T2V_720P,
+        description="HunyuanVideo text-to-video, 13B (720p, guidance-distilled)",
+    ),
+)
+
+FAMILY = Family(
+    "hunyuan", "HunyuanVideo", MODELS, pipeline="pipeline:HunyuanPipeline", latent_rgb="latent_rgb", order=1,
+    text_encoders="LLaVA-LLaMA-3-8B, and CLIP-L as --text-encoder-2", tokenizer="the LLaMA tokenizer folder",
+)

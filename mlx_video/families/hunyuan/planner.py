@@ -34,7 +34,7 @@ from mlx_video.errors import MlxVideoError
 from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
 
 from mlx_video.convert.convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json, diffusers_pipeline_class
-from mlx_video.convert.formats import FAMILY_SIGNATURES, ComponentSource, FusedParts, TensorFile, classify, fused_keymap, open_tensors
+from mlx_video.convert.formats import ComponentSource, FusedParts, TensorFile, classify, fused_keymap, open_tensors
 from mlx_video.convert.formats import FUSED  # noqa: F401  (re-exported for callers of this module)
 from mlx_video.convert.rules import KeyMap
 
@@ -100,8 +100,12 @@ SIGNATURES = [
     ("hunyuan", "text_encoder", "clip", "a CLIP text encoder (transformers names)",
      ("embeddings.token_embedding.weight", "encoder.layers.0.self_attn.q_proj.weight", "final_layer_norm.weight")),
 ]
-if not any(sig[0] == "hunyuan" for sig in FAMILY_SIGNATURES):
-    FAMILY_SIGNATURES.extend(SIGNATURES)
+
+# Checkpoints of the family this planner does not convert (or not under these names): (description, patterns).
+LOOKALIKES = [
+    ("a HunyuanVideo transformer", (r"txt_in\.individual_token_refiner\..*", r"double_blocks\.\d+\.img_attn_qkv\..*")),
+    ("a HunyuanVideo transformer (diffusers names)", (r"context_embedder\.token_refiner\..*",)),
+]
 
 
 def release_transformer(folder: Path) -> Path | None:
@@ -259,7 +263,7 @@ def _open(inp, name: str, want: str, naming: str | None = None) -> tuple[Compone
                             f"{Path(inp.path).stem}_map{Path(inp.path).suffix} beside it; that file is missing")
     if scale_map is not None:
         tensors = Fp8ScaleMap(tensors, open_tensors(scale_map, f"{what} (scale map)"), what)
-    kind = classify(ComponentSource(tensors, what).keys())  # the names without a wrapper prefix
+    kind = classify(ComponentSource(tensors, what).keys(), "hunyuan")  # the names without a wrapper prefix
     if kind.kind != want or kind.family != "hunyuan" or (naming is not None and kind.naming != naming):
         raise MlxVideoError(f"{what} should be the HunyuanVideo {name}, but it looks like {kind.description}")
     return tensors, kind.naming

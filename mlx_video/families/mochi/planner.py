@@ -37,7 +37,7 @@ from mlx_video.convert.convert import (
     _tokenizer_files,
     diffusers_pipeline_class,
 )
-from mlx_video.convert.formats import FAMILY_SIGNATURES, ComponentSource, PrefixView, TensorFile, classify, open_tensors
+from mlx_video.convert.formats import ComponentSource, PrefixView, TensorFile, classify, open_tensors
 from mlx_video.convert.rules import KeyMap, Rule
 from mlx_video.convert.formats import FusedParts, fused_keymap
 
@@ -88,8 +88,11 @@ SIGNATURES = [
       "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "encoder.block.1.layer.0.SelfAttention.q.weight",
       "!encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight")),
 ]
-if not any(sig[0] == "mochi" for sig in FAMILY_SIGNATURES):
-    FAMILY_SIGNATURES.extend(SIGNATURES)
+
+# Checkpoints of the family this planner does not convert (or not under these names): (description, patterns).
+LOOKALIKES = [
+    ("a Mochi transformer", (r"t5_y_embedder\..*", r"blocks\.\d+\.mod_x\..*")),
+]
 
 
 def claims(src, components: dict) -> bool:
@@ -135,7 +138,7 @@ def _official_vae_halves(path: Path) -> dict[str, Path] | None:
         if not found:
             return None
     else:
-        kind = classify(ComponentSource(open_tensors(path, path.name), path.name).keys())
+        kind = classify(ComponentSource(open_tensors(path, path.name), path.name).keys(), "mochi")
         if kind.family != "mochi" or kind.kind not in ("vae_decoder", "vae_encoder"):
             return None
         given = kind.kind.removeprefix("vae_")
@@ -157,7 +160,7 @@ def comfyui_vae_source(path: Path, what: str) -> ComponentSource | None:
         return None
     tensors = open_tensors(path, what)
     source = ComponentSource(tensors, what)
-    kind = classify(source.keys())
+    kind = classify(source.keys(), "mochi")
     if kind.family != "mochi" or kind.naming != "comfyui":
         return None
     if any(name.startswith("encoder.") for name in source.keys()):
@@ -174,7 +177,7 @@ def comfyui_vae_source(path: Path, what: str) -> ComponentSource | None:
 def _open(inp, name: str, want: str) -> tuple[ComponentSource, str]:
     tensors = open_tensors(inp.path, inp.origin)
     source = ComponentSource(tensors, inp.origin)
-    kind = classify(source.keys())  # the names without a wrapper prefix
+    kind = classify(source.keys(), "mochi")  # the names without a wrapper prefix
     if kind.kind != want or kind.family != "mochi":
         raise MlxVideoError(f"{inp.origin} should be the Mochi {name}, but it looks like {kind.description}")
     return source, kind.naming

@@ -1,0 +1,62 @@
+"""Wan 2.2 (T2V-A14B, I2V-A14B, TI2V-5B, S2V-14B): the family's package and its published models."""
+
+from __future__ import annotations
+
+from mlx_video.spec import Family, ModelSpec
+
+from .config import WAN_A14B_I2V, WAN_A14B_T2V, WAN_TI2V_5B
+from .s2v_model import WAN_S2V_14B
+
+# The official release's default negative prompt (Wan2.2 wan/configs/shared_config.py), used when none is given.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+# Wan2.2-S2V's own negative prompt (wan/configs/wan_s2v_14B.py sample_neg_prompt).
+WAN_S2V_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，画得不好的手部，"
+    "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+_A14B_SIZES = ((1280, 720), (720, 1280), (832, 480), (480, 832))
+_COMMON = dict(sampler="unipc", negative_prompt=WAN_NEGATIVE_PROMPT, text_len=512)
+MODELS = (
+    ModelSpec(
+        id="wan2.2-t2v-a14b", family="wan", task="t2v", vae_stride=(4, 8, 8), size_multiple=16, sizes=_A14B_SIZES,
+        defaults=dict(_COMMON, steps=40, shift=12.0, guidance=4.0, guidance_2=3.0, fps=16, frames=81, boundary=0.875),
+        hf_repo="Wan-AI/Wan2.2-T2V-A14B-Diffusers", experts=2, transformer=WAN_A14B_T2V,
+        description="Wan 2.2 text-to-video, two 14B experts",
+    ),
+    ModelSpec(
+        id="wan2.2-i2v-a14b", family="wan", task="i2v", vae_stride=(4, 8, 8), size_multiple=16, sizes=_A14B_SIZES,
+        defaults=dict(_COMMON, steps=40, shift=5.0, guidance=3.5, guidance_2=3.5, fps=16, frames=81, boundary=0.900),
+        hf_repo="Wan-AI/Wan2.2-I2V-A14B-Diffusers", experts=2, transformer=WAN_A14B_I2V,
+        description="Wan 2.2 image-to-video, two 14B experts",
+    ),
+    ModelSpec(
+        id="wan2.2-ti2v-5b", family="wan", task="ti2v", vae_stride=(4, 16, 16), size_multiple=32,
+        sizes=((1280, 704), (704, 1280)),
+        defaults=dict(_COMMON, steps=50, shift=5.0, guidance=5.0, fps=24, frames=121, per_frame_timesteps=True),
+        hf_repo="Wan-AI/Wan2.2-TI2V-5B-Diffusers", transformer=WAN_TI2V_5B,
+        description="Wan 2.2 text- and image-to-video, 5B",
+    ),
+    ModelSpec(
+        # frames: per clip (4n; the video follows the audio, clip after clip); sizes are multiples of 64 (the
+        # 4x frame-pack projection) and, without --size, the portrait's aspect ratio within max_area sets it
+        id="wan2.2-s2v-14b", family="wan", task="s2v", vae_stride=(4, 8, 8), size_multiple=64,
+        sizes=((1024, 704), (704, 1024)), frame_offset=0,
+        defaults=dict(_COMMON, negative_prompt=WAN_S2V_NEGATIVE_PROMPT, steps=40, shift=3.0, guidance=4.5, fps=16,
+                      frames=80, max_area=1024 * 704, drop_first_motion=True),
+        hf_repo="Wan-AI/Wan2.2-S2V-14B", transformer=WAN_S2V_14B,
+        description="Wan 2.2 speech-to-video: a portrait and a voice track to a talking video, 14B",
+    ),
+)
+
+FAMILY = Family(
+    "wan", "Wan 2.2", MODELS, pipeline="pipeline:WanPipeline", task_pipelines=(("s2v", "s2v_pipeline:WanS2VPipeline"),),
+    latent_rgb="latent_rgb", mag_tables="cache_tables:MAG_TABLES", recipes="step_recipes:RECIPES", catch_all=True, order=0,
+    text_encoders="UMT5-XXL encoder", tokenizer="google/umt5-xxl",
+)

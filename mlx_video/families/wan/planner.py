@@ -6,6 +6,7 @@ shards, quantization, resume) is shared: `mlx_video.convert.convert`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ from mlx_video.convert.convert import (
     _tokenizer_files,
     diffusers_pipeline_class,
 )
-from mlx_video.convert.formats import ComponentSource, classify, lookalike, open_tensors, split_all_in_one
+from mlx_video.convert.formats import ComponentSource, Kind, classify, lookalike, open_tensors, split_all_in_one
 
 
 
@@ -47,6 +48,37 @@ DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "transformer_2/*", "te
                      # Wan2.2-S2V is published in the official layout only
                      "config.json", "diffusion_pytorch_model*", "Wan2.1_VAE.pth", OFFICIAL_T5, "google/umt5-xxl/*",
                      f"{OFFICIAL_WAV2VEC2}/*"]
+
+
+# (family, kind, naming, description, required keys) for `formats.classify`. kind is our component name; naming
+# selects the key map.
+SIGNATURES = [
+    ("wan", "transformer", "official", "a Wan transformer (official / ComfyUI names)", ("patch_embedding.weight", "head.modulation", "blocks.0.self_attn.q.weight")),
+    ("wan", "transformer", "diffusers", "a Wan transformer (diffusers names)", ("patch_embedding.weight", "scale_shift_table", "blocks.0.attn1.to_q.weight")),
+    ("wan", "text_encoder", "official", "a UMT5 text encoder (official Wan names)", ("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.pos_embedding.embedding.weight")),
+    ("wan", "text_encoder", "transformers", "a UMT5 text encoder (transformers names)", ("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.final_layer_norm.weight")),
+    ("wan", "vae", "official", "a Wan VAE (official / ComfyUI names)", ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")),
+    ("wan", "vae", "diffusers", "a Wan VAE (diffusers names)", ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight", "encoder.mid_block.attentions.0.to_qkv.weight")),
+]
+
+# Wan checkpoints this planner does not convert: (description, any of these keys or key patterns).
+LOOKALIKES = [
+    ("a Wan 2.1 I2V / FLF2V transformer (it has the CLIP image embedding img_emb, which Wan 2.2 does not use)", (r"img_emb\..*", r"blocks\.\d+\.cross_attn\.k_img\..*")),
+    ("a Wan 2.1 VACE transformer (vace_blocks)", (r"vace_blocks\..*", r"vace_patch_embedding\..*")),
+    ("a Wan 2.2 Animate transformer (pose and face adapters)", (r"pose_patch_embedding\..*", r"face_adapter\..*", r"motion_encoder\..*")),
+    ("a Wan 2.2 S2V transformer (audio conditioning)", (r"casual_audio_encoder\..*", r"audio_injector\..*")),
+]
+
+
+def refine_kind(kind: Kind, names: set) -> Kind:
+    """A transformers-named T5 encoder matches the UMT5 signature: UMT5 keeps one relative-position table per
+    block, T5 v1.1 one shared table (in block 0)."""
+    if kind.kind == "text_encoder" and kind.naming == "transformers":
+        per_block = [k for k in names if re.fullmatch(r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", k)]
+        blocks = {k.split(".")[2] for k in names if k.startswith("encoder.block.")}
+        if len(blocks) > 1 and len(per_block) == 1:
+            return Kind(None, None, "a T5 v1.1 encoder (one shared relative-position table, e.g. t5xxl), not UMT5")
+    return kind
 
 
 def claims(src, components: dict) -> bool:
@@ -156,7 +188,7 @@ def _layout_files(src: Path, log) -> tuple[dict, list, dict]:  # noqa: C901
                 found[kind].append((path, f"the {kind.replace('_', ' ')} of an all-in-one checkpoint"))
             continue
         source = ComponentSource(tensors, path.name)
-        kind = classify(source.keys())
+        kind = classify(source.keys(), "wan")
         if kind.kind is None or kind.family != "wan":
             ignored.append(f"{path.name} ({kind.description})")
             continue
@@ -231,7 +263,7 @@ def _open_component(inp: ComponentInput) -> ComponentSource:
 
 def _check_kind(inp: ComponentInput, source: ComponentSource) -> str:
     """The naming of a component's keys; refuses a checkpoint of another kind or family."""
-    kind = classify(source.keys())
+    kind = classify(source.keys(), "wan")
     want = KIND_OF[inp.name]
     if kind.kind != want or kind.family != "wan":
         raise MlxVideoError(
