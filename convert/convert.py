@@ -88,7 +88,7 @@ class ComponentPlan:
     dtype: str | None = None  # overrides the conversion's --dtype (the VAE stays fp32, as the official code runs it)
     origin: str = ""
     size_hint: Callable[[], str] | None = None  # what the checkpoint's shapes look like, for shape errors
-    # target key -> (source key, target shape, transform); filled by `_plan_component`
+    # target key -> (source key, target shape, transform); filled by `plan_component`
     tensors: dict[str, tuple[str, tuple[int, ...], str | None]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # unknown keys left out (--allow-unknown-keys)
     items: list[Item] = field(default_factory=list)
@@ -109,7 +109,7 @@ class ConversionPlan:
     source_files: list[Path] = field(default_factory=list)
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise MlxVideoError(f"missing {path} ({what})")
     try:
@@ -127,7 +127,7 @@ def _read_json(path: Path, what: str) -> dict:
 # helpers the families' planners share
 
 
-def _tokenizer_files(path: Path, what: str, nested: Path | None = None) -> list[tuple[Path, str]]:
+def tokenizer_files(path: Path, what: str, nested: Path | None = None) -> list[tuple[Path, str]]:
     """The tokenizer files in `path` (a folder, a .model or a tokenizer.json); `nested`: a sub-folder a release
     keeps them in (e.g. Wan's google/umt5-xxl/), looked in when the folder itself has none."""
     if path.is_file():
@@ -159,7 +159,7 @@ def diffusers_pipeline_class(src) -> str | None:
     return str(data.get("_class_name", "")) if isinstance(data, dict) else ""
 
 
-def _component_input(name: str, path: Path, origin: str) -> ComponentInput:
+def component_input(name: str, path: Path, origin: str) -> ComponentInput:
     path = Path(path)
     if os.path.lexists(path) and not path.exists():
         raise MlxVideoError(f"{origin}: {path} cannot be read (a broken symlink or a symlink loop)")
@@ -167,7 +167,7 @@ def _component_input(name: str, path: Path, origin: str) -> ComponentInput:
         raise MlxVideoError(f"{origin}: {path} does not exist")
     config = None
     if path.is_dir() and (path / "config.json").is_file():
-        config = _read_json(path / "config.json", f"the {name} config")
+        config = read_json(path / "config.json", f"the {name} config")
     return ComponentInput(name, path, origin, config)
 
 
@@ -222,7 +222,7 @@ def check_readable(src) -> None:
             ) from None
 
 
-def _plan_component(comp: ComponentPlan, allow_unknown_keys: bool = False, log: Callable[[str], None] = lambda s: None) -> None:
+def plan_component(comp: ComponentPlan, allow_unknown_keys: bool = False, log: Callable[[str], None] = lambda s: None) -> None:
     keys = comp.source.keys()
     unknown = comp.keymap.unknown_keys(keys) + comp.source.orphans
     if unknown:

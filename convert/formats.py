@@ -30,6 +30,7 @@ from mlx_video.errors import MlxVideoError
 from mlx_video.io.safetensors import SafetensorsFile, TensorSource, looks_like_safetensors
 
 from .fp8 import decode_fp8
+from .tensor_file import TensorFile, raw_to_mx  # noqa: F401  (re-exported: the base of every container)
 from .rules import PART_SEPARATOR, KeyMap, Rule, is_part_key
 
 # dtype code -> (bytes per element, numpy dtype of the raw elements)
@@ -61,42 +62,8 @@ _TORCH_CODES = {
 }  # fmt: skip
 
 
-def raw_to_mx(host: np.ndarray, code: str) -> mx.array:
-    """Raw elements (as read from disk) -> an MLX array: bf16 viewed, fp64 narrowed, fp8 left as uint8 codes."""
-    if code == "F64":
-        host = host.astype(np.float32)
-    arr = mx.array(host)
-    return arr.view(mx.bfloat16) if code == "BF16" else arr
-
-
 # ---------------------------------------------------------------------------------------------------
 # containers
-
-
-class TensorFile:
-    """The tensors of one checkpoint container. Subclasses fill `_shapes`, `_codes`, `paths`."""
-
-    paths: list[Path]
-    metadata: dict
-
-    def keys(self) -> list[str]:
-        return list(self._shapes)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._shapes
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-    def code(self, key: str) -> str:
-        return self._codes[key]
-
-    def read(self, key: str, start: int | None = None, stop: int | None = None) -> mx.array:
-        """Rows [start, stop) along the first axis (all of it by default), raw (see `raw_to_mx`)."""
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        return ", ".join(str(p) for p in self.paths[:3]) + (f" and {len(self.paths) - 3} more" if len(self.paths) > 3 else "")
 
 
 def _row_span(shape: tuple[int, ...], start: int | None, stop: int | None) -> tuple[int, int, tuple[int, ...]]:

@@ -102,7 +102,7 @@ def decode_fp8(codes: mx.array, fmt: str) -> mx.array:
     return mx.take(table, codes)
 
 
-def _as_scale(scale, codes_shape: tuple[int, ...]) -> mx.array:
+def as_scale(scale, codes_shape: tuple[int, ...]) -> mx.array:
     if isinstance(scale, mx.array):
         s = scale.astype(mx.float32)
     else:
@@ -130,7 +130,7 @@ def dequantize_fp8(codes: mx.array, fmt: str, scale=1.0, dtype=mx.bfloat16) -> m
     entry per output channel (dim 0 of `codes`), or any array that broadcasts to `codes`' shape.
     """
     values = decode_fp8(codes, fmt)
-    out = values * _as_scale(scale, tuple(values.shape))
+    out = values * as_scale(scale, tuple(values.shape))
     return out.astype(dtype)
 
 

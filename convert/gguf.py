@@ -43,6 +43,7 @@ import numpy as np
 from mlx_video.errors import MlxVideoError
 
 from .rules import KeyMap, Rule
+from .tensor_file import TensorFile, raw_to_mx
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -668,18 +669,12 @@ def gguf_names(gguf: GGUFFile) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the converter's view (convert/formats.py `TensorFile`)
+# the converter's view (convert/tensor_file.py `TensorFile`)
 
 _CODES = {name: name for name in ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")}  # the rest read as F32
 
 
-def _tensor_file_base():
-    from .formats import TensorFile  # imported late: formats.py opens GGUF files through this module
-
-    return TensorFile
-
-
-class GGUFTensors(_tensor_file_base()):
+class GGUFTensors(TensorFile):
     """A GGUF file as a `TensorFile`: tensors under our names (T5 encoders renamed), float tensors as stored,
     quantized ones dequantized to float32 (code "F32"); `ggml_type` tells the stored type and `affine`
     gives the exact MLX quantized form of the types in `AFFINE_BITS`."""
@@ -703,8 +698,6 @@ class GGUFTensors(_tensor_file_base()):
         return self.gguf.info(self._names[key]).nbytes
 
     def read(self, key, start=None, stop=None):
-        from .formats import raw_to_mx
-
         gguf_key = self._names[key]
         info = self.gguf.info(gguf_key)
         if info.is_quantized:

@@ -51,7 +51,7 @@ import click
 import numpy as np
 
 from mlx_video.errors import MlxVideoError
-from mlx_video.options import MAX_VIDEO_SECONDS, parse_segment_prompt, recorded_options
+from mlx_video.options import MAX_VIDEO_SECONDS, parse_segment_prompt
 
 OVERLAP_LATENT_FRAMES = 2  # K: latent frames held between segments on text-only models
 # what each segment's record keeps of its run's step-cache counts (mlx_video.pipelines.cache.StepCache.stats)
@@ -193,11 +193,10 @@ class ChainJob:
         return self.base.output
 
     def record(self) -> dict:
-        record = self.base.record()
+        record = self.base.record(options=self.options)
         fps = self.base.settings.fps
         record.update(frames=self.total, duration=self.options.get("duration") or self.total / fps,
-                      seed=self.base.settings.seed, prompt=self.base.settings.prompt,
-                      options=recorded_options(self.options))
+                      seed=self.base.settings.seed, prompt=self.base.settings.prompt)
         record["extension"] = {
             "method": self.method, "segments": len(self.segments), "segment_frames": self.clip,
             "overlap_latent_frames": self.overlap_latent_frames if self.method == LATENT_OVERLAP else None,
@@ -209,21 +208,18 @@ class ChainJob:
         return record
 
     def summary(self) -> str:
-        from mlx_video.run import summary_line
-
         s = self.base.settings
         return (f"{len(self.segments)} segments ({self.method}) of at most {self.clip} frames for {self.total} frames "
-                f"({self.total / s.fps:g} s at {s.fps} fps); each: " + summary_line(self.base))
+                f"({self.total / s.fps:g} s at {s.fps} fps); each: " + self.base.summary())
 
     def execute(self, echo=click.echo, hooks=()) -> dict:
         return run_chain(self, echo, hooks)
 
 
-def prepare_extension(o: dict, pipe, total: int, clip: int, output_folder=None, check_memory: bool = True,
-                      k: int = OVERLAP_LATENT_FRAMES, own_sidecar: bool = False) -> ExtensionJob:
-    """Check a chain's options and prepare segment 0 as a one-clip job (memory is checked for one clip)."""
+def plan_chain(o: dict, pipe, total: int, clip: int, k: int = OVERLAP_LATENT_FRAMES) -> tuple[list[Segment], str, dict]:
+    """Check a chain's options and plan its segments: (segments, method, the options of segment 0 as a one-clip
+    job, which the caller prepares; memory is checked for one clip)."""
     from mlx_video.distributed import world_size
-    from mlx_video.run import prepare
 
     for name, option in UNSUPPORTED.items():
         if o.get(name) not in (None, (), [], False):
@@ -235,7 +231,12 @@ def prepare_extension(o: dict, pipe, total: int, clip: int, output_folder=None, 
     method = LAST_FRAME if pipe.image_mode is not None else LATENT_OVERLAP
     segments = plan_segments(total, clip, spec.frame_stride, method, "image" if o.get("image") else "none", k)
     first = dict(o, frames=segments[0].rendered, duration=None, segment_prompt=None, segment_frames=None)
-    base = prepare(first, pipe, output_folder=output_folder, check_memory=check_memory, own_sidecar=own_sidecar)
+    return segments, method, first
+
+
+def chain_job(o: dict, base, segments: list[Segment], method: str, total: int, clip: int,
+              k: int = OVERLAP_LATENT_FRAMES) -> ChainJob:
+    """The chain, from segment 0 prepared as a one-clip job (`base`, a run.Job)."""
     if base.output is None:
         raise MlxVideoError("a chain of segments writes a video: give --output")
     assign_prompts(segments, base.settings.prompt, o.get("segment_prompt"), base.settings.seed, base.settings.fps)
@@ -448,7 +449,7 @@ def run_chain(job: ChainJob, echo=click.echo, hooks=()) -> dict:
     from mlx_video.interpolate import output_frame_count
     from mlx_video.io.atomic import publishing
     from mlx_video.io.sidecar import write_sidecar
-    from mlx_video.run import CountedFrames, _stream_frames, deliver
+    from mlx_video.io.frames import CountedFrames, stream_frames
 
     base, output = job.base, job.base.output
     s = base.settings
@@ -463,11 +464,10 @@ def run_chain(job: ChainJob, echo=click.echo, hooks=()) -> dict:
         interpolator = base.interpolation.interpolator()
         frames = CountedFrames(interpolator(made))
         total, fps = output_frame_count(job.total, base.interpolation.factor), base.frame_rate
-    delivered, (width, height, out_fps), planned = deliver(frames, base.delivery, total, fps,
-                                                           (s.width, s.height, fps))
+    delivered, (width, height, out_fps), planned = base.deliver(frames, total, fps, (s.width, s.height, fps))
     with publishing():  # the video and its sidecar appear together
         try:
-            written = _stream_frames(delivered, output, base.overwrite, width, height, out_fps)
+            written = stream_frames(delivered, output, base.overwrite, width, height, out_fps)
         except BaseException:  # Ctrl-C included: say where the finished segments are
             kept = store.finished()
             if kept:

@@ -217,54 +217,6 @@ def _open_video(path: Path) -> FrameSource:
 # writing
 
 
-class _PngSink:
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.index = 0
-
-    def write(self, frame: np.ndarray) -> None:
-        from PIL import Image
-
-        from .io.video import PNG_FRAME_PATTERN
-
-        Image.fromarray(frame).save(self.folder / PNG_FRAME_PATTERN.format(index=self.index), format="PNG")
-        self.index += 1
-
-    def close(self) -> None:
-        pass
-
-
-class _VideoSink:
-    """H.264 yuv420p with the settings of `io.video.write_video`, fed one frame at a time."""
-
-    def __init__(self, path: Path, container_format: str, width: int, height: int, rate: Fraction, crf: int = 18):
-        import av
-
-        self.container = av.open(str(path), mode="w", format=container_format, options={"movflags": "+faststart"})
-        stream = self.container.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf)}
-        stream.codec_context.time_base = 1 / rate
-        stream.codec_context.colorspace = 1  # BT.709
-        stream.codec_context.color_primaries = 1
-        stream.codec_context.color_trc = 1
-        stream.codec_context.color_range = 1  # limited
-        self.stream = stream
-        self.index = 0
-
-    def write(self, frame: np.ndarray) -> None:
-        import av
-
-        yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", dst_colorspace="ITU709")
-        yuv.pts = self.index
-        self.container.mux(self.stream.encode(yuv))
-        self.index += 1
-
-    def close(self) -> None:
-        self.container.mux(self.stream.encode(None))
-        self.container.close()
-
-
 # file names that look like a video or an image, which OUT would otherwise silently turn into a folder
 _OTHER_MEDIA_SUFFIXES = {".mkv", ".avi", ".webm", ".gif", ".m4v", ".wmv", ".flv", ".mpg", ".mpeg", ".ts", ".png",
                          ".jpg", ".jpeg", ".webp", ".apng"}
@@ -282,7 +234,7 @@ def _output_kind(path: Path) -> str:
 
 
 def _check_output(source: FrameSource, output: Path, overwrite: bool, fps) -> tuple[str, Fraction | None]:
-    from .io.video import _check_replaceable_frame_folder, _frame_rate
+    from .io.video import check_replaceable_frame_folder, frame_rate
 
     kind = _output_kind(output)
     if output.resolve() == source.path.resolve():
@@ -290,12 +242,12 @@ def _check_output(source: FrameSource, output: Path, overwrite: bool, fps) -> tu
     if output.exists() and not overwrite:
         raise MlxVideoError(f"{output} already exists; pass --overwrite to replace it")
     if kind == "png" and output.exists():
-        _check_replaceable_frame_folder(output)
+        check_replaceable_frame_folder(output)
     if kind == "video" and output.is_dir():
         raise MlxVideoError(f"{output} is a folder; give a file name ending in .mp4 or .mov")
     rate = None
     if fps is not None:
-        rate = _frame_rate(fps)
+        rate = frame_rate(fps)
     if kind == "video":
         if source.width % 2 or source.height % 2:
             raise MlxVideoError(
@@ -328,6 +280,7 @@ def interpolate_file(
     from mlx_video.rife.weights import find_weights, load_rife
     from .io.atomic import atomic_dir, atomic_file
     from .io.destination import check_destination
+    from .io.frames import PngSink, VideoSink
     from .io.video import VIDEO_FORMATS
     from .registry import models_home
 
@@ -348,9 +301,9 @@ def interpolate_file(
         context = atomic_dir(output, overwrite) if kind == "png" else atomic_file(output, overwrite)
         with context as tmp:
             if kind == "png":
-                sink = _PngSink(tmp)
+                sink = PngSink(tmp)
             else:
-                sink = _VideoSink(tmp, VIDEO_FORMATS[output.suffix.lower()], source.width, source.height, rate)
+                sink = VideoSink(tmp, VIDEO_FORMATS[output.suffix.lower()], source.width, source.height, rate)
             try:
                 for frame in interpolator(source.frames):
                     sink.write(frame)

@@ -55,7 +55,7 @@ import numpy as np
 
 from mlx_video.errors import MlxVideoError
 from mlx_video.nn.norms import layer_norm_fp32
-from mlx_video.nn.rope import apply_rope_interleaved, wan_axis_dims
+from mlx_video.nn.rope import apply_rope_interleaved, default_axis_dims
 
 BACKENDS = ("metal", "cuda", "portable")
 ENV_VAR = "MLXVID_KERNELS"
@@ -473,7 +473,7 @@ def rope_tables(
     """
     grid = tuple(int(g) for g in grid)
     if axis_dims is None:
-        axis_dims = wan_axis_dims(head_dim) if len(grid) == 3 else None
+        axis_dims = default_axis_dims(head_dim) if len(grid) == 3 else None
     if axis_dims is None or len(axis_dims) != len(grid) or not 1 <= len(grid) <= 3:
         raise ValueError(f"grid {grid} needs 1 to 3 axes and one axis dim per axis, got {axis_dims}")
     if sum(axis_dims) != head_dim or any(d % 2 for d in axis_dims):

@@ -427,9 +427,9 @@ def _fuse_low_precision(layer, delta: mx.array) -> None:
     else:  # per output channel, in the layout the conversion stored
         amax = mx.max(mx.abs(weight), axis=1).reshape(old_scale.shape)
     scale = mx.maximum(amax / E4M3FN_MAX, mx.array(1e-12, dtype=mx.float32)).astype(mx.float32)
-    from .convert.fp8 import _as_scale
+    from .convert.fp8 import as_scale
 
-    codes = encode_e4m3fn(np.array(weight / _as_scale(scale, tuple(weight.shape))))
+    codes = encode_e4m3fn(np.array(weight / as_scale(scale, tuple(weight.shape))))
     layer.weight = mx.array(codes)
     layer.weight_scale = scale
     layer._fp8_format = "e4m3fn"

@@ -201,7 +201,18 @@ class Job:
         """The rate of the frames that reach delivery: the model's, times the interpolation factor."""
         return self.settings.fps * (self.interpolation.factor if self.interpolation else 1)
 
-    def record(self) -> dict:
+    def summary(self) -> str:
+        return summary_line(self)
+
+    def execute(self, echo=click.echo, hooks=()) -> dict:
+        return execute_clip(self, echo, hooks)
+
+    def deliver(self, frames, total: int, fps: float, size_and_rate: tuple):
+        """The frames through this job's delivery step (see `deliver`)."""
+        return deliver(frames, self.delivery, total, fps, size_and_rate)
+
+    def record(self, options: dict | None = None) -> dict:
+        """The sidecar's record; `options`: the options to record when they are not this job's own (a chain's)."""
         s = self.settings
         record = s.to_dict()
         pipe = self.pipe
@@ -209,7 +220,8 @@ class Job:
                       init_latents=str(self.init_latents_path) if self.init_latents_path else None,
                       memory_estimate=self.estimate, image_fit=self.image_fit if s.image is not None else None,
                       quality=self.quality, duration=self.duration, render_size=[s.width, s.height],
-                      options=recorded_options(self.options), input_files=input_files(self.options))
+                      options=recorded_options(self.options if options is None else options),
+                      input_files=input_files(self.options if options is None else options))
         if self.delivery is not None:
             record["delivery"] = self.delivery.record((s.width, s.height), self.frame_rate)
             record["delivery_size"] = [self.delivery.width, self.delivery.height]
@@ -255,7 +267,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     """Check every option (`mlx_video.options.validate`) and settle the settings against the model, before any
     weights are read. `own_sidecar`: the sidecar beside the output records this job (a batch resuming a job
     whose video was deleted) and is replaced."""
-    from mlx_video.chains import extension_frames, prepare_extension
+    from .chains import chain_job, extension_frames, plan_chain
     from .options import check_capabilities
 
     o = validate(options)
@@ -276,8 +288,9 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
         if chain is not None and given(o, "video"):
             raise MlxVideoError("--video makes one clip: give at most one clip's --frames (no chain of clips)")
         if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.chains)
-            return prepare_extension(o, pipe, *chain, output_folder=output_folder, check_memory=check_memory,
-                                     own_sidecar=own_sidecar)
+            segments, method, first = plan_chain(o, pipe, *chain)
+            base = prepare(first, pipe, output_folder=output_folder, check_memory=check_memory, own_sidecar=own_sidecar)
+            return chain_job(o, base, segments, method, *chain)
     source = _source_frames(o, pipe.spec)
     if source is not None and o.get("frames") is None:
         o["frames"] = source.shape[0]  # the video's length (recorded, so a replay takes the same frames)
@@ -478,12 +491,15 @@ def summary_line(job: Job) -> str:
     return text
 
 
-def execute(job: Job, echo=click.echo, hooks=()) -> dict:
-    """Run a prepared job and write its outputs atomically, each with its sidecar. If the video cannot be
+def execute(job, echo=click.echo, hooks=()) -> dict:
+    """Run a prepared job: one clip (`Job`) or a chain of clips (`mlx_video.chains.ChainJob`), each its own way."""
+    return job.execute(echo, hooks)
+
+
+def execute_clip(job: Job, echo=click.echo, hooks=()) -> dict:
+    """Run a one-clip job and write its outputs atomically, each with its sidecar. If the video cannot be
     written at the end, the latents are kept (beside the output, else in the cache) with a way to decode them."""
 
-    if not isinstance(job, Job):  # a chain of clips (mlx_video.chains.ChainJob) runs its own way
-        return job.execute(echo, hooks)
     if not job.quiet:
         echo(summary_line(job))
     hooks = list(hooks)
@@ -663,6 +679,7 @@ def _interpolate_output(job: Job, video: np.ndarray, record: dict, timings: dict
     from tqdm.auto import tqdm
 
     from .interpolate import output_frame_count
+    from .io.frames import CountedFrames, stream_frames
 
     spec = job.interpolation
     start = time.perf_counter()
@@ -672,27 +689,12 @@ def _interpolate_output(job: Job, video: np.ndarray, record: dict, timings: dict
     fps = job.frame_rate
     made = CountedFrames(tqdm(interpolator(video), total=total, desc="interpolating", unit="frame", disable=job.quiet))
     frames, out, _ = deliver(made, job.delivery, total, fps, (width, height, fps))
-    written = _stream_frames(frames, job.output, job.overwrite, *out)
+    written = stream_frames(frames, job.output, job.overwrite, *out)
     timings["interpolating_and_writing"] = time.perf_counter() - start
     if made.count != total:
         raise MlxVideoError(f"internal error: interpolation made {made.count} frames, expected {total}")
     record["interpolate"] = spec.record(n, made.count, job.settings.fps, fps, interpolator.scene_cuts)
     return written, out[1], out[0], out[2]
-
-
-class CountedFrames:
-    """An iterator that counts what passed through it."""
-
-    def __init__(self, items):
-        self.items, self.count = iter(items), 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = next(self.items)
-        self.count += 1
-        return item
 
 
 def deliver(frames, delivery: "Delivery | None", total: int, fps: float, size_and_rate: tuple):
@@ -703,33 +705,6 @@ def deliver(frames, delivery: "Delivery | None", total: int, fps: float, size_an
     stream = DeliveryStream(delivery, total, fps)
     return ((out for frame in frames for out in stream.push(frame)), (delivery.width, delivery.height, delivery.fps),
             len(stream.shows))
-
-
-def _stream_frames(frames, output: Path, overwrite: bool, width: int, height: int, fps) -> int:
-    """Write frames one by one into OUTPUT (a .mp4/.mov or a PNG folder), under a temporary name."""
-    from .interpolate import _PngSink, _VideoSink
-    from .io.atomic import atomic_dir, atomic_file
-    from .io.video import VIDEO_FORMATS, _check_replaceable_frame_folder, _frame_rate, is_video_file
-
-    is_video = is_video_file(output)
-    if is_video and (width % 2 or height % 2):
-        raise MlxVideoError(f"video frames are {width}x{height}; H.264 in yuv420p needs an even width and height")
-    if not is_video and output.exists() and overwrite:
-        _check_replaceable_frame_folder(output)
-    written = 0
-    context = atomic_file(output, overwrite) if is_video else atomic_dir(output, overwrite)
-    with context as tmp:
-        if is_video:
-            sink = _VideoSink(tmp, VIDEO_FORMATS[output.suffix.lower()], width, height, _frame_rate(fps))
-        else:
-            sink = _PngSink(tmp)
-        try:
-            for frame in frames:
-                sink.write(frame)
-                written += 1
-        finally:
-            sink.close()
-    return written
 
 
 def rescue_dir() -> Path:

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 from mlx.utils import tree_flatten
 from transformers import CLIPTextConfig as HFCLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
-from mlx_video.convert.convert import ComponentPlan, _plan_component
+from mlx_video.convert.convert import ComponentPlan, plan_component
 from mlx_video.families.hunyuan import planner as family
 from mlx_video.convert.formats import ComponentSource, TensorFile, classify, open_tensors
 from mlx_video.families.hunyuan.keys import (
@@ -97,7 +97,7 @@ def test_classify_names_each_component(full_size):
 
 def test_full_size_diffusers_plan_covers_every_key(full_size):
     """Every key of each published diffusers component maps onto our lazily built module with its shape, and
-    every parameter is filled (`_plan_component` refuses anything else)."""
+    every parameter is filled (`plan_component` refuses anything else)."""
     cfg = transformer_config_from_diffusers(PUBLISHED_TRANSFORMER)
     assert cfg == HUNYUAN_T2V_720P
     transformer = ComponentSource(family.FusedParts(Shapes(full_size["transformer"]), DIFFUSERS_TRANSFORMER, "t"), "t")
@@ -111,7 +111,7 @@ def test_full_size_diffusers_plan_covers_every_key(full_size):
         ComponentPlan("vae", ComponentSource(Shapes(full_size["vae"]), "vae"), DIFFUSERS_VAE, {}, HunyuanVAE(HUNYUAN_VAE)),
     ]
     for plan in plans:
-        _plan_component(plan)
+        plan_component(plan)
         expected = {k: tuple(v.shape) for k, v in tree_flatten(plan.module.parameters())}
         assert {k: v[1] for k, v in plan.tensors.items()} == expected, plan.name
     fused = [k for k, (src, _, _) in plans[0].tensors.items() if src.startswith(family.FUSED)]

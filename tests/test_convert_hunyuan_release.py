@@ -198,7 +198,7 @@ def test_official_config_from_full_size_shapes():
 
     # the fp8 release at full size: every key maps onto our model (built lazily) with the right shape, and with
     # --quantize fp8 every released fp8 layer is kept as its codes (no data: shapes and dtypes only)
-    from mlx_video.convert.convert import ComponentPlan, _plan_component
+    from mlx_video.convert.convert import ComponentPlan, plan_component
     from mlx_video.convert.formats import ComponentSource
     from mlx_video.families.hunyuan.keys import OFFICIAL_TRANSFORMER
     from mlx_video.convert.quantize import plan_item
@@ -210,7 +210,7 @@ def test_official_config_from_full_size_shapes():
     source = ComponentSource(family.Fp8ScaleMap(weights, scale_map, "fp8"), "fp8")
     comp = ComponentPlan("transformer", source, OFFICIAL_TRANSFORMER, config.to_dict(), HunyuanTransformer(config),
                          low_precision=family.LOW_PRECISION_TRANSFORMER)
-    _plan_component(comp)
+    plan_component(comp)
     modes = {t: plan_item("transformer", t, k, tr, sh, source, "bf16", "fp8", 64, comp.low_precision).mode
              for t, (k, sh, tr) in comp.tensors.items()}
     assert len(fp8) == 20 * 10 + 40 * 3

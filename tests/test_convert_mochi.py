@@ -13,7 +13,7 @@ from diffusers import AutoencoderKLMochi, MochiTransformer3DModel
 from mlx.utils import tree_flatten
 from transformers import T5Config as HFT5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-from mlx_video.convert.convert import ComponentPlan, _plan_component
+from mlx_video.convert.convert import ComponentPlan, plan_component
 from mlx_video.families.mochi import planner as family
 from mlx_video.families.hunyuan.planner import FUSED, FusedParts, fused_keymap
 from mlx_video.convert.formats import ComponentSource, TensorFile, classify
@@ -88,7 +88,7 @@ def test_classify_names_each_component(full_size):
 
 def test_full_size_plan_covers_every_key(full_size):
     """Every key of each published component maps onto our lazily built module with its shape, and every
-    parameter is filled (`_plan_component` refuses anything else)."""
+    parameter is filled (`plan_component` refuses anything else)."""
     cfg = transformer_config_from_diffusers(full_size["config"])
     assert cfg == MOCHI_1_PREVIEW
     assert vae_config_from_diffusers({"_class_name": "AutoencoderKLMochi", **full_size["vae_config"]}) == MOCHI_VAE
@@ -107,7 +107,7 @@ def test_full_size_plan_covers_every_key(full_size):
                       family.official_vae_keymap(), {}, MochiVAE(MOCHI_VAE)),
     ]
     for plan in plans:
-        _plan_component(plan)
+        plan_component(plan)
         expected = {k: tuple(v.shape) for k, v in tree_flatten(plan.module.parameters())}
         assert {k: v[1] for k, v in plan.tensors.items()} == expected, plan.name
     fused = [k for k, (src, _, _) in plans[0].tensors.items() if src.startswith(FUSED)]

@@ -268,7 +268,7 @@ def test_rope_tables_under_mx_compile():
     rotate = mx.compile(lambda q, k: kernels.apply_rope_qk(q, k, rope))
     got_q, got_k = rotate(mx.array(q), mx.array(k))
     again_q, _ = rotate(mx.array(2 * q), mx.array(k))
-    split = nn_rope.wan_axis_dims(head_dim)
+    split = nn_rope.default_axis_dims(head_dim)
     assert rel(np.array(got_q), complex_rope(q, grid, split)) < 1e-6
     assert rel(np.array(got_k), complex_rope(k, grid, split)) < 1e-6
     assert rel(np.array(again_q), complex_rope(2 * q, grid, split)) < 1e-6
@@ -355,7 +355,7 @@ def record_wan_ops(monkeypatch) -> list:
 
 def check_wan_ops_against_float64(records, grid, head_dim, bound=1e-6):
     """Every recorded operation of a tiny Wan forward against its float64 numpy reference."""
-    split = nn_rope.wan_axis_dims(head_dim)
+    split = nn_rope.default_axis_dims(head_dim)
     for name, args, out in records:
         if name == "adaln_modulate":
             want = adaln_reference(f32(args["x"]), f32(args["shift"]), f32(args["scale"]), args["eps"])
@@ -609,7 +609,7 @@ def test_gpu_path_rope(emulated_gpu, grid, head_dim, axis_dims, theta, dtype):
         assert got_q.dtype == got_k.dtype == single.dtype == dtype
         assert rel(f32(got_q), f32(want_q)) < bound and rel(f32(got_k), f32(want_k)) < bound
         assert rel(f32(single), f32(want_k)) < bound
-    split = axis_dims or nn_rope.wan_axis_dims(head_dim)
+    split = axis_dims or nn_rope.default_axis_dims(head_dim)
     for x, got in ((q, got_q), (k, got_k)):
         assert rel(f32(got), complex_rope(f32(x), grid, split, theta)) < bound
     names = [c[0] for c in calls]

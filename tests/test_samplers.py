@@ -13,7 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from mlx_video.samplers import SAMPLERS, make_sampler
-from mlx_video.samplers.flow import flow_euler_sigmas, shift_sigmas, wan_unipc_sigmas
+from mlx_video.samplers.flow import flow_euler_sigmas, shift_sigmas, unipc_flow_sigmas
 
 SCHEDULES = [(40, 12.0), (40, 5.0), (50, 5.0), (4, 3.0), (2, 1.0), (1, 1.0)]
 LATENT_SHAPE = (1, 16, 2, 4, 32)
@@ -30,7 +30,7 @@ def reference_scheduler(kind, steps, shift):
             lower_order_final=True,
             final_sigmas_type="zero",
         )
-        scheduler.set_timesteps(sigmas=wan_unipc_sigmas(steps))
+        scheduler.set_timesteps(sigmas=unipc_flow_sigmas(steps))
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
         scheduler.set_timesteps(sigmas=flow_euler_sigmas(steps))
@@ -131,8 +131,8 @@ def test_shift_function():
 
 
 def test_official_unshifted_grids():
-    assert wan_unipc_sigmas(4)[0] == pytest.approx(0.999, abs=1e-7)
-    np.testing.assert_allclose(wan_unipc_sigmas(4), 0.999 * np.array([1.0, 0.75, 0.5, 0.25]), rtol=1e-7)
+    assert unipc_flow_sigmas(4)[0] == pytest.approx(0.999, abs=1e-7)
+    np.testing.assert_allclose(unipc_flow_sigmas(4), 0.999 * np.array([1.0, 0.75, 0.5, 0.25]), rtol=1e-7)
     np.testing.assert_array_equal(flow_euler_sigmas(4), np.float32([1.0, 0.75, 0.5, 0.25]))
 
 

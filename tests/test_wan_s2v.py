@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_video.convert.convert import ComponentPlan, _plan_component
+from mlx_video.convert.convert import ComponentPlan, plan_component
 from mlx_video.convert.rules import convert_weights
 from mlx_video.families.wan.s2v_keys import OFFICIAL_S2V_TRANSFORMER, s2v_config_from_official
 from mlx_video.families.wan.s2v_model import WAN_S2V_14B, WanS2VConfig, WanS2VTransformer
@@ -133,7 +133,7 @@ def test_audio_length_must_match_the_latent_frames():
 
 
 class _MetaSource:
-    """The official full-size state dict's keys and shapes, as `_plan_component` reads a checkpoint."""
+    """The official full-size state dict's keys and shapes, as `plan_component` reads a checkpoint."""
 
     def __init__(self, shapes: dict):
         self.shapes, self.what, self.orphans = shapes, "the official S2V state dict", []
@@ -153,7 +153,7 @@ def test_full_size_official_keys_map_onto_the_published_model():
     assert len(shapes) == 1260
     model = WanS2VTransformer(WAN_S2V_14B)  # lazy: nothing is materialised
     comp = ComponentPlan("transformer", _MetaSource(shapes), OFFICIAL_S2V_TRANSFORMER, WAN_S2V_14B.to_dict(), model)
-    _plan_component(comp)
+    plan_component(comp)
     assert len(comp.tensors) == len(shapes) == len(tree_flatten(model.parameters()))
     assert comp.tensors["audio_encoder.conv1_local.conv.weight"][1:] == ((5120, 3, 1024), "conv1d_channels_last")
     assert comp.tensors["frame_packer.proj_4x.weight"][1] == (5120, 4 * 8 * 8 * 16)

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import MlxVideoError
 from .atomic import atomic_file, detached
-from .video import _frame_rate, _video_format, write_video
+from .video import frame_rate, video_format, write_video
 
 # Below this rate speech is already band-limited to under 4 kHz; upsampling such a file to a model's rate
 # would feed it an input it was never trained on, so it is refused rather than silently accepted.
@@ -147,7 +147,7 @@ def mux_audio(
     to 48 kHz first.
     """
     output_path = Path(output_path)
-    container_format = _video_format(output_path)
+    container_format = video_format(output_path)
     if isinstance(audio, Audio):
         samples, sample_rate = audio.samples, audio.sample_rate
     else:
@@ -166,7 +166,7 @@ def mux_audio(
         return _mux_into(Path(video), samples, sample_rate, output_path, container_format, overwrite)
     if fps is None:
         raise ValueError("mux_audio needs fps when video is given as frames")
-    _frame_rate(fps)
+    frame_rate(fps)
     with tempfile.TemporaryDirectory(prefix="mlxvid-mux-") as scratch:
         silent = Path(scratch) / f"video{output_path.suffix.lower()}"
         with detached():  # a scratch file, not the result: written now even while the result's unit is open

@@ -45,14 +45,14 @@ def write_video(
     and renamed at the end, so a failed or interrupted write leaves nothing at `path`.
     """
     path = Path(path)
-    container_format = _video_format(path)
+    container_format = video_format(path)
     frames = _check_frames(frames)
     _, height, width, _ = frames.shape
     if height % 2 or width % 2:
         raise MlxVideoError(
             f"video frames are {width}x{height}; H.264 in yuv420p needs an even width and height"
         )
-    rate = _frame_rate(fps)
+    rate = frame_rate(fps)
     if isinstance(crf, bool) or not isinstance(crf, (int, np.integer)) or not 0 <= crf <= 51:
         raise MlxVideoError(f"crf must be an integer from 0 to 51, got {crf!r}")
     _refuse_directory(path)
@@ -75,7 +75,7 @@ def write_frames_png(frames, folder: str | os.PathLike, overwrite: bool = False)
     folder = Path(folder)
     frames = _check_frames(frames)
     if folder.exists() and overwrite:
-        _check_replaceable_frame_folder(folder)
+        check_replaceable_frame_folder(folder)
 
     with atomic_dir(folder, overwrite) as tmp:
         for index in range(frames.shape[0]):
@@ -111,7 +111,7 @@ def _encode_h264(frames: np.ndarray, path: Path, container_format: str, rate: Fr
         container.mux(stream.encode(None))
 
 
-def _video_format(path: Path) -> str:
+def video_format(path: Path) -> str:
     container_format = VIDEO_FORMATS.get(path.suffix.lower())
     if container_format is None:
         raise MlxVideoError(
@@ -126,7 +126,7 @@ def _refuse_directory(path: Path):
         raise MlxVideoError(f"{path} is a folder; give a file name ending in .mp4 or .mov")
 
 
-def _frame_rate(fps) -> Fraction:
+def frame_rate(fps) -> Fraction:
     if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction, np.integer, np.floating)):
         raise MlxVideoError(f"fps must be a number, got {fps!r}")
     if not math.isfinite(fps):
@@ -163,7 +163,7 @@ def _frame_to_uint8(frame: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(frame, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _check_replaceable_frame_folder(folder: Path):
+def check_replaceable_frame_folder(folder: Path):
     if not folder.is_dir():
         raise MlxVideoError(f"{folder} exists and is not a folder; choose another output path")
     strangers = [entry.name for entry in folder.iterdir() if entry.suffix.lower() != ".png"]

@@ -13,8 +13,8 @@ import mlx.core as mx
 import numpy as np
 
 
-def wan_axis_dims(head_dim: int) -> tuple[int, int, int]:
-    """Wan's split of the head dimension into (t, h, w) channels: 44/42/42 for 128."""
+def default_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """The default split of the head dimension into (t, h, w) channels (Wan's): 44/42/42 for 128."""
     hw = 2 * (head_dim // 6)
     return head_dim - 2 * hw, hw, hw
 
@@ -31,7 +31,7 @@ def rope_tables_3d(
     Positions are the integer grid indices 0..n-1 of each axis.
     """
     if axis_dims is None:
-        axis_dims = wan_axis_dims(head_dim)
+        axis_dims = default_axis_dims(head_dim)
     if len(axis_dims) != len(grid):
         raise ValueError(f"{len(grid)} grid axes but {len(axis_dims)} axis dims")
     if sum(axis_dims) != head_dim or any(d % 2 for d in axis_dims):

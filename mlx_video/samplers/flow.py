@@ -24,7 +24,7 @@ def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def wan_unipc_sigmas(steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+def unipc_flow_sigmas(steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
     """Wan's UniPC grid before the shift: `steps` float64 values from σ_max down to (excluding) σ_min = 0.
 
     σ_max = 1 − 1/num_train_timesteps, rounded to float32 because Wan reads it back from a float32

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .flow import check_schedule_args, flow_euler_sigmas, shift_sigmas, wan_unipc_sigmas
+from .flow import check_schedule_args, flow_euler_sigmas, shift_sigmas, unipc_flow_sigmas
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,9 @@ class Schedule:
     timesteps: np.ndarray  # (steps,) what the model is given
 
 
-def wan_schedule(steps: int, shift: float, num_train_timesteps: int = 1000) -> Schedule:
+def unipc_grid_schedule(steps: int, shift: float, num_train_timesteps: int = 1000) -> Schedule:
     check_schedule_args(steps, shift)
-    shifted = shift_sigmas(wan_unipc_sigmas(steps, num_train_timesteps), float(shift))
+    shifted = shift_sigmas(unipc_flow_sigmas(steps, num_train_timesteps), float(shift))
     return Schedule(shifted, (shifted * num_train_timesteps).astype(np.int64))
 
 
@@ -94,7 +94,7 @@ def explicit_schedule(sigmas=None, timesteps=None, num_train_timesteps: int = 10
 
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
-    "wan": wan_schedule,
+    "wan": unipc_grid_schedule,
     "shifted-linear": shifted_linear_schedule,
     "linear-quadratic": linear_quadratic_schedule,
 }

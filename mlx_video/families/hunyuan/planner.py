@@ -33,7 +33,7 @@ from typing import Callable
 from mlx_video.errors import MlxVideoError
 from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
 
-from mlx_video.convert.convert import ComponentPlan, ConversionPlan, _component_input, _plan_component, _read_json, diffusers_pipeline_class
+from mlx_video.convert.convert import ComponentPlan, ConversionPlan, component_input, plan_component, read_json, diffusers_pipeline_class
 from mlx_video.convert.formats import ComponentSource, FusedParts, TensorFile, classify, fused_keymap, open_tensors
 from mlx_video.convert.formats import FUSED  # noqa: F401  (re-exported for callers of this module)
 from mlx_video.convert.rules import KeyMap
@@ -241,11 +241,11 @@ def _release_inputs(src: Path, transformer: Path) -> dict:
     vae = src / RELEASE_MODEL / "vae"
     if (vae / "pytorch_model.pt").is_file():
         inputs["vae"] = ComponentInput("vae", vae / "pytorch_model.pt", f"{RELEASE_MODEL}/vae/pytorch_model.pt",
-                                       _read_json(vae / "config.json", "the VAE config"))
+                                       read_json(vae / "config.json", "the VAE config"))
     for name in ("text_encoder", "text_encoder_2"):
         if not (src / name).is_dir():
             raise MlxVideoError(f"{src} holds the release's transformer but no {name}/ (see the release's ckpts/README.md)")
-        inputs[name] = _component_input(name, src / name, f"{src.name}/{name}")
+        inputs[name] = component_input(name, src / name, f"{src.name}/{name}")
     return inputs
 
 
@@ -316,13 +316,13 @@ def _tokenizer(folder: Path, what: str) -> list[tuple[Path | bytes, str]]:
 
 def _diffusers_inputs(src: Path) -> dict:
     """The components of a diffusers HunyuanVideoPipeline folder (vae/ optional)."""
-    index = _read_json(src / "model_index.json", "the diffusers pipeline description")
+    index = read_json(src / "model_index.json", "the diffusers pipeline description")
     pipeline_class = str(index.get("_class_name", ""))
     if pipeline_class != "HunyuanVideoPipeline":
         raise MlxVideoError(f"{src} holds a {pipeline_class} pipeline; mlxvid converts HunyuanVideoPipeline (text to video)")
     transformer_json = src / "transformer" / "config.json"
     if transformer_json.is_file():
-        described = _read_json(transformer_json, "the transformer config").get("_class_name")
+        described = read_json(transformer_json, "the transformer config").get("_class_name")
         if described not in (None, "HunyuanVideoTransformer3DModel"):
             raise MlxVideoError(
                 f"{src} holds a {pipeline_class} pipeline by its model_index.json, but its transformer/config.json "
@@ -335,7 +335,7 @@ def _diffusers_inputs(src: Path) -> dict:
             if name == "vae":
                 continue  # optional: without it the pipeline stops at latents
             raise MlxVideoError(f"{src} has no {name}/")
-        inputs[name] = _component_input(name, folder, f"{src.name}/{name}")
+        inputs[name] = component_input(name, folder, f"{src.name}/{name}")
     return inputs
 
 
@@ -390,7 +390,7 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
         llama_tok_dir, clip_tok_dir = src / "tokenizer", src / "tokenizer_2"
         source_format = "diffusers (HunyuanVideo)"
     for name, path in components.items():
-        given = _component_input(name, Path(path), OVERRIDES[name])
+        given = component_input(name, Path(path), OVERRIDES[name])
         replaced = inputs.get(name)
         if given.config_json is None and replaced is not None:
             # a single file carries no config: the folder's component it replaces says the dimensions
@@ -488,7 +488,7 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
         "defaults": dict(spec.defaults),
     }
     for comp in planned:
-        _plan_component(comp, allow_unknown_keys, log)
+        plan_component(comp, allow_unknown_keys, log)
     files = [p for comp in planned for p in comp.source.tensors.paths]
     files += [p for entries in copy_files.values() for p, _ in entries if isinstance(p, Path)]
     if components:

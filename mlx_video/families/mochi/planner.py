@@ -31,10 +31,10 @@ from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
 from mlx_video.convert.convert import (
     ComponentPlan,
     ConversionPlan,
-    _component_input,
-    _plan_component,
-    _read_json,
-    _tokenizer_files,
+    component_input,
+    plan_component,
+    read_json,
+    tokenizer_files,
     diffusers_pipeline_class,
 )
 from mlx_video.convert.formats import ComponentSource, PrefixView, TensorFile, classify, open_tensors
@@ -217,13 +217,13 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
     src = Path(src)
     if (src / MANIFEST).is_file():
         raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
-    index = _read_json(src / "model_index.json", "the diffusers pipeline description")
+    index = read_json(src / "model_index.json", "the diffusers pipeline description")
     pipeline_class = str(index.get("_class_name", ""))
     if pipeline_class != "MochiPipeline":
         raise MlxVideoError(f"{src} holds a {pipeline_class} pipeline; mlxvid converts MochiPipeline (text to video)")
     transformer_json = src / "transformer" / "config.json"
     if transformer_json.is_file():
-        described = _read_json(transformer_json, "the transformer config").get("_class_name")
+        described = read_json(transformer_json, "the transformer config").get("_class_name")
         if described not in (None, "MochiTransformer3DModel"):
             raise MlxVideoError(
                 f"{src} holds a {pipeline_class} pipeline by its model_index.json, but its transformer/config.json "
@@ -237,15 +237,15 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
             if name == "vae":
                 continue  # optional: without it the pipeline stops at latents
             raise MlxVideoError(f"{src} has no {name}/")
-        inputs[name] = _component_input(name, folder, f"{src.name}/{name}")
+        inputs[name] = component_input(name, folder, f"{src.name}/{name}")
     for name, path in components.items():
-        given = _component_input(name, Path(path), OVERRIDES[name])
+        given = component_input(name, Path(path), OVERRIDES[name])
         if given.config_json is None and name in inputs:
             given.config_json = inputs[name].config_json  # a single file: the folder's component says the sizes
         inputs[name] = given
 
     # the tokenizer first (cheap, and the most likely to be missing)
-    copy_files = {"tokenizer": _tokenizer_files(Path(tokenizer) if tokenizer else src / "tokenizer", "tokenizer")}
+    copy_files = {"tokenizer": tokenizer_files(Path(tokenizer) if tokenizer else src / "tokenizer", "tokenizer")}
 
     planned: list[ComponentPlan] = []
     inp = inputs["transformer"]
@@ -317,7 +317,7 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
         "defaults": defaults,
     }
     for comp in planned:
-        _plan_component(comp, allow_unknown_keys, log)
+        plan_component(comp, allow_unknown_keys, log)
     files = [p for comp in planned for p in comp.source.tensors.paths]
     files += [p for entries in copy_files.values() for p, _ in entries if isinstance(p, Path)]
     source_format = "diffusers (Mochi)"

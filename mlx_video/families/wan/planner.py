@@ -25,10 +25,10 @@ from mlx_video.convert.convert import (
     ComponentInput,
     ComponentPlan,
     ConversionPlan,
-    _component_input,
-    _plan_component,
-    _read_json,
-    _tokenizer_files,
+    component_input,
+    plan_component,
+    read_json,
+    tokenizer_files,
     diffusers_pipeline_class,
 )
 from mlx_video.convert.formats import ComponentSource, Kind, classify, lookalike, open_tensors, split_all_in_one
@@ -133,7 +133,7 @@ def detect_format(src: Path) -> str:
 
 
 def _layout_diffusers(src: Path) -> tuple[dict, list, dict]:
-    index = _read_json(src / "model_index.json", "the diffusers pipeline description")
+    index = read_json(src / "model_index.json", "the diffusers pipeline description")
     pipeline_class = index.get("_class_name", "")
     if not str(pipeline_class).startswith("Wan"):
         raise MlxVideoError(f"{src} holds a {pipeline_class or 'unknown'} pipeline; mlxvid converts Wan 2.2 pipelines")
@@ -146,10 +146,10 @@ def _layout_diffusers(src: Path) -> tuple[dict, list, dict]:
         if folder.is_dir():
             if not (folder / "config.json").is_file():
                 raise MlxVideoError(f"missing {folder / 'config.json'} (the {name} config)")
-            inputs[name] = _component_input(name, folder, f"{src.name}/{name}")
+            inputs[name] = component_input(name, folder, f"{src.name}/{name}")
         elif name != "vae":
             inputs[name] = None  # required; may still come from an option
-    tokenizer = _tokenizer_files(src / "tokenizer", "tokenizer", OFFICIAL_TOKENIZER) if (src / "tokenizer").is_dir() else []
+    tokenizer = tokenizer_files(src / "tokenizer", "tokenizer", OFFICIAL_TOKENIZER) if (src / "tokenizer").is_dir() else []
     return inputs, tokenizer, {"index": index, "two_experts": two_experts}
 
 
@@ -159,17 +159,17 @@ def _layout_official(src: Path) -> tuple[dict, list, dict]:
         for name, folder in (("transformer", "high_noise_model"), ("transformer_2", "low_noise_model")):
             if not (src / folder).is_dir():
                 raise MlxVideoError(f"{src} has {'low' if folder == 'high_noise_model' else 'high'}_noise_model/ but no {folder}/")
-            inputs[name] = _component_input(name, src / folder, f"{src.name}/{folder}")
+            inputs[name] = component_input(name, src / folder, f"{src.name}/{folder}")
         two_experts = True
     else:
-        inputs["transformer"] = _component_input("transformer", src, f"{src.name}/ (the model shards)")
+        inputs["transformer"] = component_input("transformer", src, f"{src.name}/ (the model shards)")
         two_experts = False
-    inputs["text_encoder"] = _component_input("text_encoder", src / OFFICIAL_T5, OFFICIAL_T5) if (src / OFFICIAL_T5).is_file() else None
+    inputs["text_encoder"] = component_input("text_encoder", src / OFFICIAL_T5, OFFICIAL_T5) if (src / OFFICIAL_T5).is_file() else None
     for vae in OFFICIAL_VAES:
         if (src / vae).is_file():
-            inputs["vae"] = _component_input("vae", src / vae, vae)
+            inputs["vae"] = component_input("vae", src / vae, vae)
             break
-    tokenizer = _tokenizer_files(src / OFFICIAL_TOKENIZER, "tokenizer", OFFICIAL_TOKENIZER) if (src / OFFICIAL_TOKENIZER).is_dir() else []
+    tokenizer = tokenizer_files(src / OFFICIAL_TOKENIZER, "tokenizer", OFFICIAL_TOKENIZER) if (src / OFFICIAL_TOKENIZER).is_dir() else []
     hints = {"two_experts": two_experts}
     if (src / OFFICIAL_WAV2VEC2).is_dir():
         hints["audio_encoder"] = src / OFFICIAL_WAV2VEC2
@@ -198,7 +198,7 @@ def _layout_files(src: Path, log) -> tuple[dict, list, dict]:  # noqa: C901
     inputs: dict = {}
     transformers = [p for p, _ in found["transformer"]]
     if len(transformers) == 1:
-        inputs["transformer"] = _component_input("transformer", transformers[0], transformers[0].name)
+        inputs["transformer"] = component_input("transformer", transformers[0], transformers[0].name)
     elif len(transformers) == 2:
         high = [p for p in transformers if "high" in p.name.lower()]
         low = [p for p in transformers if "low" in p.name.lower()]
@@ -207,21 +207,21 @@ def _layout_files(src: Path, log) -> tuple[dict, list, dict]:  # noqa: C901
                 f"{src} holds two transformers ({', '.join(p.name for p in transformers)}) whose names do not say which "
                 "is the high-noise expert; pass them as --transformer (high noise) and --transformer-2 (low noise)"
             )
-        inputs["transformer"] = _component_input("transformer", high[0], high[0].name)
-        inputs["transformer_2"] = _component_input("transformer_2", low[0], low[0].name)
+        inputs["transformer"] = component_input("transformer", high[0], high[0].name)
+        inputs["transformer_2"] = component_input("transformer_2", low[0], low[0].name)
     elif len(transformers) > 2:
         raise MlxVideoError(f"{src} holds {len(transformers)} transformers; pass the ones to use with --transformer/--transformer-2")
     for kind in ("text_encoder", "vae"):
         if len(found[kind]) > 1:
             raise MlxVideoError(f"{src} holds several {kind.replace('_', ' ')}s ({', '.join(p.name for p, _ in found[kind])}); pass one with {OPTION_OF[kind]}")
         if found[kind]:
-            inputs[kind] = _component_input(kind, found[kind][0][0], found[kind][0][0].name)
+            inputs[kind] = component_input(kind, found[kind][0][0], found[kind][0][0].name)
     if not any(inputs.values()):
         raise MlxVideoError(f"{src} holds no checkpoint mlxvid knows" + (f": {'; '.join(ignored)}" if ignored else ""))
     tokenizer = []
     for candidate in (src / OFFICIAL_TOKENIZER, src / "tokenizer", src):
         if candidate.is_dir() and any((candidate / n).is_file() for n in TOKENIZER_FILES):
-            tokenizer = _tokenizer_files(candidate, "tokenizer", OFFICIAL_TOKENIZER)
+            tokenizer = tokenizer_files(candidate, "tokenizer", OFFICIAL_TOKENIZER)
             break
     return inputs, tokenizer, {"two_experts": "transformer_2" in inputs}
 
@@ -330,7 +330,7 @@ def _audio_encoder_plan(folder: Path | None, src) -> ComponentPlan:
             f"Wan2.2-S2V needs its voice encoder: {src or 'the source'} has no {OFFICIAL_WAV2VEC2}/ folder (the "
             "transformers wav2vec2 checkpoint of the release)"
         )
-    inp = _component_input("audio_encoder", folder, f"{OFFICIAL_WAV2VEC2}/")
+    inp = component_input("audio_encoder", folder, f"{OFFICIAL_WAV2VEC2}/")
     if inp.config_json is None:
         raise MlxVideoError(f"{folder} has no config.json (the wav2vec2 config)")
     try:
@@ -443,7 +443,7 @@ def plan(  # noqa: C901
         else:
             inputs, tokenizer_files, hints = _layout_files(src, log)
     for name, path in components.items():
-        given = _component_input(name, Path(path), OPTION_OF[name])
+        given = component_input(name, Path(path), OPTION_OF[name])
         replaced = inputs.get(name)
         if given.config_json is None and replaced is not None and replaced.config_json is not None:
             # a single file on top of a diffusers folder: the folder's config still says what the shapes cannot
@@ -451,7 +451,7 @@ def plan(  # noqa: C901
         inputs[name] = given
     views = _all_in_one(inputs, log)
     if tokenizer is not None:
-        tokenizer_files = _tokenizer_files(Path(tokenizer), "--tokenizer", OFFICIAL_TOKENIZER)
+        tokenizer_files = tokenizer_files(Path(tokenizer), "--tokenizer", OFFICIAL_TOKENIZER)
     for name in ("transformer", "text_encoder"):
         if inputs.get(name) is None:
             where = {"diffusers": f"{name}/", "official": "high_noise_model/ or the model shards" if name == "transformer" else OFFICIAL_T5}.get(fmt, "")
@@ -656,7 +656,7 @@ def plan(  # noqa: C901
     }
 
     for comp in planned:
-        _plan_component(comp, allow_unknown_keys, log)
+        plan_component(comp, allow_unknown_keys, log)
     files = []
     for comp in planned:
         files += comp.source.tensors.paths

@@ -40,7 +40,7 @@ from mlx_video.families.wan.transformer import (
     unpatchify,
 )
 from mlx_video.nn.norms import layer_norm_fp32
-from mlx_video.nn.rope import wan_axis_dims
+from mlx_video.nn.rope import default_axis_dims
 
 # Segment ids of `cond_mask` (the official trainable_cond_mask).
 NOISY, REFERENCE, MOTION = 0, 1, 2
@@ -340,7 +340,7 @@ class WanS2VTransformer(nn.Module):
             if np.abs(positions).max() >= cfg.rope_max_positions:
                 raise ValueError(f"RoPE positions exceed the {cfg.rope_max_positions} the model was trained with")
             angles = []
-            for axis, dims in enumerate(wan_axis_dims(cfg.head_dim)):
+            for axis, dims in enumerate(default_axis_dims(cfg.head_dim)):
                 inv_freq = 1.0 / 10000.0 ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
                 angles.append(positions[:, axis : axis + 1] * inv_freq[None])
             angles = np.concatenate(angles, axis=1)

@@ -1,0 +1,222 @@
+"""The shape of the code: no import cycles, no private names imported across modules, no two modules of one
+name outside the family packages, and shared code that names no family.
+
+Every module of the runtime (`mlx_video/`, with `convert/` as `mlx_video.convert`) is read with `ast`; imports
+inside functions count as much as those at the top (an import deferred into a function hides a cycle, it does
+not remove it).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import re
+import tokenize
+from pathlib import Path
+
+import pytest
+
+import mlx_video.families as families
+from mlx_video.registry import MODELS
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILY_FOLDER = ROOT / "mlx_video" / "families"
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for base, package in ((ROOT / "mlx_video", "mlx_video"), (ROOT / "convert", "mlx_video.convert")):
+        for path in sorted(base.rglob("*.py")):
+            parts = list(path.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join([package, *parts])] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def _absolute(module: str, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module
+    base = module.split(".") if _is_package(module) else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(module: str) -> list[tuple[str, str | None, int]]:
+    """(imported module, imported name or None, line) for every import statement of `module`, anywhere in it."""
+    out = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, None, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            target = _absolute(module, node)
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                out.append((sub, None, node.lineno) if sub in MODULES else (target, alias.name, node.lineno))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: {t for t, _, _ in _imports(m) if t in MODULES and t != m} for m in MODULES}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+# batch.py learns the generate options from the click command (`from .cli import generate`) while cli.py runs
+# batch: the one typed schema of generation options (issue 23, item 3) removes it. Listed, not hidden: the test
+# fails once the cycle is gone, so that the entry is removed with it.
+KNOWN_CYCLES = [["mlx_video.batch", "mlx_video.cli"]]
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_graph())
+    unknown = [c for c in cycles if c not in KNOWN_CYCLES]
+    assert not unknown, "import cycles between modules: " + "; ".join(" <-> ".join(c) for c in unknown)
+    assert not [c for c in KNOWN_CYCLES if c not in cycles], "a listed cycle is gone: remove it from KNOWN_CYCLES"
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_private_name_is_imported_from_another_module():
+    found = [f"{MODULES[m].relative_to(ROOT)}:{line} imports {name} from {target}"
+             for m in MODULES for target, name, line in _imports(m)
+             if name is not None and name.startswith("_") and not name.startswith("__") and target != m]
+    found += [f"{MODULES[m].relative_to(ROOT)}:{line} imports the private module {target}"
+              for m in MODULES for target, name, line in _imports(m)
+              if name is None and target.startswith("mlx_video") and target.rpartition(".")[2].startswith("_")
+              and not target.endswith("__init__")]
+    assert not found, "\n".join(found)
+
+
+def test_module_names_are_unique_outside_the_family_packages():
+    """Family packages share their module names on purpose (pipeline, planner, keys, config, ...: the same role
+    in each family); anywhere else, two modules of one name mislead."""
+    by_name: dict[str, list[str]] = {}
+    for name, path in MODULES.items():
+        if path.name == "__init__.py" or FAMILY_FOLDER in path.parents:
+            continue
+        by_name.setdefault(path.stem, []).append(name)
+    family_roles = {p.stem for p in FAMILY_FOLDER.glob("*/*.py")}
+    clashes = {n: ms for n, ms in by_name.items() if len(ms) > 1 or n in family_roles or n in families.FAMILIES}
+    assert not clashes, clashes
+
+
+# ---- shared code names no family -------------------------------------------------------------------------
+
+
+def _shared_modules() -> list[str]:
+    return [m for m, p in MODULES.items() if FAMILY_FOLDER not in p.parents]
+
+
+def _code_tokens(path: Path):
+    """(line, token text) of the names and string literals of a module, docstrings and comments left out."""
+    source = path.read_text()
+    docstrings = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                docstrings.add(body[0].value.lineno)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME or (tok.type == tokenize.STRING and tok.start[0] not in docstrings):
+            yield tok.start[0], tok.string
+
+
+def _family_words() -> re.Pattern:
+    ids = sorted(MODELS, key=len, reverse=True)
+    names = sorted(families.FAMILIES, key=len, reverse=True)
+    return re.compile(r"(?i)(?:\b|_)(" + "|".join(map(re.escape, names)) + r")(?:\b|_|\d)|"
+                      + "|".join(map(re.escape, ids)))
+
+
+def _names_a_family(path: Path) -> list[str]:
+    words = _family_words()
+    hits = []
+    for line, text in _code_tokens(path):
+        if text[:1] in "\"'" or text[:2].lower() in ("f\"", "f'", "r\"", "r'") or text[:3].lower() in ("rb\"", "br\""):
+            # a string: flagged when it is a family's name or holds a model id or a family module path
+            body = text.strip("rbfRBF").strip("\"'")
+            if body.lower() in families.FAMILIES or any(i in body for i in MODELS) or "families." in body:
+                hits.append(f"{line}: {text}")
+        elif words.search(text):
+            hits.append(f"{line}: {text}")
+    return hits
+
+
+# The one exception: `--schedule wan` is the published name of a sigma grid (Wan's UniPC grid, the unipc step
+# rule's default), a CLI value recorded in every sidecar; renaming it would break `--from-sidecar` replays.
+PUBLISHED_VALUES = {"mlx_video/samplers/__init__.py": {'38: "wan"'}, "mlx_video/samplers/schedules.py": {'97: "wan"'}}
+
+
+def test_shared_code_names_no_family():
+    found = {}
+    for m in _shared_modules():
+        where = str(MODULES[m].relative_to(ROOT))
+        hits = [h for h in _names_a_family(MODULES[m]) if h.split(":")[1:] != [] and
+                f"{h.split(':')[0]}: {h.split(': ', 1)[1]}" not in PUBLISHED_VALUES.get(where, set())]
+        if hits:
+            found[where] = hits
+    assert not found, found
+
+
+def test_the_family_name_check_sees_a_family(tmp_path):
+    path = tmp_path / "shared.py"
+    path.write_text('"""Docs may say Wan and mochi-1-preview."""\n# and comments: hunyuan\n'
+                    'def pick(spec):\n    return spec.family == "wan"\n\nfrom x import hunyuan_table\n'
+                    'MODEL = "mochi-1-preview"\n')
+    hits = _names_a_family(path)
+    assert [h.split(":")[0] for h in hits] == ["4", "6", "7"], hits
+
+
+@pytest.mark.parametrize("name", sorted(families.FAMILIES))
+def test_each_family_is_one_package(name):
+    """Everything a family declares lives in its own package."""
+    family = families.get_family(name)
+    assert family.package == f"mlx_video.families.{name}"
+    paths = [family.pipeline, family.converter, family.cost, *(p for _, p in family.task_pipelines),
+             *(p for p in (family.latent_rgb, family.mag_tables, family.recipes) if p)]
+    for path in paths:
+        module = path.partition(":")[0]
+        assert (FAMILY_FOLDER / name / f"{module}.py").is_file(), path
+        families.load(family, path)
