@@ -1,16 +1,23 @@
 """What every family's pipeline shares: settings, their resolution against the model's defaults, validation
 before any weights are read, the sampler, the memory preflight, and loading a pipeline for any model folder.
 
-A family's pipeline subclasses `Pipeline` and adds its stages (text encoding, image encoding, `generate`,
-`decode`); the CLI and the Python API only ever see this interface.
+A family's pipeline subclasses `Pipeline`, whose abstract methods are the contract every family fulfils:
+`latent_channels`, `encode` (the run's conditioning), `make_predict` (the `predict(latents, i, t)` function the
+shared loop calls), `decode`, `vae_tile` (one `DecodeTiling` type for every family), `estimate_memory`; task
+support is `image_mode` / `check_image_use` (image conditioning) and `takes_audio`. `generate` is shared by the
+families that run one transformer over every step; a family with more (Wan's two experts, image conditioning)
+overrides it. The CLI and the Python API only ever see this interface.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
@@ -91,8 +98,23 @@ class GenerationResult:
     video: np.ndarray | None = None
 
 
-class Pipeline:
-    """Shared behaviour; subclasses set `latent_channels` and implement the stages."""
+# What a family's `make_predict` returns and the shared loop calls: the model's velocity for latents at step i, time t.
+Predict = Callable[[mx.array, int, Any], mx.array]
+
+
+@dataclass(frozen=True)
+class DecodeTiling:
+    """How a family's VAE decodes (`Pipeline.vae_tile`), one type for every family: whether it cuts the frames into
+    spatial tiles, whether it walks the latent frames in chunks, and the family's own plan that its decoder takes
+    (`plan`: Wan's tile sizes or None, HunyuanVideo's `VAETiling`, Mochi's `VAEChunking`)."""
+
+    spatial: bool
+    temporal: bool
+    plan: Any = None
+
+
+class Pipeline(ABC):
+    """Shared behaviour and the contract (the abstract methods) every family's pipeline fulfils."""
 
     uses_guidance_2 = False  # whether a second expert has its own guidance scale
     takes_true_cfg = False
@@ -128,8 +150,78 @@ class Pipeline:
     # ---- settings and validation: all of it happens before any weights are read ----
 
     @property
+    @abstractmethod
     def latent_channels(self) -> int:
-        raise NotImplementedError
+        """Channels of the latents the transformer denoises."""
+
+    # ---- the stages: the contract ----
+
+    @abstractmethod
+    def encode(self, s: GenerationSettings, progress: bool = False) -> Any:
+        """The run's conditioning from its resolved settings: the prompt's (and, when guided, the negative
+        prompt's) text embeddings, in whatever form the family's `make_predict` takes."""
+
+    @abstractmethod
+    def make_predict(self, s: GenerationSettings, *args, **kwargs) -> Predict:
+        """`predict(latents, i, t)` for the shared loop: the model at step i, guided."""
+
+    @abstractmethod
+    def decode(self, latents: np.ndarray, tiling: str = "auto", progress: bool = False) -> tuple[np.ndarray, dict]:
+        """(1, C, T, H, W) latents -> (frames, height, width, 3) uint8 video, and decoding statistics."""
+
+    @abstractmethod
+    def vae_tile(self, mode: str, latent_hw: tuple[int, int], frames: int | None = None) -> DecodeTiling:
+        """How the VAE decodes latents of `latent_hw` (and `frames` output frames) for --vae-tiling `mode` (auto, on,
+        off); refuses another mode."""
+
+    @abstractmethod
+    def estimate_memory(self, s: GenerationSettings, tiling: str = "auto", has_image: bool = False) -> dict:
+        """Estimated peak bytes per stage: {"stages": {stage: bytes}, "peak_stage", "peak_bytes", "detail"}."""
+
+    def load_transformer(self):
+        raise NotImplementedError(f"{type(self).__name__} loads its transformers in its own generate")
+
+    def generate(self, settings: GenerationSettings, init_latents: np.ndarray | None = None, progress: bool = False,
+                 image: np.ndarray | None = None, hooks=()) -> GenerationResult:
+        """One transformer over every step: encoding, then the shared denoising loop with the family's `predict`;
+        (1, C, T, H, W) float32 latents in diffusers' layout. `hooks`: extra per-step callables `(i, t, latents)`
+        run after each step."""
+        from .cache import make_step_cache
+
+        s = self.resolve(settings)
+        self.check_image_use(image is not None)
+        if init_latents is not None:
+            init_latents = self.check_init_latents(s, init_latents)
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        context = self.encode(s, progress)
+        timings["text_encoding"] = time.perf_counter() - start
+
+        latents = self.initial_latents(s, init_latents)
+        sampler = self.make_sampler(s)
+        schedule = ["transformer"] * s.steps
+        step_cache = make_step_cache(s.cache, s.steps, schedule, self.spec.id)
+        self._run_loras = s.loras or []
+        model = self.load_transformer()
+        predict = self.make_predict(s, model, context, sampler=sampler, step_cache=step_cache)
+        radial, predict = self.with_radial(s, model, *self.token_grid(latents.shape), predict)
+        start = time.perf_counter()
+        try:
+            latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks)
+        finally:
+            del model, predict
+            release()
+        timings["denoising"] = time.perf_counter() - start
+        result = GenerationResult(reference_layout(latents), s, timings, schedule)
+        result.stats = step_cache.stats()
+        if radial is not None:
+            result.stats.update(radial.stats())
+        return result
+
+    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int]:
+        """(latent frames, tokens per frame) of the transformer's patched grid over latents (B, T, H, W, C)."""
+        raise NotImplementedError(f"{type(self).__name__} patches its latents in its own generate")
 
     def default(self, name: str):
         value = self.spec.default(name)
@@ -417,9 +509,6 @@ class Pipeline:
         if not self.folder.has(component):
             return 0
         return sum(p.stat().st_size for p in (self.folder.path / component).glob("*.safetensors"))
-
-    def estimate_memory(self, s: GenerationSettings, tiling: str = "auto", has_image: bool = False) -> dict:
-        raise NotImplementedError
 
     def check_memory(self, s: GenerationSettings, limit_bytes: int | None, tiling: str = "auto",
                      has_image: bool = False) -> dict:

@@ -13,7 +13,6 @@ installed); importing this module imports neither.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import mlx.core as mx
@@ -23,8 +22,8 @@ from tqdm.auto import tqdm
 from mlx_video.errors import MlxVideoError
 from mlx_video.families.hunyuan.config import RADIAL_DEFAULTS, HunyuanTransformerConfig, HunyuanVAEConfig
 from mlx_video.text_encoders.llama import VIDEO_TEMPLATE, VIDEO_TEMPLATE_CROP_START, JsonTokenizer
-from mlx_video.pipelines.base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
-from mlx_video.pipelines.cache import ContextArgs, make_step_cache
+from mlx_video.pipelines.base import DecodeTiling, GenerationSettings, Pipeline, Predict, available_memory_bytes, release
+from mlx_video.pipelines.cache import ContextArgs
 from mlx_video.pipelines.loop import get_guidance, guidance_none
 
 LLAMA_PAD = "<|end_of_text|>"  # used when the tokenizer folder configures no pad token
@@ -120,7 +119,14 @@ class HunyuanPipeline(Pipeline):
     def lora_parts(self, component: str) -> dict[str, tuple[int, ...]]:
         return fused_slices(self.transformer_config)
 
-    def make_predict(self, s: GenerationSettings, model, context, step_cache=None) -> callable:
+    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int]:
+        pt, ph, pw = self.transformer_config.patch_size
+        return latent_shape[1] // pt, (latent_shape[2] // ph) * (latent_shape[3] // pw)
+
+    def encode(self, s: GenerationSettings, progress: bool = False) -> tuple[mx.array, mx.array, mx.array]:
+        return self.encode_text([s.prompt, s.negative_prompt] if self.uses_true_cfg(s) else [s.prompt], progress)
+
+    def make_predict(self, s: GenerationSettings, model, context, step_cache=None, sampler=None) -> Predict:
         """`predict(latents, i, t)` for the shared loop: one pass with the embedded guidance, or two (cond and
         uncond, batched or sequential) with true CFG. The embedded scale is formed as diffusers does, in float32.
         With a `step_cache` (mlx_video.pipelines.cache) every forward goes through it."""
@@ -144,44 +150,6 @@ class HunyuanPipeline(Pipeline):
 
         return predict
 
-    def generate(self, settings: GenerationSettings, init_latents: np.ndarray | None = None, progress: bool = False,
-                 image: np.ndarray | None = None, hooks=()) -> GenerationResult:
-        """Text encoding and the denoising loop; (1, 16, T, H/8, W/8) float32 latents, diffusers' layout.
-        `hooks`: extra per-step callables `(i, t, latents)` run after each step."""
-        s = self.resolve(settings)
-        self.check_image_use(image is not None)
-        if init_latents is not None:
-            init_latents = self.check_init_latents(s, init_latents)
-        timings: dict[str, float] = {}
-
-        start = time.perf_counter()
-        prompts = [s.prompt, s.negative_prompt] if self.uses_true_cfg(s) else [s.prompt]
-        context = self.encode_text(prompts, progress)
-        timings["text_encoding"] = time.perf_counter() - start
-
-        latents = self.initial_latents(s, init_latents)
-        sampler = self.make_sampler(s)
-        schedule = ["transformer"] * s.steps
-        step_cache = make_step_cache(s.cache, s.steps, schedule, self.spec.id)
-        self._run_loras = s.loras or []
-        model = self.load_transformer()
-        predict = self.make_predict(s, model, context, step_cache)
-        pt, ph, pw = self.transformer_config.patch_size
-        radial, predict = self.with_radial(s, model, latents.shape[1] // pt,
-                                           (latents.shape[2] // ph) * (latents.shape[3] // pw), predict)
-        start = time.perf_counter()
-        try:
-            latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks)
-        finally:
-            del model, predict
-            release()
-        timings["denoising"] = time.perf_counter() - start
-        result = GenerationResult(reference_layout(latents), s, timings, schedule)
-        result.stats = step_cache.stats()
-        if radial is not None:
-            result.stats.update(radial.stats())
-        return result
-
     # ---- memory preflight ----
 
     def estimate_memory(self, s: GenerationSettings, tiling: str = "auto", has_image: bool = False) -> dict:
@@ -201,7 +169,7 @@ class HunyuanPipeline(Pipeline):
         vae_cfg, tile_px, tile_frames = None, None, None
         if self.can_decode:
             vae_cfg = HunyuanVAEConfig.from_dict(self.folder.config("vae"))
-            tile = self.vae_tile(tiling, (h, w))
+            tile = self.vae_tile(tiling, (h, w)).plan
             tile_px = (tile.sample_size, tile.sample_size) if tile.spatial else None
             tile_frames = tile.frames + 1 if tile.temporal else None
         estimate = cost.estimate_peak_memory(
@@ -217,8 +185,8 @@ class HunyuanPipeline(Pipeline):
 
     # ---- decoding ----
 
-    def vae_tile(self, mode: str, latent_hw: tuple[int, int]):
-        """The VAE's tiling (`mlx_video.families.hunyuan.vae.VAETiling`): `off` decodes in overlapping clips of 16
+    def vae_tile(self, mode: str, latent_hw: tuple[int, int], frames: int | None = None) -> DecodeTiling:
+        """The VAE's tiling (`plan`: a `mlx_video.families.hunyuan.vae.VAETiling`): `off` decodes in overlapping clips of 16
         frames (diffusers' default, framewise decoding), `on` also in overlapping 256-pixel tiles (diffusers'
         `enable_tiling()`), `auto` tiles spatially when one untiled clip would take more than half the memory
         available now (an estimate, `cost.decode_activation_bytes`)."""
@@ -228,18 +196,18 @@ class HunyuanPipeline(Pipeline):
         if mode not in ("auto", "on", "off"):
             raise MlxVideoError(f"--vae-tiling takes auto, on or off, not {mode!r}")
         if mode == "on":
-            return VAETiling()
+            return _tiling(VAETiling())
         framewise = VAETiling(spatial=False)
         if mode == "off":
-            return framewise
+            return _tiling(framewise)
         h, w = latent_hw
         s = self.vae_stride[1]
         vae_cfg = HunyuanVAEConfig.from_dict(self.folder.config("vae")) if self.can_decode else None
         if vae_cfg is None:
-            return framewise
+            return _tiling(framewise)
         untiled = cost.decode_activation_bytes(w * s, h * s, framewise.frames + 1, vae_cfg, None, None)
         available = available_memory_bytes()
-        return VAETiling() if available is not None and untiled > available // 2 else framewise
+        return _tiling(VAETiling() if available is not None and untiled > available // 2 else framewise)
 
     def decode(self, latents: np.ndarray, tiling: str = "auto", progress: bool = False) -> tuple[np.ndarray, dict]:
         """(1, 16, T, H, W) latents -> (frames, height, width, 3) uint8 video, and decoding statistics."""
@@ -248,7 +216,7 @@ class HunyuanPipeline(Pipeline):
         if not self.can_decode:
             raise MlxVideoError(f"{self.folder.path} has no vae/ component; re-convert it from a folder with vae/")
         z = mx.array(latents).transpose(0, 2, 3, 4, 1)
-        tile = self.vae_tile(tiling, (z.shape[2], z.shape[3]))
+        tile = self.vae_tile(tiling, (z.shape[2], z.shape[3])).plan
         vae = HunyuanVAE(HunyuanVAEConfig.from_dict(self.folder.config("vae")), dtype=mx.float32)
         self.folder.load_module("vae", vae)
         mx.reset_peak_memory()
@@ -287,3 +255,7 @@ def warm_up(model, config: HunyuanTransformerConfig, dtype) -> None:
     guidance = mx.array([6000.0]) if config.guidance_embed else None
     kernel_warm_up(lambda: model(x, mx.array([500.0]), mx.zeros((1, 1, config.text_dim)), None,
                                  mx.zeros((1, config.pooled_dim)), guidance=guidance))
+
+
+def _tiling(plan) -> DecodeTiling:
+    return DecodeTiling(spatial=plan.spatial, temporal=plan.temporal, plan=plan)

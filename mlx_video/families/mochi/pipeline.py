@@ -11,7 +11,6 @@ by the VAE's per-channel mean and std, (1, 12, T, H/8, W/8) in diffusers' layout
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,8 +21,8 @@ from tqdm.auto import tqdm
 from mlx_video.errors import MlxVideoError
 from mlx_video.families.mochi.config import RADIAL_DEFAULTS, MochiTransformerConfig, MochiVAEConfig
 from mlx_video.text_encoders.tokenizer import T5Tokenizer
-from mlx_video.pipelines.base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
-from mlx_video.pipelines.cache import ContextArgs, make_step_cache
+from mlx_video.pipelines.base import DecodeTiling, GenerationSettings, Pipeline, Predict, available_memory_bytes, release
+from mlx_video.pipelines.cache import ContextArgs
 from mlx_video.pipelines.loop import get_guidance, guidance_none
 
 CHUNK_CHOICES = (8, 4, 2, 1)  # latent frames per decoded chunk that `auto` tries, largest first
@@ -123,7 +122,17 @@ class MochiPipeline(Pipeline):
     def lora_parts(self, component: str) -> dict[str, tuple[int, ...]]:
         return fused_slices(self.transformer_config)
 
-    def make_predict(self, s: GenerationSettings, model, context, sampler, step_cache=None) -> callable:
+    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int]:
+        patch = self.transformer_config.patch_size
+        return latent_shape[1], (latent_shape[2] // patch) * (latent_shape[3] // patch)
+
+    def encode(self, s: GenerationSettings, progress: bool = False) -> tuple[mx.array, mx.array]:
+        with tqdm(total=1, desc="text encoding", disable=not progress, leave=False) as bar:
+            context = self.encode_text([s.prompt, s.negative_prompt] if self.uses_cfg(s) else [s.prompt])
+            bar.update()
+        return context
+
+    def make_predict(self, s: GenerationSettings, model, context, sampler, step_cache=None) -> Predict:
         """`predict(latents, i, t)` for the shared loop: the transformer at Mochi's timestep 1000·(1 − σ_i) (formed
         in float32 from the schedule's σ, as diffusers' inverted scheduler does), guided, negated into the
         velocity ε − x0 the Euler step takes. With a `step_cache` (mlx_video.pipelines.cache) every forward goes
@@ -146,46 +155,6 @@ class MochiPipeline(Pipeline):
 
         return predict
 
-    def generate(self, settings: GenerationSettings, init_latents: np.ndarray | None = None, progress: bool = False,
-                 image: np.ndarray | None = None, hooks=()) -> GenerationResult:
-        """Text encoding and the denoising loop; (1, 12, T, H/8, W/8) float32 normalised latents, diffusers'
-        layout. `hooks`: extra per-step callables `(i, t, latents)` run after each step."""
-        s = self.resolve(settings)
-        self.check_image_use(image is not None)
-        if init_latents is not None:
-            init_latents = self.check_init_latents(s, init_latents)
-        timings: dict[str, float] = {}
-
-        start = time.perf_counter()
-        prompts = [s.prompt, s.negative_prompt] if self.uses_cfg(s) else [s.prompt]
-        with tqdm(total=1, desc="text encoding", disable=not progress, leave=False) as bar:
-            context = self.encode_text(prompts)
-            bar.update()
-        timings["text_encoding"] = time.perf_counter() - start
-
-        latents = self.initial_latents(s, init_latents)
-        sampler = self.make_sampler(s)
-        schedule = ["transformer"] * s.steps
-        step_cache = make_step_cache(s.cache, s.steps, schedule, self.spec.id)
-        self._run_loras = s.loras or []
-        model = self.load_transformer()
-        predict = self.make_predict(s, model, context, sampler, step_cache)
-        patch = self.transformer_config.patch_size
-        radial, predict = self.with_radial(s, model, latents.shape[1],
-                                           (latents.shape[2] // patch) * (latents.shape[3] // patch), predict)
-        start = time.perf_counter()
-        try:
-            latents = self.run_denoising(sampler, latents, predict, s.steps, progress, hooks)
-        finally:
-            del model, predict
-            release()
-        timings["denoising"] = time.perf_counter() - start
-        result = GenerationResult(reference_layout(latents), s, timings, schedule)
-        result.stats = step_cache.stats()
-        if radial is not None:
-            result.stats.update(radial.stats())
-        return result
-
     # ---- memory preflight ----
 
     def _vae_config(self) -> MochiVAEConfig | None:
@@ -204,7 +173,7 @@ class MochiPipeline(Pipeline):
             "transformer_expert": self.component_bytes("transformer"),
             "vae": self.component_bytes("vae"),
         }
-        chunk = self.vae_tile(tiling, (h, w), frames=s.frames).frames if self.can_decode else None
+        chunk = self.vae_tile(tiling, (h, w), frames=s.frames).plan.frames if self.can_decode else None
         estimate = cost.estimate_peak_memory(
             self.spec, s.width, s.height, s.frames, name,
             guidance=self.uses_cfg(s) and s.guidance_mode == "batched", fused_attention=mx.metal.is_available(),
@@ -219,8 +188,8 @@ class MochiPipeline(Pipeline):
 
     # ---- decoding ----
 
-    def vae_tile(self, mode: str, latent_hw: tuple[int, int], frames: int | None = None) -> VAEChunking:
-        """The decoder's chunking (Mochi's VAE decodes in frame chunks, not spatial tiles): `off` decodes all
+    def vae_tile(self, mode: str, latent_hw: tuple[int, int], frames: int | None = None) -> DecodeTiling:
+        """The decoder's chunking (`plan`: a `VAEChunking`; Mochi's VAE decodes in frame chunks, not spatial tiles): `off` decodes all
         latent frames at once, `on` one latent frame (6 video frames) at a time, `auto` the largest chunk of
         8, 4, 2 or 1 latent frames whose estimated working set (`cost.decode_activation_bytes`) stays under half
         the memory available now (all at once when that fits)."""
@@ -229,20 +198,20 @@ class MochiPipeline(Pipeline):
         if mode not in ("auto", "on", "off"):
             raise MlxVideoError(f"--vae-tiling takes auto, on or off, not {mode!r}")
         if mode == "on":
-            return VAEChunking(1)
+            return _chunked(VAEChunking(1))
         vae_cfg = self._vae_config()
         if mode == "off" or vae_cfg is None:
-            return VAEChunking(None)
+            return _chunked(VAEChunking(None))
         h, w = latent_hw
         st, s = vae_cfg.temporal_compression, vae_cfg.spatial_compression
         frames = frames if frames is not None else self.spec.default("frames", st + 1)
         available = available_memory_bytes()
         if available is None:
-            return VAEChunking(None)
+            return _chunked(VAEChunking(None))
         for chunk in (None, *CHUNK_CHOICES):
             if cost.decode_activation_bytes(w * s, h * s, frames, vae_cfg, chunk) <= available // 2:
-                return VAEChunking(chunk)
-        return VAEChunking(1)
+                return _chunked(VAEChunking(chunk))
+        return _chunked(VAEChunking(1))
 
     def decode(self, latents: np.ndarray, tiling: str = "auto", progress: bool = False) -> tuple[np.ndarray, dict]:
         """(1, 12, T, H, W) normalised latents -> (frames, height, width, 3) uint8 video, and decoding statistics."""
@@ -253,7 +222,7 @@ class MochiPipeline(Pipeline):
         vae_cfg = self._vae_config()
         z = mx.array(latents).transpose(0, 2, 3, 4, 1)
         frames = (z.shape[1] - 1) * vae_cfg.temporal_compression + 1
-        chunk = self.vae_tile(tiling, (z.shape[2], z.shape[3]), frames=frames)
+        chunk = self.vae_tile(tiling, (z.shape[2], z.shape[3]), frames=frames).plan
         vae = MochiVAE(vae_cfg)
         self.folder.load_module("vae", vae)
         mx.reset_peak_memory()
@@ -283,3 +252,7 @@ def warm_up(model, config: MochiTransformerConfig, dtype) -> None:
     p = config.patch_size
     x = mx.zeros((1, 1, p, p, config.in_channels), dtype=dtype)
     kernel_warm_up(lambda: model(x, mx.array([500.0]), mx.zeros((1, 1, config.t5_dim)), None))
+
+
+def _chunked(plan: VAEChunking) -> DecodeTiling:
+    return DecodeTiling(spatial=False, temporal=plan.frames is not None, plan=plan)

@@ -17,7 +17,7 @@ from mlx_video.errors import MlxVideoError
 from mlx_video.families.wan.config import RADIAL_DEFAULTS, WanTransformerConfig
 from mlx_video.text_encoders.prompt import clean_prompt
 from mlx_video.text_encoders.tokenizer import T5Tokenizer
-from mlx_video.pipelines.base import GenerationResult, GenerationSettings, Pipeline, available_memory_bytes, reference_layout, release
+from mlx_video.pipelines.base import DecodeTiling, GenerationResult, GenerationSettings, Pipeline, Predict, available_memory_bytes, reference_layout, release
 from mlx_video.distributed import check_same_model, current_split, guidance_cfg_parallel
 from mlx_video.pipelines.attention_mode import prepare_model
 from mlx_video.pipelines.loop import get_guidance
@@ -226,8 +226,11 @@ class WanPipeline(Pipeline):
                                 "CFG-parallel alone")
         return radial
 
+    def encode(self, s: GenerationSettings, progress: bool = False) -> mx.array:
+        return self.encode_text([s.prompt, s.negative_prompt] if self.uses_cfg(s) else [s.prompt], progress)
+
     def make_predict(self, s: GenerationSettings, cond: mx.array | None, context: mx.array, model_for_step,
-                     latent_frames: int, step_cache=None):
+                     latent_frames: int, step_cache=None) -> Predict:
         """`predict(latents, i, t)` for the shared loop: the model input (image conditioning), the timestep as the
         model takes it, and guidance. `model_for_step(i)` returns (transformer, its guidance scale)."""
         split = self._split
@@ -314,7 +317,7 @@ class WanPipeline(Pipeline):
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
-        context = self.encode_text([s.prompt, s.negative_prompt] if self.uses_cfg(s) else [s.prompt], progress)
+        context = self.encode(s, progress)
         timings["text_encoding"] = time.perf_counter() - start
         cond = None
         if image is not None:
@@ -400,7 +403,7 @@ class WanPipeline(Pipeline):
         vae_cfg, tile_px = None, None
         if self.can_decode:
             vae_cfg = WanVAEConfig.from_dict(self.folder.config("vae"))
-            tile = self.vae_tile(tiling, (h, w))
+            tile = self.vae_tile(tiling, (h, w)).plan
             if tile:
                 tile_px = (tile[1] * self.vae_stride[2], tile[0] * self.vae_stride[1])
         split = current_split(self.uses_cfg(s))
@@ -425,11 +428,17 @@ class WanPipeline(Pipeline):
     def can_decode(self) -> bool:
         return self.folder.has("vae")
 
-    def vae_tile(self, mode: str, latent_hw: tuple[int, int]) -> tuple[int, int, int] | None:
-        """Spatial tiling for decoding: `off`, `on`, or `auto` (tile when one untiled chunk would not fit).
+    def vae_tile(self, mode: str, latent_hw: tuple[int, int], frames: int | None = None) -> DecodeTiling:
+        """Spatial tiling for decoding: `off`, `on`, or `auto` (tile when one untiled chunk would not fit); the
+        decoder always walks the latent frames in its causal chunks. `plan`: the (tile height, tile width,
+        overlap) in latent pixels, or None untiled.
 
         Tiles are 256 output pixels with 64 pixels of overlap, as diffusers tiles the Wan VAE.
         """
+        tile = self._spatial_tile(mode, latent_hw)
+        return DecodeTiling(spatial=tile is not None, temporal=True, plan=tile)
+
+    def _spatial_tile(self, mode: str, latent_hw: tuple[int, int]) -> tuple[int, int, int] | None:
         if mode not in ("auto", "on", "off"):
             raise MlxVideoError(f"--vae-tiling takes auto, on or off, not {mode!r}")
         s = self.vae_stride[1]
@@ -454,7 +463,7 @@ class WanPipeline(Pipeline):
         if not self.can_decode:
             raise MlxVideoError(f"{self.folder.path} has no vae/ component; re-convert it from a folder with vae/")
         z = mx.array(latents).transpose(0, 2, 3, 4, 1)
-        tile = self.vae_tile(tiling, (z.shape[2], z.shape[3]))
+        tile = self.vae_tile(tiling, (z.shape[2], z.shape[3])).plan
         vae = WanVAE(WanVAEConfig.from_dict(self.folder.config("vae")))
         self.folder.load_module("vae", vae)
         mx.reset_peak_memory()

@@ -344,7 +344,7 @@ class WanS2VPipeline(WanPipeline):
             return prepared[key]
 
         guide = get_guidance(s.guidance_mode)
-        tile = self.vae_tile("auto", reference.shape[2:4])
+        tile = self.vae_tile("auto", reference.shape[2:4]).plan
 
         from mlx_video.pipelines.cache import make_step_cache
 
