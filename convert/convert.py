@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,7 +35,7 @@ from mlx.utils import tree_flatten
 from mlx_video import __version__
 from mlx_video.errors import MlxVideoError
 from mlx_video.io.destination import check_destination
-from mlx_video.model_folder import DTYPE_NAMES, DTYPES, INDEX, MANIFEST, QUANTIZATION, ModelFolder
+from mlx_video.model_folder import DTYPE_NAMES, DTYPES, FORMAT_VERSION, INDEX, MANIFEST, QUANTIZATION, ModelFolder
 
 from .formats import ComponentSource, lookalike
 from .quantize import (
@@ -169,6 +170,105 @@ def component_input(name: str, path: Path, origin: str) -> ComponentInput:
     if path.is_dir() and (path / "config.json").is_file():
         config = read_json(path / "config.json", f"the {name} config")
     return ComponentInput(name, path, origin, config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# steps the family planners share
+
+
+def check_diffusers_folder(src: Path, pipeline_class: str, transformer_class: str) -> dict:
+    """model_index.json of a diffusers folder that must hold `pipeline_class`, its transformer/config.json (when
+    there is one) describing `transformer_class`; returns the index."""
+    index = read_json(src / "model_index.json", "the diffusers pipeline description")
+    found = str(index.get("_class_name", ""))
+    if found != pipeline_class:
+        raise MlxVideoError(f"{src} holds a {found} pipeline; mlxvid converts {pipeline_class} (text to video)")
+    transformer_json = src / "transformer" / "config.json"
+    if transformer_json.is_file():
+        described = read_json(transformer_json, "the transformer config").get("_class_name")
+        if described not in (None, transformer_class):
+            raise MlxVideoError(
+                f"{src} holds a {found} pipeline by its model_index.json, but its transformer/config.json "
+                f"describes a {described}: the folder mixes models"
+            )
+    return index
+
+
+def diffusers_component_inputs(src: Path, names, optional=("vae",)) -> dict[str, ComponentInput]:
+    """The component folders of a diffusers folder; a missing optional one is left out, a missing other refused."""
+    inputs = {}
+    for name in names:
+        folder = src / name
+        if not folder.is_dir():
+            if name in optional:
+                continue  # e.g. the VAE: without it the pipeline stops at latents
+            raise MlxVideoError(f"{src} has no {name}/")
+        inputs[name] = component_input(name, folder, f"{src.name}/{name}")
+    return inputs
+
+
+def check_component_names(components: dict, options: dict[str, str], title: str) -> None:
+    """Refuse a replaced component the family does not have (`options`: component -> its option)."""
+    unknown = sorted(set(components) - set(options))
+    if unknown:
+        raise MlxVideoError(f"{title} has no {', '.join(unknown)}; its replaceable components are "
+                            f"{', '.join(options.values())}")
+
+
+def replace_components(inputs: dict, components: dict, options: dict[str, str], carry: str = "config_json") -> None:
+    """Put the files given by option (`components`) in place of the source's components. A single file carries no
+    config: the replaced component's config.json goes with it, as `carry` ("config_json", or "config_hint" where
+    the file's shapes decide and the config only settles what they leave open)."""
+    for name, path in components.items():
+        given = component_input(name, Path(path), options[name])
+        replaced = inputs.get(name)
+        if given.config_json is None and replaced is not None and replaced.config_json is not None:
+            setattr(given, carry, replaced.config_json)
+        inputs[name] = given
+
+
+@contextmanager
+def config_errors(inp: ComponentInput, *errors: type[Exception]):
+    """A bad config.json (what `errors` the config parser raises) as an error naming the file."""
+    try:
+        yield
+    except errors or (ValueError,) as e:
+        raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
+
+
+def model_manifest(family: str, spec, vae_stride, size_multiple: int, defaults: dict, experts: int = 1, **extra) -> dict:
+    """The converted folder's manifest (mlxvid.json): self-describing, the published defaults travel with it."""
+    return {
+        "format": "mlxvid-model",
+        "format_version": FORMAT_VERSION,
+        "family": family,
+        "model": spec.id,
+        "task": spec.task,
+        "experts": experts,
+        "vae_stride": list(vae_stride),
+        "size_multiple": size_multiple,
+        "sizes": [list(s) for s in spec.sizes],
+        "defaults": defaults,
+        **extra,
+    }
+
+
+def finish_plan(source_format: str, manifest: dict, planned: list[ComponentPlan], copy_files: dict,
+                allow_unknown_keys: bool = False, log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
+    """Map every component's keys (`plan_component`) and list the files read."""
+    for comp in planned:
+        plan_component(comp, allow_unknown_keys, log)
+    files = [p for comp in planned for p in comp.source.tensors.paths]
+    files += [p for entries in copy_files.values() for p, _ in entries if isinstance(p, Path)]
+    return ConversionPlan(source_format, manifest, planned, copy_files, files)
+
+
+def with_overrides(source_format: str, components: dict, planned: list[ComponentPlan], options: dict[str, str]) -> str:
+    """The source format, naming each component replaced by option and how its file stores the weights."""
+    if not components:
+        return source_format
+    return source_format + " + " + ", ".join(f"{options[n]} ({c.source.scheme()})" for n in components
+                                             for c in planned if c.name == n)
 
 
 def plan(

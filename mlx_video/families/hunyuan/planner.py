@@ -31,9 +31,23 @@ from pathlib import Path
 from typing import Callable
 
 from mlx_video.errors import MlxVideoError
-from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
+from mlx_video.model_folder import MANIFEST
 
-from mlx_video.convert.convert import ComponentPlan, ConversionPlan, component_input, plan_component, read_json, diffusers_pipeline_class
+from mlx_video.convert.convert import (
+    ComponentPlan,
+    ConversionPlan,
+    check_component_names,
+    check_diffusers_folder,
+    component_input,
+    config_errors,
+    diffusers_component_inputs,
+    diffusers_pipeline_class,
+    finish_plan,
+    model_manifest,
+    read_json,
+    replace_components,
+    with_overrides,
+)
 from mlx_video.convert.formats import ComponentSource, FusedParts, TensorFile, classify, fused_keymap, open_tensors
 from mlx_video.convert.formats import FUSED  # noqa: F401  (re-exported for callers of this module)
 from mlx_video.convert.rules import KeyMap
@@ -316,182 +330,139 @@ def _tokenizer(folder: Path, what: str) -> list[tuple[Path | bytes, str]]:
 
 def _diffusers_inputs(src: Path) -> dict:
     """The components of a diffusers HunyuanVideoPipeline folder (vae/ optional)."""
-    index = read_json(src / "model_index.json", "the diffusers pipeline description")
-    pipeline_class = str(index.get("_class_name", ""))
-    if pipeline_class != "HunyuanVideoPipeline":
-        raise MlxVideoError(f"{src} holds a {pipeline_class} pipeline; mlxvid converts HunyuanVideoPipeline (text to video)")
-    transformer_json = src / "transformer" / "config.json"
-    if transformer_json.is_file():
-        described = read_json(transformer_json, "the transformer config").get("_class_name")
-        if described not in (None, "HunyuanVideoTransformer3DModel"):
-            raise MlxVideoError(
-                f"{src} holds a {pipeline_class} pipeline by its model_index.json, but its transformer/config.json "
-                f"describes a {described}: the folder mixes models"
-            )
-    inputs = {}
-    for name in COMPONENTS:
-        folder = src / name
-        if not folder.is_dir():
-            if name == "vae":
-                continue  # optional: without it the pipeline stops at latents
-            raise MlxVideoError(f"{src} has no {name}/")
-        inputs[name] = component_input(name, folder, f"{src.name}/{name}")
-    return inputs
+    check_diffusers_folder(src, "HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel")
+    return diffusers_component_inputs(src, COMPONENTS)
 
 
 def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,  # noqa: C901
          log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
-    from mlx_video.families.hunyuan.transformer import HunyuanTransformer
-    from mlx_video.families.hunyuan.vae import HunyuanVAE
+    """A diffusers HunyuanVideoPipeline folder or the official release layout (components replaceable by option),
+    in named steps: the source, the tokenizers, the transformer, the two text encoders, the VAE, the manifest."""
     from mlx_video.registry import get_spec
-    from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder
-    from mlx_video.text_encoders.llama import (
-        VIDEO_TEMPLATE_CROP_START,
-        JsonTokenizer,
-        LlamaTextEncoder,
-        llama_args,
-        template_crop_start,
-    )
-
-    from mlx_video.families.hunyuan.keys import (
-        DIFFUSERS_TRANSFORMER,
-        DIFFUSERS_VAE,
-        OFFICIAL_TRANSFORMER,
-        TRANSFORMERS_CLIP,
-        TRANSFORMERS_LLAMA,
-        comfyui_vae_keymap,
-        transformer_config_from_diffusers,
-        vae_config_from_diffusers,
-    )
 
     components = {k: v for k, v in (components or {}).items() if v is not None}
+    src = _checked_source(src, components, tokenizer)
+    spec = get_spec(base or MODEL_ID)
+    inputs, (llama_tok_dir, clip_tok_dir), source_format = _source_inputs(src)
+    replace_components(inputs, components, OVERRIDES)
+    # tokenizers first (cheap, and the most likely to be wrong): Llama's and CLIP's
+    copy_files = {"tokenizer": _llama_tokenizer(llama_tok_dir), "tokenizer_2": _tokenizer(clip_tok_dir, clip_tok_dir.name)}
+
+    transformer, cfg = _transformer_plan(inputs["transformer"], spec, log)
+    planned = [transformer, _llama_plan(inputs["text_encoder"], cfg), _clip_plan(inputs["text_encoder_2"], cfg)]
+    vae_cfg = None
+    if "vae" in inputs:  # float32, as the reference runs it
+        vae, vae_cfg = _vae_plan(inputs["vae"], cfg)
+        planned.append(vae)
+
+    vae_stride = [4, 8, 8] if vae_cfg is None else [vae_cfg.temporal_compression, vae_cfg.spatial_compression,
+                                                      vae_cfg.spatial_compression]
+    manifest = model_manifest("hunyuan", spec, vae_stride, vae_stride[1] * cfg.patch_size[1], dict(spec.defaults))
+    conversion = finish_plan(source_format, manifest, planned, copy_files, allow_unknown_keys, log)
+    conversion.source_format = with_overrides(source_format, components, planned, OVERRIDES)
+    return conversion
+
+
+def _checked_source(src, components: dict, tokenizer) -> Path:
     if src is None or tokenizer is not None:
         raise MlxVideoError("HunyuanVideo converts from a diffusers folder (model_index.json, transformer/, "
                             "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, vae/) or the official release "
                             f"layout ({RELEASE_MODEL}/transformers/, {RELEASE_MODEL}/vae/, text_encoder/, "
                             "text_encoder_2/), optionally with --transformer, --text-encoder, --text-encoder-2 or --vae "
                             "replacing its component")
-    unknown = sorted(set(components) - set(OVERRIDES))
-    if unknown:
-        raise MlxVideoError(f"HunyuanVideo has no {', '.join(unknown)}; its replaceable components are "
-                            f"{', '.join(OVERRIDES.values())}")
+    check_component_names(components, OVERRIDES, "HunyuanVideo")
     src = Path(src)
     if (src / MANIFEST).is_file():
         raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
-    spec = get_spec(base or MODEL_ID)
-    release = release_transformer(src) if src.is_dir() else None
-    if release is not None:
-        inputs = _release_inputs(src, release)
-        # the release keeps each tokenizer beside its text encoder
-        llama_tok_dir, clip_tok_dir = src / "text_encoder", src / "text_encoder_2"
-        source_format = "the official release layout (HunyuanVideo)"
-    else:
-        inputs = _diffusers_inputs(src)
-        llama_tok_dir, clip_tok_dir = src / "tokenizer", src / "tokenizer_2"
-        source_format = "diffusers (HunyuanVideo)"
-    for name, path in components.items():
-        given = component_input(name, Path(path), OVERRIDES[name])
-        replaced = inputs.get(name)
-        if given.config_json is None and replaced is not None:
-            # a single file carries no config: the folder's component it replaces says the dimensions
-            given.config_json = replaced.config_json
-        inputs[name] = given
+    return src
 
-    # tokenizers first (cheap, and the most likely to be wrong): Llama's and CLIP's
-    if not (llama_tok_dir / "tokenizer.json").is_file():
-        raise MlxVideoError(f"{llama_tok_dir} has no tokenizer.json (the Llama 3 tokenizer)")
-    llama_tok = _tokenizer(llama_tok_dir, llama_tok_dir.name)
-    crop = template_crop_start(JsonTokenizer(llama_tok_dir, pad_token="<|end_of_text|>"))
+
+def _source_inputs(src: Path) -> tuple[dict, tuple[Path, Path], str]:
+    """(inputs, the Llama and CLIP tokenizer folders, the source format) of a release or diffusers folder."""
+    release = release_transformer(src) if src.is_dir() else None
+    if release is not None:  # the release keeps each tokenizer beside its text encoder
+        return (_release_inputs(src, release), (src / "text_encoder", src / "text_encoder_2"),
+                "the official release layout (HunyuanVideo)")
+    return _diffusers_inputs(src), (src / "tokenizer", src / "tokenizer_2"), "diffusers (HunyuanVideo)"
+
+
+def _llama_tokenizer(folder: Path) -> list[tuple[Path | bytes, str]]:
+    from mlx_video.text_encoders.llama import VIDEO_TEMPLATE_CROP_START, JsonTokenizer, template_crop_start
+
+    if not (folder / "tokenizer.json").is_file():
+        raise MlxVideoError(f"{folder} has no tokenizer.json (the Llama 3 tokenizer)")
+    files = _tokenizer(folder, folder.name)
+    crop = template_crop_start(JsonTokenizer(folder, pad_token="<|end_of_text|>"))
     if crop != VIDEO_TEMPLATE_CROP_START:
         raise MlxVideoError(
-            f"{llama_tok_dir / 'tokenizer.json'} splits the prompt template into {crop} tokens before the prompt, "
+            f"{folder / 'tokenizer.json'} splits the prompt template into {crop} tokens before the prompt, "
             f"not {VIDEO_TEMPLATE_CROP_START}: it is not the Llama 3 tokenizer HunyuanVideo was trained with (a "
             "tokenizer.json re-saved by transformers 5 can be rebuilt this way)"
         )
-    copy_files = {"tokenizer": llama_tok, "tokenizer_2": _tokenizer(clip_tok_dir, clip_tok_dir.name)}
+    return files
 
-    planned: list[ComponentPlan] = []
-    # transformer
-    inp = inputs["transformer"]
+
+def _transformer_plan(inp, spec, log) -> tuple[ComponentPlan, object]:
+    from mlx_video.families.hunyuan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER, transformer_config_from_diffusers
+    from mlx_video.families.hunyuan.transformer import HunyuanTransformer
+
     tensors, naming = _open(inp, "transformer", "transformer")
-    try:
+    with config_errors(inp, ValueError):
         if inp.config_json is None and naming == "official":  # the release's file: its shapes say the dimensions
             shapes = ComponentSource(tensors, inp.origin)
             cfg = official_transformer_config(shapes.keys(), shapes.shape, spec.transformer)
         else:
             cfg = transformer_config_from_diffusers(_config_json(inp, "transformer"))
-    except ValueError as e:
-        raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
     if naming == "diffusers":
         source = ComponentSource(FusedParts(tensors, DIFFUSERS_TRANSFORMER, inp.origin), inp.origin)
         keymap = fused_keymap(DIFFUSERS_TRANSFORMER)
     else:  # the official release's names (also ComfyUI's, whose prefix ComponentSource removes): fused already
         source, keymap = ComponentSource(tensors, inp.origin), OFFICIAL_TRANSFORMER
-    planned.append(ComponentPlan("transformer", source, keymap, cfg.to_dict(), HunyuanTransformer(cfg),
-                                 origin=inp.origin, low_precision=LOW_PRECISION_TRANSFORMER))
+    plan = ComponentPlan("transformer", source, keymap, cfg.to_dict(), HunyuanTransformer(cfg), origin=inp.origin,
+                         low_precision=LOW_PRECISION_TRANSFORMER)
     if cfg != spec.transformer:
         log(f"note: the transformer's configuration differs from {spec.id}'s published one; converting it as it is")
+    return plan, cfg
 
-    # Llama text encoder: the layers after the hidden state it uses (and the final norm) are left out
-    inp = inputs["text_encoder"]
+
+def _llama_plan(inp, cfg) -> ComponentPlan:
+    """The Llama text encoder: the layers after the hidden state it uses (and the final norm) are left out."""
+    from mlx_video.families.hunyuan.keys import TRANSFORMERS_LLAMA
+    from mlx_video.text_encoders.llama import LlamaTextEncoder, llama_args
+
     tensors, _ = _open(inp, "text encoder (Llama)", "text_encoder", "transformers")
     llama_json = dict(_config_json(inp, "text encoder").get("text_config", inp.config_json))
-    try:
+    with config_errors(inp, ValueError, KeyError, TypeError):
         llama = LlamaTextEncoder(llama_args(llama_json))
-    except (ValueError, KeyError, TypeError) as e:
-        raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
     if llama.args.hidden_size != cfg.text_dim:
         raise MlxVideoError(f"{inp.origin} gives {llama.args.hidden_size}-wide states but the transformer takes {cfg.text_dim}")
     keymap = DroppingKeyMap(TRANSFORMERS_LLAMA, _llama_drop(len(llama.model.layers)))
-    planned.append(ComponentPlan("text_encoder", ComponentSource(tensors, inp.origin), keymap, llama_json, llama,
-                                 origin=inp.origin, low_precision=LOW_PRECISION_LLAMA))
+    return ComponentPlan("text_encoder", ComponentSource(tensors, inp.origin), keymap, llama_json, llama,
+                         origin=inp.origin, low_precision=LOW_PRECISION_LLAMA)
 
-    # CLIP text encoder
-    inp = inputs["text_encoder_2"]
+
+def _clip_plan(inp, cfg) -> ComponentPlan:
+    from mlx_video.families.hunyuan.keys import TRANSFORMERS_CLIP
+    from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder
+
     tensors, _ = _open(inp, "text encoder 2 (CLIP)", "text_encoder", "clip")
-    try:
+    with config_errors(inp, ValueError):
         clip_cfg = CLIPTextConfig.from_transformers(_config_json(inp, "text encoder 2"))
-    except ValueError as e:
-        raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
     if clip_cfg.hidden_size != cfg.pooled_dim:
         raise MlxVideoError(f"{inp.origin} pools {clip_cfg.hidden_size}-wide vectors but the transformer takes {cfg.pooled_dim}")
-    planned.append(ComponentPlan("text_encoder_2", ComponentSource(tensors, inp.origin), TRANSFORMERS_CLIP,
-                                 clip_cfg.to_dict(), CLIPTextEncoder(clip_cfg), origin=inp.origin))
+    return ComponentPlan("text_encoder_2", ComponentSource(tensors, inp.origin), TRANSFORMERS_CLIP,
+                         clip_cfg.to_dict(), CLIPTextEncoder(clip_cfg), origin=inp.origin)
 
-    # VAE (float32, as the reference runs it)
-    vae_cfg = None
-    if "vae" in inputs:
-        inp = inputs["vae"]
-        tensors, vae_naming = _open(inp, "VAE", "vae")
-        try:
-            vae_cfg = vae_config_from_diffusers(_config_json(inp, "VAE"))
-        except ValueError as e:
-            raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
-        if vae_cfg.latent_channels != cfg.in_channels:
-            raise MlxVideoError(f"{inp.origin} has {vae_cfg.latent_channels} latent channels; the transformer takes {cfg.in_channels}")
-        vae_keymap = DIFFUSERS_VAE if vae_naming == "diffusers" else comfyui_vae_keymap(len(vae_cfg.block_out_channels))
-        planned.append(ComponentPlan("vae", ComponentSource(tensors, inp.origin), vae_keymap, vae_cfg.to_dict(),
-                                     HunyuanVAE(vae_cfg), "fp32", origin=inp.origin))
 
-    vae_stride = [4, 8, 8] if vae_cfg is None else [vae_cfg.temporal_compression, vae_cfg.spatial_compression,
-                                                      vae_cfg.spatial_compression]
-    manifest = {
-        "format": "mlxvid-model",
-        "format_version": FORMAT_VERSION,
-        "family": "hunyuan",
-        "model": spec.id,
-        "task": spec.task,
-        "experts": 1,
-        "vae_stride": vae_stride,
-        "size_multiple": vae_stride[1] * cfg.patch_size[1],
-        "sizes": [list(s) for s in spec.sizes],
-        "defaults": dict(spec.defaults),
-    }
-    for comp in planned:
-        plan_component(comp, allow_unknown_keys, log)
-    files = [p for comp in planned for p in comp.source.tensors.paths]
-    files += [p for entries in copy_files.values() for p, _ in entries if isinstance(p, Path)]
-    if components:
-        source_format += " + " + ", ".join(f"{OVERRIDES[n]} ({c.source.scheme()})" for n in components
-                                           for c in planned if c.name == n)
-    return ConversionPlan(source_format, manifest, planned, copy_files, files)
+def _vae_plan(inp, cfg) -> tuple[ComponentPlan, object]:
+    from mlx_video.families.hunyuan.keys import DIFFUSERS_VAE, comfyui_vae_keymap, vae_config_from_diffusers
+    from mlx_video.families.hunyuan.vae import HunyuanVAE
+
+    tensors, vae_naming = _open(inp, "VAE", "vae")
+    with config_errors(inp, ValueError):
+        vae_cfg = vae_config_from_diffusers(_config_json(inp, "VAE"))
+    if vae_cfg.latent_channels != cfg.in_channels:
+        raise MlxVideoError(f"{inp.origin} has {vae_cfg.latent_channels} latent channels; the transformer takes {cfg.in_channels}")
+    vae_keymap = DIFFUSERS_VAE if vae_naming == "diffusers" else comfyui_vae_keymap(len(vae_cfg.block_out_channels))
+    return ComponentPlan("vae", ComponentSource(tensors, inp.origin), vae_keymap, vae_cfg.to_dict(),
+                         HunyuanVAE(vae_cfg), "fp32", origin=inp.origin), vae_cfg

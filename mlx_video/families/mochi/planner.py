@@ -26,16 +26,21 @@ from pathlib import Path
 from typing import Callable
 
 from mlx_video.errors import MlxVideoError
-from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
+from mlx_video.model_folder import MANIFEST
 
 from mlx_video.convert.convert import (
     ComponentPlan,
     ConversionPlan,
-    component_input,
-    plan_component,
-    read_json,
-    tokenizer_files,
+    check_component_names,
+    check_diffusers_folder,
+    config_errors,
+    diffusers_component_inputs,
     diffusers_pipeline_class,
+    finish_plan,
+    model_manifest,
+    replace_components,
+    tokenizer_files,
+    with_overrides,
 )
 from mlx_video.convert.formats import ComponentSource, PrefixView, TensorFile, classify, open_tensors
 from mlx_video.convert.rules import KeyMap, Rule
@@ -191,137 +196,99 @@ def _config_json(inp, name: str) -> dict:
 
 def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,  # noqa: C901
          log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
-    from mlx_video.families.mochi.config import MochiVAEConfig
-    from mlx_video.families.mochi.transformer import MochiTransformer
-    from mlx_video.families.mochi.vae import MochiVAE
+    """A diffusers MochiPipeline folder (its components replaceable by option), in named steps: the source, the
+    tokenizer, the transformer, the T5 encoder, the VAE, the manifest."""
     from mlx_video.registry import get_spec
-    from mlx_video.text_encoders.t5 import T5Config, T5Encoder
-
-    from mlx_video.families.mochi.keys import (
-        DIFFUSERS_TRANSFORMER,
-        DIFFUSERS_VAE,
-        OFFICIAL_TRANSFORMER,
-        TRANSFORMERS_T5,
-        transformer_config_from_diffusers,
-        vae_config_from_diffusers,
-    )
 
     components = {k: v for k, v in (components or {}).items() if v is not None}
-    if src is None:
-        raise MlxVideoError("Mochi converts from a diffusers folder (model_index.json, transformer/, text_encoder/, "
-                            "tokenizer/, vae/), optionally with --transformer or --text-encoder replacing its component")
-    unknown = sorted(set(components) - set(OVERRIDES))
-    if unknown:
-        raise MlxVideoError(f"Mochi has no {', '.join(unknown)}; its replaceable components are "
-                            f"{', '.join(OVERRIDES.values())}")
-    src = Path(src)
-    if (src / MANIFEST).is_file():
-        raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
-    index = read_json(src / "model_index.json", "the diffusers pipeline description")
-    pipeline_class = str(index.get("_class_name", ""))
-    if pipeline_class != "MochiPipeline":
-        raise MlxVideoError(f"{src} holds a {pipeline_class} pipeline; mlxvid converts MochiPipeline (text to video)")
-    transformer_json = src / "transformer" / "config.json"
-    if transformer_json.is_file():
-        described = read_json(transformer_json, "the transformer config").get("_class_name")
-        if described not in (None, "MochiTransformer3DModel"):
-            raise MlxVideoError(
-                f"{src} holds a {pipeline_class} pipeline by its model_index.json, but its transformer/config.json "
-                f"describes a {described}: the folder mixes models"
-            )
+    src, index = _checked_source(src, components)
     spec = get_spec(base or MODEL_ID)
-    inputs = {}
-    for name in COMPONENTS:
-        folder = src / name
-        if not folder.is_dir():
-            if name == "vae":
-                continue  # optional: without it the pipeline stops at latents
-            raise MlxVideoError(f"{src} has no {name}/")
-        inputs[name] = component_input(name, folder, f"{src.name}/{name}")
-    for name, path in components.items():
-        given = component_input(name, Path(path), OVERRIDES[name])
-        if given.config_json is None and name in inputs:
-            given.config_json = inputs[name].config_json  # a single file: the folder's component says the sizes
-        inputs[name] = given
-
+    inputs = diffusers_component_inputs(src, COMPONENTS)
+    replace_components(inputs, components, OVERRIDES)
     # the tokenizer first (cheap, and the most likely to be missing)
     copy_files = {"tokenizer": tokenizer_files(Path(tokenizer) if tokenizer else src / "tokenizer", "tokenizer")}
 
-    planned: list[ComponentPlan] = []
-    inp = inputs["transformer"]
+    transformer, cfg = _transformer_plan(inputs["transformer"], spec, log)
+    planned = [transformer, _text_encoder_plan(inputs["text_encoder"], cfg)]
+    vae_cfg = None
+    if "vae" in inputs:  # float32, as the reference runs it
+        vae, vae_cfg = _vae_plan(inputs["vae"], "vae" in components, cfg)
+        planned.append(vae)
+
+    vae_stride = list(spec.vae_stride) if vae_cfg is None else [
+        vae_cfg.temporal_compression, vae_cfg.spatial_compression, vae_cfg.spatial_compression]
+    defaults = dict(spec.defaults, zero_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
+    manifest = model_manifest("mochi", spec, vae_stride, vae_stride[1] * cfg.patch_size, defaults)
+    conversion = finish_plan("diffusers (Mochi)", manifest, planned, copy_files, allow_unknown_keys, log)
+    conversion.source_format = with_overrides(conversion.source_format, components, planned, OVERRIDES)
+    return conversion
+
+
+def _checked_source(src, components: dict) -> tuple[Path, dict]:
+    if src is None:
+        raise MlxVideoError("Mochi converts from a diffusers folder (model_index.json, transformer/, text_encoder/, "
+                            "tokenizer/, vae/), optionally with --transformer or --text-encoder replacing its component")
+    check_component_names(components, OVERRIDES, "Mochi")
+    src = Path(src)
+    if (src / MANIFEST).is_file():
+        raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
+    return src, check_diffusers_folder(src, "MochiPipeline", "MochiTransformer3DModel")
+
+
+def _transformer_plan(inp, spec, log) -> tuple[ComponentPlan, object]:
+    from mlx_video.families.mochi.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER, transformer_config_from_diffusers
+    from mlx_video.families.mochi.transformer import MochiTransformer
+
     source, naming = _open(inp, "transformer", "transformer")
-    try:
+    with config_errors(inp, ValueError):
         cfg = transformer_config_from_diffusers(_config_json(inp, "transformer"))
-    except ValueError as e:
-        raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
     if naming == "diffusers":
         source = ComponentSource(FusedParts(source.tensors, DIFFUSERS_TRANSFORMER, inp.origin), inp.origin)
         keymap = fused_keymap(DIFFUSERS_TRANSFORMER)
     else:  # official names (also ComfyUI's, whose prefix ComponentSource removes): fused already
         keymap = OFFICIAL_TRANSFORMER
-    planned.append(ComponentPlan("transformer", source, keymap, cfg.to_dict(), MochiTransformer(cfg),
-                                 origin=inp.origin, low_precision=LOW_PRECISION_TRANSFORMER,
-                                 keep_fp32=KEEP_FP32_TRANSFORMER))
     if cfg != spec.transformer:
         log(f"note: the transformer's configuration differs from {spec.id}'s published one; converting it as it is")
+    return ComponentPlan("transformer", source, keymap, cfg.to_dict(), MochiTransformer(cfg), origin=inp.origin,
+                         low_precision=LOW_PRECISION_TRANSFORMER, keep_fp32=KEEP_FP32_TRANSFORMER), cfg
 
-    inp = inputs["text_encoder"]
+
+def _text_encoder_plan(inp, cfg) -> ComponentPlan:
+    from mlx_video.families.mochi.keys import TRANSFORMERS_T5
+    from mlx_video.text_encoders.t5 import T5Config, T5Encoder
+
     source, _ = _open(inp, "text encoder (T5 v1.1)", "text_encoder")
-    try:
+    with config_errors(inp, ValueError, KeyError):
         t5_cfg = T5Config.from_transformers(_config_json(inp, "text encoder"))
-    except (ValueError, KeyError) as e:
-        raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
     if t5_cfg.dim != cfg.t5_dim:
         raise MlxVideoError(f"{inp.origin} gives {t5_cfg.dim}-wide states but the transformer takes {cfg.t5_dim}")
-    planned.append(ComponentPlan("text_encoder", source, TRANSFORMERS_T5, t5_cfg.to_dict(), T5Encoder(t5_cfg),
-                                 origin=inp.origin))
+    return ComponentPlan("text_encoder", source, TRANSFORMERS_T5, t5_cfg.to_dict(), T5Encoder(t5_cfg), origin=inp.origin)
 
-    vae_cfg = None
-    if "vae" in inputs:  # float32, as the reference runs it
-        inp = inputs["vae"]
-        comfy = comfyui_vae_source(inp.path, inp.origin) if "vae" in components else None
-        halves = _official_vae_halves(inp.path) if "vae" in components and comfy is None else None
-        if comfy is not None:
-            source, vae_keymap = comfy, official_vae_keymap()
-        elif halves is not None:
-            source = ComponentSource(OfficialVAE({h: open_tensors(p, p.name) for h, p in halves.items()}), inp.origin)
-            vae_keymap = official_vae_keymap()
-        else:
-            source, _ = _open(inp, "VAE", "vae")
-            # the encoder's attention q/k/v are split in diffusers too
-            source = ComponentSource(FusedParts(source.tensors, DIFFUSERS_VAE, inp.origin), inp.origin)
-            vae_keymap = fused_keymap(DIFFUSERS_VAE)
-        try:  # a single file without a folder's config.json: the published VAE (the official release's)
-            vae_cfg = vae_config_from_diffusers(inp.config_json) if inp.config_json is not None else MochiVAEConfig()
-        except ValueError as e:
-            raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
-        if vae_cfg.latent_channels != cfg.in_channels:
-            raise MlxVideoError(f"{inp.origin} has {vae_cfg.latent_channels} latent channels; the transformer takes {cfg.in_channels}")
-        planned.append(ComponentPlan("vae", source, vae_keymap, vae_cfg.to_dict(), MochiVAE(vae_cfg), "fp32",
-                                     origin=inp.origin))
 
-    vae_stride = list(spec.vae_stride) if vae_cfg is None else [
-        vae_cfg.temporal_compression, vae_cfg.spatial_compression, vae_cfg.spatial_compression]
-    defaults = dict(spec.defaults)
-    defaults["zero_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", False))
-    manifest = {
-        "format": "mlxvid-model",
-        "format_version": FORMAT_VERSION,
-        "family": "mochi",
-        "model": spec.id,
-        "task": spec.task,
-        "experts": 1,
-        "vae_stride": vae_stride,
-        "size_multiple": vae_stride[1] * cfg.patch_size,
-        "sizes": [list(s) for s in spec.sizes],
-        "defaults": defaults,
-    }
-    for comp in planned:
-        plan_component(comp, allow_unknown_keys, log)
-    files = [p for comp in planned for p in comp.source.tensors.paths]
-    files += [p for entries in copy_files.values() for p, _ in entries if isinstance(p, Path)]
-    source_format = "diffusers (Mochi)"
-    if components:
-        source_format += " + " + ", ".join(f"{OVERRIDES[n]} ({c.source.scheme()})" for n in components
-                                           for c in planned if c.name == n)
-    return ConversionPlan(source_format, manifest, planned, copy_files, files)
+def _vae_source(inp, replaced: bool) -> tuple[ComponentSource, KeyMap]:
+    """A replaced VAE may be ComfyUI's file or the official halves; the folder's is in diffusers names."""
+    from mlx_video.families.mochi.keys import DIFFUSERS_VAE
+
+    comfy = comfyui_vae_source(inp.path, inp.origin) if replaced else None
+    halves = _official_vae_halves(inp.path) if replaced and comfy is None else None
+    if comfy is not None:
+        return comfy, official_vae_keymap()
+    if halves is not None:
+        source = ComponentSource(OfficialVAE({h: open_tensors(p, p.name) for h, p in halves.items()}), inp.origin)
+        return source, official_vae_keymap()
+    source, _ = _open(inp, "VAE", "vae")
+    # the encoder's attention q/k/v are split in diffusers too
+    return ComponentSource(FusedParts(source.tensors, DIFFUSERS_VAE, inp.origin), inp.origin), fused_keymap(DIFFUSERS_VAE)
+
+
+def _vae_plan(inp, replaced: bool, cfg) -> tuple[ComponentPlan, object]:
+    from mlx_video.families.mochi.config import MochiVAEConfig
+    from mlx_video.families.mochi.keys import vae_config_from_diffusers
+    from mlx_video.families.mochi.vae import MochiVAE
+
+    source, vae_keymap = _vae_source(inp, replaced)
+    with config_errors(inp, ValueError):  # a single file without a folder's config.json: the published VAE
+        vae_cfg = vae_config_from_diffusers(inp.config_json) if inp.config_json is not None else MochiVAEConfig()
+    if vae_cfg.latent_channels != cfg.in_channels:
+        raise MlxVideoError(f"{inp.origin} has {vae_cfg.latent_channels} latent channels; the transformer takes {cfg.in_channels}")
+    return ComponentPlan("vae", source, vae_keymap, vae_cfg.to_dict(), MochiVAE(vae_cfg), "fp32", origin=inp.origin), vae_cfg
