@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from mlx_video.errors import MlxVideoError
-from mlx_video.model_folder import FORMAT_VERSION, MANIFEST
+from mlx_video.model_folder import MANIFEST
 from mlx_video.registry import MODELS
 
 from mlx_video.convert.convert import (
@@ -26,10 +26,20 @@ from mlx_video.convert.convert import (
     ComponentPlan,
     ConversionPlan,
     component_input,
-    plan_component,
-    read_json,
-    tokenizer_files,
+    config_errors,
     diffusers_pipeline_class,
+    finish_plan,
+    model_manifest,
+    read_json,
+    replace_components,
+    tokenizer_files,
+)
+from mlx_video.families.wan.config_from_shapes import (
+    describe_transformer,
+    infer_umt5_config,
+    same_size,
+    size_differences,
+    which_wan,
 )
 from mlx_video.convert.formats import ComponentSource, Kind, classify, lookalike, open_tensors, split_all_in_one
 
@@ -178,6 +188,27 @@ def _layout_official(src: Path) -> tuple[dict, list, dict]:
 
 def _layout_files(src: Path, log) -> tuple[dict, list, dict]:  # noqa: C901
     """A folder of single-file checkpoints: each is classified by its keys."""
+    found, ignored = _classify_files(src)
+    if ignored:
+        log("ignored: " + "; ".join(ignored))
+    inputs = _transformer_files(src, [p for p, _ in found["transformer"]])
+    for kind in ("text_encoder", "vae"):
+        if len(found[kind]) > 1:
+            raise MlxVideoError(f"{src} holds several {kind.replace('_', ' ')}s ({', '.join(p.name for p, _ in found[kind])}); pass one with {OPTION_OF[kind]}")
+        if found[kind]:
+            inputs[kind] = component_input(kind, found[kind][0][0], found[kind][0][0].name)
+    if not any(inputs.values()):
+        raise MlxVideoError(f"{src} holds no checkpoint mlxvid knows" + (f": {'; '.join(ignored)}" if ignored else ""))
+    tokenizer = []
+    for candidate in (src / OFFICIAL_TOKENIZER, src / "tokenizer", src):
+        if candidate.is_dir() and any((candidate / n).is_file() for n in TOKENIZER_FILES):
+            tokenizer = tokenizer_files(candidate, "tokenizer", OFFICIAL_TOKENIZER)
+            break
+    return inputs, tokenizer, {"two_experts": "transformer_2" in inputs}
+
+
+def _classify_files(src: Path) -> tuple[dict[str, list[tuple[Path, str]]], list[str]]:
+    """The folder's checkpoint files by the component their keys say they are, and those left out (why)."""
     found: dict[str, list[tuple[Path, str]]] = {"transformer": [], "text_encoder": [], "vae": []}
     ignored = []
     for path in sorted(p for p in src.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
@@ -193,37 +224,26 @@ def _layout_files(src: Path, log) -> tuple[dict, list, dict]:  # noqa: C901
             ignored.append(f"{path.name} ({kind.description})")
             continue
         found[kind.kind].append((path, kind.description))
-    if ignored:
-        log("ignored: " + "; ".join(ignored))
-    inputs: dict = {}
-    transformers = [p for p, _ in found["transformer"]]
-    if len(transformers) == 1:
-        inputs["transformer"] = component_input("transformer", transformers[0], transformers[0].name)
-    elif len(transformers) == 2:
-        high = [p for p in transformers if "high" in p.name.lower()]
-        low = [p for p in transformers if "low" in p.name.lower()]
-        if len(high) != 1 or len(low) != 1 or high[0] == low[0]:
-            raise MlxVideoError(
-                f"{src} holds two transformers ({', '.join(p.name for p in transformers)}) whose names do not say which "
-                "is the high-noise expert; pass them as --transformer (high noise) and --transformer-2 (low noise)"
-            )
-        inputs["transformer"] = component_input("transformer", high[0], high[0].name)
-        inputs["transformer_2"] = component_input("transformer_2", low[0], low[0].name)
-    elif len(transformers) > 2:
+    return found, ignored
+
+
+def _transformer_files(src: Path, transformers: list[Path]) -> dict:
+    """One transformer, or two whose names say which is the high-noise expert."""
+    if len(transformers) > 2:
         raise MlxVideoError(f"{src} holds {len(transformers)} transformers; pass the ones to use with --transformer/--transformer-2")
-    for kind in ("text_encoder", "vae"):
-        if len(found[kind]) > 1:
-            raise MlxVideoError(f"{src} holds several {kind.replace('_', ' ')}s ({', '.join(p.name for p, _ in found[kind])}); pass one with {OPTION_OF[kind]}")
-        if found[kind]:
-            inputs[kind] = component_input(kind, found[kind][0][0], found[kind][0][0].name)
-    if not any(inputs.values()):
-        raise MlxVideoError(f"{src} holds no checkpoint mlxvid knows" + (f": {'; '.join(ignored)}" if ignored else ""))
-    tokenizer = []
-    for candidate in (src / OFFICIAL_TOKENIZER, src / "tokenizer", src):
-        if candidate.is_dir() and any((candidate / n).is_file() for n in TOKENIZER_FILES):
-            tokenizer = tokenizer_files(candidate, "tokenizer", OFFICIAL_TOKENIZER)
-            break
-    return inputs, tokenizer, {"two_experts": "transformer_2" in inputs}
+    if len(transformers) == 1:
+        return {"transformer": component_input("transformer", transformers[0], transformers[0].name)}
+    if not transformers:
+        return {}
+    high = [p for p in transformers if "high" in p.name.lower()]
+    low = [p for p in transformers if "low" in p.name.lower()]
+    if len(high) != 1 or len(low) != 1 or high[0] == low[0]:
+        raise MlxVideoError(
+            f"{src} holds two transformers ({', '.join(p.name for p in transformers)}) whose names do not say which "
+            "is the high-noise expert; pass them as --transformer (high noise) and --transformer-2 (low noise)"
+        )
+    return {"transformer": component_input("transformer", high[0], high[0].name),
+            "transformer_2": component_input("transformer_2", low[0], low[0].name)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,38 +386,18 @@ def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict)
     """The registry spec, and whether the checkpoint's size must equal the spec's."""
     from mlx_video.registry import get_spec
 
-    from mlx_video.families.wan.config_from_shapes import describe_transformer, same_size, which_wan
-
     if base is not None:
         return get_spec(base), True
     if hints.get("s2v"):
         return MODELS[S2V_MODEL], False
     if fmt in ("diffusers", "official"):
-        image_pipeline = hints.get("index", {}).get("_class_name") == "WanImageToVideoPipeline"
-        if two_experts and (cfg.in_channels == 36 or image_pipeline):
-            model_id = "wan2.2-i2v-a14b"
-        elif two_experts:
-            model_id = "wan2.2-t2v-a14b"
-        else:
-            model_id = "wan2.2-ti2v-5b"
-        return MODELS[model_id], False
+        return MODELS[_model_of_layout(cfg, two_experts, hints)], False
     # S2V has the 14B backbone's shapes too, but is recognised by its audio tensors (hints["s2v"]), not its size
     matches = [s for s in MODELS.values() if s.family == "wan" and s.task != "s2v" and (s.experts == 2) == two_experts
                and same_size(cfg, s.transformer)]
     if len(matches) == 1:
         return matches[0], True
-    pairs = [s for s in MODELS.values() if s.family == "wan" and s.experts == 2 and same_size(cfg, s.transformer)]
-    if pairs and not two_experts:
-        name = str(hints.get("transformer_file", "")).lower()
-        have, missing = ("high", "low") if "high" in name else ("low", "high") if "low" in name else (None, None)
-        raise MlxVideoError(
-            f"the transformer{' ' + hints['transformer_file'] if hints.get('transformer_file') else ''} is "
-            + (f"the {have}-noise expert" if have else "one expert")
-            + f" of {' or '.join(s.id for s in pairs)}, which needs two: the high-noise and the low-noise expert. "
-            + (f"The {missing}-noise expert is missing" if have else "The other expert is missing")
-            + ": put its file beside it (named ..._high_noise... / ..._low_noise...) or pass it with "
-            + ("--transformer-2 (the low-noise expert)" if have != "low" else "--transformer (the high-noise expert) and this one as --transformer-2")
-        )
+    _refuse_one_expert_of_two(cfg, two_experts, hints)
     like = which_wan(cfg, MODELS)
     raise MlxVideoError(
         f"the transformer ({describe_transformer(cfg)}{', two experts' if two_experts else ''}) matches no registry model"
@@ -406,7 +406,32 @@ def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict)
     )
 
 
-def plan(  # noqa: C901
+def _model_of_layout(cfg, two_experts: bool, hints: dict) -> str:
+    """A published layout's model: by its experts and (I2V) its image channels or pipeline class."""
+    image_pipeline = hints.get("index", {}).get("_class_name") == "WanImageToVideoPipeline"
+    if two_experts and (cfg.in_channels == 36 or image_pipeline):
+        return "wan2.2-i2v-a14b"
+    return "wan2.2-t2v-a14b" if two_experts else "wan2.2-ti2v-5b"
+
+
+def _refuse_one_expert_of_two(cfg, two_experts: bool, hints: dict) -> None:
+    """One file of a two-expert model's size: say which expert it is and that the other is missing."""
+    pairs = [s for s in MODELS.values() if s.family == "wan" and s.experts == 2 and same_size(cfg, s.transformer)]
+    if not pairs or two_experts:
+        return
+    name = str(hints.get("transformer_file", "")).lower()
+    have, missing = ("high", "low") if "high" in name else ("low", "high") if "low" in name else (None, None)
+    raise MlxVideoError(
+        f"the transformer{' ' + hints['transformer_file'] if hints.get('transformer_file') else ''} is "
+        + (f"the {have}-noise expert" if have else "one expert")
+        + f" of {' or '.join(s.id for s in pairs)}, which needs two: the high-noise and the low-noise expert. "
+        + (f"The {missing}-noise expert is missing" if have else "The other expert is missing")
+        + ": put its file beside it (named ..._high_noise... / ..._low_noise...) or pass it with "
+        + ("--transformer-2 (the low-noise expert)" if have != "low" else "--transformer (the high-noise expert) and this one as --transformer-2")
+    )
+
+
+def plan(
     src: str | Path | None,
     components: dict[str, str | Path] | None = None,
     tokenizer: str | Path | None = None,
@@ -414,44 +439,74 @@ def plan(  # noqa: C901
     allow_unknown_keys: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> ConversionPlan:
-    from mlx_video.families.wan.transformer import WanTransformer
-    from mlx_video.text_encoders.umt5 import UMT5Config, UMT5Encoder
+    """A Wan source (a diffusers folder, the official release layout, a folder of single files or one file, with
+    components replaced by option), in named steps: where each component comes from, the transformer(s) and the
+    registry model, the text encoder, the VAE, the voice encoder (S2V), the tokenizer, the manifest."""
+    components = _checked_components(src, components)
+    layout = _layout(src, components, tokenizer, log)
+    sources, namings = _open_sources(layout)
+    spec, configs = _transformer_configs(layout, sources, namings, base, log)
+    cfg = configs["transformer"]
+    planned = _transformer_plans(layout, sources, namings, configs, log)
+    planned.append(_text_encoder_plan(layout.inputs["text_encoder"], sources["text_encoder"], namings["text_encoder"], cfg))
+    vae_cfg = None
+    if layout.inputs.get("vae") is not None:  # optional: without it the pipeline stops at latents
+        vae, vae_cfg = _vae_plan(layout.inputs["vae"], sources["vae"], namings["vae"], cfg)
+        planned.append(vae)
+    if layout.hints["s2v"]:
+        planned.append(_audio_encoder_plan(layout.hints.get("audio_encoder"), layout.src))
+    copy_files = {"tokenizer": _tokenizer_to_copy(layout.tokenizer_files, sources["text_encoder"], log)}
+    manifest = _manifest(layout, spec, cfg, vae_cfg)
+    return finish_plan(_source_format(layout.fmt, components), manifest, planned, copy_files, allow_unknown_keys, log)
 
-    from mlx_video.families.wan.config_from_shapes import describe_transformer, infer_umt5_config, same_size, size_differences, which_wan
-    from mlx_video.families.wan.umt5_keys import OFFICIAL_UMT5, TRANSFORMERS_UMT5
-    from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
 
+@dataclass
+class _Layout:
+    """Where each component comes from: the source's format, its component inputs (and the views of all-in-one
+    files among them), the tokenizer files found, and what the layout says (experts, model_index.json, S2V)."""
+
+    src: Path | None
+    fmt: str
+    inputs: dict
+    views: dict
+    tokenizer_files: list
+    hints: dict
+
+    @property
+    def two_experts(self) -> bool:
+        return self.inputs.get("transformer_2") is not None
+
+
+def _checked_components(src, components) -> dict:
     components = {k: v for k, v in (components or {}).items() if v is not None}
     for name in components:
         if name not in COMPONENTS:
             raise MlxVideoError(f"unknown component {name!r}; components are {', '.join(COMPONENTS)}")
     if src is None and not components:
         raise MlxVideoError("nothing to convert: give a source folder SRC, or component files (--transformer ...) with --base")
+    return components
 
-    # 1. where each component comes from
-    fmt, inputs, tokenizer_files, hints = "files", {}, [], {"two_experts": False}
-    if src is not None:
-        src = Path(src)
-        fmt = detect_format(src)
-        if fmt == "file":
-            components = {"transformer": src, **components}
-            fmt = "files"
-        elif fmt == "diffusers":
-            inputs, tokenizer_files, hints = _layout_diffusers(src)
-        elif fmt == "official":
-            inputs, tokenizer_files, hints = _layout_official(src)
-        else:
-            inputs, tokenizer_files, hints = _layout_files(src, log)
-    for name, path in components.items():
-        given = component_input(name, Path(path), OPTION_OF[name])
-        replaced = inputs.get(name)
-        if given.config_json is None and replaced is not None and replaced.config_json is not None:
-            # a single file on top of a diffusers folder: the folder's config still says what the shapes cannot
-            given.config_hint = replaced.config_json
-        inputs[name] = given
+
+def _source_layout(src: Path | None, components: dict, log) -> tuple[str, dict, list, dict, dict]:
+    """(format, inputs, tokenizer files, hints, components) as the source itself lays them out."""
+    if src is None:
+        return "files", {}, [], {"two_experts": False}, components
+    fmt = detect_format(src)
+    if fmt == "file":
+        return "files", {}, [], {"two_experts": False}, {"transformer": src, **components}
+    layout = {"diffusers": _layout_diffusers, "official": _layout_official}.get(fmt)
+    inputs, found, hints = layout(src) if layout is not None else _layout_files(src, log)
+    return fmt, inputs, found, hints, components
+
+
+def _layout(src, components: dict, tokenizer, log) -> _Layout:
+    src = Path(src) if src is not None else None
+    fmt, inputs, found_tokenizer, hints, components = _source_layout(src, components, log)
+    # a single file on top of a diffusers folder: the folder's config still says what the shapes cannot
+    replace_components(inputs, components, OPTION_OF, carry="config_hint")
     views = _all_in_one(inputs, log)
     if tokenizer is not None:
-        tokenizer_files = tokenizer_files(Path(tokenizer), "--tokenizer", OFFICIAL_TOKENIZER)
+        found_tokenizer = tokenizer_files(Path(tokenizer), "--tokenizer", OFFICIAL_TOKENIZER)
     for name in ("transformer", "text_encoder"):
         if inputs.get(name) is None:
             where = {"diffusers": f"{name}/", "official": "high_noise_model/ or the model shards" if name == "transformer" else OFFICIAL_T5}.get(fmt, "")
@@ -461,27 +516,46 @@ def plan(  # noqa: C901
             )
     if fmt == "diffusers" and hints["two_experts"] and inputs.get("transformer_2") is None:
         raise MlxVideoError(f"{src} is a two-expert pipeline but has no transformer_2/; pass --transformer-2 FILE")
-    two_experts = inputs.get("transformer_2") is not None
-    sources = {
-        name: ComponentSource(views[name], f"{inp.origin} [{views[name].label}]") if name in views else _open_component(inp)
-        for name, inp in inputs.items()
-        if inp is not None
-    }
-    for name in ("transformer", "transformer_2"):
-        source = sources.get(name)
-        if source is not None and source.keys() and source.ggml_type(source.keys()[0]) is not None \
-                and "patch_embedding.weight" not in source \
-                and "head.modulation" in source:
-            raise MlxVideoError(
-                f"{source.what} lacks patch_embedding.weight: ComfyUI-GGUF's convert.py leaves this 5-D tensor out and "
-                "its fix_5d_tensors.py puts it back after quantizing; run that step on the file"
-            )
-    namings = {name: _check_kind(inputs[name], source) for name, source in sources.items()}
+    transformer = inputs["transformer"]
+    hints = dict(hints, transformer_file=transformer.path.name if transformer.path.is_file() else None)
+    return _Layout(src, fmt, inputs, views, found_tokenizer, hints)
+
+
+def _source_format(fmt: str, components: dict) -> str:
     source_format = {"diffusers": "diffusers", "official": "official Wan release layout", "files": "single-file checkpoints"}[fmt]
     if components and fmt != "files":
         source_format += " + " + ", ".join(OPTION_OF[n] for n in components)
+    return source_format
 
-    # 2. transformer(s) and the registry model
+
+def _open_sources(layout: _Layout) -> tuple[dict, dict]:
+    """Each component's tensors, and its naming (official or diffusers/transformers), checked to be what it should."""
+    views = layout.views
+    sources = {
+        name: ComponentSource(views[name], f"{inp.origin} [{views[name].label}]") if name in views else _open_component(inp)
+        for name, inp in layout.inputs.items()
+        if inp is not None
+    }
+    for name in ("transformer", "transformer_2"):
+        _check_gguf_patch_embedding(sources.get(name))
+    namings = {name: _check_kind(layout.inputs[name], source) for name, source in sources.items()}
+    layout.hints["s2v"] = _is_s2v(sources["transformer"])
+    return sources, namings
+
+
+def _check_gguf_patch_embedding(source) -> None:
+    if source is not None and source.keys() and source.ggml_type(source.keys()[0]) is not None \
+            and "patch_embedding.weight" not in source \
+            and "head.modulation" in source:
+        raise MlxVideoError(
+            f"{source.what} lacks patch_embedding.weight: ComfyUI-GGUF's convert.py leaves this 5-D tensor out and "
+            "its fix_5d_tensors.py puts it back after quantizing; run that step on the file"
+        )
+
+
+def _transformer_configs(layout: _Layout, sources: dict, namings: dict, base, log) -> tuple[object, dict]:
+    """The registry model and each transformer's config (from config.json, else from the shapes)."""
+    inputs, two_experts = layout.inputs, layout.two_experts
     base_spec = None
     if base is not None:
         from mlx_video.registry import get_spec
@@ -493,28 +567,11 @@ def plan(  # noqa: C901
         cfg2, cfg2_from = _transformer_config(inputs["transformer_2"], sources["transformer_2"], namings["transformer_2"], base_spec)
         if cfg_from == "shapes" and cfg2_from == "config.json" and cfg2.dim == cfg.dim:
             cfg = replace(cfg, num_heads=cfg2.num_heads)  # a replaced expert: its sibling's config tells the heads
-    hints = dict(hints, transformer_file=inputs["transformer"].path.name if inputs["transformer"].path.is_file() else None)
-    hints["s2v"] = _is_s2v(sources["transformer"])
-    if hints["s2v"]:
+    if layout.hints["s2v"]:
         cfg = _s2v_config(cfg, inputs["transformer"], sources["transformer"])
-    spec, strict = _pick_model(fmt, base, cfg, two_experts, hints)
-    if not same_size(cfg, spec.transformer):
-        like = which_wan(cfg, MODELS)
-        message = (
-            f"{sources['transformer'].what} is a transformer with {describe_transformer(cfg)}"
-            + (f", the size of {like}" if like else "")
-            + f"; {spec.id} has {describe_transformer(spec.transformer)} ({size_differences(cfg, spec.transformer)})"
-        )
-        if strict:
-            raise MlxVideoError(message)
-        log(f"note: {message}; converting with the checkpoint's own configuration")
-    if (spec.experts == 2) != two_experts:
-        if two_experts:
-            raise MlxVideoError(f"{spec.id} has one transformer, but a second one was given ({inputs['transformer_2'].origin})")
-        raise MlxVideoError(
-            f"{spec.id} has two experts: the high-noise one and the low-noise one; only one transformer was given. "
-            "Pass the low-noise expert with --transformer-2"
-        )
+    spec, strict = _pick_model(layout.fmt, base, cfg, two_experts, layout.hints)
+    _check_model_size(cfg, spec, strict, sources["transformer"], log)
+    _check_expert_count(spec, two_experts, inputs)
     if cfg_from == "shapes" and cfg2_from != "config.json" and spec.transformer.dim == cfg.dim:
         cfg = replace(cfg, num_heads=spec.transformer.num_heads)
     if cfg.num_heads == 0 or cfg.dim % cfg.num_heads:
@@ -531,136 +588,148 @@ def plan(  # noqa: C901
             )
         # shapes do not tell the head count: a second expert without a config.json takes the first one's
         configs["transformer_2"] = cfg2 if cfg2_from == "config.json" else cfg
+    return spec, configs
 
-    planned: list[ComponentPlan] = []
-    for name in ("transformer", "transformer_2"):
-        if name not in configs:
-            continue
+
+def _check_model_size(cfg, spec, strict: bool, source, log) -> None:
+    if same_size(cfg, spec.transformer):
+        return
+    like = which_wan(cfg, MODELS)
+    message = (
+        f"{source.what} is a transformer with {describe_transformer(cfg)}"
+        + (f", the size of {like}" if like else "")
+        + f"; {spec.id} has {describe_transformer(spec.transformer)} ({size_differences(cfg, spec.transformer)})"
+    )
+    if strict:
+        raise MlxVideoError(message)
+    log(f"note: {message}; converting with the checkpoint's own configuration")
+
+
+def _check_expert_count(spec, two_experts: bool, inputs: dict) -> None:
+    if (spec.experts == 2) == two_experts:
+        return
+    if two_experts:
+        raise MlxVideoError(f"{spec.id} has one transformer, but a second one was given ({inputs['transformer_2'].origin})")
+    raise MlxVideoError(
+        f"{spec.id} has two experts: the high-noise one and the low-noise one; only one transformer was given. "
+        "Pass the low-noise expert with --transformer-2"
+    )
+
+
+def _transformer_plans(layout: _Layout, sources: dict, namings: dict, configs: dict, log) -> list[ComponentPlan]:
+    from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+    from mlx_video.families.wan.transformer import WanTransformer
+
+    planned = []
+    for name in configs:
         source = sources[name]
         extra = lookalike(source.keys())
         if extra:
             log(f"warning: {source.what} looks like {extra}")
         keymap = OFFICIAL_TRANSFORMER if namings[name] == "official" else DIFFUSERS_TRANSFORMER
         module = None
-        if hints["s2v"]:
-            from mlx_video.families.wan.s2v_model import WanS2VTransformer
-
-            from mlx_video.families.wan.s2v_keys import OFFICIAL_S2V_TRANSFORMER
-
-            if namings[name] != "official":
-                raise MlxVideoError(f"{source.what}: Wan2.2-S2V converts from the official release's names only")
-            keymap, module = OFFICIAL_S2V_TRANSFORMER, WanS2VTransformer(configs[name])
+        if layout.hints["s2v"]:
+            keymap, module = _s2v_transformer(source, namings[name], configs[name])
         planned.append(ComponentPlan(
             name, source, keymap, configs[name].to_dict(), module or WanTransformer(configs[name]),
-            origin=inputs[name].origin, size_hint=_transformer_hint(source, namings[name]),
+            origin=layout.inputs[name].origin, size_hint=_transformer_hint(source, namings[name]),
         ))
-    for inp_name in ("transformer", "transformer_2"):
-        inp = inputs.get(inp_name)
-        if inp is not None and inp.path.is_file():
-            lower = inp.path.name.lower()
-            wrong = "low_noise" if inp_name == "transformer" else "high_noise"
-            if two_experts and wrong in lower:
-                log(f"warning: {inp.path.name} is named like the {wrong.split('_')[0]}-noise expert but is used as {inp_name} "
-                    f"({'high' if inp_name == 'transformer' else 'low'}-noise)")
+    _warn_expert_names(layout, log)
+    return planned
 
-    # 3. text encoder
-    te_inp, te_source = inputs["text_encoder"], sources["text_encoder"]
-    if te_inp.config_json is not None:
-        try:
-            te_cfg = UMT5Config.from_transformers(te_inp.config_json)
-        except (ValueError, KeyError) as e:
-            raise MlxVideoError(f"{te_inp.path / 'config.json'}: {e}") from None
+
+def _s2v_transformer(source, naming: str, cfg):
+    from mlx_video.families.wan.s2v_keys import OFFICIAL_S2V_TRANSFORMER
+    from mlx_video.families.wan.s2v_model import WanS2VTransformer
+
+    if naming != "official":
+        raise MlxVideoError(f"{source.what}: Wan2.2-S2V converts from the official release's names only")
+    return OFFICIAL_S2V_TRANSFORMER, WanS2VTransformer(cfg)
+
+
+def _warn_expert_names(layout: _Layout, log) -> None:
+    """A file named like the other expert than the one it is used as."""
+    for name in ("transformer", "transformer_2"):
+        inp = layout.inputs.get(name)
+        if inp is None or not inp.path.is_file() or not layout.two_experts:
+            continue
+        wrong = "low_noise" if name == "transformer" else "high_noise"
+        if wrong in inp.path.name.lower():
+            log(f"warning: {inp.path.name} is named like the {wrong.split('_')[0]}-noise expert but is used as {name} "
+                f"({'high' if name == 'transformer' else 'low'}-noise)")
+
+
+def _text_encoder_plan(inp, source, naming: str, cfg) -> ComponentPlan:
+    from mlx_video.families.wan.umt5_keys import OFFICIAL_UMT5, TRANSFORMERS_UMT5
+    from mlx_video.text_encoders.umt5 import UMT5Config, UMT5Encoder
+
+    if inp.config_json is not None:
+        with config_errors(inp, ValueError, KeyError):
+            te_cfg = UMT5Config.from_transformers(inp.config_json)
     else:
-        te_cfg = infer_umt5_config(_shapes(te_source), namings["text_encoder"])
+        te_cfg = infer_umt5_config(_shapes(source), naming)
     if te_cfg.dim != cfg.text_dim:
         raise MlxVideoError(
-            f"{te_source.what} produces {te_cfg.dim}-wide text embeddings but the transformer takes {cfg.text_dim}: "
+            f"{source.what} produces {te_cfg.dim}-wide text embeddings but the transformer takes {cfg.text_dim}: "
             "they do not belong to the same model"
         )
-    te_map = OFFICIAL_UMT5 if namings["text_encoder"] == "official" else TRANSFORMERS_UMT5
-    planned.append(ComponentPlan("text_encoder", te_source, te_map, te_cfg.to_dict(), UMT5Encoder(te_cfg), origin=te_inp.origin))
+    te_map = OFFICIAL_UMT5 if naming == "official" else TRANSFORMERS_UMT5
+    return ComponentPlan("text_encoder", source, te_map, te_cfg.to_dict(), UMT5Encoder(te_cfg), origin=inp.origin)
 
-    # 4. VAE (optional: without it the pipeline stops at latents)
-    vae_cfg = None
-    if inputs.get("vae") is not None:
-        from mlx_video.families.wan.vae import WanVAE, WanVAEConfig
 
-        from mlx_video.families.wan.official_vae import infer_official_vae_config, official_vae_keymap
-        from mlx_video.families.wan.vae_keys import DIFFUSERS_VAE
+def _vae_plan(inp, source, naming: str, cfg) -> tuple[ComponentPlan, object]:
+    from mlx_video.families.wan.official_vae import infer_official_vae_config, official_vae_keymap
+    from mlx_video.families.wan.vae import WanVAE, WanVAEConfig
+    from mlx_video.families.wan.vae_keys import DIFFUSERS_VAE
 
-        vae_inp, vae_source = inputs["vae"], sources["vae"]
-        if namings["vae"] == "official":
-            vae_cfg = infer_official_vae_config(_shapes(vae_source))
-            vae_map = official_vae_keymap(vae_source.keys())
-        else:
-            if vae_inp.config_json is None:
-                raise MlxVideoError(
-                    f"{vae_source.what} is a VAE in diffusers names without its config.json; pass the diffusers vae/ folder"
-                )
-            try:
-                vae_cfg = WanVAEConfig.from_diffusers(vae_inp.config_json)
-            except ValueError as e:
-                raise MlxVideoError(f"{vae_inp.path / 'config.json'}: {e}") from None
-            vae_map = DIFFUSERS_VAE
-        if vae_cfg.z_dim != cfg.out_channels:
-            which = {16: "the Wan 2.1 VAE", 48: "the Wan 2.2 VAE"}
-            raise MlxVideoError(
-                f"{vae_source.what} has {vae_cfg.z_dim} latent channels ({which.get(vae_cfg.z_dim, 'an unknown VAE')}), but "
-                f"the transformer works on {cfg.out_channels} ({which.get(cfg.out_channels, 'another VAE')})"
-            )
-        planned.append(ComponentPlan("vae", vae_source, vae_map, vae_cfg.to_dict(), WanVAE(vae_cfg), "fp32", origin=vae_inp.origin))
-
-    # 4b. the voice encoder (Wan2.2-S2V)
-    if hints["s2v"]:
-        planned.append(_audio_encoder_plan(hints.get("audio_encoder"), src))
-
-    # 5. tokenizer
-    copy_files: dict[str, list] = {}
-    if tokenizer_files:
-        copy_files["tokenizer"] = tokenizer_files
+    if naming == "official":
+        vae_cfg = infer_official_vae_config(_shapes(source))
+        vae_map = official_vae_keymap(source.keys())
     else:
-        from mlx_video.convert.formats import embedded_spiece
-
-        embedded = embedded_spiece(te_source)
-        if embedded is None:
+        if inp.config_json is None:
             raise MlxVideoError(
-                "no tokenizer: pass --tokenizer PATH (the google/umt5-xxl folder, or its spiece.model or tokenizer.json)"
+                f"{source.what} is a VAE in diffusers names without its config.json; pass the diffusers vae/ folder"
             )
-        copy_files["tokenizer"] = [(embedded, "spiece.model")]
-        log(f"tokenizer: the SentencePiece model embedded in {te_source.what}")
+        with config_errors(inp, ValueError):
+            vae_cfg = WanVAEConfig.from_diffusers(inp.config_json)
+        vae_map = DIFFUSERS_VAE
+    if vae_cfg.z_dim != cfg.out_channels:
+        which = {16: "the Wan 2.1 VAE", 48: "the Wan 2.2 VAE"}
+        raise MlxVideoError(
+            f"{source.what} has {vae_cfg.z_dim} latent channels ({which.get(vae_cfg.z_dim, 'an unknown VAE')}), but "
+            f"the transformer works on {cfg.out_channels} ({which.get(cfg.out_channels, 'another VAE')})"
+        )
+    return ComponentPlan("vae", source, vae_map, vae_cfg.to_dict(), WanVAE(vae_cfg), "fp32", origin=inp.origin), vae_cfg
 
-    # 6. manifest
+
+def _tokenizer_to_copy(found: list, te_source, log) -> list:
+    """The tokenizer files found, else the SentencePiece model a ComfyUI text encoder file embeds."""
+    if found:
+        return found
+    from mlx_video.convert.formats import embedded_spiece
+
+    embedded = embedded_spiece(te_source)
+    if embedded is None:
+        raise MlxVideoError(
+            "no tokenizer: pass --tokenizer PATH (the google/umt5-xxl folder, or its spiece.model or tokenizer.json)"
+        )
+    log(f"tokenizer: the SentencePiece model embedded in {te_source.what}")
+    return [(embedded, "spiece.model")]
+
+
+def _manifest(layout: _Layout, spec, cfg, vae_cfg) -> dict:
+    fmt, hints = layout.fmt, layout.hints
     boundary = None
-    if two_experts:
+    if layout.two_experts:
         boundary = hints.get("index", {}).get("boundary_ratio") if fmt == "diffusers" else spec.default("boundary")
         if boundary is None:
-            raise MlxVideoError(f"{src / 'model_index.json'} has two transformers but no boundary_ratio")
+            raise MlxVideoError(f"{layout.src / 'model_index.json'} has two transformers but no boundary_ratio")
     per_frame = bool(hints["index"].get("expand_timesteps", False)) if fmt == "diffusers" else spec.default("per_frame_timesteps", False)
     vae_stride = list(spec.vae_stride)
     if vae_cfg is not None:
         vae_stride = [vae_cfg.scale_factor_temporal, vae_cfg.scale_factor_spatial, vae_cfg.scale_factor_spatial]
     # Self-describing: the published defaults travel with the folder, so a renamed or fine-tuned copy runs.
     defaults = dict(spec.defaults, boundary=boundary, per_frame_timesteps=per_frame)
-    manifest = {
-        "format": "mlxvid-model",
-        "format_version": FORMAT_VERSION,
-        "family": "wan",
-        "model": spec.id,
-        "task": spec.task,
-        "experts": 2 if two_experts else 1,
-        "vae_stride": vae_stride,
-        "size_multiple": max(vae_stride[1] * cfg.patch_size[1], spec.size_multiple if hints["s2v"] else 1),
-        "sizes": [list(s) for s in spec.sizes],
-        "defaults": defaults,
-        "frame_offset": spec.frame_offset,
-    }
-
-    for comp in planned:
-        plan_component(comp, allow_unknown_keys, log)
-    files = []
-    for comp in planned:
-        files += comp.source.tensors.paths
-    for item in copy_files.get("tokenizer", []):
-        if isinstance(item[0], Path):
-            files.append(item[0])
-    return ConversionPlan(source_format, manifest, planned, copy_files, files)
+    size_multiple = max(vae_stride[1] * cfg.patch_size[1], spec.size_multiple if hints["s2v"] else 1)
+    return model_manifest("wan", spec, vae_stride, size_multiple, defaults, experts=2 if layout.two_experts else 1,
+                          frame_offset=spec.frame_offset)
