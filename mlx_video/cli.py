@@ -92,7 +92,27 @@ def _per_family(field: str) -> str:
     return "; ".join(f"{f.title}: {getattr(f, field)}" for f in FAMILIES.values() if getattr(f, field))
 
 
-@cli.command()
+def _convert_help() -> str:
+    """`mlxvid convert --help`, listing the families and their official layouts (from the family packages)."""
+    from .families import FAMILIES
+
+    indent = "\n" + " " * 19
+    official = [f"{f.title}: {f.official_layout}".replace("\n", indent) for f in FAMILIES.values() if f.official_layout]
+    return (
+        "Convert checkpoints into an MLX-native model folder DST.\n\n\b\n"
+        "SRC is a folder in any of these layouts (the family and format are detected from its files and keys):\n"
+        "  diffusers        model_index.json, transformer/ (transformer_2/), text_encoder/ (text_encoder_2/),\n"
+        f"                   tokenizer/ (tokenizer_2/), vae/ -- {', '.join(f.title for f in FAMILIES.values())}\n"
+        "  official         " + (";" + indent).join(official) + "\n"
+        "  single files     ComfyUI diffusion model / text encoder / VAE / all-in-one files (fp16, bf16, fp8 scaled,\n"
+        "                   plain fp8, comfy_quant nvfp4 / mxfp8 / int8) and GGUF files\n"
+        "or one checkpoint file (taken as --transformer). Component options supply or replace parts; without SRC,\n"
+        "--base names the model. DST receives safetensors shards and configs, written into DST.part and renamed at\n"
+        "the end; re-running an interrupted conversion keeps the shards already written."
+    )
+
+
+@cli.command(help=_convert_help())
 @click.argument("paths", nargs=-1, required=True, metavar="[SRC] DST", type=click.Path(path_type=Path))
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="Precision of the written weights; the pipeline computes in it. fp32 is for parity checks.")
@@ -120,21 +140,6 @@ def _per_family(field: str) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 def convert(paths, dtype, quantize, group_size, base, transformer, transformer_2, text_encoder, text_encoder_2, vae,
             tokenizer, allow_unknown_keys, overwrite):
-    """Convert checkpoints into an MLX-native model folder DST.
-
-    \b
-    SRC is a folder in any of these layouts (the family and format are detected from its files and keys):
-      diffusers        model_index.json, transformer/ (transformer_2/), text_encoder/ (text_encoder_2/),
-                       tokenizer/ (tokenizer_2/), vae/ -- Wan 2.2, HunyuanVideo, Mochi 1
-      official         Wan: high_noise_model/ + low_noise_model/ (or the TI2V-5B shards),
-                       models_t5_umt5-xxl-enc-bf16.pth, Wan2.x_VAE.pth, google/umt5-xxl/;
-                       HunyuanVideo: ckpts/ with hunyuan-video-t2v-720p/ (fp8 .pt + scale map too)
-      single files     ComfyUI diffusion model / text encoder / VAE / all-in-one files (fp16, bf16, fp8 scaled,
-                       plain fp8, comfy_quant nvfp4 / mxfp8 / int8) and GGUF files
-    or one checkpoint file (taken as --transformer). Component options supply or replace parts; without SRC,
-    --base names the model. DST receives safetensors shards and configs, written into DST.part and renamed at
-    the end; re-running an interrupted conversion keeps the shards already written.
-    """
     from tqdm.auto import tqdm
 
     from .convert.convert import convert_model
@@ -164,7 +169,7 @@ def convert(paths, dtype, quantize, group_size, base, transformer, transformer_2
 
 
 # What `download` fetches from a diffusers-layout repository when the family's converter names nothing else
-# (`DOWNLOAD_PATTERNS` in mlx_video/convert/families/<family>.py).
+# (`DOWNLOAD_PATTERNS` in the family's planner, mlx_video/families/<family>/planner.py).
 DIFFUSERS_FILES = ["model_index.json", "transformer/*", "transformer_2/*", "text_encoder/*", "text_encoder_2/*",
                    "tokenizer/*", "tokenizer_2/*", "vae/*", "scheduler/*"]
 

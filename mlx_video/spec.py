@@ -93,6 +93,7 @@ class Family:
     recipes         a list of few-step `Recipe`s published for the family's models, if any
     catch_all       the planner that explains a source no family claims (one family at most)
     order           where the family comes in listings
+    official_layout the official release layout its planner reads, in words (for `mlxvid convert --help`)
     """
 
     name: str
@@ -109,4 +110,5 @@ class Family:
     order: int = 100  # position in listings (`mlxvid models`, the registry): lower first, ties by name
     text_encoders: str = ""  # what `convert --text-encoder` (and --text-encoder-2) take, for the help
     tokenizer: str = ""  # what `convert --tokenizer` takes, for the help
+    official_layout: str = ""  # the official release's folder layout, for `mlxvid convert --help` (if it converts one)
     package: str = ""  # the family's package, filled in when it is discovered

@@ -21,4 +21,5 @@ MODELS = (
 FAMILY = Family(
     "hunyuan", "HunyuanVideo", MODELS, pipeline="pipeline:HunyuanPipeline", latent_rgb="latent_rgb", order=1,
     text_encoders="LLaVA-LLaMA-3-8B, and CLIP-L as --text-encoder-2", tokenizer="the LLaMA tokenizer folder",
+    official_layout="ckpts/ with hunyuan-video-t2v-720p/ (fp8 .pt + scale map too)",
 )
