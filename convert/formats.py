@@ -219,12 +219,7 @@ class ComponentSource:
         self.what = what
         keys = tensors.keys()
         self.prefix = _common_prefix(keys)
-        self._raw_key = {}
-        for k in keys:
-            name = k[len(self.prefix) :] if self.prefix and k.startswith(self.prefix) else k
-            if name in self._raw_key:
-                raise MlxVideoError(f"{what}: {k!r} and {self._raw_key[name]!r} are the same tensor once the prefix is removed")
-            self._raw_key[name] = k
+        self._raw_key = self._names_without_prefix(keys)
         names = set(self._raw_key)
         self.marker = "scaled_fp8" if "scaled_fp8" in names else None
         self.spiece_model = "spiece_model" if "spiece_model" in names else None
@@ -235,48 +230,61 @@ class ComponentSource:
         self.block_quant: dict[str, tuple[str, dict]] = {}
         self._decoded: tuple[str, np.ndarray] | None = None
         side = {n for n in names if n.endswith(_SIDE_SUFFIXES)}
-        self.orphans: list[str] = []
-        used_side = set()
+        used_side: set[str] = set()
         # Each fp8 weight's own dtype says which format it is (the legacy marker's dtype says it too, less directly).
         for name in sorted(names - side - {m for m in ROOT_MARKERS if m in names}):
-            code = self._code(name)
-            layer = name[: -len(".weight")] if name.endswith(".weight") else None
-            scale_key = None
-            if layer is not None:
-                for suffix in (".scale_weight", ".weight_scale"):
-                    if layer + suffix in names:
-                        scale_key = layer + suffix
-                        break
-                used_side.update(layer + s for s in _SIDE_SUFFIXES if layer + s in names)
-            fmt = FP8_CODES.get(code)
-            conf = quant_conf.get(layer) if layer is not None else None
-            if conf is not None and conf.get("format") in _BLOCK_COMFY_FORMATS:
-                self._check_block_quant(name, layer, conf, names)
-                self.block_quant[name] = (conf["format"], conf)
-                continue
-            if layer is not None and layer + ".weight_scale_2" in names:
-                raise MlxVideoError(
-                    f"{what}: {layer} has a weight_scale_2 (a block-scaled 4-bit format such as nvfp4) but no comfy_quant "
-                    "entry saying which format it is; mlxvid reads nvfp4, mxfp8 and int8_tensorwise when comfy_quant names them"
-                )
-            if conf is not None:
-                wanted = conf.get("format")
-                if wanted not in _SUPPORTED_COMFY_FORMATS:
-                    raise MlxVideoError(
-                        f"{what}: {layer} is quantized as {wanted!r} (comfy_quant), which mlxvid does not read; it reads "
-                        f"{', '.join([*_SUPPORTED_COMFY_FORMATS, *_BLOCK_COMFY_FORMATS])}"
-                    )
-                if fmt != _SUPPORTED_COMFY_FORMATS[wanted]:
-                    raise MlxVideoError(
-                        f"{what}: {layer}.comfy_quant says {wanted} but its weight is stored as {code}; the file is inconsistent"
-                    )
-            if fmt is not None or scale_key is not None:
-                if scale_key is not None:
-                    self._check_scale(name, scale_key)
-                self.layouts[name] = Fp8Layout(fmt, scale_key)
+            self._read_layout(name, names, quant_conf, used_side)
         self.orphans = sorted(side - used_side)
         self.logical = sorted(names - side - {m for m in ROOT_MARKERS if m in names})
         self._logical_set = set(self.logical)
+
+    def _names_without_prefix(self, keys) -> dict[str, str]:
+        """Model name -> the file's key, the wrapper prefix removed (two keys may not become one name)."""
+        raw_key: dict[str, str] = {}
+        for k in keys:
+            name = k[len(self.prefix) :] if self.prefix and k.startswith(self.prefix) else k
+            if name in raw_key:
+                raise MlxVideoError(f"{self.what}: {k!r} and {raw_key[name]!r} are the same tensor once the prefix is removed")
+            raw_key[name] = k
+        return raw_key
+
+    def _read_layout(self, name: str, names: set, quant_conf: dict, used_side: set) -> None:
+        """How one tensor is stored: a block-quantized comfy_quant weight, an fp8 weight (and its scale), or plain."""
+        code = self._code(name)
+        layer = name[: -len(".weight")] if name.endswith(".weight") else None
+        scale_key = None
+        if layer is not None:
+            scale_key = next((layer + s for s in (".scale_weight", ".weight_scale") if layer + s in names), None)
+            used_side.update(layer + s for s in _SIDE_SUFFIXES if layer + s in names)
+        fmt = FP8_CODES.get(code)
+        conf = quant_conf.get(layer) if layer is not None else None
+        if conf is not None and conf.get("format") in _BLOCK_COMFY_FORMATS:
+            self._check_block_quant(name, layer, conf, names)
+            self.block_quant[name] = (conf["format"], conf)
+            return
+        if layer is not None and layer + ".weight_scale_2" in names:
+            raise MlxVideoError(
+                f"{self.what}: {layer} has a weight_scale_2 (a block-scaled 4-bit format such as nvfp4) but no comfy_quant "
+                "entry saying which format it is; mlxvid reads nvfp4, mxfp8 and int8_tensorwise when comfy_quant names them"
+            )
+        if conf is not None:
+            self._check_fp8_comfy_quant(layer, conf, fmt, code)
+        if fmt is not None or scale_key is not None:
+            if scale_key is not None:
+                self._check_scale(name, scale_key)
+            self.layouts[name] = Fp8Layout(fmt, scale_key)
+
+    def _check_fp8_comfy_quant(self, layer: str, conf: dict, fmt: str | None, code: str) -> None:
+        wanted = conf.get("format")
+        if wanted not in _SUPPORTED_COMFY_FORMATS:
+            raise MlxVideoError(
+                f"{self.what}: {layer} is quantized as {wanted!r} (comfy_quant), which mlxvid does not read; it reads "
+                f"{', '.join([*_SUPPORTED_COMFY_FORMATS, *_BLOCK_COMFY_FORMATS])}"
+            )
+        if fmt != _SUPPORTED_COMFY_FORMATS[wanted]:
+            raise MlxVideoError(
+                f"{self.what}: {layer}.comfy_quant says {wanted} but its weight is stored as {code}; the file is inconsistent"
+            )
 
     # -- description
 

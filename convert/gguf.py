@@ -181,6 +181,25 @@ class GGUFFile:
     # -- header
 
     def _parse(self, cur: _Cursor) -> None:
+        self.version = self._parse_version(cur)
+        n_tensors = cur.unpack("<Q", "the tensor count")
+        n_kv = cur.unpack("<Q", "the metadata count")
+        # every metadata entry and tensor info takes at least 12 / 24 bytes: a larger count is corruption
+        if n_kv * 12 > self.size or n_tensors * 24 > self.size:
+            raise MlxVideoError(f"{self.path} is corrupt: it claims {n_tensors} tensors and {n_kv} metadata entries")
+        self._parse_metadata(cur, n_kv)
+        self.alignment = self._alignment()
+        raw = self._parse_tensor_infos(cur, n_tensors)
+        self.data_start = -(-cur.pos // self.alignment) * self.alignment
+        self.tensors: dict[str, GGUFTensorInfo] = {}
+        for name, dims, type_id, offset in raw:
+            self.tensors[name] = self._tensor_info(name, dims, type_id, offset)
+        spans = sorted((t.start, t.start + t.nbytes, t.name) for t in self.tensors.values())
+        for (_, end1, n1), (start2, _, n2) in zip(spans, spans[1:]):
+            if start2 < end1:
+                raise MlxVideoError(f"{self.path} is corrupt: tensors {n1!r} and {n2!r} overlap")
+
+    def _parse_version(self, cur: _Cursor) -> int:
         path = self.path
         magic = bytes(cur.buf[:4])
         if magic != MAGIC:
@@ -193,54 +212,44 @@ class GGUFFile:
             if version == 1:
                 raise MlxVideoError(f"{path} is a GGUF v1 file (2023, 32-bit counts); convert it again with llama.cpp")
             raise MlxVideoError(f"{path} has GGUF version {version}; mlxvid reads versions 2 and 3")
-        self.version = version
-        n_tensors = cur.unpack("<Q", "the tensor count")
-        n_kv = cur.unpack("<Q", "the metadata count")
-        # every metadata entry and tensor info takes at least 12 / 24 bytes: a larger count is corruption
-        if n_kv * 12 > self.size or n_tensors * 24 > self.size:
-            raise MlxVideoError(f"{path} is corrupt: it claims {n_tensors} tensors and {n_kv} metadata entries")
+        return version
 
+    def _parse_metadata(self, cur: _Cursor, n_kv: int) -> None:
         self.metadata: dict[str, Any] = {}
         self.metadata_types: dict[str, tuple[str, ...]] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key {i}")
             vtype = cur.unpack("<I", f"the type of metadata {key!r}")
             if key in self.metadata:
-                raise MlxVideoError(f"{path} is corrupt: metadata key {key!r} appears twice")
+                raise MlxVideoError(f"{self.path} is corrupt: metadata key {key!r} appears twice")
             self.metadata[key], self.metadata_types[key] = self._value(cur, vtype, key)
 
+    def _alignment(self) -> int:
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if (
             self.metadata_types.get("general.alignment", ("UINT32",)) != ("UINT32",)
             or alignment <= 0
             or alignment & (alignment - 1)
         ):
-            raise MlxVideoError(f"{path}: general.alignment must be a power of two stored as UINT32, got {alignment!r}")
-        self.alignment = int(alignment)
+            raise MlxVideoError(f"{self.path}: general.alignment must be a power of two stored as UINT32, got {alignment!r}")
+        return int(alignment)
 
+    def _parse_tensor_infos(self, cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ...], int, int]]:
         raw: list[tuple[str, tuple[int, ...], int, int]] = []
         seen = set()
         for i in range(n_tensors):
             name = cur.string(f"the name of tensor {i}")
             n_dims = cur.unpack("<I", f"the rank of tensor {name!r}")
             if n_dims > MAX_DIMS:
-                raise MlxVideoError(f"{path} is corrupt: tensor {name!r} claims {n_dims} dimensions")
+                raise MlxVideoError(f"{self.path} is corrupt: tensor {name!r} claims {n_dims} dimensions")
             dims = tuple(int(d) for d in cur.array("<u8", n_dims, f"the dims of tensor {name!r}"))
             type_id = cur.unpack("<I", f"the type of tensor {name!r}")
             offset = cur.unpack("<Q", f"the offset of tensor {name!r}")
             if name in seen:
-                raise MlxVideoError(f"{path} is corrupt: tensor {name!r} appears twice")
+                raise MlxVideoError(f"{self.path} is corrupt: tensor {name!r} appears twice")
             seen.add(name)
             raw.append((name, dims, type_id, offset))
-        self.data_start = -(-cur.pos // self.alignment) * self.alignment
-
-        self.tensors: dict[str, GGUFTensorInfo] = {}
-        for name, dims, type_id, offset in raw:
-            self.tensors[name] = self._tensor_info(name, dims, type_id, offset)
-        spans = sorted((t.start, t.start + t.nbytes, t.name) for t in self.tensors.values())
-        for (_, end1, n1), (start2, _, n2) in zip(spans, spans[1:]):
-            if start2 < end1:
-                raise MlxVideoError(f"{path} is corrupt: tensors {n1!r} and {n2!r} overlap")
+        return raw
 
     def _value(self, cur: _Cursor, vtype: int, key: str, depth: int = 0):
         if vtype in _SCALARS:

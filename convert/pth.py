@@ -221,24 +221,33 @@ def _parse_storage_record(pid, path: Path, legacy: bool) -> tuple[_StorageType, 
     None or -- in files from PyTorch versions that saved storage views -- (view key, offset, numel) in
     elements of the storage type. The location (a device name) is not used: everything is read to the CPU.
     """
-    if legacy and isinstance(pid, tuple) and pid and type(pid[0]) is str and pid[0] == "module":
+    if legacy and _record_kind(pid) == "module":
         raise MlxVideoError(f"refusing to load {path}: it holds a pickled nn.Module object, not a state dict")
-    sizes = (5, 6) if legacy else (5,)
-    if not (isinstance(pid, tuple) and len(pid) in sizes and type(pid[0]) is str and pid[0] == "storage"):
+    if _record_kind(pid) != "storage" or len(pid) not in ((5, 6) if legacy else (5,)):
         raise _corrupt(path, f"unexpected persistent record {pid!r:.200}")
     storage_type, key, _location, numel = pid[1:5]
     view = pid[5] if len(pid) == 6 else None
     if not isinstance(storage_type, _StorageType) or type(key) is not str or not _is_int(numel) or numel < 0:
         raise _corrupt(path, f"malformed storage record {pid!r:.200}")
-    if view is not None and not (
+    if view is not None and not _is_view_record(view, numel):
+        raise _corrupt(path, f"malformed storage view {view!r:.200} of storage {key!r} ({numel} elements)")
+    return storage_type, key, numel, view
+
+
+def _record_kind(pid) -> str | None:
+    """The first item of a persistent id tuple when it is a plain str ("storage", "module"), else None."""
+    return pid[0] if isinstance(pid, tuple) and pid and type(pid[0]) is str else None
+
+
+def _is_view_record(view, numel: int) -> bool:
+    """(view key, offset, numel) inside a storage of `numel` elements."""
+    return (
         isinstance(view, tuple)
         and len(view) == 3
         and type(view[0]) is str
         and all(_is_int(v) and v >= 0 for v in view[1:])
         and view[1] + view[2] <= numel
-    ):
-        raise _corrupt(path, f"malformed storage view {view!r:.200} of storage {key!r} ({numel} elements)")
-    return storage_type, key, numel, view
+    )
 
 
 def _is_c_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:

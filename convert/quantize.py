@@ -280,98 +280,128 @@ def produce(  # noqa: C901
     group_size: int,
     write: Writer,
 ) -> None:
-    """Compute the item's output tensors slice by slice and hand the bytes to `write`."""
-    target_dtype = DTYPE_BY_NAME[dtype]
+    """Compute the item's output tensors slice by slice and hand the bytes to `write` (one step per mode)."""
     # Slices are rows of the source. A reshape-only transform keeps the bytes in order, which is all a cast or a
     # copy needs; quantizing needs the target's rows, so any transform then reads the tensor whole.
     whole = item.transform is not None and (item.transform not in RESHAPE_ONLY or item.mode in ("affine", "fp8_encode"))
-    first = item.outputs[0]
+    step = _PRODUCERS.get(item.mode)
+    if step is None:
+        raise AssertionError(item.mode)
+    step(_Job(item, source, transforms, DTYPE_BY_NAME[dtype], group_size, write, whole))
 
-    if item.mode == "copy":
-        if whole:
-            x = transforms[item.transform](source.read_raw(item.source_key))
-            write(first.name, 0, _host(x))
-            return
-        offset = 0
-        for start, stop in _row_chunks(source, item.source_key, 0):
-            data = _host(source.read_raw(item.source_key, start, stop))
-            write(first.name, offset, data)
-            offset += data.nbytes
-        return
 
-    if item.mode == "cast":
-        target_dtype = DTYPE_BY_CODE[first.code]  # --dtype, or float32 for a tensor the plan keeps in float32
-        if whole:
-            x = source.read(item.source_key)
-            _check_finite(x, item, source)
-            write(first.name, 0, _host(transforms[item.transform](x).astype(target_dtype)))
-            return
-        offset = 0
-        row_bytes = first.nbytes // max(item.shape[0], 1) if item.shape else first.nbytes
-        for start, stop in _row_chunks(source, item.source_key, row_bytes):
-            x = source.read(item.source_key, start, stop)
-            _check_finite(x, item, source)
-            data = _host(x.astype(target_dtype))
-            write(first.name, offset, data)
-            offset += data.nbytes
-            del x, data
-        return
+@dataclass
+class _Job:
+    """One item being produced: what `produce` hands each mode's step."""
 
-    if item.mode == "affine":
-        bits = first.shape[1] * 32 // item.shape[1]
-        rows_out = [o.nbytes // item.shape[0] for o in item.outputs]
-        for start, stop in _chunks_for(source, item, whole, sum(rows_out)):
-            x = _read_rows(source, item, transforms, whole, start, stop)
-            _check_finite(x, item, source)
-            q, scales, biases = mx.quantize(x.astype(target_dtype), group_size=group_size, bits=bits)
-            for out, part, per_row in zip(item.outputs, (q, scales, biases), rows_out):
-                write(out.name, (start or 0) * per_row, _host(part))
-            del x, q, scales, biases
-        return
+    item: Item
+    source: ComponentSource
+    transforms: dict
+    target_dtype: object
+    group_size: int
+    write: Writer
+    whole: bool
 
-    if item.mode == "gguf_affine":
-        rows_out = [o.nbytes // item.shape[0] for o in item.outputs]
-        for start, stop in _row_chunks(source, item.source_key, sum(rows_out)):
-            aff = source.affine_rows(item.source_key, start, stop)
-            for out, part, per_row in zip(item.outputs, (aff.weight, aff.scales, aff.biases), rows_out):
-                write(out.name, start * per_row, _host(part))
-            del aff
-        return
+    def rows(self, start, stop) -> mx.array:
+        x = _read_rows(self.source, self.item, self.transforms, self.whole, start, stop)
+        _check_finite(x, self.item, self.source)
+        return x
 
-    if item.mode in ("mxfp8_copy", "nvfp4_copy"):
-        parts = source.block_native(item.source_key)
-        for out, part in zip(item.outputs, parts):
-            write(out.name, 0, _host(part) if isinstance(part, mx.array) else np.array(part, dtype=np.float32).reshape(()))
-        return
 
-    if item.mode == "fp8_copy":
-        offset = 0
-        for start, stop in _row_chunks(source, item.source_key, item.shape[1] if len(item.shape) > 1 else 1):
-            data = _host(source.read_raw(item.source_key, start, stop))
-            write(first.name, offset, data)
-            offset += data.nbytes
-        scale = source.scale(item.source_key)
-        scale = np.ones((), np.float32) if scale is None else scale.astype(np.float32)
-        write(item.outputs[1].name, 0, scale.reshape(item.outputs[1].shape))
-        return
+def _write_raw_rows(job: _Job, row_bytes: int) -> None:
+    """The source's stored bytes, rows at a time, into the first output."""
+    item, source = job.item, job.source
+    offset = 0
+    for start, stop in _row_chunks(source, item.source_key, row_bytes):
+        data = _host(source.read_raw(item.source_key, start, stop))
+        job.write(item.outputs[0].name, offset, data)
+        offset += data.nbytes
 
-    if item.mode == "fp8_encode":
-        amax = 0.0
-        chunks = list(_chunks_for(source, item, whole, item.shape[1]))
-        for start, stop in chunks:
-            x = _read_rows(source, item, transforms, whole, start, stop)
-            _check_finite(x, item, source)
-            amax = max(amax, float(mx.max(mx.abs(x.astype(mx.float32))).item()))
-        scale = np.float32(amax) / np.float32(E4M3FN_MAX) if amax > 0 else np.float32(1.0)
-        for start, stop in chunks:
-            x = np.asarray(_read_rows(source, item, transforms, whole, start, stop).astype(mx.float32)).reshape(-1)
-            base = (start or 0) * item.shape[1]
-            for lo in range(0, x.size, ENCODE_PIECE):  # the encoder's temporaries are ~10x its input: keep it small
-                write(first.name, base + lo, encode_e4m3fn(x[lo : lo + ENCODE_PIECE] / scale))
-            del x
-        write(item.outputs[1].name, 0, np.array(scale, dtype=np.float32).reshape(()))
+
+def _produce_copy(job: _Job) -> None:
+    item, first = job.item, job.item.outputs[0]
+    if job.whole:
+        job.write(first.name, 0, _host(job.transforms[item.transform](job.source.read_raw(item.source_key))))
         return
-    raise AssertionError(item.mode)
+    _write_raw_rows(job, 0)
+
+
+def _produce_cast(job: _Job) -> None:
+    item, source, first = job.item, job.source, job.item.outputs[0]
+    target_dtype = DTYPE_BY_CODE[first.code]  # --dtype, or float32 for a tensor the plan keeps in float32
+    if job.whole:
+        x = source.read(item.source_key)
+        _check_finite(x, item, source)
+        job.write(first.name, 0, _host(job.transforms[item.transform](x).astype(target_dtype)))
+        return
+    offset = 0
+    row_bytes = first.nbytes // max(item.shape[0], 1) if item.shape else first.nbytes
+    for start, stop in _row_chunks(source, item.source_key, row_bytes):
+        x = source.read(item.source_key, start, stop)
+        _check_finite(x, item, source)
+        data = _host(x.astype(target_dtype))
+        job.write(first.name, offset, data)
+        offset += data.nbytes
+        del x, data
+
+
+def _produce_affine(job: _Job) -> None:
+    item = job.item
+    bits = item.outputs[0].shape[1] * 32 // item.shape[1]
+    rows_out = [o.nbytes // item.shape[0] for o in item.outputs]
+    for start, stop in _chunks_for(job.source, item, job.whole, sum(rows_out)):
+        x = job.rows(start, stop)
+        q, scales, biases = mx.quantize(x.astype(job.target_dtype), group_size=job.group_size, bits=bits)
+        for out, part, per_row in zip(item.outputs, (q, scales, biases), rows_out):
+            job.write(out.name, (start or 0) * per_row, _host(part))
+        del x, q, scales, biases
+
+
+def _produce_gguf_affine(job: _Job) -> None:
+    item, source = job.item, job.source
+    rows_out = [o.nbytes // item.shape[0] for o in item.outputs]
+    for start, stop in _row_chunks(source, item.source_key, sum(rows_out)):
+        aff = source.affine_rows(item.source_key, start, stop)
+        for out, part, per_row in zip(item.outputs, (aff.weight, aff.scales, aff.biases), rows_out):
+            job.write(out.name, start * per_row, _host(part))
+        del aff
+
+
+def _produce_block_native(job: _Job) -> None:
+    parts = job.source.block_native(job.item.source_key)
+    for out, part in zip(job.item.outputs, parts):
+        job.write(out.name, 0, _host(part) if isinstance(part, mx.array) else np.array(part, dtype=np.float32).reshape(()))
+
+
+def _produce_fp8_copy(job: _Job) -> None:
+    item = job.item
+    _write_raw_rows(job, item.shape[1] if len(item.shape) > 1 else 1)
+    scale = job.source.scale(item.source_key)
+    scale = np.ones((), np.float32) if scale is None else scale.astype(np.float32)
+    job.write(item.outputs[1].name, 0, scale.reshape(item.outputs[1].shape))
+
+
+def _produce_fp8_encode(job: _Job) -> None:
+    item, first = job.item, job.item.outputs[0]
+    amax = 0.0
+    chunks = list(_chunks_for(job.source, item, job.whole, item.shape[1]))
+    for start, stop in chunks:
+        amax = max(amax, float(mx.max(mx.abs(job.rows(start, stop).astype(mx.float32))).item()))
+    scale = np.float32(amax) / np.float32(E4M3FN_MAX) if amax > 0 else np.float32(1.0)
+    for start, stop in chunks:
+        x = np.asarray(_read_rows(job.source, item, job.transforms, job.whole, start, stop).astype(mx.float32)).reshape(-1)
+        base = (start or 0) * item.shape[1]
+        for lo in range(0, x.size, ENCODE_PIECE):  # the encoder's temporaries are ~10x its input: keep it small
+            job.write(first.name, base + lo, encode_e4m3fn(x[lo : lo + ENCODE_PIECE] / scale))
+        del x
+    job.write(item.outputs[1].name, 0, np.array(scale, dtype=np.float32).reshape(()))
+
+
+_PRODUCERS = {
+    "copy": _produce_copy, "cast": _produce_cast, "affine": _produce_affine, "gguf_affine": _produce_gguf_affine,
+    "mxfp8_copy": _produce_block_native, "nvfp4_copy": _produce_block_native, "fp8_copy": _produce_fp8_copy,
+    "fp8_encode": _produce_fp8_encode,
+}
 
 
 def _chunks_for(source: ComponentSource, item: Item, whole: bool, out_row_bytes: int):

@@ -212,3 +212,53 @@ def test_each_family_is_one_package(name):
         module = path.partition(":")[0]
         assert (FAMILY_FOLDER / name / f"{module}.py").is_file(), path
         families.load(family, path)
+
+
+# ---- conversion in named steps --------------------------------------------------------------------------
+
+MAX_LINES, MAX_COMPLEXITY = 80, 15
+
+
+def _complexity(fn: ast.AST) -> int:
+    """McCabe's count: 1 + each if/elif, loop, except handler and boolean operator (nested functions apart)."""
+    n, stack = 1, list(ast.iter_child_nodes(fn))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, (ast.If, ast.For, ast.AsyncFor, ast.While, ast.ExceptHandler)):
+            n += 1
+        elif isinstance(node, ast.BoolOp):
+            n += len(node.values) - 1
+        stack.extend(ast.iter_child_nodes(node))
+    return n
+
+
+def _conversion_modules() -> list[Path]:
+    """convert/ and what the family packages hold of the conversion: planners, key tables, config readers."""
+    family_parts = [p for p in FAMILY_FOLDER.glob("*/*.py")
+                    if p.stem in ("planner", "keys", "config_from_shapes", "official_vae") or p.stem.endswith("_keys")]
+    return sorted((ROOT / "convert").glob("*.py")) + sorted(family_parts) + [ROOT / "mlx_video" / "rife" / "weights.py"]
+
+
+def _oversized(path: Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines, complexity = node.end_lineno - node.lineno + 1, _complexity(node)
+            if lines > MAX_LINES or complexity > MAX_COMPLEXITY:
+                out.append(f"{path.name}:{node.lineno} {node.name}: {lines} lines, complexity {complexity}")
+    return out
+
+
+def test_conversion_functions_fit_on_a_screen():
+    found = [hit for path in _conversion_modules() for hit in _oversized(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_size_check_sees_a_long_branchy_function(tmp_path):
+    body = "".join(f"    if x == {i} or x == -{i}:\n        return {i}\n" for i in range(10))
+    path = tmp_path / "probe.py"
+    path.write_text("def f(x):\n" + body + "    return None\n")
+    (hit,) = _oversized(path)
+    assert "22 lines, complexity 21" in hit

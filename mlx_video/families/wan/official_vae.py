@@ -128,12 +128,7 @@ def infer_official_vae_config(shapes: dict[str, tuple[int, ...]]) -> WanVAEConfi
     The latent statistics are not stored in the weights: they are the published ones of the Wan 2.1 VAE
     (16 latent channels) or the Wan 2.2 VAE (48).
     """
-    def need(key):
-        s = shapes.get(key)
-        if s is None:
-            raise MlxVideoError(f"the VAE checkpoint lacks {key}, which every Wan VAE has")
-        return s
-
+    need = _shape_reader(shapes)
     keys = set(shapes)
     conv_in = need("encoder.conv1.weight")  # (base, in_channels, 3, 3, 3)
     base_dim, in_channels = conv_in[0], conv_in[1]
@@ -142,50 +137,11 @@ def infer_official_vae_config(shapes: dict[str, tuple[int, ...]]) -> WanVAEConfi
     patch = int(round(math.sqrt(in_channels / 3)))
     if 3 * patch * patch != in_channels:
         raise MlxVideoError(f"the VAE takes {in_channels} input channels, which is not 3 x a square patch")
-
-    levels: list[tuple[int, int, bool]] = []  # per encoder level: (out channels, residual blocks, temporal down)
-    if is_grouped(keys):
-        count = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k)))
-        for i in range(count):
-            blocks = {int(m.group(1)) for k in keys if (m := re.match(rf"encoder\.downsamples\.{i}\.downsamples\.(\d+)\.residual\.", k))}
-            out = need(f"encoder.downsamples.{i}.downsamples.0.residual.2.weight")[0]
-            temporal = any(re.match(rf"encoder\.downsamples\.{i}\.downsamples\.\d+\.time_conv\.weight", k) for k in keys)
-            levels.append((out, len(blocks), temporal))
-        decoder_first = need("decoder.upsamples.0.upsamples.0.residual.2.weight")[0]
-    else:
-        entries: dict[int, str] = {}
-        for k in keys:
-            m = re.match(r"encoder\.downsamples\.(\d+)\.(residual|shortcut|resample|time_conv)\.", k)
-            if m:
-                entries[int(m.group(1))] = "down" if m.group(2) in ("resample", "time_conv") else "res"
-        out, blocks = None, 0
-        for n in sorted(entries):
-            if entries[n] == "res":
-                out = need(f"encoder.downsamples.{n}.residual.2.weight")[0]
-                blocks += 1
-            else:
-                levels.append((out, blocks, f"encoder.downsamples.{n}.time_conv.weight" in keys))
-                blocks = 0
-        levels.append((out, blocks, False))
-        decoder_first = need("decoder.upsamples.0.residual.2.weight")[0]
-    if not levels or any(o is None or b == 0 for o, b, _ in levels):
-        raise MlxVideoError("the VAE checkpoint's encoder levels cannot be read from its keys")
-    if len({b for _, b, _ in levels}) != 1:
-        raise MlxVideoError("the VAE checkpoint's encoder levels have different numbers of residual blocks")
-    if any(o % base_dim for o, _, _ in levels):
-        raise MlxVideoError("the VAE checkpoint's level widths are not multiples of its base width")
-    dim_mult = tuple(o // base_dim for o, _, _ in levels)
+    levels, decoder_first = _grouped_levels(keys, need) if is_grouped(keys) else _flat_levels(keys, need)
+    dim_mult = _dim_mult(levels, base_dim)
     decoder_base = decoder_first // dim_mult[-1]
     temporal = tuple(t for _, _, t in levels[:-1])
-    if z_dim == 16:
-        mean, std = WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
-    elif z_dim == 48:
-        mean, std = WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
-    else:
-        raise MlxVideoError(
-            f"the VAE has {z_dim} latent channels; the published latent statistics exist for 16 (Wan 2.1 VAE) and "
-            "48 (Wan 2.2 VAE) only"
-        )
+    mean, std = _latent_statistics(z_dim)
     try:
         return WanVAEConfig(
             base_dim=base_dim,
@@ -205,3 +161,65 @@ def infer_official_vae_config(shapes: dict[str, tuple[int, ...]]) -> WanVAEConfi
         )
     except ValueError as e:
         raise MlxVideoError(f"the VAE checkpoint's shapes do not form a Wan VAE: {e}") from None
+
+
+def _shape_reader(shapes: dict[str, tuple[int, ...]]):
+    def need(key):
+        s = shapes.get(key)
+        if s is None:
+            raise MlxVideoError(f"the VAE checkpoint lacks {key}, which every Wan VAE has")
+        return s
+
+    return need
+
+
+def _grouped_levels(keys: set, need) -> tuple[list[tuple[int, int, bool]], int]:
+    """Wan 2.2's grouped encoder: per level (out channels, residual blocks, temporal down); the decoder's first width."""
+    levels = []
+    count = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k)))
+    for i in range(count):
+        blocks = {int(m.group(1)) for k in keys if (m := re.match(rf"encoder\.downsamples\.{i}\.downsamples\.(\d+)\.residual\.", k))}
+        out = need(f"encoder.downsamples.{i}.downsamples.0.residual.2.weight")[0]
+        temporal = any(re.match(rf"encoder\.downsamples\.{i}\.downsamples\.\d+\.time_conv\.weight", k) for k in keys)
+        levels.append((out, len(blocks), temporal))
+    return levels, need("decoder.upsamples.0.upsamples.0.residual.2.weight")[0]
+
+
+def _flat_levels(keys: set, need) -> tuple[list[tuple[int | None, int, bool]], int]:
+    """Wan 2.1's flat encoder list, read the same way."""
+    entries: dict[int, str] = {}
+    for k in keys:
+        m = re.match(r"encoder\.downsamples\.(\d+)\.(residual|shortcut|resample|time_conv)\.", k)
+        if m:
+            entries[int(m.group(1))] = "down" if m.group(2) in ("resample", "time_conv") else "res"
+    levels, out, blocks = [], None, 0
+    for n in sorted(entries):
+        if entries[n] == "res":
+            out = need(f"encoder.downsamples.{n}.residual.2.weight")[0]
+            blocks += 1
+        else:
+            levels.append((out, blocks, f"encoder.downsamples.{n}.time_conv.weight" in keys))
+            blocks = 0
+    levels.append((out, blocks, False))
+    return levels, need("decoder.upsamples.0.residual.2.weight")[0]
+
+
+def _dim_mult(levels, base_dim: int) -> tuple[int, ...]:
+    if not levels or any(o is None or b == 0 for o, b, _ in levels):
+        raise MlxVideoError("the VAE checkpoint's encoder levels cannot be read from its keys")
+    if len({b for _, b, _ in levels}) != 1:
+        raise MlxVideoError("the VAE checkpoint's encoder levels have different numbers of residual blocks")
+    if any(o % base_dim for o, _, _ in levels):
+        raise MlxVideoError("the VAE checkpoint's level widths are not multiples of its base width")
+    return tuple(o // base_dim for o, _, _ in levels)
+
+
+def _latent_statistics(z_dim: int):
+    if z_dim == 16:
+        return WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
+    if z_dim == 48:
+        return WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+    raise MlxVideoError(
+        f"the VAE has {z_dim} latent channels; the published latent statistics exist for 16 (Wan 2.1 VAE) and "
+        "48 (Wan 2.2 VAE) only"
+    )
