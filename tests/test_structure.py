@@ -9,6 +9,7 @@ not remove it).
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import re
 import tokenize
@@ -49,6 +50,7 @@ def _absolute(module: str, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+@functools.lru_cache(maxsize=None)
 def _imports(module: str) -> list[tuple[str, str | None, int]]:
     """(imported module, imported name or None, line) for every import statement of `module`, anywhere in it."""
     out = []
@@ -179,6 +181,14 @@ def _names_a_family(path: Path) -> list[str]:
 # The one exception: `--schedule wan` is the published name of a sigma grid (Wan's UniPC grid, the unipc step
 # rule's default), a CLI value recorded in every sidecar; renaming it would break `--from-sidecar` replays.
 PUBLISHED_VALUES = {"mlx_video/samplers/__init__.py": {'38: "wan"'}, "mlx_video/samplers/schedules.py": {'97: "wan"'}}
+
+
+def test_no_family_file_outside_the_family_packages():
+    """A family's files live in its package: no module elsewhere is named after a family or one of its models."""
+    words = _family_words()
+    stray = [str(p.relative_to(ROOT)) for m, p in MODULES.items() if FAMILY_FOLDER not in p.parents
+             and any(words.search(part) for part in p.relative_to(ROOT).with_suffix("").parts)]
+    assert not stray, stray
 
 
 def test_shared_code_names_no_family():
