@@ -421,7 +421,7 @@ def _quantization_record(comp: ComponentPlan, quantize: str | None, group_size: 
     return {"mode": "fp8", "layers": formats}
 
 
-def convert_model(  # noqa: C901
+def convert_model(
     src: str | Path | None,
     dst: str | Path,
     dtype: str = "bf16",

@@ -272,7 +272,7 @@ def _check_finite(x: mx.array, item: Item, source: ComponentSource) -> None:
 Writer = Callable[[str, int, np.ndarray], None]  # (output name, byte offset in that tensor, data)
 
 
-def produce(  # noqa: C901
+def produce(
     item: Item,
     source: ComponentSource,
     transforms: dict,

@@ -53,7 +53,7 @@ def _folder(tmp_path, spec) -> ModelFolder:
     folder = tmp_path / spec.id
     folder.mkdir()
     manifest = {"format_version": FORMAT_VERSION, "model": spec.id, "family": spec.family, "dtype": "bfloat16",
-                "components": {"audio_encoder": {}}, "defaults": dict(spec.defaults)}
+                "components": ["audio_encoder"], "defaults": dict(spec.defaults)}
     (folder / MANIFEST).write_text(json.dumps(manifest))
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel

@@ -334,7 +334,7 @@ def _diffusers_inputs(src: Path) -> dict:
     return diffusers_component_inputs(src, COMPONENTS)
 
 
-def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,  # noqa: C901
+def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,
          log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
     """A diffusers HunyuanVideoPipeline folder or the official release layout (components replaceable by option),
     in named steps: the source, the tokenizers, the transformer, the two text encoders, the VAE, the manifest."""

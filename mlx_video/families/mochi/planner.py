@@ -194,7 +194,7 @@ def _config_json(inp, name: str) -> dict:
     return inp.config_json
 
 
-def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,  # noqa: C901
+def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,
          log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
     """A diffusers MochiPipeline folder (its components replaceable by option), in named steps: the source, the
     tokenizer, the transformer, the T5 encoder, the VAE, the manifest."""

@@ -122,7 +122,7 @@ def official_vae_keymap(keys) -> KeyMap:
     return KeyMap(rules, transforms=DIFFUSERS_VAE.transforms)
 
 
-def infer_official_vae_config(shapes: dict[str, tuple[int, ...]]) -> WanVAEConfig:  # noqa: C901
+def infer_official_vae_config(shapes: dict[str, tuple[int, ...]]) -> WanVAEConfig:
     """Our VAE config from the tensor shapes (key -> shape) of an official-names checkpoint.
 
     The latent statistics are not stored in the weights: they are the published ones of the Wan 2.1 VAE

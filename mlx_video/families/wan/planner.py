@@ -186,7 +186,7 @@ def _layout_official(src: Path) -> tuple[dict, list, dict]:
     return inputs, tokenizer, hints
 
 
-def _layout_files(src: Path, log) -> tuple[dict, list, dict]:  # noqa: C901
+def _layout_files(src: Path, log) -> tuple[dict, list, dict]:
     """A folder of single-file checkpoints: each is classified by its keys."""
     found, ignored = _classify_files(src)
     if ignored:
