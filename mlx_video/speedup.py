@@ -145,9 +145,9 @@ def radial_fraction(spec, width: int, height: int, frames: int, radial, fraction
 
 def fastest_cache(spec, segments: list[int]) -> tuple[str, tuple[bool, ...]]:
     """The deterministic cache that runs the fewest steps at its defaults on this model, and its steps."""
-    from .pipelines.cache import MAG_TABLES
+    from .pipelines.cache import mag_tables
 
-    options = ["taylorseer"] + (["magcache"] if spec.id in MAG_TABLES else [])
+    options = ["taylorseer"] + (["magcache"] if spec.id in mag_tables() else [])
     runs = {o: cache_computed_steps(o, spec, segments) for o in options}
     best = min(options, key=lambda o: sum(runs[o]))
     return best, runs[best]
@@ -159,7 +159,7 @@ def speedup_plans(spec, radial, guidance: bool = True) -> list[RunPlan]:
     with them scaled to the run's length (ceil(dense steps x recipe steps / default steps)). The recipe rows use
     TaylorSeer, not MagCache: MagCache's ratios were calibrated on the base model's outputs, not the distilled
     one's. A plan with radial attention has `radial` None when radial attention is not available."""
-    from .recipes import RECIPES
+    from .recipes import all_recipes
 
     steps = spec.steps
     name, computed = fastest_cache(spec, expert_segments(spec, steps))
@@ -168,7 +168,7 @@ def speedup_plans(spec, radial, guidance: bool = True) -> list[RunPlan]:
              RunPlan(name, steps, guidance, computed, cache=name),
              RunPlan("radial", steps, guidance, every, True, radial),
              RunPlan(f"radial + {name}", steps, guidance, computed, True, radial, cache=name)]
-    recipe = next((r for r in RECIPES.values() if spec.id in r.models), None)
+    recipe = next((r for r in all_recipes().values() if spec.id in r.models), None)
     if recipe is not None:
         sigmas = recipe.settings["sigmas"]
         few_guided = recipe.settings.get("guidance", 1.0) != 1.0

@@ -41,14 +41,14 @@ def stand_in_radial(monkeypatch):
 
 def test_expert_segments_follow_the_pipeline_rule():
     from mlx_video.families.wan.pipeline import WanPipeline
-    from mlx_video.recipes import RECIPES
+    from mlx_video.recipes import all_recipes
     from mlx_video.samplers import make_sampler
 
     for steps in (8, 40):
         timesteps = make_sampler("unipc", steps, 12.0).timesteps
         names = WanPipeline.expert_schedule(SimpleNamespace(two_experts=True, boundary=0.875), timesteps)
         assert speedup.expert_segments(A14B, steps) == [names.count(n) for n in dict.fromkeys(names)]
-    sigmas = RECIPES["lightning"].settings["sigmas"]
+    sigmas = all_recipes()["lightning"].settings["sigmas"]
     assert speedup.expert_segments(A14B, sigmas=sigmas) == [2, 2]  # high, high, low, low (recipes.py)
     assert speedup.expert_segments(get_spec("wan2.2-ti2v-5b"), 12) == [12]
 

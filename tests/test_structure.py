@@ -111,6 +111,31 @@ def test_the_cycle_check_sees_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+def test_every_imported_name_exists():
+    """An import inside a function runs only when the function does: a name that moved or went away must fail here."""
+    import importlib
+
+    missing = []
+    for m in MODULES:
+        for target, name, line in _imports(m):
+            if not target.startswith("mlx_video") or target not in MODULES:
+                continue
+            module = importlib.import_module(target)
+            if name is not None and name != "*" and not hasattr(module, name):
+                missing.append(f"{MODULES[m].relative_to(ROOT)}:{line} imports {name} from {target}, which has none")
+    for path in sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("mlx_video"):
+                if node.module not in MODULES:
+                    missing.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}, which does not exist")
+                    continue
+                module = importlib.import_module(node.module)
+                missing += [f"{path.relative_to(ROOT)}:{node.lineno} imports {a.name} from {node.module}, which has none"
+                            for a in node.names if not hasattr(module, a.name)
+                            and f"{node.module}.{a.name}" not in MODULES]
+    assert not missing, "\n".join(missing)
+
+
 def test_no_private_name_is_imported_from_another_module():
     found = [f"{MODULES[m].relative_to(ROOT)}:{line} imports {name} from {target}"
              for m in MODULES for target, name, line in _imports(m)
