@@ -24,6 +24,8 @@ _.persistent_load
 _.persistent_id
 HunyuanPipeline  # mlx_video.families names pipeline classes as "module:Class"
 WanS2VPipeline
+MAG_TABLES  # family tables named by a Family as "module:NAME" (mlx_video.families.optional_table)
+RECIPES
 takes_true_cfg  # pipeline capabilities read by name (mlx_video.options.CAPABILITIES)
 takes_last_image
 takes_video
