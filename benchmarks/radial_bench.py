@@ -58,9 +58,11 @@ def bench_grid(grid, heads: int, head_dim: int, block: int, decay: float, first_
     q, k, v = (mx.random.normal((1, tokens, heads, head_dim), key=mx.random.key(i)) for i in range(3))
     mx.eval(q, k, v)
     runs = {"dense": [], "radial": []}
-    for _ in range(repeat):
+    for i in range(repeat):
         runs["dense"].append(timed(lambda: attention(q, k, v)))
         runs["radial"].append(timed(lambda: radial_attention(q, k, v, plan)))
+        print(f"  {frames}x{height}x{width} run {i + 1}: dense {runs['dense'][-1][0]:.2f} s, radial "
+              f"{runs['radial'][-1][0]:.2f} s", flush=True)
     row = {"grid": f"{frames}x{height}x{width}", "tokens": tokens, "heads": heads, "head_dim": head_dim,
            "block": block, "decay": decay, "score_fraction": plan.score_fraction(),
            "tile_fraction": float(mask.mean()), "calls": len(plan.groups), "plan_seconds": plan_seconds}
