@@ -370,6 +370,8 @@ def test_unexpected_errors_are_one_line_and_ctrl_c_while_starting_is_quiet(capsy
     assert "Traceback" in capsys.readouterr().err
     # Ctrl-C while the modules load (the first fraction of a second): no traceback, status 130
     code = ("import builtins, os, signal, sys\n"
+            # a parent started in the background (no job control) passes SIGINT on ignored: restore Python's own
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "real = builtins.__import__\n"
             "def imp(name, *a, **k):\n"
             "    if name == 'click':\n"
@@ -449,7 +451,6 @@ def test_vae_decode_estimate_follows_the_measured_peak_at_three_sizes(a14b):
     """The decoding estimate against `mx.get_peak_memory` of a real decode (the tiny model's VAE, random weights as
     converted): within 25% at every size (it was 1/16 of the measured peak)."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     from mlx_video.model_folder import ModelFolder
     from mlx_video.families.wan.cost_model import vae_decode_chunk_bytes
@@ -460,15 +461,16 @@ def test_vae_decode_estimate_follows_the_measured_peak_at_three_sizes(a14b):
     cfg = WanVAEConfig.from_dict(folder.config("vae"))
     vae = WanVAE(cfg)
     folder.load_module("vae", vae)
-    weights = sum(v.nbytes for _, v in tree_flatten(vae.parameters()))
+    mx.eval(vae.parameters())
     for width, height in ((32, 32), (64, 48), (96, 64)):
         z = mx.random.normal((1, 2, height // 8, width // 8, cfg.z_dim), key=mx.random.key(0))
         mx.eval(z)
         mx.clear_cache()
         mx.reset_peak_memory()
+        before = mx.get_active_memory()  # the weights, and whatever earlier tests of this process still hold
         for chunk in vae.decode_chunks(z):
             np.array(chunk)
-        measured = mx.get_peak_memory() - weights
+        measured = mx.get_peak_memory() - before
         ratio = vae_decode_chunk_bytes(cfg, width, height) / measured
         assert 0.8 < ratio < 1.25, (width, height, ratio)
 
