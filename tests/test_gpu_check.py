@@ -6,6 +6,7 @@ a failing or hanging stage is reported and the next one runs."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -141,7 +142,11 @@ def test_isolated_stage_failure_and_timeout(tmp_path):
     broken = {"backend": "cpu"}  # no torch_device: the environment stage fails at once
     row = gpu_check.run_isolated("environment", broken, 60.0, env, tmp_path)
     assert row["status"] == "failed" and "torch_device" in row["result"]["error"]
-    row = gpu_check.run_isolated("environment", broken, 0.2, env, tmp_path)
+    hang = tmp_path / "hang"  # a child that hangs at start-up (sitecustomize runs first), whatever the machine's speed
+    hang.mkdir()
+    (hang / "sitecustomize.py").write_text("import time\ntime.sleep(60)\n")
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hang), env.get("PYTHONPATH")]))}
+    row = gpu_check.run_isolated("environment", broken, 1.0, env, tmp_path)
     assert row["status"] == "timed out" and row["result"] == {}
 
 
