@@ -78,6 +78,12 @@ class FlopBreakdown:
         return FlopBreakdown({k: v * factor for k, v in self.components.items()})
 
 
+def generation_flops(per_step: float, steps: int, text_encoder: float) -> dict:
+    """The record a family's `video_flops` returns: denoising (per step x steps) plus the text encoder."""
+    return {"per_step": per_step, "steps": steps, "denoising": per_step * steps, "text_encoder": text_encoder,
+            "total": per_step * steps + text_encoder}
+
+
 @dataclass(frozen=True)
 class PeakEstimate:
     stages: dict  # stage -> {"weights": bytes, "activations": bytes, "total": bytes}

@@ -29,6 +29,7 @@ import mlx.nn as nn
 
 from .errors import MlxVideoError
 from .io.safetensors import check_shard, read_weight_map
+from .json_config import ConfigSource
 from .nn.linear import Fp8Linear
 from .registry import MODELS, ModelSpec, get_spec, models_home
 
@@ -194,7 +195,8 @@ class ModelFolder:
                 raise MlxVideoError(f"{e}; re-run `mlxvid convert`") from None
 
     def config(self, component: str) -> dict:
-        return read_json_object(self.path / component / "config.json", "re-run `mlxvid convert`")
+        path = self.path / component / "config.json"
+        return ConfigSource(read_json_object(path, "re-run `mlxvid convert`"), str(path))
 
     def weights(self, component: str) -> dict[str, mx.array]:
         """All tensors of a component, lazily: nothing is read from disk until an array is used."""

@@ -138,3 +138,16 @@ def test_signatures_are_scored_not_first_match():
     other = {"encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight",
              "encoder.mid_block.attentions.0.to_q.weight"}
     assert classify(other).kind is None or "Wan" not in classify(other).description
+
+
+def test_folder_config_of_the_wrong_type_names_file_field_and_type(a14b, tmp_path, capsys):
+    folder = _finetune(a14b, tmp_path)
+    config_path = folder / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "num_layers": str(config["num_layers"])}))
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(folder), "--prompt", PROMPT, "--size", "48x32", "--frames", "9",
+              "--save-latents", str(tmp_path / "x.npy"), "--quiet"])
+    err = capsys.readouterr().err
+    assert str(config_path) in err and "'num_layers'" in err and "expected an integer" in err
+    assert not (tmp_path / "x.npy").exists()

@@ -25,11 +25,12 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..json_config import JsonConfig
 from ..nn.attention import attention
 
 
 @dataclass(frozen=True)
-class Wav2Vec2Config:
+class Wav2Vec2Config(JsonConfig):
     hidden_size: int = 1024
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
@@ -69,15 +70,6 @@ class Wav2Vec2Config:
             list(self.conv_dim), list(self.conv_kernel), list(self.conv_stride)
         )
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Wav2Vec2Config":
-        known = set(cls.__dataclass_fields__)
-        values = {k: v for k, v in d.items() if k in known}
-        for name in ("conv_dim", "conv_kernel", "conv_stride"):
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
 
     @classmethod
     def from_transformers(cls, config_json: dict) -> "Wav2Vec2Config":

@@ -20,32 +20,23 @@ Resampling follows the reference exactly, because the weights were trained with 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..json_config import JsonConfig
+
 
 @dataclass(frozen=True)
-class IFNetConfig:
+class IFNetConfig(JsonConfig):
     version: str = "4.25"
     block_channels: tuple[int, ...] = (192, 128, 96, 64, 32)
     head_channels: int = 16  # width of the feature encoder
     feature_channels: int = 4  # the encoder's output per frame
     hidden_channels: int = 8  # the features a block hands to the next
     res_convs: int = 8  # residual convs per block
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "IFNetConfig":
-        known = set(cls.__dataclass_fields__)
-        d = {k: v for k, v in d.items() if k in known}
-        if "block_channels" in d:
-            d["block_channels"] = tuple(d["block_channels"])
-        return cls(**d)
 
 
 def leaky_relu(x: mx.array) -> mx.array:

@@ -9,19 +9,20 @@ quick-GELU, a final LayerNorm; the pooled output is the final state at the end-o
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..json_config import JsonConfig
 from .llama import JsonTokenizer
 
 CLIP_TOKENS = 77
 
 
 @dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(JsonConfig):
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -33,14 +34,6 @@ class CLIPTextConfig:
     # transformers' rule: with the legacy eos_token_id 2 the pooled token is the one with the highest id
     # (<|endoftext|> is the last of the vocabulary); otherwise the first eos_token_id.
     eos_token_id: int = 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CLIPTextConfig":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def from_transformers(cls, config_json: dict) -> "CLIPTextConfig":

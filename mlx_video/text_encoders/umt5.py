@@ -10,18 +10,20 @@ Matmuls run in the parameter dtype (bf16 or fp32); the residual stream, the norm
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from ..json_config import JsonConfig
 
 # transformers spells the gated tanh-GELU of UMT5 in these ways; all three are the same function.
 _GATED_TANH_GELU = ("gated-gelu", "gated-gelu_new", "gated-gelu_pytorch_tanh")
 
 
 @dataclass(frozen=True)
-class UMT5Config:
+class UMT5Config(JsonConfig):
     vocab_size: int = 256384
     dim: int = 4096
     head_dim: int = 64
@@ -35,14 +37,6 @@ class UMT5Config:
     @property
     def attn_dim(self) -> int:
         return self.num_heads * self.head_dim
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UMT5Config":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def from_transformers(cls, config_json: dict) -> "UMT5Config":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+from mlx_video.json_config import JsonConfig
 from mlx_video.nn.radial import RadialDefaults
 
 
 @dataclass(frozen=True)
-class HunyuanTransformerConfig:
+class HunyuanTransformerConfig(JsonConfig):
     num_heads: int = 24
     head_dim: int = 128
     mlp_ratio: float = 4.0
@@ -42,17 +43,9 @@ class HunyuanTransformerConfig:
     def mlp_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HunyuanTransformerConfig":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
 
 @dataclass(frozen=True)
-class HunyuanVAEConfig:
+class HunyuanVAEConfig(JsonConfig):
     """The "884-16c-hy" causal video VAE: 8x8 spatial and 4x temporal compression, 16 latent channels."""
 
     in_channels: int = 3
@@ -86,14 +79,6 @@ class HunyuanVAEConfig:
         """Whether encoder level `level` halves T: the two levels before the last."""
         levels = len(self.block_out_channels)
         return levels - 3 <= level < levels - 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HunyuanVAEConfig":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 HUNYUAN_T2V_720P = HunyuanTransformerConfig()

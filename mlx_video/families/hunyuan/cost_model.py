@@ -19,7 +19,9 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from mlx_video.cost import DEFAULT_GROUP_SIZE, FlopBreakdown, ParamCount, PeakEstimate, bytes_per_weight, dtype_bytes
+from mlx_video.cost import (
+    DEFAULT_GROUP_SIZE, FlopBreakdown, ParamCount, PeakEstimate, bytes_per_weight, dtype_bytes, generation_flops,
+)
 from mlx_video.families.hunyuan.config import HUNYUAN_VAE, HunyuanTransformerConfig, HunyuanVAEConfig
 
 TEMPLATE_TOKENS = 95  # the prompt template's crop (mlx_video.text_encoders.llama)
@@ -151,10 +153,8 @@ def text_encoder_flops(prompts: int = 1, text_len: int = 256) -> float:
 def video_flops(spec, width: int, height: int, frames: int, steps: int | None = None, guidance: bool = False) -> dict:
     """Transformer and text-encoder FLOPs of a generation (`guidance`: true CFG; the VAE is not modelled)."""
     steps = spec.steps if steps is None else steps
-    per_step = step_flops(spec, width, height, frames, guidance).total
     text = text_encoder_flops(2 if guidance else 1, spec.default("text_len", 256))
-    return {"per_step": per_step, "steps": steps, "denoising": per_step * steps, "text_encoder": text,
-            "total": per_step * steps + text}
+    return generation_flops(step_flops(spec, width, height, frames, guidance).total, steps, text)
 
 
 def activation_bytes(config: HunyuanTransformerConfig, n_tokens: int, batch: int = 1, dtype: str = "bf16",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+from mlx_video.json_config import JsonConfig
 from mlx_video.nn.radial import RadialDefaults
 
 
@@ -14,7 +15,7 @@ def _swiglu_hidden(dim: int) -> int:
 
 
 @dataclass(frozen=True)
-class MochiTransformerConfig:
+class MochiTransformerConfig(JsonConfig):
     num_layers: int = 48
     num_heads: int = 24
     head_dim: int = 128
@@ -35,14 +36,6 @@ class MochiTransformerConfig:
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MochiTransformerConfig":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def with_widths(cls, **kwargs) -> "MochiTransformerConfig":
@@ -90,7 +83,7 @@ MOCHI_LATENTS_STD = (
 
 
 @dataclass(frozen=True)
-class MochiVAEConfig:
+class MochiVAEConfig(JsonConfig):
     in_channels: int = 15  # RGB + Fourier features (3 + 3 * 2 * 2)
     out_channels: int = 3
     latent_channels: int = 12
@@ -121,15 +114,6 @@ class MochiVAEConfig:
         for s in self.spatial_expansions:
             out *= s
         return out
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MochiVAEConfig":
-        known = set(cls.__dataclass_fields__)
-        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
-        return cls(**d)
 
 
 MOCHI_1_PREVIEW = MochiTransformerConfig()

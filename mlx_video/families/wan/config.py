@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+from mlx_video.json_config import JsonConfig
 from mlx_video.nn.radial import RadialDefaults
 
 
 @dataclass(frozen=True)
-class WanTransformerConfig:
+class WanTransformerConfig(JsonConfig):
     dim: int = 5120
     ffn_dim: int = 13824
     freq_dim: int = 256
@@ -25,17 +26,6 @@ class WanTransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WanTransformerConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        d = {k: v for k, v in d.items() if k in known}
-        if "patch_size" in d:
-            d["patch_size"] = tuple(d["patch_size"])
-        return cls(**d)
 
 
 # Published sizes (Wan2.2 wan/configs): the A14B experts (T2V: 16 channels in, I2V: 36) and TI2V-5B.

@@ -24,6 +24,7 @@ from mlx_video.cost import (
     PeakEstimate,
     bytes_per_weight,
     dtype_bytes,
+    generation_flops,
 )
 from mlx_video.families.wan.config import WanTransformerConfig
 
@@ -161,10 +162,8 @@ def text_encoder_flops(prompts: int = 2, text_len: int = 512) -> float:
 def video_flops(spec, width: int, height: int, frames: int, steps: int | None = None, guidance: bool = True) -> dict:
     """Transformer FLOPs of a whole generation (the VAE decode is not modelled: see `predict`)."""
     steps = spec.steps if steps is None else steps
-    per_step = step_flops(spec, width, height, frames, guidance).total
     text = text_encoder_flops(2 if guidance else 1, spec.default("text_len", 512))
-    return {"per_step": per_step, "steps": steps, "denoising": per_step * steps, "text_encoder": text,
-            "total": per_step * steps + text}
+    return generation_flops(step_flops(spec, width, height, frames, guidance).total, steps, text)
 
 
 def activation_bytes(config: WanTransformerConfig, n_tokens: int, batch: int = 2, dtype: str = "bf16",

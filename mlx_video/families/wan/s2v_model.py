@@ -63,14 +63,6 @@ class WanS2VConfig(WanTransformerConfig):
     def motion_latent_frames(self) -> int:
         return (self.motion_frames + 3) // 4
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "WanS2VConfig":
-        d = dict(d)
-        for name in ("audio_inject_layers", "zip_frame_buckets"):
-            if name in d:
-                d[name] = tuple(d[name])
-        return super().from_dict(d)
-
 
 # Published: wan/configs/wan_s2v_14B.py (the dense 14B backbone, 40 layers of 40 heads x 128).
 WAN_S2V_14B = WanS2VConfig()

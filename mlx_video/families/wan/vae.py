@@ -14,12 +14,13 @@ around each down/up level, and a wider decoder (base 256 against 160 for the enc
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_video.json_config import JsonConfig
 from mlx_video.nn.attention import attention
 
 # Per-channel statistics of the latent space, published with the weights (Wan2.1 `Wan2_1_VAE`, Wan2.2
@@ -54,7 +55,7 @@ _DIFFUSERS_FIELD_NAMES = {"temperal_downsample": "temporal_downsample"}
 
 
 @dataclass(frozen=True)
-class WanVAEConfig:
+class WanVAEConfig(JsonConfig):
     """`in_channels` / `out_channels` count the channels the network sees, i.e. after patchify (3 * p * p)."""
 
     base_dim: int = 96
@@ -98,14 +99,6 @@ class WanVAEConfig:
     @property
     def video_channels(self) -> int:
         return self.in_channels // self.patch**2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WanVAEConfig":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def from_diffusers(cls, config_json: dict) -> "WanVAEConfig":
