@@ -16,7 +16,7 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.lora import file_sha256  # noqa: E402
 from mlx_video.run import prepare  # noqa: E402
-from tiny_wan import build_tiny_wan_pipeline, use_official_sigmas  # noqa: E402
+from tiny_wan import build_tiny_wan_pipeline, decode_like_diffusers, use_official_sigmas  # noqa: E402
 
 PROMPT = "a paper boat drifts across a pond"
 NEGATIVE = "blurry"
@@ -31,15 +31,6 @@ def make_image(path, width, height, seed):
     rgb = np.random.default_rng(seed).integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
     PIL.fromarray(rgb).resize((width, height), PIL.BILINEAR).save(path)  # smooth, and unlike the other image
     return PIL.open(path).convert("RGB")
-
-
-def decode_like_diffusers(pipe, latents):
-    """(frames, H, W, 3) in [0, 1]: the pipeline's own output_type="np" decoding of its latent output."""
-    vae = pipe.vae
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    video = vae.decode(latents * std + mean, return_dict=False)[0]
-    return pipe.video_processor.postprocess_video(video, output_type="np")[0]
 
 
 @pytest.fixture(scope="module")

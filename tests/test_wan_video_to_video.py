@@ -24,7 +24,7 @@ PIL = pytest.importorskip("PIL.Image")
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.run import prepare  # noqa: E402
-from tiny_wan import build_tiny_wan_pipeline, use_official_sigmas  # noqa: E402
+from tiny_wan import build_tiny_wan_pipeline, decode_like_diffusers, use_official_sigmas  # noqa: E402
 
 PROMPT = "a watercolour city street at dusk"
 NEGATIVE = "blurry"
@@ -102,6 +102,15 @@ def run_both(monkeypatch, tmp_path, root, ref, clip, noise, width, height, frame
     return np.load(out), expected, record
 
 
+def frames_error(ref, expected_latents, frames_folder) -> float:
+    """Mean absolute difference, in 8-bit levels, of our written frames from the reference's decoding."""
+    expected = np.round(decode_like_diffusers(ref, torch.from_numpy(expected_latents)) * 255)
+    ours = np.stack([np.asarray(PIL.open(p)) for p in sorted(frames_folder.glob("*.png"))])
+    assert ours.shape == expected.shape
+    assert expected.std() > 10 and len(np.unique(expected)) > 100  # a real picture, not a saturated one
+    return float(np.abs(ours.astype(np.float64) - expected).mean())
+
+
 @pytest.fixture(scope="module")
 def a14b_v2v(tmp_path_factory):
     root = tmp_path_factory.mktemp("v2v-a14b")
@@ -115,11 +124,13 @@ def a14b_v2v(tmp_path_factory):
 def test_a14b_video_to_video_matches_diffusers(a14b_v2v, monkeypatch, tmp_path, strength):
     root, ref, clip = a14b_v2v
     noise = np.random.default_rng(11).standard_normal((1, 4, 3, 6, 8)).astype(np.float32)
+    frames = tmp_path / "frames"
     ours, expected, record = run_both(monkeypatch, tmp_path, root, ref, clip, noise, 64, 48, 9, strength, 3.0,
-                                      ("--guidance-2", "3"))
-    err = rel_err(ours, expected)
-    print(f"video-to-video, A14B-style, strength {strength}: relative error {err:.2e}, experts {record['experts']}")
-    assert err < 1e-3
+                                      ("--guidance-2", "3", "--output", str(frames)))
+    err, pixel_err = rel_err(ours, expected), frames_error(ref, expected, frames)
+    print(f"video-to-video, A14B-style, strength {strength}: relative error {err:.2e}, experts {record['experts']}, "
+          f"frames mean abs {pixel_err:.3f}/255")
+    assert err < 1e-3 and pixel_err < 1.0
     assert record["frames"] == 9 and record["strength"] == strength
     assert len(record["experts"]) == int(5 * strength)
     assert set(record["experts"]) == {"transformer", "transformer_2"}  # the boundary (t 875) falls inside the run
@@ -146,10 +157,13 @@ def ti2v_v2v(tmp_path_factory):
 def test_ti2v_video_to_video_matches_diffusers(ti2v_v2v, monkeypatch, tmp_path, strength):
     root, ref, clip = ti2v_v2v
     noise = np.random.default_rng(12).standard_normal((1, 6, 2, 4, 6)).astype(np.float32)
-    ours, expected, record = run_both(monkeypatch, tmp_path, root, ref, clip, noise, 96, 64, 5, strength, 4.0)
-    err = rel_err(ours, expected)
-    print(f"video-to-video, TI2V-5B-style, strength {strength}: relative error {err:.2e}")
-    assert err < 1e-3
+    frames = tmp_path / "frames"
+    ours, expected, record = run_both(monkeypatch, tmp_path, root, ref, clip, noise, 96, 64, 5, strength, 4.0,
+                                      ("--output", str(frames)))
+    err, pixel_err = rel_err(ours, expected), frames_error(ref, expected, frames)
+    print(f"video-to-video, TI2V-5B-style, strength {strength}: relative error {err:.2e}, "
+          f"frames mean abs {pixel_err:.3f}/255")
+    assert err < 1e-3 and pixel_err < 1.0
     assert record["frames"] == 5 and len(record["experts"]) == int(5 * strength)
 
 

@@ -123,6 +123,18 @@ def build_tiny_wan_pipeline(
     return pipe
 
 
+def decode_like_diffusers(pipe, latents):
+    """(frames, H, W, 3) in [0, 1]: a Wan pipeline's own output_type="np" decoding of its latent output."""
+    import torch
+
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        video = vae.decode(latents * std + mean, return_dict=False)[0]
+    return pipe.video_processor.postprocess_video(video, output_type="np")[0]
+
+
 def use_official_sigmas(pipe) -> None:
     """Make the reference scheduler use the official Wan grid linspace(0.999, 0, n+1)[:-1] (before the shift)."""
     scheduler = pipe.scheduler
