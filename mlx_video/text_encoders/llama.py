@@ -117,25 +117,20 @@ def llama_args(config_json: dict) -> ModelArgs:
     return ModelArgs.from_dict(config)
 
 
-class LlamaTextEncoder(nn.Module):
-    """mlx_lm's LlamaModel (as `model`) returning the hidden state `skip_layers + 1` from the end, unnormed.
+class TruncatedDecoder(nn.Module):
+    """An mlx_lm decoder model (as `model`) returning the hidden state `skip_layers + 1` from the end, unnormed.
 
     The last `skip_layers` decoder layers and the final norm never contribute, so they are not built
     (0.44B parameters for Llama-3-8B); `drop_unused` removes their tensors from converted weights.
     """
 
-    def __init__(self, args: ModelArgs | dict, skip_layers: int = SKIP_LAYERS):
-        from mlx_lm.models.llama import LlamaModel  # here, not at the top: mlx_lm's package imports transformers
-
+    def __init__(self, model: nn.Module, num_layers: int, skip_layers: int):
         super().__init__()
-        if isinstance(args, dict):
-            args = llama_args(args)
-        if not 0 <= skip_layers < args.num_hidden_layers:
-            raise ValueError(f"skip_layers={skip_layers} for a {args.num_hidden_layers}-layer model")
-        self.args = args
+        if not 0 <= skip_layers < num_layers:
+            raise ValueError(f"skip_layers={skip_layers} for a {num_layers}-layer model")
         self.skip_layers = skip_layers
-        self.model = LlamaModel(args)
-        self.model.layers = self.model.layers[: args.num_hidden_layers - skip_layers]
+        self.model = model
+        self.model.layers = self.model.layers[: num_layers - skip_layers]
         del self.model["norm"]
 
     def drop_unused(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -161,6 +156,18 @@ class LlamaTextEncoder(nn.Module):
         for layer in self.model.layers:
             h = layer(h, mask)
         return h.astype(mx.float32)
+
+
+class LlamaTextEncoder(TruncatedDecoder):
+    """mlx_lm's LlamaModel (as `model`) returning the hidden state `skip_layers + 1` from the end, unnormed."""
+
+    def __init__(self, args: ModelArgs | dict, skip_layers: int = SKIP_LAYERS):
+        from mlx_lm.models.llama import LlamaModel  # here, not at the top: mlx_lm's package imports transformers
+
+        if isinstance(args, dict):
+            args = llama_args(args)
+        super().__init__(LlamaModel(args), args.num_hidden_layers, skip_layers)
+        self.args = args
 
 
 def encode_prompts(
