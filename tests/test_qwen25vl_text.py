@@ -28,7 +28,6 @@ from transformers import (
 
 from mlx_video.convert.rules import convert_weights
 from mlx_video.errors import MlxVideoError
-from mlx_video.text_encoders.llama import JsonTokenizer
 from mlx_video.text_encoders.qwen25vl import (
     CROP_START,
     SYSTEM_MESSAGE,
@@ -37,6 +36,7 @@ from mlx_video.text_encoders.qwen25vl import (
     chat_text,
     encode_prompts,
     qwen2_args,
+    qwen_tokenizer,
     template_crop_start,
 )
 
@@ -114,9 +114,9 @@ def qwen(tmp_path_factory):
     assert len(ours.drop_unused(weights)) == len(weights) - 2 * 12 - 1  # 2 layers of 12 tensors, the norm
     ours.load_weights(list(ours.drop_unused(weights).items()), strict=True)
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer" / "tokenizer.json"),
-                                           pad_token="<|endoftext|>", padding_side="right")
-    hf_tokenizer.chat_template = QWEN25VL_CHAT_TEMPLATE
-    return SimpleNamespace(reference=reference, ours=ours, tokenizer=JsonTokenizer(folder / "tokenizer"),
+                                           pad_token="<|endoftext|>", padding_side="right",
+                                           chat_template=QWEN25VL_CHAT_TEMPLATE)
+    return SimpleNamespace(reference=reference, ours=ours, tokenizer=qwen_tokenizer(folder / "tokenizer"),
                            hf_tokenizer=hf_tokenizer)
 
 

@@ -6,7 +6,7 @@ Usage (a converted `text_encoder/` with its `config.json`, and the released `tok
 
     encoder = Qwen25VLTextEncoder(folder.config("text_encoder"))
     folder.load_module("text_encoder", encoder)
-    tokenizer = JsonTokenizer(folder.path / "tokenizer")
+    tokenizer = qwen_tokenizer(folder.path / "tokenizer")
     states, mask = encode_prompts(encoder, tokenizer, ["A cat walks on the grass."])
     # states (B, 1000, 3584) float32, mask (B, 1000) int32
 
@@ -62,6 +62,12 @@ PAD_TOKEN = "<|endoftext|>"
 # Qwen2.5-VL's chat template (its tokenizer_config.json / chat_template.json) renders a system and a user turn with
 # string contents, and the generation prompt, as this text.
 CHAT_FORMAT = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def qwen_tokenizer(path) -> JsonTokenizer:
+    """The released `tokenizer.json` (a file, or a folder holding it), padded with `tokenizer_config.json`'s pad
+    token or else Qwen's <|endoftext|>."""
+    return JsonTokenizer(path, pad_token=PAD_TOKEN)
 
 
 def chat_text(prompt: str, system_message: str = SYSTEM_MESSAGE) -> str:
