@@ -139,7 +139,7 @@ def test_full_size_keys_and_shapes():
     so400m = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                   image_size=384, patch_size=14)
     config = SiglipVisionConfig.from_transformers(so400m)
-    assert config == SiglipVisionConfig()
+    assert config == SiglipVisionConfig() == SiglipVisionConfig.from_dict(config.to_dict())
     ours = {k: tuple(v.shape) for k, v in tree_flatten(SiglipVisionEncoder(config).parameters())}
     with torch.device("meta"):
         reference = SiglipVisionModel(HFConfig(**so400m))

@@ -28,7 +28,7 @@ an exact-erf GELU, where this tower uses the tanh approximation.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -39,12 +39,13 @@ from PIL import Image
 from mlx_video.convert.rules import KeyMap, Rule
 
 from ..errors import MlxVideoError
+from ..json_config import JsonConfig
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu_new": nn.gelu_approx, "gelu": nn.gelu}
 
 
 @dataclass(frozen=True)
-class SiglipVisionConfig:
+class SiglipVisionConfig(JsonConfig):
     """google/siglip-so400m-patch14-384's vision tower: 27 layers of 1152 (16 heads), MLP 4304, 27 x 27 patches."""
 
     hidden_size: int = 1152
@@ -60,14 +61,6 @@ class SiglipVisionConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SiglipVisionConfig":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def from_transformers(cls, config_json: dict) -> "SiglipVisionConfig":
