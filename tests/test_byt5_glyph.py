@@ -27,6 +27,7 @@ from mlx_video.text_encoders.byt5 import (
     glyph_text,
     glyph_tokens_from_folder,
     read_glyph_checkpoint,
+    read_glyph_release,
 )
 from mlx_video.text_encoders.t5 import T5Encoder
 
@@ -147,6 +148,28 @@ def test_glyph_checkpoint_read_without_torch_load(byt5, tmp_path, layout):
     assert sorted(weights) == sorted(expected)
     for key, value in weights.items():
         np.testing.assert_array_equal(np.array(value), np.array(expected[key]), err_msg=key)
+
+
+def test_glyph_release_layout(byt5, glyph_assets, tmp_path):
+    """text_encoder/byt5-small/config.json + Glyph-SDXL-v2/{checkpoints/byt5_model.pt, assets/}: the vocabulary
+    grown by the assets' tokens must match the checkpoint's embedding."""
+    reference, ours, _, tokenizer = byt5
+    (tmp_path / "byt5-small").mkdir()
+    (tmp_path / "byt5-small" / "config.json").write_text(json.dumps({**reference.config.to_dict(), "vocab_size": 384}))
+    with pytest.raises(MlxVideoError, match="byt5_model.pt"):
+        read_glyph_release(tmp_path)
+    glyph = tmp_path / "Glyph-SDXL-v2"
+    (glyph / "checkpoints").mkdir(parents=True)
+    (glyph / "assets").symlink_to(glyph_assets / "assets")
+    torch.save(reference.encoder.state_dict(), glyph / "checkpoints" / "byt5_model.pt")
+    config, weights, added = read_glyph_release(tmp_path)
+    assert config == ours.config and list(ByT5Tokenizer(added).ids) == list(tokenizer.ids)
+    (glyph / "assets").unlink()
+    (glyph / "assets").mkdir()
+    (glyph / "assets" / "color_idx.json").write_text(json.dumps(COLORS))
+    (glyph / "assets" / "multilingual_10-lang_idx.json").write_text(json.dumps({"en-Roboto": 0}))
+    with pytest.raises(MlxVideoError, match="embeds 391 tokens"):
+        read_glyph_release(tmp_path)
 
 
 def test_glyph_checkpoint_with_foreign_keys_refused(tmp_path):

@@ -202,6 +202,8 @@ def byt5_config(config_json: dict, weights: Mapping[str, mx.array]) -> T5Config:
     """Our T5Config from byT5-small's config.json, its vocabulary taken from the converted embedding's rows
     (Glyph-SDXL-v2 grows it by its added tokens)."""
     config = T5Config.from_transformers(config_json)
+    if "token_embedding.weight" not in weights:
+        raise MlxVideoError("the ByT5 weights have no token embedding (shared.weight / embed_tokens.weight)")
     rows = weights["token_embedding.weight"].shape[0]
     return T5Config.from_dict({**config.to_dict(), "vocab_size": rows})
 
@@ -216,3 +218,29 @@ def read_glyph_checkpoint(path: str | Path) -> dict[str, mx.array]:
     if unknown:
         raise MlxVideoError(f"{path} is not a ByT5 encoder state dict: unknown keys {unknown[:5]}")
     return convert_byt5_weights({k: v for k, v in checkpoint.items() if BYT5_KEYS.target(k) is not None})
+
+
+def read_glyph_release(text_encoder_folder: str | Path) -> tuple[T5Config, dict[str, mx.array], list[str]]:
+    """(config, converted weights, added tokens) of the glyph encoder from the official release's text_encoder/:
+    `byt5-small/config.json` (the architecture; its weights are all replaced, as the official loader's strict
+    load of the Glyph checkpoint does), `Glyph-SDXL-v2/checkpoints/byt5_model.pt` and `Glyph-SDXL-v2/assets/`
+    (the added tokens, which set the vocabulary's size)."""
+    root = Path(text_encoder_folder)
+    config_file = root / "byt5-small" / "config.json"
+    checkpoint = root / "Glyph-SDXL-v2" / "checkpoints" / "byt5_model.pt"
+    for needed in (config_file, checkpoint):
+        if not needed.is_file():
+            raise MlxVideoError(f"the glyph encoder needs {needed} (official layout: text_encoder/byt5-small/ and "
+                                "text_encoder/Glyph-SDXL-v2/ with checkpoints/byt5_model.pt and assets/)")
+    try:
+        config_json = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise MlxVideoError(f"could not read {config_file}: {e}") from e
+    added = glyph_tokens_from_folder(root / "Glyph-SDXL-v2")
+    weights = read_glyph_checkpoint(checkpoint)
+    config = byt5_config(config_json, weights)
+    expected = ByT5Tokenizer(added).vocab_size  # a token named twice is added once, as by transformers
+    if config.vocab_size != expected:
+        raise MlxVideoError(f"{checkpoint} embeds {config.vocab_size} tokens, but ByT5 with the tokens of "
+                            f"Glyph-SDXL-v2's assets has {expected}")
+    return config, weights, added
