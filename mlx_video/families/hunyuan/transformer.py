@@ -30,133 +30,29 @@ from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
-from mlx_video.kernels import adaln_modulate, apply_rope_qk, gated_residual
+from mlx_video.kernels import adaln_modulate, apply_rope_qk
 from mlx_video.families.hunyuan.config import HunyuanTransformerConfig
 from mlx_video.nn.attention import attention
-from mlx_video.nn.norms import layer_norm_fp32
 from mlx_video.nn.rope import rope_tables_3d
-
-
-def timestep_frequencies(freq_dim: int, max_period: float = 10000.0) -> mx.array:
-    """exp(-ln(max_period) * i / half) as the reference gets it in float32.
-
-    The exponent is formed in float32 in the reference's order of operations and exp is rounded correctly from
-    float64 (torch's float32 exp agrees on all but a couple of entries; numpy's float32 exp differs on ~40%).
-    At t = 6000 (guidance 6.0) one ulp of a frequency moves the angle by up to ~4e-4 rad, so this matters.
-    """
-    half = freq_dim // 2
-    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
-    return mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
-
-
-def timestep_sinusoid(t: mx.array, freqs: mx.array) -> mx.array:
-    """[cos, sin] embedding of t (B,) in float32, shape (B, 2 * len(freqs))."""
-    angles = t.astype(mx.float32)[:, None] * freqs[None, :]
-    return mx.concatenate([mx.cos(angles), mx.sin(angles)], axis=-1)
-
-
-class MLPEmbedder(nn.Module):
-    """Linear, SiLU, Linear; used for the timestep, guidance and pooled-text embeddings."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def __call__(self, x: mx.array, dtype: mx.Dtype) -> mx.array:
-        return self.linear_2(nn.silu(self.linear_1(x.astype(dtype)))).astype(mx.float32)
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, activation):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.activation = activation
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.activation(self.fc1(x)))
-
+from mlx_video.nn.token_refiner import (
+    MLP,
+    MLPEmbedder,
+    TokenRefiner,
+    gated_add,
+    split_qkv,
+    timestep_frequencies,
+    timestep_sinusoid,
+)
 
 def _heads(x: mx.array, num_heads: int) -> mx.array:
     return x.reshape(*x.shape[:-1], num_heads, -1)
-
-
-def _split_qkv(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.array]:
-    """(B, L, 3 * heads * D) laid out (qkv, heads, D) -> q, k, v each (B, L, heads, D)."""
-    qkv = qkv.reshape(*qkv.shape[:-1], 3, num_heads, -1)
-    return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-
 
 def _modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
     """LayerNorm without affine, then x * (1 + scale) + shift; shift/scale are (B, dim), x is (B, L, dim)."""
     return adaln_modulate(x, shift[:, None, :], scale[:, None, :], eps)
 
-
-def _gate(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
-    return gated_residual(x, gate[:, None, :], y.astype(mx.float32))
-
-
-# --- token refiner ----------------------------------------------------------------------------------------
-
-
-class RefinerBlock(nn.Module):
-    """Self-attention over the text (no qk-norm) and a SiLU MLP, both gated by the conditioning vector."""
-
-    def __init__(self, config: HunyuanTransformerConfig):
-        super().__init__()
-        dim = config.hidden_size
-        self.num_heads = config.num_heads
-        self.eps = config.eps
-        self.norm1 = nn.LayerNorm(dim, eps=config.eps)
-        self.self_attn_qkv = nn.Linear(dim, 3 * dim)
-        self.self_attn_proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, eps=config.eps)
-        self.mlp = MLP(dim, int(dim * config.refiner_mlp_ratio), nn.silu)
-        self.adaLN_modulation = nn.Linear(dim, 2 * dim)
-
-    def __call__(self, x: mx.array, c: mx.array, mask: mx.array | None, dtype: mx.Dtype) -> mx.array:
-        gate_msa, gate_mlp = mx.split(self.adaLN_modulation(nn.silu(c).astype(dtype)).astype(mx.float32), 2, -1)
-        h = layer_norm_fp32(x, self.norm1.weight, self.norm1.bias, self.eps).astype(dtype)
-        q, k, v = _split_qkv(self.self_attn_qkv(h), self.num_heads)
-        x = _gate(x, gate_msa, self.self_attn_proj(attention(q, k, v, mask=mask)))
-        h = layer_norm_fp32(x, self.norm2.weight, self.norm2.bias, self.eps).astype(dtype)
-        return _gate(x, gate_mlp, self.mlp(h))
-
-
-class TokenRefiner(nn.Module):
-    """`txt_in` (SingleTokenRefiner): projects the LLM states and refines them, conditioned on t and their mean."""
-
-    def __init__(self, config: HunyuanTransformerConfig):
-        super().__init__()
-        dim = config.hidden_size
-        self.input_embedder = nn.Linear(config.text_dim, dim)
-        self.t_embedder = MLPEmbedder(config.freq_dim, dim)
-        self.c_embedder = MLPEmbedder(config.text_dim, dim)
-        self.blocks = [RefinerBlock(config) for _ in range(config.num_refiner_blocks)]
-
-    def __call__(self, text: mx.array, mask: mx.array | None, t_sinusoid: mx.array, dtype: mx.Dtype) -> mx.array:
-        """text: (B, L, text_dim); mask: (B, L) bool or None. Returns (B, L, dim) float32."""
-        if mask is None:
-            pooled = text.astype(mx.float32).mean(axis=1)
-            attn_mask = None
-        else:
-            weights = mask.astype(mx.float32)[..., None]
-            pooled = (text.astype(mx.float32) * weights).sum(axis=1) / weights.sum(axis=1)
-            # A valid token sees the valid tokens; a padding token sees only token 0 (so no row is empty).
-            attn_mask = mask[:, None, :, None] & mask[:, None, None, :]
-            attn_mask = attn_mask | (mx.arange(mask.shape[1]) == 0)[None, None, None, :]
-        c = self.t_embedder(t_sinusoid, dtype) + self.c_embedder(pooled, dtype)
-        x = self.input_embedder(text.astype(dtype)).astype(mx.float32)
-        for block in self.blocks:
-            x = block(x, c, attn_mask, dtype)
-        return x
-
-
 # --- double- and single-stream blocks --------------------------------------------------------------------
-
 
 class StreamWeights(nn.Module):
     """One stream's half of a double-stream block (the official `img_*` or `txt_*` layers)."""
@@ -173,9 +69,8 @@ class StreamWeights(nn.Module):
 
     def qkv(self, x: mx.array, shift: mx.array, scale: mx.array, num_heads: int, eps: float, dtype: mx.Dtype):
         h = _modulate(x, shift, scale, eps).astype(dtype)
-        q, k, v = _split_qkv(self.attn_qkv(h), num_heads)
+        q, k, v = split_qkv(self.attn_qkv(h), num_heads)
         return self.attn_q_norm(q), self.attn_k_norm(k), v
-
 
 class DoubleStreamBlock(nn.Module):
     def __init__(self, config: HunyuanTransformerConfig):
@@ -202,13 +97,12 @@ class DoubleStreamBlock(nn.Module):
             sparse=self.sparse,
         )
         n_img = img.shape[1]
-        img = _gate(img, img_mod[2], self.img.attn_proj(out[:, :n_img]))
-        txt = _gate(txt, txt_mod[2], self.txt.attn_proj(out[:, n_img:]))
+        img = gated_add(img, img_mod[2], self.img.attn_proj(out[:, :n_img]))
+        txt = gated_add(txt, txt_mod[2], self.txt.attn_proj(out[:, n_img:]))
 
-        img = _gate(img, img_mod[5], self.img.mlp(_modulate(img, img_mod[3], img_mod[4], self.eps).astype(dtype)))
-        txt = _gate(txt, txt_mod[5], self.txt.mlp(_modulate(txt, txt_mod[3], txt_mod[4], self.eps).astype(dtype)))
+        img = gated_add(img, img_mod[5], self.img.mlp(_modulate(img, img_mod[3], img_mod[4], self.eps).astype(dtype)))
+        txt = gated_add(txt, txt_mod[5], self.txt.mlp(_modulate(txt, txt_mod[3], txt_mod[4], self.eps).astype(dtype)))
         return img, txt
-
 
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP over [image; text]: linear1 gives q | k | v | mlp, linear2 mixes attn and mlp."""
@@ -236,8 +130,7 @@ class SingleStreamBlock(nn.Module):
         q = mx.concatenate([img_q, q[:, n_img:]], axis=1)
         k = mx.concatenate([img_k, k[:, n_img:]], axis=1)
         out = attention(q, k, _heads(v, self.num_heads), mask=mask, sparse=self.sparse)
-        return _gate(x, gate, self.linear2(mx.concatenate([out, nn.gelu_approx(mlp)], axis=-1)))
-
+        return gated_add(x, gate, self.linear2(mx.concatenate([out, nn.gelu_approx(mlp)], axis=-1)))
 
 class FinalLayer(nn.Module):
     def __init__(self, config: HunyuanTransformerConfig):
@@ -251,7 +144,6 @@ class FinalLayer(nn.Module):
         shift, scale = mx.split(self.adaLN_modulation(nn.silu(vec).astype(dtype)).astype(mx.float32), 2, axis=-1)
         return self.linear(_modulate(x, shift, scale, self.eps).astype(dtype)).astype(mx.float32)
 
-
 def _common_prefix_length(mask: mx.array) -> int | None:
     """n when every row of the (B, L) bool mask is n True then False (right padding, same count), else None."""
     counts = mask.astype(mx.int32).sum(axis=1)
@@ -261,9 +153,7 @@ def _common_prefix_length(mask: mx.array) -> int | None:
         return None
     return n
 
-
 # --- the model ---------------------------------------------------------------------------------------------
-
 
 @dataclass
 class HunyuanState:
@@ -285,7 +175,6 @@ class HunyuanState:
     def hidden(self, value: mx.array) -> None:
         self.img = value
 
-
 class HunyuanTransformer(nn.Module):
     def __init__(self, config: HunyuanTransformerConfig, dtype: mx.Dtype = mx.bfloat16):
         super().__init__()
@@ -297,7 +186,8 @@ class HunyuanTransformer(nn.Module):
         self.vector_in = MLPEmbedder(config.pooled_dim, dim)
         if config.guidance_embed:
             self.guidance_in = MLPEmbedder(config.freq_dim, dim)
-        self.txt_in = TokenRefiner(config)
+        self.txt_in = TokenRefiner(config.text_dim, dim, config.num_heads, config.num_refiner_blocks,
+                                   config.refiner_mlp_ratio, config.freq_dim, config.eps)
         self.double_blocks = [DoubleStreamBlock(config) for _ in range(config.num_double_blocks)]
         self.single_blocks = [SingleStreamBlock(config) for _ in range(config.num_single_blocks)]
         self.final_layer = FinalLayer(config)
