@@ -137,7 +137,8 @@ def claims(src, components: dict) -> bool:
         return False
     if Path(src).is_dir() and release_transformer(Path(src)) is not None:
         return True
-    return (diffusers_pipeline_class(src) or "").startswith("HunyuanVideo")
+    name = diffusers_pipeline_class(src) or ""
+    return name.startswith("HunyuanVideo") and not name.startswith("HunyuanVideo15")  # 1.5 is its own family
 
 
 # ---------------------------------------------------------------------------------------------------

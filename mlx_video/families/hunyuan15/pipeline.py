@@ -1,0 +1,187 @@
+"""HunyuanVideo 1.5 generation: prompt -> Qwen2.5-VL states (+ ByT5 states of the quoted text) -> the shared
+denoising loop over the transformer -> the 32-channel VAE.
+
+As diffusers' `HunyuanVideo15Pipeline` / `HunyuanVideo15ImageToVideoPipeline` (0.42.1):
+- the transformer sees [noisy latents, condition latents, mask] (65 channels): zeros for T2V; for I2V the image's
+  latents on latent frame 0 (zeros elsewhere) and a mask that is 1 on frame 0, and the image's SigLIP features;
+- `--guidance` is the classifier-free scale (6 by default; 1 for the distilled models: one pass per step); the
+  unconditional pass encodes the negative prompt ("" by default); batched or sequential (`--guidance-mode`);
+- flow Euler on linspace(1, 0) shifted by `--shift`, the model seeing σ·1000;
+- the step-distilled model (MeanFlow) also sees the next step's timestep (0 at the last step).
+
+The conditioning (`encode`) is a tuple of arrays with a leading batch axis (row 0 the prompt, row 1 the
+negative prompt when guided): Qwen states and mask, ByT5 states and mask (zeros and an empty mask for a prompt
+without quoted text, as the reference).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_video.errors import MlxVideoError
+from mlx_video.families.hunyuan15.config import Hunyuan15Config
+from mlx_video.pipelines.base import DecodeTiling, GenerationSettings, Pipeline, Predict
+from mlx_video.pipelines.loop import get_guidance, guidance_none
+
+
+class ConditionedForward:
+    """`model(x, t, context)` for the loop's guidance and the step caches, with what does not change between the
+    two guidance passes: the condition latents and mask beside x, the image's features, and MeanFlow's
+    timestep_r (set per step)."""
+
+    def __init__(self, model, condition: mx.array | None, image: mx.array | None):
+        self.model, self.condition, self.image, self.timestep_r = model, condition, image, None
+
+    def inputs(self, x: mx.array):
+        batch = x.shape[0]
+        condition = self.condition
+        if condition is None:  # T2V: zero condition latents and mask
+            condition = mx.zeros((*x.shape[:-1], x.shape[-1] + 1), dtype=x.dtype)
+        condition = mx.broadcast_to(condition, (batch, *condition.shape[1:]))
+        image = None if self.image is None else mx.broadcast_to(self.image, (batch, *self.image.shape[1:]))
+        r = None if self.timestep_r is None else mx.full((batch,), self.timestep_r, dtype=mx.float32)
+        return mx.concatenate([x, condition.astype(x.dtype)], axis=-1), image, r
+
+    def __call__(self, x: mx.array, t: mx.array, context) -> mx.array:
+        return self.model.unembed(self.model.run_blocks(self.embed(x, t, context)))
+
+    def embed(self, x: mx.array, t: mx.array, context):
+        x, image, r = self.inputs(x)
+        text, text_mask, glyph, glyph_mask = context
+        return self.model.embed(x, t, text, text_mask, glyph, glyph_mask, image, r)
+
+    def run_blocks(self, state, start: int = 0, stop: int | None = None):
+        return self.model.run_blocks(state, start, stop)
+
+    def unembed(self, state) -> mx.array:
+        return self.model.unembed(state)
+
+
+def meanflow_r(timesteps, i: int) -> float:
+    """MeanFlow's timestep_r at step i: the next step's timestep, 0 at the last (as the reference pipelines)."""
+    return float(timesteps[i + 1]) if i + 1 < len(timesteps) else 0.0
+
+
+def image_condition(image_latents: mx.array, latent_frames: int) -> mx.array:
+    """The I2V condition beside the noise, channels-last (1, T, h, w, C + 1): the image's latents (1, 1, h, w, C)
+    on latent frame 0 and zeros after, then a mask channel that is 1 on frame 0."""
+    _, _, h, w, c = image_latents.shape
+    latents = mx.concatenate([image_latents, mx.zeros((1, latent_frames - 1, h, w, c))], axis=1)
+    mask = (mx.arange(latent_frames) == 0).astype(mx.float32).reshape(1, latent_frames, 1, 1, 1)
+    return mx.concatenate([latents, mx.broadcast_to(mask, (1, latent_frames, h, w, 1))], axis=-1)
+
+
+class Hunyuan15Pipeline(Pipeline):
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.transformer_config = Hunyuan15Config.from_dict(folder.config("transformer"))
+        self._image = None  # the current I2V run's (condition, SigLIP features), set by generate
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer_config.out_channels
+
+    @property
+    def image_mode(self) -> str | None:
+        return "channels" if self.spec.task == "i2v" else None
+
+    def uses_cfg(self, s: GenerationSettings) -> bool:
+        # diffusers' ClassifierFreeGuidance skips the unconditional pass at a scale of 1
+        return not np.isclose(float(s.guidance), 1.0)
+
+    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int]:
+        pt, ph, pw = self.transformer_config.patch_size
+        return latent_shape[1] // pt, (latent_shape[2] // ph) * (latent_shape[3] // pw)
+
+    # ---- the stages ----
+
+    def encode(self, s: GenerationSettings, progress: bool = False):
+        """(text, text_mask, glyph, glyph_mask) of the prompt (and the negative prompt when guided)."""
+        prompts = [s.prompt, s.negative_prompt] if self.uses_cfg(s) else [s.prompt]
+        return self.encode_prompts(prompts, progress)
+
+    def encode_prompts(self, prompts: list[str], progress: bool = False):
+        if not self.folder.has("text_encoder"):
+            raise MlxVideoError(
+                f"{self.folder.path} has no text encoder: this build converts HunyuanVideo 1.5's transformer only "
+                "(the Qwen2.5-VL and ByT5 encoders are not in it yet), so it cannot encode a prompt")
+        raise MlxVideoError("encoding prompts for HunyuanVideo 1.5 (Qwen2.5-VL, ByT5) is not in this build yet")
+
+    def encode_image(self, image: np.ndarray, s: GenerationSettings, progress: bool = False):
+        """(condition (1, T, h, w, C + 1), SigLIP features (1, 729, 1152)) of the (height, width, 3) image in [-1, 1]."""
+        if not self.folder.has("vae") or not self.folder.has("image_encoder"):
+            raise MlxVideoError(f"{self.folder.path} has no VAE or SigLIP image encoder, which an I2V run needs "
+                                "(this build converts HunyuanVideo 1.5's transformer only)")
+        raise MlxVideoError("encoding the image for HunyuanVideo 1.5 (VAE, SigLIP) is not in this build yet")
+
+    def generate(self, settings: GenerationSettings, init_latents=None, progress: bool = False, image=None, hooks=()):
+        """The shared generate; an I2V run encodes its image first (the condition latents and SigLIP features)."""
+        self._image = None
+        if image is not None:
+            s = self.resolve(settings)
+            self.check_image_use(True)
+            self._image = self.encode_image(image, s, progress)
+        try:
+            return super().generate(settings, init_latents, progress, image, hooks)
+        finally:
+            self._image = None
+
+    def load_transformer(self):
+        from mlx_video.families.hunyuan15.transformer import Hunyuan15Transformer
+
+        model = Hunyuan15Transformer(self.transformer_config, dtype=self.dtype)
+        self.folder.load_module("transformer", model)
+        return model
+
+    def make_predict(self, s: GenerationSettings, model, context, step_cache=None, sampler=None) -> Predict:
+        """`predict(latents, i, t)`: one pass, or the conditional and unconditional ones combined as
+        uncond + guidance x (cond - uncond); the MeanFlow model also gets the next timestep."""
+        cond = tuple(a[:1] for a in context)
+        uncond = tuple(a[1:] for a in context) if self.uses_cfg(s) else None
+        guide = get_guidance(s.guidance_mode) if uncond is not None else guidance_none
+        condition, features = self._image if self._image is not None else (None, None)
+        forward = ConditionedForward(model, condition, features)
+        meanflow = self.transformer_config.use_meanflow
+        if meanflow and sampler is None:
+            raise MlxVideoError("the step-distilled (MeanFlow) model needs the sampler's timesteps")
+        call = forward if step_cache is None else partial(step_cache, forward)
+
+        def predict(latents: mx.array, i: int, t) -> mx.array:
+            if step_cache is not None:
+                step_cache.begin_step(i, model)
+            forward.timestep_r = meanflow_r(sampler.timesteps, i) if meanflow else None
+            return guide(call, latents, mx.array([float(t)], dtype=mx.float32), cond, uncond, float(s.guidance))
+
+        return predict
+
+    # ---- memory preflight ----
+
+    def estimate_memory(self, s: GenerationSettings, tiling: str = "auto", has_image: bool = False) -> dict:
+        """Estimated peak bytes of each stage (`mlx_video/families/hunyuan15/cost_model.py` on this folder's
+        configuration and stored bytes). Estimates, not measurements."""
+        from mlx_video.families.hunyuan15 import cost_model as cost
+
+        name = {mx.bfloat16: "bf16", mx.float16: "fp16", mx.float32: "fp32"}[self.dtype]
+        stored = {"transformer_expert": self.component_bytes("transformer"),
+                  "text_encoder": self.component_bytes("text_encoder"), "vae": self.component_bytes("vae")}
+        estimate = cost.estimate_peak_memory(
+            self.spec, s.width, s.height, s.frames, name,
+            guidance=self.uses_cfg(s) and s.guidance_mode == "batched", fused_attention=mx.metal.is_available(),
+            transformer=self.transformer_config, stored=stored)
+        stages = {k: v["total"] for k, v in estimate.stages.items()}
+        peak = max(stages, key=stages.get)
+        return {"stages": stages, "peak_stage": peak, "peak_bytes": stages[peak], "detail": estimate.stages}
+
+    # ---- decoding ----
+
+    def vae_tile(self, mode: str, latent_hw: tuple[int, int], frames: int | None = None) -> DecodeTiling:
+        if mode not in ("auto", "on", "off"):
+            raise MlxVideoError(f"--vae-tiling takes auto, on or off, not {mode!r}")
+        return DecodeTiling(spatial=mode == "on", temporal=False)
+
+    def decode(self, latents: np.ndarray, tiling: str = "auto", progress: bool = False) -> tuple[np.ndarray, dict]:
+        raise MlxVideoError(f"{self.folder.path} cannot decode: HunyuanVideo 1.5's VAE is not in this build yet; "
+                            "keep the latents (--output with .npy / --save-latents) to decode them later")

@@ -1,0 +1,174 @@
+"""HunyuanVideo 1.5 conversion: the diffusers layout (`HunyuanVideo15Pipeline` /
+`HunyuanVideo15ImageToVideoPipeline`, the hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-* repositories) and
+the official release layout (tencent/HunyuanVideo-1.5: `transformer/<variant>/` holding config.json and
+`diffusion_pytorch_model*.safetensors` in the official names). The key tables are in `keys.py`; the machinery
+(sources, plan check, shards, quantization, resume) is shared: `mlx_video.convert.convert`.
+
+Which published model a folder is: `--base` when given; else, for the official layout, its one variant folder
+(several: refused unless `--base` picks one); for a diffusers folder, the pipeline class (T2V / I2V), the
+transformer's `target_size` (640: 480p, 960: 720p) and `use_meanflow`, and the guider's guidance scale (1: the
+CFG-distilled models).
+
+The converted folder holds the transformer; the text encoders (Qwen2.5-VL, ByT5, SigLIP) and the VAE are planned
+by their own modules where this build has them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+from mlx_video.convert.convert import (
+    ComponentPlan,
+    ConversionPlan,
+    check_component_names,
+    component_input,
+    config_errors,
+    diffusers_pipeline_class,
+    finish_plan,
+    model_manifest,
+    read_json,
+    replace_components,
+    with_overrides,
+)
+from mlx_video.convert.formats import ComponentSource, FusedParts, classify, fused_keymap, open_tensors
+from mlx_video.errors import MlxVideoError
+from mlx_video.model_folder import MANIFEST
+
+FAMILY = "hunyuan15"
+PIPELINES = {"HunyuanVideo15Pipeline": "t2v", "HunyuanVideo15ImageToVideoPipeline": "i2v"}
+OVERRIDES = {"transformer": "--transformer"}
+DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
+                     "tokenizer_2/*", "vae/*", "scheduler/*", "guider/*", "image_encoder/*", "feature_extractor/*"]
+LOW_PRECISION_TRANSFORMER = re.compile(
+    r"double_blocks\.\d+\.(img|txt)\.(mod|attn_[qkv]|attn_proj|mlp\.fc[12])\.weight"
+    r"|txt_in\.blocks\.\d+\.(self_attn_qkv|self_attn_proj|mlp\.fc[12]|adaLN_modulation)\.weight"
+)
+
+SIGNATURES = [
+    (FAMILY, "transformer", "diffusers", "a HunyuanVideo 1.5 transformer (diffusers names)",
+     ("x_embedder.proj.weight", "context_embedder_2.linear_1.weight", "cond_type_embed.weight",
+      "transformer_blocks.0.attn.add_q_proj.weight")),
+    (FAMILY, "transformer", "official", "a HunyuanVideo 1.5 transformer (official names)",
+     ("img_in.proj.weight", "byt5_in.fc1.weight", "cond_type_embedding.weight", "double_blocks.0.img_attn_q.weight")),
+]
+LOOKALIKES = [
+    ("a HunyuanVideo 1.5 transformer", (r"byt5_in\..*", r"double_blocks\.\d+\.img_attn_q\..*")),
+]
+
+
+def official_variants(src: Path) -> list[str]:
+    """The variant folders of the official layout under `src` (transformer/<variant>/ with safetensors)."""
+    root = Path(src) / "transformer"
+    if not root.is_dir() or (Path(src) / "model_index.json").is_file():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("diffusion_pytorch_model*.safetensors")))
+
+
+def claims(src, components: dict) -> bool:
+    if src is None:
+        return False
+    return diffusers_pipeline_class(src) in PIPELINES or (Path(src).is_dir() and bool(official_variants(Path(src))))
+
+
+def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,
+         log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
+    """The folder's transformer (replaceable by --transformer), its model id, the manifest."""
+    components = {k: v for k, v in (components or {}).items() if v is not None}
+    check_component_names(components, OVERRIDES, "HunyuanVideo 1.5")
+    if src is None or tokenizer is not None:
+        raise MlxVideoError("HunyuanVideo 1.5 converts from a diffusers folder (model_index.json, transformer/, ...) "
+                            "or the official layout (transformer/<variant>/), optionally with --transformer")
+    src = Path(src)
+    if (src / MANIFEST).is_file():
+        raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
+    inputs, source_format, variant = _source_inputs(src, base)
+    replace_components(inputs, components, OVERRIDES)
+    spec = _pick_model(src, inputs["transformer"], variant, base)
+    transformer, cfg = _transformer_plan(inputs["transformer"], spec, log)
+    manifest = model_manifest(FAMILY, spec, list(spec.vae_stride), spec.vae_stride[1] * cfg.patch_size[1],
+                              dict(spec.defaults))
+    conversion = finish_plan(source_format, manifest, [transformer], {}, allow_unknown_keys, log)
+    conversion.source_format = with_overrides(source_format, components, [transformer], OVERRIDES)
+    return conversion
+
+
+def _source_inputs(src: Path, base: str | None) -> tuple[dict, str, str | None]:
+    """({"transformer": input}, the source format, the official variant or None)."""
+    pipeline = diffusers_pipeline_class(src)
+    if pipeline is not None:
+        if pipeline not in PIPELINES:
+            raise MlxVideoError(f"{src} holds a {pipeline or 'unreadable'} pipeline; HunyuanVideo 1.5 converts "
+                                f"{' or '.join(PIPELINES)}")
+        if not (src / "transformer").is_dir():
+            raise MlxVideoError(f"{src} has no transformer/")
+        return {"transformer": component_input("transformer", src / "transformer", f"{src.name}/transformer")}, \
+            f"diffusers ({pipeline})", None
+    variants = official_variants(src)
+    variant = _official_variant(src, variants, base)
+    folder = src / "transformer" / variant
+    return {"transformer": component_input("transformer", folder, f"{src.name}/transformer/{variant}")}, \
+        f"the official release layout (HunyuanVideo 1.5, {variant})", variant
+
+
+def _official_variant(src: Path, variants: list[str], base: str | None) -> str:
+    from mlx_video.registry import get_spec
+
+    if not variants:
+        raise MlxVideoError(f"{src} holds neither a diffusers HunyuanVideo 1.5 pipeline nor transformer/<variant>/")
+    if base is not None:
+        wanted = get_spec(base).extra.get("official_variant")
+        if wanted not in variants:
+            raise MlxVideoError(f"{base} is transformer/{wanted}/ of the release; {src} holds {', '.join(variants)}")
+        return wanted
+    if len(variants) > 1:
+        raise MlxVideoError(f"{src} holds {len(variants)} transformer variants ({', '.join(variants)}): name the "
+                            "model to convert with --base (e.g. hunyuanvideo-1.5-480p-t2v)")
+    return variants[0]
+
+
+def _pick_model(src: Path, inp, variant: str | None, base: str | None):
+    from mlx_video.registry import MODELS, get_spec
+
+    if base is not None:
+        return get_spec(base)
+    if variant is None:
+        task = PIPELINES[diffusers_pipeline_class(src)]
+        config = inp.config_json or {}
+        resolution = {640: "480p", 960: "720p"}.get(int(config.get("target_size", 640)), "480p")
+        guider = src / "guider" / "config.json"
+        scale = float(read_json(guider, "the guider config").get("guidance_scale", 6.0)) if guider.is_file() else 6.0
+        suffix = "_step_distilled" if config.get("use_meanflow") else "_distilled" if scale == 1.0 else ""
+        variant = f"{resolution}_{task}{suffix}"
+    found = [s for s in MODELS.values() if s.family == FAMILY and s.extra.get("official_variant") == variant]
+    if not found:
+        raise MlxVideoError(f"{src} is HunyuanVideo 1.5 {variant}, which has no published model id here; name one "
+                            "with --base")
+    return found[0]
+
+
+def _transformer_plan(inp, spec, log) -> tuple[ComponentPlan, object]:
+    from .keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER, config_from_diffusers, config_from_shapes
+    from .transformer import Hunyuan15Transformer
+
+    tensors = open_tensors(inp.path, inp.origin)
+    source = ComponentSource(tensors, inp.origin)
+    kind = classify(source.keys(), FAMILY)
+    if kind.kind != "transformer" or kind.family != FAMILY:
+        raise MlxVideoError(f"{inp.origin} should be the HunyuanVideo 1.5 transformer, but it looks like "
+                            f"{kind.description}")
+    with config_errors(inp, ValueError):
+        if kind.naming == "official":
+            cfg = config_from_shapes(source.keys(), source.shape, inp.config_json, spec.transformer)
+        else:
+            cfg = config_from_diffusers(inp.config_json or {})
+    if kind.naming == "diffusers":
+        source = ComponentSource(FusedParts(tensors, DIFFUSERS_TRANSFORMER, inp.origin), inp.origin)
+        keymap = fused_keymap(DIFFUSERS_TRANSFORMER)
+    else:
+        keymap = OFFICIAL_TRANSFORMER
+    if cfg != spec.transformer:
+        log(f"note: the transformer's configuration differs from {spec.id}'s published one; converting it as it is")
+    return ComponentPlan("transformer", source, keymap, cfg.to_dict(), Hunyuan15Transformer(cfg), origin=inp.origin,
+                         low_precision=LOW_PRECISION_TRANSFORMER), cfg
