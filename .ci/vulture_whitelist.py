@@ -23,6 +23,7 @@ _.find_class  # pickle.Unpickler hooks
 _.persistent_load
 _.persistent_id
 HunyuanPipeline  # mlx_video.families names pipeline classes as "module:Class"
+Hunyuan15Pipeline
 WanS2VPipeline
 MAG_TABLES  # family tables named by a Family as "module:NAME" (mlx_video.families.optional_table)
 RECIPES

@@ -4,11 +4,13 @@ defaults, which the diffusers conversion script uses for every variant)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from mlx_video.json_config import JsonConfig
 
 
 @dataclass(frozen=True)
-class Hunyuan15Config:
+class Hunyuan15Config(JsonConfig):
     num_heads: int = 16
     head_dim: int = 128
     mlp_ratio: float = 4.0
@@ -44,14 +46,6 @@ class Hunyuan15Config:
     @property
     def mlp_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Hunyuan15Config":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 HUNYUAN15_480P = Hunyuan15Config()

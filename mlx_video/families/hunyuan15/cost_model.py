@@ -11,7 +11,7 @@ tokens (an upper bound: the prompt's real tokens, at most 1000 Qwen tokens + 256
 The text encoders are Qwen2.5-VL-7B-Instruct's language model up to hidden state -3 (26 of its 28 layers:
 hidden 3584, MLP 18944, 28 query / 4 key-value heads of 128, vocabulary 152064; its published config.json) and
 ByT5-small's encoder (d_model 1472, 12 layers, d_ff 3584, 6 heads of 64), SigLIP so400m (1152 wide, 27 layers,
-MLP 4304) for I2V. The VAE's decoding is modelled by its own module when it provides `decode_activation_bytes`.
+MLP 4304) for I2V. Decoding is not modelled yet: this build has no HunyuanVideo 1.5 VAE.
 """
 
 from __future__ import annotations
@@ -164,25 +164,13 @@ def text_encoding_activation_bytes(prompts: int = 1) -> int:
     return int(prompts * length * (6 * q["dim"] + 3 * q["mlp"]) * 4 + 2 * prompts * q["heads"] * length**2 * 4)
 
 
-def _decoding(width: int, height: int, frames: int, vae_config, stored: dict) -> dict | None:
-    """The decoding stage from the VAE module's own estimate, None where this build has no 1.5 VAE."""
-    try:
-        from . import vae
-    except ImportError:
-        return None
-    estimate = getattr(vae, "decode_activation_bytes", None)
-    if estimate is None:
-        return None
-    return {"weights": stored.get("vae", 0), "activations": int(estimate(width, height, frames, vae_config))}
-
-
 def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str = "bf16", quantize: str | None = None,
                          group_size: int = DEFAULT_GROUP_SIZE, guidance: bool | None = None,
                          fused_attention: bool = True, transformer: Hunyuan15Config | None = None,
-                         vae_config=None, stored: dict | None = None, **_ignored) -> PeakEstimate:
+                         stored: dict | None = None, **_ignored) -> PeakEstimate:
     """Peak bytes of each stage, run one after the other with only that stage's weights resident: text_encoding
-    (Qwen; two prompts with CFG), denoising (the transformer; `guidance`: CFG batched, batch 2; default: the
-    model's default scale > 1), decoding (where the VAE module models it)."""
+    (Qwen; two prompts with CFG) and denoising (the transformer; `guidance`: CFG batched, batch 2; default: the
+    model's default scale > 1)."""
     config = transformer or spec.transformer
     guidance = spec.default("guidance", 1.0) > 1.0 if guidance is None else guidance
     weights = weight_bytes(spec, dtype, quantize, group_size, config)
@@ -195,9 +183,6 @@ def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str 
         "denoising": {"weights": weights["transformer_expert"],
                       "activations": activation_bytes(config, n, text_tokens(spec), batch, dtype, fused_attention)},
     }
-    decoding = _decoding(width, height, frames, vae_config, weights)
-    if decoding is not None:
-        stages["decoding"] = decoding
     for stage in stages.values():
         stage["total"] = stage["weights"] + stage["activations"]
     peak = max(stages, key=lambda k: stages[k]["total"])
