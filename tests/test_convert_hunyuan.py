@@ -105,7 +105,7 @@ def test_full_size_diffusers_plan_covers_every_key(full_size):
     plans = [
         ComponentPlan("transformer", transformer, family.fused_keymap(DIFFUSERS_TRANSFORMER), {}, HunyuanTransformer(cfg)),
         ComponentPlan("text_encoder", ComponentSource(Shapes(full_size["text_encoder"]), "te"),
-                      family.DroppingKeyMap(TRANSFORMERS_LLAMA, family._llama_drop(len(llama.model.layers))), {}, llama),
+                      family.DroppingKeyMap(TRANSFORMERS_LLAMA, llama.is_unused), {}, llama),
         ComponentPlan("text_encoder_2", ComponentSource(Shapes(full_size["text_encoder_2"]), "te2"), TRANSFORMERS_CLIP,
                       {}, CLIPTextEncoder(CLIPTextConfig.from_transformers(CLIP_L))),
         ComponentPlan("vae", ComponentSource(Shapes(full_size["vae"]), "vae"), DIFFUSERS_VAE, {}, HunyuanVAE(HUNYUAN_VAE)),

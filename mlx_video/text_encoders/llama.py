@@ -133,17 +133,17 @@ class TruncatedDecoder(nn.Module):
         self.model.layers = self.model.layers[: num_layers - skip_layers]
         del self.model["norm"]
 
+    def is_unused(self, key: str) -> bool:
+        """Whether a converted key names a tensor of the layers (or the final norm) this encoder does not build
+        (a conversion plan's key map can drop those)."""
+        parts = key.split(".")
+        if key == "model.norm.weight":
+            return True
+        return parts[:2] == ["model", "layers"] and int(parts[2]) >= len(self.model.layers)
+
     def drop_unused(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Converted weights without the tensors of the layers (and final norm) this encoder does not build."""
-        used = len(self.model.layers)
-
-        def unused(key: str) -> bool:
-            parts = key.split(".")
-            if key == "model.norm.weight":
-                return True
-            return parts[:2] == ["model", "layers"] and int(parts[2]) >= used
-
-        return {k: v for k, v in weights.items() if not unused(k)}
+        return {k: v for k, v in weights.items() if not self.is_unused(k)}
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         """input_ids, attention_mask: (B, L). Returns (B, L, hidden) float32; padding keys are masked out."""

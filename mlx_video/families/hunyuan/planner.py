@@ -161,16 +161,6 @@ class DroppingKeyMap(KeyMap):
         return super().is_ignored(key) or (hit is not None and self.drop(hit[0]))
 
 
-def _llama_drop(used_layers: int) -> Callable[[str], bool]:
-    def drop(target: str) -> bool:
-        parts = target.split(".")
-        if target == "model.norm.weight":
-            return True
-        return parts[:2] == ["model", "layers"] and int(parts[2]) >= used_layers
-
-    return drop
-
-
 class Fp8ScaleMap(TensorFile):
     """The official fp8 transformer (`..._fp8.pt`: the linear layers of the double- and single-stream blocks as
     float8 e4m3fn codes) with its scale map (`..._fp8_map.pt`: {module name: per-tensor scale}) shown as each
@@ -437,7 +427,7 @@ def _llama_plan(inp, cfg) -> ComponentPlan:
         llama = LlamaTextEncoder(llama_args(llama_json))
     if llama.args.hidden_size != cfg.text_dim:
         raise MlxVideoError(f"{inp.origin} gives {llama.args.hidden_size}-wide states but the transformer takes {cfg.text_dim}")
-    keymap = DroppingKeyMap(TRANSFORMERS_LLAMA, _llama_drop(len(llama.model.layers)))
+    keymap = DroppingKeyMap(TRANSFORMERS_LLAMA, llama.is_unused)
     return ComponentPlan("text_encoder", ComponentSource(tensors, inp.origin), keymap, llama_json, llama,
                          origin=inp.origin, low_precision=LOW_PRECISION_LLAMA)
 
