@@ -532,7 +532,7 @@ class HostKernel:
     def __init__(self, lib, name: str, calls: list):
         self.lib, self.name, self.calls = lib, name, calls
 
-    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), **unused):
+    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), **_ignored):
         arrays = [_to_numpy(a) for a in inputs]
         outs = [np.zeros(tuple(s), dtype=_STORAGE[d]) for s, d in zip(output_shapes, output_dtypes)]
         tmpl = [_DTYPE_CODES[v] if isinstance(v, mx.Dtype) else int(v) for _, v in template]
