@@ -29,17 +29,18 @@ such latents, divides by `scaling_factor` and returns the video, not clamped (as
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_video.nn.attention import attention
+from mlx_video.json_config import JsonConfig
+from mlx_video.nn.attention import attention, blocked_score_bytes
 
 
 @dataclass(frozen=True)
-class Hunyuan15VAEConfig:
+class Hunyuan15VAEConfig(JsonConfig):
     """The published VAE by default (diffusers' `AutoencoderKLHunyuanVideo15` defaults; MODELS card: 32 latent
     channels, 16x spatial and 4x temporal compression)."""
 
@@ -93,16 +94,6 @@ class Hunyuan15VAEConfig:
     def temporal_up(self, i: int) -> bool:
         """Decoder level i doubles time (its first log2(t) levels)."""
         return i < int(math.log2(self.temporal_compression))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Hunyuan15VAEConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 HUNYUAN15_VAE = Hunyuan15VAEConfig()
@@ -512,3 +503,64 @@ class Hunyuan15VAE(nn.Module):
         else:
             video = self._decode_window(z, chunk)
         return mx.array(video)
+
+
+# --- memory: the preflight's estimate of a decode ----------------------------------------------------------
+
+# MLX's conv3d unfolds the 3x3x3 neighbourhood of every output position before its matrix product (measured on
+# the CPU backend: one conv's peak is ~27 float32 values per input value, for float16 inputs too); counted in
+# float32 whatever the activation dtype, an upper bound where Metal keeps float16.
+UNFOLD_VALUES = 27
+UNFOLD_BYTES = 4
+
+
+def decoder_convs(cfg: Hunyuan15VAEConfig, h: int, w: int, frames: int) -> list[tuple[int, int, int, int, int]]:
+    """(in channels, out channels, frames, height, width) of each 3x3x3 convolution of the decoder, in order,
+    for a chunk of `frames` latent frames of h x w (a later chunk: every frame doubled at a temporal level)."""
+    chans = cfg.block_out_channels[::-1]
+    convs = [(cfg.latent_channels, chans[0], frames, h, w)] + [(chans[0], chans[0], frames, h, w)] * 4
+    c_in = chans[0]
+    for i, c in enumerate(chans):
+        for j in range(cfg.layers_per_block + 1):
+            convs += [(c_in if j == 0 else c, c, frames, h, w), (c, c, frames, h, w)]
+        c_in = c
+        if i < cfg.spatial_levels:
+            up = chans[i + 1] if cfg.upsample_match_channel else c
+            convs.append((c, up * (8 if cfg.temporal_up(i) else 4), frames, h, w))
+            h, w, frames, c_in = 2 * h, 2 * w, frames * (2 if cfg.temporal_up(i) else 1), up
+    return convs + [(chans[-1], cfg.out_channels, frames, h, w)]
+
+
+def decode_memory_bytes(width: int, height: int, frames: int, config: Hunyuan15VAEConfig = HUNYUAN15_VAE,
+                        tiling: VAETiling | None = VAETiling(), dtype_bytes: int = 4,
+                        score_budget: int | None = None) -> dict[str, int]:
+    """Bytes a decode of `frames` video frames of width x height holds at its peak, weights excluded, by part:
+    `convolution` (the largest convolution of one chunk of one window: its unfolded input, padded input, output
+    and the residual beside it), `caches` (every causal convolution's 2 frames and the mid-block attention's
+    keys and values, for the whole clip), `attention` (one block of scores), `video` (the stitched float32
+    video and its copy as an mx.array, two rows of decoded tiles). `dtype_bytes`: the activations' width."""
+    cfg = config
+    s, tc = cfg.spatial_compression, cfg.temporal_compression
+    lat_t, lat_h, lat_w = (frames - 1) // tc + 1, height // s, width // s
+    tile, stride = lat_h, lat_h
+    spatial = bool(tiling and tiling.spatial)
+    if spatial:
+        tile, stride, _ = tiling.latent_layout(s)
+        spatial = lat_h > tile or lat_w > tile
+    h, w = (min(tile, lat_h), min(tile, lat_w)) if spatial else (lat_h, lat_w)
+    chunk = lat_t if tiling is None or tiling.chunk_frames is None else min(tiling.chunk_frames, lat_t)
+    convs = decoder_convs(cfg, h, w, chunk)
+    largest = max(
+        UNFOLD_VALUES * ci * f * y * x * UNFOLD_BYTES
+        + (ci * (f + 2) * (y + 2) * (x + 2) + co * f * y * x + max(ci, co) * f * y * x) * dtype_bytes
+        for ci, co, f, y, x in convs
+    )
+    mid = cfg.block_out_channels[-1]
+    caches = sum(ci * 2 * y * x for ci, _, _, y, x in convs) * dtype_bytes + 2 * lat_t * h * w * mid * dtype_bytes
+    scores = blocked_score_bytes(1, 1, chunk * h * w, lat_t * h * w, score_budget)
+    video = 2 * frames * height * width * 3 * 4
+    if spatial:
+        cols = len(range(0, lat_w, stride))
+        video += 2 * cols * frames * (tile * s) ** 2 * 3 * 4
+    parts = {"convolution": largest, "caches": caches, "attention": scores, "video": video}
+    return {**parts, "total": sum(parts.values())}

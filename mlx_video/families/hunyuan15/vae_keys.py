@@ -138,9 +138,8 @@ def vae_config_from_json(config_json: dict) -> Hunyuan15VAEConfig:
         raise ValueError(f"expected a HunyuanVideo 1.5 VAE config ({' or '.join(CONFIG_CLASSES)}), got {name!r}")
     if config_json.get("shift_factor"):
         raise ValueError(f"shift_factor={config_json['shift_factor']!r} is not supported (the release has none)")
-    d = Hunyuan15VAEConfig().to_dict()
+    d = {}
     for key, value in config_json.items():
-        key = CONFIG_FIELD_NAMES.get(key, key)
-        if key in d and value is not None:
-            d[key] = value
+        if value is not None:
+            d[CONFIG_FIELD_NAMES.get(key, key)] = value
     return Hunyuan15VAEConfig.from_dict(d)
