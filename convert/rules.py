@@ -103,6 +103,22 @@ class KeyMap:
         return new_key, value
 
 
+class DroppingKeyMap(KeyMap):
+    """A key map whose targets matching `drop` are left out on purpose (e.g. the decoder layers after the hidden
+    state a text encoder takes, which our encoder does not build)."""
+
+    def __init__(self, keymap: KeyMap, drop: Callable[[str], bool]):
+        self.rules, self.ignore, self.transforms, self.drop = keymap.rules, keymap.ignore, keymap.transforms, drop
+
+    def target(self, key: str):
+        hit = super().target(key)
+        return None if hit is not None and self.drop(hit[0]) else hit
+
+    def is_ignored(self, key: str) -> bool:
+        hit = super().target(key)
+        return super().is_ignored(key) or (hit is not None and self.drop(hit[0]))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Fused parameters. Where a checkpoint splits what our module holds fused (diffusers' separate q, k, v against
 # one qkv projection), the rules send the pieces to part keys `name#0`, `name#1`, ...; `fuse_parts` joins them.

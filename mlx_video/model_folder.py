@@ -175,8 +175,13 @@ class ModelFolder:
     def _check_component(self, component: str) -> None:
         d = self.path / component
         if component.startswith("tokenizer"):  # tokenizer/, tokenizer_2/ ...: tokenizer files, no weights
-            if not ((d / "spiece.model").is_file() or (d / "tokenizer.json").is_file()):
+            # (a byte tokenizer, ByT5's, has no vocabulary file: its added tokens are all it stores)
+            if not any((d / name).is_file() for name in ("spiece.model", "tokenizer.json", "added_tokens.json")):
                 raise MlxVideoError(f"missing {d}/spiece.model or {d}/tokenizer.json; {LAYOUT_HELP}")
+            return
+        if component == "feature_extractor":  # an image preprocessor's settings, no weights
+            if not (d / "preprocessor_config.json").is_file():
+                raise MlxVideoError(f"missing {d}/preprocessor_config.json; {LAYOUT_HELP}")
             return
         for name in ("config.json", INDEX):
             if not (d / name).is_file():

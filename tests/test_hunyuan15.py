@@ -3,9 +3,10 @@ configs through `mlxvid convert`; the denoising of `HunyuanVideo15Pipeline` (CFG
 `HunyuanVideo15ImageToVideoPipeline` (the step-distilled MeanFlow model) to the final latents; every key and shape
 of the published transformer (built on torch's meta device).
 
-The prompt and image encoders (Qwen2.5-VL, ByT5, SigLIP) and the 32-channel VAE are not in this build: the
-pipeline tests give both sides the same prompt states (diffusers' `prompt_embeds` arguments) and our pipeline the
-image conditioning the reference computes (its VAE latents of the image, its SigLIP features)."""
+The T2V runs go from the prompt (a tiny Qwen2.5-VL text model, a tiny ByT5 for the quoted text) through
+`mlxvid convert` and `mlxvid generate --save-latents`. The 32-channel VAE is not in this build: the I2V run gives
+both sides the same prompt states (diffusers' `prompt_embeds` arguments) and our pipeline the image conditioning
+the reference computes (its VAE latents of the image, its SigLIP features)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,9 @@ pytest.importorskip("diffusers")
 
 import mlx.core as mx  # noqa: E402
 from diffusers import (  # noqa: E402
-    AutoencoderKLHunyuanVideo15,
     ClassifierFreeGuidance,
     FlowMatchEulerDiscreteScheduler,
     HunyuanVideo15ImageToVideoPipeline,
-    HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
 )
 
@@ -31,37 +30,23 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.pipelines.base import GenerationSettings, Pipeline  # noqa: E402
 from mlxvid_test_helpers import meta_state, write_description  # noqa: E402
-
-TEXT_DIM, GLYPH_DIM, IMAGE_DIM = 20, 12, 16
-
+from tiny_hunyuan15 import (  # noqa: E402
+    GLYPH_DIM,
+    IMAGE_DIM,
+    TEXT_DIM,
+    build_tiny_t2v_pipeline,
+    save_transformer_folder,
+    tiny_transformer,
+    tiny_vae,
+)
 
 def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def tiny_transformer(heads=3, head_dim=24, layers=2, meanflow=False, seed=0, axes=(8, 8, 8)):
-    torch.manual_seed(seed)
-    model = HunyuanVideo15Transformer3DModel(
-        in_channels=9, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
-        text_embed_dim=TEXT_DIM, text_embed_2_dim=GLYPH_DIM, image_embed_dim=IMAGE_DIM, rope_axes_dim=axes,
-        use_meanflow=meanflow, target_size=64).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    return model
-
-
-def save_folder(root, model, pipeline="HunyuanVideo15Pipeline", guidance=6.0):
-    model.save_pretrained(root / "transformer")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
-    (root / "guider").mkdir()
-    (root / "guider" / "config.json").write_text(json.dumps({"guidance_scale": guidance}))
-    return root
-
-
 def converted(tmp_path_factory, name, model, **kwargs):
     root = tmp_path_factory.mktemp(name)
-    save_folder(root / "diffusers", model, **kwargs)
+    save_transformer_folder(root / "diffusers", model, **kwargs)
     main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
     return Pipeline.from_pretrained(str(root / "mlx"))
 
@@ -89,15 +74,17 @@ def reference_kwargs(states):
                 negative_prompt_embeds_mask_2=ngm)
 
 
-def tiny_vae():
-    torch.manual_seed(3)
-    return AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1).eval()
-
-
 @pytest.fixture(scope="module")
 def t2v(tmp_path_factory):
-    model = tiny_transformer()
-    return model, converted(tmp_path_factory, "hy15_t2v", model)
+    """A tiny HunyuanVideo15Pipeline (Qwen2.5-VL, ByT5, transformer) saved and converted; the reference pads its
+    prompts to fewer tokens than the released 1000 / 256 and gives T2V fewer all-zero image tokens than 729 (all
+    of it masked: the valid tokens' numbers do not change), so that it runs in seconds."""
+    root = tmp_path_factory.mktemp("hy15_t2v")
+    pipe = build_tiny_t2v_pipeline(root / "diffusers")
+    for name, value in (("tokenizer_max_length", 40), ("tokenizer_2_max_length", 32), ("vision_num_semantic_tokens", 4)):
+        setattr(pipe, name, value)
+    main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
+    return root, pipe
 
 
 # --- the transformer ------------------------------------------------------------------------------------
@@ -124,7 +111,9 @@ def test_transformer_matches_diffusers(tmp_path_factory, heads, head_dim, axes, 
     arr = lambda a: mx.array(a.numpy())  # noqa: E731
     got = model(arr(x.permute(0, 2, 3, 4, 1)), arr(t), arr(text), arr(tm), arr(glyph), arr(gm),
                 arr(features) if image else None, arr(r))
-    assert rel_err(np.array(got).transpose(0, 4, 1, 2, 3), want) < 1e-5
+    err = rel_err(np.array(got).transpose(0, 4, 1, 2, 3), want)
+    print(f"HunyuanVideo 1.5 transformer ({heads}x{head_dim}, {layers} blocks): rel {err:.2e}")
+    assert err < 1e-5
 
 
 def test_published_transformer_every_key_and_shape(tmp_path):
@@ -152,27 +141,37 @@ def test_published_transformer_every_key_and_shape(tmp_path):
 # --- the pipelines ---------------------------------------------------------------------------------------
 
 
-def reference_t2v(model, guidance, shift):
-    return HunyuanVideo15Pipeline(
-        text_encoder=None, tokenizer=None, transformer=model, vae=tiny_vae(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), text_encoder_2=None, tokenizer_2=None,
-        guider=ClassifierFreeGuidance(guidance_scale=guidance))
-
-
-@pytest.mark.parametrize("guidance,mode", [(6.0, "batched"), (1.0, "sequential")])
-def test_t2v_latents_match_diffusers(t2v, guidance, mode):
-    model, pipe = t2v
-    states = prompt_states(int(guidance))
+@pytest.mark.parametrize("prompt,guidance,mode", [('a neon sign that reads "OPEN" at sunset', 6.0, "batched"),
+                                                  ("a corgi surfs a wave", 1.0, "batched")])
+def test_t2v_from_the_prompt_matches_diffusers(t2v, prompt, guidance, mode):
+    """CFG 6 on "" with a quoted glyph (the ByT5 path runs for the prompt, not for the negative), and guidance 1
+    (one pass, the distilled models' way) without one: final latents from `mlxvid generate`."""
+    root, pipe = t2v
+    pipe.guider = pipe.guider.__class__(guidance_scale=guidance)
     init = np.random.default_rng(int(guidance)).standard_normal((1, 4, 2, 3, 4)).astype(np.float32)
-    ref = reference_t2v(model, guidance, shift=5.0)
+    np.save(root / "init.npy", init)
     with torch.no_grad():
-        want = ref(height=48, width=64, num_frames=5, num_inference_steps=3, latents=torch.from_numpy(init),
-                   output_type="latent", **reference_kwargs(states)).frames.numpy()
-    pipe.encode = lambda s, progress=False: ours_context(states if s.guidance != 1.0 else states[:1])
-    s = GenerationSettings(prompt="p", width=64, height=48, frames=5, steps=3, guidance=guidance, shift=5.0,
-                           guidance_mode=mode)
-    got = pipe.generate(s, init_latents=init).latents
-    assert rel_err(got, want) < 1e-5
+        want = pipe(prompt=prompt, height=48, width=64, num_frames=5, num_inference_steps=3,
+                    latents=torch.from_numpy(init), output_type="latent").frames.numpy()
+    main(["generate", "--model", str(root / "mlx"), "--prompt", prompt, "--size", "64x48", "--frames", "5",
+          "--steps", "3", "--guidance", str(guidance), "--guidance-mode", mode, "--init-latents",
+          str(root / "init.npy"), "--save-latents", str(root / f"out{guidance}.npy"), "--quiet", "--overwrite"])
+    got = np.load(root / f"out{guidance}.npy")
+    err = rel_err(got, want)
+    print(f"HunyuanVideo 1.5 T2V, guidance {guidance}: final latents rel {err:.2e}")
+    assert err < 1e-5
+
+
+def test_converted_folder(t2v):
+    root, _ = t2v
+    manifest = json.loads((root / "mlx" / "mlxvid.json").read_text())
+    assert manifest["family"] == "hunyuan15" and manifest["model"] == "hunyuanvideo-1.5-480p-t2v"
+    assert manifest["vae_stride"] == [4, 16, 16] and manifest["defaults"]["shift"] == 5.0
+    assert {"transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"} <= set(manifest["components"])
+    # Qwen's last two decoder layers and its final norm are not stored (the states are hidden_states[-3])
+    index = json.loads((root / "mlx" / "text_encoder" / "model.safetensors.index.json").read_text())
+    layers = {int(k.split(".")[2]) for k in index["weight_map"] if k.startswith("model.layers.")}
+    assert layers == {0, 1, 2} and "model.norm.weight" not in index["weight_map"]
 
 
 def test_meanflow_i2v_latents_match_diffusers(tmp_path_factory):
@@ -207,18 +206,25 @@ def test_meanflow_i2v_latents_match_diffusers(tmp_path_factory):
     condition = image_condition(mx.array(latents.permute(0, 2, 3, 4, 1).numpy()), t)
     pipe.encode = lambda s, progress=False: ours_context(states[:1])
     pipe.encode_image = lambda image, s, progress=False: (condition, mx.array(features.numpy()))
-    pipe.folder.has = lambda name: True  # the image's VAE latents and features come from the reference above
+    has = pipe.folder.has  # the image's VAE latents and features come from the reference above
+    pipe.folder.has = lambda name: name in ("vae", "image_encoder") or has(name)
     s = GenerationSettings(prompt="p", width=width, height=height, frames=5, steps=4, image="image.png")
     got = pipe.generate(s, init_latents=init, image=np.zeros((height, width, 3), np.float32)).latents
     assert s.guidance is None and pipe.resolve(s).guidance == 1.0 and pipe.resolve(s).shift == 7.0
-    assert rel_err(got, want) < 1e-5
+    err = rel_err(got, want)
+    print(f"HunyuanVideo 1.5 step-distilled I2V (MeanFlow, 4 steps): final latents rel {err:.2e}")
+    assert err < 1e-5
 
 
-def test_generate_refuses_what_this_build_lacks(t2v, tmp_path):
-    """No prompt encoder, no VAE: a clear error before any denoising, not a traceback."""
-    _, pipe = t2v
+def test_refusals(t2v, tmp_path_factory, tmp_path):
+    """Clear errors before any denoising: a folder without a text encoder, a video output without a VAE, LoRAs."""
+    bare = converted(tmp_path_factory, "hy15_bare", tiny_transformer())
     with pytest.raises(MlxVideoError, match="no text encoder"):
-        Pipeline.from_pretrained(str(pipe.folder.path)).generate(GenerationSettings(prompt="a cat", width=64,
-                                                                                    height=48, frames=5, steps=1))
+        bare.generate(GenerationSettings(prompt="a cat", width=64, height=48, frames=5, steps=1))
     with pytest.raises(MlxVideoError, match="LoRAs are not supported"):
-        pipe.resolve(GenerationSettings(prompt="a", loras=[{"path": str(tmp_path / "x.safetensors")}]))
+        bare.resolve(GenerationSettings(prompt="a", loras=[{"path": str(tmp_path / "x.safetensors")}]))
+    root, _ = t2v
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(root / "mlx"), "--prompt", "a cat", "--size", "64x48", "--frames", "5",
+              "--steps", "1", "--output", str(tmp_path / "out.mp4")])
+    assert not (tmp_path / "out.mp4").exists()

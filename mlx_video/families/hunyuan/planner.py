@@ -50,7 +50,7 @@ from mlx_video.convert.convert import (
 )
 from mlx_video.convert.formats import ComponentSource, FusedParts, TensorFile, classify, fused_keymap, open_tensors
 from mlx_video.convert.formats import FUSED  # noqa: F401  (re-exported for callers of this module)
-from mlx_video.convert.rules import KeyMap
+from mlx_video.convert.rules import DroppingKeyMap
 
 MODEL_ID = "hunyuanvideo-t2v"
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
@@ -143,22 +143,6 @@ def claims(src, components: dict) -> bool:
 
 # ---------------------------------------------------------------------------------------------------
 # fused views and key maps
-
-
-class DroppingKeyMap(KeyMap):
-    """A key map whose targets matching `drop` are left out on purpose (e.g. the Llama layers after the hidden
-    state the text path takes, which our encoder does not build)."""
-
-    def __init__(self, keymap: KeyMap, drop: Callable[[str], bool]):
-        self.rules, self.ignore, self.transforms, self.drop = keymap.rules, keymap.ignore, keymap.transforms, drop
-
-    def target(self, key: str):
-        hit = super().target(key)
-        return None if hit is not None and self.drop(hit[0]) else hit
-
-    def is_ignored(self, key: str) -> bool:
-        hit = super().target(key)
-        return super().is_ignored(key) or (hit is not None and self.drop(hit[0]))
 
 
 class Fp8ScaleMap(TensorFile):

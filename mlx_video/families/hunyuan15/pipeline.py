@@ -23,7 +23,7 @@ import numpy as np
 
 from mlx_video.errors import MlxVideoError
 from mlx_video.families.hunyuan15.config import Hunyuan15Config
-from mlx_video.pipelines.base import DecodeTiling, GenerationSettings, Pipeline, Predict
+from mlx_video.pipelines.base import DecodeTiling, GenerationSettings, Pipeline, Predict, release
 from mlx_video.pipelines.loop import get_guidance, guidance_none
 
 
@@ -103,19 +103,56 @@ class Hunyuan15Pipeline(Pipeline):
         prompts = [s.prompt, s.negative_prompt] if self.uses_cfg(s) else [s.prompt]
         return self.encode_prompts(prompts, progress)
 
+    def resolve(self, settings: GenerationSettings) -> GenerationSettings:
+        """The shared checks, and the prompts' lengths against the 1000 Qwen tokens (before any weights load)."""
+        s = super().resolve(settings)
+        if self.folder.has("text_encoder"):
+            from mlx_video.text_encoders.qwen25vl import CROP_START, TEXT_TOKENS, chat_text, qwen_tokenizer
+
+            tokenizer = qwen_tokenizer(self.folder.path / "tokenizer")
+            prompts = [("prompt", s.prompt)] + ([("negative prompt", s.negative_prompt)] if self.uses_cfg(s) else [])
+            for what, text in prompts:
+                n = len(tokenizer.encode(chat_text(text))) - CROP_START
+                if n > TEXT_TOKENS:
+                    raise MlxVideoError(f"the {what} is {n} tokens long with the template's closing tokens, more than "
+                                        f"the {TEXT_TOKENS} the text encoder takes; shorten it")
+        return s
+
     def encode_prompts(self, prompts: list[str], progress: bool = False):
+        """(Qwen states (B, 1000, 3584), mask, ByT5 states (B, 256, 1472), mask): the converted encoders as
+        diffusers runs them (`mlx_video.text_encoders.qwen25vl`, `.byt5`)."""
+
+        from mlx_video.text_encoders.byt5 import GLYPH_TOKENS, ByT5Tokenizer, encode_glyphs, glyph_text
+        from mlx_video.text_encoders.qwen25vl import Qwen25VLTextEncoder, encode_prompts, qwen_tokenizer
+        from mlx_video.text_encoders.t5 import T5Config, T5Encoder
+
         if not self.folder.has("text_encoder"):
-            raise MlxVideoError(
-                f"{self.folder.path} has no text encoder: this build converts HunyuanVideo 1.5's transformer only "
-                "(the Qwen2.5-VL and ByT5 encoders are not in it yet), so it cannot encode a prompt")
-        raise MlxVideoError("encoding prompts for HunyuanVideo 1.5 (Qwen2.5-VL, ByT5) is not in this build yet")
+            raise MlxVideoError(f"{self.folder.path} has no text encoder (text_encoder/, Qwen2.5-VL): re-convert it "
+                                "from a folder that has one")
+        qwen = Qwen25VLTextEncoder(self.folder.config("text_encoder"))
+        self.folder.load_module("text_encoder", qwen)
+        text, text_mask = encode_prompts(qwen, qwen_tokenizer(self.folder.path / "tokenizer"), prompts)
+        mx.eval(text, text_mask)
+        del qwen
+        release()
+        if not any(glyph_text(p) is not None for p in prompts):  # what encode_glyphs gives without quotes
+            glyph = mx.zeros((len(prompts), GLYPH_TOKENS, self.transformer_config.glyph_dim))
+            return text, text_mask, glyph, mx.zeros((len(prompts), GLYPH_TOKENS), dtype=mx.int32)
+        if not self.folder.has("text_encoder_2"):
+            raise MlxVideoError(f"the prompt quotes text, which the ByT5 glyph encoder encodes, and "
+                                f"{self.folder.path} has none (text_encoder_2/)")
+        byt5 = T5Encoder(T5Config.from_dict(self.folder.config("text_encoder_2")))
+        self.folder.load_module("text_encoder_2", byt5)
+        glyph, glyph_mask = encode_glyphs(byt5, ByT5Tokenizer.from_folder(self.folder.path / "tokenizer_2"), prompts)
+        mx.eval(glyph, glyph_mask)
+        return text, text_mask, glyph, glyph_mask
 
     def encode_image(self, image: np.ndarray, s: GenerationSettings, progress: bool = False):
         """(condition (1, T, h, w, C + 1), SigLIP features (1, 729, 1152)) of the (height, width, 3) image in [-1, 1]."""
         if not self.folder.has("vae") or not self.folder.has("image_encoder"):
             raise MlxVideoError(f"{self.folder.path} has no VAE or SigLIP image encoder, which an I2V run needs "
-                                "(this build converts HunyuanVideo 1.5's transformer only)")
-        raise MlxVideoError("encoding the image for HunyuanVideo 1.5 (VAE, SigLIP) is not in this build yet")
+                                "(HunyuanVideo 1.5's VAE is not in this build yet)")
+        raise MlxVideoError("encoding the image for HunyuanVideo 1.5 needs its VAE, which is not in this build yet")
 
     def generate(self, settings: GenerationSettings, init_latents=None, progress: bool = False, image=None, hooks=()):
         """The shared generate; an I2V run encodes its image first (the condition latents and SigLIP features)."""

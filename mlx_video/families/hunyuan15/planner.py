@@ -9,12 +9,16 @@ Which published model a folder is: `--base` when given; else, for the official l
 transformer's `target_size` (640: 480p, 960: 720p) and `use_meanflow`, and the guider's guidance scale (1: the
 CFG-distilled models).
 
-The converted folder holds the transformer; the text encoders (Qwen2.5-VL, ByT5, SigLIP) and the VAE are planned
-by their own modules where this build has them.
+Beside the transformer, a diffusers folder's encoders are converted when it has them: `text_encoder/` (Qwen2.5-VL's
+language model, without the two decoder layers after the hidden state it gives and the final norm) with
+`tokenizer/` (its tokenizer.json, checked to split the chat template's system turn into the 108 tokens the crop
+assumes), `text_encoder_2/` (the ByT5 glyph encoder) with `tokenizer_2/`, and for I2V `image_encoder/` (SigLIP)
+with `feature_extractor/`. The 32-channel VAE is not converted yet.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -39,6 +43,10 @@ from mlx_video.model_folder import MANIFEST
 FAMILY = "hunyuan15"
 PIPELINES = {"HunyuanVideo15Pipeline": "t2v", "HunyuanVideo15ImageToVideoPipeline": "i2v"}
 OVERRIDES = {"transformer": "--transformer"}
+ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder")
+TOKENIZER_FILES = {"tokenizer": ("tokenizer.json", "tokenizer_config.json"),
+                   "tokenizer_2": ("added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"),
+                   "feature_extractor": ("preprocessor_config.json",)}
 DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
                      "tokenizer_2/*", "vae/*", "scheduler/*", "guider/*", "image_encoder/*", "feature_extractor/*"]
 LOW_PRECISION_TRANSFORMER = re.compile(
@@ -87,10 +95,12 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
     replace_components(inputs, components, OVERRIDES)
     spec = _pick_model(src, inputs["transformer"], variant, base)
     transformer, cfg = _transformer_plan(inputs["transformer"], spec, log)
+    planned = [transformer, *_encoder_plans(inputs, cfg)]
     manifest = model_manifest(FAMILY, spec, list(spec.vae_stride), spec.vae_stride[1] * cfg.patch_size[1],
                               dict(spec.defaults))
-    conversion = finish_plan(source_format, manifest, [transformer], {}, allow_unknown_keys, log)
-    conversion.source_format = with_overrides(source_format, components, [transformer], OVERRIDES)
+    copy_files = _tokenizer_files(src, inputs) if variant is None else {}
+    conversion = finish_plan(source_format, manifest, planned, copy_files, allow_unknown_keys, log)
+    conversion.source_format = with_overrides(source_format, components, planned, OVERRIDES)
     return conversion
 
 
@@ -103,8 +113,9 @@ def _source_inputs(src: Path, base: str | None) -> tuple[dict, str, str | None]:
                                 f"{' or '.join(PIPELINES)}")
         if not (src / "transformer").is_dir():
             raise MlxVideoError(f"{src} has no transformer/")
-        return {"transformer": component_input("transformer", src / "transformer", f"{src.name}/transformer")}, \
-            f"diffusers ({pipeline})", None
+        inputs = {name: component_input(name, src / name, f"{src.name}/{name}")
+                  for name in ("transformer", *ENCODERS) if (src / name).is_dir()}
+        return inputs, f"diffusers ({pipeline})", None
     variants = official_variants(src)
     variant = _official_variant(src, variants, base)
     folder = src / "transformer" / variant
@@ -172,3 +183,93 @@ def _transformer_plan(inp, spec, log) -> tuple[ComponentPlan, object]:
         log(f"note: the transformer's configuration differs from {spec.id}'s published one; converting it as it is")
     return ComponentPlan("transformer", source, keymap, cfg.to_dict(), Hunyuan15Transformer(cfg), origin=inp.origin,
                          low_precision=LOW_PRECISION_TRANSFORMER), cfg
+
+
+# --- the encoders -----------------------------------------------------------------------------------------
+
+
+def _tokenizer_files(src: Path, inputs: dict) -> dict:
+    """The tokenizer and preprocessor files to copy beside the converted encoders (those the folder has)."""
+    files = {}
+    for folder, names in TOKENIZER_FILES.items():
+        found = [(src / folder / n, n) for n in names if (src / folder / n).is_file()]
+        if found:
+            files[folder] = found
+    if "tokenizer_2" in files and not (src / "tokenizer_2" / "added_tokens.json").is_file():
+        files["tokenizer_2"].append((_byt5_added_tokens(src / "tokenizer_2"), "added_tokens.json"))
+    if "text_encoder" in inputs:
+        _check_qwen_tokenizer(src / "tokenizer")
+    return files
+
+
+def _byt5_added_tokens(folder: Path) -> bytes:
+    """ByT5's added tokens as added_tokens.json ({token: id}), which the converted folder always holds (the
+    source may list them in tokenizer_config.json only)."""
+    from mlx_video.text_encoders.byt5 import BASE_VOCAB, ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer.from_folder(folder)
+    return json.dumps({t: i for t, i in tokenizer.ids.items() if i >= BASE_VOCAB}).encode()
+
+
+def _check_qwen_tokenizer(folder: Path) -> None:
+    from mlx_video.text_encoders.qwen25vl import CROP_START, qwen_tokenizer, template_crop_start
+
+    if not (folder / "tokenizer.json").is_file():
+        raise MlxVideoError(f"{folder} has no tokenizer.json (the Qwen2.5-VL tokenizer the text encoder needs)")
+    crop = template_crop_start(qwen_tokenizer(folder))
+    if crop != CROP_START:
+        raise MlxVideoError(f"{folder / 'tokenizer.json'} splits the prompt template's system turn into {crop} "
+                            f"tokens, not {CROP_START}: it is not the Qwen2.5-VL tokenizer HunyuanVideo 1.5 uses")
+
+
+def _encoder_plans(inputs: dict, cfg) -> list[ComponentPlan]:
+    builders = {"text_encoder": _qwen_plan, "text_encoder_2": _byt5_plan, "image_encoder": _siglip_plan}
+    return [builders[name](inputs[name], cfg) for name in ENCODERS if name in inputs]
+
+
+def _qwen_plan(inp, cfg) -> ComponentPlan:
+    from mlx_video.convert.rules import DroppingKeyMap
+    from mlx_video.text_encoders.qwen25vl import TRANSFORMERS_QWEN25VL_TEXT, Qwen25VLTextEncoder
+
+    config = dict(inp.config_json or {})
+    with config_errors(inp, ValueError, KeyError, TypeError):
+        encoder = Qwen25VLTextEncoder(config)
+    if encoder.args.hidden_size != cfg.text_dim:
+        raise MlxVideoError(f"{inp.origin} gives {encoder.args.hidden_size}-wide states; the transformer takes "
+                            f"{cfg.text_dim}")
+    keymap = DroppingKeyMap(TRANSFORMERS_QWEN25VL_TEXT, encoder.is_unused)
+    return ComponentPlan("text_encoder", ComponentSource(open_tensors(inp.path, inp.origin), inp.origin), keymap,
+                         config, encoder, origin=inp.origin)
+
+
+def _byt5_plan(inp, cfg) -> ComponentPlan:
+    from mlx_video.convert.rules import KeyMap
+    from mlx_video.text_encoders.byt5 import BYT5_KEYS
+    from mlx_video.text_encoders.t5 import T5Config, T5Encoder
+
+    source = ComponentSource(open_tensors(inp.path, inp.origin), inp.origin)
+    keys = set(source.keys())
+    embedding = "shared.weight" if "shared.weight" in keys else "encoder.embed_tokens.weight"
+    if embedding not in keys:
+        raise MlxVideoError(f"{inp.origin} has no token embedding (shared.weight): is it the ByT5 encoder?")
+    with config_errors(inp, ValueError, KeyError, TypeError):
+        config = T5Config.from_transformers(inp.config_json or {})
+        config = T5Config.from_dict({**config.to_dict(), "vocab_size": source.shape(embedding)[0]})
+    if config.dim != cfg.glyph_dim:
+        raise MlxVideoError(f"{inp.origin} gives {config.dim}-wide states; the transformer's byt5_in takes {cfg.glyph_dim}")
+    # the tied embedding may be stored twice (shared and encoder.embed_tokens): one is read
+    ignore = [p.pattern for p in BYT5_KEYS.ignore] + ([r"encoder\.embed_tokens\.weight"] if embedding == "shared.weight" else [])
+    keymap = KeyMap([rule for _, rule in BYT5_KEYS.rules], ignore, BYT5_KEYS.transforms)
+    return ComponentPlan("text_encoder_2", source, keymap, config.to_dict(), T5Encoder(config), origin=inp.origin)
+
+
+def _siglip_plan(inp, cfg) -> ComponentPlan:
+    from mlx_video.image_encoders.siglip import SIGLIP_VISION_KEYS, SiglipVisionConfig, SiglipVisionEncoder
+
+    with config_errors(inp, ValueError, KeyError, TypeError):
+        config = SiglipVisionConfig.from_transformers(inp.config_json or {})
+    if config.hidden_size != cfg.image_dim:
+        raise MlxVideoError(f"{inp.origin} gives {config.hidden_size}-wide features; the transformer's vision_in "
+                            f"takes {cfg.image_dim}")
+    return ComponentPlan("image_encoder", ComponentSource(open_tensors(inp.path, inp.origin), inp.origin),
+                         SIGLIP_VISION_KEYS, config.to_dict(), SiglipVisionEncoder(config), origin=inp.origin)

@@ -172,6 +172,21 @@ def valid_tokens(parts: list[tuple[mx.array, mx.array | None]]) -> tuple[mx.arra
     return gathered, mx.array(np.arange(n)[None, :] < counts[:, None])
 
 
+def used_columns(tokens: mx.array, mask: mx.array | None) -> tuple[mx.array | None, mx.array | None]:
+    """`tokens` (B, L, dim) and `mask` (B, L) without the columns that are padding in every sample; (None, None)
+    when no column is valid. A mask that keeps every column is returned as None."""
+    if mask is None:
+        return tokens, None
+    keep = np.array(mask).astype(bool)
+    columns = np.nonzero(keep.any(axis=0))[0]
+    if len(columns) == 0:
+        return None, None
+    if len(columns) < keep.shape[1]:
+        tokens, mask = tokens[:, mx.array(columns)], mask[:, mx.array(columns)]
+        keep = keep[:, columns]
+    return tokens, None if keep.all() else mask
+
+
 @dataclass
 class Hunyuan15State:
     """What flows between embed, blocks and head. img (B, N, dim) and txt (B, L, dim) are float32."""
@@ -244,15 +259,23 @@ class Hunyuan15Transformer(nn.Module):
         return vec, t_sinusoid
 
     def text_tokens(self, text, text_mask, glyph, glyph_mask, image, t_sinusoid):
-        """The joint text sequence (valid image, glyph and text tokens) and its padding mask (see valid_tokens)."""
+        """The joint text sequence (valid image, glyph and text tokens) and its padding mask (see valid_tokens).
+        Columns that are padding in every sample are dropped first (the 1000-token Qwen padding, the 256 glyph
+        slots): a valid token never attends to them, and the refiner's pooling skips them."""
         dtype, kind = self.dtype, self.cond_type_embedding.weight.astype(mx.float32)
-        text_mask = None if text_mask is None else text_mask.astype(mx.bool_)
         parts = []
         if image is not None:
             parts.append((self.vision_in(image, dtype) + kind[IMAGE], None))
         if glyph is not None:
-            parts.append((self.byt5_in(glyph, dtype) + kind[GLYPH], glyph_mask))
-        parts.append((self.txt_in(text, text_mask, t_sinusoid, dtype) + kind[TEXT], text_mask))
+            glyph, glyph_mask = used_columns(glyph, glyph_mask)
+            if glyph is not None:
+                parts.append((self.byt5_in(glyph, dtype) + kind[GLYPH], glyph_mask))
+        text, text_mask = used_columns(text, text_mask)
+        if text is not None:
+            mask = None if text_mask is None else text_mask.astype(mx.bool_)
+            parts.append((self.txt_in(text, mask, t_sinusoid, dtype) + kind[TEXT], text_mask))
+        if not parts:
+            return mx.zeros((t_sinusoid.shape[0], 0, self.config.hidden_size)), None
         return valid_tokens(parts)
 
     def embed(self, x: mx.array, timestep: mx.array, text: mx.array, text_mask: mx.array | None,

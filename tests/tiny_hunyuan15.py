@@ -1,0 +1,107 @@
+"""A tiny random HunyuanVideo 1.5 reference pipeline, built offline with diffusers, transformers and tokenizers.
+
+The Qwen tokenizer is a byte-level BPE with Qwen2's pre-tokenizer (NFC, its split pattern, then byte-level
+without its own regex), trained on the chat template and a few prompts: it splits the system turn as the released
+tokenizer does, into the 108 tokens diffusers crops. Its chat template renders a system and a user turn with the
+generation prompt as Qwen2.5-VL's does (a minimal Jinja template of ours, for the two-turn case only). ByT5's
+tokenizer is transformers' own (bytes, no files).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TEXT_DIM, GLYPH_DIM, IMAGE_DIM = 20, 12, 16
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+              r"\s+(?!\S)|\s+")
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TWO_TURN_TEMPLATE = ("<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n<|im_start|>user\n"
+                     "{{ messages[1]['content'] }}<|im_end|>\n{% if add_generation_prompt %}<|im_start|>assistant\n"
+                     "{% endif %}")
+SENTENCES = ["a corgi surfs a wave at sunset, a neon sign that reads OPEN", "static, blurry, low quality"]
+
+
+def tiny_transformer(heads=3, head_dim=24, layers=2, meanflow=False, seed=0, axes=(8, 8, 8), text_dim=TEXT_DIM):
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    model = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
+        text_embed_dim=text_dim, text_embed_2_dim=GLYPH_DIM, image_embed_dim=IMAGE_DIM, rope_axes_dim=axes,
+        use_meanflow=meanflow, target_size=64).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    torch.manual_seed(3)
+    return AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1).eval()
+
+
+def qwen_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mlx_video.text_encoders.qwen25vl import chat_text
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=QWEN_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([chat_text(s) for s in SENTENCES] * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", padding_side="right",
+                                   chat_template=TWO_TURN_TEMPLATE)
+
+
+def randomize_(module, seed: int) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+
+
+def build_tiny_t2v_pipeline(folder: Path, guidance: float = 6.0, shift: float = 5.0):
+    """A HunyuanVideo15Pipeline with a 5-layer Qwen2.5-VL text model (2 heads of 12 for its 24 wide states), a
+    2-layer ByT5 encoder, a 2-block transformer of 3 heads of 16, saved with save_pretrained into `folder`."""
+    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    tokenizer = qwen_tokenizer()
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=24, intermediate_size=40, num_hidden_layers=5, num_attention_heads=2,
+        num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0})).eval()
+    randomize_(qwen, 1)
+    byt5 = T5EncoderModel(T5Config(vocab_size=384, d_model=GLYPH_DIM, d_kv=6, d_ff=20, num_layers=2, num_heads=2,
+                                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)).eval()
+    randomize_(byt5, 2)
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=qwen, tokenizer=tokenizer, transformer=tiny_transformer(3, 16, 2, seed=4, axes=(4, 6, 6), text_dim=24),
+        vae=tiny_vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), text_encoder_2=byt5,
+        tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=guidance))
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def save_transformer_folder(root: Path, model, pipeline="HunyuanVideo15Pipeline", guidance=6.0) -> Path:
+    """A diffusers folder holding the transformer alone (model_index.json, transformer/, guider/)."""
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    (root / "guider").mkdir()
+    (root / "guider" / "config.json").write_text(json.dumps({"guidance_scale": guidance}))
+    return root
