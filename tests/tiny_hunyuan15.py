@@ -75,10 +75,9 @@ def randomize_(module, seed: int) -> None:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
 
 
-def build_tiny_t2v_pipeline(folder: Path, guidance: float = 6.0, shift: float = 5.0):
-    """A HunyuanVideo15Pipeline with a 5-layer Qwen2.5-VL text model (2 heads of 12 for its 24 wide states), a
-    2-layer ByT5 encoder, a 2-block transformer of 3 heads of 16, saved with save_pretrained into `folder`."""
-    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+def tiny_encoders() -> dict:
+    """The reference pipelines' prompt modules: a 5-layer Qwen2.5-VL text model (2 heads of 12, 24 wide states) with
+    its tokenizer, a 2-layer ByT5 encoder with transformers' byte tokenizer."""
     from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
 
     tokenizer = qwen_tokenizer()
@@ -90,10 +89,37 @@ def build_tiny_t2v_pipeline(folder: Path, guidance: float = 6.0, shift: float = 
     byt5 = T5EncoderModel(T5Config(vocab_size=384, d_model=GLYPH_DIM, d_kv=6, d_ff=20, num_layers=2, num_heads=2,
                                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)).eval()
     randomize_(byt5, 2)
+    return dict(text_encoder=qwen, tokenizer=tokenizer, text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer(), vae=tiny_vae())
+
+
+def build_tiny_t2v_pipeline(folder: Path, guidance: float = 6.0, shift: float = 5.0):
+    """A HunyuanVideo15Pipeline (`tiny_encoders`, a 2-block transformer of 3 heads of 16, the tiny VAE), saved
+    with save_pretrained into `folder`."""
+    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+
     pipe = HunyuanVideo15Pipeline(
-        text_encoder=qwen, tokenizer=tokenizer, transformer=tiny_transformer(3, 16, 2, seed=4, axes=(4, 6, 6), text_dim=24),
-        vae=tiny_vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), text_encoder_2=byt5,
-        tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=guidance))
+        transformer=tiny_transformer(3, 16, 2, seed=4, axes=(4, 6, 6), text_dim=24),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), guider=ClassifierFreeGuidance(guidance_scale=guidance),
+        **tiny_encoders())
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def build_tiny_i2v_pipeline(folder: Path, guidance: float = 1.0, shift: float = 7.0, meanflow: bool = True):
+    """A HunyuanVideo15ImageToVideoPipeline: `tiny_encoders`, a 2-block transformer of 2 heads of 20 (MeanFlow by
+    default, as the step-distilled model), a 1-layer SigLIP of 16 on 28x28 pixels; saved into `folder`."""
+    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(6)
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=IMAGE_DIM, intermediate_size=24, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=28, patch_size=14)).eval()
+    randomize_(siglip, 7)
+    pipe = HunyuanVideo15ImageToVideoPipeline(
+        transformer=tiny_transformer(2, 20, 2, meanflow=meanflow, seed=5, axes=(4, 8, 8), text_dim=24),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), guider=ClassifierFreeGuidance(guidance_scale=guidance),
+        image_encoder=siglip, feature_extractor=SiglipImageProcessor(size={"height": 28, "width": 28}),
+        **tiny_encoders())
     pipe.save_pretrained(folder)
     return pipe
 

@@ -11,7 +11,7 @@ tokens (an upper bound: the prompt's real tokens, at most 1000 Qwen tokens + 256
 The text encoders are Qwen2.5-VL-7B-Instruct's language model up to hidden state -3 (26 of its 28 layers:
 hidden 3584, MLP 18944, 28 query / 4 key-value heads of 128, vocabulary 152064; its published config.json) and
 ByT5-small's encoder (d_model 1472, 12 layers, d_ff 3584, 6 heads of 64), SigLIP so400m (1152 wide, 27 layers,
-MLP 4304) for I2V. Decoding is not modelled yet: this build has no HunyuanVideo 1.5 VAE.
+MLP 4304) for I2V. Decoding is the VAE module's own estimate (`vae.decode_memory_bytes`), its weights in float32.
 """
 
 from __future__ import annotations
@@ -82,6 +82,15 @@ def siglip_params() -> int:
     return s["layers"] * (4 * s["dim"] ** 2 + 2 * s["dim"] * s["mlp"]) + 3 * s["patch"] ** 2 * s["dim"]
 
 
+@lru_cache(maxsize=4)
+def vae_params(config=None) -> int:
+    from mlx.utils import tree_flatten
+
+    from .vae import HUNYUAN15_VAE, Hunyuan15VAE
+
+    return sum(v.size for _, v in tree_flatten(Hunyuan15VAE(config or HUNYUAN15_VAE).parameters()))
+
+
 def _bytes(count: ParamCount, dtype: str, quantize: str | None, group_size: int) -> int:
     return int(count.block_linear * bytes_per_weight(dtype, quantize, group_size) + count.other * dtype_bytes(dtype))
 
@@ -93,7 +102,7 @@ def weight_bytes(spec, dtype: str = "bf16", quantize: str | None = None, group_s
     encoders = byt5_params() + (siglip_params() if spec.task == "i2v" else 0)
     out = {"transformer_expert": expert, "transformer_all_experts": expert,
            "text_encoder": _bytes(qwen_params(), dtype, quantize, group_size),
-           "text_encoder_2": encoders * dtype_bytes(dtype)}
+           "text_encoder_2": encoders * dtype_bytes(dtype), "vae": vae_params() * 4}
     out["total_on_disk"] = sum(v for k, v in out.items() if k != "transformer_all_experts")
     return out
 
@@ -164,13 +173,21 @@ def text_encoding_activation_bytes(prompts: int = 1) -> int:
     return int(prompts * length * (6 * q["dim"] + 3 * q["mlp"]) * 4 + 2 * prompts * q["heads"] * length**2 * 4)
 
 
+def decode_activation_bytes(width: int, height: int, frames: int, vae_config=None, vae_tiling="tiled") -> int:
+    from .vae import HUNYUAN15_VAE, VAETiling, decode_memory_bytes
+
+    tiling = VAETiling() if vae_tiling == "tiled" else vae_tiling
+    return decode_memory_bytes(width, height, frames, vae_config or HUNYUAN15_VAE, tiling)["total"]
+
+
 def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str = "bf16", quantize: str | None = None,
                          group_size: int = DEFAULT_GROUP_SIZE, guidance: bool | None = None,
                          fused_attention: bool = True, transformer: Hunyuan15Config | None = None,
-                         stored: dict | None = None, **_ignored) -> PeakEstimate:
+                         stored: dict | None = None, vae_config=None, vae_tiling="tiled", **_ignored) -> PeakEstimate:
     """Peak bytes of each stage, run one after the other with only that stage's weights resident: text_encoding
     (Qwen; two prompts with CFG) and denoising (the transformer; `guidance`: CFG batched, batch 2; default: the
-    model's default scale > 1)."""
+    model's default scale > 1) and decoding (the VAE with `vae_tiling`: a `VAETiling`, or "tiled" for its
+    default 256-pixel tiles)."""
     config = transformer or spec.transformer
     guidance = spec.default("guidance", 1.0) > 1.0 if guidance is None else guidance
     weights = weight_bytes(spec, dtype, quantize, group_size, config)
@@ -183,6 +200,8 @@ def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str 
         "denoising": {"weights": weights["transformer_expert"],
                       "activations": activation_bytes(config, n, text_tokens(spec), batch, dtype, fused_attention)},
     }
+    stages["decoding"] = {"weights": weights["vae"],
+                          "activations": decode_activation_bytes(width, height, frames, vae_config, vae_tiling)}
     for stage in stages.values():
         stage["total"] = stage["weights"] + stage["activations"]
     peak = max(stages, key=lambda k: stages[k]["total"])

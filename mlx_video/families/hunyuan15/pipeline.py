@@ -23,7 +23,14 @@ import numpy as np
 
 from mlx_video.errors import MlxVideoError
 from mlx_video.families.hunyuan15.config import Hunyuan15Config
-from mlx_video.pipelines.base import DecodeTiling, GenerationSettings, Pipeline, Predict, release
+from mlx_video.pipelines.base import (
+    DecodeTiling,
+    GenerationSettings,
+    Pipeline,
+    Predict,
+    available_memory_bytes,
+    release,
+)
 from mlx_video.pipelines.loop import get_guidance, guidance_none
 
 
@@ -148,11 +155,35 @@ class Hunyuan15Pipeline(Pipeline):
         return text, text_mask, glyph, glyph_mask
 
     def encode_image(self, image: np.ndarray, s: GenerationSettings, progress: bool = False):
-        """(condition (1, T, h, w, C + 1), SigLIP features (1, 729, 1152)) of the (height, width, 3) image in [-1, 1]."""
-        if not self.folder.has("vae") or not self.folder.has("image_encoder"):
-            raise MlxVideoError(f"{self.folder.path} has no VAE or SigLIP image encoder, which an I2V run needs "
-                                "(HunyuanVideo 1.5's VAE is not in this build yet)")
-        raise MlxVideoError("encoding the image for HunyuanVideo 1.5 needs its VAE, which is not in this build yet")
+        """(condition (1, T, h, w, C + 1), SigLIP features (1, 729, 1152)) of the (height, width, 3) image in
+        [-1, 1], already fitted to the video size: the VAE's latent mean of the image (x the scaling factor, as
+        diffusers' `retrieve_latents(..., "argmax")`) on latent frame 0 with the mask channel, and SigLIP's states
+        of the same pixels (as 8-bit RGB, which they are: `mlx_video.io.image.fit_image` makes them from one)."""
+        from mlx_video.families.hunyuan15.vae import Hunyuan15VAE, Hunyuan15VAEConfig, VAETiling
+        from mlx_video.image_encoders.siglip import SiglipPreprocess, SiglipVisionConfig, SiglipVisionEncoder
+        from mlx_video.image_encoders.siglip import encode_image as siglip_states
+
+        for needed, what in (("vae", "VAE (vae/)"), ("image_encoder", "SigLIP image encoder (image_encoder/)")):
+            if not self.folder.has(needed):
+                raise MlxVideoError(f"{self.folder.path} has no {what}, which an image-to-video run needs")
+        if image.shape != (s.height, s.width, 3):
+            raise MlxVideoError(f"the conditioning image is {image.shape}, expected ({s.height}, {s.width}, 3)")
+        vae = Hunyuan15VAE(Hunyuan15VAEConfig.from_dict(self.folder.config("vae")))
+        self.folder.load_module("vae", vae)
+        latents = vae.encode(mx.array(image, dtype=mx.float32)[None, None], tiling=VAETiling(spatial=False))
+        mx.eval(latents)
+        del vae
+        siglip = SiglipVisionEncoder(SiglipVisionConfig.from_dict(self.folder.config("image_encoder")))
+        self.folder.load_module("image_encoder", siglip)
+        settings = self.folder.path / "feature_extractor" / "preprocessor_config.json"
+        preprocess = SiglipPreprocess.from_file(settings) if settings.is_file() else SiglipPreprocess()
+        rgb = np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        features = siglip_states(siglip, rgb, preprocess)
+        mx.eval(features)
+        del siglip
+        release()
+        latent_frames = self.spec.latent_grid(s.width, s.height, s.frames)[0]
+        return image_condition(latents, latent_frames), features
 
     def generate(self, settings: GenerationSettings, init_latents=None, progress: bool = False, image=None, hooks=()):
         """The shared generate; an I2V run encodes its image first (the condition latents and SigLIP features)."""
@@ -202,23 +233,68 @@ class Hunyuan15Pipeline(Pipeline):
         from mlx_video.families.hunyuan15 import cost_model as cost
 
         name = {mx.bfloat16: "bf16", mx.float16: "fp16", mx.float32: "fp32"}[self.dtype]
+        from mlx_video.families.hunyuan15.vae import Hunyuan15VAEConfig
+
         stored = {"transformer_expert": self.component_bytes("transformer"),
                   "text_encoder": self.component_bytes("text_encoder"), "vae": self.component_bytes("vae")}
+        vae_config, tile = None, "tiled"
+        if self.can_decode:
+            vae_config = Hunyuan15VAEConfig.from_dict(self.folder.config("vae"))
+            _, _, _, h, w = self.latent_shape(s)
+            tile = self.vae_tile(tiling, (h, w), s.frames).plan
         estimate = cost.estimate_peak_memory(
             self.spec, s.width, s.height, s.frames, name,
             guidance=self.uses_cfg(s) and s.guidance_mode == "batched", fused_attention=mx.metal.is_available(),
-            transformer=self.transformer_config, stored=stored)
+            transformer=self.transformer_config, stored=stored, vae_config=vae_config, vae_tiling=tile)
         stages = {k: v["total"] for k, v in estimate.stages.items()}
+        if not self.can_decode:
+            stages.pop("decoding")
         peak = max(stages, key=stages.get)
         return {"stages": stages, "peak_stage": peak, "peak_bytes": stages[peak], "detail": estimate.stages}
 
     # ---- decoding ----
 
     def vae_tile(self, mode: str, latent_hw: tuple[int, int], frames: int | None = None) -> DecodeTiling:
+        """The VAE's tiling (`plan`: a `mlx_video.families.hunyuan15.vae.VAETiling`): `off` decodes the whole
+        frame two latent frames at a time (the same numbers as one pass), `on` also in overlapping 256-pixel
+        tiles (diffusers' `enable_tiling()`), `auto` tiles when the untiled decode's estimate
+        (`vae.decode_memory_bytes`) is more than half the memory available now."""
+        from mlx_video.families.hunyuan15.vae import Hunyuan15VAEConfig, VAETiling, decode_memory_bytes
+
         if mode not in ("auto", "on", "off"):
             raise MlxVideoError(f"--vae-tiling takes auto, on or off, not {mode!r}")
-        return DecodeTiling(spatial=mode == "on", temporal=False)
+        chunked, tiled = VAETiling(spatial=False), VAETiling()
+        if mode != "auto" or not self.can_decode:
+            plan = tiled if mode == "on" else chunked
+        else:
+            cfg = Hunyuan15VAEConfig.from_dict(self.folder.config("vae"))
+            h, w = latent_hw
+            s = cfg.spatial_compression
+            untiled = decode_memory_bytes(w * s, h * s, frames or self.spec.frames, cfg, chunked)["total"]
+            available = available_memory_bytes()
+            plan = tiled if available is not None and untiled > available // 2 else chunked
+        return DecodeTiling(spatial=plan.spatial, temporal=True, plan=plan)
 
     def decode(self, latents: np.ndarray, tiling: str = "auto", progress: bool = False) -> tuple[np.ndarray, dict]:
-        raise MlxVideoError(f"{self.folder.path} cannot decode: HunyuanVideo 1.5's VAE is not in this build yet; "
-                            "keep the latents (--output with .npy / --save-latents) to decode them later")
+        """(1, 32, T, h, w) latents -> (frames, height, width, 3) uint8 video, and decoding statistics."""
+        from tqdm.auto import tqdm
+
+        from mlx_video.families.hunyuan15.vae import Hunyuan15VAE, Hunyuan15VAEConfig
+
+        if not self.can_decode:
+            raise MlxVideoError(f"{self.folder.path} has no vae/ component; re-convert it from a folder with vae/")
+        z = mx.array(latents).transpose(0, 2, 3, 4, 1)
+        frames = (z.shape[1] - 1) * self.spec.frame_stride + 1
+        tile = self.vae_tile(tiling, (z.shape[2], z.shape[3]), frames).plan
+        vae = Hunyuan15VAE(Hunyuan15VAEConfig.from_dict(self.folder.config("vae")))
+        self.folder.load_module("vae", vae)
+        mx.reset_peak_memory()
+        with tqdm(total=1, desc="decoding", disable=not progress) as bar:
+            video = vae.decode(z, tiling=tile)[0]
+            pixels = np.array(mx.clip(mx.round((video + 1.0) * 127.5), 0, 255).astype(mx.uint8))
+            bar.update()
+        stats = {"vae_peak_memory_bytes": int(mx.get_peak_memory()),
+                 "vae_tile": {"spatial": tile.spatial, "temporal": True}}
+        del vae
+        release()
+        return pixels, stats

@@ -13,7 +13,9 @@ Beside the transformer, a diffusers folder's encoders are converted when it has 
 language model, without the two decoder layers after the hidden state it gives and the final norm) with
 `tokenizer/` (its tokenizer.json, checked to split the chat template's system turn into the 108 tokens the crop
 assumes), `text_encoder_2/` (the ByT5 glyph encoder) with `tokenizer_2/`, and for I2V `image_encoder/` (SigLIP)
-with `feature_extractor/`. The 32-channel VAE is not converted yet.
+with `feature_extractor/`, and `vae/` (kept in float32, as the reference runs it). The official layout's
+`vae/` (official names, `vae_keys.py`) converts with its transformer; its text and vision encoders are not read
+from that layout yet (`text_encoder/llm`, `byt5-small` + Glyph-SDXL-v2, `vision_encoder/siglip`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from mlx_video.model_folder import MANIFEST
 FAMILY = "hunyuan15"
 PIPELINES = {"HunyuanVideo15Pipeline": "t2v", "HunyuanVideo15ImageToVideoPipeline": "i2v"}
 OVERRIDES = {"transformer": "--transformer"}
-ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder")
+ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder", "vae")
 TOKENIZER_FILES = {"tokenizer": ("tokenizer.json", "tokenizer_config.json"),
                    "tokenizer_2": ("added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"),
                    "feature_extractor": ("preprocessor_config.json",)}
@@ -119,8 +121,10 @@ def _source_inputs(src: Path, base: str | None) -> tuple[dict, str, str | None]:
     variants = official_variants(src)
     variant = _official_variant(src, variants, base)
     folder = src / "transformer" / variant
-    return {"transformer": component_input("transformer", folder, f"{src.name}/transformer/{variant}")}, \
-        f"the official release layout (HunyuanVideo 1.5, {variant})", variant
+    inputs = {"transformer": component_input("transformer", folder, f"{src.name}/transformer/{variant}")}
+    if (src / "vae").is_dir():
+        inputs["vae"] = component_input("vae", src / "vae", f"{src.name}/vae")
+    return inputs, f"the official release layout (HunyuanVideo 1.5, {variant})", variant
 
 
 def _official_variant(src: Path, variants: list[str], base: str | None) -> str:
@@ -223,7 +227,8 @@ def _check_qwen_tokenizer(folder: Path) -> None:
 
 
 def _encoder_plans(inputs: dict, cfg) -> list[ComponentPlan]:
-    builders = {"text_encoder": _qwen_plan, "text_encoder_2": _byt5_plan, "image_encoder": _siglip_plan}
+    builders = {"text_encoder": _qwen_plan, "text_encoder_2": _byt5_plan, "image_encoder": _siglip_plan,
+                "vae": _vae_plan}
     return [builders[name](inputs[name], cfg) for name in ENCODERS if name in inputs]
 
 
@@ -273,3 +278,17 @@ def _siglip_plan(inp, cfg) -> ComponentPlan:
                             f"takes {cfg.image_dim}")
     return ComponentPlan("image_encoder", ComponentSource(open_tensors(inp.path, inp.origin), inp.origin),
                          SIGLIP_VISION_KEYS, config.to_dict(), SiglipVisionEncoder(config), origin=inp.origin)
+
+
+def _vae_plan(inp, cfg) -> ComponentPlan:
+    from .vae import Hunyuan15VAE
+    from .vae_keys import keymap_for, vae_config_from_json
+
+    source = ComponentSource(open_tensors(inp.path, inp.origin), inp.origin)
+    with config_errors(inp, ValueError, KeyError, TypeError):
+        config = vae_config_from_json(inp.config_json or {})
+    if config.latent_channels != cfg.out_channels:
+        raise MlxVideoError(f"{inp.origin} has {config.latent_channels} latent channels; the transformer makes "
+                            f"{cfg.out_channels}")
+    return ComponentPlan("vae", source, keymap_for(source.keys()), config.to_dict(), Hunyuan15VAE(config), "fp32",
+                         origin=inp.origin)
