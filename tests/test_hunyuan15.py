@@ -9,6 +9,7 @@ an image file (a tiny VAE and SigLIP) through `mlxvid convert` and `mlxvid gener
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +119,31 @@ def test_published_transformer_every_key_and_shape(tmp_path):
     ours = {k: tuple(v.shape) for k, v in tree_flatten(component.module.parameters())}
     assert {k: v[1] for k, v in component.tensors.items()} == ours
     assert sum(np.prod(s) for s in ours.values()) == sum(v.numel() for v in state.values())  # nothing dropped
+
+
+def test_official_release_layout_every_key_and_shape(tmp_path):
+    """The official transformer at the published size (its keys and shapes recorded from the official class on the
+    meta device: tests/fixtures/hunyuan15/record_official_keys.py) as the release lays it out,
+    transformer/480p_i2v_step_distilled/: every key planned onto ours with its shape, the configuration read from
+    the shapes equal to the published one."""
+    from mlx.utils import tree_flatten
+
+    from mlx_video.convert.convert import plan
+    from mlx_video.families.hunyuan15.config import HUNYUAN15_480P_MEANFLOW
+
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "hunyuan15" / "official_transformer_keys.json").read_text())
+    folder = tmp_path / "HunyuanVideo-1.5" / "transformer" / "480p_i2v_step_distilled"
+    folder.mkdir(parents=True)
+    write_description(folder / "diffusion_pytorch_model.safetensors",
+                      {k: ("BF16", tuple(v), None) for k, v in recorded["shapes"].items()})
+    (folder / "config.json").write_text(json.dumps({"ideal_resolution": "480p", "ideal_task": "i2v"}))
+    conversion = plan(tmp_path / "HunyuanVideo-1.5")
+    (component,) = conversion.components
+    assert conversion.manifest["model"] == "hunyuanvideo-1.5-480p-i2v-step-distilled"
+    assert component.config == HUNYUAN15_480P_MEANFLOW.to_dict()
+    ours = {k: tuple(v.shape) for k, v in tree_flatten(component.module.parameters())}
+    assert {k: v[1] for k, v in component.tensors.items()} == ours
+    assert len(ours) == len(recorded["shapes"]) == 1797
 
 
 # --- the pipelines ---------------------------------------------------------------------------------------
