@@ -1,4 +1,4 @@
-"""Step caching for HunyuanVideo and Mochi (the shared wrapper of mlx_video.pipelines.cache over their split
+"""Step caching for HunyuanVideo, HunyuanVideo 1.5 and Mochi (the shared wrapper of mlx_video.pipelines.cache over their split
 forward): the split forward is the forward; threshold 0 reproduces the uncached run bit for bit; a positive
 threshold skips evaluations on a 20-step run, the same ones with batched and sequential guidance, and the result
 and the sidecar record them; MagCache, which needs a published table, is refused with the methods that work."""
@@ -82,6 +82,7 @@ def folders(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     from tiny_hunyuan import build_tiny_hunyuan_pipeline
+    from tiny_hunyuan15 import build_tiny_t2v_pipeline
     from tiny_mochi import build_tiny_mochi_pipeline
 
     from mlx_video.cli import main
@@ -91,14 +92,17 @@ def folders(tmp_path_factory):
     main(["convert", str(root / "hunyuan_diffusers"), str(root / "hunyuan"), "--dtype", "fp32"])
     build_tiny_mochi_pipeline(root / "mochi_diffusers", seed=8)
     main(["convert", str(root / "mochi_diffusers"), str(root / "mochi"), "--dtype", "fp32"])
+    build_tiny_t2v_pipeline(root / "hunyuan15_diffusers")
+    main(["convert", str(root / "hunyuan15_diffusers"), str(root / "hunyuan15"), "--dtype", "fp32"])
     return root
 
 
 # HunyuanVideo with true CFG (two passes a step, so that batched and sequential guidance can be compared);
-# Mochi with its classifier-free guidance.
+# Mochi and HunyuanVideo 1.5 with their classifier-free guidance.
 RUNS = {
     "hunyuan": (dict(frames=9, guidance=6.0, true_cfg=3.0), (1, 6, 3, 4, 6)),
     "mochi": (dict(frames=7, guidance=4.5), (1, 12, 2, 4, 6)),
+    "hunyuan15": (dict(frames=5, guidance=6.0), (1, 4, 2, 2, 3)),
 }
 
 
@@ -135,14 +139,14 @@ def test_threshold_zero_is_the_uncached_run(run, family, method):
 
 # The tiny random models change far faster from step to step than trained ones: the thresholds that reuse
 # anything here are larger than the published defaults.
-THRESHOLDS = {"easycache": 1.0, "fbcache": 0.5}
+THRESHOLDS = {"easycache": 1.0, "fbcache": 0.5, ("hunyuan15", "fbcache"): 0.7}
 
 
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
 @pytest.mark.parametrize("method", ["easycache", "fbcache"])
 def test_positive_threshold_skips_evaluations(run, family, method):
     base = run(family)
-    option = f"{method}:{THRESHOLDS[method]}"
+    option = f"{method}:{THRESHOLDS.get((family, method), THRESHOLDS[method])}"
     a, b = run(family, option), run(family, option, mode="sequential")
     reused = a.stats["reused_steps"]
     evals = a.stats["transformer_evals"]

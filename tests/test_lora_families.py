@@ -23,13 +23,18 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from mlx_video.cli import main  # noqa: E402
-from mlx_video.families import FAMILIES  # noqa: E402
+from mlx_video.families import FAMILIES, pipeline_class  # noqa: E402
+from mlx_video.pipelines.base import Pipeline  # noqa: E402
 from tiny_hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
 from tiny_mochi import build_tiny_mochi_pipeline  # noqa: E402
 
 # every registered family but Wan, whose own tests are tests/test_lora.py and tests/test_cache.py; a new family
-# fails here (no tiny model or run of it below) until it has one
-OTHER_FAMILIES = [name for name in FAMILIES if name != "wan"]
+# fails here (no tiny model or run of it below) until it has one, or until it refuses LoRAs: a family whose
+# pipeline has no LoRA key tables (HunyuanVideo 1.5: diffusers 0.42.1 has no LoRA loader for it to prove ours
+# against) is checked for the refusal instead (test_refusing_families_say_so)
+OTHER_FAMILIES = [name for name in FAMILIES if name != "wan" and pipeline_class(name).lora_keymaps
+                  is not Pipeline.lora_keymaps]
+REFUSING_FAMILIES = [name for name in FAMILIES if pipeline_class(name).lora_keymaps is Pipeline.lora_keymaps]
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"
 RANK, ALPHA = 3, 5.0
@@ -427,3 +432,19 @@ def test_slices_fuse_into_dense_and_quantized_fused_layers(tmp_path, bits):
         err, own = rel_err(np.array(dense_weight(layer, mx.float32)), exact), rel_err(stored[target], before[target])
         print(f"q{bits} {target}: fused weight error {err:.2e} (the conversion's own {own:.2e})")
         assert err < 2.0 * own and err < {8: 0.01, 4: 0.15}[bits]
+
+
+@pytest.mark.parametrize("family", REFUSING_FAMILIES)
+def test_refusing_families_say_so(family, tmp_path):
+    """A family without LoRA support refuses --lora by name before any weights are read."""
+    from types import SimpleNamespace
+
+    from mlx_video.errors import MlxVideoError
+    from mlx_video.registry import MODELS
+
+    spec = next(s for s in MODELS.values() if s.family == family)
+    pipe = object.__new__(pipeline_class(family))
+    pipe.spec, pipe._lora_cache, pipe._lora_shapes = spec, {}, {}
+    pipe.folder = SimpleNamespace(path=tmp_path)
+    with pytest.raises(MlxVideoError, match=f"{spec.id}: LoRAs are not supported for the {family} family"):
+        pipe.resolve_loras([{"path": str(tmp_path / "x.safetensors"), "scale": 1.0}])
