@@ -386,11 +386,25 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
            needs="takes_last_image"),
     Option("video", "path", lambda: "Video-to-video: the clip to restyle, an .mp4/.mov or a folder of PNG frames "
            f"({_models_with_need('takes_video')}); each frame is resized like --image. The video has its frame "
-           "count, cut down to the model's frame form, unless --frames is given (its first N frames).",
+           "count, cut down to the model's frame form, unless --frames is given (its first N frames). On VACE "
+           "models: the clip to inpaint (with --mask), outpaint (--outpaint) or extend (fewer frames than --frames).",
            needs="takes_video"),
     Option("strength", "float", "Video-to-video: the fraction of the schedule re-noised (0 < S <= 1; default 0.8, as "
            "diffusers): the last int(steps x S) steps run from the --video's latents mixed with noise at that level.",
            metavar="S", positive=True, maximum=1, why="a fraction of the schedule", needs="takes_video"),
+    Option("control_video", "path", lambda: "VACE: a control video to follow (depth, pose, edges, greyscale... made "
+           f"with a tool of your choice) ({_models_with_need('takes_vace')}); frames as --video's.", needs="takes_vace"),
+    Option("mask", "path", "VACE: a mask image for every frame of the --video / --control-video: white = generate, "
+           "black = keep; the video's size.", file_only=True, needs="takes_vace"),
+    Option("mask_video", "path", "VACE: a mask per frame (a video or PNG folder of the video's size, at least "
+           "--frames frames): white = generate, black = keep.", needs="takes_vace"),
+    Option("reference_image", "path", "VACE: an image to keep in view (a face, a product, a logo); repeatable. Fitted "
+           "inside the video size on a white canvas.", file_only=True, multiple=True, needs="takes_vace",
+           setting="reference_images"),
+    Option("control_scale", "float", "VACE: the strength of the conditioning's hints (default 1.0, as diffusers).",
+           metavar="S", minimum=0, maximum=10, why="hints far above 1 break the video", needs="takes_vace"),
+    Option("outpaint", "text", "VACE outpainting: LEFT,TOP,RIGHT,BOTTOM pixels of new content around the --video, "
+           "which is fitted into the rest of the --size frame.", metavar="L,T,R,B", needs="takes_vace"),
     Option("image_fit", "choice", "How the image meets the video size: crop (cover, then centre-crop, as the "
            "official TI2V code; the default), stretch (ignore the aspect ratio, as diffusers' Wan I2V pipeline), fit "
            "(letterbox in black) or short-side (the shorter side to the video's, bilinear, then centre-crop, black "
@@ -605,6 +619,7 @@ CAPABILITIES = {
     "takes_last_image": ("first-last-frame models", "last image",
                          lambda: _ids_with_pipeline_flag("takes_last_image")),
     "takes_video": ("video-to-video models", "input video", lambda: _ids_with_pipeline_flag("takes_video")),
+    "takes_vace": ("VACE models", "VACE conditioning", lambda: _ids_with_pipeline_flag("takes_vace")),
 }
 
 

@@ -228,14 +228,19 @@ class Job:
         return record
 
 
-INPUT_OPTIONS = ("image", "last_image", "video", "audio", "pose_video", "init_latents")
+INPUT_OPTIONS = ("image", "last_image", "video", "control_video", "mask", "mask_video", "reference_image", "audio",
+                 "pose_video", "init_latents")
 
 
 def input_files(o: dict) -> dict:
-    """Each input file of a run by option: its file name and sha256 (a folder of PNG frames: of its frames)."""
+    """Each input file of a run by option: its file name and sha256 (a folder of PNG frames: of its frames); a
+    repeatable option's files as a list."""
     from .io.source_video import input_sha256
 
-    return {name: {"name": Path(o[name]).name, "sha256": input_sha256(o[name])}
+    def described(path) -> dict:
+        return {"name": Path(path).name, "sha256": input_sha256(path)}
+
+    return {name: [described(p) for p in o[name]] if isinstance(o[name], (list, tuple)) else described(o[name])
             for name in INPUT_OPTIONS if o.get(name) is not None}
 
 
@@ -285,13 +290,15 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
         chain = extension_frames(o, pipe.spec)
         if chain is not None and given(o, "last_image"):
             raise MlxVideoError("--last-image ends one clip: give at most one clip's --frames (no chain of clips)")
-        if chain is not None and given(o, "video"):
-            raise MlxVideoError("--video makes one clip: give at most one clip's --frames (no chain of clips)")
+        for name in ("video", "control_video"):
+            if chain is not None and given(o, name):
+                raise MlxVideoError(f"--{name.replace('_', '-')} makes one clip: give at most one clip's --frames "
+                                    "(no chain of clips)")
         if chain is not None:  # longer than one clip, or prompts per segment: a chain of clips (mlx_video.chains)
             segments, method, first = plan_chain(o, pipe, *chain)
             base = prepare(first, pipe, output_folder=output_folder, check_memory=check_memory, own_sidecar=own_sidecar)
             return chain_job(o, base, segments, method, *chain)
-    source = _source_frames(o, pipe.spec)
+    source = _source_frames(o, pipe.spec, pipe.takes_vace)
     if source is not None and o.get("frames") is None:
         o["frames"] = source.shape[0]  # the video's length (recorded, so a replay takes the same frames)
     settings = pipe.resolve(_settings(o, pipe, preset))
@@ -299,10 +306,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     image_fit = o.get("image_fit") or pipe.default_image_fit
     pixels = _image_pixels(o, settings, image_fit)
     inputs = {} if o.get("last_image") is None else {"last_image": _image_pixels(o, settings, image_fit, "last_image")}
-    if source is not None:
-        from .io.source_video import fit_frames_to
-
-        inputs["video"] = fit_frames_to(source[:settings.frames], settings.width, settings.height, image_fit)
+    inputs.update(pipe.source_inputs(o, settings, image_fit, None if source is None else source[:settings.frames]))
     if output is not None and not pipe.can_decode:
         raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
     vae_tiling = o.get("vae_tiling") or "auto"
@@ -410,6 +414,8 @@ def settings_from_options(o: dict) -> dict:
             continue
         if value is None:
             value = option.default if option.default is not None else names[name].default
+        if isinstance(value, (list, tuple)):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
         out[name] = str(value) if isinstance(value, Path) else value
     return out
 
@@ -427,17 +433,23 @@ def _delivery(o: dict, settings, preset, overlays, interpolation) -> Delivery | 
                     str(o["font"]) if o.get("font") else None)
 
 
-def _source_frames(o: dict, spec) -> np.ndarray | None:
-    """--video's frames (uint8), as many as the run takes: --frames, else the video's, of the model's form."""
-    if o.get("video") is None:
+def _source_frames(o: dict, spec, extends: bool = False) -> np.ndarray | None:
+    """--video's (or --control-video's) frames (uint8), as many as the run takes: --frames, else the video's, of
+    the model's form. `extends`: a --video shorter than --frames is extended by the model (VACE)."""
+    names = [name for name in ("video", "control_video") if o.get(name) is not None]
+    if not names:
         return None
+    if len(names) > 1:
+        raise MlxVideoError("give --video (the clip to inpaint, outpaint or extend) or --control-video, not both")
     from .io.source_video import read_frames, settle_frame_count
 
+    name, flag = names[0], "--" + names[0].replace("_", "-")
     if o.get("duration") is not None:
-        raise MlxVideoError("--video sets the length: give --frames (its first N frames), not --duration")
+        raise MlxVideoError(f"{flag} sets the length: give --frames (its first N frames), not --duration")
     longest = int(spec.default("max_frames") or spec.default("frames"))
-    frames = read_frames(o["video"], (o.get("frames") or longest) + 1)
-    count = settle_frame_count(len(frames), o.get("frames"), spec.frame_stride, longest, o["video"], spec.id)
+    frames = read_frames(o[name], (o.get("frames") or longest) + 1, flag)
+    count = settle_frame_count(len(frames), o.get("frames"), spec.frame_stride, longest, o[name], spec.id, flag,
+                               shorter=extends and name == "video")
     return frames[:count]
 
 
@@ -832,7 +844,8 @@ def decode_latents(latents_path, output, model: str | None = None, overwrite: bo
     frames = (latents.shape[2] - 1) * st + 1
     options.update(size=size, frames=frames, prompt=record.get("prompt") or "decoded latents")
     for name in ("duration", "init_latents", "preview_every", "lora", "lora_high", "lora_low", "cache", "attention",
-                 "last_image", "video", "strength"):
+                 "last_image", "video", "strength", "control_video", "mask_video", "mask", "control_scale",
+                 "outpaint"):
         options.pop(name, None)  # none of them changes decoding
     if record.get("fps") is not None:
         options["fps"] = record["fps"]

@@ -146,3 +146,34 @@ def use_official_sigmas(pipe) -> None:
         return original(device=device, sigmas=grid, **kw)
 
     scheduler.set_timesteps = set_timesteps
+
+
+def build_tiny_vace_pipeline(folder: Path, two_experts: bool = False, shift: float = 16.0, seed: int = 0,
+                             vace_layers=(0, 2), num_layers: int = 3, **transformer_overrides):
+    """Save a tiny random `diffusers.WanVACEPipeline` at `folder` (the real diffusers layout) and return it:
+    the tiny Wan 2.1-style VAE and text encoder of `build_tiny_wan_pipeline`, `WanVACETransformer3DModel`s
+    with context blocks at `vace_layers` and 2 x z + 64 conditioning channels; `two_experts=True` gives a
+    Wan2.2 VACE-Fun-style pair with boundary_ratio 0.875."""
+    import shutil
+
+    import torch
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    base = build_tiny_wan_pipeline(folder.parent / (folder.name + "-base"), two_experts=False, shift=shift, seed=seed)
+    z = base.vae.config.z_dim
+    config = dict(tiny_transformer_config(z, z, **transformer_overrides), num_layers=num_layers,
+                  vace_layers=list(vace_layers), vace_in_channels=2 * z + 64)
+    torch.manual_seed(seed)
+    transformers = []
+    for k in range(2 if two_experts else 1):
+        model = WanVACETransformer3DModel(**config).eval()
+        randomize_(model, seed + 5 + k)
+        transformers.append(model)
+    pipe = WanVACEPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+        transformer=transformers[0], transformer_2=transformers[1] if two_experts else None,
+        boundary_ratio=0.875 if two_experts else None,
+    )
+    pipe.save_pretrained(folder)
+    shutil.copy(folder.parent / (folder.name + "-base") / "tokenizer" / "spiece.model", folder / "tokenizer")
+    return pipe

@@ -12,18 +12,18 @@ import numpy as np
 from ..errors import MlxVideoError
 
 
-def read_frames(path, most: int) -> np.ndarray:
+def read_frames(path, most: int, flag: str = "--video") -> np.ndarray:
     """Up to `most` frames of the video or PNG folder at `path`, (n, H, W, 3) uint8; refused when unreadable or
     when its frames change size."""
     from ..interpolate import open_input
 
     if not Path(path).exists():
-        raise MlxVideoError(f"--video {path}: no such file or folder")
+        raise MlxVideoError(f"{flag} {path}: no such file or folder")
     source = open_input(path)
     frames = []
     for frame in source.frames:
         if frame.shape != (source.height, source.width, 3):
-            raise MlxVideoError(f"--video {path}: frame {len(frames)} is {frame.shape[1]}x{frame.shape[0]}, the first "
+            raise MlxVideoError(f"{flag} {path}: frame {len(frames)} is {frame.shape[1]}x{frame.shape[0]}, the first "
                                 f"is {source.width}x{source.height}; every frame must have the same size")
         frames.append(frame)
         if len(frames) == most:
@@ -33,15 +33,17 @@ def read_frames(path, most: int) -> np.ndarray:
     return np.stack(frames)
 
 
-def settle_frame_count(count: int, frames: int | None, stride: int, longest: int, label: str, model: str) -> int:
+def settle_frame_count(count: int, frames: int | None, stride: int, longest: int, label: str, model: str,
+                       flag: str = "--video", shorter: bool = False) -> int:
     """The run's frame count for a video of `count` frames (read up to `longest + 1`): `frames` when given (the
-    video must hold that many), else the most frames of the model's form (stride x n + 1) the video holds."""
+    video must hold that many, unless `shorter`: a video the run extends), else the most frames of the model's
+    form (stride x n + 1) the video holds."""
     if frames is not None:
-        if count < frames:
-            raise MlxVideoError(f"--video {label} has {count} frames; --frames {frames} needs at least {frames}")
+        if count < frames and not shorter:
+            raise MlxVideoError(f"{flag} {label} has {count} frames; --frames {frames} needs at least {frames}")
         return frames
     if count > longest:
-        raise MlxVideoError(f"--video {label} is longer than one clip of {model} ({longest} frames): give --frames N "
+        raise MlxVideoError(f"{flag} {label} is longer than one clip of {model} ({longest} frames): give --frames N "
                             f"(of the form {stride}n+1, at most {longest}) to use its first N frames")
     return stride * ((count - 1) // stride) + 1
 

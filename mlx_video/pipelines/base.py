@@ -66,6 +66,14 @@ class GenerationSettings:
     last_image: str | None = None  # first-last frame: the last frame's image path (its pixels go to generate())
     video: str | None = None  # video-to-video: the input clip's path (its frames go to generate())
     strength: float | None = None  # video-to-video: the fraction of the schedule re-noised (default 0.8)
+    # VACE: a control video, a mask (a still or a video; white = generate), reference images, the hint scale,
+    # and LEFT,TOP,RIGHT,BOTTOM pixels to outpaint around the --video (paths; their pixels go to generate())
+    control_video: str | None = None
+    mask_video: str | None = None
+    mask: str | None = None
+    reference_images: list[str] | None = None
+    control_scale: float | None = None
+    outpaint: str | None = None
     # LoRAs fused at load: [{"path", "scale", "target": all|high|low}]; resolve() adds name, sha256, format
     loras: list[dict] | None = None
     recipe: str | None = None  # a few-step recipe (mlx_video.recipes): fills the settings left unset
@@ -121,6 +129,7 @@ class Pipeline(ABC):
     takes_audio = False  # driven by a voice track (--audio)
     takes_last_image = False  # first-last frame: --image opens the video, --last-image ends it
     takes_video = False  # video-to-video: --video re-noised by --strength
+    takes_vace = False  # VACE: --control-video, --mask / --mask-video, --reference-image, --control-scale, --outpaint
     radial_defaults = None  # the family's RadialDefaults (mlx_video.nn.radial) where it runs --attention radial
     default_image_fit = "crop"  # how --image meets the video size without --image-fit (io.image.FIT_MODES)
 
@@ -260,7 +269,9 @@ class Pipeline(ABC):
         check_capabilities({"audio": s.audio, "pose_video": s.pose_video, "clips": s.clips,
                             "start_from_portrait": s.start_from_image, "guidance_2": s.guidance_2,
                             "true_cfg": s.true_cfg, "last_image": s.last_image, "video": s.video,
-                            "strength": s.strength}, self)
+                            "strength": s.strength, "control_video": s.control_video, "mask_video": s.mask_video,
+                            "mask": s.mask, "reference_image": s.reference_images, "control_scale": s.control_scale,
+                            "outpaint": s.outpaint}, self)
         self._fill_defaults(s)
         self._check_settings(s)
         if s.loras:
@@ -424,6 +435,15 @@ class Pipeline(ABC):
             raise MlxVideoError(f"{self.spec.id} animates an image: pass --image PATH")
         if has_image and not self.can_decode:
             raise MlxVideoError(f"{self.folder.path} has no VAE (vae/), which encoding the --image needs")
+
+    def source_inputs(self, o: dict, s: GenerationSettings, image_fit: str, source: np.ndarray | None) -> dict:
+        """generate()'s arrays from the input video (`source`, (F, H, W, 3) uint8, already cut to the run's
+        frames) and any other input files the options name; read before any weights load."""
+        if source is None:
+            return {}
+        from ..io.source_video import fit_frames_to
+
+        return {"video": fit_frames_to(source, s.width, s.height, image_fit)}
 
     def make_sampler(self, s: GenerationSettings):
         """The run's step rule over its schedule; video-to-video keeps its last int(steps x strength) steps, a

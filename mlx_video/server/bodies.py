@@ -23,7 +23,9 @@ SERVER_ONLY = frozenset({"output", "save_latents", "init_latents", "from_sidecar
                          "preview_every", "max_memory", "font", "rife_weights"})
 # Upload fields -> the option they fill, and the file kinds each takes.
 UPLOADS = {"input_reference": "image", "image": "image", "audio": "audio", "pose_video": "pose_video",
-           "watermark_image": "watermark", "last_image": "last_image", "video": "video"}
+           "watermark_image": "watermark", "last_image": "last_image", "video": "video",
+           "control_video": "control_video", "mask": "mask", "mask_video": "mask_video",
+           "reference_image": "reference_image"}
 UPLOAD_SUFFIXES = {
     "image": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
     "audio": (".wav", ".mp3", ".m4a", ".flac", ".ogg", ".aac"),
@@ -31,6 +33,10 @@ UPLOAD_SUFFIXES = {
     "watermark": (".png", ".jpg", ".jpeg", ".webp"),
     "last_image": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
     "video": (".mp4", ".mov", ".webm", ".mkv"),
+    "control_video": (".mp4", ".mov", ".webm", ".mkv"),
+    "mask_video": (".mp4", ".mov", ".webm", ".mkv"),
+    "mask": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"),
+    "reference_image": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OPENAI_FIELDS = {"seconds": "duration"}
@@ -76,7 +82,11 @@ def from_fields(fields: dict, uploads: list[Upload], default_model: str | None) 
             value = [lora_in_folder(v) for v in (value if isinstance(value, list) else [value])]
         options[name] = value
     for upload in uploads:
-        options[UPLOADS[upload.field]] = str(upload.path)
+        name = UPLOADS[upload.field]
+        if OPTIONS[name].multiple:  # a repeatable option: one upload per value (several reference images)
+            options[name] = [*options.get(name, []), str(upload.path)]
+        else:
+            options[name] = str(upload.path)
     if "model" not in options and default_model is not None:
         options["model"] = default_model
     return validate(options)

@@ -1,4 +1,5 @@
-"""Wan 2.2 (T2V-A14B, I2V-A14B, TI2V-5B, S2V-14B): the family's package and its published models."""
+"""Wan 2.2 (T2V-A14B, I2V-A14B, TI2V-5B, S2V-14B) and Wan VACE (2.1 1.3B / 14B, 2.2 VACE-Fun A14B): the family's
+package and its published models."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from mlx_video.spec import Family, ModelSpec
 
 from .config import WAN_A14B_I2V, WAN_A14B_T2V, WAN_TI2V_5B
 from .s2v_model import WAN_S2V_14B
+from .vace_model import WAN21_VACE_1_3B, WAN21_VACE_14B, WAN22_VACE_FUN_A14B
 
 # The official release's default negative prompt (Wan2.2 wan/configs/shared_config.py), used when none is given.
 WAN_NEGATIVE_PROMPT = (
@@ -53,10 +55,36 @@ MODELS = (
         hf_repo="Wan-AI/Wan2.2-S2V-14B", transformer=WAN_S2V_14B,
         description="Wan 2.2 speech-to-video: a portrait and a voice track to a talking video, 14B",
     ),
+    # VACE (reference, control, inpainting, outpainting, extension). Wan 2.1's published settings: Wan2.1
+    # generate.py (50 steps, shift 16 for vace tasks, guidance 5, 81 frames at 16 fps; its SUPPORTED_SIZES).
+    ModelSpec(
+        id="wan2.1-vace-1.3b", family="wan", task="vace", vae_stride=(4, 8, 8), size_multiple=16,
+        sizes=((832, 480), (480, 832)),
+        defaults=dict(_COMMON, steps=50, shift=16.0, guidance=5.0, fps=16, frames=81),
+        hf_repo="Wan-AI/Wan2.1-VACE-1.3B-diffusers", transformer=WAN21_VACE_1_3B,
+        description="Wan 2.1 VACE: reference, control, inpaint/outpaint, extension; 1.3B",
+    ),
+    ModelSpec(
+        id="wan2.1-vace-14b", family="wan", task="vace", vae_stride=(4, 8, 8), size_multiple=16,
+        sizes=((1280, 720), (720, 1280), (832, 480), (480, 832)),
+        defaults=dict(_COMMON, steps=50, shift=16.0, guidance=5.0, fps=16, frames=81),
+        hf_repo="Wan-AI/Wan2.1-VACE-14B-diffusers", transformer=WAN21_VACE_14B,
+        description="Wan 2.1 VACE: reference, control, inpaint/outpaint, extension; 14B",
+    ),
+    ModelSpec(
+        # alibaba-pai/Wan2.2-VACE-Fun-A14B: the T2V-A14B experts with VACE context blocks; its sampling
+        # settings here are T2V-A14B's (boundary, shift, guidance)
+        id="wan2.2-vace-fun-a14b", family="wan", task="vace", vae_stride=(4, 8, 8), size_multiple=16,
+        sizes=_A14B_SIZES,
+        defaults=dict(_COMMON, steps=40, shift=12.0, guidance=4.0, guidance_2=3.0, fps=16, frames=81, boundary=0.875),
+        hf_repo=None, experts=2, transformer=WAN22_VACE_FUN_A14B,
+        description="Wan 2.2 VACE-Fun (alibaba-pai): VACE on two 14B experts",
+    ),
 )
 
 FAMILY = Family(
-    "wan", "Wan 2.2", MODELS, pipeline="pipeline:WanPipeline", task_pipelines=(("s2v", "s2v_pipeline:WanS2VPipeline"),),
+    "wan", "Wan 2.2", MODELS, pipeline="pipeline:WanPipeline", task_pipelines=(("s2v", "s2v_pipeline:WanS2VPipeline"),
+                                                                        ("vace", "vace_pipeline:WanVACEPipeline")),
     latent_rgb="latent_rgb", mag_tables="cache_tables:MAG_TABLES", recipes="step_recipes:RECIPES", catch_all=True, order=0,
     text_encoders="UMT5-XXL encoder", tokenizer="google/umt5-xxl",
     official_layout="high_noise_model/ + low_noise_model/ (or the TI2V-5B shards),\n"

@@ -49,13 +49,19 @@ def transformer_params(config: WanTransformerConfig) -> dict[str, ParamCount]:
         # q/k/v/o biases and q/k RMSNorm gains (x2 attentions), cross-attention LayerNorm, FFN biases, modulation
         other=2 * (4 * d + 2 * d) + 2 * d + (f + d) + 6 * d,
     )
-    return {
+    counts = {
         "patch_embedding": ParamCount(0, p * config.in_channels * d + d),
         "text_embedding": ParamCount(0, config.text_dim * d + d + d * d + d),
         "time_embedding": ParamCount(0, config.freq_dim * d + d + d * d + d + 6 * d * d + 6 * d),
         "blocks": ParamCount(block.block_linear * config.num_layers, block.other * config.num_layers),
         "head": ParamCount(0, d * p * config.out_channels + p * config.out_channels + 2 * d),
     }
+    context_blocks = len(getattr(config, "vace_layers", ()))
+    if context_blocks:  # VACE: the context blocks (each a block, its hint projection; block 0 its input one)
+        counts["vace_patch_embedding"] = ParamCount(0, p * config.vace_in_channels * d + d)
+        counts["vace_blocks"] = ParamCount((block.block_linear + d * d) * context_blocks + d * d,
+                                           (block.other + d) * context_blocks + d)
+    return counts
 
 
 def umt5_params(config=None) -> int:
@@ -267,7 +273,11 @@ def estimate_peak_memory(spec, width: int | None = None, height: int | None = No
         act += 2 * batch * n * config.dim * s
     # the prepared text: its embedding and every block's cross-attention keys and values, kept through the run
     # (at most text_len rows: the longest prompt's tokens + 1, the padding folded)
-    prepared_text = batch * text_len * config.dim * s * (1 + 2 * config.num_layers)
+    context_blocks = len(getattr(config, "vace_layers", ()))
+    prepared_text = batch * text_len * config.dim * s * (1 + 2 * (config.num_layers + context_blocks))
+    if context_blocks:  # VACE: the conditioning latents and one float32 hint per context block, kept per pass
+        latents += t * lh * lw * config.vace_in_channels * 4
+        act += context_blocks * batch * n * config.dim * 4
     tw, th = vae_tile if vae_tile else (width, height)
     vae_act = vae_decode_chunk_bytes(vae_config or vae_config_for(spec), tw, th)
     stages = {

@@ -42,6 +42,7 @@ from mlx_video.families.wan.config_from_shapes import (
     which_wan,
 )
 from mlx_video.convert.formats import ComponentSource, Kind, classify, lookalike, open_tensors, split_all_in_one
+from mlx_video.families.wan.vace_keys import is_vace
 
 
 
@@ -51,6 +52,8 @@ OFFICIAL_TOKENIZER = Path("google") / "umt5-xxl"
 # Wan2.2-S2V ships its voice encoder (a transformers wav2vec2 checkpoint) in this folder of the release.
 OFFICIAL_WAV2VEC2 = "wav2vec2-large-xlsr-53-english"
 S2V_MODEL = "wan2.2-s2v-14b"
+# A VACE checkpoint's model in a published layout: by its experts (2) or its width.
+VACE_MODELS = {2: "wan2.2-vace-fun-a14b", 1536: "wan2.1-vace-1.3b", 5120: "wan2.1-vace-14b"}
 
 # The files of a diffusers-layout Wan repository that `mlxvid download` fetches.
 DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "transformer_2/*", "text_encoder/*", "tokenizer/*", "vae/*",
@@ -74,7 +77,6 @@ SIGNATURES = [
 # Wan checkpoints this planner does not convert: (description, any of these keys or key patterns).
 LOOKALIKES = [
     ("a Wan 2.1 I2V / FLF2V transformer (it has the CLIP image embedding img_emb, which Wan 2.2 does not use)", (r"img_emb\..*", r"blocks\.\d+\.cross_attn\.k_img\..*")),
-    ("a Wan 2.1 VACE transformer (vace_blocks)", (r"vace_blocks\..*", r"vace_patch_embedding\..*")),
     ("a Wan 2.2 Animate transformer (pose and face adapters)", (r"pose_patch_embedding\..*", r"face_adapter\..*", r"motion_encoder\..*")),
     ("a Wan 2.2 S2V transformer (audio conditioning)", (r"casual_audio_encoder\..*", r"audio_injector\..*")),
 ]
@@ -300,12 +302,15 @@ def _transformer_config(inp: ComponentInput, source: ComponentSource, naming: st
     from mlx_video.families.wan.config_from_shapes import infer_transformer_config, transformer_config_from_official
     from mlx_video.families.wan.keys import transformer_config_from_diffusers
 
+    from mlx_video.families.wan.vace_keys import backbone_config_json
+
     if inp.config_json is not None:
-        cls = inp.config_json.get("_class_name")
+        config_json = backbone_config_json(inp.config_json)
+        cls = config_json.get("_class_name")
         try:
-            if cls == "WanTransformer3DModel" or (cls is None and "num_attention_heads" in inp.config_json):
-                return transformer_config_from_diffusers(inp.config_json), "config.json"
-            return transformer_config_from_official(inp.config_json), "config.json"
+            if cls == "WanTransformer3DModel" or (cls is None and "num_attention_heads" in config_json):
+                return transformer_config_from_diffusers(config_json), "config.json"
+            return transformer_config_from_official(config_json), "config.json"
         except ValueError as e:
             raise MlxVideoError(f"{inp.path / 'config.json'}: {e}") from None
     # The head count is not in the shapes: the config of the component this file replaces when the width
@@ -392,9 +397,10 @@ def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict)
         return MODELS[S2V_MODEL], False
     if fmt in ("diffusers", "official"):
         return MODELS[_model_of_layout(cfg, two_experts, hints)], False
-    # S2V has the 14B backbone's shapes too, but is recognised by its audio tensors (hints["s2v"]), not its size
+    # S2V has the 14B backbone's shapes too, but is recognised by its audio tensors (hints["s2v"]), not its size;
+    # VACE by its context branch (hints["vace"])
     matches = [s for s in MODELS.values() if s.family == "wan" and s.task != "s2v" and (s.experts == 2) == two_experts
-               and same_size(cfg, s.transformer)]
+               and (s.task == "vace") == bool(hints.get("vace")) and same_size(cfg, s.transformer)]
     if len(matches) == 1:
         return matches[0], True
     _refuse_one_expert_of_two(cfg, two_experts, hints)
@@ -409,6 +415,9 @@ def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict)
 def _model_of_layout(cfg, two_experts: bool, hints: dict) -> str:
     """A published layout's model: by its experts and (I2V) its image channels or pipeline class."""
     image_pipeline = hints.get("index", {}).get("_class_name") == "WanImageToVideoPipeline"
+    if hints.get("vace"):
+        # one expert: by its width (another width, a fine-tune of either: the nearer published one)
+        return VACE_MODELS[2] if two_experts else VACE_MODELS.get(cfg.dim) or VACE_MODELS[1536 if cfg.dim < 5120 else 5120]
     if two_experts and (cfg.in_channels == 36 or image_pipeline):
         return "wan2.2-i2v-a14b"
     return "wan2.2-t2v-a14b" if two_experts else "wan2.2-ti2v-5b"
@@ -540,6 +549,10 @@ def _open_sources(layout: _Layout) -> tuple[dict, dict]:
         _check_gguf_patch_embedding(sources.get(name))
     namings = {name: _check_kind(layout.inputs[name], source) for name, source in sources.items()}
     layout.hints["s2v"] = _is_s2v(sources["transformer"])
+    layout.hints["vace"] = is_vace(sources["transformer"].keys())
+    if "transformer_2" in sources and is_vace(sources["transformer_2"].keys()) != layout.hints["vace"]:
+        raise MlxVideoError(f"one expert has the VACE context branch (vace_blocks) and the other not: "
+                            f"{sources['transformer'].what}, {sources['transformer_2'].what}")
     return sources, namings
 
 
@@ -569,6 +582,10 @@ def _transformer_configs(layout: _Layout, sources: dict, namings: dict, base, lo
             cfg = replace(cfg, num_heads=cfg2.num_heads)  # a replaced expert: its sibling's config tells the heads
     if layout.hints["s2v"]:
         cfg = _s2v_config(cfg, inputs["transformer"], sources["transformer"])
+    if layout.hints["vace"]:
+        cfg = _vace_config(cfg, inputs["transformer"], sources["transformer"])
+        if two_experts:
+            cfg2 = _vace_config(cfg2, inputs["transformer_2"], sources["transformer_2"])
     spec, strict = _pick_model(layout.fmt, base, cfg, two_experts, layout.hints)
     _check_model_size(cfg, spec, strict, sources["transformer"], log)
     _check_expert_count(spec, two_experts, inputs)
@@ -630,12 +647,30 @@ def _transformer_plans(layout: _Layout, sources: dict, namings: dict, configs: d
         module = None
         if layout.hints["s2v"]:
             keymap, module = _s2v_transformer(source, namings[name], configs[name])
+        elif layout.hints["vace"]:
+            keymap, module = _vace_transformer(namings[name], configs[name])
         planned.append(ComponentPlan(
             name, source, keymap, configs[name].to_dict(), module or WanTransformer(configs[name]),
             origin=layout.inputs[name].origin, size_hint=_transformer_hint(source, namings[name]),
         ))
     _warn_expert_names(layout, log)
     return planned
+
+
+def _vace_config(backbone, inp: ComponentInput, source: ComponentSource):
+    from mlx_video.families.wan.vace_keys import vace_config
+
+    try:
+        return vace_config(backbone, inp.config_json, _shapes(source))
+    except ValueError as e:
+        raise MlxVideoError(f"{source.what}: {e}") from None
+
+
+def _vace_transformer(naming: str, cfg):
+    from mlx_video.families.wan.vace_keys import DIFFUSERS_VACE_TRANSFORMER, OFFICIAL_VACE_TRANSFORMER
+    from mlx_video.families.wan.vace_model import WanVACETransformer
+
+    return (OFFICIAL_VACE_TRANSFORMER if naming == "official" else DIFFUSERS_VACE_TRANSFORMER), WanVACETransformer(cfg)
 
 
 def _s2v_transformer(source, naming: str, cfg):

@@ -1,0 +1,177 @@
+"""Wan VACE against diffusers' WanVACEPipeline at tiny random configs (fp32, CPU torch): a Wan2.1-VACE-style
+model (3 heads of width 10, 3 blocks with context blocks at 0 and 2) and a Wan2.2 VACE-Fun-style pair of
+experts (2 heads of width 12), 9 and 13 frames; --init-latents is the reference's noise including the
+reference-image frames, --save-latents the final latents (which keep them, as diffusers' latent output does).
+
+The four runs the issue names: a control video alone; inpainting (--video with a --mask-video holding grey
+values too, which the mask channels keep and the video split binarizes); two reference images (one not a
+multiple of 8 pixels, and of other aspect ratios than the video); a control video with a reference image at
+--control-scale 0.7, on two experts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+PIL = pytest.importorskip("PIL.Image")
+
+from mlx_video.cli import main  # noqa: E402
+from mlx_video.errors import MlxVideoError  # noqa: E402
+from mlx_video.run import prepare  # noqa: E402
+from tiny_wan import build_tiny_vace_pipeline, use_official_sigmas  # noqa: E402
+
+PROMPT = "a red kite over a green hill"
+NEGATIVE = "blurry"
+WIDTH, HEIGHT = 64, 48
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def write_frames(folder, count, width, height, seed, grey=False):
+    """A PNG folder of `count` smooth frames; returns them as PIL images (RGB)."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        small = rng.integers(0, 256, (height // 8, width // 8, 1 if grey else 3), dtype=np.uint8)
+        image = PIL.fromarray(small[..., 0] if grey else small).resize((width, height), PIL.BILINEAR)
+        image.convert("RGB").save(folder / f"frame_{i:05d}.png")
+    return [PIL.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+
+
+def write_masks(folder, count, width, height):
+    """White (generate) boxes that move, a grey band (0.5 < 160/255: generated; 96/255: kept, but both kept as
+    values in the mask channels), black elsewhere."""
+    folder.mkdir()
+    for i in range(count):
+        mask = np.zeros((height, width), np.uint8)
+        mask[8:32, 4 + 3 * i:28 + 3 * i] = 255
+        mask[40:44] = 160 if i % 2 else 96
+        PIL.fromarray(mask).convert("RGB").save(folder / f"mask_{i:05d}.png")
+    return [PIL.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+
+
+def write_image(path, width, height, seed):
+    rgb = np.random.default_rng(seed).integers(0, 256, (max(1, height // 4), max(1, width // 4), 3), dtype=np.uint8)
+    PIL.fromarray(rgb).resize((width, height), PIL.BILINEAR).save(path)
+    return PIL.open(path).convert("RGB")
+
+
+def decode_like_diffusers(pipe, latents):
+    """(frames, H, W, 3) in [0, 1]: the pipeline's own output_type="np" decoding (reference frames dropped)."""
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    video = vae.decode(latents * std + mean, return_dict=False)[0]
+    return pipe.video_processor.postprocess_video(video, output_type="np")[0]
+
+
+def run_both(monkeypatch, tmp_path, root, pipe, frames, refs, call, cli, steps=3, guidance=3.0, decode=False):
+    import diffusers.pipelines.wan.pipeline_wan_vace as vace
+
+    latent_frames = (frames - 1) // 4 + 1 + refs
+    noise = np.random.default_rng(frames + refs).standard_normal((1, 4, latent_frames, HEIGHT // 8, WIDTH // 8))
+    noise = noise.astype(np.float32)
+    monkeypatch.setattr(vace, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise).reshape(shape))
+    with torch.no_grad():
+        expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_frames=frames,
+                        num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                        max_sequence_length=512, **call).frames
+        ref_frames = decode_like_diffusers(pipe, expected[:, :, refs:]) if decode else None
+    np.save(tmp_path / "noise.npy", noise)
+    out = tmp_path / "out.npy"
+    extra = ["--output", str(tmp_path / "frames")] if decode else []
+    main(["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+          "--size", f"{WIDTH}x{HEIGHT}", "--frames", str(frames), "--steps", str(steps), "--guidance", str(guidance),
+          "--init-latents", str(tmp_path / "noise.npy"), "--save-latents", str(out), "--quiet", *extra, *cli])
+    record = json.loads(out.with_suffix(".json").read_text())["settings"]
+    return np.load(out), expected.numpy(), record, ref_frames
+
+
+@pytest.fixture(scope="module")
+def vace21(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vace21")
+    pipe = build_tiny_vace_pipeline(root / "diffusers", heads=3, head_dim=10)
+    main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
+    use_official_sigmas(pipe)
+    clip = write_frames(root / "clip", 9, WIDTH, HEIGHT, 3)
+    control = write_frames(root / "control", 11, WIDTH, HEIGHT, 4, grey=True)
+    masks = write_masks(root / "masks", 9, WIDTH, HEIGHT)
+    refs = [write_image(root / "ref_a.png", 40, 56, 5), write_image(root / "ref_b.png", 50, 30, 6)]
+    return root, pipe, clip, control, masks, refs
+
+
+def test_control_video_matches_diffusers(vace21, monkeypatch, tmp_path):
+    root, pipe, _, control, _, _ = vace21
+    ours, expected, record, _ = run_both(monkeypatch, tmp_path, root, pipe, 9, 0, dict(video=control[:9]),
+                                         ["--control-video", str(root / "control")])
+    err = rel_err(ours, expected)
+    print(f"VACE control video: relative error {err:.2e}")
+    assert err < 1e-3
+    assert record["input_files"]["control_video"]["name"] == "control"
+    assert len(record["input_files"]["control_video"]["sha256"]) == 64
+
+
+def test_mask_inpainting_matches_diffusers(vace21, monkeypatch, tmp_path):
+    root, pipe, clip, _, masks, _ = vace21
+    ours, expected, record, ref_frames = run_both(
+        monkeypatch, tmp_path, root, pipe, 9, 0, dict(video=clip, mask=masks),
+        ["--video", str(root / "clip"), "--mask-video", str(root / "masks")], decode=True)
+    err = rel_err(ours, expected)
+    frames = np.stack([np.asarray(PIL.open(p)) for p in sorted((tmp_path / "frames").glob("*.png"))])
+    pixel_err = float(np.abs(frames.astype(np.float64) - np.round(ref_frames * 255)).mean())
+    print(f"VACE inpainting: relative error {err:.2e}, frames mean abs {pixel_err:.3f}/255")
+    assert err < 1e-3 and pixel_err < 1.0
+    assert frames.shape == (9, HEIGHT, WIDTH, 3)
+    assert record["input_files"]["mask_video"]["name"] == "masks"
+
+
+def test_two_reference_images_match_diffusers(vace21, monkeypatch, tmp_path):
+    root, pipe, _, _, _, refs = vace21
+    ours, expected, record, ref_frames = run_both(
+        monkeypatch, tmp_path, root, pipe, 5, 2, dict(reference_images=refs),
+        ["--reference-image", str(root / "ref_a.png"), "--reference-image", str(root / "ref_b.png")], decode=True)
+    err = rel_err(ours, expected)
+    frames = np.stack([np.asarray(PIL.open(p)) for p in sorted((tmp_path / "frames").glob("*.png"))])
+    pixel_err = float(np.abs(frames.astype(np.float64) - np.round(ref_frames * 255)).mean())
+    print(f"VACE two reference images: relative error {err:.2e}, frames mean abs {pixel_err:.3f}/255")
+    assert ours.shape == (1, 4, 2 + 2, HEIGHT // 8, WIDTH // 8)  # the reference frames kept in front
+    assert err < 1e-3 and pixel_err < 1.0
+    assert frames.shape == (5, HEIGHT, WIDTH, 3)  # decoded without them
+    assert [f["name"] for f in record["input_files"]["reference_image"]] == ["ref_a.png", "ref_b.png"]
+    # --from-sidecar repeats the run: the same references, in the same order
+    main(["generate", "--from-sidecar", str(tmp_path / "out.json"), "--save-latents", str(tmp_path / "replay.npy"),
+          "--quiet"])
+    np.testing.assert_array_equal(np.load(tmp_path / "replay.npy"), ours)
+
+
+@pytest.fixture(scope="module")
+def vace_fun(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vace-fun")
+    pipe = build_tiny_vace_pipeline(root / "diffusers", two_experts=True, shift=12.0, heads=2, head_dim=12,
+                                    vace_layers=(0, 1), num_layers=2)
+    main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
+    use_official_sigmas(pipe)
+    control = write_frames(root / "control", 13, WIDTH, HEIGHT, 7)
+    ref = write_image(root / "ref.png", 24, 64, 8)
+    return root, pipe, control, ref
+
+
+def test_control_and_reference_at_scale_on_two_experts(vace_fun, monkeypatch, tmp_path):
+    root, pipe, control, ref = vace_fun
+    ours, expected, record, _ = run_both(
+        monkeypatch, tmp_path, root, pipe, 13, 1,
+        dict(video=control, reference_images=[ref], conditioning_scale=0.7, guidance_scale_2=3.0),
+        ["--control-video", str(root / "control"), "--reference-image", str(root / "ref.png"),
+         "--control-scale", "0.7", "--guidance-2", "3"], steps=4)
+    err = rel_err(ours, expected)
+    print(f"VACE control + reference, scale 0.7, two experts: relative error {err:.2e}, experts {record['experts']}")
+    assert err < 1e-3
+    assert set(record["experts"]) == {"transformer", "transformer_2"}
+    assert record["control_scale"] == 0.7
