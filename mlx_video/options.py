@@ -618,7 +618,7 @@ CAPABILITIES = {
     "takes_true_cfg": ("models with embedded guidance", "true CFG", lambda: _ids_with_pipeline_flag("takes_true_cfg")),
     "takes_last_image": ("first-last-frame models", "last image",
                          lambda: _ids_with_pipeline_flag("takes_last_image")),
-    "takes_video": ("video-to-video models", "input video", lambda: _ids_with_pipeline_flag("takes_video")),
+    "takes_video": ("video-to-video and VACE models", "input video", lambda: _ids_with_pipeline_flag("takes_video")),
     "takes_vace": ("VACE models", "VACE conditioning", lambda: _ids_with_pipeline_flag("takes_vace")),
 }
 

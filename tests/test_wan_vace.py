@@ -1,6 +1,6 @@
 """Wan VACE against diffusers' WanVACEPipeline at tiny random configs (fp32, CPU torch): a Wan2.1-VACE-style
 model (3 heads of width 10, 3 blocks with context blocks at 0 and 2) and a Wan2.2 VACE-Fun-style pair of
-experts (2 heads of width 12), 9 and 13 frames; --init-latents is the reference's noise including the
+experts (2 heads of width 12), 5 and 9 frames at 48x32; --init-latents is the reference's noise including the
 reference-image frames, --save-latents the final latents (which keep them, as diffusers' latent output does).
 
 The four runs the issue names: a control video alone; inpainting (--video with a --mask-video holding grey
@@ -27,7 +27,7 @@ from tiny_wan import build_tiny_vace_pipeline, use_official_sigmas  # noqa: E402
 
 PROMPT = "a red kite over a green hill"
 NEGATIVE = "blurry"
-WIDTH, HEIGHT = 64, 48
+WIDTH, HEIGHT = 48, 32
 
 
 def rel_err(a, b):
@@ -51,8 +51,8 @@ def write_masks(folder, count, width, height):
     folder.mkdir()
     for i in range(count):
         mask = np.zeros((height, width), np.uint8)
-        mask[8:32, 4 + 3 * i:28 + 3 * i] = 255
-        mask[40:44] = 160 if i % 2 else 96
+        mask[8:24, 4 + 3 * i:20 + 3 * i] = 255
+        mask[26:29] = 160 if i % 2 else 96
         PIL.fromarray(mask).convert("RGB").save(folder / f"mask_{i:05d}.png")
     return [PIL.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
 
@@ -101,7 +101,7 @@ def vace21(tmp_path_factory):
     main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
     use_official_sigmas(pipe)
     clip = write_frames(root / "clip", 9, WIDTH, HEIGHT, 3)
-    control = write_frames(root / "control", 11, WIDTH, HEIGHT, 4, grey=True)
+    control = write_frames(root / "control", 7, WIDTH, HEIGHT, 4, grey=True)
     masks = write_masks(root / "masks", 9, WIDTH, HEIGHT)
     refs = [write_image(root / "ref_a.png", 40, 56, 5), write_image(root / "ref_b.png", 50, 30, 6)]
     return root, pipe, clip, control, masks, refs
@@ -109,7 +109,7 @@ def vace21(tmp_path_factory):
 
 def test_control_video_matches_diffusers(vace21, monkeypatch, tmp_path):
     root, pipe, _, control, _, _ = vace21
-    ours, expected, record, _ = run_both(monkeypatch, tmp_path, root, pipe, 9, 0, dict(video=control[:9]),
+    ours, expected, record, _ = run_both(monkeypatch, tmp_path, root, pipe, 5, 0, dict(video=control[:5]),
                                          ["--control-video", str(root / "control")])
     err = rel_err(ours, expected)
     print(f"VACE control video: relative error {err:.2e}")
@@ -134,16 +134,13 @@ def test_mask_inpainting_matches_diffusers(vace21, monkeypatch, tmp_path):
 
 def test_two_reference_images_match_diffusers(vace21, monkeypatch, tmp_path):
     root, pipe, _, _, _, refs = vace21
-    ours, expected, record, ref_frames = run_both(
+    ours, expected, record, _ = run_both(
         monkeypatch, tmp_path, root, pipe, 5, 2, dict(reference_images=refs),
-        ["--reference-image", str(root / "ref_a.png"), "--reference-image", str(root / "ref_b.png")], decode=True)
+        ["--reference-image", str(root / "ref_a.png"), "--reference-image", str(root / "ref_b.png")])
     err = rel_err(ours, expected)
-    frames = np.stack([np.asarray(PIL.open(p)) for p in sorted((tmp_path / "frames").glob("*.png"))])
-    pixel_err = float(np.abs(frames.astype(np.float64) - np.round(ref_frames * 255)).mean())
-    print(f"VACE two reference images: relative error {err:.2e}, frames mean abs {pixel_err:.3f}/255")
+    print(f"VACE two reference images: relative error {err:.2e}")
     assert ours.shape == (1, 4, 2 + 2, HEIGHT // 8, WIDTH // 8)  # the reference frames kept in front
-    assert err < 1e-3 and pixel_err < 1.0
-    assert frames.shape == (5, HEIGHT, WIDTH, 3)  # decoded without them
+    assert err < 1e-3
     assert [f["name"] for f in record["input_files"]["reference_image"]] == ["ref_a.png", "ref_b.png"]
     # --from-sidecar repeats the run: the same references, in the same order
     main(["generate", "--from-sidecar", str(tmp_path / "out.json"), "--save-latents", str(tmp_path / "replay.npy"),
@@ -158,7 +155,7 @@ def vace_fun(tmp_path_factory):
                                     vace_layers=(0, 1), num_layers=2)
     main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
     use_official_sigmas(pipe)
-    control = write_frames(root / "control", 13, WIDTH, HEIGHT, 7)
+    control = write_frames(root / "control", 9, WIDTH, HEIGHT, 7)
     ref = write_image(root / "ref.png", 24, 64, 8)
     return root, pipe, control, ref
 
@@ -166,7 +163,7 @@ def vace_fun(tmp_path_factory):
 def test_control_and_reference_at_scale_on_two_experts(vace_fun, monkeypatch, tmp_path):
     root, pipe, control, ref = vace_fun
     ours, expected, record, _ = run_both(
-        monkeypatch, tmp_path, root, pipe, 13, 1,
+        monkeypatch, tmp_path, root, pipe, 9, 1,
         dict(video=control, reference_images=[ref], conditioning_scale=0.7, guidance_scale_2=3.0),
         ["--control-video", str(root / "control"), "--reference-image", str(root / "ref.png"),
          "--control-scale", "0.7", "--guidance-2", "3"], steps=4)
@@ -175,3 +172,86 @@ def test_control_and_reference_at_scale_on_two_experts(vace_fun, monkeypatch, tm
     assert err < 1e-3
     assert set(record["experts"]) == {"transformer", "transformer_2"}
     assert record["control_scale"] == 0.7
+
+
+def refusal(model, tmp_path, **options) -> str:
+    base = {"model": str(model), "prompt": PROMPT, "save_latents": str(tmp_path / "x.npy"), "size": f"{WIDTH}x{HEIGHT}"}
+    with pytest.raises(MlxVideoError) as info:
+        prepare({**base, **options}, check_memory=False)
+    return str(info.value)
+
+
+def test_vace_refusals_before_any_weights_load(vace21, tmp_path, monkeypatch):
+    import mlx_video.model_folder as model_folder
+
+    root, _, _, _, _, _ = vace21
+    model, clip, control = root / "mlx", str(root / "clip"), str(root / "control")
+    monkeypatch.setattr(model_folder.ModelFolder, "load_module", lambda *a, **k: pytest.fail("weights were read"))
+    PIL.new("L", (40, 24), 255).save(tmp_path / "small_mask.png")
+    assert "is 40x24, the video 48x32: the mask must have the video's size" in refusal(
+        model, tmp_path, video=clip, mask=str(tmp_path / "small_mask.png"))
+    assert "has 7 frames; --frames 9 needs at least 9" in refusal(model, tmp_path, control_video=control, frames=9)
+    assert "--mask-video" in refusal(model, tmp_path, video=clip, mask_video=str(root / "control"), frames=9)
+    assert "drop --strength" in refusal(model, tmp_path, video=clip, mask=str(root / "masks" / "mask_00000.png"),
+                                        strength=0.5)
+    assert "give the --video" in refusal(model, tmp_path, mask=str(root / "masks" / "mask_00000.png"))
+    assert "not both" in refusal(model, tmp_path, video=clip, control_video=control)
+    assert "LEFT,TOP,RIGHT,BOTTOM" in refusal(model, tmp_path, video=clip, outpaint="8,8")
+    assert "leaves no room" in refusal(model, tmp_path, video=clip, outpaint="24,0,24,0")
+    assert "builds its own mask" in refusal(model, tmp_path, video=clip, outpaint="8,0,8,0",
+                                            mask=str(root / "masks" / "mask_00000.png"))
+    assert "--reference-image" in refusal(model, tmp_path, image=str(root / "ref_a.png"))
+    assert "magcache" in refusal(model, tmp_path, control_video=control, frames=5, cache="magcache")
+    assert "radial" in refusal(model, tmp_path, control_video=control, frames=5, attention="radial")
+    assert "no such file" in refusal(model, tmp_path, reference_image=[str(tmp_path / "missing.png")])
+    # a model without VACE names the models that take it
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    manifest = json.loads((model / "mlxvid.json").read_text())
+    (plain / "mlxvid.json").write_text(json.dumps({**manifest, "model": "wan2.2-t2v-a14b", "task": "t2v"}))
+    for entry in model.iterdir():
+        if entry.name != "mlxvid.json":
+            (plain / entry.name).symlink_to(entry)
+    message = refusal(plain, tmp_path, control_video=control, control_scale=0.5)
+    assert "--control-video, --control-scale: for VACE models (wan2.1-vace-1.3b, wan2.1-vace-14b, " in message
+
+
+def test_outpainting_and_extension_inputs(vace21, tmp_path):
+    """--outpaint fits the video inside the frame with mid grey around it and a mask that generates the border;
+    a --video shorter than --frames is extended: its frames kept (mask 0), grey frames generated after them."""
+    root = vace21[0]
+    base = {"model": str(root / "mlx"), "prompt": PROMPT, "save_latents": str(tmp_path / "x.npy")}
+    job = prepare({**base, "video": str(root / "clip"), "outpaint": "8,0,8,8", "size": f"{WIDTH}x{HEIGHT}",
+                   "image_fit": "stretch"}, check_memory=False)
+    video, mask = job.inputs["video"], job.inputs["mask"]
+    assert video.shape == (9, HEIGHT, WIDTH, 3) and mask.shape == (9, HEIGHT, WIDTH)
+    assert (mask[:, :HEIGHT - 8, 8:WIDTH - 8] == 0).all() and mask[:, :, :8].min() == 1 and mask[:, -8:].min() == 1
+    assert (video[:, :, :8] == 0).all() and np.abs(video[:, :HEIGHT - 8, 8:WIDTH - 8]).max() > 0.1
+    job = prepare({**base, "video": str(root / "clip"), "frames": 13, "size": f"{WIDTH}x{HEIGHT}"},
+                  check_memory=False)
+    video, mask = job.inputs["video"], job.inputs["mask"]
+    assert video.shape[0] == mask.shape[0] == 13 and job.settings.frames == 13
+    assert (mask[:9] == 0).all() and (mask[9:] == 1).all() and (video[9:] == 0).all()
+    assert job.pipe.latent_shape(job.settings) == (1, 4, 4, HEIGHT // 8, WIDTH // 8)
+    job = prepare({**base, "reference_image": [str(root / "ref_a.png")], "size": f"{WIDTH}x{HEIGHT}", "frames": 5},
+                  check_memory=False)
+    assert job.pipe.latent_shape(job.settings) == (1, 4, 3, HEIGHT // 8, WIDTH // 8)  # one reference frame in front
+    canvas = job.inputs["reference_images"][0]
+    assert canvas.shape == (HEIGHT, WIDTH, 3) and (canvas[:, :4] == 1).all()  # white where the image is not
+
+
+def test_server_takes_vace_uploads(tmp_path):
+    from mlx_video.server.bodies import Upload, check_upload, from_fields
+
+    for name in ("control.mp4", "mask.png", "a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    options = from_fields({"prompt": PROMPT, "control_scale": "0.7", "outpaint": "8,0,8,0"},
+                          [Upload("control_video", "c.mp4", tmp_path / "control.mp4"),
+                           Upload("mask", "m.png", tmp_path / "mask.png"),
+                           Upload("reference_image", "a.png", tmp_path / "a.png"),
+                           Upload("reference_image", "b.png", tmp_path / "b.png")], "wan2.1-vace-1.3b")
+    assert options["reference_image"] == (tmp_path / "a.png", tmp_path / "b.png")
+    assert options["control_video"] == tmp_path / "control.mp4" and options["control_scale"] == 0.7
+    assert check_upload("mask_video", "m.mp4") == ".mp4"
+    with pytest.raises(MlxVideoError, match="takes an uploaded file"):
+        from_fields({"prompt": PROMPT, "reference_image": "/etc/passwd"}, [], "wan2.1-vace-1.3b")

@@ -199,7 +199,7 @@ def test_video_to_video_refusals(a14b_v2v, tmp_path):
         if entry.name != "mlxvid.json":
             (i2v / entry.name).symlink_to(entry)
     message = refusal(i2v, tmp_path, video=clip, image=str(image))
-    assert "--video: for video-to-video models (wan2.2-t2v-a14b, wan2.2-ti2v-5b)" in message
+    assert "--video: for video-to-video and VACE models (wan2.2-t2v-a14b, wan2.2-ti2v-5b, wan2.1-vace-1.3b" in message
     # an mp4 of 12 frames: the run takes the 9 of the model's form, resized (a 80x60 clip to 64x48)
     write_video(np.random.default_rng(0).integers(0, 256, (12, 60, 80, 3), dtype=np.uint8), tmp_path / "in.mp4",
                 fps=16)

@@ -580,12 +580,7 @@ def _transformer_configs(layout: _Layout, sources: dict, namings: dict, base, lo
         cfg2, cfg2_from = _transformer_config(inputs["transformer_2"], sources["transformer_2"], namings["transformer_2"], base_spec)
         if cfg_from == "shapes" and cfg2_from == "config.json" and cfg2.dim == cfg.dim:
             cfg = replace(cfg, num_heads=cfg2.num_heads)  # a replaced expert: its sibling's config tells the heads
-    if layout.hints["s2v"]:
-        cfg = _s2v_config(cfg, inputs["transformer"], sources["transformer"])
-    if layout.hints["vace"]:
-        cfg = _vace_config(cfg, inputs["transformer"], sources["transformer"])
-        if two_experts:
-            cfg2 = _vace_config(cfg2, inputs["transformer_2"], sources["transformer_2"])
+    cfg, cfg2 = _variant_configs(layout, sources, cfg, cfg2)
     spec, strict = _pick_model(layout.fmt, base, cfg, two_experts, layout.hints)
     _check_model_size(cfg, spec, strict, sources["transformer"], log)
     _check_expert_count(spec, two_experts, inputs)
@@ -606,6 +601,18 @@ def _transformer_configs(layout: _Layout, sources: dict, namings: dict, base, lo
         # shapes do not tell the head count: a second expert without a config.json takes the first one's
         configs["transformer_2"] = cfg2 if cfg2_from == "config.json" else cfg
     return spec, configs
+
+
+def _variant_configs(layout: _Layout, sources: dict, cfg, cfg2):
+    """The backbone configs made S2V's or VACE's where the checkpoint has their parts."""
+    inputs = layout.inputs
+    if layout.hints["s2v"]:
+        cfg = _s2v_config(cfg, inputs["transformer"], sources["transformer"])
+    if layout.hints["vace"]:
+        cfg = _vace_config(cfg, inputs["transformer"], sources["transformer"])
+        if layout.two_experts:
+            cfg2 = _vace_config(cfg2, inputs["transformer_2"], sources["transformer_2"])
+    return cfg, cfg2
 
 
 def _check_model_size(cfg, spec, strict: bool, source, log) -> None:

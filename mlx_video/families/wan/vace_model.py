@@ -44,12 +44,14 @@ class WanVACEConfig(WanTransformerConfig):
 
 
 def evenly_spaced_vace_layers(num_layers: int, count: int) -> tuple[int, ...]:
-    """The hinted blocks of a checkpoint that does not list them: every (num_layers / count)-th block from 0, as
+    """The hinted blocks of a checkpoint that does not list them: every ceil(num_layers / count)-th block from 0, as
     both published sizes place them (1.3B: 15 of 30 blocks, every 2nd; 14B: 8 of 40, every 5th)."""
-    if count < 1 or num_layers % count:
+    step = -(-num_layers // max(count, 1))
+    layers = tuple(range(0, num_layers, step))
+    if count < 1 or len(layers) != count:
         raise ValueError(f"{count} context blocks do not spread evenly over {num_layers} blocks; give a config.json "
                          "with vace_layers")
-    return tuple(range(0, num_layers, num_layers // count))
+    return layers
 
 
 # Published sizes (Wan2.1 wan/configs t2v_1_3B / t2v_14B with the VACE layers of wan/modules/vace_model.py, and
