@@ -255,3 +255,36 @@ def test_server_takes_vace_uploads(tmp_path):
     assert check_upload("mask_video", "m.mp4") == ".mp4"
     with pytest.raises(MlxVideoError, match="takes an uploaded file"):
         from_fields({"prompt": PROMPT, "reference_image": "/etc/passwd"}, [], "wan2.1-vace-1.3b")
+
+
+def test_lora_on_main_and_context_blocks_matches_diffusers(vace21, monkeypatch, tmp_path):
+    """A PEFT LoRA (written by diffusers' save_lora_weights) on a main block's and a context block's layers, at
+    strength 0.7: diffusers' load_lora_weights + set_adapters against ours fused at load."""
+    import copy
+
+    pytest.importorskip("peft")
+    from diffusers import WanVACEPipeline
+
+    root, pipe, _, control, _, _ = vace21
+    rng = np.random.default_rng(21)
+    dim, rank = 30, 3
+    layers = ["blocks.1.attn1.to_q", "blocks.2.ffn.net.2", "vace_blocks.0.attn1.to_v", "vace_blocks.1.proj_out"]
+    tensors = {}
+    for name in layers:
+        inner = 40 if name.endswith("ffn.net.2") else dim
+        tensors[f"{name}.lora_A.weight"] = torch.from_numpy((rng.standard_normal((rank, inner)) / np.sqrt(inner)).astype(np.float32))
+        tensors[f"{name}.lora_B.weight"] = torch.from_numpy((rng.standard_normal((dim, rank)) * 0.3).astype(np.float32))
+    meta = {"r": rank, "lora_alpha": 6.0, "target_modules": sorted(n.split(".", 2)[2] for n in layers)}
+    WanVACEPipeline.save_lora_weights(str(tmp_path), transformer_lora_layers=tensors,
+                                      transformer_lora_adapter_metadata=meta, weight_name="vace_lora.safetensors")
+    ref_pipe = copy.deepcopy(pipe)
+    use_official_sigmas(ref_pipe)  # the copy's scheduler, not the original's
+    ref_pipe.load_lora_weights(str(tmp_path / "vace_lora.safetensors"), adapter_name="style")
+    ref_pipe.transformer.set_adapters(["style"], weights=[0.7])
+    ours, expected, record, _ = run_both(monkeypatch, tmp_path, root, ref_pipe, 5, 0, dict(video=control[:5]),
+                                         ["--control-video", str(root / "control"), "--lora",
+                                          f"{tmp_path / 'vace_lora.safetensors'}:0.7"], steps=2)
+    err = rel_err(ours, expected)
+    print(f"VACE with a LoRA on main and context blocks: relative error {err:.2e}")
+    assert err < 1e-3
+    assert record["loras"][0]["format"] == "peft" and record["loras"][0]["scale"] == 0.7

@@ -214,6 +214,20 @@ class WanVACEPipeline(WanPipeline):
     def _scales(self) -> float:
         return float(DEFAULT_CONTROL_SCALE if self._control_scale is None else self._control_scale)
 
+    def lora_keymaps(self) -> list:
+        from mlx_video.families.wan.vace_keys import DIFFUSERS_VACE_TRANSFORMER, OFFICIAL_VACE_TRANSFORMER
+
+        return [DIFFUSERS_VACE_TRANSFORMER, OFFICIAL_VACE_TRANSFORMER]
+
+    def estimate_memory(self, s: GenerationSettings, tiling: str = "auto", has_image: bool = False) -> dict:
+        """The Wan estimate (with the context blocks, their hints and the conditioning: the cost model reads the
+        VACE config), counting each reference image as one more latent frame (4 frames of tokens), and the VAE
+        encoding the conditioning always runs."""
+        refs = len(s.reference_images or ())
+        if refs:
+            s = GenerationSettings.from_dict({**s.to_dict(), "frames": s.frames + refs * self.vae_stride[0]})
+        return super().estimate_memory(s, tiling, True)
+
     def lora_model(self, component: str):
         return WanVACETransformer(WanVACEConfig.from_dict(self.folder.config(component)))
 
