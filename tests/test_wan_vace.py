@@ -288,3 +288,26 @@ def test_lora_on_main_and_context_blocks_matches_diffusers(vace21, monkeypatch, 
     print(f"VACE with a LoRA on main and context blocks: relative error {err:.2e}")
     assert err < 1e-3
     assert record["loras"][0]["format"] == "peft" and record["loras"][0]["scale"] == 0.7
+
+
+def test_step_caches_run_the_context_hints(vace21, tmp_path):
+    """The step caches split the blocks (first block, then the rest) through the shared code: at threshold 0
+    first-block caching reuses nothing and gives the uncached run (parity-checked above) exactly; at a large
+    threshold it reuses steps and the hints still reach the blocks it runs."""
+    root = vace21[0]
+    noise = np.random.default_rng(3).standard_normal((1, 4, 2, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    np.save(tmp_path / "noise.npy", noise)
+
+    def run(name, *extra):
+        out = tmp_path / f"{name}.npy"
+        main(["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--size", f"{WIDTH}x{HEIGHT}", "--frames",
+              "5", "--steps", "4", "--control-video", str(root / "control"), "--init-latents",
+              str(tmp_path / "noise.npy"), "--save-latents", str(out), "--quiet", *extra])
+        return np.load(out), json.loads(out.with_suffix(".json").read_text())["settings"]
+
+    plain, _ = run("plain")
+    exact, record = run("fbcache0", "--cache", "fbcache:0")
+    np.testing.assert_array_equal(exact, plain)
+    assert record["reused_steps"] == []
+    reused, record = run("fbcache", "--cache", "fbcache:100")
+    assert record["reused_steps"] and np.isfinite(reused).all()

@@ -7,6 +7,8 @@ renaming (`convert_wan_transformer_to_diffusers`), so they are not our key table
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -93,3 +95,50 @@ def test_plain_wan_file_is_not_taken_for_vace(files):
                                "text_encoder": umt5_file(files / "umt5.safetensors", "official"),
                                "vae": vae_file(files / "vae21.safetensors", "2.1")},
              tokenizer=files / "tok" / "spiece.model")  # fmt: skip
+
+
+def official_config(model_id: str) -> dict:
+    """config.json as the official release writes it: `VaceWanModel`'s arguments (Wan-Video/Wan2.1
+    wan/modules/vace_model.py: the WanModel ones, model_type "vace", vace_layers, vace_in_dim)."""
+    c = VACE[model_id]
+    return {"_class_name": "VaceWanModel", "model_type": "vace", "dim": c["num_attention_heads"] * 128,
+            "ffn_dim": c["ffn_dim"], "freq_dim": 256, "num_heads": c["num_attention_heads"],
+            "num_layers": c["num_layers"], "in_dim": 16, "out_dim": 16, "text_len": 512, "eps": 1e-6,
+            "vace_layers": c["vace_layers"], "vace_in_dim": 96}
+
+
+def official_shards(folder, model_id: str, layers=None):
+    """The transformer as the release shards it (two files), its config.json beside them."""
+    from diffusers import WanVACETransformer3DModel
+
+    folder.mkdir(parents=True)
+    config = dict(VACE[model_id], **({"vace_layers": layers} if layers else {}))
+    sd = {official_vace_name(k): tuple(v.shape) for k, v in meta_state(WanVACETransformer3DModel, **config).items()}
+    names = sorted(sd)
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        write_description(folder / f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors",
+                          {k: ("BF16", sd[k], None) for k in part})
+    (folder / "config.json").write_text(json.dumps(dict(official_config(model_id), **({"vace_layers": layers} if layers else {}))))
+
+
+@pytest.mark.parametrize("model_id", ["wan2.1-vace-14b", "wan2.2-vace-fun-a14b"])
+def test_vace_official_release_layout(files, model_id):
+    """Wan2.1-VACE-14B as its release lays it out (the shards and config.json in the folder), and
+    Wan2.2-VACE-Fun-A14B's high_noise_model/ + low_noise_model/; here with vace_layers other than the even
+    spread, which only config.json can tell."""
+    src = files / model_id
+    layers = [0, 3, 7, 12, 18, 25, 31, 39]
+    if model_id == "wan2.2-vace-fun-a14b":
+        official_shards(src / "high_noise_model", model_id, layers)
+        official_shards(src / "low_noise_model", model_id, layers)
+    else:
+        official_shards(src, model_id, layers)
+    (src / "google" / "umt5-xxl").mkdir(parents=True)
+    (src / "google" / "umt5-xxl" / "spiece.model").write_bytes((files / "tok" / "spiece.model").read_bytes())
+    conversion = plan(src, components={"text_encoder": umt5_file(files / "umt5.safetensors", "official"),
+                                       "vae": vae_file(files / "vae21.safetensors", "2.1")})
+    assert conversion.manifest["model"] == model_id and conversion.manifest["task"] == "vace"
+    experts = [c for c in conversion.components if c.name.startswith("transformer")]
+    assert len(experts) == (2 if model_id == "wan2.2-vace-fun-a14b" else 1)
+    for c in experts:
+        assert list(c.config["vace_layers"]) == layers and len(c.tensors) == 40 * 27 + 15 + 8 * 29 + 4
