@@ -32,7 +32,7 @@ PROMPT = "a corgi surfs a wave at sunset"
 RENAMES = [
     (r"mlx_video\.families\.wan\b", "mlx_video.families.kiwi"),
     (r'"wan"', '"kiwi"'),
-    (r"\bwan2\.2-", "kiwi2.2-"),
+    (r"\bwan2\.([12])-", r"kiwi2.\1-"),
     (r'startswith\("Wan"\)', 'startswith("Kiwi")'),
     (r"catch_all=True", "catch_all=False"),
     (r"order=0\b", "order=50"),

@@ -116,9 +116,11 @@ def size_differences(got: WanTransformerConfig, want: WanTransformerConfig) -> s
 
 
 def which_wan(cfg: WanTransformerConfig, models) -> str | None:
-    """The published model whose transformer has these dimensions, if any."""
+    """The published model whose transformer has these dimensions, if any (a VACE model only for a transformer
+    with the VACE context blocks)."""
+    vace = getattr(cfg, "vace_layers", None) is not None
     for spec in models.values():
-        if spec.family == "wan" and same_size(cfg, spec.transformer):
+        if spec.family == "wan" and (spec.task == "vace") == vace and same_size(cfg, spec.transformer):
             return f"{spec.id}"
     for name, numbers in OTHER_WAN_SIZES.items():
         if all(getattr(cfg, k) == v for k, v in numbers.items()):

@@ -33,15 +33,6 @@ class WanVACEConfig(WanTransformerConfig):
             raise ValueError(f"vace_layers {list(layers)} must start at block 0, rise, and stay below the "
                              f"{self.num_layers} blocks")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "WanVACEConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        d = {k: v for k, v in d.items() if k in known}
-        for name in ("patch_size", "vace_layers"):
-            if name in d:
-                d[name] = tuple(d[name])
-        return cls(**d)
-
 
 def evenly_spaced_vace_layers(num_layers: int, count: int) -> tuple[int, ...]:
     """The hinted blocks of a checkpoint that does not list them: every ceil(num_layers / count)-th block from 0, as

@@ -26,7 +26,7 @@ from mlx_video.families.wan.vace_conditioning import (
     reference_canvas,
 )
 from mlx_video.families.wan.vace_model import WanVACEConfig, WanVACETransformer
-from mlx_video.pipelines.base import GenerationSettings, release
+from mlx_video.pipelines.base import GenerationSettings
 
 DEFAULT_CONTROL_SCALE = 1.0  # diffusers' conditioning_scale default
 
@@ -169,8 +169,8 @@ class WanVACEPipeline(WanPipeline):
             control = conditioning_latents(vae.encode, video, mask, list(references or ()), self.vae_stride)
             mx.eval(control)
             bar.update()
-        del vae
-        release()
+        del vae  # freed by its count (no cycles): the text encoding's release() collects and clears the cache next
+        mx.clear_cache()
         return control
 
     def generate(self, settings: GenerationSettings, init_latents: np.ndarray | None = None, progress: bool = False,
