@@ -109,9 +109,11 @@ def _job_options(entry: dict, base: Path, outputs_anywhere: bool = False) -> dic
     outputs kept inside it unless `outputs_anywhere`."""
     options = validate(entry, all_problems=True)
     for key in PATH_KEYS:
-        if options.get(key) is not None and not Path(options[key]).is_absolute():
-            text = str(options[key])
-            options[key] = str(base / text) + "/" if text.endswith("/") else base / text
+        value = options.get(key)
+        if isinstance(value, tuple):  # a repeatable path option (--reference-image)
+            options[key] = tuple(_in_folder(v, base) for v in value)
+        elif value is not None:
+            options[key] = _in_folder(value, base)
     for key in ("output", "save_latents"):
         if options.get(key) is not None and not outputs_anywhere:
             check_inside(key, entry[key], Path(options[key]), base)
@@ -122,6 +124,14 @@ def _job_options(entry: dict, base: Path, outputs_anywhere: bool = False) -> dic
     if model is not None and not Path(str(model)).is_absolute() and (base / str(model)).exists():
         options["model"] = str(base / str(model))
     return options
+
+
+def _in_folder(path, base: Path):
+    """A relative path taken from the manifest's folder (an output's trailing / kept); an absolute one as is."""
+    if Path(path).is_absolute():
+        return path
+    text = str(path)
+    return str(base / text) + "/" if text.endswith("/") else base / text
 
 
 def _default_output(manifest: Path, index: int, prompt: str) -> str:

@@ -841,7 +841,8 @@ def decode_latents(latents_path, output, model: str | None = None, overwrite: bo
     pipe = load_pipeline(model)
     st, sh, sw = pipe.spec.vae_stride
     size = f"{latents.shape[4] * sw}x{latents.shape[3] * sh}"
-    frames = (latents.shape[2] - 1) * st + 1
+    references = len(options.get("reference_image") or ())  # latent frames in front of the video's (VACE)
+    frames = (latents.shape[2] - references - 1) * st + 1
     options.update(size=size, frames=frames, prompt=record.get("prompt") or "decoded latents")
     for name in ("duration", "init_latents", "preview_every", "lora", "lora_high", "lora_low", "cache", "attention",
                  "last_image", "video", "strength", "control_video", "mask_video", "mask", "control_scale",

@@ -146,6 +146,9 @@ def test_two_reference_images_match_diffusers(vace21, monkeypatch, tmp_path):
     main(["generate", "--from-sidecar", str(tmp_path / "out.json"), "--save-latents", str(tmp_path / "replay.npy"),
           "--quiet"])
     np.testing.assert_array_equal(np.load(tmp_path / "replay.npy"), ours)
+    # mlxvid decode drops the reference frames, as the run's own decoding does
+    main(["decode", str(tmp_path / "out.npy"), "--output", str(tmp_path / "decoded"), "--quiet"])
+    assert len(list((tmp_path / "decoded").glob("*.png"))) == 5
 
 
 @pytest.fixture(scope="module")
@@ -311,3 +314,25 @@ def test_step_caches_run_the_context_hints(vace21, tmp_path):
     assert record["reused_steps"] == []
     reused, record = run("fbcache", "--cache", "fbcache:100")
     assert record["reused_steps"] and np.isfinite(reused).all()
+
+
+def test_batch_manifest_takes_the_vace_keys(vace21, tmp_path):
+    """A batch job names the same keys as the command line; relative paths (each reference image too) are taken
+    from the manifest's folder, and the job is checked (inputs read, nothing loaded) when the batch is planned."""
+    import shutil
+
+    from mlx_video.batch import plan_batch
+
+    root = vace21[0]
+    for name in ("ref_a.png", "ref_b.png"):
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copytree(root / "control", tmp_path / "control")
+    job = {"model": str(root / "mlx"), "prompt": PROMPT, "size": f"{WIDTH}x{HEIGHT}", "frames": 5,
+           "control_video": "control", "reference_image": ["ref_a.png", "ref_b.png"], "control_scale": 0.5,
+           "save_latents": "out.npy"}
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(job) + "\n" + json.dumps({**job, "mask": "missing.png",
+                                                                              "save_latents": "other.npy"}) + "\n")
+    jobs = plan_batch(tmp_path / "jobs.jsonl", {})
+    assert jobs[0].status != "invalid", jobs[0].error
+    assert jobs[0].options["reference_image"] == (tmp_path / "ref_a.png", tmp_path / "ref_b.png")
+    assert jobs[1].status == "invalid" and "missing.png" in jobs[1].error

@@ -142,3 +142,25 @@ def test_vace_official_release_layout(files, model_id):
     assert len(experts) == (2 if model_id == "wan2.2-vace-fun-a14b" else 1)
     for c in experts:
         assert list(c.config["vace_layers"]) == layers and len(c.tensors) == 40 * 27 + 15 + 8 * 29 + 4
+
+
+def test_cost_model_counts_the_context_blocks():
+    """The memory preflight's parameter formula includes the context branch: equal to our module's count (built
+    lazily, nothing allocated) for Wan2.1-VACE-1.3B cut to 4 blocks, and to diffusers' full 1.3B / 14B models."""
+    from dataclasses import replace
+
+    from diffusers import WanVACETransformer3DModel
+    from mlx.utils import tree_flatten
+
+    from mlx_video.families.wan import cost_model
+    from mlx_video.families.wan.vace_model import WAN21_VACE_1_3B, WanVACETransformer
+    from mlx_video.registry import MODELS
+
+    def formula(cfg):
+        return sum(c.total for c in cost_model.transformer_params(cfg).values())
+
+    small = replace(WAN21_VACE_1_3B, num_layers=4, vace_layers=(0, 2))
+    assert formula(small) == sum(v.size for _, v in tree_flatten(WanVACETransformer(small).parameters()))
+    for model_id in ("wan2.1-vace-1.3b", "wan2.1-vace-14b"):
+        reference = sum(v.numel() for v in meta_state(WanVACETransformer3DModel, **VACE[model_id]).values())
+        assert formula(MODELS[model_id].transformer) == reference
