@@ -77,7 +77,7 @@ MODELS = (
         id="wan2.2-vace-fun-a14b", family="wan", task="vace", vae_stride=(4, 8, 8), size_multiple=16,
         sizes=_A14B_SIZES,
         defaults=dict(_COMMON, steps=40, shift=12.0, guidance=4.0, guidance_2=3.0, fps=16, frames=81, boundary=0.875),
-        hf_repo=None, experts=2, transformer=WAN22_VACE_FUN_A14B,
+        hf_repo="alibaba-pai/Wan2.2-VACE-Fun-A14B", experts=2, transformer=WAN22_VACE_FUN_A14B,
         description="Wan 2.2 VACE-Fun (alibaba-pai): VACE on two 14B experts",
     ),
 )

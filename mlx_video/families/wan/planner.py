@@ -60,7 +60,9 @@ DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "transformer_2/*", "te
                      "scheduler/*",
                      # Wan2.2-S2V is published in the official layout only
                      "config.json", "diffusion_pytorch_model*", "Wan2.1_VAE.pth", OFFICIAL_T5, "google/umt5-xxl/*",
-                     f"{OFFICIAL_WAV2VEC2}/*"]
+                     f"{OFFICIAL_WAV2VEC2}/*",
+                     # Wan2.2-VACE-Fun-A14B (alibaba-pai): the official two-expert layout
+                     "high_noise_model/*", "low_noise_model/*"]
 
 
 # (family, kind, naming, description, required keys) for `formats.classify`. kind is our component name; naming
