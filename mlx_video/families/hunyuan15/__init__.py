@@ -5,8 +5,8 @@ Settings are the release's recommendations (Tencent-Hunyuan/HunyuanVideo-1.5 REA
 diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py): 121 frames at 24 fps, classifier-free guidance 6
 (1 for the distilled models: one pass per step), 50 steps (8 for the step-distilled I2V, which also runs 12 or 4),
 shift 5 at 480p, 9 (T2V) / 7 (I2V) at 720p, 7 for the step-distilled model. Sizes are the resolution buckets of
-diffusers' HunyuanVideo15ImageProcessor (base 640 / 960, stride 16) for 16:9 and 9:16 (its buckets for other aspects,
-e.g. 640x640, are valid --size values too).
+diffusers' HunyuanVideo15ImageProcessor (base 640 / 960, stride 16) for 16:9 and 9:16, except 720p portrait, listed
+as 720x1280 (the bucket is 720x1264; both are valid sizes, as are the buckets of other aspects, e.g. 640x640).
 
 Not here: the 720p/1080p super-resolution models and HunyuanVideo-I2V (1.0).
 """
@@ -18,7 +18,7 @@ from mlx_video.spec import Family, ModelSpec
 from .config import HUNYUAN15_480P, HUNYUAN15_480P_MEANFLOW, HUNYUAN15_720P
 
 SIZES_480P = ((848, 480), (480, 848))
-SIZES_720P = ((1280, 720), (720, 1264))
+SIZES_720P = ((1280, 720), (720, 1280))
 REPO = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-"
 
 
