@@ -207,8 +207,9 @@ def test_step_distilled_i2v_from_the_image_matches_diffusers(tmp_path_factory):
                     latents=torch.from_numpy(init), output_type="latent").frames
         video = pipe.vae.decode(want / pipe.vae.config.scaling_factor).sample
         frames = pipe.video_processor.postprocess_video(video, output_type="np")[0] * 255.0
-    main(["generate", "--model", str(root / "mlx"), "--prompt", prompt, "--image", str(root / "image.png"), "--size",
-          f"{width}x{height}", "--frames", "5", "--steps", "4", "--init-latents", str(root / "init.npy"),
+    # no --size: the image's aspect picks the bucket, as in the reference
+    main(["generate", "--model", str(root / "mlx"), "--prompt", prompt, "--image", str(root / "image.png"),
+          "--frames", "5", "--steps", "4", "--init-latents", str(root / "init.npy"),
           "--save-latents", str(root / "out.npy"), "--quiet", "--overwrite"])
     got = np.load(root / "out.npy")
     err = rel_err(got, want.numpy())
@@ -218,6 +219,19 @@ def test_step_distilled_i2v_from_the_image_matches_diffusers(tmp_path_factory):
           f"decoded frames {mean_abs:.3f}/255 mean absolute (frames' std {frames.std():.1f})")
     assert err < 1e-5
     assert ours.shape == frames.shape and mean_abs < 1.0 and frames.std() > 20
+
+
+def test_i2v_size_is_the_reference_bucket():
+    """Without --size, an I2V run takes the bucket diffusers' HunyuanVideo15ImageProcessor picks for the image's
+    aspect, at the 480p and 720p bases: portrait, landscape, square and extreme aspects."""
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    from mlx_video.families.hunyuan15.pipeline import bucket_for
+
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=16)
+    for base in (640, 960):
+        for h, w in [(480, 848), (848, 480), (512, 512), (600, 800), (1000, 250), (97, 1313), (1080, 1920), (721, 720)]:
+            assert bucket_for(h, w, base) == processor.calculate_default_height_width(h, w, base), (base, h, w)
 
 
 def test_refusals(tmp_path_factory, tmp_path, capsys):

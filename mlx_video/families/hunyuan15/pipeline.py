@@ -17,6 +17,7 @@ without quoted text, as the reference).
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -81,6 +82,32 @@ def image_condition(image_latents: mx.array, latent_frames: int) -> mx.array:
     return mx.concatenate([latents, mx.broadcast_to(mask, (1, latent_frames, h, w, 1))], axis=-1)
 
 
+def resolution_buckets(base: int, stride: int = 16, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """The (height, width) buckets of a resolution base, in the reference's order (diffusers'
+    `HunyuanVideo15ImageProcessor`): n = (base / stride)^2 patches; for each width-in-patches p from n down, the
+    heights q from the largest that fitted p + 1 up to n // p (q x p <= n), aspect at most `max_ratio`."""
+    n = round((base / stride) ** 2)
+    buckets = []
+    for p in range(n, 0, -1):
+        for q in range(max(1, n // (p + 1)), n // p + 1):
+            if max(p, q) / min(p, q) <= max_ratio:
+                buckets.append((p * stride, q * stride))
+    return buckets
+
+
+def bucket_for(height: int, width: int, base: int, stride: int = 16) -> tuple[int, int]:
+    """(height, width) of the bucket nearest the aspect height / width, never on the other side of square (the
+    reference's rule: a portrait image takes a bucket at least as tall, a landscape one at least as wide)."""
+    aspect = height / width
+    best = None
+    for h, w in resolution_buckets(base, stride):
+        diff = round(h / w, 5) - aspect
+        if (diff <= 0) if aspect >= 1 else (diff >= 0):
+            if best is None or abs(diff) < best[0]:
+                best = (abs(diff), (h, w))
+    return best[1]
+
+
 class Hunyuan15Pipeline(Pipeline):
     def __init__(self, folder):
         super().__init__(folder)
@@ -111,8 +138,15 @@ class Hunyuan15Pipeline(Pipeline):
         return self.encode_prompts(prompts, progress)
 
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
-        """The shared checks, and the prompts' lengths against the 1000 Qwen tokens (before any weights load)."""
-        s = super().resolve(settings)
+        """The shared checks, and the prompts' lengths against the 1000 Qwen tokens (before any weights load). An
+        I2V run without a size takes the resolution bucket nearest its image's aspect."""
+        s = GenerationSettings.from_dict(settings.to_dict())
+        if s.width is None and s.height is None and s.image is not None and Path(s.image).is_file():
+            from mlx_video.io.image import load_image
+
+            h, w = load_image(s.image).shape[:2]  # the image's aspect picks the bucket, as the reference does
+            s.height, s.width = bucket_for(h, w, self.transformer_config.target_size, self.spec.size_multiple)
+        s = super().resolve(s)
         if self.folder.has("text_encoder"):
             from mlx_video.text_encoders.qwen25vl import CROP_START, TEXT_TOKENS, chat_text, qwen_tokenizer
 
