@@ -191,6 +191,9 @@ def download(model_id: str, dtype: str, overwrite: bool):
     from .registry import get_spec, models_home
 
     spec = get_spec(model_id)
+    if spec.hf_repo is None:
+        raise MlxVideoError(f"{spec.id} has no diffusers-layout repository to download; get its official release and "
+                            f"run `mlxvid convert PATH DST --base {spec.id}`")
     dst = models_home() / spec.id
     if (dst / "mlxvid.json").is_file() and not overwrite:
         click.echo(f"{spec.id} is already converted at {dst} (--overwrite redoes it)")

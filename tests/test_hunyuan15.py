@@ -255,7 +255,8 @@ def test_i2v_size_is_the_reference_bucket():
 
 
 def test_refusals(tmp_path_factory, tmp_path, capsys):
-    """Clear errors before any denoising: a folder without a text encoder, a video output without a VAE, LoRAs."""
+    """Clear errors before any work: a folder without a text encoder, a video output without a VAE, LoRAs, the
+    download of a model without a diffusers repository."""
     bare = converted(tmp_path_factory, "hy15_bare", tiny_transformer())
     with pytest.raises(MlxVideoError, match="no text encoder"):
         bare.generate(GenerationSettings(prompt="a cat", width=64, height=48, frames=5, steps=1))
@@ -265,3 +266,6 @@ def test_refusals(tmp_path_factory, tmp_path, capsys):
         main(["generate", "--model", str(bare.folder.path), "--prompt", "a cat", "--size", "64x48", "--frames", "5",
               "--steps", "1", "--output", str(tmp_path / "out.mp4")])
     assert not (tmp_path / "out.mp4").exists() and "no VAE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the step-distilled model is only in the official release
+        main(["download", "hunyuanvideo-1.5-480p-i2v-step-distilled"])
+    assert "--base hunyuanvideo-1.5-480p-i2v-step-distilled" in capsys.readouterr().err
