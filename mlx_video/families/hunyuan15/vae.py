@@ -108,7 +108,7 @@ class VAETiling:
     spatial: bool = True
     tile_size: int = 256
     overlap: float = 0.25
-    chunk_frames: int | None = 2
+    chunk_frames: int | None = 1
 
     def __post_init__(self):
         if self.chunk_frames is not None and self.chunk_frames < 1:
@@ -509,9 +509,13 @@ class Hunyuan15VAE(nn.Module):
 
 # MLX's conv3d unfolds the 3x3x3 neighbourhood of every output position before its matrix product (measured on
 # the CPU backend: one conv's peak is ~27 float32 values per input value, for float16 inputs too); counted in
-# float32 whatever the activation dtype, an upper bound where Metal keeps float16.
+# float32 whatever the activation dtype, an upper bound where Metal keeps float16. The scheduler runs ahead of
+# the computation, so the temporaries of several convolutions are allocated at once: measured on the CPU backend
+# at the real widths (benchmarks/RESULTS.md, "HunyuanVideo 1.5 VAE decode"), a decode's peak was up to 4.1 times
+# the largest convolution's working set; the estimate takes 5.
 UNFOLD_VALUES = 27
 UNFOLD_BYTES = 4
+CONCURRENT_CONVOLUTIONS = 5
 
 
 def decoder_convs(cfg: Hunyuan15VAEConfig, h: int, w: int, frames: int) -> list[tuple[int, int, int, int, int]]:
@@ -531,36 +535,76 @@ def decoder_convs(cfg: Hunyuan15VAEConfig, h: int, w: int, frames: int) -> list[
     return convs + [(chans[-1], cfg.out_channels, frames, h, w)]
 
 
+def encoder_convs(cfg: Hunyuan15VAEConfig, h: int, w: int, frames: int) -> list[tuple[int, int, int, int, int]]:
+    """As `decoder_convs`, for the encoder and a chunk of `frames` video frames of h x w pixels."""
+    chans = cfg.block_out_channels
+    convs = [(cfg.in_channels, chans[0], frames, h, w)]
+    c_in = chans[0]
+    for i, c in enumerate(chans):
+        for j in range(cfg.layers_per_block):
+            convs += [(c_in if j == 0 else c, c, frames, h, w), (c, c, frames, h, w)]
+        c_in = c
+        if i < cfg.spatial_levels:
+            down = chans[i + 1] if cfg.downsample_match_channel else c
+            convs.append((c, down // (8 if cfg.temporal_down(i) else 4), frames, h, w))
+            h, w, frames, c_in = h // 2, w // 2, frames // (2 if cfg.temporal_down(i) else 1), down
+    return convs + [(chans[-1], chans[-1], frames, h, w)] * 4 + [(chans[-1], 2 * cfg.latent_channels, frames, h, w)]
+
+
+def convolution_peak_bytes(convs: list[tuple[int, int, int, int, int]], dtype_bytes: int) -> int:
+    """The largest convolution's working set (its unfolded input, padded input, output and a residual beside it),
+    times the convolutions whose temporaries coexist (`CONCURRENT_CONVOLUTIONS`)."""
+    return CONCURRENT_CONVOLUTIONS * max(
+        UNFOLD_VALUES * ci * f * y * x * UNFOLD_BYTES
+        + (ci * (f + 2) * (y + 2) * (x + 2) + co * f * y * x + max(ci, co) * f * y * x) * dtype_bytes
+        for ci, co, f, y, x in convs
+    )
+
+
+def _window(tiling: VAETiling | None, s: int, lat_t: int, lat_h: int, lat_w: int) -> tuple[int, int, int, int]:
+    """(latent window height, width, chunk of latent frames, columns of tiles; 0 when untiled)."""
+    chunk = lat_t if tiling is None or tiling.chunk_frames is None else min(tiling.chunk_frames, lat_t)
+    if tiling and tiling.spatial:
+        tile, stride, _ = tiling.latent_layout(s)
+        if lat_h > tile or lat_w > tile:
+            return min(tile, lat_h), min(tile, lat_w), chunk, len(range(0, lat_w, stride))
+    return lat_h, lat_w, chunk, 0
+
+
 def decode_memory_bytes(width: int, height: int, frames: int, config: Hunyuan15VAEConfig = HUNYUAN15_VAE,
                         tiling: VAETiling | None = VAETiling(), dtype_bytes: int = 4,
                         score_budget: int | None = None) -> dict[str, int]:
     """Bytes a decode of `frames` video frames of width x height holds at its peak, weights excluded, by part:
     `convolution` (the largest convolution of one chunk of one window: its unfolded input, padded input, output
-    and the residual beside it), `caches` (every causal convolution's 2 frames and the mid-block attention's
+    and the residual beside it, for the convolutions alive at once), `caches` (every causal convolution's 2 frames and the mid-block attention's
     keys and values, for the whole clip), `attention` (one block of scores), `video` (the stitched float32
     video and its copy as an mx.array, two rows of decoded tiles). `dtype_bytes`: the activations' width."""
     cfg = config
     s, tc = cfg.spatial_compression, cfg.temporal_compression
-    lat_t, lat_h, lat_w = (frames - 1) // tc + 1, height // s, width // s
-    tile, stride = lat_h, lat_h
-    spatial = bool(tiling and tiling.spatial)
-    if spatial:
-        tile, stride, _ = tiling.latent_layout(s)
-        spatial = lat_h > tile or lat_w > tile
-    h, w = (min(tile, lat_h), min(tile, lat_w)) if spatial else (lat_h, lat_w)
-    chunk = lat_t if tiling is None or tiling.chunk_frames is None else min(tiling.chunk_frames, lat_t)
+    lat_t = (frames - 1) // tc + 1
+    h, w, chunk, cols = _window(tiling, s, lat_t, height // s, width // s)
     convs = decoder_convs(cfg, h, w, chunk)
-    largest = max(
-        UNFOLD_VALUES * ci * f * y * x * UNFOLD_BYTES
-        + (ci * (f + 2) * (y + 2) * (x + 2) + co * f * y * x + max(ci, co) * f * y * x) * dtype_bytes
-        for ci, co, f, y, x in convs
-    )
     mid = cfg.block_out_channels[-1]
     caches = sum(ci * 2 * y * x for ci, _, _, y, x in convs) * dtype_bytes + 2 * lat_t * h * w * mid * dtype_bytes
-    scores = blocked_score_bytes(1, 1, chunk * h * w, lat_t * h * w, score_budget)
-    video = 2 * frames * height * width * 3 * 4
-    if spatial:
-        cols = len(range(0, lat_w, stride))
-        video += 2 * cols * frames * (tile * s) ** 2 * 3 * 4
-    parts = {"convolution": largest, "caches": caches, "attention": scores, "video": video}
+    video = 2 * frames * height * width * 3 * 4 + 2 * cols * frames * (h * s) * (w * s) * 3 * 4
+    parts = {"convolution": convolution_peak_bytes(convs, dtype_bytes), "caches": caches,
+             "attention": blocked_score_bytes(1, 1, chunk * h * w, lat_t * h * w, score_budget), "video": video}
+    return {**parts, "total": sum(parts.values())}
+
+
+def encode_memory_bytes(width: int, height: int, frames: int, config: Hunyuan15VAEConfig = HUNYUAN15_VAE,
+                        tiling: VAETiling | None = VAETiling(), dtype_bytes: int = 4,
+                        score_budget: int | None = None) -> dict[str, int]:
+    """As `decode_memory_bytes`, for encoding `frames` frames of width x height (the input video excluded);
+    `latents`: the stitched float32 means and their copy."""
+    cfg = config
+    s, tc = cfg.spatial_compression, cfg.temporal_compression
+    lat_t = (frames - 1) // tc + 1
+    h, w, chunk, _ = _window(tiling, s, lat_t, height // s, width // s)
+    convs = encoder_convs(cfg, h * s, w * s, 1 + tc * (chunk - 1) if chunk == lat_t else tc * chunk)
+    mid = cfg.block_out_channels[-1]
+    caches = sum(ci * 2 * y * x for ci, _, _, y, x in convs) * dtype_bytes + 2 * lat_t * h * w * mid * dtype_bytes
+    parts = {"convolution": convolution_peak_bytes(convs, dtype_bytes), "caches": caches,
+             "attention": blocked_score_bytes(1, 1, chunk * h * w, lat_t * h * w, score_budget),
+             "latents": 2 * lat_t * (height // s) * (width // s) * cfg.latent_channels * 4}
     return {**parts, "total": sum(parts.values())}
