@@ -19,7 +19,7 @@ class Hunyuan15Config(JsonConfig):
     rope_axes: tuple[int, int, int] = (16, 56, 56)
     rope_theta: float = 256.0
     patch_size: tuple[int, int, int] = (1, 1, 1)
-    in_channels: int = 65  # noisy latents 32 + condition latents 32 + mask 1
+    in_channels: int = 65  # noisy latents 32 + condition latents 32 + mask 1 (SR models: 98, + low-res 32 + mask 1)
     out_channels: int = 32
     text_dim: int = 3584  # Qwen2.5-VL-7B's hidden size (txt_in)
     glyph_dim: int = 1472  # ByT5-small's d_model (byt5_in)
@@ -27,7 +27,7 @@ class Hunyuan15Config(JsonConfig):
     image_dim: int = 1152  # SigLIP's hidden size (vision_in)
     freq_dim: int = 256
     use_meanflow: bool = False  # the step-distilled model's time_r_in (MeanFlow)
-    target_size: int = 640  # the resolution bucket base in pixels (480p: 640, 720p: 960)
+    target_size: int = 640  # the resolution bucket base in pixels (480p: 640, 720p: 960, 1080p: 1440)
     eps: float = 1e-6
 
     def __post_init__(self):
@@ -35,9 +35,11 @@ class Hunyuan15Config(JsonConfig):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
         if sum(self.rope_axes) != self.head_dim or any(d % 2 for d in self.rope_axes):
             raise ValueError(f"rope_axes {self.rope_axes} must be even and sum to head_dim {self.head_dim}")
-        if self.in_channels != 2 * self.out_channels + 1:
+        c = self.out_channels
+        if self.in_channels not in (2 * c + 1, 3 * c + 2):
             raise ValueError(f"in_channels {self.in_channels} must be 2 x out_channels + 1 (noisy latents, "
-                             f"condition latents, mask); out_channels is {self.out_channels}")
+                             "condition latents, mask) or, for the super-resolution models, 3 x out_channels + 2 "
+                             f"(also the low-resolution latents and their mask); out_channels is {c}")
 
     @property
     def hidden_size(self) -> int:

@@ -137,5 +137,5 @@ def config_from_shapes(keys, shape, config_json: dict | None, published: Hunyuan
         text_dim=shape("txt_in.input_embedder.weight")[1], glyph_dim=shape("byt5_in.fc1.weight")[1],
         glyph_hidden=shape("byt5_in.fc1.weight")[0], image_dim=shape("vision_in.proj.1.weight")[1],
         freq_dim=shape("time_in.mlp.0.weight")[1], use_meanflow="time_r_in.mlp.0.weight" in keys,
-        target_size={"480p": 640, "720p": 960}.get(resolution, published.target_size),
+        target_size={"480p": 640, "720p": 960, "1080p": 1440}.get(resolution, published.target_size),
     )

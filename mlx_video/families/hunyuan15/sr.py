@@ -1,0 +1,111 @@
+"""HunyuanVideo 1.5 super-resolution (480p -> 720p, 720p -> 1080p): a finished run's latents -> latents at the
+higher resolution, by the latent upsampler and the step-distilled SR transformer on the shared loop.
+
+As the official SR pipeline (Tencent-Hunyuan/HunyuanVideo-1.5, `hyvideo/pipelines/hunyuan_video_sr_pipeline.py`):
+1. the low-resolution latents are resized bilinearly to the high-resolution latent grid and run through the
+   upsampler (`upsampler.py`), in float32;
+2. they are re-noised at strength 0.7: (1 - 0.7) x lq + 0.7 x noise (fresh noise, not the run's);
+3. the transformer (98 input channels) sees [noisy latents (C), the base condition (C latents + 1 mask: zeros for
+   T2V, the image's latents and a mask on frame 0 for I2V), the re-noised upsampled latents (C), a mask of ones];
+4. from the first step whose timestep is below 1000 x 0.7 on, the last C + 1 channels are zeros (the model
+   then refines without the low-resolution guide);
+5. flow Euler on the shifted linear schedule (shift 2), 6 steps (720p) / 8 (1080p), guidance 1 (one pass).
+The T2V run's SigLIP input is all zeros, which the transformer masks out: the same as no image tokens here.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_video.errors import MlxVideoError
+from mlx_video.families.hunyuan15.pipeline import ConditionedForward, Hunyuan15Pipeline, meanflow_r
+from mlx_video.families.hunyuan15.upsampler import UpsamplerConfig, build_upsampler, upsample_latents
+from mlx_video.pipelines.base import GenerationResult, GenerationSettings, Predict
+from mlx_video.pipelines.loop import get_guidance, guidance_none
+
+NOISE_STRENGTH = 0.7  # the official SR pipeline's `noise_scale`
+
+
+def renoise_low_res(latents: mx.array, noise: mx.array, strength: float = NOISE_STRENGTH) -> mx.array:
+    """(1 - strength) x latents + strength x noise (the official `add_noise_to_lq`)."""
+    return (1 - strength) * latents + strength * noise
+
+
+def sr_conditions(low_res: mx.array, base: mx.array | None) -> tuple[mx.array, mx.array]:
+    """The SR transformer's condition channels (1, T, H, W, 2C + 2), channels-last: with the re-noised upsampled
+    latents `low_res` (1, T, H, W, C) and a mask of ones after the base condition (zeros for T2V, else the I2V
+    condition (1, T, H, W, C + 1)); and the same with those last C + 1 channels zero (the later steps')."""
+    if base is None:
+        base = mx.zeros((*low_res.shape[:-1], low_res.shape[-1] + 1), dtype=low_res.dtype)
+    ones = mx.ones((*low_res.shape[:-1], 1), dtype=low_res.dtype)
+    with_low_res = mx.concatenate([base.astype(low_res.dtype), low_res, ones], axis=-1)
+    without = mx.concatenate([base.astype(low_res.dtype), mx.zeros_like(low_res), mx.zeros_like(ones)], axis=-1)
+    return with_low_res, without
+
+
+def uses_low_res(timesteps, i: int, strength: float = NOISE_STRENGTH) -> bool:
+    """Whether step i still sees the low-resolution latents: every step before the first whose timestep is
+    below 1000 x strength (the official loop switches once and keeps the switch)."""
+    return all(float(t) >= 1000 * strength for t in list(timesteps)[: i + 1])
+
+
+class Hunyuan15SRPipeline(Hunyuan15Pipeline):
+    """An SR model folder: the SR transformer (`transformer/`) and its latent upsampler (`upsampler/`).
+    `upscale` takes a finished run's latents; the settings' size is the high-resolution one."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.upsampler_config = UpsamplerConfig.from_dict(folder.config("upsampler"))
+        self._sr = None  # the current run's (condition with the low-res latents, condition without)
+
+    def load_upsampler(self):
+        model = build_upsampler(self.upsampler_config)
+        self.folder.load_module("upsampler", model)
+        return model
+
+    def low_res_condition(self, s: GenerationSettings, low_res: np.ndarray, noise: mx.array | None):
+        """Upsample and re-noise the (1, C, T, h, w) latents onto the settings' grid; (with, without)."""
+        _, c, frames, height, width = self.latent_shape(s)
+        if low_res.ndim != 5 or low_res.shape[:3] != (1, c, frames):
+            raise MlxVideoError(f"the low-resolution latents have shape {tuple(low_res.shape)}; {s.frames} frames "
+                                f"need (1, {c}, {frames}, height, width)")
+        upsampled = upsample_latents(self.load_upsampler(), mx.array(low_res).transpose(0, 2, 3, 4, 1), height, width)
+        if noise is None:
+            noise = mx.random.normal(upsampled.shape, key=mx.random.split(mx.random.key(s.seed))[1])
+        base = None if self._image is None else self._image[0]
+        return sr_conditions(renoise_low_res(upsampled, noise), base)
+
+    def upscale(self, settings: GenerationSettings, low_res: np.ndarray, init_latents=None, low_res_noise=None,
+                progress: bool = False, image=None, hooks=()) -> GenerationResult:
+        """The SR run: `low_res` (1, C, T, h, w) -> (1, C, T, H, W) at the settings' size. `low_res_noise`
+        (1, T, H, W, C), for tests: the re-noising's draw (else seeded from the settings' seed)."""
+        s = self.resolve(settings)
+        self._image = None if image is None else self.encode_image(image, s, progress)
+        try:
+            self._sr = self.low_res_condition(s, np.asarray(low_res, dtype=np.float32), low_res_noise)
+            return super(Hunyuan15Pipeline, self).generate(settings, init_latents, progress, image, hooks)
+        finally:
+            self._sr, self._image = None, None
+
+    def generate(self, settings, init_latents=None, progress=False, image=None, hooks=()):
+        raise MlxVideoError(f"{self.spec.id} is a super-resolution model: it upscales a finished run's latents "
+                            "(Hunyuan15SRPipeline.upscale), it does not generate from a prompt alone")
+
+    def make_predict(self, s: GenerationSettings, model, context, step_cache=None, sampler=None) -> Predict:
+        """One pass per step (or guided), the condition switching once the timestep drops below 700."""
+        if self._sr is None or sampler is None:
+            raise MlxVideoError("the SR transformer runs inside `upscale` (it needs the low-resolution latents)")
+        with_low_res, without = self._sr
+        cond = tuple(a[:1] for a in context)
+        uncond = tuple(a[1:] for a in context) if self.uses_cfg(s) else None
+        guide = get_guidance(s.guidance_mode) if uncond is not None else guidance_none
+        forward = ConditionedForward(model, with_low_res, None if self._image is None else self._image[1])
+        meanflow = self.transformer_config.use_meanflow
+
+        def predict(latents: mx.array, i: int, t) -> mx.array:
+            forward.condition = with_low_res if uses_low_res(sampler.timesteps, i) else without
+            forward.timestep_r = meanflow_r(sampler.timesteps, i) if meanflow else None
+            return guide(forward, latents, mx.array([float(t)], dtype=mx.float32), cond, uncond, float(s.guidance))
+
+        return predict
