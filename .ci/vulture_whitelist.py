@@ -17,6 +17,9 @@ _.post_processor
 _.weight_scale  # read by name from a layer's parameters (fp8 linear layers)
 _.__path__  # a module object made a package
 _.__signature__  # read by inspect.signature
+_.autocast_enabled  # set on the official HunyuanVideo 1.5 SR pipeline, which reads them (tests/test_hunyuan15_sr.py)
+_.encode_prompt
+_._prepare_byt5_embeddings
 
 # methods and classes called by name
 _.find_class  # pickle.Unpickler hooks
@@ -24,6 +27,7 @@ _.persistent_load
 _.persistent_id
 HunyuanPipeline  # mlx_video.families names pipeline classes as "module:Class"
 Hunyuan15Pipeline
+Hunyuan15SRPipeline
 WanS2VPipeline
 MAG_TABLES  # family tables named by a Family as "module:NAME" (mlx_video.families.optional_table)
 RECIPES

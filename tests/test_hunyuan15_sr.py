@@ -5,13 +5,18 @@ official classes and the whole SR stage against the official `HunyuanVideo_1_5_S
 
 from __future__ import annotations
 
+import json
+import os
+
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_unflatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 import hy15_sr_reference as ref  # noqa: E402
 from mlx_video.convert.rules import convert_weights  # noqa: E402
@@ -49,7 +54,9 @@ def ours(module, cfg: UpsamplerConfig):
     """Our upsampler with the reference's weights, through the official names' key map."""
     weights = {k: mx.array(v.detach().numpy()) for k, v in module.state_dict().items()}
     model = build_upsampler(cfg)
-    model.update(tree_unflatten(list(convert_weights(upsampler_keymap(), weights).items())))
+    converted = convert_weights(upsampler_keymap(), weights)
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in tree_flatten(model.parameters())}
+    model.update(tree_unflatten(list(converted.items())))
     return model
 
 
@@ -118,3 +125,222 @@ def test_upsampler_config_from_official_json():
         UpsamplerConfig.from_json({"_class_name": "AutoencoderKL"})
     with pytest.raises(ValueError, match="multiple of z_channels"):
         UpsamplerConfig(kind="1080p", z_channels=32, block_out_channels=(48,))
+
+
+# --- against the official code (HUNYUANVIDEO15_REPO) -------------------------------------------------------
+
+OFFICIAL = os.environ.get("HUNYUANVIDEO15_REPO")
+needs_official = pytest.mark.skipif(
+    not OFFICIAL, reason="HUNYUANVIDEO15_REPO is not set (a checkout of Tencent-Hunyuan/HunyuanVideo-1.5; its code "
+    "also imports einops, loguru and psutil)")
+TEXT_DIM, GLYPH_DIM, IMAGE_DIM = 20, 1472, 16  # the official ByT5 mapper has a fixed 1472-wide input
+
+
+class StandIn:
+    """An object with the given attributes, for what this test does not run (VAE, text encoder, parallelism)."""
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
+
+
+def import_official():
+    """The official SR pipeline module. Its base pipeline imports torchvision (only for I2V image transforms, not
+    used here), which is not a test dependency: a stand-in module is registered after diffusers has decided
+    torchvision is absent. Its parallel state is set to a single process."""
+    import importlib
+    import sys
+    import types
+
+    import diffusers.image_processor  # noqa: F401
+    import diffusers.loaders.peft  # noqa: F401
+    import diffusers.pipelines.pipeline_utils  # noqa: F401
+
+    if "torchvision" not in sys.modules:
+        stand_in = types.ModuleType("torchvision")
+        stand_in.transforms = types.ModuleType("torchvision.transforms")
+        sys.modules.update({"torchvision": stand_in, "torchvision.transforms": stand_in.transforms})
+    if OFFICIAL not in sys.path:
+        sys.path.insert(0, OFFICIAL)
+    # one process, no sequence parallelism; the official default state builds a CUDA device mesh
+    parallel = importlib.import_module("hyvideo.commons.parallel_states")
+    parallel.__dict__["__parallel_dims"] = StandIn(sp=1, sp_enabled=False, sp_rank=0, sp_group=None)
+    return importlib.import_module("hyvideo.pipelines.hunyuan_video_sr_pipeline")
+
+
+def official_upsampler(cfg: UpsamplerConfig, state: dict):
+    from hyvideo.models.transformers.modules import upsample
+
+    if cfg.kind == "720p":
+        module = upsample.SRTo720pUpsampler(cfg.in_channels, cfg.out_channels, cfg.hidden_channels, cfg.num_blocks,
+                                            cfg.global_residual)
+    else:
+        module = upsample.SRTo1080pUpsampler(cfg.z_channels, cfg.out_channels, cfg.block_out_channels,
+                                             cfg.num_res_blocks)
+    module.load_state_dict(state)  # strict: the transcription's names and shapes are the official ones
+    return module.eval()
+
+
+@needs_official
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_transcription_matches_official(name):
+    import_official()
+    cfg = CONFIGS[name]
+    module = reference_upsampler(cfg, seed=7)
+    official = official_upsampler(cfg, module.state_dict())
+    x = torch.randn(1, 4 if cfg.kind == "1080p" else cfg.in_channels, 3, 5, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), official(x), rtol=0, atol=0)
+
+
+def official_transformer(heads=2, head_dim=24, axes=(4, 10, 10), layers=2, seed=11):
+    """A tiny official SR transformer on the 32 latent channels the official SR pipeline hard-codes: 3 x 32 + 2
+    = 98 input channels (its PatchEmbed widens in_channels 65 by half of itself plus one when
+    `is_reshape_temporal_channels`)."""
+    from hyvideo.models.transformers.hunyuanvideo_1_5_transformer import HunyuanVideo_1_5_DiffusionTransformer
+
+    model = HunyuanVideo_1_5_DiffusionTransformer(
+        patch_size=[1, 1, 1], in_channels=65, concat_condition=True, is_reshape_temporal_channels=True,
+        out_channels=32, hidden_size=heads * head_dim, heads_num=heads, mlp_width_ratio=2.0,
+        mm_double_blocks_depth=layers, mm_single_blocks_depth=0, rope_dim_list=list(axes), text_states_dim=TEXT_DIM,
+        glyph_byT5_v2=True, vision_projection="linear", vision_states_dim=IMAGE_DIM, use_cond_type_embedding=True,
+        ideal_resolution="720p", ideal_task="t2v")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # wide layers (the 1472 / 2048 glyph mapper) scaled by their fan-in
+            p.normal_(0.0, 0.1 if p.ndim == 1 else min(0.1, 1.0 / p[0].numel() ** 0.5))
+    return model.eval().float()
+
+
+def official_folder(root, transformer, upsampler, upsampler_cfg: dict):
+    """The release layout: transformer/720p_sr_distilled/ and upsampler/720p_sr_distilled/."""
+    from safetensors.torch import save_file
+
+    for part, module, config in (("transformer", transformer, dict(transformer.config)),
+                                 ("upsampler", upsampler, upsampler_cfg)):
+        folder = root / part / "720p_sr_distilled"
+        folder.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()},
+                  str(folder / "diffusion_pytorch_model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def run_official_sr(module, transformer, upsampler, lq, text, glyph, seed):
+    """The official SR pipeline's __call__ on CPU in float32 (output_type "latent"), the prompt states given (its
+    `encode_prompt` / `_prepare_byt5_embeddings` replaced), its resolution buckets at a tiny base (SizeMap, the
+    only sizes it reads). Returns (final latents, the initial noise, the re-noising's noise, the low-res input)."""
+    pipe = module.HunyuanVideo_1_5_SR_Pipeline(
+        vae=StandIn(config=StandIn(block_out_channels=[1] * 5)), text_encoder=StandIn(max_length=text[0].shape[1]),
+        transformer=transformer, scheduler=None,
+        upsampler=upsampler, flow_shift=2.0, guidance_scale=1.0, num_inference_steps=6, base_resolution="480p",
+        vision_num_semantic_tokens=5, vision_states_dim=IMAGE_DIM, execution_device="cpu")
+    pipe.target_dtype, pipe.autocast_enabled = torch.float32, False
+    pipe.encode_prompt = lambda *a, **k: (text[0], None, text[1], None)
+    pipe._prepare_byt5_embeddings = lambda *a, **k: {"byt5_text_states": glyph[0], "byt5_text_mask": glyph[1]}
+    seen = {}
+    prepare, add_noise = pipe.prepare_latents, pipe.add_noise_to_lq
+
+    def prepare_latents(*args, **kwargs):
+        seen["init"] = prepare(*args, **kwargs)
+        return seen["init"]
+
+    def add_noise_to_lq(lq_latents, strength=0.7):
+        out = add_noise(lq_latents, strength)
+        seen["noise"] = (out - (1 - strength) * lq_latents) / strength
+        return out
+
+    pipe.prepare_latents, pipe.add_noise_to_lq = prepare_latents, add_noise_to_lq
+    sizes = dict(module.SizeMap)
+    module.SizeMap.update({"480p": 64, "720p": 96})
+    try:
+        with torch.no_grad():
+            out = pipe(prompt="p", video_length=5, lq_latents=lq, output_type="latent", seed=seed).videos
+    finally:
+        module.SizeMap.update(sizes)
+    return out.numpy(), seen["init"].numpy(), seen["noise"]
+
+
+@needs_official
+def test_sr_latents_match_official(tmp_path):
+    """The whole SR stage, 480p -> 720p kind at a tiny config: our upscale (converted from the release layout by
+    `mlxvid convert`) against the official pipeline over its 6 steps at shift 2 (the low-resolution guide in the
+    first 3), from the same noise."""
+    from mlx_video.cli import main
+    from mlx_video.pipelines.base import GenerationSettings, Pipeline
+
+    module = import_official()
+    transformer = official_transformer()
+    # either upsampler class runs in either SR model; this one has every layer kind
+    cfg = UpsamplerConfig(kind="1080p", z_channels=32, out_channels=32, block_out_channels=(32, 40), num_res_blocks=1)
+    upsampler = official_upsampler(cfg, reference_upsampler(cfg, seed=5).state_dict())
+    upsampler_json = {"_class_name": "SRTo1080pUpsampler", "z_channels": 32, "out_channels": 32,
+                      "block_out_channels": list(cfg.block_out_channels), "num_res_blocks": cfg.num_res_blocks}
+    g = torch.Generator().manual_seed(3)
+    lq = torch.randn(1, 32, 2, 3, 5, generator=g)  # an 80x48 run's latents
+    text = (torch.randn(1, 7, TEXT_DIM, generator=g), (torch.arange(7) < 5).long()[None])
+    glyph_mask = (torch.arange(4) < 2).long()[None]
+    glyph = (torch.randn(1, 4, GLYPH_DIM, generator=g) * glyph_mask[..., None], glyph_mask)
+    want, init, noise = run_official_sr(module, transformer, upsampler, lq, text, glyph, seed=1)
+
+    root = official_folder(tmp_path / "release", transformer, upsampler, upsampler_json)
+    main(["convert", str(root), str(tmp_path / "mlx"), "--dtype", "fp32"])
+    pipe = Pipeline.from_pretrained(str(tmp_path / "mlx"))
+    pipe.encode = lambda s, progress=False: tuple(mx.array(a.numpy()) for a in (*text, *glyph))
+    height, width = want.shape[-2:]
+    s = GenerationSettings(prompt="p", width=width * 16, height=height * 16, frames=5)
+    got = pipe.upscale(s, lq.numpy(), init_latents=init, low_res_noise=mx.array(noise.permute(0, 2, 3, 4, 1).numpy()))
+    assert (width * 16, height * 16) == (112, 64) and pipe.resolve(s).steps == 6
+    err = rel_err(got.latents, want)
+    print(f"SR final latents: relative error {err:.2e}")
+    assert err < 1e-5
+
+
+# --- full size ----------------------------------------------------------------------------------------------
+
+KEYS = Path(__file__).parent / "fixtures" / "hy15_sr" / "official_sr_transformer_keys.json"
+
+
+def test_published_sr_model_every_key_and_shape(tmp_path):
+    """The release layout of the 720p SR model planned onto ours: the official transformer's every key and shape at
+    full size (recorded from the official module on the meta device, tests/fixtures/hy15_sr), and an upsampler
+    (the official 720p class's defaults: 64 hidden channels, 6 blocks)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_video.convert.convert import plan
+    from mlxvid_test_helpers import write_description
+
+    record = json.loads(KEYS.read_text())
+    folder = tmp_path / "transformer" / "720p_sr_distilled"
+    folder.mkdir(parents=True)
+    write_description(folder / "diffusion_pytorch_model.safetensors",
+                      {k: ("BF16", tuple(v), None) for k, v in record["keys"].items()})
+    (folder / "config.json").write_text(json.dumps({"ideal_resolution": "720p", "ideal_task": "t2v"}))
+    up = {k: ("F32", tuple(v.shape), None) for k, v in ref.SRTo720pUpsampler(32, 32).state_dict().items()}
+    (tmp_path / "upsampler" / "720p_sr_distilled").mkdir(parents=True)
+    write_description(tmp_path / "upsampler" / "720p_sr_distilled" / "diffusion_pytorch_model.safetensors", up)
+    (tmp_path / "upsampler" / "720p_sr_distilled" / "config.json").write_text(json.dumps(
+        {"_class_name": "SRTo720pUpsampler", "in_channels": 32, "out_channels": 32, "hidden_channels": None,
+         "num_blocks": 6, "global_residual": False}))
+    conversion = plan(tmp_path)
+    assert conversion.manifest["model"] == "hunyuanvideo-1.5-720p-sr-distilled"
+    planned = {c.name: c for c in conversion.components}
+    assert sorted(planned) == ["transformer", "upsampler"] and planned["upsampler"].dtype == "fp32"
+    assert planned["transformer"].config["in_channels"] == 98 and planned["transformer"].config["target_size"] == 960
+    for component, source in ((planned["transformer"], record["keys"]), (planned["upsampler"], up)):
+        ours = {k: tuple(v.shape) for k, v in tree_flatten(component.module.parameters())}
+        assert {k: v[1] for k, v in component.tensors.items()} == ours
+        assert sorted(v[0] for v in component.tensors.values()) == sorted(source)  # every source key used once
+
+
+def test_release_without_upsampler_is_refused(tmp_path):
+    from mlx_video.convert.convert import plan
+    from mlx_video.errors import MlxVideoError
+    from mlxvid_test_helpers import write_description
+
+    record = json.loads(KEYS.read_text())
+    folder = tmp_path / "transformer" / "1080p_sr_distilled"
+    folder.mkdir(parents=True)
+    write_description(folder / "diffusion_pytorch_model.safetensors",
+                      {k: ("BF16", tuple(v), None) for k, v in record["keys"].items()})
+    with pytest.raises(MlxVideoError, match="upsampler/1080p_sr_distilled/"):
+        plan(tmp_path)

@@ -8,17 +8,24 @@ shift 5 at 480p, 9 (T2V) / 7 (I2V) at 720p, 7 for the step-distilled model. Size
 diffusers' HunyuanVideo15ImageProcessor (base 640 / 960, stride 16) for 16:9 and 9:16, except 720p portrait, listed
 as 720x1280 (the bucket is 720x1264; both are valid sizes, as are the buckets of other aspects, e.g. 640x640).
 
-Not here: the 720p/1080p super-resolution models and HunyuanVideo-I2V (1.0).
+The super-resolution models (task "sr"; `sr.py`) take a finished 480p run to 720p (6 steps) or a 720p run to
+"1080p" (8 steps): shift 2, guidance 1 (the release's `SR_PIPELINE_CONFIGS`); their sizes are the high-resolution
+buckets the official SR pipeline maps the base sizes to (base 960 / 1440, stride 16: 848x480 -> 1280x720,
+1280x720 -> 1904x1072, the 16-multiple nearest 1920x1080).
+
+Not here: HunyuanVideo-I2V (1.0).
 """
 
 from __future__ import annotations
 
 from mlx_video.spec import Family, ModelSpec
 
-from .config import HUNYUAN15_480P, HUNYUAN15_480P_MEANFLOW, HUNYUAN15_720P
+from .config import HUNYUAN15_480P, HUNYUAN15_480P_MEANFLOW, HUNYUAN15_720P, HUNYUAN15_SR_720P, HUNYUAN15_SR_1080P
 
 SIZES_480P = ((848, 480), (480, 848))
 SIZES_720P = ((1280, 720), (720, 1280))
+SIZES_SR_720P = ((1280, 720), (720, 1280))
+SIZES_SR_1080P = ((1904, 1072), (1072, 1904))
 REPO = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-"
 
 
@@ -39,6 +46,19 @@ def _spec(variant: str, task: str, guidance: float, shift: float, steps: int = 5
     )
 
 
+def _sr_spec(variant: str, base: str, steps: int) -> ModelSpec:
+    resolution = variant[: variant.index("p") + 1]
+    return ModelSpec(
+        id="hunyuanvideo-1.5-" + variant.replace("_", "-"), family="hunyuan15", task="sr", vae_stride=(4, 16, 16),
+        size_multiple=16, sizes=SIZES_SR_720P if resolution == "720p" else SIZES_SR_1080P,
+        defaults=dict(steps=steps, shift=2.0, guidance=1.0, sampler="euler", schedule="shifted-linear", fps=24,
+                      frames=121, negative_prompt=""),
+        transformer=HUNYUAN15_SR_720P if resolution == "720p" else HUNYUAN15_SR_1080P,
+        description=f"HunyuanVideo 1.5 super-resolution {base} -> {resolution}, step-distilled (upscales a run)",
+        extra={"official_variant": variant, "upsampler": variant, "base_resolution": base},
+    )
+
+
 MODELS = (
     _spec("480p_t2v", "t2v", 6.0, 5.0),
     _spec("480p_i2v", "i2v", 6.0, 5.0),
@@ -48,10 +68,13 @@ MODELS = (
     _spec("480p_i2v_distilled", "i2v", 1.0, 5.0),
     _spec("720p_i2v_distilled", "i2v", 1.0, 7.0),
     _spec("480p_i2v_step_distilled", "i2v", 1.0, 7.0, steps=8),
+    _sr_spec("720p_sr_distilled", "480p", 6),
+    _sr_spec("1080p_sr_distilled", "720p", 8),
 )
 
 FAMILY = Family(
     "hunyuan15", "HunyuanVideo 1.5", MODELS, pipeline="pipeline:Hunyuan15Pipeline", order=2,
+    task_pipelines=(("sr", "sr:Hunyuan15SRPipeline"),),
     text_encoders="Qwen2.5-VL-7B-Instruct's language model, and ByT5-small (Glyph-SDXL-v2) as --text-encoder-2",
     tokenizer="the Qwen2.5-VL tokenizer folder",
     official_layout="tencent/HunyuanVideo-1.5 with transformer/<variant>/ (and vae/, text_encoder/, vision_encoder/)",

@@ -53,3 +53,7 @@ class Hunyuan15Config(JsonConfig):
 HUNYUAN15_480P = Hunyuan15Config()
 HUNYUAN15_720P = Hunyuan15Config(target_size=960)
 HUNYUAN15_480P_MEANFLOW = Hunyuan15Config(use_meanflow=True)
+# the super-resolution transformers: [noisy, condition + mask, low-resolution latents + mask] (the official
+# hyvideo/pipelines/hunyuan_video_sr_pipeline.py concatenates 32 + 33 + 33 channels)
+HUNYUAN15_SR_720P = Hunyuan15Config(in_channels=98, target_size=960)
+HUNYUAN15_SR_1080P = Hunyuan15Config(in_channels=98, target_size=1440)

@@ -16,6 +16,7 @@ assumes), `text_encoder_2/` (the ByT5 glyph encoder) with `tokenizer_2/`, and fo
 with `feature_extractor/`, and `vae/` (kept in float32, as the reference runs it). The official layout's
 `vae/` (official names, `vae_keys.py`) converts with its transformer; its text and vision encoders are not read
 from that layout yet (`text_encoder/llm`, `byt5-small` + Glyph-SDXL-v2, `vision_encoder/siglip`).
+A super-resolution model (official layout only) also converts its latent upsampler, `upsampler/<variant>/`.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
     replace_components(inputs, components, OVERRIDES)
     spec = _pick_model(src, inputs["transformer"], variant, base)
     transformer, cfg = _transformer_plan(inputs["transformer"], spec, log)
-    planned = [transformer, *_encoder_plans(inputs, cfg)]
+    planned = [transformer, *_encoder_plans(inputs, cfg), *_upsampler_plans(src, spec)]
     manifest = model_manifest(FAMILY, spec, list(spec.vae_stride), spec.vae_stride[1] * cfg.patch_size[1],
                               dict(spec.defaults))
     copy_files = _tokenizer_files(src, inputs) if variant is None else {}
@@ -292,3 +293,26 @@ def _vae_plan(inp, cfg) -> ComponentPlan:
                             f"{cfg.out_channels}")
     return ComponentPlan("vae", source, keymap_for(source.keys()), config.to_dict(), Hunyuan15VAE(config), "fp32",
                          origin=inp.origin)
+
+
+# --- the super-resolution models' upsampler ------------------------------------------------------------
+
+
+def _upsampler_plans(src: Path, spec) -> list[ComponentPlan]:
+    """A super-resolution model's latent upsampler: the official layout's `upsampler/<variant>/` (config.json
+    and diffusion_pytorch_model.safetensors, the official names), kept in float32 as the official code runs it."""
+    from .upsampler import UpsamplerConfig, build_upsampler, upsampler_keymap
+
+    variant = spec.extra.get("upsampler")
+    if variant is None:
+        return []
+    folder = src / "upsampler" / variant
+    if not folder.is_dir():
+        raise MlxVideoError(f"{spec.id} needs its latent upsampler, upsampler/{variant}/ of the release, which {src} "
+                            "does not have")
+    inp = component_input("upsampler", folder, f"{src.name}/upsampler/{variant}")
+    with config_errors(inp, ValueError):
+        cfg = UpsamplerConfig.from_json(inp.config_json or {})
+    source = ComponentSource(open_tensors(inp.path, inp.origin), inp.origin)
+    return [ComponentPlan("upsampler", source, upsampler_keymap(), cfg.to_dict(), build_upsampler(cfg), dtype="fp32",
+                          origin=inp.origin)]
