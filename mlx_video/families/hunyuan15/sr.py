@@ -56,11 +56,13 @@ class Hunyuan15SRPipeline(Hunyuan15Pipeline):
 
     def __init__(self, folder):
         super().__init__(folder)
-        self.upsampler_config = UpsamplerConfig.from_dict(folder.config("upsampler"))
         self._sr = None  # the current run's (condition with the low-res latents, condition without)
 
     def load_upsampler(self):
-        model = build_upsampler(self.upsampler_config)
+        if not self.folder.has("upsampler"):
+            raise MlxVideoError(f"{self.folder.path} has no latent upsampler (upsampler/): re-convert it from the "
+                                "release layout, which holds upsampler/<variant>/ beside transformer/<variant>/")
+        model = build_upsampler(UpsamplerConfig.from_dict(self.folder.config("upsampler")))
         self.folder.load_module("upsampler", model)
         return model
 
