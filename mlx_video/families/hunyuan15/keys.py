@@ -115,24 +115,29 @@ def config_from_diffusers(config_json: dict) -> Hunyuan15Config:
 def config_from_shapes(keys, shape, config_json: dict | None, published: Hunyuan15Config) -> Hunyuan15Config:
     """Our config from a checkpoint in the official names: every width and count read from the tensors (the
     release's config.json names its input channels before the condition is concatenated, and may be absent); the
-    RoPE split of the head, not visible in any shape, is the published one for the published head width, else the
-    same proportions (tests' tiny checkpoints). The resolution bucket comes from config.json's `ideal_resolution`."""
+    RoPE split of the head, not visible in any shape, and its theta from config.json's `rope_dim_list` /
+    `rope_theta` (the official class's arguments), else the published ones for the published head width, else
+    the same proportions. The resolution bucket comes from config.json's `ideal_resolution`."""
     from mlx_video.convert.formats import count_blocks
 
     hidden, in_channels, *patch = shape("img_in.proj.weight")
     head_dim = shape("double_blocks.0.img_attn_q_norm.weight")[0]
-    if head_dim == published.head_dim:
+    config_json = config_json or {}
+    if config_json.get("rope_dim_list") is not None:
+        rope_axes = tuple(int(d) for d in config_json["rope_dim_list"])
+    elif head_dim == published.head_dim:
         rope_axes = published.rope_axes
-    else:
+    else:  # the published proportions, rounded to even axes
         t = 2 * round(head_dim * published.rope_axes[0] / published.head_dim / 2)
+        t += (head_dim - t) % 4
         rope_axes = (t, (head_dim - t) // 2, (head_dim - t) // 2)
-    resolution = str((config_json or {}).get("ideal_resolution"))
+    resolution = str(config_json.get("ideal_resolution"))
     return Hunyuan15Config(
         num_heads=hidden // head_dim, head_dim=head_dim,
         mlp_ratio=shape("double_blocks.0.img_mlp.fc1.weight")[0] / hidden,
         num_blocks=count_blocks(keys, r"double_blocks\.(\d+)\."),
         num_refiner_blocks=count_blocks(keys, r"txt_in\.individual_token_refiner\.blocks\.(\d+)\."),
-        rope_axes=rope_axes, rope_theta=published.rope_theta, patch_size=tuple(patch),
+        rope_axes=rope_axes, rope_theta=float(config_json.get("rope_theta", published.rope_theta)), patch_size=tuple(patch),
         in_channels=in_channels, out_channels=shape("final_layer.linear.weight")[0] // (patch[0] * patch[1] * patch[2]),
         text_dim=shape("txt_in.input_embedder.weight")[1], glyph_dim=shape("byt5_in.fc1.weight")[1],
         glyph_hidden=shape("byt5_in.fc1.weight")[0], image_dim=shape("vision_in.proj.1.weight")[1],
