@@ -193,6 +193,8 @@ def test_vace_refusals_before_any_weights_load(vace21, tmp_path, monkeypatch):
     PIL.new("L", (40, 24), 255).save(tmp_path / "small_mask.png")
     assert "is 40x24, the video 48x32: the mask must have the video's size" in refusal(
         model, tmp_path, video=clip, mask=str(tmp_path / "small_mask.png"))
+    PIL.new("RGB", (WIDTH, HEIGHT), (255, 40, 40)).save(tmp_path / "red_mask.png")
+    assert "is in colour" in refusal(model, tmp_path, video=clip, mask=str(tmp_path / "red_mask.png"))
     assert "has 7 frames; --frames 9 needs at least 9" in refusal(model, tmp_path, control_video=control, frames=9)
     assert "--mask-video" in refusal(model, tmp_path, video=clip, mask_video=str(root / "control"), frames=9)
     assert "drop --strength" in refusal(model, tmp_path, video=clip, mask=str(root / "masks" / "mask_00000.png"),
@@ -207,6 +209,11 @@ def test_vace_refusals_before_any_weights_load(vace21, tmp_path, monkeypatch):
     assert "magcache" in refusal(model, tmp_path, control_video=control, frames=5, cache="magcache")
     assert "radial" in refusal(model, tmp_path, control_video=control, frames=5, attention="radial")
     assert "no such file" in refusal(model, tmp_path, reference_image=[str(tmp_path / "missing.png")])
+    import mlx_video.distributed as distributed
+
+    with monkeypatch.context() as patch:  # launched on two processes without guidance: sequence-parallel
+        patch.setattr(distributed, "current_split", lambda uses_cfg: distributed.Split(2, 0, 1, 2))
+        assert "does not run sequence-parallel" in refusal(model, tmp_path, control_video=control, frames=5)
     # a model without VACE names the models that take it
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -286,7 +293,7 @@ def test_lora_on_main_and_context_blocks_matches_diffusers(vace21, monkeypatch, 
     ref_pipe.transformer.set_adapters(["style"], weights=[0.7])
     ours, expected, record, _ = run_both(monkeypatch, tmp_path, root, ref_pipe, 5, 0, dict(video=control[:5]),
                                          ["--control-video", str(root / "control"), "--lora",
-                                          f"{tmp_path / 'vace_lora.safetensors'}:0.7"], steps=2)
+                                          f"{tmp_path / 'vace_lora.safetensors'}:0.7"], steps=1)
     err = rel_err(ours, expected)
     print(f"VACE with a LoRA on main and context blocks: relative error {err:.2e}")
     assert err < 1e-3
@@ -304,7 +311,7 @@ def test_step_caches_run_the_context_hints(vace21, tmp_path):
     def run(name, *extra):
         out = tmp_path / f"{name}.npy"
         main(["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--size", f"{WIDTH}x{HEIGHT}", "--frames",
-              "5", "--steps", "3", "--control-video", str(root / "control"), "--init-latents",
+              "5", "--steps", "2", "--control-video", str(root / "control"), "--init-latents",
               str(tmp_path / "noise.npy"), "--save-latents", str(out), "--quiet", *extra])
         return np.load(out), json.loads(out.with_suffix(".json").read_text())["settings"]
 

@@ -29,6 +29,16 @@ from mlx_video.families.wan.vace_model import WanVACEConfig, WanVACETransformer
 from mlx_video.pipelines.base import GenerationSettings
 
 DEFAULT_CONTROL_SCALE = 1.0  # diffusers' conditioning_scale default
+COLOUR_LEVELS = 48  # a mask pixel whose channels differ by more is colour (video compression moves grey far less)
+
+
+def check_greyscale(frames: np.ndarray, what: str) -> None:
+    """Refuse a colour mask: VACE reads a mask's first channel (white = generate), which a colour picture only
+    looks like."""
+    spread = frames.max(axis=-1).astype(np.int16) - frames.min(axis=-1)
+    if int(spread.max()) > COLOUR_LEVELS:
+        raise MlxVideoError(f"{what} is in colour (channels up to {int(spread.max())} levels apart); a mask is "
+                            "greyscale: white = generate, black = keep")
 
 
 class WanVACEPipeline(WanPipeline):
@@ -96,6 +106,12 @@ class WanVACEPipeline(WanPipeline):
         if s.attention is not None and s.attention.split(":")[0] == "radial":
             raise MlxVideoError(f"--attention radial is not supported on {self.spec.id}: the reference radial "
                                 "attention covers plain Wan, not the VACE context blocks or reference frames")
+        from mlx_video.distributed import current_split
+
+        split = current_split(self.uses_cfg(s))
+        if split is not None and split.seq_ranks > 1:
+            raise MlxVideoError(f"{self.spec.id} does not run sequence-parallel (its context blocks see every token): "
+                                "run it on one process, or on two with guidance (CFG-parallel)")
 
     def latent_shape(self, s: GenerationSettings) -> tuple[int, int, int, int, int]:
         """The video's latents with one more frame in front per reference image (diffusers' layout)."""
@@ -143,6 +159,7 @@ class WanVACEPipeline(WanPipeline):
                 raise MlxVideoError(f"{what} has {frames.shape[0]} frames; --frames {s.frames} needs {s.frames}")
         else:
             return None
+        check_greyscale(frames, what)
         if frames.shape[1:3] != tuple(size):
             raise MlxVideoError(f"{what} is {frames.shape[2]}x{frames.shape[1]}, the video {size[1]}x{size[0]}: the "
                                 "mask must have the video's size")
