@@ -82,6 +82,13 @@ def test_vace_full_size_files(files, model_id, fmt):
     transformer_config = next(c for c in conversion.components if c.name == "transformer").config
     assert list(transformer_config["vace_layers"]) == config["vace_layers"]  # spread evenly: no config.json here
     assert transformer_config["vace_in_channels"] == 96
+    # --quantize stores the context blocks' layers in low precision too (the module swaps exactly those it lists)
+    from mlx_video.convert.quantize import is_low_precision
+
+    plan_ = next(c for c in conversion.components if c.name == "transformer")
+    low = {k for k, (_, shape, _) in plan_.tensors.items()
+           if is_low_precision("transformer", k, shape, "q8", 64, plan_.low_precision)}
+    assert len(low) == (layers + context) * 10 and "vace_blocks.1.ffn.fc2.weight" in low
 
 
 def test_plain_wan_file_is_not_taken_for_vace(files):

@@ -653,14 +653,15 @@ def _transformer_plans(layout: _Layout, sources: dict, namings: dict, configs: d
         if extra:
             log(f"warning: {source.what} looks like {extra}")
         keymap = OFFICIAL_TRANSFORMER if namings[name] == "official" else DIFFUSERS_TRANSFORMER
-        module = None
+        module, low_precision = None, None
         if layout.hints["s2v"]:
             keymap, module = _s2v_transformer(source, namings[name], configs[name])
         elif layout.hints["vace"]:
-            keymap, module = _vace_transformer(namings[name], configs[name])
+            keymap, module, low_precision = _vace_transformer(namings[name], configs[name])
         planned.append(ComponentPlan(
             name, source, keymap, configs[name].to_dict(), module or WanTransformer(configs[name]),
             origin=layout.inputs[name].origin, size_hint=_transformer_hint(source, namings[name]),
+            low_precision=low_precision,
         ))
     _warn_expert_names(layout, log)
     return planned
@@ -676,10 +677,11 @@ def _vace_config(backbone, inp: ComponentInput, source: ComponentSource):
 
 
 def _vace_transformer(naming: str, cfg):
-    from mlx_video.families.wan.vace_keys import DIFFUSERS_VACE_TRANSFORMER, OFFICIAL_VACE_TRANSFORMER
+    from mlx_video.families.wan.vace_keys import DIFFUSERS_VACE_TRANSFORMER, LOW_PRECISION_VACE, OFFICIAL_VACE_TRANSFORMER
     from mlx_video.families.wan.vace_model import WanVACETransformer
 
-    return (OFFICIAL_VACE_TRANSFORMER if naming == "official" else DIFFUSERS_VACE_TRANSFORMER), WanVACETransformer(cfg)
+    keymap = OFFICIAL_VACE_TRANSFORMER if naming == "official" else DIFFUSERS_VACE_TRANSFORMER
+    return keymap, WanVACETransformer(cfg), LOW_PRECISION_VACE
 
 
 def _s2v_transformer(source, naming: str, cfg):

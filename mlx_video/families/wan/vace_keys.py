@@ -8,6 +8,8 @@ official release (Wan-Video/Wan2.1 wan/modules/vace_model.py) and ComfyUI's sing
 
 from __future__ import annotations
 
+import re
+
 from mlx_video.convert.rules import KeyMap, Rule
 from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
 from mlx_video.families.wan.vace_model import WanVACEConfig, evenly_spaced_vace_layers
@@ -35,6 +37,10 @@ def _vace_keymap(keymap: KeyMap, proj_in: str, proj_out: str) -> KeyMap:
 
 DIFFUSERS_VACE_TRANSFORMER = _vace_keymap(DIFFUSERS_TRANSFORMER, "proj_in", "proj_out")
 OFFICIAL_VACE_TRANSFORMER = _vace_keymap(OFFICIAL_TRANSFORMER, "before_proj", "after_proj")
+
+
+# --quantize: the block layers Wan stores in low precision, in the context blocks too
+LOW_PRECISION_VACE = re.compile(r"(vace_)?blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.fc[12])\.weight")
 
 
 def is_vace(keys) -> bool:
