@@ -29,16 +29,21 @@ HunyuanPipeline  # mlx_video.families names pipeline classes as "module:Class"
 Hunyuan15Pipeline
 Hunyuan15SRPipeline
 WanS2VPipeline
+WanAnimatePipeline
 MAG_TABLES  # family tables named by a Family as "module:NAME" (mlx_video.families.optional_table)
 RECIPES
 takes_true_cfg  # pipeline capabilities read by name (mlx_video.options.CAPABILITIES)
 takes_last_image
 takes_video
+takes_pose_video
+takes_animate
+takes_mask_video
 text_encoders  # a Family field read by name (mlx_video.cli._per_family)
 download  # click commands, registered by their decorators
 vs_reference
 
 # fields of records that are data, listed for the reader (dataclasses)
+post_layernorm  # CLIP vision's final LayerNorm: a checkpoint parameter, loaded; hidden_states[-2] does not use it
 gpu_cores  # mlx_video.cost.Chip
 notes  # mlx_video.recipes.Recipe
 

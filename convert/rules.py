@@ -1,9 +1,9 @@
 """Declarative key maps.
 
 A checkpoint format is described by a table of rules. Each rule matches a whole source key with a regular
-expression, names the target key (a `re` replacement template, so `\\1` refers to a group) and optionally a
-named transform applied to the tensor. Keys matched by an `ignore` pattern are dropped on purpose; any other
-key that no rule matches is reported as unknown.
+expression, names the target key (a `re` replacement template, so `\\1` refers to a group, or a function of the
+match where an index must be shifted) and optionally a named transform applied to the tensor. Keys matched by an
+`ignore` pattern are dropped on purpose; any other key that no rule matches is reported as unknown.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ Transform = Callable[[mx.array], mx.array]
 @dataclass(frozen=True)
 class Rule:
     source: str
-    target: str
+    target: str | Callable[[re.Match], str]
     transform: str | None = None
 
 
@@ -81,7 +81,7 @@ class KeyMap:
         for pattern, rule in self.rules:
             m = pattern.fullmatch(key)
             if m:
-                return m.expand(rule.target), rule.transform
+                return (m.expand(rule.target) if isinstance(rule.target, str) else rule.target(m)), rule.transform
         return None
 
     def is_ignored(self, key: str) -> bool:

@@ -327,21 +327,25 @@ class SegmentStore:
     chain resumes where it stopped: per segment the frames it adds to the output (before interpolation and
     delivery), the frames held back for the next cross-fade, its last K latent frames and last decoded frame.
     A fingerprint of what decides the frames (the model folder, the resolved settings, the segment plan) must
-    match, so a changed command starts over, while interpolation and delivery options may change freely."""
+    match, so a changed command starts over, while interpolation and delivery options may change freely.
+    A pipeline that makes its own segments keeps them the same way (`SegmentStore(output, key)`)."""
 
-    def __init__(self, job: ChainJob):
+    def __init__(self, output: Path, key: dict):
         import hashlib
         import json
 
+        self.folder = output.with_name(f".{output.name}.segments")
+        self.fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+    @classmethod
+    def for_chain(cls, job: ChainJob) -> "SegmentStore":
         from mlx_video.distributed import folder_fingerprint
 
-        output = job.base.output
-        self.folder = output.with_name(f".{output.name}.segments")
         plan = [(g.rendered, g.start, g.boundary, g.end, g.prompt, g.seed, g.conditioning) for g in job.segments]
-        settings = job.base.settings.to_dict()
-        key = {"model": folder_fingerprint(job.base.pipe.folder.path), "settings": settings, "plan": plan,
-               "method": job.method, "k": job.overlap_latent_frames, "image": _image_digest(job.base.pixels)}
-        self.fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        key = {"model": folder_fingerprint(job.base.pipe.folder.path), "settings": job.base.settings.to_dict(),
+               "plan": plan, "method": job.method, "k": job.overlap_latent_frames,
+               "image": _image_digest(job.base.pixels)}
+        return cls(job.base.output, key)
 
     def finished(self) -> int:
         """How many leading segments are kept for this chain (0 when none, or kept for another command)."""
@@ -456,7 +460,7 @@ def run_chain(job: ChainJob, echo=click.echo, hooks=()) -> dict:
     if not base.quiet:
         echo(job.summary())
     timings: dict[str, float] = {}
-    store = SegmentStore(job)
+    store = SegmentStore.for_chain(job)
     made = CountedFrames(chain_frames(job, timings, hooks, None if base.quiet else echo, store))
     frames, total, fps = made, job.total, s.fps
     interpolator = None

@@ -204,7 +204,9 @@ def download(model_id: str, dtype: str, overwrite: bool):
         click.echo(f"fetching {spec.hf_repo} (only the pipeline's files) into the Hugging Face cache")
         from .families import converter
 
-        patterns = getattr(converter(spec.family), "DOWNLOAD_PATTERNS", DIFFUSERS_FILES)
+        planner = converter(spec.family)
+        patterns = [*getattr(planner, "DOWNLOAD_PATTERNS", DIFFUSERS_FILES),
+                    *getattr(planner, "EXTRA_DOWNLOAD_PATTERNS", {}).get(spec.id, [])]
         src = snapshot_download(repo_id=spec.hf_repo, allow_patterns=patterns)
     except Exception as e:  # the hub library raises many kinds; all mean the same to the user
         raise MlxVideoError(

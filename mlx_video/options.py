@@ -397,7 +397,8 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
     Option("mask", "path", "VACE: a mask image for every frame of the --video / --control-video: white = generate, "
            "black = keep; the video's size.", file_only=True, needs="takes_vace"),
     Option("mask_video", "path", "VACE: a mask per frame (a video or PNG folder of the video's size, at least "
-           "--frames frames): white = generate, black = keep.", needs="takes_vace"),
+           "--frames frames): white = generate, black = keep. Wan2.2-Animate's replace mode: where the character "
+           "goes (white) and the background stays (black), as long as --pose-video.", needs="takes_mask_video"),
     Option("reference_image", "path", "VACE: an image to keep in view (a face, a product, a logo); repeatable. Fitted "
            "inside the video size on a white canvas.", file_only=True, multiple=True, needs="takes_vace",
            setting="reference_images"),
@@ -413,8 +414,17 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
     Option("audio", "path", lambda: "Voice track driving an audio-to-video model (" + _models_with("s2v") + "): wav, "
            "mp3, m4a, flac. The video lasts as long as the audio (in whole clips) and the track is muxed into the "
            "output.", short="-a", file_only=True, needs="takes_audio"),
-    Option("pose_video", "path", "A pose video (or PNG folder) for an audio-driven model to follow, read from its "
-           "start at the video's fps.", needs="takes_audio"),
+    Option("pose_video", "path", "A pose video (or PNG folder) to follow: for an audio-driven model, read from its "
+           "start at the video's fps; for Wan2.2-Animate, the preprocessed pose video, whose length sets the "
+           "video's.", needs="takes_pose_video"),
+    Option("face_video", "path", "Wan2.2-Animate: the performer's preprocessed face crops (a video or PNG folder, "
+           "square; as long as --pose-video).", needs="takes_animate"),
+    Option("background_video", "path", "Wan2.2-Animate replace mode: the video the character is put into (as long "
+           "as --pose-video).", needs="takes_animate"),
+    Option("animate_mode", "choice", "Wan2.2-Animate: animate (the character follows the pose and face videos) or "
+           "replace (the character takes the performer's place in --background-video, where --mask-video is white). "
+           "Default: replace when --background-video or --mask-video is given, else animate.",
+           choices=("animate", "replace"), needs="takes_animate"),
     Option("clips", "int", "Audio-driven models: stop after N clips (of --frames frames each) even if the audio goes "
            "on.", metavar="N", minimum=1, maximum=1000, needs="takes_audio"),
     Option("start_from_portrait", "flag", "Audio-driven models: start the first clip from the portrait as motion "
@@ -620,6 +630,12 @@ CAPABILITIES = {
                          lambda: _ids_with_pipeline_flag("takes_last_image")),
     "takes_video": ("video-to-video and VACE models", "input video", lambda: _ids_with_pipeline_flag("takes_video")),
     "takes_vace": ("VACE models", "VACE conditioning", lambda: _ids_with_pipeline_flag("takes_vace")),
+    "takes_pose_video": ("models that follow a pose video", "pose video",
+                         lambda: _ids_with_pipeline_flag("takes_pose_video")),
+    "takes_mask_video": ("VACE and character-replacement models", "mask video",
+                         lambda: _ids_with_pipeline_flag("takes_mask_video")),
+    "takes_animate": ("character animation models", "face or background video",
+                      lambda: _ids_with_pipeline_flag("takes_animate")),
 }
 
 

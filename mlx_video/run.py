@@ -229,7 +229,7 @@ class Job:
 
 
 INPUT_OPTIONS = ("image", "last_image", "video", "control_video", "mask", "mask_video", "reference_image", "audio",
-                 "pose_video", "init_latents")
+                 "pose_video", "face_video", "background_video", "init_latents")
 
 
 def input_files(o: dict) -> dict:
@@ -286,6 +286,8 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     check_capabilities(o, pipe)
     if pipe.takes_audio:
         _check_audio_run(o, pipe.spec, output)
+    elif pipe.takes_animate:
+        _check_animate_run(o, pipe.spec)
     else:
         chain = extension_frames(o, pipe.spec)
         if chain is not None and given(o, "last_image"):
@@ -307,6 +309,8 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     pixels = _image_pixels(o, settings, image_fit)
     inputs = {} if o.get("last_image") is None else {"last_image": _image_pixels(o, settings, image_fit, "last_image")}
     inputs.update(pipe.source_inputs(o, settings, image_fit, None if source is None else source[:settings.frames]))
+    if pipe.takes_animate and output is not None:  # its segments are kept beside the output until it is written
+        inputs["segments_beside"] = output
     if output is not None and not pipe.can_decode:
         raise MlxVideoError(f"{pipe.folder.path} has no VAE (vae/), so it cannot write video; use --save-latents")
     vae_tiling = o.get("vae_tiling") or "auto"
@@ -362,6 +366,21 @@ _NOT_FOR_AUDIO = {"duration": "its length follows the --audio (stop earlier with
                   "save_latents": "it decodes each clip as it goes",
                   "init_latents": "each clip starts from its own seeded noise",
                   "segment_prompt": "its length follows the --audio", "segment_frames": "use --frames"}
+
+
+# options a character-animation run (Wan2.2-Animate) cannot take, and why
+_NOT_FOR_ANIMATE = {"frames": "the --pose-video's length sets it (--segment-frames sets each segment's)",
+                    "duration": "the --pose-video's length sets it", "segment_prompt": "one prompt drives every segment",
+                    "last_image": "the pose video drives the ending", "video": "it takes --pose-video and --face-video"}
+
+
+def _check_animate_run(o: dict, spec) -> None:
+    """Animate's segments are its own (the pipeline makes them): --segment-frames is the per-segment length."""
+    for name, why in _NOT_FOR_ANIMATE.items():
+        if given(o, name):
+            raise MlxVideoError(f"--{name.replace('_', '-')} is not supported for {spec.id}: {why}")
+    if o.get("segment_frames") is not None:
+        o["frames"] = o.pop("segment_frames")
 
 
 def _check_audio_run(o: dict, spec, output) -> None:

@@ -69,7 +69,7 @@ class GenerationSettings:
     # VACE: a control video, a mask (a still or a video; white = generate), reference images, the hint scale,
     # and LEFT,TOP,RIGHT,BOTTOM pixels to outpaint around the --video (paths; their pixels go to generate())
     control_video: str | None = None
-    mask_video: str | None = None
+    mask_video: str | None = None  # also Wan Animate's replace mode: white where the character goes
     mask: str | None = None
     reference_images: list[str] | None = None
     control_scale: float | None = None
@@ -80,7 +80,10 @@ class GenerationSettings:
     cache: str | None = None  # step cache NAME[:THRESHOLD], taylorseer[:KEY=VALUE,...] (mlx_video.pipelines.cache)
     attention: str | None = None  # dense | radial[:DENSE_STEPS[:DENSE_BLOCKS]] (mlx_video.pipelines.attention_mode)
     audio: str | None = None  # the driving voice track's path (audio-driven models: Wan S2V)
-    pose_video: str | None = None  # a pose video to follow (Wan S2V)
+    pose_video: str | None = None  # a pose video to follow (Wan S2V, Wan Animate)
+    face_video: str | None = None  # Wan Animate: the performer's face crops
+    background_video: str | None = None  # Wan Animate replace mode: the video the character is put into
+    animate_mode: str | None = None  # Wan Animate: animate | replace (default: replace when a background is given)
     clips: int | None = None  # at most this many clips of an audio-driven video (default: as long as the audio)
     start_from_image: bool = False  # S2V: the portrait is the first clip's motion context (official --start_from_ref)
 
@@ -130,6 +133,9 @@ class Pipeline(ABC):
     takes_last_image = False  # first-last frame: --image opens the video, --last-image ends it
     takes_video = False  # video-to-video: --video re-noised by --strength
     takes_vace = False  # VACE: --control-video, --mask / --mask-video, --reference-image, --control-scale, --outpaint
+    takes_pose_video = False  # follows a --pose-video (Wan S2V, Wan Animate)
+    takes_animate = False  # a character driven by --pose-video and --face-video (Wan Animate)
+    takes_mask_video = False  # a --mask-video (VACE; Wan Animate's replace mode)
     radial_defaults = None  # the family's RadialDefaults (mlx_video.nn.radial) where it runs --attention radial
     default_image_fit = "crop"  # how --image meets the video size without --image-fit (io.image.FIT_MODES)
 
@@ -266,7 +272,8 @@ class Pipeline(ABC):
         """The settings with the model's defaults filled in, checked (by the option schema's rules) against
         the model: all of it before any weights are read."""
         s = GenerationSettings.from_dict(settings.to_dict())
-        check_capabilities({"audio": s.audio, "pose_video": s.pose_video, "clips": s.clips,
+        check_capabilities({"audio": s.audio, "pose_video": s.pose_video, "face_video": s.face_video,
+                            "background_video": s.background_video, "animate_mode": s.animate_mode, "clips": s.clips,
                             "start_from_portrait": s.start_from_image, "guidance_2": s.guidance_2,
                             "true_cfg": s.true_cfg, "last_image": s.last_image, "video": s.video,
                             "strength": s.strength, "control_video": s.control_video, "mask_video": s.mask_video,

@@ -25,7 +25,8 @@ SERVER_ONLY = frozenset({"output", "save_latents", "init_latents", "from_sidecar
 UPLOADS = {"input_reference": "image", "image": "image", "audio": "audio", "pose_video": "pose_video",
            "watermark_image": "watermark", "last_image": "last_image", "video": "video",
            "control_video": "control_video", "mask": "mask", "mask_video": "mask_video",
-           "reference_image": "reference_image"}
+           "reference_image": "reference_image",
+           "face_video": "face_video", "background_video": "background_video"}
 UPLOAD_SUFFIXES = {
     "image": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
     "audio": (".wav", ".mp3", ".m4a", ".flac", ".ogg", ".aac"),
@@ -37,6 +38,8 @@ UPLOAD_SUFFIXES = {
     "mask_video": (".mp4", ".mov", ".webm", ".mkv"),
     "mask": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"),
     "reference_image": (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
+    "face_video": (".mp4", ".mov", ".webm", ".mkv"),
+    "background_video": (".mp4", ".mov", ".webm", ".mkv"),
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OPENAI_FIELDS = {"seconds": "duration"}

@@ -1,10 +1,11 @@
-"""Wan 2.2 (T2V-A14B, I2V-A14B, TI2V-5B, S2V-14B) and Wan VACE (2.1 1.3B / 14B, 2.2 VACE-Fun A14B): the family's
-package and its published models."""
+"""Wan 2.2 (T2V-A14B, I2V-A14B, TI2V-5B, S2V-14B, Animate-14B) and Wan VACE (2.1 1.3B / 14B, 2.2 VACE-Fun A14B):
+the family's package and its published models."""
 
 from __future__ import annotations
 
 from mlx_video.spec import Family, ModelSpec
 
+from .animate_model import WAN_ANIMATE_14B
 from .config import WAN_A14B_I2V, WAN_A14B_T2V, WAN_TI2V_5B
 from .s2v_model import WAN_S2V_14B
 from .vace_model import WAN21_VACE_1_3B, WAN21_VACE_14B, WAN22_VACE_FUN_A14B
@@ -80,11 +81,23 @@ MODELS = (
         hf_repo="alibaba-pai/Wan2.2-VACE-Fun-A14B", experts=2, transformer=WAN22_VACE_FUN_A14B,
         description="Wan 2.2 VACE-Fun (alibaba-pai): VACE on two 14B experts",
     ),
+    ModelSpec(
+        # frames: per segment (--segment-frames; each carries one frame from the one before); the pose video's
+        # length sets the video's. Published settings: Wan2.2 wan/configs/wan_animate_14B.py (shift 5, 20 steps,
+        # guidance 1, 77-frame segments, 30 fps) and diffusers' WanAnimatePipeline (1280x720).
+        id="wan2.2-animate-14b", family="wan", task="animate", vae_stride=(4, 8, 8), size_multiple=16,
+        sizes=((1280, 720), (720, 1280), (832, 480), (480, 832)),
+        defaults=dict(_COMMON, steps=20, shift=5.0, guidance=1.0, fps=30, frames=77),
+        hf_repo="Wan-AI/Wan2.2-Animate-14B-Diffusers", transformer=WAN_ANIMATE_14B,
+        description="Wan 2.2 character animation: a character image driven by pose and face videos, or replacing "
+                    "the performer in a video, 14B",
+    ),
 )
 
 FAMILY = Family(
     "wan", "Wan 2.2", MODELS, pipeline="pipeline:WanPipeline", task_pipelines=(("s2v", "s2v_pipeline:WanS2VPipeline"),
-                                                                        ("vace", "vace_pipeline:WanVACEPipeline")),
+                                                                        ("vace", "vace_pipeline:WanVACEPipeline"),
+                                                                        ("animate", "animate_pipeline:WanAnimatePipeline")),
     latent_rgb="latent_rgb", mag_tables="cache_tables:MAG_TABLES", recipes="step_recipes:RECIPES", catch_all=True, order=0,
     text_encoders="UMT5-XXL encoder", tokenizer="google/umt5-xxl",
     official_layout="high_noise_model/ + low_noise_model/ (or the TI2V-5B shards),\n"

@@ -63,6 +63,8 @@ DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "transformer_2/*", "te
                      f"{OFFICIAL_WAV2VEC2}/*",
                      # Wan2.2-VACE-Fun-A14B (alibaba-pai): the official two-expert layout
                      "high_noise_model/*", "low_noise_model/*"]
+# and, per model, what only that model's repository needs: Wan2.2-Animate's CLIP image encoder
+EXTRA_DOWNLOAD_PATTERNS = {"wan2.2-animate-14b": ["image_encoder/*", "image_processor/*"]}
 
 
 # (family, kind, naming, description, required keys) for `formats.classify`. kind is our component name; naming
@@ -79,7 +81,6 @@ SIGNATURES = [
 # Wan checkpoints this planner does not convert: (description, any of these keys or key patterns).
 LOOKALIKES = [
     ("a Wan 2.1 I2V / FLF2V transformer (it has the CLIP image embedding img_emb, which Wan 2.2 does not use)", (r"img_emb\..*", r"blocks\.\d+\.cross_attn\.k_img\..*")),
-    ("a Wan 2.2 Animate transformer (pose and face adapters)", (r"pose_patch_embedding\..*", r"face_adapter\..*", r"motion_encoder\..*")),
     ("a Wan 2.2 S2V transformer (audio conditioning)", (r"casual_audio_encoder\..*", r"audio_injector\..*")),
 ]
 
@@ -397,6 +398,10 @@ def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict)
         return get_spec(base), True
     if hints.get("s2v"):
         return MODELS[S2V_MODEL], False
+    if hints.get("animate"):
+        from mlx_video.families.wan.animate_planner import ANIMATE_MODEL
+
+        return MODELS[ANIMATE_MODEL], False
     if fmt in ("diffusers", "official"):
         return MODELS[_model_of_layout(cfg, two_experts, hints)], False
     # S2V has the 14B backbone's shapes too, but is recognised by its audio tensors (hints["s2v"]), not its size;
@@ -466,6 +471,10 @@ def plan(
         planned.append(vae)
     if layout.hints["s2v"]:
         planned.append(_audio_encoder_plan(layout.hints.get("audio_encoder"), layout.src))
+    if layout.hints["animate"]:
+        from mlx_video.families.wan.animate_planner import image_encoder_plan
+
+        planned.append(image_encoder_plan(layout.src, layout.fmt))
     copy_files = {"tokenizer": _tokenizer_to_copy(layout.tokenizer_files, sources["text_encoder"], log)}
     manifest = _manifest(layout, spec, cfg, vae_cfg)
     return finish_plan(_source_format(layout.fmt, components), manifest, planned, copy_files, allow_unknown_keys, log)
@@ -555,6 +564,9 @@ def _open_sources(layout: _Layout) -> tuple[dict, dict]:
     if "transformer_2" in sources and is_vace(sources["transformer_2"].keys()) != layout.hints["vace"]:
         raise MlxVideoError(f"one expert has the VACE context branch (vace_blocks) and the other not: "
                             f"{sources['transformer'].what}, {sources['transformer_2'].what}")
+    from mlx_video.families.wan.animate_planner import is_animate
+
+    layout.hints["animate"] = is_animate(sources["transformer"])
     return sources, namings
 
 
@@ -571,6 +583,15 @@ def _check_gguf_patch_embedding(source) -> None:
 def _transformer_configs(layout: _Layout, sources: dict, namings: dict, base, log) -> tuple[object, dict]:
     """The registry model and each transformer's config (from config.json, else from the shapes)."""
     inputs, two_experts = layout.inputs, layout.two_experts
+    if layout.hints["animate"]:  # Wan2.2-Animate: its own config and key tables (animate_planner.py)
+        from mlx_video.families.wan.animate_planner import transformer_plan
+
+        layout.hints["animate_plan"], cfg = transformer_plan(inputs["transformer"], sources["transformer"],
+                                                             namings["transformer"])
+        spec, strict = _pick_model(layout.fmt, base, cfg, two_experts, layout.hints)
+        _check_model_size(cfg, spec, strict, sources["transformer"], log)
+        _check_expert_count(spec, two_experts, inputs)
+        return spec, {"transformer": cfg}
     base_spec = None
     if base is not None:
         from mlx_video.registry import get_spec
@@ -646,6 +667,8 @@ def _transformer_plans(layout: _Layout, sources: dict, namings: dict, configs: d
     from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
     from mlx_video.families.wan.transformer import WanTransformer
 
+    if layout.hints["animate"]:
+        return [layout.hints["animate_plan"]]
     planned = []
     for name in configs:
         source = sources[name]

@@ -112,6 +112,7 @@ class ClipInputs:
 
 class WanS2VPipeline(WanPipeline):
     takes_audio = True
+    takes_pose_video = True
     default_image_fit = "short-side"  # the official portrait fit (module docstring)
 
     def __init__(self, folder):

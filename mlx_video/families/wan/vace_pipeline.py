@@ -43,6 +43,7 @@ def check_greyscale(frames: np.ndarray, what: str) -> None:
 
 class WanVACEPipeline(WanPipeline):
     takes_vace = True  # --control-video, --mask(-video), --reference-image, --control-scale, --outpaint
+    takes_mask_video = True
 
     def __init__(self, folder):
         super().__init__(folder)
