@@ -233,7 +233,12 @@ def test_step_distilled_i2v_from_the_image_matches_diffusers(tmp_path_factory):
           "--save-latents", str(root / "out.npy"), "--quiet", "--overwrite"])
     got = np.load(root / "out.npy")
     err = rel_err(got, want.numpy())
-    ours, _ = Pipeline.from_pretrained(str(root / "mlx")).decode(got)
+    ours_pipe = Pipeline.from_pretrained(str(root / "mlx"))
+    ours, _ = ours_pipe.decode(got)
+    settings = ours_pipe.resolve(GenerationSettings(prompt=prompt, image=str(root / "image.png"), frames=5))
+    assert (settings.width, settings.height) == (width, height)  # the image's bucket
+    stages = ours_pipe.estimate_memory(settings, has_image=True)["stages"]
+    assert set(stages) == {"text_encoding", "image_encoding", "denoising", "decoding"}
     mean_abs = float(np.abs(ours.astype(np.float32) - frames).mean())
     print(f"HunyuanVideo 1.5 step-distilled I2V (MeanFlow, 4 steps): final latents rel {err:.2e}, "
           f"decoded frames {mean_abs:.3f}/255 mean absolute (frames' std {frames.std():.1f})")

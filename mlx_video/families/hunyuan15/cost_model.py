@@ -183,11 +183,13 @@ def decode_activation_bytes(width: int, height: int, frames: int, vae_config=Non
 def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str = "bf16", quantize: str | None = None,
                          group_size: int = DEFAULT_GROUP_SIZE, guidance: bool | None = None,
                          fused_attention: bool = True, transformer: Hunyuan15Config | None = None,
-                         stored: dict | None = None, vae_config=None, vae_tiling="tiled", **_ignored) -> PeakEstimate:
+                         stored: dict | None = None, vae_config=None, vae_tiling="tiled", image_encoding: bool = False,
+                         **_ignored) -> PeakEstimate:
     """Peak bytes of each stage, run one after the other with only that stage's weights resident: text_encoding
     (Qwen; two prompts with CFG) and denoising (the transformer; `guidance`: CFG batched, batch 2; default: the
-    model's default scale > 1) and decoding (the VAE with `vae_tiling`: a `VAETiling`, or "tiled" for its
-    default 256-pixel tiles)."""
+    model's default scale > 1), decoding (the VAE with `vae_tiling`: a `VAETiling`, or "tiled" for its
+    default 256-pixel tiles) and, with `image_encoding`, the I2V image's encoding (the VAE over one frame in
+    256-pixel tiles, as the pipeline runs it; SigLIP runs after it, on 729 tokens)."""
     config = transformer or spec.transformer
     guidance = spec.default("guidance", 1.0) > 1.0 if guidance is None else guidance
     weights = weight_bytes(spec, dtype, quantize, group_size, config)
@@ -200,6 +202,11 @@ def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str 
         "denoising": {"weights": weights["transformer_expert"],
                       "activations": activation_bytes(config, n, text_tokens(spec), batch, dtype, fused_attention)},
     }
+    if image_encoding:
+        from .vae import HUNYUAN15_VAE, VAETiling, encode_memory_bytes
+
+        encode = encode_memory_bytes(width, height, 1, vae_config or HUNYUAN15_VAE, VAETiling())
+        stages["image_encoding"] = {"weights": weights["vae"], "activations": encode["total"]}
     stages["decoding"] = {"weights": weights["vae"],
                           "activations": decode_activation_bytes(width, height, frames, vae_config, vae_tiling)}
     for stage in stages.values():

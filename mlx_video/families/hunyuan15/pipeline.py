@@ -191,7 +191,8 @@ class Hunyuan15Pipeline(Pipeline):
     def encode_image(self, image: np.ndarray, s: GenerationSettings, progress: bool = False):
         """(condition (1, T, h, w, C + 1), SigLIP features (1, 729, 1152)) of the (height, width, 3) image in
         [-1, 1], already fitted to the video size: the VAE's latent mean of the image (x the scaling factor, as
-        diffusers' `retrieve_latents(..., "argmax")`) on latent frame 0 with the mask channel, and SigLIP's states
+        diffusers' `retrieve_latents(..., "argmax")`; in 256-pixel tiles beyond one tile, where diffusers' default
+        encodes in one pass) on latent frame 0 with the mask channel, and SigLIP's states
         of the same pixels (as 8-bit RGB, which they are: `mlx_video.io.image.fit_image` makes them from one)."""
         from mlx_video.families.hunyuan15.vae import Hunyuan15VAE, Hunyuan15VAEConfig, VAETiling
         from mlx_video.image_encoders.siglip import SiglipPreprocess, SiglipVisionConfig, SiglipVisionEncoder
@@ -204,7 +205,9 @@ class Hunyuan15Pipeline(Pipeline):
             raise MlxVideoError(f"the conditioning image is {image.shape}, expected ({s.height}, {s.width}, 3)")
         vae = Hunyuan15VAE(Hunyuan15VAEConfig.from_dict(self.folder.config("vae")))
         self.folder.load_module("vae", vae)
-        latents = vae.encode(mx.array(image, dtype=mx.float32)[None, None], tiling=VAETiling(spatial=False))
+        # in 256-pixel tiles (diffusers' enable_tiling()): an image within one tile is encoded as in one pass, as
+        # the reference pipeline does it; a larger one would need tens of GB of convolution buffers untiled
+        latents = vae.encode(mx.array(image, dtype=mx.float32)[None, None], tiling=VAETiling())
         mx.eval(latents)
         del vae
         siglip = SiglipVisionEncoder(SiglipVisionConfig.from_dict(self.folder.config("image_encoder")))
@@ -279,7 +282,8 @@ class Hunyuan15Pipeline(Pipeline):
         estimate = cost.estimate_peak_memory(
             self.spec, s.width, s.height, s.frames, name,
             guidance=self.uses_cfg(s) and s.guidance_mode == "batched", fused_attention=mx.metal.is_available(),
-            transformer=self.transformer_config, stored=stored, vae_config=vae_config, vae_tiling=tile)
+            transformer=self.transformer_config, stored=stored, vae_config=vae_config, vae_tiling=tile,
+            image_encoding=has_image and self.can_decode)
         stages = {k: v["total"] for k, v in estimate.stages.items()}
         if not self.can_decode:
             stages.pop("decoding")
