@@ -340,6 +340,46 @@ def test_official_transformer_replaces_a_diffusers_folders(tmp_path_factory):
     assert np.array_equal(np.array(a), np.array(b))
 
 
+def test_official_release_layout_from_the_prompt(t2v):
+    """The release's layout as its checkpoints-download.md builds it (transformer/480p_t2v/ in the official names,
+    vae/, text_encoder/llm with its tokenizer, text_encoder/byt5-small/config.json, text_encoder/Glyph-SDXL-v2 with
+    checkpoints/byt5_model.pt (a training state dict under module.text_tower.encoder.) and assets/), converted
+    alone, generates what the diffusers folder's conversion generates: the same latents, a quoted glyph included."""
+    import shutil
+
+    root, pipe = t2v
+    release = root / "HunyuanVideo-1.5"
+    official = release / "transformer" / "480p_t2v"
+    official.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file(official_state(pipe.transformer.state_dict()), str(official / "diffusion_pytorch_model.safetensors"))
+    (official / "config.json").write_text(json.dumps({"ideal_resolution": "480p", "rope_dim_list": [4, 6, 6]}))
+    shutil.copytree(root / "diffusers" / "vae", release / "vae")
+    pipe.text_encoder.save_pretrained(release / "text_encoder" / "llm")
+    pipe.tokenizer.save_pretrained(release / "text_encoder" / "llm")
+    (release / "text_encoder" / "byt5-small").mkdir()
+    pipe.text_encoder_2.config.to_json_file(release / "text_encoder" / "byt5-small" / "config.json")
+    glyph = release / "text_encoder" / "Glyph-SDXL-v2"
+    (glyph / "checkpoints").mkdir(parents=True)
+    (glyph / "assets").mkdir()
+    for name in ("color_idx.json", "multilingual_10-lang_idx.json"):  # no added tokens: the tiny ByT5's 384 rows
+        (glyph / "assets" / name).write_text("{}")
+    encoder = {f"module.text_tower.encoder.{k}": v for k, v in pipe.text_encoder_2.encoder.state_dict().items()}
+    torch.save({"state_dict": encoder}, glyph / "checkpoints" / "byt5_model.pt")
+    main(["convert", str(release), str(root / "from_release"), "--dtype", "fp32"])
+    manifest = json.loads((root / "from_release" / "mlxvid.json").read_text())
+    assert {"transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"} <= set(manifest["components"])
+    prompt = 'a neon sign that reads "OPEN" at sunset'
+    init = np.random.default_rng(8).standard_normal((1, 4, 2, 3, 4)).astype(np.float32)
+    np.save(root / "init_release.npy", init)
+    for name in ("mlx", "from_release"):
+        main(["generate", "--model", str(root / name), "--prompt", prompt, "--size", "64x48", "--frames", "5",
+              "--steps", "2", "--init-latents", str(root / "init_release.npy"), "--save-latents",
+              str(root / f"release_{name}.npy"), "--quiet", "--overwrite"])
+    assert np.array_equal(np.load(root / "release_mlx.npy"), np.load(root / "release_from_release.npy"))
+
+
 def test_i2v_size_is_the_reference_bucket():
     """Without --size, an I2V run takes the bucket diffusers' HunyuanVideo15ImageProcessor picks for the image's
     aspect, at the 480p and 720p bases: portrait, landscape, square and extreme aspects."""

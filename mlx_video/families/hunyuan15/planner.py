@@ -14,8 +14,9 @@ language model, without the two decoder layers after the hidden state it gives a
 `tokenizer/` (its tokenizer.json, checked to split the chat template's system turn into the 108 tokens the crop
 assumes), `text_encoder_2/` (the ByT5 glyph encoder) with `tokenizer_2/`, and for I2V `image_encoder/` (SigLIP)
 with `feature_extractor/`, and `vae/` (kept in float32, as the reference runs it). The official layout's
-`vae/` (official names, `vae_keys.py`) converts with its transformer; its text and vision encoders are not read
-from that layout yet (`text_encoder/llm`, `byt5-small` + Glyph-SDXL-v2, `vision_encoder/siglip`).
+`vae/` (official names, `vae_keys.py`) converts with its transformer, as do its encoders where it holds them
+(`text_encoder/llm`, `text_encoder/byt5-small` + `Glyph-SDXL-v2`, whose `byt5_model.pt` the restricted pickle reader
+reads, `vision_encoder/siglip`).
 A super-resolution model (official layout only) also converts its latent upsampler, `upsampler/<variant>/`.
 """
 
@@ -101,7 +102,7 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
     planned = [transformer, *_encoder_plans(inputs, cfg), *_upsampler_plans(src, spec)]
     manifest = model_manifest(FAMILY, spec, list(spec.vae_stride), spec.vae_stride[1] * cfg.patch_size[1],
                               dict(spec.defaults))
-    copy_files = _tokenizer_files(src, inputs) if variant is None else {}
+    copy_files = _tokenizer_files(src, inputs) if variant is None else _official_tokenizer_files(src, inputs)
     conversion = finish_plan(source_format, manifest, planned, copy_files, allow_unknown_keys, log)
     conversion.source_format = with_overrides(source_format, components, planned, OVERRIDES)
     return conversion
@@ -125,7 +126,57 @@ def _source_inputs(src: Path, base: str | None) -> tuple[dict, str, str | None]:
     inputs = {"transformer": component_input("transformer", folder, f"{src.name}/transformer/{variant}")}
     if (src / "vae").is_dir():
         inputs["vae"] = component_input("vae", src / "vae", f"{src.name}/vae")
+    inputs.update(_official_encoder_inputs(src))
     return inputs, f"the official release layout (HunyuanVideo 1.5, {variant})", variant
+
+
+# The encoders as the release's checkpoints-download.md lays them out beside its transformer/ and vae/:
+# text_encoder/llm (Qwen/Qwen2.5-VL-7B-Instruct), text_encoder/byt5-small (google/byt5-small, for its config) with
+# text_encoder/Glyph-SDXL-v2/checkpoints/byt5_model.pt (the weights) and .../assets (its added tokens), and
+# vision_encoder/siglip (black-forest-labs/FLUX.1-Redux-dev: image_encoder/, feature_extractor/).
+OFFICIAL_QWEN = Path("text_encoder/llm")
+OFFICIAL_BYT5_CONFIG = Path("text_encoder/byt5-small/config.json")
+OFFICIAL_GLYPH = Path("text_encoder/Glyph-SDXL-v2")
+OFFICIAL_SIGLIP = Path("vision_encoder/siglip")
+
+
+def _official_encoder_inputs(src: Path) -> dict:
+    """The release's encoders that `src` holds (each optional: without them the folder converts without them)."""
+    from mlx_video.convert.convert import ComponentInput
+
+    inputs = {}
+    if (src / OFFICIAL_QWEN).is_dir():
+        inputs["text_encoder"] = component_input("text_encoder", src / OFFICIAL_QWEN, f"{src.name}/{OFFICIAL_QWEN}")
+    glyph = src / OFFICIAL_GLYPH / "checkpoints" / "byt5_model.pt"
+    if glyph.is_file():
+        if not (src / OFFICIAL_BYT5_CONFIG).is_file():
+            raise MlxVideoError(f"{src} holds {glyph.relative_to(src)} but not {OFFICIAL_BYT5_CONFIG} (the ByT5 "
+                                "architecture its weights fill)")
+        inputs["text_encoder_2"] = ComponentInput("text_encoder_2", glyph, f"{src.name}/{glyph.relative_to(src)}",
+                                                  read_json(src / OFFICIAL_BYT5_CONFIG, "the ByT5 config"))
+    if (src / OFFICIAL_SIGLIP / "image_encoder").is_dir():
+        inputs["image_encoder"] = component_input("image_encoder", src / OFFICIAL_SIGLIP / "image_encoder",
+                                                  f"{src.name}/{OFFICIAL_SIGLIP}/image_encoder")
+    return inputs
+
+
+def _official_tokenizer_files(src: Path, inputs: dict) -> dict:
+    """The tokenizer and preprocessor files of the release's encoders (see OFFICIAL_QWEN ...)."""
+    from mlx_video.text_encoders.byt5 import BASE_VOCAB, ByT5Tokenizer, glyph_tokens_from_folder
+
+    files = {}
+    if "text_encoder" in inputs:
+        _check_qwen_tokenizer(src / OFFICIAL_QWEN)
+        files["tokenizer"] = [(src / OFFICIAL_QWEN / n, n) for n in TOKENIZER_FILES["tokenizer"]
+                              if (src / OFFICIAL_QWEN / n).is_file()]
+    if "text_encoder_2" in inputs:
+        tokenizer = ByT5Tokenizer(glyph_tokens_from_folder(src / OFFICIAL_GLYPH))
+        added = {t: i for t, i in tokenizer.ids.items() if i >= BASE_VOCAB}
+        files["tokenizer_2"] = [(json.dumps(added).encode(), "added_tokens.json")]
+    preprocessor = src / OFFICIAL_SIGLIP / "feature_extractor" / "preprocessor_config.json"
+    if "image_encoder" in inputs and preprocessor.is_file():
+        files["feature_extractor"] = [(preprocessor, "preprocessor_config.json")]
+    return files
 
 
 def _official_variant(src: Path, variants: list[str], base: str | None) -> str:
@@ -255,9 +306,10 @@ def _byt5_plan(inp, cfg) -> ComponentPlan:
 
     source = ComponentSource(open_tensors(inp.path, inp.origin), inp.origin)
     keys = set(source.keys())
-    embedding = "shared.weight" if "shared.weight" in keys else "encoder.embed_tokens.weight"
-    if embedding not in keys:
+    embeddings = sorted(k for k in keys if k == "shared.weight" or k.endswith("embed_tokens.weight"))
+    if not embeddings:
         raise MlxVideoError(f"{inp.origin} has no token embedding (shared.weight): is it the ByT5 encoder?")
+    embedding = embeddings[-1]  # shared.weight when a T5 model stores it (and the encoder's tied copy) too
     with config_errors(inp, ValueError, KeyError, TypeError):
         config = T5Config.from_transformers(inp.config_json or {})
         config = T5Config.from_dict({**config.to_dict(), "vocab_size": source.shape(embedding)[0]})
