@@ -353,3 +353,13 @@ def test_batch_manifest_takes_the_vace_keys(vace21, tmp_path):
     assert jobs[0].status != "invalid", jobs[0].error
     assert jobs[0].options["reference_image"] == (tmp_path / "ref_a.png", tmp_path / "ref_b.png")
     assert jobs[1].status == "invalid" and "missing.png" in jobs[1].error
+
+
+def test_memory_preflight_counts_reference_frames(vace21, tmp_path):
+    """Each reference image is one more latent frame of tokens in the denoising estimate (nothing loaded)."""
+    root = vace21[0]
+    base = {"model": str(root / "mlx"), "prompt": PROMPT, "size": f"{WIDTH}x{HEIGHT}", "frames": 5,
+            "save_latents": str(tmp_path / "x.npy")}
+    plain = prepare(base).estimate["detail"]["denoising"]["activations"]
+    with_refs = prepare({**base, "reference_image": [str(root / "ref_a.png"), str(root / "ref_b.png")]})
+    assert with_refs.estimate["detail"]["denoising"]["activations"] > plain
