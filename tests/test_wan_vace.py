@@ -12,6 +12,7 @@ multiple of 8 pixels, and of other aspect ratios than the video); a control vide
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,3 +364,28 @@ def test_memory_preflight_counts_reference_frames(vace21, tmp_path):
     plain = prepare(base).estimate["detail"]["denoising"]["activations"]
     with_refs = prepare({**base, "reference_image": [str(root / "ref_a.png"), str(root / "ref_b.png")]})
     assert with_refs.estimate["detail"]["denoising"]["activations"] > plain
+
+
+def test_server_job_owns_each_reference_upload(vace21, tmp_path):
+    """A job with two uploaded reference images: both become the job's files (renamed to <job id>-...), and a
+    job made again gets its own copies of both."""
+    import shutil
+
+    from mlx_video.server.bodies import Upload, from_fields, stored_name
+    from mlx_video.server.state import Server, ServerConfig
+
+    root = vace21[0]
+    server = Server(ServerConfig(data=tmp_path / "data", models={"vace": str(root / "mlx")}, check_memory=False))
+    uploads = []
+    for field, source in (("reference_image", "ref_a.png"), ("reference_image", "ref_b.png")):
+        stored = server.uploads / stored_name(".png")
+        shutil.copy(root / source, stored)
+        uploads.append(Upload(field, source, stored))
+    options = from_fields({"prompt": PROMPT, "model": "vace", "size": f"{WIDTH}x{HEIGHT}", "frames": 5}, uploads,
+                          None)
+    job = server.submit("videos", options, uploads)
+    paths = [Path(p) for p in job.options["reference_image"]]
+    assert len(paths) == 2 and all(p.is_file() and p.name.startswith(job.id + "-") for p in paths)
+    again = server.again(job.id, new_seed=True)
+    copies = [Path(p) for p in again.options["reference_image"]]
+    assert all(p.is_file() and p.name.startswith(again.id + "-") for p in copies) and set(copies).isdisjoint(paths)

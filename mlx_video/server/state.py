@@ -72,7 +72,12 @@ class Server:
             target = upload.path.with_name(f"{job.id}-{upload.path.name}")
             upload.path.rename(target)
             renamed[str(upload.path)] = str(target)
-        moved = {k: renamed[str(v)] for k, v in options.items() if isinstance(v, (str, Path)) and str(v) in renamed}
+        moved = {}
+        for key, value in options.items():
+            if isinstance(value, (str, Path)) and str(value) in renamed:
+                moved[key] = renamed[str(value)]
+            elif isinstance(value, (list, tuple)) and any(str(v) in renamed for v in value):  # a repeatable upload
+                moved[key] = [renamed.get(str(v), str(v)) for v in value]
         if moved:
             self.store.update(job.id, options=json.dumps(to_json({**options, **moved})))
         return self.store.get(job.id)
@@ -85,12 +90,17 @@ class Server:
 
         options, uploads = dict(self.job_or_404(job_id).options), []
         for name in set(req.UPLOADS.values()) & set(options):
-            source = Path(options[name])
-            if source.parent == self.uploads and source.is_file():
-                copy = self.uploads / req.stored_name(source.suffix)
-                shutil.copyfile(source, copy)
-                options[name] = str(copy)
-                uploads.append(req.Upload(name, source.name, copy))
+            repeated = isinstance(options[name], (list, tuple))  # a repeatable upload: each file copied
+            copies = []
+            for value in options[name] if repeated else [options[name]]:
+                source = Path(value)
+                if source.parent == self.uploads and source.is_file():
+                    copy = self.uploads / req.stored_name(source.suffix)
+                    shutil.copyfile(source, copy)
+                    uploads.append(req.Upload(name, source.name, copy))
+                    source = copy
+                copies.append(str(source))
+            options[name] = copies if repeated else copies[0]
         if new_seed:
             options["seed"] = secrets.randbelow(2**32)
         try:
