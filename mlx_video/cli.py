@@ -321,6 +321,25 @@ def decode(latents, output, model, preset, overlay, no_overlay, watermark, no_wa
     decode_latents(latents, output, model=model, overwrite=overwrite, quiet=quiet, delivery=delivery)
 
 
+@cli.command()
+@click.argument("latents", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@schema_option(OPTIONS["output"], required=True, help="The upscaled latents (.npy, with a .json sidecar).")
+@schema_option(OPTIONS["model"], help="The super-resolution model (folder or id). Default: the one that takes the "
+               "run's model (HunyuanVideo 1.5: 480p runs to 720p, 720p runs to 1080p).")
+@schema_option(OPTIONS["seed"], default=None, show_default=False,
+               help="Seed of the re-noising and the initial noise. Default: the run's.")
+@schema_option(OPTIONS["overwrite"])
+@schema_option(OPTIONS["quiet"])
+def upscale(latents, output, model, seed, overwrite, quiet):
+    """Upscale a finished run's latents (a .npy from --save-latents, with its sidecar) with a super-resolution model.
+
+    The prompt is the run's, encoded by the run's model folder; decode the result with `mlxvid decode`.
+    """
+    from .upscale import upscale_latents
+
+    upscale_latents(latents, output, model=model, seed=seed, overwrite=overwrite, quiet=quiet)
+
+
 def main(argv=None) -> None:
     """The `mlxvid` command: our errors as one line; any other exception as one line with a hint (the traceback
     with --debug, or MLXVID_DEBUG=1); Ctrl-C as "interrupted", exit status 130, never a traceback."""

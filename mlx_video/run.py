@@ -848,7 +848,7 @@ def decode_latents(latents_path, output, model: str | None = None, overwrite: bo
     if model is None:
         folder = record.get("model_folder")
         model = folder if folder and Path(folder).is_dir() else record.get("model")
-    latents = _read_latents(latents_path)
+    latents = read_latents(latents_path)
     if model is None:
         raise MlxVideoError(f"no sidecar beside {latents_path} names the model: pass --model")
     options.update(model=model, output=output_text, overwrite=overwrite, quiet=quiet)
@@ -880,7 +880,7 @@ def decode_latents(latents_path, output, model: str | None = None, overwrite: bo
     return output
 
 
-def _read_latents(path: Path) -> np.ndarray:
+def read_latents(path: Path) -> np.ndarray:
     """Latents saved by --save-latents (or kept after a failed write): a .npy of shape (1, C, T, H, W)."""
     try:
         with open(path, "rb") as f:

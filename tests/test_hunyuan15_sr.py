@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 import hy15_sr_reference as ref  # noqa: E402
 from mlx_video.convert.rules import convert_weights  # noqa: E402
+from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.families.hunyuan15.sr import renoise_low_res, sr_conditions, uses_low_res  # noqa: E402
 from mlx_video.families.hunyuan15.upsampler import (  # noqa: E402
     UpsamplerConfig,
@@ -344,3 +345,86 @@ def test_release_without_upsampler_is_refused(tmp_path):
                       {k: ("BF16", tuple(v), None) for k, v in record["keys"].items()})
     with pytest.raises(MlxVideoError, match="upsampler/1080p_sr_distilled/"):
         plan(tmp_path)
+
+
+# --- mlxvid upscale -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width,height,base,want", [(848, 480, 960, (1280, 720)), (480, 848, 960, (720, 1280)),
+                                                    (1280, 720, 1440, (1904, 1072)), (720, 1280, 1440, (1072, 1904)),
+                                                    (640, 640, 960, (960, 960))])
+def test_high_res_size_is_the_official_bucket(width, height, base, want):
+    """The official SR pipeline's BucketMap on the published sizes (its outputs, run once on the official code)."""
+    from mlx_video.families.hunyuan15.sr import high_res_size
+
+    assert high_res_size(width, height, base) == want
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny T2V model converted and run (64x48, 5 frames, --save-latents), and a tiny SR model converted with
+    --base from a folder holding a diffusers-named transformer of 3 x 4 + 2 input channels and an upsampler."""
+    from tiny_hunyuan15 import build_tiny_t2v_pipeline, tiny_transformer
+
+    from mlx_video.cli import main
+
+    root = tmp_path_factory.mktemp("hy15_upscale")
+    build_tiny_t2v_pipeline(root / "base-src", guidance=1.0)
+    main(["convert", str(root / "base-src"), str(root / "base"), "--dtype", "fp32"])
+    main(["generate", "--model", str(root / "base"), "--prompt", "a corgi surfs", "--size", "64x48", "--frames", "5",
+          "--steps", "1", "--save-latents", str(root / "low.npy"), "--quiet"])
+    model = tiny_transformer(2, 16, 1, seed=8, axes=(4, 6, 6), text_dim=24)
+    model.register_to_config(in_channels=14, target_size=96)
+    model.x_embedder.proj = torch.nn.Conv3d(14, 32, 1)
+    save = root / "sr-src"
+    model.save_pretrained(save / "transformer")
+    (save / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideo15Pipeline"}))
+    cfg = CONFIGS["720p"]
+    upsampler = reference_upsampler(cfg, seed=9)
+    from safetensors.torch import save_file
+
+    (save / "upsampler" / "720p_sr_distilled").mkdir(parents=True)
+    save_file(upsampler.state_dict(), str(save / "upsampler" / "720p_sr_distilled" / "diffusion_pytorch_model.safetensors"))
+    (save / "upsampler" / "720p_sr_distilled" / "config.json").write_text(json.dumps(
+        {"_class_name": "SRTo720pUpsampler", "in_channels": 4, "out_channels": 4, "hidden_channels": 6,
+         "num_blocks": 2, "global_residual": True}))
+    main(["convert", str(save), str(root / "sr"), "--dtype", "fp32", "--base", "hunyuanvideo-1.5-720p-sr-distilled"])
+    return root
+
+
+def test_upscale_command(runs, tmp_path):
+    """`mlxvid upscale` from the run's latents and sidecar: the prompt encoded by the run's folder, the SR model's
+    6 steps at the bucket nearest the run's aspect, a sidecar naming the run's model, so `mlxvid decode` decodes the
+    result with its VAE."""
+    from mlx_video.cli import main
+
+    main(["upscale", str(runs / "low.npy"), "-o", str(tmp_path / "up.npy"), "--model", str(runs / "sr"), "--quiet"])
+    up = np.load(tmp_path / "up.npy")
+    assert up.shape == (1, 4, 2, 5, 7) and np.isfinite(up).all()  # 112x80: the base-96 bucket nearest 4:3
+    record = json.loads((tmp_path / "up.json").read_text())["settings"]
+    assert record["model"] == "hunyuanvideo-1.5-480p-t2v" and record["upscaled_from"] == str(runs / "low.npy")
+    assert (record["upscale"]["steps"], record["upscale"]["shift"], record["upscale"]["guidance"]) == (6, 2.0, 1.0)
+    assert (record["upscale"]["width"], record["upscale"]["height"]) == (112, 80)
+    main(["decode", str(tmp_path / "up.npy"), "-o", str(tmp_path / "video.mp4"), "--quiet"])
+    assert json.loads((tmp_path / "video.json").read_text())["settings"]["render_size"] == [112, 80]
+    with pytest.raises(SystemExit):  # the output exists
+        main(["upscale", str(runs / "low.npy"), "-o", str(tmp_path / "up.npy"), "--model", str(runs / "sr")])
+
+
+def test_upscale_refusals(runs, tmp_path, capsys):
+    from mlx_video.cli import main
+    from mlx_video.upscale import sr_model_for
+
+    assert sr_model_for("hunyuanvideo-1.5-480p-i2v-step-distilled") == "hunyuanvideo-1.5-720p-sr-distilled"
+    assert sr_model_for("hunyuanvideo-1.5-720p-t2v") == "hunyuanvideo-1.5-1080p-sr-distilled"
+    with pytest.raises(MlxVideoError, match="no super-resolution model takes wan2.2-ti2v-5b"):
+        sr_model_for("wan2.2-ti2v-5b")
+
+    np.save(tmp_path / "bare.npy", np.load(runs / "low.npy"))
+    for args, message in (([str(runs / "low.npy"), "-o", str(tmp_path / "up.mp4")], "must be a .npy"),
+                          ([str(tmp_path / "bare.npy"), "-o", str(tmp_path / "up.npy")], "has no sidecar"),
+                          ([str(runs / "low.npy"), "-o", str(tmp_path / "up.npy"), "--model", str(runs / "base")],
+                           "not a super-resolution model")):
+        with pytest.raises(SystemExit):
+            main(["upscale", *args])
+        assert message in capsys.readouterr().err

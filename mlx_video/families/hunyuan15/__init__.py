@@ -46,7 +46,9 @@ def _spec(variant: str, task: str, guidance: float, shift: float, steps: int = 5
     )
 
 
-def _sr_spec(variant: str, base: str, steps: int) -> ModelSpec:
+def _sr_spec(variant: str, base: str, steps: int, bases: tuple[ModelSpec, ...]) -> ModelSpec:
+    """`upscales`: the models whose runs it takes (the release's TRANSFORMER_VERSION_TO_SR_VERSION: every 480p model
+    to the 720p SR model, every 720p one to the 1080p SR model)."""
     resolution = variant[: variant.index("p") + 1]
     return ModelSpec(
         id="hunyuanvideo-1.5-" + variant.replace("_", "-"), family="hunyuan15", task="sr", vae_stride=(4, 16, 16),
@@ -55,11 +57,12 @@ def _sr_spec(variant: str, base: str, steps: int) -> ModelSpec:
                       frames=121, negative_prompt=""),
         transformer=HUNYUAN15_SR_720P if resolution == "720p" else HUNYUAN15_SR_1080P,
         description=f"HunyuanVideo 1.5 super-resolution {base} -> {resolution}, step-distilled (upscales a run)",
-        extra={"official_variant": variant, "upsampler": variant, "base_resolution": base},
+        extra={"official_variant": variant, "upsampler": variant, "base_resolution": base,
+               "upscales": tuple(b.id for b in bases if b.extra["official_variant"].startswith(base))},
     )
 
 
-MODELS = (
+BASE_MODELS = (
     _spec("480p_t2v", "t2v", 6.0, 5.0),
     _spec("480p_i2v", "i2v", 6.0, 5.0),
     _spec("720p_t2v", "t2v", 6.0, 9.0),
@@ -68,8 +71,11 @@ MODELS = (
     _spec("480p_i2v_distilled", "i2v", 1.0, 5.0),
     _spec("720p_i2v_distilled", "i2v", 1.0, 7.0),
     _spec("480p_i2v_step_distilled", "i2v", 1.0, 7.0, steps=8),
-    _sr_spec("720p_sr_distilled", "480p", 6),
-    _sr_spec("1080p_sr_distilled", "720p", 8),
+)
+MODELS = (
+    *BASE_MODELS,
+    _sr_spec("720p_sr_distilled", "480p", 6, BASE_MODELS),
+    _sr_spec("1080p_sr_distilled", "720p", 8, BASE_MODELS),
 )
 
 FAMILY = Family(

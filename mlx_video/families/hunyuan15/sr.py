@@ -27,6 +27,30 @@ from mlx_video.pipelines.loop import get_guidance, guidance_none
 NOISE_STRENGTH = 0.7  # the official SR pipeline's `noise_scale`
 
 
+def bucket_sizes(base: int, stride: int = 16, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """The release's resolution buckets: (width, height) in multiples of `stride` whose patch count is at most
+    (base / stride)^2, from the widest to the tallest, aspect at most `max_ratio` (the official
+    `hyvideo/utils/data_utils.py` `generate_crop_size_list`)."""
+    patches = round((base / stride) ** 2)
+    sizes, w, h = [], patches, 1
+    while w > 0:
+        if max(w, h) / min(w, h) <= max_ratio:
+            sizes.append((w * stride, h * stride))
+        if (h + 1) * w <= patches:
+            h += 1
+        else:
+            w -= 1
+    return sizes
+
+
+def high_res_size(width: int, height: int, base: int) -> tuple[int, int]:
+    """The SR output size of a (width, height) run: the bucket at `base` (960 for 720p, 1440 for 1080p) whose aspect
+    is nearest, the first such on a tie (the official SR pipeline's `BucketMap`)."""
+    sizes = bucket_sizes(base)
+    aspects = np.array([w / h for w, h in sizes])
+    return sizes[int(np.abs(aspects - width / height).argmin())]
+
+
 def renoise_low_res(latents: mx.array, noise: mx.array, strength: float = NOISE_STRENGTH) -> mx.array:
     """(1 - strength) x latents + strength x noise (the official `add_noise_to_lq`)."""
     return (1 - strength) * latents + strength * noise
@@ -57,6 +81,14 @@ class Hunyuan15SRPipeline(Hunyuan15Pipeline):
     def __init__(self, folder):
         super().__init__(folder)
         self._sr = None  # the current run's (condition with the low-res latents, condition without)
+        self._context = None  # prompt states given to `upscale` (encoded by the base model's folder)
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size this model upscales a width x height run to."""
+        return high_res_size(width, height, self.transformer_config.target_size)
+
+    def encode(self, s: GenerationSettings, progress: bool = False):
+        return super().encode(s, progress) if self._context is None else self._context
 
     def load_upsampler(self):
         if not self.folder.has("upsampler"):
@@ -79,16 +111,18 @@ class Hunyuan15SRPipeline(Hunyuan15Pipeline):
         return sr_conditions(renoise_low_res(upsampled, noise), base)
 
     def upscale(self, settings: GenerationSettings, low_res: np.ndarray, init_latents=None, low_res_noise=None,
-                progress: bool = False, image=None, hooks=()) -> GenerationResult:
-        """The SR run: `low_res` (1, C, T, h, w) -> (1, C, T, H, W) at the settings' size. `low_res_noise`
-        (1, T, H, W, C), for tests: the re-noising's draw (else seeded from the settings' seed)."""
+                progress: bool = False, image=None, hooks=(), context=None) -> GenerationResult:
+        """The SR run: `low_res` (1, C, T, h, w) -> (1, C, T, H, W) at the settings' size. `context`: the prompt
+        states (as `encode` gives them), when another folder encodes them (else this folder's encoders).
+        `low_res_noise` (1, T, H, W, C), for tests: the re-noising's draw (else seeded from the settings' seed)."""
         s = self.resolve(settings)
         self._image = None if image is None else self.encode_image(image, s, progress)
+        self._context = context
         try:
             self._sr = self.low_res_condition(s, np.asarray(low_res, dtype=np.float32), low_res_noise)
             return super(Hunyuan15Pipeline, self).generate(settings, init_latents, progress, image, hooks)
         finally:
-            self._sr, self._image = None, None
+            self._sr, self._image, self._context = None, None, None
 
     def generate(self, settings, init_latents=None, progress=False, image=None, hooks=()):
         raise MlxVideoError(f"{self.spec.id} is a super-resolution model: it upscales a finished run's latents "
