@@ -324,8 +324,8 @@ def decode(latents, output, model, preset, overlay, no_overlay, watermark, no_wa
 @cli.command()
 @click.argument("latents", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @schema_option(OPTIONS["output"], required=True, help="The upscaled latents (.npy, with a .json sidecar).")
-@schema_option(OPTIONS["model"], help="The super-resolution model (folder or id). Default: the one that takes the "
-               "run's model (HunyuanVideo 1.5: 480p runs to 720p, 720p runs to 1080p).")
+@schema_option(OPTIONS["model"], help="The super-resolution model (folder or id). Default: the registry's one for the "
+               "run's model (e.g. a 480p run to 720p).")
 @schema_option(OPTIONS["seed"], default=None, show_default=False,
                help="Seed of the re-noising and the initial noise. Default: the run's.")
 @schema_option(OPTIONS["overwrite"])
