@@ -375,12 +375,13 @@ _NOT_FOR_ANIMATE = {"frames": "the --pose-video's length sets it (--segment-fram
 
 
 def _check_animate_run(o: dict, spec) -> None:
-    """Animate's segments are its own (the pipeline makes them): --segment-frames is the per-segment length."""
+    """Animate's segments are its own (the pipeline makes them): --segment-frames is the per-segment length, which
+    the settings hold as their frames (a recorded run has both, equal, and replays)."""
     for name, why in _NOT_FOR_ANIMATE.items():
-        if given(o, name):
+        if given(o, name) and not (name == "frames" and o["frames"] == o.get("segment_frames")):
             raise MlxVideoError(f"--{name.replace('_', '-')} is not supported for {spec.id}: {why}")
     if o.get("segment_frames") is not None:
-        o["frames"] = o.pop("segment_frames")
+        o["frames"] = o["segment_frames"]
 
 
 def _check_audio_run(o: dict, spec, output) -> None:

@@ -394,6 +394,10 @@ def test_pipeline_matches_diffusers_over_two_segments(animate, tmp_path, monkeyp
     assert mean_abs < 1.0
     if mode == "animate":
         check_resume(args, ours, tmp_path, monkeypatch)
+        # --from-sidecar repeats the run: the same inputs, segments and noise
+        main(["generate", "--from-sidecar", str(tmp_path / "out.json"), "--save-latents", str(tmp_path / "replay.npy"),
+              "--quiet"])
+        np.testing.assert_array_equal(np.load(tmp_path / "replay.npy"), ours)
     record = json.loads((tmp_path / "out.json").read_text())["settings"]
     assert record["animate_mode"] == mode and record["segments"] == 2 and record["frames"] == SEGMENT
     assert record["input_files"]["face_video"]["name"] == "face" and len(record["input_files"]["pose_video"]["sha256"]) == 64
