@@ -249,8 +249,8 @@ class WanAnimatePipeline(WanPipeline):
             tokens = encoder.penultimate(mx.array(pixels)[None])
             mx.eval(tokens)
             bar.update()
-        del encoder
-        release()
+        del encoder  # no reference cycles: freed now, without a garbage-collection pass
+        mx.clear_cache()
         return tokens
 
     def load_transformer(self, name: str = HIGH_NOISE):
