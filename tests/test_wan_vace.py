@@ -31,6 +31,15 @@ NEGATIVE = "blurry"
 WIDTH, HEIGHT = 48, 32
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The references run tiny tensors: on a shared 2-core machine more torch threads only slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
