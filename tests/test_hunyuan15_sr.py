@@ -193,7 +193,7 @@ def test_transcription_matches_official(name):
         torch.testing.assert_close(module(x), official(x), rtol=0, atol=0)
 
 
-def official_transformer(heads=2, head_dim=24, axes=(4, 10, 10), layers=2, seed=11):
+def official_transformer(heads=2, head_dim=24, axes=(4, 10, 10), layers=2, seed=11, resolution="720p"):
     """A tiny official SR transformer on the 32 latent channels the official SR pipeline hard-codes: 3 x 32 + 2
     = 98 input channels (its PatchEmbed widens in_channels 65 by half of itself plus one when
     `is_reshape_temporal_channels`)."""
@@ -204,7 +204,7 @@ def official_transformer(heads=2, head_dim=24, axes=(4, 10, 10), layers=2, seed=
         out_channels=32, hidden_size=heads * head_dim, heads_num=heads, mlp_width_ratio=2.0,
         mm_double_blocks_depth=layers, mm_single_blocks_depth=0, rope_dim_list=list(axes), text_states_dim=TEXT_DIM,
         glyph_byT5_v2=True, vision_projection="linear", vision_states_dim=IMAGE_DIM, use_cond_type_embedding=True,
-        ideal_resolution="720p", ideal_task="t2v")
+        ideal_resolution=resolution, ideal_task="t2v")
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():  # wide layers (the 1472 / 2048 glyph mapper) scaled by their fan-in
@@ -212,13 +212,13 @@ def official_transformer(heads=2, head_dim=24, axes=(4, 10, 10), layers=2, seed=
     return model.eval().float()
 
 
-def official_folder(root, transformer, upsampler, upsampler_cfg: dict):
-    """The release layout: transformer/720p_sr_distilled/ and upsampler/720p_sr_distilled/."""
+def official_folder(root, variant, transformer, upsampler, upsampler_cfg: dict):
+    """The release layout: transformer/<variant>/ and upsampler/<variant>/."""
     from safetensors.torch import save_file
 
     for part, module, config in (("transformer", transformer, dict(transformer.config)),
                                  ("upsampler", upsampler, upsampler_cfg)):
-        folder = root / part / "720p_sr_distilled"
+        folder = root / part / variant
         folder.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in module.state_dict().items()},
                   str(folder / "diffusion_pytorch_model.safetensors"))
@@ -226,14 +226,14 @@ def official_folder(root, transformer, upsampler, upsampler_cfg: dict):
     return root
 
 
-def run_official_sr(module, transformer, upsampler, lq, text, glyph, seed):
+def run_official_sr(module, transformer, upsampler, lq, text, glyph, seed, base, steps):
     """The official SR pipeline's __call__ on CPU in float32 (output_type "latent"), the prompt states given (its
     `encode_prompt` / `_prepare_byt5_embeddings` replaced), its resolution buckets at a tiny base (SizeMap, the
     only sizes it reads). Returns (final latents, the initial noise, the re-noising's noise, the low-res input)."""
     pipe = module.HunyuanVideo_1_5_SR_Pipeline(
         vae=StandIn(config=StandIn(block_out_channels=[1] * 5)), text_encoder=StandIn(max_length=text[0].shape[1]),
         transformer=transformer, scheduler=None,
-        upsampler=upsampler, flow_shift=2.0, guidance_scale=1.0, num_inference_steps=6, base_resolution="480p",
+        upsampler=upsampler, flow_shift=2.0, guidance_scale=1.0, num_inference_steps=steps, base_resolution=base,
         vision_num_semantic_tokens=5, vision_states_dim=IMAGE_DIM, execution_device="cpu")
     pipe.target_dtype, pipe.autocast_enabled = torch.float32, False
     pipe.encode_prompt = lambda *a, **k: (text[0], None, text[1], None)
@@ -252,7 +252,7 @@ def run_official_sr(module, transformer, upsampler, lq, text, glyph, seed):
 
     pipe.prepare_latents, pipe.add_noise_to_lq = prepare_latents, add_noise_to_lq
     sizes = dict(module.SizeMap)
-    module.SizeMap.update({"480p": 64, "720p": 96})
+    module.SizeMap.update({base: 64, transformer.config.ideal_resolution: 96})
     try:
         with torch.no_grad():
             out = pipe(prompt="p", video_length=5, lq_latents=lq, output_type="latent", seed=seed).videos
@@ -261,38 +261,56 @@ def run_official_sr(module, transformer, upsampler, lq, text, glyph, seed):
     return out.numpy(), seen["init"].numpy(), seen["noise"]
 
 
+SR_CASES = {  # variant: (base resolution, steps, transformer sizes, upsampler)
+    "720p_sr_distilled": ("480p", 6, dict(heads=2, head_dim=24, axes=(4, 10, 10), layers=2, seed=11),
+                          UpsamplerConfig(kind="1080p", z_channels=32, out_channels=32, block_out_channels=(32, 40),
+                                          num_res_blocks=1)),
+    "1080p_sr_distilled": ("720p", 8, dict(heads=3, head_dim=16, axes=(4, 6, 6), layers=1, seed=12),
+                           UpsamplerConfig(kind="720p", in_channels=32, out_channels=32, hidden_channels=8,
+                                           num_blocks=2, global_residual=True)),
+}
+
+
+def upsampler_json(cfg: UpsamplerConfig) -> dict:
+    if cfg.kind == "720p":
+        return {"_class_name": "SRTo720pUpsampler", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+                "hidden_channels": cfg.hidden_channels, "num_blocks": cfg.num_blocks,
+                "global_residual": cfg.global_residual}
+    return {"_class_name": "SRTo1080pUpsampler", "z_channels": cfg.z_channels, "out_channels": cfg.out_channels,
+            "block_out_channels": list(cfg.block_out_channels), "num_res_blocks": cfg.num_res_blocks}
+
+
 @needs_official
-def test_sr_latents_match_official(tmp_path):
-    """The whole SR stage, 480p -> 720p kind at a tiny config: our upscale (converted from the release layout by
-    `mlxvid convert`) against the official pipeline over its 6 steps at shift 2 (the low-resolution guide in the
-    first 3), from the same noise."""
+@pytest.mark.parametrize("variant", sorted(SR_CASES))
+def test_sr_latents_match_official(tmp_path, variant):
+    """The whole SR stage at a tiny config, both models: our upscale (converted from the release layout by
+    `mlxvid convert`) against the official pipeline over its 6 / 8 steps at shift 2 (the low-resolution guide in
+    the first 3 / 4, while t >= 700), from the same noise. Either upsampler class runs in either model here."""
     from mlx_video.cli import main
     from mlx_video.pipelines.base import GenerationSettings, Pipeline
 
     module = import_official()
-    transformer = official_transformer()
-    # either upsampler class runs in either SR model; this one has every layer kind
-    cfg = UpsamplerConfig(kind="1080p", z_channels=32, out_channels=32, block_out_channels=(32, 40), num_res_blocks=1)
+    base, steps, sizes, cfg = SR_CASES[variant]
+    transformer = official_transformer(**sizes, resolution=variant.split("_")[0])
     upsampler = official_upsampler(cfg, reference_upsampler(cfg, seed=5).state_dict())
-    upsampler_json = {"_class_name": "SRTo1080pUpsampler", "z_channels": 32, "out_channels": 32,
-                      "block_out_channels": list(cfg.block_out_channels), "num_res_blocks": cfg.num_res_blocks}
     g = torch.Generator().manual_seed(3)
     lq = torch.randn(1, 32, 2, 3, 5, generator=g)  # an 80x48 run's latents
     text = (torch.randn(1, 7, TEXT_DIM, generator=g), (torch.arange(7) < 5).long()[None])
     glyph_mask = (torch.arange(4) < 2).long()[None]
     glyph = (torch.randn(1, 4, GLYPH_DIM, generator=g) * glyph_mask[..., None], glyph_mask)
-    want, init, noise = run_official_sr(module, transformer, upsampler, lq, text, glyph, seed=1)
+    want, init, noise = run_official_sr(module, transformer, upsampler, lq, text, glyph, 1, base, steps)
 
-    root = official_folder(tmp_path / "release", transformer, upsampler, upsampler_json)
+    root = official_folder(tmp_path / "release", variant, transformer, upsampler, upsampler_json(cfg))
     main(["convert", str(root), str(tmp_path / "mlx"), "--dtype", "fp32"])
     pipe = Pipeline.from_pretrained(str(tmp_path / "mlx"))
     pipe.encode = lambda s, progress=False: tuple(mx.array(a.numpy()) for a in (*text, *glyph))
     height, width = want.shape[-2:]
     s = GenerationSettings(prompt="p", width=width * 16, height=height * 16, frames=5)
     got = pipe.upscale(s, lq.numpy(), init_latents=init, low_res_noise=mx.array(noise.permute(0, 2, 3, 4, 1).numpy()))
-    assert (width * 16, height * 16) == (112, 64) and pipe.resolve(s).steps == 6
+    assert (width * 16, height * 16) == (112, 64) and pipe.resolve(s).steps == steps
+    assert pipe.spec.id == "hunyuanvideo-1.5-" + variant.replace("_", "-")
     err = rel_err(got.latents, want)
-    print(f"SR final latents: relative error {err:.2e}")
+    print(f"SR {variant} final latents: relative error {err:.2e}")
     assert err < 1e-5
 
 
