@@ -1,6 +1,10 @@
 """Load on `mlxvid serve`: many concurrent loopback clients submit jobs while a job runs, and one client
 polls `GET /v1/videos/{id}`; reports every submission's fate (accepted, or refused and why), lost or
-duplicated jobs, and the polling latency's percentiles.
+duplicated jobs, the polling latency's percentiles, and the machine's load average before and after.
+
+The polling client is a process of its own (as another program on the machine would be), so that its
+latency is the server's and the machine's, not the wait for its own interpreter's GIL while the 20 submitting
+threads run.
 
     python benchmarks/serve_load.py --model FOLDER [--submissions 200] [--clients 20] [--json out.json]
 
@@ -14,6 +18,8 @@ import argparse
 import json
 import statistics
 import sys
+import multiprocessing
+import os
 import tempfile
 import threading
 import time
@@ -51,12 +57,18 @@ def poll_latencies(url: str, job_id: str, stop: threading.Event) -> list[float]:
     return times
 
 
+def poll_process(url: str, job_id: str, stop, results) -> None:
+    """`poll_latencies` in a process of its own (multiprocessing, spawn); the latencies go to `results`."""
+    results.put(poll_latencies(url, job_id, stop))
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def run(model: Path, submissions: int, clients: int, max_queue: int) -> dict:
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         serve = ServeProcess(Path(tmp) / "data", [model], "--max-queue", str(max_queue)).start()
         try:
@@ -64,13 +76,15 @@ def run(model: Path, submissions: int, clients: int, max_queue: int) -> dict:
             long = client.post("/v1/videos", json={"prompt": "the running job", "size": "64x64", "frames": 9,
                                                    "steps": 1000}).json()["id"]
             wait_for(client, long, lambda j: j["status"] == "in_progress")
-            stop = threading.Event()
-            latencies: list[float] = []
-            poller = threading.Thread(target=lambda: latencies.extend(poll_latencies(serve.url, long, stop)))
+            context = multiprocessing.get_context("spawn")
+            stop, polled = context.Event(), context.Queue()
+            poller = context.Process(target=poll_process, args=(serve.url, long, stop, polled))
             poller.start()
+            time.sleep(2.0)  # the poller's interpreter starts and polls a moment before the burst
             results = submit_all(serve.url, submissions, clients)
             time.sleep(1.0)  # keep polling a moment after the burst, the job still running
             stop.set()
+            latencies = polled.get(timeout=60)
             poller.join()
             still_running = client.get(f"/v1/videos/{long}").json()["status"] == "in_progress"
             listed, after = [], None
@@ -94,6 +108,8 @@ def run(model: Path, submissions: int, clients: int, max_queue: int) -> dict:
         "poll_max_ms": 1000 * max(latencies),
         "submit_p50_ms": 1000 * statistics.median(r["seconds"] for r in results),
         "submit_p99_ms": 1000 * percentile([r["seconds"] for r in results], 0.99),
+        "load_average_before": [round(v, 1) for v in load_before],
+        "load_average_after": [round(v, 1) for v in os.getloadavg()],
     }
 
 

@@ -86,7 +86,7 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
         return JSONResponse(server.video_object(job), headers={"openai-poll-after-ms": "500"})
 
     @app.get("/v1/videos/{job_id}")
-    def retrieve_video(job_id: str):
+    async def retrieve_video(job_id: str):  # answered on the event loop: one short read, no thread hand-off
         return JSONResponse(server.video_object(server.job_or_404(job_id)), headers={"openai-poll-after-ms": "500"})
 
     @app.get("/v1/videos")

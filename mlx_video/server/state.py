@@ -5,12 +5,12 @@ goes through before it is queued, and the job object the APIs return. A refused 
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MlxVideoError
 from . import bodies as req
+from .checker import Checker, CheckFailed
 from .store import JobRow, JobStore
 from .worker import remove_outputs, worker_main
 
@@ -52,8 +52,7 @@ class Server:
         self.store = JobStore(config.data / "jobs.sqlite3")
         self.store.requeue_interrupted()
         self.worker = None  # the worker process, started with the app (start_worker)
-        self.check_pipelines: dict = {}
-        self.check_lock = threading.Lock()
+        self.checker = Checker()  # the submission check's process, started with the app (start_worker)
 
     # ---- submitting ----
 
@@ -115,17 +114,17 @@ class Server:
         return self.config.data / "uploads"
 
     def check(self, options: dict) -> None:
-        """Everything `mlxvid generate` checks before reading weights, the memory preflight included (413)."""
-        from ..run import prepare
-
+        """Everything `mlxvid generate` checks before reading weights, the memory preflight included (413); in
+        the check process (mlx_video.server.checker), so that the HTTP side stays responsive."""
         probe = dict(options, model=self.config.models[str(options["model"])],
                      output=str(self.config.data / "videos" / "check.mp4"), overwrite=True, quiet=True)
         try:
-            with self.check_lock:
-                prepare(probe, pipelines=self.check_pipelines, check_memory=self.config.check_memory)
+            self.checker.check(probe, self.config.check_memory)
         except MlxVideoError as e:
             memory = "needs about" in str(e) and "available" in str(e)
             raise ApiError(413 if memory else 400, str(e), "insufficient_memory" if memory else "invalid_request")
+        except CheckFailed as e:
+            raise ApiError(500, f"the request could not be checked: {e}", "internal_error") from None
 
     # ---- the worker process ----
 
@@ -138,11 +137,13 @@ class Server:
                                       args=(str(self.config.data), dict(self.config.models), self.config.keep_models,
                                             os.getpid()))
         self.worker.start()
+        self.checker.start()
 
     def stop_worker(self) -> None:
         if self.worker is not None and self.worker.is_alive():
             self.worker.terminate()  # a running job stays in_progress and is queued again at the next start
             self.worker.join(10)
+        self.checker.stop()
 
     def worker_state(self) -> dict:
         return self.store.state("worker", {}) if self.worker is not None and self.worker.is_alive() else {}
