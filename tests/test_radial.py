@@ -153,3 +153,41 @@ def test_plan_groups_cover_every_kept_tile_once():
     assert plan.score_fraction() == pytest.approx(expected.mean())
     with pytest.raises(ValueError, match="does not cover"):
         RadialPlan.of(mask, 16, tokens + 16)
+
+
+@pytest.mark.parametrize("frames,per_frame,block,text,heads,head_dim,budget_mb", [
+    (6, 20, 8, 5, 3, 24, None),  # every group's scores in one call
+    (5, 24, 8, 0, 2, 40, 0.08),  # a tiny budget: calls split, the gathered keys counted in it
+])
+def test_radial_attention_bytes_is_what_its_largest_call_holds(monkeypatch, frames, per_frame, block, text, heads,
+                                                               head_dim, budget_mb):
+    """The memory preflight's figure for the portable path (`radial_attention_bytes`) against the calls the path
+    makes, recorded: per call, the float32 scores and softmax of its queries over its keys, plus its keys and
+    values where they are not one contiguous slice of the sequence's (a gathered copy)."""
+    from mlx_video.nn.attention import DEFAULT_BUDGET_MB
+    from mlx_video.nn.radial import radial_attention_bytes
+
+    if budget_mb is not None:
+        monkeypatch.setenv("MLXVID_ATTENTION_BUDGET_MB", str(budget_mb))
+    budget = int((budget_mb or DEFAULT_BUDGET_MB) * 1024**2)
+    tokens, batch = frames * per_frame + text, 2
+    mask = radial_block_mask(frames, per_frame, block=block, decay=0.9, text_tokens=text, first_frame_dense=True)
+    plan = RadialPlan.of(mask, block, tokens)
+    rng = np.random.default_rng(tokens)
+    q, k, v = (rng.standard_normal((batch, tokens, heads, head_dim)).astype(np.float32) for _ in range(3))
+    keys_by_row = {k[0, i, 0].tobytes(): i for i in range(tokens)}  # random keys: each row is unique
+    calls, real = [], mx.fast.scaled_dot_product_attention
+
+    def recording(qc, kc, vc, **kwargs):
+        rows = [keys_by_row[r.tobytes()] for r in np.array(kc[0, 0])]
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        copied = 0 if contiguous else 2 * batch * heads * len(rows) * head_dim * 4
+        calls.append(2 * batch * heads * qc.shape[2] * kc.shape[2] * 4 + copied)
+        return real(qc, kc, vc, **kwargs)
+
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", recording)
+    mx.eval(radial_attention(mx.array(q), mx.array(k), mx.array(v), plan))
+    assert len(calls) >= len(plan.groups)
+    assert radial_attention_bytes(plan, batch, heads, tokens, head_dim, 4, budget) == max(calls)
+    if budget_mb is not None:
+        assert len(calls) > len(plan.groups) and max(calls) <= budget  # split to stay under the budget

@@ -144,6 +144,25 @@ def _check(name, ours, ref, dense, sidecar, radial, dense_steps, dense_blocks):
     assert 0 < stats["attention_score_fraction"] < 1
 
 
+def _check_memory_estimate(folder, size, frames):
+    """The memory preflight follows --attention where attention is not fused (MLX on CPU): with every step and
+    block sparse (radial:0:0) the denoising stage counts the sparse calls' scores and gathered keys
+    (tests/test_radial.py checks that figure against the calls), less than the dense scores at this size; with a
+    dense step or a dense block the dense scores count again."""
+    from mlx_video.pipelines.base import GenerationSettings, Pipeline
+
+    pipe = Pipeline.from_pretrained(str(folder))
+    width, height = (int(v) for v in size.split("x"))
+
+    def denoising(attention):
+        s = pipe.resolve(GenerationSettings(prompt="x", width=width, height=height, frames=frames, attention=attention))
+        return pipe.estimate_memory(s)["stages"]["denoising"]
+
+    dense = denoising(None)
+    assert denoising("radial:0:0") < dense
+    assert denoising("radial:1:0") == denoising("radial:0:1") == denoising("dense") == dense
+
+
 def test_wan_a14b_radial_matches_diffusers_with_the_reference_mask(a14b, small_tiles):
     from tiny_wan import use_official_sigmas
 
@@ -164,6 +183,7 @@ def test_wan_a14b_radial_matches_diffusers_with_the_reference_mask(a14b, small_t
     extra = ["--negative-prompt", NEGATIVE, "--guidance-2", "3.0", "--shift", "12"]
     ours, sidecar = _ours(root, root / "mlx", "radial", *common, [*extra, "--attention", "radial:1:1"])
     dense, _ = _ours(root, root / "mlx", "dense", *common, extra)
+    _check_memory_estimate(root / "mlx", f"{width}x{height}", frames)
     assert set(sidecar["settings"]["experts"]) == {"transformer", "transformer_2"}  # steps counted across both
     _check("Wan A14B", ours, ref, dense, sidecar, radial, 1, 1)
 
@@ -189,6 +209,7 @@ def test_hunyuan_radial_matches_diffusers_with_the_reference_mask(tmp_path, smal
     common = (init, f"{width}x{height}", frames, steps, 6.0)
     ours, sidecar = _ours(tmp_path, tmp_path / "mlx", "radial", *common, ["--attention", "radial:1:1"])
     dense, _ = _ours(tmp_path, tmp_path / "mlx", "dense", *common, [])
+    _check_memory_estimate(tmp_path / "mlx", f"{width}x{height}", frames)
     _check("HunyuanVideo", ours, ref, dense, sidecar, radial, 1, 1)
 
 
@@ -212,6 +233,7 @@ def test_mochi_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_
     extra = ["--negative-prompt", NEGATIVE]
     ours, sidecar = _ours(tmp_path, tmp_path / "mlx", "radial", *common, [*extra, "--attention", "radial:1:0"])
     dense, _ = _ours(tmp_path, tmp_path / "mlx", "dense", *common, extra)
+    _check_memory_estimate(tmp_path / "mlx", f"{width}x{height}", frames)
     _check("Mochi", ours, ref, dense, sidecar, radial, 1, 0)
 
 

@@ -35,11 +35,19 @@ def query_block(batch: int, heads: int, q_len: int, k_len: int, budget: int | No
     return max(1, min(q_len, budget // max(1, per_query)))
 
 
-def blocked_score_bytes(batch: int, heads: int, q_len: int, k_len: int, budget: int | None = None) -> int:
+def blocked_score_bytes(batch: int, heads: int, q_len: int, k_len: int, budget: int | None = None, *, sparse=None,
+                        head_dim: int = 0, itemsize: int = 4) -> int:
     """Bytes of the scores (and their softmax, float32) alive at once where attention is not fused: one query
-    block's. `budget`: as `score_budget_bytes()`, or the default when that is None. For the cost models."""
+    block's. `budget`: as `score_budget_bytes()`, or the default when that is None. For the cost models.
+
+    `sparse`: the run's sparse attention at this site, as `attention` takes it (e.g. a
+    `mlx_video.pipelines.attention_mode.RadialRun`), or None (dense). It answers with its own figure,
+    `sparse.attention_bytes(batch, heads, q_len, k_len, head_dim, itemsize, budget)`, which also counts the keys
+    and values it gathers (`head_dim` wide, `itemsize` bytes each)."""
     if budget is None:
         budget = score_budget_bytes() or DEFAULT_BUDGET_MB * 1024**2
+    if sparse is not None:
+        return int(sparse.attention_bytes(batch, heads, q_len, k_len, head_dim, itemsize, budget))
     return 2 * batch * heads * query_block(batch, heads, q_len, k_len, budget) * k_len * 4
 
 

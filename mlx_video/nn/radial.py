@@ -38,8 +38,8 @@ kernel of `mlx_video.kernels` (an online softmax over the kept key tiles of each
 its oracle). Elsewhere (the portable path), for each run of query tiles with the
 same kept key tiles it slices the contiguous key ranges, concatenates them and calls MLX's attention on them,
 so no score outside a kept tile is ever computed and no key is gathered one by one. Where MLX has no fused
-attention (the CPU back-end) each call's scores stay under the budget of `mlx_video.nn.attention` and are
-evaluated one call at a time, as the dense attention there does.
+attention (the CPU back-end) each call's scores, with the keys and values it gathered, stay under the budget of
+`mlx_video.nn.attention` and are evaluated one call at a time, as the dense attention there does.
 """
 
 from __future__ import annotations
@@ -229,6 +229,35 @@ def _runs(row: np.ndarray, block: int, tokens: int) -> tuple[tuple[int, int], ..
     return tuple((int(a) * block, min(int(b) * block, tokens)) for a, b in zip(edges[::2], edges[1::2]))
 
 
+def gathered_bytes(group: TileGroup, batch: int, heads: int, head_dim: int, itemsize: int) -> int:
+    """The keys and values a call over `group` gathers: none from one contiguous range (a view), else their
+    concatenation (`head_dim` wide, `itemsize` bytes each)."""
+    return 0 if len(group.key_ranges) == 1 else 2 * batch * heads * group.keys * head_dim * itemsize
+
+
+def group_query_block(group: TileGroup, batch: int, heads: int, q_len: int, gathered: int, budget: int | None) -> int:
+    """Queries per call over `group` so that the call's float32 scores and softmax and its gathered keys and
+    values fit in `budget` together (at least one query; all of them where attention is fused)."""
+    queries = min(group.q_stop, q_len) - group.q_start
+    return query_block(batch, heads, queries, group.keys, None if budget is None else max(1, budget - gathered))
+
+
+def radial_attention_bytes(plan: RadialPlan, batch: int, heads: int, q_len: int, head_dim: int, itemsize: int,
+                           budget: int) -> int:
+    """Bytes alive at once in `radial_attention`'s portable path with the score budget `budget` (the memory
+    preflight's figure; the GPU kernel keeps no scores): the largest call's float32 scores and their softmax
+    plus the keys and values it gathered (`gathered_bytes`). At most the budget, unless one query's scores and
+    the gathered keys exceed it; far less where the calls' scores are small (few heads, a short sequence)."""
+    peak = 0
+    for group in plan.groups:
+        if group.q_start >= q_len:
+            break
+        gathered = gathered_bytes(group, batch, heads, head_dim, itemsize)
+        queries = group_query_block(group, batch, heads, q_len, gathered, budget)
+        peak = max(peak, 2 * batch * heads * queries * group.keys * 4 + gathered)
+    return peak
+
+
 def _take_ranges(t: mx.array, ranges: tuple[tuple[int, int], ...], axis: int) -> mx.array:
     if len(ranges) == 1 and ranges[0] == (0, t.shape[axis]):
         return t
@@ -270,7 +299,8 @@ def radial_attention(q: mx.array, k: mx.array, v: mx.array, plan: RadialPlan, sc
         values = _take_ranges(v, group.key_ranges, 2)
         key_mask = None if mask is None else _take_ranges(mask, group.key_ranges, 3)
         stop = min(group.q_stop, q_len)
-        step = query_block(batch, heads, stop - group.q_start, group.keys, budget)
+        step = group_query_block(group, batch, heads, q_len, gathered_bytes(group, batch, heads, head_dim,
+                                                                            q.dtype.size), budget)
         for start in range(group.q_start, stop, step):
             part = mx.fast.scaled_dot_product_attention(q[:, :, start:min(stop, start + step)], keys, values,
                                                         scale=scale, mask=key_mask)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from ..errors import MlxVideoError
 from ..kernels import warm_up_block_sparse_attention
-from ..nn.radial import RadialDefaults, RadialPlan, radial_attention, radial_block_mask
+from ..nn.attention import blocked_score_bytes
+from ..nn.radial import RadialDefaults, RadialPlan, radial_attention, radial_attention_bytes, radial_block_mask
 
 MODES = ("dense", "radial")
 
@@ -113,6 +114,16 @@ class RadialRun:
         if tokens < self.video_tokens:  # not this run's video (a kernel warm-up's minimal input): dense
             return None
         return self.plan(tokens)
+
+    def attention_bytes(self, batch: int, heads: int, q_len: int, k_len: int, head_dim: int, itemsize: int,
+                        budget: int) -> int:
+        """Bytes alive at once in this run's self-attention over `k_len` tokens where attention is not fused (what
+        `mlx_video.nn.attention.blocked_score_bytes(sparse=run)` answers for the memory preflight): the sparse
+        calls' (`radial_attention_bytes`), and where any step or block stays dense, the bounded dense scores too."""
+        sparse = radial_attention_bytes(self.plan(k_len), batch, heads, q_len, head_dim, itemsize, budget)
+        if self.dense_steps == 0 and self.dense_blocks == 0:
+            return sparse
+        return max(sparse, blocked_score_bytes(batch, heads, q_len, k_len, budget))
 
     def attach(self, model) -> None:
         for index, site in enumerate(model.attention_sites()):

@@ -504,6 +504,15 @@ class Pipeline(ABC):
 
         return make_radial_run(s.attention, self.radial_defaults, latent_frames, tokens_per_frame)
 
+    def attention_estimate(self, s: GenerationSettings):
+        """The run's self-attention as the memory preflight counts it: the `sparse=` a family's cost model passes
+        to `mlx_video.nn.attention.blocked_score_bytes` (the radial run over this run's token grid), None when
+        dense."""
+        if s.attention is None:
+            return None
+        _, channels, frames, height, width = self.latent_shape(s)
+        return self.radial_run(s, *self.token_grid((1, frames, height, width, channels)))
+
     def with_radial(self, s: GenerationSettings, model, latent_frames: int, tokens_per_frame: int, predict):
         """Attach the run's attention (radial, or dense) to `model`; returns (the radial run or None, `predict`
         telling the run each step's index)."""

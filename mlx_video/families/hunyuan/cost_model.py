@@ -158,7 +158,7 @@ def video_flops(spec, width: int, height: int, frames: int, steps: int | None = 
 
 
 def activation_bytes(config: HunyuanTransformerConfig, n_tokens: int, batch: int = 1, dtype: str = "bf16",
-                     text_len: int = 256, fused_attention: bool = True) -> int:
+                     text_len: int = 256, fused_attention: bool = True, attention=None) -> int:
     """Estimated peak activations of one transformer forward (weights excluded). Assumptions: MLX frees a
     buffer after its last consumer, so inside a block one stage is alive at a time; resident are the float32
     residual stream over N + L tokens, the RoPE tables and the input/output latents. The widest stage is a
@@ -166,7 +166,8 @@ def activation_bytes(config: HunyuanTransformerConfig, n_tokens: int, batch: int
     after norm and RoPE, the attention output, the MLP activation (m wide) and linear2's input (d + m wide),
     all in the compute dtype; without a fused attention kernel (MLX on CPU) also the float32 scores and their
     softmax, which `mlx_video.nn.attention` computes in query blocks kept under its budget (1 GiB by default).
-    The allocator's cache is not modelled."""
+    `attention`: the run's sparse self-attention (e.g. radial), which counts its own scores. The allocator's
+    cache is not modelled."""
     d, m = config.hidden_size, config.mlp_dim
     s = n_tokens + text_len
     e = dtype_bytes(dtype)
@@ -175,7 +176,8 @@ def activation_bytes(config: HunyuanTransformerConfig, n_tokens: int, batch: int
     if not fused_attention:
         from mlx_video.nn.attention import blocked_score_bytes
 
-        stage += blocked_score_bytes(batch, config.num_heads, s, s)
+        stage += blocked_score_bytes(batch, config.num_heads, s, s, sparse=attention, head_dim=config.head_dim,
+                                     itemsize=e)
     return int(resident + stage)
 
 
@@ -205,7 +207,8 @@ def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str 
                          group_size: int = DEFAULT_GROUP_SIZE, guidance: bool = False, fused_attention: bool = True,
                          vae_tile: tuple[int, int] | None = (256, 256), vae_tile_frames: int | None = 17,
                          transformer: HunyuanTransformerConfig | None = None, vae_config: HunyuanVAEConfig | None = None,
-                         stored: dict | None = None, text_len: int | None = None, **_ignored) -> PeakEstimate:
+                         stored: dict | None = None, text_len: int | None = None, attention=None,
+                         **_ignored) -> PeakEstimate:
     """Peak bytes of each stage, run one after the other with only that stage's weights resident:
     text_encoding (the Llama encoder, then CLIP), denoising (the transformer; `guidance`: true CFG batched),
     decoding (the VAE). `stored`: the bytes the converted components hold ("text_encoder", "text_encoder_2",
@@ -221,7 +224,8 @@ def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str 
         "text_encoding": {"weights": max(weights["text_encoder"], weights.get("text_encoder_2", 0)),
                           "activations": text_encoding_activation_bytes(prompts, text_len)},
         "denoising": {"weights": weights["transformer_expert"],
-                      "activations": activation_bytes(config, n, 2 if guidance else 1, dtype, text_len, fused_attention)},
+                      "activations": activation_bytes(config, n, 2 if guidance else 1, dtype, text_len, fused_attention,
+                                                      attention)},
         "decoding": {"weights": weights["vae"],
                      "activations": decode_activation_bytes(width, height, frames, vae_config or HUNYUAN_VAE, vae_tile,
                                                             vae_tile_frames)},

@@ -176,6 +176,7 @@ class HunyuanPipeline(Pipeline):
             self.spec, s.width, s.height, s.frames, name, guidance=self.uses_true_cfg(s) and s.guidance_mode == "batched",
             fused_attention=mx.metal.is_available(), vae_tile=tile_px, vae_tile_frames=tile_frames,
             transformer=self.transformer_config, vae_config=vae_cfg, stored=stored, text_len=self.text_len,
+            attention=self.attention_estimate(s),
         )
         stages = {k: v["total"] for k, v in estimate.stages.items()}
         if not self.can_decode:

@@ -140,7 +140,7 @@ def video_flops(spec, width: int, height: int, frames: int, steps: int | None = 
 
 
 def activation_bytes(config: MochiTransformerConfig, n_tokens: int, batch: int = 1, dtype: str = "bf16",
-                     text_len: int = 256, fused_attention: bool = True) -> int:
+                     text_len: int = 256, fused_attention: bool = True, attention=None) -> int:
     """Estimated peak activations of one transformer forward (weights excluded). Assumptions: MLX frees a buffer
     after its last consumer, so inside a block one stage is alive at a time; resident are the float32 visual and
     text streams (each with the block's new value being formed: twice), the RoPE tables (cos and sin, N x dim/2
@@ -150,18 +150,20 @@ def activation_bytes(config: MochiTransformerConfig, n_tokens: int, batch: int =
       visual MLP: the modulated input (float32 and its cast), w1's output (2 ffn), the gated product (ffn);
     without a fused attention kernel (MLX on CPU) the attention stage adds the float32 scores and their softmax,
     which `mlx_video.nn.attention` computes in query blocks kept under its budget (1 GiB by default).
-    The allocator's cache is not modelled."""
+    `attention`: the run's sparse self-attention (e.g. radial), which counts its own scores. The allocator's
+    cache is not modelled."""
     d, f = config.dim, config.ffn_dim
     n, s = n_tokens, n_tokens + text_len
     e = dtype_bytes(dtype)
     resident = batch * 2 * (n * d + text_len * config.text_dim) * 4 + n * d * 4 + 2 * batch * n * config.in_channels * 4
-    attention = batch * (n * d * (4 + e) + s * (3 * d * e + 2 * d * 4 + d * e))
+    attention_stage = batch * (n * d * (4 + e) + s * (3 * d * e + 2 * d * 4 + d * e))
     mlp = batch * n * (d * (4 + e) + 3 * f * e)
     if not fused_attention:
         from mlx_video.nn.attention import blocked_score_bytes
 
-        attention += blocked_score_bytes(batch, config.num_heads, s, s)
-    return int(resident + max(attention, mlp))
+        attention_stage += blocked_score_bytes(batch, config.num_heads, s, s, sparse=attention, head_dim=config.head_dim,
+                                               itemsize=e)
+    return int(resident + max(attention_stage, mlp))
 
 
 def text_encoding_activation_bytes(prompts: int = 1, text_len: int = 256) -> int:
@@ -188,7 +190,7 @@ def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str 
                          group_size: int = DEFAULT_GROUP_SIZE, guidance: bool = True, fused_attention: bool = True,
                          vae_chunk_frames: int | None = 1, transformer: MochiTransformerConfig | None = None,
                          vae_config: MochiVAEConfig | None = None, stored: dict | None = None,
-                         text_len: int | None = None, **_ignored) -> PeakEstimate:
+                         text_len: int | None = None, attention=None, **_ignored) -> PeakEstimate:
     """Peak bytes of each stage, run one after the other with only that stage's weights resident:
     text_encoding (T5; two prompts with guidance), denoising (the transformer; `guidance`: CFG batched, batch 2),
     decoding (the VAE, `vae_chunk_frames` latent frames at a time, None: all at once). `stored`: the bytes the converted components
@@ -204,7 +206,7 @@ def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str 
         "text_encoding": {"weights": weights["text_encoder"],
                           "activations": text_encoding_activation_bytes(batch, text_len)},
         "denoising": {"weights": weights["transformer_expert"],
-                      "activations": activation_bytes(config, n, batch, dtype, text_len, fused_attention)},
+                      "activations": activation_bytes(config, n, batch, dtype, text_len, fused_attention, attention)},
         "decoding": {"weights": weights["vae"],
                      "activations": decode_activation_bytes(width, height, frames, vae_config or MOCHI_VAE,
                                                             vae_chunk_frames)},

@@ -178,7 +178,7 @@ class MochiPipeline(Pipeline):
             self.spec, s.width, s.height, s.frames, name,
             guidance=self.uses_cfg(s) and s.guidance_mode == "batched", fused_attention=mx.metal.is_available(),
             vae_chunk_frames=chunk, transformer=self.transformer_config, vae_config=self._vae_config(), stored=stored,
-            text_len=self.text_len,
+            text_len=self.text_len, attention=self.attention_estimate(s),
         )
         stages = {k: v["total"] for k, v in estimate.stages.items()}
         if not self.can_decode:

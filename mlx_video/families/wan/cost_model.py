@@ -173,7 +173,8 @@ def video_flops(spec, width: int, height: int, frames: int, steps: int | None = 
 
 
 def activation_bytes(config: WanTransformerConfig, n_tokens: int, batch: int = 2, dtype: str = "bf16",
-                     text_len: int = 512, fused_attention: bool = True, attention_budget_bytes: int | None = None) -> dict:
+                     text_len: int = 512, fused_attention: bool = True, attention_budget_bytes: int | None = None,
+                     attention=None) -> dict:
     """Estimated peak of the activations of one transformer forward (weights excluded).
 
     Assumptions (MLX evaluates the forward as one lazy graph; a buffer is freed after its last consumer ran):
@@ -198,10 +199,12 @@ def activation_bytes(config: WanTransformerConfig, n_tokens: int, batch: int = 2
     attn_stage = 2 * bn * d * 4 + bn * d * s * (1 + 3 + 2 + 1)
     if not fused_attention:
         # without a fused kernel the scores are materialised, but in query blocks under the attention budget
-        # (mlx_video/nn/attention.py), so at most the budget is alive at once
+        # (mlx_video/nn/attention.py), so at most the budget is alive at once; `attention`: the run's sparse
+        # attention (e.g. radial), which answers with its own figure
         from mlx_video.nn.attention import blocked_score_bytes
 
-        attn_stage += blocked_score_bytes(batch, h, n_tokens, n_tokens, attention_budget_bytes)
+        attn_stage += blocked_score_bytes(batch, h, n_tokens, n_tokens, attention_budget_bytes, sparse=attention,
+                                          head_dim=config.head_dim, itemsize=s)
     ffn_stage = 2 * bn * d * 4 + bn * d * s + 2 * bn * f * s + bn * d * s
     stages = {"self_attention": attn_stage, "ffn": ffn_stage}
     peak_stage = max(stages, key=stages.get)
@@ -238,7 +241,7 @@ def estimate_peak_memory(spec, width: int | None = None, height: int | None = No
                          guidance: bool = True, fused_attention: bool = True, vae_dtype: str = "fp32",
                          vae_tile: tuple[int, int] | None = None, *, transformer: WanTransformerConfig | None = None,
                          vae_config=None, stored: dict | None = None, text_len: int | None = None,
-                         image_encoding: bool = False, sequence_ranks: int = 1) -> PeakEstimate:
+                         image_encoding: bool = False, sequence_ranks: int = 1, attention=None) -> PeakEstimate:
     """Peak memory of a generation, stage by stage, as the pipeline runs them one after the other (it frees
     each stage's model before loading the next; A14B keeps only the active expert resident).
 
@@ -252,7 +255,8 @@ def estimate_peak_memory(spec, width: int | None = None, height: int | None = No
 
     By default the published model's configuration and the bytes a conversion would store; a converted folder
     passes its own `transformer` / `vae_config` and the `stored` bytes of its components (keys as
-    `weight_bytes`), so that the preflight and the benchmarks compute one and the same estimate.
+    `weight_bytes`), so that the preflight and the benchmarks compute one and the same estimate. `attention`: the
+    run's sparse self-attention (`Pipeline.attention_estimate`), None when dense.
     """
     w0, h0 = spec.default_size
     width, height, frames = width or w0, height or h0, frames or spec.frames
@@ -268,7 +272,8 @@ def estimate_peak_memory(spec, width: int | None = None, height: int | None = No
     text_act = batch * text_len * config.text_dim * 4 * 8
     # Sequence-parallel over S ranks (mlx_video.distributed): a rank's activations cover N / S tokens, plus the
     # whole K and V gathered for self-attention.
-    act = activation_bytes(config, n // sequence_ranks, batch, dtype, text_len, fused_attention)["peak"]
+    act = activation_bytes(config, n // sequence_ranks, batch, dtype, text_len, fused_attention,
+                           attention=attention)["peak"]
     if sequence_ranks > 1:
         act += 2 * batch * n * config.dim * s
     # the prepared text: its embedding and every block's cross-attention keys and values, kept through the run

@@ -217,10 +217,13 @@ class WanPipeline(Pipeline):
     def uses_cfg(self, s: GenerationSettings) -> bool:
         return s.guidance != 1.0 or (self.two_experts and s.guidance_2 != 1.0)
 
+    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int]:
+        pt, ph, pw = self.transformer_config.patch_size
+        return latent_shape[1] // pt, (latent_shape[2] // ph) * (latent_shape[3] // pw)
+
     def radial_for(self, s: GenerationSettings, latent_shape: tuple[int, ...]):
         """The run's radial attention over the patched latent grid of `latent_shape` (B, T, H, W, C)."""
-        pt, ph, pw = self.transformer_config.patch_size
-        radial = self.radial_run(s, latent_shape[1] // pt, (latent_shape[2] // ph) * (latent_shape[3] // pw))
+        radial = self.radial_run(s, *self.token_grid(latent_shape))
         if radial is not None and self._split is not None and self._split.seq_ranks > 1:
             raise MlxVideoError("--attention radial does not run sequence-parallel yet; use dense attention or "
                                 "CFG-parallel alone")
@@ -414,6 +417,7 @@ class WanPipeline(Pipeline):
             sequence_ranks=split.seq_ranks if split is not None else 1,
             fused_attention=mx.metal.is_available(), vae_tile=tile_px, transformer=self.transformer_config,
             vae_config=vae_cfg, stored=stored, text_len=self.text_len, image_encoding=has_image,
+            attention=self.attention_estimate(s),
         )
         stages = {k: v["total"] for k, v in estimate.stages.items()}
         if split is not None and split.rank != 0:
