@@ -324,6 +324,45 @@ def test_step_caches_per_clip(reference, pipe, tmp_path, monkeypatch):
                                         audio=str(write_wav(tmp_path / "v.wav", 1.0)), cache="magcache"))
 
 
+def test_taylorseer_runs_each_clip_as_a_run_of_its_own(reference, pipe, tmp_path, monkeypatch):
+    """TaylorSeer (lite mode) on S2V. diffusers has no S2V pipeline to compare with (its TaylorSeer parity is in
+    tests/test_cache_taylorseer.py, on Wan, HunyuanVideo and Mochi); here its rule is applied to each clip as a
+    denoising run of its own (fresh state per clip, as a diffusers hook's state is per run): with 2 warm-up
+    steps and interval 2 each clip computes steps 0 and 1 of both guidance branches and forecasts step 2 as the
+    first-order Taylor series of those two outputs (out1 + (out1 - out0)), float32 factors."""
+    from mlx_video.pipelines.cache import StepCache, taylorseer_evaluations
+
+    tensors, _, st, _ = reference
+    assert st["steps"] == 3 and st["clips"] == 2
+    plain = run_like_official(pipe, reference, monkeypatch, tmp_path)
+
+    outputs, real = [], StepCache.__call__
+
+    def recording(self, model, x, t, context):
+        out = real(self, model, x, t, context)
+        outputs.append((id(self), self.step, self._calls - 1, np.array(out.astype(mx.float32))))
+        return out
+
+    monkeypatch.setattr(StepCache, "__call__", recording)
+    option = "taylorseer:disable_cache_before_step=2,cache_interval=2,max_order=1,taylor_factors_dtype=float32"
+    forecast = run_like_official(pipe, reference, monkeypatch, tmp_path, cache=option)
+    stats = forecast.stats
+    per_clip = 2 * taylorseer_evaluations(3, disable_cache_before_step=2, cache_interval=2)  # two branches
+    assert stats["transformer_evals"] == st["clips"] * per_clip == 8 < stats["transformer_evals_uncached"] == 12
+    assert stats["forecast_steps"] == [[2], [2]] and stats["cache_config"]["taylor_factors_dtype"] == "float32"
+    caches = list(dict.fromkeys(c for c, *_ in outputs))
+    assert len(caches) == st["clips"]  # a fresh cache per clip
+    for cache in caches:
+        out = {(step, call): o for c, step, call, o in outputs if c == cache}
+        calls = sorted({call for _, call in out})  # one batched call (both branches) or one per branch
+        assert sorted(out) == [(i, c) for i in range(3) for c in calls]
+        assert sum(out[0, c].shape[0] for c in calls) == 2  # the conditional and the unconditional branch
+        for c in calls:
+            expected = out[1, c] + (out[1, c] - out[0, c])
+            np.testing.assert_allclose(out[2, c], expected, rtol=1e-6, atol=1e-6)
+    assert rel(forecast.latents, plain.latents) > 1e-4  # the forecast step changed the result
+
+
 def test_lora_fused_at_load_equals_merged_weights(reference, pipe, converted, tmp_path, monkeypatch):
     """A ComfyUI-named LoRA on backbone and S2V-only layers (audio injector, FramePack) at strength 0.6 gives the
     run of a conversion whose official weights had the LoRA merged in beforehand (W += 0.6 * alpha/rank * up @ down)."""
