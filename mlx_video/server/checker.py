@@ -19,6 +19,7 @@ PARENT_POLL = 1.0  # seconds between looks at whether the server still runs, whi
 # Below the HTTP side's priority (os.nice), as the worker is: in a burst of submissions the checks queue up, and the
 # HTTP side's answers come first.
 CHECKER_NICE = 5
+READY_TIMEOUT = 120.0  # seconds the first check waits for the check process to have imported what it runs
 
 
 class CheckFailed(Exception):
@@ -32,8 +33,10 @@ class Checker:
         self.lock = threading.Lock()
         self.process = None
         self.conn = None
+        self.ready = False  # the process has said it imported the engine
 
     def start(self) -> None:
+        """Start the process; it imports the engine (a few seconds) while the server starts and answers."""
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no MLX state shared with this one
@@ -42,6 +45,7 @@ class Checker:
                                        args=(child, os.getpid()))
         self.process.start()
         child.close()
+        self.ready = False
 
     def stop(self) -> None:
         if self.process is not None and self.process.is_alive():
@@ -55,11 +59,15 @@ class Checker:
             if self.process is None or not self.process.is_alive():
                 self.start()
             try:
+                if not self.ready:
+                    if not self.conn.poll(READY_TIMEOUT):
+                        raise OSError(f"not ready after {READY_TIMEOUT:.0f} s")
+                    self.ready = self.conn.recv() == "ready"
                 self.conn.send((options, check_memory))
                 outcome = self.conn.recv()
-            except (EOFError, OSError) as e:  # the process died during the check: a new one takes the next
+            except (EOFError, OSError) as e:  # the process died (or never started): a new one takes the next
                 self.stop()
-                raise CheckFailed(f"the check process stopped ({type(e).__name__})") from None
+                raise CheckFailed(f"the check process stopped ({type(e).__name__}: {e})") from None
         if outcome is None:
             return
         kind, message = outcome
@@ -85,6 +93,9 @@ def checker_main(conn, server_pid: int) -> None:
     """The check process's entry (multiprocessing, spawn): answer checks until the server is gone."""
     pipelines: dict = {}  # the prepared models' pipelines (no weights), kept between checks
     os.nice(CHECKER_NICE)
+    from ..run import prepare  # noqa: F401  (what every check runs, imported before the server answers)
+
+    conn.send("ready")
     while os.getppid() == server_pid:
         if not conn.poll(PARENT_POLL):
             continue
