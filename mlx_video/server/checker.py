@@ -16,9 +16,6 @@ import threading
 from ..errors import MlxVideoError
 
 PARENT_POLL = 1.0  # seconds between looks at whether the server still runs, while no check comes
-# Below the HTTP side's priority (os.nice), as the worker is: in a burst of submissions the checks queue up, and the
-# HTTP side's answers come first.
-CHECKER_NICE = 5
 READY_TIMEOUT = 120.0  # seconds the first check waits for the check process to have imported what it runs
 
 
@@ -29,7 +26,8 @@ class CheckFailed(Exception):
 class Checker:
     """The check process and the pipe to it; `check` is called from any thread, one check at a time."""
 
-    def __init__(self):
+    def __init__(self, nice: int = 0):
+        self.nice = nice  # added to the process's niceness (`mlxvid serve --worker-nice`)
         self.lock = threading.Lock()
         self.process = None
         self.conn = None
@@ -42,7 +40,7 @@ class Checker:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no MLX state shared with this one
         self.conn, child = context.Pipe()
         self.process = context.Process(target=checker_main, name="mlxvid-checker", daemon=True,
-                                       args=(child, os.getpid()))
+                                       args=(child, os.getpid(), self.nice))
         self.process.start()
         child.close()
         self.ready = False
@@ -89,10 +87,11 @@ def check_options(options: dict, check_memory: bool, pipelines: dict) -> tuple[s
     return None
 
 
-def checker_main(conn, server_pid: int) -> None:
+def checker_main(conn, server_pid: int, nice: int = 0) -> None:
     """The check process's entry (multiprocessing, spawn): answer checks until the server is gone."""
     pipelines: dict = {}  # the prepared models' pipelines (no weights), kept between checks
-    os.nice(CHECKER_NICE)
+    if nice:
+        os.nice(nice)
     from ..run import prepare  # noqa: F401  (what every check runs, imported before the server answers)
 
     conn.send("ready")

@@ -71,8 +71,12 @@ def read_key(api_key: str | None, api_key_file: str | None) -> str | None:
               help="Models kept loaded between jobs (least recently used evicted first).")
 @click.option("--max-upload-mb", default=512, show_default=True, type=click.IntRange(1), help="Largest request.")
 @click.option("--allowed-origins", help="Comma-separated origins allowed by CORS (none by default).")
+@click.option("--worker-nice", default=0, show_default=True, type=click.IntRange(0, 19),
+              help="Run the generation worker and the submission checks at this lower CPU priority (os.nice): the "
+              "API answers faster while a job runs on a busy machine, and jobs take longer when other programs "
+              "compete for the CPU.")
 def serve_command(host, port, api_key, api_key_file, data, folders, max_queue, keep_models, max_upload_mb,
-                  allowed_origins):
+                  allowed_origins, worker_nice):
     """Serve a local video studio: the OpenAI Videos API (/v1/videos), the S2V job API (/generate-video), live
     progress and a web page at http://HOST:PORT/. Jobs are kept in a SQLite store and survive a restart.
 
@@ -95,7 +99,8 @@ def serve_command(host, port, api_key, api_key_file, data, folders, max_queue, k
                             "pass --model FOLDER")
     folder = Path(data).expanduser() if data else models_home().parent / "serve"
     origins = tuple(o.strip() for o in (allowed_origins or "").split(",") if o.strip())
-    config = ServerConfig(folder, models, key, max_queue, keep_models, max_upload_mb << 20, origins)
+    config = ServerConfig(folder, models, key, max_queue, keep_models, max_upload_mb << 20, origins,
+                          worker_nice=worker_nice)
     app = create_app(config)
     click.echo(f"serving {', '.join(models)} at http://{host}:{port}/ (data in {folder})")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -28,6 +28,7 @@ class ServerConfig:
     max_upload_bytes: int = 512 << 20
     allowed_origins: tuple = ()
     check_memory: bool = True
+    worker_nice: int = 0  # the worker's and the check process's niceness, added (os.nice)
 
 
 class ApiError(Exception):
@@ -52,7 +53,7 @@ class Server:
         self.store = JobStore(config.data / "jobs.sqlite3")
         self.store.requeue_interrupted()
         self.worker = None  # the worker process, started with the app (start_worker)
-        self.checker = Checker()  # the submission check's process, started with the app (start_worker)
+        self.checker = Checker(config.worker_nice)  # the submission check's process, started with the app (start_worker)
 
     # ---- submitting ----
 
@@ -135,7 +136,7 @@ class Server:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no MLX state shared with this one
         self.worker = context.Process(target=worker_main, name="mlxvid-worker", daemon=True,
                                       args=(str(self.config.data), dict(self.config.models), self.config.keep_models,
-                                            os.getpid()))
+                                            os.getpid(), self.config.worker_nice))
         self.worker.start()
         self.checker.start()
 

@@ -57,9 +57,6 @@ class ModelCache(OrderedDict):
             release()
 
 
-# The worker's scheduling priority below the HTTP side's (os.nice): a step's Python and a model's evaluation yield
-# the CPU to the requests; alone on the machine, the worker runs as fast as before.
-WORKER_NICE = 10
 IDLE_POLL = 0.25  # seconds between looks at the queue when it is empty
 REPORT_EVERY = 0.2  # seconds between progress writes (a real step takes seconds; a tiny test model's, less)
 
@@ -213,13 +210,15 @@ def remove_outputs(video: Path) -> None:
             pass
 
 
-def worker_main(data: str, models: dict, keep_models: int, server_pid: int) -> None:
+def worker_main(data: str, models: dict, keep_models: int, server_pid: int, nice: int = 0) -> None:
     """The worker process's entry (multiprocessing, spawn): wait for the folder's worker lock (a killed server's
-    worker may still be finishing a step), then run jobs until the server is gone."""
+    worker may still be finishing a step), then run jobs until the server is gone. `nice`: added to the process's
+    niceness (`mlxvid serve --worker-nice`)."""
     import fcntl
 
     data_path = Path(data)
-    os.nice(WORKER_NICE)
+    if nice:
+        os.nice(nice)
     with open(data_path / "worker.lock", "w") as lock:
         while True:
             try:
