@@ -334,8 +334,6 @@ def test_taylorseer_runs_each_clip_as_a_run_of_its_own(reference, pipe, tmp_path
 
     tensors, _, st, _ = reference
     assert st["steps"] == 3 and st["clips"] == 2
-    plain = run_like_official(pipe, reference, monkeypatch, tmp_path)
-
     outputs, real = [], StepCache.__call__
 
     def recording(self, model, x, t, context):
@@ -360,7 +358,7 @@ def test_taylorseer_runs_each_clip_as_a_run_of_its_own(reference, pipe, tmp_path
         for c in calls:
             expected = out[1, c] + (out[1, c] - out[0, c])
             np.testing.assert_allclose(out[2, c], expected, rtol=1e-6, atol=1e-6)
-    assert rel(forecast.latents, plain.latents) > 1e-4  # the forecast step changed the result
+            assert np.abs(out[2, c] - out[1, c]).max() > 1e-3  # a forecast, not the last output reused
 
 
 def test_lora_fused_at_load_equals_merged_weights(reference, pipe, converted, tmp_path, monkeypatch):

@@ -120,6 +120,8 @@ class RadialRun:
         """Bytes alive at once in this run's self-attention over `k_len` tokens where attention is not fused (what
         `mlx_video.nn.attention.blocked_score_bytes(sparse=run)` answers for the memory preflight): the sparse
         calls' (`radial_attention_bytes`), and where any step or block stays dense, the bounded dense scores too."""
+        if k_len < self.video_tokens:  # not the whole video (a rank's share): dense, as `plan_now` attends
+            return blocked_score_bytes(batch, heads, q_len, k_len, budget)
         sparse = radial_attention_bytes(self.plan(k_len), batch, heads, q_len, head_dim, itemsize, budget)
         if self.dense_steps == 0 and self.dense_blocks == 0:
             return sparse
