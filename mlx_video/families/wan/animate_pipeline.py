@@ -96,13 +96,14 @@ def latent_mask(pixel_mask: np.ndarray | None, frames: int, grid: tuple[int, int
 
 @dataclass
 class AnimateInputs:
-    """What drives a run, at the video size, padded to the segments: float32 frames in [-1, 1]."""
+    """What drives a run, at the video size, padded to the segments: 8-bit frames (a quarter of float32's memory;
+    `unit_range` and `mask_values` give each segment's floats, the values diffusers' processors make)."""
 
     character: np.ndarray  # (H0, W0, 3) uint8, as read
-    pose: np.ndarray  # (F, height, width, 3)
-    face: np.ndarray  # (F, S, S, 3), S the motion encoder's crop size
-    background: np.ndarray | None  # (F, height, width, 3), replace mode
-    mask: np.ndarray | None  # (F, height, width) in [0, 1] (white = the character), replace mode
+    pose: np.ndarray  # (F, height, width, 3) uint8
+    face: np.ndarray  # (F, S, S, 3) uint8, S the motion encoder's crop size
+    background: np.ndarray | None  # (F, height, width, 3) uint8, replace mode
+    mask: np.ndarray | None  # (F, height, width) uint8 greyscale (white = the character), replace mode
     count: int  # the pose video's frames: the output's length
 
 
@@ -282,10 +283,10 @@ class WanAnimatePipeline(WanPipeline):
         """(1, T, h, w, 4 + z): the mask channels and latents of the segment's conditioning video."""
         length, grid = s.frames, (s.height // self.vae_stride[1], s.width // self.vae_stride[2])
         if inputs.background is not None:
-            video = mx.array(inputs.background[start:start + length])[None]
+            video = mx.array(unit_range(inputs.background[start:start + length]))[None]
             if previous is not None:
                 video = mx.concatenate([previous, video[:, CARRIED:]], axis=1)
-            mask = inputs.mask[start:start + length]
+            mask = mask_values(inputs.mask[start:start + length])
         else:
             video = mx.zeros((1, length, s.height, s.width, 3))
             if previous is not None:
@@ -387,9 +388,9 @@ class WanAnimatePipeline(WanPipeline):
         length = s.frames
         begin = j * (length - CARRIED)
         start = time.perf_counter()
-        pose = vae.encode(mx.array(inputs.pose[begin:begin + length])[None])
+        pose = vae.encode(mx.array(unit_range(inputs.pose[begin:begin + length]))[None])
         condition = mx.concatenate([reference, self.segment_condition(vae, inputs, s, begin, previous)], axis=1)
-        faces = mx.array(inputs.face[begin:begin + length])[None]
+        faces = mx.array(unit_range(inputs.face[begin:begin + length]))[None]
         cond = {"text": text[:1], "motion": model.encode_face(faces)}
         uncond = None
         if self.uses_cfg(s):  # the unconditional pass: the negative prompt and a face video of -1
@@ -444,15 +445,28 @@ def _read_video(flag: str, path: str) -> np.ndarray:
 
 
 def _fit(name: str, frames: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Frames resized (if they differ) as diffusers' VideoProcessor does: stretched, Lanczos, to [-1, 1]."""
-    from mlx_video.io.source_video import fit_frames_to
+    """Frames resized (if they differ) as diffusers' VideoProcessor does: stretched with Lanczos on 8 bits (as
+    `mlx_video.io.image.fit_image` "stretch"); uint8."""
+    from PIL import Image
 
-    return fit_frames_to(frames, width, height, "stretch")
+    if frames.shape[1:3] == (height, width):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.LANCZOS)) for f in frames])
+
+
+def unit_range(frames: np.ndarray) -> np.ndarray:
+    """uint8 frames as float32 in [-1, 1], with the float32 operations of `fit_image` (and diffusers)."""
+    return frames.astype(np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
+
+
+def mask_values(frames: np.ndarray) -> np.ndarray:
+    """uint8 greyscale mask frames as float32 in [0, 1] (diffusers' mask processor: x / 255)."""
+    return frames.astype(np.float32) / np.float32(255.0)
 
 
 def _fit_mask(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     """Mask frames as diffusers' mask processor reads them: 8-bit greyscale (Pillow's "L"), stretched with
-    Lanczos to the video size, divided by 255."""
+    Lanczos to the video size (`mask_values` divides by 255)."""
     from PIL import Image
 
     out = []
@@ -460,5 +474,5 @@ def _fit_mask(frames: np.ndarray, width: int, height: int) -> np.ndarray:
         grey = Image.fromarray(frame).convert("L")
         if grey.size != (width, height):
             grey = grey.resize((width, height), Image.Resampling.LANCZOS)
-        out.append(np.asarray(grey).astype(np.float32) / np.float32(255.0))
+        out.append(np.asarray(grey))
     return np.stack(out)
