@@ -311,9 +311,10 @@ def animate(tmp_path_factory):
     PIL.fromarray(character).save(root / "character.png")
     videos = {
         "pose": write_frames(root / "pose", smooth_frames(POSE_FRAMES, WIDTH, HEIGHT, 1)),
-        "face": write_frames(root / "face", smooth_frames(POSE_FRAMES, FACE, FACE, 2)),
-        "background": write_frames(root / "background", smooth_frames(POSE_FRAMES + 2, WIDTH, HEIGHT, 3)),
-        "mask": write_frames(root / "mask", smooth_frames(POSE_FRAMES, WIDTH, HEIGHT, 4, grey=True)),
+        # face crops, background and mask of other sizes: resized (Lanczos) as diffusers resizes them
+        "face": write_frames(root / "face", smooth_frames(POSE_FRAMES, FACE + 4, FACE + 4, 2)),
+        "background": write_frames(root / "background", smooth_frames(POSE_FRAMES + 2, WIDTH + 8, HEIGHT + 4, 3)),
+        "mask": write_frames(root / "mask", smooth_frames(POSE_FRAMES, WIDTH - 8, HEIGHT - 4, 4, grey=True)),
     }
     return root, pipe, PIL.fromarray(character), videos
 
@@ -424,7 +425,7 @@ def test_animate_refusals_before_any_weights_load(animate, tmp_path):
                                                       background_video=str(root / "background"),
                                                       mask_video=str(root / "mask"))
     short = tmp_path / "short"
-    write_frames(short, smooth_frames(POSE_FRAMES - 2, FACE, FACE, 7))
+    write_frames(short, smooth_frames(POSE_FRAMES - 2, FACE + 4, FACE + 4, 7))
     message = refusal(root, tmp_path, face_video=str(short))
     assert f"--face-video {short} has {POSE_FRAMES - 2} frames; the pose video has {POSE_FRAMES}" in message
     assert "no such file or folder" in refusal(root, tmp_path, pose_video=str(tmp_path / "missing.mp4"))
