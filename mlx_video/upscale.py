@@ -32,7 +32,8 @@ def sr_model_for(model_id: str) -> str:
 
 def upscale_latents(latents_path, output, model: str | None = None, seed: int | None = None,
                     overwrite: bool = False, quiet: bool = False, echo=click.echo) -> Path:
-    """Upscale saved latents; writes `output` (.npy) and its sidecar, atomically."""
+    """Upscale saved latents; writes `output` (.npy) and its sidecar, atomically. The SR run's estimated peak
+    is checked against the memory available before any weights are read."""
     from .io.sidecar import sidecar_path
     from .pipelines.base import GenerationSettings
     from .run import check_output_writable, load_pipeline, read_sidecar, read_latents, save_latents_file
@@ -61,6 +62,7 @@ def upscale_latents(latents_path, output, model: str | None = None, seed: int | 
     settings = GenerationSettings(prompt=record.get("prompt") or "", negative_prompt=record.get("negative_prompt"),
                                   width=width, height=height, frames=frames,
                                   seed=record.get("seed", 0) if seed is None else seed)
+    estimate = sr.check_memory(sr.resolve(settings), None)  # before any weights are read
     start = time.perf_counter()
     context = base.encode(base.resolve(GenerationSettings(
         prompt=settings.prompt, negative_prompt=settings.negative_prompt, width=low_res.shape[4] * sw,
@@ -68,7 +70,8 @@ def upscale_latents(latents_path, output, model: str | None = None, seed: int | 
     encoded = time.perf_counter() - start
     result = sr.upscale(settings, low_res, progress=not quiet, context=context)
     rec = {**record, "width": width, "height": height, "render_size": [width, height], "upscaled_from": str(latents_path),
-           "upscale": {**result.settings.to_dict(), "model": sr.spec.id, "model_folder": str(sr.folder.path)}}
+           "upscale": {**result.settings.to_dict(), "model": sr.spec.id, "model_folder": str(sr.folder.path),
+                       "memory_estimate": estimate}}
     save_latents_file(output, np.asarray(result.latents, dtype=np.float32), rec,
                       {"text_encoding": encoded, **result.timings}, overwrite, overwrite)
     echo(f"wrote {width}x{height} latents ({sr.spec.id}) to {output}; decode them with `mlxvid decode {output}`")

@@ -423,6 +423,7 @@ def test_upscale_command(runs, tmp_path):
     assert record["model"] == "hunyuanvideo-1.5-480p-t2v" and record["upscaled_from"] == str(runs / "low.npy")
     assert (record["upscale"]["steps"], record["upscale"]["shift"], record["upscale"]["guidance"]) == (6, 2.0, 1.0)
     assert (record["upscale"]["width"], record["upscale"]["height"]) == (112, 80)
+    assert list(record["upscale"]["memory_estimate"]["stages"]) == ["denoising"]
     main(["decode", str(tmp_path / "up.npy"), "-o", str(tmp_path / "video.mp4"), "--quiet"])
     assert json.loads((tmp_path / "video.json").read_text())["settings"]["render_size"] == [112, 80]
     with pytest.raises(SystemExit):  # the output exists

@@ -87,6 +87,14 @@ class Hunyuan15SRPipeline(Hunyuan15Pipeline):
         """The size this model upscales a width x height run to."""
         return high_res_size(width, height, self.transformer_config.target_size)
 
+    def estimate_memory(self, s: GenerationSettings, tiling: str = "auto", has_image: bool = False) -> dict:
+        """The family's estimate of the denoising stage (the SR transformer at the high resolution), the only stage
+        this folder runs when another folder encodes the prompt and decodes (`mlxvid upscale`)."""
+        full = super().estimate_memory(s, tiling, has_image)
+        stages = {k: v for k, v in full["stages"].items() if k == "denoising" or self.folder.has("text_encoder")}
+        peak = max(stages, key=stages.get)
+        return {**full, "stages": stages, "peak_stage": peak, "peak_bytes": stages[peak]}
+
     def encode(self, s: GenerationSettings, progress: bool = False):
         return super().encode(s, progress) if self._context is None else self._context
 
