@@ -267,6 +267,11 @@ class WanAnimatePipeline(WanPipeline):
 
         return [DIFFUSERS_ANIMATE, OFFICIAL_ANIMATE]
 
+    def lora_parts(self, component: str) -> dict[str, tuple[int, ...]]:
+        """The face blocks' fused k|v (diffusers' to_k and to_v): two slices of the width."""
+        dim = self.transformer_config.dim
+        return {f"face_blocks.{i}.kv": (dim, dim) for i in range(self.transformer_config.face_blocks)}
+
     def lora_model(self, component: str):
         from mlx_video.families.wan.animate_model import WanAnimateTransformer
 
