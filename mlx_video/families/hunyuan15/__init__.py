@@ -50,11 +50,15 @@ def _sr_spec(variant: str, base: str, steps: int, bases: tuple[ModelSpec, ...]) 
     """`upscales`: the models whose runs it takes (the release's TRANSFORMER_VERSION_TO_SR_VERSION: every 480p model
     to the 720p SR model, every 720p one to the 1080p SR model)."""
     resolution = variant[: variant.index("p") + 1]
+    sizes = SIZES_SR_720P if resolution == "720p" else SIZES_SR_1080P
+    # quality profiles: ours, one step fewer per level at the one output size (the shared step fractions would
+    # give 4 steps to both lower levels of a 6-step model)
+    quality = {q: {"sizes": [list(s) for s in sizes], "steps": steps - i} for i, q in enumerate(("high", "medium", "low"))}
     return ModelSpec(
         id="hunyuanvideo-1.5-" + variant.replace("_", "-"), family="hunyuan15", task="sr", vae_stride=(4, 16, 16),
-        size_multiple=16, sizes=SIZES_SR_720P if resolution == "720p" else SIZES_SR_1080P,
+        size_multiple=16, sizes=sizes,
         defaults=dict(steps=steps, shift=2.0, guidance=1.0, sampler="euler", schedule="shifted-linear", fps=24,
-                      frames=121, negative_prompt=""),
+                      frames=121, negative_prompt="", quality=quality),
         transformer=HUNYUAN15_SR_720P if resolution == "720p" else HUNYUAN15_SR_1080P,
         description=f"HunyuanVideo 1.5 super-resolution {base} -> {resolution}, step-distilled (upscales a run)",
         extra={"official_variant": variant, "upsampler": variant, "base_resolution": base,
