@@ -196,7 +196,7 @@ def _map_kohya(name: str, keymaps: Sequence):
     return next(iter(hits.values()), None)
 
 
-def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = None, sha256: str | None = None) -> LoraFile:  # noqa: C901
+def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = None, sha256: str | None = None) -> LoraFile:
     """Read a LoRA file and map every key onto our module names; raises MlxVideoError naming the file and key
     for a key it cannot place or a layer with only half a pair. Tensors stay lazy (nothing is read but shapes)."""
     from .convert.rules import COMMON_TRANSFORMS
@@ -204,16 +204,37 @@ def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = Non
     path = Path(path)
     own = {name: fn for keymap in keymaps for name, fn in getattr(keymap, "transforms", {}).items()}
     transforms = {**COMMON_TRANSFORMS, **own, **(transforms or {})}
+    tensors, metadata = _open_lora(path)
+    default_scale = _peft_scale(metadata, path)
+    modules: dict[str, ModuleLora] = {}
+    formats = []
+    for name, roles in _group_keys(path, tensors).items():
+        bare, kohya = _strip_prefix(name)
+        formats.append("kohya" if kohya else ("peft" if any(".lora_A." in k or ".lora_B." in k for k in roles.values()) else "comfy"))
+        m = _module_lora(path, name, roles, tensors, _place(path, name, roles, bare, kohya, keymaps), transforms)
+        if m.label in modules:
+            raise MlxVideoError(f"LoRA file {path}: key {next(iter(roles.values()))} targets {m.label}, which "
+                                f"{modules[m.label].source} targets too")
+        modules[m.label] = m
+    fmt = max(set(formats), key=formats.count)
+    return LoraFile(path, sha256 or file_sha256(path), fmt, modules, default_scale)
+
+
+def _open_lora(path: Path) -> tuple[dict, dict]:
+    """The file's tensors (lazy) and metadata, after checking that it is a readable .safetensors file."""
     if not path.is_file():
         raise MlxVideoError(f"LoRA file {path} does not exist")
     if path.suffix != ".safetensors":
         raise MlxVideoError(f"LoRA file {path}: only .safetensors LoRAs are read")
     check_shard(path, ())  # the header, strictly: MLX's loader takes negative or overflowing shapes
     try:
-        tensors, metadata = mx.load(str(path), return_metadata=True)
+        return mx.load(str(path), return_metadata=True)
     except Exception as e:  # a truncated or foreign file; mlx raises several kinds
         raise MlxVideoError(f"cannot read LoRA file {path}: {e}") from None
-    default_scale = _peft_scale(metadata, path)
+
+
+def _group_keys(path: Path, tensors: dict) -> dict[str, dict[str, str]]:
+    """The file's keys grouped by the module they adapt: {module name: {role (down, up, alpha, ...): key}}."""
     groups: dict[str, dict[str, str]] = {}
     unknown = []
     for key in sorted(tensors):
@@ -232,56 +253,53 @@ def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = Non
         )
     if not groups:
         raise MlxVideoError(f"LoRA file {path} holds no LoRA tensors (it has {len(tensors)} tensors in all)")
+    return groups
 
-    modules: dict[str, ModuleLora] = {}
-    formats = []
-    for name, roles in groups.items():
-        bare, kohya = _strip_prefix(name)
-        formats.append("kohya" if kohya else ("peft" if any(".lora_A." in k or ".lora_B." in k for k in roles.values()) else "comfy"))
-        first_key = next(iter(roles.values()))
-        try:
-            hit = _map_kohya(bare, keymaps) if kohya else _map_dotted(bare, keymaps)
-        except ValueError as e:
-            raise MlxVideoError(f"LoRA file {path}: key {first_key}: module {name} is {e}") from None
-        if hit is None:
-            raise MlxVideoError(
-                f"LoRA file {path}: key {first_key} targets {name!r}, which is not a layer of this model (a LoRA for "
-                "another model or for the text encoder?)"
-            )
-        target, param, transform, part = hit
-        m = ModuleLora(target=target, source=name, keys=dict(roles), param=param, part=part)
-        if m.label in modules:
-            raise MlxVideoError(f"LoRA file {path}: key {first_key} targets {m.label}, which {modules[m.label].source} "
-                                "targets too")
-        if ("down" in roles) != ("up" in roles):
-            have, miss = ("down", "up") if "down" in roles else ("up", "down")
-            raise MlxVideoError(f"LoRA file {path}: key {roles[have]} has no matching {miss} matrix")
-        fix = transforms[transform] if transform else None
-        rows = fix if transform in _ROW_TRANSFORMS else None
-        if "down" in roles:
-            m.down, m.up = tensors[roles["down"]], tensors[roles["up"]]
-            if m.up.ndim > 2:
-                m.up = m.up.reshape(m.up.shape[0], -1)
-            if rows is not None:  # ΔW = up @ down: reordering ΔW's rows reorders up's
-                m.up = rows(m.up)
-            elif fix is not None and m.down.ndim > 2:  # a LoRA on a convolution converted to our linear
-                m.down = fix(m.down)
-        if "up_bias" in roles:
-            m.up_bias = tensors[roles["up_bias"]] if rows is None else rows(tensors[roles["up_bias"]])
-        if "alpha" in roles:
-            alpha = tensors[roles["alpha"]]
-            if alpha.size != 1:
-                raise MlxVideoError(f"LoRA file {path}: key {roles['alpha']} has shape {tuple(alpha.shape)}, expected one number")
-            m.alpha = float(alpha.astype(mx.float32).reshape(()).item())
-        if "diff" in roles:
-            m.diff = tensors[roles["diff"]]
-            if fix is not None:
-                m.diff = fix(m.diff)
-        if "diff_b" in roles:
-            m.diff_b = tensors[roles["diff_b"]] if rows is None else rows(tensors[roles["diff_b"]])
-        modules[m.label] = m
-    fmt = max(set(formats), key=formats.count)
-    return LoraFile(path, sha256 or file_sha256(path), fmt, modules, default_scale)
+
+def _place(path: Path, name: str, roles: dict, bare: str, kohya: bool, keymaps: Sequence) -> tuple:
+    """Where one module's LoRA goes in our model: (target, param, transform, part), or a clear error."""
+    first_key = next(iter(roles.values()))
+    try:
+        hit = _map_kohya(bare, keymaps) if kohya else _map_dotted(bare, keymaps)
+    except ValueError as e:
+        raise MlxVideoError(f"LoRA file {path}: key {first_key}: module {name} is {e}") from None
+    if hit is None:
+        raise MlxVideoError(
+            f"LoRA file {path}: key {first_key} targets {name!r}, which is not a layer of this model (a LoRA for "
+            "another model or for the text encoder?)"
+        )
+    return hit
+
+
+def _module_lora(path: Path, name: str, roles: dict, tensors: dict, hit: tuple, transforms: dict) -> ModuleLora:
+    """One module's LoRA tensors, reshaped and reordered into our layer's layout."""
+    target, param, transform, part = hit
+    m = ModuleLora(target=target, source=name, keys=dict(roles), param=param, part=part)
+    if ("down" in roles) != ("up" in roles):
+        have, miss = ("down", "up") if "down" in roles else ("up", "down")
+        raise MlxVideoError(f"LoRA file {path}: key {roles[have]} has no matching {miss} matrix")
+    fix = transforms[transform] if transform else None
+    rows = fix if transform in _ROW_TRANSFORMS else None
+    if "down" in roles:
+        m.down, m.up = tensors[roles["down"]], tensors[roles["up"]]
+        if m.up.ndim > 2:
+            m.up = m.up.reshape(m.up.shape[0], -1)
+        if rows is not None:  # ΔW = up @ down: reordering ΔW's rows reorders up's
+            m.up = rows(m.up)
+        elif fix is not None and m.down.ndim > 2:  # a LoRA on a convolution converted to our linear
+            m.down = fix(m.down)
+    if "up_bias" in roles:
+        m.up_bias = tensors[roles["up_bias"]] if rows is None else rows(tensors[roles["up_bias"]])
+    if "alpha" in roles:
+        alpha = tensors[roles["alpha"]]
+        if alpha.size != 1:
+            raise MlxVideoError(f"LoRA file {path}: key {roles['alpha']} has shape {tuple(alpha.shape)}, expected one number")
+        m.alpha = float(alpha.astype(mx.float32).reshape(()).item())
+    if "diff" in roles:
+        m.diff = tensors[roles["diff"]] if fix is None else fix(tensors[roles["diff"]])
+    if "diff_b" in roles:
+        m.diff_b = tensors[roles["diff_b"]] if rows is None else rows(tensors[roles["diff_b"]])
+    return m
 
 
 def _peft_scale(metadata: dict, path: Path) -> float | None:

@@ -528,50 +528,60 @@ def official_state_dict(diffusers_sd: dict, num_layers: int) -> dict:
 _STACK = {"norm1.norm_layer": "0", "conv1.conv": "2", "norm2.norm_layer": "3", "conv2.conv": "5"}
 
 
-def official_vae_state_dicts(sd: dict, layers=(3, 3, 4, 6, 3)) -> tuple[dict, dict]:  # noqa: C901
+def official_vae_state_dicts(sd: dict, layers=(3, 3, 4, 6, 3)) -> tuple[dict, dict]:
     """(decoder.safetensors, encoder.safetensors) names for a diffusers VAE state dict (genmo's module layout)."""
-    dec, enc = {}, {}
+    return _official_decoder(sd, layers), _official_encoder(sd, layers)
 
-    def resnet(dst, src_prefix, dst_prefix):
-        for name, idx in _STACK.items():
-            for leaf in ("weight", "bias"):
-                dst[f"{dst_prefix}.stack.{idx}.{leaf}"] = sd[f"{src_prefix}.{name}.{leaf}"]
 
-    def attention(src_prefix, i, dst_prefix):
-        enc[f"{dst_prefix}.attn_block.attn.qkv.weight"] = torch.cat(
-            [sd[f"{src_prefix}.attentions.{i}.to_{c}.weight"] for c in "qkv"]
-        )
+def _copy_resnet(sd: dict, dst: dict, src_prefix: str, dst_prefix: str) -> None:
+    for name, idx in _STACK.items():
         for leaf in ("weight", "bias"):
-            enc[f"{dst_prefix}.attn_block.attn.out.{leaf}"] = sd[f"{src_prefix}.attentions.{i}.to_out.0.{leaf}"]
-            enc[f"{dst_prefix}.attn_block.norm.{leaf}"] = sd[f"{src_prefix}.norms.{i}.norm_layer.{leaf}"]
+            dst[f"{dst_prefix}.stack.{idx}.{leaf}"] = sd[f"{src_prefix}.{name}.{leaf}"]
 
+
+def _copy_attention(sd: dict, dst: dict, src_prefix: str, i: int, dst_prefix: str) -> None:
+    dst[f"{dst_prefix}.attn_block.attn.qkv.weight"] = torch.cat([sd[f"{src_prefix}.attentions.{i}.to_{c}.weight"]
+                                                                 for c in "qkv"])
+    for leaf in ("weight", "bias"):
+        dst[f"{dst_prefix}.attn_block.attn.out.{leaf}"] = sd[f"{src_prefix}.attentions.{i}.to_out.0.{leaf}"]
+        dst[f"{dst_prefix}.attn_block.norm.{leaf}"] = sd[f"{src_prefix}.norms.{i}.norm_layer.{leaf}"]
+
+
+def _official_decoder(sd: dict, layers) -> dict:
+    dec = {}
     for leaf in ("weight", "bias"):
         dec[f"blocks.0.0.{leaf}"] = sd[f"decoder.conv_in.{leaf}"]
         dec[f"output_proj.{leaf}"] = sd[f"decoder.proj_out.{leaf}"]
-        enc[f"layers.0.{leaf}"] = sd[f"encoder.proj_in.{leaf}"]
-        enc[f"output_norm.{leaf}"] = sd[f"encoder.norm_out.norm_layer.{leaf}"]
-    enc["output_proj.weight"] = sd["encoder.proj_out.weight"]
     for i in range(layers[-1]):
-        resnet(dec, f"decoder.block_in.resnets.{i}", f"blocks.0.{i + 1}")
+        _copy_resnet(sd, dec, f"decoder.block_in.resnets.{i}", f"blocks.0.{i + 1}")
     for b, count in enumerate([layers[3], layers[2], layers[1]]):
         for i in range(count):
-            resnet(dec, f"decoder.up_blocks.{b}.resnets.{i}", f"blocks.{b + 1}.blocks.{i}")
+            _copy_resnet(sd, dec, f"decoder.up_blocks.{b}.resnets.{i}", f"blocks.{b + 1}.blocks.{i}")
         for leaf in ("weight", "bias"):
             dec[f"blocks.{b + 1}.proj.{leaf}"] = sd[f"decoder.up_blocks.{b}.proj.{leaf}"]
     for i in range(layers[0]):
-        resnet(dec, f"decoder.block_out.resnets.{i}", f"blocks.4.{i}")
+        _copy_resnet(sd, dec, f"decoder.block_out.resnets.{i}", f"blocks.4.{i}")
+    return dec
+
+
+def _official_encoder(sd: dict, layers) -> dict:
+    enc = {}
+    for leaf in ("weight", "bias"):
+        enc[f"layers.0.{leaf}"] = sd[f"encoder.proj_in.{leaf}"]
+        enc[f"output_norm.{leaf}"] = sd[f"encoder.norm_out.norm_layer.{leaf}"]
+    enc["output_proj.weight"] = sd["encoder.proj_out.weight"]
     for i in range(layers[0]):
-        resnet(enc, f"encoder.block_in.resnets.{i}", f"layers.{i + 1}")
+        _copy_resnet(sd, enc, f"encoder.block_in.resnets.{i}", f"layers.{i + 1}")
     for b, count in enumerate(layers[1:4]):
         for leaf in ("weight", "bias"):
             enc[f"layers.{b + 4}.layers.0.{leaf}"] = sd[f"encoder.down_blocks.{b}.conv_in.conv.{leaf}"]
         for i in range(count):
-            resnet(enc, f"encoder.down_blocks.{b}.resnets.{i}", f"layers.{b + 4}.layers.{i + 1}")
-            attention(f"encoder.down_blocks.{b}", i, f"layers.{b + 4}.layers.{i + 1}")
+            _copy_resnet(sd, enc, f"encoder.down_blocks.{b}.resnets.{i}", f"layers.{b + 4}.layers.{i + 1}")
+            _copy_attention(sd, enc, f"encoder.down_blocks.{b}", i, f"layers.{b + 4}.layers.{i + 1}")
     for i in range(layers[4]):
-        resnet(enc, f"encoder.block_out.resnets.{i}", f"layers.{i + 7}")
-        attention("encoder.block_out", i, f"layers.{i + 7}")
-    return dec, enc
+        _copy_resnet(sd, enc, f"encoder.block_out.resnets.{i}", f"layers.{i + 7}")
+        _copy_attention(sd, enc, "encoder.block_out", i, f"layers.{i + 7}")
+    return enc
 
 
 # ---- HunyuanVideo: published configs ----
