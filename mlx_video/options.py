@@ -240,6 +240,7 @@ class Option:
     short: str | None = None  # -m, -p, ...
     metavar: str | None = None
     choices: tuple | Callable[[], tuple] = ()
+    aliases: Callable[[], dict] | None = None  # choice: other names taken for a choice, {name: choice}
     minimum: float | None = None
     maximum: float | None = None
     positive: bool = False
@@ -288,6 +289,7 @@ class Option:
                                 integer=kind == "int", why=self.why)
         if kind == "choice":
             choices = self.choice_list()
+            value = self.aliases().get(value, value) if self.aliases and isinstance(value, str) else value
             if value not in choices:
                 raise MlxVideoError(f"{label} must be one of {', '.join(map(str, choices))}, not {value!r}")
             return value
@@ -373,6 +375,12 @@ def _schedules() -> tuple:
     return tuple(sorted(SCHEDULES))
 
 
+def _schedule_names() -> dict:
+    from .families import schedule_names
+
+    return schedule_names()
+
+
 GENERATE_OPTIONS: tuple[Option, ...] = (
     Option("model", "text", "A converted model folder, or a registry id (see `mlxvid models`). Required unless "
            "--from-sidecar.", short="-m", commands=("generate", "decode"), invalidates=()),
@@ -449,8 +457,10 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
            positive=True, pinned=True),
     Option("sampler", "choice", "Step rule. Default: the model's (unipc for Wan, as the official release).",
            choices=_samplers, pinned=True),
-    Option("schedule", "choice", "Sigma schedule. Default: the model's, else the sampler's own (unipc: wan, euler: "
-           "shifted-linear).", choices=_schedules, pinned=True),
+    Option("schedule", "choice", lambda: "Sigma schedule. Default: the model's, else the sampler's own (unipc: "
+           "unipc-grid, euler: shifted-linear)." + "".join(f" {name}: {schedule}." for name, schedule
+                                                           in sorted(_schedule_names().items())),
+           choices=_schedules, aliases=_schedule_names, pinned=True),
     Option("sigmas", "numbers", "An explicit, decreasing list of noise levels in (0, 1] (distilled checkpoints); "
            "sets the step count.", metavar="S1,S2,...", invalidates=("steps", "timesteps")),
     Option("timesteps", "numbers", "The same as --sigmas in timesteps (sigma x 1000), as distilled recipes publish "

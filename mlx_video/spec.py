@@ -94,6 +94,8 @@ class Family:
     catch_all       the planner that explains a source no family claims (one family at most)
     order           where the family comes in listings
     official_layout the official release layout its planner reads, in words (for `mlxvid convert --help`)
+    schedule_names  (name, schedule): the family's own name for a shared sigma schedule, which --schedule also
+                    takes (and sidecars written before the schedule had a shared name hold)
     """
 
     name: str
@@ -111,4 +113,5 @@ class Family:
     text_encoders: str = ""  # what `convert --text-encoder` (and --text-encoder-2) take, for the help
     tokenizer: str = ""  # what `convert --tokenizer` takes, for the help
     official_layout: str = ""  # the official release's folder layout, for `mlxvid convert --help` (if it converts one)
+    schedule_names: tuple[tuple[str, str], ...] = ()  # (name, a key of samplers.SCHEDULES)
     package: str = ""  # the family's package, filled in when it is discovered

@@ -203,3 +203,28 @@ def test_every_setting_comes_from_an_option():
                                                "image": "face.png", "guidance": 3}))
     assert settings["start_from_image"] is True and settings["image"] == "face.png" and settings["guidance"] == 3.0
     assert settings["seed"] == 0 and settings["guidance_mode"] == "batched"
+
+
+def test_a_familys_name_for_a_shared_schedule_is_taken_and_recorded_as_the_shared_one():
+    """--schedule takes a family's published name for a shared sigma schedule (Wan's `wan`, which sidecars written
+    before the schedule was shared hold) and settles it to the shared schedule's name, the same grid."""
+    import numpy as np
+
+    from mlx_video.families import FAMILIES, schedule_names
+    from mlx_video.samplers import SAMPLERS, SCHEDULES, make_sampler, make_schedule
+
+    required = {"model": "m", "prompt": "p"}
+    names = schedule_names()
+    assert names and set(names.values()) <= set(SCHEDULES) and not set(names) & set(SCHEDULES)
+    assert set(names) == {n for f in FAMILIES.values() for n, _ in f.schedule_names}
+    for name, schedule in names.items():
+        assert validate({**required, "schedule": name})["schedule"] == schedule
+        assert f"{name}: {schedule}" in OPTIONS["schedule"].help_text()
+    assert validate({**required, "schedule": "shifted-linear"})["schedule"] == "shifted-linear"
+    with pytest.raises(MlxVideoError, match="--schedule must be one of"):
+        validate({**required, "schedule": "Wan"})
+    # the unipc step rule's own schedule is the shared UniPC grid, the official Wan 2.2 timesteps (integers)
+    assert SAMPLERS["unipc"][1] == "unipc-grid"
+    grid = make_schedule("unipc-grid", 4, 5.0)
+    np.testing.assert_array_equal(make_sampler("unipc", 4, 5.0).timesteps, grid.timesteps)
+    assert grid.timesteps.dtype == np.int64 and grid.timesteps[0] == 999

@@ -203,11 +203,6 @@ def _names_a_family(path: Path) -> list[str]:
     return hits
 
 
-# The one exception: `--schedule wan` is the published name of a sigma grid (Wan's UniPC grid, the unipc step
-# rule's default), a CLI value recorded in every sidecar; renaming it would break `--from-sidecar` replays.
-PUBLISHED_VALUES = {"mlx_video/samplers/__init__.py": {'38: "wan"'}, "mlx_video/samplers/schedules.py": {'97: "wan"'}}
-
-
 def test_no_family_file_outside_the_family_packages():
     """A family's files live in its package: no module elsewhere is named after a family or one of its models."""
     words = _family_words()
@@ -220,8 +215,7 @@ def test_shared_code_names_no_family():
     found = {}
     for m in _shared_modules():
         where = str(MODULES[m].relative_to(ROOT))
-        hits = [h for h in _names_a_family(MODULES[m]) if h.split(":")[1:] != [] and
-                f"{h.split(':')[0]}: {h.split(': ', 1)[1]}" not in PUBLISHED_VALUES.get(where, set())]
+        hits = _names_a_family(MODULES[m])
         if hits:
             found[where] = hits
     assert not found, found

@@ -67,6 +67,11 @@ def cost_model(name: str):
     return load(get_family(name), get_family(name).cost)
 
 
+def schedule_names() -> dict[str, str]:
+    """{a family's name for a sigma schedule: the shared schedule's name}, over every family."""
+    return {name: schedule for family in FAMILIES.values() for name, schedule in family.schedule_names}
+
+
 def optional_table(name: str, field: str):
     """The family's table named by `field` ("latent_rgb", "mag_tables", "recipes"), or None where it has none."""
     family = get_family(name)

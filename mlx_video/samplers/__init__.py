@@ -35,7 +35,7 @@ class Sampler(Protocol):
 
 # step rule name -> (class, the schedule it takes by default)
 SAMPLERS: dict[str, tuple[type, str]] = {
-    "unipc": (FlowUniPCSampler, "wan"),
+    "unipc": (FlowUniPCSampler, "unipc-grid"),
     "euler": (FlowEulerSampler, "shifted-linear"),
 }
 

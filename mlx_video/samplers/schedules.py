@@ -4,8 +4,9 @@ A schedule turns (steps, shift) into a `Schedule`: `sigmas` (steps,) descending,
 `timesteps` (steps,), what the transformer receives at each step. The final σ = 0 is appended by the step
 rule. Every grid here is the one an official implementation builds, in its precision.
 
-    wan               Wan 2.2's UniPC grid: linspace from 1 − 1/1000 (rounded to float32), shifted in float64;
-                      the model sees σ·1000 truncated to integers, as the official code casts it.
+    unipc-grid        the flow UniPC grid of Wan 2.2's official sampler: linspace from 1 − 1/1000 (rounded to
+                      float32), shifted in float64; the model sees σ·1000 truncated to integers, as the official
+                      code casts it. (A family may publish its own name for a schedule: `Family.schedule_names`.)
     shifted-linear    linspace(1, 0) shifted in float32 (HunyuanVideo, diffusers' FlowMatchEuler); timesteps
                       σ·1000 as floats.
     linear-quadratic  Mochi's: the first half of the steps linear down to a threshold σ, the rest quadratic;
@@ -94,7 +95,7 @@ def explicit_schedule(sigmas=None, timesteps=None, num_train_timesteps: int = 10
 
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
-    "wan": unipc_grid_schedule,
+    "unipc-grid": unipc_grid_schedule,
     "shifted-linear": shifted_linear_schedule,
     "linear-quadratic": linear_quadratic_schedule,
 }

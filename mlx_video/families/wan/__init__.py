@@ -103,4 +103,5 @@ FAMILY = Family(
     official_layout="high_noise_model/ + low_noise_model/ (or the TI2V-5B / Animate-14B shards),\n"
                     "models_t5_umt5-xxl-enc-bf16.pth, Wan2.x_VAE.pth, google/umt5-xxl/\n"
                     "(Animate: + models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth)",
+    schedule_names=(("wan", "unipc-grid"),),  # `--schedule wan`, the name it had before it was shared
 )
