@@ -100,6 +100,14 @@ def run_like_official(pipe, reference, monkeypatch, tmp_path, pose_video=None, *
     return pipe.generate(settings, image=fit_image(tensors["image"], st["width"], st["height"]))
 
 
+@pytest.fixture(scope="module")
+def plain(reference, pipe, tmp_path_factory):
+    """The default chain run like the official pipeline, once for the tests that compare against it (each run
+    loads its weights afresh, so what ran before does not change it)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return run_like_official(pipe, reference, monkeypatch, tmp_path_factory.mktemp("plain"))
+
+
 def clip_errors(result, tensors, st, prefix="") -> tuple[float, float]:
     per_clip = st["frames"] // 4
     ours = result.latents[0]  # (C, clips * per_clip, h, w)
@@ -108,11 +116,11 @@ def clip_errors(result, tensors, st, prefix="") -> tuple[float, float]:
     return rel(ours[:, :per_clip], first), rel(ours[:, per_clip:], second)
 
 
-def test_two_chained_clips_match_the_official_pipeline(reference, pipe, tmp_path, monkeypatch):
+def test_two_chained_clips_match_the_official_pipeline(reference, plain):
     """Same encoder outputs and per-clip noise: every clip's latents within 1e-3 of the official ones (the
     second clip's motion context comes from the first clip's decoded pixels, encoded again), and the video."""
     tensors, _, st, _ = reference
-    result = run_like_official(pipe, reference, monkeypatch, tmp_path)
+    result = plain
     e0, e1 = clip_errors(result, tensors, st)
     print(f"clip latents vs official: {e0:.2e}, {e1:.2e}")
     assert e0 < 1e-3 and e1 < 1e-3, (e0, e1)
@@ -304,11 +312,10 @@ def test_cli_refusals_for_s2v(converted, tmp_path, reference):
     assert not math.isnan(job.estimate["peak_bytes"])
 
 
-def test_step_caches_per_clip(reference, pipe, tmp_path, monkeypatch):
+def test_step_caches_per_clip(reference, pipe, plain, tmp_path, monkeypatch):
     """Threshold 0 is the uncached run bit for bit; a large threshold reuses steps in each clip (fresh state per
     clip), with transformer_evals counting what ran; magcache has no published S2V table and is refused."""
     tensors, _, st, _ = reference
-    plain = run_like_official(pipe, reference, monkeypatch, tmp_path)
     for method in ("easycache", "fbcache"):
         exact = run_like_official(pipe, reference, monkeypatch, tmp_path, cache=f"{method}:0")
         assert np.array_equal(exact.latents, plain.latents) and exact.stats["reused_steps"] == [[], []]
@@ -361,7 +368,7 @@ def test_taylorseer_runs_each_clip_as_a_run_of_its_own(reference, pipe, tmp_path
             assert np.abs(out[2, c] - out[1, c]).max() > 1e-3  # a forecast, not the last output reused
 
 
-def test_lora_fused_at_load_equals_merged_weights(reference, pipe, converted, tmp_path, monkeypatch):
+def test_lora_fused_at_load_equals_merged_weights(reference, pipe, plain, converted, tmp_path, monkeypatch):
     """A ComfyUI-named LoRA on backbone and S2V-only layers (audio injector, FramePack) at strength 0.6 gives the
     run of a conversion whose official weights had the LoRA merged in beforehand (W += 0.6 * alpha/rank * up @ down)."""
     import shutil
@@ -394,7 +401,6 @@ def test_lora_fused_at_load_equals_merged_weights(reference, pipe, converted, tm
     fused = run_like_official(pipe, reference, monkeypatch, tmp_path,
                               loras=[{"path": str(lora_path), "scale": strength}])
     expected = run_like_official(merged_pipe, reference, monkeypatch, tmp_path)
-    plain = run_like_official(pipe, reference, monkeypatch, tmp_path)
     err = rel(fused.latents, expected.latents)
     print(f"S2V LoRA fused vs merged: {err:.2e} (the LoRA moves the result by {rel(plain.latents, expected.latents):.2f})")
     assert err < 1e-5 and rel(plain.latents, expected.latents) > 1e-2
