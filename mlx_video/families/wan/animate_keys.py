@@ -13,7 +13,12 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlx_video.convert.rules import KeyMap, Rule
-from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+from mlx_video.families.wan.keys import (
+    DIFFUSERS_IMAGE_CONTEXT_RULES,
+    DIFFUSERS_TRANSFORMER,
+    OFFICIAL_IMAGE_CONTEXT_RULES,
+    OFFICIAL_TRANSFORMER,
+)
 
 _N = r"blocks\.(\d+)"
 _WB = r"(weight|bias)"
@@ -54,11 +59,7 @@ def _res_block(param: str):
 _ANIMATE_DIFFUSERS = [
     Rule(r"pose_patch_embedding\.weight", "pose_embedding.weight", "conv3d_patch_to_linear"),
     Rule(r"pose_patch_embedding\.bias", "pose_embedding.bias"),
-    Rule(rf"condition_embedder\.image_embedder\.norm([12])\.{_WB}", r"image_embedding.norm\1.\2"),
-    Rule(rf"condition_embedder\.image_embedder\.ff\.net\.0\.proj\.{_WB}", r"image_embedding.linear_1.\1"),
-    Rule(rf"condition_embedder\.image_embedder\.ff\.net\.2\.{_WB}", r"image_embedding.linear_2.\1"),
-    Rule(rf"{_N}\.attn2\.add_([kv])_proj\.{_WB}", r"blocks.\1.cross_attn.\2_img.\3"),
-    Rule(rf"{_N}\.attn2\.norm_added_k\.weight", r"blocks.\1.cross_attn.norm_k_img.weight"),
+    *DIFFUSERS_IMAGE_CONTEXT_RULES,
     Rule(_ME + r"conv_in\.weight", "motion_encoder.conv_in.weight", "conv2d_channels_last"),
     Rule(_ME + r"conv_in\.act_fn\.bias", "motion_encoder.conv_in.bias"),
     Rule(_ME + r"res_blocks\.(\d+)\.(conv1|conv2)\.weight", r"motion_encoder.blocks.\1.\2.weight", "conv2d_channels_last"),
@@ -83,12 +84,7 @@ _ANIMATE_DIFFUSERS = [
 _ANIMATE_OFFICIAL = [
     Rule(r"pose_patch_embedding\.weight", "pose_embedding.weight", "conv3d_patch_to_linear"),
     Rule(r"pose_patch_embedding\.bias", "pose_embedding.bias"),
-    Rule(rf"img_emb\.proj\.0\.{_WB}", r"image_embedding.norm1.\1"),
-    Rule(rf"img_emb\.proj\.1\.{_WB}", r"image_embedding.linear_1.\1"),
-    Rule(rf"img_emb\.proj\.3\.{_WB}", r"image_embedding.linear_2.\1"),
-    Rule(rf"img_emb\.proj\.4\.{_WB}", r"image_embedding.norm2.\1"),
-    Rule(rf"{_N}\.cross_attn\.([kv])_img\.{_WB}", r"blocks.\1.cross_attn.\2_img.\3"),
-    Rule(rf"{_N}\.cross_attn\.norm_k_img\.weight", r"blocks.\1.cross_attn.norm_k_img.weight"),
+    *OFFICIAL_IMAGE_CONTEXT_RULES,
     Rule(_APP + r"0\.0\.weight", "motion_encoder.conv_in.weight", "conv2d_channels_last"),
     Rule(_APP + r"0\.1\.bias", "motion_encoder.conv_in.bias", "flatten"),
     Rule(_APP + r"(\d+)\.(conv1)\.0\.weight", _res_block("weight"), "conv2d_channels_last"),

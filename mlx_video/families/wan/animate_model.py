@@ -26,9 +26,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_video.families.wan.config import WanTransformerConfig
-from mlx_video.families.wan.transformer import PreparedContext, WanAttention, WanBlock, WanState, WanTransformer
+from mlx_video.families.wan.image_context import ImageContext, ImageContextBlock, ImageEmbedding
+from mlx_video.families.wan.transformer import WanState, WanTransformer
 from mlx_video.nn.attention import attention
-from mlx_video.nn.norms import FP32LayerNorm, layer_norm_fp32
+from mlx_video.nn.norms import layer_norm_fp32
 
 # Channels of the motion encoder's feature maps by resolution, for its 512x512 face crops (Wan2.2
 # motion_encoder.py EncoderApp, whose table also has 1024: 16, unused at 512).
@@ -245,59 +246,6 @@ class FaceBlock(nn.Module):
         return self.o(out).astype(mx.float32)
 
 
-class ImageEmbedding(nn.Module):
-    """CLIP features -> dim: LayerNorm, Linear, GELU (exact), Linear, LayerNorm (all affine, float32)."""
-
-    def __init__(self, image_dim: int, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.compute_dtype = mx.float32
-        self.norm1 = FP32LayerNorm(image_dim, eps=eps)
-        self.linear_1 = nn.Linear(image_dim, image_dim)
-        self.linear_2 = nn.Linear(image_dim, dim)
-        self.norm2 = FP32LayerNorm(dim, eps=eps)
-
-    def __call__(self, image: mx.array) -> mx.array:
-        h = self.norm1(image).astype(self.compute_dtype)
-        h = self.linear_2(nn.gelu(self.linear_1(h)))
-        return self.norm2(h)
-
-
-class ImageTextAttention(WanAttention):
-    """Cross-attention to the text plus, through its own keys and values, to the CLIP image tokens; the two
-    attentions share the query and are summed before the output projection."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__(dim, num_heads, eps)
-        self.k_img = nn.Linear(dim, dim)
-        self.v_img = nn.Linear(dim, dim)
-        self.norm_k_img = nn.RMSNorm(dim, eps=eps)
-
-    def __call__(self, x: mx.array, context=None, rope=None, kv=None) -> mx.array:
-        dtype = self.compute_dtype
-        x = x.astype(dtype)
-        batch, q_len, _ = x.shape
-        q = self.norm_q(self.q(x)).reshape(batch, q_len, self.num_heads, -1)
-        k, v = self.project_kv(context.text)
-        image = context.image.astype(dtype)
-        k_img = self.norm_k_img(self.k_img(image)).reshape(batch, image.shape[1], self.num_heads, -1)
-        v_img = self.v_img(image).reshape(batch, image.shape[1], self.num_heads, -1)
-        return self.o(attention(q, k, v) + attention(q, k_img, v_img))
-
-
-class AnimateBlock(WanBlock):
-    def __init__(self, config: WanAnimateConfig):
-        super().__init__(config)
-        self.cross_attn = ImageTextAttention(config.dim, config.num_heads, config.eps)
-
-
-@dataclass
-class AnimateContext(PreparedContext):
-    """The embedded text (B, L, dim) and CLIP image tokens (B, 257, dim) a block's cross-attention reads; no
-    prepared keys and values (`kv` is None)."""
-
-    image: mx.array | None = None
-
-
 @dataclass
 class AnimateState(WanState):
     motion: mx.array | None = None  # (B, T, N, dim) motion tokens per latent frame (a zero frame first)
@@ -307,7 +255,7 @@ class WanAnimateTransformer(WanTransformer):
     def __init__(self, config: WanAnimateConfig, dtype: mx.Dtype = mx.float32):
         super().__init__(config, dtype)
         pt, ph, pw = config.patch_size
-        self.blocks = [AnimateBlock(config) for _ in range(config.num_layers)]
+        self.blocks = [ImageContextBlock(config) for _ in range(config.num_layers)]
         self.pose_embedding = nn.Linear(pt * ph * pw * config.pose_channels, config.dim)
         self.image_embedding = ImageEmbedding(config.image_dim, config.dim)
         self.motion_encoder = MotionEncoder(config)
@@ -328,13 +276,13 @@ class WanAnimateTransformer(WanTransformer):
 
     def __call__(self, x: mx.array, timestep: mx.array, context, image: mx.array | None = None,
                  pose: mx.array | None = None, motion: mx.array | None = None) -> mx.array:
-        """x: (B, T + 1, H, W, in_channels); context: (B, L, text_dim) text, or an AnimateContext already
+        """x: (B, T + 1, H, W, in_channels); context: (B, L, text_dim) text, or an ImageContext already
         embedded; image: (B, 257, image_dim) CLIP features (with raw text); pose: (B, T, H, W, pose_channels)
         latents of the pose video; motion: `encode_face`'s tokens. Returns (B, T + 1, H, W, out_channels)."""
         return self.unembed(self.run_blocks(self.embed(x, timestep, context, image, pose, motion)))
 
-    def embed_context(self, text: mx.array, image: mx.array) -> AnimateContext:
-        return AnimateContext(self.text_embedding(text), None, self.image_embedding(image))
+    def embed_context(self, text: mx.array, image: mx.array) -> ImageContext:
+        return ImageContext(self.text_embedding(text), None, self.image_embedding(image))
 
     def embed(self, x, timestep, context, image=None, pose=None, motion=None) -> AnimateState:
         cfg = self.config
@@ -343,7 +291,7 @@ class WanAnimateTransformer(WanTransformer):
         if pose.shape[1] + 1 != x.shape[1] or pose.shape[2:4] != x.shape[2:4] or pose.shape[4] != cfg.pose_channels:
             raise ValueError(f"pose latents {pose.shape} do not match the video latents {x.shape} (one frame fewer, "
                              f"{cfg.pose_channels} channels)")
-        if not isinstance(context, AnimateContext):
+        if not isinstance(context, ImageContext):
             context = self.embed_context(context, image)
         state = super().embed(x, timestep, context)
         added = self.pose_embedding(patchify(pose, cfg.patch_size).astype(self.compute_dtype)).astype(mx.float32)

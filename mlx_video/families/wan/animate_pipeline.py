@@ -116,7 +116,7 @@ class SegmentModel:
         self.model, self.image, self.pose, self.reference, self.dtype = model, image, pose, reference, dtype
 
     def __call__(self, latents: mx.array, t: mx.array, cond: dict) -> mx.array:
-        from mlx_video.families.wan.animate_model import AnimateContext
+        from mlx_video.families.wan.image_context import ImageContext
 
         batch = latents.shape[0]
 
@@ -124,7 +124,7 @@ class SegmentModel:
             return mx.broadcast_to(a, (batch, *a.shape[1:]))
 
         x = mx.concatenate([latents, tile(self.reference)], axis=-1).astype(self.dtype)
-        context = AnimateContext(cond["text"], None, tile(self.image))
+        context = ImageContext(cond["text"], None, tile(self.image))
         return self.model(x, t, context, pose=tile(self.pose).astype(self.dtype), motion=cond["motion"])
 
 

@@ -53,6 +53,33 @@ OFFICIAL_TRANSFORMER = KeyMap(
 )
 
 
+# The CLIP image context (`image_context.py`) of Wan2.1 I2V / FLF2V-14B and Wan2.2-Animate-14B: diffusers 0.42.1
+# `condition_embedder.image_embedder` and `attn2.add_{k,v}_proj`; the official (Wan-Video/Wan2.1
+# wan/modules/model.py) `img_emb.proj` (LayerNorm, Linear, GELU, Linear, LayerNorm), `img_emb.emb_pos` (FLF2V)
+# and `cross_attn.{k,v}_img`.
+DIFFUSERS_IMAGE_CONTEXT_RULES = [
+    Rule(rf"condition_embedder\.image_embedder\.norm([12])\.{_WB}", r"image_embedding.norm\1.\2"),
+    Rule(rf"condition_embedder\.image_embedder\.ff\.net\.0\.proj\.{_WB}", r"image_embedding.linear_1.\1"),
+    Rule(rf"condition_embedder\.image_embedder\.ff\.net\.2\.{_WB}", r"image_embedding.linear_2.\1"),
+    Rule(r"condition_embedder\.image_embedder\.pos_embed", "image_embedding.position_embedding",
+         "drop_leading_unit_axis"),
+    Rule(rf"{_N}\.attn2\.add_([kv])_proj\.{_WB}", r"blocks.\1.cross_attn.\2_img.\3"),
+    Rule(rf"{_N}\.attn2\.norm_added_k\.weight", r"blocks.\1.cross_attn.norm_k_img.weight"),
+]
+OFFICIAL_IMAGE_CONTEXT_RULES = [
+    Rule(rf"img_emb\.proj\.0\.{_WB}", r"image_embedding.norm1.\1"),
+    Rule(rf"img_emb\.proj\.1\.{_WB}", r"image_embedding.linear_1.\1"),
+    Rule(rf"img_emb\.proj\.3\.{_WB}", r"image_embedding.linear_2.\1"),
+    Rule(rf"img_emb\.proj\.4\.{_WB}", r"image_embedding.norm2.\1"),
+    Rule(r"img_emb\.emb_pos", "image_embedding.position_embedding", "drop_leading_unit_axis"),
+    Rule(rf"{_N}\.cross_attn\.([kv])_img\.{_WB}", r"blocks.\1.cross_attn.\2_img.\3"),
+    Rule(rf"{_N}\.cross_attn\.norm_k_img\.weight", r"blocks.\1.cross_attn.norm_k_img.weight"),
+]
+# Wan2.1 I2V-14B / FLF2V-14B (`image_model.WanImageTransformer`).
+DIFFUSERS_IMAGE_TRANSFORMER = KeyMap([*DIFFUSERS_IMAGE_CONTEXT_RULES, *(r for _, r in DIFFUSERS_TRANSFORMER.rules)])
+OFFICIAL_IMAGE_TRANSFORMER = KeyMap([*OFFICIAL_IMAGE_CONTEXT_RULES, *(r for _, r in OFFICIAL_TRANSFORMER.rules)])
+
+
 def transformer_config_from_diffusers(config_json: dict) -> WanTransformerConfig:
     """Our config from a diffusers `WanTransformer3DModel` config.json; refuses what Wan 2.2 does not use."""
     name = config_json.get("_class_name", "WanTransformer3DModel")

@@ -1,0 +1,168 @@
+"""Wan2.1 I2V-14B / FLF2V-14B transformer (CLIP image context) against diffusers' `WanTransformer3DModel` with
+`image_dim`, `added_kv_proj_dim` and (FLF2V) `pos_embed_seq_len`, at tiny random configs (three heads of width 10,
+two heads of width 12), from the diffusers and the official layouts; and the published sizes' keys and shapes."""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from mlx_video.convert.rules import convert_weights  # noqa: E402
+from tiny_wan import randomize_  # noqa: E402
+
+IMAGE_TOKENS = 5  # per image (CLIP ViT-H/14 gives 257)
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_reference(heads, head_dim, flf, seed):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                                  in_channels=12, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=44, num_layers=2,
+                                  image_dim=24, added_kv_proj_dim=heads * head_dim, rope_max_seq_len=1024,
+                                  pos_embed_seq_len=2 * IMAGE_TOKENS if flf else None).eval()
+    randomize_(model, seed)
+    return model
+
+
+def our_config(heads, head_dim, flf):
+    from mlx_video.families.wan.image_model import WanImageConfig
+
+    return WanImageConfig(dim=heads * head_dim, ffn_dim=44, freq_dim=16, text_dim=32, num_heads=heads, num_layers=2,
+                          in_channels=12, out_channels=4, image_dim=24,
+                          image_positions=2 * IMAGE_TOKENS if flf else None)
+
+
+def ours_from(state_dict, keymap, cfg):
+    from mlx_video.families.wan.image_model import WanImageTransformer
+
+    model = WanImageTransformer(cfg)
+    weights = convert_weights(keymap, {k: mx.array(v.detach().numpy()) for k, v in state_dict.items()})
+    model.load_weights(list(weights.items()))  # strict: every parameter given, nothing left over
+    return model
+
+
+def official_names(state_dict):
+    """The diffusers names as the official Wan2.1 `WanModel` (Wan-Video/Wan2.1 wan/modules/model.py) has them."""
+    renames = [
+        (r"condition_embedder\.time_embedder\.linear_([12])", lambda m: f"time_embedding.{2 * int(m[1]) - 2}"),
+        (r"condition_embedder\.text_embedder\.linear_([12])", lambda m: f"text_embedding.{2 * int(m[1]) - 2}"),
+        (r"condition_embedder\.time_proj", lambda m: "time_projection.1"),
+        (r"condition_embedder\.image_embedder\.norm1", lambda m: "img_emb.proj.0"),
+        (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", lambda m: "img_emb.proj.1"),
+        (r"condition_embedder\.image_embedder\.ff\.net\.2", lambda m: "img_emb.proj.3"),
+        (r"condition_embedder\.image_embedder\.norm2", lambda m: "img_emb.proj.4"),
+        (r"condition_embedder\.image_embedder\.pos_embed", lambda m: "img_emb.emb_pos"),
+        (r"attn1\.to_([qkv])", lambda m: f"self_attn.{m[1]}"), (r"attn1\.to_out\.0", lambda m: "self_attn.o"),
+        (r"attn1\.norm_([qk])", lambda m: f"self_attn.norm_{m[1]}"),
+        (r"attn2\.to_([qkv])", lambda m: f"cross_attn.{m[1]}"), (r"attn2\.to_out\.0", lambda m: "cross_attn.o"),
+        (r"attn2\.norm_([qk])", lambda m: f"cross_attn.norm_{m[1]}"),
+        (r"attn2\.add_([kv])_proj", lambda m: f"cross_attn.{m[1]}_img"),
+        (r"attn2\.norm_added_k", lambda m: "cross_attn.norm_k_img"),
+        (r"blocks\.(\d+)\.norm2", lambda m: f"blocks.{m[1]}.norm3"),
+        (r"ffn\.net\.0\.proj", lambda m: "ffn.0"), (r"ffn\.net\.2", lambda m: "ffn.2"),
+        (r"^proj_out", lambda m: "head.head"), (r"^scale_shift_table", lambda m: "head.modulation"),
+        (r"blocks\.(\d+)\.scale_shift_table", lambda m: f"blocks.{m[1]}.modulation"),
+    ]
+    official = {}
+    for key, value in state_dict.items():
+        for pattern, target in renames:
+            key = re.sub(pattern, target, key)
+        official[key] = value
+    return official
+
+
+@pytest.mark.parametrize("heads,head_dim,flf", [(3, 10, True), (2, 12, False)])
+def test_transformer_matches_diffusers(heads, head_dim, flf):
+    from mlx_video.families.wan.keys import DIFFUSERS_IMAGE_TRANSFORMER, OFFICIAL_IMAGE_TRANSFORMER
+
+    ref = tiny_reference(heads, head_dim, flf, seed=heads)
+    cfg = our_config(heads, head_dim, flf)
+    rng = np.random.default_rng(heads)
+    b, t, h, w = 2, 3, 4, 6
+    x = rng.standard_normal((b, 12, t, h, w)).astype(np.float32)
+    text = rng.standard_normal((b, 512, 32)).astype(np.float32)  # diffusers takes the last 512 rows as the text
+    text[0, 9:] = 0
+    text[1, 4:] = 0
+    images = 2 if flf else 1
+    # diffusers' FLF2V input: each sample's first and last image as two rows of 257 tokens, joined by the embedder
+    clip = rng.standard_normal((b * images, IMAGE_TOKENS, 24)).astype(np.float32)
+    timestep = np.array([731.0, 208.0], np.float32)
+    with torch.no_grad():
+        expected = ref(hidden_states=torch.from_numpy(x), timestep=torch.from_numpy(timestep),
+                       encoder_hidden_states=torch.from_numpy(text), encoder_hidden_states_image=torch.from_numpy(clip),
+                       return_dict=False)[0].numpy()
+    image = mx.array(clip.reshape(b, images * IMAGE_TOKENS, 24))
+    latents = mx.array(x).transpose(0, 2, 3, 4, 1)
+    for keymap, state in ((DIFFUSERS_IMAGE_TRANSFORMER, ref.state_dict()),
+                          (OFFICIAL_IMAGE_TRANSFORMER, official_names(ref.state_dict()))):
+        model = ours_from(state, keymap, cfg)
+        per_call = model(latents, mx.array(timestep), mx.array(text), image)
+        prepared = model(latents, mx.array(timestep), model.prepare_context(mx.array(text), image))
+        for out in (per_call, prepared):
+            err = rel_err(np.array(out.transpose(0, 4, 1, 2, 3)), expected)
+            print(f"Wan2.1 {'FLF2V' if flf else 'I2V'} transformer ({heads}x{head_dim}): relative error {err:.2e}")
+            assert err < 1e-5
+
+
+def test_image_token_count_is_checked():
+    from mlx_video.families.wan.image_model import WanImageTransformer
+
+    model = WanImageTransformer(our_config(3, 10, flf=True))
+    with pytest.raises(ValueError, match="takes 10 CLIP tokens"):
+        model.image_embedding(mx.zeros((1, IMAGE_TOKENS, 24)))
+    with pytest.raises(ValueError, match="CLIP features"):
+        model.prepare_context(mx.zeros((1, 7, 32)), mx.zeros((1, 10, 7)))
+
+
+def test_full_size_keys_and_shapes():
+    """The published Wan2.1 I2V-14B and FLF2V-14B sizes (diffusers' model on the meta device, and its official
+    names) convert onto every parameter of our model with its shape."""
+    from diffusers import WanTransformer3DModel
+    from mlx.utils import tree_flatten
+
+    from mlx_video.families.wan.image_model import WAN21_FLF2V_14B, WAN21_I2V_14B, WanImageTransformer
+    from mlx_video.families.wan.keys import DIFFUSERS_IMAGE_TRANSFORMER, OFFICIAL_IMAGE_TRANSFORMER
+    from mlx_video.families.wan.animate_planner import target_shapes
+
+    class Shapes:
+        def __init__(self, state_dict):
+            self.state_dict = state_dict
+
+        def keys(self):
+            return list(self.state_dict)
+
+        def shape(self, key):
+            return tuple(self.state_dict[key].shape)
+
+    for cfg in (WAN21_I2V_14B, WAN21_FLF2V_14B):
+        with torch.device("meta"):  # the published diffusers configs (Wan-AI/Wan2.1-*-Diffusers)
+            ref = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
+                                        in_channels=36, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824,
+                                        num_layers=40, cross_attn_norm=True, eps=1e-6, image_dim=1280,
+                                        added_kv_proj_dim=5120, rope_max_seq_len=1024,
+                                        pos_embed_seq_len=cfg.image_positions)
+        with mx.stream(mx.cpu):
+            ours = {k: tuple(v.shape) for k, v in tree_flatten(WanImageTransformer(cfg).parameters())}
+        for state, keymap in ((ref.state_dict(), DIFFUSERS_IMAGE_TRANSFORMER),
+                              (official_names(ref.state_dict()), OFFICIAL_IMAGE_TRANSFORMER)):
+            assert target_shapes(Shapes(state), keymap) == ours
+        assert len(ours) > 1000
