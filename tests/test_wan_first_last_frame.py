@@ -89,7 +89,7 @@ def test_last_image_refusals(i2v, a14b, tmp_path):
     first, last = str(root / "first.png"), str(root / "last.png")
     assert "give the first one with --image" in refusal(root, tmp_path, last_image=last)
     message = refusal(root, tmp_path, model=a14b[0] / "mlx", last_image=last, image=first)
-    assert "--last-image: for first-last-frame models (wan2.2-i2v-a14b)" in message
+    assert "--last-image: for first-last-frame models (wan2.2-i2v-a14b, wan2.1-flf2v-14b)" in message
     assert "wan2.2-t2v-a14b takes no last image" in message
     assert "at least 5 --frames" in refusal(root, tmp_path, image=first, last_image=last, frames=1, size="64x48")
     assert "no chain of clips" in refusal(root, tmp_path, image=first, last_image=last, frames=161, size="64x48")
@@ -102,4 +102,4 @@ def test_last_image_on_ti2v_is_refused_by_the_schema():
     from mlx_video.options import CAPABILITIES
 
     _, _, ids = CAPABILITIES["takes_last_image"]
-    assert ids() == ["wan2.2-i2v-a14b"]
+    assert ids() == ["wan2.2-i2v-a14b", "wan2.1-flf2v-14b"]  # Wan2.1 I2V-14B's CLIP context takes one image

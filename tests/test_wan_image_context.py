@@ -166,3 +166,85 @@ def test_full_size_keys_and_shapes():
                               (official_names(ref.state_dict()), OFFICIAL_IMAGE_TRANSFORMER)):
             assert target_shapes(Shapes(state), keymap) == ours
         assert len(ours) > 1000
+
+
+# ---- the whole pipeline: WanImageToVideoPipeline with a CLIP image encoder and a last image (FLF2V) ----
+
+PROMPT, NEGATIVE = "a kite rises over a beach", "blurry"
+WIDTH, HEIGHT, FRAMES = 48, 32, 9
+CLIP_WIDTH, CLIP_TOKENS = 40, 17  # a 28x28 crop in 7x7 patches: 16 + the class token
+
+
+def make_image(path, seed):
+    from PIL import Image
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (HEIGHT // 4, WIDTH // 4, 3), dtype=np.uint8)
+    Image.fromarray(rgb).resize((WIDTH, HEIGHT), Image.BILINEAR).save(path)
+    return Image.open(path).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def flf2v(tmp_path_factory):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from mlx_video.cli import main
+    from tiny_wan import build_tiny_wan_pipeline
+
+    root = tmp_path_factory.mktemp("flf2v")
+    torch.manual_seed(5)
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_WIDTH, intermediate_size=24, num_hidden_layers=3,
+                                               num_attention_heads=2, image_size=28, patch_size=7,
+                                               hidden_act="gelu")).eval()
+    randomize_(encoder, 5)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    pipe = build_tiny_wan_pipeline(root / "diffusers", two_experts=False, shift=16.0, image_to_video=True,
+                                   image_encoder=encoder, image_processor=processor, heads=3, head_dim=10,
+                                   image_dim=CLIP_WIDTH, added_kv_proj_dim=30, pos_embed_seq_len=2 * CLIP_TOKENS)
+    main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
+    return root, pipe, make_image(root / "first.png", 1), make_image(root / "last.png", 2)
+
+
+def test_flf2v_pipeline_matches_diffusers(flf2v, tmp_path):
+    from tiny_wan import decode_like_diffusers, use_official_sigmas
+
+    from mlx_video.cli import main
+
+    root, pipe, first, last = flf2v
+    use_official_sigmas(pipe)
+    steps, guidance = 4, 5.0
+    init = np.random.default_rng(3).standard_normal((1, 4, 3, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    np.save(tmp_path / "init.npy", init)
+    with torch.no_grad():
+        ref = pipe(image=first, last_image=last, prompt=PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH,
+                   num_frames=FRAMES, num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=512,
+                   latents=torch.from_numpy(init), output_type="latent").frames
+        ref_frames = decode_like_diffusers(pipe, ref)
+    ref = ref.numpy()
+    main(["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+          "--image", str(root / "first.png"), "--last-image", str(root / "last.png"), "--size", f"{WIDTH}x{HEIGHT}",
+          "--frames", str(FRAMES), "--steps", str(steps), "--guidance", str(guidance), "--shift", "16",
+          "--init-latents", str(tmp_path / "init.npy"), "--save-latents", str(tmp_path / "out.npy"),
+          "--output", str(tmp_path / "frames"), "--quiet"])
+    from PIL import Image
+
+    err = rel_err(np.load(tmp_path / "out.npy"), ref)
+    frames = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "frames").glob("*.png"))])
+    pixel_err = float(np.abs(frames.astype(np.float64) - np.round(ref_frames * 255)).mean())
+    print(f"Wan2.1 FLF2V pipeline: latents relative error {err:.2e}, frames mean abs {pixel_err:.3f}/255")
+    assert err < 1e-3
+    assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3)
+    assert pixel_err < 1.0
+
+
+def test_flf2v_refusals(flf2v, tmp_path):
+    from mlx_video.errors import MlxVideoError
+    from mlx_video.run import prepare
+
+    root = flf2v[0]
+    base = {"model": str(root / "mlx"), "prompt": PROMPT, "save_latents": str(tmp_path / "x.npy"),
+            "size": f"{WIDTH}x{HEIGHT}", "frames": FRAMES}
+    with pytest.raises(MlxVideoError, match="give the last one with --last-image"):
+        prepare({**base, "image": str(root / "first.png")}, check_memory=False)
+    with pytest.raises(MlxVideoError, match="pass --image"):
+        prepare(base, check_memory=False)

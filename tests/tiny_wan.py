@@ -44,8 +44,8 @@ def randomize_(module, seed: int, scale: float = 0.2) -> None:
 
 
 def tiny_transformer_config(in_channels: int = 4, out_channels: int = 4, text_dim: int = 32, heads: int = 2,
-                            head_dim: int = 12) -> dict:
-    return dict(
+                            head_dim: int = 12, **extra) -> dict:
+    return dict(**extra,
         patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=in_channels,
         out_channels=out_channels, text_dim=text_dim, freq_dim=16, ffn_dim=40, num_layers=2,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
@@ -54,7 +54,7 @@ def tiny_transformer_config(in_channels: int = 4, out_channels: int = 4, text_di
 
 def build_tiny_wan_pipeline(
     folder: Path, two_experts: bool = True, shift: float = 12.0, seed: int = 0, wan22_vae: bool = False,
-    image_to_video: bool = False, **transformer_overrides,
+    image_to_video: bool = False, image_encoder=None, image_processor=None, **transformer_overrides,
 ):
     """Save a tiny random `diffusers.WanPipeline` at `folder` (the real diffusers layout) and return it.
 
@@ -62,7 +62,8 @@ def build_tiny_wan_pipeline(
     VAE; `two_experts=False, wan22_vae=True` a TI2V-5B-style one (expand_timesteps, a Wan 2.2-style VAE with
     2x2 patchify and 16x spatial compression). `image_to_video=True` builds a `WanImageToVideoPipeline` instead:
     with two experts I2V-A14B-style (noise, mask and image latent channels in; boundary 0.9), with one the
-    TI2V-5B image mode.
+    TI2V-5B image mode; with an `image_encoder` (a transformers CLIPVisionModel, and its `image_processor`) and one
+    expert, Wan 2.1 I2V / FLF2V-style (pass the transformer's image_dim and added_kv_proj_dim as overrides).
     """
     import torch
     from diffusers import (
@@ -96,7 +97,8 @@ def build_tiny_wan_pipeline(
             base_dim=8, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
             latents_mean=rng.normal(0, 0.5, z).tolist(), latents_std=rng.uniform(0.5, 2.0, z).tolist(),
         ).eval()
-    in_channels = 2 * z + 4 if image_to_video and two_experts else z
+    channel_condition = image_to_video and (two_experts or image_encoder is not None)
+    in_channels = 2 * z + 4 if channel_condition else z
     transformer = WanTransformer3DModel(**tiny_transformer_config(in_channels, z, **transformer_overrides)).eval()
     randomize_(transformer, seed + 2)
     transformer_2 = None
@@ -106,9 +108,9 @@ def build_tiny_wan_pipeline(
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
     if image_to_video:
         pipe = WanImageToVideoPipeline(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, image_processor=None,
-            image_encoder=None, transformer=transformer, transformer_2=transformer_2,
-            boundary_ratio=0.9 if two_experts else None, expand_timesteps=not two_experts,
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, image_processor=image_processor,
+            image_encoder=image_encoder, transformer=transformer, transformer_2=transformer_2,
+            boundary_ratio=0.9 if two_experts else None, expand_timesteps=not channel_condition,
         )
     else:
         pipe = WanPipeline(

@@ -1,4 +1,4 @@
-"""Wan 2.2 (T2V-A14B, I2V-A14B, TI2V-5B, S2V-14B, Animate-14B) and Wan VACE (2.1 1.3B / 14B, 2.2 VACE-Fun A14B):
+"""Wan 2.2 (T2V-A14B, I2V-A14B, TI2V-5B, S2V-14B, Animate-14B), Wan 2.1 I2V-14B and FLF2V-14B, and Wan VACE (2.1 1.3B / 14B, 2.2 VACE-Fun A14B):
 the family's package and its published models."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from mlx_video.spec import Family, ModelSpec
 
 from .animate_model import WAN_ANIMATE_14B
 from .config import WAN_A14B_I2V, WAN_A14B_T2V, WAN_TI2V_5B
+from .image_model import WAN21_FLF2V_14B, WAN21_I2V_14B
 from .s2v_model import WAN_S2V_14B
 from .vace_model import WAN21_VACE_1_3B, WAN21_VACE_14B, WAN22_VACE_FUN_A14B
 
@@ -55,6 +56,30 @@ MODELS = (
                       frames=80, max_area=1024 * 704, drop_first_motion=True),
         hf_repo="Wan-AI/Wan2.2-S2V-14B", transformer=WAN_S2V_14B,
         description="Wan 2.2 speech-to-video: a portrait and a voice track to a talking video, 14B",
+    ),
+    # Wan 2.1 image-to-video and first-last-frame-to-video, 14B, with a CLIP image context. Published settings:
+    # Wan2.1 generate.py (I2V: 40 steps, shift 5, 3 at 480p; FLF2V: 50 steps, shift 16; guidance 5, 81 frames)
+    # and its SUPPORTED_SIZES; 16 fps (wan/configs). The 480P and 720P checkpoints are separate releases.
+    ModelSpec(
+        id="wan2.1-i2v-14b-720p", family="wan", task="i2v", vae_stride=(4, 8, 8), size_multiple=16,
+        sizes=((1280, 720), (720, 1280)),
+        defaults=dict(_COMMON, steps=40, shift=5.0, guidance=5.0, fps=16, frames=81),
+        hf_repo="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", transformer=WAN21_I2V_14B,
+        description="Wan 2.1 image-to-video, 14B, 720p (CLIP image context)",
+    ),
+    ModelSpec(
+        id="wan2.1-i2v-14b-480p", family="wan", task="i2v", vae_stride=(4, 8, 8), size_multiple=16,
+        sizes=((832, 480), (480, 832)),
+        defaults=dict(_COMMON, steps=40, shift=3.0, guidance=5.0, fps=16, frames=81),
+        hf_repo="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", transformer=WAN21_I2V_14B,
+        description="Wan 2.1 image-to-video, 14B, 480p (CLIP image context)",
+    ),
+    ModelSpec(
+        id="wan2.1-flf2v-14b", family="wan", task="i2v", vae_stride=(4, 8, 8), size_multiple=16,
+        sizes=((1280, 720), (720, 1280)),
+        defaults=dict(_COMMON, steps=50, shift=16.0, guidance=5.0, fps=16, frames=81),
+        hf_repo="Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers", transformer=WAN21_FLF2V_14B,
+        description="Wan 2.1 first-last-frame-to-video, 14B, 720p: --image and --last-image (CLIP image context)",
     ),
     # VACE (reference, control, inpainting, outpainting, extension). Wan 2.1's published settings: Wan2.1
     # generate.py (50 steps, shift 16 for vace tasks, guidance 5, 81 frames at 16 fps; its SUPPORTED_SIZES).

@@ -240,19 +240,9 @@ class WanAnimatePipeline(WanPipeline):
 
     def encode_character(self, character: np.ndarray, progress: bool) -> mx.array:
         """The CLIP image encoder's `hidden_states[-2]` for the character, (1, tokens, width)."""
-        from mlx_video.image_encoders.clip_vision import CLIPPreprocess, CLIPVisionConfig, CLIPVisionEncoder
+        from mlx_video.families.wan.clip_tokens import clip_tokens
 
-        config = self.folder.config(IMAGE_ENCODER)
-        with tqdm(total=1, desc="image encoding", disable=not progress, leave=False) as bar:
-            encoder = CLIPVisionEncoder(CLIPVisionConfig.from_dict(config))
-            self.folder.load_module(IMAGE_ENCODER, encoder)
-            pixels = CLIPPreprocess.from_dict(config.get("preprocess", {}))(character)
-            tokens = encoder.penultimate(mx.array(pixels)[None])
-            mx.eval(tokens)
-            bar.update()
-        del encoder  # no reference cycles: freed now, without a garbage-collection pass
-        mx.clear_cache()
-        return tokens
+        return clip_tokens(self.folder, [character], progress)
 
     def load_transformer(self, name: str = HIGH_NOISE):
         from mlx_video.families.wan.animate_model import WanAnimateTransformer

@@ -118,13 +118,13 @@ def _check_diffusers_config(config_json: dict) -> None:
         raise MlxVideoError(f"patch_size {config_json['patch_size']} is not supported (Wan uses 1x2x2)")
 
 
-def image_encoder_plan(src: Path | None, fmt: str) -> ComponentPlan:
+def image_encoder_plan(src: Path | None, fmt: str, model: str = ANIMATE_MODEL) -> ComponentPlan:
     """The CLIP image encoder: the diffusers folder's image_encoder/ (+ image_processor/), or the official file."""
     from mlx_video.families.wan.animate_keys import OFFICIAL_CLIP_VISION, TRANSFORMERS_CLIP_VISION
     from mlx_video.image_encoders.clip_vision import CLIPPreprocess, CLIPVisionConfig, CLIPVisionEncoder
 
     if src is None:
-        raise MlxVideoError("Wan2.2-Animate needs its CLIP image encoder: convert the whole model folder")
+        raise MlxVideoError(f"{model} needs its CLIP image encoder: convert the whole model folder")
     if fmt == "diffusers":
         folder = src / IMAGE_ENCODER
         inp = component_input(IMAGE_ENCODER, folder, f"{src.name}/{IMAGE_ENCODER}")
@@ -139,7 +139,7 @@ def image_encoder_plan(src: Path | None, fmt: str) -> ComponentPlan:
     else:
         path = src / OFFICIAL_CLIP
         if not path.is_file():
-            raise MlxVideoError(f"Wan2.2-Animate needs its CLIP image encoder: {src} has no {OFFICIAL_CLIP}")
+            raise MlxVideoError(f"{model} needs its CLIP image encoder: {src} has no {OFFICIAL_CLIP}")
         source = ComponentSource(open_tensors(path, OFFICIAL_CLIP), OFFICIAL_CLIP)
         cfg, preprocess, keymap, origin = _official_clip_config(source), CLIPPreprocess(), OFFICIAL_CLIP_VISION, OFFICIAL_CLIP
     config = {**cfg.to_dict(), "preprocess": preprocess.to_dict()}

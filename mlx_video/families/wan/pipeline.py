@@ -23,6 +23,7 @@ from mlx_video.pipelines.attention_mode import prepare_model
 from mlx_video.pipelines.loop import get_guidance
 
 HIGH_NOISE, LOW_NOISE = "transformer", "transformer_2"
+IMAGE_ENCODER = "image_encoder"
 
 # Kept as names of the Python API (the settings and result are the shared ones).
 WanSettings = GenerationSettings
@@ -32,7 +33,10 @@ class WanPipeline(Pipeline):
     radial_defaults = RADIAL_DEFAULTS
     def __init__(self, folder):
         super().__init__(folder)
-        self.transformer_config = WanTransformerConfig.from_dict(folder.config(HIGH_NOISE))
+        self.transformer_config = transformer_config(folder.config(HIGH_NOISE))
+        # Wan2.1 I2V / FLF2V: the CLIP tokens of the image (and the last image) beside the text, set per run
+        self.image_context = getattr(self.transformer_config, "image_dim", None) is not None
+        self._image_tokens = None
         self.two_experts = folder.has(LOW_NOISE)
         self.uses_guidance_2 = self.two_experts
         self.boundary = self.spec.default("boundary")
@@ -64,7 +68,8 @@ class WanPipeline(Pipeline):
     @classmethod
     def capable(cls, spec, need: str) -> bool:
         if need == "takes_last_image":  # the mask-and-image channels can hold an image at either end
-            return spec.task == "i2v"
+            # (not Wan2.1 I2V-14B: its image context is trained on the first image alone)
+            return spec.task == "i2v" and _image_positions(spec.transformer) != "none"
         if need == "takes_video":  # a video's latents in place of noise: the models whose input is the noise alone
             return spec.task in ("t2v", "ti2v")
         return super().capable(spec, need)
@@ -84,6 +89,7 @@ class WanPipeline(Pipeline):
 
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
         s = super().resolve(settings)
+        self.check_image_context(s)
         if s.last_image is not None and s.frames < 1 + self.vae_stride[0]:
             raise MlxVideoError(f"--last-image needs a first and a last latent frame: at least {1 + self.vae_stride[0]} "
                                 f"--frames, got {s.frames}")
@@ -95,6 +101,17 @@ class WanPipeline(Pipeline):
                 raise MlxVideoError(f"the {what} is longer than the {self.text_len - 1} tokens (plus the closing one) "
                                     f"the text encoder of {self.spec.id} takes; shorten it")
         return s
+
+    def check_image_context(self, s: GenerationSettings) -> None:
+        """Wan2.1 I2V / FLF2V: the CLIP image encoder is there, and FLF2V has its last image."""
+        if not self.image_context:
+            return
+        if not self.folder.has(IMAGE_ENCODER):
+            raise MlxVideoError(f"{self.folder.path} has no {IMAGE_ENCODER}/ (the CLIP image encoder {self.spec.id} "
+                                "needs); re-convert it from a folder with it")
+        if self.transformer_config.image_positions is not None and s.image is not None and s.last_image is None:
+            raise MlxVideoError(f"{self.spec.id} goes from a first to a last frame: give the last one with "
+                                "--last-image (for one image use wan2.1-i2v-14b-720p / -480p)")
 
     # ---- the stages ----
 
@@ -138,6 +155,11 @@ class WanPipeline(Pipeline):
             bar.update()
         del vae
         release()
+        if self.image_context:
+            from mlx_video.families.wan.clip_tokens import clip_tokens
+
+            images = [_as_read(s.image, image)] + ([] if last_image is None else [_as_read(s.last_image, last_image)])
+            self._image_tokens = clip_tokens(self.folder, images, progress)
         return cond
 
     def channel_condition(self, vae, first: mx.array, s: GenerationSettings, last_image: np.ndarray | None) -> mx.array:
@@ -175,10 +197,8 @@ class WanPipeline(Pipeline):
         return latents
 
     def load_transformer(self, name: str):
-        from mlx_video.families.wan.transformer import WanTransformer
-
-        config = self.transformer_config if name == HIGH_NOISE else WanTransformerConfig.from_dict(self.folder.config(name))
-        model = WanTransformer(config, dtype=self.dtype)
+        config = self.transformer_config if name == HIGH_NOISE else transformer_config(self.folder.config(name))
+        model = transformer_class(config)(config, dtype=self.dtype)
         self.folder.load_module(name, model)
         self.fuse_run_loras(model, name)
         warm_up(model, config, self.dtype)
@@ -201,9 +221,8 @@ class WanPipeline(Pipeline):
         return [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER]
 
     def lora_model(self, component: str):
-        from mlx_video.families.wan.transformer import WanTransformer
-
-        return WanTransformer(WanTransformerConfig.from_dict(self.folder.config(component)))
+        config = transformer_config(self.folder.config(component))
+        return transformer_class(config)(config)
 
     def expert_label(self, component: str) -> str:
         return _expert_label(component, self.two_experts)
@@ -246,6 +265,10 @@ class WanPipeline(Pipeline):
             frame_timestep = 1.0 - keep.reshape(1, -1)
 
         prepared = {"model": lambda: None}
+        image_tokens = self._image_tokens if cond is not None else None
+
+        def prepared_context(model, ctx):
+            return prepare_context(model, ctx, image_tokens)
 
         def prepare(model, ctx):
             """The text embedding and every block's cross-attention K/V, computed once per prompt and expert."""
@@ -256,12 +279,12 @@ class WanPipeline(Pipeline):
             elif negative is not None and ctx.shape == (2, *text.shape[1:]):
                 key = "both"  # the batched guidance pass: text and negative, in this order
             else:
-                return ctx
+                return prepared_context(model, ctx) if image_tokens is not None else ctx
             if prepared["model"]() is not model:  # a weak reference: an expert that left is not kept alive
                 prepared.clear()
                 prepared["model"] = weakref.ref(model)
             if key not in prepared:
-                prepared[key] = model.prepare_context(mx.concatenate([text, negative]) if key == "both" else ctx)
+                prepared[key] = prepared_context(model, mx.concatenate([text, negative]) if key == "both" else ctx)
             return prepared[key]
 
         def predict(latents: mx.array, i: int, t) -> mx.array:
@@ -490,7 +513,56 @@ def warm_up(model, config: WanTransformerConfig, dtype) -> None:
 
     pt, ph, pw = config.patch_size
     x = mx.zeros((1, pt, ph, pw, config.in_channels), dtype=dtype)
-    kernel_warm_up(lambda: model(x, mx.array([500.0]), mx.zeros((1, 1, config.text_dim), dtype=dtype)))
+    text = mx.zeros((1, 1, config.text_dim), dtype=dtype)
+    if getattr(config, "image_dim", None) is None:
+        kernel_warm_up(lambda: model(x, mx.array([500.0]), text))
+    else:
+        image = mx.zeros((1, config.image_positions or 1, config.image_dim), dtype=dtype)
+        kernel_warm_up(lambda: model(x, mx.array([500.0]), text, image))
+
+
+def prepare_context(model, ctx: mx.array, image_tokens: mx.array | None):
+    """The model's prepared text context, with the CLIP image tokens (one set for every row) where it reads them."""
+    if image_tokens is None:
+        return model.prepare_context(ctx)
+    return model.prepare_context(ctx, mx.broadcast_to(image_tokens, (ctx.shape[0], *image_tokens.shape[1:])))
+
+
+def transformer_config(config: dict) -> WanTransformerConfig:
+    """A converted transformer's config: Wan2.1 I2V / FLF2V's (`image_dim`: a CLIP image context) or the backbone's."""
+    if config.get("image_dim") is not None:
+        from mlx_video.families.wan.image_model import WanImageConfig
+
+        return WanImageConfig.from_dict(config)
+    return WanTransformerConfig.from_dict(config)
+
+
+def transformer_class(config: WanTransformerConfig):
+    if getattr(config, "image_dim", None) is not None:
+        from mlx_video.families.wan.image_model import WanImageTransformer
+
+        return WanImageTransformer
+    from mlx_video.families.wan.transformer import WanTransformer
+
+    return WanTransformer
+
+
+def _image_positions(config) -> str:
+    """"none" for an image context of one image (Wan2.1 I2V), "first_last" for FLF2V's, "" without one."""
+    if getattr(config, "image_dim", None) is None:
+        return ""
+    return "none" if config.image_positions is None else "first_last"
+
+
+def _as_read(path, fitted: np.ndarray) -> np.ndarray:
+    """The image as read from its file (what the reference's CLIP encoder sees), else the fitted pixels in uint8."""
+    from pathlib import Path
+
+    from mlx_video.io.image import load_image
+
+    if path is not None and Path(str(path)).is_file():
+        return load_image(path)
+    return np.clip(np.round((fitted + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def first_frame_mask(latent_frames: int) -> mx.array:

@@ -64,7 +64,8 @@ DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "transformer_2/*", "te
                      # Wan2.2-VACE-Fun-A14B (alibaba-pai): the official two-expert layout
                      "high_noise_model/*", "low_noise_model/*"]
 # and, per model, what only that model's repository needs: Wan2.2-Animate's CLIP image encoder
-EXTRA_DOWNLOAD_PATTERNS = {"wan2.2-animate-14b": ["image_encoder/*", "image_processor/*"]}
+EXTRA_DOWNLOAD_PATTERNS = {name: ["image_encoder/*", "image_processor/*"] for name in (
+    "wan2.2-animate-14b", "wan2.1-i2v-14b-720p", "wan2.1-i2v-14b-480p", "wan2.1-flf2v-14b")}
 
 
 # (family, kind, naming, description, required keys) for `formats.classify`. kind is our component name; naming
@@ -308,7 +309,9 @@ def _transformer_config(inp: ComponentInput, source: ComponentSource, naming: st
     from mlx_video.families.wan.vace_keys import backbone_config_json
 
     if inp.config_json is not None:
-        config_json = backbone_config_json(inp.config_json)
+        from mlx_video.families.wan import image_planner
+
+        config_json = image_planner.backbone_config_json(backbone_config_json(inp.config_json))
         cls = config_json.get("_class_name")
         try:
             if cls == "WanTransformer3DModel" or (cls is None and "num_attention_heads" in config_json):
@@ -402,6 +405,10 @@ def _pick_model(fmt: str, base: str | None, cfg, two_experts: bool, hints: dict)
         from mlx_video.families.wan.animate_planner import ANIMATE_MODEL
 
         return MODELS[ANIMATE_MODEL], False
+    if hints.get("image_context"):  # Wan2.1 I2V / FLF2V (480p or 720p: the same weights; --base names which)
+        from mlx_video.families.wan.image_planner import I2V_MODELS
+
+        return MODELS[I2V_MODELS[cfg.image_positions is not None]], False
     if fmt in ("diffusers", "official"):
         return MODELS[_model_of_layout(cfg, two_experts, hints)], False
     # S2V has the 14B backbone's shapes too, but is recognised by its audio tensors (hints["s2v"]), not its size;
@@ -471,10 +478,10 @@ def plan(
         planned.append(vae)
     if layout.hints["s2v"]:
         planned.append(_audio_encoder_plan(layout.hints.get("audio_encoder"), layout.src))
-    if layout.hints["animate"]:
+    if layout.hints["animate"] or layout.hints["image_context"]:
         from mlx_video.families.wan.animate_planner import image_encoder_plan
 
-        planned.append(image_encoder_plan(layout.src, layout.fmt))
+        planned.append(image_encoder_plan(layout.src, layout.fmt, spec.id))
     copy_files = {"tokenizer": _tokenizer_to_copy(layout.tokenizer_files, sources["text_encoder"], log)}
     manifest = _manifest(layout, spec, cfg, vae_cfg)
     return finish_plan(_source_format(layout.fmt, components), manifest, planned, copy_files, allow_unknown_keys, log)
@@ -567,6 +574,9 @@ def _open_sources(layout: _Layout) -> tuple[dict, dict]:
     from mlx_video.families.wan.animate_planner import is_animate
 
     layout.hints["animate"] = is_animate(sources["transformer"])
+    from mlx_video.families.wan.image_planner import has_image_context
+
+    layout.hints["image_context"] = not layout.hints["animate"] and has_image_context(sources["transformer"])
     return sources, namings
 
 
@@ -631,6 +641,10 @@ def _variant_configs(layout: _Layout, sources: dict, cfg, cfg2):
     inputs = layout.inputs
     if layout.hints["s2v"]:
         cfg = _s2v_config(cfg, inputs["transformer"], sources["transformer"])
+    if layout.hints["image_context"]:
+        from mlx_video.families.wan.image_planner import image_config
+
+        cfg = image_config(cfg, sources["transformer"], inputs["transformer"].config_json)
     if layout.hints["vace"]:
         cfg = _vace_config(cfg, inputs["transformer"], sources["transformer"])
         if layout.two_experts:
@@ -672,12 +686,16 @@ def _transformer_plans(layout: _Layout, sources: dict, namings: dict, configs: d
     planned = []
     for name in configs:
         source = sources[name]
-        extra = lookalike(source.keys())
+        extra = None if layout.hints["image_context"] else lookalike(source.keys())
         if extra:
             log(f"warning: {source.what} looks like {extra}")
         keymap = OFFICIAL_TRANSFORMER if namings[name] == "official" else DIFFUSERS_TRANSFORMER
         module, low_precision = None, None
-        if layout.hints["s2v"]:
+        if layout.hints["image_context"]:
+            from mlx_video.families.wan.image_planner import image_transformer
+
+            keymap, module = image_transformer(namings[name], configs[name])
+        elif layout.hints["s2v"]:
             keymap, module = _s2v_transformer(source, namings[name], configs[name])
         elif layout.hints["vace"]:
             keymap, module, low_precision = _vace_transformer(namings[name], configs[name])
