@@ -248,3 +248,17 @@ def test_flf2v_refusals(flf2v, tmp_path):
         prepare({**base, "image": str(root / "first.png")}, check_memory=False)
     with pytest.raises(MlxVideoError, match="pass --image"):
         prepare(base, check_memory=False)
+
+
+def test_memory_estimate_counts_the_image_encoder(flf2v):
+    from mlx_video.families.wan.pipeline import WanPipeline
+    from mlx_video.model_folder import ModelFolder
+    from mlx_video.pipelines.base import GenerationSettings
+
+    root = flf2v[0]
+    pipe = WanPipeline(ModelFolder.open(root / "mlx"))
+    s = pipe.resolve(GenerationSettings(prompt=PROMPT, width=WIDTH, height=HEIGHT, frames=FRAMES, image="<array>",
+                                        last_image="<array>"))
+    clip = pipe.component_bytes("image_encoder")
+    assert clip > 0
+    assert pipe.estimate_memory(s, has_image=True)["stages"]["image_encoding"] >= 2 * clip

@@ -35,7 +35,7 @@ class WanPipeline(Pipeline):
         super().__init__(folder)
         self.transformer_config = transformer_config(folder.config(HIGH_NOISE))
         # Wan2.1 I2V / FLF2V: the CLIP tokens of the image (and the last image) beside the text, set per run
-        self.image_context = getattr(self.transformer_config, "image_dim", None) is not None
+        self.image_context = hasattr(self.transformer_config, "image_positions")
         self._image_tokens = None
         self.two_experts = folder.has(LOW_NOISE)
         self.uses_guidance_2 = self.two_experts
@@ -445,6 +445,8 @@ class WanPipeline(Pipeline):
         stages = {k: v["total"] for k, v in estimate.stages.items()}
         if split is not None and split.rank != 0:
             stages.pop("decoding", None)  # rank 0 alone decodes
+        if self.image_context and has_image:  # the CLIP encoder runs after the VAE has gone: its weights, twice
+            stages["image_encoding"] = max(stages.get("image_encoding", 0), 2 * self.component_bytes(IMAGE_ENCODER))
         peak = max(stages, key=stages.get)
         return {"stages": stages, "peak_stage": peak, "peak_bytes": stages[peak], "detail": estimate.stages,
                 "per_rank": split is not None}
@@ -514,7 +516,7 @@ def warm_up(model, config: WanTransformerConfig, dtype) -> None:
     pt, ph, pw = config.patch_size
     x = mx.zeros((1, pt, ph, pw, config.in_channels), dtype=dtype)
     text = mx.zeros((1, 1, config.text_dim), dtype=dtype)
-    if getattr(config, "image_dim", None) is None:
+    if not hasattr(config, "image_positions"):
         kernel_warm_up(lambda: model(x, mx.array([500.0]), text))
     else:
         image = mx.zeros((1, config.image_positions or 1, config.image_dim), dtype=dtype)
@@ -529,8 +531,9 @@ def prepare_context(model, ctx: mx.array, image_tokens: mx.array | None):
 
 
 def transformer_config(config: dict) -> WanTransformerConfig:
-    """A converted transformer's config: Wan2.1 I2V / FLF2V's (`image_dim`: a CLIP image context) or the backbone's."""
-    if config.get("image_dim") is not None:
+    """A converted transformer's config: Wan2.1 I2V / FLF2V's (`image_positions`, None for I2V: its CLIP image
+    context) or the backbone's (Animate's pipeline reads its own)."""
+    if "image_positions" in config:
         from mlx_video.families.wan.image_model import WanImageConfig
 
         return WanImageConfig.from_dict(config)
@@ -538,7 +541,7 @@ def transformer_config(config: dict) -> WanTransformerConfig:
 
 
 def transformer_class(config: WanTransformerConfig):
-    if getattr(config, "image_dim", None) is not None:
+    if hasattr(config, "image_positions"):
         from mlx_video.families.wan.image_model import WanImageTransformer
 
         return WanImageTransformer
@@ -549,7 +552,7 @@ def transformer_class(config: WanTransformerConfig):
 
 def _image_positions(config) -> str:
     """"none" for an image context of one image (Wan2.1 I2V), "first_last" for FLF2V's, "" without one."""
-    if getattr(config, "image_dim", None) is None:
+    if not hasattr(config, "image_positions"):
         return ""
     return "none" if config.image_positions is None else "first_last"
 
