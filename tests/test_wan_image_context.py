@@ -172,7 +172,7 @@ def test_full_size_keys_and_shapes():
 
 PROMPT, NEGATIVE = "a kite rises over a beach", "blurry"
 WIDTH, HEIGHT, FRAMES = 48, 32, 9
-CLIP_WIDTH, CLIP_TOKENS = 40, 17  # a 28x28 crop in 7x7 patches: 16 + the class token
+CLIP_WIDTH, CLIP_TOKENS = 80, 17  # one 80-wide head (the official file's width); 28x28 in 7x7 patches + class
 
 
 def make_image(path, seed):
@@ -194,7 +194,7 @@ def flf2v(tmp_path_factory):
     root = tmp_path_factory.mktemp("flf2v")
     torch.manual_seed(5)
     encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_WIDTH, intermediate_size=24, num_hidden_layers=3,
-                                               num_attention_heads=2, image_size=28, patch_size=7,
+                                               num_attention_heads=1, image_size=28, patch_size=7,
                                                hidden_act="gelu")).eval()
     randomize_(encoder, 5)
     processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
@@ -262,3 +262,38 @@ def test_memory_estimate_counts_the_image_encoder(flf2v):
     clip = pipe.component_bytes("image_encoder")
     assert clip > 0
     assert pipe.estimate_memory(s, has_image=True)["stages"]["image_encoding"] >= 2 * clip
+
+
+def test_official_release_folder_converts_like_the_diffusers_one(flf2v, tmp_path):
+    """The official Wan2.1 FLF2V release's layout (the model shards with config.json `model_type: flf2v`, the CLIP
+    and T5 .pth files, google/umt5-xxl/) converts to the same transformer, CLIP and text-encoder weights as the
+    diffusers folder (the official VAE path is the other Wan models', tested with them)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+    from test_wan_animate import load_weights, official_clip
+
+    from mlx_video.cli import main
+    from mlx_video.families.wan.animate_planner import OFFICIAL_CLIP
+    from mlxvid_test_helpers import official_umt5
+
+    root, pipe = flf2v[:2]
+    src = tmp_path / "Wan2.1-FLF2V-14B-720P"
+    (src / "google" / "umt5-xxl").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in official_names(pipe.transformer.state_dict()).items()},
+              str(src / "diffusion_pytorch_model.safetensors"))
+    (src / "config.json").write_text(json.dumps({
+        "_class_name": "WanModel", "model_type": "flf2v", "in_dim": 12, "out_dim": 4, "dim": 30, "ffn_dim": 40,
+        "freq_dim": 16, "text_dim": 32, "num_heads": 3, "num_layers": 2}))
+    torch.save(official_umt5(pipe.text_encoder.state_dict()), src / "models_t5_umt5-xxl-enc-bf16.pth")
+    torch.save(official_clip(pipe.image_encoder.state_dict()), src / OFFICIAL_CLIP)
+    shutil.copyfile(root / "diffusers" / "tokenizer" / "spiece.model", src / "google" / "umt5-xxl" / "spiece.model")
+    main(["convert", str(src), str(tmp_path / "mlx"), "--dtype", "fp32"])
+    assert json.loads((tmp_path / "mlx" / "mlxvid.json").read_text())["model"] == "wan2.1-flf2v-14b"
+    assert json.loads((tmp_path / "mlx" / "transformer" / "config.json").read_text())["image_positions"] == 34
+    for component in ("transformer", "image_encoder", "text_encoder"):
+        ours, want = load_weights(tmp_path / "mlx", component), load_weights(root / "mlx", component)
+        assert ours.keys() == want.keys(), component
+        for k in want:
+            np.testing.assert_array_equal(ours[k], want[k], err_msg=f"{component}: {k}")
