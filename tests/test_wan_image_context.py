@@ -183,26 +183,32 @@ def make_image(path, seed):
     return Image.open(path).convert("RGB")
 
 
-@pytest.fixture(scope="module")
-def flf2v(tmp_path_factory):
+def build_converted(root, flf: bool, heads: int, head_dim: int):
+    """A tiny diffusers WanImageToVideoPipeline with a CLIP image encoder (FLF2V: the image positions), saved and
+    converted: (root, pipe, first image, last image)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from mlx_video.cli import main
     from tiny_wan import build_tiny_wan_pipeline
 
-    root = tmp_path_factory.mktemp("flf2v")
     torch.manual_seed(5)
     encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_WIDTH, intermediate_size=24, num_hidden_layers=3,
                                                num_attention_heads=1, image_size=28, patch_size=7,
                                                hidden_act="gelu")).eval()
     randomize_(encoder, 5)
     processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    pipe = build_tiny_wan_pipeline(root / "diffusers", two_experts=False, shift=16.0, image_to_video=True,
-                                   image_encoder=encoder, image_processor=processor, heads=3, head_dim=10,
-                                   image_dim=CLIP_WIDTH, added_kv_proj_dim=30, pos_embed_seq_len=2 * CLIP_TOKENS)
+    pipe = build_tiny_wan_pipeline(root / "diffusers", two_experts=False, shift=16.0 if flf else 3.0,
+                                   image_to_video=True, image_encoder=encoder, image_processor=processor, heads=heads,
+                                   head_dim=head_dim, image_dim=CLIP_WIDTH, added_kv_proj_dim=heads * head_dim,
+                                   pos_embed_seq_len=2 * CLIP_TOKENS if flf else None)
     main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
     return root, pipe, make_image(root / "first.png", 1), make_image(root / "last.png", 2)
+
+
+@pytest.fixture(scope="module")
+def flf2v(tmp_path_factory):
+    return build_converted(tmp_path_factory.mktemp("flf2v"), flf=True, heads=3, head_dim=10)
 
 
 def test_flf2v_pipeline_matches_diffusers(flf2v, tmp_path):
@@ -297,3 +303,38 @@ def test_official_release_folder_converts_like_the_diffusers_one(flf2v, tmp_path
         assert ours.keys() == want.keys(), component
         for k in want:
             np.testing.assert_array_equal(ours[k], want[k], err_msg=f"{component}: {k}")
+
+
+def test_i2v_pipeline_matches_diffusers(tmp_path):
+    """Wan2.1 I2V: one image's CLIP tokens, no image positions (2 heads of width 14); a last image is refused."""
+    from mlx_video.cli import main
+    from mlx_video.errors import MlxVideoError
+    from mlx_video.run import prepare
+    from tiny_wan import use_official_sigmas
+
+    root, pipe, first, _ = build_converted(tmp_path, flf=False, heads=2, head_dim=14)
+    assert json_of(root / "mlx" / "mlxvid.json")["model"] == "wan2.1-i2v-14b-720p"
+    use_official_sigmas(pipe)
+    frames, steps, guidance = 5, 3, 4.0
+    init = np.random.default_rng(4).standard_normal((1, 4, 2, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    np.save(tmp_path / "init.npy", init)
+    with torch.no_grad():
+        ref = pipe(image=first, prompt=PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_frames=frames,
+                   num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=512,
+                   latents=torch.from_numpy(init), output_type="latent").frames.numpy()
+    main(["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+          "--image", str(root / "first.png"), "--size", f"{WIDTH}x{HEIGHT}", "--frames", str(frames), "--steps",
+          str(steps), "--guidance", str(guidance), "--shift", "3", "--init-latents", str(tmp_path / "init.npy"),
+          "--save-latents", str(tmp_path / "out.npy"), "--quiet"])
+    err = rel_err(np.load(tmp_path / "out.npy"), ref)
+    print(f"Wan2.1 I2V pipeline: latents relative error {err:.2e}")
+    assert err < 1e-3
+    with pytest.raises(MlxVideoError, match="takes no last image"):
+        prepare({"model": str(root / "mlx"), "prompt": PROMPT, "image": str(root / "first.png"),
+                 "last_image": str(root / "last.png"), "save_latents": str(tmp_path / "x.npy")}, check_memory=False)
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())
