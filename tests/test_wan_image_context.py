@@ -338,3 +338,44 @@ def json_of(path):
     import json
 
     return json.loads(path.read_text())
+
+
+def test_lora_on_backbone_and_image_layers_matches_diffusers(flf2v, tmp_path):
+    """A PEFT LoRA (diffusers' save_lora_weights) on a self-attention query and the image key/value projections of
+    FLF2V, at 0.6: diffusers' load_lora_weights + set_adapters against ours fused at load."""
+    import copy
+
+    pytest.importorskip("peft")
+    from diffusers import WanImageToVideoPipeline
+
+    from mlx_video.cli import main
+    from tiny_wan import use_official_sigmas
+
+    root, pipe, first, last = flf2v
+    rng = np.random.default_rng(31)
+    dim, rank = 30, 2
+    layers = ["blocks.0.attn1.to_q", "blocks.1.attn2.add_k_proj", "blocks.0.attn2.add_v_proj"]
+    tensors = {}
+    for name in layers:
+        tensors[f"{name}.lora_A.weight"] = torch.from_numpy((rng.standard_normal((rank, dim)) / np.sqrt(dim)).astype(np.float32))
+        tensors[f"{name}.lora_B.weight"] = torch.from_numpy((rng.standard_normal((dim, rank)) * 0.3).astype(np.float32))
+    meta = {"r": rank, "lora_alpha": 4.0, "target_modules": sorted(n.split(".", 2)[2] for n in layers)}
+    WanImageToVideoPipeline.save_lora_weights(str(tmp_path), transformer_lora_layers=tensors,
+                                              transformer_lora_adapter_metadata=meta, weight_name="flf.safetensors")
+    ref_pipe = copy.deepcopy(pipe)
+    use_official_sigmas(ref_pipe)
+    ref_pipe.load_lora_weights(str(tmp_path / "flf.safetensors"), adapter_name="style")
+    ref_pipe.transformer.set_adapters(["style"], weights=[0.6])
+    init = np.random.default_rng(8).standard_normal((1, 4, 2, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    np.save(tmp_path / "init.npy", init)
+    with torch.no_grad():
+        ref = ref_pipe(image=first, last_image=last, prompt=PROMPT, height=HEIGHT, width=WIDTH, num_frames=5,
+                       num_inference_steps=2, guidance_scale=1.0, max_sequence_length=512,
+                       latents=torch.from_numpy(init), output_type="latent").frames.numpy()
+    main(["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--image", str(root / "first.png"),
+          "--last-image", str(root / "last.png"), "--size", f"{WIDTH}x{HEIGHT}", "--frames", "5", "--steps", "2",
+          "--guidance", "1", "--shift", "16", "--init-latents", str(tmp_path / "init.npy"),
+          "--lora", f"{tmp_path / 'flf.safetensors'}:0.6", "--save-latents", str(tmp_path / "out.npy"), "--quiet"])
+    err = rel_err(np.load(tmp_path / "out.npy"), ref)
+    print(f"Wan2.1 FLF2V with a LoRA on backbone and image layers: relative error {err:.2e}")
+    assert err < 1e-3

@@ -216,9 +216,11 @@ class WanPipeline(Pipeline):
         return [HIGH_NOISE if target == "high" else LOW_NOISE]
 
     def lora_keymaps(self) -> list:
-        from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+        from mlx_video.families.wan import keys
 
-        return [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER]
+        if self.image_context:  # Wan2.1 I2V / FLF2V: the image embedding and image keys/values too
+            return [keys.DIFFUSERS_IMAGE_TRANSFORMER, keys.OFFICIAL_IMAGE_TRANSFORMER]
+        return [keys.DIFFUSERS_TRANSFORMER, keys.OFFICIAL_TRANSFORMER]
 
     def lora_model(self, component: str):
         config = transformer_config(self.folder.config(component))
