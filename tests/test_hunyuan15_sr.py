@@ -149,6 +149,7 @@ def import_official():
     used here), which is not a test dependency: a stand-in module is registered after diffusers has decided
     torchvision is absent. Its parallel state is set to a single process."""
     import importlib
+    import importlib.util
     import sys
     import types
 
@@ -160,8 +161,12 @@ def import_official():
         stand_in = types.ModuleType("torchvision")
         stand_in.transforms = types.ModuleType("torchvision.transforms")
         sys.modules.update({"torchvision": stand_in, "torchvision.transforms": stand_in.transforms})
-    if OFFICIAL not in sys.path:
-        sys.path.insert(0, OFFICIAL)
+    if "hyvideo" not in sys.modules:  # the checkout's package by its own path, leaving sys.path alone
+        package = Path(OFFICIAL) / "hyvideo"
+        spec = importlib.util.spec_from_file_location("hyvideo", package / "__init__.py",
+                                                      submodule_search_locations=[str(package)])
+        sys.modules["hyvideo"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["hyvideo"])
     # one process, no sequence parallelism; the official default state builds a CUDA device mesh
     parallel = importlib.import_module("hyvideo.commons.parallel_states")
     parallel.__dict__["__parallel_dims"] = StandIn(sp=1, sp_enabled=False, sp_rank=0, sp_group=None)
