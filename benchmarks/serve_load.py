@@ -6,7 +6,7 @@ The polling client is a process of its own (as another program on the machine wo
 latency is the server's and the machine's, not the wait for its own interpreter's GIL while the 20 submitting
 threads run.
 
-    python benchmarks/serve_load.py --model FOLDER [--submissions 200] [--clients 20] [--worker-nice N]
+    python benchmarks/serve_load.py --model FOLDER [--submissions 200] [--clients 20] [--worker-nice N] [--job-size WxH]
                                     [--json out.json]
 
 FOLDER is a converted model (a tiny one is fine: the server's own work is measured, not the model's). The
@@ -68,13 +68,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run(model: Path, submissions: int, clients: int, max_queue: int, serve_options: list[str] = ()) -> dict:
+def run(model: Path, submissions: int, clients: int, max_queue: int, serve_options: list[str] = (),
+        job_size: str = "64x64") -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         serve = ServeProcess(Path(tmp) / "data", [model], "--max-queue", str(max_queue), *serve_options).start()
         try:
             client = httpx.Client(base_url=serve.url, timeout=30)
-            long = client.post("/v1/videos", json={"prompt": "the running job", "size": "64x64", "frames": 9,
+            long = client.post("/v1/videos", json={"prompt": "the running job", "size": job_size, "frames": 9,
                                                    "steps": 1000}).json()["id"]
             wait_for(client, long, lambda j: j["status"] == "in_progress")
             context = multiprocessing.get_context("spawn")
@@ -121,10 +122,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--max-queue", type=int, default=150)
     parser.add_argument("--worker-nice", type=int, default=None, help="pass --worker-nice N to mlxvid serve")
+    parser.add_argument("--job-size", default="64x64",
+                        help="WxH of the long job that runs while polling (larger: it outlasts a fast machine's burst)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     serve_options = [] if args.worker_nice is None else ["--worker-nice", str(args.worker_nice)]
-    result = run(args.model, args.submissions, args.clients, args.max_queue, serve_options)
+    result = run(args.model, args.submissions, args.clients, args.max_queue, serve_options, args.job_size)
     for key, value in result.items():
         print(f"{key:>24}: {value}")
     if args.json:
