@@ -26,14 +26,15 @@ token refiner instead, and the blocks run without a mask.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_video.kernels import adaln_modulate, apply_rope_qk
+from mlx_video.kernels import apply_rope_qk
 from mlx_video.families.hunyuan.config import HunyuanTransformerConfig
 from mlx_video.nn.attention import attention
+from mlx_video.nn.dual_stream import DualStreamBlock, DualStreamState, FinalLayer, modulate
 from mlx_video.nn.rope import rope_tables_3d
 from mlx_video.nn.token_refiner import (
     MLP,
@@ -47,10 +48,6 @@ from mlx_video.nn.token_refiner import (
 
 def _heads(x: mx.array, num_heads: int) -> mx.array:
     return x.reshape(*x.shape[:-1], num_heads, -1)
-
-def _modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
-    """LayerNorm without affine, then x * (1 + scale) + shift; shift/scale are (B, dim), x is (B, L, dim)."""
-    return adaln_modulate(x, shift[:, None, :], scale[:, None, :], eps)
 
 # --- double- and single-stream blocks --------------------------------------------------------------------
 
@@ -68,41 +65,9 @@ class StreamWeights(nn.Module):
         self.mlp = MLP(dim, config.mlp_dim, nn.gelu_approx)
 
     def qkv(self, x: mx.array, shift: mx.array, scale: mx.array, num_heads: int, eps: float, dtype: mx.Dtype):
-        h = _modulate(x, shift, scale, eps).astype(dtype)
+        h = modulate(x, shift, scale, eps).astype(dtype)
         q, k, v = split_qkv(self.attn_qkv(h), num_heads)
         return self.attn_q_norm(q), self.attn_k_norm(k), v
-
-class DoubleStreamBlock(nn.Module):
-    def __init__(self, config: HunyuanTransformerConfig):
-        super().__init__()
-        self.num_heads = config.num_heads
-        self.eps = config.eps
-        self.img = StreamWeights(config)
-        self.txt = StreamWeights(config)
-        self.sparse = None  # a sparse joint attention (mlx_video.nn.attention.attention's `sparse`)
-
-    def __call__(self, img, txt, vec, rope, mask, dtype):
-        silu_vec = nn.silu(vec).astype(dtype)
-        img_mod = mx.split(self.img.mod(silu_vec).astype(mx.float32), 6, axis=-1)
-        txt_mod = mx.split(self.txt.mod(silu_vec).astype(mx.float32), 6, axis=-1)
-
-        img_q, img_k, img_v = self.img.qkv(img, img_mod[0], img_mod[1], self.num_heads, self.eps, dtype)
-        txt_q, txt_k, txt_v = self.txt.qkv(txt, txt_mod[0], txt_mod[1], self.num_heads, self.eps, dtype)
-        img_q, img_k = apply_rope_qk(img_q, img_k, rope)
-        out = attention(
-            mx.concatenate([img_q, txt_q], axis=1),
-            mx.concatenate([img_k, txt_k], axis=1),
-            mx.concatenate([img_v, txt_v], axis=1),
-            mask=mask,
-            sparse=self.sparse,
-        )
-        n_img = img.shape[1]
-        img = gated_add(img, img_mod[2], self.img.attn_proj(out[:, :n_img]))
-        txt = gated_add(txt, txt_mod[2], self.txt.attn_proj(out[:, n_img:]))
-
-        img = gated_add(img, img_mod[5], self.img.mlp(_modulate(img, img_mod[3], img_mod[4], self.eps).astype(dtype)))
-        txt = gated_add(txt, txt_mod[5], self.txt.mlp(_modulate(txt, txt_mod[3], txt_mod[4], self.eps).astype(dtype)))
-        return img, txt
 
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP over [image; text]: linear1 gives q | k | v | mlp, linear2 mixes attn and mlp."""
@@ -122,7 +87,7 @@ class SingleStreamBlock(nn.Module):
 
     def __call__(self, x, n_img, vec, rope, mask, dtype):
         shift, scale, gate = mx.split(self.modulation(nn.silu(vec).astype(dtype)).astype(mx.float32), 3, axis=-1)
-        h = self.linear1(_modulate(x, shift, scale, self.eps).astype(dtype))
+        h = self.linear1(modulate(x, shift, scale, self.eps).astype(dtype))
         q, k, v, mlp = mx.split(h, self.split, axis=-1)
         q = self.q_norm(_heads(q, self.num_heads))
         k = self.k_norm(_heads(k, self.num_heads))
@@ -131,18 +96,6 @@ class SingleStreamBlock(nn.Module):
         k = mx.concatenate([img_k, k[:, n_img:]], axis=1)
         out = attention(q, k, _heads(v, self.num_heads), mask=mask, sparse=self.sparse)
         return gated_add(x, gate, self.linear2(mx.concatenate([out, nn.gelu_approx(mlp)], axis=-1)))
-
-class FinalLayer(nn.Module):
-    def __init__(self, config: HunyuanTransformerConfig):
-        super().__init__()
-        dim = config.hidden_size
-        self.eps = config.eps
-        self.adaLN_modulation = nn.Linear(dim, 2 * dim)  # official chunk order: shift, scale
-        self.linear = nn.Linear(dim, math.prod(config.patch_size) * config.out_channels)
-
-    def __call__(self, x: mx.array, vec: mx.array, dtype: mx.Dtype) -> mx.array:
-        shift, scale = mx.split(self.adaLN_modulation(nn.silu(vec).astype(dtype)).astype(mx.float32), 2, axis=-1)
-        return self.linear(_modulate(x, shift, scale, self.eps).astype(dtype)).astype(mx.float32)
 
 def _common_prefix_length(mask: mx.array) -> int | None:
     """n when every row of the (B, L) bool mask is n True then False (right padding, same count), else None."""
@@ -154,26 +107,6 @@ def _common_prefix_length(mask: mx.array) -> int | None:
     return n
 
 # --- the model ---------------------------------------------------------------------------------------------
-
-@dataclass
-class HunyuanState:
-    """What flows between embed, blocks and head. img (B, N, dim) and txt (B, L, dim) are float32."""
-
-    img: mx.array
-    txt: mx.array
-    vec: mx.array
-    rope: tuple[mx.array, mx.array]
-    mask: mx.array | None  # (B, 1, 1, N + L) bool key mask, or None when txt holds no padding
-    latent_shape: tuple[int, int, int, int, int]  # (B, T, H, W, C) of the input latents
-
-    @property
-    def hidden(self) -> mx.array:
-        """The image stream (the step cache's residual)."""
-        return self.img
-
-    @hidden.setter
-    def hidden(self, value: mx.array) -> None:
-        self.img = value
 
 class HunyuanTransformer(nn.Module):
     def __init__(self, config: HunyuanTransformerConfig, dtype: mx.Dtype = mx.bfloat16):
@@ -188,9 +121,10 @@ class HunyuanTransformer(nn.Module):
             self.guidance_in = MLPEmbedder(config.freq_dim, dim)
         self.txt_in = TokenRefiner(config.text_dim, dim, config.num_heads, config.num_refiner_blocks,
                                    config.refiner_mlp_ratio, config.freq_dim, config.eps)
-        self.double_blocks = [DoubleStreamBlock(config) for _ in range(config.num_double_blocks)]
+        self.double_blocks = [DualStreamBlock(StreamWeights(config), StreamWeights(config), config.num_heads, config.eps)
+                              for _ in range(config.num_double_blocks)]
         self.single_blocks = [SingleStreamBlock(config) for _ in range(config.num_single_blocks)]
-        self.final_layer = FinalLayer(config)
+        self.final_layer = FinalLayer(dim, math.prod(config.patch_size) * config.out_channels, config.eps)
         # Leading underscores keep these out of parameters().
         self._freqs = timestep_frequencies(config.freq_dim)
         self._rope_cache = {}
@@ -210,7 +144,7 @@ class HunyuanTransformer(nn.Module):
         text_mask: mx.array | None,
         pooled: mx.array,
         guidance: mx.array | None = None,
-    ) -> HunyuanState:
+    ) -> DualStreamState:
         """Patchify and embed the latents, refine the text, build the conditioning vector, RoPE and mask.
 
         x: (B, T, H, W, C_in) latents. timestep: (B,) the flow time * 1000 (float). text: (B, L, text_dim) LLM
@@ -256,7 +190,7 @@ class HunyuanTransformer(nn.Module):
             else:
                 keys = mx.concatenate([mx.ones((batch, f * h * w), dtype=mx.bool_), text_mask], axis=1)
                 mask = keys[:, None, None, :]
-        return HunyuanState(img, txt, vec, self.rope_tables((f, h, w)), mask, (batch, frames, height, width, channels))
+        return DualStreamState(img, txt, vec, self.rope_tables((f, h, w)), mask, (batch, frames, height, width, channels))
 
     @property
     def num_blocks(self) -> int:
@@ -266,7 +200,7 @@ class HunyuanTransformer(nn.Module):
         """The blocks' joint attentions in order, double-stream first (they take `--attention`'s sparse one)."""
         return [*self.double_blocks, *self.single_blocks]
 
-    def run_blocks(self, state: HunyuanState, start: int = 0, stop: int | None = None) -> HunyuanState:
+    def run_blocks(self, state: DualStreamState, start: int = 0, stop: int | None = None) -> DualStreamState:
         """Blocks start..stop-1 (all by default), double-stream ones numbered first; returns a new state."""
         stop = self.num_blocks if stop is None else stop
         n_double = len(self.double_blocks)
@@ -282,11 +216,11 @@ class HunyuanTransformer(nn.Module):
             img, txt = x[:, :n_img], x[:, n_img:]
         return replace(state, img=img, txt=txt)
 
-    def blocks(self, state: HunyuanState) -> HunyuanState:
+    def blocks(self, state: DualStreamState) -> DualStreamState:
         """All double-stream then all single-stream blocks."""
         return self.run_blocks(state)
 
-    def head(self, state: HunyuanState) -> mx.array:
+    def head(self, state: DualStreamState) -> mx.array:
         """Velocity (B, T, H, W, C_out) float32 from the image tokens."""
         cfg = self.config
         batch, frames, height, width, _ = state.latent_shape
@@ -298,7 +232,7 @@ class HunyuanTransformer(nn.Module):
         out = out.transpose(0, 1, 5, 2, 6, 3, 7, 4)
         return out.reshape(batch, frames, height, width, cfg.out_channels)
 
-    def unembed(self, state: HunyuanState) -> mx.array:
+    def unembed(self, state: DualStreamState) -> mx.array:
         return self.head(state)
 
     def __call__(

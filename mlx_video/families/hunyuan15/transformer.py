@@ -30,25 +30,19 @@ Precision: residual streams, the conditioning vector, modulation and norms in fl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from mlx_video.families.hunyuan15.config import Hunyuan15Config
-from mlx_video.kernels import adaln_modulate, apply_rope_qk
-from mlx_video.nn.attention import attention
+from mlx_video.nn.dual_stream import DualStreamBlock, DualStreamState, FinalLayer, modulate
 from mlx_video.nn.norms import layer_norm_fp32
 from mlx_video.nn.rope import rope_tables_3d
-from mlx_video.nn.token_refiner import MLP, MLPEmbedder, TokenRefiner, gated_add, timestep_frequencies, timestep_sinusoid
+from mlx_video.nn.token_refiner import MLP, MLPEmbedder, TokenRefiner, timestep_frequencies, timestep_sinusoid
 
 TEXT, GLYPH, IMAGE = 0, 1, 2  # the rows of cond_type_embedding
-
-
-def modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
-    """LayerNorm without affine, then x * (1 + scale) + shift; shift/scale are (B, dim), x is (B, L, dim)."""
-    return adaln_modulate(x, shift[:, None, :], scale[:, None, :], eps)
 
 
 class AffineNorm(nn.Module):
@@ -115,45 +109,6 @@ class StreamWeights(nn.Module):
         return self.attn_q_norm(heads(self.attn_q(h))), self.attn_k_norm(heads(self.attn_k(h))), heads(self.attn_v(h))
 
 
-class DoubleStreamBlock(nn.Module):
-    def __init__(self, config: Hunyuan15Config):
-        super().__init__()
-        self.num_heads = config.num_heads
-        self.eps = config.eps
-        self.img = StreamWeights(config)
-        self.txt = StreamWeights(config)
-        self.sparse = None  # a sparse joint attention (mlx_video.nn.attention.attention's `sparse`)
-
-    def __call__(self, img, txt, vec, rope, mask, dtype):
-        silu_vec = nn.silu(vec).astype(dtype)
-        img_mod = mx.split(self.img.mod(silu_vec).astype(mx.float32), 6, axis=-1)
-        txt_mod = mx.split(self.txt.mod(silu_vec).astype(mx.float32), 6, axis=-1)
-        img_q, img_k, img_v = self.img.qkv(img, img_mod[0], img_mod[1], self.num_heads, self.eps, dtype)
-        txt_q, txt_k, txt_v = self.txt.qkv(txt, txt_mod[0], txt_mod[1], self.num_heads, self.eps, dtype)
-        img_q, img_k = apply_rope_qk(img_q, img_k, rope)
-        out = attention(mx.concatenate([img_q, txt_q], axis=1), mx.concatenate([img_k, txt_k], axis=1),
-                        mx.concatenate([img_v, txt_v], axis=1), mask=mask, sparse=self.sparse)
-        n_img = img.shape[1]
-        img = gated_add(img, img_mod[2], self.img.attn_proj(out[:, :n_img]))
-        txt = gated_add(txt, txt_mod[2], self.txt.attn_proj(out[:, n_img:]))
-        img = gated_add(img, img_mod[5], self.img.mlp(modulate(img, img_mod[3], img_mod[4], self.eps).astype(dtype)))
-        txt = gated_add(txt, txt_mod[5], self.txt.mlp(modulate(txt, txt_mod[3], txt_mod[4], self.eps).astype(dtype)))
-        return img, txt
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, config: Hunyuan15Config):
-        super().__init__()
-        dim = config.hidden_size
-        self.eps = config.eps
-        self.adaLN_modulation = nn.Linear(dim, 2 * dim)  # official chunk order: shift, scale
-        self.linear = nn.Linear(dim, math.prod(config.patch_size) * config.out_channels)
-
-    def __call__(self, x: mx.array, vec: mx.array, dtype: mx.Dtype) -> mx.array:
-        shift, scale = mx.split(self.adaLN_modulation(nn.silu(vec).astype(dtype)).astype(mx.float32), 2, axis=-1)
-        return self.linear(modulate(x, shift, scale, self.eps).astype(dtype)).astype(mx.float32)
-
-
 def valid_tokens(parts: list[tuple[mx.array, mx.array | None]]) -> tuple[mx.array, mx.array | None]:
     """Each sample's valid tokens of `parts` [(tokens (B, L, dim), mask (B, L) or None: all valid)], in order,
     as (B, N, dim) with N the most any sample keeps, and a (B, N) bool mask when some sample keeps fewer (None
@@ -187,27 +142,6 @@ def used_columns(tokens: mx.array, mask: mx.array | None) -> tuple[mx.array | No
     return tokens, None if keep.all() else mask
 
 
-@dataclass
-class Hunyuan15State:
-    """What flows between embed, blocks and head. img (B, N, dim) and txt (B, L, dim) are float32."""
-
-    img: mx.array
-    txt: mx.array
-    vec: mx.array
-    rope: tuple[mx.array, mx.array]
-    mask: mx.array | None  # (B, 1, 1, N + L) bool key mask, or None when no sample has padding
-    latent_shape: tuple[int, int, int, int, int]  # (B, T, H, W, C) of the input latents
-
-    @property
-    def hidden(self) -> mx.array:
-        """The image stream (the step cache's residual)."""
-        return self.img
-
-    @hidden.setter
-    def hidden(self, value: mx.array) -> None:
-        self.img = value
-
-
 class Hunyuan15Transformer(nn.Module):
     def __init__(self, config: Hunyuan15Config, dtype: mx.Dtype = mx.bfloat16):
         super().__init__()
@@ -223,8 +157,9 @@ class Hunyuan15Transformer(nn.Module):
         self.byt5_in = GlyphProjection(config.glyph_dim, config.glyph_hidden, dim)
         self.vision_in = VisionProjection(config.image_dim, dim)
         self.cond_type_embedding = nn.Embedding(3, dim)
-        self.double_blocks = [DoubleStreamBlock(config) for _ in range(config.num_blocks)]
-        self.final_layer = FinalLayer(config)
+        self.double_blocks = [DualStreamBlock(StreamWeights(config), StreamWeights(config), config.num_heads, config.eps)
+                              for _ in range(config.num_blocks)]
+        self.final_layer = FinalLayer(dim, math.prod(config.patch_size) * config.out_channels, config.eps)
         # Leading underscores keep these out of parameters().
         self._freqs = timestep_frequencies(config.freq_dim)
         self._rope_cache = {}
@@ -280,7 +215,7 @@ class Hunyuan15Transformer(nn.Module):
 
     def embed(self, x: mx.array, timestep: mx.array, text: mx.array, text_mask: mx.array | None,
               glyph: mx.array | None = None, glyph_mask: mx.array | None = None, image: mx.array | None = None,
-              timestep_r: mx.array | None = None) -> Hunyuan15State:
+              timestep_r: mx.array | None = None) -> DualStreamState:
         """Patchify and embed the latents, build the joint text sequence, the conditioning vector, RoPE, mask.
 
         x: (B, T, H, W, in_channels) = [noisy latents, condition latents, mask]. timestep / timestep_r: (B,) the
@@ -301,7 +236,7 @@ class Hunyuan15Transformer(nn.Module):
         mask = None
         if txt_mask is not None:
             mask = mx.concatenate([mx.ones((batch, f * h * w), dtype=mx.bool_), txt_mask], axis=1)[:, None, None, :]
-        return Hunyuan15State(img, txt, vec, self.rope_tables((f, h, w)), mask, (batch, frames, height, width, channels))
+        return DualStreamState(img, txt, vec, self.rope_tables((f, h, w)), mask, (batch, frames, height, width, channels))
 
     @property
     def num_blocks(self) -> int:
@@ -311,17 +246,17 @@ class Hunyuan15Transformer(nn.Module):
         """The blocks' joint attentions in order (they take `--attention`'s sparse one)."""
         return list(self.double_blocks)
 
-    def run_blocks(self, state: Hunyuan15State, start: int = 0, stop: int | None = None) -> Hunyuan15State:
+    def run_blocks(self, state: DualStreamState, start: int = 0, stop: int | None = None) -> DualStreamState:
         """Blocks start..stop-1 (all by default); returns a new state."""
         img, txt = state.img, state.txt
         for block in self.double_blocks[start:stop]:
             img, txt = block(img, txt, state.vec, state.rope, state.mask, self.dtype)
         return replace(state, img=img, txt=txt)
 
-    def blocks(self, state: Hunyuan15State) -> Hunyuan15State:
+    def blocks(self, state: DualStreamState) -> DualStreamState:
         return self.run_blocks(state)
 
-    def head(self, state: Hunyuan15State) -> mx.array:
+    def head(self, state: DualStreamState) -> mx.array:
         """Velocity (B, T, H, W, out_channels) float32 from the image tokens."""
         cfg = self.config
         batch, frames, height, width, _ = state.latent_shape
@@ -332,7 +267,7 @@ class Hunyuan15Transformer(nn.Module):
         out = out.reshape(batch, f, h, w, cfg.out_channels, pt, ph, pw).transpose(0, 1, 5, 2, 6, 3, 7, 4)
         return out.reshape(batch, frames, height, width, cfg.out_channels)
 
-    def unembed(self, state: Hunyuan15State) -> mx.array:
+    def unembed(self, state: DualStreamState) -> mx.array:
         return self.head(state)
 
     def __call__(self, x, timestep, text, text_mask, glyph=None, glyph_mask=None, image=None, timestep_r=None):
