@@ -34,6 +34,7 @@ from typing import Callable, NamedTuple
 import click
 
 from mlx_video import cost as C
+from mlx_video.families import cost_model
 from mlx_video.families.wan import cost_model as F
 from mlx_video.pipelines.loop import guidance_batched
 from mlx_video.registry import MODELS, get_spec
@@ -936,11 +937,12 @@ def run_estimate(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] | None
     names = list(C.CHIPS) if "all" in chips else list(chips)
     preds = [C.predict(c, spec, width, height, frames, steps, guidance, dtype, quantize, efficiency, measured)
              for c in names]
-    fl = F.video_flops(spec, width, height, frames, steps, guidance)
-    mem = F.estimate_peak_memory(spec, width, height, frames, dtype, quantize, guidance=guidance)
+    model = cost_model(spec.family)  # arithmetic only: every registered family's cost model
+    fl = model.video_flops(spec, width, height, frames, steps, guidance)
+    mem = model.estimate_peak_memory(spec, width, height, frames, dtype, quantize, guidance=guidance)
     record = {"harness": "estimate", "model": spec.id, "width": width, "height": height, "frames": frames,
               "steps": fl["steps"], "dtype": dtype, "quantize": quantize, "guidance": guidance,
-              "tokens": F.tokens(spec, width, height, frames), "flops": fl, "peak_memory": mem.to_dict(),
+              "tokens": model.tokens(spec, width, height, frames), "flops": fl, "peak_memory": mem.to_dict(),
               "measured_tflops": measured, "predictions": preds}
     echo(f"estimate: {spec.id} {width}x{height}x{frames}, {fl['steps']} steps, {'CFG' if guidance else 'no CFG'}, "
          f"{dtype}{' ' + quantize if quantize else ''}: {record['tokens']} tokens, "
@@ -1004,6 +1006,12 @@ def _model_option(f):
     # scripts (benchmarks/hunyuan.py, benchmarks/mochi.py)
     wan_models = [m for m, spec in MODELS.items() if spec.family == "wan"]
     return click.option("--model", "-m", "model_id", type=click.Choice(wan_models), default="wan2.2-t2v-a14b",
+                        show_default=True, help="Registry model.")(f)
+
+
+def _any_model_option(f):
+    # the estimate is arithmetic over a family's cost model: every registered model has one
+    return click.option("--model", "-m", "model_id", type=click.Choice(list(MODELS)), default="wan2.2-t2v-a14b",
                         show_default=True, help="Registry model.")(f)
 
 
@@ -1086,7 +1094,7 @@ def vae(model_id, sizes, frames, dtype, vae_dim, repeats, json_path):
 
 
 @bench.command()
-@_model_option
+@_any_model_option
 @click.option("--size", default=None, metavar="WxH", help="Default: the model's first published size.")
 @click.option("--frames", type=int, default=None)
 @click.option("--steps", type=int, default=None)

@@ -221,6 +221,13 @@ def test_cli(tmp_path):
     assert r["tokens"] == 32_760 and r["predictions"][0]["chip"] == "m3-ultra"
     res = runner.invoke(bench.bench, ["peak", "--sizes", "64", "--tokens", "32", "--heads", "2", "--repeats", "1"])
     assert res.exit_code == 0, res.output
+    # any registered family: HunyuanVideo 1.5 720p x 121 (31 x 45 x 80 tokens) through its own cost model
+    res = runner.invoke(bench.bench, ["estimate", "--model", "hunyuanvideo-1.5-720p-t2v", "--chip", "m3-ultra",
+                                      "--json", str(tmp_path / "hy15.json")])
+    assert res.exit_code == 0, res.output
+    r = _read(tmp_path / "hy15.json")
+    assert r["tokens"] == 31 * 45 * 80 and r["frames"] == 121
+    assert r["speedups"]["rows"][0]["plan"] == "dense"
     res = runner.invoke(bench.bench, ["estimate", "--chip", "m9"])
     assert res.exit_code != 0
     assert {"step", "peak", "vs-reference", "vae", "estimate"} <= set(bench.bench.commands)
