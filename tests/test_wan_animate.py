@@ -27,7 +27,9 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.convert.rules import convert_weights  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.run import prepare  # noqa: E402
-from tiny_wan import randomize_, train_spiece, use_official_sigmas  # noqa: E402
+from tiny_wan import (  # noqa: E402
+    WAN_IMAGE_OFFICIAL_RENAMES, randomize_, renamed_keys, train_spiece, use_official_sigmas,
+)
 
 PROMPT = "a dancer in a red coat"
 NEGATIVE = "blurry"
@@ -143,24 +145,7 @@ def official_names(state_dict):
 
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    renames = [
-        (r"condition_embedder\.time_embedder\.linear_([12])", lambda m: f"time_embedding.{2 * int(m[1]) - 2}"),
-        (r"condition_embedder\.text_embedder\.linear_([12])", lambda m: f"text_embedding.{2 * int(m[1]) - 2}"),
-        (r"condition_embedder\.time_proj", lambda m: "time_projection.1"),
-        (r"condition_embedder\.image_embedder\.norm1", lambda m: "img_emb.proj.0"),
-        (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", lambda m: "img_emb.proj.1"),
-        (r"condition_embedder\.image_embedder\.ff\.net\.2", lambda m: "img_emb.proj.3"),
-        (r"condition_embedder\.image_embedder\.norm2", lambda m: "img_emb.proj.4"),
-        (r"attn1\.to_([qkv])", lambda m: f"self_attn.{m[1]}"), (r"attn1\.to_out\.0", lambda m: "self_attn.o"),
-        (r"attn1\.norm_([qk])", lambda m: f"self_attn.norm_{m[1]}"),
-        (r"attn2\.to_([qkv])", lambda m: f"cross_attn.{m[1]}"), (r"attn2\.to_out\.0", lambda m: "cross_attn.o"),
-        (r"attn2\.norm_([qk])", lambda m: f"cross_attn.norm_{m[1]}"),
-        (r"attn2\.add_([kv])_proj", lambda m: f"cross_attn.{m[1]}_img"),
-        (r"attn2\.norm_added_k", lambda m: "cross_attn.norm_k_img"),
-        (r"blocks\.(\d+)\.norm2", lambda m: f"blocks.{m[1]}.norm3"),
-        (r"ffn\.net\.0\.proj", lambda m: "ffn.0"), (r"ffn\.net\.2", lambda m: "ffn.2"),
-        (r"^proj_out", lambda m: "head.head"), (r"^scale_shift_table", lambda m: "head.modulation"),
-        (r"blocks\.(\d+)\.scale_shift_table", lambda m: f"blocks.{m[1]}.modulation"),
+    renames = WAN_IMAGE_OFFICIAL_RENAMES + [
         (r"motion_encoder\.motion_synthesis_weight", lambda m: "motion_encoder.dec.direction.weight"),
         (r"motion_encoder\.conv_in\.weight", lambda m: "motion_encoder.enc.net_app.convs.0.0.weight"),
         (r"motion_encoder\.conv_in\.act_fn\.bias", lambda m: "motion_encoder.enc.net_app.convs.0.1.bias"),
@@ -182,12 +167,7 @@ def official_names(state_dict):
         (r"face_adapter\.(\d+)\.norm_([qk])", lambda m: f"face_adapter.fuser_blocks.{m[1]}.{m[2]}_norm"),
     ]
     blocks = len({k.split(".")[2] for k in state_dict if k.startswith("motion_encoder.res_blocks.")})
-    official = {}
-    for key, value in state_dict.items():
-        name = key
-        for pattern, target in renames:
-            name = re.sub(pattern, target, name)
-        official[name] = value.clone()
+    official = {key: value.clone() for key, value in renamed_keys(state_dict, renames).items()}
     for name in [k for k in official if k.startswith("motion_encoder.enc.net_app") and k.endswith(".bias")]:
         official[name] = official[name].reshape(1, -1, 1, 1)  # the official FusedLeakyReLU bias
     for i in {re.match(r"face_adapter\.(\d+)\.to_k", k)[1] for k in official if re.match(r"face_adapter\.\d+\.to_k", k)}:

@@ -4,7 +4,6 @@ two heads of width 12), from the diffusers and the official layouts; and the pub
 
 from __future__ import annotations
 
-import re
 
 import mlx.core as mx
 import numpy as np
@@ -14,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from mlx_video.convert.rules import convert_weights  # noqa: E402
-from tiny_wan import randomize_  # noqa: E402
+from tiny_wan import WAN_IMAGE_OFFICIAL_RENAMES, randomize_, renamed_keys  # noqa: E402
 
 IMAGE_TOKENS = 5  # per image (CLIP ViT-H/14 gives 257)
 
@@ -62,32 +61,7 @@ def ours_from(state_dict, keymap, cfg):
 
 def official_names(state_dict):
     """The diffusers names as the official Wan2.1 `WanModel` (Wan-Video/Wan2.1 wan/modules/model.py) has them."""
-    renames = [
-        (r"condition_embedder\.time_embedder\.linear_([12])", lambda m: f"time_embedding.{2 * int(m[1]) - 2}"),
-        (r"condition_embedder\.text_embedder\.linear_([12])", lambda m: f"text_embedding.{2 * int(m[1]) - 2}"),
-        (r"condition_embedder\.time_proj", lambda m: "time_projection.1"),
-        (r"condition_embedder\.image_embedder\.norm1", lambda m: "img_emb.proj.0"),
-        (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", lambda m: "img_emb.proj.1"),
-        (r"condition_embedder\.image_embedder\.ff\.net\.2", lambda m: "img_emb.proj.3"),
-        (r"condition_embedder\.image_embedder\.norm2", lambda m: "img_emb.proj.4"),
-        (r"condition_embedder\.image_embedder\.pos_embed", lambda m: "img_emb.emb_pos"),
-        (r"attn1\.to_([qkv])", lambda m: f"self_attn.{m[1]}"), (r"attn1\.to_out\.0", lambda m: "self_attn.o"),
-        (r"attn1\.norm_([qk])", lambda m: f"self_attn.norm_{m[1]}"),
-        (r"attn2\.to_([qkv])", lambda m: f"cross_attn.{m[1]}"), (r"attn2\.to_out\.0", lambda m: "cross_attn.o"),
-        (r"attn2\.norm_([qk])", lambda m: f"cross_attn.norm_{m[1]}"),
-        (r"attn2\.add_([kv])_proj", lambda m: f"cross_attn.{m[1]}_img"),
-        (r"attn2\.norm_added_k", lambda m: "cross_attn.norm_k_img"),
-        (r"blocks\.(\d+)\.norm2", lambda m: f"blocks.{m[1]}.norm3"),
-        (r"ffn\.net\.0\.proj", lambda m: "ffn.0"), (r"ffn\.net\.2", lambda m: "ffn.2"),
-        (r"^proj_out", lambda m: "head.head"), (r"^scale_shift_table", lambda m: "head.modulation"),
-        (r"blocks\.(\d+)\.scale_shift_table", lambda m: f"blocks.{m[1]}.modulation"),
-    ]
-    official = {}
-    for key, value in state_dict.items():
-        for pattern, target in renames:
-            key = re.sub(pattern, target, key)
-        official[key] = value
-    return official
+    return renamed_keys(state_dict, WAN_IMAGE_OFFICIAL_RENAMES)
 
 
 @pytest.mark.parametrize("heads,head_dim,flf", [(3, 10, True), (2, 12, False)])

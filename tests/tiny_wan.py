@@ -125,6 +125,42 @@ def build_tiny_wan_pipeline(
     return pipe
 
 
+# diffusers -> official Wan (Wan-Video/Wan2.1 wan/modules/model.py) names of a transformer with the CLIP image
+# context (I2V-14B, FLF2V-14B; Wan2.2-Animate's backbone): (pattern, replacement) for re.sub, in order
+WAN_IMAGE_OFFICIAL_RENAMES = [
+    (r"condition_embedder\.time_embedder\.linear_([12])", lambda m: f"time_embedding.{2 * int(m[1]) - 2}"),
+    (r"condition_embedder\.text_embedder\.linear_([12])", lambda m: f"text_embedding.{2 * int(m[1]) - 2}"),
+    (r"condition_embedder\.time_proj", lambda m: "time_projection.1"),
+    (r"condition_embedder\.image_embedder\.norm1", lambda m: "img_emb.proj.0"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", lambda m: "img_emb.proj.1"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.2", lambda m: "img_emb.proj.3"),
+    (r"condition_embedder\.image_embedder\.norm2", lambda m: "img_emb.proj.4"),
+    (r"condition_embedder\.image_embedder\.pos_embed", lambda m: "img_emb.emb_pos"),
+    (r"attn1\.to_([qkv])", lambda m: f"self_attn.{m[1]}"), (r"attn1\.to_out\.0", lambda m: "self_attn.o"),
+    (r"attn1\.norm_([qk])", lambda m: f"self_attn.norm_{m[1]}"),
+    (r"attn2\.to_([qkv])", lambda m: f"cross_attn.{m[1]}"), (r"attn2\.to_out\.0", lambda m: "cross_attn.o"),
+    (r"attn2\.norm_([qk])", lambda m: f"cross_attn.norm_{m[1]}"),
+    (r"attn2\.add_([kv])_proj", lambda m: f"cross_attn.{m[1]}_img"),
+    (r"attn2\.norm_added_k", lambda m: "cross_attn.norm_k_img"),
+    (r"blocks\.(\d+)\.norm2", lambda m: f"blocks.{m[1]}.norm3"),
+    (r"ffn\.net\.0\.proj", lambda m: "ffn.0"), (r"ffn\.net\.2", lambda m: "ffn.2"),
+    (r"^proj_out", lambda m: "head.head"), (r"^scale_shift_table", lambda m: "head.modulation"),
+    (r"blocks\.(\d+)\.scale_shift_table", lambda m: f"blocks.{m[1]}.modulation"),
+]
+
+
+def renamed_keys(state_dict: dict, renames) -> dict:
+    """`state_dict` with every (pattern, replacement) of `renames` applied to each key in turn (re.sub)."""
+    import re
+
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, target in renames:
+            key = re.sub(pattern, target, key)
+        out[key] = value
+    return out
+
+
 def decode_like_diffusers(pipe, latents):
     """(frames, H, W, 3) in [0, 1]: a Wan pipeline's own output_type="np" decoding of its latent output."""
     import torch
