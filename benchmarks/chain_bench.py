@@ -2,7 +2,7 @@
 
     python benchmarks/chain_bench.py --segments 1,2,4 --size 160x96 --segment-frames 17 --steps 2
 
-Builds a tiny random A14B-style Wan pipeline with diffusers (tests/tiny_wan.py; needs torch and diffusers),
+Builds a tiny random A14B-style Wan pipeline with diffusers (tests/support/wan.py; needs torch and diffusers),
 converts it to fp32 with `mlxvid convert`, then runs `mlxvid generate --frames N --segment-frames F` for each
 segment count in a fresh process (N = F + (count - 1) * (F - 5): every segment renders F frames, the later ones
 sharing 5 with the one before), into an .mp4 (or, with --png, a PNG folder). Each child reports MLX's peak
@@ -85,7 +85,7 @@ def main(segments, size, clip, steps, png, child_run):
         return
     sys.path.insert(0, str(ROOT / "tests"))
     import mlx.core as mx
-    from tiny_wan import build_tiny_wan_pipeline
+    from support.wan import build_tiny_wan_pipeline
 
     from mlx_video.cli import main as mlxvid
 

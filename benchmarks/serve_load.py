@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from mlxvid_serve_helpers import ServeProcess, wait_for  # noqa: E402
+from support.serve import ServeProcess, wait_for  # noqa: E402
 
 
 def submit_all(url: str, n: int, clients: int) -> list[dict]:

@@ -6,7 +6,7 @@ def a14b(tmp_path_factory):
     """A tiny random A14B-style diffusers pipeline, saved, and converted to fp32 with `mlxvid convert`."""
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from tiny_wan import build_tiny_wan_pipeline
+    from support.wan import build_tiny_wan_pipeline
 
     from mlx_video.cli import main
 

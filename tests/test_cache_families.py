@@ -81,9 +81,9 @@ def test_mochi_split_forward_is_the_forward():
 def folders(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from tiny_hunyuan import build_tiny_hunyuan_pipeline
-    from tiny_hunyuan15 import build_tiny_t2v_pipeline
-    from tiny_mochi import build_tiny_mochi_pipeline
+    from support.hunyuan import build_tiny_hunyuan_pipeline
+    from support.hunyuan15 import build_tiny_t2v_pipeline
+    from support.mochi import build_tiny_mochi_pipeline
 
     from mlx_video.cli import main
 

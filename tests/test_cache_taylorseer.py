@@ -129,7 +129,7 @@ def _option(config: dict) -> str:
 def _wan_reference(pipe, init, steps, config):
     import torch
 
-    from tiny_wan import use_official_sigmas
+    from support.wan import use_official_sigmas
 
     use_official_sigmas(pipe)
     return _diffusers_taylorseer(pipe, config, lambda: pipe(
@@ -205,8 +205,8 @@ def test_wan_a14b_second_order_matches_diffusers(a14b):
 def families(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from tiny_hunyuan import build_tiny_hunyuan_pipeline
-    from tiny_mochi import build_tiny_mochi_pipeline
+    from support.hunyuan import build_tiny_hunyuan_pipeline
+    from support.mochi import build_tiny_mochi_pipeline
 
     from mlx_video.cli import main
 

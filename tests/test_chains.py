@@ -298,7 +298,7 @@ def test_latent_overlap_conditions_the_next_segment(a14b, tmp_path):
 def ti2v(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from tiny_wan import build_tiny_wan_pipeline
+    from support.wan import build_tiny_wan_pipeline
 
     root = tmp_path_factory.mktemp("ti2v_extend")
     build_tiny_wan_pipeline(root / "diffusers", two_experts=False, shift=5.0, wan22_vae=True)
@@ -345,7 +345,7 @@ def test_latent_overlap_on_mochi(tmp_path_factory, tmp_path, monkeypatch):
     convention): the held latent frames end on the previous segment's, and 7 frames are cross-faded."""
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from tiny_mochi import build_tiny_mochi_pipeline
+    from support.mochi import build_tiny_mochi_pipeline
 
     from mlx_video import chains
     from mlx_video.run import execute, prepare

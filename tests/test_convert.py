@@ -26,7 +26,7 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.convert.convert import convert_model  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.registry import MODELS  # noqa: E402
-from mlxvid_test_helpers import Tiny, comfy_file, official_transformer_name, tiny_specs  # noqa: E402
+from support.wan_checkpoints import Tiny, comfy_file, official_transformer_name, tiny_specs  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.registry import MODELS  # noqa: E402
-from mlxvid_test_helpers import Tiny, official_transformer_name, official_vae21, tiny_specs  # noqa: E402
+from support.wan_checkpoints import Tiny, official_transformer_name, official_vae21, tiny_specs  # noqa: E402
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX v1.0: the magnitudes of codes 0..7; bit 3 is the sign
 
@@ -238,7 +238,7 @@ def test_nvfp4_without_comfy_quant_names_what_is_missing(tmp_path):
 
 
 def test_folder_with_one_a14b_expert_names_the_missing_one(tmp_path):
-    from mlxvid_test_helpers import transformer_file, umt5_file
+    from support.wan_checkpoints import transformer_file, umt5_file
 
     from mlx_video.convert.convert import plan
 

@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 
 from mlx_video.convert.convert import plan
 from mlx_video.errors import MlxVideoError
-from mlxvid_test_helpers import write_description
-from mlxvid_test_helpers import official_state
-from mlxvid_test_helpers import official_state_dict
-from mlxvid_test_helpers import official_vae_state_dicts
-from tiny_hunyuan import build_tiny_hunyuan_pipeline
-from tiny_mochi import build_tiny_mochi_pipeline
+from support.wan_checkpoints import write_description
+from support.wan_checkpoints import official_state
+from support.wan_checkpoints import official_state_dict
+from support.wan_checkpoints import official_vae_state_dicts
+from support.hunyuan import build_tiny_hunyuan_pipeline
+from support.mochi import build_tiny_mochi_pipeline
 
 F8 = torch.float8_e4m3fn
 
@@ -226,7 +226,7 @@ MOCHI_VAE = dict(encoder_block_out_channels=(32, 64, 64, 96), decoder_block_out_
 @pytest.fixture(scope="module")
 def mochi(tmp_path_factory):
     from diffusers import AutoencoderKLMochi
-    from tiny_mochi import randomize_
+    from support.mochi import randomize_
 
     root = tmp_path_factory.mktemp("mochi")
     pipe = build_tiny_mochi_pipeline(root / "pipe")
@@ -327,7 +327,7 @@ def test_hunyuan_full_size_comfy_files_plan(hunyuan):
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
-    from mlxvid_test_helpers import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER
+    from support.wan_checkpoints import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER
 
     root, _, _ = hunyuan
     full = root / "full"
@@ -373,7 +373,7 @@ def test_mochi_full_size_comfy_files_plan(mochi):
     from diffusers import AutoencoderKLMochi, MochiTransformer3DModel
     from transformers import T5Config as HFT5Config, T5EncoderModel
 
-    from mlxvid_test_helpers import T5_XXL
+    from support.wan_checkpoints import T5_XXL
 
     root, _, _, _ = mochi
     full = root / "full"

@@ -32,7 +32,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.registry import MODELS  # noqa: E402
-from mlxvid_test_helpers import Tiny, official_vae21, scaled_fp8, tiny_specs  # noqa: E402
+from support.wan_checkpoints import Tiny, official_vae21, scaled_fp8, tiny_specs  # noqa: E402
 
 # Relative output error against the unquantized model, measured on this tiny model with group size 32: q8 gives
 # 8.8e-4, q4 1.6e-2. The bounds leave a margin of about 5x.

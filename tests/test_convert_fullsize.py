@@ -19,8 +19,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from mlx_video.convert.convert import plan  # noqa: E402
-from tiny_wan import train_spiece  # noqa: E402
-from mlxvid_test_helpers import meta_state, transformer_file, umt5_file, vae_file, write_description  # noqa: E402
+from support.wan import train_spiece  # noqa: E402
+from support.wan_checkpoints import meta_state, transformer_file, umt5_file, vae_file, write_description  # noqa: E402
 
 
 @pytest.fixture(scope="module")

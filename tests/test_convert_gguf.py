@@ -26,8 +26,8 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from mlx_video.cli import main  # noqa: E402
-from mlxvid_test_helpers import official_transformer_name  # noqa: E402
-from tiny_wan import build_tiny_wan_pipeline, use_official_sigmas  # noqa: E402
+from support.wan_checkpoints import official_transformer_name  # noqa: E402
+from support.wan import build_tiny_wan_pipeline, use_official_sigmas  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset"
 NEGATIVE = "static, blurry"
@@ -286,7 +286,7 @@ def wan_gguf_header(path: Path, model_id: str, wanted: str) -> Path:
     """A full-size Wan 2.2 transformer as QuantStack's Q4_K_M files name and type it (.v and ffn.2 as Q6_K)."""
     from diffusers import WanTransformer3DModel
 
-    from mlxvid_test_helpers import TRANSFORMERS, meta_state
+    from support.wan_checkpoints import TRANSFORMERS, meta_state
 
     sd = meta_state(WanTransformer3DModel, **TRANSFORMERS[model_id])
     tensors = {}
@@ -312,8 +312,8 @@ def umt5_gguf_header(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fullsize(tmp_path_factory):
-    from mlxvid_test_helpers import vae_file
-    from tiny_wan import train_spiece
+    from support.wan_checkpoints import vae_file
+    from support.wan import train_spiece
 
     root = tmp_path_factory.mktemp("gguf_fullsize")
     (root / "tok").mkdir()

@@ -18,8 +18,8 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.families.hunyuan import planner as family  # noqa: E402
 from mlx_video.convert.formats import TensorFile  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from mlxvid_test_helpers import official_state  # noqa: E402
-from tiny_hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
+from support.wan_checkpoints import official_state  # noqa: E402
+from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 E4M3_MAX = 448.0

@@ -14,7 +14,7 @@ import pytest
 
 from mlx_video.distributed import plan_split
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
+WORKER = Path(__file__).parent / "support" / "scripts" / "distributed_worker.py"
 
 
 def test_split_rule():

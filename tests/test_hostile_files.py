@@ -1,5 +1,5 @@
 """The hostile set (issue 24): about a hundred hostile or broken files and folders through `mlxvid convert`
-and `mlxvid generate`, each in its own child process capped at 5 s and 1 GiB (`hostile_driver.py`).
+and `mlxvid generate`, each in its own child process capped at 5 s and 1 GiB (`support/scripts/hostile_driver.py`).
 
 For every case: success or one clean line of error, no traceback, nothing written outside the case's
 destination, nothing of the user's deleted or changed.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hostile_files import convert_argv, folder_cases, model_folder_variants, problems, run_driver, write_inputs
+from support.hostile import convert_argv, folder_cases, model_folder_variants, problems, run_driver, write_inputs
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

@@ -67,7 +67,7 @@ def test_folder_missing_a_default_says_which_and_how(a14b, tmp_path, capsys):
 
 
 def test_python_api_image_array_without_settings_image(tmp_path):
-    from tiny_wan import build_tiny_wan_pipeline
+    from support.wan import build_tiny_wan_pipeline
 
     build_tiny_wan_pipeline(tmp_path / "diffusers", two_experts=True, shift=5.0, image_to_video=True)
     main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "mlx"), "--dtype", "fp32"])
@@ -116,7 +116,7 @@ def test_single_file_over_a_diffusers_folder_keeps_its_config(tmp_path):
     """A transformer file with 4 heads of 20 (80 wide): its shapes cannot tell 4x20 from 2x40 or 1x80, so the
     head count must come from DIFFUSERS_DIR/transformer/config.json."""
     from safetensors.torch import save_file
-    from tiny_wan import build_tiny_wan_pipeline
+    from support.wan import build_tiny_wan_pipeline
 
     pipe = build_tiny_wan_pipeline(tmp_path / "diffusers", two_experts=False, shift=5.0, heads=4, head_dim=20)
     state = {k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}

@@ -1,5 +1,5 @@
 """HunyuanVideo 1.5 super-resolution: the latent upsamplers (480p -> 720p, 720p -> 1080p) and the SR step's
-conditioning against a torch transcription of the official code (tests/hy15_sr_reference.py, cited there), in CI;
+conditioning against a torch transcription of the official code (tests/support/reference/hy15_sr.py, cited there), in CI;
 and, when HUNYUANVIDEO15_REPO names a checkout of Tencent-Hunyuan/HunyuanVideo-1.5, the transcription against the
 official classes and the whole SR stage against the official `HunyuanVideo_1_5_SR_Pipeline` on CPU torch."""
 
@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-import hy15_sr_reference as ref  # noqa: E402
+from support.reference import hy15_sr as ref  # noqa: E402
 from mlx_video.convert.rules import convert_weights  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.families.hunyuan15.sr import renoise_low_res, sr_conditions, uses_low_res  # noqa: E402
@@ -331,7 +331,7 @@ def test_published_sr_model_every_key_and_shape(tmp_path):
     from mlx.utils import tree_flatten
 
     from mlx_video.convert.convert import plan
-    from mlxvid_test_helpers import write_description
+    from support.wan_checkpoints import write_description
 
     record = json.loads(KEYS.read_text())
     folder = tmp_path / "transformer" / "720p_sr_distilled"
@@ -359,7 +359,7 @@ def test_published_sr_model_every_key_and_shape(tmp_path):
 def test_release_without_upsampler_is_refused(tmp_path):
     from mlx_video.convert.convert import plan
     from mlx_video.errors import MlxVideoError
-    from mlxvid_test_helpers import write_description
+    from support.wan_checkpoints import write_description
 
     record = json.loads(KEYS.read_text())
     folder = tmp_path / "transformer" / "1080p_sr_distilled"
@@ -387,7 +387,7 @@ def test_high_res_size_is_the_official_bucket(width, height, base, want):
 def runs(tmp_path_factory):
     """A tiny T2V model converted and run (64x48, 5 frames, --save-latents), and a tiny SR model converted with
     --base from a folder holding a diffusers-named transformer of 3 x 4 + 2 input channels and an upsampler."""
-    from tiny_hunyuan15 import build_tiny_t2v_pipeline, tiny_transformer
+    from support.hunyuan15 import build_tiny_t2v_pipeline, tiny_transformer
 
     from mlx_video.cli import main
 

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.families.hunyuan.planner import LOW_PRECISION_LLAMA, LOW_PRECISION_TRANSFORMER  # noqa: E402
-from tiny_hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
+from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 # widths --group-size 32 divides: 2 heads of 48 (RoPE 8/20/20), MLP 288; Llama 64 wide (4 heads of 16), FFN 96

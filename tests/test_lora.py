@@ -104,7 +104,7 @@ def loras(tmp_path_factory):
 
 def _reference(pipe, init, steps, guidance, guidance_2):
     import torch
-    from tiny_wan import use_official_sigmas
+    from support.wan import use_official_sigmas
 
     use_official_sigmas(pipe)
     with torch.no_grad():

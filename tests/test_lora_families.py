@@ -25,8 +25,8 @@ pytest.importorskip("peft")
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.families import FAMILIES, pipeline_class  # noqa: E402
 from mlx_video.pipelines.base import Pipeline  # noqa: E402
-from tiny_hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
-from tiny_mochi import build_tiny_mochi_pipeline  # noqa: E402
+from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
+from support.mochi import build_tiny_mochi_pipeline  # noqa: E402
 
 # every registered family but Wan, whose own tests are tests/test_lora.py and tests/test_cache.py; a new family
 # fails here (no tiny model or run of it below) until it has one, or until it refuses LoRAs: a family whose

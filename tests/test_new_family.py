@@ -71,7 +71,7 @@ def kiwi_family(tmp_path):
 
 
 def _tiny_checkpoint(root: Path, pipeline_class: str) -> Path:
-    from tiny_wan import build_tiny_wan_pipeline
+    from support.wan import build_tiny_wan_pipeline
 
     folder = root / pipeline_class
     build_tiny_wan_pipeline(folder, two_experts=False, wan22_vae=True, shift=5.0, seed=3, heads=3)

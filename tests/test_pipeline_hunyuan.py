@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from tiny_hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
+from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"
@@ -151,7 +151,7 @@ def test_official_named_transformer_over_the_folder(tiny, tmp_path, layout):
     """The release's mp_rank_00_model_states.pt (a state dict under `module`), or a ComfyUI single file (official
     names under `model.diffusion_model.`), replacing the folder's transformer: the same video as diffusers."""
     from safetensors.torch import save_file
-    from mlxvid_test_helpers import official_state
+    from support.wan_checkpoints import official_state
 
     root, pipe = tiny
     official = official_state({k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()})

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
-from tiny_wan import build_tiny_wan_pipeline, use_official_sigmas  # noqa: E402
+from support.wan import build_tiny_wan_pipeline, use_official_sigmas  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset"
 NEGATIVE = "static, blurry"

@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 PIL = pytest.importorskip("PIL.Image")
 
 from mlx_video.cli import main  # noqa: E402
-from tiny_wan import build_tiny_wan_pipeline, use_official_sigmas  # noqa: E402
+from support.wan import build_tiny_wan_pipeline, use_official_sigmas  # noqa: E402
 
 PROMPT = "the camera pans over snowy mountains"
 NEGATIVE = "blurry"

@@ -45,7 +45,7 @@ def heavy_work_forbidden(monkeypatch):
 @pytest.fixture(scope="module")
 def ti2v(tmp_path_factory):
     """A tiny TI2V-5B-style pipeline (Wan 2.2 VAE, one transformer), converted to fp32."""
-    from mlxvid_test_helpers import converted_tiny_ti2v
+    from support.wan_checkpoints import converted_tiny_ti2v
 
     return converted_tiny_ti2v(tmp_path_factory.mktemp("ti2v"))
 

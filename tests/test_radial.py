@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mlx_video.nn.radial import RadialPlan, radial_attention, radial_block_mask, radial_score_fraction, tile_sizes
-from tests.reference_radial_mask import gen_log_mask_shrinked
+from support.reference.radial_mask import gen_log_mask_shrinked
 
 
 @functools.lru_cache(maxsize=None)

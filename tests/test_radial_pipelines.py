@@ -1,6 +1,6 @@
 """End to end, `--attention radial`: a tiny Wan (A14B-style, two experts), HunyuanVideo and Mochi pipeline against
 the diffusers pipeline whose self-attention applies the reference repository's mask (a processor that masks
-every score outside the kept tiles of `gen_log_mask_shrinked`, transcribed in tests/reference_radial_mask.py),
+every score outside the kept tiles of `gen_log_mask_shrinked`, transcribed in tests/support/reference/radial_mask.py),
 dense for the first steps (counted over the whole run) and blocks (counted within each transformer).
 
 The tiny models have 24 tokens per latent frame, so the test gives each family 8-token tiles (the published
@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
-from reference_radial_mask import gen_log_mask_shrinked  # noqa: E402
+from support.reference.radial_mask import gen_log_mask_shrinked  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"
@@ -164,7 +164,7 @@ def _check_memory_estimate(folder, size, frames):
 
 
 def test_wan_a14b_radial_matches_diffusers_with_the_reference_mask(a14b, small_tiles):
-    from tiny_wan import use_official_sigmas
+    from support.wan import use_official_sigmas
 
     from mlx_video.families.wan.config import RADIAL_DEFAULTS
 
@@ -189,7 +189,7 @@ def test_wan_a14b_radial_matches_diffusers_with_the_reference_mask(a14b, small_t
 
 
 def test_hunyuan_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_tiles):
-    from tiny_hunyuan import build_tiny_hunyuan_pipeline
+    from support.hunyuan import build_tiny_hunyuan_pipeline
 
     from mlx_video.families.hunyuan.config import RADIAL_DEFAULTS
 
@@ -214,7 +214,7 @@ def test_hunyuan_radial_matches_diffusers_with_the_reference_mask(tmp_path, smal
 
 
 def test_mochi_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_tiles):
-    from tiny_mochi import build_tiny_mochi_pipeline
+    from support.mochi import build_tiny_mochi_pipeline
 
     from mlx_video.families.mochi.config import RADIAL_DEFAULTS
 

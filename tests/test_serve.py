@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlxvid_serve_helpers import ServeProcess, finished, wait_for
+from support.serve import ServeProcess, finished, wait_for
 
 pytest.importorskip("diffusers")
 openai = pytest.importorskip("openai")
@@ -24,7 +24,7 @@ KEY = "k" * 8 + "0123456789abcdef"
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny TI2V-5B-style model (one transformer, the Wan 2.2 VAE), converted to fp32."""
-    from mlxvid_test_helpers import converted_tiny_ti2v
+    from support.wan_checkpoints import converted_tiny_ti2v
 
     return converted_tiny_ti2v(tmp_path_factory.mktemp("serve-model"), "tiny-ti2v")
 
@@ -219,7 +219,7 @@ def test_killed_server_loses_no_job_and_runs_none_twice(tiny_model, tmp_path):
 
 def test_s2v_job_api(tmp_path):
     """The S2V plan's API: multipart image + audio with X-API-Key; 401 without it; a job, its status, its video."""
-    from mlxvid_test_helpers import build_s2v_release, s2v_reference, write_wav
+    from support.wan_checkpoints import build_s2v_release, s2v_reference, write_wav
 
     (tmp_path / "s2v").mkdir()
     reference = s2v_reference()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxvid_serve_helpers import ServeProcess
+from support.serve import ServeProcess
 
 webdriver = pytest.importorskip("selenium.webdriver")
 pytest.importorskip("diffusers")
@@ -39,7 +39,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
-    from mlxvid_test_helpers import converted_tiny_ti2v
+    from support.wan_checkpoints import converted_tiny_ti2v
 
     root = tmp_path_factory.mktemp("studio")
     serve = ServeProcess(root / "data", [converted_tiny_ti2v(root, "tiny-ti2v")]).start()

@@ -1,7 +1,7 @@
 """Readers of untrusted files (issue 24, findings 8, 10, 11, 13, 15, 19): valid files read whatever their
 header length, hostile ones refused with a message naming the file, bombs and hangs bounded.
 
-The hangs and memory bombs run in `hostile_driver.py` (a subprocess, each case in a forked child with its
+The hangs and memory bombs run in `support/scripts/hostile_driver.py` (a subprocess, each case in a forked child with its
 address space capped and a time limit), so that a regression fails the test instead of the machine.
 """
 
@@ -13,17 +13,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from hostile_files import (
-    SPECIAL_HEADER_LENGTHS,
-    bad_gguf,
-    bad_pth,
-    bad_safetensors,
-    model_folder_variants,
-    one_tensor,
-    problems,
-    pth_archive,
-    run_driver,
-    tensor_pickle,
+from support.hostile import (
+    SPECIAL_HEADER_LENGTHS, bad_gguf, bad_pth, bad_safetensors, model_folder_variants, one_tensor, problems,
+    pth_archive, run_driver, tensor_pickle,
 )
 
 from mlx_video.convert.formats import PthTensors, SafetensorsTensors, open_tensors
@@ -199,7 +191,7 @@ def test_side_tensors_read_before_the_shape_checks_are_bounded(tmp_path, monkeyp
     path = tmp_path / "te.safetensors"
     header = {"spiece_model": {"dtype": "U8", "shape": [1001], "data_offsets": [0, 1001]},
               "x.comfy_quant": {"dtype": "U8", "shape": [(1 << 20) + 1], "data_offsets": [1001, 1001 + (1 << 20) + 1]}}
-    from hostile_files import safetensors_bytes
+    from support.hostile import safetensors_bytes
 
     path.write_bytes(safetensors_bytes(header, bytes(1001 + (1 << 20) + 1)))
     with pytest.raises(MlxVideoError, match="larger than a comfy_quant JSON blob"):
@@ -214,7 +206,7 @@ def test_side_tensors_read_before_the_shape_checks_are_bounded(tmp_path, monkeyp
 def test_lora_headers_are_checked_strictly(tmp_path, name):
     """MLX's own loader takes these headers (a negative or overflowing shape, float offsets); a LoRA file is
     checked by our reader first."""
-    from hostile_files import safetensors_bytes
+    from support.hostile import safetensors_bytes
 
     from mlx_video.lora import read_lora
 

@@ -27,7 +27,7 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.convert.rules import convert_weights  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.run import prepare  # noqa: E402
-from tiny_wan import (  # noqa: E402
+from support.wan import (  # noqa: E402
     WAN_IMAGE_OFFICIAL_RENAMES, randomize_, renamed_keys, train_spiece, use_official_sigmas,
 )
 
@@ -526,7 +526,7 @@ def test_official_release_folder_converts_like_the_diffusers_one(animate, tmp_pa
     from safetensors.torch import save_file
 
     from mlx_video.families.wan.animate_planner import OFFICIAL_CLIP
-    from mlxvid_test_helpers import official_umt5
+    from support.wan_checkpoints import official_umt5
 
     root, pipe = animate[:2]
     src = tmp_path / "Wan2.2-Animate-14B"

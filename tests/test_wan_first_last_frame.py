@@ -16,7 +16,7 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.lora import file_sha256  # noqa: E402
 from mlx_video.run import prepare  # noqa: E402
-from tiny_wan import build_tiny_wan_pipeline, decode_like_diffusers, use_official_sigmas  # noqa: E402
+from support.wan import build_tiny_wan_pipeline, decode_like_diffusers, use_official_sigmas  # noqa: E402
 
 PROMPT = "a paper boat drifts across a pond"
 NEGATIVE = "blurry"

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from mlx_video.convert.rules import convert_weights  # noqa: E402
-from tiny_wan import WAN_IMAGE_OFFICIAL_RENAMES, randomize_, renamed_keys  # noqa: E402
+from support.wan import WAN_IMAGE_OFFICIAL_RENAMES, randomize_, renamed_keys  # noqa: E402
 
 IMAGE_TOKENS = 5  # per image (CLIP ViT-H/14 gives 257)
 
@@ -164,7 +164,7 @@ def build_converted(root, flf: bool, heads: int, head_dim: int):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from mlx_video.cli import main
-    from tiny_wan import build_tiny_wan_pipeline
+    from support.wan import build_tiny_wan_pipeline
 
     torch.manual_seed(5)
     encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_WIDTH, intermediate_size=24, num_hidden_layers=3,
@@ -186,7 +186,7 @@ def flf2v(tmp_path_factory):
 
 
 def test_flf2v_pipeline_matches_diffusers(flf2v, tmp_path):
-    from tiny_wan import decode_like_diffusers, use_official_sigmas
+    from support.wan import decode_like_diffusers, use_official_sigmas
 
     from mlx_video.cli import main
 
@@ -256,7 +256,7 @@ def test_official_release_folder_converts_like_the_diffusers_one(flf2v, tmp_path
 
     from mlx_video.cli import main
     from mlx_video.families.wan.animate_planner import OFFICIAL_CLIP
-    from mlxvid_test_helpers import official_umt5
+    from support.wan_checkpoints import official_umt5
 
     root, pipe = flf2v[:2]
     src = tmp_path / "Wan2.1-FLF2V-14B-720P"
@@ -284,7 +284,7 @@ def test_i2v_pipeline_matches_diffusers(tmp_path):
     from mlx_video.cli import main
     from mlx_video.errors import MlxVideoError
     from mlx_video.run import prepare
-    from tiny_wan import use_official_sigmas
+    from support.wan import use_official_sigmas
 
     root, pipe, first, _ = build_converted(tmp_path, flf=False, heads=2, head_dim=14)
     assert json_of(root / "mlx" / "mlxvid.json")["model"] == "wan2.1-i2v-14b-720p"
@@ -323,7 +323,7 @@ def test_lora_on_backbone_and_image_layers_matches_diffusers(flf2v, tmp_path):
     from diffusers import WanImageToVideoPipeline
 
     from mlx_video.cli import main
-    from tiny_wan import use_official_sigmas
+    from support.wan import use_official_sigmas
 
     root, pipe, first, last = flf2v
     rng = np.random.default_rng(31)

@@ -24,7 +24,7 @@ PIL = pytest.importorskip("PIL.Image")
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.run import prepare  # noqa: E402
-from tiny_wan import build_tiny_vace_pipeline, use_official_sigmas  # noqa: E402
+from support.wan import build_tiny_vace_pipeline, use_official_sigmas  # noqa: E402
 
 PROMPT = "a red kite over a green hill"
 NEGATIVE = "blurry"

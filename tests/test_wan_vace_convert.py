@@ -17,8 +17,10 @@ pytest.importorskip("transformers")
 
 from mlx_video.convert.convert import plan  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from mlxvid_test_helpers import WAN, meta_state, official_transformer_name, umt5_file, vae_file, write_description  # noqa: E402
-from tiny_wan import train_spiece  # noqa: E402
+from support.wan_checkpoints import (  # noqa: E402
+    WAN, meta_state, official_transformer_name, umt5_file, vae_file, write_description,
+)
+from support.wan import train_spiece  # noqa: E402
 
 VACE = {
     "wan2.1-vace-1.3b": dict(WAN, num_attention_heads=12, in_channels=16, out_channels=16, ffn_dim=8960, num_layers=30,
@@ -93,7 +95,7 @@ def test_vace_full_size_files(files, model_id, fmt):
 
 def test_plain_wan_file_is_not_taken_for_vace(files):
     """A Wan 2.1 T2V-14B-sized file without context blocks is not wan2.1-vace-14b (the sizes match)."""
-    from mlxvid_test_helpers import transformer_file
+    from support.wan_checkpoints import transformer_file
 
     path = files / "plain-14b.safetensors"
     transformer_file(path, "wan2.2-t2v-a14b", "official_bf16")

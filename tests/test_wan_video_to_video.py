@@ -24,7 +24,7 @@ PIL = pytest.importorskip("PIL.Image")
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.run import prepare  # noqa: E402
-from tiny_wan import build_tiny_wan_pipeline, decode_like_diffusers, use_official_sigmas  # noqa: E402
+from support.wan import build_tiny_wan_pipeline, decode_like_diffusers, use_official_sigmas  # noqa: E402
 
 PROMPT = "a watercolour city street at dusk"
 NEGATIVE = "blurry"

@@ -1,7 +1,7 @@
 """Hostile and broken files, written without torch: what an attacker or a damaged download can hand mlxvid.
 
 Each builder writes one file (or folder) and returns its path. `convert_cases` and `model_folder_cases` list
-them as `mlxvid` command lines for `hostile_driver.py`.
+them as `mlxvid` command lines for `scripts/hostile_driver.py`.
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def model_folder_variants(model: Path, root: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------------
 # running cases in hostile_driver.py and judging what they printed
 
-DRIVER = Path(__file__).with_name("hostile_driver.py")
+DRIVER = Path(__file__).parent / "scripts" / "hostile_driver.py"
 GIB = 1 << 30
 
 

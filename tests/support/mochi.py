@@ -1,6 +1,6 @@
 """A tiny random Mochi 1 reference pipeline, built offline with diffusers, transformers and sentencepiece.
 
-The T5 tokenizer is a SentencePiece unigram model trained in a second on a few sentences (as tests/tiny_wan.py
+The T5 tokenizer is a SentencePiece unigram model trained in a second on a few sentences (as tests/support/wan.py
 does). 12 latent channels and the 6x8x8 VAE strides are kept: diffusers' MochiPipeline hard-codes them.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiny_wan import train_spiece
+from support.wan import train_spiece
 
 # transformer: 3 heads of 20, text stream 36 wide, 2 blocks, T5 width 48
 TRANSFORMER = dict(num_attention_heads=3, attention_head_dim=20, pooled_projection_dim=36, num_layers=2,

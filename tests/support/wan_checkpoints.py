@@ -1,7 +1,5 @@
 """Helpers that several test modules share: reference state dicts in the official layouts, tiny models, file
 writers for checkpoint formats, published figures. Test modules import from here, never from each other.
-
-(Its name is long so that it can shadow no installed module: tests/test_no_shadowing.py.)
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 from safetensors.torch import save_file  # noqa: E402
-from tiny_wan import randomize_, train_spiece  # noqa: E402
+from support.wan import randomize_, train_spiece  # noqa: E402
 
 from mlx_video.model_folder import ModelFolder  # noqa: E402
 from mlx_video.families.wan.config import WanTransformerConfig  # noqa: E402
@@ -650,7 +648,7 @@ def train_sentencepiece(folder, byte_fallback: bool):
 
 # ---- Wan S2V: the recorded official model, a voice track ----
 
-S2V_FIXTURE = Path(__file__).parent / "fixtures" / "s2v" / "pipeline_reference.safetensors"
+S2V_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "s2v" / "pipeline_reference.safetensors"
 
 
 def write_wav(path: Path, seconds: float, rate: int = 22050, amplitude: float = 0.3, freq: float = 220.0) -> Path:
@@ -714,7 +712,7 @@ def build_s2v_release(root: Path, reference) -> Path:
 def converted_tiny_ti2v(root: Path, name: str = "mlx") -> Path:
     """A tiny TI2V-5B-style pipeline (Wan 2.2 VAE, one transformer) in the diffusers layout under `root`,
     converted to fp32 at `root/name`; returns the converted folder."""
-    from tiny_wan import build_tiny_wan_pipeline
+    from support.wan import build_tiny_wan_pipeline
 
     from mlx_video.cli import main
 

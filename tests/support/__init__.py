@@ -1,0 +1,17 @@
+"""What the tests share. Test modules import helpers from here (`from support.wan import ...`), never from another
+`test_*` module (tests/test_support_layout.py checks both).
+
+- `wan`: tiny random Wan 2.2 diffusers pipelines (T2V, I2V, TI2V, VACE), weight randomizer, diffusers -> official
+  renames of the image-context transformer, a tiny SentencePiece tokenizer (`train_spiece`).
+- `wan_checkpoints`: Wan checkpoint files for the conversion tests (official, ComfyUI and fp8 layouts, full-size
+  descriptions without weights, the recorded S2V release, a converted tiny TI2V).
+- `hunyuan`: a tiny random HunyuanVideo pipeline; a diffusers state dict in the official layout; published configs.
+- `hunyuan15`: tiny random HunyuanVideo 1.5 pipelines (T2V, I2V), transformers, VAE and encoders.
+- `mochi`: a tiny random Mochi 1 pipeline; transformer and VAE state dicts in genmo's layout; T5-XXL's config.
+- `text`: a SentencePiece model in T5's layout trained on a few sentences, and prompts for tokenizer parity.
+- `serve`: an `mlxvid serve` process for the server tests, and polling helpers.
+- `hostile`: hostile and broken files and folders, and the runner of `scripts/hostile_driver.py`.
+- `scripts/`: programs the tests start as subprocesses (`hostile_driver.py`, `distributed_worker.py`).
+- `reference/`: torch transcriptions of official code, cited in each file (`radial_mask`: Radial Attention's mask;
+  `hy15_sr`: HunyuanVideo 1.5's super-resolution pieces).
+"""
