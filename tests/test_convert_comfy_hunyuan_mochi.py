@@ -28,9 +28,9 @@ from safetensors.torch import save_file
 from mlx_video.convert.convert import plan
 from mlx_video.errors import MlxVideoError
 from support.wan_checkpoints import write_description
-from support.wan_checkpoints import official_state
-from support.wan_checkpoints import official_state_dict
-from support.wan_checkpoints import official_vae_state_dicts
+from support.hunyuan import official_state
+from support.mochi import official_state_dict
+from support.mochi import official_vae_state_dicts
 from support.hunyuan import build_tiny_hunyuan_pipeline
 from support.mochi import build_tiny_mochi_pipeline
 
@@ -327,7 +327,7 @@ def test_hunyuan_full_size_comfy_files_plan(hunyuan):
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
-    from support.wan_checkpoints import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER
+    from support.hunyuan import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER
 
     root, _, _ = hunyuan
     full = root / "full"
@@ -373,7 +373,7 @@ def test_mochi_full_size_comfy_files_plan(mochi):
     from diffusers import AutoencoderKLMochi, MochiTransformer3DModel
     from transformers import T5Config as HFT5Config, T5EncoderModel
 
-    from support.wan_checkpoints import T5_XXL
+    from support.mochi import T5_XXL
 
     root, _, _, _ = mochi
     full = root / "full"

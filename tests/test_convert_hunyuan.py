@@ -33,7 +33,7 @@ from mlx_video.families.hunyuan.transformer import HunyuanTransformer
 from mlx_video.families.hunyuan.vae import HunyuanVAE
 from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder
 from mlx_video.text_encoders.llama import LlamaTextEncoder
-from support.wan_checkpoints import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER  # noqa: E402
+from support.hunyuan import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER  # noqa: E402
 
 
 class Shapes(TensorFile):

@@ -18,7 +18,7 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.families.hunyuan import planner as family  # noqa: E402
 from mlx_video.convert.formats import TensorFile  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from support.wan_checkpoints import official_state  # noqa: E402
+from support.hunyuan import official_state  # noqa: E402
 from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"

@@ -26,9 +26,9 @@ from mlx_video.families.mochi.transformer import MochiTransformer
 from mlx_video.families.mochi.vae import MochiVAE
 from mlx_video.registry import get_spec
 from mlx_video.text_encoders.t5 import T5Config, T5Encoder
-from support.wan_checkpoints import official_state_dict
-from support.wan_checkpoints import official_vae_state_dicts
-from support.wan_checkpoints import T5_XXL  # noqa: E402
+from support.mochi import official_state_dict
+from support.mochi import official_vae_state_dicts
+from support.mochi import T5_XXL  # noqa: E402
 
 
 class Shapes(TensorFile):

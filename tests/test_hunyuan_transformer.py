@@ -24,7 +24,7 @@ from mlx_video.families.hunyuan.keys import (
 )
 from mlx_video.families.hunyuan.config import HUNYUAN_T2V_720P
 from mlx_video.families.hunyuan.transformer import HunyuanTransformer
-from support.wan_checkpoints import official_state  # noqa: E402
+from support.hunyuan import official_state  # noqa: E402
 
 PARITY_RTOL = 1e-5
 

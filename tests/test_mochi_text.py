@@ -130,14 +130,14 @@ def test_full_size_key_and_shape_coverage():
 @pytest.fixture(scope="module")
 def t5_tokenizer_folder(tmp_path_factory):
     pytest.importorskip("google.protobuf")
-    from support.wan_checkpoints import train_sentencepiece
+    from support.text import train_sentencepiece
 
     return train_sentencepiece(tmp_path_factory.mktemp("t5_tok") / "spiece", byte_fallback=False)
 
 
 @pytest.mark.parametrize("source", ["spiece", "json"])
 def test_tokenizer_256_tokens_like_transformers_t5(t5_tokenizer_folder, tmp_path, source):
-    from support.wan_checkpoints import PROMPTS, SENTENCES
+    from support.text import PROMPTS, SENTENCES
 
     # T5 v1.1's tokenizer appends 100 sentinel tokens (<extra_id_N>) to the SentencePiece vocabulary.
     ref = transformers.T5Tokenizer.from_pretrained(str(t5_tokenizer_folder), extra_ids=100)

@@ -21,7 +21,7 @@ from mlx_video.families.mochi.keys import (  # noqa: E402
 )
 from mlx_video.families.mochi.config import MOCHI_1_PREVIEW  # noqa: E402
 from mlx_video.families.mochi.transformer import MochiTransformer, timestep_from_sigma  # noqa: E402
-from support.wan_checkpoints import official_state_dict  # noqa: E402
+from support.mochi import official_state_dict  # noqa: E402
 
 TINY = [
     # heads, head_dim, text width, layers, in channels, T5 width

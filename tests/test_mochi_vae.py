@@ -23,7 +23,7 @@ from mlx_video.families.mochi.keys import (  # noqa: E402
 )
 from mlx_video.families.mochi.config import MOCHI_VAE  # noqa: E402
 from mlx_video.families.mochi.vae import MochiVAE  # noqa: E402
-from support.wan_checkpoints import official_vae_state_dicts  # noqa: E402
+from support.mochi import official_vae_state_dicts  # noqa: E402
 
 TINY = [
     dict(

@@ -151,7 +151,7 @@ def test_official_named_transformer_over_the_folder(tiny, tmp_path, layout):
     """The release's mp_rank_00_model_states.pt (a state dict under `module`), or a ComfyUI single file (official
     names under `model.diffusion_model.`), replacing the folder's transformer: the same video as diffusers."""
     from safetensors.torch import save_file
-    from support.wan_checkpoints import official_state
+    from support.hunyuan import official_state
 
     root, pipe = tiny
     official = official_state({k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()})

@@ -191,7 +191,7 @@ def test_official_named_transformer_over_the_folder(tiny, tmp_path):
     """The release's dit.safetensors names (official, fused q|k|v, [gate | proj] SwiGLU halves), and ComfyUI's
     prefix, replacing the folder's transformer: the same latents as diffusers."""
     from safetensors.torch import save_file
-    from support.wan_checkpoints import official_state_dict
+    from support.mochi import official_state_dict
 
     root, pipe = tiny
     official = official_state_dict({k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()},
@@ -248,7 +248,7 @@ def test_official_vae_halves_over_the_folder(tiny, tmp_path):
     layer counts (the official names number modules by position in that layout), at small widths."""
     from diffusers import AutoencoderKLMochi
     from safetensors.torch import save_file
-    from support.wan_checkpoints import official_vae_state_dicts
+    from support.mochi import official_vae_state_dicts
     from support.mochi import randomize_
 
     import mlx.core as mx

@@ -17,7 +17,7 @@ from mlx_video.errors import MlxVideoError
 from mlx_video.text_encoders.prompt import clean_prompt
 from mlx_video.text_encoders.tokenizer import T5Tokenizer
 from mlx_video.text_encoders.umt5 import UMT5Config, UMT5Encoder, relative_position_buckets
-from support.wan_checkpoints import PROMPTS, SENTENCES, train_sentencepiece  # noqa: E402
+from support.text import PROMPTS, SENTENCES, train_sentencepiece  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

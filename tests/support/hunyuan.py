@@ -8,6 +8,7 @@ does, into the published 95 tokens before the prompt, so both pipelines use the 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 SENTENCES = [
@@ -128,3 +129,92 @@ def build_tiny_hunyuan_pipeline(folder: Path, seed: int = 0, transformer_dims: d
     )
     pipe.save_pretrained(folder)
     return pipe
+
+
+# ---- HunyuanVideo: a diffusers state dict in the official layout ----
+_TO_OFFICIAL = [  # diffusers -> official (huggingface/diffusers scripts/convert_hunyuan_video_to_diffusers.py, inverted), whole-key regex substitutions
+    (r"^x_embedder\.", "img_in."),
+    (r"^time_text_embed\.timestep_embedder\.linear_1\.", "time_in.mlp.0."),
+    (r"^time_text_embed\.timestep_embedder\.linear_2\.", "time_in.mlp.2."),
+    (r"^time_text_embed\.guidance_embedder\.linear_1\.", "guidance_in.mlp.0."),
+    (r"^time_text_embed\.guidance_embedder\.linear_2\.", "guidance_in.mlp.2."),
+    (r"^time_text_embed\.text_embedder\.linear_1\.", "vector_in.in_layer."),
+    (r"^time_text_embed\.text_embedder\.linear_2\.", "vector_in.out_layer."),
+    (r"^context_embedder\.proj_in\.", "txt_in.input_embedder."),
+    (r"^context_embedder\.time_text_embed\.timestep_embedder\.linear_(\d)\.",
+     lambda m: f"txt_in.t_embedder.mlp.{2 * int(m[1]) - 2}."),
+    (r"^context_embedder\.time_text_embed\.text_embedder\.", "txt_in.c_embedder."),
+    (r"^context_embedder\.token_refiner\.refiner_blocks\.", "txt_in.individual_token_refiner.blocks."),
+    (r"(individual_token_refiner\.blocks\.\d+)\.attn\.to_out\.0\.", r"\1.self_attn_proj."),
+    (r"(individual_token_refiner\.blocks\.\d+)\.ff\.net\.0\.proj\.", r"\1.mlp.fc1."),
+    (r"(individual_token_refiner\.blocks\.\d+)\.ff\.net\.2\.", r"\1.mlp.fc2."),
+    (r"(individual_token_refiner\.blocks\.\d+)\.norm_out\.linear\.", r"\1.adaLN_modulation.1."),
+    (r"^transformer_blocks\.(\d+)\.norm1\.linear\.", r"double_blocks.\1.img_mod.linear."),
+    (r"^transformer_blocks\.(\d+)\.norm1_context\.linear\.", r"double_blocks.\1.txt_mod.linear."),
+    (r"^transformer_blocks\.(\d+)\.attn\.norm_(q|k)\.", r"double_blocks.\1.img_attn_\2_norm."),
+    (r"^transformer_blocks\.(\d+)\.attn\.norm_added_(q|k)\.", r"double_blocks.\1.txt_attn_\2_norm."),
+    (r"^transformer_blocks\.(\d+)\.attn\.to_out\.0\.", r"double_blocks.\1.img_attn_proj."),
+    (r"^transformer_blocks\.(\d+)\.attn\.to_add_out\.", r"double_blocks.\1.txt_attn_proj."),
+    (r"^transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.", r"double_blocks.\1.img_mlp.fc1."),
+    (r"^transformer_blocks\.(\d+)\.ff\.net\.2\.", r"double_blocks.\1.img_mlp.fc2."),
+    (r"^transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj\.", r"double_blocks.\1.txt_mlp.fc1."),
+    (r"^transformer_blocks\.(\d+)\.ff_context\.net\.2\.", r"double_blocks.\1.txt_mlp.fc2."),
+    (r"^single_transformer_blocks\.(\d+)\.proj_out\.", r"single_blocks.\1.linear2."),
+    (r"^single_transformer_blocks\.(\d+)\.attn\.norm_(q|k)\.", r"single_blocks.\1.\2_norm."),
+    (r"^single_transformer_blocks\.(\d+)\.norm\.linear\.", r"single_blocks.\1.modulation.linear."),
+    (r"^proj_out\.", "final_layer.linear."),
+]
+
+# Fused in the official layout: (diffusers pieces in order, official key), per block kind.
+_FUSED = [
+    (r"^(context_embedder\.token_refiner\.refiner_blocks)\.(\d+)\.attn\.to_([qkv])\.(weight|bias)$",
+     "txt_in.individual_token_refiner.blocks.{n}.self_attn_qkv.{wb}", "qkv"),
+    (r"^(transformer_blocks)\.(\d+)\.attn\.to_([qkv])\.(weight|bias)$", "double_blocks.{n}.img_attn_qkv.{wb}", "qkv"),
+    (r"^(transformer_blocks)\.(\d+)\.attn\.add_([qkv])_proj\.(weight|bias)$",
+     "double_blocks.{n}.txt_attn_qkv.{wb}", "qkv"),
+    (r"^(single_transformer_blocks)\.(\d+)\.(?:attn\.to_([qkv])|proj_(mlp))\.(weight|bias)$",
+     "single_blocks.{n}.linear1.{wb}", "qkvm"),
+]
+
+
+def official_state(diffusers_state: dict) -> dict:
+    """The official checkpoint's keys and tensors, built from a diffusers state dict (the inverse of that script's renaming)."""
+    import torch
+
+    out, pieces = {}, {}
+    for key, value in diffusers_state.items():
+        for pattern, target, order in _FUSED:
+            m = re.match(pattern, key)
+            if m:
+                groups = [g for g in m.groups() if g is not None]
+                n, part, wb = groups[1], groups[2], groups[3]
+                pieces.setdefault(target.format(n=n, wb=wb), {})[order.index(part[0])] = value
+                break
+        else:
+            if key.startswith("norm_out.linear."):  # diffusers (scale, shift) -> official (shift, scale)
+                scale, shift = value.chunk(2, dim=0)
+                out[key.replace("norm_out.linear.", "final_layer.adaLN_modulation.1.")] = torch.cat([shift, scale])
+                continue
+            for pattern, replacement in _TO_OFFICIAL:
+                key = re.sub(pattern, replacement, key)
+            out[key] = value
+    for key, parts in pieces.items():
+        out[key] = torch.cat([parts[i] for i in sorted(parts)], dim=0)
+    return out
+
+
+
+
+# ---- HunyuanVideo: published configs ----
+PUBLISHED_TRANSFORMER = dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40,
+    num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
+    text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+)
+
+LLAMA_8B = dict(vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
+                max_position_embeddings=8192)
+
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
