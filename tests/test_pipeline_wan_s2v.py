@@ -24,7 +24,7 @@ from mlx_video.errors import MlxVideoError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from support.wan_checkpoints import S2V_FIXTURE as FIXTURE, build_s2v_release, s2v_reference, write_wav  # noqa: E402
+from support.wan_s2v import S2V_FIXTURE as FIXTURE, build_s2v_release, s2v_reference, write_wav  # noqa: E402
 
 # The official preprocessing from files (portraits not at the video size, a pose video): make_portrait_reference.py
 PORTRAITS = FIXTURE.parent / "portrait_reference.safetensors"

@@ -1,5 +1,5 @@
 """Radial attention in the Wan2.2-S2V transformer: the video tokens take the reference's mask and the reference
-and motion tokens after them are kept whole, like text. Checked on the tiny S2V model of tests/test_wan_s2v.py
+and motion tokens after them are kept whole, like text. Checked on the tiny S2V model of tests/support/wan_s2v.py
 (official weights, 3 latent frames of 4x8 tokens, 8-token tiles) against the same forward whose self-attention
 is dense attention under the token mask of the transcribed reference (tests/support/reference/radial_mask.py)."""
 
@@ -11,7 +11,7 @@ import torch
 from mlx_video.nn.radial import RadialDefaults
 from mlx_video.pipelines.attention_mode import AttentionMode, RadialRun, prepare_model
 from support.reference.radial_mask import gen_log_mask_shrinked
-from tests.test_wan_s2v import Fixture, ours_layout, rel_err, run
+from support.wan_s2v import Fixture, ours_layout, rel_err, run
 
 TILE = 8
 

@@ -219,7 +219,7 @@ def test_killed_server_loses_no_job_and_runs_none_twice(tiny_model, tmp_path):
 
 def test_s2v_job_api(tmp_path):
     """The S2V plan's API: multipart image + audio with X-API-Key; 401 without it; a job, its status, its video."""
-    from support.wan_checkpoints import build_s2v_release, s2v_reference, write_wav
+    from support.wan_s2v import build_s2v_release, s2v_reference, write_wav
 
     (tmp_path / "s2v").mkdir()
     reference = s2v_reference()

@@ -489,32 +489,6 @@ def test_download_fetches_the_image_encoder_too(tmp_path, monkeypatch):
     assert {"transformer/*", "image_encoder/*", "image_processor/*", "vae/*"} <= set(calls[0][1])
 
 
-def official_clip(state_dict) -> dict:
-    """transformers' CLIP vision weights under the official open-clip file's names, as Wan-Video/Wan2.2
-    wan/modules/animate/clip.py names its `visual` tower (q, k, v fused in that order in `to_qkv`), plus a text
-    tower, a head and the logit scale that the conversion leaves out."""
-    import re
-
-    sd = {re.sub(r"^vision_model\.", "", k): v for k, v in state_dict.items()}
-    out = {"visual.patch_embedding.weight": sd["embeddings.patch_embedding.weight"],
-           "visual.cls_embedding": sd["embeddings.class_embedding"].reshape(1, 1, -1),
-           "visual.pos_embedding": sd["embeddings.position_embedding.weight"][None],
-           "visual.head": torch.zeros(sd["post_layernorm.weight"].shape[0], 8), "log_scale": torch.tensor(2.6),
-           "textual.token_embedding.weight": torch.zeros(10, 8)}
-    for p in ("weight", "bias"):
-        out[f"visual.pre_norm.{p}"] = sd[f"pre_layrnorm.{p}"]
-        out[f"visual.post_norm.{p}"] = sd[f"post_layernorm.{p}"]
-    layers = {int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")}
-    for i in layers:
-        layer, to = f"encoder.layers.{i}", f"visual.transformer.{i}"
-        for p in ("weight", "bias"):
-            out[f"{to}.norm1.{p}"], out[f"{to}.norm2.{p}"] = sd[f"{layer}.layer_norm1.{p}"], sd[f"{layer}.layer_norm2.{p}"]
-            out[f"{to}.attn.to_qkv.{p}"] = torch.cat([sd[f"{layer}.self_attn.{x}_proj.{p}"] for x in "qkv"])
-            out[f"{to}.attn.proj.{p}"] = sd[f"{layer}.self_attn.out_proj.{p}"]
-            out[f"{to}.mlp.0.{p}"], out[f"{to}.mlp.2.{p}"] = sd[f"{layer}.mlp.fc1.{p}"], sd[f"{layer}.mlp.fc2.{p}"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 def test_official_release_folder_converts_like_the_diffusers_one(animate, tmp_path):
     """The official release's layout (the model shards with their config.json, the CLIP and T5 .pth files,
     google/umt5-xxl/) converts to the same weights as the diffusers folder. The official names of the
@@ -526,7 +500,7 @@ def test_official_release_folder_converts_like_the_diffusers_one(animate, tmp_pa
     from safetensors.torch import save_file
 
     from mlx_video.families.wan.animate_planner import OFFICIAL_CLIP
-    from support.wan_checkpoints import official_umt5
+    from support.wan_checkpoints import converted_weights, official_clip, official_umt5
 
     root, pipe = animate[:2]
     src = tmp_path / "Wan2.2-Animate-14B"
@@ -541,17 +515,10 @@ def test_official_release_folder_converts_like_the_diffusers_one(animate, tmp_pa
     main(["convert", str(src), str(tmp_path / "mlx"), "--dtype", "fp32"])
     assert json.loads((tmp_path / "mlx" / "mlxvid.json").read_text())["model"] == "wan2.2-animate-14b"
     for component in ("transformer", "image_encoder", "text_encoder"):
-        ours, want = load_weights(tmp_path / "mlx", component), load_weights(root / "mlx", component)
+        ours, want = converted_weights(tmp_path / "mlx", component), converted_weights(root / "mlx", component)
         assert ours.keys() == want.keys(), component
         for k in want:
             np.testing.assert_array_equal(ours[k], want[k], err_msg=f"{component}: {k}")
-
-
-def load_weights(folder, component) -> dict:
-    out = {}
-    for f in sorted((folder / component).glob("*.safetensors")):
-        out.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
-    return out
 
 
 def test_lora_on_backbone_and_animate_layers_matches_diffusers(animate, tmp_path):

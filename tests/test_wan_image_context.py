@@ -252,11 +252,10 @@ def test_official_release_folder_converts_like_the_diffusers_one(flf2v, tmp_path
     import shutil
 
     from safetensors.torch import save_file
-    from test_wan_animate import load_weights, official_clip
 
     from mlx_video.cli import main
     from mlx_video.families.wan.animate_planner import OFFICIAL_CLIP
-    from support.wan_checkpoints import official_umt5
+    from support.wan_checkpoints import converted_weights, official_clip, official_umt5
 
     root, pipe = flf2v[:2]
     src = tmp_path / "Wan2.1-FLF2V-14B-720P"
@@ -273,7 +272,7 @@ def test_official_release_folder_converts_like_the_diffusers_one(flf2v, tmp_path
     assert json.loads((tmp_path / "mlx" / "mlxvid.json").read_text())["model"] == "wan2.1-flf2v-14b"
     assert json.loads((tmp_path / "mlx" / "transformer" / "config.json").read_text())["image_positions"] == 34
     for component in ("transformer", "image_encoder", "text_encoder"):
-        ours, want = load_weights(tmp_path / "mlx", component), load_weights(root / "mlx", component)
+        ours, want = converted_weights(tmp_path / "mlx", component), converted_weights(root / "mlx", component)
         assert ours.keys() == want.keys(), component
         for k in want:
             np.testing.assert_array_equal(ours[k], want[k], err_msg=f"{component}: {k}")

@@ -9,71 +9,19 @@ state dict under the official key names, the inputs and the outputs of each case
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from mlx_video.convert.convert import ComponentPlan, plan_component
-from mlx_video.convert.rules import convert_weights
-from mlx_video.families.wan.s2v_keys import OFFICIAL_S2V_TRANSFORMER, s2v_config_from_official
+from mlx_video.families.wan.s2v_keys import OFFICIAL_S2V_TRANSFORMER
 from mlx_video.families.wan.s2v_model import WAN_S2V_14B, WanS2VConfig, WanS2VTransformer
+from support.wan_s2v import FIXTURES, Fixture, ours_layout, rel_err, run
 
-FIXTURES = Path(__file__).parent / "fixtures" / "s2v"
 # ||ours - official|| / ||official|| in float32; measured up to ~4e-7.
 PARITY_RTOL = 1e-5
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
-class Fixture:
-    def __init__(self, name: str):
-        arrays, meta = mx.load(str(FIXTURES / f"s2v_{name}.safetensors"), return_metadata=True)
-        self.arrays = arrays
-        self.official_config = json.loads(meta["config"])
-        self.cases = json.loads(meta["cases"])
-        scales = json.loads(meta["scales"])
-        state = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
-        self.state = {k: v.astype(mx.float32) * scales[k] for k, v in state.items()}
-
-    def inputs(self, case: str) -> dict:
-        """The case's inputs in the official layouts (its own, else those of the case it was derived from)."""
-        spec = self.cases[case]
-        base = {} if spec["inputs_from"] is None else self.inputs(spec["inputs_from"])
-        prefix = f"{case}/in/"
-        own = {k[len(prefix):]: v.astype(mx.float32) for k, v in self.arrays.items() if k.startswith(prefix)}
-        return {**base, **own}
-
-    def model(self) -> WanS2VTransformer:
-        config = s2v_config_from_official(self.official_config)
-        model = WanS2VTransformer(config)
-        weights = convert_weights(OFFICIAL_S2V_TRANSFORMER, self.state)
-        expected = dict(tree_flatten(model.parameters()))
-        assert set(weights) == set(expected)
-        assert all(weights[k].shape == expected[k].shape for k in weights)
-        model.update(tree_unflatten(list(weights.items())))
-        return model
-
-
-def ours_layout(inputs: dict) -> dict:
-    """Official channels-first tensors -> our keyword arguments (channels-last, audio (B, F, layers, dim))."""
-    to_last = lambda a: a.transpose(0, 2, 3, 4, 1)  # noqa: E731
-    return dict(
-        x=to_last(inputs["x"]), timestep=inputs["t"], context=inputs["context"],
-        ref_latents=to_last(inputs["ref"]), motion_latents=to_last(inputs["motion"]),
-        cond_latents=to_last(inputs["cond"]), audio=inputs["audio"].transpose(0, 3, 1, 2),
-    )
-
-
-def run(model, args: dict, drop_motion: bool) -> mx.array:
-    args = dict(args)
-    out = model(args.pop("x"), args.pop("timestep"), args.pop("context"), drop_motion=drop_motion, **args)
-    return out.transpose(0, 4, 1, 2, 3)  # back to (B, C, T, H, W)
 
 
 @pytest.fixture(scope="module", params=["a", "b"])

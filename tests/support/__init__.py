@@ -3,8 +3,10 @@
 
 - `wan`: tiny random Wan 2.2 diffusers pipelines (T2V, I2V, TI2V, VACE), weight randomizer, diffusers -> official
   renames of the image-context transformer, a tiny SentencePiece tokenizer (`train_spiece`).
-- `wan_checkpoints`: Wan checkpoint files for the conversion tests (official, ComfyUI and fp8 layouts, full-size
-  descriptions without weights, the recorded S2V release, a converted tiny TI2V).
+- `wan_checkpoints`: Wan checkpoint files for the conversion tests (official UMT5, CLIP, VAE layouts, ComfyUI and
+  fp8 files, full-size descriptions without weights), a converted tiny TI2V, a converted folder's weights.
+- `wan_s2v`: Wan2.2-S2V recorded from the official code: the transformer's cases, the pipeline's run and its
+  release folder, a voice track.
 - `hunyuan`: a tiny random HunyuanVideo pipeline; a diffusers state dict in the official layout; published configs.
 - `hunyuan15`: tiny random HunyuanVideo 1.5 pipelines (T2V, I2V), transformers, VAE and encoders.
 - `mochi`: a tiny random Mochi 1 pipeline; transformer and VAE state dicts in genmo's layout; T5-XXL's config.

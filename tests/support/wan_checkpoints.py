@@ -1,5 +1,5 @@
 """Wan checkpoints for the conversion tests: tiny models and their state dicts in the official, ComfyUI and fp8
-layouts, full-size files described without their weights, the recorded S2V release, a converted tiny TI2V."""
+layouts, full-size files described without their weights, a converted tiny TI2V and its weights."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import copy
 import json
 import re
 import struct
-import wave
 from pathlib import Path
 
 import mlx.core as mx
@@ -104,6 +103,32 @@ def official_umt5(sd: dict) -> dict:
         else:
             raise KeyError(k)
     return out
+
+
+def official_clip(state_dict) -> dict:
+    """transformers' CLIP vision weights under the official open-clip file's names, as Wan-Video/Wan2.2
+    wan/modules/animate/clip.py names its `visual` tower (q, k, v fused in that order in `to_qkv`), plus a text
+    tower, a head and the logit scale that the conversion leaves out."""
+    import re
+
+    sd = {re.sub(r"^vision_model\.", "", k): v for k, v in state_dict.items()}
+    out = {"visual.patch_embedding.weight": sd["embeddings.patch_embedding.weight"],
+           "visual.cls_embedding": sd["embeddings.class_embedding"].reshape(1, 1, -1),
+           "visual.pos_embedding": sd["embeddings.position_embedding.weight"][None],
+           "visual.head": torch.zeros(sd["post_layernorm.weight"].shape[0], 8), "log_scale": torch.tensor(2.6),
+           "textual.token_embedding.weight": torch.zeros(10, 8)}
+    for p in ("weight", "bias"):
+        out[f"visual.pre_norm.{p}"] = sd[f"pre_layrnorm.{p}"]
+        out[f"visual.post_norm.{p}"] = sd[f"post_layernorm.{p}"]
+    layers = {int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")}
+    for i in layers:
+        layer, to = f"encoder.layers.{i}", f"visual.transformer.{i}"
+        for p in ("weight", "bias"):
+            out[f"{to}.norm1.{p}"], out[f"{to}.norm2.{p}"] = sd[f"{layer}.layer_norm1.{p}"], sd[f"{layer}.layer_norm2.{p}"]
+            out[f"{to}.attn.to_qkv.{p}"] = torch.cat([sd[f"{layer}.self_attn.{x}_proj.{p}"] for x in "qkv"])
+            out[f"{to}.attn.proj.{p}"] = sd[f"{layer}.self_attn.out_proj.{p}"]
+            out[f"{to}.mlp.0.{p}"], out[f"{to}.mlp.2.{p}"] = sd[f"{layer}.mlp.fc1.{p}"], sd[f"{layer}.mlp.fc2.{p}"]
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def official_vae21(sd: dict, num_res_blocks: int) -> dict:
@@ -406,69 +431,6 @@ def vae_file(path: Path, version: str) -> Path:
     return path
 
 
-# ---- Wan S2V: the recorded official model, a voice track ----
-
-S2V_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "s2v" / "pipeline_reference.safetensors"
-
-
-def write_wav(path: Path, seconds: float, rate: int = 22050, amplitude: float = 0.3, freq: float = 220.0) -> Path:
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (amplitude * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))) if amplitude else 0 * t
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.asarray(samples) * 32767).astype(np.int16).tobytes())
-    return path
-
-
-def s2v_reference():
-    """The tiny S2V model and run recorded from the official code (tests/fixtures/s2v/make_pipeline_reference.py):
-    (tensors, model config, settings, wav2vec2 layers)."""
-    from safetensors import safe_open
-
-    with safe_open(str(S2V_FIXTURE), "np") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata()
-    return tensors, json.loads(meta["model_config"]), json.loads(meta["settings"]), int(meta["audio_layers"])
-
-
-def build_s2v_release(root: Path, reference) -> Path:
-    """The recorded official S2V checkpoint in the release layout (plus a tiny UMT5, tokenizer and wav2vec2) under
-    `root`, converted to `root/mlx`; returns `root`."""
-    import transformers
-    from safetensors.numpy import save_file as save_numpy
-
-    from mlx_video.cli import main
-
-    tensors, config, _, audio_layers = reference
-    src = root / "Wan2.2-S2V-14B"
-    src.mkdir()
-    (src / "config.json").write_text(json.dumps({"_class_name": "WanModel_S2V", **config}))
-    save_numpy({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
-              str(src / "diffusion_pytorch_model.safetensors"))
-    torch.save({k[len("vae."):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("vae.")},
-               src / "Wan2.1_VAE.pth")
-    torch.manual_seed(0)
-    t5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
-        vocab_size=64, d_model=config["text_dim"], d_kv=7, d_ff=40, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0)).eval()
-    randomize_(t5, 3, scale=0.5)
-    torch.save(official_umt5(t5.state_dict()), src / "models_t5_umt5-xxl-enc-bf16.pth")
-    (src / "google" / "umt5-xxl").mkdir(parents=True)
-    train_spiece(src / "google" / "umt5-xxl" / "spiece.model")
-    w2v = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
-        hidden_size=config["audio_dim"], num_hidden_layers=audio_layers - 1, num_attention_heads=2,
-        intermediate_size=40, conv_dim=(8,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
-        conv_bias=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, vocab_size=11,
-        do_stable_layer_norm=True, feat_extract_norm="layer", feat_extract_activation="gelu", hidden_act="gelu",
-    )).eval()
-    w2v.save_pretrained(src / "wav2vec2-large-xlsr-53-english")
-    main(["convert", str(src), str(root / "mlx"), "--dtype", "fp32"])
-    return root
-
-
 def converted_tiny_ti2v(root: Path, name: str = "mlx") -> Path:
     """A tiny TI2V-5B-style pipeline (Wan 2.2 VAE, one transformer) in the diffusers layout under `root`,
     converted to fp32 at `root/name`; returns the converted folder."""
@@ -480,3 +442,10 @@ def converted_tiny_ti2v(root: Path, name: str = "mlx") -> Path:
     main(["convert", str(root / "diffusers"), str(root / name), "--dtype", "fp32"])
     return root / name
 
+
+def converted_weights(folder: Path, component: str) -> dict:
+    """A converted folder's component: every tensor of its safetensors files, as numpy arrays."""
+    out = {}
+    for f in sorted((folder / component).glob("*.safetensors")):
+        out.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
+    return out
