@@ -228,6 +228,10 @@ def test_cli(tmp_path):
     r = _read(tmp_path / "hy15.json")
     assert r["tokens"] == 31 * 45 * 80 and r["frames"] == 121
     assert r["speedups"]["rows"][0]["plan"] == "dense"
+    rows = {row["plan"]: row for row in r["speedups"]["rows"]}
+    assert 0 < r["speedups"]["radial_fraction"] < 1 and r["speedups"]["radial"]["dense_steps"] == 12
+    assert rows["taylorseer"]["evaluations"] == 50  # the release's schedule: 25 of 50 steps, two passes each
+    assert rows["radial + taylorseer"]["total"] < rows["radial"]["total"] < rows["dense"]["total"]
     res = runner.invoke(bench.bench, ["estimate", "--chip", "m9"])
     assert res.exit_code != 0
     assert {"step", "peak", "vs-reference", "vae", "estimate"} <= set(bench.bench.commands)

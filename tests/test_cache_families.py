@@ -176,6 +176,31 @@ def test_cli_sidecar_records_the_evaluations(folders):
     assert record["transformer_evals_uncached"] == 2 * STEPS
 
 
+def test_hunyuan15_taylorseer_defaults_to_the_release_schedule(folders):
+    """`--cache taylorseer` on a HunyuanVideo 1.5 model starts from the release's cache schedule (computed steps
+    0-10, one in 4 after, every step from 45; second order): on 20 steps, 0-10, 12 and 16 run (diffusers' defaults
+    would run 0-2, 4, 9, 14 and 19); keys given override it one by one."""
+    from mlx_video.cli import main
+    from mlx_video.families.hunyuan15 import TAYLORCACHE
+    from mlx_video.pipelines.cache import TaylorSeerConfig, parse_cache
+
+    init = np.random.default_rng(6).standard_normal(RUNS["hunyuan15"][1]).astype(np.float32)
+    np.save(folders / "init15.npy", init)
+    out = folders / "taylor15.npy"
+    main(["generate", "--model", str(folders / "hunyuan15"), "--prompt", PROMPT, "--size", "48x32", "--frames", "5",
+          "--steps", str(STEPS), "--guidance", "6", "--cache", "taylorseer", "--init-latents",
+          str(folders / "init15.npy"), "--save-latents", str(out), "--quiet", "--overwrite"])
+    record = json.loads(out.with_suffix(".json").read_text())["settings"]
+    assert record["cache_config"] == TaylorSeerConfig(**TAYLORCACHE).to_dict()
+    assert record["cache_config"]["max_order"] == 2 and record["cache_config"]["cache_interval"] == 4
+    assert record["forecast_steps"] == [11, 13, 14, 15, 17, 18, 19]
+    assert record["transformer_evals"] == 2 * 13 and record["transformer_evals_uncached"] == 2 * STEPS
+    model = json.loads((folders / "hunyuan15" / "mlxvid.json").read_text())["model"]
+    config = parse_cache("taylorseer:cache_interval=2", model)[1]
+    assert (config.cache_interval, config.disable_cache_before_step, config.max_order) == (2, 11, 2)
+    assert parse_cache("taylorseer", "hunyuanvideo-1.5-480p-i2v-step-distilled")[1] == TaylorSeerConfig()
+
+
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
 def test_magcache_needs_a_published_table(folders, family):
     from mlx_video.pipelines.base import GenerationSettings, Pipeline

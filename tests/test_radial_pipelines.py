@@ -39,8 +39,14 @@ class ReferenceRadial:
         self.frames, self.per_frame, self.decay, self.wan = frames, tokens_per_frame, decay, wan
         self.dense_steps, self.dense_blocks = dense_steps, dense_blocks
         self.step, self.sparse_calls = 0, 0
+        self.masks = {}
 
     def token_mask(self, tokens: int) -> torch.Tensor:
+        if tokens not in self.masks:
+            self.masks[tokens] = self.build_token_mask(tokens)
+        return self.masks[tokens]
+
+    def build_token_mask(self, tokens: int) -> torch.Tensor:
         video = self.frames * self.per_frame
         assert video % BLOCK == 0  # where the reference is defined
         tiles = gen_log_mask_shrinked(tokens, video, self.frames, block_size=BLOCK, sparse_type="radial",
@@ -235,6 +241,61 @@ def test_mochi_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_
     dense, _ = _ours(tmp_path, tmp_path / "mlx", "dense", *common, extra)
     _check_memory_estimate(tmp_path / "mlx", f"{width}x{height}", frames)
     _check("Mochi", ours, ref, dense, sidecar, radial, 1, 0)
+
+
+@pytest.fixture
+def small_tiles_hunyuan15(monkeypatch):
+    """HunyuanVideo 1.5's radial defaults (a property of the model) with 8-token tiles."""
+    from mlx_video.families.hunyuan15.config import radial_defaults
+    from mlx_video.families.hunyuan15.pipeline import Hunyuan15Pipeline
+
+    small = property(lambda self: dataclasses.replace(radial_defaults(self.spec), block=BLOCK))
+    monkeypatch.setattr(Hunyuan15Pipeline, "radial_defaults", small)
+
+
+def counting_steps(scheduler, radial: ReferenceRadial):
+    """`scheduler.step` that advances the reference's step index (for pipelines without a step-end callback)."""
+    step = scheduler.step
+
+    def advance(*args, **kwargs):
+        out = step(*args, **kwargs)
+        radial.step += 1
+        return out
+
+    return advance
+
+
+def test_hunyuan15_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_tiles_hunyuan15, monkeypatch):
+    """T2V with CFG and a quoted glyph string: the joint sequence is [video; glyph tokens; Qwen tokens] here, and
+    diffusers' [video; image slots; glyph slots; Qwen slots] (padding masked): every non-video token kept whole."""
+    from tiny_hunyuan15 import build_tiny_t2v_pipeline
+
+    from mlx_video.families.hunyuan15.config import RADIAL_HUNYUAN
+
+    pipe = build_tiny_t2v_pipeline(tmp_path / "diffusers")
+    for name, value in (("tokenizer_max_length", 40), ("tokenizer_2_max_length", 32), ("vision_num_semantic_tokens", 4)):
+        setattr(pipe, name, value)
+    main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "mlx"), "--dtype", "fp32"])
+    width, height, frames, steps = 96, 64, 17, 3  # latent 5 x 4 x 6: 5 frames of 24 tokens (16x VAE, patch 1)
+    prompt = 'a neon sign that reads "OPEN" at sunset'
+    init = np.random.default_rng(4).standard_normal((1, 4, 5, 4, 6)).astype(np.float32)
+    radial = ReferenceRadial(5, 24, RADIAL_HUNYUAN.decay, False, dense_steps=1, dense_blocks=1)
+    modules = [(i, b.attn) for i, b in enumerate(pipe.transformer.transformer_blocks)]
+    monkeypatch.setattr(pipe.scheduler, "step", counting_steps(pipe.scheduler, radial))
+    with reference_radial(modules, radial), torch.no_grad():
+        ref = pipe(prompt=prompt, height=height, width=width, num_frames=frames, num_inference_steps=steps,
+                   latents=torch.from_numpy(init), output_type="latent").frames.numpy()
+    assert radial.step == steps
+    run = ["generate", "--model", str(tmp_path / "mlx"), "--prompt", prompt, "--size", f"{width}x{height}",
+           "--frames", str(frames), "--steps", str(steps), "--guidance", "6", "--init-latents",
+           str(tmp_path / "init.npy"), "--quiet", "--overwrite"]
+    np.save(tmp_path / "init.npy", init)
+    main([*run, "--save-latents", str(tmp_path / "radial.npy"), "--attention", "radial:1:1"])
+    main([*run, "--save-latents", str(tmp_path / "dense.npy")])
+    ours, dense = np.load(tmp_path / "radial.npy"), np.load(tmp_path / "dense.npy")
+    sidecar = json.loads((tmp_path / "radial.json").read_text())
+    _check_memory_estimate(tmp_path / "mlx", f"{width}x{height}", frames)
+    _check("HunyuanVideo 1.5", ours, ref, dense, sidecar, radial, 1, 1)
 
 
 def test_attention_option_is_checked_before_any_weights_are_read(a14b, capsys):

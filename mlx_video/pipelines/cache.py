@@ -39,7 +39,9 @@ Methods (`--cache NAME[:THRESHOLD]`):
                 `taylor_factors_dtype`); a forecast step skips the whole transformer and returns their Taylor
                 series at the step's distance from the last computed one. Options `taylorseer:KEY=VALUE,...`
                 with diffusers' field names and defaults, except `use_lite_mode`, which is on (see
-                `TaylorSeerConfig`).
+                `TaylorSeerConfig`); a model whose release publishes a TaylorSeer schedule of its own (its
+                registry entry's `extra["cache_settings"]["taylorseer"]`) starts from that one instead, and the
+                keys given override it.
 Threshold 0 never skips, so it reproduces the uncached run exactly.
 """
 
@@ -152,10 +154,20 @@ def _config_value(text: str, key: str, value: str):
     return number
 
 
-def parse_taylorseer(text: str, options: str) -> TaylorSeerConfig:
-    """`KEY=VALUE,...` (the part after `taylorseer:`) -> TaylorSeerConfig; unknown keys and bad values are refused
-    with the valid keys named."""
-    values = {}
+def published_taylorseer(model_id: str | None) -> dict:
+    """The TaylorSeer fields a model's release publishes as its own cache setting (the registry entry's
+    `extra["cache_settings"]["taylorseer"]`); {} for a model without one, or an id that is not registered."""
+    from ..registry import MODELS
+
+    spec = MODELS.get(model_id) if model_id is not None else None
+    return dict(spec.extra.get("cache_settings", {}).get("taylorseer", {})) if spec is not None else {}
+
+
+def parse_taylorseer(text: str, options: str, defaults: dict | None = None) -> TaylorSeerConfig:
+    """`KEY=VALUE,...` (the part after `taylorseer:`) -> TaylorSeerConfig over `defaults` (a model's published
+    fields; TaylorSeerConfig's own for the others); unknown keys and bad values are refused with the valid keys
+    named."""
+    values = dict(defaults or {})
     for item in filter(None, (part.strip() for part in options.split(","))):
         key, eq, value = (p.strip() for p in item.partition("="))
         if key in _REFUSED_KEYS:
@@ -195,7 +207,7 @@ def parse_cache(text: str | None, model_id: str | None = None) -> tuple[str, flo
         return None
     name, _, value = text.partition(":")
     if name == "taylorseer":
-        return name, parse_taylorseer(text, value)
+        return name, parse_taylorseer(text, value, published_taylorseer(model_id))
     if name not in DEFAULT_THRESHOLDS:
         raise MlxVideoError(f"--cache {text}: unknown method {name!r}; choose one of {', '.join(METHODS)}")
     tables = mag_tables()

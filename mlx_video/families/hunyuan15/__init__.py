@@ -13,6 +13,13 @@ The super-resolution models (task "sr"; `sr.py`) take a finished 480p run to 720
 buckets the official SR pipeline maps the base sizes to (base 960 / 1440, stride 16: 848x480 -> 1280x720,
 1280x720 -> 1904x1072, the 16-multiple nearest 1920x1080).
 
+Step caching: the release's own cache (`--enable_cache`, Tencent-Hunyuan/HunyuanVideo-1.5 `generate.py` and
+`hyvideo/commons/infer_state.py`; the AngelSlim helpers it calls) runs the transformer on steps 0-10, then every 4th
+step from 11 to 44, then 45-49, of 50; the other steps reuse or forecast. Its `taylorcache` forecasts by a
+second-order Taylor series of divided differences: our `--cache taylorseer` (`mlx_video.pipelines.cache`), whose
+defaults on the 50-step models are the release's numbers in diffusers' fields (`TAYLORCACHE`). Its `deepcache` and
+`teacache` modes are not here (README, "Faster generation").
+
 Not here: HunyuanVideo-I2V (1.0).
 """
 
@@ -27,6 +34,14 @@ SIZES_720P = ((1280, 720), (720, 1280))
 SIZES_SR_720P = ((1280, 720), (720, 1280))
 SIZES_SR_1080P = ((1904, 1072), (1072, 1904))
 REPO = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-"
+# The release's cache schedule (`generate.py` defaults: --cache_start_step 11, --cache_end_step 45,
+# --cache_step_interval 4, of --total_steps 50; AngelSlim's TaylorCacheHelper: max_order 2) in the fields of
+# diffusers' TaylorSeerCacheConfig, name for name. One difference is diffusers' rule, not ours to change: after the
+# warm-up the release computes the first step of each interval (11, 15, ..., 43), diffusers the second (12, 16,
+# ..., 44), so the same 25 of 50 steps compute, those in the middle one step later. The release turns its cache
+# off for the step-distilled model (`generate.py` refuses the two together) and the SR models: they keep the
+# shared defaults.
+TAYLORCACHE = dict(disable_cache_before_step=11, disable_cache_after_step=45, cache_interval=4, max_order=2)
 
 
 def _spec(variant: str, task: str, guidance: float, shift: float, steps: int = 50, **extra) -> ModelSpec:
@@ -42,7 +57,8 @@ def _spec(variant: str, task: str, guidance: float, shift: float, steps: int = 5
         transformer=HUNYUAN15_480P_MEANFLOW if "step_distilled" in variant else
         HUNYUAN15_480P if resolution == "480p" else HUNYUAN15_720P,
         description=f"HunyuanVideo 1.5 {what}, 8.3B ({resolution}{', ' + distilled if distilled else ''})",
-        extra={"official_variant": variant, **extra},
+        extra={"official_variant": variant, **({} if "step_distilled" in variant else
+                                                  {"cache_settings": {"taylorseer": TAYLORCACHE}}), **extra},
     )
 
 

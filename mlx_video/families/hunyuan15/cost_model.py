@@ -147,23 +147,25 @@ def video_flops(spec, width: int, height: int, frames: int, steps: int | None = 
 
 
 def activation_bytes(config: Hunyuan15Config, n_tokens: int, text_len: int, batch: int = 1, dtype: str = "bf16",
-                     fused_attention: bool = True) -> int:
+                     fused_attention: bool = True, attention=None) -> int:
     """Estimated peak activations of one forward (weights excluded), by the rule of the other families' models:
     resident are the float32 image and text streams (each with the block's new value being formed: twice), the
     RoPE tables and the input latents; the widest stage is the larger of the attention (the modulated input in
     float32 and its cast, q, k, v over N + L, q and k after norm and RoPE in float32, the output) and the MLP
     (the modulated input, fc1's output and its GELU); without a fused attention kernel the score blocks of
-    `mlx_video.nn.attention` are added. The allocator's cache is not modelled."""
+    `mlx_video.nn.attention` are added (`attention`: the run's sparse self-attention, e.g. radial, which counts its
+    own scores and gathered keys). The allocator's cache is not modelled."""
     d, f, e = config.hidden_size, config.mlp_dim, dtype_bytes(dtype)
     n, s = n_tokens, n_tokens + text_len
     resident = batch * 2 * s * d * 4 + n * d * 4 + 2 * batch * n * config.in_channels * 4
-    attention = batch * (s * d * (4 + e) + s * (3 * d * e + 2 * d * 4 + d * e))
+    attention_stage = batch * (s * d * (4 + e) + s * (3 * d * e + 2 * d * 4 + d * e))
     mlp = batch * n * (d * (4 + e) + 2 * f * e)
     if not fused_attention:
         from mlx_video.nn.attention import blocked_score_bytes
 
-        attention += blocked_score_bytes(batch, config.num_heads, s, s)
-    return int(resident + max(attention, mlp))
+        attention_stage += blocked_score_bytes(batch, config.num_heads, s, s, sparse=attention,
+                                               head_dim=config.head_dim, itemsize=e)
+    return int(resident + max(attention_stage, mlp))
 
 
 def text_encoding_activation_bytes(prompts: int = 1) -> int:
@@ -184,12 +186,13 @@ def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str 
                          group_size: int = DEFAULT_GROUP_SIZE, guidance: bool | None = None,
                          fused_attention: bool = True, transformer: Hunyuan15Config | None = None,
                          stored: dict | None = None, vae_config=None, vae_tiling="tiled", image_encoding: bool = False,
-                         **_ignored) -> PeakEstimate:
+                         attention=None, **_ignored) -> PeakEstimate:
     """Peak bytes of each stage, run one after the other with only that stage's weights resident: text_encoding
     (Qwen; two prompts with CFG) and denoising (the transformer; `guidance`: CFG batched, batch 2; default: the
     model's default scale > 1), decoding (the VAE with `vae_tiling`: a `VAETiling`, or "tiled" for its
     default 256-pixel tiles) and, with `image_encoding`, the I2V image's encoding (the VAE over one frame in
-    256-pixel tiles, as the pipeline runs it; SigLIP runs after it, on 729 tokens)."""
+    256-pixel tiles, as the pipeline runs it; SigLIP runs after it, on 729 tokens). `attention`: the run's sparse
+    self-attention (`Pipeline.attention_estimate`), None when dense."""
     config = transformer or spec.transformer
     guidance = spec.default("guidance", 1.0) > 1.0 if guidance is None else guidance
     weights = weight_bytes(spec, dtype, quantize, group_size, config)
@@ -200,7 +203,8 @@ def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str 
     stages = {
         "text_encoding": {"weights": weights["text_encoder"], "activations": text_encoding_activation_bytes(batch)},
         "denoising": {"weights": weights["transformer_expert"],
-                      "activations": activation_bytes(config, n, text_tokens(spec), batch, dtype, fused_attention)},
+                      "activations": activation_bytes(config, n, text_tokens(spec), batch, dtype, fused_attention,
+                                                     attention)},
     }
     if image_encoding:
         from .vae import HUNYUAN15_VAE, VAETiling, encode_memory_bytes

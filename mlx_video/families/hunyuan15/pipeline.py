@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_video.errors import MlxVideoError
-from mlx_video.families.hunyuan15.config import Hunyuan15Config
+from mlx_video.families.hunyuan15.config import Hunyuan15Config, radial_defaults
 from mlx_video.pipelines.base import (
     DecodeTiling,
     GenerationSettings,
@@ -117,6 +117,11 @@ class Hunyuan15Pipeline(Pipeline):
     @property
     def latent_channels(self) -> int:
         return self.transformer_config.out_channels
+
+    @property
+    def radial_defaults(self):
+        """`--attention radial`'s parameters for this model (`config.radial_defaults`)."""
+        return radial_defaults(self.spec)
 
     @property
     def image_mode(self) -> str | None:
@@ -283,7 +288,7 @@ class Hunyuan15Pipeline(Pipeline):
             self.spec, s.width, s.height, s.frames, name,
             guidance=self.uses_cfg(s) and s.guidance_mode == "batched", fused_attention=mx.metal.is_available(),
             transformer=self.transformer_config, stored=stored, vae_config=vae_config, vae_tiling=tile,
-            image_encoding=has_image and self.can_decode)
+            image_encoding=has_image and self.can_decode, attention=self.attention_estimate(s))
         stages = {k: v["total"] for k, v in estimate.stages.items()}
         if not self.can_decode:
             stages.pop("decoding")
