@@ -1,4 +1,5 @@
-"""End to end, `--attention radial`: a tiny Wan (A14B-style, two experts), HunyuanVideo and Mochi pipeline against
+"""End to end, `--attention radial`: a tiny Wan (A14B-style, two experts), HunyuanVideo, HunyuanVideo 1.5 (T2V and the
+step-distilled I2V) and Mochi pipeline against
 the diffusers pipeline whose self-attention applies the reference repository's mask (a processor that masks
 every score outside the kept tiles of `gen_log_mask_shrinked`, transcribed in tests/support/reference/radial_mask.py),
 dense for the first steps (counted over the whole run) and blocks (counted within each transformer).
@@ -296,6 +297,64 @@ def test_hunyuan15_radial_matches_diffusers_with_the_reference_mask(tmp_path, sm
     sidecar = json.loads((tmp_path / "radial.json").read_text())
     _check_memory_estimate(tmp_path / "mlx", f"{width}x{height}", frames)
     _check("HunyuanVideo 1.5", ours, ref, dense, sidecar, radial, 1, 1)
+
+
+def test_hunyuan15_i2v_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_tiles_hunyuan15, monkeypatch):
+    """The step-distilled I2V model (guidance 1, MeanFlow) from an image file: the SigLIP image tokens come first
+    in the joint text sequence, after the video, and are kept whole; its bucket gives 4 x 4 tokens a frame, so
+    that, under the reference's thinning, each latent frame attends only to itself and the text."""
+    from PIL import Image
+    from tiny_hunyuan15 import build_tiny_i2v_pipeline
+
+    from mlx_video.families.hunyuan15.config import RADIAL_HUNYUAN
+
+    pipe = build_tiny_i2v_pipeline(tmp_path / "diffusers")
+    for name, value in (("tokenizer_max_length", 40), ("tokenizer_2_max_length", 32)):
+        setattr(pipe, name, value)
+    main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "mlx"), "--dtype", "fp32"])
+    assert pipe.video_processor.calculate_default_height_width(64, 64, 64) == (64, 64)
+    pixels = np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    frames, steps = 17, 3
+    init = np.random.default_rng(9).standard_normal((1, 4, 5, 4, 4)).astype(np.float32)
+    radial = ReferenceRadial(5, 16, RADIAL_HUNYUAN.decay, False, dense_steps=1, dense_blocks=1)
+    modules = [(i, b.attn) for i, b in enumerate(pipe.transformer.transformer_blocks)]
+    monkeypatch.setattr(pipe.scheduler, "step", counting_steps(pipe.scheduler, radial))
+    with reference_radial(modules, radial), torch.no_grad():
+        ref = pipe(image=Image.open(tmp_path / "image.png"), prompt=PROMPT, num_frames=frames,
+                   num_inference_steps=steps, latents=torch.from_numpy(init), output_type="latent").frames.numpy()
+    np.save(tmp_path / "init.npy", init)
+    run = ["generate", "--model", str(tmp_path / "mlx"), "--prompt", PROMPT, "--image", str(tmp_path / "image.png"),
+           "--frames", str(frames), "--steps", str(steps), "--init-latents", str(tmp_path / "init.npy"), "--quiet",
+           "--overwrite"]
+    main([*run, "--save-latents", str(tmp_path / "radial.npy"), "--attention", "radial:1:1"])
+    main([*run, "--save-latents", str(tmp_path / "dense.npy")])
+    ours, dense = np.load(tmp_path / "radial.npy"), np.load(tmp_path / "dense.npy")
+    sidecar = json.loads((tmp_path / "radial.json").read_text())
+    _check("HunyuanVideo 1.5 I2V", ours, ref, dense, sidecar, radial, 1, 1)
+
+
+def test_hunyuan15_radial_defaults_per_model():
+    """HunyuanVideo 1.0's parameters with 12 of 50 dense steps, the same share of a shorter default run (the
+    8-step model: 2); the super-resolution models have none, so --attention radial is refused for them before
+    any weights are read."""
+    from mlx_video.errors import MlxVideoError
+    from mlx_video.families.hunyuan.config import RADIAL_DEFAULTS as HUNYUAN
+    from mlx_video.families.hunyuan15.config import radial_defaults
+    from mlx_video.pipelines.attention_mode import check_attention
+    from mlx_video.registry import MODELS
+
+    family = [spec for spec in MODELS.values() if spec.family == "hunyuan15"]
+    for spec in family:
+        found = radial_defaults(spec)
+        if spec.task == "sr":
+            assert found is None
+            with pytest.raises(MlxVideoError, match="no radial attention parameters"):
+                check_attention("radial", found, spec.id)
+            continue
+        assert dataclasses.replace(found, dense_steps=12, source="") == dataclasses.replace(HUNYUAN, source="")
+        assert found.dense_steps == (12 if spec.steps == 50 else 2), spec.id
+    assert {spec.task for spec in family} == {"t2v", "i2v", "sr"} and any(s.steps == 8 for s in family)
 
 
 def test_attention_option_is_checked_before_any_weights_are_read(a14b, capsys):
