@@ -1,10 +1,10 @@
-"""End to end, `--attention radial`: a tiny Wan (A14B-style, two experts), HunyuanVideo, HunyuanVideo 1.5 (T2V and the
-step-distilled I2V) and Mochi pipeline against
-the diffusers pipeline whose self-attention applies the reference repository's mask (a processor that masks
-every score outside the kept tiles of `gen_log_mask_shrinked`, transcribed in tests/support/reference/radial_mask.py),
-dense for the first steps (counted over the whole run) and blocks (counted within each transformer).
+"""End to end, `--attention radial`: a tiny Wan (A14B-style, two experts), HunyuanVideo, HunyuanVideo 1.5 (T2V and
+the step-distilled I2V) and Mochi pipeline against the diffusers pipeline whose self-attention applies the
+reference repository's mask (a processor that masks every score outside the kept tiles of `gen_log_mask_shrinked`,
+transcribed in tests/support/reference/radial_mask.py), dense for the first steps (counted over the whole run) and
+blocks (counted within each transformer).
 
-The tiny models have 24 tokens per latent frame, so the test gives each family 8-token tiles (the published
+The tiny models have 16 or 24 tokens per latent frame, so the test gives each family 8-token tiles (the published
 64 / 128 would make one tile, i.e. dense attention): the family's decay and first-frame rule are kept."""
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def counting_steps(scheduler, radial: ReferenceRadial):
 def test_hunyuan15_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_tiles_hunyuan15, monkeypatch):
     """T2V with CFG and a quoted glyph string: the joint sequence is [video; glyph tokens; Qwen tokens] here, and
     diffusers' [video; image slots; glyph slots; Qwen slots] (padding masked): every non-video token kept whole."""
-    from tiny_hunyuan15 import build_tiny_t2v_pipeline
+    from support.hunyuan15 import build_tiny_t2v_pipeline
 
     from mlx_video.families.hunyuan15.config import RADIAL_HUNYUAN
 
@@ -304,7 +304,7 @@ def test_hunyuan15_i2v_radial_matches_diffusers_with_the_reference_mask(tmp_path
     in the joint text sequence, after the video, and are kept whole; its bucket gives 4 x 4 tokens a frame, so
     that, under the reference's thinning, each latent frame attends only to itself and the text."""
     from PIL import Image
-    from tiny_hunyuan15 import build_tiny_i2v_pipeline
+    from support.hunyuan15 import build_tiny_i2v_pipeline
 
     from mlx_video.families.hunyuan15.config import RADIAL_HUNYUAN
 
