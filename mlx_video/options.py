@@ -481,12 +481,14 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
            "(cache_interval=5, disable_cache_before_step=3, disable_cache_after_step=none, max_order=1, "
            "taylor_factors_dtype=bfloat16) except use_lite_mode, on by default (diffusers' default mode forecasts "
            "no Wan or Mochi module): after 3 steps per expert, one step in 5 runs the transformer and the others "
-           "are forecast.",
+           "are forecast. A model whose release publishes a schedule of its own (HunyuanVideo 1.5: 25 of 50 steps, order "
+           "2) starts from it; the keys given override it.",
            metavar="NAME[:THRESHOLD or KEY=VALUE,...]", max_length=300),
     Option("attention", "text", "Self-attention: dense (the default) or radial[:DENSE_STEPS[:DENSE_BLOCKS]], Radial "
            "Attention's static block-sparse mask of the video tokens; the first DENSE_STEPS steps (over the whole "
            "run) and DENSE_BLOCKS blocks (of each expert) stay dense, by default the family's published numbers "
-           "(Wan 2.2: 11 and 1; HunyuanVideo: 12 and 0; Mochi, ours: 16 and 0).",
+           "(Wan 2.2: 11 and 1; HunyuanVideo: 12 and 0; Mochi, ours: 16 and 0; HunyuanVideo 1.5, ours: 12, or 2 for "
+           "the 8-step model, and 0).",
            metavar="dense|radial[:DENSE_STEPS[:DENSE_BLOCKS]]", max_length=100),
     Option("guidance_mode", "choice", "batched runs the conditional and unconditional passes as one batch; "
            "sequential runs them one after the other: the same result with about half the activation memory.",
