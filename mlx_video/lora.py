@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import ChainMap
 import json
 import re
 from dataclasses import dataclass, field
@@ -196,9 +197,11 @@ def _map_kohya(name: str, keymaps: Sequence):
     return next(iter(hits.values()), None)
 
 
-def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = None, sha256: str | None = None) -> LoraFile:
+def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = None, sha256: str | None = None,
+              splits: Sequence[tuple[str, tuple[str, ...]]] = ()) -> LoraFile:
     """Read a LoRA file and map every key onto our module names; raises MlxVideoError naming the file and key
-    for a key it cannot place or a layer with only half a pair. Tensors stay lazy (nothing is read but shapes)."""
+    for a key it cannot place or a layer with only half a pair. Tensors stay lazy (nothing is read but shapes).
+    `splits`: (pattern, names) for layers a file may hold fused that our model keeps separate (see `_split`)."""
     from .convert.rules import COMMON_TRANSFORMS
 
     path = Path(path)
@@ -211,13 +214,39 @@ def read_lora(path: str | Path, keymaps: Sequence, transforms: dict | None = Non
     for name, roles in _group_keys(path, tensors).items():
         bare, kohya = _strip_prefix(name)
         formats.append("kohya" if kohya else ("peft" if any(".lora_A." in k or ".lora_B." in k for k in roles.values()) else "comfy"))
-        m = _module_lora(path, name, roles, tensors, _place(path, name, roles, bare, kohya, keymaps), transforms)
-        if m.label in modules:
-            raise MlxVideoError(f"LoRA file {path}: key {next(iter(roles.values()))} targets {m.label}, which "
-                                f"{modules[m.label].source} targets too")
-        modules[m.label] = m
+        for sub, view in _split(path, bare, roles, tensors, splits):
+            m = _module_lora(path, name, roles, view, _place(path, name, roles, sub, kohya, keymaps), transforms)
+            if m.label in modules:
+                raise MlxVideoError(f"LoRA file {path}: key {next(iter(roles.values()))} targets {m.label}, which "
+                                    f"{modules[m.label].source} targets too")
+            modules[m.label] = m
     fmt = max(set(formats), key=formats.count)
     return LoraFile(path, sha256 or file_sha256(path), fmt, modules, default_scale)
+
+
+def _split(path: Path, bare: str, roles: dict, tensors: dict, splits: Sequence) -> list[tuple[str, dict]]:
+    """[(module name, tensors)] for one module of the file: itself, or, where a `splits` pattern matches its name
+    (a layer the file holds fused, e.g. q|k|v, that our model keeps as separate layers), one entry per name the
+    pattern's replacements give, each seeing its equal share of the output rows of `up`, the up bias and the
+    diffs (`down` and alpha are shared: the rows of up @ down are the slices' deltas)."""
+    for pattern, names in splits:
+        if re.fullmatch(pattern, bare) is None:
+            continue
+        out = []
+        for i, template in enumerate(names):
+            view: dict = {}
+            for role in ("up", "up_bias", "diff", "diff_b"):
+                if role not in roles:
+                    continue
+                rows = tensors[roles[role]].shape[0]
+                if rows % len(names):
+                    raise MlxVideoError(f"LoRA file {path}: key {roles[role]} holds {rows} rows, which do not split "
+                                        f"into the {len(names)} equal layers it fuses")
+                n = rows // len(names)
+                view[roles[role]] = tensors[roles[role]][i * n:(i + 1) * n]
+            out.append((re.sub(pattern, template, bare), ChainMap(view, tensors)))
+        return out
+    return [(bare, tensors)]
 
 
 def _open_lora(path: Path) -> tuple[dict, dict]:

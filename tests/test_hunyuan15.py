@@ -389,12 +389,12 @@ def test_i2v_size_is_the_reference_bucket():
 
 
 def test_refusals(tmp_path_factory, tmp_path, capsys):
-    """Clear errors before any work: a folder without a text encoder, a video output without a VAE, LoRAs, the
-    download of a model without a diffusers repository."""
+    """Clear errors before any work: a folder without a text encoder, a video output without a VAE, a LoRA file that
+    is not there, the download of a model without a diffusers repository."""
     bare = converted(tmp_path_factory, "hy15_bare", tiny_transformer())
     with pytest.raises(MlxVideoError, match="no text encoder"):
         bare.generate(GenerationSettings(prompt="a cat", width=64, height=48, frames=5, steps=1))
-    with pytest.raises(MlxVideoError, match="LoRAs are not supported"):
+    with pytest.raises(MlxVideoError, match="x.safetensors does not exist"):
         bare.resolve(GenerationSettings(prompt="a", loras=[{"path": str(tmp_path / "x.safetensors")}]))
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(bare.folder.path), "--prompt", "a cat", "--size", "64x48", "--frames", "5",

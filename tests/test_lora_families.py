@@ -28,11 +28,12 @@ from mlx_video.pipelines.base import Pipeline  # noqa: E402
 from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
 from support.mochi import build_tiny_mochi_pipeline  # noqa: E402
 
-# every registered family but Wan, whose own tests are tests/test_lora.py and tests/test_cache.py; a new family
-# fails here (no tiny model or run of it below) until it has one, or until it refuses LoRAs: a family whose
-# pipeline has no LoRA key tables (HunyuanVideo 1.5: diffusers 0.42.1 has no LoRA loader for it to prove ours
-# against) is checked for the refusal instead (test_refusing_families_say_so)
-OTHER_FAMILIES = [name for name in FAMILIES if name != "wan" and pipeline_class(name).lora_keymaps
+# every registered family but those with their own LoRA tests (Wan: tests/test_lora.py and tests/test_cache.py;
+# HunyuanVideo 1.5: tests/test_lora_hunyuan15.py); a new family fails here (no tiny model or run of it below)
+# until it has one, or until it refuses LoRAs: a family whose pipeline has no LoRA key tables is checked for the
+# refusal instead (test_refusing_families_say_so)
+OWN_TESTS = ("wan", "hunyuan15")
+OTHER_FAMILIES = [name for name in FAMILIES if name not in OWN_TESTS and pipeline_class(name).lora_keymaps
                   is not Pipeline.lora_keymaps]
 REFUSING_FAMILIES = [name for name in FAMILIES if pipeline_class(name).lora_keymaps is Pipeline.lora_keymaps]
 PROMPT = "a corgi surfs a wave at sunset, cinematic"

@@ -373,6 +373,11 @@ class Pipeline(ABC):
         """Our fused layers that the key tables fill slice by slice: layer name -> slice sizes (output axis)."""
         return {}
 
+    def lora_splits(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Layers a LoRA file may hold fused that our model keeps separate: (pattern on the file's module name,
+        the names of our layers it splits into, in row order) for `lora.read_lora`."""
+        return []
+
     def lora_experts(self, target: str) -> list[str]:
         """The components a LoRA with `target` (all | high | low) is fused into."""
         if target == "all":
@@ -403,7 +408,7 @@ class Pipeline(ABC):
                 raise MlxVideoError(f"LoRA file {path} does not exist")
             key = _file_key(path)
             if key not in self._lora_cache:
-                self._lora_cache[key] = read_lora(path, keymaps)
+                self._lora_cache[key] = read_lora(path, keymaps, splits=self.lora_splits())
             lora = self._lora_cache[key]
             for name in experts:
                 if name not in self._lora_shapes:  # built lazily: no weights are materialised

@@ -84,6 +84,16 @@ DIFFUSERS_TRANSFORMER = KeyMap([
 ])
 
 
+# LoRA files in ComfyUI's naming hold each double-stream attention's q|k|v as one layer, `img_attn_qkv` /
+# `txt_attn_qkv` (the layer ComfyUI's HunyuanVideo model has: comfy/lora.py `model_lora_keys_unet` maps
+# `diffusion_model.` / `transformer.` + those names), where the official checkpoint and ours keep q, k, v apart:
+# the rows of such a LoRA split in three onto ours (`mlx_video.lora.read_lora`'s `splits`). Dots or kohya's
+# underscores.
+LORA_SPLITS = [
+    (r"(double_blocks[._]\d+[._](?:img|txt)_attn)_qkv", (r"\1_q", r"\1_k", r"\1_v")),
+]
+
+
 def config_from_diffusers(config_json: dict) -> Hunyuan15Config:
     """Our config from a diffusers `HunyuanVideo15Transformer3DModel` config.json."""
     name = config_json.get("_class_name", "HunyuanVideo15Transformer3DModel")

@@ -108,6 +108,13 @@ def bucket_for(height: int, width: int, base: int, stride: int = 16) -> tuple[in
     return best[1]
 
 
+def refiner_slices(cfg: Hunyuan15Config) -> dict[str, tuple[int, ...]]:
+    """Our fused layers that diffusers splits, with the slices' sizes along the output axis: the token refiner's
+    q | k | v (the double-stream blocks keep separate q, k, v in every naming)."""
+    dim = cfg.hidden_size
+    return {f"txt_in.blocks.{i}.self_attn_qkv": (dim, dim, dim) for i in range(cfg.num_refiner_blocks)}
+
+
 class Hunyuan15Pipeline(Pipeline):
     def __init__(self, folder):
         super().__init__(folder)
@@ -244,7 +251,28 @@ class Hunyuan15Pipeline(Pipeline):
 
         model = Hunyuan15Transformer(self.transformer_config, dtype=self.dtype)
         self.folder.load_module("transformer", model)
+        self.fuse_run_loras(model, "transformer")
         return model
+
+    # ---- LoRAs (Pipeline.resolve_loras): the converter's tables; diffusers' refiner q/k/v onto our fused layer ----
+
+    def lora_keymaps(self) -> list:
+        from mlx_video.families.hunyuan15.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+
+        return [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER]
+
+    def lora_model(self, component: str):
+        from mlx_video.families.hunyuan15.transformer import Hunyuan15Transformer
+
+        return Hunyuan15Transformer(self.transformer_config)
+
+    def lora_parts(self, component: str) -> dict[str, tuple[int, ...]]:
+        return refiner_slices(self.transformer_config)
+
+    def lora_splits(self) -> list[tuple[str, tuple[str, ...]]]:
+        from mlx_video.families.hunyuan15.keys import LORA_SPLITS
+
+        return LORA_SPLITS
 
     def make_predict(self, s: GenerationSettings, model, context, step_cache=None, sampler=None) -> Predict:
         """`predict(latents, i, t)`: one pass, or the conditional and unconditional ones combined as
