@@ -13,7 +13,9 @@ its checkpoints), so a LoRA on `blocks.0.attn1.to_q` (diffusers) or `blocks.0.se
 on the layer those weights were converted into. Where the table sends a layer to one slice of a fused layer of
 ours (a part key `name#i`: diffusers' separate to_q / to_k / to_v against one q|k|v projection), its delta
 fills the rows of that slice; the family gives the slices' sizes (`parts`: our layer -> sizes along the
-output axis). The table's transform is applied to the factors: a reordering of the output rows
+output axis). The other way round, where a file holds fused what our model keeps apart (ComfyUI's q|k|v of a
+model whose checkpoint has q, k, v), the family's `splits` give each of our layers its share of the rows of `up`.
+The table's transform is applied to the factors: a reordering of the output rows
 (`swap_halves`) to `up` and the biases, a convolution-to-linear layout to `down`. Every key must be understood
 and every shape must fit: otherwise the error names the file and the key, before any weights of the model are
 read.

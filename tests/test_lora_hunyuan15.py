@@ -8,9 +8,10 @@ convert` with the same file given as `--lora FILE:STRENGTH` (parsed as the CLI d
 pipeline), at two strengths. The same LoRA in the other namings people hold for 1.5 gives the same per-layer
 deltas: the official / ComfyUI names (`diffusion_model.double_blocks.0.img_attn_q`, the refiner's fused
 `self_attn_qkv`), musubi-tuner's kohya names (`lora_unet_double_blocks_0_img_attn_q`, musubi-tuner
-networks/lora_hv_1_5.py) and ComfyUI's fused double-block q|k|v (`double_blocks.0.img_attn_qkv`, the layer its
-HunyuanVideo model holds: comfy/lora.py `model_lora_keys_unet`). The official names are written here from
-diffusers' (a test-side table, independent of the converter's key tables)."""
+networks/lora_hv_1_5.py), ComfyUI's fused double-block q|k|v (`double_blocks.0.img_attn_qkv`, the layer its
+HunyuanVideo model holds: comfy/lora.py `model_lora_keys_unet`) and ComfyUI's own module names (`img_attn.qkv`,
+`img_mod.lin`, `img_mlp.0`, ...), dotted and kohya. The official names are written here from diffusers' (a
+test-side table, independent of the converter's key tables)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,20 @@ OFFICIAL = [
 SWAPPED = {"final_layer.adaLN_modulation.1"}
 # ComfyUI's fused double-block attention: official img_attn_q / _k / _v as the slices of one img_attn_qkv
 COMFY_FUSED = re.compile(r"(double_blocks\.\d+\.(?:img|txt)_attn)_([qkv])")
+# official -> ComfyUI's module names (comfy/lora.py's HunyuanVideo list read backwards; the refiner's attention and
+# the embedders' MLPs as comfy/ldm/hunyuan_video/model.py names them); 1.5's own embedders keep the official names
+COMFY_MODULES = [("_mod.linear", "_mod.lin"), ("_attn_qkv", "_attn.qkv"), ("_attn_proj", "_attn.proj"),
+                 ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2"), ("self_attn_qkv", "self_attn.qkv"),
+                 ("self_attn_proj", "self_attn.proj"), ("t_embedder.mlp.0", "t_embedder.in_layer"),
+                 ("t_embedder.mlp.2", "t_embedder.out_layer"), ("c_embedder.linear_1", "c_embedder.in_layer"),
+                 ("c_embedder.linear_2", "c_embedder.out_layer"), ("time_in.mlp.0", "time_in.in_layer"),
+                 ("time_in.mlp.2", "time_in.out_layer")]
+
+
+def comfy_module_name(official: str) -> str:
+    for theirs, comfy in COMFY_MODULES:
+        official = official.replace(theirs, comfy)
+    return official
 
 
 def adapted_layers(model) -> int:
@@ -132,7 +147,8 @@ def _stack(pieces: dict) -> tuple[np.ndarray, np.ndarray]:
     return down, up
 
 
-def official_lora(path, factors: dict, prefix: str, dots: bool = True, fuse_double_qkv: bool = False) -> None:
+def official_lora(path, factors: dict, prefix: str, dots: bool = True, fuse_double_qkv: bool = False,
+                  rename=lambda name: name) -> None:
     """The PEFT factors in the official names, lora_down / lora_up / alpha (alpha / rank = the PEFT file's scale):
     `diffusion_model.` + dotted names (ComfyUI), or `lora_unet_` + underscores (kohya / musubi-tuner). The
     refiner's q/k/v are one fused layer in every official file; `fuse_double_qkv`: the double blocks' too
@@ -150,7 +166,7 @@ def official_lora(path, factors: dict, prefix: str, dots: bool = True, fuse_doub
         if official in SWAPPED:
             half = up.shape[0] // 2
             up = np.concatenate([up[half:], up[:half]])
-        key = prefix + (official if dots else official.replace(".", "_"))
+        key = prefix + (rename(official) if dots else rename(official).replace(".", "_"))
         tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
         tensors[f"{key}.alpha"] = np.array(ALPHA / RANK * down.shape[0], dtype=np.float32)
     _save(path, tensors)
@@ -168,6 +184,10 @@ def tiny(tmp_path_factory):
     official_lora(root / "comfy.safetensors", factors, "diffusion_model.")
     official_lora(root / "musubi.safetensors", factors, "lora_unet_", dots=False)
     official_lora(root / "comfy_fused.safetensors", factors, "diffusion_model.", fuse_double_qkv=True)
+    official_lora(root / "comfy_modules.safetensors", factors, "diffusion_model.", fuse_double_qkv=True,
+                  rename=comfy_module_name)
+    official_lora(root / "comfy_modules_kohya.safetensors", factors, "lora_unet_", dots=False, fuse_double_qkv=True,
+                  rename=comfy_module_name)
     return root, ref
 
 
@@ -221,7 +241,7 @@ def test_peft_lora_matches_diffusers_adapter(tiny, strength):
     assert (record["scale"], record["format"], record["modules"]) == (strength, "peft", adapted_layers(ref))
 
 
-@pytest.mark.parametrize("naming", ["comfy", "musubi", "comfy_fused"])
+@pytest.mark.parametrize("naming", ["comfy", "musubi", "comfy_fused", "comfy_modules", "comfy_modules_kohya"])
 def test_official_namings_fuse_the_same_deltas(tiny, naming):
     """The official / ComfyUI, musubi (kohya) and ComfyUI fused-q|k|v files of the same LoRA give our layers the
     PEFT file's deltas (the refiner's fused q|k|v from three diffusers slices; the double blocks' q, k, v from one

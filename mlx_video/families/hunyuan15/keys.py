@@ -85,13 +85,29 @@ DIFFUSERS_TRANSFORMER = KeyMap([
 
 
 # LoRA files in ComfyUI's naming hold each double-stream attention's q|k|v as one layer, `img_attn_qkv` /
-# `txt_attn_qkv` (the layer ComfyUI's HunyuanVideo model has: comfy/lora.py `model_lora_keys_unet` maps
-# `diffusion_model.` / `transformer.` + those names), where the official checkpoint and ours keep q, k, v apart:
-# the rows of such a LoRA split in three onto ours (`mlx_video.lora.read_lora`'s `splits`). Dots or kohya's
-# underscores.
+# `txt_attn_qkv`, or in ComfyUI's own module names `img_attn.qkv` (the layer ComfyUI's HunyuanVideo model has:
+# comfy/lora.py `model_lora_keys_unet` maps `diffusion_model.` / `transformer.` + those names), where the official
+# checkpoint and ours keep q, k, v apart: the rows of such a LoRA split in three onto ours
+# (`mlx_video.lora.read_lora`'s `splits`). Dots or kohya's underscores.
 LORA_SPLITS = [
-    (r"(double_blocks[._]\d+[._](?:img|txt)_attn)_qkv", (r"\1_q", r"\1_k", r"\1_v")),
+    (r"(double_blocks[._]\d+[._](?:img|txt)_attn)[._]qkv", (r"\1_q", r"\1_k", r"\1_v")),
 ]
+
+# ComfyUI's own module names for the layers it shares with the official model, which its LoRA files (e.g. those its
+# LoRA-extraction node saves) may use: comfy/lora.py lists them against the official names for HunyuanVideo
+# (`_mod.lin` / `_mod.linear`, `_attn.proj` / `_attn_proj`, `mlp.0` / `mlp.fc1`, `mlp.2` / `mlp.fc2`), and
+# comfy/ldm/hunyuan_video/model.py names the refiner's attention `self_attn.qkv` / `self_attn.proj` and the
+# embedders' MLPs `in_layer` / `out_layer`. LoRA only: no checkpoint is converted from these names.
+_MLP = {"0": "fc1", "2": "fc2"}
+COMFY_LORA = KeyMap([
+    Rule(rf"{_D}\.(img|txt)_mod\.lin\.{_WB}", r"double_blocks.\1.\2.mod.\3"),
+    Rule(rf"{_D}\.(img|txt)_attn\.proj\.{_WB}", r"double_blocks.\1.\2.attn_proj.\3"),
+    Rule(rf"{_D}\.(img|txt)_mlp\.([02])\.{_WB}", lambda m: f"double_blocks.{m[1]}.{m[2]}.mlp.{_MLP[m[3]]}.{m[4]}"),
+    Rule(rf"{_R}\.self_attn\.(qkv|proj)\.{_WB}", r"txt_in.blocks.\1.self_attn_\2.\3"),
+    Rule(rf"{_R}\.mlp\.([02])\.{_WB}", lambda m: f"txt_in.blocks.{m[1]}.mlp.{_MLP[m[2]]}.{m[3]}"),
+    Rule(rf"(time_in|time_r_in|txt_in\.t_embedder|txt_in\.c_embedder)\.(in|out)_layer\.{_WB}",
+         lambda m: f"{m[1]}.linear_{1 if m[2] == 'in' else 2}.{m[3]}"),
+])
 
 
 def config_from_diffusers(config_json: dict) -> Hunyuan15Config:

@@ -257,9 +257,9 @@ class Hunyuan15Pipeline(Pipeline):
     # ---- LoRAs (Pipeline.resolve_loras): the converter's tables; diffusers' refiner q/k/v onto our fused layer ----
 
     def lora_keymaps(self) -> list:
-        from mlx_video.families.hunyuan15.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
+        from mlx_video.families.hunyuan15.keys import COMFY_LORA, DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER
 
-        return [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER]
+        return [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER, COMFY_LORA]
 
     def lora_model(self, component: str):
         from mlx_video.families.hunyuan15.transformer import Hunyuan15Transformer
