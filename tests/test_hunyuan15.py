@@ -25,8 +25,8 @@ from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.pipelines.base import GenerationSettings, Pipeline  # noqa: E402
 from support.wan_checkpoints import meta_state, write_description  # noqa: E402
 from support.hunyuan15 import (  # noqa: E402
-    GLYPH_DIM, IMAGE_DIM, TEXT_DIM, build_tiny_i2v_pipeline, build_tiny_t2v_pipeline, save_transformer_folder,
-    tiny_transformer,
+    GLYPH_DIM, IMAGE_DIM, TEXT_DIM, build_tiny_i2v_pipeline, build_tiny_t2v_pipeline, official_state,
+    save_transformer_folder, tiny_transformer,
 )
 
 def rel_err(a, b):
@@ -239,77 +239,6 @@ def test_step_distilled_i2v_from_the_image_matches_diffusers(tmp_path_factory):
           f"decoded frames {mean_abs:.3f}/255 mean absolute (frames' std {frames.std():.1f})")
     assert err < 1e-5
     assert ours.shape == frames.shape and mean_abs < 1.0 and frames.std() > 20
-
-
-# diffusers module -> official module (the release's names), as diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py
-# renames them the other way; "#q/#k/#v": a slice of the official fused refiner q|k|v.
-OFFICIAL_NAMES = [
-    (r"x_embedder\.proj", "img_in.proj"),
-    (r"time_embed\.timestep_embedder\.linear_([12])", lambda m: f"time_in.mlp.{2 * int(m[1]) - 2}"),
-    (r"time_embed\.timestep_embedder_r\.linear_([12])", lambda m: f"time_r_in.mlp.{2 * int(m[1]) - 2}"),
-    (r"context_embedder\.proj_in", "txt_in.input_embedder"),
-    (r"context_embedder\.time_text_embed\.timestep_embedder\.linear_([12])",
-     lambda m: f"txt_in.t_embedder.mlp.{2 * int(m[1]) - 2}"),
-    (r"context_embedder\.time_text_embed\.text_embedder\.linear_([12])", r"txt_in.c_embedder.linear_\1"),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.attn\.to_([qkv])",
-     r"txt_in.individual_token_refiner.blocks.\1.self_attn_qkv#\2"),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.attn\.to_out\.0",
-     r"txt_in.individual_token_refiner.blocks.\1.self_attn_proj"),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.(norm[12])", r"txt_in.individual_token_refiner.blocks.\1.\2"),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.ff\.net\.0\.proj",
-     r"txt_in.individual_token_refiner.blocks.\1.mlp.fc1"),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.ff\.net\.2", r"txt_in.individual_token_refiner.blocks.\1.mlp.fc2"),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.norm_out\.linear",
-     r"txt_in.individual_token_refiner.blocks.\1.adaLN_modulation.1"),
-    (r"context_embedder_2\.norm", "byt5_in.layernorm"),
-    (r"context_embedder_2\.linear_([123])", r"byt5_in.fc\1"),
-    (r"image_embedder\.norm_in", "vision_in.proj.0"),
-    (r"image_embedder\.linear_1", "vision_in.proj.1"),
-    (r"image_embedder\.linear_2", "vision_in.proj.3"),
-    (r"image_embedder\.norm_out", "vision_in.proj.4"),
-    (r"cond_type_embed", "cond_type_embedding"),
-    (r"transformer_blocks\.(\d+)\.norm1\.linear", r"double_blocks.\1.img_mod.linear"),
-    (r"transformer_blocks\.(\d+)\.norm1_context\.linear", r"double_blocks.\1.txt_mod.linear"),
-    (r"transformer_blocks\.(\d+)\.attn\.to_([qkv])", r"double_blocks.\1.img_attn_\2"),
-    (r"transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj", r"double_blocks.\1.txt_attn_\2"),
-    (r"transformer_blocks\.(\d+)\.attn\.norm_([qk])", r"double_blocks.\1.img_attn_\2_norm"),
-    (r"transformer_blocks\.(\d+)\.attn\.norm_added_([qk])", r"double_blocks.\1.txt_attn_\2_norm"),
-    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0", r"double_blocks.\1.img_attn_proj"),
-    (r"transformer_blocks\.(\d+)\.attn\.to_add_out", r"double_blocks.\1.txt_attn_proj"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj", r"double_blocks.\1.img_mlp.fc1"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.2", r"double_blocks.\1.img_mlp.fc2"),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj", r"double_blocks.\1.txt_mlp.fc1"),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2", r"double_blocks.\1.txt_mlp.fc2"),
-    (r"norm_out\.linear", "final_layer.adaLN_modulation.1"),  # official (shift, scale), diffusers (scale, shift)
-    (r"proj_out", "final_layer.linear"),
-]
-
-
-def official_state(diffusers_state: dict) -> dict:
-    """A diffusers HunyuanVideo15Transformer3DModel state dict under the release's names (see OFFICIAL_NAMES)."""
-    import re
-
-    out, parts = {}, {}
-    for key, value in diffusers_state.items():
-        module, _, leaf = key.rpartition(".")
-        for pattern, target in OFFICIAL_NAMES:
-            m = re.fullmatch(pattern, module)
-            if m:
-                name = target(m) if callable(target) else m.expand(target)
-                break
-        else:
-            raise KeyError(key)
-        value = value.detach().clone()
-        if name == "final_layer.adaLN_modulation.1":
-            value = torch.cat(value.chunk(2)[::-1])
-        if "#" in name:
-            fused, piece = name.split("#")
-            parts.setdefault(f"{fused}.{leaf}", {})["qkv".index(piece)] = value
-        else:
-            out[f"{name}.{leaf}"] = value
-    for key, pieces in parts.items():
-        out[key] = torch.cat([pieces[i] for i in range(3)])
-    return out
 
 
 def test_official_transformer_replaces_a_diffusers_folders(tmp_path_factory):

@@ -20,7 +20,7 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.families.hunyuan15.planner import LOW_PRECISION_TRANSFORMER  # noqa: E402
 from mlx_video.nn.linear import Fp8Linear, dense_weight  # noqa: E402
 from mlx_video.pipelines.base import Pipeline  # noqa: E402
-from tiny_hunyuan15 import GLYPH_DIM, TEXT_DIM, save_transformer_folder, tiny_transformer  # noqa: E402
+from support.hunyuan15 import GLYPH_DIM, TEXT_DIM, save_transformer_folder, tiny_transformer  # noqa: E402
 
 OUTPUT_BOUND = {"q8": 0.025, "q4": 0.5, "fp8": 0.2}
 

@@ -22,6 +22,7 @@ from mlx_video.families.hunyuan15.vae_keys import (
     keymap_for,
     vae_config_from_json,
 )
+from support.hunyuan15 import official_vae_state
 
 PARITY_RTOL = 1e-5
 OFFICIAL_KEYS = Path(__file__).parent / "fixtures" / "hy15_vae" / "official_vae_keys.json"
@@ -58,20 +59,6 @@ def ours_from(reference: AutoencoderKLHunyuanVideo15, state: dict | None = None)
     return model
 
 
-def to_official(state: dict) -> dict:
-    """diffusers' names -> the official ones (the inverse of diffusers' convert_hunyuan_video1_5_to_diffusers.py)."""
-    out = {}
-    for key, value in state.items():
-        for ours, theirs in ((".mid_block.resnets.0.", ".mid.block_1."), (".mid_block.resnets.1.", ".mid.block_2."),
-                             (".mid_block.attentions.0.", ".mid.attn_1."), (".downsamplers.0.", ".downsample."),
-                             (".upsamplers.0.", ".upsample."), (".resnets.", ".block."), ("down_blocks.", "down."),
-                             ("up_blocks.", "up."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
-                             (".conv_shortcut.", ".nin_shortcut.")):
-            key = key.replace(ours, theirs)
-        out[key] = value
-    return out
-
-
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
@@ -99,7 +86,7 @@ def pair_c():
 @pytest.fixture(scope="module")
 def pair_b():
     reference = random_reference(CONFIG_B, seed=1)
-    return reference, ours_from(reference, to_official(reference.state_dict()))
+    return reference, ours_from(reference, official_vae_state(reference.state_dict()))
 
 
 def reference_decode(reference, latents: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ deltas: the official / ComfyUI names (`diffusion_model.double_blocks.0.img_attn_
 `self_attn_qkv`), musubi-tuner's kohya names (`lora_unet_double_blocks_0_img_attn_q`, musubi-tuner
 networks/lora_hv_1_5.py), ComfyUI's fused double-block q|k|v (`double_blocks.0.img_attn_qkv`, the layer its
 HunyuanVideo model holds: comfy/lora.py `model_lora_keys_unet`) and ComfyUI's own module names (`img_attn.qkv`,
-`img_mod.lin`, `img_mlp.0`, ...), dotted and kohya. The official names are written here from diffusers' (a
-test-side table, independent of the converter's key tables)."""
+`img_mod.lin`, `img_mlp.0`, ...), dotted and kohya. The official names are written here from diffusers' (the
+test-side table support.hunyuan15.OFFICIAL_NAMES, independent of the converter's key tables)."""
 
 from __future__ import annotations
 
@@ -32,48 +32,12 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.lora import module_deltas, parse_lora_option, read_lora  # noqa: E402
 from mlx_video.pipelines.base import Pipeline  # noqa: E402
-from tiny_hunyuan15 import GLYPH_DIM, IMAGE_DIM, TEXT_DIM, save_transformer_folder, tiny_transformer  # noqa: E402
+from support.hunyuan15 import (  # noqa: E402
+    GLYPH_DIM, IMAGE_DIM, OFFICIAL_NAMES, TEXT_DIM, save_transformer_folder, tiny_transformer,
+)
 
 RANK, ALPHA = 3, 5.0
 
-# diffusers module -> official module (`#q` etc.: a slice of the official fused layer); from diffusers'
-# scripts/convert_hunyuan_video1_5_to_diffusers.py renames
-OFFICIAL = [
-    (r"x_embedder\.proj", "img_in.proj"),
-    (r"image_embedder\.linear_1", "vision_in.proj.1"),
-    (r"image_embedder\.linear_2", "vision_in.proj.3"),
-    (r"context_embedder\.time_text_embed\.timestep_embedder\.linear_1", "txt_in.t_embedder.mlp.0"),
-    (r"context_embedder\.time_text_embed\.timestep_embedder\.linear_2", "txt_in.t_embedder.mlp.2"),
-    (r"context_embedder\.time_text_embed\.text_embedder\.linear_(\d)", r"txt_in.c_embedder.linear_\1"),
-    (r"context_embedder\.proj_in", "txt_in.input_embedder"),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.attn\.to_([qkv])",
-     r"txt_in.individual_token_refiner.blocks.\1.self_attn_qkv#\2"),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.attn\.to_out\.0",
-     r"txt_in.individual_token_refiner.blocks.\1.self_attn_proj"),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.ff\.net\.0\.proj",
-     r"txt_in.individual_token_refiner.blocks.\1.mlp.fc1"),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.ff\.net\.2",
-     r"txt_in.individual_token_refiner.blocks.\1.mlp.fc2"),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.norm_out\.linear",
-     r"txt_in.individual_token_refiner.blocks.\1.adaLN_modulation.1"),
-    (r"context_embedder_2\.linear_(\d)", r"byt5_in.fc\1"),
-    (r"time_embed\.timestep_embedder\.linear_1", "time_in.mlp.0"),
-    (r"time_embed\.timestep_embedder\.linear_2", "time_in.mlp.2"),
-    (r"time_embed\.timestep_embedder_r\.linear_1", "time_r_in.mlp.0"),
-    (r"time_embed\.timestep_embedder_r\.linear_2", "time_r_in.mlp.2"),
-    (r"transformer_blocks\.(\d+)\.norm1\.linear", r"double_blocks.\1.img_mod.linear"),
-    (r"transformer_blocks\.(\d+)\.norm1_context\.linear", r"double_blocks.\1.txt_mod.linear"),
-    (r"transformer_blocks\.(\d+)\.attn\.to_([qkv])", r"double_blocks.\1.img_attn_\2"),
-    (r"transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj", r"double_blocks.\1.txt_attn_\2"),
-    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0", r"double_blocks.\1.img_attn_proj"),
-    (r"transformer_blocks\.(\d+)\.attn\.to_add_out", r"double_blocks.\1.txt_attn_proj"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj", r"double_blocks.\1.img_mlp.fc1"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.2", r"double_blocks.\1.img_mlp.fc2"),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj", r"double_blocks.\1.txt_mlp.fc1"),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2", r"double_blocks.\1.txt_mlp.fc2"),
-    (r"norm_out\.linear", "final_layer.adaLN_modulation.1"),  # official (shift, scale), diffusers (scale, shift)
-    (r"proj_out", "final_layer.linear"),
-]
 SWAPPED = {"final_layer.adaLN_modulation.1"}
 # ComfyUI's fused double-block attention: official img_attn_q / _k / _v as the slices of one img_attn_qkv
 COMFY_FUSED = re.compile(r"(double_blocks\.\d+\.(?:img|txt)_attn)_([qkv])")
@@ -129,9 +93,11 @@ def peft_lora(transformer, path, seed: int) -> dict:
 
 
 def _official_name(name: str) -> tuple[str, str | None]:
-    for pattern, target in OFFICIAL:
-        if re.fullmatch(pattern, name):
-            official, _, piece = re.sub(rf"^{pattern}$", target, name).partition("#")
+    """(official module, slice q / k / v of the official fused layer or None) of a diffusers module."""
+    for pattern, target in OFFICIAL_NAMES:
+        m = re.fullmatch(pattern, name)
+        if m:
+            official, _, piece = (target(m) if callable(target) else m.expand(target)).partition("#")
             return official, piece or None
     raise KeyError(name)
 

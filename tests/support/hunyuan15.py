@@ -5,11 +5,14 @@ without its own regex), trained on the chat template and a few prompts: it split
 tokenizer does, into the 108 tokens diffusers crops. Its chat template renders a system and a user turn with the
 generation prompt as Qwen2.5-VL's does (a minimal Jinja template of ours, for the two-turn case only). ByT5's
 tokenizer is transformers' own (bytes, no files).
+
+`official_state` / `official_vae_state`: a diffusers transformer / VAE state dict under the release's names.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -131,3 +134,87 @@ def save_transformer_folder(root: Path, model, pipeline="HunyuanVideo15Pipeline"
     (root / "guider").mkdir()
     (root / "guider" / "config.json").write_text(json.dumps({"guidance_scale": guidance}))
     return root
+
+
+# diffusers module -> official module (the release's names), as diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py
+# renames them the other way; "#q/#k/#v": a slice of the official fused refiner q|k|v.
+OFFICIAL_NAMES = [
+    (r"x_embedder\.proj", "img_in.proj"),
+    (r"time_embed\.timestep_embedder\.linear_([12])", lambda m: f"time_in.mlp.{2 * int(m[1]) - 2}"),
+    (r"time_embed\.timestep_embedder_r\.linear_([12])", lambda m: f"time_r_in.mlp.{2 * int(m[1]) - 2}"),
+    (r"context_embedder\.proj_in", "txt_in.input_embedder"),
+    (r"context_embedder\.time_text_embed\.timestep_embedder\.linear_([12])",
+     lambda m: f"txt_in.t_embedder.mlp.{2 * int(m[1]) - 2}"),
+    (r"context_embedder\.time_text_embed\.text_embedder\.linear_([12])", r"txt_in.c_embedder.linear_\1"),
+    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.attn\.to_([qkv])",
+     r"txt_in.individual_token_refiner.blocks.\1.self_attn_qkv#\2"),
+    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.attn\.to_out\.0",
+     r"txt_in.individual_token_refiner.blocks.\1.self_attn_proj"),
+    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.(norm[12])", r"txt_in.individual_token_refiner.blocks.\1.\2"),
+    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.ff\.net\.0\.proj",
+     r"txt_in.individual_token_refiner.blocks.\1.mlp.fc1"),
+    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.ff\.net\.2", r"txt_in.individual_token_refiner.blocks.\1.mlp.fc2"),
+    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.norm_out\.linear",
+     r"txt_in.individual_token_refiner.blocks.\1.adaLN_modulation.1"),
+    (r"context_embedder_2\.norm", "byt5_in.layernorm"),
+    (r"context_embedder_2\.linear_([123])", r"byt5_in.fc\1"),
+    (r"image_embedder\.norm_in", "vision_in.proj.0"),
+    (r"image_embedder\.linear_1", "vision_in.proj.1"),
+    (r"image_embedder\.linear_2", "vision_in.proj.3"),
+    (r"image_embedder\.norm_out", "vision_in.proj.4"),
+    (r"cond_type_embed", "cond_type_embedding"),
+    (r"transformer_blocks\.(\d+)\.norm1\.linear", r"double_blocks.\1.img_mod.linear"),
+    (r"transformer_blocks\.(\d+)\.norm1_context\.linear", r"double_blocks.\1.txt_mod.linear"),
+    (r"transformer_blocks\.(\d+)\.attn\.to_([qkv])", r"double_blocks.\1.img_attn_\2"),
+    (r"transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj", r"double_blocks.\1.txt_attn_\2"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_([qk])", r"double_blocks.\1.img_attn_\2_norm"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_added_([qk])", r"double_blocks.\1.txt_attn_\2_norm"),
+    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0", r"double_blocks.\1.img_attn_proj"),
+    (r"transformer_blocks\.(\d+)\.attn\.to_add_out", r"double_blocks.\1.txt_attn_proj"),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj", r"double_blocks.\1.img_mlp.fc1"),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.2", r"double_blocks.\1.img_mlp.fc2"),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj", r"double_blocks.\1.txt_mlp.fc1"),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2", r"double_blocks.\1.txt_mlp.fc2"),
+    (r"norm_out\.linear", "final_layer.adaLN_modulation.1"),  # official (shift, scale), diffusers (scale, shift)
+    (r"proj_out", "final_layer.linear"),
+]
+
+
+def official_state(diffusers_state: dict) -> dict:
+    """A diffusers HunyuanVideo15Transformer3DModel state dict under the release's names (see OFFICIAL_NAMES)."""
+    out, parts = {}, {}
+    for key, value in diffusers_state.items():
+        module, _, leaf = key.rpartition(".")
+        for pattern, target in OFFICIAL_NAMES:
+            m = re.fullmatch(pattern, module)
+            if m:
+                name = target(m) if callable(target) else m.expand(target)
+                break
+        else:
+            raise KeyError(key)
+        value = value.detach().clone()
+        if name == "final_layer.adaLN_modulation.1":
+            value = torch.cat(value.chunk(2)[::-1])
+        if "#" in name:
+            fused, piece = name.split("#")
+            parts.setdefault(f"{fused}.{leaf}", {})["qkv".index(piece)] = value
+        else:
+            out[f"{name}.{leaf}"] = value
+    for key, pieces in parts.items():
+        out[key] = torch.cat([pieces[i] for i in range(3)])
+    return out
+
+
+def official_vae_state(state: dict) -> dict:
+    """A diffusers AutoencoderKLHunyuanVideo15 state dict under the release's names (the inverse of diffusers'
+    convert_hunyuan_video1_5_to_diffusers.py)."""
+    out = {}
+    for key, value in state.items():
+        for ours, theirs in ((".mid_block.resnets.0.", ".mid.block_1."), (".mid_block.resnets.1.", ".mid.block_2."),
+                             (".mid_block.attentions.0.", ".mid.attn_1."), (".downsamplers.0.", ".downsample."),
+                             (".upsamplers.0.", ".upsample."), (".resnets.", ".block."), ("down_blocks.", "down."),
+                             ("up_blocks.", "up."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
+                             (".conv_shortcut.", ".nin_shortcut.")):
+            key = key.replace(ours, theirs)
+        out[key] = value
+    return out
