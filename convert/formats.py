@@ -696,6 +696,59 @@ class FusedParts(TensorFile):
         return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
 
 
+# ---------------------------------------------------------------------------------------------------
+# the other way round: a layer a checkpoint holds fused (e.g. ComfyUI's q|k|v) shown as the separate layers of the
+# checkpoint format the key tables know, each an equal share of its rows
+
+
+class SplitRows(TensorFile):
+    """`inner`'s tensors with each layer whose name (the wrapper prefix aside) fully matches a pattern of `splits`,
+    [(pattern, (name template, ...))], shown as len(templates) layers named by the templates (`re` replacement
+    templates of the match): their weights and biases are equal consecutive row ranges of the fused ones; a side
+    tensor of the layer (fp8 scales, comfy_quant) goes to every part whole when it is one value (or the JSON blob),
+    else by the same rows. Every other key is shown as is."""
+
+    def __init__(self, inner: TensorFile, splits, what: str):
+        self.inner, self.paths, self.metadata = inner, inner.paths, inner.metadata
+        self._shapes, self._codes, self._rows = {}, {}, {}
+        prefix = _common_prefix(inner.keys())
+        for key in inner.keys():
+            parts = self._parts(key[len(prefix):] if key.startswith(prefix) else key, splits)
+            if parts is None:
+                self._shapes[key], self._codes[key] = inner.shape(key), inner.code(key)
+                continue
+            shape, whole = inner.shape(key), key.endswith(".comfy_quant") or int(np.prod(inner.shape(key))) == 1
+            if not whole and (not shape or shape[0] % len(parts)):
+                raise MlxVideoError(f"{what}: {key} has shape {shape}, which does not split into the {len(parts)} "
+                                    f"layers ({', '.join(parts)}) it fuses")
+            n = None if whole else shape[0] // len(parts)
+            for i, name in enumerate(parts):
+                virtual = prefix + name
+                self._shapes[virtual] = shape if whole else (n, *shape[1:])
+                self._codes[virtual] = inner.code(key)
+                self._rows[virtual] = (key, None if whole else i * n)
+
+    @staticmethod
+    def _parts(name: str, splits) -> list[str] | None:
+        """The part names of a fused layer's tensor (`<layer>.<param>`), None when its layer is not split."""
+        layer, _, param = name.rpartition(".")
+        for pattern, templates in splits:
+            m = re.fullmatch(pattern, layer)
+            if m is not None:
+                return [f"{m.expand(t)}.{param}" for t in templates]
+        return None
+
+    def read(self, key, start=None, stop=None):
+        if key not in self._rows:
+            return self.inner.read(key, start, stop)
+        fused, first = self._rows[key]
+        if first is None:
+            return self.inner.read(fused, start, stop)
+        start = 0 if start is None else start
+        stop = self._shapes[key][0] if stop is None else stop
+        return self.inner.read(fused, first + start, first + stop)
+
+
 def fused_keymap(keymap: KeyMap) -> KeyMap:
     """`keymap` plus the identity on `FusedParts`' virtual keys."""
     rules = [Rule(rf"{FUSED}(.+)", r"\1"), *[rule for _, rule in keymap.rules]]

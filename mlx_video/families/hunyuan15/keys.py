@@ -84,6 +84,15 @@ DIFFUSERS_TRANSFORMER = KeyMap([
 ])
 
 
+# ComfyUI's repackaged transformer files (Comfy-Org/HunyuanVideo_1.5_repackaged, split_files/diffusion_models/
+# hunyuanvideo1.5_*.safetensors) keep the official names but hold each double-stream attention's q|k|v as one
+# `img_attn_qkv` / `txt_attn_qkv` (weight and bias), the layer of ComfyUI's HunyuanVideo model (musubi-tuner's
+# hunyuan_video_1_5_models.py splits them back the same way): read as the official q, k, v, a third of the rows each
+# (`mlx_video.convert.formats.SplitRows`).
+COMFY_TRANSFORMER_SPLITS = [
+    (r"(double_blocks\.\d+\.(?:img|txt)_attn)_qkv", (r"\1_q", r"\1_k", r"\1_v")),
+]
+
 # LoRA files in ComfyUI's naming hold each double-stream attention's q|k|v as one layer, `img_attn_qkv` /
 # `txt_attn_qkv`, or in ComfyUI's own module names `img_attn.qkv` (the layer ComfyUI's HunyuanVideo model has:
 # comfy/lora.py `model_lora_keys_unet` maps `diffusion_model.` / `transformer.` + those names), where the official
@@ -149,8 +158,11 @@ def config_from_shapes(keys, shape, config_json: dict | None, published: Hunyuan
     hidden, in_channels, *patch = shape("img_in.proj.weight")
     head_dim = shape("double_blocks.0.img_attn_q_norm.weight")[0]
     config_json = config_json or {}
-    if config_json.get("rope_dim_list") is not None:
-        rope_axes = tuple(int(d) for d in config_json["rope_dim_list"])
+    # the official class's `rope_dim_list`, or diffusers' `rope_axes_dim` (a single file over a diffusers folder
+    # carries the replaced transformer's config)
+    axes = config_json.get("rope_dim_list", config_json.get("rope_axes_dim"))
+    if axes is not None:
+        rope_axes = tuple(int(d) for d in axes)
     elif head_dim == published.head_dim:
         rope_axes = published.rope_axes
     else:  # the published proportions, rounded to even axes
@@ -168,5 +180,6 @@ def config_from_shapes(keys, shape, config_json: dict | None, published: Hunyuan
         text_dim=shape("txt_in.input_embedder.weight")[1], glyph_dim=shape("byt5_in.fc1.weight")[1],
         glyph_hidden=shape("byt5_in.fc1.weight")[0], image_dim=shape("vision_in.proj.1.weight")[1],
         freq_dim=shape("time_in.mlp.0.weight")[1], use_meanflow="time_r_in.mlp.0.weight" in keys,
-        target_size={"480p": 640, "720p": 960, "1080p": 1440}.get(resolution, published.target_size),
+        target_size={"480p": 640, "720p": 960, "1080p": 1440}.get(resolution,
+                                                                  int(config_json.get("target_size", published.target_size))),
     )

@@ -40,13 +40,13 @@ from mlx_video.convert.convert import (
     replace_components,
     with_overrides,
 )
-from mlx_video.convert.formats import ComponentSource, FusedParts, classify, fused_keymap, open_tensors
+from mlx_video.convert.formats import ComponentSource, FusedParts, SplitRows, classify, fused_keymap, open_tensors
 from mlx_video.errors import MlxVideoError
 from mlx_video.model_folder import MANIFEST
 
 FAMILY = "hunyuan15"
 PIPELINES = {"HunyuanVideo15Pipeline": "t2v", "HunyuanVideo15ImageToVideoPipeline": "i2v"}
-OVERRIDES = {"transformer": "--transformer"}
+OVERRIDES = {"transformer": "--transformer", "vae": "--vae"}
 ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder", "vae")
 TOKENIZER_FILES = {"tokenizer": ("tokenizer.json", "tokenizer_config.json"),
                    "tokenizer_2": ("added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"),
@@ -64,6 +64,9 @@ SIGNATURES = [
       "transformer_blocks.0.attn.add_q_proj.weight")),
     (FAMILY, "transformer", "official", "a HunyuanVideo 1.5 transformer (official names)",
      ("img_in.proj.weight", "byt5_in.fc1.weight", "cond_type_embedding.weight", "double_blocks.0.img_attn_q.weight")),
+    # ComfyUI's repackaged files: the official names with the double blocks' q|k|v fused (keys.py COMFY_TRANSFORMER_SPLITS)
+    (FAMILY, "transformer", "comfyui", "a HunyuanVideo 1.5 transformer (ComfyUI names)",
+     ("img_in.proj.weight", "byt5_in.fc1.weight", "cond_type_embedding.weight", "double_blocks.0.img_attn_qkv.weight")),
 ]
 LOOKALIKES = [
     ("a HunyuanVideo 1.5 transformer", (r"byt5_in\..*", r"double_blocks\.\d+\.img_attn_q\..*")),
@@ -216,7 +219,13 @@ def _pick_model(src: Path, inp, variant: str | None, base: str | None):
 
 
 def _transformer_plan(inp, spec, log) -> tuple[ComponentPlan, object]:
-    from .keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER, config_from_diffusers, config_from_shapes
+    from .keys import (
+        COMFY_TRANSFORMER_SPLITS,
+        DIFFUSERS_TRANSFORMER,
+        OFFICIAL_TRANSFORMER,
+        config_from_diffusers,
+        config_from_shapes,
+    )
     from .transformer import Hunyuan15Transformer
 
     tensors = open_tensors(inp.path, inp.origin)
@@ -225,8 +234,11 @@ def _transformer_plan(inp, spec, log) -> tuple[ComponentPlan, object]:
     if kind.kind != "transformer" or kind.family != FAMILY:
         raise MlxVideoError(f"{inp.origin} should be the HunyuanVideo 1.5 transformer, but it looks like "
                             f"{kind.description}")
+    if kind.naming == "comfyui":  # the official names once the fused q|k|v are read as q, k, v
+        tensors = SplitRows(tensors, COMFY_TRANSFORMER_SPLITS, inp.origin)
+        source = ComponentSource(tensors, inp.origin)
     with config_errors(inp, ValueError):
-        if kind.naming == "official":
+        if kind.naming != "diffusers":
             cfg = config_from_shapes(source.keys(), source.shape, inp.config_json, spec.transformer)
         else:
             cfg = config_from_diffusers(inp.config_json or {})

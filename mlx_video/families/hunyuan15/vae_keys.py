@@ -40,6 +40,12 @@ _ENC_LEVEL = r"encoder\.(?P<way>down)\.(?P<level>\d+)"
 _DEC_LEVEL = r"decoder\.(?P<way>up)\.(?P<level>\d+)"
 
 
+# ComfyUI's single VAE file (Comfy-Org/HunyuanVideo_1.5_repackaged, split_files/vae/hunyuanvideo15_vae_fp16.safetensors)
+# is the state dict of comfy/ldm/hunyuan_video/vae_refiner.py, the official names but for the 1x1x1 shortcut, which
+# ComfyUI's ResnetBlock builds with its VideoConv3d wrapper: `nin_shortcut.conv.weight` for `nin_shortcut.weight`.
+_NIN = r"nin_shortcut(?:\.conv)?"
+
+
 def _resnet_rules(source: str, target: str, shortcut: str) -> list[Rule]:
     return [
         Rule(rf"{source}\.(?P<norm>norm1|norm2)\.gamma", rf"{target}.\g<norm>.gamma", "channel_first_gain"),
@@ -89,12 +95,10 @@ DIFFUSERS_VAE = KeyMap(
 
 OFFICIAL_VAE = KeyMap(
     [
-        *_resnet_rules(rf"{_ENC_LEVEL}\.block\.(?P<i>\d+)", r"encoder.down_blocks.\g<level>.resnets.\g<i>",
-                       "nin_shortcut"),
-        *_resnet_rules(rf"{_DEC_LEVEL}\.block\.(?P<i>\d+)", r"decoder.up_blocks.\g<level>.resnets.\g<i>",
-                       "nin_shortcut"),
-        *_resnet_rules(rf"{_SIDE}\.mid\.block_1", r"\g<side>.mid_block.resnets.0", "nin_shortcut"),
-        *_resnet_rules(rf"{_SIDE}\.mid\.block_2", r"\g<side>.mid_block.resnets.1", "nin_shortcut"),
+        *_resnet_rules(rf"{_ENC_LEVEL}\.block\.(?P<i>\d+)", r"encoder.down_blocks.\g<level>.resnets.\g<i>", _NIN),
+        *_resnet_rules(rf"{_DEC_LEVEL}\.block\.(?P<i>\d+)", r"decoder.up_blocks.\g<level>.resnets.\g<i>", _NIN),
+        *_resnet_rules(rf"{_SIDE}\.mid\.block_1", r"\g<side>.mid_block.resnets.0", _NIN),
+        *_resnet_rules(rf"{_SIDE}\.mid\.block_2", r"\g<side>.mid_block.resnets.1", _NIN),
         *_attention_rules(rf"{_SIDE}\.mid\.attn_1", r"\g<side>.mid_block.attentions.0",
                           {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "proj_out"}),
         *_conv_rules(rf"{_ENC_LEVEL}\.downsample\.conv", r"encoder.down_blocks.\g<level>.downsamplers.0.conv"),
