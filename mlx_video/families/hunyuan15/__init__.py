@@ -39,8 +39,8 @@ REPO = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-"
 # diffusers' TaylorSeerCacheConfig, name for name. One difference is diffusers' rule, not ours to change: after the
 # warm-up the release computes the first step of each interval (11, 15, ..., 43), diffusers the second (12, 16,
 # ..., 44), so the same 25 of 50 steps compute, those in the middle one step later. The release turns its cache
-# off for the step-distilled model (`generate.py` refuses the two together) and the SR models: they keep the
-# shared defaults.
+# off for the step-distilled model (`generate.py` refuses the two together), which keeps the shared defaults, and
+# for the SR models, whose stage runs no step cache here either.
 TAYLORCACHE = dict(disable_cache_before_step=11, disable_cache_after_step=45, cache_interval=4, max_order=2)
 
 

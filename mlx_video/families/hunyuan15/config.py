@@ -78,8 +78,8 @@ HUNYUAN15_SR_1080P = Hunyuan15Config(in_channels=98, target_size=1440)
 # What differs: 1.5 has no single-stream blocks; its 54 double-stream blocks are the attention sites, counted in
 # order (1.0 counts its 20 double-stream blocks, then the single-stream ones). Dense steps: 12 of 50, as 1.0,
 # and the same share of a model with fewer default steps (the step-distilled I2V, 8 steps: ceil(12 x 8 / 50)
-# = 2). The super-resolution transformers have none: the reference has no such model and their 6-8 steps are
-# fewer than the dense ones (`Hunyuan15SRPipeline.radial_defaults`).
+# = 2). The super-resolution transformers have none (`radial_defaults` gives None, so --attention radial is
+# refused for them): the reference has no such model, and their 6-8 steps are fewer than the dense ones.
 RADIAL_HUNYUAN = RadialDefaults(block=128, decay=0.95, dense_steps=12, dense_blocks=0, first_frame_dense=False,
                                 source="ours: HunyuanVideo 1.0's parameters (mit-han-lab/radial-attention 72788d4 "
                                        "has no HunyuanVideo 1.5 setting)")
