@@ -32,11 +32,14 @@ from safetensors.torch import save_file  # noqa: E402
 
 from mlx_video.convert.convert import plan  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from support.hunyuan15 import official_state, official_vae_state, save_transformer_folder, tiny_transformer  # noqa: E402
+from support.hunyuan15 import (  # noqa: E402
+    official_state, official_vae_state, save_transformer_folder, tiny_encoders, tiny_transformer,
+)
 from support.wan_checkpoints import write_description  # noqa: E402
 
 FUSED = re.compile(r"(double_blocks\.\d+\.(?:img|txt)_attn)_([qkv])\.(weight|bias)")
 BLOCK_LINEAR = re.compile(r"double_blocks\.\d+\.(img|txt)_(attn_qkv|attn_proj|mod\.linear|mlp\.fc[12])\.weight")
+QWEN_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 FIXTURES = Path(__file__).parent / "fixtures"
 F8 = torch.float8_e4m3fn
 
@@ -60,12 +63,12 @@ def comfy_vae_names(official: dict) -> dict:
     return {k.replace(".nin_shortcut.", ".nin_shortcut.conv."): v for k, v in official.items()}
 
 
-def fp8_file(sd: dict, layout: str, prefix: str = "") -> tuple[dict, dict]:
-    """(ComfyUI's fp8-scaled file: the block linears as e4m3 codes of W / (max|W| / 448) with their scale, the rest
-    bf16; the official-named float32 state dict of what it decodes to, the fused q|k|v split back)."""
+def fp8_file(sd: dict, layout: str, prefix: str = "", linear=BLOCK_LINEAR) -> tuple[dict, dict]:
+    """(ComfyUI's fp8-scaled file: the `linear` weights as e4m3 codes of W / (max|W| / 448) with their scale, the
+    rest bf16; the state dict of what it decodes to in float32, a transformer's fused q|k|v split back)."""
     stored, decoded = ({"scaled_fp8": torch.empty(0, dtype=F8)} if layout == "legacy" else {}), {}
     for key, value in sd.items():
-        if BLOCK_LINEAR.fullmatch(key):
+        if linear.fullmatch(key):
             scale = value.float().abs().max() / 448.0
             codes = (value.float() / scale).to(F8)
             layer = prefix + key[: -len(".weight")]
@@ -119,18 +122,21 @@ def tiny(tmp_path_factory):
     from diffusers import AutoencoderKLHunyuanVideo15
 
     root = tmp_path_factory.mktemp("hy15_comfy")
-    transformer = tiny_transformer(3, 16, 2, meanflow=True, seed=12, axes=(4, 6, 6))
+    transformer = tiny_transformer(3, 16, 2, meanflow=True, seed=12, axes=(4, 6, 6), text_dim=24)
     save_transformer_folder(root / "pipe", transformer, pipeline="HunyuanVideo15ImageToVideoPipeline", guidance=1.0)
+    encoders = tiny_encoders(with_vae=False)
+    for name, module in encoders.items():
+        module.save_pretrained(root / "pipe" / name)
     torch.manual_seed(4)
     vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 16, 16, 16, 16), layers_per_block=1,
                                       downsample_match_channel=False, upsample_match_channel=False).eval()
     vae.save_pretrained(root / "pipe" / "vae")
     reference = components(plan(root / "pipe"))
-    return root, transformer, vae, reference
+    return root, transformer, vae, reference, encoders
 
 
 def test_comfy_fp16_files_match_the_diffusers_route(tiny):
-    root, transformer, vae, reference = tiny
+    root, transformer, vae, reference, _ = tiny
     dit = comfy_names({k: v.to(torch.float16) for k, v in official_state(transformer.state_dict()).items()})
     assert "double_blocks.1.txt_attn_qkv.bias" in dit and "double_blocks.1.txt_attn_q.weight" not in dit
     vae_sd = comfy_vae_names({k: v.to(torch.float16) for k, v in official_vae_state(vae.state_dict()).items()})
@@ -151,7 +157,7 @@ def test_comfy_fp16_files_match_the_diffusers_route(tiny):
 def test_comfy_fp8_scaled_transformer(tiny, layout, prefix):
     """The fused q|k|v's one scale serves its three parts: the same tensors as the official-named file of the
     decoded weights."""
-    root, transformer, _, _ = tiny
+    root, transformer, _, _, _ = tiny
     stored, decoded = fp8_file(comfy_names(official_state(transformer.state_dict())), layout, prefix)
     comfy = save(root / f"hunyuanvideo1.5_480p_i2v_step_distilled_fp8_scaled_{layout}.safetensors", stored)
     official = save(root / f"official_decoded_{layout}.safetensors", decoded)
@@ -161,8 +167,35 @@ def test_comfy_fp8_scaled_transformer(tiny, layout, prefix):
     assert_same(converted(comp), expected, f"ComfyUI fp8 ({layout})")
 
 
+def test_comfy_text_encoder_files(tiny):
+    """ComfyUI's qwen_2.5_vl_7b file (the language model under `model.` beside a vision tower, which is left out;
+    fp16, and fp8-scaled) and byt5_small_glyphxl file (transformers' T5 names, fp16) with --text-encoder and
+    --text-encoder-2: the diffusers route's tensors after the file's rounding."""
+    root, _, _, reference, encoders = tiny
+    qwen = {f"model.{k}": v for k, v in encoders["text_encoder"].state_dict().items()}
+    qwen["visual.blocks.0.attn.qkv.weight"] = torch.zeros(48, 16)  # ComfyUI's file holds the vision tower too
+    byt5 = {k: v.to(torch.float16) for k, v in encoders["text_encoder_2"].state_dict().items()
+            if k != "encoder.embed_tokens.weight"}
+    files = {"text_encoder": save(root / "qwen_2.5_vl_7b.safetensors", {k: v.to(torch.float16) for k, v in qwen.items()}),
+             "text_encoder_2": save(root / "byt5_small_glyphxl_fp16.safetensors", byt5)}
+    conversion = plan(root / "pipe", components=files)
+    assert "--text-encoder-2" in conversion.source_format
+    comps = components(conversion)
+    for name in files:
+        expected = {k: v.astype(np.float16).astype(np.float32) for k, v in converted(reference[name]).items()}
+        assert_same(converted(comps[name]), expected, f"ComfyUI {name}")
+
+    stored, decoded = fp8_file(qwen, "legacy", linear=QWEN_LINEAR)
+    fp8 = save(root / "qwen_2.5_vl_7b_fp8_scaled.safetensors", stored)
+    comp = components(plan(root / "pipe", components={"text_encoder": fp8}))["text_encoder"]
+    assert any(comp.source.fp8_format(k) == "e4m3fn" for k, _, _ in comp.tensors.values())
+    decoded_file = save(root / "qwen_decoded.safetensors", decoded)
+    expected = converted(components(plan(root / "pipe", components={"text_encoder": decoded_file}))["text_encoder"])
+    assert_same(converted(comp), expected, "ComfyUI fp8-scaled text_encoder")
+
+
 def test_fused_rows_must_split_in_three(tiny):
-    root, transformer, _, _ = tiny
+    root, transformer, _, _, _ = tiny
     dit = comfy_names(official_state(transformer.state_dict()))
     dit["double_blocks.0.img_attn_qkv.bias"] = dit["double_blocks.0.img_attn_qkv.bias"][:-1]
     path = save(root / "bad_qkv.safetensors", dit)

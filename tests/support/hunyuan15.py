@@ -78,9 +78,9 @@ def randomize_(module, seed: int) -> None:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
 
 
-def tiny_encoders() -> dict:
+def tiny_encoders(with_vae: bool = True) -> dict:
     """The reference pipelines' prompt modules: a 5-layer Qwen2.5-VL text model (2 heads of 12, 24 wide states) with
-    its tokenizer, a 2-layer ByT5 encoder with transformers' byte tokenizer."""
+    its tokenizer, a 2-layer ByT5 encoder with transformers' byte tokenizer; and the tiny VAE (`with_vae`)."""
     from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
 
     tokenizer = qwen_tokenizer()
@@ -92,7 +92,8 @@ def tiny_encoders() -> dict:
     byt5 = T5EncoderModel(T5Config(vocab_size=384, d_model=GLYPH_DIM, d_kv=6, d_ff=20, num_layers=2, num_heads=2,
                                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)).eval()
     randomize_(byt5, 2)
-    return dict(text_encoder=qwen, tokenizer=tokenizer, text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer(), vae=tiny_vae())
+    encoders = dict(text_encoder=qwen, tokenizer=tokenizer, text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer())
+    return {**encoders, "vae": tiny_vae()} if with_vae else encoders
 
 
 def build_tiny_t2v_pipeline(folder: Path, guidance: float = 6.0, shift: float = 5.0):

@@ -18,6 +18,12 @@ with `feature_extractor/`, and `vae/` (kept in float32, as the reference runs it
 (`text_encoder/llm`, `text_encoder/byt5-small` + `Glyph-SDXL-v2`, whose `byt5_model.pt` the restricted pickle reader
 reads, `vision_encoder/siglip`).
 A super-resolution model (official layout only) also converts its latent upsampler, `upsampler/<variant>/`.
+
+On top of either layout, `--transformer`, `--text-encoder` (Qwen2.5-VL), `--text-encoder-2` (ByT5) and `--vae` replace
+a component with a file or folder, taking the replaced component's config.json: official or diffusers names, or
+ComfyUI's single files (Comfy-Org/HunyuanVideo_1.5_repackaged; the transformer's fused q|k|v, keys.py
+COMFY_TRANSFORMER_SPLITS; the VAE's `nin_shortcut.conv.`, vae_keys.py; the Qwen file's `model.` names beside its
+vision tower, which is left out).
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ from mlx_video.model_folder import MANIFEST
 
 FAMILY = "hunyuan15"
 PIPELINES = {"HunyuanVideo15Pipeline": "t2v", "HunyuanVideo15ImageToVideoPipeline": "i2v"}
-OVERRIDES = {"transformer": "--transformer", "vae": "--vae"}
+OVERRIDES = {"transformer": "--transformer", "text_encoder": "--text-encoder", "text_encoder_2": "--text-encoder-2",
+             "vae": "--vae"}
 ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder", "vae")
 TOKENIZER_FILES = {"tokenizer": ("tokenizer.json", "tokenizer_config.json"),
                    "tokenizer_2": ("added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"),
@@ -89,12 +96,14 @@ def claims(src, components: dict) -> bool:
 
 def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bool = False,
          log: Callable[[str], None] = lambda s: None) -> ConversionPlan:
-    """The folder's transformer (replaceable by --transformer), its model id, the manifest."""
+    """The folder's transformer and encoders (each replaceable by its option, OVERRIDES), its model id, the
+    manifest."""
     components = {k: v for k, v in (components or {}).items() if v is not None}
     check_component_names(components, OVERRIDES, "HunyuanVideo 1.5")
     if src is None or tokenizer is not None:
         raise MlxVideoError("HunyuanVideo 1.5 converts from a diffusers folder (model_index.json, transformer/, ...) "
-                            "or the official layout (transformer/<variant>/), optionally with --transformer")
+                            "or the official layout (transformer/<variant>/), optionally with "
+                            + ", ".join(OVERRIDES.values()))
     src = Path(src)
     if (src / MANIFEST).is_file():
         raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
