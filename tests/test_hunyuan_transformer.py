@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -155,6 +156,35 @@ def test_parity_with_diffusers(tmp_path, frames, height, width, valid, guidance)
     assert rel < PARITY_RTOL
 
 
+@pytest.mark.parametrize("condition,channels,frames,guidance", [
+    ("token_replace", 8, 3, True),  # the first frame's 3x5 tokens modulated as at timestep 0
+    ("latent_concat", 17, 2, False),  # 8 noise + 8 image + 1 mask channels in, 8 out
+])
+def test_i2v_parity_with_diffusers(tmp_path, condition, channels, frames, guidance):
+    """HunyuanVideo-I2V's two transformers (diffusers `image_condition_type`), 3 heads of 16 (RoPE 4/6/6)."""
+    config = tiny_config(image_condition_type=condition, in_channels=channels, out_channels=8, num_attention_heads=3,
+                         attention_head_dim=16, rope_axes_dim=(4, 6, 6), guidance_embeds=guidance, num_single_layers=2)
+    reference = random_reference(config, seed=21)
+    ours = ours_from(reference, tmp_path)
+    assert ours.config.image_condition == condition
+    rng = np.random.default_rng(21)
+    latents, text, mask, pooled = inputs(rng, 2, frames, 6, 10, channels, 7, 20, 12, [5, 2])
+    timestep = np.array([937.5, 120.25], dtype=np.float32)
+    guidance_in = np.array([6000.0, 3500.0], dtype=np.float32) if guidance else None
+    expected = run_reference(reference, latents, timestep, text, mask, pooled, guidance_in)
+    got = np.array(ours(*(None if a is None else mx.array(a)
+                          for a in (latents, timestep, text, mask, pooled, guidance_in))))
+    rel = relative_error(got, expected)
+    print(f"I2V transformer parity ({condition}): rel {rel:.2e}")
+    assert rel < PARITY_RTOL
+    if condition == "token_replace":  # the first frame's own modulation matters: without it the result moves
+        plain = HunyuanTransformer(replace(ours.config, image_condition=None), dtype=mx.float32)
+        plain.update(ours.parameters())
+        moved = np.array(plain(*(None if a is None else mx.array(a)
+                                 for a in (latents, timestep, text, mask, pooled, guidance_in))))
+        assert relative_error(moved, expected) > 1e-2
+
+
 def test_parity_with_stock_diffusers_sinusoid(tmp_path):
     """Against diffusers' own float32 exp frequencies the guidance angle (t = 6000) differs by ~2e-4 rad in
     two frequencies; the bound is looser accordingly."""
@@ -228,8 +258,10 @@ def test_input_validation():
         model(mx.zeros((1, 1, 5, 4, 12)), mx.array([1.0]), text, mask, pooled, mx.array([1.0]))
     with pytest.raises(ValueError):  # wrong channel count
         model(mx.zeros((1, 1, 4, 4, 16)), mx.array([1.0]), text, mask, pooled, mx.array([1.0]))
-    with pytest.raises(ValueError):
-        transformer_config_from_diffusers(tiny_config(image_condition_type="token_replace"))
+    with pytest.raises(ValueError, match="image_condition"):
+        transformer_config_from_diffusers(tiny_config(image_condition_type="first_frame"))
+    with pytest.raises(ValueError, match="in_channels must be 17"):  # noise 8 + image 8 + mask 1
+        transformer_config_from_diffusers(tiny_config(image_condition_type="latent_concat"))
 
 
 # --- official names ---------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ from mlx_video.json_config import JsonConfig
 from mlx_video.nn.radial import RadialDefaults
 
 
+IMAGE_CONDITIONS = (None, "token_replace", "latent_concat")
+
+
 @dataclass(frozen=True)
 class HunyuanTransformerConfig(JsonConfig):
     num_heads: int = 24
@@ -28,8 +31,16 @@ class HunyuanTransformerConfig(JsonConfig):
     freq_dim: int = 256
     guidance_embed: bool = True
     eps: float = 1e-6
+    # HunyuanVideo-I2V: None (T2V), "token_replace" (the first latent frame is the clean image, modulated as at
+    # timestep 0) or "latent_concat" (the image's latents and a first-frame mask beside the noise)
+    image_condition: str | None = None
 
     def __post_init__(self):
+        if self.image_condition not in IMAGE_CONDITIONS:
+            raise ValueError(f"image_condition {self.image_condition!r} is not one of {IMAGE_CONDITIONS}")
+        if self.image_condition == "latent_concat" and self.in_channels != 2 * self.out_channels + 1:
+            raise ValueError(f"latent_concat takes noise, image latents and a mask: in_channels must be "
+                             f"{2 * self.out_channels + 1}, not {self.in_channels}")
         object.__setattr__(self, "rope_axes", tuple(self.rope_axes))
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
         if sum(self.rope_axes) != self.head_dim or any(d % 2 for d in self.rope_axes):
@@ -82,6 +93,11 @@ class HunyuanVAEConfig(JsonConfig):
 
 
 HUNYUAN_T2V_720P = HunyuanTransformerConfig()
+# HunyuanVideo-I2V (diffusers hunyuanvideo-community/HunyuanVideo-I2V and -I2V-33ch transformer configs): the T2V
+# architecture; the updated release replaces the first frame's tokens and keeps the guidance embedding, the first
+# one concatenates 33 input channels and has none.
+HUNYUAN_I2V_720P = HunyuanTransformerConfig(image_condition="token_replace")
+HUNYUAN_I2V_33CH_720P = HunyuanTransformerConfig(in_channels=33, guidance_embed=False, image_condition="latent_concat")
 HUNYUAN_VAE = HunyuanVAEConfig()
 
 

@@ -140,12 +140,11 @@ DIFFUSERS_TRANSFORMER = KeyMap(
 
 
 def transformer_config_from_diffusers(config_json: dict) -> HunyuanTransformerConfig:
-    """Our config from a diffusers `HunyuanVideoTransformer3DModel` config.json; refuses the I2V variants."""
+    """Our config from a diffusers `HunyuanVideoTransformer3DModel` config.json (T2V, or I2V by its
+    `image_condition_type`)."""
     name = config_json.get("_class_name", "HunyuanVideoTransformer3DModel")
     if name != "HunyuanVideoTransformer3DModel":
         raise ValueError(f"expected a HunyuanVideoTransformer3DModel config, got {name!r}")
-    if config_json.get("image_condition_type") is not None:
-        raise ValueError(f"image_condition_type={config_json['image_condition_type']!r} (I2V) is not supported")
     if config_json.get("qk_norm", "rms_norm") != "rms_norm":
         raise ValueError(f"qk_norm={config_json['qk_norm']!r} is not supported (HunyuanVideo uses rms_norm)")
     d = HunyuanTransformerConfig()
@@ -166,6 +165,7 @@ def transformer_config_from_diffusers(config_json: dict) -> HunyuanTransformerCo
         text_dim=config_json.get("text_embed_dim", d.text_dim),
         pooled_dim=config_json.get("pooled_projection_dim", d.pooled_dim),
         guidance_embed=bool(config_json.get("guidance_embeds", d.guidance_embed)),
+        image_condition=config_json.get("image_condition_type"),
     )
 
 

@@ -34,7 +34,15 @@ import mlx.nn as nn
 from mlx_video.kernels import apply_rope_qk
 from mlx_video.families.hunyuan.config import HunyuanTransformerConfig
 from mlx_video.nn.attention import attention
-from mlx_video.nn.dual_stream import DualStreamBlock, DualStreamState, FinalLayer, modulate
+from mlx_video.nn.dual_stream import (
+    DualStreamBlock,
+    DualStreamState,
+    FinalLayer,
+    FirstTokens,
+    modulate,
+    modulation,
+    per_token,
+)
 from mlx_video.nn.rope import rope_tables_3d
 from mlx_video.nn.token_refiner import (
     MLP,
@@ -85,9 +93,12 @@ class SingleStreamBlock(nn.Module):
         self.modulation = nn.Linear(dim, 3 * dim)
         self.sparse = None  # a sparse attention (mlx_video.nn.attention.attention's `sparse`)
 
-    def __call__(self, x, n_img, vec, rope, mask, dtype):
-        shift, scale, gate = mx.split(self.modulation(nn.silu(vec).astype(dtype)).astype(mx.float32), 3, axis=-1)
-        h = self.linear1(modulate(x, shift, scale, self.eps).astype(dtype))
+    def __call__(self, x, n_img, vec, rope, mask, dtype, first: FirstTokens | None = None):
+        mods = modulation(self.modulation, vec, 3, dtype)
+        first_mods = None if first is None else modulation(self.modulation, first.vec, 3, dtype)
+        count = 0 if first is None else first.count
+        h = per_token(lambda y, shift, scale: self.linear1(modulate(y, shift, scale, self.eps).astype(dtype)),
+                      (x,), mods[:2], first_mods and first_mods[:2], count)
         q, k, v, mlp = mx.split(h, self.split, axis=-1)
         q = self.q_norm(_heads(q, self.num_heads))
         k = self.k_norm(_heads(k, self.num_heads))
@@ -95,7 +106,8 @@ class SingleStreamBlock(nn.Module):
         q = mx.concatenate([img_q, q[:, n_img:]], axis=1)
         k = mx.concatenate([img_k, k[:, n_img:]], axis=1)
         out = attention(q, k, _heads(v, self.num_heads), mask=mask, sparse=self.sparse)
-        return gated_add(x, gate, self.linear2(mx.concatenate([out, nn.gelu_approx(mlp)], axis=-1)))
+        y = self.linear2(mx.concatenate([out, nn.gelu_approx(mlp)], axis=-1))
+        return per_token(lambda r, u, gate: gated_add(r, gate, u), (x, y), mods[2:], first_mods and first_mods[2:], count)
 
 def _common_prefix_length(mask: mx.array) -> int | None:
     """n when every row of the (B, L) bool mask is n True then False (right padding, same count), else None."""
@@ -176,6 +188,12 @@ class HunyuanTransformer(nn.Module):
             guidance = mx.broadcast_to(mx.array(guidance).reshape(-1), (batch,))
             vec = vec + self.guidance_in(timestep_sinusoid(guidance, self._freqs), dtype)
 
+        first = None
+        if cfg.image_condition == "token_replace":
+            # the clean image's tokens (latent frame 0) are modulated as at timestep 0, without the guidance term
+            clean = timestep_sinusoid(mx.zeros_like(timestep), self._freqs)
+            first = FirstTokens(h * w, self.time_in(clean, dtype) + self.vector_in(pooled, dtype))
+
         if text_mask is not None:
             text_mask = text_mask.astype(mx.bool_)
         txt = self.txt_in(text, text_mask, t_sinusoid, dtype)
@@ -190,7 +208,8 @@ class HunyuanTransformer(nn.Module):
             else:
                 keys = mx.concatenate([mx.ones((batch, f * h * w), dtype=mx.bool_), text_mask], axis=1)
                 mask = keys[:, None, None, :]
-        return DualStreamState(img, txt, vec, self.rope_tables((f, h, w)), mask, (batch, frames, height, width, channels))
+        return DualStreamState(img, txt, vec, self.rope_tables((f, h, w)), mask, (batch, frames, height, width, channels),
+                               first)
 
     @property
     def num_blocks(self) -> int:
@@ -206,13 +225,13 @@ class HunyuanTransformer(nn.Module):
         n_double = len(self.double_blocks)
         img, txt, dtype = state.img, state.txt, self.dtype
         for block in self.double_blocks[start:max(start, min(stop, n_double))]:
-            img, txt = block(img, txt, state.vec, state.rope, state.mask, dtype)
+            img, txt = block(img, txt, state.vec, state.rope, state.mask, dtype, state.first)
         singles = self.single_blocks[max(start - n_double, 0):max(stop - n_double, 0)]
         if singles:
             n_img = img.shape[1]
             x = mx.concatenate([img, txt], axis=1)
             for block in singles:
-                x = block(x, n_img, state.vec, state.rope, state.mask, dtype)
+                x = block(x, n_img, state.vec, state.rope, state.mask, dtype, state.first)
             img, txt = x[:, :n_img], x[:, n_img:]
         return replace(state, img=img, txt=txt)
 
