@@ -142,7 +142,15 @@ class CLIPVisionEncoder(nn.Module):
 
     def penultimate(self, pixels: mx.array) -> mx.array:
         """`hidden_states[-2]` of transformers' CLIPVisionModel: the tokens after all but the last layer."""
+        return self.hidden_state(pixels, -2)
+
+    def hidden_state(self, pixels: mx.array, index: int) -> mx.array:
+        """`hidden_states[index]` of transformers' CLIPVisionModel (0: the embeddings; the last: after every
+        layer, without the post-LayerNorm)."""
+        count = len(self.layers) + 1
+        if not -count <= index < count:
+            raise ValueError(f"hidden state {index} of a {len(self.layers)}-layer CLIP tower")
         x = self.embed(pixels)
-        for layer in self.layers[:-1]:
+        for layer in self.layers[:index % count]:
             x = layer(x)
         return x

@@ -40,8 +40,11 @@ class FirstTokens:
 def per_token(fn, arrays, params, first_params=None, count: int = 0):
     """fn(*arrays, *params), a per-token function of (B, L, ...) arrays; with `first_params`, the first `count`
     tokens are computed with those instead (outputs joined along the token axis)."""
-    if first_params is None:
+    length = arrays[0].shape[1]
+    if first_params is None or count <= 0:
         return fn(*arrays, *params)
+    if count >= length:
+        return fn(*arrays, *first_params)
     head = fn(*(a[:, :count] for a in arrays), *first_params)
     tail = fn(*(a[:, count:] for a in arrays), *params)
     if isinstance(head, tuple):

@@ -147,8 +147,11 @@ class TruncatedDecoder(nn.Module):
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         """input_ids, attention_mask: (B, L). Returns (B, L, hidden) float32; padding keys are masked out."""
-        h = self.model.embed_tokens(input_ids)
-        length = input_ids.shape[1]
+        return self.from_embeddings(self.model.embed_tokens(input_ids), attention_mask)
+
+    def from_embeddings(self, h: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+        """The same from the input embeddings (B, L, hidden) (e.g. text with image features spliced in)."""
+        length = h.shape[1]
         positions = mx.arange(length)
         mask = positions[None, :] <= positions[:, None]  # (query, key) causal
         if attention_mask is not None:

@@ -325,3 +325,26 @@ TRANSFORMERS_CLIP = KeyMap(
     ignore=[rf"{_CP}embeddings\.position_ids", r"text_projection\.weight", r"logit_scale",
             r"vision_model\..*", r"visual_projection\.weight"],
 )
+
+
+# --- LLaVA's vision side (HunyuanVideo-I2V's text encoder, transformers LlavaForConditionalGeneration) ------
+# The CLIP vision tower (transformers 5 saves it under `model.vision_tower.`, older ones under `vision_tower.`)
+# and the projector, into mlx_video.text_encoders.llava.LlavaImageEncoder; the language model is TRANSFORMERS_LLAMA's.
+_VT = r"(?:model\.)?vision_tower\."
+_MP = r"(?:model\.)?multi_modal_projector\."
+
+
+def _llava_image_keymap() -> KeyMap:
+    from mlx_video.families.wan.animate_keys import TRANSFORMERS_CLIP_VISION
+
+    vision = [Rule(_VT + rule.source, "vision." + rule.target, rule.transform)
+              for _, rule in TRANSFORMERS_CLIP_VISION.rules]
+    return KeyMap(
+        [*vision, Rule(rf"{_MP}(linear_[12])\.{_WB}", r"\1.\2")],
+        ignore=[_VT + r"(?:vision_model\.)?embeddings\.position_ids", r"(?:model\.)?language_model\..*",
+                r"lm_head\.weight"],
+        transforms=TRANSFORMERS_CLIP_VISION.transforms,
+    )
+
+
+LLAVA_IMAGE = _llava_image_keymap()

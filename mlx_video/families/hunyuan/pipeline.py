@@ -139,7 +139,7 @@ class HunyuanPipeline(Pipeline):
         if self.transformer_config.guidance_embed:
             embedded = mx.array(np.float32(s.guidance) * np.float32(1000.0)).reshape(1)
 
-        forward = ContextArgs(model, guidance=embedded)
+        forward = self.forward_args(model, embedded)
         if step_cache is not None:
             forward = partial(step_cache, forward)
 
@@ -149,6 +149,10 @@ class HunyuanPipeline(Pipeline):
             return guide(forward, latents, mx.array([float(t)], dtype=mx.float32), cond, uncond, scale)
 
         return predict
+
+    def forward_args(self, model, guidance: mx.array | None) -> ContextArgs:
+        """The forward the loop's guidance calls as `forward(x, t, (states, mask, pooled))`."""
+        return ContextArgs(model, guidance=guidance)
 
     # ---- memory preflight ----
 

@@ -53,6 +53,8 @@ from mlx_video.convert.formats import FUSED  # noqa: F401  (re-exported for call
 from mlx_video.convert.rules import DroppingKeyMap
 
 MODEL_ID = "hunyuanvideo-t2v"
+I2V_MODEL_ID = "hunyuanvideo-i2v"  # diffusers HunyuanVideoImageToVideoPipeline with the token-replace transformer
+I2V_PIPELINE = "HunyuanVideoImageToVideoPipeline"
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 # What `mlxvid download` fetches from the diffusers-layout repository (hunyuanvideo-community/HunyuanVideo).
 DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
@@ -304,7 +306,11 @@ def _tokenizer(folder: Path, what: str) -> list[tuple[Path | bytes, str]]:
 
 
 def _diffusers_inputs(src: Path) -> dict:
-    """The components of a diffusers HunyuanVideoPipeline folder (vae/ optional)."""
+    """The components of a diffusers HunyuanVideoPipeline (or HunyuanVideoImageToVideoPipeline) folder (vae/
+    optional for T2V)."""
+    if diffusers_pipeline_class(src) == I2V_PIPELINE:
+        check_diffusers_folder(src, I2V_PIPELINE, "HunyuanVideoTransformer3DModel")
+        return diffusers_component_inputs(src, COMPONENTS, optional=())
     check_diffusers_folder(src, "HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel")
     return diffusers_component_inputs(src, COMPONENTS)
 
@@ -317,14 +323,21 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
 
     components = {k: v for k, v in (components or {}).items() if v is not None}
     src = _checked_source(src, components, tokenizer)
-    spec = get_spec(base or MODEL_ID)
+    image_to_video = src.is_dir() and diffusers_pipeline_class(src) == I2V_PIPELINE
+    spec = get_spec(base or (I2V_MODEL_ID if image_to_video else MODEL_ID))
     inputs, (llama_tok_dir, clip_tok_dir), source_format = _source_inputs(src)
     replace_components(inputs, components, OVERRIDES)
     # tokenizers first (cheap, and the most likely to be wrong): Llama's and CLIP's
-    copy_files = {"tokenizer": _llama_tokenizer(llama_tok_dir), "tokenizer_2": _tokenizer(clip_tok_dir, clip_tok_dir.name)}
+    llama_tokenizer = _llava_tokenizer(llama_tok_dir, inputs["text_encoder"]) if image_to_video \
+        else _llama_tokenizer(llama_tok_dir)
+    copy_files = {"tokenizer": llama_tokenizer, "tokenizer_2": _tokenizer(clip_tok_dir, clip_tok_dir.name)}
 
     transformer, cfg = _transformer_plan(inputs["transformer"], spec, log)
+    if (cfg.image_condition is not None) != image_to_video or cfg.image_condition not in (None, "token_replace"):
+        raise MlxVideoError(_condition_refusal(src, cfg.image_condition, image_to_video))
     planned = [transformer, _llama_plan(inputs["text_encoder"], cfg), _clip_plan(inputs["text_encoder_2"], cfg)]
+    if image_to_video:
+        planned.append(_llava_image_plan(inputs["text_encoder"], src, cfg))
     vae_cfg = None
     if "vae" in inputs:  # float32, as the reference runs it
         vae, vae_cfg = _vae_plan(inputs["vae"], cfg)
@@ -359,6 +372,57 @@ def _source_inputs(src: Path) -> tuple[dict, tuple[Path, Path], str]:
         return (_release_inputs(src, release), (src / "text_encoder", src / "text_encoder_2"),
                 "the official release layout (HunyuanVideo)")
     return _diffusers_inputs(src), (src / "tokenizer", src / "tokenizer_2"), "diffusers (HunyuanVideo)"
+
+
+def _condition_refusal(src: Path, condition: str | None, image_to_video: bool) -> str:
+    if condition == "latent_concat":
+        return (f"{src}: the transformer concatenates the image's latents (image_condition_type latent_concat, "
+                "HunyuanVideo-I2V-33ch); mlxvid runs the token-replace release (hunyuanvideo-community/HunyuanVideo-I2V)")
+    if image_to_video:
+        return f"{src} holds an image-to-video pipeline whose transformer has no image_condition_type"
+    return f"{src} holds a text-to-video pipeline whose transformer has image_condition_type {condition!r}"
+
+
+def _llava_tokenizer(folder: Path, text_encoder) -> list[tuple[Path | bytes, str]]:
+    """The LLaVA tokenizer: the image template must split as the published one (103 tokens before the prompt)
+    and `<image>` must be the text encoder's image token."""
+    from mlx_video.text_encoders.llama import JsonTokenizer
+    from mlx_video.text_encoders.llava import I2V_TEMPLATE_CROP_START, IMAGE_TOKEN, template_crop_start
+
+    if not (folder / "tokenizer.json").is_file():
+        raise MlxVideoError(f"{folder} has no tokenizer.json (the LLaVA-Llama-3 tokenizer)")
+    files = _tokenizer(folder, folder.name)
+    tokenizer = JsonTokenizer(folder, pad_token="<|end_of_text|>")
+    crop = template_crop_start(tokenizer)
+    if crop != I2V_TEMPLATE_CROP_START:
+        raise MlxVideoError(f"{folder / 'tokenizer.json'} splits the image prompt template into {crop} tokens before "
+                            f"the prompt, not {I2V_TEMPLATE_CROP_START}: it is not LLaVA-Llama-3's tokenizer")
+    config = text_encoder.config_json or {}
+    expected = config.get("image_token_index", config.get("image_token_id"))
+    found = tokenizer.tokenizer.token_to_id(IMAGE_TOKEN)
+    if found is None or found != expected:
+        raise MlxVideoError(f"{folder / 'tokenizer.json'} gives {IMAGE_TOKEN} the id {found}, but the text encoder's "
+                            f"image token is {expected}")
+    return files
+
+
+def _llava_image_plan(inp, src: Path, cfg) -> ComponentPlan:
+    """LLaVA's CLIP vision tower and projector, from the text encoder's own weights, as `image_encoder`."""
+    from mlx_video.families.hunyuan.keys import LLAVA_IMAGE
+    from mlx_video.text_encoders.llava import LlavaImageConfig, LlavaImageEncoder
+
+    processor = src / "image_processor" / "preprocessor_config.json"
+    if not processor.is_file():
+        raise MlxVideoError(f"{src} has no image_processor/preprocessor_config.json (LLaVA's CLIP image processor)")
+    with config_errors(inp, ValueError, KeyError, TypeError):
+        image_cfg = LlavaImageConfig.from_transformers(_config_json(inp, "text encoder"),
+                                                       read_json(processor, "the CLIP image processor"))
+    if image_cfg.text_dim != cfg.text_dim:
+        raise MlxVideoError(f"{inp.origin} projects the image to {image_cfg.text_dim}, the transformer takes {cfg.text_dim}")
+    tensors = open_tensors(inp.path, inp.origin)
+    source = ComponentSource(FusedParts(tensors, LLAVA_IMAGE, inp.origin), inp.origin)
+    return ComponentPlan("image_encoder", source, fused_keymap(LLAVA_IMAGE), image_cfg.to_dict(),
+                         LlavaImageEncoder(image_cfg), origin=f"{inp.origin} (vision tower and projector)")
 
 
 def _llama_tokenizer(folder: Path) -> list[tuple[Path | bytes, str]]:
