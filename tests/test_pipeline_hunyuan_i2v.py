@@ -1,0 +1,178 @@
+"""HunyuanVideo-I2V end to end: a tiny random diffusers HunyuanVideoImageToVideoPipeline (token replace), saved with
+save_pretrained, converted with `mlxvid convert`, run with `mlxvid generate --image`, against the reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from mlx_video.cli import main  # noqa: E402
+from mlx_video.errors import MlxVideoError  # noqa: E402
+from tiny_hunyuan_i2v import build_tiny_hunyuan_i2v_pipeline  # noqa: E402
+
+PROMPT = "a corgi surfs a wave at sunset, cinematic"
+NEGATIVE = "static, blurry, low quality"
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def official_sigmas(steps: int) -> np.ndarray:
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)[:-1].numpy()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("hunyuan_i2v")
+    pipe = build_tiny_hunyuan_i2v_pipeline(root / "diffusers")
+    main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
+    image = (np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(root / "image.png")
+    return root, pipe, image
+
+
+def _reference(pipe, image, init, steps, frames, output_type="latent", **kwargs):
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    with torch.no_grad():
+        return pipe(image=Image.fromarray(image), prompt=PROMPT, height=height, width=width, num_frames=frames,
+                    num_inference_steps=steps, guidance_scale=6.0, latents=torch.from_numpy(init),
+                    output_type=output_type, sigmas=official_sigmas(steps), **kwargs).frames
+
+
+def _ours(root, tag, init, steps, frames, extra=()):
+    np.save(root / f"init_{tag}.npy", init)
+    out = root / f"out_{tag}.npy"
+    main(["generate", "--model", str(root / "mlx"), "--prompt", PROMPT, "--image", str(root / "image.png"),
+          "--size", "48x32", "--frames", str(frames), "--steps", str(steps), "--guidance", "6",
+          "--init-latents", str(root / f"init_{tag}.npy"), "--save-latents", str(out), "--quiet", "--overwrite",
+          *extra])
+    return np.load(out)
+
+
+def test_converted_folder(tiny):
+    root, _, _ = tiny
+    manifest = json.loads((root / "mlx" / "mlxvid.json").read_text())
+    assert manifest["family"] == "hunyuan" and manifest["model"] == "hunyuanvideo-i2v" and manifest["task"] == "i2v"
+    image_cfg = json.loads((root / "mlx" / "image_encoder" / "config.json").read_text())
+    assert image_cfg["feature_layer"] == -2 and image_cfg["text_dim"] == 40 and image_cfg["preprocess"]["crop"] == 48
+    transformer_cfg = json.loads((root / "mlx" / "transformer" / "config.json").read_text())
+    assert transformer_cfg["image_condition"] == "token_replace"
+
+
+@pytest.mark.parametrize("prompt,interleave", [(PROMPT, 4), (NEGATIVE, 2)])
+def test_llava_prompt_states_match_transformers(tiny, prompt, interleave):
+    """Our LLaVA path (tower, projector, splice, Llama, crop) against diffusers' _get_llama_prompt_embeds over
+    transformers' LlavaForConditionalGeneration: every kept token, image and text, within 1e-5."""
+    from PIL import Image
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import DEFAULT_PROMPT_TEMPLATE
+
+    from mlx_video.model_folder import resolve_model
+    from mlx_video.text_encoders.llama import JsonTokenizer, LlamaTextEncoder
+    from mlx_video.text_encoders.llava import LlavaImageConfig, LlavaImageEncoder, encode_prompts_with_image
+
+    root, pipe, image = tiny
+    with torch.no_grad():
+        ref, ref_mask = pipe._get_llama_prompt_embeds(Image.fromarray(image), prompt, DEFAULT_PROMPT_TEMPLATE,
+                                                      device="cpu", dtype=torch.float32,
+                                                      image_embed_interleave=interleave)
+    folder = resolve_model(str(root / "mlx"))
+    llama = LlamaTextEncoder(folder.config("text_encoder"))
+    folder.load_module("text_encoder", llama)
+    vision = LlavaImageEncoder(LlavaImageConfig.from_dict(folder.config("image_encoder")))
+    folder.load_module("image_encoder", vision)
+    tokenizer = JsonTokenizer(root / "mlx" / "tokenizer", pad_token="<|end_of_text|>")
+    states, mask = encode_prompts_with_image(llama, vision, tokenizer, [prompt], image, interleave)
+    states, mask = np.array(states), np.array(mask)
+    assert states.shape == tuple(ref.shape) == (1, 576 // interleave + 252, 40)
+    np.testing.assert_array_equal(mask, ref_mask.numpy())
+    kept = mask.astype(bool)  # padding rows are never read downstream (masked in the transformer)
+    err = rel_err(states[kept], ref.numpy()[kept])
+    print(f"LLaVA prompt + image states (interleave {interleave}): relative error {err:.2e}")
+    assert err < 1e-5
+    # the image reaches the states: another image moves them far past the tolerance
+    other, _ = encode_prompts_with_image(llama, vision, tokenizer, [prompt], image[::-1].copy(), interleave)
+    assert rel_err(np.array(other)[kept], ref.numpy()[kept]) > 1e-2
+
+
+def test_latents_and_frames_match_diffusers(tiny):
+    """Final latents (frame 0 the image's) within 1e-3 and decoded frames within 1/255 of the reference, from one
+    run. The latents are held to 1e-4: skipping the 0.001 image blend moves the reference's by about 7e-4, which
+    the looser bound would let through."""
+    from PIL import Image
+
+    root, pipe, image = tiny
+    steps, frames = 3, 9
+    init = np.random.default_rng(3).standard_normal((1, 6, 3, 4, 6)).astype(np.float32)
+    ref = _reference(pipe, image, init, steps, frames).numpy()
+    ours = _ours(root, "main", init, steps, frames, ["--output", str(root / "frames")])
+    err = rel_err(ours, ref)
+    print(f"HunyuanVideo-I2V end to end, {steps} steps: relative error {err:.2e}")
+    assert ours.shape == ref.shape and err < 1e-4
+    image_latents = ref[:, :, :1]
+    assert rel_err(ours[:, :, :1], image_latents) < 1e-5 and rel_err(init, ref) > 0.05
+
+    video = np.asarray(_reference(pipe, image, init, steps, frames, output_type="np")[0], np.float32)
+    files = sorted((root / "frames").glob("frame_*.png"))
+    decoded = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]).astype(np.float32) / 255.0
+    assert decoded.shape == video.shape == (frames, 32, 48, 3)
+    mad = float(np.abs(decoded - video).mean())
+    print(f"HunyuanVideo-I2V decoded frames: mean |difference| {mad * 255:.3f}/255")
+    assert mad < 1 / 255 and video.std() > 0.02
+
+    # what the parity would miss if it did not hold: without the 0.999 / 0.001 blend the reference ends elsewhere
+    blend = pipe.prepare_latents
+
+    def unblended(*args, **kwargs):
+        latents, image_latents = blend(*args, **kwargs)
+        return torch.from_numpy(init), image_latents
+
+    pipe.prepare_latents = unblended
+    try:
+        skipped = _reference(pipe, image, init, steps, frames).numpy()
+    finally:
+        del pipe.prepare_latents
+    assert rel_err(skipped, ref) > 3e-4
+
+
+@pytest.mark.parametrize("mode", ["batched"])
+def test_true_cfg_matches_diffusers(tiny, mode):
+    """True CFG: the negative prompt read with a black image and every 2nd image token (diffusers' way), padded
+    to the prompt's length for the batched pass."""
+    root, pipe, image = tiny
+    steps, frames = 2, 5
+    init = np.random.default_rng(5).standard_normal((1, 6, 2, 4, 6)).astype(np.float32)
+    ref = _reference(pipe, image, init, steps, frames, negative_prompt=NEGATIVE, true_cfg_scale=3.0).numpy()
+    ours = _ours(root, f"cfg_{mode}", init, steps, frames,
+                 ["--true-cfg", "3", "--negative-prompt", NEGATIVE, "--guidance-mode", mode])
+    err = rel_err(ours, ref)
+    print(f"HunyuanVideo-I2V true CFG ({mode}): relative error {err:.2e}")
+    assert err < 1e-3
+    plain = _reference(pipe, image, init, steps, frames).numpy()
+    assert rel_err(plain, ref) > 1e-2
+
+
+def test_bad_input_is_refused_before_weights(tiny):
+    from mlx_video.pipelines.base import GenerationSettings, Pipeline
+
+    root, _, _ = tiny
+    pipe = Pipeline.from_pretrained(str(root / "mlx"))
+    assert type(pipe).__name__ == "HunyuanI2VPipeline" and pipe.image_mode == "first_frame"
+    image = str(root / "image.png")
+    s = pipe.resolve(GenerationSettings(prompt=PROMPT, image=image))
+    assert (s.width, s.height, s.frames, s.steps, s.shift, s.guidance) == (1280, 720, 129, 50, 7.0, 6.0)
+    with pytest.raises(MlxVideoError, match="--image"):
+        pipe.generate(GenerationSettings(prompt=PROMPT, width=48, height=32, frames=5, steps=1))
+    with pytest.raises(MlxVideoError, match="tokens long"):
+        pipe.resolve(GenerationSettings(prompt="the camera pans " * 120, image=image, width=48, height=32, frames=9))
+    estimate = pipe.estimate_memory(s, has_image=True)
+    assert set(estimate["stages"]) == {"text_encoding", "denoising", "decoding"}
