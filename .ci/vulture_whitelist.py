@@ -26,6 +26,7 @@ _.find_class  # pickle.Unpickler hooks
 _.persistent_load
 _.persistent_id
 HunyuanPipeline  # mlx_video.families names pipeline classes as "module:Class"
+HunyuanI2VPipeline
 Hunyuan15Pipeline
 Hunyuan15SRPipeline
 WanS2VPipeline

@@ -140,8 +140,8 @@ def test_claims_and_refusals(tmp_path):
     (tmp_path / "wan" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     assert not family.claims(tmp_path / "wan", {})
 
-    i2v = _stub_folder(tmp_path / "i2v", "HunyuanVideoImageToVideoPipeline")
-    with pytest.raises(MlxVideoError, match="HunyuanVideoImageToVideoPipeline"):
+    i2v = _stub_folder(tmp_path / "i2v", "HunyuanVideoImageToVideoPipeline")  # planned as HunyuanVideo-I2V
+    with pytest.raises(MlxVideoError, match="no tokenizer.json \\(the LLaVA-Llama-3 tokenizer\\)"):
         family.plan(i2v)
     with pytest.raises(MlxVideoError, match="no tokenizer.json"):
         family.plan(src)

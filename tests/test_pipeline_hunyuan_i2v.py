@@ -176,3 +176,20 @@ def test_bad_input_is_refused_before_weights(tiny):
         pipe.resolve(GenerationSettings(prompt="the camera pans " * 120, image=image, width=48, height=32, frames=9))
     estimate = pipe.estimate_memory(s, has_image=True)
     assert set(estimate["stages"]) == {"text_encoding", "denoising", "decoding"}
+
+
+def test_latent_concat_folder_is_refused(tiny, tmp_path):
+    """The 33-channel first release (latent concat) is named and refused before any weights are read."""
+    import shutil
+
+    root, _, _ = tiny
+    folder = tmp_path / "i2v33"
+    shutil.copytree(root / "diffusers", folder)
+    config_file = folder / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(in_channels=13, image_condition_type="latent_concat", guidance_embeds=False)
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(MlxVideoError, match="latent_concat"):
+        from mlx_video.families.hunyuan.planner import plan
+
+        plan(folder)

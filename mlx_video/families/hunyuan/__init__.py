@@ -21,7 +21,7 @@ MODELS = (
         # 720p, 129 frames, 50 steps, embedded guidance 6 and --flow-shift 7 with --i2v-stability (the 0.999
         # noise blend diffusers always applies)
         id="hunyuanvideo-i2v", family="hunyuan", task="i2v", vae_stride=(4, 8, 8), size_multiple=16,
-        sizes=((1280, 720), (720, 1280), (960, 960)),
+        sizes=((1280, 720), (720, 1280)),
         defaults=dict(steps=50, shift=7.0, guidance=6.0, sampler="euler", schedule="shifted-linear", fps=24,
                       frames=129, negative_prompt="", text_len=256),
         hf_repo="hunyuanvideo-community/HunyuanVideo-I2V", transformer=HUNYUAN_I2V_720P,

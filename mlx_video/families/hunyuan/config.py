@@ -93,11 +93,9 @@ class HunyuanVAEConfig(JsonConfig):
 
 
 HUNYUAN_T2V_720P = HunyuanTransformerConfig()
-# HunyuanVideo-I2V (diffusers hunyuanvideo-community/HunyuanVideo-I2V and -I2V-33ch transformer configs): the T2V
-# architecture; the updated release replaces the first frame's tokens and keeps the guidance embedding, the first
-# one concatenates 33 input channels and has none.
+# HunyuanVideo-I2V (diffusers hunyuanvideo-community/HunyuanVideo-I2V): the T2V architecture whose first latent
+# frame's tokens are the clean image's (token replace), with the guidance embedding.
 HUNYUAN_I2V_720P = HunyuanTransformerConfig(image_condition="token_replace")
-HUNYUAN_I2V_33CH_720P = HunyuanTransformerConfig(in_channels=33, guidance_embed=False, image_condition="latent_concat")
 HUNYUAN_VAE = HunyuanVAEConfig()
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mlx_video.errors import MlxVideoError
 from mlx_video.families.hunyuan.pipeline import CLIP_PAD, HunyuanPipeline
-from mlx_video.pipelines.base import GenerationSettings, Predict, release
+from mlx_video.pipelines.base import GenerationSettings, release
 from mlx_video.pipelines.cache import ContextArgs
 from mlx_video.text_encoders.llama import JsonTokenizer
 from mlx_video.text_encoders.llava import I2V_TEMPLATE, I2V_TEMPLATE_CROP_START

@@ -59,12 +59,15 @@ COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 # What `mlxvid download` fetches from the diffusers-layout repository (hunyuanvideo-community/HunyuanVideo).
 DOWNLOAD_PATTERNS = ["model_index.json", "transformer/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
                      "tokenizer_2/*", "vae/*", "scheduler/*"]
+# HunyuanVideo-I2V's folder also has the LLaVA image processor's settings.
+EXTRA_DOWNLOAD_PATTERNS = {I2V_MODEL_ID: ["image_processor/*"]}
 # The official release (tencent/HunyuanVideo, downloaded into `ckpts/`): hunyuan-video-t2v-720p/transformers/ holds
 # the transformer (a torch.save archive, the state dict under "module"; or the fp8 variant with its per-layer scale
 # map), hunyuan-video-t2v-720p/vae/ the VAE (config.json + pytorch_model.pt); text_encoder/ is the LLaVA language
 # model as the release's preprocessing script saves it (a transformers Llama folder with its tokenizer), and
 # text_encoder_2/ is openai/clip-vit-large-patch14 as downloaded (CLIPModel: text and vision towers, tokenizer).
 RELEASE_MODEL = "hunyuan-video-t2v-720p"
+RELEASE_I2V_MODEL = "hunyuan-video-i2v-720p"  # tencent/HunyuanVideo-I2V's ckpts/: not converted (see plan)
 RELEASE_TRANSFORMER = "mp_rank_00_model_states.pt"
 RELEASE_TRANSFORMER_FP8 = "mp_rank_00_model_states_fp8.pt"
 # Components a single file or folder may replace on top of the diffusers folder, and the option that gives it.
@@ -137,7 +140,7 @@ def claims(src, components: dict) -> bool:
     """A diffusers folder whose pipeline is a HunyuanVideo one, or the official release layout (`ckpts/`)."""
     if src is None:
         return False
-    if Path(src).is_dir() and release_transformer(Path(src)) is not None:
+    if Path(src).is_dir() and (release_transformer(Path(src)) is not None or (Path(src) / RELEASE_I2V_MODEL).is_dir()):
         return True
     name = diffusers_pipeline_class(src) or ""
     return name.startswith("HunyuanVideo") and not name.startswith("HunyuanVideo15")  # 1.5 is its own family
@@ -360,6 +363,10 @@ def _checked_source(src, components: dict, tokenizer) -> Path:
                             "replacing its component")
     check_component_names(components, OVERRIDES, "HunyuanVideo")
     src = Path(src)
+    if (src / RELEASE_I2V_MODEL).is_dir() and release_transformer(src) is None:
+        raise MlxVideoError(f"{src} is HunyuanVideo-I2V's official release layout ({RELEASE_I2V_MODEL}/, "
+                            "text_encoder_i2v/), which mlxvid does not convert; convert the diffusers folder "
+                            "hunyuanvideo-community/HunyuanVideo-I2V (`mlxvid download hunyuanvideo-i2v`)")
     if (src / MANIFEST).is_file():
         raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
     return src

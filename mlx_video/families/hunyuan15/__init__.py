@@ -20,7 +20,7 @@ second-order Taylor series of divided differences: our `--cache taylorseer` (`ml
 defaults on the 50-step models are the release's numbers in diffusers' fields (`TAYLORCACHE`). Its `deepcache` and
 `teacache` modes are not here (README, "Faster generation").
 
-Not here: HunyuanVideo-I2V (1.0).
+HunyuanVideo-I2V (1.0) is a model of the HunyuanVideo family (`mlx_video/families/hunyuan`).
 """
 
 from __future__ import annotations
