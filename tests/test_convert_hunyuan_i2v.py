@@ -17,7 +17,7 @@ from mlx_video.families.hunyuan.config import HUNYUAN_I2V_720P
 from mlx_video.families.hunyuan.keys import LLAVA_IMAGE, TRANSFORMERS_LLAMA, transformer_config_from_diffusers
 from mlx_video.text_encoders.llama import LlamaTextEncoder
 from mlx_video.text_encoders.llava import LlavaImageConfig, LlavaImageEncoder
-from mlxvid_test_helpers import LLAMA_8B, PUBLISHED_TRANSFORMER  # noqa: E402
+from support.hunyuan import LLAMA_8B, PUBLISHED_TRANSFORMER  # noqa: E402
 from mlx_video.convert.formats import TensorFile
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from tiny_hunyuan_i2v import build_tiny_hunyuan_i2v_pipeline  # noqa: E402
+from support.hunyuan_i2v import build_tiny_hunyuan_i2v_pipeline  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"

@@ -8,6 +8,7 @@
 - `wan_s2v`: Wan2.2-S2V recorded from the official code: the transformer's cases, the pipeline's run and its
   release folder, a voice track.
 - `hunyuan`: a tiny random HunyuanVideo pipeline; a diffusers state dict in the official layout; published configs.
+- `hunyuan_i2v`: a tiny random HunyuanVideo-I2V pipeline (token replace) with its tiny LLaVA and LLaVA tokenizer.
 - `hunyuan15`: tiny random HunyuanVideo 1.5 pipelines (T2V, I2V), transformers, VAE and encoders.
 - `mochi`: a tiny random Mochi 1 pipeline; transformer and VAE state dicts in genmo's layout; T5-XXL's config.
 - `text`: a SentencePiece model in T5's layout trained on a few sentences, and prompts for tokenizer parity.

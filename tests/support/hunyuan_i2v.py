@@ -1,6 +1,6 @@
 """A tiny random HunyuanVideo-I2V reference pipeline (diffusers `HunyuanVideoImageToVideoPipeline`), built offline.
 
-The LLaVA tokenizer is tiny_hunyuan's byte-level BPE with Llama 3's pre-tokenizer, trained on both prompt
+The LLaVA tokenizer is support.hunyuan's byte-level BPE with Llama 3's pre-tokenizer, trained on both prompt
 templates, with `<image>` added as a special token: it splits the image template as LLaVA-Llama-3 does (the
 `<image>` token 6th, 103 tokens before the prompt), so the reference's fixed positions hold. The vision tower
 sees 48x48 images in 2x2 patches: 576 image tokens, the published count the reference's template assumes.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_hunyuan import LLAMA3_SPLIT, LLAMA_SPECIALS, SENTENCES, clip_tokenizer, randomize_
+from support.hunyuan import LLAMA3_SPLIT, LLAMA_SPECIALS, SENTENCES, clip_tokenizer, randomize_
 
 IMAGE_TOKEN = "<image>"
 
@@ -38,7 +38,7 @@ def llava_tokenizer():
                                    pad_token="<|end_of_text|>", padding_side="right")
 
 
-def tiny_llava(tokenizer, seed: int, text_dims: dict | None = None):
+def tiny_llava(tokenizer, seed: int):
     """LlavaForConditionalGeneration: a CLIP tower of 3 layers, 32 wide (4 heads of 8), 48x48 images in 2x2
     patches (576 tokens), quick_gelu; a 5-layer Llama 40 wide (4 heads of 10, 2 KV heads); the published
     vision_feature_layer -2, "default" selection and GELU projector."""
@@ -49,10 +49,10 @@ def tiny_llava(tokenizer, seed: int, text_dims: dict | None = None):
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4,
                               image_size=48, patch_size=2, hidden_act="quick_gelu", projection_dim=32)
-    text = LlamaConfig(**{**dict(
+    text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=40, intermediate_size=72, num_hidden_layers=5, num_attention_heads=4,
         num_key_value_heads=2, head_dim=10, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=1024,
-    ), **(text_dims or {})})
+    )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                          vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
     config.pad_token_id = tokenizer.pad_token_id
