@@ -1,6 +1,7 @@
 """HunyuanVideo 1.5 against diffusers 0.42.1: the transformer (`HunyuanVideo15Transformer3DModel`) at tiny random
-configs through `mlxvid convert`; the denoising of `HunyuanVideo15Pipeline` (CFG, guidance 1) and of
-`HunyuanVideo15ImageToVideoPipeline` (the step-distilled MeanFlow model) to the final latents; every key and shape
+configs through `mlxvid convert`; the denoising of `HunyuanVideo15Pipeline` (CFG; guidance 1 with its decoded frames)
+and of `HunyuanVideo15ImageToVideoPipeline` (the step-distilled MeanFlow model, with its decoded frames) to the final
+latents; every key and shape
 of the published transformer (built on torch's meta device).
 
 The pipeline runs go from the prompt (a tiny Qwen2.5-VL text model, a tiny ByT5 for the quoted text) and, for I2V,
@@ -148,7 +149,7 @@ def test_official_release_layout_every_key_and_shape(tmp_path):
 def test_t2v_from_the_prompt_matches_diffusers(t2v, prompt, guidance, mode):
     """CFG 6 on "" with a quoted glyph (the ByT5 path runs for the prompt, not for the negative; the two passes
     keep different numbers of tokens): final latents from `mlxvid generate`. Guidance 1 (one pass, the distilled
-    models' way) runs in the I2V test."""
+    models' way) runs in `test_t2v_guidance_1_latents_and_frames_match_diffusers` and the I2V test."""
     root, pipe = t2v
     pipe.guider = pipe.guider.__class__(guidance_scale=guidance)
     init = np.random.default_rng(int(guidance)).standard_normal((1, 4, 2, 3, 4)).astype(np.float32)
@@ -163,6 +164,42 @@ def test_t2v_from_the_prompt_matches_diffusers(t2v, prompt, guidance, mode):
     err = rel_err(got, want)
     print(f"HunyuanVideo 1.5 T2V, guidance {guidance}: final latents rel {err:.2e}")
     assert err < 1e-5
+
+
+def test_t2v_guidance_1_latents_and_frames_match_diffusers(tmp_path_factory):
+    """Guidance 1, the CFG-distilled models' path (one pass per step: diffusers' guider skips the unconditional pass
+    at scale 1; the CFG-distilled model's default, read from the folder's guider), on another transformer (4 heads of
+    10, 1 block, RoPE axes 2/4/4), 9 frames at 80x32, shift 7: the final latents from `mlxvid generate --save-latents`, and the PNG frames the same run writes against the frames
+    diffusers' pipeline decodes (its own `output_type="np"` path; the latents it decodes recorded on the way)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("hy15_t2v_g1")
+    pipe = build_tiny_t2v_pipeline(root / "diffusers", guidance=1.0, shift=7.0,
+                                   transformer=dict(heads=4, head_dim=10, layers=1, seed=9, axes=(2, 4, 4)))
+    for name, value in (("tokenizer_max_length", 40), ("tokenizer_2_max_length", 32), ("vision_num_semantic_tokens", 3)):
+        setattr(pipe, name, value)
+    main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
+    assert json.loads((root / "mlx" / "mlxvid.json").read_text())["model"] == "hunyuanvideo-1.5-480p-t2v-distilled"
+    prompt = "a corgi surfs a wave at sunset"
+    init = np.random.default_rng(11).standard_normal((1, 4, 3, 2, 5)).astype(np.float32)
+    np.save(root / "init.npy", init)
+    decoded, decode = [], pipe.vae.decode
+    pipe.vae.decode = lambda z, **kw: (decoded.append(z.clone()), decode(z, **kw))[1]
+    with torch.no_grad():
+        frames = pipe(prompt=prompt, height=32, width=80, num_frames=9, num_inference_steps=3,
+                      latents=torch.from_numpy(init)).frames[0] * 255.0
+    want = decoded[0].numpy() * pipe.vae.config.scaling_factor
+    main(["generate", "--model", str(root / "mlx"), "--prompt", prompt, "--size", "80x32", "--frames", "9",
+          "--steps", "3", "--shift", "7", "--init-latents", str(root / "init.npy"), "--save-latents",
+          str(root / "out.npy"), "--output", str(root / "frames") + "/", "--quiet"])
+    assert json.loads((root / "frames.json").read_text())["settings"]["guidance"] == 1.0  # the distilled model's default
+    err = rel_err(np.load(root / "out.npy"), want)
+    ours = np.stack([np.asarray(Image.open(p)) for p in sorted((root / "frames").glob("*.png"))]).astype(np.float32)
+    mean_abs = float(np.abs(ours - frames).mean())
+    print(f"HunyuanVideo 1.5 T2V, guidance 1: final latents rel {err:.2e}, decoded frames {mean_abs:.3f}/255 mean "
+          f"absolute (frames' std {frames.std():.1f})")
+    assert err < 1e-5
+    assert ours.shape == frames.shape == (9, 32, 80, 3) and mean_abs < 1.0 and frames.std() > 20
 
 
 def test_quantized_transformer_runs(t2v):

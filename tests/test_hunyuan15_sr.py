@@ -425,7 +425,7 @@ def test_upscale_command(runs, tmp_path):
     up = np.load(tmp_path / "up.npy")
     assert up.shape == (1, 4, 2, 5, 7) and np.isfinite(up).all()  # 112x80: the base-96 bucket nearest 4:3
     record = json.loads((tmp_path / "up.json").read_text())["settings"]
-    assert record["model"] == "hunyuanvideo-1.5-480p-t2v" and record["upscaled_from"] == str(runs / "low.npy")
+    assert record["model"] == "hunyuanvideo-1.5-480p-t2v-distilled" and record["upscaled_from"] == str(runs / "low.npy")
     assert (record["upscale"]["steps"], record["upscale"]["shift"], record["upscale"]["guidance"]) == (6, 2.0, 1.0)
     assert (record["upscale"]["width"], record["upscale"]["height"]) == (112, 80)
     assert list(record["upscale"]["memory_estimate"]["stages"]) == ["denoising"]

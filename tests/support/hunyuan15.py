@@ -96,13 +96,15 @@ def tiny_encoders(with_vae: bool = True) -> dict:
     return {**encoders, "vae": tiny_vae()} if with_vae else encoders
 
 
-def build_tiny_t2v_pipeline(folder: Path, guidance: float = 6.0, shift: float = 5.0):
-    """A HunyuanVideo15Pipeline (`tiny_encoders`, a 2-block transformer of 3 heads of 16, the tiny VAE), saved
-    with save_pretrained into `folder`."""
+def build_tiny_t2v_pipeline(folder: Path, guidance: float = 6.0, shift: float = 5.0,
+                            transformer: dict | None = None):
+    """A HunyuanVideo15Pipeline (`tiny_encoders`, the tiny VAE, and a transformer: 2 blocks of 3 heads of 16 unless
+    `transformer` gives `tiny_transformer`'s arguments), saved with save_pretrained into `folder`."""
     from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
 
+    sizes = transformer or dict(heads=3, head_dim=16, layers=2, seed=4, axes=(4, 6, 6))
     pipe = HunyuanVideo15Pipeline(
-        transformer=tiny_transformer(3, 16, 2, seed=4, axes=(4, 6, 6), text_dim=24),
+        transformer=tiny_transformer(**sizes, text_dim=24),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), guider=ClassifierFreeGuidance(guidance_scale=guidance),
         **tiny_encoders())
     pipe.save_pretrained(folder)
@@ -133,7 +135,7 @@ def save_transformer_folder(root: Path, model, pipeline="HunyuanVideo15Pipeline"
     model.save_pretrained(root / "transformer")
     (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
     (root / "guider").mkdir()
-    (root / "guider" / "config.json").write_text(json.dumps({"guidance_scale": guidance}))
+    (root / "guider" / "guider_config.json").write_text(json.dumps({"guidance_scale": guidance}))
     return root
 
 

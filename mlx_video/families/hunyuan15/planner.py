@@ -6,8 +6,8 @@ the official release layout (tencent/HunyuanVideo-1.5: `transformer/<variant>/` 
 
 Which published model a folder is: `--base` when given; else, for the official layout, its one variant folder
 (several: refused unless `--base` picks one); for a diffusers folder, the pipeline class (T2V / I2V), the
-transformer's `target_size` (640: 480p, 960: 720p) and `use_meanflow`, and the guider's guidance scale (1: the
-CFG-distilled models).
+transformer's `target_size` (640: 480p, 960: 720p) and `use_meanflow`, and the guider's guidance scale (`guider/guider_config.json`,
+as diffusers saves it; 1: the CFG-distilled models).
 
 Beside the transformer, a diffusers folder's encoders are converted when it has them: `text_encoder/` (Qwen2.5-VL's
 language model, without the two decoder layers after the hidden state it gives and the final norm) with
@@ -216,7 +216,7 @@ def _pick_model(src: Path, inp, variant: str | None, base: str | None):
         task = PIPELINES[diffusers_pipeline_class(src)]
         config = inp.config_json or {}
         resolution = {640: "480p", 960: "720p"}.get(int(config.get("target_size", 640)), "480p")
-        guider = src / "guider" / "config.json"
+        guider = src / "guider" / "guider_config.json"  # diffusers' BaseGuidance.config_name
         scale = float(read_json(guider, "the guider config").get("guidance_scale", 6.0)) if guider.is_file() else 6.0
         suffix = "_step_distilled" if config.get("use_meanflow") else "_distilled" if scale == 1.0 else ""
         variant = f"{resolution}_{task}{suffix}"
