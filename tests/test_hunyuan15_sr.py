@@ -145,9 +145,9 @@ class StandIn:
 
 
 def import_official():
-    """The official SR pipeline module. Its base pipeline imports torchvision (only for I2V image transforms, not
-    used here), which is not a test dependency: a stand-in module is registered after diffusers has decided
-    torchvision is absent. Its parallel state is set to a single process."""
+    """The official SR pipeline module. Its base pipeline imports torchvision (only for I2V image transforms), which
+    is not a test dependency: where it cannot be imported, a stand-in module is registered after diffusers has
+    decided torchvision is absent (the I2V test then skips). Its parallel state is set to a single process."""
     import importlib
     import importlib.util
     import sys
@@ -157,6 +157,10 @@ def import_official():
     import diffusers.loaders.peft  # noqa: F401
     import diffusers.pipelines.pipeline_utils  # noqa: F401
 
+    try:
+        import torchvision  # noqa: F401  (the I2V SR test needs its transforms)
+    except (ImportError, RuntimeError):  # absent, or built for another torch
+        sys.modules.pop("torchvision", None)
     if "torchvision" not in sys.modules:
         stand_in = types.ModuleType("torchvision")
         stand_in.transforms = types.ModuleType("torchvision.transforms")
@@ -231,15 +235,18 @@ def official_folder(root, variant, transformer, upsampler, upsampler_cfg: dict):
     return root
 
 
-def run_official_sr(module, transformer, upsampler, lq, text, glyph, seed, base, steps):
+def run_official_sr(module, transformer, upsampler, lq, text, glyph, seed, base, steps, image=None, vae=None,
+                    vision_encoder=None):
     """The official SR pipeline's __call__ on CPU in float32 (output_type "latent"), the prompt states given (its
     `encode_prompt` / `_prepare_byt5_embeddings` replaced), its resolution buckets at a tiny base (SizeMap, the
-    only sizes it reads). Returns (final latents, the initial noise, the re-noising's noise, the low-res input)."""
+    only sizes it reads); for I2V, `image` (a file) with the VAE and vision encoder that encode it. Returns (final
+    latents, the initial noise, the re-noising's noise)."""
     pipe = module.HunyuanVideo_1_5_SR_Pipeline(
-        vae=StandIn(config=StandIn(block_out_channels=[1] * 5)), text_encoder=StandIn(max_length=text[0].shape[1]),
-        transformer=transformer, scheduler=None,
+        vae=vae or StandIn(config=StandIn(block_out_channels=[1] * 5)),
+        text_encoder=StandIn(max_length=text[0].shape[1]), transformer=transformer, scheduler=None,
         upsampler=upsampler, flow_shift=2.0, guidance_scale=1.0, num_inference_steps=steps, base_resolution=base,
-        vision_num_semantic_tokens=5, vision_states_dim=IMAGE_DIM, execution_device="cpu")
+        vision_num_semantic_tokens=5, vision_states_dim=IMAGE_DIM, execution_device="cpu",
+        vision_encoder=vision_encoder)
     pipe.target_dtype, pipe.autocast_enabled = torch.float32, False
     pipe.encode_prompt = lambda *a, **k: (text[0], None, text[1], None)
     pipe._prepare_byt5_embeddings = lambda *a, **k: {"byt5_text_states": glyph[0], "byt5_text_mask": glyph[1]}
@@ -260,7 +267,8 @@ def run_official_sr(module, transformer, upsampler, lq, text, glyph, seed, base,
     module.SizeMap.update({base: 64, transformer.config.ideal_resolution: 96})
     try:
         with torch.no_grad():
-            out = pipe(prompt="p", video_length=5, lq_latents=lq, output_type="latent", seed=seed).videos
+            out = pipe(prompt="p", video_length=5, lq_latents=lq, output_type="latent", seed=seed,
+                       reference_image=image).videos
     finally:
         module.SizeMap.update(sizes)
     return out.numpy(), seen["init"].numpy(), seen["noise"]
@@ -316,6 +324,81 @@ def test_sr_latents_match_official(tmp_path, variant):
     assert pipe.spec.id == "hunyuanvideo-1.5-" + variant.replace("_", "-")
     err = rel_err(got.latents, want)
     print(f"SR {variant} final latents: relative error {err:.2e}")
+    assert err < 1e-5
+
+
+def tiny_image_encoders(folder):
+    """A diffusers I2V folder holding what an I2V run's SR stage encodes its image with (a VAE of 32 latent channels,
+    a 1-layer SigLIP of 16 on 28x28 pixels with its processor, beside a tiny transformer), saved into `folder`;
+    (vae, siglip, processor)."""
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from tiny_hunyuan15 import randomize_, save_transformer_folder
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=65, out_channels=32, num_attention_heads=2, attention_head_dim=8, num_layers=1, text_embed_dim=24,
+        text_embed_2_dim=GLYPH_DIM, image_embed_dim=IMAGE_DIM, rope_axes_dim=(2, 2, 4), target_size=64)
+    save_transformer_folder(folder, transformer, pipeline="HunyuanVideo15ImageToVideoPipeline", guidance=1.0)
+    torch.manual_seed(13)
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=32, block_out_channels=(8, 8, 16, 16, 64), layers_per_block=1,
+                                      scaling_factor=0.8).eval()
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=IMAGE_DIM, intermediate_size=24, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=28, patch_size=14)).eval()
+    randomize_(siglip, 14)
+    processor = SiglipImageProcessor(size={"height": 28, "width": 28})
+    for name, part in (("vae", vae), ("image_encoder", siglip), ("feature_extractor", processor)):
+        part.save_pretrained(folder / name)
+    return vae, siglip, processor
+
+
+@needs_official
+def test_i2v_sr_latents_match_official(tmp_path):
+    """An I2V run's SR stage (the 720p model, 2 heads of 24, 2 blocks): the official pipeline takes the run's own
+    image (`reference_image`) and makes its condition again at the high resolution: the image scaled to cover
+    112x64 (LANCZOS, rounded size, centre cut) through the VAE onto latent frame 0 beside a mask of ones there, and
+    SigLIP's features of the image fitted to its bucket at the model's 720p resolution, unmasked. Ours from the same
+    150x90 image file, encoded by an I2V model folder's VAE and SigLIP (`encode_reference`); final latents."""
+    import sys
+
+    from PIL import Image
+
+    from mlx_video.cli import main
+    from mlx_video.io.image import load_image
+    from mlx_video.pipelines.base import GenerationSettings, Pipeline
+
+    module = import_official()
+    if not hasattr(sys.modules["torchvision"].transforms, "Compose"):
+        pytest.skip("the official I2V path needs torchvision's transforms, which cannot be imported here")
+    from hyvideo.models.vision_encoder import VisionEncoder
+
+    base, steps, sizes, cfg = SR_CASES["720p_sr_distilled"]
+    transformer = official_transformer(**sizes, resolution="720p")
+    upsampler = official_upsampler(cfg, reference_upsampler(cfg, seed=5).state_dict())
+    vae, siglip, processor = tiny_image_encoders(tmp_path / "i2v")
+    vision = StandIn(processor=processor, model=siglip)
+    vision.encode_images = lambda image: VisionEncoder.encode_images(vision, image)
+    g = torch.Generator().manual_seed(6)
+    pixels = np.clip(np.random.default_rng(4).standard_normal((90, 150, 3)) * 50 + np.linspace(30, 220, 150)[:, None],
+                     0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    lq = torch.randn(1, 32, 2, 3, 5, generator=g)
+    text = (torch.randn(1, 6, TEXT_DIM, generator=g), (torch.arange(6) < 4).long()[None])
+    glyph = (torch.zeros(1, 4, GLYPH_DIM), torch.zeros(1, 4, dtype=torch.long))
+    want, init, noise = run_official_sr(module, transformer, upsampler, lq, text, glyph, 2, base, steps,
+                                        image=str(tmp_path / "image.png"), vae=vae, vision_encoder=vision)
+
+    root = official_folder(tmp_path / "release", "720p_sr_distilled", transformer, upsampler, upsampler_json(cfg))
+    main(["convert", str(root), str(tmp_path / "sr"), "--dtype", "fp32"])
+    main(["convert", str(tmp_path / "i2v"), str(tmp_path / "base"), "--dtype", "fp32"])
+    sr, encoder = Pipeline.from_pretrained(str(tmp_path / "sr")), Pipeline.from_pretrained(str(tmp_path / "base"))
+    sr.encode = lambda s, progress=False: tuple(mx.array(a.numpy()) for a in (*text, *glyph))
+    s = GenerationSettings(prompt="p", width=112, height=64, frames=5)
+    states = sr.encode_reference(encoder, load_image(tmp_path / "image.png"), s)
+    got = sr.upscale(s, lq.numpy(), init_latents=init, low_res_noise=mx.array(noise.permute(0, 2, 3, 4, 1).numpy()),
+                     image_states=states)
+    assert want.shape[-2:] == (4, 7)
+    err = rel_err(got.latents, want)
+    print(f"SR of an I2V run (720p model): final latents relative error {err:.2e}")
     assert err < 1e-5
 
 

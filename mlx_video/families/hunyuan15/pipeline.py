@@ -200,12 +200,14 @@ class Hunyuan15Pipeline(Pipeline):
         mx.eval(glyph, glyph_mask)
         return text, text_mask, glyph, glyph_mask
 
-    def encode_image(self, image: np.ndarray, s: GenerationSettings, progress: bool = False):
+    def encode_image(self, image: np.ndarray, s: GenerationSettings, progress: bool = False,
+                     siglip_image: np.ndarray | None = None):
         """(condition (1, T, h, w, C + 1), SigLIP features (1, 729, 1152)) of the (height, width, 3) image in
         [-1, 1], already fitted to the video size: the VAE's latent mean of the image (x the scaling factor, as
         diffusers' `retrieve_latents(..., "argmax")`; in 256-pixel tiles beyond one tile, where diffusers' default
-        encodes in one pass) on latent frame 0 with the mask channel, and SigLIP's states
-        of the same pixels (as 8-bit RGB, which they are: `mlx_video.io.image.fit_image` makes them from one)."""
+        encodes in one pass) on latent frame 0 with the mask channel, and SigLIP's states of the same pixels (as
+        8-bit RGB, which they are: `mlx_video.io.image.fit_image` makes them from one), or of `siglip_image`
+        (uint8 RGB of any size) where given (the super-resolution stage fits the image twice: `sr.py`)."""
         from mlx_video.families.hunyuan15.vae import Hunyuan15VAE, Hunyuan15VAEConfig, VAETiling
         from mlx_video.image_encoders.siglip import SiglipPreprocess, SiglipVisionConfig, SiglipVisionEncoder
         from mlx_video.image_encoders.siglip import encode_image as siglip_states
@@ -226,7 +228,8 @@ class Hunyuan15Pipeline(Pipeline):
         self.folder.load_module("image_encoder", siglip)
         settings = self.folder.path / "feature_extractor" / "preprocessor_config.json"
         preprocess = SiglipPreprocess.from_file(settings) if settings.is_file() else SiglipPreprocess()
-        rgb = np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        rgb = siglip_image if siglip_image is not None else \
+            np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
         features = siglip_states(siglip, rgb, preprocess)
         mx.eval(features)
         del siglip

@@ -11,6 +11,12 @@ As the official SR pipeline (Tencent-Hunyuan/HunyuanVideo-1.5, `hyvideo/pipeline
    then refines without the low-resolution guide);
 5. flow Euler on the shifted linear schedule (shift 2), 6 steps (720p) / 8 (1080p), guidance 1 (one pass).
 The T2V run's SigLIP input is all zeros, which the transformer masks out: the same as no image tokens here.
+
+An I2V run's condition is made again at the high resolution from the run's own image file (the official pipeline
+passes its `reference_image` on to the SR stage): the image scaled to cover the SR size and centre-cut
+(`reference_fit`), encoded by the VAE onto latent frame 0 beside the mask, and SigLIP's features of the image fitted
+to the bucket nearest its aspect at the SR model's resolution (`reference_bucket`). The base model's folder encodes
+them (an SR folder holds no VAE or image encoder): `encode_reference`.
 """
 
 from __future__ import annotations
@@ -49,6 +55,33 @@ def high_res_size(width: int, height: int, base: int) -> tuple[int, int]:
     sizes = bucket_sizes(base)
     aspects = np.array([w / h for w, h in sizes])
     return sizes[int(np.abs(aspects - width / height).argmin())]
+
+
+def reference_bucket(width: int, height: int, base: int) -> tuple[int, int]:
+    """(width, height) of the bucket at `base` an image of width x height is fitted to for SigLIP in the SR stage:
+    the official `get_closest_resolution_given_reference_image` reads each bucket (w, h) as (h, w) and takes the
+    first whose h / w, rounded to 5 places, is nearest the image's height / width."""
+    sizes = bucket_sizes(base)
+    ratios = np.array([round(a / b, 5) for a, b in sizes])
+    a, b = sizes[int(np.abs(ratios - height / width).argmin())]
+    return b, a
+
+
+def reference_fit(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """An (H, W, 3) uint8 image as the official pipelines fit a reference image, (height, width, 3) uint8: scaled
+    by max(width / W, height / H) with Pillow's LANCZOS to the rounded size, then cut from round((size - target) / 2)
+    (the official `resize_and_center_crop`; torchvision's Resize + CenterCrop on a PIL image, which the SR pipeline's
+    `get_image_condition_latents` uses, cut the same way). Unchanged when already of that size."""
+    from PIL import Image
+
+    ih, iw = image.shape[:2]
+    if (ih, iw) == (height, width):
+        return image
+    scale = max(width / iw, height / ih)
+    rw, rh = int(round(iw * scale)), int(round(ih * scale))
+    left, top = int(round((rw - width) / 2)), int(round((rh - height) / 2))
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((rw, rh), Image.LANCZOS)
+    return np.asarray(resized.crop((left, top, left + width, top + height)))
 
 
 def renoise_low_res(latents: mx.array, noise: mx.array, strength: float = NOISE_STRENGTH) -> mx.array:
@@ -106,6 +139,15 @@ class Hunyuan15SRPipeline(Hunyuan15Pipeline):
         self.folder.load_module("upsampler", model)
         return model
 
+    def encode_reference(self, encoder, reference: np.ndarray, settings: GenerationSettings, progress: bool = False):
+        """An I2V run's (condition, SigLIP features) at the high-resolution `settings`, from its (H, W, 3) uint8 image,
+        encoded by `encoder` (the base model's pipeline, which holds the VAE and SigLIP); see the module docstring."""
+        s = self.resolve(settings)
+        pixels = reference_fit(reference, s.width, s.height).astype(np.float32) / np.float32(255.0)
+        image = (pixels - np.float32(0.5)) / np.float32(0.5)  # torchvision's ToTensor + Normalize([0.5], [0.5])
+        w, h = reference_bucket(reference.shape[1], reference.shape[0], self.transformer_config.target_size)
+        return encoder.encode_image(image, s, progress, siglip_image=reference_fit(reference, w, h))
+
     def low_res_condition(self, s: GenerationSettings, low_res: np.ndarray, noise: mx.array | None):
         """Upsample and re-noise the (1, C, T, h, w) latents onto the settings' grid; (with, without)."""
         _, c, frames, height, width = self.latent_shape(s)
@@ -119,16 +161,17 @@ class Hunyuan15SRPipeline(Hunyuan15Pipeline):
         return sr_conditions(renoise_low_res(upsampled, noise), base)
 
     def upscale(self, settings: GenerationSettings, low_res: np.ndarray, init_latents=None, low_res_noise=None,
-                progress: bool = False, image=None, hooks=(), context=None) -> GenerationResult:
+                progress: bool = False, image_states=None, hooks=(), context=None) -> GenerationResult:
         """The SR run: `low_res` (1, C, T, h, w) -> (1, C, T, H, W) at the settings' size. `context`: the prompt
         states (as `encode` gives them), when another folder encodes them (else this folder's encoders).
+        `image_states`: an I2V run's (condition, SigLIP features) at this size (`encode_reference`).
         `low_res_noise` (1, T, H, W, C), for tests: the re-noising's draw (else seeded from the settings' seed)."""
         s = self.resolve(settings)
-        self._image = None if image is None else self.encode_image(image, s, progress)
+        self._image = image_states
         self._context = context
         try:
             self._sr = self.low_res_condition(s, np.asarray(low_res, dtype=np.float32), low_res_noise)
-            return super(Hunyuan15Pipeline, self).generate(settings, init_latents, progress, image, hooks)
+            return super(Hunyuan15Pipeline, self).generate(settings, init_latents, progress, None, hooks)
         finally:
             self._sr, self._image, self._context = None, None, None
 
