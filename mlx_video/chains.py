@@ -230,7 +230,8 @@ def plan_chain(o: dict, pipe, total: int, clip: int, k: int = OVERLAP_LATENT_FRA
     spec = pipe.spec
     method = LAST_FRAME if pipe.image_mode is not None else LATENT_OVERLAP
     segments = plan_segments(total, clip, spec.frame_stride, method, "image" if o.get("image") else "none", k)
-    first = dict(o, frames=segments[0].rendered, duration=None, segment_prompt=None, segment_frames=None)
+    first = dict(o, frames=segments[0].rendered, duration=None, segment_prompt=None, segment_frames=None,
+                 upscale="none")  # a preset's super-resolution stage is for one clip (mlx_video.upscale)
     return segments, method, first
 
 

@@ -363,6 +363,26 @@ def _models_with(task: str) -> str:
     return ", ".join(models_with_task(task)) or "none here"
 
 
+def _sr_models() -> list:
+    from .registry import MODELS
+
+    return [s for s in MODELS.values() if s.task == "sr"]
+
+
+def _upscale_choices() -> tuple:
+    """The resolutions of the registry's super-resolution models, and none."""
+    found = {s.extra["output_resolution"] for s in _sr_models()}
+    return tuple(sorted(found, key=lambda r: int(r.rstrip("p")))) + ("none",)
+
+
+def _upscale_help() -> str:
+    stages = "; ".join(f"{s.extra['output_resolution']} for {', '.join(s.extra['upscales'])} ({s.id})"
+                       for s in _sr_models())
+    return ("After the run, its super-resolution stage; the video is decoded at the higher resolution ("
+            f"{stages or 'no model here has one'}). With --preset and --quality high the model's stage is picked when "
+            "the delivery is at least its size; none turns that off.")
+
+
 def _samplers() -> tuple:
     from .samplers import SAMPLERS
 
@@ -512,6 +532,10 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
            metavar="NAME", max_length=100, invalidates=("size",), commands=("generate", "decode")),
     Option("quality", "choice", "Size class and steps for the model (`mlxvid models` lists them). Default: the "
            "published settings.", choices=QUALITIES, invalidates=("size", "steps")),
+    Option("upscale", "choice", _upscale_help, choices=_upscale_choices, metavar="RESOLUTION"),
+    Option("upscale_model", "text", "The super-resolution model folder (or registry id) --upscale runs. Default: "
+           "the registry's model for the run's model, converted under the models home ($MLXVID_HOME/models/ID).",
+           metavar="PATH|ID", max_length=4096),
     Option("duration", "float", "Clip length instead of --frames: the nearest frame count of the model's rule at "
            "its fps. Longer than one clip: a chain of clips, each continuing the last (see the README's Longer "
            f"videos), up to {MAX_VIDEO_SECONDS} s.", metavar="SECONDS", positive=True, maximum=MAX_VIDEO_SECONDS,

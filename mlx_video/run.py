@@ -274,6 +274,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     whose video was deleted) and is replaced."""
     from .chains import chain_job, extension_frames, plan_chain
     from .options import check_capabilities
+    from .upscale import planned_upscale, upscale_job
 
     o = validate(options)
     output, save_latents = _outputs(o, output_folder, own_sidecar)
@@ -284,6 +285,12 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     if pipe is None:
         pipe = load_pipeline(str(o["model"]), pipelines)
     check_capabilities(o, pipe)
+    upscale = planned_upscale(o, pipe.spec, preset)
+    if upscale is not None:  # the run, then its super-resolution stage (mlx_video.upscale)
+        return upscale_job(o, upscale, pipe, lambda base: prepare(base, pipe, output_folder=output_folder,
+                                                                  check_memory=False, own_sidecar=own_sidecar))
+    if o.get("upscale_model") is not None:
+        raise MlxVideoError("--upscale-model names the model of --upscale: give --upscale too")
     if pipe.takes_audio:
         _check_audio_run(o, pipe.spec, output)
     elif pipe.takes_animate:
@@ -863,7 +870,8 @@ def decode_latents(latents_path, output, model: str | None = None, overwrite: bo
     size = f"{latents.shape[4] * sw}x{latents.shape[3] * sh}"
     references = len(options.get("reference_image") or ())  # latent frames in front of the video's (VACE)
     frames = (latents.shape[2] - references - 1) * st + 1
-    options.update(size=size, frames=frames, prompt=record.get("prompt") or "decoded latents")
+    options.update(size=size, frames=frames, prompt=record.get("prompt") or "decoded latents", upscale="none")
+    options.pop("upscale_model", None)  # the latents are decoded as they are (upscaled ones at their size)
     for name in ("duration", "init_latents", "preview_every", "lora", "lora_high", "lora_low", "cache", "attention",
                  "last_image", "video", "strength", "control_video", "mask_video", "mask", "control_scale",
                  "outpaint"):

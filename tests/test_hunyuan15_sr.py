@@ -535,3 +535,132 @@ def test_upscale_refusals(runs, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["upscale", *args])
         assert message in capsys.readouterr().err
+
+
+# --- generate --upscale ---------------------------------------------------------------------------------------
+
+def test_generate_upscale_in_one_command_resumes(runs, tmp_path, monkeypatch, capsys):
+    """`generate --upscale 720p --upscale-model SR` = the run, then `mlxvid upscale` on its latents (the same
+    latents, bit for bit), decoded at the high resolution by the run's VAE, one sidecar recording both stages.
+    Interrupted in the SR stage, the same command resumes from the kept base latents (the base model not run
+    again), and the kept stages are removed once the output is written."""
+    from mlx_video.cli import main
+    from mlx_video.families.hunyuan15.pipeline import Hunyuan15Pipeline
+    from mlx_video.families.hunyuan15.sr import Hunyuan15SRPipeline
+
+    main(["upscale", str(runs / "low.npy"), "-o", str(tmp_path / "two-step.npy"), "--model", str(runs / "sr"), "-q"])
+    args = ["generate", "--model", str(runs / "base"), "--prompt", "a corgi surfs", "--size", "64x48", "--frames",
+            "5", "--steps", "1", "--upscale", "720p", "--upscale-model", str(runs / "sr"), "--output",
+            str(tmp_path / "out.mp4"), "--save-latents", str(tmp_path / "hr.npy")]
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Hunyuan15SRPipeline, "upscale", interrupt)
+    with pytest.raises(SystemExit):
+        main(args + ["-q"])
+    kept = tmp_path / ".out.mp4.upscale"
+    assert (kept / "base.npz").is_file() and not (tmp_path / "out.mp4").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(Hunyuan15Pipeline, "generate", lambda *a, **k: pytest.fail("the base run ran again"))
+    main(args)
+    assert "resuming: the base latents read back" in capsys.readouterr().out
+    assert np.array_equal(np.load(tmp_path / "hr.npy"), np.load(tmp_path / "two-step.npy"))
+    record = json.loads((tmp_path / "out.json").read_text())["settings"]
+    assert record["render_size"] == [112, 80] and (record["width"], record["height"]) == (64, 48)
+    assert record["output_frames"] == 5 and record["options"]["upscale"] == "720p"
+    assert record["upscale"]["model"] == "hunyuanvideo-1.5-720p-sr-distilled" and record["upscale"]["steps"] == 6
+    assert list(record["memory_estimate"]["stages"]) == ["text_encoding", "denoising", "upscaling", "decoding"]
+    assert not kept.exists()
+
+
+def test_generate_upscale_of_an_image_to_video_run(runs, tmp_path):
+    """An I2V run upscaled in one command, and by `mlxvid upscale` from its saved latents: the run's image encoded
+    again at 112x80 by the I2V folder's VAE and SigLIP (the official path, compared in
+    test_i2v_sr_latents_match_official); the two ways give the same latents."""
+    from PIL import Image
+    from tiny_hunyuan15 import build_tiny_i2v_pipeline
+
+    from mlx_video.cli import main
+
+    build_tiny_i2v_pipeline(tmp_path / "i2v-src", meanflow=False)
+    main(["convert", str(tmp_path / "i2v-src"), str(tmp_path / "i2v"), "--dtype", "fp32"])
+    pixels = np.random.default_rng(3).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "cat.png")
+    common = ["--model", str(tmp_path / "i2v"), "--prompt", "a cat", "--image", str(tmp_path / "cat.png"), "--size",
+              "64x48", "--frames", "5", "--steps", "1", "-q"]
+    main(["generate", *common, "--save-latents", str(tmp_path / "low.npy")])
+    main(["upscale", str(tmp_path / "low.npy"), "-o", str(tmp_path / "up.npy"), "--model", str(runs / "sr"), "-q"])
+    main(["generate", *common, "--upscale", "720p", "--upscale-model", str(runs / "sr"), "--save-latents",
+          str(tmp_path / "hr.npy")])
+    up, hr = np.load(tmp_path / "up.npy"), np.load(tmp_path / "hr.npy")
+    assert hr.shape == (1, 4, 2, 5, 7) and np.isfinite(hr).all() and np.array_equal(up, hr)
+    (tmp_path / "cat.png").unlink()
+    with pytest.raises(MlxVideoError, match="the run's image .*cat.png is not there"):
+        from mlx_video.upscale import upscale_latents
+
+        upscale_latents(tmp_path / "low.npy", tmp_path / "again.npy", str(runs / "sr"), quiet=True)
+
+
+def test_generate_upscale_refusals(runs, tmp_path, monkeypatch, capsys):
+    """Before any weights are read: a model without a super-resolution stage, the other resolution, an SR folder
+    not converted (the registry's default place) or not an SR model, --upscale-model alone, a chain of clips."""
+    from mlx_video.cli import main
+    from mlx_video.model_folder import ModelFolder
+    from mlx_video.upscale import sr_spec_for
+
+    with pytest.raises(MlxVideoError, match="wan2.2-ti2v-5b has no super-resolution stage; --upscale is for "):
+        sr_spec_for("wan2.2-ti2v-5b", "720p")
+    monkeypatch.setattr(ModelFolder, "load_module", lambda *a: pytest.fail("weights were read"))
+    monkeypatch.setenv("MLXVID_HOME", str(tmp_path / "home"))
+    base = ["generate", "--model", str(runs / "base"), "--prompt", "a corgi", "--size", "64x48", "--frames", "5",
+            "--output", str(tmp_path / "x.mp4")]
+    for extra, message in (
+            (["--upscale", "1080p"], "--upscale 1080p: hunyuanvideo-1.5-480p-t2v-distilled's runs upscale to 720p"),
+            (["--upscale", "720p"], "hunyuanvideo-1.5-720p-sr-distilled, which is not converted (looked in "),
+            (["--upscale", "720p", "--upscale-model", str(runs / "base")], "not a super-resolution model that takes"),
+            (["--upscale-model", str(runs / "sr")], "--upscale-model names the model of --upscale"),
+            (["--upscale", "720p", "--upscale-model", str(runs / "sr"), "--duration", "9"], "--upscale makes one clip")):
+        with pytest.raises(SystemExit):
+            main(base[:-4] + (["--duration", "9"] if "--duration" in extra else ["--frames", "5"]) + base[-2:]
+                 + [e for e in extra if e not in ("--duration", "9")])
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_presets_pick_the_super_resolution_stage(runs, tmp_path, monkeypatch, capsys):
+    """--preset with --quality high picks the model's SR stage where the delivery is at least its size (720p models
+    to 1080p deliveries: the 1080p stage; 480p models: the 720p one); not at medium quality, not for a smaller
+    delivery, not for models without one, not for a chain of clips, not with --upscale none. Picked and not
+    converted, the run is refused (naming --upscale none); given its folder, a 480p run to a preset of 1280x720 (in
+    presets.toml) runs the 720p stage and delivers 1280x720."""
+    from mlx_video.cli import main
+    from mlx_video.presets import BUILTIN_PRESETS, Preset
+    from mlx_video.registry import get_spec
+    from mlx_video.upscale import planned_upscale
+
+    wide, short, square = (BUILTIN_PRESETS[n] for n in ("linkedin-wide", "youtube-short", "linkedin-square"))
+    hy720, hy480 = get_spec("hunyuanvideo-1.5-720p-t2v"), get_spec("hunyuanvideo-1.5-480p-i2v-step-distilled")
+    high = {"quality": "high"}
+    assert planned_upscale(high, hy720, wide) == planned_upscale(high, hy720, short) == "1080p"
+    assert planned_upscale(high, hy480, square) == "720p"
+    assert planned_upscale(high, hy480, Preset("hd", 1280, 720, 24)) == "720p"
+    for o, spec, preset in (({"quality": "medium"}, hy720, wide), (high, hy720, None), (high, hy480, Preset("sd", 848, 480, 24)),
+                            (high, get_spec("wan2.2-ti2v-5b"), wide), ({**high, "duration": 30.0}, hy720, wide),
+                            ({**high, "upscale": "none"}, hy720, wide)):
+        assert planned_upscale(o, spec, preset) is None, (o, spec.id, preset)
+
+    monkeypatch.setenv("MLXVID_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "presets.toml").write_text("[hd]\nwidth = 1280\nheight = 720\nfps = 24\n")
+    args = ["generate", "--model", str(runs / "base"), "--prompt", "a corgi surfs", "--size", "64x48", "--frames", "5",
+            "--steps", "1", "--preset", "hd", "--quality", "high", "--output", str(tmp_path / "wide.mp4"), "-q"]
+    with pytest.raises(SystemExit):
+        main(args)
+    err = capsys.readouterr().err
+    assert "--upscale 720p runs hunyuanvideo-1.5-720p-sr-distilled, which is not converted" in err
+    assert "--upscale none delivers without it" in err
+    main(args + ["--upscale-model", str(runs / "sr")])
+    record = json.loads((tmp_path / "wide.json").read_text())["settings"]
+    assert record["upscale"]["model"] == "hunyuanvideo-1.5-720p-sr-distilled" and record["render_size"] == [112, 80]
+    assert record["delivery_size"] == [1280, 720] and record["upscale"]["steps"] == 6

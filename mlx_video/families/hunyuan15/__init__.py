@@ -64,7 +64,7 @@ def _spec(variant: str, task: str, guidance: float, shift: float, steps: int = 5
 
 def _sr_spec(variant: str, base: str, steps: int, bases: tuple[ModelSpec, ...]) -> ModelSpec:
     """`upscales`: the models whose runs it takes (the release's TRANSFORMER_VERSION_TO_SR_VERSION: every 480p model
-    to the 720p SR model, every 720p one to the 1080p SR model)."""
+    to the 720p SR model, every 720p one to the 1080p SR model); `output_resolution`: what `--upscale` calls it."""
     resolution = variant[: variant.index("p") + 1]
     sizes = SIZES_SR_720P if resolution == "720p" else SIZES_SR_1080P
     # quality profiles: ours, one step fewer per level at the one output size (the shared step fractions would
@@ -77,7 +77,7 @@ def _sr_spec(variant: str, base: str, steps: int, bases: tuple[ModelSpec, ...]) 
                       frames=121, negative_prompt="", quality=quality),
         transformer=HUNYUAN15_SR_720P if resolution == "720p" else HUNYUAN15_SR_1080P,
         description=f"HunyuanVideo 1.5 super-resolution {base} -> {resolution}, step-distilled (upscales a run)",
-        extra={"official_variant": variant, "upsampler": variant, "base_resolution": base,
+        extra={"official_variant": variant, "upsampler": variant, "base_resolution": base, "output_resolution": resolution,
                "upscales": tuple(b.id for b in bases if b.extra["official_variant"].startswith(base))},
     )
 
