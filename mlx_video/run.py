@@ -207,6 +207,10 @@ class Job:
     def execute(self, echo=click.echo, hooks=()) -> dict:
         return execute_clip(self, echo, hooks)
 
+    def finish(self, latents, record: dict, timings: dict, echo=click.echo, video=None) -> list[Path]:
+        """Write the outputs of finished latents (`finish_clip`)."""
+        return finish_clip(self, latents, record, timings, echo, video)
+
     def deliver(self, frames, total: int, fps: float, size_and_rate: tuple):
         """The frames through this job's delivery step (see `deliver`)."""
         return deliver(frames, self.delivery, total, fps, size_and_rate)
@@ -274,7 +278,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
     whose video was deleted) and is replaced."""
     from .chains import chain_job, extension_frames, plan_chain
     from .options import check_capabilities
-    from .upscale import planned_upscale, upscale_job
+    from .upscale_stage import planned_upscale, upscale_job
 
     o = validate(options)
     output, save_latents = _outputs(o, output_folder, own_sidecar)
@@ -286,7 +290,7 @@ def prepare(options: dict, pipe=None, pipelines: dict | None = None, output_fold
         pipe = load_pipeline(str(o["model"]), pipelines)
     check_capabilities(o, pipe)
     upscale = planned_upscale(o, pipe.spec, preset)
-    if upscale is not None:  # the run, then its super-resolution stage (mlx_video.upscale)
+    if upscale is not None:  # the run, then its super-resolution stage (mlx_video.upscale_stage)
         return upscale_job(o, upscale, pipe, lambda base: prepare(base, pipe, output_folder=output_folder,
                                                                   check_memory=False, own_sidecar=own_sidecar))
     if o.get("upscale_model") is not None:
@@ -562,20 +566,28 @@ def execute_clip(job: Job, echo=click.echo, hooks=()) -> dict:
     if process_rank() != 0:  # several processes: rank 0 writes the outputs and the sidecar
         return {"settings": job.settings, "outputs": [], "timings": result.timings, "record": record,
                 "pipe": job.pipe, "latents": result.latents}
-    if job.save_latents is not None:
-        save_latents_file(job.save_latents, result.latents, record, result.timings, job.overwrite,
-                          job.overwrite or job.own_sidecar)
-        written.append(job.save_latents)
-        echo(f"wrote latents {tuple(result.latents.shape)} to {job.save_latents}")
-    if job.output is not None:
-        try:
-            frames, height, width = write_video_output(job, result.latents, record, result.timings, result.video)
-        except BaseException as e:  # Ctrl-C too: the denoising is done, its latents are kept
-            raise kept_latents_error(job, result.latents, record, result.timings, e, echo) from None
-        written.append(job.output)
-        echo(f"wrote {frames} frames of {width}x{height} to {job.output}")
+    written = job.finish(result.latents, record, result.timings, echo, result.video)
     return {"settings": job.settings, "outputs": written, "timings": result.timings, "record": record,
             "pipe": job.pipe, "latents": result.latents}
+
+
+def finish_clip(job: Job, latents: np.ndarray, record: dict, timings: dict, echo, video=None) -> list[Path]:
+    """A job's outputs from its final latents: the --save-latents file, then the video (decoded unless `video` is
+    given; if it cannot be written, the latents are kept); each with its sidecar. Returns the paths written."""
+    record.setdefault("latents_sha256", latents_digest(latents))
+    written = []
+    if job.save_latents is not None:
+        save_latents_file(job.save_latents, latents, record, timings, job.overwrite, job.overwrite or job.own_sidecar)
+        written.append(job.save_latents)
+        echo(f"wrote latents {tuple(latents.shape)} to {job.save_latents}")
+    if job.output is not None:
+        try:
+            frames, height, width = write_video_output(job, latents, record, timings, video)
+        except BaseException as e:  # Ctrl-C too: the denoising is done, its latents are kept
+            raise kept_latents_error(job, latents, record, timings, e, echo) from None
+        written.append(job.output)
+        echo(f"wrote {frames} frames of {width}x{height} to {job.output}")
+    return written
 
 
 def latents_digest(latents) -> str:

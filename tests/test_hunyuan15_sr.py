@@ -607,7 +607,7 @@ def test_generate_upscale_refusals(runs, tmp_path, monkeypatch, capsys):
     not converted (the registry's default place) or not an SR model, --upscale-model alone, a chain of clips."""
     from mlx_video.cli import main
     from mlx_video.model_folder import ModelFolder
-    from mlx_video.upscale import sr_spec_for
+    from mlx_video.upscale_stage import sr_spec_for
 
     with pytest.raises(MlxVideoError, match="wan2.2-ti2v-5b has no super-resolution stage; --upscale is for "):
         sr_spec_for("wan2.2-ti2v-5b", "720p")
@@ -637,7 +637,7 @@ def test_presets_pick_the_super_resolution_stage(runs, tmp_path, monkeypatch, ca
     from mlx_video.cli import main
     from mlx_video.presets import BUILTIN_PRESETS, Preset
     from mlx_video.registry import get_spec
-    from mlx_video.upscale import planned_upscale
+    from mlx_video.upscale_stage import planned_upscale
 
     wide, short, square = (BUILTIN_PRESETS[n] for n in ("linkedin-wide", "youtube-short", "linkedin-square"))
     hy720, hy480 = get_spec("hunyuanvideo-1.5-720p-t2v"), get_spec("hunyuanvideo-1.5-480p-i2v-step-distilled")
