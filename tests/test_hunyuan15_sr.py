@@ -332,7 +332,7 @@ def tiny_image_encoders(folder):
     a 1-layer SigLIP of 16 on 28x28 pixels with its processor, beside a tiny transformer), saved into `folder`;
     (vae, siglip, processor)."""
     from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
-    from tiny_hunyuan15 import randomize_, save_transformer_folder
+    from support.hunyuan15 import randomize_, save_transformer_folder
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     transformer = HunyuanVideo15Transformer3DModel(
@@ -579,7 +579,7 @@ def test_generate_upscale_of_an_image_to_video_run(runs, tmp_path):
     again at 112x80 by the I2V folder's VAE and SigLIP (the official path, compared in
     test_i2v_sr_latents_match_official); the two ways give the same latents."""
     from PIL import Image
-    from tiny_hunyuan15 import build_tiny_i2v_pipeline
+    from support.hunyuan15 import build_tiny_i2v_pipeline
 
     from mlx_video.cli import main
 
