@@ -88,6 +88,8 @@ class Family:
     task_pipelines  (task, class) for tasks whose generation differs in kind (e.g. a chain of audio-driven clips)
     converter       the conversion planner: `claims(src, components)`, `plan(...)`, `SIGNATURES`, `LOOKALIKES`
     cost            the FLOP and memory model used by the preflight and the benchmarks
+    bench           the benchmark cases (a step, a VAE decode, the references as data; see mlx_video/bench_case.py),
+                    if the family has them
     latent_rgb      a module with `FACTORS = {channels: (weights, bias)}` for live previews, if the family has one
     mag_tables      a {model id: MagTable} of published MagCache calibrations, if any
     recipes         a list of few-step `Recipe`s published for the family's models, if any
@@ -104,6 +106,7 @@ class Family:
     pipeline: str = "pipeline:Pipeline"
     converter: str = "planner"
     cost: str = "cost_model"
+    bench: str | None = None
     task_pipelines: tuple[tuple[str, str], ...] = ()
     latent_rgb: str | None = None
     mag_tables: str | None = None

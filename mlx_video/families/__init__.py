@@ -67,13 +67,19 @@ def cost_model(name: str):
     return load(get_family(name), get_family(name).cost)
 
 
+def bench_module(name: str):
+    """The family's benchmark cases (mlx_video/bench_case.py), or None where it declares none."""
+    return optional_table(name, "bench")
+
+
 def schedule_names() -> dict[str, str]:
     """{a family's name for a sigma schedule: the shared schedule's name}, over every family."""
     return {name: schedule for family in FAMILIES.values() for name, schedule in family.schedule_names}
 
 
 def optional_table(name: str, field: str):
-    """The family's table named by `field` ("latent_rgb", "mag_tables", "recipes"), or None where it has none."""
+    """The family's table named by `field` ("latent_rgb", "mag_tables", "recipes", "bench"), or None where it has
+    none."""
     family = get_family(name)
     path = getattr(family, field)
     return None if path is None else load(family, path)

@@ -103,5 +103,6 @@ FAMILY = Family(
     task_pipelines=(("sr", "sr:Hunyuan15SRPipeline"),),
     text_encoders="Qwen2.5-VL-7B-Instruct's language model, and ByT5-small (Glyph-SDXL-v2) as --text-encoder-2",
     tokenizer="the Qwen2.5-VL tokenizer folder",
+    bench="bench",
     official_layout="tencent/HunyuanVideo-1.5 with transformer/<variant>/ (and vae/, text_encoder/, vision_encoder/)",
 )

@@ -21,4 +21,4 @@ MODELS = (
 )
 
 FAMILY = Family("mochi", "Mochi 1", MODELS, pipeline="pipeline:MochiPipeline", order=2,
-                text_encoders="T5-v1.1-XXL encoder", tokenizer="google/t5-v1_1-xxl")
+                text_encoders="T5-v1.1-XXL encoder", tokenizer="google/t5-v1_1-xxl", bench="bench")

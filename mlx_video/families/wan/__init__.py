@@ -124,6 +124,7 @@ FAMILY = Family(
                                                                         ("vace", "vace_pipeline:WanVACEPipeline"),
                                                                         ("animate", "animate_pipeline:WanAnimatePipeline")),
     latent_rgb="latent_rgb", mag_tables="cache_tables:MAG_TABLES", recipes="step_recipes:RECIPES", catch_all=True, order=0,
+    bench="bench",
     text_encoders="UMT5-XXL encoder", tokenizer="google/umt5-xxl",
     official_layout="high_noise_model/ + low_noise_model/ (or the TI2V-5B / Animate-14B shards),\n"
                     "models_t5_umt5-xxl-enc-bf16.pth, Wan2.x_VAE.pth, google/umt5-xxl/\n"
