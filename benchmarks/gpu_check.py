@@ -8,14 +8,18 @@ hangs or runs out of memory is reported and the next one runs:
   kernels       every kernel variant of mlx_video/kernels.py (kernels/cuda or kernels/metal) against the portable
                 MLX path: which compiled and ran, `mx.fast.cuda_kernel` / `metal_kernel` errors by kernel name,
                 max errors (fp8: bit-exactness)
-  step-wan      one denoising step of Wan 2.2 T2V-A14B at real width and 2 blocks, bf16, CFG batch 2, 832x480x81
-                (32,760 tokens): ours with the kernels, ours with MLXVID_KERNELS=portable, and diffusers'
-                WanTransformer3DModel on torch, the same random weights and inputs, rounds alternating: medians,
-                TFLOP/s (the family cost model's FLOPs) against the GPU's published dense bf16 peak, peak memory
-  vae           the Wan 2.1 VAE decode (A14B's) of 21 latent frames at 832x480, ours against AutoencoderKLWan
-  radial        radial attention (mlx_video.nn.radial, where it exists; A14B's RADIAL_DEFAULTS) against dense
-                at 75,600 tokens, and its GPU kernel path against MLXVID_KERNELS=portable where one exists
-  step-hunyuan, step-mochi   the step at HunyuanVideo's and Mochi's widths, if time is left
+  step-FAMILY   one denoising step of a family's model at real width and reduced depth, as its bench module's
+                GPU_CHECK says (the first family in registry order first, today Wan 2.2 T2V-A14B, 2 blocks, bf16,
+                CFG batch 2, 832x480x81, 32,760 tokens): ours with the kernels, ours with MLXVID_KERNELS=portable,
+                and the diffusers reference on torch, the same random weights and inputs, rounds alternating:
+                medians, TFLOP/s (the family cost model's FLOPs) against the GPU's published dense bf16 peak,
+                peak memory
+  vae           the first family's VAE case with a reference (today the Wan 2.1 VAE, A14B's, decoding 21 latent
+                frames at 832x480), ours against diffusers' (AutoencoderKLWan)
+  radial        radial attention (mlx_video.nn.radial, where it exists; the first family's radial case, today
+                A14B's RADIAL_DEFAULTS) against dense at 75,600 tokens, and its GPU kernel path against
+                MLXVID_KERNELS=portable where one exists
+  step-FAMILY   the other families' steps (today HunyuanVideo's and Mochi's widths), if time is left
 
 On an NVIDIA GPU lent through the device tool (no network there; at most 64 MiB travels per call):
 
@@ -66,47 +70,42 @@ CARRY_LIMIT = 63 * 2**20  # what one call may carry in all (the tool's limit is 
 MANIFEST = "manifest.json"
 DEFAULT_TIME_BUDGET = 420.0  # seconds for the stages on a CUDA GPU, after the install
 
-# Stage order and time budgets in seconds on a CUDA GPU (scaled by --time-budget / DEFAULT_TIME_BUDGET). A stage
-# starts only with at least MIN_STAGE_SECONDS left.
-STAGE_BUDGETS = {"environment": 45, "kernels": 75, "step-wan": 150, "vae": 100, "radial": 50, "step-hunyuan": 100,
-                 "step-mochi": 100}
+# Time budgets in seconds on a CUDA GPU (scaled by --time-budget / DEFAULT_TIME_BUDGET): the fixed stages, then
+# the step of the first family (in registry order) that declares a GPU check step case and of each other. The
+# order of the stages is gpu_stages.stage_order(), read from the family packages (their bench modules'
+# GPU_CHECK) where mlx_video imports: in this process for the dry run, in a child after the install otherwise. A
+# stage starts only with at least MIN_STAGE_SECONDS left.
+FIXED_BUDGETS = {"environment": 45, "kernels": 75, "vae": 100, "radial": 50}
+FIRST_STEP_BUDGET, STEP_BUDGET = 150, 100
 MIN_STAGE_SECONDS = 20.0
+FAMILY_FOLDER = ROOT / "mlx_video" / "families"
 
-A14B_480P = {"model": "wan2.2-t2v-a14b", "size": [832, 480], "frames": 81, "layers": 2}
 REAL = {
-    "dtype": "bf16", "repeats": 5, "reserve_s": 5, "attention_budget_mb": 4096, "matmul_n": 8192,
+    "cases": "real", "dtype": "bf16", "repeats": 5, "reserve_s": 5, "attention_budget_mb": 4096, "matmul_n": 8192,
     "sdpa_probe_tokens": 4096,
     "kernels": {"tokens": 7800, "dim": 5120, "heads": 40, "rope_grid": [5, 30, 52],
-                "rope_splits": {"wan": [44, 42, 42], "hunyuan": [16, 56, 56]}},
-    "steps": {"wan": A14B_480P,
-              "hunyuan": {"size": [832, 480], "frames": 81, "double": 1, "single": 1, "refiner": 2},
-              "mochi": {"size": [848, 480], "frames": 85, "layers": 2}},
-    "vae": {"size": [832, 480], "latent_frames": 21},
-    # tile size, decay, first-frame rule: the model's RADIAL_DEFAULTS (mlx_video/nn/radial.py)
-    "radial": {"model": "wan2.2-t2v-a14b", "grid": [21, 45, 80], "heads": 40, "head_dim": 128},
+                "rope_splits": {"44/42/42": [44, 42, 42], "16/56/56": [16, 56, 56]}},
 }
-# Tiny sizes for the CPU dry run: the same code paths, heads of 32 and 24 channels, odd token counts.
+# Tiny sizes for the CPU dry run: the same code paths, odd token counts (each family's tiny cases: its GPU_CHECK).
 DRY = {
-    "dtype": "fp32", "repeats": 1, "reserve_s": 0, "attention_budget_mb": 64, "matmul_n": 64,
+    "cases": "dry", "dtype": "fp32", "repeats": 1, "reserve_s": 0, "attention_budget_mb": 64, "matmul_n": 64,
     "sdpa_probe_tokens": 256,
     "kernels": {"tokens": 30, "dim": 40, "heads": 2, "rope_grid": [2, 3, 5],
-                "rope_splits": {"wan": [12, 10, 10], "hunyuan": [8, 12, 12]}},
-    "steps": {"wan": {**A14B_480P, "size": [48, 32], "frames": 5,
-                      "config": {"dim": 64, "ffn_dim": 96, "freq_dim": 32, "text_dim": 24, "num_heads": 2,
-                                 "num_layers": 2, "in_channels": 16, "out_channels": 16}},
-              "hunyuan": {"size": [32, 48], "frames": 5, "double": 1, "single": 1, "refiner": 1,
-                          "width": {"num_attention_heads": 2, "attention_head_dim": 24, "text_embed_dim": 20,
-                                    "pooled_projection_dim": 12, "rope_axes_dim": [8, 8, 8]}},
-              "mochi": {"size": [48, 32], "frames": 7, "layers": 2,
-                        "width": {"num_attention_heads": 3, "attention_head_dim": 20, "pooled_projection_dim": 36,
-                                  "text_embed_dim": 48, "time_embed_dim": 32}}},
-    "vae": {"size": [40, 24], "latent_frames": 2,
-            "config": {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
-                       "temperal_downsample": [False, True, True], "latents_mean": [0.1, -0.2, 0.0, 0.3],
-                       "latents_std": [0.9, 1.1, 1.3, 0.7]}},
-    "radial": {"model": "wan2.2-t2v-a14b", "grid": [3, 4, 8], "heads": 2, "head_dim": 40, "block": 16,
-               "decay": 0.8},
+                "rope_splits": {"12/10/10": [12, 10, 10], "8/12/12": [8, 12, 12]}},
 }
+
+
+def step_stage_names() -> list[str]:
+    """step-FAMILY for every family package with a bench module (read from the folder: mlx_video may not import
+    here before the install); gpu_stages.stage_order() has those that declare a GPU check step, in order."""
+    return [f"step-{p.parent.name}" for p in sorted(FAMILY_FOLDER.glob("*/bench.py"))]
+
+
+def stage_budget(name: str, names: list[str]) -> float:
+    if name in FIXED_BUDGETS:
+        return FIXED_BUDGETS[name]
+    first = next((n for n in names if n.startswith("step-")), None)
+    return FIRST_STEP_BUDGET if name == first else STEP_BUDGET
 
 
 # ---------------------------------------------------------------------------------------------- preparing
@@ -361,7 +360,7 @@ def run_stages(settings: dict, names: list[str], time_budget: float, isolate: bo
         if left < MIN_STAGE_SECONDS:
             rows.append({"stage": name, "status": "skipped", "reason": f"no time left ({left:.0f} s)"})
             continue
-        seconds = min(STAGE_BUDGETS[name] * scale, left)
+        seconds = min(stage_budget(name, names) * scale, left)
         start = time.perf_counter()
         print(f"[gpu-check] stage {name} (budget {seconds:.0f} s)", flush=True)
         row = run_isolated(name, settings, seconds, env, scratch) if isolate else run_in_process(name, settings,
@@ -487,7 +486,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="tiny sizes, MLX's CPU, torch on the CPU, no install")
     p.add_argument("--time-budget", type=float, default=None,
                    help=f"seconds for all stages (default {DEFAULT_TIME_BUDGET:.0f}; stage budgets scale with it)")
-    p.add_argument("--stages", default=",".join(STAGE_BUDGETS), help="comma-separated subset, in this order")
+    p.add_argument("--stages", default="all", help="comma-separated subset, in this order (default: all, "
+                                                  "in gpu_stages.stage_order())")
+    p.add_argument("--list-stages", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help="replace an existing report or prepared folder")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
@@ -503,9 +504,10 @@ def check_run_args(args) -> list[str]:
     if existing and not args.overwrite:
         raise SystemExit(f"{existing[0]} exists: pass --overwrite to replace it, or choose another --out")
     names = [n.strip() for n in args.stages.split(",") if n.strip()]
-    unknown = [n for n in names if n not in STAGE_BUDGETS]
+    known = [*FIXED_BUDGETS, *step_stage_names()]
+    unknown = [n for n in names if n not in known and n != "all"]
     if unknown or not names:
-        raise SystemExit(f"unknown stage(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(STAGE_BUDGETS)}")
+        raise SystemExit(f"unknown stage(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}, all")
     if args.install and (args.dry_run or args.backend != "cuda"):
         raise SystemExit("--install is for the CUDA machine only (not with --dry-run or --backend metal)")
     return names
@@ -522,6 +524,19 @@ def run_settings(args) -> tuple[dict, str]:
     return {**REAL, "backend": "cuda", "torch_device": "cuda"}, "CUDA"
 
 
+def listed_stages(env: dict, isolate: bool) -> list[str]:
+    """gpu_stages.stage_order(): in this process (the dry run), or in a child with the stages' environment."""
+    if not isolate:
+        from gpu_stages import stage_order
+
+        return stage_order()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--list-stages"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode:
+        raise SystemExit(f"listing the stages failed: {(proc.stdout + proc.stderr)[-1500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run(args) -> dict:
     names = check_run_args(args)
     settings, mode = run_settings(args)
@@ -533,6 +548,8 @@ def run(args) -> dict:
     env = worker_env(installed["prefix"] if installed else None)
     if installed:
         installed["import_check"] = import_check(env)
+    if names == ["all"]:
+        names = listed_stages(env, not args.dry_run)
     start = time.time()
     stages = run_stages(settings, names, budget, not args.dry_run, env, scratch)
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
@@ -548,6 +565,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args.worker, args.settings, args.result)
+    if args.list_stages:
+        from gpu_stages import stage_order
+
+        print(json.dumps(stage_order()))
+        return 0
     if args.prepare:
         print_calls(args.prepare, prepare(args.prepare, args.overwrite))
         return 0

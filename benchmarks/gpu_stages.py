@@ -24,9 +24,10 @@ from harness import (  # noqa: E402
     alternate,
     measure_matmul,
     output_agreement,
+    step_case,
+    step_pair,
     torch_sync,
-    wan_step_pair,
-    wan_vae_pair,
+    vae_pair,
 )
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) by GPU name, from NVIDIA's datasheets: H100 SXM5 989,
@@ -321,24 +322,34 @@ def stage_kernels(settings: dict, record: Record) -> None:
 # ---------------------------------------------------------------------------------------------- the step
 
 
+def gpu_cases(family: str, settings_or_size: dict | str) -> dict:
+    """The family's GPU_CHECK cases ({"step" | "vae" | "radial": settings}) at the run's sizes ("real" or "dry");
+    empty where its bench module declares none."""
+    from mlx_video.families import bench_module
+
+    size = settings_or_size if isinstance(settings_or_size, str) else settings_or_size["cases"]
+    module = bench_module(family)
+    return getattr(module, "GPU_CHECK", {}).get(size, {}) if module else {}
+
+
+def families_with(kind: str, size: str = "real") -> list[str]:
+    """The registered families (in their order) whose GPU_CHECK has a `kind` case."""
+    from mlx_video.families import FAMILIES
+
+    return [name for name in FAMILIES if kind in gpu_cases(name, size)]
+
+
+def stage_order() -> list[str]:
+    """The stages in order: the first family's step before the VAE and radial stages, the others' after."""
+    steps = [f"step-{name}" for name in families_with("step")]
+    return ["environment", "kernels", *steps[:1], "vae", "radial", *steps[1:]]
+
+
 def build_step_pair(family: str, settings: dict):
-    """The family's StepPair (benchmarks/harness.py, hunyuan.py, mochi.py) at the run's sizes."""
-    s, dtype, device = settings["steps"][family], settings["dtype"], settings["torch_device"]
-    size = tuple(s["size"])
-    if family == "wan":
-        from mlx_video.registry import get_spec
-
-        config_class = type(get_spec(s["model"]).transformer)  # the registry's config class, wherever it lives
-        config = config_class(**s["config"]) if s.get("config") else None
-        return wan_step_pair(s["model"], size, s["frames"], s["layers"], dtype, True, config, 0, device)
-    if family == "hunyuan":
-        import hunyuan
-
-        return hunyuan.step_pair(size, s["frames"], s["double"], s["single"], s["refiner"], dtype, 0, device,
-                                 **s.get("width", {}))
-    import mochi
-
-    return mochi.step_pair(size, s["frames"], s["layers"], dtype, 0, device, **s.get("width", {}))
+    """The family's step case (its GPU_CHECK "step" settings) through ours and its reference (harness.step_pair)."""
+    s, dtype = gpu_cases(family, settings)["step"], settings["dtype"]
+    case = step_case(s["model"], tuple(s["size"]), s["frames"], s.get("depth"), dtype, s.get("width"), 0)
+    return step_pair(case, dtype, 0, settings["torch_device"])
 
 
 def in_mode(mode: str, fn):
@@ -382,6 +393,9 @@ def stage_step(family: str, settings: dict, record: Record) -> None:
     diffusers reference on torch, the same weights and inputs, alternating; medians, TFLOP/s, peak memory."""
     from mlx_video import kernels
 
+    if "step" not in gpu_cases(family, settings):
+        record.update(family=family, skipped=True, reason=f"{family} declares no GPU check step case (GPU_CHECK)")
+        return
     peak_tflops, peak_source = bf16_peak_tflops(device_name(settings))
     record.update(family=family, bf16_peak_tflops=peak_tflops, bf16_peak_source=peak_source)
     bound_attention_if_unfused(settings, record)
@@ -436,10 +450,16 @@ def stage_vae(settings: dict, record: Record) -> None:
     import mlx.core as mx
     import numpy as np
 
-    vae = settings["vae"]
-    ours, ref, info = wan_vae_pair(vae.get("config", {}), tuple(vae["size"]), vae["latent_frames"],
-                                   device=settings["torch_device"])
-    record.update(**info)
+    from mlx_video.families import bench_module
+
+    family = next(iter(families_with("vae", settings["cases"])), None)
+    if family is None:
+        record.update(skipped=True, reason="no family declares a GPU check VAE case")
+        return
+    vae = gpu_cases(family, settings)["vae"]
+    reference = bench_module(family).vae_reference_case(vae.get("kwargs", {}), tuple(vae["size"]), vae["latent_frames"])
+    ours, ref, info = vae_pair(reference, device=settings["torch_device"])
+    record.update(family=family, width=vae["size"][0], height=vae["size"][1], **info)
     sides = {"ours": ours, "reference": ref}
     outputs, peaks, round_seconds = first_runs(sides, settings["torch_device"])
     a = np.asarray(outputs["ours"].astype(mx.float32))
@@ -475,8 +495,8 @@ def radial_parameters(r: dict) -> dict | None:
             "first_frame_dense": r.get("first_frame_dense", getattr(defaults, "first_frame_dense", True))}
 
 
-def radial_plan(settings: dict):
-    """(the radial module, its plan of the run's token grid, the parameters), or (None, why) where it is missing."""
+def radial_plan(r: dict):
+    """(the radial module, its plan of the case's token grid, the parameters), or (None, why) where it is missing."""
     import importlib
     import importlib.util
 
@@ -484,7 +504,6 @@ def radial_plan(settings: dict):
         return None, "mlx_video.nn.radial does not exist in this checkout"
     radial = importlib.import_module("mlx_video.nn.radial")
     missing = [n for n in ("radial_block_mask", "RadialPlan", "radial_attention") if not hasattr(radial, n)]
-    r = settings["radial"]
     params = radial_parameters(r)
     if missing or params is None:
         return None, (f"mlx_video.nn.radial has no {', '.join(missing)} (its API changed: update this stage)"
@@ -505,12 +524,16 @@ def stage_radial(settings: dict, record: Record) -> None:
     from mlx_video import kernels
     from mlx_video.nn.attention import attention
 
-    found, reason = radial_plan(settings)
+    family = next(iter(families_with("radial", settings["cases"])), None)
+    if family is None:
+        record.update(skipped=True, reason="no family declares a GPU check radial case (mlx_video.nn.radial unused)")
+        return
+    r = gpu_cases(family, settings)["radial"]
+    found, reason = radial_plan(r)
     if found is None:
         record.update(skipped=True, reason=reason)
         return
     radial, plan, params = found
-    r = settings["radial"]
     dtype = {"fp32": mx.float32, "bf16": mx.bfloat16}[settings["dtype"]]
     q, k, v = (mx.random.normal((1, plan.tokens, r["heads"], r["head_dim"]), key=mx.random.key(i)).astype(dtype)
                for i in range(3))
@@ -544,18 +567,13 @@ def radial_agreement(outputs: dict) -> dict:
     return {"radial_kernels_vs_portable": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))}
 
 
-STAGES = {
-    "environment": stage_environment,
-    "kernels": stage_kernels,
-    "step-wan": lambda settings, record: stage_step("wan", settings, record),
-    "vae": stage_vae,
-    "radial": stage_radial,
-    "step-hunyuan": lambda settings, record: stage_step("hunyuan", settings, record),
-    "step-mochi": lambda settings, record: stage_step("mochi", settings, record),
-}
+STAGES = {"environment": stage_environment, "kernels": stage_kernels, "vae": stage_vae, "radial": stage_radial}
 
 
 def run_stage(name: str, settings: dict, record: Record) -> None:
-    """Run stage `name` with MLX on the run's device."""
+    """Run stage `name` (one of STAGES, or step-FAMILY) with MLX on the run's device."""
     use_backend(settings)
-    STAGES[name](settings, record)
+    if name.startswith("step-"):
+        stage_step(name.removeprefix("step-"), settings, record)
+    else:
+        STAGES[name](settings, record)

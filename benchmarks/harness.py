@@ -6,8 +6,11 @@ machine it ran on (device, OS, versions, BLAS, load average), the command and th
 
     mlxvid bench step --model wan2.2-t2v-a14b --size 256x256 --frames 9 --layers 2 --dtype fp32
     mlxvid bench peak --dtype fp32
-    mlxvid bench vs-reference --size 256x256 --frames 9 --layers 2 --dtype fp32
+    mlxvid bench vs-reference --model hunyuanvideo-t2v --size 256x256 --frames 9 --layers double=1,single=1
     mlxvid bench vae --sizes 64x64,128x128 --frames 1,5,9,13
+
+Each family's cases live in its package (`Family.bench`, mlx_video/bench_case.py): the step, the VAE decode and
+the reference's class, arguments and key table as data; this file runs any of them.
     mlxvid bench estimate --chip m3-ultra --size 832x480
 
 Random weights throughout: time and memory do not depend on the values. torch and diffusers are imported
@@ -25,7 +28,6 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -34,13 +36,11 @@ from typing import Callable, NamedTuple
 import click
 
 from mlx_video import cost as C
-from mlx_video.families import cost_model
-from mlx_video.families.wan import cost_model as F
-from mlx_video.pipelines.loop import guidance_batched
+from mlx_video.families import bench_module as bench_cases
+from mlx_video.families import cost_model, get_family
 from mlx_video.registry import MODELS, get_spec
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
-GUIDANCE_SCALE = 5.0  # any value != 1 makes the step run both passes; the value does not change the cost
 
 
 def _mx_dtype(name: str):
@@ -210,59 +210,80 @@ def _release() -> None:
 
 
 def _materialise(module, dtype: str) -> int:
-    """Cast every parameter to `dtype` and evaluate them one at a time (a float32 random init of one tensor at a
-    time, never of the whole model). Returns the bytes of the parameters."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
+    """Every parameter cast to `dtype` and evaluated one at a time; their bytes (mlx_video.bench_case)."""
+    from mlx_video.bench_case import materialise
 
-    dt = _mx_dtype(dtype)
-    params = tree_flatten(module.parameters())
-    module.update(tree_unflatten([(k, v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in params]))
-    total = 0
-    for _, v in tree_flatten(module.parameters()):
-        mx.eval(v)
-        total += v.nbytes
-    return total
+    return materialise(module, dtype)
 
 
-def random_transformer(config, dtype: str, seed: int = 0):
-    """`WanTransformer(config)` with MLX's default random init, materialised in `dtype`."""
-    import mlx.core as mx
-
-    from mlx_video.families.wan.transformer import WanTransformer
-
-    mx.random.seed(seed)
-    model = WanTransformer(config)
-    return model, _materialise(model, dtype)
+def bench_models() -> list[str]:
+    """Registry models whose family declares benchmark cases (`Family.bench`, mlx_video/bench_case.py)."""
+    return [m for m, spec in MODELS.items() if get_family(spec.family).bench]
 
 
-def velocity(model, latents, t: float, context, guidance: float):
-    """One denoising step's model evaluation as the pipeline runs it (`mlx_video.pipelines.loop.guidance_batched`, the strategy `generate` uses by default): with guidance,
-    the conditional and unconditional passes batched into one forward, then combined."""
-    import mlx.core as mx
-
-    uncond = context[1:] if context.shape[0] > 1 else None
-    return guidance_batched(model, latents, mx.array([t], dtype=mx.float32), context[:1], uncond, guidance)
+DEFAULT_MODEL = bench_models()[0]
 
 
-def _setup(model_id: str, dtype, config, layers: int, size: tuple[int, int], frames: int, guidance: bool):
-    """What `step` and `vs-reference` share: the spec, dtype, full and reduced-depth configs, the token
-    geometry, the batch (2 with guidance) and the guidance scale."""
-    spec = get_spec(model_id)
-    full = config or spec.transformer
-    cfg = replace(full, num_layers=layers)
-    geo = _geometry(spec, cfg, size[0], size[1], frames)
-    batch = 2 if guidance else 1
-    return spec, dtype or default_dtype(), full, cfg, geo, batch, GUIDANCE_SCALE if guidance else 1.0
+def bench_module(spec):
+    """The benchmark cases of `spec`'s family; a clear refusal where the family declares none."""
+    module = bench_cases(spec.family)
+    if module is None:
+        having = sorted({MODELS[m].family for m in bench_models()})
+        raise click.BadParameter(f"{spec.id}: its family ({spec.family}) declares no benchmark cases (Family.bench); "
+                                 f"the families that do: {', '.join(having)}")
+    return module
 
 
-def _geometry(spec, config, width: int, height: int, frames: int) -> dict:
-    lt, lh, lw = spec.latent_grid(width, height, frames)
-    pt, ph, pw = config.patch_size
-    if lt % pt or lh % ph or lw % pw:
-        raise click.BadParameter(f"latent {lt}x{lh}x{lw} is not a multiple of the patch {config.patch_size}")
-    grid = (lt // pt, lh // ph, lw // pw)
-    return {"latent": (lt, lh, lw), "grid": grid, "tokens": math.prod(grid)}
+def parse_depth(default: dict, layers) -> dict:
+    """The blocks to build: the family's DEPTH with `layers` applied: an int (or "N") sets the first kind,
+    "kind=N,kind=N" (or a dict) the kinds named."""
+    depth = dict(default)
+    if layers is None:
+        return depth
+    if isinstance(layers, str) and layers.strip().isdigit():
+        layers = int(layers)
+    if isinstance(layers, int):
+        depth[next(iter(depth))] = layers
+        return depth
+    if isinstance(layers, str):
+        try:
+            layers = {k.strip(): int(v) for k, v in (item.split("=") for item in layers.split(",") if item.strip())}
+        except ValueError:
+            raise click.BadParameter(f"--layers is N or KIND=N,... (kinds: {', '.join(default)}), not {layers!r}") \
+                from None
+    unknown = sorted(set(layers) - set(default))
+    if unknown:
+        raise click.BadParameter(f"unknown depth kind(s) {', '.join(unknown)}; this family has {', '.join(default)}")
+    depth.update(layers)
+    return depth
+
+
+def step_case(model_id: str | None = None, size=(256, 256), frames: int = 9, layers=None, dtype: str = "fp32",
+              width: dict | None = None, seed: int = 0, variant: str | None = None, guidance: bool = True):
+    """The family's `StepCase` (mlx_video/bench_case.py) of one denoising step of `model_id`."""
+    spec = get_spec(model_id or DEFAULT_MODEL)
+    module = bench_module(spec)
+    if not hasattr(module, "step_case"):
+        raise click.BadParameter(f"{spec.id}: its family ({spec.family}) declares no step benchmark case (a VAE "
+                                 "case only)")
+    depth = parse_depth(module.DEPTH, layers)
+    try:
+        return module.step_case(spec, tuple(size), frames, depth, dtype, width, seed, variant, guidance)
+    except ValueError as e:  # the family's refusal of a size, frame count, variant or width
+        raise click.BadParameter(str(e)) from None
+
+
+def vae_case(model_id: str | None = None, dtype: str = "fp32", width: dict | None = None, chunk: int | None = None,
+             seed: int = 0):
+    """The family's `VAECase` of `model_id`'s VAE."""
+    spec = get_spec(model_id or DEFAULT_MODEL)
+    module = bench_module(spec)
+    if not hasattr(module, "vae_case"):
+        raise click.BadParameter(f"{spec.id}: its family ({spec.family}) declares no VAE benchmark case")
+    try:
+        return module.vae_case(spec, dtype, width, chunk, seed)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def measure_matmul(dtype: str, n: int, repeats: int = 3) -> float:
@@ -280,112 +301,115 @@ def measure_matmul(dtype: str, n: int, repeats: int = 3) -> float:
 # ---------------------------------------------------------------------------------------------- step
 
 
-def run_step(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = (256, 256), frames: int = 9,
-             layers: int = 2, dtype: str | None = None, repeats: int = 3, warmup: int = 1, guidance: bool = True,
-             json_path=None, config=None, peak_probe: int = 2048, seed: int = 0, echo=click.echo,
-             command: str | None = None) -> dict:
-    """Time one denoising step of `model_id` at `size` / `frames`, with `layers` blocks of the real width.
+def run_step(model_id: str | None = None, size: tuple[int, int] = (256, 256), frames: int = 9, layers=None,
+             dtype: str | None = None, repeats: int = 3, warmup: int = 1, guidance: bool = True, json_path=None,
+             width: dict | None = None, peak_probe: int = 2048, seed: int = 0, variant: str | None = None,
+             echo=click.echo, command: str | None = None) -> dict:
+    """Time one denoising step of `model_id` at `size` / `frames`, with `layers` blocks of the real width (the
+    family's DEPTH by default; see `parse_depth`), through the family's step case.
 
     Reports the median seconds per step, the peak memory (mx.get_peak_memory over the timed repeats), FLOPs
     and achieved TFLOP/s, the model FLOP utilisation against a matmul of `peak_probe`^3 measured in the same
-    run, and the extrapolation to the full depth: the step is also timed with the blocks removed (patch,
-    text and time embeddings, head), so time per block = (t(layers) - t(0)) / layers and the full-depth step
-    = t(0) + time per block x depth. `config` replaces the registry's transformer config (tests use a tiny one).
+    run, and the extrapolation to the full depth. Where the case can run without its blocks (their inputs still
+    computed), the step is timed that way too, so time per block = (t(layers) - t(0)) / layers and the full-depth
+    step = t(0) + time per block x depth; elsewhere the whole step counts as block time (an upper bound).
+    `width` replaces the family's widths (tests use tiny ones).
     """
     import mlx.core as mx
 
-    spec, dtype, full, cfg, geo, batch, g = _setup(model_id, dtype, config, layers, size, frames, guidance)
-    width, height = size
+    from mlx_video.bench_case import as_mx
 
+    dtype = dtype or default_dtype()
+    case = step_case(model_id, size, frames, layers, dtype, width, seed, variant, guidance)
     _release()
     mx.reset_peak_memory()
-    model, weights = random_transformer(cfg, dtype, seed)
-    dt = _mx_dtype(dtype)
-    key = mx.random.key(seed + 1)
-    k1, k2 = mx.random.split(key)
-    latents = mx.random.normal((1, *geo["latent"], cfg.in_channels), key=k1).astype(dt)
-    context = mx.random.normal((batch, spec.default("text_len", 512), cfg.text_dim), key=k2).astype(dt)
-    mx.eval(latents, context)
-    inputs = latents.nbytes + context.nbytes
+    model = case.model(dtype)
+    weights = _materialise(model, dtype)
+    inputs = as_mx(case.inputs, dtype, case.uncast)
+    mx.eval(list(inputs.values()))
 
     def step():
-        mx.eval(velocity(model, latents, 500.0, context, g))
+        mx.eval(case.forward(model, inputs))
 
     for _ in range(warmup):
         step()
     mx.reset_peak_memory()
     times = _timed(step, repeats, warmup=0)
-    peak = mx.get_peak_memory()
-
-    # Without the blocks, MLX would skip the text embedding and the time projection (lazy evaluation drops what
-    # nothing consumes): one stub block keeps them in the graph at the cost of a slice.
-    blocks = model.blocks
-    model.blocks = [_consume_block_inputs]
-    try:
-        overhead = statistics.median(_timed(step, repeats, warmup=1))
-    finally:
-        model.blocks = blocks
-
-    median = statistics.median(times)
-    per_block = max(median - overhead, 0.0) / layers if layers else 0.0
-    full_step = overhead + per_block * full.num_layers
-    groups = geo["grid"][0] if spec.default("per_frame_timesteps") else 1
-    fl = F.forward_flops(cfg, geo["tokens"], spec.default("text_len", 512), batch, groups)
-    fl_full = F.forward_flops(full, geo["tokens"], spec.default("text_len", 512), batch, groups)
-    block_weights = (weights - _zero_layer_bytes(cfg, dtype)) / layers if layers else 0
-    act_est = F.activation_bytes(cfg, geo["tokens"], batch, dtype, spec.default("text_len", 512), fused_attention=_on_gpu())
+    measured = {"times": times, "peak": mx.get_peak_memory(), "weights": weights,
+                "inputs": sum(v.nbytes for v in inputs.values()), "overhead": None}
+    if case.without_blocks is not None:
+        with case.without_blocks(model):
+            measured["overhead"] = statistics.median(_timed(step, repeats, warmup=1))
     model = None  # free it before the matmul probe
     _release()
-    matmul_peak = measure_matmul(dtype, peak_probe) if peak_probe else None
-    achieved = fl.total / median / 1e12
-
-    record = {
-        "harness": "step", "model": spec.id, "config": cfg.to_dict(), "full_layers": full.num_layers,
-        "width": width, "height": height, "frames": frames, "layers": layers, "dtype": dtype,
-        "guidance": guidance, "batch": batch, "latent": geo["latent"], "tokens": geo["tokens"],
-        "repeats": repeats, "warmup": warmup, "times_s": times, "seconds_per_step": median,
-        "seconds_per_step_min": min(times),
-        "seconds_without_blocks": overhead, "seconds_per_block": per_block,
-        "full_depth_seconds_per_step": full_step,
-        "full_depth_minutes_per_video_at_this_size": full_step * spec.steps / 60, "steps_per_video": spec.steps,
-        "flops_per_step": fl.total, "flops_per_step_components": fl.components,
-        "full_depth_flops_per_step": fl_full.total, "achieved_tflops": achieved,
-        "matmul_peak_tflops": matmul_peak, "matmul_peak_probe_n": peak_probe,
-        "mfu": achieved / matmul_peak if matmul_peak else None,
-        "peak_memory_bytes": peak, "weights_bytes": weights, "inputs_bytes": inputs,
-        "activation_bytes_measured": peak - weights - inputs,
-        "activation_bytes_estimated": act_est["peak"], "activation_estimate": act_est,
-        "full_depth_peak_memory_bytes_extrapolated": peak + (full.num_layers - layers) * block_weights,
-        "full_depth_weights_bytes": F.transformer_weight_bytes(full, dtype),
-    }
-    echo(f"step: {spec.id}, {width}x{height}x{frames} ({geo['tokens']} tokens, batch {batch}), "
-         f"{layers} of {full.num_layers} blocks at width {cfg.dim}, {dtype}, {str(mx.default_device())}")
-    _table([
-        ("seconds per step (median)", f"{median:.3f}  (runs: {', '.join(f'{t:.3f}' for t in times)})"),
-        ("seconds without blocks", f"{overhead:.3f}"),
-        ("seconds per block", f"{per_block:.3f}"),
-        (f"full depth ({full.num_layers} blocks): s/step", f"{full_step:.2f}"),
-        (f"full depth: min/video ({spec.steps} steps)", f"{full_step * spec.steps / 60:.1f}  (at this size)"),
-        ("FLOPs per step", f"{fl.total / 1e12:.3f} TFLOP"),
-        ("achieved", f"{achieved:.3f} TFLOP/s"),
-        (f"matmul peak ({peak_probe}^3, {dtype})", f"{matmul_peak:.3f} TFLOP/s" if matmul_peak else "-"),
-        ("model FLOP utilisation", f"{record['mfu']:.1%}" if matmul_peak else "-"),
-        ("peak memory", _fmt_bytes(peak)),
-        ("  weights / inputs", f"{_fmt_bytes(weights)} / {_fmt_bytes(inputs)}"),
-        ("  activations measured / estimated", f"{_fmt_bytes(record['activation_bytes_measured'])} / "
-                                               f"{_fmt_bytes(act_est['peak'])}"),
-        ("full depth peak memory (extrapolated)", _fmt_bytes(record["full_depth_peak_memory_bytes_extrapolated"])),
-    ], echo)
+    measured["matmul_peak"] = measure_matmul(dtype, peak_probe) if peak_probe else None
+    record = _step_record(case, size, frames, dtype, guidance, repeats, warmup, peak_probe, measured)
+    _print_step(record, echo)
     return _finish(record, json_path, echo, command)
 
 
-def _consume_block_inputs(hidden, time, context, rope, cross_kv=None):
-    return hidden + 0 * context[:, None, :1, :1].astype(hidden.dtype) + 0 * time[:, :, :1, :1].astype(hidden.dtype)
+def _step_record(case, size, frames, dtype, guidance, repeats, warmup, peak_probe, m: dict) -> dict:
+    spec = get_spec(case.model_id)
+    median, layers, full_layers = statistics.median(m["times"]), case.layers, case.full_layers
+    overhead = m["overhead"] or 0.0
+    per_block = max(median - overhead, 0.0) / layers if layers else 0.0
+    full_step = overhead + per_block * full_layers
+    achieved = case.flops / median / 1e12
+    act = case.activation_estimate(dtype, _on_gpu()) if case.activation_estimate else None
+    block_weights = ((m["weights"] - case.weights_bytes(dtype, 0)) / layers
+                     if case.weights_bytes and layers else None)
+    return {
+        "harness": "step", "model": spec.id, "variant": case.variant, "config": case.config.to_dict(),
+        "model_width": case.width,
+        "depth": case.depth, "full_depth": case.full_depth, "full_layers": full_layers,
+        "width": size[0], "height": size[1], "frames": frames, "layers": layers, "dtype": dtype,
+        "guidance": guidance, "batch": case.batch, "latent": case.info.get("latent"), "tokens": case.tokens,
+        "text_tokens": case.text_tokens, "info": case.info,
+        "repeats": repeats, "warmup": warmup, "times_s": m["times"], "seconds_per_step": median,
+        "seconds_per_step_min": min(m["times"]),
+        "seconds_without_blocks": m["overhead"], "seconds_per_block": per_block,
+        "full_depth_seconds_per_step": full_step,
+        "full_depth_minutes_per_video_at_this_size": full_step * spec.steps / 60, "steps_per_video": spec.steps,
+        "flops_per_step": case.flops, "full_depth_flops_per_step": case.full_flops, "achieved_tflops": achieved,
+        "matmul_peak_tflops": m["matmul_peak"], "matmul_peak_probe_n": peak_probe,
+        "mfu": achieved / m["matmul_peak"] if m["matmul_peak"] else None,
+        "peak_memory_bytes": m["peak"], "weights_bytes": m["weights"], "inputs_bytes": m["inputs"],
+        "activation_bytes_measured": m["peak"] - m["weights"] - m["inputs"],
+        "activation_bytes_estimated": act["peak"] if act else None, "activation_estimate": act,
+        "full_depth_peak_memory_bytes_extrapolated": (m["peak"] + (full_layers - layers) * block_weights
+                                                      if block_weights is not None else None),
+        "full_depth_weights_bytes": case.weights_bytes(dtype, full_layers) if case.weights_bytes else None,
+    }
 
 
-def _zero_layer_bytes(config, dtype: str) -> int:
-    zero = replace(config, num_layers=0)
-    return F.transformer_weight_bytes(zero, dtype)
+def _print_step(r: dict, echo) -> None:
+    import mlx.core as mx
+
+    def opt(value, fmt):
+        return "-" if value is None else fmt(value)
+
+    depth = ", ".join(f"{n} {k}" for k, n in r["depth"].items())
+    echo(f"step: {r['model']}{' (' + r['variant'] + ')' if r['variant'] else ''}, {r['width']}x{r['height']}x"
+         f"{r['frames']} ({r['tokens']} tokens, batch {r['batch']}), {depth} of {r['full_layers']} blocks at width "
+         f"{r['model_width']}, {r['dtype']}, {str(mx.default_device())}")
+    median, times = r["seconds_per_step"], r["times_s"]
+    _table([
+        ("seconds per step (median)", f"{median:.3f}  (runs: {', '.join(f'{t:.3f}' for t in times)})"),
+        ("seconds without blocks", opt(r["seconds_without_blocks"], "{:.3f}".format)),
+        ("seconds per block", f"{r['seconds_per_block']:.3f}"),
+        (f"full depth ({r['full_layers']} blocks): s/step", f"{r['full_depth_seconds_per_step']:.2f}"),
+        (f"full depth: min/video ({r['steps_per_video']} steps)",
+         f"{r['full_depth_minutes_per_video_at_this_size']:.1f}  (at this size)"),
+        ("FLOPs per step", f"{r['flops_per_step'] / 1e12:.3f} TFLOP"),
+        ("achieved", f"{r['achieved_tflops']:.3f} TFLOP/s"),
+        (f"matmul peak ({r['matmul_peak_probe_n']}^3, {r['dtype']})", opt(r["matmul_peak_tflops"], "{:.3f} TFLOP/s".format)),
+        ("model FLOP utilisation", opt(r["mfu"], "{:.1%}".format)),
+        ("peak memory", _fmt_bytes(r["peak_memory_bytes"])),
+        ("  weights / inputs", f"{_fmt_bytes(r['weights_bytes'])} / {_fmt_bytes(r['inputs_bytes'])}"),
+        ("  activations measured / estimated", f"{_fmt_bytes(r['activation_bytes_measured'])} / "
+                                               f"{_fmt_bytes(r['activation_bytes_estimated'])}"),
+        ("full depth peak memory (extrapolated)", _fmt_bytes(r["full_depth_peak_memory_bytes_extrapolated"])),
+    ], echo)
 
 
 # ---------------------------------------------------------------------------------------------- peak
@@ -447,30 +471,42 @@ def run_peak(dtype: str | None = None, sizes=(1024, 2048, 4096), attn_tokens=(51
 # ---------------------------------------------------------------------------------------------- vs reference
 
 
-def diffusers_kwargs(config) -> dict:
-    """WanTransformer3DModel(**kwargs) with the architecture of our config."""
-    return dict(
-        patch_size=tuple(config.patch_size), num_attention_heads=config.num_heads, attention_head_dim=config.head_dim,
-        in_channels=config.in_channels, out_channels=config.out_channels, text_dim=config.text_dim,
-        freq_dim=config.freq_dim, ffn_dim=config.ffn_dim, num_layers=config.num_layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=config.eps, rope_max_seq_len=config.rope_max_positions,
-    )
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def torch_flop_count(config, latent: tuple[int, int, int], batch: int = 1, text_len: int = 512) -> dict:
-    """FLOPs of one diffusers WanTransformer3DModel forward counted by torch.utils.flop_counter.FlopCounterMode,
-    on the meta device (no memory, no compute): an independent check of `flops.forward_flops`."""
+def _torch_dtype(name: str):
     import torch
-    from diffusers import WanTransformer3DModel
+
+    return getattr(torch, TORCH_DTYPES[name])
+
+
+def reference_class(reference):
+    """The class a `ReferenceCase` / `VAEReferenceCase` names (diffusers' by default)."""
+    return getattr(__import__(reference.package, fromlist=[reference.class_name]), reference.class_name)
+
+
+def call_reference(model, reference, inputs: dict):
+    """One forward of the reference as its case describes it, the guidance combination included."""
+    out = model(*(inputs[a] for a in reference.args), **{k: inputs[k] for k in reference.keywords},
+                return_dict=False)[0]
+    if reference.guidance is None:
+        return out
+    cond, uncond = out.chunk(2)
+    return uncond + reference.guidance * (cond - uncond)
+
+
+def torch_flop_count(reference) -> dict:
+    """FLOPs of one forward of a `ReferenceCase`'s model counted by torch.utils.flop_counter.FlopCounterMode, on
+    the meta device (no memory, no compute): an independent check of the family cost model's FLOPs."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = WanTransformer3DModel(**diffusers_kwargs(config))
-        x = torch.empty(batch, config.in_channels, *latent)
-        t = torch.empty(batch)
-        ctx = torch.empty(batch, text_len, config.text_dim)
+        model = reference_class(reference)(**reference.kwargs)
+        inputs = {k: torch.empty(v.shape, dtype=torch.from_numpy(v.reshape(-1)[:1]).dtype)
+                  for k, v in reference.inputs.items()}
         with FlopCounterMode(display=False) as counter:
-            model(x, t, ctx, return_dict=False)
+            call_reference(model, reference, inputs)
     by_op = {str(k): int(v) for k, v in counter.get_flop_counts()["Global"].items()}
     return {"total": int(counter.get_total_flops()), "by_op": by_op}
 
@@ -647,114 +683,132 @@ def module_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def wan_step_pair(model_id: str, size: tuple[int, int], frames: int, layers: int, dtype: str | None,
-                  guidance: bool = True, config=None, seed: int = 0, device: str = "cpu") -> StepPair:
-    """The step of `run_step` through ours and through diffusers' WanTransformer3DModel on the torch `device`:
-    diffusers' random init, cast as from_pretrained(torch_dtype=...) loads it (its `_keep_in_fp32_modules`
-    stay float32), converted to ours through mlx_video/families/wan/keys.py's DIFFUSERS_TRANSFORMER; the same inputs."""
-    import mlx.core as mx
+def reference_module(reference, dtype: str, seed: int = 0, device: str = "cpu"):
+    """The reference model of a `ReferenceCase` with its random init on the torch `device`, cast as
+    from_pretrained(torch_dtype=...) loads it (its `_keep_in_fp32_modules` stay float32 where the case says so)."""
     import torch
-    from diffusers import WanTransformer3DModel
 
-    from mlx_video.families.wan.keys import DIFFUSERS_TRANSFORMER
-    from mlx_video.families.wan.transformer import WanTransformer
-
-    spec, dtype, full, cfg, geo, batch, g = _setup(model_id, dtype, config, layers, size, frames, guidance)
-    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     torch.manual_seed(seed)
     with torch.device(device):
-        ref = WanTransformer3DModel(**diffusers_kwargs(cfg)).eval()
-    keep = getattr(ref, "_keep_in_fp32_modules", None) or []
+        model = reference_class(reference)(**reference.kwargs).eval()
+    tdt = _torch_dtype(dtype)
+    if not reference.keep_fp32_modules:
+        return model.to(tdt)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
     with torch.no_grad():
-        for name, p in ref.named_parameters():
+        for name, p in model.named_parameters():
             if not any(k in name.split(".") for k in keep):
                 p.data = p.data.to(tdt)
-    _release()
-    ours = WanTransformer(cfg)
-    converted = [DIFFUSERS_TRANSFORMER.apply(k, torch_to_mx(v, dtype)) for k, v in ref.state_dict().items()]
-    ours.load_weights([c for c in converted if c is not None], strict=True)
-    mx.eval(ours.parameters())
-    del converted
+    return model
 
-    text_len = spec.default("text_len", 512)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x_t = torch.randn(1, *geo["latent"], cfg.in_channels, generator=gen).to(tdt)
-    ctx_t = torch.randn(batch, text_len, cfg.text_dim, generator=gen).to(tdt)
-    x_m, ctx_m = torch_to_mx(x_t, dtype), torch_to_mx(ctx_t, dtype)
-    x_ref = x_t.permute(0, 4, 1, 2, 3).contiguous().to(device)  # diffusers: (B, C, T, H, W)
-    ctx_ref, t_ref = ctx_t.to(device), torch.full((batch,), 500.0, device=device)
+
+def reference_inputs(reference, dtype: str, device: str = "cpu") -> dict:
+    """A `ReferenceCase`'s numpy inputs as torch tensors on `device`, floating ones cast (but `uncast`)."""
+    import numpy as np
+    import torch
+
+    out = {}
+    for name, value in reference.inputs.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        if tensor.is_floating_point() and name not in reference.uncast:
+            tensor = tensor.to(_torch_dtype(dtype))
+        out[name] = tensor.to(device)
+    return out
+
+
+def step_pair(case, dtype: str, seed: int = 0, device: str = "cpu") -> StepPair:
+    """The step of a `StepCase` through ours and through its reference on the torch `device`: the reference's
+    random init converted to ours by the case's `convert` (its key table), the same inputs."""
+    import mlx.core as mx
+    import torch
+
+    from mlx_video.bench_case import as_mx
+
+    reference = case.reference
+    ref = reference_module(reference, dtype, seed, device)
+    _release()
+    ours = case.model(dtype)
+    ours.load_weights(reference.convert({k: torch_to_mx(v, dtype) for k, v in ref.state_dict().items()}), strict=True)
+    mx.eval(ours.parameters())
+    x_ours, x_ref = as_mx(case.inputs, dtype, case.uncast), reference_inputs(reference, dtype, device)
 
     def ours_step():
-        v = velocity(ours, x_m, 500.0, ctx_m, g)
+        v = case.forward(ours, x_ours)
         mx.eval(v)
         return v
 
     def ref_step():
         with torch.inference_mode():
-            if batch == 1:
-                out = ref(x_ref, t_ref, ctx_ref, return_dict=False)[0]
-            else:
-                cond, uncond = ref(torch.cat([x_ref, x_ref]), t_ref, ctx_ref, return_dict=False)[0].chunk(2)
-                out = uncond + g * (cond - uncond)
+            out = call_reference(ref, reference, x_ref)
         torch_sync(device)
         return out
 
-    groups = geo["grid"][0] if spec.default("per_frame_timesteps") else 1
     return StepPair(
-        ours=ours_step, reference=ref_step, flops=F.forward_flops(cfg, geo["tokens"], text_len, batch, groups).total,
-        tokens=geo["tokens"], ours_weights_bytes=sum(v.nbytes for _, v in _flat(ours.parameters())),
-        reference_weights_bytes=module_bytes(ref), inputs_bytes=x_t.numel() * x_t.element_size() + ctx_t.numel()
-        * ctx_t.element_size(),
-        info={"model": spec.id, "config": cfg.to_dict(), "width": size[0], "height": size[1], "frames": frames,
-              "layers": layers, "dtype": dtype, "batch": batch, "text_tokens": text_len,
-              "reference": f"diffusers {_version('diffusers')} WanTransformer3DModel, torch {torch.__version__}"},
+        ours=ours_step, reference=ref_step, flops=case.flops, tokens=case.tokens,
+        ours_weights_bytes=sum(v.nbytes for _, v in _flat(ours.parameters())), reference_weights_bytes=module_bytes(ref),
+        inputs_bytes=sum(t.numel() * t.element_size() for t in x_ref.values()),
+        info={"model": case.model_id, "variant": case.variant, "config": case.config.to_dict(), "depth": case.depth,
+              "layers": case.layers, "dtype": dtype, "batch": case.batch, "text_tokens": case.text_tokens,
+              "reference": f"{reference.package} {_version(reference.package)} {reference.class_name}, "
+                           f"torch {torch.__version__}", **case.info},
     )
 
 
-def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = (256, 256), frames: int = 9,
-                     layers: int = 2, dtype: str | None = None, repeats: int = 3, warmup: int = 1,
-                     guidance: bool = True, threads: int | None = None, json_path=None, config=None, seed: int = 0,
-                     echo=click.echo, command: str | None = None) -> dict:
-    """The step of `run_step` through ours and through diffusers' WanTransformer3DModel (torch, CPU), with the
-    same random weights (diffusers' init, converted through mlx_video/families/wan/keys.py's DIFFUSERS_TRANSFORMER) and inputs,
-    in one process. Repeats alternate ours / reference, so load from other jobs hits both alike.
+def run_vs_reference(model_id: str | None = None, size: tuple[int, int] = (256, 256), frames: int = 9, layers=None,
+                     dtype: str | None = None, repeats: int = 3, warmup: int = 1, guidance: bool = True,
+                     threads: int | None = None, json_path=None, width: dict | None = None, seed: int = 0,
+                     variant: str | None = None, echo=click.echo, command: str | None = None) -> dict:
+    """The step of `run_step` through ours and through the reference the family's case names (diffusers, torch,
+    CPU), with the same random weights (the reference's init, converted through the family's key table) and
+    inputs, in one process. Repeats alternate ours / reference, so load from other jobs hits both alike.
 
     Peak memory. Ours: mx.get_peak_memory over one step (weights included). Reference: the parameter bytes +
     the inputs + the peak of the tensors alive during the step (`_LiveTensorPeak`). Both are also measured as
     the growth of the process's RSS high-water mark over one step (after clearing MLX's cache), a cross-check
     with its own caveats (allocator caches, glibc keeping freed heap). Precision: the reference is cast the way
-    diffusers' from_pretrained(torch_dtype=...) loads it (its `_keep_in_fp32_modules` stay float32); ours
-    holds every weight in `dtype`, as our converter writes them. torch's CPU bf16 matmuls use oneDNN (AVX512-BF16
-    where present); MLX's CPU bf16 matmuls have no BLAS path: compare bf16 on a GPU, fp32 on a CPU.
+    from_pretrained(torch_dtype=...) loads it; ours holds every weight in `dtype`, as our converter writes them.
+    torch's CPU bf16 matmuls use oneDNN (AVX512-BF16 where present); MLX's CPU bf16 matmuls have no BLAS path:
+    compare bf16 on a GPU, fp32 on a CPU.
     """
+    dtype = dtype or default_dtype()
+    case = step_case(model_id, size, frames, layers, dtype, width, seed, variant, guidance)
+    if case.reference is None:
+        raise click.BadParameter(f"{case.model_id}{' (' + case.variant + ')' if case.variant else ''}: its family "
+                                 "declares no reference implementation for this step")
     try:
         import torch
-        from diffusers import WanTransformer3DModel  # noqa: F401  (wan_step_pair builds it)
-    except ImportError as e:  # torch and diffusers are optional: only this harness and the tests use them
-        msg = f"vs-reference skipped: needs torch and diffusers ({e})"
+
+        reference_class(case.reference)
+    except (ImportError, AttributeError) as e:  # torch and diffusers are optional: only this harness and the tests use them
+        msg = f"vs-reference skipped: needs torch and {case.reference.package} ({e})"
         echo(msg)
         return _finish({"harness": "vs-reference", "skipped": True, "reason": msg}, json_path, echo, command)
-    spec, dtype, full, cfg, geo, batch, g = _setup(model_id, dtype, config, layers, size, frames, guidance)
-    width, height = size
     threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS", 0)) or os.cpu_count()
     torch.set_num_threads(threads)
-    pair = wan_step_pair(model_id, size, frames, layers, dtype, guidance, config, seed)
-    our_weights, ref_weights = pair.ours_weights_bytes, pair.reference_weights_bytes
-    rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_peak, ref_rss = side_by_side(
-        pair.ours, pair.reference, repeats, ref_weights + pair.inputs_bytes, warmup)
-    inputs = pair.inputs_bytes
+    pair = step_pair(case, dtype, seed)
+    info, our_weights, ref_weights, inputs = pair.info, pair.ours_weights_bytes, pair.reference_weights_bytes, \
+        pair.inputs_bytes
+    measured = side_by_side(pair.ours, pair.reference, repeats, ref_weights + inputs, warmup)
     pair = None
+    try:
+        counted = torch_flop_count(case.reference)["total"]
+    except Exception as e:  # the meta-device count is a cross-check: a model it cannot trace is reported, not fatal
+        counted, info["torch_flop_count_error"] = None, repr(e)[:300]
+    record = _vs_reference_record(case, size, frames, repeats, guidance, threads, info, measured,
+                                  (our_weights, ref_weights, inputs), counted)
+    _print_vs_reference(record, echo)
+    _release()
+    return _finish(record, json_path, echo, command)
 
-    counted = torch_flop_count(cfg, geo["latent"], batch, spec.default("text_len", 512))["total"]
-    groups = geo["grid"][0] if spec.default("per_frame_timesteps") else 1
-    modelled = F.forward_flops(cfg, geo["tokens"], spec.default("text_len", 512), batch, groups).total
+
+def _vs_reference_record(case, size, frames, repeats, guidance, threads, info, measured, sizes, counted) -> dict:
+    rel_err, ours_times, ref_times, ours_peak, ours_rss, ref_peak, ref_rss = measured
+    our_weights, ref_weights, inputs = sizes
     t_ours, t_ref = statistics.median(ours_times), statistics.median(ref_times)
-    record = {
-        "harness": "vs-reference", "skipped": False, "model": spec.id, "config": cfg.to_dict(),
-        "width": width, "height": height, "frames": frames, "layers": layers, "dtype": dtype, "guidance": guidance,
-        "batch": batch, "tokens": geo["tokens"], "repeats": repeats, "torch_threads": threads,
-        "reference": f"diffusers {_version('diffusers')} WanTransformer3DModel, torch {torch.__version__}",
-        "ours_times_s": ours_times, "reference_times_s": ref_times,
+    return {
+        "harness": "vs-reference", "skipped": False, **info, "width": size[0], "height": size[1], "frames": frames,
+        "guidance": guidance, "tokens": case.tokens, "model_width": case.width, "repeats": repeats,
+        "torch_threads": threads, "ours_times_s": ours_times, "reference_times_s": ref_times,
         "ours_seconds_per_step": t_ours, "reference_seconds_per_step": t_ref,
         "time_ratio_ours_over_reference": t_ours / t_ref,
         # the fastest repeat of each: on shared cores, the least disturbed one
@@ -766,24 +820,31 @@ def run_vs_reference(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] = 
         "memory_ratio_ours_over_reference": ours_peak / ref_peak,
         "ours_rss_hwm_delta_bytes": ours_rss, "reference_rss_hwm_delta_bytes": ref_rss,
         "output_relative_l2_error": rel_err,
-        "flops_per_step_model": modelled, "flops_per_step_torch_counter": counted,
-        "ours_tflops": modelled / t_ours / 1e12, "reference_tflops": modelled / t_ref / 1e12,
+        "flops_per_step_model": case.flops, "flops_per_step_torch_counter": counted,
+        "ours_tflops": case.flops / t_ours / 1e12, "reference_tflops": case.flops / t_ref / 1e12,
     }
-    echo(f"vs-reference: {spec.id}, {width}x{height}x{frames} ({geo['tokens']} tokens, batch {batch}), {layers} blocks "
-         f"at width {cfg.dim}, {dtype}, torch threads {threads}")
+
+
+def _print_vs_reference(r: dict, echo) -> None:
+    t_ours, t_ref = r["ours_seconds_per_step"], r["reference_seconds_per_step"]
+    depth = ", ".join(f"{n} {k}" for k, n in r["depth"].items())
+    echo(f"vs-reference: {r['model']}, {r['width']}x{r['height']}x{r['frames']} ({r['tokens']} tokens, batch "
+         f"{r['batch']}), {depth} at width {r['model_width']}, {r['dtype']}, torch threads {r['torch_threads']}")
     _table([
         ("seconds per step (median)", f"{t_ours:.3f}", f"{t_ref:.3f}", f"{t_ours / t_ref:.3f}"),
-        ("seconds per step (fastest)", f"{min(ours_times):.3f}", f"{min(ref_times):.3f}",
-         f"{min(ours_times) / min(ref_times):.3f}"),
-        ("TFLOP/s", f"{modelled / t_ours / 1e12:.3f}", f"{modelled / t_ref / 1e12:.3f}", ""),
-        ("peak memory (allocator)", _fmt_bytes(ours_peak), _fmt_bytes(ref_peak), f"{ours_peak / ref_peak:.3f}"),
-        ("  of which weights", _fmt_bytes(our_weights), _fmt_bytes(ref_weights), ""),
-        ("RSS high-water growth", _fmt_bytes(ours_rss), _fmt_bytes(ref_rss), ""),
+        ("seconds per step (fastest)", f"{r['ours_seconds_min']:.3f}", f"{r['reference_seconds_min']:.3f}",
+         f"{r['time_ratio_min_ours_over_reference']:.3f}"),
+        ("TFLOP/s", f"{r['ours_tflops']:.3f}", f"{r['reference_tflops']:.3f}", ""),
+        ("peak memory (allocator)", _fmt_bytes(r["ours_peak_memory_bytes"]), _fmt_bytes(r["reference_peak_memory_bytes"]),
+         f"{r['memory_ratio_ours_over_reference']:.3f}"),
+        ("  of which weights", _fmt_bytes(r["ours_weights_bytes"]), _fmt_bytes(r["reference_weights_bytes"]), ""),
+        ("RSS high-water growth", _fmt_bytes(r["ours_rss_hwm_delta_bytes"]), _fmt_bytes(r["reference_rss_hwm_delta_bytes"]),
+         ""),
     ], echo, header=("", "ours (MLX)", "reference (torch)", "ours/ref"))
-    echo(f"output relative L2 difference: {rel_err:.2e}; FLOPs per step: model {modelled / 1e12:.4f} T, "
-         f"torch counter {counted / 1e12:.4f} T")
-    _release()
-    return _finish(record, json_path, echo, command)
+    counted = r["flops_per_step_torch_counter"]
+    echo(f"output relative L2 difference: {r['output_relative_l2_error']:.2e}; FLOPs per step: model "
+         f"{r['flops_per_step_model'] / 1e12:.4f} T, torch counter "
+         f"{'-' if counted is None else f'{counted / 1e12:.4f} T'}")
 
 
 def _flat(tree):
@@ -795,39 +856,19 @@ def _flat(tree):
 # ---------------------------------------------------------------------------------------------- vae
 
 
-def wan_vae_pair(config: dict, size: tuple[int, int], latent_frames: int, seed: int = 0, device: str = "cpu"):
-    """(ours_decode, reference_decode, info): diffusers' AutoencoderKLWan(**config) (an empty config is its
-    default, Wan 2.1's VAE, A14B's) with its random init on the torch `device`, ours converted through
-    mlx_video/families/wan/vae_keys.py's DIFFUSERS_VAE, fp32; both decode the same latents of `latent_frames` frames at `size`,
-    ours normalised, the reference's de-normalised by latents_mean / latents_std as the pipeline does. Each
-    decode returns the video: ours (B, T, H, W, 3), the reference's (B, 3, T, H, W), its device synchronised."""
-    import mlx.core as mx
-    import numpy as np
+def vae_pair(reference, device: str = "cpu", seed: int = 0):
+    """(ours_decode, reference_decode, info) of a `VAEReferenceCase`: the reference with its random init on the
+    torch `device`, ours converted from it by the case, fp32, both decoding the same latents. Each decode
+    returns the video: ours (B, T, H, W, 3), the reference's (B, 3, T, H, W), its device synchronised."""
     import torch
-    from diffusers import AutoencoderKLWan
-
-    from mlx_video.families.wan.vae_keys import DIFFUSERS_VAE
-    from mlx_video.families.wan.vae import WanVAE, WanVAEConfig
 
     torch.manual_seed(seed)
     with torch.device(device):
-        ref = AutoencoderKLWan(**config).eval()
-    full = dict(ref.config)
-    ours = WanVAE(WanVAEConfig.from_diffusers(full))
-    ours.load_weights([DIFFUSERS_VAE.apply(k, torch_to_mx(v, "fp32")) for k, v in ref.state_dict().items()],
-                      strict=True)
-    mx.eval(ours.parameters())
-    stride = ours.config.scale_factor_spatial
-    shape = (1, latent_frames, size[1] // stride, size[0] // stride, full["z_dim"])
-    z = np.random.default_rng(seed + 1).standard_normal(shape).astype(np.float32)
-    z_ours = mx.array(z)
-    mean, std = (torch.tensor(full[k], device=device).view(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
-    z_ref = torch.from_numpy(z).permute(0, 4, 1, 2, 3).contiguous().to(device) * std + mean
-
-    def ours_decode():
-        video = ours.decode(z_ours)
-        mx.eval(video)
-        return video
+        ref = reference_class(reference)(**reference.kwargs).eval()
+    config = dict(ref.config)
+    ours_decode = reference.ours(config, reference.convert(
+        {k: torch_to_mx(v, "fp32") for k, v in ref.state_dict().items()}))
+    z_ref = torch.from_numpy(reference.reference_latents(config)).to(device)
 
     def ref_decode():
         with torch.inference_mode():
@@ -835,82 +876,54 @@ def wan_vae_pair(config: dict, size: tuple[int, int], latent_frames: int, seed: 
         torch_sync(device)
         return video
 
-    info = {"latent_shape": list(shape), "width": size[0], "height": size[1], "dtype": "fp32",
-            "reference": f"diffusers {_version('diffusers')} AutoencoderKLWan, torch {torch.__version__}",
-            "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+    info = {"latent_shape": list(reference.latents(config).shape), "dtype": "fp32",
+            "reference": f"{reference.package} {_version(reference.package)} {reference.class_name}, "
+                         f"torch {torch.__version__}", "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
     return ours_decode, ref_decode, info
 
 
-def run_vae(model_id: str = "wan2.2-t2v-a14b", sizes=((64, 64), (128, 128)), frame_counts=(1, 5, 9, 13),
-            dtype: str = "fp32", vae_dim: int | None = None, repeats: int = 1, json_path=None, vae_config=None,
-            seed: int = 0, echo=click.echo, command: str | None = None) -> dict:
-    """Decode time and peak memory per output frame, random weights, at each size x frame count.
-
-    Decodes as the pipeline does: `decode_chunks` one latent frame at a time, each chunk copied out to a uint8
-    numpy frame, so MLX holds one chunk (and the causal caches) at a time. The peak is mx.get_peak_memory over
+def run_vae(model_id: str | None = None, sizes=((64, 64), (128, 128)), frame_counts=(1, 5, 9, 13),
+            dtype: str = "fp32", width: dict | None = None, repeats: int = 1, json_path=None, chunk: int | None = None,
+            encode: bool = False, warmup: bool = True, seed: int = 0, echo=click.echo,
+            command: str | None = None) -> dict:
+    """Decode (or, with `encode`, encode) time and peak memory per output frame, random weights, at each size x
+    frame count, through the family's VAE case: the decode as the pipeline runs it (chunked or tiled, each
+    chunk copied out), against the pipeline's estimate of its activations. The peak is mx.get_peak_memory over
     one decode (weights included); `peak_growth` compares the longest video with the shortest multi-chunk one.
-    `vae_dim` narrows the network (base_dim; Wan 2.2's decoder_base_dim scales with it); `vae_config` replaces
-    the registry model's VAE config (tests use a tiny one).
+    `width` replaces the VAE's widths (`{"base_dim": n}` narrows it); `chunk`: latent frames per decoder step
+    where the family takes it.
     """
     import mlx.core as mx
-    import numpy as np
 
-    from mlx_video.families.wan.vae import WanVAE
-
-    spec = get_spec(model_id)
-    cfg = vae_config or F.vae_config_for(spec)
-    if vae_dim:
-        ratio = vae_dim / cfg.base_dim
-        cfg = replace(cfg, base_dim=vae_dim,
-                      decoder_base_dim=None if cfg.decoder_base_dim is None else int(cfg.decoder_base_dim * ratio))
+    spec = get_spec(model_id or DEFAULT_MODEL)
+    case = vae_case(spec.id, dtype, width, chunk, seed)
+    if encode and case.encode is None:
+        raise click.BadParameter(f"{spec.id}: its family's VAE case has no encode benchmark")
     for f in frame_counts:
-        if (f - 1) % cfg.scale_factor_temporal:
-            raise click.BadParameter(f"frame counts must be {cfg.scale_factor_temporal}k+1, got {f}")
+        if (f - 1) % case.temporal:
+            raise click.BadParameter(f"frame counts must be {case.temporal}k+1, got {f}")
+    for w, h in sizes:
+        if w % case.spatial or h % case.spatial:
+            raise click.BadParameter(f"sizes must be multiples of {case.spatial}, got {w}x{h}")
     _release()
-    mx.random.seed(seed)
-    vae = WanVAE(cfg)
-    weights = _materialise(vae, dtype)
-    s = cfg.scale_factor_spatial
-
-    def decode(z, vae=vae):
-        n = 0
-        for chunk in vae.decode_chunks(z):
-            pixels = mx.round((chunk[0].astype(mx.float32) + 1.0) * 127.5)
-            n += np.array(mx.clip(pixels, 0, 255).astype(mx.uint8)).shape[0]
-        return n
-
+    weights = case.load(dtype, "encoder" if encode else "decoder")
     rows = []
     for w, h in sizes:
-        if w % s or h % s:
-            raise click.BadParameter(f"sizes must be multiples of {s}, got {w}x{h}")
-        decode(mx.random.normal((1, 1, h // s, w // s, cfg.z_dim)))  # warm-up at this size
-        for f in frame_counts:
-            t = (f - 1) // cfg.scale_factor_temporal + 1
-            z = mx.random.normal((1, t, h // s, w // s, cfg.z_dim), key=mx.random.key(seed + f))
-            mx.eval(z)
-            _release()
-            mx.reset_peak_memory()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                out_frames = decode(z)
-                times.append(time.perf_counter() - start)
-            peak = mx.get_peak_memory()
-            med = statistics.median(times)
-            rows.append({"width": w, "height": h, "frames": out_frames, "latent_frames": t, "seconds": med,
-                         "times_s": times, "seconds_per_frame": med / out_frames, "peak_memory_bytes": peak,
-                         "activation_bytes": peak - weights,
-                         "activation_bytes_estimated": F.vae_decode_chunk_bytes(cfg, w, h)})
+        if warmup and not encode:  # a warm-up at this size
+            case.decode(mx.random.normal((1, 1, h // case.spatial, w // case.spatial, case.latent_channels)))
+        rows += [_vae_row(case, w, h, f, repeats, weights, seed, encode) for f in frame_counts]
     growth = {}
     for w, h in sizes:
         multi = [r for r in rows if (r["width"], r["height"]) == (w, h) and r["latent_frames"] > 1]
         if len(multi) >= 2:
             growth[f"{w}x{h}"] = multi[-1]["peak_memory_bytes"] / multi[0]["peak_memory_bytes"]
-    record = {"harness": "vae", "model": spec.id, "vae_config": cfg.to_dict(), "dtype": dtype, "repeats": repeats,
-              "weights_bytes": weights, "results": rows, "peak_growth": growth}
-    del vae, decode
+    record = {"harness": "vae-encode" if encode else "vae", "model": spec.id, "vae_config": case.config,
+              "dtype": dtype, "repeats": repeats, "chunk": chunk, "weights_bytes": weights, "results": rows,
+              "peak_growth": growth}
+    description = case.description
+    case = None
     _release()
-    echo(f"vae decode: {spec.id}'s VAE (base_dim {cfg.base_dim}, decoder {cfg.decoder_dim}, z {cfg.z_dim}), {dtype}, "
+    echo(f"vae {'encode' if encode else 'decode'}: {spec.id}'s VAE ({description}), {dtype}, "
          f"weights {_fmt_bytes(weights)}, {mx.default_device()}")
     _table([(f"{r['width']}x{r['height']}", r["frames"], f"{r['seconds']:.3f}", f"{r['seconds_per_frame']:.3f}",
              _fmt_bytes(r["peak_memory_bytes"]), _fmt_bytes(r["activation_bytes_estimated"])) for r in rows], echo,
@@ -920,15 +933,43 @@ def run_vae(model_id: str = "wan2.2-t2v-a14b", sizes=((64, 64), (128, 128)), fra
     return _finish(record, json_path, echo, command)
 
 
+def _vae_row(case, w: int, h: int, frames: int, repeats: int, weights: int, seed: int, encode: bool) -> dict:
+    import mlx.core as mx
+
+    t = (frames - 1) // case.temporal + 1
+    if encode:
+        x = mx.random.uniform(-1, 1, (1, frames, h, w, 3), key=mx.random.key(seed + frames))
+        run, estimate = (lambda: (mx.eval(case.encode(x)), frames)[1]), case.encode_estimate
+    else:
+        x = mx.random.normal((1, t, h // case.spatial, w // case.spatial, case.latent_channels),
+                             key=mx.random.key(seed + frames))
+        run, estimate = (lambda: case.decode(x)), case.estimate
+    mx.eval(x)
+    _release()
+    mx.reset_peak_memory()
+    times, out_frames = [], frames
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out_frames = run()
+        times.append(time.perf_counter() - start)
+    peak = mx.get_peak_memory()
+    med = statistics.median(times)
+    est = estimate(w, h, frames) if estimate else None
+    total = est["total"] if isinstance(est, dict) else est
+    return {"width": w, "height": h, "frames": out_frames, "latent_frames": t, "seconds": med, "times_s": times,
+            "seconds_per_frame": med / out_frames, "peak_memory_bytes": peak, "activation_bytes": peak - weights,
+            "activation_bytes_estimated": total, "estimate": est}
+
+
 # ---------------------------------------------------------------------------------------------- estimate
 
 
-def run_estimate(model_id: str = "wan2.2-t2v-a14b", size: tuple[int, int] | None = None, frames: int | None = None,
+def run_estimate(model_id: str | None = None, size: tuple[int, int] | None = None, frames: int | None = None,
                  steps: int | None = None, chips=("all",), dtype: str = "bf16", quantize: str | None = None,
                  guidance: bool = True, efficiency: float | None = None, peak_json=None, json_path=None,
                  echo=click.echo, command: str | None = None) -> dict:
     """Predicted minutes per video on Apple chips, from the family's cost model (no measurement on the chip)."""
-    spec = get_spec(model_id)
+    spec = get_spec(model_id or DEFAULT_MODEL)
     width, height = size or spec.default_size
     frames = frames or spec.frames
     measured = None
@@ -1001,18 +1042,46 @@ def _parse_list(value: str, parse=int) -> list:
     return [parse(v) for v in value.split(",") if v.strip()]
 
 
+def _parse_width(value: str | None) -> dict | None:
+    """KEY=VALUE,... -> {key: int, float, or a list of them written A/B/C}: a family's width overrides (its case
+    says which keys it takes)."""
+    if not value:
+        return None
+
+    def number(text: str):
+        return int(text) if text.strip().lstrip("-").isdigit() else float(text)
+
+    out = {}
+    for item in filter(str.strip, value.split(",")):
+        key, sep, text = item.partition("=")
+        try:
+            out[key.strip()] = [number(t) for t in text.split("/")] if "/" in text else number(text)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise click.BadParameter(f"--width takes KEY=NUMBER (or KEY=A/B/C),..., not {item!r}")
+    return out
+
+
 def _model_option(f):
-    # the step / vs-reference harnesses here build Wan transformers; HunyuanVideo and Mochi have their own
-    # scripts (benchmarks/hunyuan.py, benchmarks/mochi.py)
-    wan_models = [m for m, spec in MODELS.items() if spec.family == "wan"]
-    return click.option("--model", "-m", "model_id", type=click.Choice(wan_models), default="wan2.2-t2v-a14b",
-                        show_default=True, help="Registry model.")(f)
+    # the models of the families that declare benchmark cases (Family.bench); the rest are refused by name
+    return click.option("--model", "-m", "model_id", type=click.Choice(bench_models()), default=DEFAULT_MODEL,
+                        show_default=True, help="Registry model (of a family with benchmark cases).")(f)
 
 
 def _any_model_option(f):
     # the estimate is arithmetic over a family's cost model: every registered model has one
-    return click.option("--model", "-m", "model_id", type=click.Choice(list(MODELS)), default="wan2.2-t2v-a14b",
+    return click.option("--model", "-m", "model_id", type=click.Choice(list(MODELS)), default=DEFAULT_MODEL,
                         show_default=True, help="Registry model.")(f)
+
+
+def _case_options(f):
+    f = click.option("--variant", default=None, help="The model's step variant, where its family declares them.")(f)
+    f = click.option("--width", "width", default=None, metavar="KEY=N,...",
+                     help="The family's width overrides (e.g. a narrower model; a list as A/B/C).")(f)
+    return click.option("--layers", default=None, metavar="N|KIND=N,...",
+                        help="Blocks to build (real width, random weights): N, or per kind of block "
+                             "(e.g. double=1,single=1). Default: the family's.")(f)
 
 
 def _json_option(f):
@@ -1034,7 +1103,7 @@ def bench():
 @_model_option
 @click.option("--size", default="256x256", show_default=True, metavar="WxH")
 @click.option("--frames", type=int, default=9, show_default=True)
-@click.option("--layers", type=int, default=2, show_default=True, help="Blocks to build (real width, random weights).")
+@_case_options
 @_dtype_option
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
@@ -1042,10 +1111,10 @@ def bench():
 @click.option("--peak-probe", type=int, default=2048, show_default=True,
               help="Matmul size measured for the FLOP utilisation (0: skip).")
 @_json_option
-def step(model_id, size, frames, layers, dtype, repeats, warmup, no_guidance, peak_probe, json_path):
+def step(model_id, size, frames, layers, width, variant, dtype, repeats, warmup, no_guidance, peak_probe, json_path):
     """Time one denoising step at reduced depth and extrapolate to the full model."""
     run_step(model_id, _parse_size(size), frames, layers, dtype, repeats, warmup, not no_guidance, json_path,
-             peak_probe=peak_probe)
+             _parse_width(width), peak_probe=peak_probe, variant=variant)
 
 
 @bench.command()
@@ -1067,16 +1136,16 @@ def peak(dtype, sizes, tokens, heads, repeats, max_seconds, json_path):
 @_model_option
 @click.option("--size", default="256x256", show_default=True, metavar="WxH")
 @click.option("--frames", type=int, default=9, show_default=True)
-@click.option("--layers", type=int, default=2, show_default=True)
+@_case_options
 @_dtype_option
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads. Default: OPENBLAS_NUM_THREADS, else all cores.")
 @click.option("--no-guidance", is_flag=True)
 @_json_option
-def vs_reference(model_id, size, frames, layers, dtype, repeats, threads, no_guidance, json_path):
-    """The same step through diffusers (torch, CPU): time and peak memory ratios."""
+def vs_reference(model_id, size, frames, layers, width, variant, dtype, repeats, threads, no_guidance, json_path):
+    """The same step through the reference (diffusers, torch, CPU): time and peak memory ratios."""
     run_vs_reference(model_id, _parse_size(size), frames, layers, dtype, repeats, guidance=not no_guidance,
-                     threads=threads, json_path=json_path)
+                     threads=threads, json_path=json_path, width=_parse_width(width), variant=variant)
 
 
 @bench.command()
@@ -1085,12 +1154,19 @@ def vs_reference(model_id, size, frames, layers, dtype, repeats, threads, no_gui
 @click.option("--frames", default="1,5,9,13", show_default=True, help="Output frame counts (4k+1), comma separated.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="fp32", show_default=True,
               help="The pipeline decodes in fp32.")
-@click.option("--vae-dim", type=int, default=None, help="Narrower VAE: its base_dim (default: the real one).")
+@click.option("--vae-dim", type=int, default=None, help="Narrower VAE: its base_dim (the same as --width base_dim=N).")
+@click.option("--width", default=None, metavar="KEY=N,...", help="The family's VAE width overrides.")
+@click.option("--chunk", type=int, default=None,
+              help="Latent frames per decoder step, where the family takes it (0: the whole clip at once).")
+@click.option("--encode", is_flag=True, help="Time the encoder on videos of these sizes and frame counts instead.")
 @click.option("--repeats", type=int, default=1, show_default=True)
+@click.option("--no-warmup", is_flag=True, help="No one-latent-frame warm-up decode at each size.")
 @_json_option
-def vae(model_id, sizes, frames, dtype, vae_dim, repeats, json_path):
-    """VAE decode time and peak memory per output frame at several sizes and frame counts."""
-    run_vae(model_id, _parse_list(sizes, _parse_size), _parse_list(frames), dtype, vae_dim, repeats, json_path)
+def vae(model_id, sizes, frames, dtype, vae_dim, width, chunk, encode, repeats, no_warmup, json_path):
+    """VAE decode (or encode) time and peak memory per output frame at several sizes and frame counts."""
+    width = {**(_parse_width(width) or {}), **({"base_dim": vae_dim} if vae_dim else {})} or None
+    run_vae(model_id, _parse_list(sizes, _parse_size), _parse_list(frames), dtype, width, repeats, json_path, chunk,
+            encode, warmup=not no_warmup)
 
 
 @bench.command()

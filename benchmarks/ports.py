@@ -50,15 +50,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     _finish,
     _fmt_bytes,
+    _materialise,
     _release,
-    _setup,
     _table,
-    guidance_batched,
-    random_transformer,
     side_by_side,
+    step_case,
 )
 
+from mlx_video.pipelines.loop import guidance_batched  # noqa: E402
+from mlx_video.registry import get_spec  # noqa: E402
+
 TIMESTEP = 500.0
+GUIDANCE_SCALE = 5.0  # any value != 1 makes the step run both passes; the value does not change the cost
+
+
+def _our_model(model_id: str, layers: int, size, frames: int, seed: int):
+    """(spec, dtype, config, geometry, batch, guidance, model, weight bytes): the family's step case of `model_id`
+    (its bench module) at `layers` blocks, fp32, its transformer built with random weights."""
+    case = step_case(model_id, size, frames, layers, "fp32", seed=seed)
+    geo = {"latent": case.info["latent"], "grid": case.info["grid"], "tokens": case.tokens}
+    model = case.model("fp32")
+    weights = _materialise(model, "fp32")
+    return get_spec(case.model_id), "fp32", case.config, geo, case.batch, GUIDANCE_SCALE, model, weights
 
 
 # ---------------------------------------------------------------------------------------------- importing ports
@@ -229,6 +242,12 @@ class _Channels:
     def float(self):
         return self
 
+    def detach(self):  # harness.output_agreement reads a torch tensor as .detach().float().cpu().numpy()
+        return self
+
+    def cpu(self):
+        return self
+
     def numpy(self):
         import mlx.core as mx
         import numpy as np
@@ -350,11 +369,10 @@ def run_ports(model_id: str = "wan2.2-t2v-a14b", size=(832, 480), frames: int = 
     encoders pad them to text_len (None: every row random, nothing to fold)."""
     import mlx.core as mx
 
-    spec, dtype, full, cfg, geo, batch, g = _setup(model_id, "fp32", None, layers, size, frames, True)
+    _release()
+    spec, dtype, cfg, geo, batch, g, model, weights = _our_model(model_id, layers, size, frames, seed)
     width, height = size
     text_len = spec.default("text_len", 512)
-    _release()
-    model, weights = random_transformer(cfg, dtype, seed)
     k1, k2 = mx.random.split(mx.random.key(seed + 1))
     latents = mx.random.normal((1, *geo["latent"], cfg.in_channels), key=k1)
     context = mx.random.normal((2, text_len, cfg.text_dim), key=k2)
@@ -445,9 +463,8 @@ def profile_block(model_id: str = "wan2.2-t2v-a14b", size=(832, 480), frames: in
 
     from harness import _timed, measure_matmul
 
-    spec, dtype, full, cfg, geo, batch, g = _setup(model_id, "fp32", None, 1, size, frames, True)
+    spec, dtype, cfg, geo, batch, g, model, _ = _our_model(model_id, 1, size, frames, seed)
     n, dim, text_len = geo["tokens"], cfg.dim, spec.default("text_len", 512)
-    model, _ = random_transformer(cfg, dtype, seed)
     block = model.blocks[0]
     keys = mx.random.split(mx.random.key(seed + 1), 4)
     x = mx.random.normal((batch, 1, n, dim), key=keys[0])

@@ -1,12 +1,13 @@
 """Radial attention against dense attention: one self-attention call at a real video token count.
 
-    python benchmarks/radial_bench.py [--grid 21x45x80] [--grid 21x30x52] [--heads 1] [--head-dim 128]
-                                      [--block 64] [--decay 0.8] [--repeat 3] [--json out.json]
+    python benchmarks/radial_bench.py [--model ID] [--grid 21x45x80] [--grid 21x30x52] [--heads 1]
+                                      [--head-dim 128] [--block 64] [--decay 0.8] [--repeat 3] [--json out.json]
 
 A grid is LATENT_FRAMES x HEIGHT_TOKENS x WIDTH_TOKENS after patching: 21x45x80 = 75,600 tokens (Wan 2.2 A14B at
-1280x720 x 81 frames), 21x30x52 = 32,760 (832x480 x 81). The defaults are Wan 2.2's radial parameters
-(`mlx_video.families.wan.config.RADIAL_DEFAULTS`: 64-token tiles, decay 0.8, first-frame rule); the head width is
-the real one (128) and the head count is reduced so that a call fits a CPU's time.
+1280x720 x 81 frames), 21x30x52 = 32,760 (832x480 x 81). The tile size and decay default to `--model`'s radial
+parameters as `mlx_video.speedup.radial_parameters` finds them (by default the first registered model that has
+them: Wan 2.2 A14B's `RADIAL_DEFAULTS`, 64-token tiles, decay 0.8, first-frame rule); the head width is the real
+one (128) and the head count is reduced so that a call fits a CPU's time.
 
 For each grid it times, alternating, `mlx_video.nn.attention.attention` (dense; on MLX's CPU back-end the query
 blocks of the bounded attention) and `mlx_video.nn.radial.radial_attention` (the portable block-sparse path), on
@@ -24,7 +25,6 @@ import time
 
 import mlx.core as mx
 
-from mlx_video.families.wan.config import RADIAL_DEFAULTS
 from mlx_video.nn.attention import attention
 from mlx_video.nn.radial import RadialPlan, radial_attention, radial_block_mask
 
@@ -75,9 +75,24 @@ def bench_grid(grid, heads: int, head_dim: int, block: int, decay: float, first_
     return row
 
 
+def radial_defaults(model_id: str | None):
+    """(model id, its radial defaults): `model_id`'s, or the first registered model's that has them."""
+    from mlx_video.registry import MODELS, get_spec
+    from mlx_video.speedup import radial_parameters
+
+    for spec in [get_spec(model_id)] if model_id else MODELS.values():
+        found, _, why = radial_parameters(spec)
+        if found is not None:
+            return spec.id, found
+    raise SystemExit(why if model_id else "no registered model has radial-attention defaults")
+
+
 def main() -> None:
-    d = RADIAL_DEFAULTS
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default=None)
+    model_id, d = radial_defaults(pre.parse_known_args()[0].model)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=model_id, help="the registry model whose radial defaults are used")
     p.add_argument("--grid", type=parse_grid, action="append", help="FRAMESxHEIGHTxWIDTH tokens (repeatable)")
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--head-dim", type=int, default=128)
@@ -88,7 +103,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     grids = a.grid or [(21, 45, 80), (21, 30, 52)]
-    print(f"mlx {mx.__version__}, device {mx.default_device()}, {platform.machine()} {platform.system()}, "
+    print(f"{a.model}'s radial defaults; mlx {mx.__version__}, device {mx.default_device()}, "
+          f"{platform.machine()} {platform.system()}, "
           f"{a.repeat} repeats (median), dense and radial alternating")
     rows = []
     for grid in grids:

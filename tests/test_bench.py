@@ -22,6 +22,7 @@ TINY = WanTransformerConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_h
                             in_channels=16, out_channels=16)
 TINY_VAE = WanVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
                         latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+TINY_WIDTH = {k: v for k, v in TINY.to_dict().items() if k != "num_layers"}
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import harness as bench  # noqa: E402
 
@@ -92,19 +93,20 @@ def test_weight_bytes_and_quantization():
 # ---- the FLOP model against torch's FlopCounterMode (diffusers' model, meta device) ----
 
 
-@pytest.mark.parametrize("config, latent, batch", [
-    (TINY, (2, 8, 8), 2),
-    (replace(get_spec("wan2.2-t2v-a14b").transformer, num_layers=2), (3, 32, 32), 2),  # real widths, 768 tokens
-    (replace(get_spec("wan2.2-ti2v-5b").transformer, num_layers=1), (2, 16, 24), 1),
+@pytest.mark.parametrize("model_id, size, frames, layers, width, guidance, rel", [
+    ("wan2.2-t2v-a14b", (64, 64), 5, 2, "tiny", True, 1e-3),  # latent 2x8x8, batch 2: in fact the same count
+    ("wan2.2-t2v-a14b", (256, 256), 9, 2, None, True, 1e-3),  # real widths, latent 3x32x32: 768 tokens
+    # latent 2x16x24, batch 1: the cost model counts a time embedding per latent frame (TI2V's per-frame
+    # timesteps, as the pipeline runs it), the reference's step gets one timestep: 0.13% more
+    ("wan2.2-ti2v-5b", (384, 256), 5, 1, None, False, 2e-3),
 ])
-def test_flops_match_torch_flop_counter(config, latent, batch):
+def test_flops_match_torch_flop_counter(model_id, size, frames, layers, width, guidance, rel):
+    """The step case's FLOPs (the family cost model) against torch's count of its reference on the meta device."""
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    counted = bench.torch_flop_count(config, latent, batch)["total"]
-    n_tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
-    modelled = flops.forward_flops(config, n_tokens, 512, batch).total
-    assert modelled == pytest.approx(counted, rel=0.05)
-    assert modelled == pytest.approx(counted, rel=1e-3)  # in fact the same count
+    case = bench.step_case(model_id, size, frames, layers, width=TINY_WIDTH if width else None, guidance=guidance)
+    counted = bench.torch_flop_count(case.reference)["total"]
+    assert case.flops == pytest.approx(counted, rel=rel)
 
 
 # ---- memory model and prediction ----
@@ -141,7 +143,7 @@ def test_predict():
 
 def test_step_harness(tmp_path):
     out = tmp_path / "step.json"
-    bench.run_step(size=(64, 64), frames=5, layers=2, dtype="fp32", repeats=2, config=TINY, peak_probe=128,
+    bench.run_step(size=(64, 64), frames=5, layers=2, dtype="fp32", repeats=2, width=TINY_WIDTH, peak_probe=128,
                    json_path=out, echo=lambda *_: None)
     r = _read(out)
     for field in ("seconds_per_step", "seconds_per_block", "full_depth_seconds_per_step", "flops_per_step",
@@ -152,7 +154,9 @@ def test_step_harness(tmp_path):
     assert r["peak_memory_bytes"] >= r["weights_bytes"] > 0
     # against torch's own count of diffusers' model at the same configuration and batch (latent 2x8x8: 32 tokens)
     pytest.importorskip("diffusers")
-    counted = bench.torch_flop_count(replace(TINY, num_layers=2), (2, 8, 8), 2)["total"]
+    case = bench.step_case(size=(64, 64), frames=5, layers=2, width=TINY_WIDTH)
+    assert case.reference.inputs["hidden_states"].shape[:3] == (2, 16, 2)
+    counted = bench.torch_flop_count(case.reference)["total"]
     assert r["flops_per_step"] == pytest.approx(counted, rel=1e-3)
 
 
@@ -169,8 +173,8 @@ def test_vs_reference_harness(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     out = tmp_path / "ref.json"
-    bench.run_vs_reference(size=(64, 64), frames=5, layers=2, dtype="fp32", repeats=1, config=TINY, json_path=out,
-                           echo=lambda *_: None)
+    bench.run_vs_reference(size=(64, 64), frames=5, layers=2, dtype="fp32", repeats=1, width=TINY_WIDTH,
+                           json_path=out, echo=lambda *_: None)
     r = _read(out)
     assert not r["skipped"]
     for field in ("time_ratio_ours_over_reference", "memory_ratio_ours_over_reference", "ours_peak_memory_bytes",
@@ -193,13 +197,13 @@ def test_vs_reference_skips_without_torch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_diffusers)
     messages = []
-    r = bench.run_vs_reference(config=TINY, json_path=tmp_path / "skip.json", echo=messages.append)
+    r = bench.run_vs_reference(width=TINY_WIDTH, json_path=tmp_path / "skip.json", echo=messages.append)
     assert r["skipped"] and "diffusers" in r["reason"] and "skipped" in messages[0]
 
 
 def test_vae_harness(tmp_path):
     out = tmp_path / "vae.json"
-    bench.run_vae(sizes=((32, 32), (64, 32)), frame_counts=(1, 5, 9, 13), vae_config=TINY_VAE, json_path=out,
+    bench.run_vae(sizes=((32, 32), (64, 32)), frame_counts=(1, 5, 9, 13), width={"config": TINY_VAE}, json_path=out,
                   echo=lambda *_: None)
     r = _read(out)
     assert len(r["results"]) == 8

@@ -38,7 +38,7 @@ def stage(report: dict, name: str) -> dict:
 def test_dry_run_report_structure(dry_run):
     rc, out, report = dry_run
     assert rc == 0, [(s["stage"], s.get("output_tail")) for s in report["stages"]]
-    assert [s["stage"] for s in report["stages"]] == list(gpu_check.STAGE_BUDGETS)
+    assert [s["stage"] for s in report["stages"]] == gpu_stages.stage_order()
     assert {s["status"] for s in report["stages"]} == {"ok"}
     assert report["backend"] == "cpu" and report["install"] is None
     env = stage(report, "environment")["result"]
@@ -48,12 +48,20 @@ def test_dry_run_report_structure(dry_run):
     assert {c["op"] for c in kernels["cases"]} == KERNEL_OPS and kernels["backend"] == "portable"
     assert kernels["compile_errors"] == {} and kernels["worst_relative_l2_error"] == 0.0
     markdown = (out / "report.md").read_text()
-    for name in gpu_check.STAGE_BUDGETS:
+    for name in gpu_stages.stage_order():
         assert f"## {name}" in markdown
     assert "| ours_kernels |" in markdown and "| op | variant |" in markdown
 
 
-@pytest.mark.parametrize("family", ["wan", "hunyuan", "mochi"])
+def _step_families():
+    return gpu_stages.families_with("step", "dry")
+
+
+def test_every_step_stage_has_a_dry_case():
+    assert gpu_stages.families_with("step", "real") == _step_families() and _step_families()
+
+
+@pytest.mark.parametrize("family", _step_families())
 def test_dry_run_step_agrees_with_diffusers(dry_run, family):
     result = stage(dry_run[2], f"step-{family}")["result"]
     assert set(result["sides"]) == STEP_SIDES and result["rounds"] >= 1

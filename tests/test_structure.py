@@ -222,6 +222,32 @@ def test_shared_code_names_no_family():
     assert not found, found
 
 
+BENCHMARKS = ROOT / "benchmarks"
+# Scripts that still name a family, each for a reason of its own (the list only shrinks; a new file is checked):
+# ports.py times other projects' ports of one family's model against ours (that family's by nature);
+# chain_bench.py builds the tiny test pipeline of one family (tests' support) and patches its pipeline's decode;
+# distributed.py drives the sequence-parallel split, which one family's transformer implements
+# (set_sequence_split); speed.py times the prepared-context / compiled / fused-LoRA forwards, which use that
+# transformer's own API (prepare_context). Each could take its model through Family.bench once a case declares
+# what it needs.
+NAMES_A_FAMILY_FOR_NOW = {"ports.py", "chain_bench.py", "distributed.py", "speed.py"}
+
+
+def test_benchmarks_name_no_family():
+    """benchmarks/ is shared code too: a family's benchmark facts (its step, VAE case, reference as data, GPU check
+    sizes) live in its package (`Family.bench`, mlx_video/bench_case.py), and no script is named after one."""
+    words = _family_words()
+    found = {}
+    for path in sorted(BENCHMARKS.glob("*.py")):
+        hits = [] if path.name in NAMES_A_FAMILY_FOR_NOW else _names_a_family(path)
+        if words.search(path.stem):
+            hits.insert(0, f"the file's name: {path.name}")
+        if hits:
+            found[path.name] = hits
+    assert not found, found
+    assert all((BENCHMARKS / name).is_file() for name in NAMES_A_FAMILY_FOR_NOW)  # the list names real files
+
+
 def test_the_family_name_check_sees_a_family(tmp_path):
     path = tmp_path / "shared.py"
     path.write_text('"""Docs may say Wan and mochi-1-preview."""\n# and comments: hunyuan\n'
@@ -237,7 +263,7 @@ def test_each_family_is_one_package(name):
     family = families.get_family(name)
     assert family.package == f"mlx_video.families.{name}"
     paths = [family.pipeline, family.converter, family.cost, *(p for _, p in family.task_pipelines),
-             *(p for p in (family.latent_rgb, family.mag_tables, family.recipes) if p)]
+             *(p for p in (family.latent_rgb, family.mag_tables, family.recipes, family.bench) if p)]
     for path in paths:
         module = path.partition(":")[0]
         assert (FAMILY_FOLDER / name / f"{module}.py").is_file(), path
