@@ -31,6 +31,8 @@ def step_case(spec, size, frames, depth, dtype, width=None, seed=0, variant=None
         raise ValueError(f"{spec.id} has no step variants")
     kwargs = {**REAL_WIDTH, **(width or {}), "num_layers": depth["double"], "num_single_layers": depth["single"],
               "num_refiner_layers": depth["refiner"]}
+    if spec.transformer.image_condition:  # I2V: the first latent frame's tokens conditioned as the model says
+        kwargs["image_condition_type"] = spec.transformer.image_condition
     cfg = transformer_config_from_diffusers({"_class_name": "HunyuanVideoTransformer3DModel", **kwargs})
     full = spec.transformer
     t, h, w = spec.latent_grid(size[0], size[1], frames)
