@@ -207,6 +207,18 @@ class Job:
     def execute(self, echo=click.echo, hooks=()) -> dict:
         return execute_clip(self, echo, hooks)
 
+    def generate(self, echo=click.echo, hooks=()):
+        """The pipeline's run of this job (its GenerationResult), with the step `hooks` and the preview's."""
+        hooks = list(hooks)
+        if self.preview_every:
+            from .preview import make_preview_hook
+
+            hooks.append(make_preview_hook(self.pipe, self.settings, self.init_latents, self.output or self.save_latents,
+                                           self.preview_every, None if self.quiet else echo))
+        kwargs = {"hooks": hooks, **self.inputs} if hooks else dict(self.inputs)
+        return self.pipe.generate(self.settings, init_latents=self.init_latents, progress=not self.quiet,
+                                  image=self.pixels, **kwargs)
+
     def finish(self, latents, record: dict, timings: dict, echo=click.echo, video=None) -> list[Path]:
         """Write the outputs of finished latents (`finish_clip`)."""
         return finish_clip(self, latents, record, timings, echo, video)
@@ -545,15 +557,7 @@ def execute_clip(job: Job, echo=click.echo, hooks=()) -> dict:
 
     if not job.quiet:
         echo(summary_line(job))
-    hooks = list(hooks)
-    if job.preview_every:
-        from .preview import make_preview_hook
-
-        hooks.append(make_preview_hook(job.pipe, job.settings, job.init_latents, job.output or job.save_latents,
-                                       job.preview_every, None if job.quiet else echo))
-    kwargs = {"hooks": hooks, **job.inputs} if hooks else dict(job.inputs)
-    result = job.pipe.generate(job.settings, init_latents=job.init_latents, progress=not job.quiet, image=job.pixels,
-                               **kwargs)
+    result = job.generate(echo, hooks)
     record = job.record()
     record["experts"] = result.experts
     record.update(getattr(result, "stats", None) or {})  # transformer_evals, reused steps (--cache)

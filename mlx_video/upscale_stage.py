@@ -247,9 +247,7 @@ def run_upscaled(job: UpscaleJob, echo=click.echo, hooks=()) -> dict:
     say = None if quiet else echo
 
     def make_base():
-        hooks_ = list(hooks)
-        result = base.pipe.generate(base.settings, init_latents=base.init_latents, progress=not quiet,
-                                    image=base.pixels, **({"hooks": hooks_} if hooks_ else {}), **base.inputs)
+        result = base.generate(echo, hooks)  # with the run's preview, if asked
         return result.latents, result.timings
 
     low, timings = run_stage(store, "base", make_base, say)

@@ -551,7 +551,7 @@ def test_generate_upscale_in_one_command_resumes(runs, tmp_path, monkeypatch, ca
     main(["upscale", str(runs / "low.npy"), "-o", str(tmp_path / "two-step.npy"), "--model", str(runs / "sr"), "-q"])
     args = ["generate", "--model", str(runs / "base"), "--prompt", "a corgi surfs", "--size", "64x48", "--frames",
             "5", "--steps", "1", "--upscale", "720p", "--upscale-model", str(runs / "sr"), "--output",
-            str(tmp_path / "out.mp4"), "--save-latents", str(tmp_path / "hr.npy")]
+            str(tmp_path / "out.mp4"), "--save-latents", str(tmp_path / "hr.npy"), "--preview-every", "1"]
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
@@ -571,7 +571,7 @@ def test_generate_upscale_in_one_command_resumes(runs, tmp_path, monkeypatch, ca
     assert record["output_frames"] == 5 and record["options"]["upscale"] == "720p"
     assert record["upscale"]["model"] == "hunyuanvideo-1.5-720p-sr-distilled" and record["upscale"]["steps"] == 6
     assert list(record["memory_estimate"]["stages"]) == ["text_encoding", "denoising", "upscaling", "decoding"]
-    assert not kept.exists()
+    assert not kept.exists() and (tmp_path / "out.preview.png").is_file()  # the base run's preview
 
 
 def test_generate_upscale_of_an_image_to_video_run(runs, tmp_path):
@@ -660,7 +660,11 @@ def test_presets_pick_the_super_resolution_stage(runs, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "--upscale 720p runs hunyuanvideo-1.5-720p-sr-distilled, which is not converted" in err
     assert "--upscale none delivers without it" in err
-    main(args + ["--upscale-model", str(runs / "sr")])
+    main(args + ["--upscale-model", str(runs / "sr"), "--save-latents", str(tmp_path / "hd.npy")])
     record = json.loads((tmp_path / "wide.json").read_text())["settings"]
     assert record["upscale"]["model"] == "hunyuanvideo-1.5-720p-sr-distilled" and record["render_size"] == [112, 80]
     assert record["delivery_size"] == [1280, 720] and record["upscale"]["steps"] == 6
+    # the upscaled latents decode as they are (the recorded preset and quality plan no second SR stage)
+    main(["decode", str(tmp_path / "hd.npy"), "-o", str(tmp_path / "again.mp4"), "-q"])
+    again = json.loads((tmp_path / "again.json").read_text())["settings"]
+    assert again["render_size"] == [112, 80] and again["delivery_size"] == [1280, 720] and "upscale" not in again
