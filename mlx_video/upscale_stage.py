@@ -52,10 +52,10 @@ def planned_upscale(o: dict, spec, preset) -> str | None:
     asked = o.get("upscale")
     if asked is not None:
         return None if asked == "none" else asked
-    if preset is None or o.get("quality") != "high" or extension_frames(o, spec) is not None:
+    if preset is None or o.get("quality") != "high":
         return None
     stages = [s for s in sr_models() if spec.id in s.extra.get("upscales", ())]
-    if not stages or min(stages[0].sizes[0]) > min(preset.width, preset.height):
+    if not stages or min(stages[0].sizes[0]) > min(preset.width, preset.height) or extension_frames(o, spec):
         return None
     return stages[0].extra["output_resolution"]
 
