@@ -96,3 +96,31 @@ def test_official_release_layout_is_refused(tmp_path):
     assert family.claims(release, {})
     with pytest.raises(MlxVideoError, match="official release layout"):
         family.plan(release)
+
+
+def test_vision_config_fields_left_out_take_transformers_defaults():
+    """transformers 4 saves only the fields that differ from its defaults: the published LLaVA's vision_config has
+    no hidden_act, which is then CLIP's quick_gelu (not the GELU of our ViT-H default)."""
+    config = {"vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                                "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                                "patch_size": 14, "projection_dim": 768},
+              "text_config": {"hidden_size": 4096}, "image_token_index": 128257, "pad_token_id": 128258}
+    cfg = LlavaImageConfig.from_transformers(config, PROCESSOR)
+    assert cfg.vision_config.hidden_act == "quick_gelu" and cfg.image_tokens == 576 and cfg.image_token_id == 128257
+
+
+def test_llava_text_config_fields_left_out_take_transformers_defaults():
+    """LLaVA-Llama-3-8B's text_config (as transformers 4 saved it) names only what differs from LlamaConfig's
+    defaults: the Llama built from it is still the 8B one (4096 wide, 32 layers of 32 heads, 8 KV heads)."""
+    from mlx_video.text_encoders.llama import llama_args
+
+    text_config = {"architectures": ["LlamaForCausalLM"], "bos_token_id": 128000, "eos_token_id": 128001,
+                   "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "llama",
+                   "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "vocab_size": 128320}
+    args = llama_args({"text_config": text_config, "image_token_index": 128257})
+    assert (args.hidden_size, args.num_hidden_layers, args.num_attention_heads, args.num_key_value_heads) == \
+        (4096, 32, 32, 8)
+    assert (args.intermediate_size, args.vocab_size, args.rope_theta) == (14336, 128320, 500000.0)
+    # transformers 5's rope_parameters still give the theta
+    five = {k: v for k, v in text_config.items() if k != "rope_theta"}
+    assert llama_args({**five, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}).rope_theta == 500000.0

@@ -27,6 +27,11 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# transformers' CLIPVisionConfig defaults (ViT-B/32), for config files that leave fields out
+TRANSFORMERS_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                             image_size=224, patch_size=32, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
 @dataclass(frozen=True)
 class CLIPVisionConfig(JsonConfig):
     hidden_size: int = 1280
@@ -45,9 +50,11 @@ class CLIPVisionConfig(JsonConfig):
 
     @classmethod
     def from_transformers(cls, config_json: dict) -> "CLIPVisionConfig":
-        """From a CLIPVisionModel config.json, or a full CLIPModel one (its `vision_config`)."""
-        config = config_json.get("vision_config", config_json)
-        if config.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+        """From a CLIPVisionModel config.json, or a full CLIPModel one (its `vision_config`). A field the file leaves
+        out takes transformers' `CLIPVisionConfig` default (older transformers save only the fields that differ
+        from those, e.g. no `hidden_act` for quick_gelu)."""
+        config = {**TRANSFORMERS_DEFAULTS, **config_json.get("vision_config", config_json)}
+        if config["hidden_act"] not in ("quick_gelu", "gelu"):
             raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported")
         return cls.from_dict(config)
 

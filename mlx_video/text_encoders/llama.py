@@ -102,12 +102,20 @@ def template_crop_start(tokenizer: JsonTokenizer, template: str = VIDEO_TEMPLATE
     return len(tokenizer.encode(template)) - 2
 
 
+# transformers' LlamaConfig defaults: a LLaVA config.json saved by transformers 4 keeps in its `text_config` only
+# the fields that differ from these (LLaVA-Llama-3-8B's has no hidden_size, num_hidden_layers, num_attention_heads)
+TRANSFORMERS_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                   num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048,
+                                   tie_word_embeddings=False)
+
+
 def llama_args(config_json: dict) -> ModelArgs:
     """mlx_lm ModelArgs from a transformers Llama config.json, old (`rope_theta`, `rope_scaling`) or
-    transformers 5 style (`rope_parameters`), or from a LLaVA config (its `text_config`). Imports mlx_lm."""
+    transformers 5 style (`rope_parameters`), or from a LLaVA config (its `text_config`); a field left out takes
+    transformers' default. Imports mlx_lm."""
     from mlx_lm.models.llama import ModelArgs
 
-    config = dict(config_json.get("text_config", config_json))
+    config = {**TRANSFORMERS_LLAMA_DEFAULTS, **config_json.get("text_config", config_json)}
     rope = config.pop("rope_parameters", None)
     if rope:
         config.setdefault("rope_theta", rope.get("rope_theta", 10000.0))

@@ -90,6 +90,11 @@ class HunyuanI2VPipeline(HunyuanPipeline):
         """Which image tokens the prompt keeps (diffusers' image_embed_interleave for the transformer)."""
         return 4 if self.condition == "token_replace" else 2
 
+    def component_bytes(self, component: str) -> int:
+        """The preflight's text-encoding stage holds LLaVA's vision tower and projector beside the Llama."""
+        stored = super().component_bytes(component)
+        return stored + super().component_bytes("image_encoder") if component == "text_encoder" else stored
+
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
         """The T2V checks with the image template; a run without a size takes the published size nearest the
         image's aspect."""
@@ -161,7 +166,9 @@ class HunyuanI2VPipeline(HunyuanPipeline):
 
     def encode_image(self, image: np.ndarray, s: GenerationSettings) -> tuple[np.ndarray, mx.array]:
         """(the image as uint8 RGB, its latents (1, 1, h, w, C) float32) from the (height, width, 3) image in
-        [-1, 1] fitted to the video size: the VAE's latent mean x the scaling factor (diffusers' "argmax")."""
+        [-1, 1] fitted to the video size: the VAE's latent mean x the scaling factor (diffusers' "argmax"). The
+        VAE encodes in 256-pixel tiles (its default, diffusers' `enable_tiling()`), where diffusers' pipeline
+        encodes in one pass by default: the same within one tile, blended tiles beyond."""
         from mlx_video.families.hunyuan.config import HunyuanVAEConfig
         from mlx_video.families.hunyuan.vae import HunyuanVAE
 
