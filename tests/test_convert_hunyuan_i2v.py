@@ -55,10 +55,29 @@ def _check(plan: ComponentPlan) -> None:
     assert {k: v[1] for k, v in plan.tensors.items()} == expected, plan.name
 
 
-def test_full_size_llava_plans_cover_every_key(llava):
+def transformers4_names(shapes: dict) -> dict:
+    """LlavaForConditionalGeneration's keys as transformers 4 saved them (the hub's LLaVA files)."""
+    renames = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+               ("model.vision_tower.", "vision_tower.vision_model."),
+               ("model.multi_modal_projector.", "multi_modal_projector."))
+    out = {}
+    for key, shape in shapes.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = shape
+    return out
+
+
+@pytest.mark.parametrize("naming", ["transformers5", "transformers4"])
+def test_full_size_llava_plans_cover_every_key(llava, naming):
     """The one LLaVA file feeds two components: the Llama (layers 30, 31 and the norm left out, as for T2V) and
     the vision tower with the projector; together they account for every tensor but the LM head."""
     shapes, config = llava
+    if naming == "transformers4":
+        shapes = transformers4_names(shapes)
+        assert "language_model.model.embed_tokens.weight" in shapes and "vision_tower.vision_model.pre_layrnorm.weight" in shapes
     image_cfg = LlavaImageConfig.from_transformers(config, PROCESSOR)
     assert image_cfg.image_tokens == 576 and image_cfg.text_dim == 4096 and image_cfg.feature_layer == -2
     llama = LlamaTextEncoder(LLAMA_8B)
