@@ -266,7 +266,8 @@ def counting_steps(scheduler, radial: ReferenceRadial):
     return advance
 
 
-def test_hunyuan15_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_tiles_hunyuan15, monkeypatch):
+@pytest.mark.usefixtures("small_tiles_hunyuan15")
+def test_hunyuan15_radial_matches_diffusers_with_the_reference_mask(tmp_path, monkeypatch):
     """T2V with CFG and a quoted glyph string: the joint sequence is [video; glyph tokens; Qwen tokens] here, and
     diffusers' [video; image slots; glyph slots; Qwen slots] (padding masked): every non-video token kept whole."""
     from support.hunyuan15 import build_tiny_t2v_pipeline
@@ -299,7 +300,8 @@ def test_hunyuan15_radial_matches_diffusers_with_the_reference_mask(tmp_path, sm
     _check("HunyuanVideo 1.5", ours, ref, dense, sidecar, radial, 1, 1)
 
 
-def test_hunyuan15_i2v_radial_matches_diffusers_with_the_reference_mask(tmp_path, small_tiles_hunyuan15, monkeypatch):
+@pytest.mark.usefixtures("small_tiles_hunyuan15")
+def test_hunyuan15_i2v_radial_matches_diffusers_with_the_reference_mask(tmp_path, monkeypatch):
     """The step-distilled I2V model (guidance 1, MeanFlow) from an image file: the SigLIP image tokens come first
     in the joint text sequence, after the video, and are kept whole; its bucket gives 4 x 4 tokens a frame, so
     that, under the reference's thinning, each latent frame attends only to itself and the text."""
