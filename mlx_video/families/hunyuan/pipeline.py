@@ -33,6 +33,7 @@ CLIP_PAD = "<|endoftext|>"
 class HunyuanPipeline(Pipeline):
     radial_defaults = RADIAL_DEFAULTS
     takes_true_cfg = True
+    prompt_template = VIDEO_TEMPLATE  # the Llama's template, "{}" the prompt
 
     def __init__(self, folder):
         super().__init__(folder)
@@ -60,11 +61,11 @@ class HunyuanPipeline(Pipeline):
         prompts = [("prompt", s.prompt)] + ([("negative prompt", s.negative_prompt)] if self.uses_true_cfg(s) else [])
         for what, text in prompts:
             # the template's own tokens come first; what is left of the budget is the prompt's
-            n = len(self.tokenizer.encode(VIDEO_TEMPLATE.format(text))) - self.crop_start
+            n = len(self.tokenizer.encode(self.prompt_template.format(text))) - self.crop_start
             if n > self.text_len:
                 raise MlxVideoError(
-                    f"the {what} is {n - 1} tokens long (with the template's closing token), more than the "
-                    f"{self.text_len - 1} the text encoder takes; shorten it"
+                    f"the {what} is {n} tokens long with the template's closing tokens, more than the "
+                    f"{self.text_len} the text encoder takes; shorten it"
                 )
         return s
 
