@@ -89,7 +89,8 @@ class StepCase:
     `without_blocks(model)`, where given, is a context in which the model runs with its blocks removed but their
     inputs still computed (time without blocks); `weights_bytes(dtype, blocks)`, where given, the cost model's
     bytes of the transformer with `blocks` blocks; `activation_estimate(dtype, fused_attention)` its estimate
-    of the step's activations."""
+    of the step's activations; `prepared_forward(model, inputs)`, where given, does once what the pipeline does
+    once per video (the text context) and returns the step as a function of the inputs."""
 
     model_id: str
     config: Any
@@ -109,6 +110,7 @@ class StepCase:
     without_blocks: Callable[[nn.Module], AbstractContextManager] | None = None
     weights_bytes: Callable[[str, int], int] | None = None
     activation_estimate: Callable[[str, bool], dict] | None = None
+    prepared_forward: Callable[[nn.Module, dict[str, mx.array]], Callable[[dict[str, mx.array]], mx.array]] | None = None
     reference: ReferenceCase | None = None
     info: dict = field(default_factory=dict)
 

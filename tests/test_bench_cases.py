@@ -104,3 +104,28 @@ def test_depth_parsing_refuses_unknown_kinds():
         bench.parse_depth({"layers": 2}, "double=1")
     with pytest.raises(click.BadParameter, match="KIND=N"):
         bench.parse_depth({"layers": 2}, "layers:2")
+
+
+@pytest.mark.parametrize("family", BENCH_FAMILIES)
+def test_a_prepared_step_equals_the_plain_one(family):
+    """Where a step case prepares the per-video context once (benchmarks/speed.py's variants), its step gives the
+    plain step's output on the same weights and inputs."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_video.bench_case import as_mx
+
+    module = families.bench_module(family)
+    if not hasattr(module, "step_case"):
+        pytest.skip(f"{family} declares no step case")
+    s = module.GPU_CHECK["dry"]["step"]
+    case = bench.step_case(s["model"], tuple(s["size"]), s["frames"], s.get("depth"), "fp32", s.get("width"))
+    if case.prepared_forward is None:
+        pytest.skip(f"{family}'s step case prepares nothing once")
+    model = case.model("fp32")
+    inputs = as_mx(case.inputs, "fp32", case.uncast)
+    plain = np.asarray(case.forward(model, inputs))
+    prepared = np.asarray(case.prepared_forward(model, inputs)(inputs))
+    assert np.abs(plain).max() > 0
+    np.testing.assert_allclose(prepared, plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
+    mx.clear_cache()

@@ -227,10 +227,8 @@ BENCHMARKS = ROOT / "benchmarks"
 # ports.py times other projects' ports of one family's model against ours (that family's by nature);
 # chain_bench.py builds the tiny test pipeline of one family (tests' support) and patches its pipeline's decode;
 # distributed.py drives the sequence-parallel split, which one family's transformer implements
-# (set_sequence_split); speed.py times the prepared-context / compiled / fused-LoRA forwards, which use that
-# transformer's own API (prepare_context). Each could take its model through Family.bench once a case declares
-# what it needs.
-NAMES_A_FAMILY_FOR_NOW = {"ports.py", "chain_bench.py", "distributed.py", "speed.py"}
+# (set_sequence_split). Each could take its model through Family.bench once a case declares what it needs.
+NAMES_A_FAMILY_FOR_NOW = {"ports.py", "chain_bench.py", "distributed.py"}
 
 
 def test_benchmarks_name_no_family():
