@@ -348,6 +348,54 @@ def run_step(model_id: str | None = None, size: tuple[int, int] = (256, 256), fr
     return _finish(record, json_path, echo, command)
 
 
+def run_step_variants(model_id: str, variants: list[str], size: tuple[int, int] = (256, 256), frames: int = 9,
+                      layers=None, dtype: str | None = None, repeats: int = 3, guidance: bool = True,
+                      json_path=None, width: dict | None = None, seed: int = 0, echo=click.echo,
+                      command: str | None = None) -> dict:
+    """Several step variants of one model (e.g. Wan2.2-S2V's `s2v`, `s2v-no-audio-injection`, `backbone`), all
+    built at once and timed in turn within each repeat (interleaved, so load on a shared machine hits them
+    alike): the median of each, its ratio to the first, its activation peak (MLX's peak over one step above the
+    memory active before it, every variant's weights resident) and its linear extrapolation to full depth."""
+    import mlx.core as mx
+
+    from mlx_video.bench_case import as_mx
+
+    dtype = dtype or default_dtype()
+    cases = {v: step_case(model_id, size, frames, layers, dtype, width, seed, v, guidance) for v in variants}
+    steps = {}
+    for name, case in cases.items():
+        model, inputs = case.model(dtype), as_mx(case.inputs, dtype, case.uncast)
+        _materialise(model, dtype)
+        steps[name] = lambda case=case, model=model, inputs=inputs: mx.eval(case.forward(model, inputs))
+    peaks = {}
+    for name, step in steps.items():  # the warm-up, and each variant's activation peak
+        _release()
+        mx.reset_peak_memory()
+        resident = mx.get_active_memory()
+        step()
+        peaks[name] = mx.get_peak_memory() - resident
+    times = alternate(steps, repeats)
+    first = statistics.median(times[variants[0]])
+    rows = {name: {"times_s": times[name], "seconds_median": statistics.median(times[name]),
+                   "ratio_to_first": statistics.median(times[name]) / first, "activation_peak_bytes": peaks[name],
+                   "tokens": case.tokens, "info": case.info,
+                   "full_depth_seconds_linear": statistics.median(times[name]) * case.full_layers / case.layers}
+            for name, case in cases.items()}
+    any_case = cases[variants[0]]
+    record = {"harness": "step-variants", "model": any_case.model_id, "variants": rows, "width": size[0],
+              "height": size[1], "frames": frames, "depth": any_case.depth, "full_depth": any_case.full_depth,
+              "dtype": dtype, "batch": any_case.batch, "repeats": repeats, "model_width": any_case.width}
+    echo(f"step variants: {record['model']}, {size[0]}x{size[1]}x{frames}, batch {record['batch']}, "
+         f"{', '.join(f'{n} {k}' for k, n in record['depth'].items())} at width {record['model_width']}, {dtype}, "
+         f"{mx.default_device()}; variants alternate within each of {repeats} repeats")
+    _table([(name, r["tokens"], f"{r['seconds_median']:.3f}", ", ".join(f"{t:.3f}" for t in r["times_s"]),
+             f"{r['ratio_to_first']:.3f}", _fmt_bytes(r["activation_peak_bytes"]),
+             f"{r['full_depth_seconds_linear']:.1f}") for name, r in rows.items()], echo,
+           header=("variant", "tokens", "median s", "runs", f"/ {variants[0]}", "activation peak",
+                   "full depth s (linear)"))
+    return _finish(record, json_path, echo, command)
+
+
 def _step_record(case, size, frames, dtype, guidance, repeats, warmup, peak_probe, m: dict) -> dict:
     spec = get_spec(case.model_id)
     median, layers, full_layers = statistics.median(m["times"]), case.layers, case.full_layers
@@ -1076,7 +1124,9 @@ def _any_model_option(f):
 
 
 def _case_options(f):
-    f = click.option("--variant", default=None, help="The model's step variant, where its family declares them.")(f)
+    f = click.option("--variant", default=None,
+                     help="The model's step variant, where its family declares them (step: several, comma-separated, "
+                          "run side by side).")(f)
     f = click.option("--width", "width", default=None, metavar="KEY=N,...",
                      help="The family's width overrides (e.g. a narrower model; a list as A/B/C).")(f)
     return click.option("--layers", default=None, metavar="N|KIND=N,...",
@@ -1112,7 +1162,12 @@ def bench():
               help="Matmul size measured for the FLOP utilisation (0: skip).")
 @_json_option
 def step(model_id, size, frames, layers, width, variant, dtype, repeats, warmup, no_guidance, peak_probe, json_path):
-    """Time one denoising step at reduced depth and extrapolate to the full model."""
+    """Time one denoising step at reduced depth and extrapolate to the full model (several comma-separated
+    --variant: side by side, alternating)."""
+    if variant and "," in variant:
+        run_step_variants(model_id, [v.strip() for v in variant.split(",") if v.strip()], _parse_size(size), frames,
+                          layers, dtype, repeats, not no_guidance, json_path, _parse_width(width))
+        return
     run_step(model_id, _parse_size(size), frames, layers, dtype, repeats, warmup, not no_guidance, json_path,
              _parse_width(width), peak_probe=peak_probe, variant=variant)
 

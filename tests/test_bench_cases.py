@@ -129,3 +129,16 @@ def test_a_prepared_step_equals_the_plain_one(family):
     assert np.abs(plain).max() > 0
     np.testing.assert_allclose(prepared, plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
     mx.clear_cache()
+
+
+def test_variants_side_by_side(tmp_path):
+    """Several variants of one model in one run, alternating: each timed every repeat, the first the unit."""
+    declared = [item for f in BENCH_FAMILIES for item in getattr(families.bench_module(f), "VARIANTS", {}).items()]
+    if not declared:
+        pytest.skip("no family declares step variants")
+    model, names = declared[0]
+    width = {"dim": 32, "ffn_dim": 48, "freq_dim": 16, "text_dim": 24, "num_heads": 2}
+    r = bench.run_step_variants(model, list(names), (64, 64), 8, 1, "fp32", repeats=2, width=width,
+                                json_path=tmp_path / "variants.json", echo=_quiet)
+    assert list(r["variants"]) == list(names) and r["variants"][names[0]]["ratio_to_first"] == 1.0
+    assert all(len(v["times_s"]) == 2 and v["activation_peak_bytes"] > 0 for v in r["variants"].values())
