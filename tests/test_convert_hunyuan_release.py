@@ -18,7 +18,7 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.families.hunyuan import planner as family  # noqa: E402
 from mlx_video.convert.formats import TensorFile  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from support.hunyuan import official_state  # noqa: E402
+from support.hunyuan import official_state, official_vae_config  # noqa: E402
 from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
@@ -27,19 +27,6 @@ E4M3_MAX = 448.0
 
 def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def official_vae_config(vae_config) -> dict:
-    """vae/config.json as the release ships it (the official AutoencoderKLCausal3D's field names)."""
-    levels = len(vae_config.block_out_channels)
-    return {
-        "_class_name": "AutoencoderKLCausal3D", "_diffusers_version": "0.4.2", "act_fn": "silu",
-        "block_out_channels": list(vae_config.block_out_channels), "down_block_types": ["DownEncoderBlockCausal3D"] * levels,
-        "in_channels": 3, "latent_channels": vae_config.latent_channels, "layers_per_block": vae_config.layers_per_block,
-        "norm_num_groups": vae_config.norm_num_groups, "out_channels": 3, "sample_size": 256, "sample_tsize": 64,
-        "up_block_types": ["UpDecoderBlockCausal3D"] * levels, "scaling_factor": vae_config.scaling_factor,
-        "time_compression_ratio": 4, "mid_block_add_attention": True,
-    }
 
 
 def fp8_release(official: dict) -> tuple[dict, dict, dict]:

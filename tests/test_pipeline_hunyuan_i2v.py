@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from support.hunyuan_i2v import build_tiny_hunyuan_i2v_pipeline  # noqa: E402
+from support.hunyuan_i2v import build_tiny_hunyuan_i2v_pipeline, write_i2v_release  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"
@@ -225,3 +225,30 @@ def test_lora_matches_diffusers(tiny, tmp_path):
     print(f"HunyuanVideo-I2V with a PEFT LoRA at 0.7: relative error {err:.2e}")
     assert err < 1e-3
     assert rel_err(_reference(pipe, image, init, steps, frames).numpy(), ref) > 0.05  # the LoRA matters
+
+
+def _weights(folder) -> dict:
+    import mlx.core as mx
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
+
+
+def test_official_release_layout_converts_to_the_same_model(tiny, tmp_path):
+    """tencent/HunyuanVideo-I2V's ckpts/ (transformer in the official names with no config, the VAE's .pt,
+    text_encoder_i2v/ and text_encoder_2/) converts to the very weights and configurations of the diffusers folder."""
+    import mlx.core as mx
+
+    root, pipe, _ = tiny
+    write_i2v_release(tmp_path / "ckpts", pipe)
+    main(["convert", str(tmp_path / "ckpts"), str(tmp_path / "mlx"), "--dtype", "fp32"])
+    manifest = json.loads((tmp_path / "mlx" / "mlxvid.json").read_text())
+    assert manifest["model"] == "hunyuanvideo-i2v" and "HunyuanVideo-I2V" in manifest["source"]["format"]
+    for component in ("transformer", "text_encoder", "image_encoder", "text_encoder_2", "vae"):
+        ours, theirs = (json.loads((folder / component / "config.json").read_text())
+                        for folder in (tmp_path / "mlx", root / "mlx"))
+        if component == "transformer":
+            assert ours == theirs, component
+        mine, reference = (_weights(folder / component) for folder in (tmp_path / "mlx", root / "mlx"))
+        assert sorted(mine) == sorted(reference), component
+        for key, value in reference.items():
+            assert mx.array_equal(mine[key], value).item(), (component, key)

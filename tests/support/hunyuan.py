@@ -218,3 +218,16 @@ LLAMA_8B = dict(vocab_size=128320, hidden_size=4096, intermediate_size=14336, nu
 
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def official_vae_config(vae_config) -> dict:
+    """vae/config.json as the release ships it (the official AutoencoderKLCausal3D's field names)."""
+    levels = len(vae_config.block_out_channels)
+    return {
+        "_class_name": "AutoencoderKLCausal3D", "_diffusers_version": "0.4.2", "act_fn": "silu",
+        "block_out_channels": list(vae_config.block_out_channels), "down_block_types": ["DownEncoderBlockCausal3D"] * levels,
+        "in_channels": 3, "latent_channels": vae_config.latent_channels, "layers_per_block": vae_config.layers_per_block,
+        "norm_num_groups": vae_config.norm_num_groups, "out_channels": 3, "sample_size": 256, "sample_tsize": 64,
+        "up_block_types": ["UpDecoderBlockCausal3D"] * levels, "scaling_factor": vae_config.scaling_factor,
+        "time_compression_ratio": 4, "mid_block_add_attention": True,
+    }

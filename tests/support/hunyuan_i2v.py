@@ -71,7 +71,8 @@ def image_processor():
 def build_tiny_hunyuan_i2v_pipeline(folder: Path, seed: int = 0):
     """Save a tiny random `diffusers.HunyuanVideoImageToVideoPipeline` at `folder` and return it.
 
-    Transformer (token replace): 3 heads of 16 (RoPE 4/6/6), 2 double + 2 single blocks, 1 refiner block, 6
+    Transformer (token replace): 3 heads of 24 (RoPE 4/10/10, the published proportions, so that the release
+    layout's transformer, whose file has no config, reads the same), 2 double + 2 single blocks, 1 refiner block, 6
     latent channels; LLaVA as `tiny_llava`; CLIP text: 3 layers, 36 wide; VAE: 4 levels (8/16/24/24)."""
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -90,9 +91,9 @@ def build_tiny_hunyuan_i2v_pipeline(folder: Path, seed: int = 0):
         bos_token_id=tokenizer_2.convert_tokens_to_ids("<|startoftext|>"),
     )).eval()
     transformer = HunyuanVideoTransformer3DModel(
-        in_channels=6, out_channels=6, num_attention_heads=3, attention_head_dim=16, num_layers=2,
+        in_channels=6, out_channels=6, num_attention_heads=3, attention_head_dim=24, num_layers=2,
         num_single_layers=2, num_refiner_layers=1, mlp_ratio=3.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
-        guidance_embeds=True, text_embed_dim=40, pooled_projection_dim=36, rope_theta=256.0, rope_axes_dim=(4, 6, 6),
+        guidance_embeds=True, text_embed_dim=40, pooled_projection_dim=36, rope_theta=256.0, rope_axes_dim=(4, 10, 10),
         image_condition_type="token_replace",
     ).eval()
     vae = AutoencoderKLHunyuanVideo(
@@ -109,3 +110,28 @@ def build_tiny_hunyuan_i2v_pipeline(folder: Path, seed: int = 0):
     )
     pipe.save_pretrained(folder)
     return pipe
+
+
+def write_i2v_release(root: Path, pipe) -> None:
+    """tencent/HunyuanVideo-I2V's ckpts/ from the tiny pipeline: the transformer in the official names under
+    "module", the VAE's pytorch_model.pt with the release's config.json, text_encoder_i2v/ as the whole LLaVA folder
+    (weights, tokenizer, CLIP image processor) and text_encoder_2/ (CLIP-L's text model and tokenizer)."""
+    import json
+
+    import torch
+
+    from mlx_video.families.hunyuan import planner
+    from support.hunyuan import official_state, official_vae_config
+
+    model = root / planner.RELEASE_I2V_MODEL
+    (model / "transformers").mkdir(parents=True)
+    official = official_state({k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()})
+    torch.save({"module": official}, model / "transformers" / planner.RELEASE_TRANSFORMER)
+    (model / "vae").mkdir()
+    (model / "vae" / "config.json").write_text(json.dumps(official_vae_config(pipe.vae.config)))
+    torch.save({k: v.detach().clone() for k, v in pipe.vae.state_dict().items()}, model / "vae" / "pytorch_model.pt")
+    llava = root / planner.RELEASE_I2V_TEXT_ENCODER
+    for part in (pipe.text_encoder, pipe.tokenizer, pipe.image_processor):
+        part.save_pretrained(llava)
+    for part in (pipe.text_encoder_2, pipe.tokenizer_2):
+        part.save_pretrained(root / "text_encoder_2")

@@ -33,6 +33,6 @@ FAMILY = Family(
     "hunyuan", "HunyuanVideo", MODELS, pipeline="pipeline:HunyuanPipeline", latent_rgb="latent_rgb", order=1,
     task_pipelines=(("i2v", "i2v_pipeline:HunyuanI2VPipeline"),),
     text_encoders="LLaVA-LLaMA-3-8B, and CLIP-L as --text-encoder-2", tokenizer="the LLaMA tokenizer folder",
-    official_layout="ckpts/ with hunyuan-video-t2v-720p/ (fp8 .pt + scale map too)",
+    official_layout="ckpts/ with hunyuan-video-t2v-720p/ (fp8 .pt + scale map too) or hunyuan-video-i2v-720p/",
     bench="bench",
 )

@@ -15,6 +15,9 @@ read through these options: `llava_llama3_fp16` / `llava_llama3_fp8_scaled` (the
 with ComfyUI's `scaled_fp8` marker and per-layer `scale_weight`, folded in by ComponentSource), `clip_l` (CLIP-L
 under `text_model.`) and `hunyuan_video_vae_bf16` (ComfyUI's own VAE names, `mlx_video/families/hunyuan/keys.py comfyui_vae_keymap`).
 
+HunyuanVideo-I2V's diffusers folder (`HunyuanVideoImageToVideoPipeline`) and release layout (RELEASE_I2V_MODEL) add
+`image_encoder`: the LLaVA text encoder's CLIP vision tower and projector (`keys.LLAVA_IMAGE`), from the same file.
+
 The official release layout (`ckpts/` as the release's README builds it, see RELEASE_MODEL) converts as a whole:
 the transformer's dimensions are read from its shapes (the file has no config), the fp8 variant is read with
 its scale map (`Fp8ScaleMap`), the VAE with the release's config.json, the Llama folder and the whole CLIPModel
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -67,7 +71,11 @@ EXTRA_DOWNLOAD_PATTERNS = {I2V_MODEL_ID: ["image_processor/*"]}
 # model as the release's preprocessing script saves it (a transformers Llama folder with its tokenizer), and
 # text_encoder_2/ is openai/clip-vit-large-patch14 as downloaded (CLIPModel: text and vision towers, tokenizer).
 RELEASE_MODEL = "hunyuan-video-t2v-720p"
-RELEASE_I2V_MODEL = "hunyuan-video-i2v-720p"  # tencent/HunyuanVideo-I2V's ckpts/: not converted (see plan)
+# tencent/HunyuanVideo-I2V's ckpts/ (its README): hunyuan-video-i2v-720p/transformers/ and vae/ as for T2V,
+# text_encoder_i2v/ = xtuner/llava-llama-3-8b-v1_1-transformers as downloaded (the whole LLaVA with its tokenizer and
+# CLIP image processor), text_encoder_2/ = openai/clip-vit-large-patch14.
+RELEASE_I2V_MODEL = "hunyuan-video-i2v-720p"
+RELEASE_I2V_TEXT_ENCODER = "text_encoder_i2v"
 RELEASE_TRANSFORMER = "mp_rank_00_model_states.pt"
 RELEASE_TRANSFORMER_FP8 = "mp_rank_00_model_states_fp8.pt"
 # Components a single file or folder may replace on top of the diffusers folder, and the option that gives it.
@@ -127,12 +135,13 @@ LOOKALIKES = [
 ]
 
 
-def release_transformer(folder: Path) -> Path | None:
-    """The transformer file of the official release layout under `folder`: the full-precision
-    `mp_rank_00_model_states.pt`, else the fp8 one (read with its `_map.pt` scale map); None if neither is there."""
+def release_transformer(folder: Path, model: str = RELEASE_MODEL) -> Path | None:
+    """The transformer file of the official release layout under `folder` (`model`: the T2V or the I2V release's
+    folder): the full-precision `mp_rank_00_model_states.pt`, else the fp8 one (read with its `_map.pt` scale map);
+    None if neither is there."""
     for name in (RELEASE_TRANSFORMER, RELEASE_TRANSFORMER_FP8):
-        if (folder / RELEASE_MODEL / "transformers" / name).is_file():
-            return folder / RELEASE_MODEL / "transformers" / name
+        if (folder / model / "transformers" / name).is_file():
+            return folder / model / "transformers" / name
     return None
 
 
@@ -141,7 +150,7 @@ def claims(src, components: dict) -> bool:
     if src is None:
         return False
     if Path(src).is_dir() and (release_transformer(Path(src)) is not None or (Path(src) / RELEASE_I2V_MODEL).is_dir()):
-        return True
+        return True  # an I2V release without its transformer file is refused by name in plan
     name = diffusers_pipeline_class(src) or ""
     return name.startswith("HunyuanVideo") and not name.startswith("HunyuanVideo15")  # 1.5 is its own family
 
@@ -227,19 +236,20 @@ def official_transformer_config(keys, shape, published):
     )
 
 
-def _release_inputs(src: Path, transformer: Path) -> dict:
-    """The components of the official release layout under `src` (see RELEASE_MODEL)."""
+def _release_inputs(src: Path, transformer: Path, model: str = RELEASE_MODEL,
+                    text_encoder: str = "text_encoder") -> dict:
+    """The components of the official release layout under `src` (see RELEASE_MODEL, RELEASE_I2V_MODEL)."""
     from mlx_video.convert.convert import ComponentInput
 
     inputs = {"transformer": ComponentInput("transformer", transformer, str(transformer.relative_to(src)))}
-    vae = src / RELEASE_MODEL / "vae"
+    vae = src / model / "vae"
     if (vae / "pytorch_model.pt").is_file():
-        inputs["vae"] = ComponentInput("vae", vae / "pytorch_model.pt", f"{RELEASE_MODEL}/vae/pytorch_model.pt",
+        inputs["vae"] = ComponentInput("vae", vae / "pytorch_model.pt", f"{model}/vae/pytorch_model.pt",
                                        read_json(vae / "config.json", "the VAE config"))
-    for name in ("text_encoder", "text_encoder_2"):
-        if not (src / name).is_dir():
-            raise MlxVideoError(f"{src} holds the release's transformer but no {name}/ (see the release's ckpts/README.md)")
-        inputs[name] = component_input(name, src / name, f"{src.name}/{name}")
+    for name, folder in (("text_encoder", text_encoder), ("text_encoder_2", "text_encoder_2")):
+        if not (src / folder).is_dir():
+            raise MlxVideoError(f"{src} holds the release's transformer but no {folder}/ (see the release's ckpts/README.md)")
+        inputs[name] = component_input(name, src / folder, f"{src.name}/{folder}")
     return inputs
 
 
@@ -326,21 +336,21 @@ def plan(src, components=None, tokenizer=None, base=None, allow_unknown_keys: bo
 
     components = {k: v for k, v in (components or {}).items() if v is not None}
     src = _checked_source(src, components, tokenizer)
-    image_to_video = src.is_dir() and diffusers_pipeline_class(src) == I2V_PIPELINE
+    inputs, (llama_tok_dir, clip_tok_dir), source_format, processor = _source_inputs(src)
+    image_to_video = processor is not None
     spec = get_spec(base or (I2V_MODEL_ID if image_to_video else MODEL_ID))
-    inputs, (llama_tok_dir, clip_tok_dir), source_format = _source_inputs(src)
     replace_components(inputs, components, OVERRIDES)
     # tokenizers first (cheap, and the most likely to be wrong): Llama's and CLIP's
     llama_tokenizer = _llava_tokenizer(llama_tok_dir, inputs["text_encoder"]) if image_to_video \
         else _llama_tokenizer(llama_tok_dir)
     copy_files = {"tokenizer": llama_tokenizer, "tokenizer_2": _tokenizer(clip_tok_dir, clip_tok_dir.name)}
 
-    transformer, cfg = _transformer_plan(inputs["transformer"], spec, log)
+    transformer, cfg = _transformer_plan(inputs["transformer"], spec, log, image_to_video)
     if (cfg.image_condition is not None) != image_to_video or cfg.image_condition not in (None, "token_replace"):
         raise MlxVideoError(_condition_refusal(src, cfg.image_condition, image_to_video))
     planned = [transformer, _llama_plan(inputs["text_encoder"], cfg), _clip_plan(inputs["text_encoder_2"], cfg)]
     if image_to_video:
-        planned.append(_llava_image_plan(inputs["text_encoder"], src, cfg))
+        planned.append(_llava_image_plan(inputs["text_encoder"], processor, cfg))
     vae_cfg = None
     if "vae" in inputs:  # float32, as the reference runs it
         vae, vae_cfg = _vae_plan(inputs["vae"], cfg)
@@ -363,22 +373,28 @@ def _checked_source(src, components: dict, tokenizer) -> Path:
                             "replacing its component")
     check_component_names(components, OVERRIDES, "HunyuanVideo")
     src = Path(src)
-    if (src / RELEASE_I2V_MODEL).is_dir() and release_transformer(src) is None:
-        raise MlxVideoError(f"{src} is HunyuanVideo-I2V's official release layout ({RELEASE_I2V_MODEL}/, "
-                            "text_encoder_i2v/), which mlxvid does not convert; convert the diffusers folder "
-                            "hunyuanvideo-community/HunyuanVideo-I2V (`mlxvid download hunyuanvideo-i2v`)")
+    if (src / RELEASE_I2V_MODEL).is_dir() and release_transformer(src, RELEASE_I2V_MODEL) is None:
+        raise MlxVideoError(f"{src} looks like HunyuanVideo-I2V's official release layout but has no "
+                            f"{RELEASE_I2V_MODEL}/transformers/{RELEASE_TRANSFORMER}")
     if (src / MANIFEST).is_file():
         raise MlxVideoError(f"{src} is already an mlxvid model folder; nothing to convert")
     return src
 
 
-def _source_inputs(src: Path) -> tuple[dict, tuple[Path, Path], str]:
-    """(inputs, the Llama and CLIP tokenizer folders, the source format) of a release or diffusers folder."""
-    release = release_transformer(src) if src.is_dir() else None
-    if release is not None:  # the release keeps each tokenizer beside its text encoder
-        return (_release_inputs(src, release), (src / "text_encoder", src / "text_encoder_2"),
-                "the official release layout (HunyuanVideo)")
-    return _diffusers_inputs(src), (src / "tokenizer", src / "tokenizer_2"), "diffusers (HunyuanVideo)"
+def _source_inputs(src: Path) -> tuple[dict, tuple[Path, Path], str, Path | None]:
+    """(inputs, the Llama and CLIP tokenizer folders, the source format, the LLaVA image processor's settings file
+    of an I2V source or None) of a release or diffusers folder."""
+    if src.is_dir() and release_transformer(src) is not None:  # the release keeps each tokenizer beside its encoder
+        return (_release_inputs(src, release_transformer(src)), (src / "text_encoder", src / "text_encoder_2"),
+                "the official release layout (HunyuanVideo)", None)
+    if src.is_dir() and release_transformer(src, RELEASE_I2V_MODEL) is not None:
+        llava = src / RELEASE_I2V_TEXT_ENCODER
+        inputs = _release_inputs(src, release_transformer(src, RELEASE_I2V_MODEL), RELEASE_I2V_MODEL, RELEASE_I2V_TEXT_ENCODER)
+        return (inputs, (llava, src / "text_encoder_2"), "the official release layout (HunyuanVideo-I2V)",
+                llava / "preprocessor_config.json")
+    image_to_video = diffusers_pipeline_class(src) == I2V_PIPELINE
+    return (_diffusers_inputs(src), (src / "tokenizer", src / "tokenizer_2"), "diffusers (HunyuanVideo)",
+            src / "image_processor" / "preprocessor_config.json" if image_to_video else None)
 
 
 def _condition_refusal(src: Path, condition: str | None, image_to_video: bool) -> str:
@@ -413,14 +429,13 @@ def _llava_tokenizer(folder: Path, text_encoder) -> list[tuple[Path | bytes, str
     return files
 
 
-def _llava_image_plan(inp, src: Path, cfg) -> ComponentPlan:
+def _llava_image_plan(inp, processor: Path, cfg) -> ComponentPlan:
     """LLaVA's CLIP vision tower and projector, from the text encoder's own weights, as `image_encoder`."""
     from mlx_video.families.hunyuan.keys import LLAVA_IMAGE
     from mlx_video.text_encoders.llava import LlavaImageConfig, LlavaImageEncoder
 
-    processor = src / "image_processor" / "preprocessor_config.json"
     if not processor.is_file():
-        raise MlxVideoError(f"{src} has no image_processor/preprocessor_config.json (LLaVA's CLIP image processor)")
+        raise MlxVideoError(f"{processor.parent} has no {processor.name} (LLaVA's CLIP image processor settings)")
     with config_errors(inp, ValueError, KeyError, TypeError):
         image_cfg = LlavaImageConfig.from_transformers(_config_json(inp, "text encoder"),
                                                        read_json(processor, "the CLIP image processor"))
@@ -448,7 +463,7 @@ def _llama_tokenizer(folder: Path) -> list[tuple[Path | bytes, str]]:
     return files
 
 
-def _transformer_plan(inp, spec, log) -> tuple[ComponentPlan, object]:
+def _transformer_plan(inp, spec, log, image_to_video: bool = False) -> tuple[ComponentPlan, object]:
     from mlx_video.families.hunyuan.keys import DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER, transformer_config_from_diffusers
     from mlx_video.families.hunyuan.transformer import HunyuanTransformer
 
@@ -457,6 +472,9 @@ def _transformer_plan(inp, spec, log) -> tuple[ComponentPlan, object]:
         if inp.config_json is None and naming == "official":  # the release's file: its shapes say the dimensions
             shapes = ComponentSource(tensors, inp.origin)
             cfg = official_transformer_config(shapes.keys(), shapes.shape, spec.transformer)
+            if image_to_video:  # the I2V release's file: 16 channels in replace the first frame's tokens, 33 concat
+                condition = "token_replace" if cfg.in_channels == cfg.out_channels else "latent_concat"
+                cfg = replace(cfg, image_condition=condition)
         else:
             cfg = transformer_config_from_diffusers(_config_json(inp, "transformer"))
     if naming == "diffusers":
