@@ -226,9 +226,8 @@ BENCHMARKS = ROOT / "benchmarks"
 # Scripts that still name a family, each for a reason of its own (the list only shrinks; a new file is checked):
 # ports.py times other projects' ports of one family's model against ours (that family's by nature);
 # chain_bench.py builds the tiny test pipeline of one family (tests' support) and patches its pipeline's decode;
-# distributed.py drives the sequence-parallel split, which one family's transformer implements
-# (set_sequence_split). Each could take its model through Family.bench once a case declares what it needs.
-NAMES_A_FAMILY_FOR_NOW = {"ports.py", "chain_bench.py", "distributed.py"}
+# it could take its model through Family.bench once a case declares a tiny pipeline.
+NAMES_A_FAMILY_FOR_NOW = {"ports.py", "chain_bench.py"}
 
 
 def test_benchmarks_name_no_family():

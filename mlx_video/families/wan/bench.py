@@ -312,3 +312,37 @@ GPU_CHECK = {
             "radial": {"model": "wan2.2-t2v-a14b", "grid": [3, 4, 8], "heads": 2, "head_dim": 40, "block": 16,
                        "decay": 0.8}},
 }
+
+
+# ---------------------------------------------------------------------------------------------- several ranks
+
+
+def split_step(width: int, heads: int, layers: int, tokens: int, split, seed: int = 0):
+    """(step, video tokens) of benchmarks/distributed.py: one CFG step (guidance 5) of a random transformer of
+    `width` (`heads` heads, FFN 8/3 x width, text width 4096), `layers` blocks, on a square grid of about `tokens`
+    video tokens and 512 text tokens, split over the ranks as the engine splits it (`split`, a
+    mlx_video.distributed.Split, or None alone): CFG-parallel when two ranks share the CFG pair, the rest
+    sequence-parallel through the transformer's `set_sequence_split`."""
+    from mlx_video.families.wan.transformer import WanTransformer
+
+    cfg = WanTransformerConfig(dim=width, ffn_dim=width * 4 // 3 * 2, num_heads=heads, num_layers=layers,
+                               in_channels=16, out_channels=16, text_dim=4096)
+    mx.random.seed(seed)
+    model = WanTransformer(cfg)
+    mx.eval(model.parameters())
+    model.set_sequence_split(split)
+    side = int(round(tokens ** 0.5))
+    latents = mx.random.normal((1, 1, 2 * side, 2 * side, 16), key=mx.random.key(seed + 1))
+    context = mx.random.normal((2, 512, 4096), key=mx.random.key(seed + 2))
+    t = mx.array([TIMESTEP])
+
+    def step():
+        if split is not None and split.cfg_ranks == 2:
+            out = model(latents, t, context[split.cfg_index:split.cfg_index + 1])
+            c, u = split.gather_cfg(out)
+        else:
+            out = model(mx.concatenate([latents, latents]), mx.concatenate([t, t]), context)
+            c, u = out[:1], out[1:]
+        mx.eval(u + GUIDANCE_SCALE * (c - u))
+
+    return step, side * side
