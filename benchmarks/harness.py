@@ -987,7 +987,12 @@ def _vae_row(case, w: int, h: int, frames: int, repeats: int, weights: int, seed
     t = (frames - 1) // case.temporal + 1
     if encode:
         x = mx.random.uniform(-1, 1, (1, frames, h, w, 3), key=mx.random.key(seed + frames))
-        run, estimate = (lambda: (mx.eval(case.encode(x)), frames)[1]), case.encode_estimate
+
+        def run():
+            mx.eval(case.encode(x))
+            return frames
+
+        estimate = case.encode_estimate
     else:
         x = mx.random.normal((1, t, h // case.spatial, w // case.spatial, case.latent_channels),
                              key=mx.random.key(seed + frames))

@@ -142,3 +142,23 @@ def test_variants_side_by_side(tmp_path):
                                 json_path=tmp_path / "variants.json", echo=_quiet)
     assert list(r["variants"]) == list(names) and r["variants"][names[0]]["ratio_to_first"] == 1.0
     assert all(len(v["times_s"]) == 2 and v["activation_peak_bytes"] > 0 for v in r["variants"].values())
+
+
+def test_vae_decode_and_encode_through_the_harness(tmp_path):
+    """The VAE harness on a family case with an encoder too (HunyuanVideo 1.5's, narrowed to 4 latent channels
+    and widths 8-32): decode and encode records with the family's estimates, frame counts the case's rule."""
+    family = next((f for f in BENCH_FAMILIES if getattr(families.bench_module(f), "vae_case", None)
+                   and bench.vae_case(next(m for m, s in MODELS.items() if s.family == f)).encode), None)
+    if family is None:
+        pytest.skip("no family's VAE case has an encoder")
+    model = next(m for m, s in MODELS.items() if s.family == family)
+    tiny = {"block_out_channels": [8, 16, 16, 32, 32], "latent_channels": 4, "layers_per_block": 1}
+    decoded = bench.run_vae(model, ((32, 32),), (1, 5), width=tiny, json_path=tmp_path / "d.json", echo=_quiet)
+    encoded = bench.run_vae(model, ((32, 32),), (1, 5), width=tiny, encode=True, json_path=tmp_path / "e.json",
+                            echo=_quiet)
+    assert [r["frames"] for r in decoded["results"]] == [1, 5] == [r["frames"] for r in encoded["results"]]
+    for r in decoded["results"] + encoded["results"]:
+        assert r["peak_memory_bytes"] > 0 and r["activation_bytes_estimated"] > 0 and r["seconds"] > 0
+    assert encoded["harness"] == "vae-encode" and 0 < encoded["weights_bytes"] and 0 < decoded["weights_bytes"]
+    with pytest.raises(click.BadParameter, match="frame counts must be"):
+        bench.run_vae(model, ((32, 32),), (2,), width=tiny, echo=_quiet)

@@ -5,12 +5,15 @@ untiled `chunk` latent frames per step, against the preflight's estimates `vae.d
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
 
 from mlx_video.bench_case import DTYPES, VAECase, materialise
 
 def vae_case(spec, dtype="fp32", width=None, chunk=None, seed=0) -> VAECase:
-    """`chunk`: latent frames per decoder (encoder) step, 1 by default; 0: the whole clip in one pass."""
+    """`chunk`: latent frames per decoder (encoder) step, 1 by default; 0: the whole clip in one pass. `width`:
+    Hunyuan15VAEConfig fields replacing the release's (e.g. block_out_channels)."""
     from mlx_video.families.hunyuan15.vae import (
         HUNYUAN15_VAE,
         Hunyuan15VAE,
@@ -19,12 +22,11 @@ def vae_case(spec, dtype="fp32", width=None, chunk=None, seed=0) -> VAECase:
         encode_memory_bytes,
     )
 
-    if width:
-        raise ValueError("the HunyuanVideo 1.5 VAE case takes no --width")
+    cfg = replace(HUNYUAN15_VAE, **(width or {}))  # width: config fields replaced (tests use a tiny VAE)
     tiling = VAETiling(spatial=False, chunk_frames=1 if chunk is None else (chunk or None))
     dtype_bytes = mx.finfo(DTYPES[dtype]).bits // 8
     mx.random.seed(seed)
-    vae = Hunyuan15VAE(HUNYUAN15_VAE, dtype=DTYPES[dtype])
+    vae = Hunyuan15VAE(cfg, dtype=DTYPES[dtype])
 
     def load(dt, part="decoder"):
         return materialise(getattr(vae, part), dt)  # the other half's weights are never evaluated, never allocated
@@ -34,7 +36,6 @@ def vae_case(spec, dtype="fp32", width=None, chunk=None, seed=0) -> VAECase:
         mx.eval(video)
         return int(video.shape[1])
 
-    cfg = HUNYUAN15_VAE
     return VAECase(
         description=f"real widths {cfg.block_out_channels}, untiled, chunk {tiling.chunk_frames or 'all'}",
         config=cfg.to_dict(), spatial=cfg.spatial_compression, temporal=cfg.temporal_compression,
