@@ -164,3 +164,15 @@ def test_isolated_stage_failure_and_timeout(tmp_path):
                                           ("Some CPU", None)])
 def test_published_bf16_peaks(name, tflops):
     assert gpu_stages.bf16_peak_tflops(name)[0] == tflops
+
+
+def test_a_step_stage_of_a_family_without_a_gpu_case_is_skipped_with_its_reason(tmp_path):
+    """step-FAMILY is accepted for every family package with a bench module (read from the folder before the
+    install); one whose module declares no GPU check step is reported as skipped, by name."""
+    names = [n for n in gpu_check.step_stage_names() if n.removeprefix("step-") not in _step_families()]
+    assert set(gpu_check.step_stage_names()) >= {f"step-{f}" for f in _step_families()}
+    if not names:
+        pytest.skip("every family with a bench module declares a GPU check step")
+    settings = {**gpu_check.DRY, "backend": "cpu", "torch_device": "cpu"}
+    row = gpu_check.run_stages(settings, names[:1], 60.0, False, {}, tmp_path)[0]
+    assert row["status"] == "ok" and row["result"]["skipped"] and "GPU_CHECK" in row["result"]["reason"]
