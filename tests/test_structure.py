@@ -267,6 +267,19 @@ def test_each_family_is_one_package(name):
         families.load(family, path)
 
 
+def test_no_family_imports_another_family():
+    """A family package uses shared code only: what two families share (an encoder's key table, a block) lives in
+    the shared packages, so one family can be removed or renamed without breaking another."""
+    found = []
+    for m in MODULES:
+        if not m.startswith("mlx_video.families."):
+            continue
+        own = m.split(".")[2]
+        found += [f"{MODULES[m].relative_to(ROOT)}:{line} imports {target}" for target, _, line in _imports(m)
+                  if target.startswith("mlx_video.families.") and target.split(".")[2] != own]
+    assert not found, "\n".join(found)
+
+
 # ---- conversion in named steps --------------------------------------------------------------------------
 
 MAX_LINES, MAX_COMPLEXITY = 80, 15

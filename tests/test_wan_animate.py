@@ -211,7 +211,7 @@ def test_clip_vision_and_preprocessing_match_transformers():
     from transformers import CLIPVisionModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from mlx_video.families.wan.animate_keys import TRANSFORMERS_CLIP_VISION
+    from mlx_video.image_encoders.clip_vision import TRANSFORMERS_CLIP_VISION
     from mlx_video.image_encoders.clip_vision import CLIPPreprocess, CLIPVisionConfig, CLIPVisionEncoder
 
     ref = CLIPVisionModel(clip_config()).eval()
@@ -438,7 +438,8 @@ def test_full_size_keys_and_shapes():
     from transformers import CLIPVisionConfig as HFVisionConfig
     from transformers import CLIPVisionModel
 
-    from mlx_video.families.wan.animate_keys import DIFFUSERS_ANIMATE, OFFICIAL_ANIMATE, TRANSFORMERS_CLIP_VISION
+    from mlx_video.families.wan.animate_keys import DIFFUSERS_ANIMATE, OFFICIAL_ANIMATE
+    from mlx_video.image_encoders.clip_vision import TRANSFORMERS_CLIP_VISION
     from mlx_video.families.wan.animate_model import WAN_ANIMATE_14B, WanAnimateTransformer
     from mlx_video.families.wan.animate_planner import target_shapes
     from mlx_video.image_encoders.clip_vision import CLIP_VIT_H14, CLIPVisionEncoder

@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_video.convert.rules import KeyMap, Rule
 from mlx_video.json_config import JsonConfig
 from mlx_video.nn.attention import attention
 
@@ -161,3 +162,38 @@ class CLIPVisionEncoder(nn.Module):
         for layer in self.layers[:index % count]:
             x = layer(x)
         return x
+
+
+# ---- key table: transformers' CLIPVisionModel -> this encoder (shared by Wan's image context and Animate, and
+# HunyuanVideo-I2V's LLaVA vision tower) ----
+_WB = r"(weight|bias)"
+
+
+def conv2d_patch_to_linear(w: mx.array) -> mx.array:
+    """torch Conv2d weight (O, I, p, p) with kernel == stride -> Linear weight (O, p*p*I), features (kh, kw, I)."""
+    if w.ndim != 4:
+        raise ValueError(f"expected a 4-D Conv2d weight, got shape {tuple(w.shape)}")
+    return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+_V = r"(?:vision_model\.)?"  # transformers 4 files have the prefix, transformers 5 saves without it
+_L = r"layers\.(\d+)"
+
+# transformers CLIPVisionModel (the diffusers folder's image_encoder/)
+TRANSFORMERS_CLIP_VISION = KeyMap(
+    [
+        Rule(_V + r"embeddings\.patch_embedding\.weight", "patch_embedding.weight", "conv2d_patch_to_linear"),
+        Rule(_V + r"embeddings\.class_embedding", "class_embedding"),
+        Rule(_V + r"embeddings\.position_embedding\.weight", "position_embedding"),
+        Rule(_V + rf"pre_layrnorm\.{_WB}", r"pre_layernorm.\1"),
+        Rule(_V + rf"post_layernorm\.{_WB}", r"post_layernorm.\1"),
+        Rule(_V + rf"encoder\.{_L}\.(layer_norm[12])\.{_WB}", r"layers.\1.\2.\3"),
+        Rule(_V + rf"encoder\.{_L}\.self_attn\.q_proj\.{_WB}", r"layers.\1.qkv.\2#0"),
+        Rule(_V + rf"encoder\.{_L}\.self_attn\.k_proj\.{_WB}", r"layers.\1.qkv.\2#1"),
+        Rule(_V + rf"encoder\.{_L}\.self_attn\.v_proj\.{_WB}", r"layers.\1.qkv.\2#2"),
+        Rule(_V + rf"encoder\.{_L}\.self_attn\.out_proj\.{_WB}", r"layers.\1.out_proj.\2"),
+        Rule(_V + rf"encoder\.{_L}\.mlp\.(fc[12])\.{_WB}", r"layers.\1.\2.\3"),
+    ],
+    ignore=[_V + r"embeddings\.position_ids", r"visual_projection\.weight"],
+    transforms={"conv2d_patch_to_linear": conv2d_patch_to_linear},
+)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlx_video.families.hunyuan.config import HunyuanTransformerConfig, HunyuanVAEConfig
+from mlx_video.image_encoders.clip_vision import TRANSFORMERS_CLIP_VISION
 
 from mlx_video.convert.rules import (  # noqa: F401  (re-exported: the fused-parts helpers and transforms live in rules.py)
     PART_SEPARATOR,
@@ -335,8 +336,6 @@ _MP = r"(?:model\.)?multi_modal_projector\."
 
 
 def _llava_image_keymap() -> KeyMap:
-    from mlx_video.families.wan.animate_keys import TRANSFORMERS_CLIP_VISION
-
     vision = [Rule(_VT + rule.source, "vision." + rule.target, rule.transform)
               for _, rule in TRANSFORMERS_CLIP_VISION.rules]
     return KeyMap(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlx_video.convert.rules import KeyMap, Rule
+from mlx_video.image_encoders.clip_vision import conv2d_patch_to_linear
 from mlx_video.families.wan.keys import (
     DIFFUSERS_IMAGE_CONTEXT_RULES,
     DIFFUSERS_TRANSFORMER,
@@ -113,36 +114,10 @@ OFFICIAL_ANIMATE = KeyMap([*_ANIMATE_OFFICIAL, *(r for _, r in OFFICIAL_TRANSFOR
 
 
 # ---- the CLIP image encoder (mlx_video.image_encoders.clip_vision.CLIPVisionEncoder) ----
-
-def conv2d_patch_to_linear(w: mx.array) -> mx.array:
-    """torch Conv2d weight (O, I, p, p) with kernel == stride -> Linear weight (O, p*p*I), features (kh, kw, I)."""
-    if w.ndim != 4:
-        raise ValueError(f"expected a 4-D Conv2d weight, got shape {tuple(w.shape)}")
-    return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
-
-
+# transformers' CLIPVisionModel names (the diffusers folder's image_encoder/): TRANSFORMERS_CLIP_VISION, kept with
+# the encoder, which HunyuanVideo-I2V's LLaVA tower shares.
 _CLIP_TRANSFORMS = {"conv2d_patch_to_linear": conv2d_patch_to_linear, "flatten": flatten}
-_V = r"(?:vision_model\.)?"  # transformers 4 files have the prefix, transformers 5 saves without it
-_L = r"layers\.(\d+)"
 
-# transformers CLIPVisionModel (the diffusers folder's image_encoder/)
-TRANSFORMERS_CLIP_VISION = KeyMap(
-    [
-        Rule(_V + r"embeddings\.patch_embedding\.weight", "patch_embedding.weight", "conv2d_patch_to_linear"),
-        Rule(_V + r"embeddings\.class_embedding", "class_embedding"),
-        Rule(_V + r"embeddings\.position_embedding\.weight", "position_embedding"),
-        Rule(_V + rf"pre_layrnorm\.{_WB}", r"pre_layernorm.\1"),
-        Rule(_V + rf"post_layernorm\.{_WB}", r"post_layernorm.\1"),
-        Rule(_V + rf"encoder\.{_L}\.(layer_norm[12])\.{_WB}", r"layers.\1.\2.\3"),
-        Rule(_V + rf"encoder\.{_L}\.self_attn\.q_proj\.{_WB}", r"layers.\1.qkv.\2#0"),
-        Rule(_V + rf"encoder\.{_L}\.self_attn\.k_proj\.{_WB}", r"layers.\1.qkv.\2#1"),
-        Rule(_V + rf"encoder\.{_L}\.self_attn\.v_proj\.{_WB}", r"layers.\1.qkv.\2#2"),
-        Rule(_V + rf"encoder\.{_L}\.self_attn\.out_proj\.{_WB}", r"layers.\1.out_proj.\2"),
-        Rule(_V + rf"encoder\.{_L}\.mlp\.(fc[12])\.{_WB}", r"layers.\1.\2.\3"),
-    ],
-    ignore=[_V + r"embeddings\.position_ids", r"visual_projection\.weight"],
-    transforms=_CLIP_TRANSFORMS,
-)
 
 # the official open-clip XLM-RoBERTa ViT-H/14 file (Wan-Video/Wan2.2 wan/modules/animate/clip.py names): its
 # vision tower; the text tower, the projection head and the logit scale are not used.

@@ -120,7 +120,8 @@ def _check_diffusers_config(config_json: dict) -> None:
 
 def image_encoder_plan(src: Path | None, fmt: str, model: str = ANIMATE_MODEL) -> ComponentPlan:
     """The CLIP image encoder: the diffusers folder's image_encoder/ (+ image_processor/), or the official file."""
-    from mlx_video.families.wan.animate_keys import OFFICIAL_CLIP_VISION, TRANSFORMERS_CLIP_VISION
+    from mlx_video.families.wan.animate_keys import OFFICIAL_CLIP_VISION
+    from mlx_video.image_encoders.clip_vision import TRANSFORMERS_CLIP_VISION
     from mlx_video.image_encoders.clip_vision import CLIPPreprocess, CLIPVisionConfig, CLIPVisionEncoder
 
     if src is None:
