@@ -31,16 +31,12 @@ F = torch.nn.functional
 
 from mlx_video.audio.wav2vec2 import Wav2Vec2Model  # noqa: E402
 from mlx_video.families.wan.wav2vec2_keys import convert_wav2vec2_weights  # noqa: E402
+from support.arrays import rel_err_f64  # noqa: E402
 
 # Head width 28, an even positional kernel, three convolutions with 40 samples per feature step.
 TINY = dict(hidden_size=84, num_attention_heads=3, intermediate_size=64, num_hidden_layers=2,
             conv_dim=(20, 24, 16), conv_kernel=(10, 3, 2), conv_stride=(5, 4, 2),
             num_conv_pos_embeddings=6, num_conv_pos_embedding_groups=3)
-
-
-def relative_error(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def reference_model(seed: int):
@@ -120,7 +116,7 @@ def test_frame_features_match_the_official_extraction(models, steps_50, frames_p
     got_official_layout = np.array(got.features).transpose(1, 2, 0)[None]
     assert got_official_layout.shape == expected.shape
     assert got.num_clips * frames_per_clip == expected.shape[-1]
-    err = relative_error(got_official_layout, expected)
+    err = rel_err_f64(got_official_layout, expected)
     assert err <= 1e-5, f"relative error {err:.2e}"
     # Frames past the audio are exact zeros, and the count of audio frames is where they start.
     silent = np.abs(expected[0]).sum(axis=(0, 1)) == 0

@@ -30,6 +30,7 @@ from mlx_video.text_encoders.byt5 import (
     read_glyph_release,
 )
 from mlx_video.text_encoders.t5 import T5Encoder
+from support.arrays import rel_err
 
 PARITY_RTOL = 1e-5
 COLORS = {"white": 0, "black": 1, "darkslategray": 2}
@@ -41,10 +42,6 @@ PROMPTS = [
     'A poster: "<color-1>SALE</s>" and "" and "Ünïcödé 字".',
     'Repeated "A" and "A" and "B"',
 ]
-
-
-def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +125,7 @@ def test_glyph_path_matches_diffusers(byt5):
     assert got.shape == tuple(expected.shape) == (5, 48, 40)
     np.testing.assert_array_equal(np.array(mask), expected_mask.numpy())
     assert not np.array(got)[2].any() and np.array(mask)[2].sum() == 0  # no quotes: zeros
-    rel = relative_error(np.array(got), expected.numpy())
+    rel = rel_err(np.array(got), expected.numpy())
     print(f"ByT5 glyph path parity: rel {rel:.2e}")
     assert rel < PARITY_RTOL
 

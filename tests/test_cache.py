@@ -9,6 +9,7 @@ import pytest
 
 from mlx_video.errors import MlxVideoError
 from mlx_video.pipelines.base import GenerationSettings, Pipeline
+from support.arrays import rel_err
 
 PROMPT = "a corgi surfs a wave at sunset"
 
@@ -21,10 +22,6 @@ PUBLISHED_T2V_A14B = [
     0.98808, 0.98852, 0.98765, 0.98736, 0.9851, 0.98535, 0.98311, 0.98339, 0.9805, 0.9806, 0.97776, 0.97771, 0.97278,
     0.97286, 0.96731, 0.96728, 0.95857, 0.95855, 0.94385, 0.94385, 0.92118, 0.921, 0.88108, 0.88076, 0.80263, 0.80181,
 ]
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

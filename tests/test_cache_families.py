@@ -13,6 +13,7 @@ import pytest
 
 from mlx_video.errors import MlxVideoError
 from mlx_video.families import FAMILIES
+from support.arrays import rel_err
 
 # every registered family but Wan, whose own tests are tests/test_lora.py and tests/test_cache.py; a new family
 # fails here (no tiny model or run of it below) until it has one
@@ -20,10 +21,6 @@ OTHER_FAMILIES = [name for name in FAMILIES if name != "wan"]
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"
 STEPS = 20
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ---- the split forward ----

@@ -13,13 +13,10 @@ import pytest
 
 from mlx_video.errors import MlxVideoError
 from mlx_video.pipelines.cache import TaylorSeerConfig, parse_cache, taylorseer_evaluations
+from support.arrays import rel_err
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ---- the option ----

@@ -14,6 +14,7 @@ from mlx_video.errors import MlxVideoError
 from mlx_video.chains import (
     LAST_FRAME, LATENT_OVERLAP, OVERLAP_LATENT_FRAMES, assign_prompts, crossfade, overlap_frames, plan_segments,
 )
+from support.arrays import rel_err
 
 PROMPT = "a cat walks on the grass"
 
@@ -262,10 +263,6 @@ def test_chain_options_are_checked_before_any_work(a14b, tmp_path, capsys, monke
 
 # ---- conditioning ----
 
-def _rel(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def test_latent_overlap_conditions_the_next_segment(a14b, tmp_path):
     from mlx_video.chains import segment_runs
     from mlx_video.pipelines.base import GenerationSettings
@@ -284,10 +281,10 @@ def test_latent_overlap_conditions_the_next_segment(a14b, tmp_path):
     free = pipe.generate(s).latents
     # the held latent frames end exactly on the previous segment's last ones; the free run's do not
     np.testing.assert_allclose(r1.latents[:, :, :k], r0.latents[:, :, -k:], rtol=0, atol=1e-5)
-    assert _rel(free[:, :, :k], r0.latents[:, :, -k:]) > 0.1
+    assert rel_err(free[:, :, :k], r0.latents[:, :, -k:]) > 0.1
     # the frames after the held ones are changed by them through attention (about 1% on this tiny random model;
     # without the hold they would equal the free run's exactly)
-    assert _rel(r1.latents[:, :, k:], free[:, :, k:]) > 1e-3
+    assert rel_err(r1.latents[:, :, k:], free[:, :, k:]) > 1e-3
     # Decoded frames are not compared: this tiny random VAE's output depends on its causal context as much as on
     # the latents (the same two latent frames decoded alone and at the end of segment 0 differ by ~32 levels, as
     # much as neighbouring frames), which is what the cross-fade of the overlap is for.
@@ -328,7 +325,7 @@ def test_last_frame_conditions_the_next_segment_on_an_image_model(ti2v, tmp_path
     expected = np.array(image.transpose(0, 4, 1, 2, 3).astype(mx.float32))[:, :, 0]
     np.testing.assert_allclose(l1[:, :, 0], expected, rtol=0, atol=1e-5)
     free = pipe.generate(s).latents
-    assert _rel(free[:, :, 0], expected) > 0.1
+    assert rel_err(free[:, :, 0], expected) > 0.1
     # and through the command line: frame count, the repeated first frames dropped, the sidecar's method
     out = tmp_path / "ti2v.mp4"
     main(["generate", "--model", str(ti2v), "--prompt", PROMPT, "--size", "64x32", "--fps", "3", "--frames", "20",

@@ -10,33 +10,10 @@ import numpy as np
 import pytest
 
 from mlx_video.cli import main
+from support.cli import gen, run_error
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
-
-
-def run_error(capsys, args) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    assert exc.value.code == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
-    return err
-
-
-def gen(model, *extra):
-    return ["generate", "--model", str(model), "--prompt", "a cat", "--quiet", *extra]
-
-
-@pytest.fixture
-def heavy_work_forbidden(monkeypatch):
-    """Fail the test if any weights are loaded: the errors must come before."""
-    from mlx_video import model_folder
-
-    def boom(*a, **k):
-        raise AssertionError("weights were loaded before the input was validated")
-
-    monkeypatch.setattr(model_folder.ModelFolder, "weights", boom)
 
 
 def test_unknown_model_lists_known_ones(capsys):

@@ -16,17 +16,10 @@ pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from mlx_video.registry import MODELS  # noqa: E402
-from support.wan_checkpoints import Tiny, official_transformer_name, official_vae21, tiny_specs  # noqa: E402
+from support.wan_checkpoints import Tiny, official_transformer_name, official_vae21  # noqa: E402
+from support.tensor_files import converted_weights  # noqa: E402
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX v1.0: the magnitudes of codes 0..7; bit 3 is the sign
-
-
-def load_all(folder: Path, component: str) -> dict[str, np.ndarray]:
-    out = {}
-    for f in sorted((folder / component).glob("*.safetensors")):
-        out.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
-    return out
 
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple, bytes]]) -> Path:
@@ -55,12 +48,6 @@ def tiny(tmp_path_factory):
     t = Tiny(tmp_path_factory.mktemp("comfy_files"))
     main(["convert", str(t.diffusers_folder()), str(t.root / "reference"), "--dtype", "fp32"])
     return t
-
-
-@pytest.fixture
-def tiny_registry(monkeypatch):
-    for name, spec in tiny_specs().items():
-        monkeypatch.setitem(MODELS, name, spec)
 
 
 def all_in_one_file(t: Tiny) -> Path:
@@ -94,7 +81,7 @@ def test_all_in_one_checkpoint_is_split_by_prefix(tiny, tiny_registry, as_folder
     assert "all-in-one checkpoint holding the transformer (model.diffusion_model.)" in log
     ref = root / "reference"
     for component in ("transformer", "text_encoder", "vae"):
-        ours, want = load_all(out, component), load_all(ref, component)
+        ours, want = converted_weights(out, component), converted_weights(ref, component)
         assert ours.keys() == want.keys(), component
         for k in want:
             np.testing.assert_array_equal(ours[k], want[k], err_msg=f"{component} {k}")
@@ -183,7 +170,7 @@ def test_comfy_quant_block_formats_convert_exactly(tiny, comfy_quant, capsys):
     main(["convert", str(tiny.diffusers_folder()), str(out), "--transformer", str(path), "--dtype", "fp32", "--overwrite"])
     log = capsys.readouterr().out
     assert "comfy_quant 4 int8_tensorwise, 8 mxfp8, 8 nvfp4 tensors" in log
-    ours = load_all(out, "transformer")
+    ours = converted_weights(out, "transformer")
     record = json.loads((out / "transformer" / "quantization.json").read_text())
     ours_names = {"ffn.0": "ffn.fc1", "ffn.2": "ffn.fc2"}
     modes = {layer: p.get("mode") for layer, p in record["per_layer"].items()}

@@ -29,10 +29,10 @@ from mlx_video.convert.convert import plan
 from mlx_video.errors import MlxVideoError
 from support.wan_checkpoints import write_description
 from support.hunyuan import official_state
-from support.mochi import official_state_dict
-from support.mochi import official_vae_state_dicts
+from support.mochi import official_state_dict, official_vae_state_dicts
 from support.hunyuan import build_tiny_hunyuan_pipeline
 from support.mochi import build_tiny_mochi_pipeline
+from support.arrays import meta_shapes
 
 F8 = torch.float8_e4m3fn
 
@@ -301,10 +301,6 @@ def header_only(path, shapes: dict, dtype: str, fp8=lambda k, s: False):
         else:
             entries[key] = (dtype, shape, None)
     return write_description(path, entries)
-
-
-def meta_shapes(module) -> dict:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 def write_config(folder, config: dict) -> None:

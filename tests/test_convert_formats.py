@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -31,19 +30,13 @@ pytest.importorskip("diffusers")
 from safetensors.torch import save_file  # noqa: E402
 
 from mlx_video.cli import main  # noqa: E402
-from mlx_video.registry import MODELS  # noqa: E402
-from support.wan_checkpoints import Tiny, official_vae21, scaled_fp8, tiny_specs  # noqa: E402
+from support.wan_checkpoints import Tiny, official_vae21, scaled_fp8  # noqa: E402
+from support.tensor_files import converted_weights  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
 
 # Relative output error against the unquantized model, measured on this tiny model with group size 32: q8 gives
 # 8.8e-4, q4 1.6e-2. The bounds leave a margin of about 5x.
 QUANT_BOUNDS = {"q8": 5e-3, "q4": 8e-2}
-
-
-@pytest.fixture
-def tiny_registry(monkeypatch):
-    """Registry entries with the tiny model's dimensions, so that `--base` can name them."""
-    for name, spec in tiny_specs().items():
-        monkeypatch.setitem(MODELS, name, spec)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -60,17 +53,6 @@ def tiny_registry(monkeypatch):
 
 def convert(*args):
     main(["convert", *map(str, args)])
-
-
-def rel_err(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def load_all(folder: Path, component: str) -> dict[str, np.ndarray]:
-    out = {}
-    for f in sorted((folder / component).glob("*.safetensors")):
-        out.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +90,7 @@ def test_official_layout_gives_the_diffusers_conversion(tiny, from_diffusers, ca
     assert set(manifest["components"]) == {"transformer", "transformer_2", "text_encoder", "vae", "tokenizer"}
     # the same weights as the diffusers conversion, tensor for tensor: transformer, T5 (.pth) and VAE (.pth)
     for component in ("transformer", "text_encoder", "vae"):
-        ours, want = load_all(out, component), load_all(from_diffusers, component)
+        ours, want = converted_weights(out, component), converted_weights(from_diffusers, component)
         assert ours.keys() == want.keys(), component
         for k in want:
             np.testing.assert_array_equal(ours[k], want[k], err_msg=f"{component} {k}")
@@ -147,7 +129,7 @@ def test_single_files_match_dequantized_reference(tiny, tiny_registry, kind, cap
     fmt = "e5m2" if kind == "e5m2" else "e4m3fn"
     assert set(record["layers"].values()) == {fmt}
     # the codes are the file's, byte for byte
-    weights = load_all(stored, "transformer")
+    weights = converted_weights(stored, "transformer")
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -163,7 +145,7 @@ def test_fp8_storage_from_float_weights(tiny, tiny_registry):
     out = tiny.root / "mlx_bf16_to_fp8"
     convert(out, "--base", "tiny-wan", "--transformer", path, "--text-encoder", official / "models_t5_umt5-xxl-enc-bf16.pth",
             "--tokenizer", official / "google" / "umt5-xxl", "--dtype", "fp32", "--quantize", "fp8")
-    weights = load_all(out, "transformer")
+    weights = converted_weights(out, "transformer")
     dequantized = dict(reference)
     for key in reference:
         if re.fullmatch(r"blocks\.\d+\.(attn[12]\.(to_[qkv]|to_out\.0)|ffn\.net\.(0\.proj|2))\.weight", key):
@@ -188,7 +170,7 @@ def test_affine_quantization_within_bounds(tiny, tiny_registry, mode):
     record = json.loads((out / "transformer" / "quantization.json").read_text())
     bits = {"q8": 8, "q4": 4}[mode]
     assert record == {"mode": "affine", "bits": bits, "group_size": 32, "layers": record["layers"]} and len(record["layers"]) == 20
-    weights = {k: mx.array(v) for k, v in load_all(out, "transformer").items()}
+    weights = {k: mx.array(v) for k, v in converted_weights(out, "transformer").items()}
     # the reference with the dequantized weights: fp32 rounding apart, the same output
     dequantized = dict(reference)
     names = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v", "self_attn.o": "attn1.to_out.0",
@@ -236,10 +218,10 @@ def test_two_experts_and_comfy_text_encoder_and_vae(tiny, tiny_registry, capsys)
     assert (out / "tokenizer" / "spiece.model").read_bytes() == tiny.spiece.read_bytes()
     assert rel_err(tiny.ours(out), tiny.reference(ref_high)) < 1e-5
     assert rel_err(tiny.ours(out, "transformer_2"), tiny.reference(ref_low)) < 1e-5
-    te_ours = load_all(out, "text_encoder")
+    te_ours = converted_weights(out, "text_encoder")
     np.testing.assert_array_equal(te_ours["blocks.1.ffn.fc2.weight"], expected_te["encoder.block.1.layer.1.DenseReluDense.wo.weight"].numpy())
     np.testing.assert_array_equal(te_ours["token_embedding.weight"], expected_te["shared.weight"].numpy())
-    vae_ours = load_all(out, "vae")
+    vae_ours = converted_weights(out, "vae")
     np.testing.assert_array_equal(
         vae_ours["decoder.up.1.resnets.0.shortcut.weight"],
         tiny.vae.state_dict()["decoder.up_blocks.1.resnets.0.conv_shortcut.weight"].to(torch.bfloat16).float().permute(0, 2, 3, 4, 1).numpy(),
@@ -308,7 +290,7 @@ def test_official_single_model_layout(tiny, from_diffusers):
     convert(root, out, "--dtype", "fp32")
     manifest = json.loads((out / "mlxvid.json").read_text())
     assert manifest["model"] == "wan2.2-ti2v-5b" and manifest["defaults"]["boundary"] is None and manifest["defaults"]["per_frame_timesteps"]
-    ours, want = load_all(out, "transformer"), load_all(from_diffusers, "transformer")
+    ours, want = converted_weights(out, "transformer"), converted_weights(from_diffusers, "transformer")
     assert ours.keys() == want.keys() and all(np.array_equal(ours[k], want[k]) for k in want)
 
 
@@ -382,7 +364,7 @@ def test_official_layout_with_legacy_format_vae(tiny, from_diffusers, capsys):
     out = tiny.root / "mlx_official_legacy_vae"
     convert(root, out, "--dtype", "fp32")
     assert "official Wan release layout" in capsys.readouterr().out
-    ours, want = load_all(out, "vae"), load_all(from_diffusers, "vae")
+    ours, want = converted_weights(out, "vae"), converted_weights(from_diffusers, "vae")
     assert ours.keys() == want.keys() and ours
     for k in want:
         np.testing.assert_array_equal(ours[k], want[k], err_msg=f"vae {k}")

@@ -28,15 +28,12 @@ from safetensors.numpy import save_file  # noqa: E402
 from mlx_video.cli import main  # noqa: E402
 from support.wan_checkpoints import official_transformer_name  # noqa: E402
 from support.wan import build_tiny_wan_pipeline, use_official_sigmas  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset"
 NEGATIVE = "static, blurry"
 WIDTH, HEIGHT, FRAMES, STEPS = 48, 32, 5, 2  # latent 2 x 4 x 6
 NEVER_QUANTIZED = ("modulation", "patch_embedding.", "text_embedding.", "time_projection.", "time_embedding.", "img_emb.", "head.")
-
-
-def rel_err(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ---------------------------------------------------------------------------------------------------

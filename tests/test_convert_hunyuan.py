@@ -34,6 +34,7 @@ from mlx_video.families.hunyuan.vae import HunyuanVAE
 from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder
 from mlx_video.text_encoders.llama import LlamaTextEncoder
 from support.hunyuan import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER  # noqa: E402
+from support.arrays import meta_shapes
 
 
 class Shapes(TensorFile):
@@ -43,10 +44,6 @@ class Shapes(TensorFile):
         self._shapes = {k: tuple(v) for k, v in shapes.items()}
         self._codes = {k: "BF16" for k in shapes}
         self.paths, self.metadata = [], {}
-
-
-def meta_shapes(module) -> dict:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 def test_fused_view_reads_rows_across_parts(tmp_path):

@@ -18,15 +18,11 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.families.hunyuan import planner as family  # noqa: E402
 from mlx_video.convert.formats import TensorFile  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from support.hunyuan import official_state, official_vae_config  # noqa: E402
-from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
+from support.hunyuan import build_tiny_hunyuan_pipeline, official_state, official_vae_config  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 E4M3_MAX = 448.0
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def fp8_release(official: dict) -> tuple[dict, dict, dict]:

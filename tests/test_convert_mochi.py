@@ -26,9 +26,8 @@ from mlx_video.families.mochi.transformer import MochiTransformer
 from mlx_video.families.mochi.vae import MochiVAE
 from mlx_video.registry import get_spec
 from mlx_video.text_encoders.t5 import T5Config, T5Encoder
-from support.mochi import official_state_dict
-from support.mochi import official_vae_state_dicts
-from support.mochi import T5_XXL  # noqa: E402
+from support.mochi import T5_XXL, official_state_dict, official_vae_state_dicts
+from support.arrays import meta_shapes
 
 
 class Shapes(TensorFile):
@@ -38,10 +37,6 @@ class Shapes(TensorFile):
         self._shapes = {k: tuple(v) for k, v in shapes.items()}
         self._codes = {k: "BF16" for k in shapes}
         self.paths, self.metadata = [], {}
-
-
-def meta_shapes(module) -> dict:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 @pytest.fixture(scope="module")

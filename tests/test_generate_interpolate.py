@@ -19,6 +19,7 @@ from PIL import Image
 from mlx_video.cli import main
 from mlx_video.errors import MlxVideoError
 from mlx_video.presets import get_preset, retime_indices
+from support.cli import run_error
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -146,15 +147,6 @@ def test_2x_then_a_presets_rate_by_nearest_frame(a14b, rife_folder, tmp_path):
     assert record["delivery"]["render_fps"] == 2 * FPS
     assert record["delivery"]["frame_rate_conversion"] == "nearest frame in time"
     assert record["output_fps"] == preset.fps and record["output_frames"] == len(frames)
-
-
-def run_error(capsys, args) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    assert exc.value.code == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
-    return err
 
 
 @pytest.mark.parametrize("extra, needle", [

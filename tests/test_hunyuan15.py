@@ -29,10 +29,7 @@ from support.hunyuan15 import (  # noqa: E402
     GLYPH_DIM, IMAGE_DIM, TEXT_DIM, build_tiny_i2v_pipeline, build_tiny_t2v_pipeline, official_state,
     save_transformer_folder, tiny_transformer,
 )
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
+from support.arrays import rel_err  # noqa: E402
 
 def converted(tmp_path_factory, name, model, **kwargs):
     root = tmp_path_factory.mktemp(name)

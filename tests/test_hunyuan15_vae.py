@@ -22,6 +22,7 @@ from mlx_video.families.hunyuan15.vae_keys import (
     keymap_for,
     vae_config_from_json,
 )
+from support.arrays import from_torch, rel_err, to_torch
 from support.hunyuan15 import official_vae_state
 
 PARITY_RTOL = 1e-5
@@ -57,18 +58,6 @@ def ours_from(reference: AutoencoderKLHunyuanVideo15, state: dict | None = None)
     weights = convert_vae({k: mx.array(v.float().numpy()) for k, v in state.items()})
     model.load_weights(list(weights.items()), strict=True)
     return model
-
-
-def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
-def to_torch(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()
-
-
-def from_torch(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 4, 1).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +104,7 @@ def test_decode_parity(request, which, frames, height, width, chunks):
     assert expected.shape == (1, 4 * frames - 3, s * height, s * width, 3)
     for chunk in chunks:
         got = np.array(ours.decode(mx.array(latents), VAETiling(spatial=False, chunk_frames=chunk)))
-        rel = relative_error(got, expected)
+        rel = rel_err(got, expected)
         print(f"decode {which} {frames}x{height}x{width}, chunks of {chunk}: rel {rel:.2e}")
         assert got.shape == expected.shape and rel < PARITY_RTOL
 
@@ -134,7 +123,7 @@ def test_encode_parity(request, which, frames, height, width, chunks):
     assert expected.shape == (1, (frames - 1) // 4 + 1, height // s, width // s, reference.config.latent_channels)
     for chunk in chunks:
         got = np.array(ours.encode(mx.array(video), VAETiling(spatial=False, chunk_frames=chunk)))
-        rel = relative_error(got, expected)
+        rel = rel_err(got, expected)
         print(f"encode {which} {frames}x{height}x{width}, chunks of {chunk}: rel {rel:.2e}")
         assert got.shape == expected.shape and rel < PARITY_RTOL
 
@@ -155,7 +144,7 @@ def test_tiled_decode_parity(pair_c, tile, overlap, latent_thw, out_thw):
     expected = reference_decode(reference, latents)
     reference.disable_tiling()
     got = np.array(ours.decode(mx.array(latents), VAETiling(tile_size=tile, overlap=overlap, chunk_frames=1)))
-    rel = relative_error(got, expected)
+    rel = rel_err(got, expected)
     print(f"tiled decode, {tile} px tiles, overlap {overlap}: rel {rel:.2e}")
     assert got.shape == expected.shape == (1, *out_thw, 3) and rel < PARITY_RTOL
     untiled = np.array(ours.decode(mx.array(latents), VAETiling(spatial=False)))
@@ -170,7 +159,7 @@ def test_tiled_encode_parity(pair_c):
     expected = reference_encode(reference, video)
     reference.disable_tiling()
     got = np.array(ours.encode(mx.array(video), VAETiling(tile_size=32, overlap=0.25, chunk_frames=1)))
-    rel = relative_error(got, expected)
+    rel = rel_err(got, expected)
     print(f"tiled encode (2 x 3 tiles): rel {rel:.2e}")
     assert got.shape == expected.shape == (1, 2, 5, 7, 4) and rel < PARITY_RTOL
 

@@ -15,15 +15,12 @@ pytest.importorskip("diffusers")
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.families.hunyuan.planner import LOW_PRECISION_LLAMA, LOW_PRECISION_TRANSFORMER  # noqa: E402
 from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 # widths --group-size 32 divides: 2 heads of 48 (RoPE 8/20/20), MLP 288; Llama 64 wide (4 heads of 16), FFN 96
 TRANSFORMER = dict(attention_head_dim=48, rope_axes_dim=(8, 20, 20), text_embed_dim=64)
 LLAMA = dict(hidden_size=64, head_dim=16, intermediate_size=96)
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

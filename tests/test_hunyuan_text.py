@@ -36,6 +36,7 @@ from mlx_video.text_encoders.llama import (
     encode_prompts,
     template_crop_start,
 )
+from support.arrays import rel_err
 
 PARITY_RTOL = 1e-5
 SENTENCES = [
@@ -46,10 +47,6 @@ SENTENCES = [
     "The template puts the prompt in its {} placeholder: {} {} {}",  # so that `{}` is one token, as in Llama 3
 ]
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-
-
-def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def byte_level_bpe(folder, specials, template_single, pad_token, vocab_size=400, last_special=None):
@@ -117,7 +114,7 @@ def test_llama_path_matches_diffusers(llama):
     assert got.shape == tuple(expected.shape) == (2, 40, 40)
     np.testing.assert_array_equal(np.array(mask), expected_mask.numpy())
     assert 0 < int(np.array(mask).sum(1).max()) < 40  # both prompts padded
-    rel = relative_error(np.array(got), expected.numpy())
+    rel = rel_err(np.array(got), expected.numpy())
     print(f"Llama path (template crop {crop}, hidden_states[-3]) parity: rel {rel:.2e}")
     assert rel < PARITY_RTOL
 
@@ -128,8 +125,8 @@ def test_llama_hidden_state_index(llama):
     with torch.no_grad():
         states = llama.reference(torch.from_numpy(np.array(ids)).long(), output_hidden_states=True).hidden_states
     got = np.array(llama.ours(ids))
-    assert relative_error(got, states[-3].numpy()) < PARITY_RTOL
-    assert relative_error(got, states[-2].numpy()) > 1e-2
+    assert rel_err(got, states[-3].numpy()) < PARITY_RTOL
+    assert rel_err(got, states[-2].numpy()) > 1e-2
 
 
 def test_template_crop_start_checked(llama):
@@ -206,7 +203,7 @@ def test_clip_pooled_parity(tmp_path, legacy_eos):
     with torch.no_grad():
         expected = reference(ids).pooler_output.numpy()
     assert got.shape == expected.shape == (2, 36)
-    rel = relative_error(np.array(got), expected)
+    rel = rel_err(np.array(got), expected)
     print(f"CLIP pooled parity (legacy eos={legacy_eos}): rel {rel:.2e}")
     assert rel < PARITY_RTOL
 

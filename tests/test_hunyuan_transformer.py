@@ -26,6 +26,7 @@ from mlx_video.families.hunyuan.keys import (
 from mlx_video.families.hunyuan.config import HUNYUAN_T2V_720P
 from mlx_video.families.hunyuan.transformer import HunyuanTransformer
 from support.hunyuan import official_state  # noqa: E402
+from support.arrays import rel_err
 
 PARITY_RTOL = 1e-5
 
@@ -100,10 +101,6 @@ def ours_from(reference, tmp_path) -> HunyuanTransformer:
     return model
 
 
-def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
 def inputs(rng, batch, frames, height, width, channels, text_len, text_dim, pooled_dim, valid):
     latents = rng.standard_normal((batch, frames, height, width, channels)).astype(np.float32)
     text = rng.standard_normal((batch, text_len, text_dim)).astype(np.float32)
@@ -151,7 +148,7 @@ def test_parity_with_diffusers(tmp_path, frames, height, width, valid, guidance)
         None if guidance_in is None else mx.array(guidance_in),
     )
     assert got.dtype == mx.float32 and got.shape == expected.shape
-    rel = relative_error(np.array(got), expected)
+    rel = rel_err(np.array(got), expected)
     print(f"transformer parity {frames}x{height}x{width} valid={valid}: rel {rel:.2e}")
     assert rel < PARITY_RTOL
 
@@ -174,7 +171,7 @@ def test_i2v_parity_with_diffusers(tmp_path, condition, channels, frames, guidan
     expected = run_reference(reference, latents, timestep, text, mask, pooled, guidance_in)
     got = np.array(ours(*(None if a is None else mx.array(a)
                           for a in (latents, timestep, text, mask, pooled, guidance_in))))
-    rel = relative_error(got, expected)
+    rel = rel_err(got, expected)
     print(f"I2V transformer parity ({condition}): rel {rel:.2e}")
     assert rel < PARITY_RTOL
     if condition == "token_replace":  # the first frame's own modulation matters: without it the result moves
@@ -182,7 +179,7 @@ def test_i2v_parity_with_diffusers(tmp_path, condition, channels, frames, guidan
         plain.update(ours.parameters())
         moved = np.array(plain(*(None if a is None else mx.array(a)
                                  for a in (latents, timestep, text, mask, pooled, guidance_in))))
-        assert relative_error(moved, expected) > 1e-2
+        assert rel_err(moved, expected) > 1e-2
 
 
 def test_parity_with_stock_diffusers_sinusoid(tmp_path):
@@ -195,7 +192,7 @@ def test_parity_with_stock_diffusers_sinusoid(tmp_path):
     timestep, guidance = np.array([999.0, 250.0], np.float32), np.array([6000.0, 6000.0], np.float32)
     expected = run_reference(reference, latents, timestep, text, mask, pooled, guidance)
     got = ours(*(mx.array(a) for a in (latents, timestep, text, mask, pooled, guidance)))
-    rel = relative_error(np.array(got), expected)
+    rel = rel_err(np.array(got), expected)
     print(f"transformer parity vs stock diffusers sinusoid: rel {rel:.2e}")
     assert rel < 1e-4
 
@@ -215,7 +212,7 @@ def test_padding_does_not_leak(tmp_path):
     assert state.mask is None and state.txt.shape[1] == 3  # batch 1: padding dropped, no mask
     expected = run_reference(reference, latents, np.array([500.0], np.float32), text, mask, pooled,
                              np.array([6000.0], np.float32))
-    assert relative_error(second, expected) < PARITY_RTOL
+    assert rel_err(second, expected) < PARITY_RTOL
 
 
 def test_embed_blocks_head_compose(tmp_path):
@@ -244,7 +241,7 @@ def test_bf16_close_to_fp32(tmp_path):
     ours.dtype = mx.bfloat16
     half = ours(latents.astype(mx.bfloat16), t, text.astype(mx.bfloat16), mask, pooled.astype(mx.bfloat16), g)
     assert half.dtype == mx.float32
-    rel = relative_error(np.array(half), full)
+    rel = rel_err(np.array(half), full)
     print(f"bf16 vs fp32: rel {rel:.2e}")
     assert np.isfinite(np.array(half)).all() and rel < 3e-2
 

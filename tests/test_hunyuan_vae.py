@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from mlx_video.families.hunyuan.keys import DIFFUSERS_VAE, convert_weights, vae_config_from_diffusers
 from mlx_video.families.hunyuan.config import HUNYUAN_VAE
 from mlx_video.families.hunyuan.vae import HunyuanVAE, VAETiling
+from support.arrays import from_torch, rel_err, to_torch
 
 PARITY_RTOL = 1e-5
 
@@ -60,18 +61,6 @@ def ours_from(reference, tmp_path) -> HunyuanVAE:
     return model
 
 
-def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
-def to_torch(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()
-
-
-def from_torch(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 4, 1).numpy()
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     reference = random_reference(tiny_config(), seed=0)
@@ -88,7 +77,7 @@ def test_encode_parity_untiled(pair, frames, height, width):
         expected = from_torch(reference.encode(to_torch(video)).latent_dist.mode()) * 0.476986
     got = ours.encode(mx.array(video), tiling=None)
     assert got.shape == expected.shape == (2, (frames - 1) // 4 + 1, height // 8, width // 8, 6)
-    rel = relative_error(np.array(got), expected)
+    rel = rel_err(np.array(got), expected)
     print(f"VAE encode {frames}x{height}x{width}: rel {rel:.2e}")
     assert rel < PARITY_RTOL
 
@@ -103,7 +92,7 @@ def test_decode_parity_untiled(pair, frames, height, width):
         expected = from_torch(reference.decode(to_torch(latents / 0.476986)).sample)
     got = ours.decode(mx.array(latents), tiling=None)
     assert got.shape == expected.shape == (2, 4 * frames - 3, 8 * height, 8 * width, 3)
-    rel = relative_error(np.array(got), expected)
+    rel = rel_err(np.array(got), expected)
     print(f"VAE decode {frames}x{height}x{width}: rel {rel:.2e}")
     assert rel < PARITY_RTOL
 
@@ -124,11 +113,11 @@ def test_decode_parity_tiled(pair):
         expected = from_torch(reference.decode(to_torch(latents / 0.476986)).sample)
     got = np.array(ours.decode(mx.array(latents), tiling=VAETiling(**SMALL_TILES)))
     assert got.shape == expected.shape == (1, 13, 72, 80, 3)
-    rel = relative_error(got, expected)
+    rel = rel_err(got, expected)
     print(f"VAE tiled decode (2x2 spatial tiles, 4 clips): rel {rel:.2e}")
     assert rel < PARITY_RTOL
     untiled = np.array(ours.decode(mx.array(latents), tiling=None))
-    print(f"tiled vs untiled decode (not the same computation): rel {relative_error(got, untiled):.2e}")
+    print(f"tiled vs untiled decode (not the same computation): rel {rel_err(got, untiled):.2e}")
     assert not np.allclose(got, untiled)
 
 
@@ -144,7 +133,7 @@ def test_encode_parity_tiled(pair):
         expected = from_torch(reference.encode(to_torch(video)).latent_dist.mode()) * 0.476986
     got = np.array(ours.encode(mx.array(video), tiling=VAETiling(**SMALL_TILES)))
     assert got.shape == expected.shape
-    rel = relative_error(got, expected)
+    rel = rel_err(got, expected)
     print(f"VAE tiled encode: rel {rel:.2e}")
     assert rel < PARITY_RTOL
 
@@ -159,7 +148,7 @@ def test_default_tiling_is_diffusers_default(pair):
     with torch.no_grad():
         expected = from_torch(reference.decode(to_torch(latents / 0.476986)).sample)
     got = np.array(ours.decode(mx.array(latents), tiling=VAETiling(spatial=False)))
-    assert relative_error(got, expected) < PARITY_RTOL
+    assert rel_err(got, expected) < PARITY_RTOL
 
 
 def test_input_validation(pair):

@@ -14,22 +14,13 @@ import pytest
 
 from mlx_video.cli import main
 from mlx_video.errors import MlxVideoError
+from support.tensor_files import save_f32
+from support.arrays import rel_err
 
 PROMPT = "a corgi surfs a wave at sunset"
 NEGATIVE = "static, blurry"
 LINEARS = {"self_attn": "qkvo", "cross_attn": "qkvo"}
 DIFFUSERS_NAMES = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _save(path, tensors: dict, metadata: dict | None = None):
-    from safetensors.numpy import save_file
-
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path), metadata=metadata)
-    return path
 
 
 def _layers(dim=24, ffn=40, blocks=2):
@@ -59,7 +50,7 @@ def comfy_lora(path, rank, alpha, seed, with_bias=True):
         t[f"diffusion_model.{name}.alpha"] = np.array(alpha)
         if with_bias and (name.endswith(".q") or name.endswith("ffn.0")):
             t[f"diffusion_model.{name}.diff_b"] = rng.standard_normal(o) * 0.1
-    return _save(path, t)
+    return save_f32(path, t)
 
 
 def kohya_lora(path, rank, alpha, seed):
@@ -70,7 +61,7 @@ def kohya_lora(path, rank, alpha, seed):
         t[f"{key}.lora_down.weight"] = rng.standard_normal((rank, i)) / np.sqrt(i)
         t[f"{key}.lora_up.weight"] = rng.standard_normal((o, rank)) * 0.3
         t[f"{key}.alpha"] = np.array(alpha)
-    return _save(path, t)
+    return save_f32(path, t)
 
 
 def peft_lora(path, rank, alpha, seed):
@@ -207,22 +198,11 @@ def _generate_error(root, extra, capsys):
     return capsys.readouterr().err
 
 
-@pytest.fixture
-def no_denoising(monkeypatch):
-    """Fail the test if any denoising step starts."""
-    import mlx_video.pipelines.base as base  # every family's loop runs through Pipeline.run_denoising
-
-    def refuse(*a, **k):
-        raise AssertionError("a denoising step ran")
-
-    monkeypatch.setattr(base, "denoise", refuse)
-
-
 def test_lora_for_another_width(a14b, loras, capsys, no_denoising):
     root, _ = a14b
     path = root / "wide.safetensors"
-    _save(path, {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": np.zeros((4, 5120)),
-                 "diffusion_model.blocks.0.self_attn.q.lora_up.weight": np.zeros((5120, 4))})
+    save_f32(path, {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": np.zeros((4, 5120)),
+                    "diffusion_model.blocks.0.self_attn.q.lora_up.weight": np.zeros((5120, 4))})
     err = _generate_error(root, ["--lora", str(path)], capsys)
     assert "wide.safetensors" in err and "blocks.0.self_attn.q.lora_down.weight" in err and "5120" in err
 
@@ -230,8 +210,8 @@ def test_lora_for_another_width(a14b, loras, capsys, no_denoising):
 def test_lora_for_another_model(a14b, capsys, no_denoising):
     root, _ = a14b
     path = root / "flux.safetensors"
-    _save(path, {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": np.zeros((4, 24)),
-                 "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": np.zeros((24, 4))})
+    save_f32(path, {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": np.zeros((4, 24)),
+                    "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": np.zeros((24, 4))})
     err = _generate_error(root, ["--lora", str(path)], capsys)
     assert "flux.safetensors" in err and "single_transformer_blocks.0.attn.to_q.lora_A.weight" in err
 
@@ -239,8 +219,8 @@ def test_lora_for_another_model(a14b, capsys, no_denoising):
 def test_lora_for_deeper_model(a14b, capsys, no_denoising):
     root, _ = a14b
     path = root / "deep.safetensors"
-    _save(path, {"diffusion_model.blocks.7.ffn.0.lora_down.weight": np.zeros((4, 24)),
-                 "diffusion_model.blocks.7.ffn.0.lora_up.weight": np.zeros((40, 4))})
+    save_f32(path, {"diffusion_model.blocks.7.ffn.0.lora_down.weight": np.zeros((4, 24)),
+                    "diffusion_model.blocks.7.ffn.0.lora_up.weight": np.zeros((40, 4))})
     err = _generate_error(root, ["--lora-low", str(path)], capsys)
     assert "deep.safetensors" in err and "blocks.7.ffn.0.lora_down.weight" in err
 
@@ -248,7 +228,7 @@ def test_lora_for_deeper_model(a14b, capsys, no_denoising):
 def test_file_without_lora_keys(a14b, capsys, no_denoising):
     root, _ = a14b
     path = root / "plain.safetensors"
-    _save(path, {"blocks.0.self_attn.q.weight": np.zeros((24, 24))})
+    save_f32(path, {"blocks.0.self_attn.q.weight": np.zeros((24, 24))})
     err = _generate_error(root, ["--lora", str(path)], capsys)
     assert "plain.safetensors" in err and "blocks.0.self_attn.q.weight" in err and "not LoRA tensors" in err
 
@@ -256,8 +236,8 @@ def test_file_without_lora_keys(a14b, capsys, no_denoising):
 def test_rank_mismatch(a14b, capsys, no_denoising):
     root, _ = a14b
     path = root / "rank.safetensors"
-    _save(path, {"diffusion_model.blocks.1.cross_attn.k.lora_down.weight": np.zeros((4, 24)),
-                 "diffusion_model.blocks.1.cross_attn.k.lora_up.weight": np.zeros((24, 8))})
+    save_f32(path, {"diffusion_model.blocks.1.cross_attn.k.lora_down.weight": np.zeros((4, 24)),
+                    "diffusion_model.blocks.1.cross_attn.k.lora_up.weight": np.zeros((24, 8))})
     err = _generate_error(root, ["--lora", str(path)], capsys)
     assert "rank.safetensors" in err and "blocks.1.cross_attn.k.lora_up.weight" in err and "rank mismatch" in err
 
@@ -265,7 +245,7 @@ def test_rank_mismatch(a14b, capsys, no_denoising):
 def test_half_a_pair(a14b, capsys, no_denoising):
     root, _ = a14b
     path = root / "half.safetensors"
-    _save(path, {"diffusion_model.blocks.1.cross_attn.k.lora_down.weight": np.zeros((4, 24))})
+    save_f32(path, {"diffusion_model.blocks.1.cross_attn.k.lora_down.weight": np.zeros((4, 24))})
     err = _generate_error(root, ["--lora", str(path)], capsys)
     assert "half.safetensors" in err and "blocks.1.cross_attn.k.lora_down.weight" in err and "no matching up" in err
 

@@ -27,6 +27,8 @@ from mlx_video.families import FAMILIES, pipeline_class  # noqa: E402
 from mlx_video.pipelines.base import Pipeline  # noqa: E402
 from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
 from support.mochi import build_tiny_mochi_pipeline  # noqa: E402
+from support.tensor_files import save_f32  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
 
 # every registered family but those with their own LoRA tests (Wan: tests/test_lora.py and tests/test_cache.py;
 # HunyuanVideo 1.5: tests/test_lora_hunyuan15.py); a new family fails here (no tiny model or run of it below)
@@ -39,17 +41,6 @@ REFUSING_FAMILIES = [name for name in FAMILIES if pipeline_class(name).lora_keym
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"
 RANK, ALPHA = 3, 5.0
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _save(path, tensors: dict, metadata: dict | None = None):
-    from safetensors.numpy import save_file
-
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path), metadata=metadata)
-    return path
 
 
 # ---- the official naming, written from diffusers' module names (the published names of each release) ----
@@ -155,7 +146,7 @@ def official_lora(path, factors: dict, table, swapped) -> None:
         tensors[f"{key}.lora_down.weight"] = down
         tensors[f"{key}.lora_up.weight"] = up
         tensors[f"{key}.alpha"] = np.array(ALPHA / RANK * down.shape[0], dtype=np.float32)
-    _save(path, tensors)
+    save_f32(path, tensors)
 
 
 def peft_lora(pipe_cls, transformer, path, seed: int) -> dict:
@@ -280,7 +271,7 @@ def test_namings_fuse_the_same_deltas(family, request, tmp_path):
     for key, value in mx.load(str(comfy)).items():
         module, suffix = re.fullmatch(r"diffusion_model\.(.+?)(\.lora_down\.weight|\.lora_up\.weight|\.alpha)", key).groups()
         renamed["lora_unet_" + module.replace(".", "_") + suffix] = np.array(value)
-    _save(kohya, renamed)
+    save_f32(kohya, renamed)
     pipe = Pipeline.from_pretrained(str(root / "mlx"))
     maps, parts = pipe.lora_keymaps(), pipe.lora_parts("transformer")
     deltas = {name: module_deltas([(read_lora(path, maps), 1.0)], parts)
@@ -295,16 +286,6 @@ def test_namings_fuse_the_same_deltas(family, request, tmp_path):
 
 
 # ---- bad input: clear errors naming the file and the key, before any denoising step ----
-
-
-@pytest.fixture
-def no_denoising(monkeypatch):
-    import mlx_video.pipelines.base as base
-
-    def refuse(*a, **k):
-        raise AssertionError("a denoising step ran")
-
-    monkeypatch.setattr(base, "denoise", refuse)
 
 
 def _error(root, extra, capsys):
@@ -350,7 +331,7 @@ EXPECT = {"other_family": ("not a layer of this model", 0), "other_width": ("307
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_lora_files(family, case, request, capsys, no_denoising):
     root, _ = request.getfixturevalue(family)
-    path = _save(root / f"bad_{case}.safetensors", {k: np.zeros(s) for k, s in BAD[case][family].items()})
+    path = save_f32(root / f"bad_{case}.safetensors", {k: np.zeros(s) for k, s in BAD[case][family].items()})
     err = _error(root, ["--lora", str(path)], capsys)
     words, key_index = EXPECT[case]
     key = sorted(BAD[case][family])[key_index]
@@ -403,7 +384,7 @@ def test_slices_fuse_into_dense_and_quantized_fused_layers(tmp_path, bits):
         down, up = rng.standard_normal((4, i)) / np.sqrt(i), rng.standard_normal((o, 4)) * 0.2
         tensors[f"transformer.{name}.lora_A.weight"], tensors[f"transformer.{name}.lora_B.weight"] = down, up
         factors[name] = (down, up)
-    path = _save(tmp_path / "slices.safetensors", tensors)
+    path = save_f32(tmp_path / "slices.safetensors", tensors)
     lora = read_lora(path, [DIFFUSERS_TRANSFORMER, OFFICIAL_TRANSFORMER])
     parts = fused_slices(cfg)
 

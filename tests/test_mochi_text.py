@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from mlx_video.families.mochi.keys import TRANSFORMERS_T5, convert_t5_weights  # noqa: E402
 from mlx_video.text_encoders.t5 import T5Config, T5Encoder  # noqa: E402
 from mlx_video.text_encoders.tokenizer import T5Tokenizer  # noqa: E402
+from support.arrays import rel_err_f64  # noqa: E402
 
 TINY = [
     dict(vocab_size=96, d_model=40, d_kv=12, num_heads=5, d_ff=56, num_layers=3),
@@ -28,11 +29,6 @@ COMMON = dict(
     is_encoder_decoder=False,
 )
 SEQ_LEN = 160  # offsets beyond max_distance, so every kind of bucket occurs
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def tiny_t5(folder, kwargs, seed):
@@ -83,13 +79,13 @@ def test_parity_with_transformers_fp32(tmp_path, case):
     got = np.array(ours(mx.array(ids), mx.array(mask)))
     assert got.dtype == np.float32 and got.shape == expected.shape
     valid = mask.astype(bool)
-    assert rel_err(got[valid], expected[valid]) <= 1e-5
-    assert rel_err(got, expected) <= 1e-5  # padded query rows are defined too
+    assert rel_err_f64(got[valid], expected[valid]) <= 1e-5
+    assert rel_err_f64(got, expected) <= 1e-5  # padded query rows are defined too
     # Mochi reads 256 tokens.
     ids256, mask256 = ids[:, :128].repeat(2, axis=1), np.repeat(mask[:, :128], 2, axis=1)
     with torch.no_grad():
         expected = ref(input_ids=torch.from_numpy(ids256).long(), attention_mask=torch.from_numpy(mask256)).last_hidden_state.numpy()
-    assert rel_err(np.array(ours(mx.array(ids256), mx.array(mask256))), expected) <= 1e-5
+    assert rel_err_f64(np.array(ours(mx.array(ids256), mx.array(mask256))), expected) <= 1e-5
 
 
 def test_unknown_keys_are_refused(tmp_path):

@@ -22,17 +22,13 @@ from mlx_video.families.mochi.keys import (  # noqa: E402
 from mlx_video.families.mochi.config import MOCHI_1_PREVIEW  # noqa: E402
 from mlx_video.families.mochi.transformer import MochiTransformer, timestep_from_sigma  # noqa: E402
 from support.mochi import official_state_dict  # noqa: E402
+from support.arrays import rel_err_f64  # noqa: E402
 
 TINY = [
     # heads, head_dim, text width, layers, in channels, T5 width
     dict(num_attention_heads=3, attention_head_dim=20, pooled_projection_dim=36, num_layers=3, in_channels=12, text_embed_dim=48),
     dict(num_attention_heads=2, attention_head_dim=24, pooled_projection_dim=20, num_layers=2, in_channels=4, text_embed_dim=40),
 ]
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def randomize(module, seed: int) -> None:
@@ -114,7 +110,7 @@ def test_parity_with_diffusers(tmp_path, case):
             mask[i, :n] = True
         got, expected = run_both(ref, ours, latents, sigmas, text, mask)
         assert got.shape == expected.shape
-        err = rel_err(got, expected)
+        err = rel_err_f64(got, expected)
         assert err <= 1e-5, (batch, frames, height, width, valid, err)
 
 
@@ -155,7 +151,7 @@ def test_official_names_give_the_same_model(tmp_path):
     text = rng.standard_normal((2, 6, 40)).astype(np.float32)
     mask = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=bool)
     got, expected = run_both(ref, ours, latents, [0.8, 0.1], text, mask)
-    assert rel_err(got, expected) <= 1e-5
+    assert rel_err_f64(got, expected) <= 1e-5
 
 
 def test_unknown_keys_and_missing_parts_are_refused():
@@ -225,4 +221,4 @@ def test_runs_in_bfloat16_with_fp32_rope(tmp_path):
     assert half.dtype == mx.float32
     half = np.array(half)
     assert np.isfinite(half).all()
-    assert rel_err(half, full) < 3e-2
+    assert rel_err_f64(half, full) < 3e-2

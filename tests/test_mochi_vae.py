@@ -24,6 +24,7 @@ from mlx_video.families.mochi.keys import (  # noqa: E402
 from mlx_video.families.mochi.config import MOCHI_VAE  # noqa: E402
 from mlx_video.families.mochi.vae import MochiVAE  # noqa: E402
 from support.mochi import official_vae_state_dicts  # noqa: E402
+from support.arrays import rel_err_f64  # noqa: E402
 
 TINY = [
     dict(
@@ -40,11 +41,6 @@ TINY = [
         add_attention_block=(True, False, True, True, True),
     ),
 ]
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def to_torch_layout(x):  # (B, T, H, W, C) -> (B, C, T, H, W)
@@ -88,12 +84,12 @@ def test_decode_parity(tiny, latent_frames, batch, h, w):
     assert got.shape == (batch, 6 * latent_frames - 5, 8 * h, 8 * w, 3)
     got = to_torch_layout(got)
     assert got.shape == expected.shape
-    assert rel_err(got, expected) <= 1e-5
+    assert rel_err_f64(got, expected) <= 1e-5
     if latent_frames == 4:  # (width-1 latents are avoided: a 1-pixel GroupNorm is ill-conditioned even in torch fp32)
         for chunk in (1, 3):
             chunked = to_torch_layout(ours.decode(mx.array(z.transpose(0, 2, 3, 4, 1)), chunk_frames=chunk))
-            assert rel_err(chunked, expected) <= 1e-5
-            assert rel_err(chunked, got) <= 1e-6
+            assert rel_err_f64(chunked, expected) <= 1e-5
+            assert rel_err_f64(chunked, got) <= 1e-6
 
 
 @pytest.mark.parametrize("frames,batch,height,width", [(1, 1, 16, 24), (7, 2, 16, 16), (13, 1, 24, 16)])
@@ -108,8 +104,8 @@ def test_encode_parity(tiny, frames, batch, height, width):
     got_moments = to_torch_layout(ours.encoder(x))
     got_mean = to_torch_layout(ours.encode(x))
     assert got_mean.shape == mean.shape == (batch, ours.config.latent_channels, (frames - 1) // 6 + 1, height // 8, width // 8)
-    assert rel_err(got_moments, moments) <= 1e-5
-    assert rel_err(got_mean, mean) <= 1e-5
+    assert rel_err_f64(got_moments, moments) <= 1e-5
+    assert rel_err_f64(got_mean, mean) <= 1e-5
 
 
 def test_latent_normalisation_round_trip():
@@ -185,5 +181,5 @@ def test_tiled_convolutions_compute_the_same(tiny, monkeypatch):
     video = mx.array(rng.uniform(-1, 1, (1, 7, 24, 16, 3)).astype(np.float32))
     whole_decode, whole_encode = np.array(ours.decode(z)), np.array(ours.encoder(video))
     monkeypatch.setattr(CausalConv3d, "max_unfold_bytes", 1)
-    assert rel_err(np.array(ours.decode(z, chunk_frames=2)), whole_decode) <= 1e-6
-    assert rel_err(np.array(ours.encoder(video)), whole_encode) <= 1e-6
+    assert rel_err_f64(np.array(ours.decode(z, chunk_frames=2)), whole_decode) <= 1e-6
+    assert rel_err_f64(np.array(ours.encoder(video)), whole_encode) <= 1e-6

@@ -117,16 +117,6 @@ def test_help_texts_come_from_the_registry():
 
 # ---- bounds (issue 24, item 12): each refused at once, naming the limit ----
 
-@pytest.fixture
-def heavy_work_forbidden(monkeypatch):
-    from mlx_video import model_folder
-
-    def boom(*a, **k):
-        raise AssertionError("weights were loaded before the input was validated")
-
-    monkeypatch.setattr(model_folder.ModelFolder, "weights", boom)
-
-
 def quick_error(capsys, args) -> str:
     start = time.perf_counter()
     err = cli_error(capsys, args)

@@ -41,16 +41,6 @@ def run_error(capsys, args, code=1) -> str:
 
 
 @pytest.fixture
-def heavy_work_forbidden(monkeypatch):
-    from mlx_video import model_folder
-
-    def boom(*a, **k):
-        raise AssertionError("weights were loaded before the input was validated")
-
-    monkeypatch.setattr(model_folder.ModelFolder, "weights", boom)
-
-
-@pytest.fixture
 def umask_022():
     old = os.umask(0o022)
     yield

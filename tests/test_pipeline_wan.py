@@ -12,13 +12,10 @@ pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
 from support.wan import build_tiny_wan_pipeline, use_official_sigmas  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset"
 NEGATIVE = "static, blurry"
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # (guidance 1, guidance_2 > 1) is left out on purpose: diffusers then skips guidance for both experts, while the

@@ -13,13 +13,10 @@ PIL = pytest.importorskip("PIL.Image")
 
 from mlx_video.cli import main  # noqa: E402
 from support.wan import build_tiny_wan_pipeline, use_official_sigmas  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
 
 PROMPT = "the camera pans over snowy mountains"
 NEGATIVE = "blurry"
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def make_image(path, width, height):

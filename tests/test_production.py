@@ -14,32 +14,10 @@ from PIL import Image
 from mlx_video.cli import main
 from mlx_video.errors import MlxVideoError
 from mlx_video.registry import MODELS
+from support.cli import gen, run_error
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
-
-
-def gen(model, *extra):
-    return ["generate", "--model", str(model), "--prompt", "a cat", "--quiet", *extra]
-
-
-def run_error(capsys, args) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    assert exc.value.code == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
-    return err
-
-
-@pytest.fixture
-def heavy_work_forbidden(monkeypatch):
-    from mlx_video import model_folder
-
-    def boom(*a, **k):
-        raise AssertionError("weights were loaded before the input was validated")
-
-    monkeypatch.setattr(model_folder.ModelFolder, "weights", boom)
 
 
 @pytest.fixture(scope="module")

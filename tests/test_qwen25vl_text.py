@@ -39,6 +39,7 @@ from mlx_video.text_encoders.qwen25vl import (
     qwen_tokenizer,
     template_crop_start,
 )
+from support.arrays import rel_err
 
 PARITY_RTOL = 1e-5
 
@@ -63,10 +64,6 @@ QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
               r"\s+(?!\S)|\s+")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PROMPTS = ["A cat walks on the grass, realistic.", "", "Café lights at night, a sign reading \"OPEN 24h\"."]
-
-
-def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def qwen_style_tokenizer(folder):
@@ -143,7 +140,7 @@ def test_prompt_path_matches_diffusers(qwen):
     assert got.shape == tuple(expected.shape) == (3, 24, 48)
     np.testing.assert_array_equal(np.array(mask), expected_mask.numpy())
     assert 0 < int(np.array(mask).sum(1).max()) < 24  # every prompt padded
-    rel = relative_error(np.array(got), expected.numpy())
+    rel = rel_err(np.array(got), expected.numpy())
     print(f"Qwen2.5-VL prompt path (crop {crop}, hidden_states[-3]) parity: rel {rel:.2e}")
     assert rel < PARITY_RTOL
 
@@ -154,8 +151,8 @@ def test_hidden_state_index_and_mrope_positions(qwen):
     with torch.no_grad():
         states = qwen.reference(torch.from_numpy(np.array(ids)).long(), output_hidden_states=True).hidden_states
     got = np.array(qwen.ours(ids))
-    assert relative_error(got, states[-3].numpy()) < PARITY_RTOL
-    assert relative_error(got, states[-2].numpy()) > 1e-2
+    assert rel_err(got, states[-3].numpy()) < PARITY_RTOL
+    assert rel_err(got, states[-2].numpy()) > 1e-2
 
 
 def test_tokenizer_applies_the_released_normalizer(qwen):

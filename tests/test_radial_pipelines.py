@@ -22,14 +22,11 @@ pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
 from support.reference.radial_mask import gen_log_mask_shrinked  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"
 BLOCK = 8
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 class ReferenceRadial:

@@ -11,7 +11,8 @@ import torch
 from mlx_video.nn.radial import RadialDefaults
 from mlx_video.pipelines.attention_mode import AttentionMode, RadialRun, prepare_model
 from support.reference.radial_mask import gen_log_mask_shrinked
-from support.wan_s2v import Fixture, ours_layout, rel_err, run
+from support.arrays import rel_err_f64
+from support.wan_s2v import Fixture, ours_layout, run
 
 TILE = 8
 
@@ -54,10 +55,10 @@ def test_s2v_radial_equals_dense_attention_under_the_reference_mask():
         site.sparse = None if index < 1 else ReferenceMaskedAttention(frames, per_frame, defaults.decay)
     reference = run(model, args, False)
     prepare_model(model, None)
-    err = rel_err(ours, reference)
-    print(f"S2V radial vs dense under the reference mask: {err:.2e} (radial vs dense {rel_err(ours, dense):.2e})")
+    err = rel_err_f64(ours, reference)
+    print(f"S2V radial vs dense under the reference mask: {err:.2e} (radial vs dense {rel_err_f64(ours, dense):.2e})")
     assert err < 1e-5
-    assert rel_err(ours, dense) > 1e-3
+    assert rel_err_f64(ours, dense) > 1e-3
     tokens = radial.sequence_lengths[-1]
     assert tokens > frames * per_frame  # the reference and motion tokens after the video, kept whole
     assert radial.plan(tokens).mask[frames * per_frame // TILE:].all()

@@ -28,13 +28,10 @@ from mlx_video.image_encoders.siglip import (
     encode_image,
     preprocess_image,
 )
+from support.arrays import rel_err
 
 PARITY_RTOL = 1e-5
 SIZE = 42  # 7 x 7 patches of 6
-
-
-def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -77,7 +74,7 @@ def test_encoder_matches_transformers(siglip):
         expected = reference(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).last_hidden_state.numpy()
     got = np.array(ours(mx.array(pixels)))
     assert got.shape == expected.shape == (2, 49, 36)
-    rel = relative_error(got, expected)
+    rel = rel_err(got, expected)
     print(f"SigLIP vision parity: rel {rel:.2e}")
     assert rel < PARITY_RTOL
     with pytest.raises(MlxVideoError, match="pixels of shape"):
@@ -128,7 +125,7 @@ def test_encode_image_matches_diffusers(siglip, tmp_path):
         expected = HunyuanVideo15ImageToVideoPipeline._get_image_embeds(
             reference, processor, Image.fromarray(image), device="cpu").numpy()
     got = np.array(encode_image(ours, image, settings))
-    rel = relative_error(got, expected)
+    rel = rel_err(got, expected)
     print(f"SigLIP encode_image vs diffusers _get_image_embeds: rel {rel:.2e}")
     assert rel < PARITY_RTOL
 

@@ -30,25 +30,15 @@ from mlx_video.run import prepare  # noqa: E402
 from support.wan import (  # noqa: E402
     WAN_IMAGE_OFFICIAL_RENAMES, randomize_, renamed_keys, train_spiece, use_official_sigmas,
 )
+from support.arrays import rel_err  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # torch on one thread (tests/conftest.py)
 
 PROMPT = "a dancer in a red coat"
 NEGATIVE = "blurry"
 HEADS, HEAD_DIM = 3, 10
 FACE = 16  # face crops (the motion encoder's size: two residual blocks)
 WIDTH, HEIGHT, SEGMENT, POSE_FRAMES = 48, 32, 5, 7  # 7 pose frames in segments of 5 (4 new each): two segments
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The references run tiny tensors: on a shared 2-core machine more threads make them ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def transformer_config(text_dim=32, image_dim=160):
@@ -501,7 +491,8 @@ def test_official_release_folder_converts_like_the_diffusers_one(animate, tmp_pa
     from safetensors.torch import save_file
 
     from mlx_video.families.wan.animate_planner import OFFICIAL_CLIP
-    from support.wan_checkpoints import converted_weights, official_clip, official_umt5
+    from support.tensor_files import converted_weights
+    from support.wan_checkpoints import official_clip, official_umt5
 
     root, pipe = animate[:2]
     src = tmp_path / "Wan2.2-Animate-14B"

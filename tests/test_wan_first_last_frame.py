@@ -17,14 +17,11 @@ from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.lora import file_sha256  # noqa: E402
 from mlx_video.run import prepare  # noqa: E402
 from support.wan import build_tiny_wan_pipeline, decode_like_diffusers, use_official_sigmas  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
 
 PROMPT = "a paper boat drifts across a pond"
 NEGATIVE = "blurry"
 WIDTH, HEIGHT, FRAMES = 64, 48, 13
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def make_image(path, width, height, seed):

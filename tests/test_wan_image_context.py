@@ -14,20 +14,11 @@ pytest.importorskip("diffusers")
 
 from mlx_video.convert.rules import convert_weights  # noqa: E402
 from support.wan import WAN_IMAGE_OFFICIAL_RENAMES, randomize_, renamed_keys  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # torch on one thread (tests/conftest.py)
 
 IMAGE_TOKENS = 5  # per image (CLIP ViT-H/14 gives 257)
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_reference(heads, head_dim, flf, seed):
@@ -255,7 +246,8 @@ def test_official_release_folder_converts_like_the_diffusers_one(flf2v, tmp_path
 
     from mlx_video.cli import main
     from mlx_video.families.wan.animate_planner import OFFICIAL_CLIP
-    from support.wan_checkpoints import converted_weights, official_clip, official_umt5
+    from support.tensor_files import converted_weights
+    from support.wan_checkpoints import official_clip, official_umt5
 
     root, pipe = flf2v[:2]
     src = tmp_path / "Wan2.1-FLF2V-14B-720P"

@@ -18,7 +18,8 @@ from mlx.utils import tree_flatten
 from mlx_video.convert.convert import ComponentPlan, plan_component
 from mlx_video.families.wan.s2v_keys import OFFICIAL_S2V_TRANSFORMER
 from mlx_video.families.wan.s2v_model import WAN_S2V_14B, WanS2VConfig, WanS2VTransformer
-from support.wan_s2v import FIXTURES, Fixture, ours_layout, rel_err, run
+from support.arrays import rel_err_f64
+from support.wan_s2v import FIXTURES, Fixture, ours_layout, run
 
 # ||ours - official|| / ||official|| in float32; measured up to ~4e-7.
 PARITY_RTOL = 1e-5
@@ -38,7 +39,7 @@ def test_forward_matches_official(fixture):
             assert not np.any(np.asarray(args["cond_latents"]))
             args["cond_latents"] = None
         ours = run(model, args, spec["drop_motion"])
-        err = rel_err(ours, fx.arrays[f"{case}/out"])
+        err = rel_err_f64(ours, fx.arrays[f"{case}/out"])
         assert err <= PARITY_RTOL, f"{case}: relative error {err:.2e}"
 
 
@@ -46,7 +47,7 @@ def test_prepared_context_matches_official(fixture):
     fx, model = fixture
     args = ours_layout(fx.inputs("full"))
     args["context"] = model.prepare_context(args["context"])
-    assert rel_err(run(model, args, False), fx.arrays["full/out"]) <= PARITY_RTOL
+    assert rel_err_f64(run(model, args, False), fx.arrays["full/out"]) <= PARITY_RTOL
 
 
 def test_batch_of_two_matches_official_single_calls():
@@ -56,8 +57,8 @@ def test_batch_of_two_matches_official_single_calls():
     cond, uncond = ours_layout(fx.inputs("full")), ours_layout(fx.inputs("uncond"))
     batched = {k: mx.concatenate([cond[k], uncond[k]], axis=0) for k in cond}
     out = run(model, batched, False)
-    assert rel_err(out[:1], fx.arrays["full/out"]) <= PARITY_RTOL
-    assert rel_err(out[1:], fx.arrays["uncond/out"]) <= PARITY_RTOL
+    assert rel_err_f64(out[:1], fx.arrays["full/out"]) <= PARITY_RTOL
+    assert rel_err_f64(out[1:], fx.arrays["uncond/out"]) <= PARITY_RTOL
 
 
 def test_audio_encoder_and_injector_match_official():
@@ -65,10 +66,10 @@ def test_audio_encoder_and_injector_match_official():
     model = fx.model()
     audio = fx.arrays["audio_encoder/in"].astype(mx.float32).transpose(0, 3, 1, 2)
     local, glob = model.audio_encoder(audio)
-    assert rel_err(local, fx.arrays["audio_encoder/local"]) <= PARITY_RTOL
-    assert rel_err(glob, fx.arrays["audio_encoder/global"][:, :, 0]) <= PARITY_RTOL
+    assert rel_err_f64(local, fx.arrays["audio_encoder/local"]) <= PARITY_RTOL
+    assert rel_err_f64(glob, fx.arrays["audio_encoder/global"][:, :, 0]) <= PARITY_RTOL
     x, tokens, glob = (fx.arrays[f"injector/{k}"].astype(mx.float32) for k in ("x", "audio", "global"))
-    assert rel_err(model.audio_injectors[1](x, tokens, glob), fx.arrays["injector/out"]) <= PARITY_RTOL
+    assert rel_err_f64(model.audio_injectors[1](x, tokens, glob), fx.arrays["injector/out"]) <= PARITY_RTOL
 
 
 def test_audio_length_must_match_the_latent_frames():

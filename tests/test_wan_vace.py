@@ -25,23 +25,13 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.run import prepare  # noqa: E402
 from support.wan import build_tiny_vace_pipeline, use_official_sigmas  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # torch on one thread (tests/conftest.py)
 
 PROMPT = "a red kite over a green hill"
 NEGATIVE = "blurry"
 WIDTH, HEIGHT = 48, 32
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The references run tiny tensors: on a shared 2-core machine more torch threads only slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def write_frames(folder, count, width, height, seed, grey=False):

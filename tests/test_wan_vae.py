@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from mlx_video.families.wan.vae_keys import DIFFUSERS_VAE
 from mlx_video.families.wan.vae import WAN21_VAE, WAN22_VAE, WanVAE, WanVAEConfig
+from support.arrays import from_torch
 
 # Worst max|ours - ref| / max|ref| allowed in float32. Measured: at most 2e-6 (printed with -s).
 PARITY_RTOL = 1e-5
@@ -84,10 +85,6 @@ def to_torch(x: mx.array) -> torch.Tensor:
     return torch.from_numpy(np.array(x)).permute(0, 4, 1, 2, 3).contiguous()
 
 
-def to_numpy_cl(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 4, 1).numpy()
-
-
 def rel_err(ours: mx.array, ref: np.ndarray) -> float:
     return float(np.abs(np.array(ours) - ref).max() / np.abs(ref).max())
 
@@ -109,7 +106,7 @@ def test_encode_parity(version, frames):
         mu = reference.encode(to_torch(video)).latent_dist.mode()
     mean = torch.tensor(reference.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(reference.config.latents_std).view(1, -1, 1, 1, 1)
-    expected = to_numpy_cl((mu - mean) / std)
+    expected = from_torch((mu - mean) / std)
 
     s = ours.config.scale_factor_spatial
     assert latents.shape == (video.shape[0], 1 + (frames - 1) // 4, height // s, width // s, ours.config.z_dim)
@@ -130,7 +127,7 @@ def test_decode_parity(version, latent_frames):
     mean = torch.tensor(reference.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(reference.config.latents_std).view(1, -1, 1, 1, 1)
     with torch.no_grad():
-        expected = to_numpy_cl(reference.decode(to_torch(z) * std + mean).sample)
+        expected = from_torch(reference.decode(to_torch(z) * std + mean).sample)
 
     s = ours.config.scale_factor_spatial
     assert video.shape == (1, 1 + 4 * (latent_frames - 1), h * s, w * s, 3)

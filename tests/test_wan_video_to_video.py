@@ -25,13 +25,10 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.run import prepare  # noqa: E402
 from support.wan import build_tiny_wan_pipeline, decode_like_diffusers, use_official_sigmas  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
 
 PROMPT = "a watercolour city street at dusk"
 NEGATIVE = "blurry"
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def write_clip(folder, count, width, height, seed):

@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 
 from mlx_video.audio.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from mlx_video.families.wan.wav2vec2_keys import TRANSFORMERS_WAV2VEC2, convert_wav2vec2_weights, fold_weight_norm
+from support.arrays import rel_err_f64
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -30,11 +31,6 @@ XLSR_53 = dict(
     num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, vocab_size=33,
 )
 STABLE = dict(do_stable_layer_norm=True, feat_extract_norm="layer", feat_extract_activation="gelu", hidden_act="gelu")
-
-
-def relative_error(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def reference_model(tiny: dict, seed: int):
@@ -86,7 +82,7 @@ def test_every_hidden_state_matches_transformers(tmp_path, index):
         assert got[0].shape[1] == ours.config.output_length(num_samples)
         for i, (g, r) in enumerate(zip(got, ref)):
             assert g.shape == r.shape, i
-            err = relative_error(np.array(g), r)
+            err = rel_err_f64(np.array(g), r)
             assert err <= 1e-5, f"hidden state {i}: relative error {err:.2e}"
 
 

@@ -1,5 +1,5 @@
 """Wan checkpoints for the conversion tests: tiny models and their state dicts in the official, ComfyUI and fp8
-layouts, full-size files described without their weights, a converted tiny TI2V and its weights."""
+layouts, full-size files described without their weights, a converted tiny TI2V."""
 
 from __future__ import annotations
 
@@ -441,11 +441,3 @@ def converted_tiny_ti2v(root: Path, name: str = "mlx") -> Path:
     build_tiny_wan_pipeline(root / "diffusers", two_experts=False, shift=5.0, wan22_vae=True)
     main(["convert", str(root / "diffusers"), str(root / name), "--dtype", "fp32"])
     return root / name
-
-
-def converted_weights(folder: Path, component: str) -> dict:
-    """A converted folder's component: every tensor of its safetensors files, as numpy arrays."""
-    out = {}
-    for f in sorted((folder / component).glob("*.safetensors")):
-        out.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
-    return out

@@ -19,11 +19,6 @@ from mlx_video.families.wan.s2v_model import WanS2VTransformer
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "s2v"
 
 
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
 class Fixture:
     def __init__(self, name: str):
         arrays, meta = mx.load(str(FIXTURES / f"s2v_{name}.safetensors"), return_metadata=True)
