@@ -20,7 +20,6 @@ import json
 import re
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -28,7 +27,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from mlx.utils import tree_flatten  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from mlx_video.convert.convert import plan  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
@@ -36,6 +34,8 @@ from support.hunyuan15 import (  # noqa: E402
     official_state, official_vae_state, save_transformer_folder, tiny_encoders, tiny_transformer,
 )
 from support.wan_checkpoints import write_description  # noqa: E402
+from support.plans import assert_same, components, converted  # noqa: E402
+from support.tensor_files import save_torch  # noqa: E402
 
 FUSED = re.compile(r"(double_blocks\.\d+\.(?:img|txt)_attn)_([qkv])\.(weight|bias)")
 BLOCK_LINEAR = re.compile(r"double_blocks\.\d+\.(img|txt)_(attn_qkv|attn_proj|mod\.linear|mlp\.fc[12])\.weight")
@@ -90,31 +90,6 @@ def fp8_file(sd: dict, layout: str, prefix: str = "", linear=BLOCK_LINEAR) -> tu
     return stored, decoded
 
 
-def save(path, sd: dict):
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    return path
-
-
-def converted(comp) -> dict[str, np.ndarray]:
-    out = {}
-    for target, (key, _, transform) in comp.tensors.items():
-        value = comp.source.read(key)
-        if transform is not None:
-            value = comp.keymap.transforms[transform](value)
-        out[target] = np.array(value.astype(mx.float32))
-    return out
-
-
-def components(conversion) -> dict:
-    return {c.name: c for c in conversion.components}
-
-
-def assert_same(ours: dict, expected: dict, what: str) -> None:
-    assert sorted(ours) == sorted(expected), what
-    for key in expected:
-        np.testing.assert_array_equal(ours[key], expected[key], err_msg=f"{what}: {key}")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny diffusers I2V folder (a MeanFlow transformer of 3 heads of 16, a VAE without channel matching at its
@@ -141,8 +116,8 @@ def test_comfy_fp16_files_match_the_diffusers_route(tiny):
     assert "double_blocks.1.txt_attn_qkv.bias" in dit and "double_blocks.1.txt_attn_q.weight" not in dit
     vae_sd = comfy_vae_names({k: v.to(torch.float16) for k, v in official_vae_state(vae.state_dict()).items()})
     assert any(".nin_shortcut.conv.weight" in k for k in vae_sd)
-    files = {"transformer": save(root / "hunyuanvideo1.5_480p_i2v_step_distilled_fp16.safetensors", dit),
-             "vae": save(root / "hunyuanvideo15_vae_fp16.safetensors", vae_sd)}
+    files = {"transformer": save_torch(root / "hunyuanvideo1.5_480p_i2v_step_distilled_fp16.safetensors", dit),
+             "vae": save_torch(root / "hunyuanvideo15_vae_fp16.safetensors", vae_sd)}
     conversion = plan(root / "pipe", components=files)
     comps = components(conversion)
     assert "--transformer" in conversion.source_format and "--vae" in conversion.source_format
@@ -159,8 +134,8 @@ def test_comfy_fp8_scaled_transformer(tiny, layout, prefix):
     decoded weights."""
     root, transformer, _, _, _ = tiny
     stored, decoded = fp8_file(comfy_names(official_state(transformer.state_dict())), layout, prefix)
-    comfy = save(root / f"hunyuanvideo1.5_480p_i2v_step_distilled_fp8_scaled_{layout}.safetensors", stored)
-    official = save(root / f"official_decoded_{layout}.safetensors", decoded)
+    comfy = save_torch(root / f"hunyuanvideo1.5_480p_i2v_step_distilled_fp8_scaled_{layout}.safetensors", stored)
+    official = save_torch(root / f"official_decoded_{layout}.safetensors", decoded)
     comp = components(plan(root / "pipe", components={"transformer": comfy}))["transformer"]
     assert any(comp.source.fp8_format(k) == "e4m3fn" for k, _, _ in comp.tensors.values())
     expected = converted(components(plan(root / "pipe", components={"transformer": official}))["transformer"])
@@ -176,8 +151,9 @@ def test_comfy_text_encoder_files(tiny):
     qwen["visual.blocks.0.attn.qkv.weight"] = torch.zeros(48, 16)  # ComfyUI's file holds the vision tower too
     byt5 = {k: v.to(torch.float16) for k, v in encoders["text_encoder_2"].state_dict().items()
             if k != "encoder.embed_tokens.weight"}
-    files = {"text_encoder": save(root / "qwen_2.5_vl_7b.safetensors", {k: v.to(torch.float16) for k, v in qwen.items()}),
-             "text_encoder_2": save(root / "byt5_small_glyphxl_fp16.safetensors", byt5)}
+    files = {"text_encoder": save_torch(root / "qwen_2.5_vl_7b.safetensors",
+                                        {k: v.to(torch.float16) for k, v in qwen.items()}),
+             "text_encoder_2": save_torch(root / "byt5_small_glyphxl_fp16.safetensors", byt5)}
     conversion = plan(root / "pipe", components=files)
     assert "--text-encoder-2" in conversion.source_format
     comps = components(conversion)
@@ -186,10 +162,10 @@ def test_comfy_text_encoder_files(tiny):
         assert_same(converted(comps[name]), expected, f"ComfyUI {name}")
 
     stored, decoded = fp8_file(qwen, "legacy", linear=QWEN_LINEAR)
-    fp8 = save(root / "qwen_2.5_vl_7b_fp8_scaled.safetensors", stored)
+    fp8 = save_torch(root / "qwen_2.5_vl_7b_fp8_scaled.safetensors", stored)
     comp = components(plan(root / "pipe", components={"text_encoder": fp8}))["text_encoder"]
     assert any(comp.source.fp8_format(k) == "e4m3fn" for k, _, _ in comp.tensors.values())
-    decoded_file = save(root / "qwen_decoded.safetensors", decoded)
+    decoded_file = save_torch(root / "qwen_decoded.safetensors", decoded)
     expected = converted(components(plan(root / "pipe", components={"text_encoder": decoded_file}))["text_encoder"])
     assert_same(converted(comp), expected, "ComfyUI fp8-scaled text_encoder")
 
@@ -198,7 +174,7 @@ def test_fused_rows_must_split_in_three(tiny):
     root, transformer, _, _, _ = tiny
     dit = comfy_names(official_state(transformer.state_dict()))
     dit["double_blocks.0.img_attn_qkv.bias"] = dit["double_blocks.0.img_attn_qkv.bias"][:-1]
-    path = save(root / "bad_qkv.safetensors", dit)
+    path = save_torch(root / "bad_qkv.safetensors", dit)
     with pytest.raises(MlxVideoError, match=r"double_blocks\.0\.img_attn_qkv\.bias .* does not split into the 3"):
         plan(root / "pipe", components={"transformer": path})
 

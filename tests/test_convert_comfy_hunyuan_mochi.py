@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
-from safetensors.torch import save_file
 
 from mlx_video.convert.convert import plan
 from mlx_video.errors import MlxVideoError
@@ -33,6 +32,8 @@ from support.mochi import official_state_dict, official_vae_state_dicts
 from support.hunyuan import build_tiny_hunyuan_pipeline
 from support.mochi import build_tiny_mochi_pipeline
 from support.arrays import meta_shapes
+from support.plans import assert_same, components, converted
+from support.tensor_files import save_torch
 
 F8 = torch.float8_e4m3fn
 
@@ -85,23 +86,8 @@ def cast(sd: dict, dtype) -> dict:
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
-def save(path, sd: dict):
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    return path
-
-
 # ---------------------------------------------------------------------------------------------------
 # what a plan converts to, and what the file's rounding makes of the diffusers route
-
-
-def converted(comp) -> dict[str, np.ndarray]:
-    out = {}
-    for target, (key, _, transform) in comp.tensors.items():
-        value = comp.source.read(key)
-        if transform is not None:
-            value = comp.keymap.transforms[transform](value)
-        out[target] = np.array(value.astype(mx.float32))
-    return out
 
 
 def rounded_like(reference: dict[str, np.ndarray], comp) -> dict[str, np.ndarray]:
@@ -118,16 +104,6 @@ def rounded_like(reference: dict[str, np.ndarray], comp) -> dict[str, np.ndarray
             value = value.to(dtype).float()
         out[target] = value.numpy()
     return out
-
-
-def components(conversion) -> dict:
-    return {c.name: c for c in conversion.components}
-
-
-def assert_same(ours: dict, expected: dict, what: str) -> None:
-    assert sorted(ours) == sorted(expected), what
-    for key in expected:
-        np.testing.assert_array_equal(ours[key], expected[key], err_msg=f"{what}: {key}")
 
 
 def _block_linear(key, value) -> bool:
@@ -156,17 +132,17 @@ def test_hunyuan_comfy_files_match_the_diffusers_route(hunyuan):
     in_blocks = lambda k, v: _block_linear(k, v) and re.search(r"\.(double|single)_blocks\.", k) is not None  # noqa: E731
     variants = {
         "fp16 / bf16": {
-            "text_encoder": save(root / "llava_llama3_fp16.safetensors", cast(llama, torch.float16)),
-            "text_encoder_2": save(root / "clip_l.safetensors", cast(clip, torch.float16)),
-            "vae": save(root / "hunyuan_video_vae_bf16.safetensors",
-                        cast(comfy_hunyuan_vae(pipe.vae.state_dict(), levels), torch.bfloat16)),
-            "transformer": save(root / "hunyuan_video_t2v_720p_bf16.safetensors", cast(official, torch.bfloat16)),
+            "text_encoder": save_torch(root / "llava_llama3_fp16.safetensors", cast(llama, torch.float16)),
+            "text_encoder_2": save_torch(root / "clip_l.safetensors", cast(clip, torch.float16)),
+            "vae": save_torch(root / "hunyuan_video_vae_bf16.safetensors",
+                              cast(comfy_hunyuan_vae(pipe.vae.state_dict(), levels), torch.bfloat16)),
+            "transformer": save_torch(root / "hunyuan_video_t2v_720p_bf16.safetensors", cast(official, torch.bfloat16)),
         },
         "fp8 scaled": {
-            "text_encoder": save(root / "llava_llama3_fp8_scaled.safetensors",
-                                 fp8_scaled(llama, lambda k, v: _block_linear(k, v) and ".layers." in k)),
-            "transformer": save(root / "hunyuan_video_t2v_720p_fp8_scaled.safetensors",
-                                fp8_scaled(official, in_blocks, torch.bfloat16)),
+            "text_encoder": save_torch(root / "llava_llama3_fp8_scaled.safetensors",
+                                       fp8_scaled(llama, lambda k, v: _block_linear(k, v) and ".layers." in k)),
+            "transformer": save_torch(root / "hunyuan_video_t2v_720p_fp8_scaled.safetensors",
+                                      fp8_scaled(official, in_blocks, torch.bfloat16)),
         },
     }
     for variant, files in variants.items():
@@ -189,7 +165,7 @@ def test_cli_text_encoder_2_option_writes_the_comfy_clip(hunyuan):
     root, pipe, reference = hunyuan
     clip = {(k if k.startswith("text_model.") else f"text_model.{k}"): v.to(torch.float16)
             for k, v in pipe.text_encoder_2.state_dict().items()}
-    path = save(root / "clip_l_cli.safetensors", clip)
+    path = save_torch(root / "clip_l_cli.safetensors", clip)
     main(["convert", str(root / "pipe"), str(root / "cli_out"), "--dtype", "fp32", "--text-encoder-2", str(path)])
     manifest = json.loads((root / "cli_out" / "mlxvid.json").read_text())
     assert "--text-encoder-2" in manifest["source"]["format"]
@@ -210,7 +186,7 @@ def test_hunyuan_comfy_vae_is_named_and_refused_where_it_does_not_fit(hunyuan):
     # ComfyUI's CLIP file given as the Llama encoder is named for what it is
     clip = {f"text_model.{k}" if not k.startswith("text_model.") else k: v
             for k, v in pipe.text_encoder_2.state_dict().items()}
-    path = save(root / "clip_as_llama.safetensors", cast(clip, torch.float16))
+    path = save_torch(root / "clip_as_llama.safetensors", cast(clip, torch.float16))
     with pytest.raises(MlxVideoError, match="CLIP text encoder"):
         plan(root / "pipe", components={"text_encoder": path})
 
@@ -246,20 +222,20 @@ def test_mochi_comfy_files_match_the_diffusers_route(mochi):
     decoder, encoder = official_vae_state_dicts(vae.state_dict())
     both = {**{f"decoder.{k}": v for k, v in decoder.items()}, **{f"encoder.{k}": v for k, v in encoder.items()}}
     (root / "decoder_only").mkdir()
-    save(root / "decoder_only" / "encoder.safetensors", encoder)  # the official encoder half beside ComfyUI's decoder
+    save_torch(root / "decoder_only" / "encoder.safetensors", encoder)  # the official encoder half beside ComfyUI's decoder
     in_blocks = lambda k, v: _block_linear(k, v) and ".blocks." in k  # noqa: E731
     t5_blocks = lambda k, v: _block_linear(k, v) and k.startswith("encoder.block.") and "relative" not in k  # noqa: E731
     variants = {
         "bf16 / fp16": {
-            "transformer": save(root / "mochi_preview_bf16.safetensors", cast(comfy_dit, torch.bfloat16)),
-            "text_encoder": save(root / "t5xxl_fp16.safetensors", cast(t5, torch.float16)),
-            "vae": save(root / "mochi_vae.safetensors", cast(both, torch.bfloat16)),
+            "transformer": save_torch(root / "mochi_preview_bf16.safetensors", cast(comfy_dit, torch.bfloat16)),
+            "text_encoder": save_torch(root / "t5xxl_fp16.safetensors", cast(t5, torch.float16)),
+            "vae": save_torch(root / "mochi_vae.safetensors", cast(both, torch.bfloat16)),
         },
         "fp8 scaled": {
-            "transformer": save(root / "mochi_preview_fp8_scaled.safetensors", fp8_scaled(comfy_dit, in_blocks)),
-            "text_encoder": save(root / "t5xxl_fp8_e4m3fn_scaled.safetensors", fp8_scaled(t5, t5_blocks)),
-            "vae": save(root / "decoder_only" / "mochi_vae.safetensors",
-                        {f"decoder.{k}": v for k, v in cast(decoder, torch.bfloat16).items()}),
+            "transformer": save_torch(root / "mochi_preview_fp8_scaled.safetensors", fp8_scaled(comfy_dit, in_blocks)),
+            "text_encoder": save_torch(root / "t5xxl_fp8_e4m3fn_scaled.safetensors", fp8_scaled(t5, t5_blocks)),
+            "vae": save_torch(root / "decoder_only" / "mochi_vae.safetensors",
+                              {f"decoder.{k}": v for k, v in cast(decoder, torch.bfloat16).items()}),
         },
     }
     for variant, files in variants.items():

@@ -21,12 +21,9 @@ from mlx_video.families.hunyuan15.planner import LOW_PRECISION_TRANSFORMER  # no
 from mlx_video.nn.linear import Fp8Linear, dense_weight  # noqa: E402
 from mlx_video.pipelines.base import Pipeline  # noqa: E402
 from support.hunyuan15 import GLYPH_DIM, TEXT_DIM, save_transformer_folder, tiny_transformer  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
 
 OUTPUT_BOUND = {"q8": 0.025, "q4": 0.5, "fp8": 0.2}
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from mlx_video.pipelines.base import Pipeline  # noqa: E402
 from support.hunyuan15 import (  # noqa: E402
     GLYPH_DIM, IMAGE_DIM, OFFICIAL_NAMES, TEXT_DIM, save_transformer_folder, tiny_transformer,
 )
+from support.arrays import rel_err  # noqa: E402
 
 RANK, ALPHA = 3, 5.0
 
@@ -59,10 +60,6 @@ def comfy_module_name(official: str) -> str:
 
 def adapted_layers(model) -> int:
     return sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)) for m in model.modules())
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _save(path, tensors: dict, metadata: dict | None = None):

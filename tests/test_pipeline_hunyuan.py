@@ -15,14 +15,10 @@ from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
 from support.arrays import rel_err  # noqa: E402
+from support.hunyuan import official_sigmas  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"
-
-
-def official_sigmas(steps: int) -> np.ndarray:
-    """HunyuanVideo's grid before the shift: torch.linspace(1, 0, steps + 1)[:-1] in float32."""
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)[:-1].numpy()
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,12 @@ pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
+from support.arrays import rel_err  # noqa: E402
+from support.hunyuan import official_sigmas  # noqa: E402
 from support.hunyuan_i2v import build_tiny_hunyuan_i2v_pipeline, write_i2v_release  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def official_sigmas(steps: int) -> np.ndarray:
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)[:-1].numpy()
 
 
 @pytest.fixture(scope="module")

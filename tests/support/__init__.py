@@ -8,12 +8,14 @@ tests/conftest.py.
   fp8 files, full-size descriptions without weights), a converted tiny TI2V.
 - `wan_s2v`: Wan2.2-S2V recorded from the official code: the transformer's cases, the pipeline's run and its
   release folder, a voice track.
-- `hunyuan`: a tiny random HunyuanVideo pipeline; a diffusers state dict in the official layout; published configs.
+- `hunyuan`: a tiny random HunyuanVideo pipeline; a diffusers state dict in the official layout; published configs;
+  the official sigma grid.
 - `hunyuan_i2v`: a tiny random HunyuanVideo-I2V pipeline (token replace) with its tiny LLaVA and LLaVA tokenizer.
 - `hunyuan15`: tiny random HunyuanVideo 1.5 pipelines (T2V, I2V), transformers, VAE and encoders.
 - `mochi`: a tiny random Mochi 1 pipeline; transformer and VAE state dicts in genmo's layout; T5-XXL's config.
 - `arrays`: relative errors (`rel_err`, `rel_err_f64`), torch <-> channels-last video layouts, state-dict shapes.
-- `tensor_files`: a converted folder's weights as numpy; tensors written as float32 safetensors.
+- `tensor_files`: a converted folder's weights as numpy; tensors written as float32 or as torch holds them.
+- `plans`: a planned conversion's components by name, what a component converts to, exact equality.
 - `cli`: an `mlxvid generate` command line, and a run that must fail with one clean error.
 - `text`: a SentencePiece model in T5's layout trained on a few sentences, and prompts for tokenizer parity.
 - `serve`: an `mlxvid serve` process for the server tests, and polling helpers.

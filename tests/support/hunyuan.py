@@ -11,6 +11,8 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+
 SENTENCES = [
     "a cat walks on the grass in the morning light, realistic style",
     "a corgi surfs a wave at sunset, cinematic",
@@ -231,3 +233,10 @@ def official_vae_config(vae_config) -> dict:
         "up_block_types": ["UpDecoderBlockCausal3D"] * levels, "scaling_factor": vae_config.scaling_factor,
         "time_compression_ratio": 4, "mid_block_add_attention": True,
     }
+
+
+def official_sigmas(steps: int) -> np.ndarray:
+    """HunyuanVideo's grid before the shift: torch.linspace(1, 0, steps + 1)[:-1] in float32."""
+    import torch
+
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)[:-1].numpy()

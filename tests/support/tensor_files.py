@@ -22,3 +22,11 @@ def save_f32(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
 
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
+
+
+def save_torch(path: Path, sd: dict) -> Path:
+    """A torch state dict written as safetensors as it is (contiguous); returns `path`."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
