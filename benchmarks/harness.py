@@ -1019,10 +1019,12 @@ def _vae_row(case, w: int, h: int, frames: int, repeats: int, weights: int, seed
 
 def run_estimate(model_id: str | None = None, size: tuple[int, int] | None = None, frames: int | None = None,
                  steps: int | None = None, chips=("all",), dtype: str = "bf16", quantize: str | None = None,
-                 guidance: bool = True, efficiency: float | None = None, peak_json=None, json_path=None,
+                 guidance: bool | None = None, efficiency: float | None = None, peak_json=None, json_path=None,
                  echo=click.echo, command: str | None = None) -> dict:
-    """Predicted minutes per video on Apple chips, from the family's cost model (no measurement on the chip)."""
+    """Predicted minutes per video on Apple chips, from the family's cost model (no measurement on the chip).
+    `guidance` None: as the model's published settings run (`ModelSpec.cfg_by_default`)."""
     spec = get_spec(model_id or DEFAULT_MODEL)
+    guidance = spec.cfg_by_default if guidance is None else guidance
     width, height = size or spec.default_size
     frames = frames or spec.frames
     measured = None
@@ -1238,19 +1240,21 @@ def vae(model_id, sizes, frames, dtype, vae_dim, width, chunk, encode, repeats, 
               help=f"One of {', '.join(C.CHIPS)}, or all (repeatable).")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bf16", show_default=True)
 @click.option("--quantize", type=click.Choice(list(C.QUANT_BITS)), default=None)
-@click.option("--no-guidance", is_flag=True)
+@click.option("--guidance/--no-guidance", default=None,
+              help="Count two passes a step (classifier-free guidance) or one. Default: as the model's published "
+                   "settings run (one for distilled or embedded guidance).")
 @click.option("--efficiency", type=float, default=None,
               help=f"Fraction of peak reached (default {C.DEFAULT_EFFICIENCY}, an assumption).")
 @click.option("--peak-json", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A `bench peak` record from the target machine: its matmul TFLOP/s replaces the published peak.")
 @_json_option
-def estimate(model_id, size, frames, steps, chips, dtype, quantize, no_guidance, efficiency, peak_json, json_path):
+def estimate(model_id, size, frames, steps, chips, dtype, quantize, guidance, efficiency, peak_json, json_path):
     """Predicted minutes per video on Apple chips (published peak figures, FLOP model)."""
     for c in chips:
         if c != "all" and c.lower() not in C.CHIPS:
             raise click.BadParameter(f"unknown chip {c!r}; known: {', '.join(C.CHIPS)}, all")
     run_estimate(model_id, _parse_size(size) if size else None, frames, steps, chips, dtype, quantize,
-                 not no_guidance, efficiency, peak_json, json_path)
+                 guidance, efficiency, peak_json, json_path)
 
 
 def main(argv=None) -> None:

@@ -33,9 +33,9 @@ def default_peak_bytes(spec, dtype: str = "bf16", quantize: str | None = None) -
     from .families import cost_model
 
     w, h = spec.default_size
-    try:  # each family's default for `guidance` is what its default run does
+    try:
         estimate = cost_model(spec.family).estimate_peak_memory(spec, w, h, spec.default("frames"), dtype=dtype,
-                                                                quantize=quantize)
+                                                                quantize=quantize, guidance=spec.cfg_by_default)
     except Exception:  # a family without a cost model for this entry: say unknown rather than fail the listing
         return None
     return int(estimate.peak_bytes)

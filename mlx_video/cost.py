@@ -159,7 +159,7 @@ def get_chip(name: str) -> Chip:
 
 
 def predict(chip: str | Chip, spec, width: int | None = None, height: int | None = None, frames: int | None = None,
-            steps: int | None = None, guidance: bool = True, dtype: str = "bf16", quantize: str | None = None,
+            steps: int | None = None, guidance: bool | None = None, dtype: str = "bf16", quantize: str | None = None,
             efficiency: float | None = None, measured_tflops: float | None = None) -> dict:
     """Predicted time of a generation on `chip`.
 
@@ -173,6 +173,7 @@ def predict(chip: str | Chip, spec, width: int | None = None, height: int | None
     w0, h0 = spec.default_size
     width, height, frames = width or w0, height or h0, frames or spec.frames
     steps = spec.steps if steps is None else steps
+    guidance = spec.cfg_by_default if guidance is None else guidance  # None: as the published settings run
     if measured_tflops is not None:
         peak = measured_tflops * 1e12
         efficiency = 1.0 if efficiency is None else efficiency

@@ -53,6 +53,12 @@ class ModelSpec:
     def fps(self) -> int:
         return self.defaults["fps"]
 
+    @property
+    def cfg_by_default(self) -> bool:
+        """Whether the published settings run classifier-free guidance (two passes a step): a guidance scale other
+        than 1, unless the model embeds it (`extra["embedded_guidance"]`: the scale is an input of one pass)."""
+        return float(self.default("guidance", 1.0)) != 1.0 and not self.extra.get("embedded_guidance", False)
+
     def check_geometry(self, width: int, height: int, frames: int) -> None:
         """Refuse a size or frame count the model cannot take, naming the rule."""
         m = self.size_multiple

@@ -241,6 +241,21 @@ def test_cli(tmp_path):
     assert {"step", "peak", "vs-reference", "vae", "estimate"} <= set(bench.bench.commands)
 
 
+@pytest.mark.parametrize("model, passes", [("wan2.2-t2v-a14b", 2), ("hunyuanvideo-t2v", 1), ("hunyuanvideo-i2v", 1),
+                                           ("hunyuanvideo-1.5-480p-t2v-distilled", 1), ("mochi-1-preview", 2)])
+def test_estimate_counts_the_passes_the_published_settings_run(tmp_path, model, passes):
+    """HunyuanVideo's guidance is an input of its one pass (embedded), a distilled model's is 1: one evaluation a
+    step unless --guidance asks for classifier-free guidance."""
+    runner = CliRunner()
+    for flag, expected in (([], passes), (["--guidance"], 2), (["--no-guidance"], 1)):
+        out = tmp_path / f"{model}{flag}.json"
+        res = runner.invoke(bench.bench, ["estimate", "--model", model, "--chip", "m3-ultra", *flag, "--json", str(out)])
+        assert res.exit_code == 0, res.output
+        r = _read(out)
+        dense = r["speedups"]["rows"][0]
+        assert r["guidance"] == (expected == 2) and dense["evaluations"] == expected * r["steps"], (flag, dense)
+
+
 def test_mlxvid_bench_runs_the_repository_harness(tmp_path, capsys):
     from mlx_video.cli import main
 

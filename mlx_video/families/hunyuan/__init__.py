@@ -15,6 +15,7 @@ MODELS = (
                       frames=129, negative_prompt="", text_len=256),
         hf_repo="hunyuanvideo-community/HunyuanVideo", transformer=HUNYUAN_T2V_720P,
         description="HunyuanVideo text-to-video, 13B (720p, guidance-distilled)",
+        extra={"embedded_guidance": True},
     ),
     ModelSpec(
         # the updated release (token replace, guidance-distilled): tencent/HunyuanVideo-I2V's README runs it at
@@ -26,6 +27,7 @@ MODELS = (
                       frames=129, negative_prompt="", text_len=256),
         hf_repo="hunyuanvideo-community/HunyuanVideo-I2V", transformer=HUNYUAN_I2V_720P,
         description="HunyuanVideo image-to-video, 13B (720p, token replace, guidance-distilled)",
+        extra={"embedded_guidance": True},
     ),
 )
 
