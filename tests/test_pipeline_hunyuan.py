@@ -13,9 +13,8 @@ pytest.importorskip("diffusers")
 
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from support.hunyuan import build_tiny_hunyuan_pipeline  # noqa: E402
+from support.hunyuan import build_tiny_hunyuan_pipeline, official_sigmas  # noqa: E402
 from support.arrays import rel_err  # noqa: E402
-from support.hunyuan import official_sigmas  # noqa: E402
 
 PROMPT = "a corgi surfs a wave at sunset, cinematic"
 NEGATIVE = "static, blurry, low quality"
