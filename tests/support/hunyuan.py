@@ -25,7 +25,9 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def llama_tokenizer():
+def llama_tokenizer(texts=(), vocab_size: int = 600, specials=()):
+    """Byte-level BPE with Llama 3's pre-tokenization and specials, trained on the T2V template, SENTENCES and
+    `texts`; `specials` are added after training (e.g. LLaVA's <image>)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,9 +39,11 @@ def llama_tokenizer():
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=LLAMA_SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA_SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([VIDEO_TEMPLATE, *SENTENCES] * 5, trainer)
+    tok.train_from_iterator([VIDEO_TEMPLATE, *texts, *SENTENCES] * 5, trainer)
+    if specials:
+        tok.add_special_tokens(list(specials))
     tok.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",

@@ -10,32 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from support.hunyuan import LLAMA3_SPLIT, LLAMA_SPECIALS, SENTENCES, clip_tokenizer, randomize_
+from support.hunyuan import clip_tokenizer, llama_tokenizer, randomize_
 
 IMAGE_TOKEN = "<image>"
 
 
 def llava_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from mlx_video.text_encoders.llama import VIDEO_TEMPLATE
     from mlx_video.text_encoders.llava import I2V_TEMPLATE
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=LLAMA_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([VIDEO_TEMPLATE, I2V_TEMPLATE.replace(IMAGE_TOKEN, ""), *SENTENCES] * 5, trainer)
-    tok.add_special_tokens([IMAGE_TOKEN])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-                                   pad_token="<|end_of_text|>", padding_side="right")
+    return llama_tokenizer(texts=[I2V_TEMPLATE.replace(IMAGE_TOKEN, "")], vocab_size=700, specials=[IMAGE_TOKEN])
 
 
 def tiny_llava(tokenizer, seed: int):
