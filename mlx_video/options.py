@@ -383,6 +383,46 @@ def _upscale_help() -> str:
             "the delivery is at least its size; none turns that off.")
 
 
+def _radial_defaults_help() -> str:
+    """Each family's default dense steps and blocks for --attention radial, from the registry ("ours" where the
+    reference repository publishes none)."""
+    from .families import get_family
+    from .registry import MODELS
+    from .speedup import radial_parameters
+
+    found: dict[str, tuple[list, list, bool]] = {}
+    for spec in MODELS.values():
+        radial = radial_parameters(spec)[0]
+        if radial is not None:
+            steps, blocks, _ = found.setdefault(get_family(spec.family).title, ([], [], radial.source.startswith("ours")))
+            steps += [radial.dense_steps] if radial.dense_steps not in steps else []
+            blocks += [radial.dense_blocks] if radial.dense_blocks not in blocks else []
+    return "; ".join(f"{title}{', ours' if ours else ''}: {' or '.join(map(str, steps))} and "
+                     f"{' or '.join(map(str, blocks))}" for title, (steps, blocks, ours) in found.items())
+
+
+def _attention_help() -> str:
+    return ("Self-attention: dense (the default) or radial[:DENSE_STEPS[:DENSE_BLOCKS]], Radial Attention's static "
+            "block-sparse mask of the video tokens; the first DENSE_STEPS steps (over the whole run) and DENSE_BLOCKS "
+            f"blocks (of each expert) stay dense, by default the family's published numbers ({_radial_defaults_help()}).")
+
+
+def _cache_help() -> str:
+    from .pipelines.cache import mag_tables
+    from .registry import MODELS
+
+    own = sorted({s.id for s in MODELS.values() if s.extra.get("cache_settings", {}).get("taylorseer")})
+    calibrated = sorted({key.partition(":")[0] for key in mag_tables()})
+    return ("Skip transformer evaluations that earlier steps predict: easycache (default 0.05), fbcache (0.05) or "
+            f"magcache (published ratios: {', '.join(calibrated) or 'none here'}; default 0.06); threshold 0 "
+            "changes nothing. Or forecast them: taylorseer[:KEY=VALUE,...] with diffusers' TaylorSeerCacheConfig keys "
+            "and defaults (cache_interval=5, disable_cache_before_step=3, disable_cache_after_step=none, max_order=1, "
+            "taylor_factors_dtype=bfloat16) except use_lite_mode, on by default (diffusers' default mode forecasts no "
+            "module of most of our transformers): after 3 steps per expert, one step in 5 runs the transformer and the "
+            "others are forecast. A model whose release publishes a schedule of its own starts from it ("
+            f"{', '.join(own) or 'none here'}); the keys given override it.")
+
+
 def _samplers() -> tuple:
     from .samplers import SAMPLERS
 
@@ -495,20 +535,9 @@ GENERATE_OPTIONS: tuple[Option, ...] = (
     Option("recipe", "text", "Published few-step settings (steps, shift, sampler, timesteps, guidance 1) of a "
            "distillation LoRA: lightning, lightx2v (`mlxvid models` lists them); options given too win.",
            metavar="NAME", max_length=100),
-    Option("cache", "text", "Skip transformer evaluations that earlier steps predict: easycache (default 0.05), "
-           "fbcache (0.05) or magcache (published Wan 2.2 ratios; default 0.06); threshold 0 changes nothing. Or "
-           "forecast them: taylorseer[:KEY=VALUE,...] with diffusers' TaylorSeerCacheConfig keys and defaults "
-           "(cache_interval=5, disable_cache_before_step=3, disable_cache_after_step=none, max_order=1, "
-           "taylor_factors_dtype=bfloat16) except use_lite_mode, on by default (diffusers' default mode forecasts "
-           "no Wan or Mochi module): after 3 steps per expert, one step in 5 runs the transformer and the others "
-           "are forecast. A model whose release publishes a schedule of its own (HunyuanVideo 1.5: 25 of 50 steps, order "
-           "2) starts from it; the keys given override it.",
+    Option("cache", "text", _cache_help,
            metavar="NAME[:THRESHOLD or KEY=VALUE,...]", max_length=300),
-    Option("attention", "text", "Self-attention: dense (the default) or radial[:DENSE_STEPS[:DENSE_BLOCKS]], Radial "
-           "Attention's static block-sparse mask of the video tokens; the first DENSE_STEPS steps (over the whole "
-           "run) and DENSE_BLOCKS blocks (of each expert) stay dense, by default the family's published numbers "
-           "(Wan 2.2: 11 and 1; HunyuanVideo: 12 and 0; Mochi, ours: 16 and 0; HunyuanVideo 1.5, ours: 12, or 2 for "
-           "the 8-step model, and 0).",
+    Option("attention", "text", _attention_help,
            metavar="dense|radial[:DENSE_STEPS[:DENSE_BLOCKS]]", max_length=100),
     Option("guidance_mode", "choice", "batched runs the conditional and unconditional passes as one batch; "
            "sequential runs them one after the other: the same result with about half the activation memory.",

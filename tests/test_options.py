@@ -4,6 +4,7 @@ a batch manifest and a request body; and the bounds every option gets (issue 24,
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -113,6 +114,17 @@ def test_help_texts_come_from_the_registry():
     encoder_help = next(p.help for p in convert.params if p.name == "text_encoder")
     for family in FAMILIES.values():
         assert f"{family.title}: {family.text_encoders}" in encoder_help
+    # --attention: each family's default dense steps and blocks; --cache: the models with a schedule of their own
+    from mlx_video.speedup import radial_parameters
+
+    attention_help, cache_help = OPTIONS["attention"].help_text(), OPTIONS["cache"].help_text()
+    for spec in MODELS.values():
+        radial = radial_parameters(spec)[0]
+        if radial is not None:
+            title = FAMILIES[spec.family].title
+            assert re.search(rf"{re.escape(title)}(, ours)?: [0-9 or]*\b{radial.dense_steps}\b", attention_help), spec.id
+        own_schedule = cache_help.partition("starts from it (")[2].partition(")")[0].split(", ")
+        assert (spec.id in own_schedule) == bool(spec.extra.get("cache_settings", {}).get("taylorseer")), spec.id
 
 
 # ---- bounds (issue 24, item 12): each refused at once, naming the limit ----
