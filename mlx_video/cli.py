@@ -132,7 +132,8 @@ def _convert_help() -> str:
 @click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
               help="Text encoder file or folder (" + _per_family("text_encoders") + ").")
 @click.option("--text-encoder-2", "text_encoder_2", type=click.Path(path_type=Path), default=None,
-              help="The second text encoder (HunyuanVideo's CLIP-L, e.g. ComfyUI's clip_l) file or folder.")
+              help="The second text encoder file or folder, for the models that have one (--text-encoder says which: "
+                   "\"as --text-encoder-2\").")
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help="VAE file (official or ComfyUI) or diffusers vae/ folder.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="Tokenizer folder (" + _per_family("tokenizer") + ") or its spiece.model / tokenizer.json.")
