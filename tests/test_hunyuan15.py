@@ -231,6 +231,45 @@ def test_converted_folder(t2v):
     assert layers == {0, 1, 2} and "model.norm.weight" not in index["weight_map"]
 
 
+def bucket_image(pipe, path, height: int, width: int) -> tuple[int, int]:
+    """An image of the bucket diffusers picks for `height` x `width` (so that no resampling stands between the two
+    pipelines), saved to `path`; its (height, width)."""
+    from PIL import Image
+
+    height, width = pipe.video_processor.calculate_default_height_width(height, width, 64)
+    ramp = np.linspace(40, 200, width)[None, :, None]
+    pixels = np.clip(np.random.default_rng(1).standard_normal((height, width, 3)) * 40 + ramp, 0, 255)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return height, width
+
+
+def test_i2v_with_guidance_matches_diffusers(tmp_path_factory):
+    """The CFG I2V models (480p/720p I2V: guidance 6, no MeanFlow): the unconditional pass on the empty prompt with
+    the same image condition, 3 steps at shift 5, from an image file, 9 frames; final latents."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("hy15_i2v_cfg")
+    pipe = build_tiny_i2v_pipeline(root / "diffusers", guidance=6.0, shift=5.0, meanflow=False)
+    for name, value in (("tokenizer_max_length", 40), ("tokenizer_2_max_length", 32)):
+        setattr(pipe, name, value)
+    main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
+    height, width = bucket_image(pipe, root / "image.png", 64, 48)
+    init = np.random.default_rng(3).standard_normal((1, 4, 3, height // 16, width // 16)).astype(np.float32)
+    np.save(root / "init.npy", init)
+    prompt = "a paper boat drifts down a rainy street"
+    with torch.no_grad():
+        want = pipe(image=Image.open(root / "image.png"), prompt=prompt, num_frames=9, num_inference_steps=3,
+                    latents=torch.from_numpy(init), output_type="latent").frames
+    main(["generate", "--model", str(root / "mlx"), "--prompt", prompt, "--image", str(root / "image.png"),
+          "--frames", "9", "--steps", "3", "--init-latents", str(root / "init.npy"),
+          "--save-latents", str(root / "out.npy"), "--quiet", "--overwrite"])
+    got = np.load(root / "out.npy")
+    err = rel_err(got, want.numpy())
+    print(f"HunyuanVideo 1.5 I2V with CFG 6 (3 steps, 9 frames): final latents rel {err:.2e}")
+    assert Pipeline.from_pretrained(str(root / "mlx")).spec.defaults["guidance"] == 6.0
+    assert err < 1e-5
+
+
 def test_step_distilled_i2v_from_the_image_matches_diffusers(tmp_path_factory):
     """The step-distilled I2V model (MeanFlow: timestep_r the next step's timestep, 0 at the last) over 4 steps at
     guidance 1, from an image file through `mlxvid convert` + `mlxvid generate --image`: our VAE encodes the image
@@ -243,11 +282,7 @@ def test_step_distilled_i2v_from_the_image_matches_diffusers(tmp_path_factory):
     for name, value in (("tokenizer_max_length", 40), ("tokenizer_2_max_length", 32)):
         setattr(pipe, name, value)
     main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
-    # an image of the bucket diffusers picks for it, so that no resampling stands between the two pipelines
-    height, width = pipe.video_processor.calculate_default_height_width(48, 80, 64)
-    ramp = np.linspace(40, 200, width)[None, :, None]
-    pixels = np.clip(np.random.default_rng(1).standard_normal((height, width, 3)) * 40 + ramp, 0, 255)
-    Image.fromarray(pixels.astype(np.uint8)).save(root / "image.png")
+    height, width = bucket_image(pipe, root / "image.png", 48, 80)
     init = np.random.default_rng(2).standard_normal((1, 4, 2, height // 16, width // 16)).astype(np.float32)
     np.save(root / "init.npy", init)
     prompt = 'a neon sign that reads "OPEN"'
