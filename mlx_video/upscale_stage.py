@@ -130,6 +130,7 @@ def upscale_job(o: dict, resolution: str, pipe, prepare_base) -> UpscaleJob:
         raise MlxVideoError("--upscale makes one clip: give at most one clip's --frames or --duration")
     if world_size() > 1:
         raise MlxVideoError("--upscale runs on one process; launch it without mlx.launch")
+    check_one_run_options(o, resolution)
     sr = load_pipeline(sr_folder(o, pipe.spec, resolution))
     base = prepare_base(dict(o, upscale="none", upscale_model=None))
     if base.output is None and base.save_latents is None:
@@ -146,6 +147,21 @@ def upscale_job(o: dict, resolution: str, pipe, prepare_base) -> UpscaleJob:
         reference = load_image(b.image)
     estimate = upscale_memory(base, sr, settings, o.get("max_memory"))
     return UpscaleJob(o, base, sr, settings, reference, estimate)
+
+
+def check_one_run_options(o: dict, resolution: str) -> None:
+    """Refuse --cache and --attention radial with an SR stage: they are settings of one denoising run, and the SR
+    models run neither (step-distilled, their condition changes mid-run; no radial parameters)."""
+    from .pipelines.attention_mode import parse_attention
+    from .pipelines.cache import parse_cache
+
+    given = [f"--cache {o['cache']}"] if parse_cache(o.get("cache")) is not None else []
+    if parse_attention(o.get("attention")).name != "dense":
+        given.append(f"--attention {o['attention']}")
+    if given:
+        raise MlxVideoError(f"{' and '.join(given)} with --upscale {resolution}: the super-resolution stage runs "
+                            "without them. Give --upscale none, or run the base with them and --save-latents, then "
+                            "`mlxvid upscale` its latents")
 
 
 def upscale_memory(base, sr, settings, max_memory_gb: float | None) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from pathlib import Path
 
@@ -620,12 +621,35 @@ def test_generate_upscale_refusals(runs, tmp_path, monkeypatch, capsys):
             (["--upscale", "720p"], "hunyuanvideo-1.5-720p-sr-distilled, which is not converted (looked in "),
             (["--upscale", "720p", "--upscale-model", str(runs / "base")], "not a super-resolution model that takes"),
             (["--upscale-model", str(runs / "sr")], "--upscale-model names the model of --upscale"),
-            (["--upscale", "720p", "--upscale-model", str(runs / "sr"), "--duration", "9"], "--upscale makes one clip")):
+            (["--upscale", "720p", "--upscale-model", str(runs / "sr"), "--duration", "9"], "--upscale makes one clip"),
+            (["--upscale", "720p", "--upscale-model", str(runs / "sr"), "--cache", "fbcache"],
+             "--cache fbcache with --upscale 720p: the super-resolution stage runs without them"),
+            (["--upscale", "720p", "--upscale-model", str(runs / "sr"), "--attention", "radial"],
+             "--attention radial with --upscale 720p: the super-resolution stage runs without them")):
         with pytest.raises(SystemExit):
             main(base[:-4] + (["--duration", "9"] if "--duration" in extra else ["--frames", "5"]) + base[-2:]
                  + [e for e in extra if e not in ("--duration", "9")])
         assert message in capsys.readouterr().err, extra
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_sr_model_refuses_a_step_cache_and_radial_attention(runs, monkeypatch):
+    """An SR folder given --cache or --attention radial (as `upscale` resolves its settings) refuses it before any
+    weights are read, rather than running without it."""
+    from mlx_video.model_folder import ModelFolder
+    from mlx_video.pipelines.base import GenerationSettings
+    from mlx_video.run import load_pipeline
+
+    monkeypatch.setattr(ModelFolder, "load_module", lambda *a: pytest.fail("weights were read"))
+    sr = load_pipeline(str(runs / "sr"))
+    low = np.load(runs / "low.npy")
+    common = dict(prompt="a corgi", width=112, height=80, frames=5)
+    for extra, message in (({"cache": "easycache:0.1"}, "--cache easycache:0.1: hunyuanvideo-1.5-720p-sr-distilled "
+                                                         "is a step-distilled super-resolution model"),
+                           ({"attention": "radial"}, "--attention radial: hunyuanvideo-1.5-720p-sr-distilled has no "
+                                                     "radial attention parameters")):
+        with pytest.raises(MlxVideoError, match=re.escape(message)):
+            sr.upscale(GenerationSettings(**common, **extra), low, context=())
 
 
 def test_presets_pick_the_super_resolution_stage(runs, tmp_path, monkeypatch, capsys):

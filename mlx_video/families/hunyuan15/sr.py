@@ -128,6 +128,15 @@ class Hunyuan15SRPipeline(Hunyuan15Pipeline):
         peak = max(stages, key=stages.get)
         return {**full, "stages": stages, "peak_stage": peak, "peak_bytes": stages[peak]}
 
+    def resolve(self, settings: GenerationSettings) -> GenerationSettings:
+        """The shared checks (`--attention radial` is refused there: an SR model has no radial parameters), and no
+        step cache: the condition switches mid-run (`uses_low_res`), which a cache reusing an earlier step's output
+        does not see, and the 6 / 8 distilled steps leave it nothing to skip."""
+        if settings.cache not in (None, "", "none", "off"):
+            raise MlxVideoError(f"--cache {settings.cache}: {self.spec.id} is a step-distilled super-resolution model "
+                                "whose condition changes mid-run; it runs without a step cache (leave out --cache)")
+        return super().resolve(settings)
+
     def encode(self, s: GenerationSettings, progress: bool = False):
         return super().encode(s, progress) if self._context is None else self._context
 
@@ -183,6 +192,8 @@ class Hunyuan15SRPipeline(Hunyuan15Pipeline):
         """One pass per step (or guided), the condition switching once the timestep drops below 700."""
         if self._sr is None or sampler is None:
             raise MlxVideoError("the SR transformer runs inside `upscale` (it needs the low-resolution latents)")
+        if step_cache is not None and step_cache.name is not None:  # `resolve` refuses --cache; the loop's counter only
+            raise MlxVideoError(f"{self.spec.id} runs without a step cache, not {step_cache.name}")
         with_low_res, without = self._sr
         cond = tuple(a[:1] for a in context)
         uncond = tuple(a[1:] for a in context) if self.uses_cfg(s) else None
