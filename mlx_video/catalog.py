@@ -71,9 +71,18 @@ def model_info(spec) -> dict:
             "sizes": [list(s) for s in spec.sizes], "frame_rule": spec.frame_rule,
             "quality": {q: {"sizes": [list(s) for s in p["sizes"]], "steps": p["steps"]}
                         for q, p in quality_profiles(spec).items()},
-            "recipes": model_recipes(spec), "converted": here, "hf_repo": spec.hf_repo, "estimated_peak_bytes": peak,
+            "recipes": model_recipes(spec), "upscale": upscale_stages(spec), "converted": here, "hf_repo": spec.hf_repo, "estimated_peak_bytes": peak,
             "estimated_for": {"dtype": dtype, "quantization": quant, "from": source},
             "available_bytes": available_memory_bytes()}
+
+
+def upscale_stages(spec) -> list[dict]:
+    """The super-resolution stages of this model's runs: [{"upscale": the --upscale choice, "model": the SR model's
+    registry id}], from the SR models' `extra["upscales"]`."""
+    from .upscale_stage import sr_models
+
+    return [{"upscale": s.extra.get("output_resolution"), "model": s.id} for s in sr_models()
+            if spec.id in s.extra.get("upscales", ())]
 
 
 def model_recipes(spec) -> list[str]:
@@ -107,6 +116,8 @@ def describe(spec) -> str:
     recipes = model_recipes(spec)
     if recipes:
         lines.append("  few-step recipes (--recipe NAME, with its LoRAs): " + ", ".join(recipes))
+    for stage in info["upscale"]:
+        lines.append(f"  super-resolution: --upscale {stage['upscale']} runs {stage['model']} after the base run")
     here = info["converted"]
     if here:
         lines.append(f"  converted here: {here['path']} ({format_bytes(here['bytes'])}, {here['dtype']}"

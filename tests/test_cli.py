@@ -116,6 +116,31 @@ def test_models_lists_registry(capsys):
     assert "steps 40, shift 12.0" in out
 
 
+def test_models_names_the_super_resolution_stages(capsys):
+    """Each HunyuanVideo 1.5 base model's entry names its --upscale choice and the SR model it runs (the release's
+    480p models to 720p, the 720p ones to 1080p); other models and the SR models themselves name none."""
+    main(["models"])
+    out = capsys.readouterr().out
+    blocks = {}
+    for line in out.splitlines():
+        if line and not line.startswith(" "):
+            current = blocks.setdefault(line.split()[0], [])
+        elif line.strip():
+            current.append(line.strip())
+    stage = "super-resolution: --upscale {} runs hunyuanvideo-1.5-{}-sr-distilled after the base run"
+    for model_id, resolution in (("hunyuanvideo-1.5-480p-t2v", "720p"), ("hunyuanvideo-1.5-480p-i2v-step-distilled",
+                                                                         "720p"), ("hunyuanvideo-1.5-720p-t2v", "1080p"),
+                                 ("hunyuanvideo-1.5-720p-i2v-distilled", "1080p")):
+        assert stage.format(resolution, resolution) in blocks[model_id], model_id
+    for model_id in ("wan2.2-ti2v-5b", "hunyuanvideo-t2v", "mochi-1-preview", "hunyuanvideo-1.5-720p-sr-distilled"):
+        assert not any(line.startswith("super-resolution") for line in blocks[model_id]), model_id
+    main(["models", "--json"])
+    listing = {m["id"]: m for m in json.loads(capsys.readouterr().out)}
+    assert listing["hunyuanvideo-1.5-480p-i2v"]["upscale"] == [{"upscale": "720p",
+                                                                "model": "hunyuanvideo-1.5-720p-sr-distilled"}]
+    assert listing["wan2.2-t2v-a14b"]["upscale"] == []
+
+
 def test_sidecar_records_settings(a14b, tmp_path):
     root, _ = a14b
     out = tmp_path / "lat.npy"
