@@ -102,6 +102,11 @@ class UpscaleJob:
     def output(self):
         return self.base.output
 
+    @property
+    def upscale_steps(self) -> int:
+        """The SR stage's denoising steps (after the base run's)."""
+        return int(self.settings.steps)
+
     def summary(self) -> str:
         s = self.settings
         return (f"{self.base.summary()}; then {self.sr.spec.id}: {s.width}x{s.height}, {s.steps} steps (shift {s.shift}, "
@@ -267,7 +272,7 @@ def run_upscaled(job: UpscaleJob, echo=click.echo, hooks=()) -> dict:
         return result.latents, result.timings
 
     low, timings = run_stage(store, "base", make_base, say)
-    high, sr_timings = run_stage(store, "upscaled", lambda: upscale_stage(job, low), say)
+    high, sr_timings = run_stage(store, "upscaled", lambda: upscale_stage(job, low, hooks), say)
     timings = {**timings, **{f"upscale_{k}": v for k, v in sr_timings.items()}}
     record = job.record()
     high_res = base.pipe.resolve(replace(base.settings, width=job.settings.width, height=job.settings.height))
@@ -277,11 +282,15 @@ def run_upscaled(job: UpscaleJob, echo=click.echo, hooks=()) -> dict:
             "latents": high}
 
 
-def upscale_stage(job: UpscaleJob, low: np.ndarray) -> tuple[np.ndarray, dict]:
+def upscale_stage(job: UpscaleJob, low: np.ndarray, hooks=()) -> tuple[np.ndarray, dict]:
     """The SR stage on the base run's latents: the prompt (and an I2V run's image, at the high resolution) encoded by
-    the base model's folder, then the SR model."""
+    the base model's folder, then the SR model, its steps running `hooks` (told first, where they have
+    `begin_stage`, that stage "upscaling" starts)."""
     from .pipelines.base import GenerationSettings
 
+    for hook in hooks:
+        if hasattr(hook, "begin_stage"):
+            hook.begin_stage("upscaling")
     base, sr, s = job.base, job.sr, job.settings
     quiet = base.quiet
     start = time.perf_counter()
@@ -289,5 +298,5 @@ def upscale_stage(job: UpscaleJob, low: np.ndarray) -> tuple[np.ndarray, dict]:
         dict(base.settings.to_dict(), guidance=s.guidance))), progress=not quiet)
     states = None if job.reference is None else sr.encode_reference(base.pipe, job.reference, s, progress=not quiet)
     encoded = time.perf_counter() - start
-    result = sr.upscale(s, low, progress=not quiet, context=context, image_states=states)
+    result = sr.upscale(s, low, progress=not quiet, context=context, image_states=states, hooks=hooks)
     return np.asarray(result.latents, dtype=np.float32), {"encoding": encoded, **result.timings}

@@ -652,6 +652,45 @@ def test_sr_model_refuses_a_step_cache_and_radial_attention(runs, monkeypatch):
             sr.upscale(GenerationSettings(**common, **extra), low, context=())
 
 
+def test_served_upscale_job_reports_both_stages(runs, tmp_path, monkeypatch):
+    """A server job with --upscale (the worker in this process): its progress counts the base run's step and the SR
+    stage's 6 (7 in all), the SR steps under the stage "upscaling", the last as "decoding"; a cancel asked in the SR
+    stage stops the job at its next step; run again, it resumes from the kept base latents and counts them done."""
+    from mlx_video.server import worker as worker_module
+    from mlx_video.server.bodies import from_fields
+    from mlx_video.server.store import JobStore
+
+    monkeypatch.setattr(worker_module, "REPORT_EVERY", 0.0)  # every step written
+    store, seen, update = JobStore(tmp_path / "jobs.sqlite"), [], JobStore.update
+
+    def recording(self, job_id, **fields):
+        seen.append((job_id, fields.get("stage"), fields.get("step"), fields.get("steps"), fields.get("progress")))
+        if (job_id, fields.get("stage"), fields.get("step")) == (ids[1], "upscaling", 3):
+            self.request_cancel(job_id)
+        update(self, job_id, **fields)
+
+    monkeypatch.setattr(JobStore, "update", recording)
+    options = from_fields({"prompt": "a corgi surfs", "size": "64x48", "frames": 5, "steps": 1, "upscale": "720p",
+                           "upscale_model": str(runs / "sr")}, [], "base")
+    ids = [store.add("openai", "base", "a corgi surfs", options).id for _ in range(2)]
+    worker = worker_module.Worker(store, tmp_path / "data", {"base": str(runs / "base")})
+    for _ in ids:
+        worker.run_job(store.claim_next())
+
+    def steps_of(job_id):
+        return [s[1:] for s in seen if s[0] == job_id and s[2] is not None]
+
+    want = [("denoising", 0, 7, 0), ("denoising", 1, 7, 12)] + [("upscaling", i, 7, 90 * i // 7) for i in range(2, 7)]
+    assert steps_of(ids[0]) == want + [("decoding", 7, 7, 90)]
+    assert store.get(ids[0]).status == "completed"
+    assert steps_of(ids[1]) == want[:4] and store.get(ids[1]).status == "cancelled"
+    seen.clear()
+    update(store, ids[1], cancel_requested=0)
+    worker.run_job(store.get(ids[1]))  # as a killed server's job runs again
+    assert steps_of(ids[1]) == [want[0], *want[2:], ("decoding", 7, 7, 90)]
+    assert store.get(ids[1]).status == "completed"
+
+
 def test_presets_pick_the_super_resolution_stage(runs, tmp_path, monkeypatch, capsys):
     """--preset with --quality high picks the model's SR stage where the delivery is at least its size (720p models
     to 1080p deliveries: the 1080p stage; 480p models: the 720p one); not at medium quality, not for a smaller

@@ -62,41 +62,52 @@ REPORT_EVERY = 0.2  # seconds between progress writes (a real step takes seconds
 
 
 class ProgressReporter:
-    """A step hook: step, progress (0-90 while denoising; decoding and writing take the rest), ETA, and the
-    cancel check (one store read per step: the loop already syncs once per step)."""
+    """A step hook: stage, step, progress (0-90 while denoising; decoding and writing take the rest), ETA, and the
+    cancel check (one store read per step: the loop already syncs once per step). `stages`: (name, steps) of each
+    denoising stage of the job in order (the run's, then a super-resolution stage's); the run tells the hook when a
+    later one begins (`begin_stage`), so a stage read back rather than run is counted as done."""
 
-    def __init__(self, store: JobStore, job_id: str, total_steps: int, preview: Path | None, alive=lambda: True):
-        self.store, self.job_id, self.total, self.alive = store, job_id, max(1, total_steps), alive
-        self.preview, self.calls, self.start, self.reported = preview, 0, time.monotonic(), 0.0
+    def __init__(self, store: JobStore, job_id: str, stages: list[tuple[str, int]], preview: Path | None,
+                 alive=lambda: True):
+        self.store, self.job_id, self.stages, self.alive = store, job_id, stages, alive
+        self.total, self.stage = max(1, sum(steps for _, steps in stages)), stages[0][0]
+        self.preview, self.calls, self.ran, self.start, self.reported = preview, 0, 0, time.monotonic(), 0.0
+
+    def begin_stage(self, name: str) -> None:
+        """The stage `name` starts: the steps of the stages before it are done."""
+        names = [n for n, _ in self.stages]
+        self.calls = sum(steps for _, steps in self.stages[: names.index(name)]) if name in names else self.calls
+        self.stage = name
 
     def __call__(self, i, t, latents):
         if not self.alive():
             raise ServerGone
         if self.store.cancel_requested(self.job_id):
             raise JobCancelled
-        self.calls += 1
+        self.calls, self.ran = self.calls + 1, self.ran + 1
         done = min(self.calls, self.total)
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / done * (self.total - done) if done else None
+        eta = (time.monotonic() - self.start) / self.ran * (self.total - done)
         last = done >= self.total
         now = time.monotonic()
         if not last and now - self.reported < REPORT_EVERY:
             return None
         self.reported = now
-        self.store.update(self.job_id, stage="decoding" if last else "denoising", step=done, steps=self.total,
+        self.store.update(self.job_id, stage="decoding" if last else self.stage, step=done, steps=self.total,
                           progress=min(90, int(90 * done / self.total)), eta=eta,
                           preview=str(self.preview) if self.preview is not None and self.preview.exists() else None)
         return None
 
 
-def total_steps(job) -> int:
-    """Denoising steps of a prepared job: a chain's segments and an audio-driven model's clips each run them."""
+def stage_steps(job) -> list[tuple[str, int]]:
+    """(stage, denoising steps) of a prepared job: the run's (a chain's segments and an audio-driven model's clips
+    each run them), then its super-resolution stage's, if any (`upscale_steps`)."""
     base = getattr(job, "base", job)
     steps = int(base.settings.steps)
     segments = len(getattr(job, "segments", ()) or ()) or 1
     clip_count = getattr(base.pipe, "clip_count", None)
     clips = clip_count(base.settings) if callable(clip_count) and getattr(base.pipe, "takes_audio", False) else 1
-    return steps * segments * clips
+    upscale = int(getattr(job, "upscale_steps", 0))
+    return [("denoising", steps * segments * clips)] + ([("upscaling", upscale)] if upscale else [])
 
 
 class Worker:
@@ -149,10 +160,11 @@ class Worker:
         try:
             job = prepare(options, pipelines=self.pipelines)
             self.pipelines.evict()
-            self.store.update(row.id, stage="denoising", step=0, steps=total_steps(job), progress=0)
+            stages = stage_steps(job)
+            self.store.update(row.id, stage="denoising", step=0, steps=sum(n for _, n in stages), progress=0)
             from ..preview import preview_path
 
-            reporter = ProgressReporter(self.store, row.id, total_steps(job), preview_path(video), self.alive)
+            reporter = ProgressReporter(self.store, row.id, stages, preview_path(video), self.alive)
             execute(job, echo=lambda *a, **k: None, hooks=[reporter])
         except JobCancelled:
             self.store.update(row.id, status="cancelled", completed_at=time.time(), stage="cancelled",
