@@ -315,7 +315,7 @@ def segment_runs(job: ChainJob, hooks=(), progress: bool = False, echo=None, sta
                  f"{seg.conditioning}: {seg.prompt[:60]!r}")
         result = pipe.generate(s, init_latents=init, progress=progress, image=pixels, hooks=[*extra, *hooks])
         start = time.perf_counter()
-        frames, stats = pipe.decode(result.latents, tiling=base.vae_tiling, progress=progress)
+        frames, stats = pipe.decode(pipe.video_latents(result.latents, s), tiling=base.vae_tiling, progress=progress)
         result.timings["decoding"] = time.perf_counter() - start
         result.stats = {**(result.stats or {}), **stats}
         yield seg, result, frames

@@ -672,7 +672,8 @@ def _write_video_output(job: Job, latents, record: dict, timings: dict, video) -
 
     if video is None:
         start = time.perf_counter()
-        video, stats = job.pipe.decode(latents, tiling=job.vae_tiling, progress=not job.quiet)
+        video, stats = job.pipe.decode(job.pipe.video_latents(latents, job.settings), tiling=job.vae_tiling,
+                                       progress=not job.quiet)
         timings["decoding"] = time.perf_counter() - start
     else:
         stats = {}

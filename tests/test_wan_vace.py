@@ -161,6 +161,26 @@ def test_two_reference_images_match_diffusers(vace21, monkeypatch, tmp_path):
     assert len(list((tmp_path / "decoded").glob("*.png"))) == 5
 
 
+def test_runs_of_one_pipeline_decode_their_own_reference_frames(vace21, tmp_path):
+    """Two runs of one pipeline object, with one and with two reference images, both generated before either is
+    written: each decodes its own 5 frames (its reference frames dropped, not the last resolved run's count), the
+    frames of its last 2 latent frames."""
+    from mlx_video.pipelines.base import Pipeline
+
+    root = vace21[0]
+    pipe = Pipeline.from_pretrained(str(root / "mlx"))
+    jobs = [prepare({"model": str(root / "mlx"), "prompt": PROMPT, "size": f"{WIDTH}x{HEIGHT}", "frames": 5,
+                     "steps": 1, "reference_image": [str(root / r) for r in refs], "output": str(tmp_path / name),
+                     "quiet": True}, pipe) for name, refs in (("one", ["ref_b.png"]), ("two", ["ref_a.png", "ref_b.png"]))]
+    results = [job.generate() for job in jobs]
+    for job, result, refs in zip(jobs, results, (1, 2)):
+        assert result.latents.shape[2] == 2 + refs
+        job.finish(result.latents, job.record(), result.timings, echo=lambda *a, **k: None)
+        written = np.stack([np.asarray(PIL.open(p)) for p in sorted(job.output.glob("*.png"))])
+        alone, _ = pipe.decode(np.asarray(result.latents)[:, :, refs:])
+        assert written.shape == (5, HEIGHT, WIDTH, 3) and np.array_equal(written, alone), refs
+
+
 @pytest.fixture(scope="module")
 def vace_fun(tmp_path_factory):
     root = tmp_path_factory.mktemp("vace-fun")

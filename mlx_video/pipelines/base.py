@@ -182,7 +182,13 @@ class Pipeline(ABC):
 
     @abstractmethod
     def decode(self, latents: np.ndarray, tiling: str = "auto", progress: bool = False) -> tuple[np.ndarray, dict]:
-        """(1, C, T, H, W) latents -> (frames, height, width, 3) uint8 video, and decoding statistics."""
+        """(1, C, T, H, W) latents -> (frames, height, width, 3) uint8 video, and decoding statistics. A run's
+        latents are decoded as `decode(video_latents(latents, settings))`: decoding depends on its arguments only."""
+
+    def video_latents(self, latents: np.ndarray, s: GenerationSettings) -> np.ndarray:
+        """The part of the latents of a run with settings `s` that decodes to its video: all of them, unless the
+        family keeps conditioning frames in front of the video's (`latent_shape`), which it drops here."""
+        return latents
 
     @abstractmethod
     def vae_tile(self, mode: str, latent_hw: tuple[int, int], frames: int | None = None) -> DecodeTiling:

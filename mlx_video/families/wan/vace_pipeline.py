@@ -48,7 +48,6 @@ class WanVACEPipeline(WanPipeline):
     def __init__(self, folder):
         super().__init__(folder)
         self.transformer_config = WanVACEConfig.from_dict(folder.config(HIGH_NOISE))
-        self.reference_frames = 0  # latent frames in front of the video's (the run's reference images)
         self._control = None
         self._control_scale = None
 
@@ -79,7 +78,6 @@ class WanVACEPipeline(WanPipeline):
         if s.control_scale is None:
             s.control_scale = DEFAULT_CONTROL_SCALE
         self._check_vace_settings(s)
-        self.reference_frames = len(s.reference_images or ())
         return s
 
     def _fill_defaults(self, s: GenerationSettings) -> None:
@@ -251,5 +249,6 @@ class WanVACEPipeline(WanPipeline):
 
     # ---- decoding: the reference frames are conditioning, not video ----
 
-    def decode(self, latents: np.ndarray, tiling: str = "auto", progress: bool = False):
-        return super().decode(latents[:, :, self.reference_frames:], tiling, progress)
+    def video_latents(self, latents: np.ndarray, s: GenerationSettings) -> np.ndarray:
+        """The latents without the latent frame in front per reference image of the run."""
+        return latents[:, :, len(s.reference_images or ()):]
