@@ -65,7 +65,9 @@ class ReferenceCase:
     called as `model(*inputs[args], **{k: inputs[k] for k in keywords}, return_dict=False)[0]` on `inputs`
     (numpy, the reference's layout; floating ones cast unless named in `uncast`). With `guidance`, its output
     is (conditional, unconditional) along the batch, combined as uncond + guidance (cond - uncond).
-    `convert` turns its state dict (as MLX arrays) into our weights."""
+    `convert` turns its state dict (as MLX arrays) into our weights. `flops`, where given: the family cost
+    model's FLOPs of the reference's forward where it computes more than ours (padding that ours drops); None:
+    the step's."""
 
     class_name: str
     kwargs: dict
@@ -77,6 +79,7 @@ class ReferenceCase:
     guidance: float | None = None
     keep_fp32_modules: bool = False
     package: str = "diffusers"
+    flops: float | None = None
 
 
 @dataclass

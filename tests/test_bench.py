@@ -109,6 +109,56 @@ def test_flops_match_torch_flop_counter(model_id, size, frames, layers, width, g
     assert case.flops == pytest.approx(counted, rel=rel)
 
 
+# HunyuanVideo 1.5's step at two tiny widths (the projections' hidden 2048 of byt5_in stays): CFG batch 2 with a
+# quoted glyph (T2V: the reference's 729 all-zero image tokens, masked), and I2V with its condition and image tokens
+HY15_WIDTHS = {
+    "hunyuanvideo-1.5-720p-t2v": {"num_attention_heads": 2, "attention_head_dim": 20, "rope_axes_dim": [4, 8, 8],
+                                  "text_embed_dim": 24, "text_embed_2_dim": 12, "image_embed_dim": 16},
+    "hunyuanvideo-1.5-480p-i2v": {"num_attention_heads": 3, "attention_head_dim": 24, "rope_axes_dim": [8, 8, 8],
+                                  "text_embed_dim": 20, "text_embed_2_dim": 16, "image_embed_dim": 12},
+}
+
+
+def _trimmed(reference, lengths):
+    """The reference's inputs cut to the Qwen / ByT5 columns some sample uses and the image tokens ours keeps."""
+    x = dict(reference.inputs)
+    for name, keep in (("encoder_hidden_states", "qwen"), ("encoder_attention_mask", "qwen"),
+                       ("encoder_hidden_states_2", "glyph"), ("encoder_attention_mask_2", "glyph"),
+                       ("image_embeds", "image")):
+        x[name] = x[name][:, : lengths[keep]]
+    return replace(reference, inputs=x)
+
+
+@pytest.mark.parametrize("model_id", list(HY15_WIDTHS))
+def test_hunyuan15_flops_match_torch_flop_counter(model_id):
+    """diffusers' HunyuanVideo15Transformer3DModel branches on its inputs' values, so torch counts it on the CPU
+    (harness.torch_flop_count): at the pipeline's padded 1000 / 256 / 729 text slots it runs, the cost model at
+    those lengths; on the columns ours keeps (the step case's FLOPs: the refiner over the used Qwen columns, the
+    joint sequence of the most valid tokens of a sample), the step case's count."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    case = bench.step_case(model_id, (48, 32), 5, 1, width=HY15_WIDTHS[model_id])
+    padded = bench.torch_flop_count(case.reference)
+    assert padded["device"] == "cpu" and case.batch == 2
+    assert case.reference.flops == pytest.approx(padded["total"], rel=1e-3)
+    kept = bench.torch_flop_count(_trimmed(case.reference, case.info["text_lengths"]))
+    assert case.flops == pytest.approx(kept["total"], rel=1e-3) and case.flops < padded["total"]
+
+
+def test_hunyuan15_vs_reference(tmp_path):
+    """The step-distilled I2V step through ours and diffusers' (the same weights through DIFFUSERS_TRANSFORMER): one
+    pass with the image's condition latents and tokens and MeanFlow's second timestep. (The T2V step with CFG and
+    a glyph runs against diffusers in the GPU check's dry run, tests/test_gpu_check.py.)"""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    r = bench.run_vs_reference("hunyuanvideo-1.5-480p-i2v-step-distilled", (48, 32), 9, 1, "fp32", repeats=1,
+                               warmup=0, width=HY15_WIDTHS["hunyuanvideo-1.5-480p-i2v"], json_path=tmp_path / "ref.json",
+                               echo=lambda *_: None)
+    assert not r["skipped"] and r["batch"] == 1 and r["config"]["use_meanflow"]
+    assert r["output_relative_l2_error"] < 1e-5
+    assert r["reference_flops_per_step_model"] == pytest.approx(r["flops_per_step_torch_counter"], rel=1e-3)
+
+
 # ---- memory model and prediction ----
 
 

@@ -7,7 +7,11 @@ per block (d = heads * head_dim); norms, RoPE and elementwise work are not count
 tokens (an upper bound: the prompt's real tokens, at most 1000 Qwen tokens + 256 glyph bytes + 729 image tokens):
   - per block, each stream: q, k, v and output projections (4 d^2) and the MLP (2 d mlp) over its tokens, one joint
     attention over N + L;
-  - the patch embedding and the output layer over N; the token refiner over the Qwen tokens.
+  - the patch embedding and the output layer over N; the token refiner (its linear layers and its attention) over
+    the Qwen tokens, `byt5_in` over the glyph bytes, `vision_in` over the image tokens (I2V);
+  - the vectors of each sample: the time embeddings, the pooled-text embedding, the adaLN modulations.
+These are the matrix products torch's FlopCounterMode counts on diffusers' HunyuanVideo15Transformer3DModel
+(tests/test_bench.py compares the two at the reference's padded lengths).
 The text encoders are Qwen2.5-VL-7B-Instruct's language model up to hidden state -3 (26 of its 28 layers:
 hidden 3584, MLP 18944, 28 query / 4 key-value heads of 128, vocabulary 152064; its published config.json) and
 ByT5-small's encoder (d_model 1472, 12 layers, d_ff 3584, 6 heads of 64), SigLIP so400m (1152 wide, 27 layers,
@@ -107,16 +111,31 @@ def weight_bytes(spec, dtype: str = "bf16", quantize: str | None = None, group_s
     return out
 
 
-def forward_flops(config: Hunyuan15Config, n_tokens: int, text_len: int, batch: int = 1) -> FlopBreakdown:
-    d, n, L, blocks = config.hidden_size, n_tokens, text_len, config.num_blocks
+def forward_flops(config: Hunyuan15Config, n_tokens: int, text_len: int, batch: int = 1,
+                  qwen_tokens: int = TEXT_TOKENS, glyph_tokens: int = GLYPH_TOKENS, image_tokens: int = 0,
+                  timestep_r: bool | None = None) -> FlopBreakdown:
+    """One forward over `n_tokens` video tokens and a joint text sequence of `text_len` tokens in the blocks; the
+    token refiner runs over `qwen_tokens`, `byt5_in` over `glyph_tokens`, `vision_in` over `image_tokens` (each
+    the length its embedder is given: diffusers' model runs them over the pipeline's padded 1000 / 256 / 729 and
+    masks the padding; ours first drops the columns that are padding in every sample). "conditioning" is the
+    work on one vector per sample: the time embeddings (`timestep_r`: MeanFlow's second one; default: the
+    config's use_meanflow), the refiner's pooled-text embedding, every adaLN modulation."""
+    c, d, n, L, blocks = config, config.hidden_size, n_tokens, text_len, config.num_blocks
+    q, g, i, r, gh, p = qwen_tokens, glyph_tokens, image_tokens, config.num_refiner_blocks, config.glyph_hidden, \
+        math.prod(config.patch_size)
+    times = 2 if (c.use_meanflow if timestep_r is None else timestep_r) else 1
     per_sample = {
-        "patch_embed": 2 * n * math.prod(config.patch_size) * config.in_channels * d,
-        "text_embed": 2 * TEXT_TOKENS * (config.text_dim * d + config.num_refiner_blocks * (4 * d * d + 8 * d * d)),
-        "visual_linear": blocks * 2 * n * (4 * d * d + 2 * d * config.mlp_dim),
-        "text_linear": blocks * 2 * L * (4 * d * d + 2 * d * config.mlp_dim),
+        "patch_embed": 2 * n * p * c.in_channels * d,
+        "text_embed": 2 * q * (c.text_dim * d + r * (4 * d * d + 8 * d * d)) + r * 4 * q * q * d,
+        "glyph_embed": 2 * g * (c.glyph_dim * gh + gh * gh + gh * d),
+        "image_embed": 2 * i * (c.image_dim * c.image_dim + c.image_dim * d),
+        "conditioning": 2 * (times + 1) * (c.freq_dim * d + d * d) + 2 * (c.text_dim * d + d * d)
+        + r * 2 * d * 2 * d + blocks * 2 * 2 * d * 6 * d + 2 * d * 2 * d,
+        "visual_linear": blocks * 2 * n * (4 * d * d + 2 * d * c.mlp_dim),
+        "text_linear": blocks * 2 * L * (4 * d * d + 2 * d * c.mlp_dim),
         "self_attention": blocks * 4 * (n + L) * (n + L) * d,
         "cross_attention": 0,
-        "final_layer": 2 * n * d * math.prod(config.patch_size) * config.out_channels,
+        "final_layer": 2 * n * d * p * c.out_channels,
     }
     return FlopBreakdown({k: float(v) * batch for k, v in per_sample.items()})
 
@@ -126,7 +145,8 @@ def step_flops(spec, width: int, height: int, frames: int, guidance: bool = True
     from dataclasses import replace
 
     config = spec.transformer if layers is None else replace(spec.transformer, num_blocks=min(layers, spec.transformer.num_blocks))
-    return forward_flops(config, tokens(spec, width, height, frames), text_tokens(spec), batch=2 if guidance else 1)
+    return forward_flops(config, tokens(spec, width, height, frames), text_tokens(spec), batch=2 if guidance else 1,
+                         image_tokens=SIGLIP["tokens"] if spec.task == "i2v" else 0)
 
 
 def text_encoder_flops(prompts: int = 1) -> float:
