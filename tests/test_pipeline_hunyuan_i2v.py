@@ -98,6 +98,31 @@ def test_llava_prompt_states_match_transformers(tiny, prompt, interleave):
     assert rel_err(np.array(other)[kept], ref.numpy()[kept]) > 1e-2
 
 
+def test_cost_model_counts_the_tokens_the_llava_encoder_runs(tiny, monkeypatch):
+    """The preflight's text-encoding stage counts the sequence the Llama really runs, measured here: the template's
+    103 tokens before the prompt and 256 more, its <image> token replaced by the tower's 576 features (the tiny
+    tower's count is the release's): 934, where T2V's template runs 95 + 256."""
+    from mlx_video.families.hunyuan import cost_model as cost
+    from mlx_video.pipelines.base import GenerationSettings, Pipeline
+    from mlx_video.text_encoders.llama import TruncatedDecoder
+
+    root, _, image = tiny
+    lengths, run = [], TruncatedDecoder.from_embeddings
+
+    def measured(self, h, attention_mask=None):
+        lengths.append(h.shape[1])
+        return run(self, h, attention_mask)
+
+    monkeypatch.setattr(TruncatedDecoder, "from_embeddings", measured)
+    pipe = Pipeline.from_pretrained(str(root / "mlx"))
+    pipe.encode_llava([([PROMPT], image, pipe.interleave)])
+    assert lengths == [cost.llama_tokens(pipe.text_len, pipe.encoder_image_tokens(), pipe.crop_start)] == [934]
+    assert cost.llama_tokens(256) == 351 and cost.llama_tokens(256, cost.LLAVA_IMAGE_TOKENS) == 934
+    s = pipe.resolve(GenerationSettings(prompt=PROMPT, image=str(root / "image.png"), width=48, height=32, frames=5))
+    stage = pipe.estimate_memory(s)["detail"]["text_encoding"]["activations"]
+    assert stage == cost.text_encoding_activation_bytes(1, lengths[0])
+
+
 def test_latents_and_frames_match_diffusers(tiny):
     """Final latents (frame 0 the image's) within 1e-3 and decoded frames within 1/255 of the reference, from one
     run. The latents are held to 1e-4: skipping the 0.001 image blend moves the reference's by about 7e-4, which

@@ -10,8 +10,9 @@ Over N video tokens and L text tokens (all L text positions: an upper bound, pad
   - single-stream block: linear1 (d -> 3d + m) and linear2 (d + m -> d) over N + L, joint attention;
   - token refiner: the input projection (text_dim -> d), and per block q|k|v, output and MLP over L plus
     attention over L; the patch embedding and the output layer over N.
-The text encoders: the Llama path runs all but the last `skip` layers over 95 + 256 tokens per prompt; CLIP-L
-over 77 tokens.
+The text encoders: the Llama path runs all but the last `skip` layers per prompt over the template's tokens before
+the prompt and 256 more: 95 + 256 for T2V; for I2V (LLaVA) 103 + 256 with the 576 image features in place of the
+one <image> token, 934 (`llama_tokens`); CLIP-L over 77 tokens. LLaVA's vision tower is not counted.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from mlx_video.cost import (
     DEFAULT_GROUP_SIZE, FlopBreakdown, ParamCount, PeakEstimate, bytes_per_weight, dtype_bytes, generation_flops,
 )
 from mlx_video.families.hunyuan.config import HUNYUAN_VAE, HunyuanTransformerConfig, HunyuanVAEConfig
+from mlx_video.text_encoders.llama import VIDEO_TEMPLATE_CROP_START
+from mlx_video.text_encoders.llava import I2V_TEMPLATE_CROP_START
 
-TEMPLATE_TOKENS = 95  # the prompt template's crop (mlx_video.text_encoders.llama)
+LLAVA_IMAGE_TOKENS = (336 // 14) ** 2  # the release's CLIP ViT-L/14 tower at 336 px, class token dropped (llava.py)
 CLIP_TOKENS = 77
 # Llama-3-8B (the LLaVA-Llama-3 language model) and CLIP-L text: published dimensions.
 LLAMA_8B = dict(vocab=128320, dim=4096, ffn=14336, layers=32, heads=32, kv_heads=8, skip=2)
@@ -36,6 +39,20 @@ def token_grid(spec, width: int, height: int, frames: int,
     t, h, w = spec.latent_grid(width, height, frames)
     pt, ph, pw = (config or spec.transformer).patch_size
     return t // pt, h // ph, w // pw
+
+
+def llama_tokens(text_len: int = 256, image_tokens: int = 0, crop_start: int | None = None) -> int:
+    """Tokens the Llama encoder runs per prompt: the template's tokens before the prompt (`crop_start`; T2V's 95,
+    I2V's 103 by default) and `text_len` more (the prompt, the template's end, padding); an I2V encoder's image
+    features (`image_tokens`) take the place of its template's one <image> token (mlx_video.text_encoders.llava)."""
+    if crop_start is None:
+        crop_start = I2V_TEMPLATE_CROP_START if image_tokens else VIDEO_TEMPLATE_CROP_START
+    return crop_start + text_len + (image_tokens - 1 if image_tokens else 0)
+
+
+def encoder_image_tokens(spec) -> int:
+    """The image features the model's text encoder reads beside the prompt: LLaVA's for an I2V model, else none."""
+    return LLAVA_IMAGE_TOKENS if spec.task == "i2v" else 0
 
 
 def tokens(spec, width: int, height: int, frames: int, config: HunyuanTransformerConfig | None = None) -> int:
@@ -140,9 +157,10 @@ def step_flops(spec, width: int, height: int, frames: int, guidance: bool = Fals
                          batch=2 if guidance else 1)
 
 
-def text_encoder_flops(prompts: int = 1, text_len: int = 256) -> float:
+def text_encoder_flops(prompts: int = 1, tokens: int | None = None) -> float:
+    """The Llama over `tokens` per prompt (`llama_tokens`; T2V's by default) and CLIP-L."""
     c = LLAMA_8B
-    s = TEMPLATE_TOKENS + text_len
+    s = llama_tokens() if tokens is None else tokens
     layers = c["layers"] - c["skip"]
     linear = 2 * s * (llama_params() - c["vocab"] * c["dim"])
     attn = 4 * s * s * c["dim"] * layers
@@ -153,7 +171,8 @@ def text_encoder_flops(prompts: int = 1, text_len: int = 256) -> float:
 def video_flops(spec, width: int, height: int, frames: int, steps: int | None = None, guidance: bool = False) -> dict:
     """Transformer and text-encoder FLOPs of a generation (`guidance`: true CFG; the VAE is not modelled)."""
     steps = spec.steps if steps is None else steps
-    text = text_encoder_flops(2 if guidance else 1, spec.default("text_len", 256))
+    text = text_encoder_flops(2 if guidance else 1, llama_tokens(spec.default("text_len", 256),
+                                                                  encoder_image_tokens(spec)))
     return generation_flops(step_flops(spec, width, height, frames, guidance).total, steps, text)
 
 
@@ -181,11 +200,12 @@ def activation_bytes(config: HunyuanTransformerConfig, n_tokens: int, batch: int
     return int(resident + stage)
 
 
-def text_encoding_activation_bytes(prompts: int = 1, text_len: int = 256) -> int:
-    """The Llama forward over 95 + text_len tokens: a few hidden-wide float32 states, the MLP's intermediate
-    (gate, up, product) and one layer's attention scores (heads x S^2, float32, and their softmax)."""
+def text_encoding_activation_bytes(prompts: int = 1, tokens: int | None = None) -> int:
+    """The Llama forward over its S tokens per prompt (`llama_tokens`; T2V's by default): a few hidden-wide float32
+    states, the MLP's intermediate (gate, up, product) and one layer's attention scores (heads x S^2, float32, and
+    their softmax)."""
     c = LLAMA_8B
-    s = TEMPLATE_TOKENS + text_len
+    s = llama_tokens() if tokens is None else tokens
     return int(prompts * s * (6 * c["dim"] + 3 * c["ffn"]) * 4 + 2 * prompts * c["heads"] * s * s * 4)
 
 
@@ -208,11 +228,12 @@ def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str 
                          vae_tile: tuple[int, int] | None = (256, 256), vae_tile_frames: int | None = 17,
                          transformer: HunyuanTransformerConfig | None = None, vae_config: HunyuanVAEConfig | None = None,
                          stored: dict | None = None, text_len: int | None = None, attention=None,
-                         **_ignored) -> PeakEstimate:
+                         image_tokens: int | None = None, crop_start: int | None = None, **_ignored) -> PeakEstimate:
     """Peak bytes of each stage, run one after the other with only that stage's weights resident:
     text_encoding (the Llama encoder, then CLIP), denoising (the transformer; `guidance`: true CFG batched),
     decoding (the VAE). `stored`: the bytes the converted components hold ("text_encoder", "text_encoder_2",
-    "transformer_expert", "vae"), else computed from the published configs."""
+    "transformer_expert", "vae"), else computed from the published configs. `image_tokens`, `crop_start`: what the
+    Llama reads beside the prompt (`llama_tokens`; by default the published model's)."""
     config = transformer or spec.transformer
     text_len = spec.default("text_len", 256) if text_len is None else text_len
     weights = weight_bytes(spec, dtype, quantize, group_size, config)
@@ -222,7 +243,9 @@ def estimate_peak_memory(spec, width: int, height: int, frames: int, dtype: str 
     prompts = 2 if guidance else 1
     stages = {
         "text_encoding": {"weights": max(weights["text_encoder"], weights.get("text_encoder_2", 0)),
-                          "activations": text_encoding_activation_bytes(prompts, text_len)},
+                          "activations": text_encoding_activation_bytes(prompts, llama_tokens(
+                              text_len, encoder_image_tokens(spec) if image_tokens is None else image_tokens,
+                              crop_start))},
         "denoising": {"weights": weights["transformer_expert"],
                       "activations": activation_bytes(config, n, 2 if guidance else 1, dtype, text_len, fused_attention,
                                                       attention)},

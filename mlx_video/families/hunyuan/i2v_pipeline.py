@@ -92,6 +92,15 @@ class HunyuanI2VPipeline(HunyuanPipeline):
         """Which image tokens the prompt keeps (diffusers' image_embed_interleave for the transformer)."""
         return 4 if self.condition == "token_replace" else 2
 
+    def encoder_image_tokens(self) -> int:
+        """LLaVA's image features, which take the place of the template's <image> token (its folder's tower)."""
+        from mlx_video.families.hunyuan.cost_model import LLAVA_IMAGE_TOKENS
+        from mlx_video.text_encoders.llava import LlavaImageConfig
+
+        if not self.folder.has("image_encoder"):
+            return LLAVA_IMAGE_TOKENS
+        return LlavaImageConfig.from_dict(self.folder.config("image_encoder")).image_tokens
+
     def component_bytes(self, component: str) -> int:
         """The preflight's text-encoding stage holds LLaVA's vision tower and projector beside the Llama."""
         stored = super().component_bytes(component)

@@ -157,6 +157,10 @@ class HunyuanPipeline(Pipeline):
 
     # ---- memory preflight ----
 
+    def encoder_image_tokens(self) -> int:
+        """The image features the Llama reads beside the prompt (none for T2V)."""
+        return 0
+
     def estimate_memory(self, s: GenerationSettings, tiling: str = "auto", has_image: bool = False) -> dict:
         """Estimated peak bytes of each stage (text encoding, denoising, decoding), run one after the other: the
         family's cost model (`mlx_video/families/hunyuan/cost_model.py`) on this folder's configuration and the bytes
@@ -181,7 +185,7 @@ class HunyuanPipeline(Pipeline):
             self.spec, s.width, s.height, s.frames, name, guidance=self.uses_true_cfg(s) and s.guidance_mode == "batched",
             fused_attention=mx.metal.is_available(), vae_tile=tile_px, vae_tile_frames=tile_frames,
             transformer=self.transformer_config, vae_config=vae_cfg, stored=stored, text_len=self.text_len,
-            attention=self.attention_estimate(s),
+            attention=self.attention_estimate(s), image_tokens=self.encoder_image_tokens(), crop_start=self.crop_start,
         )
         stages = {k: v["total"] for k, v in estimate.stages.items()}
         if not self.can_decode:
