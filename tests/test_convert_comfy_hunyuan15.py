@@ -33,9 +33,8 @@ from mlx_video.errors import MlxVideoError  # noqa: E402
 from support.hunyuan15 import (  # noqa: E402
     official_state, official_vae_state, save_transformer_folder, tiny_encoders, tiny_transformer,
 )
-from support.wan_checkpoints import write_description  # noqa: E402
 from support.plans import assert_same, components, converted  # noqa: E402
-from support.tensor_files import save_torch  # noqa: E402
+from support.tensor_files import save_torch, write_description  # noqa: E402
 
 FUSED = re.compile(r"(double_blocks\.\d+\.(?:img|txt)_attn)_([qkv])\.(weight|bias)")
 BLOCK_LINEAR = re.compile(r"double_blocks\.\d+\.(img|txt)_(attn_qkv|attn_proj|mod\.linear|mlp\.fc[12])\.weight")

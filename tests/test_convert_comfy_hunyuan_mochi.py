@@ -26,12 +26,11 @@ from mlx.utils import tree_flatten
 
 from mlx_video.convert.convert import plan
 from mlx_video.errors import MlxVideoError
-from support.wan_checkpoints import write_description
 from support.hunyuan import build_tiny_hunyuan_pipeline, official_state
 from support.mochi import build_tiny_mochi_pipeline, official_state_dict, official_vae_state_dicts
 from support.arrays import meta_shapes
 from support.plans import assert_same, components, converted
-from support.tensor_files import save_torch
+from support.tensor_files import save_torch, write_description
 
 F8 = torch.float8_e4m3fn
 

@@ -20,7 +20,8 @@ pytest.importorskip("transformers")
 
 from mlx_video.convert.convert import plan  # noqa: E402
 from support.wan import train_spiece  # noqa: E402
-from support.wan_checkpoints import meta_state, transformer_file, umt5_file, vae_file, write_description  # noqa: E402
+from support.tensor_files import meta_state, write_description  # noqa: E402
+from support.wan_checkpoints import transformer_file, umt5_file, vae_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")

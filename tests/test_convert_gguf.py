@@ -283,7 +283,8 @@ def wan_gguf_header(path: Path, model_id: str, wanted: str) -> Path:
     """A full-size Wan 2.2 transformer as QuantStack's Q4_K_M files name and type it (.v and ffn.2 as Q6_K)."""
     from diffusers import WanTransformer3DModel
 
-    from support.wan_checkpoints import TRANSFORMERS, meta_state
+    from support.tensor_files import meta_state
+    from support.wan_checkpoints import TRANSFORMERS
 
     sd = meta_state(WanTransformer3DModel, **TRANSFORMERS[model_id])
     tensors = {}

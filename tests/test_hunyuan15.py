@@ -24,7 +24,7 @@ from diffusers import HunyuanVideo15Transformer3DModel  # noqa: E402
 from mlx_video.cli import main  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
 from mlx_video.pipelines.base import GenerationSettings, Pipeline  # noqa: E402
-from support.wan_checkpoints import meta_state, write_description  # noqa: E402
+from support.tensor_files import meta_state, write_description  # noqa: E402
 from support.hunyuan15 import (  # noqa: E402
     GLYPH_DIM, IMAGE_DIM, TEXT_DIM, build_tiny_i2v_pipeline, build_tiny_t2v_pipeline, official_state,
     save_transformer_folder, tiny_transformer,

@@ -415,7 +415,7 @@ def test_published_sr_model_every_key_and_shape(tmp_path):
     from mlx.utils import tree_flatten
 
     from mlx_video.convert.convert import plan
-    from support.wan_checkpoints import write_description
+    from support.tensor_files import write_description
 
     record = json.loads(KEYS.read_text())
     folder = tmp_path / "transformer" / "720p_sr_distilled"
@@ -443,7 +443,7 @@ def test_published_sr_model_every_key_and_shape(tmp_path):
 def test_release_without_upsampler_is_refused(tmp_path):
     from mlx_video.convert.convert import plan
     from mlx_video.errors import MlxVideoError
-    from support.wan_checkpoints import write_description
+    from support.tensor_files import write_description
 
     record = json.loads(KEYS.read_text())
     folder = tmp_path / "transformer" / "1080p_sr_distilled"

@@ -17,9 +17,8 @@ pytest.importorskip("transformers")
 
 from mlx_video.convert.convert import plan  # noqa: E402
 from mlx_video.errors import MlxVideoError  # noqa: E402
-from support.wan_checkpoints import (  # noqa: E402
-    WAN, meta_state, official_transformer_name, umt5_file, vae_file, write_description,
-)
+from support.tensor_files import meta_state, write_description  # noqa: E402
+from support.wan_checkpoints import WAN, official_transformer_name, umt5_file, vae_file  # noqa: E402
 from support.wan import train_spiece  # noqa: E402
 
 VACE = {

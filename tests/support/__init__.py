@@ -5,7 +5,7 @@ tests/conftest.py.
 - `wan`: tiny random Wan 2.2 diffusers pipelines (T2V, I2V, TI2V, VACE), weight randomizer, diffusers -> official
   renames of the image-context transformer, a tiny SentencePiece tokenizer (`train_spiece`).
 - `wan_checkpoints`: Wan checkpoint files for the conversion tests (official UMT5, CLIP, VAE layouts, ComfyUI and
-  fp8 files, full-size descriptions without weights), a converted tiny TI2V.
+  fp8 files, full-size Wan descriptions without weights), a converted tiny TI2V.
 - `wan_s2v`: Wan2.2-S2V recorded from the official code: the transformer's cases, the pipeline's run and its
   release folder, a voice track.
 - `hunyuan`: a tiny random HunyuanVideo pipeline; a diffusers state dict in the official layout; published configs;
@@ -14,7 +14,9 @@ tests/conftest.py.
 - `hunyuan15`: tiny random HunyuanVideo 1.5 pipelines (T2V, I2V), transformers, VAE and encoders.
 - `mochi`: a tiny random Mochi 1 pipeline; transformer and VAE state dicts in genmo's layout; T5-XXL's config.
 - `arrays`: relative errors (`rel_err`, `rel_err_f64`), torch <-> channels-last video layouts, state-dict shapes.
-- `tensor_files`: a converted folder's weights as numpy; tensors written as float32 or as torch holds them.
+- `tensor_files`: a converted folder's weights as numpy; tensors written as float32 or as torch holds them; a
+  checkpoint described without its weights (`write_description`: names, dtypes, shapes; `meta_state`: a torch
+  module's state dict on the meta device).
 - `plans`: a planned conversion's components by name, what a component converts to, exact equality.
 - `cli`: an `mlxvid generate` command line, and a run that must fail with one clean error.
 - `text`: a SentencePiece model in T5's layout trained on a few sentences, and prompts for tokenizer parity.

@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 from safetensors.torch import save_file  # noqa: E402
+from support.tensor_files import meta_state, write_description  # noqa: E402
 from support.wan import randomize_, train_spiece  # noqa: E402
 
 from mlx_video.model_folder import ModelFolder  # noqa: E402
@@ -315,37 +316,8 @@ class Tiny:
 
 
 # ---- Wan: full-size checkpoint files described without their weights ----
-SIZES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
 COMFY_QUANT = json.dumps({"format": "float8_e4m3fn"}).encode()
 
-
-def write_description(path: Path, tensors: dict[str, tuple[str, tuple, bytes | None]]) -> Path:
-    """A safetensors file with these (dtype, shape, data) entries; `None` data is left as a sparse hole."""
-    header, offset, blobs = {}, 0, []
-    for name, (code, shape, data) in tensors.items():
-        n = SIZES[code]
-        for s in shape:
-            n *= s
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        if data is not None:
-            assert len(data) == n
-            blobs.append((offset, data))
-        offset += n
-    body = json.dumps(header).encode()
-    body += b" " * (-(8 + len(body)) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(body)) + body)
-        for at, data in blobs:
-            f.seek(8 + len(body) + at)
-            f.write(data)
-        f.truncate(8 + len(body) + offset)
-    return path
-
-
-def meta_state(cls, **config) -> dict:
-    with torch.device("meta"):
-        return dict(cls(**config).state_dict())
 
 WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
            qk_norm="rms_norm_across_heads", eps=1e-6)  # fmt: skip
