@@ -123,6 +123,22 @@ def test_cost_model_counts_the_tokens_the_llava_encoder_runs(tiny, monkeypatch):
     assert stage == cost.text_encoding_activation_bytes(1, lengths[0])
 
 
+def test_cost_model_counts_the_llava_vision_tower(tiny):
+    """The closed-form count of LLaVA's vision tower and projector (which the I2V text-encoding stage holds beside the
+    Llama) equals transformers' modules and the converted folder's tensors at the tiny config; published: 324.5M."""
+    from support.tensor_files import converted_weights
+
+    from mlx_video.families.hunyuan import cost_model as cost
+
+    root, pipe, _ = tiny
+    llava = pipe.text_encoder
+    reference = sum(p.numel() for name, p in llava.named_parameters() if "vision_tower" in name or "projector" in name)
+    stored = sum(v.size for v in converted_weights(root / "mlx", "image_encoder").values())
+    tiny_dims = dict(image=48, patch=2, dim=32, ffn=56, layers=3, text_dim=40)
+    assert cost.llava_vision_params(**tiny_dims) == reference == stored
+    assert cost.llava_vision_params(**cost.LLAVA_VISION) == 303_507_456 + 20_979_712  # CLIP ViT-L/14-336, projector
+
+
 def test_latents_and_frames_match_diffusers(tiny):
     """Final latents (frame 0 the image's) within 1e-3 and decoded frames within 1/255 of the reference, from one
     run. The latents are held to 1e-4: skipping the 0.001 image blend moves the reference's by about 7e-4, which

@@ -12,7 +12,7 @@ Over N video tokens and L text tokens (all L text positions: an upper bound, pad
     attention over L; the patch embedding and the output layer over N.
 The text encoders: the Llama path runs all but the last `skip` layers per prompt over the template's tokens before
 the prompt and 256 more: 95 + 256 for T2V; for I2V (LLaVA) 103 + 256 with the 576 image features in place of the
-one <image> token, 934 (`llama_tokens`); CLIP-L over 77 tokens. LLaVA's vision tower is not counted.
+one <image> token, 934 (`llama_tokens`), after LLaVA's vision tower over 577 patches; CLIP-L over 77 tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ CLIP_TOKENS = 77
 # Llama-3-8B (the LLaVA-Llama-3 language model) and CLIP-L text: published dimensions.
 LLAMA_8B = dict(vocab=128320, dim=4096, ffn=14336, layers=32, heads=32, kv_heads=8, skip=2)
 CLIP_L_TEXT_PARAMS = 123_060_480  # CLIPTextModel of openai/clip-vit-large-patch14
+# LLaVA-Llama-3-8B's vision tower (CLIP ViT-L/14 at 336 px) and projector into the Llama's width: published dimensions.
+LLAVA_VISION = dict(image=336, patch=14, dim=1024, ffn=4096, layers=24, text_dim=4096, feature_layer=-2)
 
 
 def token_grid(spec, width: int, height: int, frames: int,
@@ -91,6 +93,26 @@ def llama_params(used_layers: bool = True) -> int:
     return c["vocab"] * c["dim"] + layers * layer + (0 if used_layers else c["dim"])
 
 
+def llava_vision_params(image: int = 336, patch: int = 14, dim: int = 1024, ffn: int = 4096, layers: int = 24,
+                        text_dim: int = 4096, **_ignored) -> int:
+    """LLaVA's CLIP vision tower (patch embedding without bias, class and position embeddings, pre- and post-norm,
+    `layers` pre-norm blocks) and its two-layer projector (with biases) into the Llama's `text_dim`."""
+    positions = (image // patch) ** 2 + 1
+    embeddings = 3 * patch * patch * dim + dim + positions * dim + 2 * dim
+    block = 4 * (dim * dim + dim) + 2 * dim * ffn + ffn + dim + 4 * dim
+    return embeddings + layers * block + 2 * dim + dim * text_dim + text_dim + text_dim * text_dim + text_dim
+
+
+def llava_vision_flops(image: int = 336, patch: int = 14, dim: int = 1024, ffn: int = 4096, layers: int = 24,
+                       text_dim: int = 4096, feature_layer: int = -2) -> float:
+    """One image through the tower's blocks up to hidden state `feature_layer` and the projector (patch embedding
+    and norms not counted)."""
+    n = (image // patch) ** 2 + 1
+    run = (layers + 1 + feature_layer) if feature_layer < 0 else feature_layer
+    per_block = 2 * n * (4 * dim * dim + 2 * dim * ffn) + 4 * n * n * dim
+    return float(run * per_block + 2 * (n - 1) * (dim * text_dim + text_dim * text_dim))
+
+
 @lru_cache(maxsize=8)
 def vae_params(vae_config: HunyuanVAEConfig = HUNYUAN_VAE, decoder_only: bool = False) -> int:
     """Counted from the module tree (MLX builds it lazily: nothing is materialised)."""
@@ -118,7 +140,8 @@ def weight_bytes(spec, dtype: str = "bf16", quantize: str | None = None, group_s
     out = {
         "transformer_expert": expert,
         "transformer_all_experts": expert,
-        "text_encoder": llama_params() * dtype_bytes(dtype),
+        "text_encoder": (llama_params() + (llava_vision_params(**LLAVA_VISION) if spec.task == "i2v" else 0))
+        * dtype_bytes(dtype),  # an I2V folder's text-encoding stage holds LLaVA's tower too
         "text_encoder_2": CLIP_L_TEXT_PARAMS * dtype_bytes(dtype),
         "vae": vae_params() * 4,
     }
@@ -171,8 +194,10 @@ def text_encoder_flops(prompts: int = 1, tokens: int | None = None) -> float:
 def video_flops(spec, width: int, height: int, frames: int, steps: int | None = None, guidance: bool = False) -> dict:
     """Transformer and text-encoder FLOPs of a generation (`guidance`: true CFG; the VAE is not modelled)."""
     steps = spec.steps if steps is None else steps
-    text = text_encoder_flops(2 if guidance else 1, llama_tokens(spec.default("text_len", 256),
-                                                                  encoder_image_tokens(spec)))
+    prompts = 2 if guidance else 1
+    text = text_encoder_flops(prompts, llama_tokens(spec.default("text_len", 256), encoder_image_tokens(spec)))
+    if spec.task == "i2v":  # each prompt is read with an image (the negative one with a black image)
+        text += prompts * llava_vision_flops(**LLAVA_VISION)
     return generation_flops(step_flops(spec, width, height, frames, guidance).total, steps, text)
 
 
