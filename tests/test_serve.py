@@ -131,6 +131,8 @@ def test_progress_events_and_cancel(server):
     ({"prompt": "x", "steps": 0}, 400, "--steps must be"),
     ({"prompt": "x", "frames": 6}, 400, "frames"),
     ({"prompt": "x", "output": "/tmp/evil.mp4"}, 400, "set by the server"),
+    # a folder of the server's (the SR model is the registry's, under the models home)
+    ({"prompt": "x", "upscale": "720p", "upscale_model": "/etc"}, 400, "set by the server"),
     ({"prompt": "x", "image": "/etc/hostname"}, 400, "uploaded file"),
     ({"prompt": "x", "colour": "red"}, 400, "unknown key 'colour'"),
     ({"prompt": "x", "size": "16384x16384", "frames": 121}, 413, "available"),

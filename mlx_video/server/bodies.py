@@ -20,7 +20,7 @@ from ..options import OPTIONS, validate
 
 # Options a client may not set: they name files or folders of the server, or the server's own limits.
 SERVER_ONLY = frozenset({"output", "save_latents", "init_latents", "from_sidecar", "overwrite", "quiet",
-                         "preview_every", "max_memory", "font", "rife_weights"})
+                         "preview_every", "max_memory", "font", "rife_weights", "upscale_model"})
 # Upload fields -> the option they fill, and the file kinds each takes.
 UPLOADS = {"input_reference": "image", "image": "image", "audio": "audio", "pose_video": "pose_video",
            "watermark_image": "watermark", "last_image": "last_image", "video": "video",
