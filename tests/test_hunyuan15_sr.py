@@ -670,8 +670,12 @@ def test_served_upscale_job_reports_both_stages(runs, tmp_path, monkeypatch):
         update(self, job_id, **fields)
 
     monkeypatch.setattr(JobStore, "update", recording)
-    options = from_fields({"prompt": "a corgi surfs", "size": "64x48", "frames": 5, "steps": 1, "upscale": "720p",
-                           "upscale_model": str(runs / "sr")}, [], "base")
+    # a request names no SR folder (upscale_model is the server's): the registry's model under the models home
+    monkeypatch.setenv("MLXVID_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    (tmp_path / "home" / "models" / "hunyuanvideo-1.5-720p-sr-distilled").symlink_to(runs / "sr")
+    options = from_fields({"prompt": "a corgi surfs", "size": "64x48", "frames": 5, "steps": 1, "upscale": "720p"},
+                          [], "base")
     ids = [store.add("openai", "base", "a corgi surfs", options).id for _ in range(2)]
     worker = worker_module.Worker(store, tmp_path / "data", {"base": str(runs / "base")})
     for _ in ids:
