@@ -243,16 +243,22 @@ def bucket_image(pipe, path, height: int, width: int) -> tuple[int, int]:
     return height, width
 
 
+def converted_i2v(root, **pipeline):
+    """A tiny diffusers I2V folder (`build_tiny_i2v_pipeline(**pipeline)`, short prompt lengths) converted to
+    root/mlx; (root, the diffusers pipeline)."""
+    pipe = build_tiny_i2v_pipeline(root / "diffusers", **pipeline)
+    for name, value in (("tokenizer_max_length", 40), ("tokenizer_2_max_length", 32)):
+        setattr(pipe, name, value)
+    main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
+    return root, pipe
+
+
 def test_i2v_with_guidance_matches_diffusers(tmp_path_factory):
     """The CFG I2V models (480p/720p I2V: guidance 6, no MeanFlow): the unconditional pass on the empty prompt with
     the same image condition, 3 steps at shift 5, from an image file, 9 frames; final latents."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("hy15_i2v_cfg")
-    pipe = build_tiny_i2v_pipeline(root / "diffusers", guidance=6.0, shift=5.0, meanflow=False)
-    for name, value in (("tokenizer_max_length", 40), ("tokenizer_2_max_length", 32)):
-        setattr(pipe, name, value)
-    main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
+    root, pipe = converted_i2v(tmp_path_factory.mktemp("hy15_i2v_cfg"), guidance=6.0, shift=5.0, meanflow=False)
     height, width = bucket_image(pipe, root / "image.png", 64, 48)
     init = np.random.default_rng(3).standard_normal((1, 4, 3, height // 16, width // 16)).astype(np.float32)
     np.save(root / "init.npy", init)
@@ -277,11 +283,7 @@ def test_step_distilled_i2v_from_the_image_matches_diffusers(tmp_path_factory):
     VAE decodes from them against diffusers' decoding of its own."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("hy15_i2v")
-    pipe = build_tiny_i2v_pipeline(root / "diffusers")
-    for name, value in (("tokenizer_max_length", 40), ("tokenizer_2_max_length", 32)):
-        setattr(pipe, name, value)
-    main(["convert", str(root / "diffusers"), str(root / "mlx"), "--dtype", "fp32"])
+    root, pipe = converted_i2v(tmp_path_factory.mktemp("hy15_i2v"))
     height, width = bucket_image(pipe, root / "image.png", 48, 80)
     init = np.random.default_rng(2).standard_normal((1, 4, 2, height // 16, width // 16)).astype(np.float32)
     np.save(root / "init.npy", init)

@@ -50,6 +50,18 @@ def llama_tokenizer(texts=(), vocab_size: int = 600, specials=()):
                                    pad_token="<|end_of_text|>", padding_side="right")
 
 
+def tiny_clip_text(tokenizer):
+    """transformers' CLIPTextModel, 3 layers of 3 heads of 12, quick_gelu, on `clip_tokenizer()`'s vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=36, intermediate_size=60, num_hidden_layers=3, num_attention_heads=3,
+        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=eos, pad_token_id=eos,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+    )).eval()
+
+
 def clip_tokenizer():
     """Byte-level BPE with CLIP's specials; <|endoftext|> gets the largest id, as in CLIP's vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -103,7 +115,7 @@ def build_tiny_hunyuan_pipeline(folder: Path, seed: int = 0, transformer_dims: d
         HunyuanVideoPipeline,
         HunyuanVideoTransformer3DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from transformers import LlamaConfig, LlamaModel
 
     tokenizer, tokenizer_2 = llama_tokenizer(), clip_tokenizer()
     torch.manual_seed(seed)
@@ -111,12 +123,7 @@ def build_tiny_hunyuan_pipeline(folder: Path, seed: int = 0, transformer_dims: d
         vocab_size=len(tokenizer), hidden_size=40, intermediate_size=72, num_hidden_layers=5, num_attention_heads=4,
         num_key_value_heads=2, head_dim=10, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=512,
     ), **(llama_dims or {})})).eval()
-    eos = tokenizer_2.convert_tokens_to_ids("<|endoftext|>")
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer_2), hidden_size=36, intermediate_size=60, num_hidden_layers=3, num_attention_heads=3,
-        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=eos, pad_token_id=eos,
-        bos_token_id=tokenizer_2.convert_tokens_to_ids("<|startoftext|>"),
-    )).eval()
+    clip = tiny_clip_text(tokenizer_2)
     transformer = HunyuanVideoTransformer3DModel(**{**dict(
         in_channels=6, out_channels=6, num_attention_heads=2, attention_head_dim=24, num_layers=2,
         num_single_layers=2, num_refiner_layers=1, mlp_ratio=3.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",

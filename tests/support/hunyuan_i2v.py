@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from support.hunyuan import clip_tokenizer, llama_tokenizer, randomize_
+from support.hunyuan import clip_tokenizer, llama_tokenizer, randomize_, tiny_clip_text
 
 IMAGE_TOKEN = "<image>"
 
@@ -63,16 +63,10 @@ def build_tiny_hunyuan_i2v_pipeline(folder: Path, seed: int = 0):
         HunyuanVideoImageToVideoPipeline,
         HunyuanVideoTransformer3DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer, tokenizer_2 = llava_tokenizer(), clip_tokenizer()
     llava = tiny_llava(tokenizer, seed + 1)
-    eos = tokenizer_2.convert_tokens_to_ids("<|endoftext|>")
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer_2), hidden_size=36, intermediate_size=60, num_hidden_layers=3, num_attention_heads=3,
-        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=eos, pad_token_id=eos,
-        bos_token_id=tokenizer_2.convert_tokens_to_ids("<|startoftext|>"),
-    )).eval()
+    clip = tiny_clip_text(tokenizer_2)
     transformer = HunyuanVideoTransformer3DModel(
         in_channels=6, out_channels=6, num_attention_heads=3, attention_head_dim=24, num_layers=2,
         num_single_layers=2, num_refiner_layers=1, mlp_ratio=3.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
