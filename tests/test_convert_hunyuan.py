@@ -17,7 +17,7 @@ from transformers import CLIPTextConfig as HFCLIPTextConfig, CLIPTextModel, Llam
 
 from mlx_video.convert.convert import ComponentPlan, plan_component
 from mlx_video.families.hunyuan import planner as family
-from mlx_video.convert.formats import ComponentSource, TensorFile, classify, open_tensors
+from mlx_video.convert.formats import ComponentSource, classify, open_tensors
 from mlx_video.families.hunyuan.keys import (
     DIFFUSERS_TRANSFORMER,
     DIFFUSERS_VAE,
@@ -35,15 +35,8 @@ from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder
 from mlx_video.text_encoders.llama import LlamaTextEncoder
 from support.hunyuan import CLIP_L, LLAMA_8B, PUBLISHED_TRANSFORMER  # noqa: E402
 from support.arrays import meta_shapes
+from support.tensor_files import Shapes
 
-
-class Shapes(TensorFile):
-    """Shapes only (bf16), for planning full-size conversions without any data."""
-
-    def __init__(self, shapes: dict):
-        self._shapes = {k: tuple(v) for k, v in shapes.items()}
-        self._codes = {k: "BF16" for k in shapes}
-        self.paths, self.metadata = [], {}
 
 
 def test_fused_view_reads_rows_across_parts(tmp_path):

@@ -18,16 +18,8 @@ from mlx_video.families.hunyuan.keys import LLAVA_IMAGE, TRANSFORMERS_LLAMA, tra
 from mlx_video.text_encoders.llama import LlamaTextEncoder
 from mlx_video.text_encoders.llava import LlavaImageConfig, LlavaImageEncoder
 from support.hunyuan import LLAMA_8B, PUBLISHED_TRANSFORMER  # noqa: E402
-from mlx_video.convert.formats import TensorFile
+from support.tensor_files import Shapes
 
-
-class Shapes(TensorFile):
-    """Shapes only (bf16), for planning full-size conversions without any data."""
-
-    def __init__(self, shapes: dict):
-        self._shapes = {k: tuple(v) for k, v in shapes.items()}
-        self._codes = {k: "BF16" for k in shapes}
-        self.paths, self.metadata = [], {}
 
 # openai/clip-vit-large-patch14-336, LLaVA's vision tower
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,

@@ -16,7 +16,7 @@ from transformers import T5Config as HFT5Config, T5EncoderModel, UMT5Config, UMT
 from mlx_video.convert.convert import ComponentPlan, plan_component
 from mlx_video.families.mochi import planner as family
 from mlx_video.families.hunyuan.planner import FUSED, FusedParts, fused_keymap
-from mlx_video.convert.formats import ComponentSource, TensorFile, classify
+from mlx_video.convert.formats import ComponentSource, classify
 from mlx_video.families.mochi.keys import DIFFUSERS_TRANSFORMER, DIFFUSERS_VAE, OFFICIAL_TRANSFORMER, TRANSFORMERS_T5
 from mlx_video.families.mochi.keys import transformer_config_from_diffusers, vae_config_from_diffusers
 from mlx_video.errors import MlxVideoError
@@ -28,15 +28,8 @@ from mlx_video.registry import get_spec
 from mlx_video.text_encoders.t5 import T5Config, T5Encoder
 from support.mochi import T5_XXL, official_state_dict, official_vae_state_dicts
 from support.arrays import meta_shapes
+from support.tensor_files import Shapes
 
-
-class Shapes(TensorFile):
-    """Shapes only (bf16), for planning full-size conversions without any data."""
-
-    def __init__(self, shapes: dict):
-        self._shapes = {k: tuple(v) for k, v in shapes.items()}
-        self._codes = {k: "BF16" for k in shapes}
-        self.paths, self.metadata = [], {}
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from support.wan import (  # noqa: E402
     WAN_IMAGE_OFFICIAL_RENAMES, randomize_, renamed_keys, train_spiece, use_official_sigmas,
 )
 from support.arrays import rel_err  # noqa: E402
+from support.tensor_files import Shapes  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # torch on one thread (tests/conftest.py)
 
@@ -74,19 +75,6 @@ def ours_from(state_dict, keymap, cfg):
     weights = convert_weights(keymap, {k: mx.array(v.detach().numpy()) for k, v in state_dict.items()})
     model.load_weights(list(weights.items()))
     return model
-
-
-class Shapes:
-    """What the planner reads of a checkpoint (its keys and shapes), from a torch state dict."""
-
-    def __init__(self, state_dict):
-        self.state_dict = state_dict
-
-    def keys(self):
-        return list(self.state_dict)
-
-    def shape(self, key):
-        return tuple(self.state_dict[key].shape)
 
 
 def config_of(state_dict, keymap, heads=None):

@@ -15,6 +15,7 @@ pytest.importorskip("diffusers")
 from mlx_video.convert.rules import convert_weights  # noqa: E402
 from support.wan import WAN_IMAGE_OFFICIAL_RENAMES, randomize_, renamed_keys  # noqa: E402
 from support.arrays import rel_err  # noqa: E402
+from support.tensor_files import Shapes  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # torch on one thread (tests/conftest.py)
 
@@ -107,16 +108,6 @@ def test_full_size_keys_and_shapes():
     from mlx_video.families.wan.image_model import WAN21_FLF2V_14B, WAN21_I2V_14B, WanImageTransformer
     from mlx_video.families.wan.keys import DIFFUSERS_IMAGE_TRANSFORMER, OFFICIAL_IMAGE_TRANSFORMER
     from mlx_video.families.wan.animate_planner import target_shapes
-
-    class Shapes:
-        def __init__(self, state_dict):
-            self.state_dict = state_dict
-
-        def keys(self):
-            return list(self.state_dict)
-
-        def shape(self, key):
-            return tuple(self.state_dict[key].shape)
 
     for cfg in (WAN21_I2V_14B, WAN21_FLF2V_14B):
         with torch.device("meta"):  # the published diffusers configs (Wan-AI/Wan2.1-*-Diffusers)

@@ -16,7 +16,7 @@ tests/conftest.py.
 - `arrays`: relative errors (`rel_err`, `rel_err_f64`), torch <-> channels-last video layouts, state-dict shapes.
 - `tensor_files`: a converted folder's weights as numpy; tensors written as float32 or as torch holds them; a
   checkpoint described without its weights (`write_description`: names, dtypes, shapes; `meta_state`: a torch
-  module's state dict on the meta device).
+  module's state dict on the meta device; `Shapes`: names and shapes as a tensor file the planner reads).
 - `plans`: a planned conversion's components by name, what a component converts to, exact equality.
 - `cli`: an `mlxvid generate` command line, and a run that must fail with one clean error.
 - `text`: a SentencePiece model in T5's layout trained on a few sentences, and prompts for tokenizer parity.

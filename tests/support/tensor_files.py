@@ -10,6 +10,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_video.convert.formats import TensorFile
+
 
 def converted_weights(folder: Path, component: str) -> dict[str, np.ndarray]:
     """A converted folder's component: every tensor of its safetensors files, as numpy arrays."""
@@ -67,3 +69,13 @@ def meta_state(cls, **config) -> dict:
 
     with torch.device("meta"):
         return dict(cls(**config).state_dict())
+
+
+class Shapes(TensorFile):
+    """A checkpoint's names and shapes only (as bf16), for planning full-size conversions without any data: from
+    {name: shape} or a (meta-device) torch state dict."""
+
+    def __init__(self, shapes: dict):
+        self._shapes = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
+        self._codes = {k: "BF16" for k in shapes}
+        self.paths, self.metadata = [], {}
