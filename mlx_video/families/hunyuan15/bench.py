@@ -11,13 +11,13 @@ decoded (encoded) untiled `chunk` latent frames per step, against the preflight'
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_video.bench_case import DTYPES, ReferenceCase, StepCase, VAECase, materialise
+from mlx_video.bench_case import DTYPES, ReferenceCase, StepCase, VAECase, blocks_replaced, materialise
 from mlx_video.families.hunyuan15 import cost_model as cost
 from mlx_video.pipelines.loop import guidance_batched, guidance_none
 
@@ -67,7 +67,8 @@ def step_case(spec, size, frames, depth, dtype, width=None, seed=0, variant=None
         model_id=spec.id, config=cfg, depth=dict(depth), full_depth={"double": full.num_blocks}, tokens=tokens,
         batch=batch, text_tokens=lengths["joint"], width=cfg.hidden_size, model=lambda dt: _transformer(cfg, dt, seed),
         forward=lambda m, x: _velocity(m, x, scale), inputs=inputs, flops=flops(cfg),
-        full_flops=flops(replace(cfg, num_blocks=full.num_blocks)), without_blocks=_without_blocks,
+        full_flops=flops(replace(cfg, num_blocks=full.num_blocks)),
+        without_blocks=partial(blocks_replaced, attribute="double_blocks", stub=_consume_block_inputs),
         weights_bytes=lambda dt, blocks: cost.transformer_params(replace(cfg, num_blocks=blocks)).total
         * mx.finfo(DTYPES[dt]).bits // 8,
         activation_estimate=lambda dt, fused: {"peak": cost.activation_bytes(cfg, tokens, lengths["joint"], batch, dt,
@@ -140,18 +141,6 @@ def _velocity(model, x, scale):
 
 def _consume_block_inputs(img, txt, vec, rope, mask, dtype):
     return img + 0 * txt[:, :1, :1] + 0 * vec[:, None, :1], txt
-
-
-@contextlib.contextmanager
-def _without_blocks(model):
-    # Without the blocks MLX would skip the text embeddings (lazy evaluation drops what nothing consumes): one stub
-    # block keeps them in the graph at the cost of a slice.
-    blocks = model.double_blocks
-    model.double_blocks = [_consume_block_inputs]
-    try:
-        yield
-    finally:
-        model.double_blocks = blocks
 
 
 def _convert(state: dict) -> list:

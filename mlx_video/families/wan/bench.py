@@ -4,13 +4,13 @@ AutoencoderKLWan) as data for benchmarks/harness.py."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_video.bench_case import ReferenceCase, StepCase, VAECase, VAEReferenceCase, materialise
+from mlx_video.bench_case import ReferenceCase, StepCase, VAECase, VAEReferenceCase, blocks_replaced, materialise
 from mlx_video.families.wan import cost_model as F
 from mlx_video.families.wan.config import WanTransformerConfig
 from mlx_video.pipelines.loop import guidance_batched
@@ -52,7 +52,7 @@ def step_case(spec, size, frames, depth, dtype, width=None, seed=0, variant=None
         inputs={"latents": latents, "context": context},
         flops=F.forward_flops(cfg, tokens, text_len, batch, groups).total,
         full_flops=F.forward_flops(full, tokens, text_len, batch, groups).total,
-        without_blocks=_without_blocks,
+        without_blocks=partial(blocks_replaced, attribute="blocks", stub=_consume_block_inputs),
         weights_bytes=lambda dt, blocks: F.transformer_weight_bytes(replace(cfg, num_layers=blocks), dt),
         activation_estimate=lambda dt, fused: F.activation_bytes(cfg, tokens, batch, dt, text_len,
                                                                  fused_attention=fused),
@@ -99,18 +99,6 @@ def _prepared_velocity(model, x, scale):
 
 def _consume_block_inputs(hidden, time, context, rope, cross_kv=None):
     return hidden + 0 * context[:, None, :1, :1].astype(hidden.dtype) + 0 * time[:, :, :1, :1].astype(hidden.dtype)
-
-
-@contextlib.contextmanager
-def _without_blocks(model):
-    # Without the blocks, MLX would skip the text embedding and the time projection (lazy evaluation drops what
-    # nothing consumes): one stub block keeps them in the graph at the cost of a slice.
-    blocks = model.blocks
-    model.blocks = [_consume_block_inputs]
-    try:
-        yield
-    finally:
-        model.blocks = blocks
 
 
 def diffusers_kwargs(config) -> dict:
