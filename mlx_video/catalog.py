@@ -79,10 +79,9 @@ def model_info(spec) -> dict:
 def upscale_stages(spec) -> list[dict]:
     """The super-resolution stages of this model's runs: [{"upscale": the --upscale choice, "model": the SR model's
     registry id}], from the SR models' `extra["upscales"]`."""
-    from .upscale_stage import sr_models
+    from .registry import sr_stages
 
-    return [{"upscale": s.extra.get("output_resolution"), "model": s.id} for s in sr_models()
-            if spec.id in s.extra.get("upscales", ())]
+    return [{"upscale": s.extra.get("output_resolution"), "model": s.id} for s in sr_stages(spec.id)]
 
 
 def model_recipes(spec) -> list[str]:

@@ -363,21 +363,19 @@ def _models_with(task: str) -> str:
     return ", ".join(models_with_task(task)) or "none here"
 
 
-def _sr_models() -> list:
-    from .registry import MODELS
-
-    return [s for s in MODELS.values() if s.task == "sr"]
-
-
 def _upscale_choices() -> tuple:
     """The resolutions of the registry's super-resolution models, and none."""
-    found = {s.extra["output_resolution"] for s in _sr_models()}
+    from .registry import sr_models
+
+    found = {s.extra["output_resolution"] for s in sr_models()}
     return tuple(sorted(found, key=lambda r: int(r.rstrip("p")))) + ("none",)
 
 
 def _upscale_help() -> str:
+    from .registry import sr_models
+
     stages = "; ".join(f"{s.extra['output_resolution']} for {', '.join(s.extra['upscales'])} ({s.id})"
-                       for s in _sr_models())
+                       for s in sr_models())
     return ("After the run, its super-resolution stage; the video is decoded at the higher resolution ("
             f"{stages or 'no model here has one'}). With --preset and --quality high the model's stage is picked when "
             "the delivery is at least its size; none turns that off.")

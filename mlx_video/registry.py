@@ -41,6 +41,17 @@ def models_with_task(task: str) -> list[str]:
     return [spec.id for spec in MODELS.values() if spec.task == task]
 
 
+def sr_models() -> list[ModelSpec]:
+    """The super-resolution models (task "sr"): each takes finished runs of the models its `extra["upscales"]`
+    lists, to its `extra["output_resolution"]`."""
+    return [spec for spec in MODELS.values() if spec.task == "sr"]
+
+
+def sr_stages(model_id: str) -> list[ModelSpec]:
+    """The super-resolution models that take `model_id`'s runs."""
+    return [spec for spec in sr_models() if model_id in spec.extra.get("upscales", ())]
+
+
 def get_spec(model_id: str) -> ModelSpec:
     try:
         return MODELS[model_id]

@@ -23,9 +23,9 @@ from .errors import MlxVideoError
 
 def sr_model_for(model_id: str) -> str:
     """The registry's super-resolution model that takes `model_id`'s runs."""
-    from .upscale_stage import sr_models
+    from .registry import sr_stages
 
-    found = [s.id for s in sr_models() if model_id in s.extra.get("upscales", ())]
+    found = [s.id for s in sr_stages(model_id)]
     if not found:
         raise MlxVideoError(f"no super-resolution model takes {model_id}'s latents; name one with --model")
     return found[0]

@@ -20,17 +20,12 @@ import numpy as np
 from .errors import MlxVideoError
 
 
-def sr_models() -> list:
-    """The registry's super-resolution models (task "sr")."""
-    from .registry import MODELS
-
-    return [s for s in MODELS.values() if s.task == "sr"]
-
-
 def sr_spec_for(model_id: str, resolution: str | None = None):
     """The super-resolution model that takes `model_id`'s runs (to `resolution`, when given), or an error naming
     the models that have one."""
-    takes = [s for s in sr_models() if model_id in s.extra.get("upscales", ())]
+    from .registry import sr_models, sr_stages
+
+    takes = sr_stages(model_id)
     if not takes:
         having = sorted({m for s in sr_models() for m in s.extra.get("upscales", ())})
         raise MlxVideoError(f"{model_id} has no super-resolution stage; --upscale is for {', '.join(having) or 'none'}")
@@ -48,13 +43,14 @@ def planned_upscale(o: dict, spec, preset) -> str | None:
     1080p delivery: 1080p; a 480p model: 720p), the rest of the way being the delivery's LANCZOS scaling; else none
     (and for a chain of clips, which has no such stage)."""
     from .chains import extension_frames
+    from .registry import sr_stages
 
     asked = o.get("upscale")
     if asked is not None:
         return None if asked == "none" else asked
     if preset is None or o.get("quality") != "high":
         return None
-    stages = [s for s in sr_models() if spec.id in s.extra.get("upscales", ())]
+    stages = sr_stages(spec.id)
     if not stages or min(stages[0].sizes[0]) > min(preset.width, preset.height) or extension_frames(o, spec):
         return None
     return stages[0].extra["output_resolution"]
