@@ -23,10 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mlx_video.errors import MlxVideoError
-from mlx_video.families.hunyuan.pipeline import CLIP_PAD, HunyuanPipeline
+from mlx_video.families.hunyuan.pipeline import HunyuanPipeline
 from mlx_video.pipelines.base import GenerationSettings, release
 from mlx_video.pipelines.cache import ContextArgs
-from mlx_video.text_encoders.llama import JsonTokenizer
 from mlx_video.text_encoders.llava import I2V_TEMPLATE, I2V_TEMPLATE_CROP_START
 
 NOISE_KEEP = 0.999  # diffusers: latents * 0.999 + image_latents * (1 - 0.999) before the first step
@@ -156,17 +155,6 @@ class HunyuanI2VPipeline(HunyuanPipeline):
             del llama, vision
             release()
         return states, masks
-
-    def encode_pooled(self, prompts: list[str]) -> mx.array:
-        from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder, encode_pooled
-
-        clip = CLIPTextEncoder(CLIPTextConfig.from_dict(self.folder.config("text_encoder_2")))
-        self.folder.load_module("text_encoder_2", clip)
-        pooled = encode_pooled(clip, JsonTokenizer(self.clip_tokenizer_folder(), pad_token=CLIP_PAD), prompts)
-        mx.eval(pooled)
-        del clip
-        release()
-        return pooled
 
     def encode_image(self, image: np.ndarray, s: GenerationSettings) -> tuple[np.ndarray, mx.array]:
         """(the image as uint8 RGB, its latents (1, 1, h, w, C) float32) from the (height, width, 3) image in

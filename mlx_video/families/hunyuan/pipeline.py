@@ -74,7 +74,6 @@ class HunyuanPipeline(Pipeline):
     def encode_text(self, prompts: list[str], progress: bool = False) -> tuple[mx.array, mx.array, mx.array]:
         """(states (B, text_len, text_dim) float32, mask (B, text_len) int32, pooled (B, pooled_dim) float32):
         the Llama path (template, crop, hidden state 3 from the end), then CLIP-L's pooled output."""
-        from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder, encode_pooled
         from mlx_video.text_encoders.llama import LlamaTextEncoder, encode_prompts
 
         with tqdm(total=2, desc="text encoding", disable=not progress, leave=False) as bar:
@@ -86,15 +85,21 @@ class HunyuanPipeline(Pipeline):
             del llama
             release()
             bar.update()
-            clip = CLIPTextEncoder(CLIPTextConfig.from_dict(self.folder.config("text_encoder_2")))
-            self.folder.load_module("text_encoder_2", clip)
-            clip_tokenizer = JsonTokenizer(self.clip_tokenizer_folder(), pad_token=CLIP_PAD)
-            pooled = encode_pooled(clip, clip_tokenizer, prompts)
-            mx.eval(pooled)
-            del clip
-            release()
+            pooled = self.encode_pooled(prompts)
             bar.update()
         return states, mask, pooled
+
+    def encode_pooled(self, prompts: list[str]) -> mx.array:
+        """CLIP-L's pooled output of each prompt, (B, pooled_dim) float32; the encoder freed after."""
+        from mlx_video.text_encoders.clip import CLIPTextConfig, CLIPTextEncoder, encode_pooled
+
+        clip = CLIPTextEncoder(CLIPTextConfig.from_dict(self.folder.config("text_encoder_2")))
+        self.folder.load_module("text_encoder_2", clip)
+        pooled = encode_pooled(clip, JsonTokenizer(self.clip_tokenizer_folder(), pad_token=CLIP_PAD), prompts)
+        mx.eval(pooled)
+        del clip
+        release()
+        return pooled
 
     def load_transformer(self):
         from mlx_video.families.hunyuan.transformer import HunyuanTransformer
